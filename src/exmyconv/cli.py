@@ -1,0 +1,107 @@
+"""Command line: exmyconv quantize | inspect | ..."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+
+import click
+
+from . import __version__
+from .errors import ExmyError
+from .formats import DEFAULT, NAMED
+
+_SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b?|b)?\s*", re.I)
+_UNITS = {"": 1, "b": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12,
+          "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}
+
+
+def parse_size(text: str) -> int:
+    match = _SIZE.fullmatch(text)
+    if not match:
+        raise ExmyError(f"bad size {text!r}: use e.g. 5GB, 500MB, 2GiB or a byte count")
+    unit = (match[2] or "").lower().rstrip("b")
+    return int(float(match[1]) * _UNITS[unit])
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="exmyconv")
+def cli():
+    """Convert LLM checkpoints to low-bit ExMy floating-point weights."""
+
+
+@cli.command()
+@click.argument("model_dir")
+@click.argument("out_dir")
+@click.option("--format", "format_", default=DEFAULT, show_default=True,
+              help=f"ExMy format: {', '.join(NAMED)} or any eXmY (1<=X<=5, 0<=Y<=5, 1+X+Y<=8).")
+@click.option("--group-size", type=int, default=None,
+              help="Elements per scale along the input dimension (e.g. 32, 64, 128). Default: one scale "
+                   "per output channel. A row whose length it does not divide ends with a shorter group.")
+@click.option("--skip", multiple=True, metavar="REGEX", help="Keep tensors whose name matches (repeatable).")
+@click.option("--quantize-embeddings", is_flag=True, help="Also quantize embeddings and lm_head.")
+@click.option("--max-shard-size", default="5GB", show_default=True, help="Largest output shard.")
+@click.option("--clip-search", is_flag=True, help="Per group, pick the clipping ratio with least MSE (slower).")
+@click.option("--overwrite", is_flag=True, help="Replace a non-empty OUT_DIR.")
+def quantize(model_dir, out_dir, format_, group_size, skip, quantize_embeddings, max_shard_size,
+             clip_search, overwrite):
+    """Quantize MODEL_DIR (a Hugging Face safetensors checkpoint, or @minilm) into OUT_DIR."""
+    from .pipeline import Options, convert
+
+    opts = Options(format=format_, group_size=group_size, skip=tuple(skip),
+                   quantize_embeddings=quantize_embeddings, max_shard_size=parse_size(max_shard_size),
+                   clip_search=clip_search)
+    s = convert(model_dir, out_dir, opts, overwrite=overwrite)
+    group = f"groups of {opts.group_size}" if opts.group_size else "one scale per channel"
+    rate = s.quantized_weights / s.seconds / 1e6 if s.seconds else 0.0
+    click.echo(f"quantized {s.quantized}/{s.tensors} tensors to {s.format} ({group}) "
+               f"in {s.seconds:.2f} s ({rate:.1f} M weights/s)")
+    click.echo(f"  bits/weight: {s.bits_per_weight:.3f} (scales included) over {s.quantized_weights / 1e6:.2f} M weights")
+    click.echo(f"  size: {s.source_bytes / 1e6:.1f} MB -> {s.output_bytes / 1e6:.1f} MB")
+    if s.errors:
+        name, worst = s.worst
+        click.echo(f"  relative error: mean {s.mean_error:.4f}, worst {worst:.4f} ({name})")
+    if s.kept:
+        click.echo(f"  kept unquantized ({len(s.kept)}): "
+                   + "; ".join(f"{n} [{why}]" for n, why in s.kept.items()))
+    click.echo(f"wrote {s.out_dir} ({s.shards} shard{'s' if s.shards > 1 else ''})")
+
+
+@cli.command()
+@click.argument("path")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def inspect(path, as_json):
+    """Describe a checkpoint: converted dir, single .safetensors file, or plain HF checkpoint."""
+    from .inspection import inspect_checkpoint, render
+
+    report = inspect_checkpoint(path)
+    click.echo(json.dumps(report, indent=2) if as_json else render(report))
+    if not report["intact"]:
+        sys.exit(2)
+
+
+def main(argv=None):
+    try:
+        cli.main(args=argv, prog_name="exmyconv", standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("interrupted", err=True)
+        sys.exit(130)
+    except click.ClickException as err:
+        err.show()
+        sys.exit(err.exit_code)
+    except ExmyError as err:
+        click.echo(f"error: {err}", err=True)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        click.echo("interrupted: nothing was written", err=True)
+        sys.exit(130)
+    except OSError as err:
+        click.echo(f"error: {err}", err=True)
+        sys.exit(1)
+    except Exception as err:  # a bug of ours: one line unless asked for more
+        if os.environ.get("EXMYCONV_DEBUG"):
+            raise
+        click.echo(f"internal error: {type(err).__name__}: {err} (EXMYCONV_DEBUG=1 shows the traceback)", err=True)
+        sys.exit(3)
+    sys.exit(0)

@@ -1,0 +1,90 @@
+"""`exmyconv inspect`: what a checkpoint holds, at how many bits, with what error, and whether it is intact."""
+from __future__ import annotations
+
+from collections import Counter
+from math import prod
+
+from .checkpoint import Checkpoint
+from .dtypes import STORAGE
+
+
+def inspect_checkpoint(path: str) -> dict:
+    with Checkpoint(path) as ckpt:
+        problems = list(ckpt.problems)
+        rows = []
+        for name in ckpt.names():
+            if name in ckpt.records:
+                r, f = ckpt.records[name]
+                nbytes = f.tensors[r.packed_name].nbytes + f.tensors[r.scale_name].nbytes
+                bad = ckpt.check_scales(name)
+                if bad:
+                    problems.append(bad)
+                group = "channel" if r.group_size == r.k else r.group_size
+                rows.append({"name": name, "shape": list(r.shape), "format": r.fmt.name, "group": group,
+                             "source_dtype": r.dtype, "scale_dtype": f.tensors[r.scale_name].dtype,
+                             "params": r.numel, "bytes": nbytes, "bits": 8 * nbytes / r.numel,
+                             "rel_error": r.rel_error, "file": f.path.name})
+            else:
+                info, f = ckpt.plain[name]
+                n = prod(info.shape)
+                rows.append({"name": name, "shape": list(info.shape), "format": info.dtype, "group": None,
+                             "params": n, "bytes": info.nbytes, "bits": 8 * STORAGE[info.dtype].itemsize,
+                             "rel_error": None, "file": f.path.name})
+        quant = [r for r in rows if r["rel_error"] is not None]
+        qcfg = (ckpt.config or {}).get("quantization_config") or {}
+        qparams = sum(r["params"] for r in quant)
+        qbytes = sum(r["bytes"] for r in quant)
+        worst = max(quant, key=lambda r: r["rel_error"]) if quant else None
+        return {
+            "path": str(ckpt.path),
+            "kind": "exmy" if quant or qcfg.get("quant_method") == "exmy" else "plain",
+            "exmy_version": qcfg.get("format_version"),
+            "model_type": (ckpt.config or {}).get("model_type"),
+            "files": [f.path.name for f in ckpt.files],
+            "file_bytes": sum(f.size for f in ckpt.files),
+            "tensors": len(rows),
+            "quantized_tensors": len(quant),
+            "params": sum(r["params"] for r in rows),
+            "quantized_params": qparams,
+            "formats": dict(Counter(r["format"] if r["rel_error"] is None or r["group"] == "channel"
+                                    else f"{r['format']}-g{r['group']}" for r in rows)),
+            "bits_per_weight_quantized": 8 * qbytes / qparams if qparams else None,
+            "bits_per_weight_all": 8 * sum(r["bytes"] for r in rows) / max(1, sum(r["params"] for r in rows)),
+            "mean_rel_error": sum(r["rel_error"] for r in quant) / len(quant) if quant else None,
+            "worst_rel_error": {"name": worst["name"], "rel_error": worst["rel_error"]} if worst else None,
+            "intact": not problems,
+            "problems": problems,
+            "tensor_table": rows,
+        }
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.1f} MB"
+
+
+def render(report: dict) -> str:
+    lines = [f"{report['path']}: {report['kind']} checkpoint"
+             + (f" (layout {report['exmy_version']})" if report["exmy_version"] else "")
+             + (f", model_type {report['model_type']}" if report["model_type"] else ""),
+             f"  files: {len(report['files'])} ({_mb(report['file_bytes'])})",
+             f"  tensors: {report['tensors']} ({report['quantized_tensors']} quantized), "
+             f"parameters: {report['params'] / 1e6:.2f} M ({report['quantized_params'] / 1e6:.2f} M quantized)",
+             "  formats: " + ", ".join(f"{k} x{v}" for k, v in sorted(report["formats"].items()))]
+    if report["bits_per_weight_quantized"] is not None:
+        w = report["worst_rel_error"]
+        lines += [f"  bits/weight: {report['bits_per_weight_quantized']:.3f} quantized (scales included), "
+                  f"{report['bits_per_weight_all']:.2f} over all tensors",
+                  f"  relative error: mean {report['mean_rel_error']:.4f}, worst {w['rel_error']:.4f} ({w['name']})"]
+    else:
+        lines.append(f"  bits/weight: {report['bits_per_weight_all']:.2f}")
+    lines.append("  integrity: OK" if report["intact"] else
+                 f"  integrity: {len(report['problems'])} problem(s)\n" + "\n".join(f"    - {p}" for p in report["problems"]))
+    width = max((len(r["name"]) for r in report["tensor_table"]), default=4)
+    lines.append("")
+    lines.append(f"  {'name':<{width}}  {'shape':<16} {'format':<6} {'group':<7} {'bits':>6} {'rel_err':>8}")
+    for r in report["tensor_table"]:
+        err = f"{r['rel_error']:.4f}" if r["rel_error"] is not None else "-"
+        group = str(r["group"]) if r["group"] is not None else "-"
+        shape = "x".join(map(str, r["shape"])) or "scalar"
+        lines.append(f"  {r['name']:<{width}}  {shape:<16} {r['format']:<6} {group:<7} {r['bits']:>6.2f} {err:>8}")
+    return "\n".join(lines)

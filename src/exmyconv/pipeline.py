@@ -1,0 +1,294 @@
+"""Conversion as a visible stream: read tensor -> plan -> quantize -> pack -> write.
+
+Source tensors are memory-mapped one at a time and processed in row chunks, so peak memory is
+about one source tensor plus a fixed working set, whatever the model size. Everything is written
+into a temporary sibling of OUT_DIR that replaces it only when the whole run succeeded.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from . import __version__, dtypes
+from .errors import ExmyError
+from .formats import DEFAULT, get_format
+from .layout import (INDEX_FILE, QUANT_METHOD, VERSION, TensorRecord, shard_name)
+from .pack import pack_codes
+from .quant import choose_scale_dtype, dequantize_codes, group_amax, groups_of, quantize_rows, relative_error
+from .source import PICKLE_SUFFIXES, Source, open_source
+from .st_reader import TensorInfo
+from .st_writer import ShardWriter
+
+CHUNK_ELEMENTS = 1 << 22  # elements of float32 work per step (~16 MB)
+EMBEDDINGS = re.compile(r"(embed|lm_head|(^|\.)(wte|wpe|shared)\.)")
+
+
+@dataclass
+class Options:
+    format: str = DEFAULT
+    group_size: int | None = None  # None: one scale per row
+    skip: tuple[str, ...] = ()  # regexes of tensor names to keep unquantized
+    quantize_embeddings: bool = False
+    max_shard_size: int = 5 * 10**9
+    clip_search: bool = False
+
+    def __post_init__(self):
+        self.fmt = get_format(self.format)
+        if self.group_size is not None and self.group_size < 1:
+            raise ExmyError(f"--group-size must be positive, got {self.group_size}")
+        if self.max_shard_size < 1:
+            raise ExmyError("--max-shard-size must be positive")
+        try:
+            self.skip_patterns = [re.compile(p) for p in self.skip]
+        except re.error as err:
+            raise ExmyError(f"bad --skip regex: {err}") from None
+
+
+@dataclass
+class Item:
+    """One source tensor and what becomes of it."""
+
+    info: TensorInfo
+    file: object
+    record: TensorRecord | None = None  # None: kept as is
+    reason: str = ""  # why it is kept
+
+    @property
+    def outputs(self) -> list[tuple[str, str, tuple[int, ...]]]:
+        r = self.record
+        if r is None:
+            return [(self.info.name, self.info.dtype, self.info.shape)]
+        # The scale dtype is only known after the amax pass; both are 2 bytes, and BF16 is the
+        # longer name, so the header can shrink to F16 in place.
+        return [(r.packed_name, "U8", r.packed_shape), (r.scale_name, "BF16", r.scale_shape)]
+
+    @property
+    def out_bytes(self) -> int:
+        return sum(int(np.prod(s)) * dtypes.STORAGE[d].itemsize for _, d, s in self.outputs)
+
+
+@dataclass
+class Summary:
+    out_dir: str
+    format: str
+    tensors: int = 0
+    quantized: int = 0
+    quantized_weights: int = 0
+    quantized_bytes: int = 0  # payload + scales
+    source_bytes: int = 0
+    output_bytes: int = 0
+    shards: int = 0
+    seconds: float = 0.0
+    errors: dict[str, float] = field(default_factory=dict)  # rel_error per quantized tensor
+    kept: dict[str, str] = field(default_factory=dict)  # unquantized >=2-D float tensor -> reason
+
+    @property
+    def bits_per_weight(self) -> float:
+        return 8 * self.quantized_bytes / max(self.quantized_weights, 1)
+
+    @property
+    def mean_error(self) -> float:
+        return float(np.mean(list(self.errors.values()))) if self.errors else 0.0
+
+    @property
+    def worst(self) -> tuple[str, float]:
+        return max(self.errors.items(), key=lambda kv: kv[1]) if self.errors else ("", 0.0)
+
+
+def plan(source: Source, opts: Options) -> list[Item]:
+    items = []
+    for info, file in source.tensors:
+        item = Item(info, file)
+        if info.dtype not in dtypes.FLOAT:
+            item.reason = f"dtype {info.dtype}"
+        elif len(info.shape) < 2:
+            item.reason = "1-D"
+        elif len(info.shape) > 3:
+            item.reason = f"{len(info.shape)}-D"
+        elif 0 in info.shape:
+            item.reason = "empty"
+        elif any(p.search(info.name) for p in opts.skip_patterns):
+            item.reason = "--skip"
+        elif not opts.quantize_embeddings and EMBEDDINGS.search(info.name):
+            item.reason = "embedding/lm_head (use --quantize-embeddings)"
+        else:
+            g, _ = groups_of(info.shape[-1], opts.group_size)
+            item.record = TensorRecord(info.name, opts.fmt, info.shape, info.dtype, g)
+        items.append(item)
+    return items
+
+
+def assign_shards(items: list[Item], max_bytes: int) -> list[list[Item]]:
+    shards: list[list[Item]] = [[]]
+    size = 0
+    for item in items:
+        if shards[-1] and size + item.out_bytes > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(item)
+        size += item.out_bytes
+    return shards
+
+
+def _row_chunks(rows: np.ndarray):
+    step = max(1, CHUNK_ELEMENTS // rows.shape[1])
+    for start in range(0, rows.shape[0], step):
+        yield rows[start:start + step]
+
+
+def quantize_item(item: Item, writer: ShardWriter, opts: Options, progress) -> str:
+    """Stream one tensor through quantize -> pack -> write. Returns its scale dtype."""
+    r = item.record
+    stored = item.file.read(item.info.name)
+    rows = stored.reshape(-1, r.k)
+    g, ngroups = r.group_size, r.ngroups
+    amax = np.empty((rows.shape[0], ngroups), dtype=np.float32)
+    start = 0
+    for chunk in _row_chunks(rows):  # pass 1: scales' range, and refuse NaN/Inf
+        x = dtypes.to_float32(chunk, r.dtype)
+        if not np.isfinite(x).all():
+            raise ExmyError(f"tensor {r.name!r} contains NaN or Inf")
+        amax[start:start + len(x)] = group_amax(x, g, ngroups)
+        start += len(x)
+    scale_dtype = choose_scale_dtype(amax, r.fmt)
+    scales = np.empty_like(amax)
+    sq_err = sq_ref = 0.0
+    start = 0
+    for chunk in _row_chunks(rows):  # pass 2: quantize, pack, write
+        x = dtypes.to_float32(chunk, r.dtype)
+        codes, s = quantize_rows(x, r.fmt, g, scale_dtype, opts.clip_search)
+        writer.write(r.packed_name, pack_codes(codes, r.fmt))
+        scales[start:start + len(x)] = s
+        start += len(x)
+        diff = dequantize_codes(codes, s, r.fmt, g) - x
+        sq_err += float(np.dot(diff.ravel().astype(np.float64), diff.ravel()))
+        sq_ref += float(np.dot(x.ravel().astype(np.float64), x.ravel()))
+        progress.update(chunk.nbytes)
+    writer.write(r.scale_name, dtypes.store(scales, scale_dtype))
+    r.rel_error = relative_error(sq_err, sq_ref)
+    return scale_dtype
+
+
+def copy_item(item: Item, writer: ShardWriter, progress) -> None:
+    flat = item.file.read(item.info.name).reshape(-1).view(np.uint8)
+    for start in range(0, flat.size, 64 << 20):
+        writer.write(item.info.name, flat[start:start + (64 << 20)])
+        progress.update(min(64 << 20, flat.size - start))
+
+
+def write_shard(path: Path, items: list[Item], opts: Options, progress) -> None:
+    entries = [e for item in items for e in item.outputs]
+    metadata = {"format": "pt", "exmy_version": VERSION}
+    metadata.update(item.record.metadata() for item in items if item.record)
+    writer = ShardWriter(path, entries, metadata)
+    try:
+        scale_dtypes = {}
+        for item in items:
+            progress.set_postfix_str(item.info.name[-40:], refresh=False)
+            if item.record:
+                scale_dtypes[item.record.scale_name] = quantize_item(item, writer, opts, progress)
+            else:
+                copy_item(item, writer, progress)
+        writer.close(dict(item.record.metadata() for item in items if item.record), scale_dtypes)
+    except BaseException:
+        writer.abort()
+        raise
+
+
+def quantization_config(opts: Options, items: list[Item]) -> dict:
+    return {
+        "quant_method": QUANT_METHOD,
+        "format_version": VERSION,
+        "format": opts.fmt.name,
+        "group_size": opts.group_size,
+        "ignore": [i.info.name for i in items if i.record is None and len(i.info.shape) >= 2],
+        "exmyconv_version": __version__,
+    }
+
+
+def copy_side_files(root: Path, dest: Path) -> None:
+    """Tokenizer, generation config, ...: everything but weights, config.json and hidden files."""
+    for path in sorted(root.rglob("*")):
+        rel = path.relative_to(root)
+        if any(part.startswith(".") for part in rel.parts) or not path.is_file():
+            continue
+        if rel.name in ("config.json", INDEX_FILE) and len(rel.parts) == 1:
+            continue
+        if path.suffix in (".safetensors", *PICKLE_SUFFIXES):
+            continue
+        (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, dest / rel)
+
+
+def prepare_out_dir(out: Path, source_root: Path, overwrite: bool) -> Path:
+    """Check OUT_DIR and return the temporary directory to write into."""
+    if out.exists() and not out.is_dir():
+        raise ExmyError(f"{out}: exists and is not a directory")
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise ExmyError(f"{out}: not empty (use --overwrite to replace it)")
+    src, dst = source_root.resolve(), out.resolve()
+    if dst == src or dst in src.parents or src in dst.parents:
+        raise ExmyError(f"{out}: must not be the source directory or inside/around it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.exmyconv-tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    return tmp
+
+
+def convert(model_dir: str, out_dir: str, opts: Options | None = None, overwrite: bool = False,
+            progress: bool | None = None) -> Summary:
+    """Quantize every eligible weight of MODEL_DIR into an exmy checkpoint at OUT_DIR."""
+    opts = opts or Options()
+    began = time.perf_counter()
+    source = open_source(model_dir)
+    try:
+        items = plan(source, opts)
+        shards = assign_shards(items, opts.max_shard_size)
+        out = Path(out_dir)
+        tmp = prepare_out_dir(out, source.root, overwrite)
+        try:
+            total = sum(i.info.nbytes for i in items)
+            with tqdm(total=total, unit="B", unit_scale=True, desc=f"{len(items)} tensors",
+                      disable=not progress if progress is not None else None, leave=False) as bar:
+                for n, shard in enumerate(shards):
+                    write_shard(tmp / shard_name(n, len(shards)), shard, opts, bar)
+            if len(shards) > 1:
+                weight_map = {name: shard_name(n, len(shards))
+                              for n, shard in enumerate(shards) for item in shard for name, _, _ in item.outputs}
+                index = {"metadata": {"total_size": sum(i.out_bytes for i in items)}, "weight_map": weight_map}
+                (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+            config = dict(source.config or {})
+            config["quantization_config"] = quantization_config(opts, items)
+            (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+            copy_side_files(source.root, tmp)
+            if out.exists():
+                shutil.rmtree(out)
+            os.replace(tmp, out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    finally:
+        source.close()
+    summary = Summary(str(out), opts.fmt.name, tensors=len(items), shards=len(shards),
+                      source_bytes=sum(i.info.nbytes for i in items),
+                      output_bytes=sum(i.out_bytes for i in items))
+    for item in items:
+        if item.record:
+            summary.quantized += 1
+            summary.quantized_weights += item.record.numel
+            summary.quantized_bytes += item.out_bytes
+            summary.errors[item.info.name] = item.record.rel_error
+        elif len(item.info.shape) >= 2:
+            summary.kept[item.info.name] = item.reason
+    summary.seconds = time.perf_counter() - began
+    return summary
