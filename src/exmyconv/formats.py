@@ -69,20 +69,37 @@ class ExMy:
         """Round float32 values to codes (uint8): nearest, ties to even code, saturating.
 
         NaN is not accepted (callers reject it before); -0 and negatives that round to zero
-        keep their sign bit.
+        keep their sign bit. Works on float32 bit patterns, a cache-sized block at a time.
         """
-        y = np.asarray(y, dtype=np.float32)
-        a = np.minimum(np.abs(y), np.float32(self.max))
-        _, ex = np.frexp(a)  # a = f * 2^ex, f in [0.5, 1): floor(log2 a) = ex - 1
-        e = np.maximum(ex - 1, self.emin)  # binade exponent, subnormals share emin's quantum
-        n = np.ldexp(a, self.m - e)  # a in units of the binade's quantum: exact
-        n_lo = np.floor(n)
-        frac = n - n_lo
-        base = ((e - self.emin) << self.m) + n_lo.astype(np.int32)  # code of the value below
-        up = (frac > 0.5) | ((frac == 0.5) & ((base & 1) == 1))
-        mag = base + up
-        sign = np.signbit(y).astype(np.int32) << (self.e + self.m)
-        return (mag | sign).astype(np.uint8)
+        y = np.ascontiguousarray(y, dtype=np.float32)
+        out = np.empty(y.shape, dtype=np.uint8)
+        flat_y, flat_out = y.reshape(-1), out.reshape(-1)
+        for start in range(0, flat_y.size, _BLOCK):
+            self._encode_block(flat_y[start:start + _BLOCK], flat_out[start:start + _BLOCK])
+        return out
+
+    def _encode_block(self, y: np.ndarray, out: np.ndarray) -> None:
+        a = np.abs(y)
+        np.minimum(a, np.float32(self.max), out=a)  # saturate
+        # Binade exponent e = max(exponent of a, emin), as float32 exponent bits.
+        emin_bits = (self.emin + 127) << 23
+        ebits = a.view(np.int32) & 0x7F800000
+        np.maximum(ebits, emin_bits, out=ebits)
+        code = ebits - emin_bits
+        code >>= 23 - self.m  # (e - emin) << M: the code of the binade's first value
+        # Adding 2^(e + 23 - M) makes float32 round a to a multiple of 2^(e - M), nearest-even;
+        # the sum's mantissa field is then that multiple's count k, and code = above + k.
+        ebits += (23 - self.m) << 23
+        total = a + ebits.view(np.float32)
+        code += total.view(np.int32) & 0x7FFFFF
+        if self.m == 0:  # k is 1 or 2 here: a tie at 1.5 * 2^e must go to the even code instead
+            tie = ((a.view(np.int32) & 0x7FFFFF) == 0x400000) & (a >= np.float32(2.0**self.emin))
+            code[tie] -= code[tie] & 1
+        code |= (y.view(np.uint32) >> 31).view(np.int32) << (self.e + self.m)  # sign of y, -0 too
+        out[...] = code
+
+
+_BLOCK = 1 << 16  # elements per encode step: keeps the temporaries in cache
 
 
 # The named formats users ask for by name; any valid eXmY parses too.

@@ -11,6 +11,8 @@ import os
 import re
 import shutil
 import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,12 +24,13 @@ from .errors import ExmyError
 from .formats import DEFAULT, get_format
 from .layout import (INDEX_FILE, QUANT_METHOD, VERSION, TensorRecord, shard_name)
 from .pack import pack_codes
-from .quant import choose_scale_dtype, dequantize_codes, group_amax, groups_of, quantize_rows, relative_error
+from .quant import choose_scale_dtype, group_amax, groups_of, quantize_rows, relative_error, squared_error
 from .source import PICKLE_SUFFIXES, Source, open_source
 from .st_reader import TensorInfo
 from .st_writer import ShardWriter
 
-CHUNK_ELEMENTS = 1 << 22  # elements of float32 work per step (~16 MB)
+CHUNK_ELEMENTS = 1 << 21  # elements of float32 work per step (~8 MB)
+WORKERS = min(4, os.cpu_count() or 1)
 EMBEDDINGS = re.compile(r"(embed|lm_head|(^|\.)(wte|wpe|shared)\.)")
 
 
@@ -144,35 +147,48 @@ def _row_chunks(rows: np.ndarray):
         yield rows[start:start + step]
 
 
+def ordered_map(fn, items, workers: int = WORKERS):
+    """fn over items on a few threads (numpy releases the GIL), results in order, bounded look-ahead."""
+    if workers <= 1:
+        yield from map(fn, items)
+        return
+    with ThreadPoolExecutor(workers) as pool:
+        pending = deque()
+        for item in items:
+            pending.append(pool.submit(fn, item))
+            if len(pending) > workers:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+
 def quantize_item(item: Item, writer: ShardWriter, opts: Options, progress) -> str:
     """Stream one tensor through quantize -> pack -> write. Returns its scale dtype."""
     r = item.record
-    stored = item.file.read(item.info.name)
-    rows = stored.reshape(-1, r.k)
+    rows = item.file.read(item.info.name).reshape(-1, r.k)
     g, ngroups = r.group_size, r.ngroups
-    amax = np.empty((rows.shape[0], ngroups), dtype=np.float32)
-    start = 0
-    for chunk in _row_chunks(rows):  # pass 1: scales' range, and refuse NaN/Inf
+
+    def scan(chunk):  # pass 1: the scales' range, and refuse NaN/Inf
         x = dtypes.to_float32(chunk, r.dtype)
         if not np.isfinite(x).all():
             raise ExmyError(f"tensor {r.name!r} contains NaN or Inf")
-        amax[start:start + len(x)] = group_amax(x, g, ngroups)
-        start += len(x)
+        return group_amax(x, g, ngroups)
+
+    amax = np.concatenate(list(ordered_map(scan, _row_chunks(rows))))
     scale_dtype = choose_scale_dtype(amax, r.fmt)
-    scales = np.empty_like(amax)
-    sq_err = sq_ref = 0.0
-    start = 0
-    for chunk in _row_chunks(rows):  # pass 2: quantize, pack, write
+
+    def encode(chunk):  # pass 2: quantize and pack
         x = dtypes.to_float32(chunk, r.dtype)
         codes, s = quantize_rows(x, r.fmt, g, scale_dtype, opts.clip_search)
-        writer.write(r.packed_name, pack_codes(codes, r.fmt))
-        scales[start:start + len(x)] = s
-        start += len(x)
-        diff = dequantize_codes(codes, s, r.fmt, g) - x
-        sq_err += float(np.dot(diff.ravel().astype(np.float64), diff.ravel()))
-        sq_ref += float(np.dot(x.ravel().astype(np.float64), x.ravel()))
-        progress.update(chunk.nbytes)
-    writer.write(r.scale_name, dtypes.store(scales, scale_dtype))
+        return pack_codes(codes, r.fmt), s, squared_error(x, codes, s, r.fmt, g), chunk.nbytes
+
+    scales, sq_err, sq_ref = [], 0.0, 0.0
+    for packed, s, (err, ref), nbytes in ordered_map(encode, _row_chunks(rows)):
+        writer.write(r.packed_name, packed)
+        scales.append(s)
+        sq_err, sq_ref = sq_err + err, sq_ref + ref
+        progress.update(nbytes)
+    writer.write(r.scale_name, dtypes.store(np.concatenate(scales), scale_dtype))
     r.rel_error = relative_error(sq_err, sq_ref)
     return scale_dtype
 

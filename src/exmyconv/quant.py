@@ -87,8 +87,18 @@ def quantize_rows(x: np.ndarray, fmt: ExMy, g: int, scale_dtype: str, clip_searc
 def dequantize_codes(codes: np.ndarray, scales: np.ndarray, fmt: ExMy, g: int) -> np.ndarray:
     """codes [..., K] and scales [..., ngroups] -> float32 [..., K] (exact products)."""
     k = codes.shape[-1]
+    if scales.shape[-1] == 1:
+        return fmt.decode(codes) * scales
     expanded = np.repeat(scales, g, axis=-1)[..., :k]
     return fmt.decode(codes) * expanded
+
+
+def squared_error(x: np.ndarray, codes: np.ndarray, scales: np.ndarray, fmt: ExMy, g: int) -> tuple[float, float]:
+    """(sum of squared reconstruction errors, sum of squares of x) over float32 [R, K]."""
+    diff = dequantize_codes(codes, scales, fmt, g).reshape(-1)
+    diff -= x.reshape(-1)
+    flat = x.reshape(-1)
+    return float(np.dot(diff, diff)), float(np.dot(flat, flat))
 
 
 @dataclass
