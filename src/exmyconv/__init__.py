@@ -1,2 +1,43 @@
-"""exmyconv: low-bit ExMy floating-point weights for LLM checkpoints."""
+"""exmyconv: low-bit ExMy floating-point weights for LLM checkpoints.
+
+Python API (mirrors the CLI):
+
+    import exmyconv
+    summary = exmyconv.quantize("path/to/model", "out/model-e2m2", format="e2m2")
+    report = exmyconv.inspect("out/model-e2m2")           # the dict `exmyconv inspect --json` prints
+    state_dict = exmyconv.load_state_dict("out/model-e2m2")  # dequantized torch tensors
+"""
+from __future__ import annotations
+
 __version__ = "0.1.0"
+
+from .errors import ExmyError  # noqa: E402
+from .formats import ExMy, get_format  # noqa: E402
+
+
+def quantize(model_dir: str, out_dir: str, format: str = "e2m2", group_size: int | None = None,
+             skip: tuple[str, ...] = (), quantize_embeddings: bool = False, max_shard_size: int = 5 * 10**9,
+             clip_search: bool = False, overwrite: bool = False, progress: bool | None = False):
+    """Convert a safetensors checkpoint directory; returns a pipeline.Summary."""
+    from .pipeline import Options, convert
+
+    opts = Options(format=format, group_size=group_size, skip=tuple(skip), quantize_embeddings=quantize_embeddings,
+                   max_shard_size=max_shard_size, clip_search=clip_search)
+    return convert(model_dir, out_dir, opts, overwrite=overwrite, progress=progress)
+
+
+def inspect(path: str) -> dict:
+    """What `exmyconv inspect --json PATH` reports."""
+    from .inspection import inspect_checkpoint
+
+    return inspect_checkpoint(path)
+
+
+def load_state_dict(path: str, dtype=None) -> dict:
+    """A converted checkpoint as a torch state dict, quantized tensors dequantized."""
+    from .checkpoint import load_state_dict as _load
+
+    return _load(path, dtype)
+
+
+__all__ = ["ExMy", "ExmyError", "get_format", "inspect", "load_state_dict", "quantize", "__version__"]

@@ -63,8 +63,10 @@ def quantize(model_dir, out_dir, format_, group_size, skip, quantize_embeddings,
         name, worst = s.worst
         click.echo(f"  relative error: mean {s.mean_error:.4f}, worst {worst:.4f} ({name})")
     if s.kept:
-        click.echo(f"  kept unquantized ({len(s.kept)}): "
-                   + "; ".join(f"{n} [{why}]" for n, why in s.kept.items()))
+        click.echo(f"  kept unquantized ({len(s.kept)}):")
+        width = max(map(len, s.kept))
+        for name, why in s.kept.items():
+            click.echo(f"    {name:<{width}}  {why}")
     click.echo(f"wrote {s.out_dir} ({s.shards} shard{'s' if s.shards > 1 else ''})")
 
 
