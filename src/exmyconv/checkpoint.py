@@ -96,6 +96,9 @@ class Checkpoint:
     def dequantize(self, name: str, out_dtype: str = "F32") -> np.ndarray:
         """One quantized tensor as float32 values, rounded to out_dtype (F32/F16/BF16)."""
         record, f = self.records[name]
+        bad = self.check_scales(name)
+        if bad:
+            raise ExmyError(f"{f.path}: damaged exmy checkpoint: {bad}")
         scales, _ = self.scales(name)
         codes = unpack_codes(f.read(record.packed_name), record.fmt, record.k)
         return dtypes.round_to(dequantize_codes(codes, scales, record.fmt, record.group_size), out_dtype)
