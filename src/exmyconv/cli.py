@@ -44,8 +44,10 @@ def cli():
 @click.option("--max-shard-size", default="5GB", show_default=True, help="Largest output shard.")
 @click.option("--clip-search", is_flag=True, help="Per group, pick the clipping ratio with least MSE (slower).")
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty OUT_DIR.")
+@click.option("--verify/--no-verify", default=None,
+              help="Re-read OUT_DIR and check it (bit-exact on the GPU). Default: on when a GPU is present.")
 def quantize(model_dir, out_dir, format_, group_size, skip, quantize_embeddings, max_shard_size,
-             clip_search, overwrite):
+             clip_search, overwrite, verify):
     """Quantize MODEL_DIR (a Hugging Face safetensors checkpoint, or @minilm) into OUT_DIR."""
     from .pipeline import Options, convert
 
@@ -68,6 +70,30 @@ def quantize(model_dir, out_dir, format_, group_size, skip, quantize_embeddings,
         for name, why in s.kept.items():
             click.echo(f"    {name:<{width}}  {why}")
     click.echo(f"wrote {s.out_dir} ({s.shards} shard{'s' if s.shards > 1 else ''})")
+    if verify is None:
+        from .verify import gpu_backend
+
+        verify = gpu_backend()[0] is not None
+    if verify:
+        _run_verify(out_dir, model_dir, None)
+
+
+def _run_verify(out_dir, source, use_gpu):
+    from .verify import render, verify
+
+    report = verify(out_dir, source, use_gpu)
+    click.echo(render(report))
+    if not report.ok:
+        sys.exit(2)
+
+
+@cli.command("verify")
+@click.argument("out_dir")
+@click.option("--source", metavar="MODEL_DIR", help="The source checkpoint: also recompute the error against it.")
+@click.option("--gpu/--no-gpu", "use_gpu", default=None, help="Require / skip the GPU check (default: when present).")
+def verify_cmd(out_dir, source, use_gpu):
+    """Re-read OUT_DIR, decode every tensor, and check it bit-exactly on the GPU when there is one."""
+    _run_verify(out_dir, source, use_gpu)
 
 
 @cli.command()
