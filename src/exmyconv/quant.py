@@ -38,7 +38,8 @@ def group_amax(x: np.ndarray, g: int, ngroups: int) -> np.ndarray:
 
 def choose_scale_dtype(amax: np.ndarray, fmt: ExMy) -> str:
     """fp16 when every nonzero group's scale is an fp16 normal with scale*max <= 65504."""
-    s = (amax[amax > 0] / np.float32(fmt.max)).astype(np.float16).astype(np.float32)
+    with np.errstate(over="ignore"):  # too large for fp16 -> inf -> does not fit
+        s = (amax[amax > 0] / np.float32(fmt.max)).astype(np.float16).astype(np.float32)
     fits = np.all(s >= SMALLEST_NORMAL["F16"]) and np.all(s * np.float32(fmt.max) <= FP16_MAX)
     return "F16" if fits else "BF16"
 
@@ -46,6 +47,10 @@ def choose_scale_dtype(amax: np.ndarray, fmt: ExMy) -> str:
 def scales_for(amax: np.ndarray, fmt: ExMy, scale_dtype: str) -> np.ndarray:
     """Stored scale values (float32, exact in scale_dtype), never zero or subnormal."""
     s = dtypes.round_to(amax.astype(np.float32) / np.float32(fmt.max), scale_dtype)
+    with np.errstate(over="ignore"):
+        overflow = np.isinf(s * np.float32(fmt.max))
+    if overflow.any():  # weights near the float32 limit: round those scales down instead
+        s[overflow] = dtypes.to_float32(dtypes.bf16_bits(s[overflow]) - 1, "BF16")
     return np.maximum(s, np.float32(SMALLEST_NORMAL[scale_dtype]))
 
 
