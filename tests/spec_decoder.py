@@ -1,0 +1,325 @@
+"""An independent, pure-numpy reader of the exmy checkpoint layout, version 1.x.
+
+Written from ``formats/SPEC.md`` alone (no exmyconv code, no safetensors package, no
+lookup tables from other libraries), so that the tests can check that the specification is
+complete enough for a stranger to reproduce exmyconv's dequantized values bit for bit.
+
+Main entry points:
+
+* ``read_file(path)`` / ``read_checkpoint(path)`` -> ``Checkpoint`` with ``.quantized``
+  (``QuantizedTensor`` objects, ``.dequantize()`` gives exact float32 values) and ``.plain``
+  (``PlainTensor`` objects, kept as stored);
+* ``exmy_values(E, M)``: the value of every code, from the formula of SPEC.md section 1;
+* ``f32_to_f16_bits`` / ``f32_to_bf16_bits``: round float32 to fp16 / bf16 bit patterns,
+  round-to-nearest-even, in integer arithmetic.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import struct
+from dataclasses import dataclass, field
+
+import numpy as np
+
+SUPPORTED_MAJOR = 1
+
+# safetensors dtype -> little-endian numpy storage type.  BF16 has no numpy type: it is kept as
+# its uint16 bit patterns (see ``bf16_bits_to_f32``).
+_STORAGE = {
+    "F64": "<f8", "F32": "<f4", "F16": "<f2", "BF16": "<u2",
+    "I64": "<i8", "I32": "<i4", "I16": "<i2", "I8": "i1",
+    "U64": "<u8", "U32": "<u4", "U16": "<u2", "U8": "u1", "BOOL": "?",
+}
+
+
+# ----------------------------------------------------------------------------- ExMy numbers
+
+_FORMAT_RE = re.compile(r"^e([0-9]+)m([0-9]+)$")
+
+
+def parse_format(name: str) -> tuple[int, int]:
+    """``"e2m2"`` -> ``(2, 2)``; enforces 1 <= E <= 5, 0 <= M <= 5, 1 + E + M <= 8."""
+    m = _FORMAT_RE.match(name)
+    if not m:
+        raise ValueError(f"not an ExMy format name: {name!r}")
+    E, M = int(m.group(1)), int(m.group(2))
+    if not (1 <= E <= 5 and 0 <= M <= 5 and 1 + E + M <= 8):
+        raise ValueError(f"ExMy format out of range: {name!r}")
+    return E, M
+
+
+def exmy_value(code: int, E: int, M: int) -> float:
+    """Exact value of one ExMy code (SPEC.md section 1), as a Python float."""
+    b = 1 + E + M
+    if not 0 <= code < (1 << b):
+        raise ValueError(f"code {code} does not fit in {b} bits")
+    s = code >> (E + M)
+    f = (code >> M) & ((1 << E) - 1)
+    m = code & ((1 << M) - 1)
+    bias = (1 << (E - 1)) - 1
+    emin = 1 - bias
+    if f == 0:
+        mag = math.ldexp(m, emin - M)
+    else:
+        mag = math.ldexp((1 << M) + m, f - bias - M)
+    return -mag if s else mag
+
+
+def exmy_values(E: int, M: int) -> np.ndarray:
+    """float32 value of every code 0 .. 2^(1+E+M)-1 (code 1 0...0 is -0.0)."""
+    vals = [exmy_value(c, E, M) for c in range(1 << (1 + E + M))]
+    out = np.array(vals, dtype=np.float64)
+    f32 = out.astype(np.float32)
+    assert np.array_equal(f32.astype(np.float64), out), "ExMy value not exact in float32"
+    return f32
+
+
+def exmy_max(E: int, M: int) -> float:
+    bias = (1 << (E - 1)) - 1
+    return math.ldexp(2.0 - math.ldexp(1.0, -M), (1 << E) - 1 - bias)
+
+
+# ----------------------------------------------------------------------------- bit planes
+
+def plane_widths(b: int) -> list[int]:
+    """Plane widths for a b-bit code: the binary digits of b, high to low (8 -> [8])."""
+    if not 2 <= b <= 8:
+        raise ValueError(f"code width {b} out of range")
+    if b == 8:
+        return [8]
+    return [w for w in (4, 2, 1) if b & w]
+
+
+def padded_length(K: int) -> int:
+    return 128 * ((K + 127) // 128)
+
+
+def unpack_codes(packed: np.ndarray, K: int, b: int) -> np.ndarray:
+    """``uint8[..., Kp*b/8]`` bit planes -> ``uint8[..., K]`` codes (SPEC.md section 3)."""
+    Kp = padded_length(K)
+    if packed.dtype != np.uint8 or packed.shape[-1] != Kp * b // 8:
+        raise ValueError(f"packed rows must be {Kp * b // 8} uint8, got {packed.shape} {packed.dtype}")
+    codes = np.zeros(packed.shape[:-1] + (Kp,), dtype=np.uint8)
+    i = np.arange(Kp)
+    offset = 0
+    for w in plane_widths(b):
+        nbytes = Kp * w // 8
+        plane = packed[..., offset:offset + nbytes]
+        byte = (i * w) // 8                    # element i's field is in this byte ...
+        shift = ((i * w) % 8).astype(np.uint8)  # ... starting at this bit (0 = LSB)
+        fld = (plane[..., byte] >> shift) & np.uint8((1 << w) - 1)
+        codes = (codes << np.uint8(w)) | fld if w < 8 else fld
+        offset += nbytes
+    return codes[..., :K]
+
+
+# ----------------------------------------------------------------------------- float rounding
+
+def bf16_bits_to_f32(bits: np.ndarray) -> np.ndarray:
+    return (np.asarray(bits, dtype=np.uint32) << np.uint32(16)).view(np.float32)
+
+
+def f32_to_bf16_bits(x: np.ndarray) -> np.ndarray:
+    """float32 -> bf16 bit patterns (uint16), round to nearest, ties to even."""
+    u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32).astype(np.uint64)
+    r = (u + 0x7FFF + ((u >> 16) & 1)) >> 16
+    nan = np.isnan(np.asarray(x, dtype=np.float32))
+    r = np.where(nan, (u >> 16) | 0x0040, r)  # quiet NaN, sign kept
+    return r.astype(np.uint16)
+
+
+def f32_to_f16_bits(x: np.ndarray) -> np.ndarray:
+    """float32 -> IEEE binary16 bit patterns (uint16), round to nearest, ties to even.
+
+    Overflow gives +-inf, subnormal results are produced (no flush to zero)."""
+    x = np.asarray(x, dtype=np.float32)
+    u = np.ascontiguousarray(x).reshape(-1).view(np.uint32)
+    sign = (u >> np.uint32(16)) & np.uint32(0x8000)
+    a = u & np.uint32(0x7FFFFFFF)                       # |x| bits
+    # |x| >= 2^-14 (fp16 normal range): drop 13 of the 23 fraction bits, ties to even, and
+    # rebias the exponent (127 -> 15).  A carry out of the fraction bumps the exponent, up to
+    # 0x7c00 = inf for |x| >= 65520.
+    mag = ((a + np.uint32(0x0FFF) + ((a >> np.uint32(13)) & np.uint32(1))) >> np.uint32(13))
+    mag = np.where(a >= 0x38800000, mag - np.uint32(112 << 10), np.uint32(0))
+    mag = np.minimum(mag, np.uint32(0x7C00))
+    # |x| < 2^-14: the result counts units of 2^-24.  |x| = sig * 2^(e - 150) with a 24-bit
+    # significand sig, so the count is sig / 2^(126 - e), rounded to nearest even.
+    sub = np.flatnonzero((a < 0x38800000) & (a >= 0x33000000))   # below 2^-25 rounds to 0
+    if sub.size:
+        av = a[sub].astype(np.int64)
+        e = av >> 23
+        sig = (av & 0x7FFFFF) | 0x800000
+        sh = 126 - e                                     # 14 ... 24
+        q = sig >> sh
+        rem = sig - (q << sh)
+        half = np.int64(1) << (sh - 1)
+        q += (rem > half) | ((rem == half) & ((q & 1) == 1))
+        mag[sub] = q.astype(np.uint32)
+    nan = a > 0x7F800000
+    mag = np.where(nan, np.uint32(0x7E00), mag)
+    return (sign | mag).astype(np.uint16).reshape(x.shape)
+
+
+# ----------------------------------------------------------------------------- safetensors
+
+def read_safetensors(path: str) -> tuple[dict, dict[str, tuple[str, list[int], np.ndarray]]]:
+    """Parse one .safetensors file: ``(metadata, {name: (dtype, shape, array)})``.
+
+    Arrays are in their stored type (BF16 as uint16 bit patterns)."""
+    with open(path, "rb") as fh:
+        blob = fh.read()
+    (n,) = struct.unpack("<Q", blob[:8])
+    header = json.loads(blob[8:8 + n].decode("utf-8"))
+    data = memoryview(blob)[8 + n:]
+    metadata = header.pop("__metadata__", {}) or {}
+    tensors = {}
+    for name, info in header.items():
+        dtype, shape = info["dtype"], list(info["shape"])
+        start, end = info["data_offsets"]
+        st = np.dtype(_STORAGE[dtype])
+        count = math.prod(shape)
+        if end - start != count * st.itemsize or end > len(data):
+            raise ValueError(f"{path}: bad data_offsets for {name}")
+        arr = np.frombuffer(data[start:end], dtype=st).reshape(shape)
+        tensors[name] = (dtype, shape, arr)
+    return metadata, tensors
+
+
+# ----------------------------------------------------------------------------- checkpoint
+
+@dataclass
+class PlainTensor:
+    name: str
+    dtype: str          # safetensors dtype
+    data: np.ndarray    # stored values (BF16: uint16 bit patterns)
+
+    def as_f32(self) -> np.ndarray:
+        if self.dtype == "BF16":
+            return bf16_bits_to_f32(self.data)
+        return self.data.astype(np.float32)
+
+
+@dataclass
+class QuantizedTensor:
+    name: str
+    format: str
+    shape: list[int]
+    source_dtype: str
+    group_size: int
+    packed: np.ndarray
+    scale: np.ndarray    # stored scale values (BF16: uint16 bit patterns)
+    scale_dtype: str     # "F16" or "BF16"
+    info: dict = field(default_factory=dict)
+
+    def codes(self) -> np.ndarray:
+        E, M = parse_format(self.format)
+        return unpack_codes(self.packed, self.shape[-1], 1 + E + M)
+
+    def scales_f32(self) -> np.ndarray:
+        if self.scale_dtype == "BF16":
+            return bf16_bits_to_f32(self.scale)
+        return self.scale.astype(np.float32)
+
+    def dequantize(self) -> np.ndarray:
+        """Exact dequantized values ``decode(code[i]) * scale[i // G]`` as float32."""
+        E, M = parse_format(self.format)
+        K, G = self.shape[-1], self.group_size
+        vals = exmy_values(E, M)[self.codes()].astype(np.float64)
+        scale = self.scales_f32().astype(np.float64)[..., np.arange(K) // G]
+        exact = vals * scale                   # exact in float64 (<= 6 x 11 significand bits)
+        out = exact.astype(np.float32)
+        # SPEC.md section 2 promises the product fits float32 exactly.
+        if not np.array_equal(out.astype(np.float64), exact):
+            raise ValueError(f"{self.name}: dequantized product not exact in float32")
+        return out
+
+    def dequantize_bits(self, out: str) -> np.ndarray:
+        """Dequantized values as bit patterns of ``out`` in {"F32", "F16", "BF16"}."""
+        v = self.dequantize()
+        if out == "F32":
+            return v.view(np.uint32)
+        if out == "F16":
+            return f32_to_f16_bits(v)
+        if out == "BF16":
+            return f32_to_bf16_bits(v)
+        raise ValueError(out)
+
+
+@dataclass
+class Checkpoint:
+    metadata: dict = field(default_factory=dict)      # merged __metadata__ of all files
+    quantized: dict = field(default_factory=dict)     # name -> QuantizedTensor
+    plain: dict = field(default_factory=dict)         # name -> PlainTensor
+    files: list = field(default_factory=list)
+
+
+def _check_version(v: str, what: str) -> None:
+    try:
+        major = int(str(v).split(".")[0])
+    except ValueError:
+        raise ValueError(f"{what}: bad version {v!r}") from None
+    if major != SUPPORTED_MAJOR:
+        raise ValueError(f"{what}: unsupported layout version {v!r}")
+
+
+def _add_file(ckpt: Checkpoint, path: str) -> None:
+    metadata, tensors = read_safetensors(path)
+    ckpt.files.append(path)
+    if "exmy_version" in metadata:
+        _check_version(metadata["exmy_version"], path)
+    used = set()
+    for key, value in metadata.items():
+        if not key.startswith("exmy:"):
+            continue
+        name = key[len("exmy:"):]
+        info = json.loads(value)
+        fmt, shape, G = info["format"], list(info["shape"]), int(info["group_size"])
+        E, M = parse_format(fmt)
+        b = 1 + E + M
+        K, lead = shape[-1], shape[:-1]
+        if not 1 <= G:
+            raise ValueError(f"{name}: bad group size {G}")
+        pname, sname = name + "_packed", name + "_scale"
+        if pname not in tensors or sname not in tensors:
+            raise ValueError(f"{path}: {name}: _packed/_scale not in the same file as its metadata")
+        pd, ps, parr = tensors[pname]
+        sd, ss, sarr = tensors[sname]
+        if pd != "U8" or ps != lead + [padded_length(K) * b // 8]:
+            raise ValueError(f"{name}: packed is {pd} {ps}")
+        if sd not in ("F16", "BF16") or ss != lead + [-(-K // G)]:
+            raise ValueError(f"{name}: scale is {sd} {ss}")
+        ckpt.quantized[name] = QuantizedTensor(
+            name=name, format=fmt, shape=shape, source_dtype=info["dtype"], group_size=G,
+            packed=parr, scale=sarr, scale_dtype=sd, info=info)
+        used.update((pname, sname))
+    for name, (dtype, _shape, arr) in tensors.items():
+        if name not in used:
+            ckpt.plain[name] = PlainTensor(name=name, dtype=dtype, data=arr)
+    for k, v in metadata.items():
+        ckpt.metadata.setdefault(k, v)
+
+
+def read_file(path: str) -> Checkpoint:
+    ckpt = Checkpoint()
+    _add_file(ckpt, path)
+    return ckpt
+
+
+def read_checkpoint(path: str) -> Checkpoint:
+    """A checkpoint directory (single file or sharded with an index), or one .safetensors file."""
+    if os.path.isfile(path):
+        return read_file(path)
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.exists(index):
+        with open(index) as fh:
+            files = sorted(set(json.load(fh)["weight_map"].values()))
+    else:
+        files = ["model.safetensors"]
+    ckpt = Checkpoint()
+    for f in files:
+        _add_file(ckpt, os.path.join(path, f))
+    return ckpt
