@@ -103,7 +103,7 @@ def squared_error(x: np.ndarray, codes: np.ndarray, scales: np.ndarray, fmt: ExM
     diff = dequantize_codes(codes, scales, fmt, g).reshape(-1)
     diff -= x.reshape(-1)
     flat = x.reshape(-1)
-    return float(np.dot(diff, diff)), float(np.dot(flat, flat))
+    return float(np.dot(diff, diff.astype(np.float64))), float(np.dot(flat, flat.astype(np.float64)))  # SPEC: float64
 
 
 @dataclass
