@@ -180,7 +180,7 @@ def write_safetensors(path, tensors: dict, metadata: dict | None = None, header_
         if isinstance(t, Raw):
             dtype, shape, data = t.dtype, t.shape, t.data
         else:
-            arr = np.ascontiguousarray(t)
+            arr = np.array(t, copy=None, order="C")  # (ascontiguousarray would make scalars 1-D)
             dtype, shape, data = NP_TO_ST[arr.dtype], list(arr.shape), arr.tobytes()  # little-endian host
         header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + len(data)]}
         blobs.append(data)
