@@ -34,7 +34,7 @@ VECTOR_CASES = {
     "e2m2": ("e2m2", None), "e2m2-g32": ("e2m2", 32), "e2m1-g64": ("e2m1", 64),
     "e3m1": ("e3m1", None), "e2m3": ("e2m3", None), "e3m2-g100": ("e3m2", 100),
     "e4m3": ("e4m3", None), "e1m1": ("e1m1", None), "e3m3": ("e3m3", 16),
-    "e5m2": ("e5m2", None),
+    "e5m2": ("e5m2", None), "e1m0": ("e1m0", None), "e3m0-g48": ("e3m0", 48),
 }
 VECTOR_SOURCES = {  # name -> (source dtype, shape), from the README
     "layer.sweep.weight": ("F32", [2, 150]),

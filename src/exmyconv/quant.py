@@ -99,11 +99,19 @@ def dequantize_codes(codes: np.ndarray, scales: np.ndarray, fmt: ExMy, g: int) -
 
 
 def squared_error(x: np.ndarray, codes: np.ndarray, scales: np.ndarray, fmt: ExMy, g: int) -> tuple[float, float]:
-    """(sum of squared reconstruction errors, sum of squares of x) over float32 [R, K]."""
-    diff = dequantize_codes(codes, scales, fmt, g).reshape(-1)
-    diff -= x.reshape(-1)
+    """(sum of squared reconstruction errors, sum of squares of x) over float32 [R, K].
+
+    float32 dot products on values scaled by a power of two near 1/max|x|, so that squares of
+    weights near the float32 limits neither overflow nor vanish; the sums come back as floats.
+    """
     flat = x.reshape(-1)
-    return float(np.dot(diff, diff.astype(np.float64))), float(np.dot(flat, flat.astype(np.float64)))  # SPEC: float64
+    amax = float(np.abs(flat).max()) if flat.size else 0.0
+    unit = np.float32(2.0 ** int(np.clip(-np.frexp(amax)[1], -126, 126)))
+    diff = dequantize_codes(codes, scales, fmt, g).reshape(-1)
+    diff -= flat
+    diff *= unit
+    ref = flat * unit
+    return float(np.dot(diff, diff)) / float(unit) ** 2, float(np.dot(ref, ref)) / float(unit) ** 2
 
 
 @dataclass
@@ -138,4 +146,5 @@ def quantize(x: np.ndarray, fmt: ExMy, group_size: int | None = None, clip_searc
 
 
 def relative_error(sq_err: float, sq_ref: float) -> float:
-    return float(np.sqrt(sq_err / sq_ref)) if sq_ref > 0 else float(np.sqrt(sq_err) > 0)
+    """sqrt(err / ref); 0 for an all-zero tensor (which always quantizes exactly)."""
+    return float(np.sqrt(sq_err / sq_ref)) if sq_ref > 0 else 0.0
