@@ -83,7 +83,7 @@ class TensorRecord:
             shape = tuple(d["shape"])
             record = cls(name, get_format(d["format"]), shape, str(d["dtype"]), int(d["group_size"]),
                          float(d.get("rel_error", 0.0)))
-        except (ValueError, KeyError, TypeError) as err:
+        except (ValueError, KeyError, TypeError, AttributeError) as err:
             raise ExmyError(f"tensor {name!r}: bad exmy metadata ({err})") from None
         if not shape or not all(type(s) is int and s > 0 for s in shape) or not 1 <= record.group_size <= shape[-1]:
             raise ExmyError(f"tensor {name!r}: bad exmy metadata (shape {list(shape)}, group {record.group_size})")
