@@ -289,6 +289,6 @@ def small_source(tmp_path, rng):
     }
     config = {"model_type": "llama", "hidden_size": 64, "architectures": ["LlamaForCausalLM"]}
     extra = {"tokenizer.json": '{"version": "1.0"}', "generation_config.json": '{"do_sample": false}',
-             "sub/notes.txt": "side file in a subfolder\n"}
+             "sub/notes.txt": "side file in a subfolder\n", "1_Pooling/config.json": '{"pooling_mode_mean_tokens": true}'}
     root = make_checkpoint(tmp_path / "src", tensors, config=config, extra_files=extra)
     return root, tensors, config

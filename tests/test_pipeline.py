@@ -227,7 +227,7 @@ def test_side_files_and_config(small_source, tmp_path):
     (src / ".hidden").write_text("x")
     out = tmp_path / "out"
     convert(src, out, format="e3m2", group_size=128)
-    for rel in ("tokenizer.json", "generation_config.json", "sub/notes.txt"):
+    for rel in ("tokenizer.json", "generation_config.json", "sub/notes.txt", "1_Pooling/config.json"):
         assert (out / rel).read_bytes() == (src / rel).read_bytes()
     assert not (out / "pytorch_model.bin").exists()
     cfg = json.loads((out / "config.json").read_text())
