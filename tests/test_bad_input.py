@@ -424,3 +424,31 @@ def test_console_script_real_process(tmp_path):
                          capture_output=True, text=True, env=env, timeout=120)
     one_line_error(res.returncode, res.stdout, res.stderr)
     assert res.returncode == 1 and not (tmp_path / "out").exists()
+
+
+def test_failed_overwrite_keeps_the_old_out_dir(run_cli, tmp_path, rng):
+    t = good_tensors(rng)
+    t["layer.weight"][3, 3] = np.inf
+    src = make_checkpoint(tmp_path / "src", t)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "precious.txt").write_text("keep me")
+    before = tree_snapshot(tmp_path)
+    code, stdout, err = run_cli("quantize", src, out, "--overwrite")
+    one_line_error(code, stdout, err, needle="layer.weight")
+    assert tree_snapshot(tmp_path) == before
+
+
+def test_interrupt_leaves_nothing(run_cli, tmp_path, rng, monkeypatch):
+    from exmyconv import pipeline
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "copy_item", interrupted)
+    src = make_checkpoint(tmp_path / "src", good_tensors(rng))
+    before = tree_snapshot(tmp_path)
+    code, stdout, err = run_cli("quantize", src, tmp_path / "out")
+    assert code == 130 and "Traceback" not in stdout + err
+    assert len([ln for ln in err.splitlines() if ln.strip()]) == 1 and "interrupted" in err
+    assert tree_snapshot(tmp_path) == before

@@ -23,7 +23,7 @@ def code_arrays(draw):
     return fmt, codes
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=500, deadline=None)
 @given(code_arrays())
 def test_pack_unpack_round_trip_and_layout(case):
     fmt, codes = case
