@@ -151,7 +151,8 @@ def test_overlapping_tensors(run_cli, tmp_path):
 
 def test_unsupported_dtype(run_cli, tmp_path, rng):
     src = tmp_path / "src"
-    write_safetensors(src.mkdir() or src / "model.safetensors",
+    src.mkdir()
+    write_safetensors(src / "model.safetensors",
                       {"ok.weight": rng.standard_normal((4, 8)).astype(np.float32),
                        "fp8.weight": Raw("F8_E4M3", [4, 4], bytes(16))})
     line = quantize_fails(run_cli, tmp_path, src, needle="F8_E4M3")
