@@ -1,0 +1,128 @@
+// dequant.cu - packed .exmy payload + scales -> fp16 / bf16 / fp32, bit-exact with the CPU reference.
+//
+// One thread per (row, 32-element chunk). Codes are decoded in registers by exmy_decode.cuh into
+// the bf16 field placement (works for every E, including E = 5), turned into the exact float32
+// code value v by one exact multiply by 2^(127 - bias), multiplied by the float32 value of the
+// fp16/bf16 scale (exact: SPEC section 2, and the same IEEE product numpy computes), and rounded
+// once to the output type with cvt.rn (round to nearest even). fp32 output is not rounded.
+//
+// Compile with -DEXMY_E=<E> -DEXMY_M=<M>. Kernels: exmy_dequant_s{16,bf}_o{16,bf,32}
+// (scale dtype F16/BF16, output F16/BF16/F32). Block size: any multiple of 32 (the host uses 256).
+#include "exmy_decode.cuh"
+
+using namespace exmy;
+
+namespace {
+
+__device__ __forceinline__ float scale_value(u16 bits, bool bf16) {
+    if (bf16) return __uint_as_float((u32)bits << 16);  // bf16 = top 16 bits of a float32
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(bits));  // exact widening of an fp16
+    return f;
+}
+
+// Two float32 -> one word of two 16-bit floats, each rounded to nearest even: lo in bits 15..0.
+template <int OUT>
+__device__ __forceinline__ u32 pack2(float lo, float hi) {
+    u32 r;
+    if (OUT == 0) asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+    else asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
+}
+
+template <int OUT>
+__device__ __forceinline__ u16 pack1(float v) {
+    u16 r;
+    if (OUT == 0) asm("cvt.rn.f16.f32 %0, %1;" : "=h"(r) : "f"(v));
+    else asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(r) : "f"(v));
+    return r;
+}
+
+// OUT: 0 = fp16 bits, 1 = bf16 bits, 2 = float32.
+template <bool SCALE_BF16, int OUT>
+__device__ __forceinline__ void dequant(const u8* __restrict__ payload, const u16* __restrict__ scales,
+                                        void* __restrict__ out, u32 rows, u32 k, u32 row_bytes,
+                                        u32 ngroups, u32 g) {
+    const u32 cpr = (k + 31) / 32;  // chunks per row holding real elements (padding chunks skipped)
+    const u32 u = blockIdx.x * blockDim.x + threadIdx.x;
+    if (u >= rows * cpr) return;  // the host keeps rows * cpr < 2^32
+    const u32 row = u / cpr;
+    const u32 c = u - row * cpr;
+    const u32 kp = row_bytes * 8 / BITS;
+    const u32 base = 32 * c;  // first element of this chunk in the row
+
+    const Chunk ch = load_chunk(payload + (size_t)row * row_bytes, kp, c);
+    const Pre pre = prepare(ch);
+    const float p127 = __uint_as_float(POW2_127_BITS);  // 2^(127 - bias): exact power of two
+
+    float v[32];
+#pragma unroll
+    for (int e = 0; e < 8; ++e) {
+        u32 h0, h1;
+        decode_group<true>(ch, pre, e, h0, h1);  // pairs 2e, 2e+1 in bf16 placement
+        // raw bf16 lane -> float32 (bits << 16), times 2^(127-bias): the exact code value
+        v[pair_elem(2 * e, 0)] = __uint_as_float(bf16_lane_bits(h0, 0)) * p127;
+        v[pair_elem(2 * e, 1)] = __uint_as_float(bf16_lane_bits(h0, 1)) * p127;
+        v[pair_elem(2 * e + 1, 0)] = __uint_as_float(bf16_lane_bits(h1, 0)) * p127;
+        v[pair_elem(2 * e + 1, 1)] = __uint_as_float(bf16_lane_bits(h1, 1)) * p127;
+    }
+
+    const u16* srow = scales + (size_t)row * ngroups;
+    if (ngroups == 1 || g % 32 == 0) {  // the chunk lies inside one group
+        const float s = scale_value(srow[ngroups == 1 ? 0 : base / g], SCALE_BF16);
+#pragma unroll
+        for (int i = 0; i < 32; ++i) v[i] *= s;
+    } else {  // groups not aligned to chunks: walk the group boundaries
+        u32 gi = base / g, next = (gi + 1) * g;
+#pragma unroll
+        for (int i = 0; i < 32; ++i) {
+            if (base + i >= next) { ++gi; next += g; }
+            v[i] *= scale_value(srow[gi < ngroups ? gi : ngroups - 1], SCALE_BF16);
+        }
+    }
+
+    const size_t o = (size_t)row * k + base;  // first output element
+    const bool full = base + 32 <= k;
+    if (OUT == 2) {
+        float* dst = (float*)out + o;
+        if (full && k % 4 == 0) {  // 16-byte aligned float4 stores
+#pragma unroll
+            for (int i = 0; i < 32; i += 4) *(float4*)(dst + i) = make_float4(v[i], v[i + 1], v[i + 2], v[i + 3]);
+        } else {
+#pragma unroll
+            for (int i = 0; i < 32; ++i) if (base + i < k) dst[i] = v[i];
+        }
+    } else {
+        u16* dst = (u16*)out + o;
+        if (full && k % 8 == 0) {  // 16-byte aligned stores of 8 values
+#pragma unroll
+            for (int i = 0; i < 32; i += 8) {
+                uint4 w;
+                w.x = pack2<OUT>(v[i], v[i + 1]);
+                w.y = pack2<OUT>(v[i + 2], v[i + 3]);
+                w.z = pack2<OUT>(v[i + 4], v[i + 5]);
+                w.w = pack2<OUT>(v[i + 6], v[i + 7]);
+                *(uint4*)(dst + i) = w;
+            }
+        } else {
+#pragma unroll
+            for (int i = 0; i < 32; ++i) if (base + i < k) dst[i] = pack1<OUT>(v[i]);
+        }
+    }
+}
+
+}  // namespace
+
+#define EXMY_DEQUANT_KERNEL(NAME, SBF, OUT)                                                             \
+    extern "C" __global__ void __launch_bounds__(256, 3) NAME(                                           \
+        const u8* __restrict__ payload, const u16* __restrict__ scales, void* __restrict__ out,       \
+        u32 rows, u32 k, u32 row_bytes, u32 ngroups, u32 g) {                                         \
+        dequant<SBF, OUT>(payload, scales, out, rows, k, row_bytes, ngroups, g);                      \
+    }
+
+EXMY_DEQUANT_KERNEL(exmy_dequant_s16_o16, false, 0)
+EXMY_DEQUANT_KERNEL(exmy_dequant_s16_obf, false, 1)
+EXMY_DEQUANT_KERNEL(exmy_dequant_s16_o32, false, 2)
+EXMY_DEQUANT_KERNEL(exmy_dequant_sbf_o16, true, 0)
+EXMY_DEQUANT_KERNEL(exmy_dequant_sbf_obf, true, 1)
+EXMY_DEQUANT_KERNEL(exmy_dequant_sbf_o32, true, 2)

@@ -1,0 +1,289 @@
+// exmy_decode.cuh - the one ExMy decode routine shared by every exmyconv kernel.
+//
+// Layout (formats/SPEC.md section 3): a row of Kp = 128*ceil(K/128) codes is cut into bit planes
+// of 8, 4, 2 and 1 bits (the binary digits of the code width b, most significant code bits in the
+// widest plane). A w-bit plane stores element i at bit i*w, little-endian.
+//
+// Unit of work: a CHUNK of 32 consecutive elements of one row. Its plane words are
+//   8-bit plane: 32 bytes = w8[0..7]  (w8[j] byte i = code of element 4j+i)
+//   4-bit plane: 16 bytes = w4[0..3]  (w4[j] nibble i = top 4 code bits of element 8j+i)
+//   2-bit plane:  8 bytes = w2[0..1]  (w2[j] bits 2i+1..2i = 2-bit field of element 16j+i)
+//   1-bit plane:  4 bytes = w1        (bit i = 1-bit field of element i)
+// All four are naturally aligned (plane rows are multiples of 16 bytes).
+//
+// Decoding works on GROUPS: group e (0..7) of a chunk is elements {e, e+8, e+16, e+24}, one per
+// byte of a 32-bit word. Every plane can hand over group e's fields as "byte i holds the field of
+// element e+8i at bit offset o" with at most one PRMT per group, so 4 elements are assembled with
+// each shift/mask. The group is then spread into two fp16/bf16 pair words:
+//   pair p = 2e+s (s = 0, 1): low 16-bit lane = element e+16s, high lane = element e+16s+8.
+// pair_elem(p, lane) gives that order; kernels permute x (GEMV) or un-permute outputs to match.
+//
+// Value trick (register decode, no table): put the code's exponent field f in the LOW E bits of the
+// fp16 (or bf16) exponent field and its M mantissa bits at the TOP of the fp16 (bf16) mantissa.
+// The fp16 number is then exactly v * 2^(bias - 15) (bf16: v * 2^(bias - 127)), subnormal codes
+// (f = 0) included, because fp16/bf16 subnormals scale the same way. One exact multiply by
+// 2^(15 - bias) (2^(127 - bias)) gives v; kernels fold it into the scale where that cannot overflow.
+// E = 5 formats fill the whole fp16 exponent field (f = 31 would read as inf/NaN), so they are
+// decoded through the bf16 field placement only.
+//
+// A future mantissa-sharing plane (one m0 bit per k weights) is one more "plane source" below:
+// a function that returns group e's shared bits replicated into each byte, placed like plane 1.
+//
+// This header is compiled for the device (NVRTC via CuPy, or nvcc) and for the host (the build
+// test runs the same routine on the CPU against an independent decoder).
+#pragma once
+
+#ifdef __CUDACC__
+#define EXMY_HD __host__ __device__ __forceinline__
+#else
+#define EXMY_HD inline
+#endif
+
+typedef unsigned int u32;
+typedef unsigned short u16;
+typedef unsigned char u8;
+typedef unsigned long long u64;
+
+#ifndef EXMY_E
+#define EXMY_E 2
+#endif
+#ifndef EXMY_M
+#define EXMY_M 2
+#endif
+
+namespace exmy {
+
+constexpr int E = EXMY_E;
+constexpr int M = EXMY_M;
+constexpr int BITS = 1 + E + M;
+constexpr int BIAS = (1 << (E - 1)) - 1;
+static_assert(E >= 1 && E <= 5 && M >= 0 && M <= 5 && BITS <= 8, "no such ExMy format");
+
+// Planes present: the binary digits of BITS (SPEC 3).
+constexpr bool HAS8 = (BITS & 8) != 0;
+constexpr bool HAS4 = (BITS & 4) != 0;
+constexpr bool HAS2 = (BITS & 2) != 0;
+constexpr bool HAS1 = (BITS & 1) != 0;
+// Lowest code bit held by each plane (planes take code bits from the top, widest first).
+constexpr int LO4 = BITS - 4;   // 4-bit plane: code bits BITS-1 .. BITS-4
+constexpr int LO2 = BITS & 1;   // 2-bit plane: the two bits just above the 1-bit plane (if any)
+// (8-bit plane: bits 7..0; 1-bit plane: bit 0.)
+
+// fp16 fast path: the whole fp16 value lives in its high byte [s e4..e0 m9 m8] when M <= 2.
+constexpr bool F16_OK = E <= 4;
+constexpr bool BYTE_PATH = F16_OK && M <= 2 && !HAS8;
+
+// ------------------------------------------------------------------------- bit helpers
+
+// x shifted left by S (right by -S); S is a compile-time constant after unrolling.
+EXMY_HD u32 shl(u32 x, int s) { return s >= 0 ? (x << s) : (x >> -s); }
+
+// PRMT: result byte i = byte (sel >> 4i) & 7 of the 8-byte value {b:a} (a = bytes 0..3).
+// (Mode bit 3 of each selector nibble is never set here.)
+EXMY_HD u32 prmt(u32 a, u32 b, u32 sel) {
+#ifdef __CUDA_ARCH__
+    u32 d;
+    asm("prmt.b32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(sel));
+    return d;
+#else
+    u64 v = ((u64)b << 32) | a;
+    u32 d = 0;
+    for (int i = 0; i < 4; ++i) d |= (u32)((v >> (8 * ((sel >> (4 * i)) & 7))) & 0xFF) << (8 * i);
+    return d;
+#endif
+}
+
+// Element (0..31 in the chunk) held by lane `lane` (0 = bits 15..0, 1 = bits 31..16) of pair p.
+EXMY_HD constexpr int pair_elem(int p, int lane) { return (p >> 1) + 16 * (p & 1) + 8 * lane; }
+
+// ------------------------------------------------------------------------- chunk loading
+
+struct Chunk {
+    u32 w8[HAS8 ? 8 : 1];
+    u32 w4[HAS4 ? 4 : 1];
+    u32 w2[HAS2 ? 2 : 1];
+    u32 w1;
+};
+
+// Byte offsets of the planes inside a row of kp (padded) elements: widest plane first.
+EXMY_HD u32 off4(u32 kp) { (void)kp; return 0; }                       // 4-bit plane is first when present
+EXMY_HD u32 off2(u32 kp) { return HAS4 ? kp / 2 : 0; }                // after the 4-bit plane (kp/2 bytes)
+EXMY_HD u32 off1(u32 kp) { return (HAS4 ? kp / 2 : 0) + (HAS2 ? kp / 4 : 0); }  // after 4- and 2-bit planes
+
+#ifdef __CUDA_ARCH__
+// Streaming loads of packed weights: read once, keep out of L1.
+__device__ __forceinline__ uint4 ld_stream16(const void* p) {
+    uint4 r;
+    asm("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
+        : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w) : "l"(p));
+    return r;
+}
+__device__ __forceinline__ uint2 ld_stream8(const void* p) {
+    uint2 r;
+    asm("ld.global.nc.L1::no_allocate.v2.u32 {%0,%1}, [%2];" : "=r"(r.x), "=r"(r.y) : "l"(p));
+    return r;
+}
+__device__ __forceinline__ u32 ld_stream4(const void* p) {
+    u32 r;
+    asm("ld.global.nc.L1::no_allocate.u32 %0, [%1];" : "=r"(r) : "l"(p));
+    return r;
+}
+
+// Plane words of chunk c (elements 32c .. 32c+31) of the row starting at `row`.
+__device__ __forceinline__ Chunk load_chunk(const u8* __restrict__ row, u32 kp, u32 c) {
+    Chunk ch;
+    if (HAS8) {  // 32 bytes at 32c
+        uint4 a = ld_stream16(row + 32 * (size_t)c), b = ld_stream16(row + 32 * (size_t)c + 16);
+        ch.w8[0] = a.x; ch.w8[1] = a.y; ch.w8[2] = a.z; ch.w8[3] = a.w;
+        ch.w8[HAS8 ? 4 : 0] = b.x; ch.w8[HAS8 ? 5 : 0] = b.y; ch.w8[HAS8 ? 6 : 0] = b.z; ch.w8[HAS8 ? 7 : 0] = b.w;
+    }
+    if (HAS4) {  // 16 bytes at 16c
+        uint4 a = ld_stream16(row + off4(kp) + 16 * (size_t)c);
+        ch.w4[0] = a.x; ch.w4[HAS4 ? 1 : 0] = a.y; ch.w4[HAS4 ? 2 : 0] = a.z; ch.w4[HAS4 ? 3 : 0] = a.w;
+    }
+    if (HAS2) {  // 8 bytes at 8c
+        uint2 a = ld_stream8(row + off2(kp) + 8 * (size_t)c);
+        ch.w2[0] = a.x; ch.w2[HAS2 ? 1 : 0] = a.y;
+    }
+    ch.w1 = HAS1 ? ld_stream4(row + off1(kp) + 4 * (size_t)c) : 0u;  // 4 bytes at 4c
+    return ch;
+}
+#endif
+
+// Host/test helper: chunk c from a plain byte row (no alignment assumptions).
+EXMY_HD Chunk chunk_from_bytes(const u8* row, u32 kp, u32 c) {
+    Chunk ch;
+    auto word = [&](u32 off) -> u32 {
+        return (u32)row[off] | ((u32)row[off + 1] << 8) | ((u32)row[off + 2] << 16) | ((u32)row[off + 3] << 24);
+    };
+    if (HAS8) for (int j = 0; j < 8; ++j) ch.w8[HAS8 ? j : 0] = word(32 * c + 4 * j);
+    if (HAS4) for (int j = 0; j < 4; ++j) ch.w4[HAS4 ? j : 0] = word(off4(kp) + 16 * c + 4 * j);
+    if (HAS2) for (int j = 0; j < 2; ++j) ch.w2[HAS2 ? j : 0] = word(off2(kp) + 8 * c + 4 * j);
+    ch.w1 = HAS1 ? word(off1(kp) + 4 * c) : 0u;
+    return ch;
+}
+
+// ------------------------------------------------------------------------- group sources
+
+// Per-chunk byte transposes, computed once and shared by the 8 groups.
+struct Pre {
+    u32 t4[HAS4 ? 4 : 1];  // t4[k] byte i = byte k of w4[i]: lo nibble = group 2k, hi nibble = group 2k+1
+    u32 p2[HAS2 ? 2 : 1];  // p2[h] bytes = (w2[0].b[h], w2[0].b[h+2], w2[1].b[h], w2[1].b[h+2])
+};
+
+EXMY_HD Pre prepare(const Chunk& ch) {
+    Pre pre;
+    if (HAS4) {
+        // 4x4 byte transpose of w4[0..3] in 8 PRMTs.
+        const u32* w = ch.w4;
+        u32 u0 = prmt(w[0], w[HAS4 ? 1 : 0], 0x5140);  // (w0.b0, w1.b0, w0.b1, w1.b1)
+        u32 u1 = prmt(w[0], w[HAS4 ? 1 : 0], 0x7362);  // (w0.b2, w1.b2, w0.b3, w1.b3)
+        u32 u2 = prmt(w[HAS4 ? 2 : 0], w[HAS4 ? 3 : 0], 0x5140);  // (w2.b0, w3.b0, w2.b1, w3.b1)
+        u32 u3 = prmt(w[HAS4 ? 2 : 0], w[HAS4 ? 3 : 0], 0x7362);  // (w2.b2, w3.b2, w2.b3, w3.b3)
+        pre.t4[0] = prmt(u0, u2, 0x5410);  // (w0.b0, w1.b0, w2.b0, w3.b0)
+        pre.t4[HAS4 ? 1 : 0] = prmt(u0, u2, 0x7632);  // (w0.b1, w1.b1, w2.b1, w3.b1)
+        pre.t4[HAS4 ? 2 : 0] = prmt(u1, u3, 0x5410);  // (w0.b2, ..., w3.b2)
+        pre.t4[HAS4 ? 3 : 0] = prmt(u1, u3, 0x7632);  // (w0.b3, ..., w3.b3)
+    }
+    if (HAS2) {
+        // Element e+8i's 2-bit field: i=0 -> w2[0] bits 2e, i=1 -> w2[0] bits 2e+16,
+        // i=2 -> w2[1] bits 2e, i=3 -> w2[1] bits 2e+16. For e in 4h..4h+3 these sit in
+        // bytes h and h+2 of w2[0] and w2[1], all at bit offset 2*(e&3).
+        pre.p2[0] = prmt(ch.w2[0], ch.w2[HAS2 ? 1 : 0], 0x6420);  // (w0.b0, w0.b2, w1.b0, w1.b2)
+        pre.p2[HAS2 ? 1 : 0] = prmt(ch.w2[0], ch.w2[HAS2 ? 1 : 0], 0x7531);  // (w0.b1, w0.b3, w1.b1, w1.b3)
+    }
+    return pre;
+}
+
+// Every plane hands over group e as a word whose byte i holds element e+8i's field at bit
+// offset `o` of the byte (higher bits of the byte may hold other elements' fields: masked later).
+//   4-bit: t4[e/2], o = 4*(e&1)      2-bit: p2[e/4], o = 2*(e&3)      1-bit: w1 itself, o = e
+// (w1 byte i = elements 8i..8i+7, so element e+8i is bit e of byte i.)
+
+// Place field bits [lo, lo+w) found at byte offset o to byte bit `dst`, all 4 bytes at once:
+// shift by dst - o and keep the w bits starting at dst in each byte.
+EXMY_HD u32 place(u32 src, int o, int dst, int w) {
+    return shl(src, dst - o) & (((1u << w) - 1u) << dst) * 0x01010101u;
+}
+
+// Group e's codes, one per byte, code bit j at byte bit j (all formats but the 8-bit plane).
+EXMY_HD u32 code_word(const Chunk& ch, const Pre& pre, int e) {
+    u32 cw = 0;
+    if (HAS4) cw |= place(pre.t4[HAS4 ? (e >> 1) : 0], 4 * (e & 1), LO4, 4);  // nibble -> code bits LO4+3..LO4
+    if (HAS2) cw |= place(pre.p2[HAS2 ? (e >> 2) : 0], 2 * (e & 3), LO2, 2);  // 2-bit field -> bits LO2+1..LO2
+    if (HAS1) cw |= place(ch.w1, e, 0, 1);                                    // 1-bit field -> bit 0
+    return cw;
+}
+
+// Byte path (fp16 field, M <= 2, no 8-bit plane): group e straight into fp16 HIGH bytes
+// [s | e4 e3 e2 e1 e0 | m9 m8]: sign (code bit BITS-1) -> byte bit 7, every other code bit j ->
+// byte bit j + 2 - M (f lands in the low E exponent bits, the M mantissa bits at m9..).
+EXMY_HD u32 f16_high_bytes(const Chunk& ch, const Pre& pre, int e) {
+    constexpr int D = BYTE_PATH ? 2 - M : 0;  // code bit j (below the sign) -> byte bit j + D
+    u32 f = 0;
+    if (HAS4) {
+        u32 t = pre.t4[HAS4 ? (e >> 1) : 0];
+        int o = 4 * (e & 1);
+        f |= shl(t, 7 - (o + 3)) & 0x80808080u;                       // nibble bit 3 = sign -> bit 7
+        f |= shl(t, LO4 + D - o) & ((0x7u << (LO4 + D)) * 0x01010101u);  // nibble bits 2..0 -> LO4+D+2..LO4+D
+        if (HAS2) f |= place(pre.p2[HAS2 ? (e >> 2) : 0], 2 * (e & 3), LO2 + D, 2);  // 2-bit field
+        if (HAS1) f |= place(ch.w1, e, D, 1);                                        // m0 -> bit D
+    } else if (HAS2) {  // BITS 2 or 3: the 2-bit plane holds the sign
+        u32 t = pre.p2[HAS2 ? (e >> 2) : 0];
+        int o = 2 * (e & 3);
+        f |= shl(t, 7 - (o + 1)) & 0x80808080u;                         // field bit 1 = sign -> bit 7
+        f |= shl(t, LO2 + D - o) & ((0x1u << (LO2 + D)) * 0x01010101u);  // field bit 0 (code bit LO2) -> LO2+D
+        if (HAS1) f |= place(ch.w1, e, D, 1);                                          // bit 0 -> bit D
+    }
+    return f;
+}
+
+// Pair p = 2e+s as a "lane word": each 16-bit lane holds its element's code in its HIGH byte
+// (bits 15..8; the low byte is don't-care, removed by the masks of to_field).
+EXMY_HD u32 lane_word(const Chunk& ch, const Pre& pre, int e, int s) {
+    if (HAS8) {
+        int el = e + 16 * s;                  // lane 0 element; lane 1 is el+8 = 2 words further
+        u32 b = (u32)(el & 3);                // byte inside w8[el/4]
+        u32 sel = b | (b << 4) | ((4 + b) << 8) | ((4 + b) << 12);  // lane0 = a.b, lane1 = b.b (both bytes)
+        return prmt(ch.w8[HAS8 ? (el >> 2) : 0], ch.w8[HAS8 ? ((el >> 2) + 2) : 0], sel);
+    }
+    u32 cw = code_word(ch, pre, e);           // bytes: codes of e, e+8, e+16, e+24
+    return prmt(cw, cw, s ? 0x3322u : 0x1100u);  // s=0: lanes take bytes 0,1; s=1: bytes 2,3
+}
+
+// Lane word -> FIELD placement (F16: exponent field starts at bit 10; BF16: at bit 7):
+//   sign: code bit BITS-1 (lane bit 8+BITS-1) -> bit 15
+//   magnitude: code bits BITS-2..0 (lane bits 8+BITS-2..8) -> bits LOWM+BITS-2..LOWM, LOWM = EXP0-M
+template <bool BF16>
+EXMY_HD u32 to_field(u32 l) {
+    constexpr int EXP0 = BF16 ? 7 : 10;       // lowest exponent bit of the 16-bit float
+    constexpr int LOWM = EXP0 - M;            // where code bit 0 (lowest mantissa bit) goes
+    constexpr u32 MAG = ((1u << (BITS - 1)) - 1u) << LOWM;  // E+M magnitude bits at their place
+    return (shl(l, 8 - BITS) & 0x80008000u)   // sign bit of both lanes
+         | (shl(l, LOWM - 8) & (MAG * 0x00010001u));  // exponent+mantissa bits of both lanes
+}
+
+// THE decode routine: group e of a chunk -> pairs 2e and 2e+1 as raw fp16 (BF16=false, needs
+// E <= 4) or raw bf16 (BF16=true) words: value = v * 2^(bias-15) resp. v * 2^(bias-127).
+template <bool BF16>
+EXMY_HD void decode_group(const Chunk& ch, const Pre& pre, int e, u32& h0, u32& h1) {
+    if (!BF16 && BYTE_PATH) {
+        u32 f = f16_high_bytes(ch, pre, e);
+        h0 = prmt(f, 0u, 0x1404u);  // lanes = (byte0 << 8, byte1 << 8): low bytes from the zero word
+        h1 = prmt(f, 0u, 0x3424u);  // lanes = (byte2 << 8, byte3 << 8)
+    } else {
+        h0 = to_field<BF16>(lane_word(ch, pre, e, 0));
+        h1 = to_field<BF16>(lane_word(ch, pre, e, 1));
+    }
+}
+
+// Exact float32 value of the raw bf16-placement lane (lane 0 or 1): bits -> fp32 via << 16.
+EXMY_HD u32 bf16_lane_bits(u32 h, int lane) { return lane ? (h & 0xFFFF0000u) : (h << 16); }
+
+// 2^(127 - BIAS) and 2^(15 - BIAS) as float bit patterns (exponent field 127 + n).
+constexpr u32 POW2_127_BITS = (u32)(127 + 127 - BIAS) << 23;
+constexpr u32 POW2_15_BITS = (u32)(127 + 15 - BIAS) << 23;
+// 2^(15 - BIAS) as an fp16 bit pattern, both lanes (exponent field 15 + 15 - BIAS <= 30 for E <= 4).
+constexpr u32 POW2_15_H2 = F16_OK ? ((u32)(15 + 15 - BIAS) << 10) * 0x00010001u : 0u;
+
+}  // namespace exmy

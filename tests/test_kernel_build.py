@@ -1,0 +1,206 @@
+"""CUDA sources in kernels/: they compile for sm_90 with nvcc (CI has nvcc but no GPU), and the
+shared decode routine, compiled for the host, reproduces SPEC values for every code of every format.
+
+Skipped only when nvcc (resp. a host C++ compiler) is absent.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from exmyconv import gpu
+from exmyconv.formats import NAMED, all_formats
+
+ROOT = Path(__file__).resolve().parents[1]
+KERNELS = ROOT / "kernels"
+SOURCES = sorted(KERNELS.glob("*.cu"))
+FORMATS = [(f.e, f.m) for f in all_formats()]
+
+
+def _nvcc() -> str | None:
+    for cand in (shutil.which("nvcc"), "/usr/local/cuda/bin/nvcc"):
+        if cand and Path(cand).exists():
+            return cand
+    return None
+
+
+NVCC = _nvcc()
+needs_nvcc = pytest.mark.skipif(NVCC is None, reason="nvcc not found")
+
+
+def _jobs() -> int:
+    return max(2, min(16, os.cpu_count() or 2))
+
+
+def test_sources_are_packaged_and_share_one_decoder():
+    assert SOURCES, "no kernels"
+    assert gpu.kernel_dir() == KERNELS or (gpu.kernel_dir() / "exmy_decode.cuh").is_file()
+    for src in SOURCES:
+        text = src.read_text()
+        assert '#include "exmy_decode.cuh"' in text, src.name
+        assert "decode_group" in text, f"{src.name} does not use the shared decode routine"
+        inlined = gpu.kernel_source(src.name)
+        assert "#include" not in inlined and "decode_group" in inlined
+    # the wheel ships kernels/ as exmyconv/kernels (pyproject force-include)
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    assert re.search(r'^"kernels"\s*=\s*"exmyconv/kernels"', pyproject, re.M), "kernels/ not in the wheel"
+
+
+def _compile(src: Path, e: int, m: int, out: Path) -> tuple[str, int, str]:
+    cmd = [NVCC, "-arch=sm_90", "--cubin", "-std=c++17", f"-DEXMY_E={e}", f"-DEXMY_M={m}",
+           "--resource-usage", "-o", str(out), str(src)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    return f"{src.name} e{e}m{m}", proc.returncode, proc.stdout + proc.stderr
+
+
+@needs_nvcc
+def test_every_kernel_compiles_for_sm90(tmp_path):
+    jobs = [(src, e, m, tmp_path / f"{src.stem}_e{e}m{m}.cubin") for src in SOURCES for e, m in FORMATS]
+    with ThreadPoolExecutor(_jobs()) as pool:
+        results = list(pool.map(lambda a: _compile(*a), jobs))
+    failed = [(what, log) for what, rc, log in results if rc != 0]
+    assert not failed, "\n\n".join(f"{what}:\n{log[-3000:]}" for what, log in failed[:3])
+    for what, _, log in results:
+        assert "warning" not in log.lower() or "stack size" in log.lower(), f"{what}:\n{log[-2000:]}"
+    # fast paths of the named formats: no local-memory spills in the GEMV kernels
+    for what, _, log in results:
+        if what.startswith("gemv.cu") and what.split()[-1] in NAMED:
+            spills = re.findall(r"(\d+) bytes spill stores", log)
+            assert spills and all(int(s) == 0 for s in spills), f"{what} spills:\n{log}"
+
+
+HOST_CHECK = r"""
+#include "exmy_decode.cuh"
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <random>
+#include <vector>
+using namespace exmy;
+
+static double spec_value(int code) {  // SPEC 1, literally
+    int s = code >> (E + M), f = (code >> M) & ((1 << E) - 1), m = code & ((1 << M) - 1);
+    double mag = f == 0 ? std::ldexp((double)m, 1 - BIAS - M) : std::ldexp((double)((1 << M) + m), f - BIAS - M);
+    return s ? -mag : mag;
+}
+static int spec_code(const std::vector<u8>& row, int kp, int i) {  // SPEC 3, bit by bit
+    int code = 0, off = 0;
+    for (int w : {8, 4, 2, 1}) {
+        if (!(BITS & w)) continue;
+        int field = 0;
+        for (int b = 0; b < w; ++b) {
+            long pos = (long)i * w + b;
+            field |= ((row[off + pos / 8] >> (pos % 8)) & 1) << b;
+        }
+        code = (code << w) | field;
+        off += kp * w / 8;
+    }
+    return code;
+}
+static double f16_value(u32 h) {
+    int s = h >> 15, ex = (h >> 10) & 31, mant = h & 1023;
+    double mag = ex == 0 ? std::ldexp((double)mant, -24) : std::ldexp((double)(1024 + mant), ex - 25);
+    return s ? -mag : mag;
+}
+static double bf16_value(u32 h) { u32 b = h << 16; float f; std::memcpy(&f, &b, 4); return (double)f; }
+
+int main(int argc, char** argv) {
+    std::mt19937 rng(argc > 1 ? (unsigned)strtoul(argv[1], 0, 10) : 1u);
+    const int kp = 256;
+    long bad = 0, checked = 0;
+    for (int trial = 0; trial < 48; ++trial) {
+        std::vector<u8> row(kp * BITS / 8);
+        for (auto& b : row) b = (u8)rng();
+        if (trial == 0) {  // every code, packed per SPEC 3
+            std::fill(row.begin(), row.end(), 0);
+            int off = 0, rem = BITS;
+            for (int w : {8, 4, 2, 1}) {
+                if (!(BITS & w)) continue;
+                rem -= w;
+                for (int i = 0; i < kp; ++i) {
+                    int field = (((i * 37 + 11) % (1 << BITS)) >> rem) & ((1 << w) - 1);
+                    for (int b = 0; b < w; ++b) {
+                        long pos = (long)i * w + b;
+                        if ((field >> b) & 1) row[off + pos / 8] |= (u8)(1 << (pos % 8));
+                    }
+                }
+                off += kp * w / 8;
+            }
+        }
+        for (u32 c = 0; c < (u32)kp / 32; ++c) {
+            Chunk ch = chunk_from_bytes(row.data(), kp, c);
+            Pre pre = prepare(ch);
+            for (int e = 0; e < 8; ++e) {
+                u32 hb[2], hf[2] = {0, 0}, hl[2] = {0, 0};
+                decode_group<true>(ch, pre, e, hb[0], hb[1]);
+                if (F16_OK) {
+                    decode_group<false>(ch, pre, e, hf[0], hf[1]);
+                    hl[0] = to_field<false>(lane_word(ch, pre, e, 0));  // lane path too
+                    hl[1] = to_field<false>(lane_word(ch, pre, e, 1));
+                }
+                for (int s = 0; s < 2; ++s)
+                    for (int lane = 0; lane < 2; ++lane) {
+                        int el = pair_elem(2 * e + s, lane);
+                        int code = spec_code(row, kp, 32 * (int)c + el);
+                        double want = spec_value(code);
+                        u32 neg = (u32)(code >> (E + M));
+                        u32 b16 = (hb[s] >> (16 * lane)) & 0xFFFF;
+                        ++checked;
+                        if (std::ldexp(bf16_value(b16), 127 - BIAS) != want || (b16 >> 15) != neg)
+                            if (bad++ < 10) printf("bf16 e%dm%d el=%d code=%d bits=%04x\n", E, M, el, code, b16);
+                        if (F16_OK)
+                            for (u32* hv : {hf, hl}) {
+                                u32 h16 = (hv[s] >> (16 * lane)) & 0xFFFF;
+                                if (std::ldexp(f16_value(h16), 15 - BIAS) != want || (h16 >> 15) != neg)
+                                    if (bad++ < 10) printf("f16 e%dm%d el=%d code=%d bits=%04x\n", E, M, el, code, h16);
+                            }
+                    }
+            }
+        }
+    }
+    printf("e%dm%d: %ld values, %ld mismatches\n", E, M, checked, bad);
+    return bad ? 1 : 0;
+}
+"""
+
+
+def _host_cxx() -> list[str] | None:
+    for cxx in ("g++", "clang++", "c++"):
+        if shutil.which(cxx):
+            return [cxx, "-O1", "-std=c++17"]
+    if NVCC:
+        return [NVCC, "-x", "cu", "-std=c++17"]
+    return None
+
+
+@pytest.mark.skipif(_host_cxx() is None, reason="no host C++ compiler")
+def test_decode_routine_on_host_matches_spec(tmp_path, seed):
+    src = tmp_path / "check.cpp"
+    src.write_text(HOST_CHECK)
+    cxx = _host_cxx()
+
+    def one(em):
+        e, m = em
+        exe = tmp_path / f"check_e{e}m{m}"
+        build = subprocess.run([*cxx, f"-I{KERNELS}", f"-DEXMY_E={e}", f"-DEXMY_M={m}", str(src), "-o", str(exe)],
+                               capture_output=True, text=True, timeout=600)
+        if build.returncode:
+            return f"e{e}m{m}: build failed\n{build.stderr[-2000:]}"
+        run = subprocess.run([str(exe), str(seed % 2**32)], capture_output=True, text=True, timeout=120)
+        return None if run.returncode == 0 else f"e{e}m{m}: {run.stdout[-2000:]}"
+
+    with ThreadPoolExecutor(_jobs()) as pool:
+        problems = [p for p in pool.map(one, FORMATS) if p]
+    assert not problems, "\n".join(problems)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(pytest.main([__file__, "-q"]))
