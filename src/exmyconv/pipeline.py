@@ -261,6 +261,16 @@ def prepare_out_dir(out: Path, source_root: Path, overwrite: bool) -> Path:
     return tmp
 
 
+def missing_parents(out: Path) -> list[Path]:
+    """Ancestors of OUT_DIR that do not exist yet, deepest first (removed again on failure)."""
+    missing = []
+    for parent in out.absolute().parents:
+        if parent.exists():
+            break
+        missing.append(parent)
+    return missing
+
+
 def convert(model_dir: str, out_dir: str, opts: Options | None = None, overwrite: bool = False,
             progress: bool | None = None) -> Summary:
     """Quantize every eligible weight of MODEL_DIR into an exmy checkpoint at OUT_DIR."""
@@ -271,6 +281,7 @@ def convert(model_dir: str, out_dir: str, opts: Options | None = None, overwrite
         items = plan(source, opts)
         shards = assign_shards(items, opts.max_shard_size)
         out = Path(out_dir)
+        created = missing_parents(out)
         tmp = prepare_out_dir(out, source.root, overwrite)
         try:
             total = sum(i.info.nbytes for i in items)
@@ -292,6 +303,11 @@ def convert(model_dir: str, out_dir: str, opts: Options | None = None, overwrite
             os.replace(tmp, out)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
+            for parent in created:
+                try:
+                    parent.rmdir()
+                except OSError:
+                    break
             raise
     finally:
         source.close()
