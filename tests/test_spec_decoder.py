@@ -35,6 +35,7 @@ VECTOR_CASES = {
     "e3m1": ("e3m1", None), "e2m3": ("e2m3", None), "e3m2-g100": ("e3m2", 100),
     "e4m3": ("e4m3", None), "e1m1": ("e1m1", None), "e3m3": ("e3m3", 16),
     "e5m2": ("e5m2", None), "e1m0": ("e1m0", None), "e3m0-g48": ("e3m0", 48),
+    "e2m2s4": ("e2m2s4", None), "e2m3s3-g64": ("e2m3s3", 64),
 }
 VECTOR_SOURCES = {  # name -> (source dtype, shape), from the README
     "layer.sweep.weight": ("F32", [2, 150]),
@@ -213,7 +214,7 @@ def test_vector(path):
     with open(path[: -len(".safetensors")] + ".json") as fh:
         expected = json.load(fh)
     ckpt = sd.read_file(path)
-    assert ckpt.metadata["format"] == "pt" and ckpt.metadata["exmy_version"] == "1.0"
+    assert ckpt.metadata["format"] == "pt" and ckpt.metadata["exmy_version"] == "1.1"
     assert set(expected) == set(ckpt.quantized) == set(VECTOR_SOURCES)
     assert list(ckpt.plain) == ["layer.norm.weight"] and ckpt.plain["layer.norm.weight"].data.ndim == 1
     for name, exp in expected.items():
@@ -311,7 +312,7 @@ def test_minilm_layout(minilm, case):
     with open(os.path.join(conv.dir, "config.json")) as fh:
         config = json.load(fh)
     qc = config["quantization_config"]
-    assert qc["quant_method"] == "exmy" and qc["format_version"] == "1.0"
+    assert qc["quant_method"] == "exmy" and qc["format_version"] == "1.1"
     assert qc["format"] == fmt and qc["group_size"] == group
     assert isinstance(qc["exmyconv_version"], str) and qc["exmyconv_version"]
     assert config["model_type"] == "bert" and config["hidden_size"] == 384   # source config kept
@@ -334,7 +335,7 @@ def test_minilm_layout(minilm, case):
             assert np.all(np.isfinite(p.as_f32()))
     for md_file in ck.files:
         md, _ = sd.read_safetensors(md_file)
-        assert md["format"] == "pt" and md["exmy_version"] == "1.0"
+        assert md["format"] == "pt" and md["exmy_version"] == "1.1"
     index = os.path.join(conv.dir, "model.safetensors.index.json")
     if "--max-shard-size" in args:
         with open(index) as fh:

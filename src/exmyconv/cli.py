@@ -10,7 +10,7 @@ import click
 
 from . import __version__
 from .errors import ExmyError
-from .formats import DEFAULT, NAMED
+from .formats import DEFAULT, NAMED, NAMED_SHARED
 
 _SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b?|b)?\s*", re.I)
 _UNITS = {"": 1, "b": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12,
@@ -35,7 +35,8 @@ def cli():
 @click.argument("model_dir")
 @click.argument("out_dir")
 @click.option("--format", "format_", default=DEFAULT, show_default=True,
-              help=f"ExMy format: {', '.join(NAMED)} or any eXmY (1<=X<=5, 0<=Y<=5, 1+X+Y<=8).")
+              help=f"ExMy format: {', '.join(NAMED)}, the mantissa-shared {', '.join(NAMED_SHARED)}, "
+                   "any eXmY (1<=X<=5, 0<=Y<=5, 1+X+Y<=8) or eXmYsK (K weights share the last mantissa bit).")
 @click.option("--group-size", type=int, default=None,
               help="Elements per scale along the input dimension (e.g. 32, 64, 128). Default: one scale "
                    "per output channel. A row whose length it does not divide ends with a shorter group.")

@@ -9,7 +9,7 @@ from .formats import ExMy, get_format
 from .pack import row_bytes
 from .quant import groups_of
 
-VERSION = "1.0"
+VERSION = "1.1"
 QUANT_METHOD = "exmy"
 PACKED_SUFFIX = "_packed"
 SCALE_SUFFIX = "_scale"

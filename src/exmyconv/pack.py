@@ -2,7 +2,8 @@
 
 Each row's codes are padded to Kp = 128*ceil(K/128) and cut into planes of 8, 4, 2 and 1 bits
 (the binary digits of the code width, widest plane = most significant bits). A w-bit plane holds
-element i at bit i*w, little-endian; a row's payload is its planes concatenated.
+element i at bit i*w, little-endian; a row's payload is its planes concatenated. Shared formats
+store the code without its last bit that way, then one bit per group of k elements.
 """
 from __future__ import annotations
 
@@ -17,8 +18,16 @@ def padded_k(k: int) -> int:
     return -(-k // ROW_ALIGN) * ROW_ALIGN
 
 
+def shared_plane_bytes(fmt: ExMy, k: int) -> int:
+    """Bytes of the shared-bit plane of a row: ceil(Kp/share) bits, padded to 16 bytes."""
+    if fmt.share == 1:
+        return 0
+    groups = -(-padded_k(k) // fmt.share)
+    return 16 * -(-groups // 128)
+
+
 def row_bytes(fmt: ExMy, k: int) -> int:
-    return padded_k(k) * fmt.bits // 8
+    return padded_k(k) * fmt.own_bits // 8 + shared_plane_bytes(fmt, k)
 
 
 def _plane_shifts(fmt: ExMy):
@@ -44,6 +53,11 @@ def pack_codes(codes: np.ndarray, fmt: ExMy) -> np.ndarray:
         for j in range(1, per_byte):
             packed |= field[..., j] << (w * j)
         planes.append(packed)
+    if fmt.share > 1:  # the last bit of each group's first element (all of the group share it)
+        bits = padded[..., ::fmt.share] & 1
+        shared = np.packbits(bits, axis=-1, bitorder="little")
+        extra = shared_plane_bytes(fmt, k) - shared.shape[-1]
+        planes.append(np.concatenate([shared, np.zeros((*lead, extra), np.uint8)], axis=-1))
     return np.concatenate(planes, axis=-1)
 
 
@@ -51,8 +65,8 @@ def unpack_codes(payload: np.ndarray, fmt: ExMy, k: int) -> np.ndarray:
     """uint8 payload [..., row_bytes] -> uint8 codes [..., K]."""
     *lead, nbytes = payload.shape
     kp = padded_k(k)
-    if nbytes != kp * fmt.bits // 8:
-        raise ValueError(f"payload rows have {nbytes} bytes, expected {kp * fmt.bits // 8}")
+    if nbytes != row_bytes(fmt, k):
+        raise ValueError(f"payload rows have {nbytes} bytes, expected {row_bytes(fmt, k)}")
     codes = np.zeros((*lead, kp), dtype=np.uint8)
     offset = 0
     for w, shift in _plane_shifts(fmt):
@@ -64,4 +78,8 @@ def unpack_codes(payload: np.ndarray, fmt: ExMy, k: int) -> np.ndarray:
         for j in range(per_byte):
             fields[..., j] = (plane >> (w * j)) & ((1 << w) - 1)
         codes |= fields.reshape(*lead, kp) << shift
+    if fmt.share > 1:
+        plane = payload[..., offset:]
+        bits = np.unpackbits(plane, axis=-1, bitorder="little")
+        codes |= np.repeat(bits, fmt.share, axis=-1)[..., :kp]
     return codes[..., :k]

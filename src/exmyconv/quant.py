@@ -54,21 +54,31 @@ def scales_for(amax: np.ndarray, fmt: ExMy, scale_dtype: str) -> np.ndarray:
     return np.maximum(s, np.float32(SMALLEST_NORMAL[scale_dtype]))
 
 
-def encode_groups(x: np.ndarray, scales: np.ndarray, fmt: ExMy, g: int) -> np.ndarray:
-    """float32 [R, K] and scales [R, ngroups] -> codes [R, K]."""
+def encode_groups(x: np.ndarray, scales: np.ndarray, fmt: ExMy, g: int, importance=None) -> np.ndarray:
+    """float32 [R, K] and scales [R, ngroups] -> codes [R, K].
+
+    ``importance`` ([K], optional) weighs each input channel's squared error where the encoder
+    has a choice to make (the shared bit of shared formats).
+    """
     rows, k = x.shape
-    y = _grouped(x, g, scales.shape[1]) / scales[..., None]
-    return fmt.encode(y).reshape(rows, -1)[:, :k]
+    y = (_grouped(x, g, scales.shape[1]) / scales[..., None]).reshape(rows, -1)[:, :k]
+    if fmt.share == 1:
+        return fmt.encode(y)
+    weight = np.square(np.repeat(scales, g, axis=1)[:, :k])  # errors in weight units
+    return fmt.encode(y, weight if importance is None else weight * importance)
 
 
-def _clip_scales(x, amax, fmt, g, scale_dtype):
-    """Per group, the scale from CLIP_RATIOS with the least squared reconstruction error."""
-    xg = _grouped(x, g, amax.shape[1])
+def _clip_scales(x, amax, fmt, g, scale_dtype, importance=None):
+    """Per group, the scale from CLIP_RATIOS with the least (weighted) squared reconstruction error."""
+    ngroups = amax.shape[1]
     best_err = best = None
     for ratio in CLIP_RATIOS:
         s = scales_for(amax * ratio, fmt, scale_dtype)
-        deq = fmt.decode(fmt.encode(xg / s[..., None])) * s[..., None]
-        err = np.square(deq - xg).sum(axis=-1)
+        codes = encode_groups(x, s, fmt, g, importance)
+        sq = np.square(dequantize_codes(codes, s, fmt, g) - x)
+        if importance is not None:
+            sq *= importance
+        err = _grouped(sq, g, ngroups).sum(axis=-1)
         if best is None:
             best, best_err = s, err
         else:
@@ -78,15 +88,16 @@ def _clip_scales(x, amax, fmt, g, scale_dtype):
     return best
 
 
-def quantize_rows(x: np.ndarray, fmt: ExMy, g: int, scale_dtype: str, clip_search: bool = False):
+def quantize_rows(x: np.ndarray, fmt: ExMy, g: int, scale_dtype: str, clip_search: bool = False,
+                  importance=None):
     """float32 [R, K] -> (codes [R, K] uint8, scales [R, ngroups] float32)."""
     ngroups = -(-x.shape[1] // g)
     amax = group_amax(x, g, ngroups)
     if clip_search:
-        scales = _clip_scales(x, amax, fmt, g, scale_dtype)
+        scales = _clip_scales(x, amax, fmt, g, scale_dtype, importance)
     else:
         scales = scales_for(amax, fmt, scale_dtype)
-    return encode_groups(x, scales, fmt, g), scales
+    return encode_groups(x, scales, fmt, g, importance), scales
 
 
 def dequantize_codes(codes: np.ndarray, scales: np.ndarray, fmt: ExMy, g: int) -> np.ndarray:
