@@ -36,7 +36,15 @@ def cli():
 @click.argument("out_dir")
 @click.option("--format", "format_", default=DEFAULT, show_default=True,
               help=f"ExMy format: {', '.join(NAMED)}, the mantissa-shared {', '.join(NAMED_SHARED)}, "
-                   "any eXmY (1<=X<=5, 0<=Y<=5, 1+X+Y<=8) or eXmYsK (K weights share the last mantissa bit).")
+                   "any eXmY (1<=X<=5, 0<=Y<=5, 1+X+Y<=8) or eXmYsK (K weights share the last mantissa bit); "
+                   "or 'auto' to choose per tensor (with --bits or --max-error).")
+@click.option("--bits", type=float, help="auto: average bits per quantized weight, scales included.")
+@click.option("--max-error", type=float, help="auto: per tensor, the smallest candidate with relative error <= this.")
+@click.option("--candidates", metavar="LIST", help="auto: comma-separated FORMAT[-gGROUP][+clip] "
+              "(default: e2m1-g32,e2m1-g64,e2m2s4-g128,e2m2s4,e2m2-g128,e2m2,e2m2-g64,e2m3s3,e3m2,e2m3,e2m3-g64,e4m3).")
+@click.option("--calibration", type=click.Path(), metavar="TEXT_FILE",
+              help="Run the model on this text and weight errors by input-channel activation energy.")
+@click.option("--calibration-tokens", type=int, default=4096, show_default=True, help="Tokens of TEXT_FILE to use.")
 @click.option("--group-size", type=int, default=None,
               help="Elements per scale along the input dimension (e.g. 32, 64, 128). Default: one scale "
                    "per output channel. A row whose length it does not divide ends with a shorter group.")
@@ -47,16 +55,20 @@ def cli():
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty OUT_DIR.")
 @click.option("--verify/--no-verify", default=None,
               help="Re-read OUT_DIR and check it (bit-exact on the GPU). Default: on when a GPU is present.")
-def quantize(model_dir, out_dir, format_, group_size, skip, quantize_embeddings, max_shard_size,
-             clip_search, overwrite, verify):
+def quantize(model_dir, out_dir, format_, bits, max_error, candidates, calibration, calibration_tokens,
+             group_size, skip, quantize_embeddings, max_shard_size, clip_search, overwrite, verify):
     """Quantize MODEL_DIR (a Hugging Face safetensors checkpoint, or @minilm) into OUT_DIR."""
     from .pipeline import Options, convert
 
     opts = Options(format=format_, group_size=group_size, skip=tuple(skip),
                    quantize_embeddings=quantize_embeddings, max_shard_size=parse_size(max_shard_size),
-                   clip_search=clip_search)
+                   clip_search=clip_search, bits=bits, max_error=max_error, candidates=candidates,
+                   calibration=calibration, calibration_tokens=calibration_tokens)
     s = convert(model_dir, out_dir, opts, overwrite=overwrite)
-    group = f"groups of {opts.group_size}" if opts.group_size else "one scale per channel"
+    if opts.auto:
+        group = "per-tensor search"
+    else:
+        group = f"groups of {opts.group_size}" if opts.group_size else "one scale per channel"
     rate = s.quantized_weights / s.seconds / 1e6 if s.seconds else 0.0
     click.echo(f"quantized {s.quantized}/{s.tensors} tensors to {s.format} ({group}) "
                f"in {s.seconds:.2f} s ({rate:.1f} M weights/s)")
@@ -65,6 +77,8 @@ def quantize(model_dir, out_dir, format_, group_size, skip, quantize_embeddings,
     if s.errors:
         name, worst = s.worst
         click.echo(f"  relative error: mean {s.mean_error:.4f}, worst {worst:.4f} ({name})")
+    if s.search:
+        _echo_search(s)
     if s.kept:
         click.echo(f"  kept unquantized ({len(s.kept)}):")
         width = max(map(len, s.kept))
@@ -77,6 +91,21 @@ def quantize(model_dir, out_dir, format_, group_size, skip, quantize_embeddings,
         verify = gpu_backend()[0] is not None
     if verify:
         _run_verify(out_dir, model_dir, None)
+
+
+def _echo_search(s):
+    from collections import Counter
+
+    r = s.search
+    target = f"budget {r['budget_bits']} bits" if r["budget_bits"] is not None else f"max error {r['max_error']}"
+    click.echo(f"  search ({r['objective']}, {target}): {r['achieved_bits']:.3f} bits/weight, "
+               f"mean rel. MSE {r['mean_rel_mse']:.3e}; chosen: "
+               + ", ".join(f"{k} x{v}" for k, v in Counter(s.formats.values()).most_common()))
+    curve = r["tradeoff"]
+    shown = [curve[round(i * (len(curve) - 1) / 7)] for i in range(8)] if len(curve) > 8 else curve
+    click.echo("  error vs bits, whole model (bits: mean rel. MSE): "
+               + "  ".join(f"{p['bits']:.2f}: {p['mean_rel_mse']:.1e}" for p in shown))
+    click.echo(f"  details: {s.out_dir}/exmy_search.json")
 
 
 def _run_verify(out_dir, source, use_gpu):
@@ -100,12 +129,16 @@ def verify_cmd(out_dir, source, use_gpu):
 @cli.command()
 @click.argument("path")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def inspect(path, as_json):
+@click.option("--plot", metavar="PNG", help="Draw the format search's error-vs-bits curve (needs matplotlib).")
+def inspect(path, as_json, plot):
     """Describe a checkpoint: converted dir, single .safetensors file, or plain HF checkpoint."""
-    from .inspection import inspect_checkpoint, render
+    from .inspection import inspect_checkpoint, plot_tradeoff, render
 
     report = inspect_checkpoint(path)
     click.echo(json.dumps(report, indent=2) if as_json else render(report))
+    if plot:
+        plot_tradeoff(report, plot)
+        click.echo(f"wrote {plot}")
     if not report["intact"]:
         sys.exit(2)
 

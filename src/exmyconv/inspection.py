@@ -1,11 +1,25 @@
 """`exmyconv inspect`: what a checkpoint holds, at how many bits, with what error, and whether it is intact."""
 from __future__ import annotations
 
+import json
 from collections import Counter
 from math import prod
+from pathlib import Path
 
 from .checkpoint import Checkpoint
 from .dtypes import STORAGE
+from .errors import ExmyError
+
+
+def search_report(path) -> dict | None:
+    """The sidecar `--format auto` writes, if PATH is a folder that has one."""
+    side = Path(path) / "exmy_search.json"
+    if not side.is_file():
+        return None
+    try:
+        return json.loads(side.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {"error": "unreadable exmy_search.json"}
 
 
 def inspect_checkpoint(path: str) -> dict:
@@ -52,10 +66,38 @@ def inspect_checkpoint(path: str) -> dict:
             "bits_per_weight_all": 8 * sum(r["bytes"] for r in rows) / max(1, sum(r["params"] for r in rows)),
             "mean_rel_error": sum(r["rel_error"] for r in quant) / len(quant) if quant else None,
             "worst_rel_error": {"name": worst["name"], "rel_error": worst["rel_error"]} if worst else None,
+            "search": search_report(ckpt.path) if ckpt.path.is_dir() else None,
             "intact": not problems,
             "problems": problems,
             "tensor_table": rows,
         }
+
+
+def plot_tradeoff(report: dict, png: str) -> None:
+    """The model's error-vs-bits curve from the search sidecar, with the chosen point."""
+    search = report.get("search")
+    if not search or "tradeoff" not in search:
+        raise ExmyError(f"{report['path']}: no format search to plot (converted without --format auto)")
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise ExmyError("--plot needs matplotlib: pip install matplotlib") from None
+    curve = search["tradeoff"]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot([p["bits"] for p in curve], [p["mean_rel_mse"] for p in curve], "o-", ms=3, label="optimal allocations")
+    ax.plot([search["achieved_bits"]], [search["mean_rel_mse"]], "r*", ms=12, label="chosen")
+    ax.set_yscale("log")
+    ax.set_xlabel("bits per weight (scales included)")
+    ax.set_ylabel(f"mean {search['objective']}")
+    ax.set_title(Path(report["path"]).name)
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png, dpi=120)
+    plt.close(fig)
 
 
 def _mb(n: int) -> str:
@@ -77,6 +119,12 @@ def render(report: dict) -> str:
                   f"  relative error: mean {report['mean_rel_error']:.4f}, worst {w['rel_error']:.4f} ({w['name']})"]
     else:
         lines.append(f"  bits/weight: {report['bits_per_weight_all']:.2f}")
+    search = report.get("search")
+    if search and "achieved_bits" in search:
+        target = (f"budget {search['budget_bits']} bits" if search.get("budget_bits") is not None
+                  else f"max error {search.get('max_error')}")
+        lines.append(f"  format search: {search['objective']}, {target} -> {search['achieved_bits']:.3f} bits, "
+                     f"{len(search['candidates'])} candidates (exmy_search.json)")
     lines.append("  integrity: OK" if report["intact"] else
                  f"  integrity: {len(report['problems'])} problem(s)\n" + "\n".join(f"    - {p}" for p in report["problems"]))
     width = max((len(r["name"]) for r in report["tensor_table"]), default=4)

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from . import __version__, dtypes
+from . import __version__, dtypes, search
 from .errors import ExmyError
 from .formats import DEFAULT, get_format
 from .layout import (INDEX_FILE, QUANT_METHOD, VERSION, TensorRecord, shard_name)
@@ -31,6 +31,7 @@ from .st_writer import ShardWriter
 
 CHUNK_ELEMENTS = 1 << 21  # elements of float32 work per step (~8 MB)
 WORKERS = min(4, os.cpu_count() or 1)
+SEARCH_REPORT = "exmy_search.json"
 EMBEDDINGS = re.compile(r"(embed|lm_head|(^|\.)(wte|wpe|shared)\.)")
 
 
@@ -42,9 +43,19 @@ class Options:
     quantize_embeddings: bool = False
     max_shard_size: int = 5 * 10**9
     clip_search: bool = False
+    bits: float | None = None  # --format auto: average bits per quantized weight, scales included
+    max_error: float | None = None  # --format auto: per-tensor relative error bound instead
+    candidates: str | None = None  # --format auto: comma-separated candidate list
+    calibration: str | None = None  # text file: activation-weighted errors
+    calibration_tokens: int = 4096
 
     def __post_init__(self):
-        self.fmt = get_format(self.format)
+        self.auto = self.format.strip().lower() == "auto"
+        self.fmt = get_format(DEFAULT if self.auto else self.format)
+        if self.auto and (self.bits is None) == (self.max_error is None):
+            raise ExmyError("--format auto needs exactly one of --bits and --max-error")
+        if not self.auto and (self.bits is not None or self.max_error is not None or self.candidates):
+            raise ExmyError("--bits, --max-error and --candidates go with --format auto")
         if self.group_size is not None and self.group_size < 1:
             raise ExmyError(f"--group-size must be positive, got {self.group_size}")
         if self.max_shard_size < 1:
@@ -63,6 +74,8 @@ class Item:
     file: object
     record: TensorRecord | None = None  # None: kept as is
     reason: str = ""  # why it is kept
+    clip_search: bool = False
+    importance: np.ndarray | None = None  # per input channel, from calibration
 
     @property
     def outputs(self) -> list[tuple[str, str, tuple[int, ...]]]:
@@ -91,6 +104,8 @@ class Summary:
     shards: int = 0
     seconds: float = 0.0
     errors: dict[str, float] = field(default_factory=dict)  # rel_error per quantized tensor
+    formats: dict[str, str] = field(default_factory=dict)  # chosen format per quantized tensor
+    search: dict | None = None  # --format auto: the search report (also OUT_DIR/exmy_search.json)
     kept: dict[str, str] = field(default_factory=dict)  # unquantized >=2-D float tensor -> reason
 
     @property
@@ -125,8 +140,61 @@ def plan(source: Source, opts: Options) -> list[Item]:
         else:
             g, _ = groups_of(info.shape[-1], opts.group_size)
             item.record = TensorRecord(info.name, opts.fmt, info.shape, info.dtype, g)
+            item.clip_search = opts.clip_search
         items.append(item)
     return items
+
+
+def float_chunks(item: Item):
+    """A callable giving the tensor's rows as float32 chunks (NaN/Inf refused)."""
+    def chunks():
+        rows = item.file.read(item.info.name).reshape(-1, item.info.shape[-1])
+        for chunk in _row_chunks(rows):
+            x = dtypes.to_float32(chunk, item.info.dtype)
+            if not np.isfinite(x).all():
+                raise ExmyError(f"tensor {item.info.name!r} contains NaN or Inf")
+            yield x
+    return chunks
+
+
+def choose_formats(items: list[Item], opts: Options, progress) -> dict:
+    """--format auto: measure every candidate on every tensor, allocate, set each record."""
+    cands = search.parse_candidates(opts.candidates, opts.clip_search)
+    todo = [i for i in items if i.record]
+    sizes, errs = [], []
+    for item in todo:
+        progress.set_postfix_str(item.info.name[-40:], refresh=False)
+        errs.append(search.measure(float_chunks(item), cands, item.importance))
+        sizes.append(np.array([c.nbytes(item.info.shape) for c in cands], dtype=np.float64))
+        progress.update(item.info.nbytes)
+    numels = [i.record.numel for i in todo]
+    weighted = [n * e for n, e in zip(numels, errs)]
+    if opts.bits is not None:
+        picks, lam = search.allocate(sizes, weighted, opts.bits * sum(numels) / 8)
+    else:
+        lam = None
+        picks = []
+        for s, e in zip(sizes, errs):
+            ok = [j for j in range(len(cands)) if np.sqrt(e[j]) <= opts.max_error]
+            picks.append(min(ok, key=lambda j: s[j]) if ok else int(np.argmin(e)))
+    report = {"objective": "activation-weighted relative MSE" if opts.calibration else "relative weight MSE",
+              "calibration": opts.calibration and Path(opts.calibration).name,
+              "budget_bits": opts.bits, "max_error": opts.max_error, "lambda": lam,
+              "candidates": [c.name for c in cands], "tensors": {}}
+    for item, s, e, p in zip(todo, sizes, errs, picks):
+        c = cands[p]
+        g, _ = groups_of(item.info.shape[-1], c.group_size)
+        item.record = TensorRecord(item.info.name, c.fmt, item.info.shape, item.info.dtype, g)
+        item.clip_search = c.clip
+        report["tensors"][item.info.name] = {
+            "numel": item.record.numel, "choice": c.name,
+            "options": [{"candidate": cand.name, "bits": 8 * s[j] / item.record.numel,
+                         "rel_mse": float(e[j])} for j, cand in enumerate(cands)]}
+    total = sum(numels)
+    report["achieved_bits"] = 8 * sum(float(s[p]) for s, p in zip(sizes, picks)) / total
+    report["mean_rel_mse"] = sum(float(w[p]) for w, p in zip(weighted, picks)) / total
+    report["tradeoff"] = search.tradeoff(sizes, weighted, numels)
+    return report
 
 
 def assign_shards(items: list[Item], max_bytes: int) -> list[list[Item]]:
@@ -179,7 +247,7 @@ def quantize_item(item: Item, writer: ShardWriter, opts: Options, progress) -> s
 
     def encode(chunk):  # pass 2: quantize and pack
         x = dtypes.to_float32(chunk, r.dtype)
-        codes, s = quantize_rows(x, r.fmt, g, scale_dtype, opts.clip_search)
+        codes, s = quantize_rows(x, r.fmt, g, scale_dtype, item.clip_search, item.importance)
         return pack_codes(codes, r.fmt), s, squared_error(x, codes, s, r.fmt, g), chunk.nbytes
 
     scales, sq_err, sq_ref = [], 0.0, 0.0
@@ -223,8 +291,8 @@ def quantization_config(opts: Options, items: list[Item]) -> dict:
     return {
         "quant_method": QUANT_METHOD,
         "format_version": VERSION,
-        "format": opts.fmt.name,
-        "group_size": opts.group_size,
+        "format": "auto" if opts.auto else opts.fmt.name,
+        "group_size": None if opts.auto else opts.group_size,
         "ignore": [i.info.name for i in items if i.record is None and len(i.info.shape) >= 2],
         "exmyconv_version": __version__,
     }
@@ -279,14 +347,28 @@ def convert(model_dir: str, out_dir: str, opts: Options | None = None, overwrite
     source = open_source(model_dir)
     try:
         items = plan(source, opts)
-        shards = assign_shards(items, opts.max_shard_size)
         out = Path(out_dir)
         created = missing_parents(out)
         tmp = prepare_out_dir(out, source.root, overwrite)
         try:
+            quiet = not progress if progress is not None else None
+            if opts.calibration:
+                from .calibration import activation_moments
+
+                moments = activation_moments(source.root, opts.calibration, opts.calibration_tokens)
+                for item in items:
+                    if item.record and item.info.name in moments:
+                        item.importance = moments[item.info.name]
+            search_report = None
+            if opts.auto:
+                with tqdm(total=sum(i.info.nbytes for i in items if i.record), unit="B", unit_scale=True,
+                          desc="searching formats", disable=quiet, leave=False) as bar:
+                    search_report = choose_formats(items, opts, bar)
+                (tmp / SEARCH_REPORT).write_text(json.dumps(search_report, indent=1) + "\n")
+            shards = assign_shards(items, opts.max_shard_size)
             total = sum(i.info.nbytes for i in items)
             with tqdm(total=total, unit="B", unit_scale=True, desc=f"{len(items)} tensors",
-                      disable=not progress if progress is not None else None, leave=False) as bar:
+                      disable=quiet, leave=False) as bar:
                 for n, shard in enumerate(shards):
                     write_shard(tmp / shard_name(n, len(shards)), shard, opts, bar)
             if len(shards) > 1:
@@ -311,7 +393,7 @@ def convert(model_dir: str, out_dir: str, opts: Options | None = None, overwrite
             raise
     finally:
         source.close()
-    summary = Summary(str(out), opts.fmt.name, tensors=len(items), shards=len(shards),
+    summary = Summary(str(out), "auto" if opts.auto else opts.fmt.name, tensors=len(items), shards=len(shards),
                       source_bytes=sum(i.info.nbytes for i in items),
                       output_bytes=sum(i.out_bytes for i in items))
     for item in items:
@@ -320,7 +402,10 @@ def convert(model_dir: str, out_dir: str, opts: Options | None = None, overwrite
             summary.quantized_weights += item.record.numel
             summary.quantized_bytes += item.out_bytes
             summary.errors[item.info.name] = item.record.rel_error
+            g = item.record.group_size
+            summary.formats[item.info.name] = item.record.fmt.name + ("" if g == item.record.k else f"-g{g}")
         elif len(item.info.shape) >= 2:
             summary.kept[item.info.name] = item.reason
     summary.seconds = time.perf_counter() - began
+    summary.search = search_report
     return summary
