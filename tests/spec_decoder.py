@@ -1,4 +1,4 @@
-"""An independent, pure-numpy reader of the exmy checkpoint layout, version 1.x.
+"""An independent, pure-numpy reader of the exmy checkpoint layout, version 1.x (1.0 and 1.1).
 
 Written from ``formats/SPEC.md`` alone (no exmyconv code, no safetensors package, no
 lookup tables from other libraries), so that the tests can check that the specification is
@@ -10,6 +10,9 @@ Main entry points:
   (``QuantizedTensor`` objects, ``.dequantize()`` gives exact float32 values) and ``.plain``
   (``PlainTensor`` objects, kept as stored);
 * ``exmy_values(E, M)``: the value of every code, from the formula of SPEC.md section 1;
+* ``parse_format_full(name)`` -> ``(E, M, k)`` (``k = None`` unless a mantissa-shared
+  ``eXmYsk`` format, layout 1.1), ``row_bytes``, ``unpack_codes`` / ``unpack_planes``: the
+  packed payload of SPEC.md section 3;
 * ``f32_to_f16_bits`` / ``f32_to_bf16_bits``: round float32 to fp16 / bf16 bit patterns,
   round-to-nearest-even, in integer arithmetic.
 """
@@ -38,17 +41,33 @@ _STORAGE = {
 
 # ----------------------------------------------------------------------------- ExMy numbers
 
-_FORMAT_RE = re.compile(r"^e([0-9]+)m([0-9]+)$")
+# One digit each: E <= 5, M <= 5 and k <= 8 never need two, and the spec names formats
+# "e2m2", "e2m2s4" (lowercase, no leading zeros, no padding).
+_FORMAT_RE = re.compile(r"^e([0-9])m([0-9])(?:s([0-9]))?$")
 
 
-def parse_format(name: str) -> tuple[int, int]:
-    """``"e2m2"`` -> ``(2, 2)``; enforces 1 <= E <= 5, 0 <= M <= 5, 1 + E + M <= 8."""
-    m = _FORMAT_RE.match(name)
+def parse_format_full(name: str) -> tuple[int, int, int | None]:
+    """``"e2m2"`` -> ``(2, 2, None)``, ``"e2m2s4"`` -> ``(2, 2, 4)`` (SPEC.md section 1).
+
+    Enforces 1 <= E <= 5, 0 <= M <= 5, 1 + E + M <= 8; a shared format (since 1.1) also
+    needs M >= 1 and share count 2 <= k <= 8."""
+    m = _FORMAT_RE.match(name) if isinstance(name, str) else None
     if not m:
         raise ValueError(f"not an ExMy format name: {name!r}")
     E, M = int(m.group(1)), int(m.group(2))
     if not (1 <= E <= 5 and 0 <= M <= 5 and 1 + E + M <= 8):
         raise ValueError(f"ExMy format out of range: {name!r}")
+    k = None
+    if m.group(3) is not None:
+        k = int(m.group(3))
+        if M < 1 or not 2 <= k <= 8:
+            raise ValueError(f"shared ExMy format out of range (needs M >= 1, 2 <= k <= 8): {name!r}")
+    return E, M, k
+
+
+def parse_format(name: str) -> tuple[int, int]:
+    """``(E, M)`` of a format name; a shared ``eXmYsk`` has the codes and values of ``eXmY``."""
+    E, M, _k = parse_format_full(name)
     return E, M
 
 
@@ -98,23 +117,73 @@ def padded_length(K: int) -> int:
     return 128 * ((K + 127) // 128)
 
 
-def unpack_codes(packed: np.ndarray, K: int, b: int) -> np.ndarray:
-    """``uint8[..., Kp*b/8]`` bit planes -> ``uint8[..., K]`` codes (SPEC.md section 3)."""
+def shared_plane_bytes(Kp: int, k: int) -> int:
+    """Bytes of the shared plane of one row: ceil(Kp/k) bits, padded to a multiple of 16 bytes."""
+    nbits = -(-Kp // k)                      # ceil(Kp / k) shared bits
+    return 16 * -(-nbits // 128)
+
+
+def row_bytes(K: int, b: int, k: int | None = None) -> int:
+    """Packed bytes per row (SPEC.md section 3): ``Kp*b/8``, or for a shared format
+    ``Kp*(b-1)/8 + 16*ceil(ceil(Kp/k)/128)``."""
     Kp = padded_length(K)
-    if packed.dtype != np.uint8 or packed.shape[-1] != Kp * b // 8:
-        raise ValueError(f"packed rows must be {Kp * b // 8} uint8, got {packed.shape} {packed.dtype}")
-    codes = np.zeros(packed.shape[:-1] + (Kp,), dtype=np.uint8)
-    i = np.arange(Kp)
+    if k is None:
+        return Kp * b // 8
+    return Kp * (b - 1) // 8 + shared_plane_bytes(Kp, k)
+
+
+def _read_plane(plane: np.ndarray, n: int, w: int) -> np.ndarray:
+    """Fields 0 .. n-1 of a little-endian plane of width w: field i starts at bit i*w."""
+    i = np.arange(n)
+    byte = (i * w) // 8                     # element i's field is in this byte ...
+    shift = ((i * w) % 8).astype(np.uint8)  # ... starting at this bit (0 = LSB)
+    if w == 8:
+        return plane[..., byte]
+    return (plane[..., byte] >> shift) & np.uint8((1 << w) - 1)
+
+
+def unpack_planes(packed: np.ndarray, K: int, b: int, k: int | None = None
+                  ) -> tuple[np.ndarray, np.ndarray | None]:
+    """Split packed rows into ``(high, shared)``.
+
+    ``high``: ``uint8[..., Kp]``, the bits held by the per-element planes, concatenated in plane
+    order (all b code bits for a plain format; ``code >> 1`` for a shared one).
+    ``shared``: ``None``, or for a shared format every bit of the shared plane,
+    ``uint8[..., 8 * shared_plane_bytes]`` (bit j = m0 of elements k*j .. k*j+k-1 while
+    j < ceil(Kp/k); the rest is padding)."""
+    Kp = padded_length(K)
+    rb = row_bytes(K, b, k)
+    if packed.dtype != np.uint8 or packed.shape[-1] != rb:
+        raise ValueError(f"packed rows must be {rb} uint8, got {packed.shape} {packed.dtype}")
+    hb = b if k is None else b - 1           # bits in the per-element planes
+    high = np.zeros(packed.shape[:-1] + (Kp,), dtype=np.uint8)
     offset = 0
-    for w in plane_widths(b):
+    for w in plane_widths(hb):
         nbytes = Kp * w // 8
-        plane = packed[..., offset:offset + nbytes]
-        byte = (i * w) // 8                    # element i's field is in this byte ...
-        shift = ((i * w) % 8).astype(np.uint8)  # ... starting at this bit (0 = LSB)
-        fld = (plane[..., byte] >> shift) & np.uint8((1 << w) - 1)
-        codes = (codes << np.uint8(w)) | fld if w < 8 else fld
+        fld = _read_plane(packed[..., offset:offset + nbytes], Kp, w)
+        high = (high << np.uint8(w)) | fld if w < 8 else fld
         offset += nbytes
-    return codes[..., :K]
+    if k is None:
+        assert offset == rb
+        return high, None
+    sp = packed[..., offset:]
+    assert sp.shape[-1] == shared_plane_bytes(Kp, k)
+    return high, _read_plane(sp, sp.shape[-1] * 8, 1)
+
+
+def unpack_codes(packed: np.ndarray, K: int, b: int, k: int | None = None, *,
+                 padded: bool = False) -> np.ndarray:
+    """``uint8[..., row_bytes]`` bit planes -> ``uint8[..., K]`` codes (SPEC.md section 3).
+
+    For a shared format (``k`` given) ``code = (high << 1) | bit (i // k) of the shared plane``.
+    ``padded=True`` returns all ``Kp`` codes, padding included."""
+    high, shared = unpack_planes(packed, K, b, k)
+    if k is None:
+        codes = high
+    else:
+        Kp = high.shape[-1]
+        codes = (high << np.uint8(1)) | shared[..., np.arange(Kp) // k]
+    return codes if padded else codes[..., :K]
 
 
 # ----------------------------------------------------------------------------- float rounding
@@ -215,9 +284,13 @@ class QuantizedTensor:
     scale_dtype: str     # "F16" or "BF16"
     info: dict = field(default_factory=dict)
 
-    def codes(self) -> np.ndarray:
-        E, M = parse_format(self.format)
-        return unpack_codes(self.packed, self.shape[-1], 1 + E + M)
+    def codes(self, padded: bool = False) -> np.ndarray:
+        E, M, k = parse_format_full(self.format)
+        return unpack_codes(self.packed, self.shape[-1], 1 + E + M, k, padded=padded)
+
+    def planes(self) -> tuple[np.ndarray, np.ndarray | None]:
+        E, M, k = parse_format_full(self.format)
+        return unpack_planes(self.packed, self.shape[-1], 1 + E + M, k)
 
     def scales_f32(self) -> np.ndarray:
         if self.scale_dtype == "BF16":
@@ -257,20 +330,23 @@ class Checkpoint:
     files: list = field(default_factory=list)
 
 
-def _check_version(v: str, what: str) -> None:
-    try:
-        major = int(str(v).split(".")[0])
-    except ValueError:
-        raise ValueError(f"{what}: bad version {v!r}") from None
+def _check_version(v: str, what: str) -> tuple[int, int]:
+    """``"1.1"`` -> ``(1, 1)``; refuses another major version (SPEC.md section 5)."""
+    m = re.match(r"^([0-9]+)\.([0-9]+)$", str(v))
+    if not m:
+        raise ValueError(f"{what}: bad layout version {v!r}")
+    major, minor = int(m.group(1)), int(m.group(2))
     if major != SUPPORTED_MAJOR:
-        raise ValueError(f"{what}: unsupported layout version {v!r}")
+        raise ValueError(f"{what}: unsupported layout version {v!r} (this reader reads {SUPPORTED_MAJOR}.x)")
+    return major, minor
 
 
 def _add_file(ckpt: Checkpoint, path: str) -> None:
     metadata, tensors = read_safetensors(path)
     ckpt.files.append(path)
+    version = None
     if "exmy_version" in metadata:
-        _check_version(metadata["exmy_version"], path)
+        version = _check_version(metadata["exmy_version"], path)
     used = set()
     for key, value in metadata.items():
         if not key.startswith("exmy:"):
@@ -278,7 +354,14 @@ def _add_file(ckpt: Checkpoint, path: str) -> None:
         name = key[len("exmy:"):]
         info = json.loads(value)
         fmt, shape, G = info["format"], list(info["shape"]), int(info["group_size"])
-        E, M = parse_format(fmt)
+        try:
+            E, M, k = parse_format_full(fmt)
+        except ValueError as e:
+            raise ValueError(f"{path}: {name}: unknown format {fmt!r} ({e})") from None
+        if k is not None and version is not None and version < (1, 1):
+            # shared formats exist since 1.1 (SPEC.md section 5); a 1.0 file cannot hold one
+            raise ValueError(f"{path}: {name}: shared format {fmt!r} in a layout "
+                             f"{metadata['exmy_version']} file (needs 1.1)")
         b = 1 + E + M
         K, lead = shape[-1], shape[:-1]
         if not 1 <= G:
@@ -288,7 +371,9 @@ def _add_file(ckpt: Checkpoint, path: str) -> None:
             raise ValueError(f"{path}: {name}: _packed/_scale not in the same file as its metadata")
         pd, ps, parr = tensors[pname]
         sd, ss, sarr = tensors[sname]
-        if pd != "U8" or ps != lead + [padded_length(K) * b // 8]:
+        # SPEC.md section 3's row_bytes (section 4's "128*ceil(K/128)*b/8" holds for plain
+        # formats only)
+        if pd != "U8" or ps != lead + [row_bytes(K, b, k)]:
             raise ValueError(f"{name}: packed is {pd} {ps}")
         if sd not in ("F16", "BF16") or ss != lead + [-(-K // G)]:
             raise ValueError(f"{name}: scale is {sd} {ss}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import glob
 import json
+import math
 import os
 import shutil
 import struct
@@ -70,11 +71,79 @@ def check_scales(q: sd.QuantizedTensor) -> None:
 
 
 def check_padding(q: sd.QuantizedTensor) -> None:
-    """SPEC.md section 3: codes past K are padded with code 0."""
-    E, M = sd.parse_format(q.format)
+    """SPEC.md section 3: codes past K are padded with code 0.
+
+    Shared formats: the per-element planes hold 0 past K; the padding elements of a share group
+    that also holds real elements take that group's bit ("decode to codes 0 or 1"); the bits
+    of groups wholly past K are 0 (padding code 0); the rest of the shared plane (past bit
+    ceil(Kp/k)) is zero."""
+    E, M, k = sd.parse_format_full(q.format)
     K = q.shape[-1]
-    full = sd.unpack_codes(q.packed, sd.padded_length(K), 1 + E + M)
-    assert not full[..., K:].any(), q.name
+    Kp = sd.padded_length(K)
+    codes = q.codes(padded=True)
+    assert codes.shape[-1] == Kp
+    if k is None:
+        assert not codes[..., K:].any(), q.name
+        return
+    high, shared = q.planes()
+    assert not high[..., K:].any(), q.name
+    pad = codes[..., K:]
+    assert np.all(pad <= 1), q.name
+    assert np.array_equal(pad, shared[..., np.arange(K, Kp) // k]), q.name
+    nbits = -(-Kp // k)
+    assert shared.shape[-1] == 8 * sd.shared_plane_bytes(Kp, k) >= nbits
+    assert not shared[..., -(-K // k):nbits].any(), f"{q.name}: shared bit of an all-padding group"
+    assert not shared[..., nbits:].any(), f"{q.name}: shared plane tail not zero"
+
+
+def check_shared_groups(codes: np.ndarray, k: int, what: str, start: int = 0, stop: int | None = None) -> None:
+    """Every group of k consecutive elements ``start + k*j .. start + k*j + k-1`` (cut at ``stop``)
+    of each row has one last code bit; a last group cut short is checked on its real elements."""
+    m0 = codes[..., start:stop] & 1
+    n = m0.shape[-1]
+    nf = n // k * k
+    full = m0[..., :nf].reshape(m0.shape[:-1] + (n // k, k))
+    bad = np.argwhere(np.any(full != full[..., :1], axis=-1))
+    assert bad.size == 0, f"{what}: group(s) with mixed m0, first (row..., group) {bad[:3].tolist()}"
+    tail = m0[..., nf:]
+    if tail.shape[-1]:
+        assert np.all(tail == tail[..., :1]), f"{what}: short last group with mixed m0"
+
+
+def shared_groups_hold(codes: np.ndarray, k: int, start: int = 0, stop: int | None = None) -> bool:
+    try:
+        check_shared_groups(codes, k, "", start, stop)
+    except AssertionError:
+        return False
+    return True
+
+
+def codes_from_values(values: np.ndarray, q: sd.QuantizedTensor) -> np.ndarray:
+    """Recover the codes from exact dequantized float32 values (someone else's decoding: the
+    published vectors, or load_state_dict's output) and this tensor's scales, by inverting the
+    ExMy table of SPEC.md section 1; -0.0 maps to code 1 0...0.  Fails unless every value is
+    exactly code value x scale."""
+    E, M = sd.parse_format(q.format)
+    K, G = q.shape[-1], q.group_size
+    v = np.asarray(values, dtype=np.float32).reshape(q.shape)
+    scale = q.scales_f32().astype(np.float64)[..., np.arange(K) // G]
+    ratio = np.abs(v.astype(np.float64)) / scale               # exact: v = value * scale exactly
+    table = sd.exmy_values(E, M)[: 1 << (E + M)].astype(np.float64)   # codes 0 ... (sign clear)
+    idx = np.clip(np.searchsorted(table, ratio), 0, len(table) - 1)
+    assert np.array_equal(table[idx] * scale, np.abs(v.astype(np.float64))), \
+        f"{q.name}: values that are not ExMy code x scale"
+    sign = (v.view(np.uint32) >> np.uint32(31)).astype(np.uint8)
+    return (sign << np.uint8(E + M)) | idx.astype(np.uint8)
+
+
+def check_shared_codes(q: sd.QuantizedTensor, values: np.ndarray, what: str) -> None:
+    """For a shared format: the codes behind ``values`` (recovered independently of the shared
+    plane) equal the decoded ones, and every share group of each row has one m0."""
+    _E, _M, k = sd.parse_format_full(q.format)
+    theirs = codes_from_values(values, q)
+    assert np.array_equal(theirs, q.codes()), f"{what} {q.name}: codes differ"
+    if k is not None:
+        check_shared_groups(theirs, k, f"{what} {q.name}")
 
 
 # ============================================================================ ExMy numbers
@@ -118,6 +187,27 @@ def test_all_formats_basic_properties():
     for bad in ("e0m2", "e6m1", "e2m6", "e4m4", "E2M2", "e2m", "fp8", "e2m2x"):
         with pytest.raises(ValueError):
             sd.parse_format(bad)
+
+
+def test_shared_format_names():
+    # SPEC.md section 1 (1.1): eXmYsk, M >= 1, 2 <= k <= 8, values of eXmY
+    assert sd.parse_format_full("e2m2s4") == (2, 2, 4)
+    assert sd.parse_format_full("e2m3s3") == (2, 3, 3)
+    assert sd.parse_format_full("e2m2") == (2, 2, None)
+    assert sd.parse_format_full("e1m1s2") == (1, 1, 2) and sd.parse_format_full("e4m3s8") == (4, 3, 8)
+    assert sd.parse_format("e2m3s3") == (2, 3)
+    for E in range(1, 6):
+        for M in range(1, 6):
+            for k in range(2, 9):
+                if 1 + E + M <= 8:
+                    assert sd.parse_format_full(f"e{E}m{M}s{k}") == (E, M, k)
+                else:
+                    with pytest.raises(ValueError):
+                        sd.parse_format_full(f"e{E}m{M}s{k}")
+    for bad in ("e2m0s2", "e3m0s4", "e2m2s1", "e2m2s0", "e2m2s9", "e2m2s10", "e2m2S4", "E2M2S4",
+                "e2m2s", "e2m2s4x", "e4m4s2", "e2m2s04", "e02m2", "e2m2k4"):
+        with pytest.raises(ValueError):
+            sd.parse_format_full(bad)
 
 
 @pytest.mark.parametrize("name, mldt", [
@@ -200,6 +290,84 @@ def test_unpack_example_e2m2():
     assert np.array_equal(sd.unpack_codes(row, K, 5)[0], codes[:K])
 
 
+def test_unpack_example_e2m2s4_bytes():
+    # SPEC.md section 3, by hand: K = 8, Kp = 128; e2m2s4 has one 4-bit plane [s e1 e0 m1]
+    # (64 bytes) and a shared plane of ceil(128/4) = 32 bits, padded to 16 bytes.
+    assert sd.row_bytes(8, 5, 4) == 64 + 16
+    row = np.zeros(80, np.uint8)
+    row[:4] = [0x21, 0x43, 0x65, 0x87]   # code >> 1 = 1, 2, ..., 8 (even i in the low nibble)
+    row[64] = 0b01                        # elements 0-3 share m0 = 1, elements 4-7 m0 = 0
+    assert sd.unpack_codes(row[None], 8, 5, 4)[0].tolist() == [3, 5, 7, 9, 10, 12, 14, 16]
+    full = sd.unpack_codes(row[None], 8, 5, 4, padded=True)[0]
+    assert full.shape == (128,) and not full[8:].any()
+    # (plain e2m2 with K = 8 is 80 bytes per row too: only the format name tells them apart)
+    assert sd.row_bytes(8, 5) == 80 and sd.unpack_codes(row[None], 8, 5)[0].tolist() != [3, 5, 7, 9, 10, 12, 14, 16]
+    row[64] = 0b10                        # now elements 4-7 have m0 = 1
+    assert sd.unpack_codes(row[None], 8, 5, 4)[0].tolist() == [2, 4, 6, 8, 11, 13, 15, 17]
+
+
+def pack_reference(codes: np.ndarray, b: int, k: int | None) -> np.ndarray:
+    """Test-side writer following SPEC.md section 3 word for word, via numpy.packbits (a second
+    code path, independent of spec_decoder's reader).  ``codes``: one padded row (Kp codes);
+    for a shared format every group's codes must already agree on m0."""
+    Kp = codes.shape[-1]
+    hb = b if k is None else b - 1
+    hi = codes.astype(np.uint16) >> (0 if k is None else 1)
+    widths = [8] if hb == 8 else [w for w in (4, 2, 1) if hb & w]
+    parts, used = [], hb
+    for w in widths:
+        used -= w
+        fld = (hi >> used) & ((1 << w) - 1)                     # most significant bits first
+        bits = (fld[:, None] >> np.arange(w)) & 1                # field's own LSB lowest
+        parts.append(np.packbits(bits.reshape(-1).astype(np.uint8), bitorder="little"))
+        assert parts[-1].size == Kp * w // 8 and parts[-1].size % 16 == 0
+    if k is not None:
+        nbits = -(-Kp // k)
+        groups = np.arange(nbits)
+        m0 = (codes[np.minimum(groups * k, Kp - 1)] & 1).astype(np.uint8)
+        plane = np.packbits(m0, bitorder="little")
+        size = 16 * -(-nbits // 128)
+        parts.append(np.concatenate([plane, np.zeros(size - plane.size, np.uint8)]))
+    return np.concatenate(parts)
+
+
+@pytest.mark.parametrize("fmt", ["e1m1s2", "e2m1s8", "e2m2s4", "e2m3s3", "e3m2s5", "e1m5s7",
+                                 "e2m4s6", "e4m3s8", "e5m2s6", "e2m2", "e4m3", "e1m0"])
+def test_unpack_random_rows(fmt):
+    """Round trip through an independent packer, for every per-element plane split (b - 1 = 2 ... 7)
+    and several share counts, with K around the 128-element padding boundary."""
+    E, M, k = sd.parse_format_full(fmt)
+    b = 1 + E + M
+    rng = np.random.default_rng(b * 10 + (k or 0))
+    for K in (1, 3, 40, 127, 128, 129, 130, 300, 384):
+        Kp = sd.padded_length(K)
+        rows = []
+        for _ in range(3):
+            codes = np.zeros(Kp, np.uint8)
+            codes[:K] = rng.integers(0, 1 << b, K)
+            if k is not None:                        # give every share group one m0
+                m0 = rng.integers(0, 2, -(-Kp // k)).astype(np.uint8)
+                m0[-(-K // k):] = 0                  # groups wholly past K: padding code 0
+                codes[:K] = (codes[:K] & 0xFE) | m0[np.arange(K) // k]
+            rows.append((codes, pack_reference(codes, b, k)))
+        packed = np.stack([r[1] for r in rows])
+        assert packed.shape == (3, sd.row_bytes(K, b, k))
+        want = np.stack([r[0] for r in rows])
+        assert np.array_equal(sd.unpack_codes(packed, K, b, k), want[:, :K]), (fmt, K)
+        assert np.array_equal(sd.unpack_codes(packed, K, b, k, padded=True)[:, :K], want[:, :K])
+        with pytest.raises(ValueError):
+            sd.unpack_codes(packed[:, :-16], K, b, k)
+
+
+def test_row_bytes_formula():
+    # SPEC.md section 3: Kp*b/8, or Kp*(b-1)/8 + 16*ceil(ceil(Kp/k)/128)
+    assert sd.row_bytes(150, 5, 4) == 128 + 16 and sd.row_bytes(96, 5, 4) == 64 + 16
+    assert sd.row_bytes(150, 6, 3) == 160 + 16 and sd.row_bytes(96, 6, 3) == 80 + 16
+    assert sd.row_bytes(384, 5, 4) == 192 + 16 and sd.row_bytes(1536, 5, 4) == 768 + 48
+    assert sd.row_bytes(384, 6, 3) == 240 + 16 and sd.row_bytes(1536, 6, 3) == 960 + 64
+    assert sd.row_bytes(384, 5) == 240 and sd.row_bytes(1, 8) == 128
+
+
 # ============================================================================ test vectors
 
 def test_vectors_present():
@@ -217,6 +385,10 @@ def test_vector(path):
     assert ckpt.metadata["format"] == "pt" and ckpt.metadata["exmy_version"] == "1.1"
     assert set(expected) == set(ckpt.quantized) == set(VECTOR_SOURCES)
     assert list(ckpt.plain) == ["layer.norm.weight"] and ckpt.plain["layer.norm.weight"].data.ndim == 1
+    if sd.parse_format_full(fmt)[2] is not None:
+        # "padded with code 0" holds for the b - 1 plane bits only: a share group cut by K gives
+        # its padding elements its bit, so padding codes of 1 occur (K = 130 in both cases)
+        assert any((q.codes(padded=True)[..., q.shape[-1]:] == 1).any() for q in ckpt.quantized.values())
     for name, exp in expected.items():
         q = ckpt.quantized[name]
         assert (q.format, q.shape) == (exp["format"], exp["shape"]) and q.format == fmt
@@ -225,6 +397,11 @@ def test_vector(path):
         assert q.group_size == min(group or q.shape[-1], q.shape[-1])
         check_scales(q)
         check_padding(q)
+        # the codes behind the published exact values (not through our plane reader) are ours,
+        # and for a shared format each share group of a row, counted from the row start across
+        # scale-group boundaries, has one m0
+        exact = np.array([int(h, 16) for h in exp["f32_bits"]], dtype=np.uint32).view(np.float32)
+        check_shared_codes(q, exact, case)
         for key, out, width in (("f32_bits", "F32", 8), ("f16_bits", "F16", 4), ("bf16_bits", "BF16", 4)):
             got = q.dequantize_bits(out).ravel()
             want = np.array([int(h, 16) for h in exp[key]], dtype=got.dtype)
@@ -256,7 +433,11 @@ MINILM_CASES = {
                          "e3m2", 64, False),
     "e2m1-g32-emb": (["--format", "e2m1", "--group-size", "32", "--quantize-embeddings"],
                      "e2m1", 32, True),
+    # mantissa-shared formats (layout 1.1)
+    "e2m2s4-channel": (["--format", "e2m2s4"], "e2m2s4", None, False),
+    "e2m3s3-g64": (["--format", "e2m3s3", "--group-size", "64"], "e2m3s3", 64, False),
 }
+SHARED_MINILM = ["e2m2s4-channel", "e2m3s3-g64"]
 
 
 class Converted:
@@ -358,10 +539,70 @@ def test_minilm_matches_exmyconv(minilm, case, dtype):
     compare_with_exmyconv(minilm(case), dtype)
 
 
+@pytest.mark.parametrize("case", SHARED_MINILM)
+def test_minilm_shared_bit(minilm, case):
+    """The codes behind load_state_dict's float32 values, recovered from the values alone, equal
+    ours, and every k consecutive elements of each row (from the row start; the last group
+    only on its real elements) share m0."""
+    conv = minilm(case)
+    _args, fmt, group, _emb = MINILM_CASES[case]
+    _E, _M, k = sd.parse_format_full(fmt)
+    ref = load_state_dict(conv.dir, dtype=torch.float32)
+    straddling = 0
+    for name, q in conv.ckpt.quantized.items():
+        v = ref[name].contiguous().numpy()
+        check_shared_codes(q, v, case)
+        codes = q.codes()
+        check_shared_groups(codes, k, f"{case} {name} (our decoding)")
+        K, G = q.shape[-1], q.group_size
+        if G % k:
+            # share groups run across scale-group boundaries (64 = 3*21 + 1): groups counted
+            # from each scale group's start instead would not share m0
+            straddling += 1
+            assert not all(shared_groups_hold(codes, k, j, min(j + G, K)) for j in range(G, K, G)), name
+    assert straddling == (len(conv.ckpt.quantized) if group and group % k else 0)
+
+
+# bits per element of one row: SPEC.md section 1's nominal b - 1 + 1/k, and the exact
+# row_bytes of section 3 for MiniLM's K (hidden 384, intermediate 1536)
+SHARED_ROW_BYTES = {("e2m2s4", 384): 208, ("e2m2s4", 1536): 816,
+                    ("e2m3s3", 384): 256, ("e2m3s3", 1536): 1024}
+SPEC_BPW = {"e2m2s4": 4.25, "e2m3s3": 5.33}    # as printed in SPEC.md section 1
+
+
+@pytest.mark.parametrize("case", SHARED_MINILM)
+def test_minilm_shared_bits_per_weight(minilm, case):
+    conv = minilm(case)
+    fmt = MINILM_CASES[case][1]
+    E, M, k = sd.parse_format_full(fmt)
+    b = 1 + E + M
+    nominal = b - 1 + 1 / k
+    assert round(nominal, 2) == SPEC_BPW[fmt]
+    seen = set()
+    for name, q in conv.ckpt.quantized.items():
+        K = q.shape[-1]
+        Kp = sd.padded_length(K)
+        rb = q.packed.shape[-1]
+        seen.add(K)
+        assert rb == sd.row_bytes(K, b, k) == SHARED_ROW_BYTES[(fmt, K)], name
+        # payload bits beyond the nominal: (b-1)*(Kp-K) for the padded codes, < (Kp-K)/k + 1
+        # for the shared bits of padding and the last short group, < 128 for the shared plane's
+        # padding to 16 bytes
+        over = 8 * rb - nominal * K
+        assert 0 <= over < (b - 1 + 1 / k) * (Kp - K) + 1 + 128, name
+        assert q.packed.size * 8 / math.prod(q.shape[:-1]) == 8 * rb
+    assert seen == {384, 1536}
+    bpw = {K: 8 * SHARED_ROW_BYTES[(fmt, K)] / K for K in seen}
+    if fmt == "e2m3s3":   # 384/3 = 128 and 1536/3 = 512 shared bits fill whole 16-byte units
+        assert bpw == {384: 16 / 3, 1536: 16 / 3}
+    else:                 # 384/4 = 96 shared bits take a whole 128-bit unit: 4.33, not 4.25
+        assert bpw == {384: 4 + 1 / 3, 1536: 4.25}
+
+
 # ============================================================================ odd shapes / formats
 
-def write_safetensors(path: str, tensors: dict) -> None:
-    header, blobs, off = {}, [], 0
+def write_safetensors(path: str, tensors: dict, metadata: dict | None = None) -> None:
+    header, blobs, off = ({"__metadata__": metadata} if metadata else {}), [], 0
     for name, (dtype, arr) in tensors.items():
         raw = np.ascontiguousarray(arr).tobytes()
         header[name] = {"dtype": dtype, "shape": list(arr.shape), "data_offsets": [off, off + len(raw)]}
@@ -400,6 +641,10 @@ def small_model(tmp_path_factory):
 
 # b = 2 ... 8, M = 0 included (the published vectors have no b = 2 and no M = 0 case)
 SMALL_CASES = [("e1m0", "48"), ("e2m0", None), ("e3m0", "32"), ("e5m0", "48"),
+               # shared formats: every per-element plane split b - 1 = 2 ... 7, k = 2 ... 8
+               ("e1m1s2", None), ("e2m1s8", "48"), ("e2m2s4", None), ("e2m3s3", "32"),
+               ("e3m2s5", "48"), ("e1m5s7", None), ("e2m4s6", "64"), ("e5m2s6", None),
+               ("e4m3s8", "48"),
                ("e1m5", None), ("e4m2", "48"), ("e2m5", "64"), ("e5m2", "48")]
 
 
@@ -422,3 +667,60 @@ def test_small_model_matches_exmyconv(small_model, tmp_path, fmt, group):
     assert ck.quantized["model.layers.0.mlp.down_proj.weight"].scale_dtype == "BF16"
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
         compare_with_exmyconv(conv, dtype)
+    if sd.parse_format_full(fmt)[2] is not None:
+        ref = load_state_dict(out, dtype=torch.float32)
+        for name, q in ck.quantized.items():
+            check_shared_codes(q, ref[name].contiguous().numpy(), fmt)
+
+
+# ============================================================================ versions
+
+def rewrite_vector(src: str, dst: str, version: str | None = None, fmt: str | None = None) -> None:
+    """Copy a vector file, changing its exmy_version and/or every tensor's format name."""
+    md, tensors = sd.read_safetensors(src)
+    md = dict(md)
+    if version is not None:
+        md["exmy_version"] = version
+    if fmt is not None:
+        for key in [k for k in md if k.startswith("exmy:")]:
+            info = json.loads(md[key])
+            info["format"] = fmt
+            md[key] = json.dumps(info)
+    write_safetensors(dst, {n: (dt, arr) for n, (dt, _sh, arr) in tensors.items()}, md)
+
+
+def _bits(ckpt: sd.Checkpoint) -> dict:
+    return {n: q.dequantize().view(np.uint32) for n, q in ckpt.quantized.items()}
+
+
+def test_layout_versions(tmp_path):
+    """SPEC.md section 5: a 1.x reader reads 1.0 files (no shared formats) and later minors,
+    refuses 2.x, and refuses a format name it does not know with a clear message."""
+    plain = os.path.join(VECTORS, "e2m2.safetensors")
+    shared = os.path.join(VECTORS, "e2m2s4.safetensors")
+    want = _bits(sd.read_file(plain))
+    for v in ("1.0", "1.1", "1.7"):
+        rewrite_vector(plain, str(tmp_path / "p.safetensors"), version=v)
+        ck = sd.read_file(str(tmp_path / "p.safetensors"))
+        assert ck.metadata["exmy_version"] == v
+        got = _bits(ck)
+        assert all(np.array_equal(got[n], want[n]) for n in want)
+    rewrite_vector(shared, str(tmp_path / "s.safetensors"), version="1.2")
+    assert sd.read_file(str(tmp_path / "s.safetensors")).quantized
+    for v in ("2.0", "0.9", "1", "x"):
+        rewrite_vector(plain, str(tmp_path / "bad.safetensors"), version=v)
+        with pytest.raises(ValueError, match="version"):
+            sd.read_file(str(tmp_path / "bad.safetensors"))
+    # a shared format in a file that says 1.0 (shared formats are 1.1)
+    rewrite_vector(shared, str(tmp_path / "s10.safetensors"), version="1.0")
+    with pytest.raises(ValueError, match="needs 1.1"):
+        sd.read_file(str(tmp_path / "s10.safetensors"))
+    # unknown format names, e.g. a share count this reader does not know
+    for fmt in ("e2m2s9", "e2m2s1", "e2m0s2", "e2m2x4"):
+        rewrite_vector(shared, str(tmp_path / "u.safetensors"), fmt=fmt)
+        with pytest.raises(ValueError, match="unknown format"):
+            sd.read_file(str(tmp_path / "u.safetensors"))
+    # the shared payload is shorter than e2m2's: read as plain e2m2 it is refused
+    rewrite_vector(shared, str(tmp_path / "w.safetensors"), fmt="e2m2")
+    with pytest.raises(ValueError, match="packed"):
+        sd.read_file(str(tmp_path / "w.safetensors"))
