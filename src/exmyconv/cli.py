@@ -36,7 +36,7 @@ def cli():
 @click.argument("out_dir")
 @click.option("--format", "format_", default=DEFAULT, show_default=True,
               help=f"ExMy format: {', '.join(NAMED)}, the mantissa-shared {', '.join(NAMED_SHARED)}, "
-                   "any eXmY (1<=X<=5, 0<=Y<=5, 1+X+Y<=8) or eXmYsK (K weights share the last mantissa bit); "
+                   "any eXmY (1<=X<=5, 0<=Y<=5, 1+X+Y<=8) or eXmYsk (k weights share the last mantissa bit); "
                    "or 'auto' to choose per tensor (with --bits or --max-error).")
 @click.option("--bits", type=float, help="auto: average bits per quantized weight, scales included.")
 @click.option("--max-error", type=float, help="auto: per tensor, the smallest candidate with relative error <= this.")

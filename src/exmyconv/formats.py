@@ -163,13 +163,13 @@ NAMED = ("e2m1", "e2m2", "e3m1", "e2m3", "e3m2", "e4m3")
 NAMED_SHARED = ("e2m2s4", "e2m3s3")  # mantissa-shared: 4.25 and 5.33 bits per weight
 DEFAULT = "e2m2"
 
-_NAME = re.compile(r"e([0-9])m([0-9])(?:s([0-9]))?")
+_NAME = re.compile(r"e([0-9])m([0-9])(?:s([2-9]))?")
 
 
 def get_format(name: str) -> ExMy:
     match = _NAME.fullmatch(name.strip().lower()) if isinstance(name, str) else None
     if not match:
-        raise ExmyError(f"unknown format {name!r}: use one of {', '.join(NAMED + NAMED_SHARED)}, any eXmY or eXmYsK")
+        raise ExmyError(f"unknown format {name!r}: use one of {', '.join(NAMED + NAMED_SHARED)}, any eXmY or eXmYsk (2<=k<=8)")
     return ExMy(int(match[1]), int(match[2]), int(match[3] or 1))
 
 

@@ -160,11 +160,13 @@ def float_chunks(item: Item):
 def choose_formats(items: list[Item], opts: Options, progress) -> dict:
     """--format auto: measure every candidate on every tensor, allocate, set each record."""
     cands = search.parse_candidates(opts.candidates, opts.clip_search)
+    measure, where = search.measure_backend()
     todo = [i for i in items if i.record]
     sizes, errs = [], []
+    began = time.perf_counter()
     for item in todo:
         progress.set_postfix_str(item.info.name[-40:], refresh=False)
-        errs.append(search.measure(float_chunks(item), cands, item.importance))
+        errs.append(measure(float_chunks(item), cands, item.importance))
         sizes.append(np.array([c.nbytes(item.info.shape) for c in cands], dtype=np.float64))
         progress.update(item.info.nbytes)
     numels = [i.record.numel for i in todo]
@@ -180,6 +182,7 @@ def choose_formats(items: list[Item], opts: Options, progress) -> dict:
     report = {"objective": "activation-weighted relative MSE" if opts.calibration else "relative weight MSE",
               "calibration": opts.calibration and Path(opts.calibration).name,
               "budget_bits": opts.bits, "max_error": opts.max_error, "lambda": lam,
+              "measured_on": where, "search_seconds": round(time.perf_counter() - began, 3),
               "candidates": [c.name for c in cands], "tensors": {}}
     for item, s, e, p in zip(todo, sizes, errs, picks):
         c = cands[p]

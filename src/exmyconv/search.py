@@ -85,6 +85,20 @@ def measure(chunks, candidates: list[Candidate], importance: np.ndarray | None =
     return err / ref if ref > 0 else np.zeros(len(candidates))
 
 
+def measure_backend():
+    """(measure function, device name): torch on a CUDA GPU when there is one, else numpy."""
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            from . import search_torch
+
+            return search_torch.measure, f"cuda ({torch.cuda.get_device_name()})"
+    except ImportError:
+        pass
+    return measure, "cpu (numpy)"
+
+
 def _pick(costs: np.ndarray, errs: np.ndarray, lam: float) -> int:
     return int(np.argmin(errs + lam * costs))
 
