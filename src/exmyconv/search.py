@@ -42,7 +42,7 @@ class Candidate:
 
 
 def parse_candidates(text: str | None, clip: bool = False) -> list[Candidate]:
-    names = [n.strip() for n in text.split(",") if n.strip()] if text else list(DEFAULT_CANDIDATES)
+    names = [n.strip() for n in text.split(",") if n.strip()] if text is not None else list(DEFAULT_CANDIDATES)
     out = []
     for name in names:
         m = _CANDIDATE.fullmatch(name.lower())
@@ -108,6 +108,8 @@ def allocate(sizes: list[np.ndarray], errors: list[np.ndarray], budget_bytes: fl
 
     ``errors`` are already weighted (n_t · err_t). Returns (choices, λ).
     """
+    if not budget_bytes > 0:  # zero, negative or NaN
+        raise ExmyError("the bits budget must be a positive number")
     smallest = sum(float(s.min()) for s in sizes)
     if smallest > budget_bytes:
         raise ExmyError(f"bits budget too small: the smallest candidates need "
