@@ -292,9 +292,9 @@ def test_allocate_against_brute_force(rng):
     assert suboptimal <= 0.25 * trials  # without the slack fill: ~40%
 
 
-@pytest.mark.xfail(strict=True, reason="known limitation: Lagrangian + slack fill cannot leave the convex hull "
-                                       "or swap; here it keeps 100 where 50 fits (the knapsack is not solved exactly)")
 def test_allocate_is_exact_on_a_two_tensor_counterexample():
+    # Lagrangian + slack fill alone keeps 100 here (the optimum is off the convex hull); the
+    # knapsack programme finds 50.
     sizes = [np.array([10.0, 20.0]), np.array([10.0, 11.0])]
     errs = [np.array([100.0, 0.0]), np.array([50.0, 0.0])]
     picks, _ = allocate(sizes, errs, 30.0)

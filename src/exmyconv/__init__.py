@@ -6,6 +6,7 @@ Python API (mirrors the CLI):
     summary = exmyconv.quantize("path/to/model", "out/model-e2m2", format="e2m2")
     report = exmyconv.inspect("out/model-e2m2")           # the dict `exmyconv inspect --json` prints
     state_dict = exmyconv.load_state_dict("out/model-e2m2")  # dequantized torch tensors
+    exmyconv.dequantize("out/model-e2m2", "out/model-fp16", dtype="float16")  # plain checkpoint again
 """
 from __future__ import annotations
 
@@ -17,13 +18,24 @@ from .formats import ExMy, get_format  # noqa: E402
 
 def quantize(model_dir: str, out_dir: str, format: str = "e2m2", group_size: int | None = None,
              skip: tuple[str, ...] = (), quantize_embeddings: bool = False, max_shard_size: int = 5 * 10**9,
-             clip_search: bool = False, overwrite: bool = False, progress: bool | None = False):
-    """Convert a safetensors checkpoint directory; returns a pipeline.Summary."""
+             clip_search: bool = False, bits: float | None = None, max_error: float | None = None,
+             candidates: str | None = None, calibration: str | None = None, calibration_tokens: int = 4096,
+             overwrite: bool = False, progress: bool | None = False):
+    """Convert a safetensors checkpoint directory (``format="auto"`` with ``bits`` or ``max_error``
+    searches a format per tensor); returns a pipeline.Summary."""
     from .pipeline import Options, convert
 
     opts = Options(format=format, group_size=group_size, skip=tuple(skip), quantize_embeddings=quantize_embeddings,
-                   max_shard_size=max_shard_size, clip_search=clip_search)
+                   max_shard_size=max_shard_size, clip_search=clip_search, bits=bits, max_error=max_error,
+                   candidates=candidates, calibration=calibration, calibration_tokens=calibration_tokens)
     return convert(model_dir, out_dir, opts, overwrite=overwrite, progress=progress)
+
+
+def dequantize(out_dir: str, fp_dir: str, dtype: str | None = None, overwrite: bool = False) -> dict:
+    """An exmy checkpoint back to a plain float16/bfloat16/float32 safetensors folder."""
+    from .dequantize import dequantize_checkpoint
+
+    return dequantize_checkpoint(out_dir, fp_dir, dtype, overwrite=overwrite, progress=False)
 
 
 def inspect(path: str) -> dict:
@@ -40,4 +52,4 @@ def load_state_dict(path: str, dtype=None) -> dict:
     return _load(path, dtype)
 
 
-__all__ = ["ExMy", "ExmyError", "get_format", "inspect", "load_state_dict", "quantize", "__version__"]
+__all__ = ["ExMy", "ExmyError", "dequantize", "get_format", "inspect", "load_state_dict", "quantize", "__version__"]

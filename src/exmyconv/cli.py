@@ -98,7 +98,8 @@ def _echo_search(s):
 
     r = s.search
     target = f"budget {r['budget_bits']} bits" if r["budget_bits"] is not None else f"max error {r['max_error']}"
-    click.echo(f"  search ({r['objective']}, {target}): {r['achieved_bits']:.3f} bits/weight, "
+    click.echo(f"  search ({r['objective']}, {target}, {s.search_seconds:.1f} s on {r['measured_on']}): "
+               f"{r['achieved_bits']:.3f} bits/weight, "
                f"mean rel. MSE {r['mean_rel_mse']:.3e}; chosen: "
                + ", ".join(f"{k} x{v}" for k, v in Counter(s.formats.values()).most_common()))
     curve = r["tradeoff"]
@@ -115,6 +116,22 @@ def _run_verify(out_dir, source, use_gpu):
     click.echo(render(report))
     if not report.ok:
         sys.exit(2)
+
+
+@cli.command()
+@click.argument("out_dir")
+@click.argument("fp_dir")
+@click.option("--dtype", type=click.Choice(["float16", "bfloat16", "float32"]),
+              help="Output dtype of dequantized tensors (default: the config's torch_dtype, else float16).")
+@click.option("--max-shard-size", default="5GB", show_default=True, help="Largest output shard.")
+@click.option("--overwrite", is_flag=True, help="Replace a non-empty FP_DIR.")
+def dequantize(out_dir, fp_dir, dtype, max_shard_size, overwrite):
+    """Write OUT_DIR back as a plain safetensors checkpoint that loads without exmyconv."""
+    from .dequantize import dequantize_checkpoint
+
+    r = dequantize_checkpoint(out_dir, fp_dir, dtype, parse_size(max_shard_size), overwrite)
+    click.echo(f"wrote {r['out_dir']}: {r['dequantized']} of {r['tensors']} tensors dequantized to {r['dtype']}, "
+               f"{r['bytes'] / 1e6:.1f} MB in {r['shards']} shard{'s' if r['shards'] > 1 else ''}")
 
 
 @cli.command("verify")

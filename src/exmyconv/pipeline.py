@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -22,10 +21,11 @@ from tqdm import tqdm
 from . import __version__, dtypes, search
 from .errors import ExmyError
 from .formats import DEFAULT, get_format
-from .layout import (INDEX_FILE, QUANT_METHOD, VERSION, TensorRecord, shard_name)
+from .layout import QUANT_METHOD, VERSION, TensorRecord, shard_name
+from .output import atomic_dir, copy_side_files, write_index
 from .pack import pack_codes
 from .quant import choose_scale_dtype, group_amax, groups_of, quantize_rows, relative_error, squared_error
-from .source import PICKLE_SUFFIXES, Source, open_source
+from .source import Source, open_source
 from .st_reader import TensorInfo
 from .st_writer import ShardWriter
 
@@ -54,6 +54,8 @@ class Options:
         self.fmt = get_format(DEFAULT if self.auto else self.format)
         if self.auto and (self.bits is None) == (self.max_error is None):
             raise ExmyError("--format auto needs exactly one of --bits and --max-error")
+        if self.max_error is not None and not 0 <= self.max_error < float("inf"):
+            raise ExmyError("--max-error must be a number >= 0 (0: the most accurate candidate)")
         if not self.auto and (self.bits is not None or self.max_error is not None or self.candidates):
             raise ExmyError("--bits, --max-error and --candidates go with --format auto")
         if self.group_size is not None and self.group_size < 1:
@@ -106,6 +108,7 @@ class Summary:
     errors: dict[str, float] = field(default_factory=dict)  # rel_error per quantized tensor
     formats: dict[str, str] = field(default_factory=dict)  # chosen format per quantized tensor
     search: dict | None = None  # --format auto: the search report (also OUT_DIR/exmy_search.json)
+    search_seconds: float = 0.0
     kept: dict[str, str] = field(default_factory=dict)  # unquantized >=2-D float tensor -> reason
 
     @property
@@ -162,14 +165,15 @@ def choose_formats(items: list[Item], opts: Options, progress) -> dict:
     cands = search.parse_candidates(opts.candidates, opts.clip_search)
     measure, where = search.measure_backend()
     todo = [i for i in items if i.record]
-    sizes, errs = [], []
-    began = time.perf_counter()
+    sizes = [np.array([c.nbytes(i.info.shape) for c in cands], dtype=np.float64) for i in todo]
+    numels = [i.record.numel for i in todo]
+    if opts.bits is not None:  # refuse an impossible budget before the long part
+        search.check_budget(sizes, opts.bits * sum(numels) / 8)
+    errs = []
     for item in todo:
         progress.set_postfix_str(item.info.name[-40:], refresh=False)
         errs.append(measure(float_chunks(item), cands, item.importance))
-        sizes.append(np.array([c.nbytes(item.info.shape) for c in cands], dtype=np.float64))
         progress.update(item.info.nbytes)
-    numels = [i.record.numel for i in todo]
     weighted = [n * e for n, e in zip(numels, errs)]
     if opts.bits is not None:
         picks, lam = search.allocate(sizes, weighted, opts.bits * sum(numels) / 8)
@@ -182,7 +186,7 @@ def choose_formats(items: list[Item], opts: Options, progress) -> dict:
     report = {"objective": "activation-weighted relative MSE" if opts.calibration else "relative weight MSE",
               "calibration": opts.calibration and Path(opts.calibration).name,
               "budget_bits": opts.bits, "max_error": opts.max_error, "lambda": lam,
-              "measured_on": where, "search_seconds": round(time.perf_counter() - began, 3),
+              "measured_on": where,
               "candidates": [c.name for c in cands], "tensors": {}}
     for item, s, e, p in zip(todo, sizes, errs, picks):
         c = cands[p]
@@ -301,47 +305,6 @@ def quantization_config(opts: Options, items: list[Item]) -> dict:
     }
 
 
-def copy_side_files(root: Path, dest: Path) -> None:
-    """Tokenizer, generation config, ...: everything but weights, config.json and hidden files."""
-    for path in sorted(root.rglob("*")):
-        rel = path.relative_to(root)
-        if any(part.startswith(".") for part in rel.parts) or not path.is_file():
-            continue
-        if rel.name in ("config.json", INDEX_FILE) and len(rel.parts) == 1:
-            continue
-        if path.suffix in (".safetensors", *PICKLE_SUFFIXES):
-            continue
-        (dest / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(path, dest / rel)
-
-
-def prepare_out_dir(out: Path, source_root: Path, overwrite: bool) -> Path:
-    """Check OUT_DIR and return the temporary directory to write into."""
-    if out.exists() and not out.is_dir():
-        raise ExmyError(f"{out}: exists and is not a directory")
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise ExmyError(f"{out}: not empty (use --overwrite to replace it)")
-    src, dst = source_root.resolve(), out.resolve()
-    if dst == src or dst in src.parents or src in dst.parents:
-        raise ExmyError(f"{out}: must not be the source directory or inside/around it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.exmyconv-tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    return tmp
-
-
-def missing_parents(out: Path) -> list[Path]:
-    """Ancestors of OUT_DIR that do not exist yet, deepest first (removed again on failure)."""
-    missing = []
-    for parent in out.absolute().parents:
-        if parent.exists():
-            break
-        missing.append(parent)
-    return missing
-
-
 def convert(model_dir: str, out_dir: str, opts: Options | None = None, overwrite: bool = False,
             progress: bool | None = None) -> Summary:
     """Quantize every eligible weight of MODEL_DIR into an exmy checkpoint at OUT_DIR."""
@@ -350,10 +313,7 @@ def convert(model_dir: str, out_dir: str, opts: Options | None = None, overwrite
     source = open_source(model_dir)
     try:
         items = plan(source, opts)
-        out = Path(out_dir)
-        created = missing_parents(out)
-        tmp = prepare_out_dir(out, source.root, overwrite)
-        try:
+        with atomic_dir(out_dir, source.root, overwrite) as tmp:
             quiet = not progress if progress is not None else None
             if opts.calibration:
                 from .calibration import activation_moments
@@ -364,39 +324,26 @@ def convert(model_dir: str, out_dir: str, opts: Options | None = None, overwrite
                         item.importance = moments[item.info.name]
             search_report = None
             if opts.auto:
+                began = time.perf_counter()
                 with tqdm(total=sum(i.info.nbytes for i in items if i.record), unit="B", unit_scale=True,
                           desc="searching formats", disable=quiet, leave=False) as bar:
                     search_report = choose_formats(items, opts, bar)
+                search_seconds = time.perf_counter() - began
                 (tmp / SEARCH_REPORT).write_text(json.dumps(search_report, indent=1) + "\n")
             shards = assign_shards(items, opts.max_shard_size)
-            total = sum(i.info.nbytes for i in items)
-            with tqdm(total=total, unit="B", unit_scale=True, desc=f"{len(items)} tensors",
-                      disable=quiet, leave=False) as bar:
+            with tqdm(total=sum(i.info.nbytes for i in items), unit="B", unit_scale=True,
+                      desc=f"{len(items)} tensors", disable=quiet, leave=False) as bar:
                 for n, shard in enumerate(shards):
                     write_shard(tmp / shard_name(n, len(shards)), shard, opts, bar)
-            if len(shards) > 1:
-                weight_map = {name: shard_name(n, len(shards))
-                              for n, shard in enumerate(shards) for item in shard for name, _, _ in item.outputs}
-                index = {"metadata": {"total_size": sum(i.out_bytes for i in items)}, "weight_map": weight_map}
-                (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+            write_index(tmp, [[name for item in shard for name, _, _ in item.outputs] for shard in shards],
+                        sum(i.out_bytes for i in items))
             config = dict(source.config or {})
             config["quantization_config"] = quantization_config(opts, items)
             (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
             copy_side_files(source.root, tmp)
-            if out.exists():
-                shutil.rmtree(out)
-            os.replace(tmp, out)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            for parent in created:
-                try:
-                    parent.rmdir()
-                except OSError:
-                    break
-            raise
     finally:
         source.close()
-    summary = Summary(str(out), "auto" if opts.auto else opts.fmt.name, tensors=len(items), shards=len(shards),
+    summary = Summary(str(out_dir), "auto" if opts.auto else opts.fmt.name, tensors=len(items), shards=len(shards),
                       source_bytes=sum(i.info.nbytes for i in items),
                       output_bytes=sum(i.out_bytes for i in items))
     for item in items:
@@ -411,4 +358,5 @@ def convert(model_dir: str, out_dir: str, opts: Options | None = None, overwrite
             summary.kept[item.info.name] = item.reason
     summary.seconds = time.perf_counter() - began
     summary.search = search_report
+    summary.search_seconds = search_seconds if opts.auto else 0.0
     return summary

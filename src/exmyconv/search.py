@@ -5,8 +5,9 @@ exact (payload + scales, padding included) and its error is the relative weight 
 ‖W−Ŵ‖²/‖W‖² — weighted per input channel by activation second moments when calibration data
 is given. The model objective is Σ_t n_t · err_t (n_t: weights of tensor t), minimised subject to
 Σ_t 8·bytes_t ≤ B · Σ_t n_t by Lagrangian relaxation: for a multiplier λ every tensor takes the
-candidate minimising n_t·err_t + λ·bytes_t (a point of its lower convex hull); λ is bisected to
-the budget, and the slack left is spent on the upgrades with the best error gain per byte.
+candidate minimising n_t·err_t + λ·bytes_t (a point of its lower convex hull), λ bisected to the
+budget — and by a dynamic programme on sizes rounded up to 1/20000 of the budget, which also
+finds solutions off the hull; the better wins, and leftover bytes go to the best upgrades.
 """
 from __future__ import annotations
 
@@ -103,11 +104,7 @@ def _pick(costs: np.ndarray, errs: np.ndarray, lam: float) -> int:
     return int(np.argmin(errs + lam * costs))
 
 
-def allocate(sizes: list[np.ndarray], errors: list[np.ndarray], budget_bytes: float) -> tuple[list[int], float]:
-    """Per tensor, the index of a candidate: minimise Σ errors under Σ sizes ≤ budget.
-
-    ``errors`` are already weighted (n_t · err_t). Returns (choices, λ).
-    """
+def check_budget(sizes: list[np.ndarray], budget_bytes: float) -> None:
     if not budget_bytes > 0:  # zero, negative or NaN
         raise ExmyError("the bits budget must be a positive number")
     smallest = sum(float(s.min()) for s in sizes)
@@ -115,14 +112,26 @@ def allocate(sizes: list[np.ndarray], errors: list[np.ndarray], budget_bytes: fl
         raise ExmyError(f"bits budget too small: the smallest candidates need "
                         f"{smallest / budget_bytes:.3f}x the budget")
 
+
+def allocate(sizes: list[np.ndarray], errors: list[np.ndarray], budget_bytes: float) -> tuple[list[int], float]:
+    """Per tensor, the index of a candidate: minimise Σ errors under Σ sizes ≤ budget.
+
+    ``errors`` are already weighted (n_t · err_t). Two feasible solutions, the better one wins:
+    the Lagrangian one (λ bisected to the budget, every tensor on its lower convex hull) and a
+    dynamic programme over sizes rounded up to 1/DP_STEPS of the budget (exact up to that
+    rounding, and able to leave the hull). Leftover bytes then go to the best error-per-byte
+    upgrades. Returns (choices, λ).
+    """
+    check_budget(sizes, budget_bytes)
+
     def total(lam):
         picks = [_pick(s, e, lam) for s, e in zip(sizes, errors)]
         return picks, sum(float(s[p]) for s, p in zip(sizes, picks))
 
-    lo, hi = 0.0, 1.0
-    picks, used = total(lo)
+    picks, used = total(0.0)
     if used <= budget_bytes:
         return picks, 0.0
+    lo, hi = 0.0, 1.0
     while total(hi)[1] > budget_bytes:
         hi *= 4
     for _ in range(100):
@@ -131,8 +140,49 @@ def allocate(sizes: list[np.ndarray], errors: list[np.ndarray], budget_bytes: fl
             lo = mid
         else:
             hi = mid
-    picks, used = total(hi)
-    # Spend the slack: repeatedly take the affordable upgrade with the best error drop per byte.
+    candidates = [total(hi)[0]]
+    dp = _knapsack(sizes, errors, budget_bytes)
+    if dp is not None:
+        candidates.append(dp)
+    picks = min(candidates, key=lambda p: sum(float(e[q]) for e, q in zip(errors, p)))
+    return _fill_slack(sizes, errors, list(picks), budget_bytes), hi
+
+
+DP_STEPS = 20000
+
+
+def _knapsack(sizes, errors, budget_bytes, steps: int = DP_STEPS):
+    """Multiple-choice knapsack by dynamic programming on sizes rounded up to a unit of
+    max(1 byte, budget/steps): exact when the budget is at most ``steps`` bytes."""
+    unit = max(1.0, budget_bytes / steps)
+    steps = int(budget_bytes // unit)
+    best = np.zeros(steps + 1)  # least error with at most b units used, tensors so far
+    choice = np.zeros((len(sizes), steps + 1), dtype=np.int16)
+    for t, (s, e) in enumerate(zip(sizes, errors)):
+        new = np.full(steps + 1, np.inf)
+        for c, (size, err) in enumerate(zip(s, e)):
+            w = int(np.ceil(size / unit - 1e-9))
+            if w > steps:
+                continue
+            shifted = np.full(steps + 1, np.inf)
+            shifted[w:] = best[: steps + 1 - w] + err
+            better = shifted < new
+            new[better] = shifted[better]
+            choice[t, better] = c
+        best = new
+    if not np.isfinite(best[steps]):
+        return None
+    picks, b = [0] * len(sizes), steps
+    for t in range(len(sizes) - 1, -1, -1):
+        c = int(choice[t, b])
+        picks[t] = c
+        b -= int(np.ceil(sizes[t][c] / unit - 1e-9))
+    return picks
+
+
+def _fill_slack(sizes, errors, picks, budget_bytes):
+    """Repeatedly take the affordable upgrade with the best error drop per byte."""
+    used = sum(float(s[p]) for s, p in zip(sizes, picks))
     while True:
         best = None
         for t, (s, e) in enumerate(zip(sizes, errors)):
@@ -145,7 +195,7 @@ def allocate(sizes: list[np.ndarray], errors: list[np.ndarray], budget_bytes: fl
                     if best is None or ratio > best[0]:
                         best = (ratio, t, q, extra)
         if best is None:
-            return picks, hi
+            return picks
         _, t, q, extra = best
         picks[t] = q
         used += extra
