@@ -6,7 +6,7 @@ exact (payload + scales, padding included) and its error is the relative weight 
 is given. The model objective is Σ_t n_t · err_t (n_t: weights of tensor t), minimised subject to
 Σ_t 8·bytes_t ≤ B · Σ_t n_t by Lagrangian relaxation: for a multiplier λ every tensor takes the
 candidate minimising n_t·err_t + λ·bytes_t (a point of its lower convex hull), λ bisected to the
-budget — and by a dynamic programme on sizes rounded up to 1/20000 of the budget, which also
+budget — and by a dynamic programme on sizes rounded up to 1/100000 of the budget, which also
 finds solutions off the hull; the better wins, and leftover bytes go to the best upgrades.
 """
 from __future__ import annotations
@@ -148,7 +148,7 @@ def allocate(sizes: list[np.ndarray], errors: list[np.ndarray], budget_bytes: fl
     return _fill_slack(sizes, errors, list(picks), budget_bytes), hi
 
 
-DP_STEPS = 20000
+DP_STEPS = 100000
 
 
 def _knapsack(sizes, errors, budget_bytes, steps: int = DP_STEPS):
