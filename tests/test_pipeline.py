@@ -238,7 +238,7 @@ def test_side_files_and_config(small_source, tmp_path):
     cfg = json.loads((out / "config.json").read_text())
     qc = cfg.pop("quantization_config")
     assert cfg == config, "the source config is kept as is"
-    assert set(qc) == {"quant_method", "format_version", "format", "group_size", "ignore", "exmyconv_version"}
+    assert set(qc) == {"quant_method", "format_version", "format", "group_size", "ignore", "tied", "exmyconv_version"}
     assert qc["quant_method"] == "exmy" and qc["format_version"] == "1.1"
     assert qc["format"] == "e3m2" and qc["group_size"] == 128
     assert qc["exmyconv_version"] == exmyconv.__version__
@@ -409,3 +409,26 @@ def test_inspect_detects_tampering(small_source, tmp_path, run_cli, damage, edit
     assert code != 0 and not report["intact"] and report["problems"]
     with pytest.raises(ExmyError):
         load_state_dict(str(out))
+
+
+def test_tied_lm_head_copy_is_stored_once(tmp_path, rng):
+    from exmyconv.pipeline import Options, convert
+    emb = (rng.standard_normal((64, 96)) * 0.02).astype(np.float32)
+    tensors = {"model.embed_tokens.weight": emb, "lm_head.weight": emb.copy(),
+               "model.layers.0.mlp.up_proj.weight": (rng.standard_normal((32, 96)) * 0.02).astype(np.float32)}
+    for tie, expect_tied in ((True, True), (False, False)):
+        src = make_checkpoint(tmp_path / f"src{tie}", tensors, config={"tie_word_embeddings": tie})
+        out = tmp_path / f"out{tie}"
+        s = convert(str(src), str(out), Options(quantize_embeddings=True), progress=False)
+        qc = json.loads((out / "config.json").read_text())["quantization_config"]
+        sd = load_state_dict(str(out))
+        if expect_tied:
+            assert qc["tied"] == {"lm_head.weight": "model.embed_tokens.weight"} == s.tied
+            assert "lm_head.weight" not in sd and "lm_head.weight_packed" not in sd
+        else:
+            assert qc["tied"] == {} and torch.equal(sd["lm_head.weight"], sd["model.embed_tokens.weight"])
+    # different values: never treated as tied
+    tensors["lm_head.weight"] = emb * 2
+    src = make_checkpoint(tmp_path / "src-untied", tensors, config={"tie_word_embeddings": True})
+    s = convert(str(src), str(tmp_path / "out-untied"), Options(quantize_embeddings=True), progress=False)
+    assert s.tied == {}

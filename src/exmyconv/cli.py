@@ -10,6 +10,7 @@ import click
 
 from . import __version__
 from .errors import ExmyError
+from .cli_hub import push
 from .formats import DEFAULT, NAMED, NAMED_SHARED
 
 _SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b?|b)?\s*", re.I)
@@ -55,8 +56,11 @@ def cli():
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty OUT_DIR.")
 @click.option("--verify/--no-verify", default=None,
               help="Re-read OUT_DIR and check it (bit-exact on the GPU). Default: on when a GPU is present.")
+@click.option("--revision", help="With a Hub repo id (owner/name) as MODEL_DIR: the branch, tag or commit.")
+@click.option("--push-to-hub", metavar="REPO_ID", help="Then upload OUT_DIR to this Hub model repo, with a model card.")
+@click.option("--private", is_flag=True, help="With --push-to-hub: create the repo private.")
 def quantize(model_dir, out_dir, format_, bits, max_error, candidates, calibration, calibration_tokens,
-             group_size, skip, quantize_embeddings, max_shard_size, clip_search, overwrite, verify):
+             group_size, skip, quantize_embeddings, max_shard_size, clip_search, overwrite, verify, revision, push_to_hub, private):
     """Quantize MODEL_DIR (a Hugging Face safetensors checkpoint, or @minilm) into OUT_DIR."""
     from .pipeline import Options, convert
 
@@ -64,6 +68,10 @@ def quantize(model_dir, out_dir, format_, bits, max_error, candidates, calibrati
                    quantize_embeddings=quantize_embeddings, max_shard_size=parse_size(max_shard_size),
                    clip_search=clip_search, bits=bits, max_error=max_error, candidates=candidates,
                    calibration=calibration, calibration_tokens=calibration_tokens)
+    from .cli_hub import hub_source, push_converted
+
+    source_arg = model_dir
+    model_dir, hub_id = hub_source(model_dir, revision, push_to_hub, private)
     s = convert(model_dir, out_dir, opts, overwrite=overwrite)
     if opts.auto:
         group = "per-tensor search"
@@ -79,11 +87,13 @@ def quantize(model_dir, out_dir, format_, bits, max_error, candidates, calibrati
         click.echo(f"  relative error: mean {s.mean_error:.4f}, worst {worst:.4f} ({name})")
     if s.search:
         _echo_search(s)
+    for head, emb in s.tied.items():
+        click.echo(f"  {head} is tied to {emb} (identical): stored once, re-tied on load")
     if s.kept:
-        click.echo(f"  kept unquantized ({len(s.kept)}):")
+        click.echo(f"warning: {len(s.kept)} weights left unquantized:", err=True)
         width = max(map(len, s.kept))
         for name, why in s.kept.items():
-            click.echo(f"    {name:<{width}}  {why}")
+            click.echo(f"  {name:<{width}}  {why}", err=True)
     click.echo(f"wrote {s.out_dir} ({s.shards} shard{'s' if s.shards > 1 else ''})")
     if verify is None:
         from .verify import gpu_backend
@@ -91,6 +101,8 @@ def quantize(model_dir, out_dir, format_, bits, max_error, candidates, calibrati
         verify = gpu_backend()[0] is not None
     if verify:
         _run_verify(out_dir, model_dir, None)
+    if push_to_hub:
+        push_converted(out_dir, push_to_hub, private, hub_id or source_arg)
 
 
 def _echo_search(s):
@@ -158,6 +170,9 @@ def inspect(path, as_json, plot):
         click.echo(f"wrote {plot}")
     if not report["intact"]:
         sys.exit(2)
+
+
+cli.add_command(push)
 
 
 def main(argv=None):

@@ -109,6 +109,7 @@ class Summary:
     formats: dict[str, str] = field(default_factory=dict)  # chosen format per quantized tensor
     search: dict | None = None  # --format auto: the search report (also OUT_DIR/exmy_search.json)
     search_seconds: float = 0.0
+    tied: dict[str, str] = field(default_factory=dict)  # lm_head stored once with its embedding
     kept: dict[str, str] = field(default_factory=dict)  # unquantized >=2-D float tensor -> reason
 
     @property
@@ -146,6 +147,22 @@ def plan(source: Source, opts: Options) -> list[Item]:
             item.clip_search = opts.clip_search
         items.append(item)
     return items
+
+
+def tied_duplicates(source: Source, items: list[Item]) -> dict[str, str]:
+    """lm_head weights stored as byte-identical copies of an embedding in a model whose config
+    ties them: {lm_head name: embedding name}. They are written once (the loader re-ties)."""
+    if not (source.config or {}).get("tie_word_embeddings", True):
+        return {}
+    embeddings = [i for i in items if "embed" in i.info.name and len(i.info.shape) == 2]
+    tied = {}
+    for head in (i for i in items if i.info.name.endswith("lm_head.weight")):
+        for emb in embeddings:
+            if (emb.info.dtype, emb.info.shape) == (head.info.dtype, head.info.shape) and np.array_equal(
+                    emb.file.read(emb.info.name).reshape(-1), head.file.read(head.info.name).reshape(-1)):
+                tied[head.info.name] = emb.info.name
+                break
+    return tied
 
 
 def float_chunks(item: Item):
@@ -294,13 +311,14 @@ def write_shard(path: Path, items: list[Item], opts: Options, progress) -> None:
         raise
 
 
-def quantization_config(opts: Options, items: list[Item]) -> dict:
+def quantization_config(opts: Options, items: list[Item], tied: dict[str, str]) -> dict:
     return {
         "quant_method": QUANT_METHOD,
         "format_version": VERSION,
         "format": "auto" if opts.auto else opts.fmt.name,
         "group_size": None if opts.auto else opts.group_size,
         "ignore": [i.info.name for i in items if i.record is None and len(i.info.shape) >= 2],
+        "tied": tied,
         "exmyconv_version": __version__,
     }
 
@@ -313,6 +331,8 @@ def convert(model_dir: str, out_dir: str, opts: Options | None = None, overwrite
     source = open_source(model_dir)
     try:
         items = plan(source, opts)
+        tied = tied_duplicates(source, items)
+        items = [i for i in items if i.info.name not in tied]
         with atomic_dir(out_dir, source.root, overwrite) as tmp:
             quiet = not progress if progress is not None else None
             if opts.calibration:
@@ -338,7 +358,7 @@ def convert(model_dir: str, out_dir: str, opts: Options | None = None, overwrite
             write_index(tmp, [[name for item in shard for name, _, _ in item.outputs] for shard in shards],
                         sum(i.out_bytes for i in items))
             config = dict(source.config or {})
-            config["quantization_config"] = quantization_config(opts, items)
+            config["quantization_config"] = quantization_config(opts, items, tied)
             (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
             copy_side_files(source.root, tmp)
     finally:
@@ -359,4 +379,5 @@ def convert(model_dir: str, out_dir: str, opts: Options | None = None, overwrite
     summary.seconds = time.perf_counter() - began
     summary.search = search_report
     summary.search_seconds = search_seconds if opts.auto else 0.0
+    summary.tied = tied
     return summary
