@@ -1,0 +1,467 @@
+"""Hugging Face Hub: push a converted folder with a generated model card, and use a Hub repo as a source.
+
+Everything goes through huggingface_hub's public API (``HfApi.create_repo``, ``HfApi.upload_folder``,
+``HfApi.model_info``, ``snapshot_download``), so its settings apply as usual: ``HF_ENDPOINT``,
+``HF_HOME``/``HF_HUB_CACHE``, ``HF_HUB_OFFLINE``. The token is huggingface_hub's too (``HF_TOKEN`` or the
+``hf auth login`` token file) unless one is passed explicitly; exmyconv never prints or writes it.
+
+The uploaded README.md is a model card generated from the converted folder. A README.md inside OUT_DIR
+is the *source's* card (``quantize`` copies it with the other side files): its front matter (license,
+tags, language, datasets, pipeline_tag) is carried into the card, and it is not uploaded itself unless
+``keep_readme=True`` (``--keep-readme``), for a card of your own.
+"""
+from __future__ import annotations
+
+import fnmatch
+import glob
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+from . import __version__
+from .errors import ExmyError
+from .layout import INDEX_FILE
+
+# A Hub repo id: "owner/name" (the owner may be left out only for push: the token's user namespace).
+_NAME = r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9_])?"
+_REPO_ID = re.compile(rf"(?:{_NAME}/)?{_NAME}")
+
+# Files a conversion needs from a source repo (top level only): weights, index, config, tokenizer, card.
+SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+              "special_tokens_map.json", "vocab.*", "merges.txt", "*.model", "added_tokens.json",
+              "chat_template.jinja", "chat_template.json", "README.md")
+WEIGHTS = "*.safetensors"
+CARD_KEYS = ("license", "license_name", "license_link", "language", "datasets", "pipeline_tag")
+TAGS = ("exmy", "exmyconv", "quantized")
+
+
+def is_repo_id(text: str) -> bool:
+    """``owner/name`` that names no existing local path."""
+    return (isinstance(text, str) and "/" in text and _REPO_ID.fullmatch(text) is not None
+            and "--" not in text and ".." not in text and not os.path.exists(text))
+
+
+def _check_repo_id(repo_id: str) -> None:
+    if not _REPO_ID.fullmatch(repo_id or "") or "--" in repo_id or ".." in repo_id:
+        raise ExmyError(f"{repo_id!r}: not a Hub repo id (expected owner/name)")
+
+
+def _offline() -> bool:
+    """HF_HUB_OFFLINE, read now (huggingface_hub reads it once, when it is imported)."""
+    from huggingface_hub import constants
+
+    value = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
+    return value.strip().upper() in ("1", "ON", "YES", "TRUE") or bool(constants.HF_HUB_OFFLINE)
+
+
+def _endpoint() -> str:
+    from huggingface_hub import constants
+
+    return constants.ENDPOINT
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    for line in text.splitlines():
+        if line.strip() and not re.fullmatch(r"\d{3} Client Error\.?", line.strip()):
+            return line.strip()
+    return type(err).__name__
+
+
+def _hub_error(err: BaseException, repo_id: str, revision: str | None, writing: bool = False) -> ExmyError | None:
+    """One clear line for a huggingface_hub / HTTP failure; None if ``err`` is none of those."""
+    try:
+        from huggingface_hub import errors as e
+    except ImportError:  # huggingface_hub < 0.24
+        from huggingface_hub import utils as e
+    rev = f" (revision {revision!r})" if revision else ""
+    where = _endpoint()
+    login = "set HF_TOKEN or run `hf auth login`"
+    if isinstance(err, e.GatedRepoError):
+        return ExmyError(f"{repo_id}: gated repository: accept its conditions on {where}/{repo_id} "
+                         f"with your account, then {login}")
+    if isinstance(err, e.RevisionNotFoundError):
+        return ExmyError(f"{repo_id}: revision {revision or 'main'!r} not found")
+    if isinstance(err, e.RepositoryNotFoundError):
+        return ExmyError(f"{repo_id}: no such model repository on {where}, or it is private and "
+                         f"your token cannot see it ({login})")
+    if isinstance(err, (e.LocalEntryNotFoundError, e.OfflineModeIsEnabled)):
+        return ExmyError(f"{repo_id}{rev}: not in the Hub cache and offline mode is on "
+                         f"(HF_HUB_OFFLINE): download it once with network access")
+    if isinstance(err, e.HfHubHTTPError):
+        status = getattr(getattr(err, "response", None), "status_code", None)
+        if status == 401:
+            return ExmyError(f"{repo_id}: not authorized by {where} ({login})")
+        if status == 403:
+            what = "write to" if writing else "read"
+            return ExmyError(f"{repo_id}: your token may not {what} this repository (HTTP 403: "
+                             f"{_first_line(err)})")
+        return ExmyError(f"{repo_id}: Hub request failed (HTTP {status}): {_first_line(err)}")
+    if _network_error(err):
+        return ExmyError(f"{repo_id}: cannot reach {where} ({type(err).__name__}: {_first_line(err)})")
+    return None
+
+
+def _network_error(err: BaseException) -> bool:
+    """A connection failure or timeout of the HTTP client (no answer from the Hub at all)."""
+    module = (type(err).__module__ or "").split(".")[0]
+    if module in ("httpx", "httpx2", "httpcore", "requests", "urllib3"):
+        return "HTTPStatus" not in type(err).__name__ and not hasattr(err, "server_message")
+    return isinstance(err, (ConnectionError, TimeoutError)) and type(err).__name__ != "OfflineModeIsEnabled"
+
+
+# --------------------------------------------------------------------------- Hub as a source
+
+def _wanted(names: list[str], index: dict | None) -> list[str]:
+    """The files of a repo listing that a conversion needs (top level only)."""
+    top = [n for n in names if "/" not in n]
+    if index is not None:
+        weights = sorted({v for v in (index.get("weight_map") or {}).values() if isinstance(v, str)})
+        weights = [w for w in weights if w in top]  # a missing shard is reported when the folder is read
+        weights.append(INDEX_FILE)
+    else:
+        weights = [n for n in top if fnmatch.fnmatch(n, WEIGHTS)]
+    side = [n for n in top if any(fnmatch.fnmatch(n, p) for p in SIDE_FILES)]
+    return sorted(set(weights + side))
+
+
+def resolve_source(repo_id: str, revision: str | None = None) -> Path:
+    """Download (or find in huggingface_hub's cache) what converting ``repo_id`` needs; the snapshot folder.
+
+    Only the weights (the shards the index names, else the top-level ``*.safetensors``), the index, config,
+    generation config, tokenizer files and README.md are fetched, never ``*.bin``, ``*.onnx`` or subfolders.
+    With HF_HUB_OFFLINE (or when the Hub cannot be reached) the cached snapshot is used.
+    """
+    import json
+
+    from huggingface_hub import HfApi, hf_hub_download, snapshot_download
+
+    _check_repo_id(repo_id)
+    try:
+        if not _offline():
+            try:
+                info = HfApi().model_info(repo_id, revision=revision)
+            except Exception as err:  # noqa: BLE001
+                if not _network_error(err):
+                    raise
+                # No answer from the Hub (as huggingface_hub itself does): use the cache if it has the repo.
+                return _cached_source(repo_id, revision, unreachable=_hub_error(err, repo_id, revision))
+            names = [s.rfilename for s in info.siblings or []]
+            index = None
+            if INDEX_FILE in names:
+                index_path = hf_hub_download(repo_id, INDEX_FILE, revision=info.sha)
+                try:
+                    index = json.loads(Path(index_path).read_text(encoding="utf-8"))
+                except (OSError, ValueError) as err:
+                    raise ExmyError(f"{repo_id}: {INDEX_FILE} is not readable JSON ({err})") from None
+                if not isinstance(index, dict):
+                    raise ExmyError(f"{repo_id}: {INDEX_FILE} is not a JSON object")
+            wanted = _wanted(names, index)
+            if not any(n.endswith(".safetensors") for n in wanted):
+                bins = [n for n in names if n.endswith((".bin", ".pt", ".pth", ".ckpt"))]
+                raise ExmyError(f"{repo_id}: no .safetensors weights in the repository"
+                                + (f" (only pickle checkpoints: {', '.join(sorted(bins)[:3])})" if bins else ""))
+            # The revision as given (not info.sha), so that the cache records e.g. refs/main for offline use.
+            return Path(snapshot_download(repo_id, revision=revision, allow_patterns=[glob.escape(n) for n in wanted]))
+        return _cached_source(repo_id, revision)
+    except ExmyError:
+        raise
+    except Exception as err:  # noqa: BLE001
+        mapped = _hub_error(err, repo_id, revision)
+        if mapped is None:
+            raise
+        raise mapped from None
+
+
+def _cached_source(repo_id: str, revision: str | None, unreachable: ExmyError | None = None) -> Path:
+    from huggingface_hub import snapshot_download
+
+    try:
+        # No pattern: completeness is checked below, against what the conversion will actually read.
+        root = Path(snapshot_download(repo_id, revision=revision, local_files_only=True, allow_patterns=[]))
+    except Exception as err:  # noqa: BLE001
+        if unreachable is not None:
+            raise ExmyError(f"{unreachable}, and it is not in the Hub cache") from None
+        mapped = _hub_error(err, repo_id, revision)
+        if mapped is None:
+            raise
+        raise mapped from None
+    from .source import weight_files
+
+    try:
+        weight_files(root)
+    except ExmyError as err:
+        raise ExmyError(f"{repo_id}: the cached snapshot is incomplete ({err}); "
+                        "download it again with network access") from None
+    return root
+
+
+# --------------------------------------------------------------------------- model card
+
+def _front_matter(path: Path) -> dict:
+    """The YAML front matter of a README.md, {} when it has none or it does not parse."""
+    import yaml
+
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return {}
+    match = re.match(r"\A\s*---[ \t]*\r?\n(.*?)\r?\n---[ \t]*(?:\r?\n|\Z)", text, re.S)
+    if not match:
+        return {}
+    try:
+        data = yaml.safe_load(match[1])
+    except yaml.YAMLError:
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _as_list(value) -> list:
+    if value is None:
+        return []
+    return [str(v) for v in value] if isinstance(value, (list, tuple)) else [str(value)]
+
+
+def _size(n: int) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} B"
+
+
+def _params(n: int) -> str:
+    return f"{n / 1e9:.2f} B" if n >= 1e9 else f"{n / 1e6:.2f} M" if n >= 1e4 else str(n)
+
+
+def _format_rows(report: dict) -> list[str]:
+    groups: dict[str, list[dict]] = {}
+    for row in report["tensor_table"]:
+        if row["rel_error"] is None:
+            key = f"{row['format']} (unquantized)"
+        else:
+            key = row["format"] + (" (per channel)" if row["group"] == "channel" else f" (groups of {row['group']})")
+        groups.setdefault(key, []).append(row)
+    lines = ["| format | tensors | parameters | bits/weight | mean rel. error | worst rel. error |",
+             "|---|---:|---:|---:|---:|---:|"]
+    order = sorted(groups, key=lambda k: (k.endswith("(unquantized)"), -sum(r["params"] for r in groups[k]), k))
+    for key in order:
+        rows = groups[key]
+        params = sum(r["params"] for r in rows)
+        bits = 8 * sum(r["bytes"] for r in rows) / max(params, 1)
+        errs = [r["rel_error"] for r in rows if r["rel_error"] is not None]
+        mean = f"{sum(errs) / len(errs):.4f}" if errs else "–"
+        worst = f"{max(errs):.4f}" if errs else "–"
+        lines.append(f"| {key} | {len(rows)} | {_params(params)} | {bits:.3f} | {mean} | {worst} |")
+    return lines
+
+
+def model_card(out_dir, command: str | None, source: str | None, *, repo_id: str | None = None,
+               report: dict | None = None) -> str:
+    """README.md for a converted folder: YAML front matter and a summary of the formats, size and error.
+
+    ``source``: what was converted. When it is a Hub repo id it becomes ``base_model``; license, tags,
+    language, datasets and pipeline_tag come from the source's card front matter (OUT_DIR/README.md, which
+    ``quantize`` copies, or SOURCE/README.md for a local source), the license else from config.json.
+    ``command``: the command line to show. ``repo_id``: where the card will live (for the title and usage).
+    """
+    import json
+
+    import yaml
+
+    from .inspection import inspect_checkpoint
+
+    out = Path(out_dir)
+    report = report if report is not None else inspect_checkpoint(str(out))
+    source_card = _front_matter(out / "README.md")
+    if not source_card and source and not is_repo_id(source) and not source.startswith("@"):
+        source_card = _front_matter(Path(source) / "README.md")
+    config = {}
+    if (out / "config.json").is_file():
+        try:
+            config = json.loads((out / "config.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            config = {}
+    config = config if isinstance(config, dict) else {}
+    qcfg = config.get("quantization_config") or {}
+    base_model = source if source and is_repo_id(source) else None
+
+    meta: dict = {}
+    if base_model:
+        meta["base_model"] = base_model
+        meta["base_model_relation"] = "quantized"
+    meta["library_name"] = "exmyconv"
+    for key in CARD_KEYS:
+        if source_card.get(key) not in (None, "", []):
+            meta[key] = source_card[key]
+    if "license" not in meta and isinstance(config.get("license"), str):
+        meta["license"] = config["license"]
+    formats = sorted({r["format"] for r in report["tensor_table"] if r["rel_error"] is not None})
+    tags = []
+    for tag in [*TAGS, *formats, *_as_list(source_card.get("tags"))]:
+        if tag not in tags:
+            tags.append(tag)
+    meta["tags"] = tags
+
+    title = (repo_id or out.name).split("/")[-1]
+    fmt_text = ", ".join(formats) or "no quantized tensors"
+    if base_model:
+        intro = (f"[{base_model}](https://huggingface.co/{base_model}) with its weight matrices stored as "
+                 f"low-bit floating-point numbers ({fmt_text}) by exmyconv.")
+    else:
+        intro = f"A checkpoint with its weight matrices stored as low-bit floating-point numbers ({fmt_text}) by exmyconv."
+    lines = [f"# {title}", "", intro, "", "## Weights", "", *_format_rows(report), ""]
+    if report["bits_per_weight_quantized"] is not None:
+        lines.append(f"- effective bits per quantized weight: **{report['bits_per_weight_quantized']:.3f}** "
+                     f"(scales included); {report['bits_per_weight_all']:.2f} over all tensors")
+    lines.append(f"- size: {_size(report['file_bytes'])} in {len(report['files'])} file"
+                 f"{'s' if len(report['files']) != 1 else ''}, {_params(report['params'])} parameters "
+                 f"({_params(report['quantized_params'])} quantized, {report['quantized_tensors']} of "
+                 f"{report['tensors']} tensors)")
+    worst = report.get("worst_rel_error")
+    if worst:
+        lines.append(f"- relative error ‖W − Ŵ‖/‖W‖ per quantized tensor: mean {report['mean_rel_error']:.4f}, "
+                     f"worst {worst['rel_error']:.4f} (`{worst['name']}`)")
+    ignore = qcfg.get("ignore") or []
+    if ignore:
+        lines.append(f"- kept unquantized: {len(ignore)} tensor{'s' if len(ignore) != 1 else ''} with ≥ 2 "
+                     "dimensions (`quantization_config.ignore` in config.json), and all 1-D tensors")
+    search = report.get("search") or {}
+    if "achieved_bits" in search:
+        target = (f"a budget of {search['budget_bits']} bits" if search.get("budget_bits") is not None
+                  else f"a max. relative error of {search.get('max_error')}")
+        lines.append(f"- formats chosen per tensor for {target} (details: exmy_search.json)")
+    made_with = qcfg.get("exmyconv_version") or __version__
+    fmt, group = qcfg.get("format"), qcfg.get("group_size")
+    if fmt == "auto":
+        settings = "a format chosen per tensor (`--format auto`)"
+    elif fmt:
+        settings = f"format {fmt}, " + (f"one scale per {group} weights of a row" if group else "one scale per output channel")
+    else:
+        settings = "settings not recorded in config.json"
+    lines += ["", "## How it was made", "",
+              f"Converted by exmyconv {made_with} into the exmy checkpoint layout "
+              f"{report.get('exmy_version') or qcfg.get('format_version') or '?'} (formats/SPEC.md in exmyconv): "
+              f"{settings}; scales are fp16 (bf16 where fp16 would overflow or underflow)."]
+    if command:
+        lines += ["", f"The command that made this upload (exmyconv {__version__}):", "", "```bash", command, "```"]
+    where = repo_id or "path/to/this/folder"
+    lines += ["", "## Use", "",
+              "Dequantize with exmyconv (any reader of the exmy layout works the same):", "",
+              "```python",
+              "import exmyconv" + (", huggingface_hub" if repo_id else ""),
+              (f'path = huggingface_hub.snapshot_download("{where}")' if repo_id else f'path = "{where}"'),
+              "state_dict = exmyconv.load_state_dict(path)   # {name: torch.Tensor}, dequantized",
+              "```", ""]
+    front = yaml.safe_dump(meta, sort_keys=False, allow_unicode=True, default_flow_style=False)
+    return f"---\n{front}---\n\n" + "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- push
+
+def upload_list(out_dir, keep_readme: bool = False) -> list[str]:
+    """Files of OUT_DIR that are uploaded (POSIX paths): all but hidden ones and, unless kept, README.md."""
+    out = Path(out_dir)
+    files = []
+    for path in sorted(out.rglob("*")):
+        rel = path.relative_to(out)
+        if any(part.startswith(".") for part in rel.parts) or not path.is_file():
+            continue
+        if rel.as_posix() == "README.md" and not keep_readme:
+            continue
+        files.append(rel.as_posix())
+    return files
+
+
+def _stage(out: Path, files: list[str], card: str | None, stage: Path) -> None:
+    """A folder that mirrors the upload: links to OUT_DIR's files (copies where links fail) and the card."""
+    for rel in files:
+        dest = stage / rel
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        src = (out / rel).resolve()
+        try:
+            os.symlink(src, dest)
+        except OSError:
+            try:
+                os.link(src, dest)
+            except OSError:
+                shutil.copyfile(src, dest)
+    if card is not None:
+        (stage / "README.md").write_text(card, encoding="utf-8")
+
+
+def push(out_dir, repo_id: str, private: bool = False, dry_run: bool = False, token: str | None = None,
+         revision: str | None = None, *, command: str | None = None, source: str | None = None,
+         keep_readme: bool = False, echo=None) -> list[str]:
+    """Upload a converted folder to the Hub model repo ``repo_id`` (created if needed) with a model card.
+
+    Returns the uploaded paths (in the repo). ``dry_run``: print them with their sizes (and the card)
+    and send nothing. ``revision``: a branch (created from main if missing). ``private``: create the repo
+    private; an existing public repo is refused rather than silently published to.
+    """
+    import click
+
+    from .inspection import inspect_checkpoint
+
+    echo = echo or click.echo
+    out = Path(out_dir)
+    _check_repo_id(repo_id)
+    if not out.is_dir():
+        raise ExmyError(f"{out}: no such directory")
+    report = inspect_checkpoint(str(out))
+    if report["kind"] != "exmy":
+        raise ExmyError(f"{out}: not an exmy checkpoint (convert it with `exmyconv quantize` first)")
+    if not report["intact"]:
+        raise ExmyError(f"{out}: fails the integrity checks ({report['problems'][0]}); run `exmyconv inspect {out}`")
+    has_readme = (out / "README.md").is_file()
+    card = None if keep_readme and has_readme else model_card(out, command, source, repo_id=repo_id, report=report)
+    files = upload_list(out, keep_readme=keep_readme)
+    paths = sorted(files + (["README.md"] if card is not None else []))
+
+    if dry_run:
+        sizes = {p: (len(card.encode()) if p == "README.md" and card is not None else (out / p).stat().st_size)
+                 for p in paths}
+        target = f"{repo_id}" + (f" (branch {revision})" if revision else "")
+        echo(f"dry run: would upload {len(paths)} files ({_size(sum(sizes.values()))}) to {target}"
+             + (", creating it private if missing" if private else ", creating it if missing"))
+        width = max(map(len, paths))
+        for p in paths:
+            note = "  (generated model card)" if p == "README.md" and card is not None else ""
+            echo(f"  {p:<{width}}  {_size(sizes[p]):>9}{note}")
+        if card is not None:
+            echo("--- README.md ---")
+            echo(card.rstrip("\n"))
+        return paths
+
+    from huggingface_hub import HfApi, get_token
+
+    if token is None and not get_token():
+        raise ExmyError("not logged in to the Hub: set HF_TOKEN or run `hf auth login`")
+    api = HfApi(token=token)
+    try:
+        api.create_repo(repo_id, private=True if private else None, exist_ok=True, repo_type="model")
+        if private:
+            info = api.model_info(repo_id)
+            if info.private is False:
+                raise ExmyError(f"{repo_id}: exists and is public; not uploading with --private "
+                                "(make it private on the Hub first, or leave out --private)")
+        if revision:
+            api.create_branch(repo_id, branch=revision, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix="exmyconv-push-") as tmp:
+            _stage(out, files, card, Path(tmp))
+            api.upload_folder(repo_id=repo_id, folder_path=tmp, revision=revision, repo_type="model",
+                              commit_message=f"Upload {out.name} (exmyconv {__version__})")
+    except ExmyError:
+        raise
+    except Exception as err:  # noqa: BLE001
+        mapped = _hub_error(err, repo_id, revision, writing=True)
+        if mapped is None:
+            raise
+        raise mapped from None
+    return paths
+
+
+def repo_url(repo_id: str, revision: str | None = None) -> str:
+    url = f"{_endpoint()}/{repo_id}"
+    return f"{url}/tree/{revision}" if revision else url
