@@ -37,6 +37,16 @@ def command_line(ctx: click.Context | None = None) -> str:
     return shlex.join([*ctx.command_path.split(), *options, *arguments])
 
 
+def quiet_progress_off_terminal() -> None:
+    """huggingface_hub draws progress bars even into a pipe or log file; like exmyconv's own, only on a terminal."""
+    import sys
+
+    if not sys.stderr.isatty():
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()
+
+
 def hub_source(model_dir: str, revision: str | None, push_to_hub: str | None, private: bool) -> tuple[str, str | None]:
     """For `quantize`: check the Hub options and resolve a Hub repo id to a local snapshot.
 
@@ -53,6 +63,8 @@ def hub_source(model_dir: str, revision: str | None, push_to_hub: str | None, pr
 
         if not get_token():
             raise ExmyError("--push-to-hub: not logged in to the Hub: set HF_TOKEN or run `hf auth login`")
+    if push_to_hub or hub.is_repo_id(model_dir):
+        quiet_progress_off_terminal()
     if hub.is_repo_id(model_dir):
         return str(hub.resolve_source(model_dir, revision)), model_dir
     if revision:
@@ -92,6 +104,7 @@ def push(out_dir, repo_id, private, dry_run, revision, base_model, keep_readme):
         hub._check_repo_id(base_model)
         if "/" not in base_model:
             raise ExmyError(f"--base-model {base_model!r}: expected owner/name")
+    quiet_progress_off_terminal()
     paths = hub.push(out_dir, repo_id, private=private, dry_run=dry_run, revision=revision,
                      command=command_line(), source=base_model, keep_readme=keep_readme)
     if not dry_run:

@@ -85,7 +85,8 @@ def _hub_error(err: BaseException, repo_id: str, revision: str | None, writing: 
     if isinstance(err, e.RevisionNotFoundError):
         return ExmyError(f"{repo_id}: revision {revision or 'main'!r} not found")
     if isinstance(err, e.RepositoryNotFoundError):
-        return ExmyError(f"{repo_id}: no such model repository on {where}, or it is private and "
+        local = "" if writing else "not a local folder, and "
+        return ExmyError(f"{repo_id}: {local}no such model repository on {where}, or it is private and "
                          f"your token cannot see it ({login})")
     if isinstance(err, (e.LocalEntryNotFoundError, e.OfflineModeIsEnabled)):
         return ExmyError(f"{repo_id}{rev}: not in the Hub cache and offline mode is on "
