@@ -26,12 +26,13 @@ from exmyconv.errors import ExmyError
 from hubserver import FakeHub
 
 TOKEN = "hf_exmyconvTest" + secrets.token_hex(12)
-SOURCE_CARD = ("---\nlicense: mit\nlanguage:\n- en\ntags:\n- text-generation\n- llama\npipeline_tag: text-generation\n"
+SOURCE_CARD = ("---\nlicense: mit\nlicense_link: LICENSE\nlanguage:\n- en\ntags:\n- text-generation\n- llama\npipeline_tag: text-generation\n"
                "model-index:\n- name: src\n  results: []\n---\n# The source model\n\nLoad it with transformers.\n")
 # (distinct contents: huggingface_hub fetches identical files only once)
 TOKENIZER = {"tokenizer.json": '{"version": "1.0"}', "tokenizer_config.json": '{"model_max_length": 64}',
              "special_tokens_map.json": '{"eos_token": "</s>"}', "vocab.txt": "a\nb\n", "merges.txt": "#version: 0.2\n",
-             "tokenizer.model": b"\x00spm", "added_tokens.json": '{"<x>": 5}', "generation_config.json": '{"do_sample": false}'}
+             "tokenizer.model": b"\x00spm", "added_tokens.json": '{"<x>": 5}',
+             "generation_config.json": '{"do_sample": false}'}
 # Files a repo also has and a conversion must not download.
 JUNK = {"pytorch_model.bin": b"PK\x03\x04 pickle", "model.onnx": b"onnx", "onnx/model.safetensors": b"nested",
         "flax_model.msgpack": b"flax", "tf_model.h5": b"h5", "1_Pooling/config.json": "{}",
@@ -135,6 +136,8 @@ def test_model_card(converted):
     assert meta["base_model"] == "owner/src" and meta["base_model_relation"] == "quantized"
     assert meta["library_name"] == "exmyconv"
     assert meta["license"] == "mit" and meta["language"] == ["en"] and meta["pipeline_tag"] == "text-generation"
+    # OUT_DIR has no LICENSE file (the local source had none): the link points to the source repo's
+    assert meta["license_link"] == "https://huggingface.co/owner/src/blob/main/LICENSE"
     assert meta["tags"][:4] == ["exmy", "exmyconv", "quantized", "e2m2"]
     assert {"text-generation", "llama"} <= set(meta["tags"]) and len(meta["tags"]) == len(set(meta["tags"]))
     assert "model-index" not in meta  # the source's evaluation results are not this model's
@@ -212,7 +215,8 @@ def test_push_dry_run_sends_nothing(fake_hub, env, converted):
     assert lines[0].startswith("dry run: would upload ") and "me/q" in lines[0]
     for path, data in folder_files(converted).items():
         if path != "README.md":
-            assert any(line.split()[:1] == [path] and (f"{len(data)} B" in line or "kB" in line) for line in lines), path
+            size = f"{len(data)} B" if len(data) < 1000 else "kB"
+            assert any(line.split()[:1] == [path] and size in line for line in lines), path
     assert any(line.split()[:1] == ["README.md"] and "generated model card" in line for line in lines)
     assert "--- README.md ---" in res.stdout and "library_name: exmyconv" in res.stdout
     assert "uploaded" not in res.stdout
@@ -266,15 +270,16 @@ EXPECTED = {"model.safetensors", "config.json", "README.md", *TOKENIZER}
 
 def test_quantize_from_hub_and_push(fake_hub, env, tmp_path, rng):
     src = make_checkpoint(tmp_path / "src", tensors_for(rng), config=CONFIG,
-                          extra_files={"README.md": SOURCE_CARD, **TOKENIZER})
+                          extra_files={"README.md": SOURCE_CARD, "LICENSE": "MIT License\n", **TOKENIZER})
     add_source_repo(fake_hub, "owner/src", src)
     out = tmp_path / "out"
+    expected = EXPECTED | {"LICENSE"}
     res = exmyconv_cli(env, "quantize", "owner/src", out, "--push-to-hub", "me/q", "--private")
     assert res.returncode == 0, res.stderr
-    assert f"uploaded {len(EXPECTED)} files to {fake_hub.url}/me/q" in res.stdout
+    assert f"uploaded {len(expected)} files to {fake_hub.url}/me/q" in res.stdout
 
     downloaded = fake_hub.downloaded()
-    assert sorted(downloaded) == sorted(EXPECTED)  # each once, nothing else (no .bin, .onnx, subfolders)
+    assert sorted(downloaded) == sorted(expected)  # each once, nothing else (no .bin, .onnx, subfolders)
     # the same conversion as from the local folder
     ref = tmp_path / "ref"
     exmyconv.quantize(str(src), str(ref), progress=False)
@@ -283,6 +288,7 @@ def test_quantize_from_hub_and_push(fake_hub, env, tmp_path, rng):
     card = fake_hub.files("me/q")["README.md"].decode()
     meta, body = front_matter(card)
     assert meta["base_model"] == "owner/src" and meta["license"] == "mit" and "llama" in meta["tags"]
+    assert meta["license_link"] == "LICENSE" and fake_hub.files("me/q")["LICENSE"] == b"MIT License\n"
     assert f"```bash\nexmyconv quantize --push-to-hub me/q --private owner/src {out}\n```" in body
     assert fake_hub.repos["me/q"].private
     assert all(r.headers.get("authorization") == f"Bearer {TOKEN}" for r in fake_hub.requests)

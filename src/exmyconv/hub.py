@@ -31,7 +31,8 @@ _REPO_ID = re.compile(rf"(?:{_NAME}/)?{_NAME}")
 # Files a conversion needs from a source repo (top level only): weights, index, config, tokenizer, card.
 SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
               "special_tokens_map.json", "vocab.*", "merges.txt", "*.model", "added_tokens.json",
-              "chat_template.jinja", "chat_template.json", "README.md")
+              "chat_template.jinja", "chat_template.json", "README.md",
+              "LICENSE*", "NOTICE*", "USE_POLICY.md")  # the license terms travel with the weights
 WEIGHTS = "*.safetensors"
 CARD_KEYS = ("license", "license_name", "license_link", "language", "datasets", "pipeline_tag")
 TAGS = ("exmy", "exmyconv", "quantized")
@@ -132,7 +133,8 @@ def resolve_source(repo_id: str, revision: str | None = None) -> Path:
     """Download (or find in huggingface_hub's cache) what converting ``repo_id`` needs; the snapshot folder.
 
     Only the weights (the shards the index names, else the top-level ``*.safetensors``), the index, config,
-    generation config, tokenizer files and README.md are fetched, never ``*.bin``, ``*.onnx`` or subfolders.
+    generation config, tokenizer files, README.md and license files (LICENSE*, NOTICE*, USE_POLICY.md) are
+    fetched, never ``*.bin``, ``*.onnx`` or subfolders.
     With HF_HUB_OFFLINE (or when the Hub cannot be reached) the cached snapshot is used.
     """
     import json
@@ -298,6 +300,9 @@ def model_card(out_dir, command: str | None, source: str | None, *, repo_id: str
             meta[key] = source_card[key]
     if "license" not in meta and isinstance(config.get("license"), str):
         meta["license"] = config["license"]
+    link = meta.get("license_link")
+    if isinstance(link, str) and base_model and "://" not in link and not (out / link).is_file():
+        meta["license_link"] = f"https://huggingface.co/{base_model}/blob/main/{link.lstrip('/')}"
     formats = sorted({r["format"] for r in report["tensor_table"] if r["rel_error"] is not None})
     tags = []
     for tag in [*TAGS, *formats, *_as_list(source_card.get("tags"))]:
@@ -311,7 +316,8 @@ def model_card(out_dir, command: str | None, source: str | None, *, repo_id: str
         intro = (f"[{base_model}](https://huggingface.co/{base_model}) with its weight matrices stored as "
                  f"low-bit floating-point numbers ({fmt_text}) by exmyconv.")
     else:
-        intro = f"A checkpoint with its weight matrices stored as low-bit floating-point numbers ({fmt_text}) by exmyconv."
+        intro = (f"A checkpoint with its weight matrices stored as low-bit floating-point numbers ({fmt_text}) "
+                 "by exmyconv.")
     lines = [f"# {title}", "", intro, "", "## Weights", "", *_format_rows(report), ""]
     if report["bits_per_weight_quantized"] is not None:
         lines.append(f"- effective bits per quantized weight: **{report['bits_per_weight_quantized']:.3f}** "
@@ -322,7 +328,8 @@ def model_card(out_dir, command: str | None, source: str | None, *, repo_id: str
                  f"{report['tensors']} tensors)")
     worst = report.get("worst_rel_error")
     if worst:
-        lines.append(f"- relative error ‖W − Ŵ‖/‖W‖ per quantized tensor: mean {report['mean_rel_error']:.4f}, "
+        lines.append("- relative error ‖W − Ŵ‖/‖W‖ per quantized tensor: "
+                     f"mean {report['mean_rel_error']:.4f}, "
                      f"worst {worst['rel_error']:.4f} (`{worst['name']}`)")
     ignore = qcfg.get("ignore") or []
     if ignore:
@@ -338,7 +345,8 @@ def model_card(out_dir, command: str | None, source: str | None, *, repo_id: str
     if fmt == "auto":
         settings = "a format chosen per tensor (`--format auto`)"
     elif fmt:
-        settings = f"format {fmt}, " + (f"one scale per {group} weights of a row" if group else "one scale per output channel")
+        scales = f"one scale per {group} weights of a row" if group else "one scale per output channel"
+        settings = f"format {fmt}, {scales}"
     else:
         settings = "settings not recorded in config.json"
     lines += ["", "## How it was made", "",
