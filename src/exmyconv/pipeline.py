@@ -158,11 +158,17 @@ def tied_duplicates(source: Source, items: list[Item]) -> dict[str, str]:
     tied = {}
     for head in (i for i in items if i.info.name.endswith("lm_head.weight")):
         for emb in embeddings:
-            if (emb.info.dtype, emb.info.shape) == (head.info.dtype, head.info.shape) and np.array_equal(
-                    emb.file.read(emb.info.name).reshape(-1), head.file.read(head.info.name).reshape(-1)):
+            if (emb.info.dtype, emb.info.shape) == (head.info.dtype, head.info.shape) and _same_bytes(emb, head):
                 tied[head.info.name] = emb.info.name
                 break
     return tied
+
+
+def _same_bytes(a: Item, b: Item, step: int = 16 << 20) -> bool:
+    """Compare two tensors' stored bytes piece by piece, stopping at the first difference."""
+    x = a.file.read(a.info.name).reshape(-1).view(np.uint8)
+    y = b.file.read(b.info.name).reshape(-1).view(np.uint8)
+    return all(x[i:i + step].tobytes() == y[i:i + step].tobytes() for i in range(0, x.size, step))
 
 
 def float_chunks(item: Item):
