@@ -9,8 +9,8 @@ import sys
 import click
 
 from . import __version__
-from .errors import ExmyError
 from .cli_hub import push
+from .errors import ExmyError
 from .formats import DEFAULT, NAMED, NAMED_SHARED
 
 _SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b?|b)?\s*", re.I)
@@ -56,12 +56,14 @@ def cli():
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty OUT_DIR.")
 @click.option("--verify/--no-verify", default=None,
               help="Re-read OUT_DIR and check it (bit-exact on the GPU). Default: on when a GPU is present.")
-@click.option("--revision", help="With a Hub repo id (owner/name) as MODEL_DIR: the branch, tag or commit.")
+@click.option("--revision", metavar="REV",
+              help="With a Hub repo id (owner/name) as MODEL_DIR: its branch, tag or commit.")
 @click.option("--push-to-hub", metavar="REPO_ID", help="Then upload OUT_DIR to this Hub model repo, with a model card.")
 @click.option("--private", is_flag=True, help="With --push-to-hub: create the repo private.")
 def quantize(model_dir, out_dir, format_, bits, max_error, candidates, calibration, calibration_tokens,
-             group_size, skip, quantize_embeddings, max_shard_size, clip_search, overwrite, verify, revision, push_to_hub, private):
-    """Quantize MODEL_DIR (a Hugging Face safetensors checkpoint, or @minilm) into OUT_DIR."""
+             group_size, skip, quantize_embeddings, max_shard_size, clip_search, overwrite, verify,
+             revision, push_to_hub, private):
+    """Quantize MODEL_DIR (a Hugging Face safetensors checkpoint, a Hub repo id owner/name, or @minilm) into OUT_DIR."""
     from .pipeline import Options, convert
 
     opts = Options(format=format_, group_size=group_size, skip=tuple(skip),

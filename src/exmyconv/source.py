@@ -28,7 +28,12 @@ def example_dir(name: str) -> Path:
 
 
 def resolve(path: str) -> Path:
-    return example_dir(path[1:]) if path.startswith("@") else Path(path)
+    """A local folder, ``@name`` (an example model) or a Hub repo id ``owner/name`` (downloaded)."""
+    if path.startswith("@"):
+        return example_dir(path[1:])
+    from .hub import is_repo_id, resolve_source
+
+    return resolve_source(path) if is_repo_id(path) else Path(path)
 
 
 @dataclass
