@@ -1,0 +1,489 @@
+"""transformers integration (exmyconv.hf): converted checkpoints load with from_pretrained.
+
+Reference everywhere: the plain model, i.e. the same converted checkpoint dequantized by
+``exmyconv.load_state_dict(out_dir, dtype=...)`` and loaded by transformers without any
+quantizer (a plain safetensors folder). Small random-weight models are built offline from real
+transformers configs. Logits are compared bitwise: ExmyLinear decodes exactly the weights the
+plain model holds and then runs the same ``F.linear``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+import safetensors.torch  # noqa: E402
+from transformers import (AutoModel, AutoModelForCausalLM, AutoModelForSeq2SeqLM, LlamaConfig,  # noqa: E402
+                          Qwen2Config, Qwen3Config, Qwen3MoeConfig, T5Config)
+
+import exmyconv  # noqa: E402
+from exmyconv import hf  # noqa: E402
+from exmyconv.checkpoint import Checkpoint  # noqa: E402
+from exmyconv.hf_impl import ExmyConfig, ExmyLinear, dequantize  # noqa: E402
+from exmyconv.source import example_dir  # noqa: E402
+
+SMALL = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, vocab_size=256, max_position_embeddings=256)
+LINEARS_PER_LAYER = 7  # q k v o gate up down
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _quiet_single_thread():
+    """Quiet transformers; one torch thread (tiny matrices: on a busy 2-core box two threads are far slower)."""
+    level, threads = transformers.logging.get_verbosity(), torch.get_num_threads()
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+    transformers.logging.set_verbosity(level)
+    transformers.utils.logging.enable_progress_bar()
+
+
+def build(cfg, path: Path, seed: int = 0, tweak=None) -> Path:
+    """A random-weight model of ``cfg`` saved as safetensors (how a Hub checkpoint looks)."""
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(cfg)
+    if tweak is not None:
+        with torch.no_grad():
+            tweak(model)
+    model.save_pretrained(path, safe_serialization=True)
+    return path
+
+
+def plain_dir(out_dir: Path, dest: Path, dtype) -> Path:
+    """The converted checkpoint dequantized by exmyconv.load_state_dict(dtype=...), as a plain HF folder."""
+    if not dest.exists():
+        dest.mkdir(parents=True)
+        config = json.loads((out_dir / "config.json").read_text())
+        del config["quantization_config"]
+        (dest / "config.json").write_text(json.dumps(config))
+        state = exmyconv.load_state_dict(str(out_dir), dtype=dtype)
+        safetensors.torch.save_file({k: v.contiguous() for k, v in state.items()}, str(dest / "model.safetensors"),
+                                    metadata={"format": "pt"})
+    return dest
+
+
+def load_pair(out_dir: Path, dtype, auto=AutoModelForCausalLM, state_dtype="same"):
+    """(quantized model via the exmy quantizer, plain dequantized model), both loaded in ``dtype``.
+
+    The plain folder holds the weights dequantized to ``dtype`` (``state_dtype``: None = each
+    tensor's source dtype, for models that keep some modules in float32)."""
+    state_dtype = dtype if state_dtype == "same" else state_dtype
+    quantized = auto.from_pretrained(out_dir, dtype=dtype)
+    plain = auto.from_pretrained(plain_dir(out_dir, out_dir.parent / f"{out_dir.name}-plain-{state_dtype}",
+                                           state_dtype), dtype=dtype)
+    return quantized, plain
+
+
+def exmy_linears(model) -> dict:
+    return {name: m for name, m in model.named_modules() if isinstance(m, ExmyLinear)}
+
+
+def logits(model, ids):
+    with torch.no_grad():
+        out = model(input_ids=ids)
+    return out.logits if hasattr(out, "logits") else out.last_hidden_state
+
+
+def records(out_dir: Path) -> dict:
+    with Checkpoint(str(out_dir)) as ckpt:
+        return {name: rec for name, (rec, _) in ckpt.records.items()}
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    """Llama, untied, two conversions: e2m2 per channel and e2m2s4 with groups of 64 (2 shards)."""
+    root = tmp_path_factory.mktemp("llama")
+    src = build(LlamaConfig(**SMALL, tie_word_embeddings=False), root / "src")
+    exmyconv.quantize(str(src), str(root / "e2m2"), format="e2m2")
+    exmyconv.quantize(str(src), str(root / "e2m2s4-g64"), format="e2m2s4", group_size=64, max_shard_size=150_000)
+    return root
+
+
+# ----------------------------------------------------------------------------- registration
+
+
+def test_registered_with_transformers():
+    from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
+
+    assert hf.is_registered()
+    assert AUTO_QUANTIZATION_CONFIG_MAPPING["exmy"] is ExmyConfig
+    assert AUTO_QUANTIZER_MAPPING["exmy"] is hf.ExmyHfQuantizer
+    hf.register()  # idempotent
+
+
+def _python(code: str, args=()) -> str:
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""),
+           "OMP_NUM_THREADS": "1", "TRANSFORMERS_VERBOSITY": "error"}
+    done = subprocess.run([sys.executable, "-c", textwrap.dedent(code), *args], capture_output=True, text=True,
+                          env=env, timeout=120)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def test_import_exmyconv_stays_light_and_works_without_transformers():
+    out = _python("""
+        import sys, time
+        t = time.perf_counter()
+        import exmyconv
+        took = time.perf_counter() - t
+        assert "transformers" not in sys.modules and "torch" not in sys.modules, "import exmyconv got heavy"
+        assert any(type(f).__name__ == "_RegistryFinder" for f in sys.meta_path), "no registration hook"
+        print(round(took, 3))
+    """)
+    assert float(out) < 3.0
+    # transformers missing altogether: exmyconv still imports and converts
+    _python("""
+        import sys
+        class Block:
+            def find_spec(self, name, path=None, target=None):
+                if name == "transformers" or name.startswith("transformers."):
+                    raise ImportError("no transformers here")
+        sys.meta_path.insert(0, Block())
+        import exmyconv
+        assert callable(exmyconv.quantize) and not exmyconv.hf.is_registered()
+    """)
+
+
+def test_user_flow_in_a_fresh_process(llama):
+    """import exmyconv, then transformers' from_pretrained: registered by the import hook."""
+    out = _python("""
+        import sys, exmyconv
+        assert "transformers" not in sys.modules
+        from transformers import AutoModelForCausalLM
+        model = AutoModelForCausalLM.from_pretrained(sys.argv[1])
+        print(sum(type(m).__name__ == "ExmyLinear" for m in model.modules()))
+    """, args=[str(llama / "e2m2")])
+    assert int(out.split()[-1]) == SMALL["num_hidden_layers"] * LINEARS_PER_LAYER
+
+
+def test_registers_when_transformers_was_imported_first():
+    _python("""
+        import transformers.quantizers.auto as auto
+        assert "exmy" not in auto.AUTO_QUANTIZER_MAPPING
+        import exmyconv
+        assert "exmy" in auto.AUTO_QUANTIZER_MAPPING and "exmy" in auto.AUTO_QUANTIZATION_CONFIG_MAPPING
+    """)
+
+
+# ----------------------------------------------------------------------------- the torch dequantizer
+
+
+@pytest.fixture(scope="module")
+def zoo(tmp_path_factory):
+    """Odd shapes (K not a multiple of 128, ragged groups, 3-D), fp16 and bf16 scales, several formats."""
+    rng = np.random.default_rng(7)
+    src = tmp_path_factory.mktemp("zoo-src")
+    tensors = {
+        "a.weight": rng.standard_normal((48, 200)).astype(np.float32),
+        "b.weight": rng.standard_normal((3, 20, 130)).astype(np.float32),
+        "c.weight": rng.standard_normal((16, 256)).astype(np.float32),
+    }
+    tensors["c.weight"][3] *= 1e-12  # a group too small for fp16 scales: this tensor gets bf16 scales
+    tensors["c.weight"][5] *= 1e5
+    safetensors.torch.save_file({k: torch.from_numpy(v) for k, v in tensors.items()}, str(src / "model.safetensors"))
+    outs = {}
+    for fmt, group in [("e2m2", None), ("e2m2s4", 64), ("e2m3s3", 100), ("e3m2", 96), ("e4m3", None),
+                       ("e5m2", 32), ("e2m1", 64), ("e1m0", None)]:
+        out = tmp_path_factory.mktemp(f"zoo-{fmt}") / "out"
+        exmyconv.quantize(str(src), str(out), format=fmt, group_size=group)
+        outs[(fmt, group)] = out
+    return outs
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_torch_dequantize_equals_checkpoint_dequantize(zoo, dtype):
+    code = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}[dtype]
+    scale_dtypes = set()
+    for out in zoo.values():  # (the 1e5 row overflows fp16: inf on both sides)
+        stored = safetensors.torch.load_file(str(out / "model.safetensors"))
+        with Checkpoint(str(out)) as ckpt:
+            for name, (rec, _) in ckpt.records.items():
+                scale = stored[rec.scale_name]
+                scale_dtypes.add(scale.dtype)
+                got = dequantize(stored[rec.packed_name], scale, rec.fmt, rec.k, rec.group_size, dtype)
+                with np.errstate(over="ignore"):
+                    want = torch.from_numpy(ckpt.dequantize(name, code)).to(dtype)
+                assert got.dtype == dtype and got.shape == want.shape
+                assert torch.equal(got.view(torch.uint8), want.view(torch.uint8)), (rec.fmt.name, name, dtype)
+    assert scale_dtypes == {torch.float16, torch.bfloat16}
+
+
+def test_torch_dequantize_small_chunks(zoo, monkeypatch):
+    import exmyconv.hf_impl as impl
+
+    out = zoo[("e2m3s3", 100)]
+    stored = safetensors.torch.load_file(str(out / "model.safetensors"))
+    rec = records(out)["b.weight"]
+    whole = dequantize(stored[rec.packed_name], stored[rec.scale_name], rec.fmt, rec.k, rec.group_size)
+    monkeypatch.setattr(impl, "CHUNK_ELEMENTS", 300)  # two rows a step
+    chunked = dequantize(stored[rec.packed_name], stored[rec.scale_name], rec.fmt, rec.k, rec.group_size)
+    assert torch.equal(whole, chunked)
+
+
+# ----------------------------------------------------------------------------- causal LMs
+
+
+@pytest.mark.parametrize("variant", ["e2m2", "e2m2s4-g64"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_llama_modules_replaced_and_logits_bitwise(llama, variant, dtype):
+    out = llama / variant
+    quantized, plain = load_pair(out, dtype)
+    replaced = exmy_linears(quantized)
+    assert len(replaced) == SMALL["num_hidden_layers"] * LINEARS_PER_LAYER
+    recs = records(out)
+    for name, module in replaced.items():
+        rec = recs[name + ".weight"]
+        assert (module.fmt, module.group_size, module.in_features) == (rec.fmt, rec.group_size, rec.k)
+        assert module.weight_packed.dtype == torch.uint8 and module.weight_packed.shape == rec.packed_shape
+        assert module.weight_scale.dtype in (torch.float16, torch.bfloat16)
+    assert type(quantized.lm_head) is torch.nn.Linear  # embeddings/lm_head were not quantized
+    assert quantized.is_quantized and quantized.config.quantization_config.quant_method == "exmy"
+    ids = torch.randint(0, SMALL["vocab_size"], (2, 11), generator=torch.Generator().manual_seed(1))
+    assert torch.equal(logits(quantized, ids), logits(plain, ids))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_llama_greedy_generate_same_tokens(llama, dtype):
+    quantized, plain = load_pair(llama / "e2m2", dtype)
+    ids = torch.randint(0, SMALL["vocab_size"], (2, 6), generator=torch.Generator().manual_seed(2))
+    kw = dict(max_new_tokens=20, min_new_tokens=20, do_sample=False, pad_token_id=0)
+    got, want = quantized.generate(ids, **kw), plain.generate(ids, **kw)
+    assert got.shape == (2, 26)
+    assert torch.equal(got, want)
+
+
+def test_automodel_loads_the_base_model(llama):
+    quantized, plain = load_pair(llama / "e2m2s4-g64", torch.float32, auto=AutoModel)
+    assert type(quantized).__name__ == "LlamaModel"
+    assert len(exmy_linears(quantized)) == SMALL["num_hidden_layers"] * LINEARS_PER_LAYER
+    ids = torch.randint(0, SMALL["vocab_size"], (1, 9))
+    assert torch.equal(logits(quantized, ids), logits(plain, ids))
+
+
+def test_to_dtype_keeps_stored_scales(tmp_path):
+    """bf16 scales must not be rounded to fp16 by model.to(torch.float16)."""
+    def tiny_row(model):
+        model.model.layers[0].self_attn.q_proj.weight[3] *= 1e-12  # forces bf16 scales for this tensor
+
+    src = build(LlamaConfig(**SMALL), tmp_path / "src", seed=3, tweak=tiny_row)
+    out = tmp_path / "out"
+    exmyconv.quantize(str(src), str(out), format="e3m2", group_size=32)
+    quantized, plain = load_pair(out, torch.float32)
+    q_proj = quantized.model.layers[0].self_attn.q_proj
+    before = q_proj.weight_scale.clone()
+    assert before.dtype == torch.bfloat16
+    quantized.to(torch.float16)
+    plain.to(torch.float16)  # (also casts buffers such as RoPE's inv_freq, so compare like with like)
+    assert q_proj.weight_scale.dtype == torch.bfloat16 and torch.equal(q_proj.weight_scale, before)
+    ids = torch.randint(0, SMALL["vocab_size"], (2, 7))
+    assert torch.equal(logits(quantized, ids), logits(plain, ids))
+
+
+def test_quantized_embeddings_untied(tmp_path):
+    src = build(Qwen3Config(**SMALL, head_dim=32, tie_word_embeddings=False), tmp_path / "src")
+    out = tmp_path / "out"
+    exmyconv.quantize(str(src), str(out), format="e2m2", group_size=64, quantize_embeddings=True)
+    assert {"model.embed_tokens.weight", "lm_head.weight"} <= set(records(out))
+    quantized, plain = load_pair(out, torch.bfloat16)
+    assert isinstance(quantized.lm_head, ExmyLinear)  # an untied lm_head is a Linear like any other
+    emb = quantized.model.embed_tokens  # an nn.Embedding: dequantized while loading
+    assert type(emb) is torch.nn.Embedding and emb.weight.dtype == torch.bfloat16
+    assert torch.equal(emb.weight, plain.model.embed_tokens.weight)
+    ids = torch.randint(0, SMALL["vocab_size"], (2, 8))
+    assert torch.equal(logits(quantized, ids), logits(plain, ids))
+    kw = dict(max_new_tokens=20, min_new_tokens=20, do_sample=False, pad_token_id=0)
+    assert torch.equal(quantized.generate(ids, **kw), plain.generate(ids, **kw))
+
+
+@pytest.mark.parametrize("embeddings", [True, False])
+def test_tied_embeddings_stay_tied(tmp_path, embeddings):
+    src = build(Qwen2Config(**SMALL, tie_word_embeddings=True), tmp_path / "src")  # q/k/v have biases
+    out = tmp_path / "out"
+    exmyconv.quantize(str(src), str(out), format="e2m2s4", quantize_embeddings=embeddings)
+    assert ("model.embed_tokens.weight" in records(out)) == embeddings
+    quantized, plain = load_pair(out, torch.float32)
+    assert type(quantized.lm_head) is torch.nn.Linear
+    assert quantized.lm_head.weight is quantized.model.embed_tokens.weight
+    assert torch.equal(quantized.model.embed_tokens.weight, plain.model.embed_tokens.weight)
+    assert len(exmy_linears(quantized)) == SMALL["num_hidden_layers"] * LINEARS_PER_LAYER
+    assert quantized.model.layers[0].self_attn.q_proj.bias is not None
+    assert torch.equal(quantized.model.layers[0].self_attn.q_proj.bias, plain.model.layers[0].self_attn.q_proj.bias)
+    ids = torch.randint(0, SMALL["vocab_size"], (2, 8))
+    assert torch.equal(logits(quantized, ids), logits(plain, ids))
+
+
+def test_moe_experts_dequantized_at_load(tmp_path):
+    """Per-expert 2-D tensors that transformers merges into 3-D experts parameters on load."""
+    cfg = Qwen3MoeConfig(**SMALL, head_dim=32, moe_intermediate_size=64, num_experts=4, num_experts_per_tok=2)
+    src = build(cfg, tmp_path / "src")
+    out = tmp_path / "out"
+    exmyconv.quantize(str(src), str(out), format="e2m2", group_size=32)
+    assert "model.layers.0.mlp.experts.3.up_proj.weight" in records(out)
+    quantized, plain = load_pair(out, torch.float32)
+    assert len(exmy_linears(quantized)) == SMALL["num_hidden_layers"] * 4  # attention only
+    experts_q, experts_p = quantized.model.layers[1].mlp.experts, plain.model.layers[1].mlp.experts
+    assert torch.equal(experts_q.gate_up_proj, experts_p.gate_up_proj)
+    assert torch.equal(experts_q.down_proj, experts_p.down_proj)
+    ids = torch.randint(0, SMALL["vocab_size"], (2, 8))
+    assert torch.equal(logits(quantized, ids), logits(plain, ids))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_t5_keeps_its_fp32_modules(tmp_path, dtype):
+    """Seq2seq; T5 reads ``wo.weight`` in forward and keeps ``wo`` in float32 when loaded in fp16."""
+    cfg = T5Config(vocab_size=256, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4,
+                   decoder_start_token_id=0)
+    torch.manual_seed(0)
+    AutoModelForSeq2SeqLM.from_config(cfg).save_pretrained(tmp_path / "src")
+    out = tmp_path / "out"
+    exmyconv.quantize(str(tmp_path / "src"), str(out), format="e2m2", group_size=32)
+    quantized, plain = load_pair(out, dtype, auto=AutoModelForSeq2SeqLM, state_dtype=None)
+    wo = quantized.encoder.block[0].layer[1].DenseReluDense.wo
+    if dtype == torch.float16:  # dequantized at load into the float32 parameter, like the plain model
+        assert type(wo) is torch.nn.Linear and wo.weight.dtype == torch.float32
+        assert torch.equal(wo.weight, plain.encoder.block[0].layer[1].DenseReluDense.wo.weight)
+    else:  # an ExmyLinear whose .weight (read by T5) is a dequantized copy
+        assert isinstance(wo, ExmyLinear) and wo.weight.dtype == torch.float32
+    ids, dec = torch.randint(0, 256, (2, 9)), torch.randint(0, 256, (2, 5))
+    with torch.no_grad():
+        got = quantized(input_ids=ids, decoder_input_ids=dec).logits
+        want = plain(input_ids=ids, decoder_input_ids=dec).logits
+    assert torch.equal(got, want)
+
+
+def test_minilm_embeddings_equal(tmp_path):
+    out = tmp_path / "minilm"
+    exmyconv.quantize("@minilm", str(out), format="e2m2", group_size=128, quantize_embeddings=True)
+    quantized = AutoModel.from_pretrained(out, dtype=torch.float32)
+    plain = AutoModel.from_pretrained(example_dir("minilm"), dtype=torch.float32)
+    state = exmyconv.load_state_dict(str(out), dtype=torch.float32)
+    plain.load_state_dict(state, strict=False)
+    assert len(exmy_linears(quantized)) == 6 * 6 + 1  # q k v, attention out, intermediate, out; pooler
+    assert torch.equal(quantized.embeddings.word_embeddings.weight, state["embeddings.word_embeddings.weight"])
+    ids = torch.randint(1000, 30000, (2, 16), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones_like(ids)
+    mask[1, 12:] = 0
+    with torch.no_grad():
+        got = quantized(input_ids=ids, attention_mask=mask).last_hidden_state
+        want = plain(input_ids=ids, attention_mask=mask).last_hidden_state
+    assert torch.equal(got, want)
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+def test_refuses_to_quantize_a_plain_model(llama):
+    with pytest.raises(ValueError, match="pre-quantized|exmyconv quantize"):
+        AutoModelForCausalLM.from_pretrained(llama / "src", quantization_config=ExmyConfig())
+
+
+def test_refuses_an_unknown_layout_major_version(llama, tmp_path):
+    import shutil
+
+    out = tmp_path / "v2"
+    shutil.copytree(llama / "e2m2", out)
+    config = json.loads((out / "config.json").read_text())
+    config["quantization_config"]["format_version"] = "2.0"
+    (out / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="version 2.0"):
+        AutoModelForCausalLM.from_pretrained(out)
+
+
+# ----------------------------------------------------------------------------- the GPU hook
+
+
+def _small_linear(bias=True, fmt="e2m2", k=200, n=24):
+    rng = np.random.default_rng(5)
+    from exmyconv.formats import get_format
+    from exmyconv.quant import quantize
+
+    qt = quantize(rng.standard_normal((n, k)).astype(np.float32), get_format(fmt), 64)
+    layer = ExmyLinear(k, n, fmt, 64, bias=bias, scale_dtype=torch.float16)
+    layer.weight_packed.copy_(torch.from_numpy(qt.payload))
+    layer.weight_scale.copy_(torch.from_numpy(qt.scales))
+    if bias:
+        layer.bias.data = torch.randn(n)
+    return layer
+
+
+def test_cpu_forward_never_touches_the_gpu_backend(monkeypatch):
+    import exmyconv.hf_impl as impl
+
+    def boom():
+        raise AssertionError("GPU backend consulted for a CPU input")
+
+    monkeypatch.setattr(impl, "_gpu_backend", boom)
+    layer = _small_linear()
+    x = torch.randn(3, 5, 200)
+    want = torch.nn.functional.linear(x, layer.dequantize_weight(torch.float32), layer.bias)
+    assert torch.equal(layer(x), want)
+
+
+class FakeGpu:
+    """Stands in for exmyconv.gpu (same call signatures), computing with the torch dequantizer."""
+
+    MAX_BATCH = 16
+
+    def __init__(self):
+        self.calls = []
+
+    def upload(self, *, payload, scales, scale_dtype, fmt, shape, group_size):
+        self.calls.append("upload")
+        fake = self
+
+        class Weight:
+            def dequantize(self, out_dtype="F16"):
+                fake.calls.append(f"dequantize:{out_dtype}")
+                dtype = {"F16": torch.float16, "BF16": torch.bfloat16}[out_dtype]
+                return dequantize(payload, scales, fmt, shape[-1], group_size, dtype)
+
+        assert scale_dtype == "F16" and tuple(shape) == (24, 200) and group_size == 64
+        return Weight()
+
+    def gemv(self, x, weight):
+        assert x.dim() == 2 and x.shape[0] <= 16
+        self.calls.append(f"gemv:{x.shape[0]}")
+        return torch.nn.functional.linear(x, weight.dequantize("F16" if x.dtype == torch.float16 else "BF16"))
+
+    def to_torch(self, array, dtype=None):
+        return array
+
+
+def test_gpu_hook_dispatch_with_a_fake_backend():
+    layer = _small_linear().to(torch.bfloat16)  # a bf16 model: bias in bf16, scales stay fp16
+    assert layer.weight_scale.dtype == torch.float16
+    gpu = FakeGpu()
+    w = layer.dequantize_weight(torch.bfloat16)
+    small = torch.randn(2, 8, 200, dtype=torch.bfloat16)  # 16 rows: fused GEMV
+    y = layer._gpu_compute(gpu, small)
+    assert y.shape == (2, 8, 24) and "gemv:16" in gpu.calls
+    assert torch.equal(y, torch.nn.functional.linear(small, w) + layer.bias)
+    big = torch.randn(17, 200, dtype=torch.bfloat16)  # 17 rows: dequantize + F.linear
+    y = layer._gpu_compute(gpu, big)
+    assert gpu.calls[-1] == "dequantize:BF16" and not any(c == "gemv:17" for c in gpu.calls)
+    assert torch.equal(y, torch.nn.functional.linear(big, w, layer.bias))
+    assert gpu.calls.count("upload") == 1  # the uploaded view is kept while the buffers stay put
+    layer.to(torch.float16)  # buffers re-created: upload again
+    layer._gpu_compute(gpu, small.half())
+    assert gpu.calls.count("upload") == 2
+
+
+def test_gpu_forward_declines_what_it_cannot_run(monkeypatch):
+    import exmyconv.hf_impl as impl
+
+    layer = _small_linear(fmt="e2m2s4")
+    monkeypatch.setattr(impl, "_gpu_backend", lambda: FakeGpu())
+    x = torch.randn(2, 200)
+    assert layer._gpu_forward(x) is None  # fp32 input, CPU buffers, shared format
