@@ -22,8 +22,8 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 import safetensors.torch  # noqa: E402
-from transformers import (AutoModel, AutoModelForCausalLM, AutoModelForSeq2SeqLM, LlamaConfig,  # noqa: E402
-                          Qwen2Config, Qwen3Config, Qwen3MoeConfig, T5Config)
+from transformers import (AutoModel, AutoModelForCausalLM, AutoModelForSeq2SeqLM, GptOssConfig,  # noqa: E402
+                          LlamaConfig, Qwen2Config, Qwen3Config, Qwen3MoeConfig, T5Config)
 
 import exmyconv  # noqa: E402
 from exmyconv import hf  # noqa: E402
@@ -324,16 +324,41 @@ def test_tied_embeddings_stay_tied(tmp_path, embeddings):
     assert torch.equal(logits(quantized, ids), logits(plain, ids))
 
 
-def test_moe_experts_dequantized_at_load(tmp_path):
-    """Per-expert 2-D tensors that transformers merges into 3-D experts parameters on load."""
-    cfg = Qwen3MoeConfig(**SMALL, head_dim=32, moe_intermediate_size=64, num_experts=4, num_experts_per_tok=2)
-    src = build(cfg, tmp_path / "src")
+def test_dequantize_and_save(llama, tmp_path):
+    quantized, plain = load_pair(llama / "e2m2s4-g64", torch.float32)
+    with pytest.raises(ValueError, match="not serializable"):
+        quantized.save_pretrained(tmp_path / "nope")
+    quantized.dequantize()
+    assert not exmy_linears(quantized) and not getattr(quantized, "is_quantized", False)
+    ids = torch.randint(0, SMALL["vocab_size"], (2, 8))
+    assert torch.equal(logits(quantized, ids), logits(plain, ids))
+    quantized.save_pretrained(tmp_path / "plain")
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "plain", dtype=torch.float32)
+    assert torch.equal(logits(again, ids), logits(plain, ids))
+
+
+MOE = {
+    # per-expert 2-D checkpoint tensors that transformers merges into 3-D parameters on load
+    "qwen3moe": (lambda: Qwen3MoeConfig(**SMALL, head_dim=32, moe_intermediate_size=64, num_experts=4,
+                                        num_experts_per_tok=2), "model.layers.0.mlp.experts.3.up_proj.weight"),
+    # 3-D expert tensors in the checkpoint itself (and 2-D expert biases, also quantized)
+    "gptoss": (lambda: GptOssConfig(**{**SMALL, "intermediate_size": 128}, head_dim=32, num_local_experts=4,
+                                    num_experts_per_tok=2, layer_types=["full_attention"] * 2),
+               "model.layers.0.mlp.experts.gate_up_proj"),
+}
+
+
+@pytest.mark.parametrize("arch", sorted(MOE))
+def test_moe_experts_dequantized_at_load(tmp_path, arch):
+    make_config, expert_record = MOE[arch]
+    src = build(make_config(), tmp_path / "src")
     out = tmp_path / "out"
     exmyconv.quantize(str(src), str(out), format="e2m2", group_size=32)
-    assert "model.layers.0.mlp.experts.3.up_proj.weight" in records(out)
+    assert expert_record in records(out)
     quantized, plain = load_pair(out, torch.float32)
     assert len(exmy_linears(quantized)) == SMALL["num_hidden_layers"] * 4  # attention only
     experts_q, experts_p = quantized.model.layers[1].mlp.experts, plain.model.layers[1].mlp.experts
+    assert experts_q.gate_up_proj.dim() == 3
     assert torch.equal(experts_q.gate_up_proj, experts_p.gate_up_proj)
     assert torch.equal(experts_q.down_proj, experts_p.down_proj)
     ids = torch.randint(0, SMALL["vocab_size"], (2, 8))

@@ -23,8 +23,10 @@ How a checkpoint loads (docs/transformers.md has the user's view):
   (exactly what the plain model computes with the dequantized weight). On a CUDA input with
   ``exmyconv.gpu`` available, :meth:`ExmyLinear._gpu_forward` runs the fused kernels instead.
 
-Limits: pre-quantized checkpoints only (no quantizing on load); no save_pretrained of a loaded
-model; tensor parallelism / disk offload of quantized tensors untested and unsupported.
+``model.dequantize()`` turns the ExmyLinear layers into nn.Linear (then the model saves as a
+plain checkpoint). Limits: pre-quantized checkpoints only (no quantizing on load); no
+save_pretrained of a quantized model; tensor parallelism and disk offload of quantized tensors
+are not supported.
 """
 from __future__ import annotations
 
@@ -313,7 +315,12 @@ class ExmyLinear(nn.Module):
 
         The scales pass through ``fn`` as integer bit patterns, which casts leave alone.
         """
-        self.weight_dtype = fn(torch.empty(0, dtype=self.weight_dtype)).dtype  # follows .to(dtype), .half()
+        try:  # follow .to(dtype) / .half() with the dtype `weight` reports
+            probe = fn(torch.empty(0, dtype=self.weight_dtype))
+            if isinstance(probe, torch.Tensor) and probe.is_floating_point():
+                self.weight_dtype = probe.dtype
+        except Exception:
+            pass
         scale = self._buffers.get("weight_scale")
         if scale is None or not scale.is_floating_point():
             return super()._apply(fn, recurse)
@@ -608,6 +615,25 @@ class ExmyHfQuantizer(HfQuantizer):
                    if not getattr(model.get_buffer(f"{path}.{buf}"), "_is_hf_initialized", False)]
         if missing:
             raise ExmyError(f"exmy: {len(missing)} quantized tensors did not load, e.g. {missing[0]}")
+        return model
+
+    def _dequantize(self, model, dtype=None):
+        """``model.dequantize()``: every ExmyLinear becomes an nn.Linear holding its decoded weight.
+
+        ``dtype`` (default: the dtype the model was loaded in, ``model.config.dtype``) is the
+        weights' dtype; the values are exactly those of ``exmyconv.load_state_dict``.
+        """
+        replacements = {}
+        for module in model.modules():
+            if isinstance(module, ExmyLinear):
+                target = dtype or module.weight_dtype
+                with torch.device("meta"):
+                    linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
+                linear.weight = nn.Parameter(module.dequantize_weight(target), requires_grad=False)
+                if module.bias is not None:
+                    linear.bias = nn.Parameter(module.bias.detach().to(target), requires_grad=False)
+                replacements[id(module)] = linear
+        _swap_modules(model, replacements)
         return model
 
     # -- helpers -------------------------------------------------------------------------------
