@@ -723,8 +723,22 @@ def _swap_modules(model, replacements: dict) -> None:
 _REGISTER_LOCK = threading.Lock()
 
 
+def check_transformers() -> None:
+    """Raise ExmyError unless this transformers has the loading API the quantizer relies on (5.x)."""
+    import importlib.util
+
+    import transformers
+
+    needed = ("update_weight_conversions", "get_new_dtype", "get_load_operations")
+    if (importlib.util.find_spec("transformers.core_model_loading") is None
+            or not all(hasattr(HfQuantizer, name) for name in needed)):
+        raise ExmyError(f"exmyconv's transformers integration needs transformers 5 (tested with 5.23), "
+                        f"found {transformers.__version__}")
+
+
 def register() -> None:
     """Register ExmyConfig / ExmyHfQuantizer under "exmy" (public transformers API; idempotent)."""
+    check_transformers()
     with _REGISTER_LOCK:
         for decorate, cls in ((register_quantization_config, ExmyConfig), (register_quantizer, ExmyHfQuantizer)):
             try:
