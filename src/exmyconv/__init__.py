@@ -15,6 +15,11 @@ __version__ = "0.1.0"
 from .errors import ExmyError  # noqa: E402
 from .formats import ExMy, get_format  # noqa: E402
 
+try:  # registers quant_method "exmy" with transformers, lazily (exmyconv/hf.py; docs/transformers.md)
+    from . import hf as _hf  # noqa: E402, F401
+except ImportError:
+    pass
+
 
 def quantize(model_dir: str, out_dir: str, format: str = "e2m2", group_size: int | None = None,
              skip: tuple[str, ...] = (), quantize_embeddings: bool = False, max_shard_size: int = 5 * 10**9,
