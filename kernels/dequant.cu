@@ -5,12 +5,17 @@
 // code value v by one exact multiply by 2^(127 - bias), multiplied by the float32 value of the
 // fp16/bf16 scale (exact: SPEC section 2, and the same IEEE product numpy computes), and rounded
 // once to the output type with cvt.rn (round to nearest even). fp32 output is not rounded.
+// Float32 multiplies go through fmul_rn (inline PTX without .ftz): CuPy compiles with -ftz=true.
+// 16-bit outputs of whole warps (K % 32 == 0) are staged through shared memory so that each store
+// instruction of a warp writes 512 contiguous bytes.
 //
 // Compile with -DEXMY_E=<E> -DEXMY_M=<M>. Kernels: exmy_dequant_s{16,bf}_o{16,bf,32}
-// (scale dtype F16/BF16, output F16/BF16/F32). Block size: any multiple of 32 (the host uses 256).
+// (scale dtype F16/BF16, output F16/BF16/F32). Block size: DEQUANT_BLOCK (256) threads.
 #include "exmy_decode.cuh"
 
 using namespace exmy;
+
+#define DEQUANT_BLOCK 256  // threads per block; the host launches exactly this many
 
 namespace {
 
@@ -60,30 +65,30 @@ __device__ __forceinline__ void dequant(const u8* __restrict__ payload, const u1
     for (int e = 0; e < 8; ++e) {
         u32 h0, h1;
         decode_group<true>(ch, pre, e, h0, h1);  // pairs 2e, 2e+1 in bf16 placement
-        // raw bf16 lane -> float32 (bits << 16), times 2^(127-bias): the exact code value
-        v[pair_elem(2 * e, 0)] = __uint_as_float(bf16_lane_bits(h0, 0)) * p127;
-        v[pair_elem(2 * e, 1)] = __uint_as_float(bf16_lane_bits(h0, 1)) * p127;
-        v[pair_elem(2 * e + 1, 0)] = __uint_as_float(bf16_lane_bits(h1, 0)) * p127;
-        v[pair_elem(2 * e + 1, 1)] = __uint_as_float(bf16_lane_bits(h1, 1)) * p127;
+        // raw bf16 lane -> float32 (bits << 16, may be subnormal), times 2^(127-bias): exact value
+        v[pair_elem(2 * e, 0)] = fmul_rn(__uint_as_float(bf16_lane_bits(h0, 0)), p127);
+        v[pair_elem(2 * e, 1)] = fmul_rn(__uint_as_float(bf16_lane_bits(h0, 1)), p127);
+        v[pair_elem(2 * e + 1, 0)] = fmul_rn(__uint_as_float(bf16_lane_bits(h1, 0)), p127);
+        v[pair_elem(2 * e + 1, 1)] = fmul_rn(__uint_as_float(bf16_lane_bits(h1, 1)), p127);
     }
 
     const u16* srow = scales + (size_t)row * ngroups;
     if (ngroups == 1 || g % 32 == 0) {  // the chunk lies inside one group
         const float s = scale_value(srow[ngroups == 1 ? 0 : base / g], SCALE_BF16);
 #pragma unroll
-        for (int i = 0; i < 32; ++i) v[i] *= s;
+        for (int i = 0; i < 32; ++i) v[i] = fmul_rn(v[i], s);  // exact product (SPEC 2), kept if subnormal
     } else {  // groups not aligned to chunks: walk the group boundaries
         u32 gi = base / g, next = (gi + 1) * g;
 #pragma unroll
         for (int i = 0; i < 32; ++i) {
             if (base + i >= next) { ++gi; next += g; }
-            v[i] *= scale_value(srow[gi < ngroups ? gi : ngroups - 1], SCALE_BF16);
+            v[i] = fmul_rn(v[i], scale_value(srow[gi < ngroups ? gi : ngroups - 1], SCALE_BF16));
         }
     }
 
     const size_t o = (size_t)row * k + base;  // first output element
     const bool full = base + 32 <= k;
-    if (OUT == 2) {
+    if constexpr (OUT == 2) {
         float* dst = (float*)out + o;
         if (full && k % 4 == 0) {  // 16-byte aligned float4 stores
 #pragma unroll
@@ -93,20 +98,42 @@ __device__ __forceinline__ void dequant(const u8* __restrict__ payload, const u1
             for (int i = 0; i < 32; ++i) if (base + i < k) dst[i] = v[i];
         }
     } else {
-        u16* dst = (u16*)out + o;
-        if (full && k % 8 == 0) {  // 16-byte aligned stores of 8 values
+        uint4 w[4];  // the chunk's 32 outputs, 8 per 16-byte word
 #pragma unroll
-            for (int i = 0; i < 32; i += 8) {
-                uint4 w;
-                w.x = pack2<OUT>(v[i], v[i + 1]);
-                w.y = pack2<OUT>(v[i + 2], v[i + 3]);
-                w.z = pack2<OUT>(v[i + 4], v[i + 5]);
-                w.w = pack2<OUT>(v[i + 6], v[i + 7]);
-                *(uint4*)(dst + i) = w;
+        for (int i = 0; i < 4; ++i) {
+            w[i].x = pack2<OUT>(v[8 * i], v[8 * i + 1]);
+            w[i].y = pack2<OUT>(v[8 * i + 2], v[8 * i + 3]);
+            w[i].z = pack2<OUT>(v[8 * i + 4], v[8 * i + 5]);
+            w[i].w = pack2<OUT>(v[8 * i + 6], v[8 * i + 7]);
+        }
+        u16* dst = (u16*)out + o;
+        const u32 lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+        const u32 warp_u0 = u - lane;  // the warp's first chunk
+        if (k % 32 == 0 && warp_u0 + 32 <= rows * cpr) {
+            // The warp's 32 chunks are 32 consecutive chunks of the output (rows are whole chunks):
+            // stage them in shared memory (5 words per lane: conflict-free writes) and store each
+            // 16-byte word j = lane + 32*s of the warp's 2 KB to consecutive addresses.
+            __shared__ uint4 stage[DEQUANT_BLOCK / 32][32 * 5];
+            uint4* st = stage[warp];
+#pragma unroll
+            for (int i = 0; i < 4; ++i) st[5 * lane + i] = w[i];
+            __syncwarp();
+            uint4* wdst = (uint4*)((u16*)out + (size_t)warp_u0 * 32);  // warp_u0 * 32 elements = row * k + base of lane 0
+#pragma unroll
+            for (int s = 0; s < 4; ++s) {
+                const u32 j = lane + 32 * s;  // 16-byte word j of the warp: lane j/4's word j%4
+                wdst[j] = st[5 * (j >> 2) + (j & 3)];
             }
+        } else if (full && k % 8 == 0) {  // 16-byte aligned stores of 8 values
+#pragma unroll
+            for (int i = 0; i < 4; ++i) *(uint4*)(dst + 8 * i) = w[i];
         } else {
 #pragma unroll
-            for (int i = 0; i < 32; ++i) if (base + i < k) dst[i] = pack1<OUT>(v[i]);
+            for (int i = 0; i < 32; ++i) {
+                const u32 word = i & 7;  // element i: word i/8, 16-bit half (i%8)
+                const u32 x = word < 2 ? w[i >> 3].x : word < 4 ? w[i >> 3].y : word < 6 ? w[i >> 3].z : w[i >> 3].w;
+                if (base + i < k) dst[i] = (u16)(x >> (16 * (i & 1)));  // half i%2 of the 32-bit word
+            }
         }
     }
 }
@@ -114,7 +141,7 @@ __device__ __forceinline__ void dequant(const u8* __restrict__ payload, const u1
 }  // namespace
 
 #define EXMY_DEQUANT_KERNEL(NAME, SBF, OUT)                                                             \
-    extern "C" __global__ void __launch_bounds__(256, 3) NAME(                                           \
+    extern "C" __global__ void __launch_bounds__(DEQUANT_BLOCK, 3) NAME(                               \
         const u8* __restrict__ payload, const u16* __restrict__ scales, void* __restrict__ out,       \
         u32 rows, u32 k, u32 row_bytes, u32 ngroups, u32 g) {                                         \
         dequant<SBF, OUT>(payload, scales, out, rows, k, row_bytes, ngroups, g);                      \

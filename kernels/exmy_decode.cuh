@@ -129,24 +129,53 @@ __device__ __forceinline__ u32 ld_stream4(const void* p) {
     return r;
 }
 
-// Plane words of chunk c (elements 32c .. 32c+31) of the row starting at `row`.
-__device__ __forceinline__ Chunk load_chunk(const u8* __restrict__ row, u32 kp, u32 c) {
+// Pointers to chunk c (elements 32c .. 32c+31) of every plane of a row; unused planes cost nothing.
+struct ChunkPtr {
+    const u8* p8;
+    const u8* p4;
+    const u8* p2;
+    const u8* p1;
+};
+
+__device__ __forceinline__ ChunkPtr chunk_ptr(const u8* __restrict__ row, u32 kp, u32 c) {
+    ChunkPtr p;
+    p.p8 = row + 32 * (size_t)c;              // 8-bit plane: 32 bytes per chunk
+    p.p4 = row + off4(kp) + 16 * (size_t)c;   // 4-bit plane: 16 bytes per chunk
+    p.p2 = row + off2(kp) + 8 * (size_t)c;    // 2-bit plane: 8 bytes per chunk
+    p.p1 = row + off1(kp) + 4 * (size_t)c;    // 1-bit plane: 4 bytes per chunk
+    return p;
+}
+
+__device__ __forceinline__ void advance(ChunkPtr& p, u32 chunks) {
+    p.p8 += 32 * chunks;
+    p.p4 += 16 * chunks;
+    p.p2 += 8 * chunks;
+    p.p1 += 4 * chunks;
+}
+
+// Plane words of chunk (p's chunk + i); i is a compile-time constant, so it becomes an immediate offset.
+__device__ __forceinline__ Chunk load_chunk_at(const ChunkPtr& p, int i) {
     Chunk ch;
-    if (HAS8) {  // 32 bytes at 32c
-        uint4 a = ld_stream16(row + 32 * (size_t)c), b = ld_stream16(row + 32 * (size_t)c + 16);
-        ch.w8[0] = a.x; ch.w8[1] = a.y; ch.w8[2] = a.z; ch.w8[3] = a.w;
+    if (HAS8) {
+        uint4 a = ld_stream16(p.p8 + 32 * i), b = ld_stream16(p.p8 + 32 * i + 16);
+        ch.w8[0] = a.x; ch.w8[HAS8 ? 1 : 0] = a.y; ch.w8[HAS8 ? 2 : 0] = a.z; ch.w8[HAS8 ? 3 : 0] = a.w;
         ch.w8[HAS8 ? 4 : 0] = b.x; ch.w8[HAS8 ? 5 : 0] = b.y; ch.w8[HAS8 ? 6 : 0] = b.z; ch.w8[HAS8 ? 7 : 0] = b.w;
     }
-    if (HAS4) {  // 16 bytes at 16c
-        uint4 a = ld_stream16(row + off4(kp) + 16 * (size_t)c);
+    if (HAS4) {
+        uint4 a = ld_stream16(p.p4 + 16 * i);
         ch.w4[0] = a.x; ch.w4[HAS4 ? 1 : 0] = a.y; ch.w4[HAS4 ? 2 : 0] = a.z; ch.w4[HAS4 ? 3 : 0] = a.w;
     }
-    if (HAS2) {  // 8 bytes at 8c
-        uint2 a = ld_stream8(row + off2(kp) + 8 * (size_t)c);
+    if (HAS2) {
+        uint2 a = ld_stream8(p.p2 + 8 * i);
         ch.w2[0] = a.x; ch.w2[HAS2 ? 1 : 0] = a.y;
     }
-    ch.w1 = HAS1 ? ld_stream4(row + off1(kp) + 4 * (size_t)c) : 0u;  // 4 bytes at 4c
+    ch.w1 = HAS1 ? ld_stream4(p.p1 + 4 * i) : 0u;
     return ch;
+}
+
+// Plane words of chunk c of the row starting at `row`.
+__device__ __forceinline__ Chunk load_chunk(const u8* __restrict__ row, u32 kp, u32 c) {
+    return load_chunk_at(chunk_ptr(row, kp, c), 0);
 }
 #endif
 
@@ -275,6 +304,20 @@ EXMY_HD void decode_group(const Chunk& ch, const Pre& pre, int e, u32& h0, u32& 
         h0 = to_field<BF16>(lane_word(ch, pre, e, 0));
         h1 = to_field<BF16>(lane_word(ch, pre, e, 1));
     }
+}
+
+// float32 multiply, round to nearest even, subnormal inputs and results KEPT. CuPy compiles
+// RawModules with -ftz=true (appended after our options), which makes every compiler-emitted
+// float32 instruction flush subnormals; the raw bf16-placement values of subnormal codes and
+// tiny products are float32 subnormals, so every float32 multiply on a value path uses this.
+EXMY_HD float fmul_rn(float a, float b) {
+#ifdef __CUDA_ARCH__
+    float r;
+    asm("mul.rn.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));  // no .ftz: IEEE subnormals
+    return r;
+#else
+    return a * b;
+#endif
 }
 
 // Exact float32 value of the raw bf16-placement lane (lane 0 or 1): bits -> fp32 via << 16.

@@ -4,12 +4,14 @@
 // into tensor-core operands: mma.sync m16n8k16 with the weights as A (16 rows x 16 k) and x as B
 // (16 k x 8 batch columns), float32 accumulators.
 //
-// Work split. A block of WARPS warps owns 16 weight rows and walks the whole K: iteration `it`
-// covers 32-element chunks it*KSTEP .. it*KSTEP+KSTEP-1, and warp w takes iterations w, w+WARPS, ...
-// Lane (g = lane/4, t = lane%4) loads CPT consecutive chunks of rows g and g+8 (16 B of the 4-bit
-// plane + 4 B of the 1-bit plane per chunk for e2m2: the 4 lanes of a row read 64*CPT contiguous
-// bytes) and the same chunks of x for batch rows g (and g+8 when NT = 2). Partial sums of the
-// warps meet in shared memory; one rounding to the output type at the end.
+// Work split. A warp owns a tile of 16 weight rows and a contiguous K slice; a block of WARPS warps
+// holds WARPS/split tiles x `split` slices (the host picks split in 1,2,4,8 so that about one wave
+// of warps covers the GPU and every warp runs a long loop). Iteration `it` of a warp covers chunks
+// it*KSTEP .. it*KSTEP+KSTEP-1 (32 elements each); lane (g = lane/4, t = lane%4) loads CPT
+// consecutive chunks of rows g and g+8 (for e2m2 16 B of the 4-bit plane + 4 B of the 1-bit plane
+// per chunk: the 4 lanes of a row read 64*CPT contiguous bytes), prefetching the next iteration,
+// and the same chunks of x for batch rows g (and g+8 when NT = 2). Slices meet in shared memory;
+// y is rounded once to the output type.
 //
 // k permutation. The sum over k does not care about order, so within its 32-element chunk a lane
 // feeds decoded pair p (elements pair_elem(p,0), pair_elem(p,1)) to k16-step e = p/2 at A slot
@@ -33,14 +35,26 @@ using namespace exmy;
 #define GEMV_WARPS 8
 #endif
 #ifndef GEMV_CPT
-#define GEMV_CPT 0  // 0: 2 chunks per lane and iteration, 1 for codes of 7-8 bits (register budget)
+#define GEMV_CPT 0  // 0: 2 chunks per lane and iteration for batch <= 8 and codes <= 6 bits, else 1
 #endif
 
 namespace {
 
 constexpr int WARPS = GEMV_WARPS;
-constexpr int CPT = GEMV_CPT > 0 ? GEMV_CPT : (BITS >= 7 ? 1 : 2);  // consecutive chunks per lane per iteration
-constexpr int KSTEP = 4 * CPT;    // chunks per warp iteration (the 4 lanes t = 0..3 of a row)
+// Kernel kinds: 0 = "b1" (batch 1, x staged once per block in shared memory, already permuted;
+// for K up to ~13 000), 3 = "b1r" (batch 1, larger K: x from global memory, more registers),
+// 1 = "nt1" (batch 1..8), 2 = "nt2" (batch 9..16, two 8-column mma tiles).
+// NT: mma column tiles; XS: x staged in shared memory; CPT: consecutive chunks per lane per
+// iteration (2 for batch 1 with codes <= 6 bits: more weights in flight; elsewhere the registers
+// go to x); KSTEP: chunks per warp iteration (the 4 lanes t = 0..3 of a row).
+template <int KIND>
+struct Cfg {
+    static constexpr int NT = KIND == 2 ? 2 : 1;
+    static constexpr bool XS = KIND == 0;
+    static constexpr int CPT = GEMV_CPT > 0 ? GEMV_CPT : (((KIND == 0 || KIND == 3) && BITS <= 6) ? 2 : 1);
+    static constexpr int KSTEP = 4 * CPT;
+};
+constexpr int XS_STRIDE = 20;  // words per chunk of staged x: 16 pairs + 4 padding (conflict-free LDS.128)
 
 __device__ __forceinline__ u32 hmul2(u32 a, u32 b) {
     u32 r;
@@ -104,153 +118,301 @@ __device__ __forceinline__ u32 scale_pair(u32 h, typename ScaleT<MODE>::type s0,
         return hmul2(hmul2(h, POW2_15_H2), (s0 & 0xFFFFu) | (s1 & 0xFFFF0000u));  // exact *2^(15-bias), then *scale
     } else {
         const float p127 = __uint_as_float(POW2_127_BITS);
-        float lo = __uint_as_float(bf16_lane_bits(h, 0)) * p127 * s0;  // (exact v) * scale, exact in fp32
-        float hi = __uint_as_float(bf16_lane_bits(h, 1)) * p127 * s1;
+        // (exact v) * scale, exact in fp32; fmul_rn keeps subnormals (CuPy compiles with -ftz=true)
+        float lo = fmul_rn(fmul_rn(__uint_as_float(bf16_lane_bits(h, 0)), p127), s0);
+        float hi = fmul_rn(fmul_rn(__uint_as_float(bf16_lane_bits(h, 1)), p127), s1);
         return bf16x2_rn(lo, hi);
     }
 }
 
-template <int NT, int MODE, bool XF16>
-__device__ __forceinline__ void gemv(const u8* __restrict__ payload, const void* __restrict__ ks,
-                                     const u16* __restrict__ x, u16* __restrict__ y, u32 n, u32 k,
-                                     u32 row_bytes, u32 ngroups, u32 g, int gshift, u32 batch) {
-    constexpr bool BF = MODE == 2;  // tensor-core operand type
+__device__ __forceinline__ float f16_to_f32(u32 bits) {
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"((u16)bits));  // exact widening
+    return f;
+}
+
+// One warp = one 16-row tile x one K slice: iterations it0, it0+istep, ... < it1 of KSTEP chunks.
+// GM: 0 = one scale per row, 1 = scale groups aligned to chunks, 2 = not aligned (per element).
+// With fp16 operands and one scale per row the mma multiplies the raw decoded values
+// (v * 2^(bias-15), exact in fp16) and the float32 result is scaled once at the end (EPI).
+template <int KIND, int MODE, bool XF16, int GM>
+__device__ __forceinline__ void gemv_warp(const u8* __restrict__ payload, const void* __restrict__ ks,
+                                          const u16* __restrict__ x, const u32* __restrict__ xs, u32 n, u32 k,
+                                          u32 row_bytes, u32 ngroups, u32 g, int gshift, u32 batch,
+                                          u32 row0, u32 it0, u32 it1, u32 istep,
+                                          float (&acc)[Cfg<KIND>::NT][4]) {
+    constexpr int NT = Cfg<KIND>::NT, CPT = Cfg<KIND>::CPT, KSTEP = Cfg<KIND>::KSTEP;
+    constexpr bool XS = Cfg<KIND>::XS;
+    constexpr bool BF = MODE == 2;          // tensor-core operand type
+    constexpr bool EPI = GM == 0 && !BF;    // scale after the mma (fp16 operands, one scale per row)
     typedef typename ScaleT<MODE>::type S;
-    const u32 lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const u32 lane = threadIdx.x & 31;
     const u32 gr = lane >> 2, t = lane & 3;     // mma groupID / thread-in-group
-    const u32 row0 = blockIdx.x * 16;
     const u32 ra = row0 + gr < n ? row0 + gr : n - 1;           // clamp: tail rows re-read row n-1
-    const u32 rb = row0 + gr + 8 < n ? row0 + gr + 8 : n - 1;
+    const u32 rb = row0 + gr + 8 < n ? row0 + gr + 8 : n - 1;   // (their outputs are not written)
     const u32 kp = row_bytes * 8 / BITS;
     const u32 nq = (k + 31) / 32;               // chunks holding real elements
-    const u32 niter = (nq + KSTEP - 1) / KSTEP;
-    const u8* pa = payload + (size_t)ra * row_bytes;
-    const u8* pb = payload + (size_t)rb * row_bytes;
-    // gshift >= 0: group index = chunk >> gshift (31 for one group per row); -1: per-element groups.
-    const bool aligned = gshift >= 0;
+    const u8* rowa = payload + (size_t)ra * row_bytes;
+    const u8* rowb = payload + (size_t)rb * row_bytes;
     const bool xvec = (k % 8) == 0;             // x rows 16-byte aligned
-
-    float acc[NT][4];
+    // x rows of this lane's B-fragment columns; columns >= batch re-read row batch-1 and are
+    // never written out, so no lane needs a zero path (no divergence).
+    const u16* xr[NT];
 #pragma unroll
-    for (int j = 0; j < NT; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
+    for (int j = 0; j < NT; ++j) xr[j] = x + (size_t)(gr + 8 * j < batch ? gr + 8 * j : batch - 1) * k;
 
-    Chunk ca[CPT], cb[CPT];
-    S sa[CPT], sb[CPT];
-    auto load_w = [&](u32 it) {
+    // One scale per row: loaded once.
+    S rsa = S{}, rsb = S{};
+    if (GM == 0) {
+        rsa = load_scale<MODE>(ks, (size_t)ra * ngroups);
+        rsb = load_scale<MODE>(ks, (size_t)rb * ngroups);
+    }
+
+    // x words of chunk q: xw[j][w] = (x[2w], x[2w+1]) of row xr[j]; `checked`: may be the K tail.
+    auto load_x = [&](u32 (&xw)[NT][16], u32 q, bool checked) {
+        if (XS) {  // staged: pair p of chunk q at xs[q * XS_STRIDE + p] (zeros past K)
+            const uint4* src = (const uint4*)(xs + q * XS_STRIDE);
 #pragma unroll
-        for (int i = 0; i < CPT; ++i) {
-            const u32 q = it * KSTEP + t * CPT + i;
-            if (it < niter && q < nq) {
-                ca[i] = load_chunk(pa, kp, q);
-                cb[i] = load_chunk(pb, kp, q);
-                if (aligned) {
-                    const u32 gi = q >> gshift;
-                    sa[i] = load_scale<MODE>(ks, (size_t)ra * ngroups + gi);
-                    sb[i] = load_scale<MODE>(ks, (size_t)rb * ngroups + gi);
+            for (int v = 0; v < 4; ++v) {
+                const uint4 r = src[v];
+                xw[0][4 * v] = r.x; xw[0][4 * v + 1] = r.y; xw[0][4 * v + 2] = r.z; xw[0][4 * v + 3] = r.w;
+            }
+            return;
+        }
+        const u32 qx = q < nq ? q : nq - 1;  // past K the weights are zero: any finite x will do
+        if (!checked || (xvec && 32 * qx + 32 <= k)) {
+#pragma unroll
+            for (int j = 0; j < NT; ++j)
+#pragma unroll
+                for (int v = 0; v < 4; ++v) {
+                    uint4 r = ld_x16(xr[j] + 32 * qx + 8 * v);
+                    xw[j][4 * v] = r.x; xw[j][4 * v + 1] = r.y; xw[j][4 * v + 2] = r.z; xw[j][4 * v + 3] = r.w;
                 }
-            } else {  // beyond K: zero codes decode to +0 (all lanes must join the mma)
-                ca[i] = Chunk{};
-                cb[i] = Chunk{};
-                sa[i] = sb[i] = S{};
+        } else {  // tail of K (or rows not 16-byte aligned): element-wise, zeros past K
+#pragma unroll
+            for (int j = 0; j < NT; ++j)
+#pragma unroll
+                for (int w = 0; w < 16; ++w) {
+                    const u32 e0 = 32 * qx + 2 * w;
+                    const u32 lo = e0 < k ? xr[j][e0] : 0u, hi = e0 + 1 < k ? xr[j][e0 + 1] : 0u;
+                    xw[j][w] = lo | (hi << 16);  // lane 0 = bits 15..0
+                }
+        }
+        if (BF && XF16) {
+#pragma unroll
+            for (int j = 0; j < NT; ++j)
+#pragma unroll
+                for (int w = 0; w < 16; ++w) xw[j][w] = f16x2_to_bf16x2(xw[j][w]);
+        }
+    };
+
+    // Decode + scale + mma of one chunk of rows ra / rb (chunk q of the row).
+    auto compute = [&](const Chunk& wa, const Chunk& wb, S s_a, S s_b, u32 q, bool checked) {
+        u32 xw[NT][16];
+        load_x(xw, q, checked);
+        const Pre prea = prepare(wa), preb = prepare(wb);
+#pragma unroll
+        for (int e = 0; e < 8; ++e) {
+            u32 a0, a1, a2, a3;
+            decode_group<BF>(wa, prea, e, a0, a2);  // row gr:   pairs 2e (k slots 2t,2t+1), 2e+1 (2t+8,2t+9)
+            decode_group<BF>(wb, preb, e, a1, a3);  // row gr+8: same pairs
+            if (EPI) {
+                // raw values; the row scale is applied to the float32 sums
+            } else if (GM == 0) {
+                a0 = scale_pair<MODE>(a0, rsa, rsa); a2 = scale_pair<MODE>(a2, rsa, rsa);
+                a1 = scale_pair<MODE>(a1, rsb, rsb); a3 = scale_pair<MODE>(a3, rsb, rsb);
+            } else if (GM == 1) {
+                a0 = scale_pair<MODE>(a0, s_a, s_a); a2 = scale_pair<MODE>(a2, s_a, s_a);
+                a1 = scale_pair<MODE>(a1, s_b, s_b); a3 = scale_pair<MODE>(a3, s_b, s_b);
+            } else {  // groups not aligned to chunks: a scale per element (slow path)
+                const u32 e00 = 32 * q + pair_elem(2 * e, 0), e01 = 32 * q + pair_elem(2 * e, 1);
+                const u32 e10 = 32 * q + pair_elem(2 * e + 1, 0), e11 = 32 * q + pair_elem(2 * e + 1, 1);
+                auto gi = [&](u32 el) { u32 v = el / g; return v < ngroups ? v : ngroups - 1; };
+                const size_t oa = (size_t)ra * ngroups, ob = (size_t)rb * ngroups;
+                a0 = scale_pair<MODE>(a0, load_scale<MODE>(ks, oa + gi(e00)), load_scale<MODE>(ks, oa + gi(e01)));
+                a2 = scale_pair<MODE>(a2, load_scale<MODE>(ks, oa + gi(e10)), load_scale<MODE>(ks, oa + gi(e11)));
+                a1 = scale_pair<MODE>(a1, load_scale<MODE>(ks, ob + gi(e00)), load_scale<MODE>(ks, ob + gi(e01)));
+                a3 = scale_pair<MODE>(a3, load_scale<MODE>(ks, ob + gi(e10)), load_scale<MODE>(ks, ob + gi(e11)));
+            }
+#pragma unroll
+            for (int j = 0; j < NT; ++j) {
+                // x pair of the same elements: x[el] sits in word el/2, lane el%2 (el and el+8 share parity)
+                constexpr u32 SEL[2] = {0x5410u, 0x7632u};  // lane 0 of both words / lane 1 of both
+                const int p0 = pair_elem(2 * e, 0), p1 = pair_elem(2 * e + 1, 0);
+                const u32 b0 = XS ? xw[j][2 * e] : prmt(xw[j][p0 >> 1], xw[j][(p0 + 8) >> 1], SEL[p0 & 1]);
+                const u32 b1 = XS ? xw[j][2 * e + 1] : prmt(xw[j][p1 >> 1], xw[j][(p1 + 8) >> 1], SEL[p1 & 1]);
+                mma16816<BF>(acc[j], a0, a1, a2, a3, b0, b1);
             }
         }
     };
 
-    load_w(warp);
-    for (u32 it = warp; it < niter; it += WARPS) {
-        Chunk na[CPT], nb[CPT];
-        S nsa[CPT], nsb[CPT];
+    // Batch 1: the block stages x once in shared memory (niter*KSTEP chunks x XS_STRIDE words,
+    // dynamic), already in pair order (and bf16 when the operands are bf16), zeros past K. Every
+    // warp calls this exactly once, after issuing its first weight loads (they overlap).
+    auto stage_x = [&]() {
+        if (!XS) return;
+        u32* xsw = const_cast<u32*>(xs);
+        const u32 niter_all = (nq + KSTEP - 1) / KSTEP;
+        for (u32 q = threadIdx.x; q < niter_all * KSTEP; q += WARPS * 32) {
+            u32 w[16];  // w[i] = (x[32q + 2i], x[32q + 2i + 1])
+            if (xvec && 32 * q + 32 <= k) {
 #pragma unroll
-        for (int i = 0; i < CPT; ++i) { na[i] = ca[i]; nb[i] = cb[i]; nsa[i] = sa[i]; nsb[i] = sb[i]; }
-        load_w(it + WARPS);  // prefetch the next iteration while this one computes
+                for (int v = 0; v < 4; ++v) {
+                    const uint4 r = ld_x16(x + 32 * (size_t)q + 8 * v);
+                    w[4 * v] = r.x; w[4 * v + 1] = r.y; w[4 * v + 2] = r.z; w[4 * v + 3] = r.w;
+                }
+            } else {
+#pragma unroll
+                for (int i = 0; i < 16; ++i) {
+                    const u32 e0 = 32 * q + 2 * i;
+                    w[i] = (e0 < k ? (u32)x[e0] : 0u) | ((e0 + 1 < k ? (u32)x[e0 + 1] : 0u) << 16);
+                }
+            }
+            if (BF && XF16) {
+#pragma unroll
+                for (int i = 0; i < 16; ++i) w[i] = f16x2_to_bf16x2(w[i]);
+            }
+#pragma unroll
+            for (int p = 0; p < 16; ++p) {  // pair p = (x[pair_elem(p,0)], x[pair_elem(p,0) + 8])
+                const int p0 = pair_elem(p, 0);
+                xsw[q * XS_STRIDE + p] = prmt(w[p0 >> 1], w[(p0 + 8) >> 1], (p0 & 1) ? 0x7632u : 0x5410u);
+            }
+        }
+        __syncthreads();
+    };
+
+    Chunk ca[CPT], cb[CPT];
+    S sa[CPT], sb[CPT];
+#pragma unroll
+    for (int i = 0; i < CPT; ++i) sa[i] = sb[i] = S{};
+
+    // Main loop: iterations whose chunks all lie inside K (x rows aligned): no bounds checks,
+    // running plane pointers, the next iteration's weights prefetched into registers.
+    const u32 nfull = (k / 32) / KSTEP;
+    const u32 main_end = xvec ? (it1 < nfull ? it1 : nfull) : 0;
+    u32 it = it0;
+    if (it >= main_end) stage_x();  // no main iterations: stage now (uniform per warp)
+    if (it < main_end) {
+        u32 q0 = it * KSTEP + t * CPT;  // this lane's first chunk of iteration `it`
+        const u32 qstep = istep * KSTEP;
+        ChunkPtr pa = chunk_ptr(rowa, kp, q0), pb = chunk_ptr(rowb, kp, q0);
+        auto load_main = [&]() {
+#pragma unroll
+            for (int i = 0; i < CPT; ++i) {
+                ca[i] = load_chunk_at(pa, i);
+                cb[i] = load_chunk_at(pb, i);
+                if (GM == 1) {
+                    const u32 gi = (q0 + i) >> gshift;
+                    sa[i] = load_scale<MODE>(ks, (size_t)ra * ngroups + gi);
+                    sb[i] = load_scale<MODE>(ks, (size_t)rb * ngroups + gi);
+                }
+            }
+        };
+        load_main();
+        stage_x();  // after this warp's first weight loads are in flight
+        for (; it < main_end; it += istep) {
+            Chunk na[CPT], nb[CPT];
+            S nsa[CPT], nsb[CPT];
+#pragma unroll
+            for (int i = 0; i < CPT; ++i) { na[i] = ca[i]; nb[i] = cb[i]; nsa[i] = sa[i]; nsb[i] = sb[i]; }
+            const u32 q = q0;
+            advance(pa, qstep);
+            advance(pb, qstep);
+            q0 += qstep;
+            if (it + istep < main_end) load_main();  // prefetch the next iteration
+#pragma unroll
+            for (int i = 0; i < CPT; ++i) compute(na[i], nb[i], nsa[i], nsb[i], q + i, false);
+        }
+    }
+    // Tail: the iteration that reaches past K (and everything when x rows are not aligned).
+    for (; it < it1; it += istep) {
 #pragma unroll
         for (int i = 0; i < CPT; ++i) {
             const u32 q = it * KSTEP + t * CPT + i;
-            // x words of this chunk for batch rows gr (+8): xw[j][w] = (x[2w], x[2w+1])
-            u32 xw[NT][16];
-#pragma unroll
-            for (int j = 0; j < NT; ++j) {
-                const u32 b = gr + 8 * j;
-                if (b < batch && q < nq) {
-                    const u16* xr = x + (size_t)b * k + 32 * q;
-                    if (xvec && 32 * q + 32 <= k) {
-#pragma unroll
-                        for (int v = 0; v < 4; ++v) {
-                            uint4 r = ld_x16(xr + 8 * v);
-                            xw[j][4 * v] = r.x; xw[j][4 * v + 1] = r.y; xw[j][4 * v + 2] = r.z; xw[j][4 * v + 3] = r.w;
-                        }
-                    } else {  // tail of K (or unaligned rows): element-wise, zeros past K
-#pragma unroll
-                        for (int w = 0; w < 16; ++w) {
-                            u32 lo = 32 * q + 2 * w < k ? xr[2 * w] : 0u;
-                            u32 hi = 32 * q + 2 * w + 1 < k ? xr[2 * w + 1] : 0u;
-                            xw[j][w] = lo | (hi << 16);
-                        }
-                    }
-                    if (BF && XF16) {
-#pragma unroll
-                        for (int w = 0; w < 16; ++w) xw[j][w] = f16x2_to_bf16x2(xw[j][w]);
-                    }
-                } else {
-#pragma unroll
-                    for (int w = 0; w < 16; ++w) xw[j][w] = 0u;
+            if (q < nq) {
+                ca[i] = load_chunk(rowa, kp, q);
+                cb[i] = load_chunk(rowb, kp, q);
+                if (GM == 1) {
+                    const u32 gi = q >> gshift;
+                    sa[i] = load_scale<MODE>(ks, (size_t)ra * ngroups + gi);
+                    sb[i] = load_scale<MODE>(ks, (size_t)rb * ngroups + gi);
                 }
+            } else {  // beyond K: zero codes decode to +0 and contribute nothing
+                ca[i] = Chunk{};
+                cb[i] = Chunk{};
             }
-
-            const Pre prea = prepare(na[i]), preb = prepare(nb[i]);
-#pragma unroll
-            for (int e = 0; e < 8; ++e) {
-                u32 a0, a1, a2, a3;
-                decode_group<BF>(na[i], prea, e, a0, a2);  // row gr:   pairs 2e (k slots 2t,2t+1), 2e+1 (2t+8,2t+9)
-                decode_group<BF>(nb[i], preb, e, a1, a3);  // row gr+8: same pairs
-                if (aligned) {
-                    a0 = scale_pair<MODE>(a0, nsa[i], nsa[i]);
-                    a2 = scale_pair<MODE>(a2, nsa[i], nsa[i]);
-                    a1 = scale_pair<MODE>(a1, nsb[i], nsb[i]);
-                    a3 = scale_pair<MODE>(a3, nsb[i], nsb[i]);
-                } else {  // groups not aligned to chunks: a scale per element (slow path)
-                    const u32 e00 = 32 * q + pair_elem(2 * e, 0), e01 = 32 * q + pair_elem(2 * e, 1);
-                    const u32 e10 = 32 * q + pair_elem(2 * e + 1, 0), e11 = 32 * q + pair_elem(2 * e + 1, 1);
-                    auto gi = [&](u32 el) { u32 v = el / g; return v < ngroups ? v : ngroups - 1; };
-                    const size_t oa = (size_t)ra * ngroups, ob = (size_t)rb * ngroups;
-                    a0 = scale_pair<MODE>(a0, load_scale<MODE>(ks, oa + gi(e00)), load_scale<MODE>(ks, oa + gi(e01)));
-                    a2 = scale_pair<MODE>(a2, load_scale<MODE>(ks, oa + gi(e10)), load_scale<MODE>(ks, oa + gi(e11)));
-                    a1 = scale_pair<MODE>(a1, load_scale<MODE>(ks, ob + gi(e00)), load_scale<MODE>(ks, ob + gi(e01)));
-                    a3 = scale_pair<MODE>(a3, load_scale<MODE>(ks, ob + gi(e10)), load_scale<MODE>(ks, ob + gi(e11)));
-                }
-#pragma unroll
-                for (int j = 0; j < NT; ++j) {
-                    // x pair of the same elements: x[el] sits in word el/2, lane el%2 (el and el+8 share parity)
-                    constexpr u32 SEL[2] = {0x5410u, 0x7632u};  // take lane 0 of both / lane 1 of both
-                    const int p0 = pair_elem(2 * e, 0), p1 = pair_elem(2 * e + 1, 0);
-                    const u32 b0 = prmt(xw[j][p0 >> 1], xw[j][(p0 + 8) >> 1], SEL[p0 & 1]);
-                    const u32 b1 = prmt(xw[j][p1 >> 1], xw[j][(p1 + 8) >> 1], SEL[p1 & 1]);
-                    mma16816<BF>(acc[j], a0, a1, a2, a3, b0, b1);
-                }
-            }
+            compute(ca[i], cb[i], sa[i], sb[i], q, true);
         }
     }
 
-    // Cross-warp reduction: lane holds (row gr, cols 2t, 2t+1) in acc[j][0..1], row gr+8 in [2..3].
+    if (EPI) {  // row scales: fp16 bits of S = scale*2^(15-bias) (MODE 0) or of scale (MODE 1)
+        const float p15 = __uint_as_float(POW2_15_BITS);
+        const float fa = MODE == 0 ? f16_to_f32((u32)rsa) : fmul_rn(f16_to_f32((u32)rsa), p15);
+        const float fb = MODE == 0 ? f16_to_f32((u32)rsb) : fmul_rn(f16_to_f32((u32)rsb), p15);
+#pragma unroll
+        for (int j = 0; j < NT; ++j) {
+            acc[j][0] = fmul_rn(acc[j][0], fa); acc[j][1] = fmul_rn(acc[j][1], fa);
+            acc[j][2] = fmul_rn(acc[j][2], fb); acc[j][3] = fmul_rn(acc[j][3], fb);
+        }
+    }
+}
+
+// Block = WARPS warps = (WARPS / split) tiles of 16 rows x `split` K slices (split in 1,2,4,8).
+// interleave = 0: slice s takes a contiguous run of iterations; 1: iterations s, s+split, ...
+// (the split warps of a tile then read neighbouring bytes of the same rows at the same time).
+template <int KIND, int MODE, bool XF16, int GM>
+__device__ __forceinline__ void gemv(const u8* __restrict__ payload, const void* __restrict__ ks,
+                                     const u16* __restrict__ x, u16* __restrict__ y, u32 n, u32 k,
+                                     u32 row_bytes, u32 ngroups, u32 g, int gshift, u32 batch, u32 split,
+                                     u32 interleave) {
+    constexpr int NT = Cfg<KIND>::NT, KSTEP = Cfg<KIND>::KSTEP;
+    const u32 lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const u32 tiles_per_block = WARPS / split;
+    const u32 tile = blockIdx.x * tiles_per_block + warp / split;
+    const u32 slice = warp % split;
+    const u32 row0 = tile * 16;
+    const u32 nq = (k + 31) / 32;
+    const u32 niter = (nq + KSTEP - 1) / KSTEP;
+    u32 it0, it1, istep;
+    if (interleave) {
+        it0 = slice; it1 = niter; istep = split;
+    } else {
+        const u32 per = (niter + split - 1) / split;    // iterations per slice
+        it0 = slice * per < niter ? slice * per : niter;
+        it1 = it0 + per < niter ? it0 + per : niter;
+        istep = 1;
+    }
+
+
+    float acc[NT][4];
+#pragma unroll
+    for (int j = 0; j < NT; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
+    extern __shared__ uint4 xs_dyn[];  // batch-1 kernels: x staged by the block (see gemv_warp)
+    // every warp takes part (the x staging has a block barrier); warps past the last row do no work
+    gemv_warp<KIND, MODE, XF16, GM>(payload, ks, x, (u32*)xs_dyn, n, k, row_bytes, ngroups, g, gshift, batch,
+                                    row0 < n ? row0 : n - 1, it0, row0 < n ? it1 : it0, istep, acc);
+
+    // Cross-slice reduction: lane holds (row gr, cols 2t, 2t+1) in acc[j][0..1], row gr+8 in [2..3].
     __shared__ float red[WARPS][NT * 4][32];
 #pragma unroll
     for (int j = 0; j < NT; ++j)
 #pragma unroll
         for (int r = 0; r < 4; ++r) red[warp][4 * j + r][lane] = acc[j][r];
     __syncthreads();
-    if (threadIdx.x < NT * 4 * 32) {
-        const u32 idx = threadIdx.x >> 5, ln = threadIdx.x & 31;
-        float s = 0.f;
-#pragma unroll
-        for (int w = 0; w < WARPS; ++w) s += red[w][idx][ln];
+    // thread -> (tile in block, fragment register idx, lane) ; tiles_per_block * NT*4*32 <= 256*NT
+    for (u32 o = threadIdx.x; o < tiles_per_block * NT * 4 * 32; o += WARPS * 32) {
+        const u32 tb = o / (NT * 4 * 32), rem = o % (NT * 4 * 32);
+        const u32 idx = rem >> 5, ln = rem & 31;
+        float sum = 0.f;
+        for (u32 w = 0; w < split; ++w) sum += red[tb * split + w][idx][ln];
         const u32 j = idx >> 2, r = idx & 3;
-        const u32 row = row0 + (ln >> 2) + (r >= 2 ? 8 : 0);
+        const u32 row = (blockIdx.x * tiles_per_block + tb) * 16 + (ln >> 2) + (r >= 2 ? 8 : 0);
         const u32 col = 8 * j + 2 * (ln & 3) + (r & 1);
         if (row < n && col < batch) {
-            u16 o;
-            if (XF16) asm("cvt.rn.f16.f32 %0, %1;" : "=h"(o) : "f"(s));
-            else asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(o) : "f"(s));
-            y[(size_t)col * n + row] = o;
+            u16 out;
+            if (XF16) asm("cvt.rn.f16.f32 %0, %1;" : "=h"(out) : "f"(sum));
+            else asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(out) : "f"(sum));
+            y[(size_t)col * n + row] = out;
         }
     }
 }
@@ -259,11 +421,17 @@ __device__ __forceinline__ void gemv(const u8* __restrict__ payload, const void*
 
 // Each variant has a number; compiling with -DEXMY_VARIANT=<n> builds that one kernel only (the
 // Python loader does this: less NVRTC time); without it every variant is built.
-#define EXMY_GEMV_KERNEL(NAME, NT, MODE, XF16)                                                          \
-    extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32, 2) NAME(                            \
+// Blocks per SM the register budget is sized for: 3 (<= 80 registers, no spills) for the b1 and
+// nt1 fp16-operand kernels with one scale per row and codes of <= 5 bits; 2 (<= 128 registers)
+// for the others. gpu.py's gemv_blocks_per_sm() mirrors this rule.
+#define EXMY_GEMV_BLOCKS(KIND, MODE, GM) (((MODE) != 2 && ((KIND) == 0 || (KIND) == 1) && (GM) == 0 && BITS <= 5) ? 3 : 2)
+#define EXMY_GEMV_KERNEL(NAME, KIND, MODE, XF16, GM)                                                    \
+    extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32, EXMY_GEMV_BLOCKS(KIND, MODE, GM)) NAME( \
         const u8* __restrict__ payload, const void* __restrict__ ks, const u16* __restrict__ x,       \
-        u16* __restrict__ y, u32 n, u32 k, u32 row_bytes, u32 ngroups, u32 g, int gshift, u32 batch) { \
-        gemv<NT, MODE, XF16>(payload, ks, x, y, n, k, row_bytes, ngroups, g, gshift, batch);          \
+        u16* __restrict__ y, u32 n, u32 k, u32 row_bytes, u32 ngroups, u32 g, int gshift, u32 batch,  \
+        u32 split, u32 interleave) {                                                                  \
+        gemv<KIND, MODE, XF16, GM>(payload, ks, x, y, n, k, row_bytes, ngroups, g, gshift, batch, split, \
+                                   interleave);                                                       \
     }
 #ifdef EXMY_VARIANT
 #define EXMY_ALL 0
@@ -272,31 +440,154 @@ __device__ __forceinline__ void gemv(const u8* __restrict__ payload, const void*
 #define EXMY_VARIANT (-1)
 #endif
 
-// Names: exmy_gemv_<mode>_<x/y dtype>_nt<1|2>; nt1 serves batch 1..8, nt2 batch 9..16.
-// fp16 tensor-core operands need E <= 4 (kernels 0-3); bf16 ones work for every format.
+// Names: exmy_gemv_<mode>_<x/y dtype>_<kind><groups>: mode fold/two (fp16 operands, E <= 4) or bf
+// (bf16 operands, any format); kind b1 / b1r (batch 1), nt1 (batch 1..8), nt2 (batch 9..16); groups
+// "" = one scale per row, _g = scale groups aligned to 32-element chunks, _ga = not aligned (a
+// scale per element, slower). Variant number = 3 * (4 * mode index + kind index) + groups, kinds
+// in the order b1, nt1, nt2, b1r.
 #if EXMY_E <= 4
 #if EXMY_ALL || EXMY_VARIANT == 0
-EXMY_GEMV_KERNEL(exmy_gemv_fold_x16_nt1, 1, 0, true)
+EXMY_GEMV_KERNEL(exmy_gemv_fold_x16_b1, 0, 0, true, 0)
 #endif
 #if EXMY_ALL || EXMY_VARIANT == 1
-EXMY_GEMV_KERNEL(exmy_gemv_fold_x16_nt2, 2, 0, true)
+EXMY_GEMV_KERNEL(exmy_gemv_fold_x16_b1_g, 0, 0, true, 1)
 #endif
 #if EXMY_ALL || EXMY_VARIANT == 2
-EXMY_GEMV_KERNEL(exmy_gemv_two_x16_nt1, 1, 1, true)
+EXMY_GEMV_KERNEL(exmy_gemv_fold_x16_b1_ga, 0, 0, true, 2)
 #endif
 #if EXMY_ALL || EXMY_VARIANT == 3
-EXMY_GEMV_KERNEL(exmy_gemv_two_x16_nt2, 2, 1, true)
-#endif
+EXMY_GEMV_KERNEL(exmy_gemv_fold_x16_nt1, 1, 0, true, 0)
 #endif
 #if EXMY_ALL || EXMY_VARIANT == 4
-EXMY_GEMV_KERNEL(exmy_gemv_bf_x16_nt1, 1, 2, true)
+EXMY_GEMV_KERNEL(exmy_gemv_fold_x16_nt1_g, 1, 0, true, 1)
 #endif
 #if EXMY_ALL || EXMY_VARIANT == 5
-EXMY_GEMV_KERNEL(exmy_gemv_bf_x16_nt2, 2, 2, true)
+EXMY_GEMV_KERNEL(exmy_gemv_fold_x16_nt1_ga, 1, 0, true, 2)
 #endif
 #if EXMY_ALL || EXMY_VARIANT == 6
-EXMY_GEMV_KERNEL(exmy_gemv_bf_xbf_nt1, 1, 2, false)
+EXMY_GEMV_KERNEL(exmy_gemv_fold_x16_nt2, 2, 0, true, 0)
 #endif
 #if EXMY_ALL || EXMY_VARIANT == 7
-EXMY_GEMV_KERNEL(exmy_gemv_bf_xbf_nt2, 2, 2, false)
+EXMY_GEMV_KERNEL(exmy_gemv_fold_x16_nt2_g, 2, 0, true, 1)
+#endif
+#if EXMY_ALL || EXMY_VARIANT == 8
+EXMY_GEMV_KERNEL(exmy_gemv_fold_x16_nt2_ga, 2, 0, true, 2)
+#endif
+#if EXMY_ALL || EXMY_VARIANT == 9
+EXMY_GEMV_KERNEL(exmy_gemv_fold_x16_b1r, 3, 0, true, 0)
+#endif
+#if EXMY_ALL || EXMY_VARIANT == 10
+EXMY_GEMV_KERNEL(exmy_gemv_fold_x16_b1r_g, 3, 0, true, 1)
+#endif
+#if EXMY_ALL || EXMY_VARIANT == 11
+EXMY_GEMV_KERNEL(exmy_gemv_fold_x16_b1r_ga, 3, 0, true, 2)
+#endif
+#if EXMY_ALL || EXMY_VARIANT == 12
+EXMY_GEMV_KERNEL(exmy_gemv_two_x16_b1, 0, 1, true, 0)
+#endif
+#if EXMY_ALL || EXMY_VARIANT == 13
+EXMY_GEMV_KERNEL(exmy_gemv_two_x16_b1_g, 0, 1, true, 1)
+#endif
+#if EXMY_ALL || EXMY_VARIANT == 14
+EXMY_GEMV_KERNEL(exmy_gemv_two_x16_b1_ga, 0, 1, true, 2)
+#endif
+#if EXMY_ALL || EXMY_VARIANT == 15
+EXMY_GEMV_KERNEL(exmy_gemv_two_x16_nt1, 1, 1, true, 0)
+#endif
+#if EXMY_ALL || EXMY_VARIANT == 16
+EXMY_GEMV_KERNEL(exmy_gemv_two_x16_nt1_g, 1, 1, true, 1)
+#endif
+#if EXMY_ALL || EXMY_VARIANT == 17
+EXMY_GEMV_KERNEL(exmy_gemv_two_x16_nt1_ga, 1, 1, true, 2)
+#endif
+#if EXMY_ALL || EXMY_VARIANT == 18
+EXMY_GEMV_KERNEL(exmy_gemv_two_x16_nt2, 2, 1, true, 0)
+#endif
+#if EXMY_ALL || EXMY_VARIANT == 19
+EXMY_GEMV_KERNEL(exmy_gemv_two_x16_nt2_g, 2, 1, true, 1)
+#endif
+#if EXMY_ALL || EXMY_VARIANT == 20
+EXMY_GEMV_KERNEL(exmy_gemv_two_x16_nt2_ga, 2, 1, true, 2)
+#endif
+#if EXMY_ALL || EXMY_VARIANT == 21
+EXMY_GEMV_KERNEL(exmy_gemv_two_x16_b1r, 3, 1, true, 0)
+#endif
+#if EXMY_ALL || EXMY_VARIANT == 22
+EXMY_GEMV_KERNEL(exmy_gemv_two_x16_b1r_g, 3, 1, true, 1)
+#endif
+#if EXMY_ALL || EXMY_VARIANT == 23
+EXMY_GEMV_KERNEL(exmy_gemv_two_x16_b1r_ga, 3, 1, true, 2)
+#endif
+#endif  // EXMY_E <= 4
+#if EXMY_ALL || EXMY_VARIANT == 24
+EXMY_GEMV_KERNEL(exmy_gemv_bf_x16_b1, 0, 2, true, 0)
+#endif
+#if EXMY_ALL || EXMY_VARIANT == 25
+EXMY_GEMV_KERNEL(exmy_gemv_bf_x16_b1_g, 0, 2, true, 1)
+#endif
+#if EXMY_ALL || EXMY_VARIANT == 26
+EXMY_GEMV_KERNEL(exmy_gemv_bf_x16_b1_ga, 0, 2, true, 2)
+#endif
+#if EXMY_ALL || EXMY_VARIANT == 27
+EXMY_GEMV_KERNEL(exmy_gemv_bf_x16_nt1, 1, 2, true, 0)
+#endif
+#if EXMY_ALL || EXMY_VARIANT == 28
+EXMY_GEMV_KERNEL(exmy_gemv_bf_x16_nt1_g, 1, 2, true, 1)
+#endif
+#if EXMY_ALL || EXMY_VARIANT == 29
+EXMY_GEMV_KERNEL(exmy_gemv_bf_x16_nt1_ga, 1, 2, true, 2)
+#endif
+#if EXMY_ALL || EXMY_VARIANT == 30
+EXMY_GEMV_KERNEL(exmy_gemv_bf_x16_nt2, 2, 2, true, 0)
+#endif
+#if EXMY_ALL || EXMY_VARIANT == 31
+EXMY_GEMV_KERNEL(exmy_gemv_bf_x16_nt2_g, 2, 2, true, 1)
+#endif
+#if EXMY_ALL || EXMY_VARIANT == 32
+EXMY_GEMV_KERNEL(exmy_gemv_bf_x16_nt2_ga, 2, 2, true, 2)
+#endif
+#if EXMY_ALL || EXMY_VARIANT == 33
+EXMY_GEMV_KERNEL(exmy_gemv_bf_x16_b1r, 3, 2, true, 0)
+#endif
+#if EXMY_ALL || EXMY_VARIANT == 34
+EXMY_GEMV_KERNEL(exmy_gemv_bf_x16_b1r_g, 3, 2, true, 1)
+#endif
+#if EXMY_ALL || EXMY_VARIANT == 35
+EXMY_GEMV_KERNEL(exmy_gemv_bf_x16_b1r_ga, 3, 2, true, 2)
+#endif
+#if EXMY_ALL || EXMY_VARIANT == 36
+EXMY_GEMV_KERNEL(exmy_gemv_bf_xbf_b1, 0, 2, false, 0)
+#endif
+#if EXMY_ALL || EXMY_VARIANT == 37
+EXMY_GEMV_KERNEL(exmy_gemv_bf_xbf_b1_g, 0, 2, false, 1)
+#endif
+#if EXMY_ALL || EXMY_VARIANT == 38
+EXMY_GEMV_KERNEL(exmy_gemv_bf_xbf_b1_ga, 0, 2, false, 2)
+#endif
+#if EXMY_ALL || EXMY_VARIANT == 39
+EXMY_GEMV_KERNEL(exmy_gemv_bf_xbf_nt1, 1, 2, false, 0)
+#endif
+#if EXMY_ALL || EXMY_VARIANT == 40
+EXMY_GEMV_KERNEL(exmy_gemv_bf_xbf_nt1_g, 1, 2, false, 1)
+#endif
+#if EXMY_ALL || EXMY_VARIANT == 41
+EXMY_GEMV_KERNEL(exmy_gemv_bf_xbf_nt1_ga, 1, 2, false, 2)
+#endif
+#if EXMY_ALL || EXMY_VARIANT == 42
+EXMY_GEMV_KERNEL(exmy_gemv_bf_xbf_nt2, 2, 2, false, 0)
+#endif
+#if EXMY_ALL || EXMY_VARIANT == 43
+EXMY_GEMV_KERNEL(exmy_gemv_bf_xbf_nt2_g, 2, 2, false, 1)
+#endif
+#if EXMY_ALL || EXMY_VARIANT == 44
+EXMY_GEMV_KERNEL(exmy_gemv_bf_xbf_nt2_ga, 2, 2, false, 2)
+#endif
+#if EXMY_ALL || EXMY_VARIANT == 45
+EXMY_GEMV_KERNEL(exmy_gemv_bf_xbf_b1r, 3, 2, false, 0)
+#endif
+#if EXMY_ALL || EXMY_VARIANT == 46
+EXMY_GEMV_KERNEL(exmy_gemv_bf_xbf_b1r_g, 3, 2, false, 1)
+#endif
+#if EXMY_ALL || EXMY_VARIANT == 47
+EXMY_GEMV_KERNEL(exmy_gemv_bf_xbf_b1r_ga, 3, 2, false, 2)
 #endif

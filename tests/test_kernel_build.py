@@ -53,27 +53,48 @@ def test_sources_are_packaged_and_share_one_decoder():
     assert re.search(r'^"kernels"\s*=\s*"exmyconv/kernels"', pyproject, re.M), "kernels/ not in the wheel"
 
 
-def _compile(src: Path, e: int, m: int, out: Path) -> tuple[str, int, str]:
-    cmd = [NVCC, "-arch=sm_90", "--cubin", "-std=c++17", f"-DEXMY_E={e}", f"-DEXMY_M={m}",
-           "--resource-usage", "-o", str(out), str(src)]
+def _compile(src: Path, e: int, m: int, out: Path, variant: int | None = None) -> tuple[str, int, str]:
+    defines = [f"-DEXMY_E={e}", f"-DEXMY_M={m}"] + ([f"-DEXMY_VARIANT={variant}"] if variant is not None else [])
+    cmd = [NVCC, "-arch=sm_90", "--cubin", "-std=c++17", *defines, "--resource-usage", "-o", str(out), str(src)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    return f"{src.name} e{e}m{m}", proc.returncode, proc.stdout + proc.stderr
+    return f"{src.name} e{e}m{m}" + (f" v{variant}" if variant is not None else ""), proc.returncode, proc.stdout + proc.stderr
+
+
+def _jobs_for(tmp_path):
+    """Every source for every format. gemv.cu has 48 variants (mode x kernel kind x scale groups):
+    all of them for the named formats and e5m2; for the other formats the fp16-operand batch-1 and
+    batch-8 ones (E <= 4) and the bf16-operand unaligned-group one, which between them run every
+    decode path."""
+    jobs = []
+    for src in SOURCES:
+        for e, m in FORMATS:
+            name = f"e{e}m{m}"
+            if src.name != "gemv.cu" or name in NAMED or name == "e5m2":
+                jobs.append((src, e, m, tmp_path / f"{src.stem}_{name}.cubin", None))
+            else:
+                for v in ([0, 3] if e <= 4 else []) + [47]:
+                    jobs.append((src, e, m, tmp_path / f"{src.stem}_{name}_v{v}.cubin", v))
+    return jobs
 
 
 @needs_nvcc
 def test_every_kernel_compiles_for_sm90(tmp_path):
-    jobs = [(src, e, m, tmp_path / f"{src.stem}_e{e}m{m}.cubin") for src in SOURCES for e, m in FORMATS]
+    jobs = _jobs_for(tmp_path)
     with ThreadPoolExecutor(_jobs()) as pool:
         results = list(pool.map(lambda a: _compile(*a), jobs))
     failed = [(what, log) for what, rc, log in results if rc != 0]
     assert not failed, "\n\n".join(f"{what}:\n{log[-3000:]}" for what, log in failed[:3])
     for what, _, log in results:
-        assert "warning" not in log.lower() or "stack size" in log.lower(), f"{what}:\n{log[-2000:]}"
-    # fast paths of the named formats: no local-memory spills in the GEMV kernels
+        assert "warning" not in log.lower(), f"{what}:\n{log[-2000:]}"
+    # fast paths of the named formats: no local-memory spills in the fp16-operand GEMV kernels
+    # (fold/two) with one scale per row or aligned groups; the others may spill a little
     for what, _, log in results:
-        if what.startswith("gemv.cu") and what.split()[-1] in NAMED:
-            spills = re.findall(r"(\d+) bytes spill stores", log)
-            assert spills and all(int(s) == 0 for s in spills), f"{what} spills:\n{log}"
+        if what.startswith("gemv.cu") and what.split()[1] in NAMED:
+            found = re.findall(r"Function properties for (\w+)\n\s+\d+ bytes stack frame, (\d+) bytes spill", log)
+            assert found, log
+            spilled = [name for name, n in found if int(n) and not name.endswith("_ga")
+                       and name.startswith(("exmy_gemv_fold", "exmy_gemv_two"))]
+            assert not spilled, f"{what}: {spilled} spill registers:\n{log}"
 
 
 HOST_CHECK = r"""
