@@ -1,0 +1,308 @@
+"""GPU kernels (kernels/*.cu through exmyconv.gpu): bit-exact dequantization and the fused GEMV.
+
+Skipped with a reason when CuPy or a CUDA GPU is missing (CI); EXMY_REQUIRE_GPU=1 (set by
+scripts/gpu-check) turns that skip into a failure. Every comparison of dequantized values is on raw
+bits (uint16/uint32) of every element against QTensor.dequantize, into outputs poisoned with NaN
+patterns first so that an element the kernel did not write shows up.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+from exmyconv import dtypes, gpu
+from exmyconv.formats import NAMED, ExMy, all_formats, get_format
+from exmyconv.pack import pack_codes
+from exmyconv.quant import QTensor, quantize
+
+_REASON = gpu.unavailable_reason()
+if _REASON and os.environ.get("EXMY_REQUIRE_GPU"):
+    raise RuntimeError(f"EXMY_REQUIRE_GPU is set but the GPU path is unavailable: {_REASON}")
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(bool(_REASON), reason=f"needs CuPy and a CUDA GPU: {_REASON}")]
+
+ALL = [f.name for f in all_formats()]
+POISON = {"F16": 0x7E5A, "BF16": 0x7FA5, "F32": 0x7FC0_5A5A}  # NaN patterns the kernels never write
+
+
+@pytest.fixture(scope="module")
+def cp():
+    import cupy
+
+    return cupy
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def ref_bits(qt: QTensor, out_dtype: str) -> np.ndarray:
+    """Raw bits of the CPU reference dequantization."""
+    v = qt.dequantize(out_dtype)
+    if out_dtype == "F16":
+        return v.astype(np.float16).view(np.uint16)
+    if out_dtype == "BF16":
+        return dtypes.bf16_bits(v)
+    return np.ascontiguousarray(v, dtype=np.float32).view(np.uint32)
+
+
+def poisoned(cp, shape, out_dtype):
+    if out_dtype == "F32":
+        return cp.full(shape, POISON["F32"], dtype=cp.uint32).view(cp.float32)
+    raw = cp.full(shape, POISON[out_dtype], dtype=cp.uint16)
+    return raw.view(cp.float16) if out_dtype == "F16" else raw
+
+
+def gpu_bits(cp, qt: QTensor, out_dtype: str, scales=None) -> np.ndarray:
+    out = poisoned(cp, qt.shape, out_dtype)
+    got = gpu.dequantize(qt.payload, qt.scales if scales is None else scales, qt.scale_dtype, qt.fmt,
+                         qt.shape[-1], qt.group_size, out_dtype, out=out)
+    assert got is out
+    host = cp.asnumpy(got)
+    return host.view(np.uint32 if out_dtype == "F32" else np.uint16)
+
+
+def assert_same_bits(got: np.ndarray, want: np.ndarray, what: str):
+    assert got.shape == want.shape, what
+    bad = got != want
+    if bad.any():
+        idx = np.argwhere(bad)[:5]
+        detail = ", ".join(f"{tuple(i)}: got {got[tuple(i)]:#x} want {want[tuple(i)]:#x}" for i in idx)
+        pytest.fail(f"{what}: {int(bad.sum())} of {bad.size} elements differ ({detail})")
+
+
+def random_scales(rng, shape, scale_dtype: str, fmt: ExMy, wide: bool) -> np.ndarray:
+    """Scale values exact in scale_dtype; `wide` spans the dtype's whole normal range."""
+    if scale_dtype == "F16":
+        lo, hi = (-14, 15) if wide else (-12, np.log2(60000 / fmt.max))
+        s = np.exp2(rng.uniform(lo, hi, shape)).astype(np.float32)
+        return np.maximum(dtypes.round_to(s, "F16"), np.float32(2.0**-14))
+    lo, hi = (-126, 120) if wide else (-20, 10)
+    s = np.exp2(rng.uniform(lo, hi, shape)).astype(np.float32)
+    return np.maximum(dtypes.round_to(s, "BF16"), np.float32(2.0**-126))
+
+
+def qtensor_from_codes(codes: np.ndarray, scales: np.ndarray, fmt: ExMy, g: int, scale_dtype: str) -> QTensor:
+    lead = codes.shape[:-1]
+    return QTensor(fmt, tuple(codes.shape), g, pack_codes(codes.reshape(-1, codes.shape[-1]), fmt).reshape(*lead, -1),
+                   scales, scale_dtype)
+
+
+# ----------------------------------------------------------------------------- environment
+
+def test_kernels_compiled_for_this_device(cp):
+    fn = gpu.kernel("dequant.cu", "exmy_dequant_s16_o16", get_format("e2m2"))
+    major, minor = gpu._capability()
+    assert fn.attributes["binary_version"] == 10 * major + minor  # a cubin for this arch, not PTX JIT
+    assert gpu.device_info()["arch"] == f"sm_{major}{minor}"
+
+
+# ----------------------------------------------------------------------------- dequantization
+
+@pytest.mark.parametrize("name", ALL)
+def test_every_code_every_format(cp, rng, name):
+    """A row holds every code (in a random order) several times; all scale/output dtypes."""
+    fmt = get_format(name)
+    ncodes = 1 << fmt.bits
+    k = max(3 * ncodes + 5, 135)  # spans several chunks and a padded tail
+    rows = 6
+    codes = np.stack([np.resize(rng.permutation(ncodes), k) for _ in range(rows)]).astype(np.uint8)
+    for scale_dtype in ("F16", "BF16"):
+        for g in (k, 32, 100):
+            ng = -(-k // g)
+            # wide scales: products that overflow fp16 (-> inf) and that are fp32 subnormals
+            scales = random_scales(rng, (rows, ng), scale_dtype, fmt, wide=True)
+            qt = qtensor_from_codes(codes, scales, fmt, g, scale_dtype)
+            for out_dtype in ("F16", "BF16", "F32"):
+                assert_same_bits(gpu_bits(cp, qt, out_dtype), ref_bits(qt, out_dtype),
+                                 f"{name} scales {scale_dtype} G={g} -> {out_dtype}")
+
+
+@pytest.mark.parametrize("name", NAMED + ("e1m0", "e1m5", "e5m2", "e3m3"))
+@pytest.mark.parametrize("k", [1, 100, 129, 384, 4099])
+def test_random_tensors(cp, rng, name, k):
+    fmt = get_format(name)
+    rows = int(rng.integers(1, 9))
+    x = (rng.standard_normal((rows, k)) * rng.uniform(1e-3, 1.0)).astype(np.float32)
+    x[rng.random(x.shape) < 0.01] = 0.0  # a few exact zeros
+    for group in (None, 32, 64, 128, 100):
+        qt = quantize(x, fmt, group)
+        for out_dtype in ("F16", "BF16"):
+            assert_same_bits(gpu_bits(cp, qt, out_dtype), ref_bits(qt, out_dtype),
+                             f"{name} K={k} group={group} ({qt.scale_dtype}) -> {out_dtype}")
+
+
+@pytest.mark.parametrize("name", ["e2m2", "e4m3", "e5m1"])
+def test_3d_weights_and_scale_inputs(cp, rng, name):
+    """3-D (MoE-like) weights; scales given as float32, raw uint16 bits, cupy and torch arrays."""
+    fmt = get_format(name)
+    x = (rng.standard_normal((3, 5, 200)) * 0.05).astype(np.float32)
+    qt = quantize(x, fmt, 64)
+    want = ref_bits(qt, "F16")
+    stored = dtypes.store(qt.scales, qt.scale_dtype).view(np.uint16)  # what safetensors holds
+    variants = [qt.scales, stored, cp.asarray(stored), cp.asarray(qt.scales)]
+    try:
+        import torch
+
+        t = torch.from_numpy(stored.view(np.int16).copy())
+        variants.append(t.view(torch.float16 if qt.scale_dtype == "F16" else torch.bfloat16))
+        if torch.cuda.is_available():
+            variants.append(variants[-1].cuda())
+    except ImportError:
+        pass
+    for s in variants:
+        assert_same_bits(gpu_bits(cp, qt, "F16", scales=s), want, f"{name} 3-D, scales {type(s).__name__}")
+    w = gpu.upload(qt)
+    got = w.dequantize("BF16")
+    assert got.shape == qt.shape
+    assert_same_bits(cp.asnumpy(got), ref_bits(qt, "BF16"), f"{name} GpuWeight.dequantize")
+
+
+def test_fresh_random_large(cp, rng):
+    """A bigger fresh tensor per named format, both output types (many blocks per launch)."""
+    for name in NAMED:
+        fmt = get_format(name)
+        n, k = int(rng.integers(200, 600)), int(rng.integers(1000, 5000))
+        x = (rng.standard_normal((n, k)) * 0.02).astype(np.float32)
+        qt = quantize(x, fmt, None if rng.random() < 0.5 else 128)
+        for out_dtype in ("F16", "BF16"):
+            assert_same_bits(gpu_bits(cp, qt, out_dtype), ref_bits(qt, out_dtype), f"{name} {n}x{k}")
+
+
+def test_bad_arguments(cp):
+    from exmyconv.errors import ExmyError
+
+    qt = quantize(np.ones((4, 64), np.float32), get_format("e2m2"))
+    with pytest.raises(ExmyError):
+        gpu.dequantize(qt.payload[:, :-1], qt.scales, "F16", "e2m2", 64, None)
+    with pytest.raises(ExmyError):
+        gpu.dequantize(qt.payload, qt.scales, "F16", "e2m2", 64, None, "F64")
+    with pytest.raises(ExmyError):
+        gpu.dequantize(qt.payload, qt.scales[:2], "F16", "e2m2", 64, None)
+
+
+# ----------------------------------------------------------------------------- GEMV
+
+# |y - ref| / |ref| vs float64 x . dequant(W)^T (docs/kernels.md): fp16 operands (x fp16, scales
+# F16, E <= 4) / bf16 operands (x bf16, or BF16 scales, or E = 5)
+TOL = {"F16": 2e-3, "BF16": 1e-2}
+
+
+def gemv_check(cp, rng, fmt: ExMy, n: int, k: int, batch: int, x_dtype: str, group=None, qt=None,
+               use_torch=True, scale=0.05, x_scale=1.0):
+    import torch
+
+    if qt is None:
+        w = (rng.standard_normal((n, k)) * scale).astype(np.float32)
+        qt = quantize(w, fmt, group)
+    weight = gpu.upload(qt)
+    tdt = torch.float16 if x_dtype == "F16" else torch.bfloat16
+    x = torch.from_numpy((rng.standard_normal((batch, k)) * x_scale).astype(np.float32)).to("cuda", tdt)
+    x64 = x.double().cpu().numpy()
+    w64 = qt.dequantize("F32").reshape(-1, k).astype(np.float64)
+    ref = x64 @ w64.T
+    if use_torch:
+        y = torch.full((batch, weight.n), float("nan"), dtype=tdt, device="cuda")  # poisoned
+        got = gpu.gemv(x, weight, out=y)
+        assert got is y
+        y64 = y.double().cpu().numpy()
+    else:
+        xc = cp.asarray(x.view(torch.int16).cpu().numpy()).view(cp.uint16)
+        if x_dtype == "F16":
+            xc = xc.view(cp.float16)
+        y = gpu.gemv(xc, weight, x_dtype=x_dtype)
+        yh = cp.asnumpy(y)
+        y64 = yh.astype(np.float64) if x_dtype == "F16" else dtypes.to_float32(yh, "BF16").astype(np.float64)
+    assert y64.shape == (batch, weight.n)
+    assert np.isfinite(y64).all(), "unwritten (NaN) or non-finite outputs"
+    err = np.linalg.norm(y64 - ref) / max(np.linalg.norm(ref), 1e-30)
+    name, _ = gpu.gemv_kernel_name(weight, x_dtype, min(batch, 16))
+    tol = TOL["BF16"] if "_bf_" in name else TOL["F16"]  # bf16 tensor-core operands: bf16 tolerance
+    assert err <= tol, f"{fmt.name} {n}x{k} B={batch} x {x_dtype} ({name}): rel error {err:.2e}"
+    return err, name, weight, x, y64, x64
+
+
+@pytest.mark.parametrize("name", NAMED)
+@pytest.mark.parametrize("x_dtype", ["F16", "BF16"])
+def test_gemv_named_formats(cp, rng, name, x_dtype):
+    fmt = get_format(name)
+    for batch in (1, 2, 3, 5, 8, 9, 13, 16):
+        n = int(rng.integers(1, 300))
+        k = int(rng.choice([int(rng.integers(1, 700)), 128 * int(rng.integers(1, 12)), 4096]))
+        gemv_check(cp, rng, fmt, n, k, batch, x_dtype)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_gemv_every_format(cp, rng, name):
+    fmt = get_format(name)
+    for x_dtype in ("F16", "BF16"):
+        gemv_check(cp, rng, fmt, 70, 1000, 4, x_dtype)
+        gemv_check(cp, rng, fmt, 33, 512, 12, x_dtype, use_torch=False)
+
+
+def test_gemv_error_bound_per_element(cp, rng):
+    """fp16 operands: one scale per row -> the mma multiplies the exact code values and scales the
+    float32 sums; aligned groups -> it multiplies exactly the F16-dequantized weights. Either way
+    each y differs from float64 x . W^T by at most the float32 summation error plus one fp16
+    rounding of y."""
+    fmt = get_format("e2m2")
+    for group, kname in ((None, "exmy_gemv_fold_x16_"), (128, "exmy_gemv_fold_x16_")):
+        for batch in (1, 7, 16):
+            err, name, weight, x, y64, x64 = gemv_check(cp, rng, fmt, 257, 3000, batch, "F16", group=group)
+            assert name.startswith(kname) and name.endswith("" if group is None else "_g"), name
+            if group is None:
+                w = cp.asnumpy(weight.dequantize("F32")).astype(np.float64)
+            else:
+                w = cp.asnumpy(weight.dequantize("F16")).astype(np.float64)
+            ref = x64 @ w.T
+            bound = 2.0**-11 * np.abs(ref) + 1e-4 * (np.abs(x64) @ np.abs(w).T) + 2.0**-24
+            assert (np.abs(y64 - ref) <= bound).all(), f"group {group} batch {batch}"
+
+
+@pytest.mark.parametrize("group", [32, 64, 128, 96, 100])
+def test_gemv_group_sizes(cp, rng, group):
+    for name in ("e2m2", "e3m2", "e4m3"):
+        for batch in (1, 10):
+            gemv_check(cp, rng, get_format(name), 150, 1100, batch, "F16", group=group)
+            gemv_check(cp, rng, get_format(name), 150, 1100, batch, "BF16", group=group)
+
+
+def test_gemv_scale_modes(cp, rng):
+    """Large fp16 scales (fold would overflow: two-step path), bf16 scales with fp16 x, E = 5."""
+    k, n = 640, 96
+    # large fp16 scales: |w| up to ~1e3 -> scale*2^14 > 65504
+    qt = quantize((rng.standard_normal((n, k)) * 300).astype(np.float32), get_format("e2m2"))
+    assert qt.scale_dtype == "F16"
+    _, name, *_ = gemv_check(cp, rng, get_format("e2m2"), n, k, 3, "F16", qt=qt)
+    assert name.startswith("exmy_gemv_two"), name
+    # bf16 scales (values beyond fp16 range): bf16 operands; with fp16 x the output is fp16
+    qt = quantize((rng.standard_normal((n, k)) * 1e-6).astype(np.float32), get_format("e3m2"))
+    assert qt.scale_dtype == "BF16"
+    _, name, *_ = gemv_check(cp, rng, get_format("e3m2"), n, k, 5, "BF16", qt=qt)
+    assert name.startswith("exmy_gemv_bf_xbf"), name
+    _, name, *_ = gemv_check(cp, rng, get_format("e3m2"), n, k, 5, "F16", qt=qt, x_scale=300.0)
+    assert name.startswith("exmy_gemv_bf_x16"), name
+    for name_ in ("e5m2", "e5m0"):
+        _, kname, *_ = gemv_check(cp, rng, get_format(name_), n, k, 2, "F16", scale=1e-3)
+        assert kname.startswith("exmy_gemv_bf_x16"), kname
+
+
+def test_gemv_large_batch_and_vector(cp, rng):
+    """More than 16 rows of x (several launches), a 1-D x, and batch 1 with K too large to stage
+    x in shared memory (b1r kernels instead of b1)."""
+    import torch
+
+    fmt = get_format("e2m2")
+    gemv_check(cp, rng, fmt, 200, 1024, 37, "F16")
+    for x_dtype in ("F16", "BF16"):
+        _, name, *_ = gemv_check(cp, rng, fmt, 40, 45000, 1, x_dtype)
+        assert "_b1r" in name, name
+        _, name, *_ = gemv_check(cp, rng, fmt, 40, 4000, 1, x_dtype)
+        assert "_b1" in name, name
+    qt = quantize((rng.standard_normal((64, 256)) * 0.1).astype(np.float32), fmt)
+    w = gpu.upload(qt)
+    x = torch.randn(256, dtype=torch.float16, device="cuda")
+    y = gpu.gemv(x, w)
+    assert tuple(y.shape) == (64,)
+    ref = x.double().cpu().numpy() @ qt.dequantize("F32").astype(np.float64).T
+    assert np.linalg.norm(y.double().cpu().numpy() - ref) <= 2e-3 * np.linalg.norm(ref)
