@@ -1,0 +1,74 @@
+"""`exmyconv bench`: GPU benchmark command (registered by cli.py with ``main.add_command(bench)``)."""
+from __future__ import annotations
+
+import sys
+
+import click
+
+from .errors import ExmyError
+from .formats import NAMED
+
+
+@click.command("bench")
+@click.option("--formats", default=",".join(NAMED), show_default=True,
+              help="Comma-separated ExMy formats to benchmark.")
+@click.option("--shapes", default=None, metavar="KxN,...",
+              help="Layer shapes as K inputs x N outputs (default: 4096x4096, 4096x14336, 14336x4096, "
+                   "8192x28672, 28672x8192).")
+@click.option("--checkpoint", default=None, metavar="PATH",
+              help="Benchmark the weight shapes of this checkpoint (exmy or plain safetensors) instead.")
+@click.option("--max-shapes", type=int, default=8, show_default=True,
+              help="With --checkpoint: the largest this many distinct shapes.")
+@click.option("--batches", default="1,2,4,8,16", show_default=True, help="Batch sizes (1..16 per launch).")
+@click.option("--group-size", type=int, default=None,
+              help="Scale group size of the random weights (default: one scale per output channel).")
+@click.option("--reps", type=int, default=100, show_default=True, help="Timed launches per measurement.")
+@click.option("--no-dequant", is_flag=True, help="Skip the dequantization bandwidth measurement.")
+@click.option("--json", "json_path", default="exmy-bench.json", show_default=True, help="Write results here.")
+@click.option("--png", "png_path", default="exmy-bench.png", show_default=True,
+              help="Plot of speedup vs batch, one line per format.")
+def bench(formats, shapes, checkpoint, max_shapes, batches, group_size, reps, no_dequant, json_path, png_path):
+    """Time GPU dequantization and the fused ExMy GEMV against torch fp16 F.linear (needs a CUDA GPU)."""
+    try:
+        from . import gpu
+
+        reason = gpu.unavailable_reason()
+    except Exception as err:  # a broken CuPy install must still give one line
+        reason = f"{type(err).__name__}: {err}"
+    if reason:
+        click.echo(f"exmyconv bench: needs a CUDA GPU with CuPy: {reason}", err=True)
+        sys.exit(2)
+    try:
+        import torch
+
+        torch_cuda = torch.cuda.is_available()
+    except Exception:
+        torch_cuda = False
+    if not torch_cuda:
+        click.echo("exmyconv bench: needs PyTorch with CUDA for the fp16 baseline", err=True)
+        sys.exit(2)
+    from . import bench as b
+
+    try:
+        fmts = [f.strip() for f in formats.split(",") if f.strip()]
+        from .formats import get_format
+
+        for f in fmts:
+            get_format(f)
+        batch_list = [int(v) for v in batches.split(",") if v.strip()]
+        if not batch_list or not all(1 <= v <= 16 for v in batch_list):
+            raise ExmyError("batches must be between 1 and 16")
+        if checkpoint:
+            shape_list = b.checkpoint_shapes(checkpoint)[:max_shapes]
+        elif shapes:
+            shape_list = b.parse_shapes(shapes)
+        else:
+            shape_list = list(b.STANDARD_SHAPES)
+    except (ExmyError, ValueError) as err:
+        click.echo(f"error: {err}", err=True)
+        sys.exit(1)
+    result = b.run(shape_list, fmts, batch_list, group_size, reps=reps, dequant=not no_dequant,
+                   log=lambda msg: click.echo(msg, err=True))
+    click.echo(b.table(result))
+    for path in b.write(result, json_path, png_path):
+        click.echo(f"wrote {path}")
