@@ -173,6 +173,33 @@ __device__ __forceinline__ Chunk load_chunk_at(const ChunkPtr& p, int i) {
     return ch;
 }
 
+// Chunks (p's chunk + 0) and (+ 1) with the small planes read in one load each (the 2-bit plane
+// of two chunks is 16 bytes, the 1-bit plane 8); p's chunk must be even (alignment).
+__device__ __forceinline__ void load_chunk_pair(const ChunkPtr& p, Chunk& c0, Chunk& c1) {
+    if (HAS8) {
+        c0 = load_chunk_at(p, 0);
+        c1 = load_chunk_at(p, 1);
+        return;
+    }
+    if (HAS4) {
+        uint4 a = ld_stream16(p.p4), b = ld_stream16(p.p4 + 16);
+        c0.w4[0] = a.x; c0.w4[HAS4 ? 1 : 0] = a.y; c0.w4[HAS4 ? 2 : 0] = a.z; c0.w4[HAS4 ? 3 : 0] = a.w;
+        c1.w4[0] = b.x; c1.w4[HAS4 ? 1 : 0] = b.y; c1.w4[HAS4 ? 2 : 0] = b.z; c1.w4[HAS4 ? 3 : 0] = b.w;
+    }
+    if (HAS2) {
+        uint4 a = ld_stream16(p.p2);  // chunk 0: words x, y; chunk 1: z, w
+        c0.w2[0] = a.x; c0.w2[HAS2 ? 1 : 0] = a.y;
+        c1.w2[0] = a.z; c1.w2[HAS2 ? 1 : 0] = a.w;
+    }
+    if (HAS1) {
+        uint2 a = ld_stream8(p.p1);   // chunk 0: x, chunk 1: y
+        c0.w1 = a.x;
+        c1.w1 = a.y;
+    } else {
+        c0.w1 = c1.w1 = 0u;
+    }
+}
+
 // Plane words of chunk c of the row starting at `row`.
 __device__ __forceinline__ Chunk load_chunk(const u8* __restrict__ row, u32 kp, u32 c) {
     return load_chunk_at(chunk_ptr(row, kp, c), 0);

@@ -297,10 +297,16 @@ __device__ __forceinline__ void gemv_warp(const u8* __restrict__ payload, const 
         const u32 qstep = istep * KSTEP;
         ChunkPtr pa = chunk_ptr(rowa, kp, q0), pb = chunk_ptr(rowb, kp, q0);
         auto load_main = [&]() {
+            if (CPT == 2) {  // chunk q0 is even: the two chunks' small planes in one load each
+                load_chunk_pair(pa, ca[0], ca[CPT - 1]);
+                load_chunk_pair(pb, cb[0], cb[CPT - 1]);
+            }
 #pragma unroll
             for (int i = 0; i < CPT; ++i) {
-                ca[i] = load_chunk_at(pa, i);
-                cb[i] = load_chunk_at(pb, i);
+                if (CPT != 2) {
+                    ca[i] = load_chunk_at(pa, i);
+                    cb[i] = load_chunk_at(pb, i);
+                }
                 if (GM == 1) {
                     const u32 gi = (q0 + i) >> gshift;
                     sa[i] = load_scale<MODE>(ks, (size_t)ra * ngroups + gi);
