@@ -9,6 +9,7 @@ import sys
 import click
 
 from . import __version__
+from .cli_gpu import bench
 from .cli_hub import push
 from .errors import ExmyError
 from .formats import DEFAULT, NAMED, NAMED_SHARED
@@ -175,6 +176,7 @@ def inspect(path, as_json, plot):
 
 
 cli.add_command(push)
+cli.add_command(bench)
 
 
 def main(argv=None):
