@@ -9,7 +9,7 @@
 // 16-bit outputs of whole warps (K % 32 == 0) are staged through shared memory so that each store
 // instruction of a warp writes 512 contiguous bytes.
 //
-// Compile with -DEXMY_E=<E> -DEXMY_M=<M>. Kernels: exmy_dequant_s{16,bf}_o{16,bf,32}
+// Compile with -DEXMY_E=<E> -DEXMY_M=<M> (shared formats eXmYsk: also -DEXMY_SHARE=<k>). Kernels: exmy_dequant_s{16,bf}_o{16,bf,32}
 // (scale dtype F16/BF16, output F16/BF16/F32). Block size: DEQUANT_BLOCK (256) threads.
 #include "exmy_decode.cuh"
 
@@ -53,7 +53,7 @@ __device__ __forceinline__ void dequant(const u8* __restrict__ payload, const u1
     if (u >= rows * cpr) return;  // the host keeps rows * cpr < 2^32
     const u32 row = u / cpr;
     const u32 c = u - row * cpr;
-    const u32 kp = row_bytes * 8 / BITS;
+    const u32 kp = padded_k(k);  // padded row length (row_bytes also counts a shared plane)
     const u32 base = 32 * c;  // first element of this chunk in the row
 
     const Chunk ch = load_chunk(payload + (size_t)row * row_bytes, kp, c);

@@ -26,8 +26,11 @@
 // E = 5 formats fill the whole fp16 exponent field (f = 31 would read as inf/NaN), so they are
 // decoded through the bf16 field placement only.
 //
-// A future mantissa-sharing plane (one m0 bit per k weights) is one more "plane source" below:
-// a function that returns group e's shared bits replicated into each byte, placed like plane 1.
+// Shared formats eXmYsk (SPEC 1.1, compile with -DEXMY_SHARE=k): the planes hold code >> 1 (OWN =
+// BITS - 1 bits, cut by the binary digits of OWN), so every plane field sits one code bit higher,
+// and a SHARED plane after them holds bit j = m0 of elements k*j .. k*j+k-1 of the padded row.
+// load_* expand a chunk's shared bits into `ws`, a word laid out exactly like the 1-bit plane
+// (bit i = m0 of element i of the chunk), which the decode then places at code bit 0 like plane 1.
 //
 // This header is compiled for the device (NVRTC via CuPy, or nvcc) and for the host (the build
 // test runs the same routine on the CPU against an independent decoder).
@@ -50,6 +53,9 @@ typedef unsigned long long u64;
 #ifndef EXMY_M
 #define EXMY_M 2
 #endif
+#ifndef EXMY_SHARE
+#define EXMY_SHARE 1
+#endif
 
 namespace exmy {
 
@@ -57,17 +63,23 @@ constexpr int E = EXMY_E;
 constexpr int M = EXMY_M;
 constexpr int BITS = 1 + E + M;
 constexpr int BIAS = (1 << (E - 1)) - 1;
+constexpr int SHARE = EXMY_SHARE;          // k elements share m0 (1: unshared format)
+constexpr bool SHARED = SHARE > 1;
+constexpr int SH = SHARED ? 1 : 0;         // code bits below the plane fields (the shared m0)
+constexpr int OWN = BITS - SH;             // code bits stored per element in the planes
 static_assert(E >= 1 && E <= 5 && M >= 0 && M <= 5 && BITS <= 8, "no such ExMy format");
+static_assert(SHARE >= 1 && SHARE <= 8 && (SHARE == 1 || M >= 1), "no such shared format");
 
-// Planes present: the binary digits of BITS (SPEC 3).
-constexpr bool HAS8 = (BITS & 8) != 0;
-constexpr bool HAS4 = (BITS & 4) != 0;
-constexpr bool HAS2 = (BITS & 2) != 0;
-constexpr bool HAS1 = (BITS & 1) != 0;
+// Planes present: the binary digits of OWN (SPEC 3; OWN = BITS when unshared).
+constexpr bool HAS8 = (OWN & 8) != 0;
+constexpr bool HAS4 = (OWN & 4) != 0;
+constexpr bool HAS2 = (OWN & 2) != 0;
+constexpr bool HAS1 = (OWN & 1) != 0;
 // Lowest code bit held by each plane (planes take code bits from the top, widest first).
-constexpr int LO4 = BITS - 4;   // 4-bit plane: code bits BITS-1 .. BITS-4
-constexpr int LO2 = BITS & 1;   // 2-bit plane: the two bits just above the 1-bit plane (if any)
-// (8-bit plane: bits 7..0; 1-bit plane: bit 0.)
+constexpr int LO4 = BITS - 4;         // 4-bit plane: code bits BITS-1 .. BITS-4
+constexpr int LO2 = (OWN & 1) + SH;   // 2-bit plane: the two bits just above the 1-bit plane / m0
+constexpr int LO1 = SH;               // 1-bit plane: code bit 0 (shared: bit 1, above m0)
+// (8-bit plane: bits 7..0, never in a shared format since OWN <= 7; shared m0: code bit 0.)
 
 // fp16 fast path: the whole fp16 value lives in its high byte [s e4..e0 m9 m8] when M <= 2.
 constexpr bool F16_OK = E <= 4;
@@ -103,12 +115,56 @@ struct Chunk {
     u32 w4[HAS4 ? 4 : 1];
     u32 w2[HAS2 ? 2 : 1];
     u32 w1;
+    u32 ws;  // shared formats: bit i = shared m0 of element i of the chunk (like w1); else 0
 };
 
 // Byte offsets of the planes inside a row of kp (padded) elements: widest plane first.
 EXMY_HD u32 off4(u32 kp) { (void)kp; return 0; }                       // 4-bit plane is first when present
 EXMY_HD u32 off2(u32 kp) { return HAS4 ? kp / 2 : 0; }                // after the 4-bit plane (kp/2 bytes)
 EXMY_HD u32 off1(u32 kp) { return (HAS4 ? kp / 2 : 0) + (HAS2 ? kp / 4 : 0); }  // after 4- and 2-bit planes
+EXMY_HD u32 offs(u32 kp) { return kp / 8 * OWN; }                     // shared plane: after all OWN bits
+
+// Padded row length Kp = 128 * ceil(K / 128) (SPEC 3).
+EXMY_HD u32 padded_k(u32 k) { return (k + 127) / 128 * 128; }
+
+// Shared bits of chunk c: `lo` = 32-bit word of the shared plane holding bit j0 = floor(32c / k)
+// (the group of the chunk's element 0), `hi` = the word holding bit j1 = floor((32c + 31) / k)
+// (the group of element 31; the same word or the next). Returns the chunk's ws word: bit i =
+// shared bit floor((32c + i) / k) - j0 of the window that starts at bit j0.
+EXMY_HD u32 expand_shared(u32 lo, u32 hi, u32 c) {
+    if (!SHARED) return 0u;
+    const u32 j0 = 32 * c / SHARE;                     // group of the chunk's first element
+    const u32 r = 32 * c - j0 * SHARE;                 // elements of that group before the chunk
+    const u32 o = j0 & 31;                             // bit j0's position in `lo`
+    const u32 win = (lo >> o) | (o ? hi << (32 - o) : 0u);  // window: bit t = shared bit j0 + t
+    if (SHARE == 2) {  // 16 bits -> each bit twice (r = 0): spread bit t to bit 2t, then * 0b11
+        u32 x = win & 0xFFFFu;
+        x = (x | (x << 8)) & 0x00FF00FFu;              // bits 8..15 -> 16..23
+        x = (x | (x << 4)) & 0x0F0F0F0Fu;              // nibbles apart
+        x = (x | (x << 2)) & 0x33333333u;              // pairs apart
+        x = (x | (x << 1)) & 0x55555555u;              // bit t at 2t
+        return x * 3u;                                 // 2t -> 2t, 2t+1 (no carries: gaps of 1)
+    } else if (SHARE == 4) {  // 8 bits -> each bit 4 times (r = 0): bit t to bit 4t, then * 0xF
+        u32 x = win & 0xFFu;
+        x = (x | (x << 12)) & 0x000F000Fu;             // bits 4..7 -> 16..19
+        x = (x | (x << 6)) & 0x03030303u;              // 2-bit runs one per byte
+        x = (x | (x << 3)) & 0x11111111u;              // bit t at 4t
+        return x * 0xFu;                               // 4t -> 4t..4t+3 (no carries: gaps of 3)
+    } else if (SHARE == 8) {  // 4 bits -> each bit 8 times (r = 0): bit t to byte t, then * 0xFF
+        u32 x = win & 0xFu;
+        x = (x | (x << 14)) & 0x00030003u;             // bits 2..3 -> 16..17
+        x = (x | (x << 7)) & 0x01010101u;              // bit t at 8t
+        return x * 0xFFu;                              // 8t -> 8t..8t+7 (no carries)
+    } else {  // k = 3, 5, 6, 7: bit t to bit k*t of a 64-bit word, * (2^k - 1), drop the r
+              // elements of group j0 that precede the chunk
+        constexpr int NT = (32 + SHARE - 1 + SHARE - 1) / SHARE;  // groups touching the chunk (r <= k-1)
+        u64 x = 0;
+#pragma unroll
+        for (int t = 0; t < NT; ++t) x |= (u64)((win >> t) & 1u) << (SHARE * t);  // bit t -> bit k*t
+        x *= (u64)((1u << SHARE) - 1u);                // k*t -> k*t .. k*t+k-1 (no carries)
+        return (u32)(x >> r);                          // element i = window element r + i
+    }
+}
 
 #ifdef __CUDA_ARCH__
 // Streaming loads of packed weights: read once, keep out of L1.
@@ -135,10 +191,14 @@ struct ChunkPtr {
     const u8* p4;
     const u8* p2;
     const u8* p1;
+    const u32* ps;  // shared formats: the row's shared plane (32-bit words)
+    u32 c;          // shared formats: chunk index (the shared bits' position depends on it)
 };
 
 __device__ __forceinline__ ChunkPtr chunk_ptr(const u8* __restrict__ row, u32 kp, u32 c) {
     ChunkPtr p;
+    p.ps = (const u32*)(row + offs(kp));      // shared plane: 16-byte aligned (offs is a multiple of 16)
+    p.c = c;
     p.p8 = row + 32 * (size_t)c;              // 8-bit plane: 32 bytes per chunk
     p.p4 = row + off4(kp) + 16 * (size_t)c;   // 4-bit plane: 16 bytes per chunk
     p.p2 = row + off2(kp) + 8 * (size_t)c;    // 2-bit plane: 8 bytes per chunk
@@ -151,6 +211,16 @@ __device__ __forceinline__ void advance(ChunkPtr& p, u32 chunks) {
     p.p4 += 16 * chunks;
     p.p2 += 8 * chunks;
     p.p1 += 4 * chunks;
+    p.c += chunks;
+}
+
+// Shared formats: the ws word of chunk p.c + i (two cached loads of the small shared plane:
+// neighbouring chunks of a warp read the same words).
+__device__ __forceinline__ u32 load_shared(const ChunkPtr& p, int i) {
+    if (!SHARED) return 0u;
+    const u32 c = p.c + i;
+    const u32 j0 = 32 * c / SHARE, j1 = (32 * c + 31) / SHARE;  // first and last group of the chunk
+    return expand_shared(__ldg(p.ps + (j0 >> 5)), __ldg(p.ps + (j1 >> 5)), c);
 }
 
 // Plane words of chunk (p's chunk + i); i is a compile-time constant, so it becomes an immediate offset.
@@ -170,6 +240,7 @@ __device__ __forceinline__ Chunk load_chunk_at(const ChunkPtr& p, int i) {
         ch.w2[0] = a.x; ch.w2[HAS2 ? 1 : 0] = a.y;
     }
     ch.w1 = HAS1 ? ld_stream4(p.p1 + 4 * i) : 0u;
+    ch.ws = load_shared(p, i);
     return ch;
 }
 
@@ -198,6 +269,8 @@ __device__ __forceinline__ void load_chunk_pair(const ChunkPtr& p, Chunk& c0, Ch
     } else {
         c0.w1 = c1.w1 = 0u;
     }
+    c0.ws = load_shared(p, 0);
+    c1.ws = load_shared(p, 1);
 }
 
 // Plane words of chunk c of the row starting at `row`.
@@ -216,6 +289,8 @@ EXMY_HD Chunk chunk_from_bytes(const u8* row, u32 kp, u32 c) {
     if (HAS4) for (int j = 0; j < 4; ++j) ch.w4[HAS4 ? j : 0] = word(off4(kp) + 16 * c + 4 * j);
     if (HAS2) for (int j = 0; j < 2; ++j) ch.w2[HAS2 ? j : 0] = word(off2(kp) + 8 * c + 4 * j);
     ch.w1 = HAS1 ? word(off1(kp) + 4 * c) : 0u;
+    const u32 j0 = 32 * c / SHARE, j1 = (32 * c + 31) / SHARE;  // first and last group of the chunk
+    ch.ws = SHARED ? expand_shared(word(offs(kp) + 4 * (j0 >> 5)), word(offs(kp) + 4 * (j1 >> 5)), c) : 0u;
     return ch;
 }
 
@@ -267,7 +342,8 @@ EXMY_HD u32 code_word(const Chunk& ch, const Pre& pre, int e) {
     u32 cw = 0;
     if (HAS4) cw |= place(pre.t4[HAS4 ? (e >> 1) : 0], 4 * (e & 1), LO4, 4);  // nibble -> code bits LO4+3..LO4
     if (HAS2) cw |= place(pre.p2[HAS2 ? (e >> 2) : 0], 2 * (e & 3), LO2, 2);  // 2-bit field -> bits LO2+1..LO2
-    if (HAS1) cw |= place(ch.w1, e, 0, 1);                                    // 1-bit field -> bit 0
+    if (HAS1) cw |= place(ch.w1, e, LO1, 1);                                  // 1-bit field -> bit LO1
+    if (SHARED) cw |= place(ch.ws, e, 0, 1);                                  // shared m0 -> bit 0
     return cw;
 }
 
@@ -283,13 +359,15 @@ EXMY_HD u32 f16_high_bytes(const Chunk& ch, const Pre& pre, int e) {
         f |= shl(t, 7 - (o + 3)) & 0x80808080u;                       // nibble bit 3 = sign -> bit 7
         f |= shl(t, LO4 + D - o) & ((0x7u << (LO4 + D)) * 0x01010101u);  // nibble bits 2..0 -> LO4+D+2..LO4+D
         if (HAS2) f |= place(pre.p2[HAS2 ? (e >> 2) : 0], 2 * (e & 3), LO2 + D, 2);  // 2-bit field
-        if (HAS1) f |= place(ch.w1, e, D, 1);                                        // m0 -> bit D
+        if (HAS1) f |= place(ch.w1, e, LO1 + D, 1);                                  // 1-bit field -> bit LO1+D
+        if (SHARED) f |= place(ch.ws, e, D, 1);                                      // shared m0 -> bit D
     } else if (HAS2) {  // BITS 2 or 3: the 2-bit plane holds the sign
         u32 t = pre.p2[HAS2 ? (e >> 2) : 0];
         int o = 2 * (e & 3);
         f |= shl(t, 7 - (o + 1)) & 0x80808080u;                         // field bit 1 = sign -> bit 7
         f |= shl(t, LO2 + D - o) & ((0x1u << (LO2 + D)) * 0x01010101u);  // field bit 0 (code bit LO2) -> LO2+D
-        if (HAS1) f |= place(ch.w1, e, D, 1);                                          // bit 0 -> bit D
+        if (HAS1) f |= place(ch.w1, e, LO1 + D, 1);                                    // 1-bit field -> bit LO1+D
+        if (SHARED) f |= place(ch.ws, e, D, 1);                                        // shared m0 -> bit D
     }
     return f;
 }

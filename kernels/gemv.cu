@@ -150,7 +150,7 @@ __device__ __forceinline__ void gemv_warp(const u8* __restrict__ payload, const 
     const u32 gr = lane >> 2, t = lane & 3;     // mma groupID / thread-in-group
     const u32 ra = row0 + gr < n ? row0 + gr : n - 1;           // clamp: tail rows re-read row n-1
     const u32 rb = row0 + gr + 8 < n ? row0 + gr + 8 : n - 1;   // (their outputs are not written)
-    const u32 kp = row_bytes * 8 / BITS;
+    const u32 kp = padded_k(k);  // padded row length (row_bytes also counts a shared plane)
     const u32 nq = (k + 31) / 32;               // chunks holding real elements
     const u8* rowa = payload + (size_t)ra * row_bytes;
     const u8* rowb = payload + (size_t)rb * row_bytes;

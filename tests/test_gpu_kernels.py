@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 from exmyconv import dtypes, gpu
-from exmyconv.formats import NAMED, ExMy, all_formats, get_format
-from exmyconv.pack import pack_codes
+from exmyconv.formats import NAMED, NAMED_SHARED, ExMy, all_formats, get_format
+from exmyconv.pack import pack_codes, unpack_codes
 from exmyconv.quant import QTensor, quantize
 
 _REASON = gpu.unavailable_reason()
@@ -169,6 +169,77 @@ def test_fresh_random_large(cp, rng):
             assert_same_bits(gpu_bits(cp, qt, out_dtype), ref_bits(qt, out_dtype), f"{name} {n}x{k}")
 
 
+# ----------------------------------------------------------------------------- shared formats
+
+# every shared-bit expansion path (k = 2, 4, 8 bit spreads; k = 3, 5, 6, 7 the general one), every
+# plane combination of the own bits (4; 4+1; 4+2; 4+2+1; 2; 2+1), E = 5 and E = 1
+SHARED_SAMPLE = NAMED_SHARED + ("e1m1s2", "e2m1s3", "e1m2s5", "e3m2s6", "e4m3s7", "e5m2s8", "e3m3s4", "e2m5s2")
+
+
+@pytest.mark.parametrize("name", SHARED_SAMPLE)
+def test_every_code_shared_formats(cp, rng, name):
+    """Every code (each at the start of some group, so its m0 is the group's) in a random order,
+    random codes elsewhere; all scale/output dtypes, aligned and unaligned scale groups."""
+    fmt = get_format(name)
+    ncodes = 1 << fmt.bits
+    k = max(fmt.share * (2 * ncodes + 3) + 1, 301)  # several chunks and a padded tail
+    rows = 5
+    codes = rng.integers(0, ncodes, (rows, k)).astype(np.uint8)
+    for r in range(rows):
+        starts = codes[r, ::fmt.share]
+        starts[:] = np.resize(rng.permutation(ncodes), starts.size)
+        codes[r, ::fmt.share] = starts
+    for scale_dtype in ("F16", "BF16"):
+        for g in (k, 32, 100):
+            scales = random_scales(rng, (rows, -(-k // g)), scale_dtype, fmt, wide=True)
+            qt = qtensor_from_codes(codes, scales, fmt, g, scale_dtype)
+            stored = unpack_codes(qt.payload, fmt, k)
+            assert set(np.unique(stored[:, ::fmt.share]).tolist()) == set(range(ncodes))
+            for out_dtype in ("F16", "BF16", "F32"):
+                assert_same_bits(gpu_bits(cp, qt, out_dtype), ref_bits(qt, out_dtype),
+                                 f"{name} scales {scale_dtype} G={g} -> {out_dtype}")
+
+
+@pytest.mark.parametrize("name", NAMED_SHARED + ("e3m2s5", "e2m3s2"))
+@pytest.mark.parametrize("k", [1, 100, 129, 300, 4099])
+def test_random_tensors_shared(cp, rng, name, k):
+    """Fresh quantized tensors of shared formats: per channel and group scales, odd K."""
+    fmt = get_format(name)
+    rows = int(rng.integers(1, 9))
+    x = (rng.standard_normal((rows, k)) * rng.uniform(1e-3, 1.0)).astype(np.float32)
+    x[rng.random(x.shape) < 0.01] = 0.0
+    for group in (None, 32, 64, 128, 100):
+        qt = quantize(x, fmt, group)
+        for out_dtype in ("F16", "BF16"):
+            assert_same_bits(gpu_bits(cp, qt, out_dtype), ref_bits(qt, out_dtype),
+                             f"{name} K={k} group={group} ({qt.scale_dtype}) -> {out_dtype}")
+
+
+@pytest.mark.parametrize("name", NAMED_SHARED)
+def test_shared_3d_and_large(cp, rng, name):
+    """3-D weights, and a bigger fresh tensor (many blocks), of the named shared formats."""
+    fmt = get_format(name)
+    x = (rng.standard_normal((3, 5, 200)) * 0.05).astype(np.float32)
+    for group in (None, 64):
+        qt = quantize(x, fmt, group)
+        for out_dtype in ("F16", "BF16"):
+            assert_same_bits(gpu_bits(cp, qt, out_dtype), ref_bits(qt, out_dtype), f"{name} 3-D G={group}")
+        w = gpu.upload(qt)
+        assert_same_bits(cp.asnumpy(w.dequantize("BF16")), ref_bits(qt, "BF16"), f"{name} GpuWeight.dequantize")
+    n, k = int(rng.integers(200, 600)), int(rng.integers(1000, 5000))
+    x = (rng.standard_normal((n, k)) * 0.02).astype(np.float32)
+    qt = quantize(x, fmt, None if rng.random() < 0.5 else 128)
+    for out_dtype in ("F16", "BF16"):
+        assert_same_bits(gpu_bits(cp, qt, out_dtype), ref_bits(qt, out_dtype), f"{name} {n}x{k}")
+
+
+def test_supports():
+    assert all(gpu.supports_dequant(f) for f in all_formats() + all_formats(shared=True))
+    assert all(gpu.supports(f) for f in all_formats())
+    for name in gpu.GEMV_SHARED:
+        assert gpu.supports(name)
+
+
 def test_bad_arguments(cp):
     from exmyconv.errors import ExmyError
 
@@ -257,6 +328,19 @@ def test_gemv_error_bound_per_element(cp, rng):
             ref = x64 @ w.T
             bound = 2.0**-11 * np.abs(ref) + 1e-4 * (np.abs(x64) @ np.abs(w).T) + 2.0**-24
             assert (np.abs(y64 - ref) <= bound).all(), f"group {group} batch {batch}"
+
+
+@pytest.mark.parametrize("name", gpu.GEMV_SHARED)
+def test_gemv_shared_formats(cp, rng, name):
+    """Fused GEMV of the shared formats gpu.supports: every kernel kind, groups, odd K."""
+    fmt = get_format(name)
+    for x_dtype in ("F16", "BF16"):
+        for batch in (1, 3, 8, 9, 16):
+            for group in (None, 128, 100):
+                k = int(rng.choice([int(rng.integers(1, 700)), 4096, 1000]))
+                gemv_check(cp, rng, fmt, int(rng.integers(1, 300)), k, batch, x_dtype, group=group)
+    _, name_, *_ = gemv_check(cp, rng, fmt, 40, 45000, 1, "F16")
+    assert "_b1r" in name_, name_
 
 
 @pytest.mark.parametrize("group", [32, 64, 128, 96, 100])

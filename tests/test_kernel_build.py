@@ -16,12 +16,13 @@ from pathlib import Path
 import pytest
 
 from exmyconv import gpu
-from exmyconv.formats import NAMED, all_formats
+from exmyconv.formats import NAMED, NAMED_SHARED, all_formats
 
 ROOT = Path(__file__).resolve().parents[1]
 KERNELS = ROOT / "kernels"
 SOURCES = sorted(KERNELS.glob("*.cu"))
 FORMATS = [(f.e, f.m) for f in all_formats()]
+SHARED = [(f.e, f.m, f.share) for f in all_formats(shared=True)]  # every eXmYsk
 
 
 def _nvcc() -> str | None:
@@ -53,11 +54,13 @@ def test_sources_are_packaged_and_share_one_decoder():
     assert re.search(r'^"kernels"\s*=\s*"exmyconv/kernels"', pyproject, re.M), "kernels/ not in the wheel"
 
 
-def _compile(src: Path, e: int, m: int, out: Path, variant: int | None = None) -> tuple[str, int, str]:
+def _compile(src: Path, e: int, m: int, out: Path, variant: int | None = None, share: int = 1) -> tuple[str, int, str]:
     defines = [f"-DEXMY_E={e}", f"-DEXMY_M={m}"] + ([f"-DEXMY_VARIANT={variant}"] if variant is not None else [])
+    defines += [f"-DEXMY_SHARE={share}"] if share > 1 else []
     cmd = [NVCC, "-arch=sm_90", "--cubin", "-std=c++17", *defines, "--resource-usage", "-o", str(out), str(src)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    return f"{src.name} e{e}m{m}" + (f" v{variant}" if variant is not None else ""), proc.returncode, proc.stdout + proc.stderr
+    name = f"e{e}m{m}" + (f"s{share}" if share > 1 else "")
+    return f"{src.name} {name}" + (f" v{variant}" if variant is not None else ""), proc.returncode, proc.stdout + proc.stderr
 
 
 def _jobs_for(tmp_path):
@@ -74,6 +77,17 @@ def _jobs_for(tmp_path):
             else:
                 for v in ([0, 3] if e <= 4 else []) + [47]:
                     jobs.append((src, e, m, tmp_path / f"{src.stem}_{name}_v{v}.cubin", v))
+    # shared formats: dequant.cu for every k with a few formats (every shared-bit expansion path:
+    # k = 2, 4, 8 bit spreads, k = 3, 5, 6, 7 the general one), the named ones for every source;
+    # gemv.cu with its fp16 batch-1 / batch-8 and bf16 unaligned-group variants
+    for e, m, share in SHARED:
+        name = f"e{e}m{m}s{share}"
+        for src in SOURCES:
+            if src.name == "gemv.cu":
+                if name in NAMED_SHARED:
+                    jobs += [(src, e, m, tmp_path / f"{src.stem}_{name}_v{v}.cubin", v, share) for v in (0, 3, 47)]
+            elif name in NAMED_SHARED or (e, m) in ((2, 2), (2, 3), (1, 1), (4, 3), (5, 2)):
+                jobs.append((src, e, m, tmp_path / f"{src.stem}_{name}.cubin", None, share))
     return jobs
 
 
@@ -115,7 +129,7 @@ static double spec_value(int code) {  // SPEC 1, literally
 static int spec_code(const std::vector<u8>& row, int kp, int i) {  // SPEC 3, bit by bit
     int code = 0, off = 0;
     for (int w : {8, 4, 2, 1}) {
-        if (!(BITS & w)) continue;
+        if (!(OWN & w)) continue;
         int field = 0;
         for (int b = 0; b < w; ++b) {
             long pos = (long)i * w + b;
@@ -124,7 +138,15 @@ static int spec_code(const std::vector<u8>& row, int kp, int i) {  // SPEC 3, bi
         code = (code << w) | field;
         off += kp * w / 8;
     }
+    if (SHARED) {  // then bit i // k of the shared plane
+        int j = i / SHARE;
+        code = (code << 1) | ((row[off + j / 8] >> (j % 8)) & 1);
+    }
     return code;
+}
+static int row_len(int kp) {  // SPEC 3 row_bytes
+    int groups = (kp + SHARE - 1) / SHARE;
+    return kp * OWN / 8 + (SHARED ? 16 * ((groups + 127) / 128) : 0);
 }
 static double f16_value(u32 h) {
     int s = h >> 15, ex = (h >> 10) & 31, mant = h & 1023;
@@ -135,19 +157,19 @@ static double bf16_value(u32 h) { u32 b = h << 16; float f; std::memcpy(&f, &b, 
 
 int main(int argc, char** argv) {
     std::mt19937 rng(argc > 1 ? (unsigned)strtoul(argv[1], 0, 10) : 1u);
-    const int kp = 256;
+    const int kp = 1024;  // 32 chunks: every residue of 32c mod k for k <= 8
     long bad = 0, checked = 0;
     for (int trial = 0; trial < 48; ++trial) {
-        std::vector<u8> row(kp * BITS / 8);
+        std::vector<u8> row(row_len(kp));
         for (auto& b : row) b = (u8)rng();
         if (trial == 0) {  // every code, packed per SPEC 3
             std::fill(row.begin(), row.end(), 0);
-            int off = 0, rem = BITS;
+            int off = 0, rem = OWN;
             for (int w : {8, 4, 2, 1}) {
-                if (!(BITS & w)) continue;
+                if (!(OWN & w)) continue;
                 rem -= w;
                 for (int i = 0; i < kp; ++i) {
-                    int field = (((i * 37 + 11) % (1 << BITS)) >> rem) & ((1 << w) - 1);
+                    int field = (((i * 37 + 11) % (1 << OWN)) >> rem) & ((1 << w) - 1);
                     for (int b = 0; b < w; ++b) {
                         long pos = (long)i * w + b;
                         if ((field >> b) & 1) row[off + pos / 8] |= (u8)(1 << (pos % 8));
@@ -155,6 +177,8 @@ int main(int argc, char** argv) {
                 }
                 off += kp * w / 8;
             }
+            for (int j = 0; j < kp / SHARE; ++j)  // shared formats: alternate bit patterns per 8 groups
+                if (SHARED && ((j * 7 + j / 8) & 1)) row[off + j / 8] |= (u8)(1 << (j % 8));
         }
         for (u32 c = 0; c < (u32)kp / 32; ++c) {
             Chunk ch = chunk_from_bytes(row.data(), kp, c);
@@ -187,7 +211,7 @@ int main(int argc, char** argv) {
             }
         }
     }
-    printf("e%dm%d: %ld values, %ld mismatches\n", E, M, checked, bad);
+    printf("e%dm%ds%d: %ld values, %ld mismatches\n", E, M, SHARE, checked, bad);
     return bad ? 1 : 0;
 }
 """
@@ -209,9 +233,10 @@ def test_decode_routine_on_host_matches_spec(tmp_path, seed):
     cxx = _host_cxx()
 
     def one(em):
-        e, m = em
-        exe = tmp_path / f"check_e{e}m{m}"
-        build = subprocess.run([*cxx, f"-I{KERNELS}", f"-DEXMY_E={e}", f"-DEXMY_M={m}", str(src), "-o", str(exe)],
+        e, m, share = (*em, 1)[:3]
+        exe = tmp_path / f"check_e{e}m{m}s{share}"
+        build = subprocess.run([*cxx, f"-I{KERNELS}", f"-DEXMY_E={e}", f"-DEXMY_M={m}", f"-DEXMY_SHARE={share}",
+                                str(src), "-o", str(exe)],
                                capture_output=True, text=True, timeout=600)
         if build.returncode:
             return f"e{e}m{m}: build failed\n{build.stderr[-2000:]}"
@@ -219,7 +244,7 @@ def test_decode_routine_on_host_matches_spec(tmp_path, seed):
         return None if run.returncode == 0 else f"e{e}m{m}: {run.stdout[-2000:]}"
 
     with ThreadPoolExecutor(_jobs()) as pool:
-        problems = [p for p in pool.map(one, FORMATS) if p]
+        problems = [p for p in pool.map(one, FORMATS + SHARED) if p]
     assert not problems, "\n".join(problems)
 
 

@@ -29,7 +29,7 @@ import numpy as np
 
 from .errors import ExmyError
 from .formats import ExMy, get_format
-from .pack import padded_k
+from .pack import row_bytes
 
 OUT_DTYPES = ("F16", "BF16", "F32")
 BLOCK = 256           # dequant threads per block
@@ -117,9 +117,11 @@ def kernel_source(name: str) -> str:
 
 
 @functools.lru_cache(maxsize=None)
-def _module(source: str, e: int, m: int, defines: tuple = ()):
+def _module(source: str, e: int, m: int, defines: tuple = (), share: int = 1):
     cupy = _cupy()
     options = ("--std=c++17", f"-DEXMY_E={e}", f"-DEXMY_M={m}", *(f"-D{d}" for d in defines))
+    if share > 1:  # shared format eXmYsk (kernels/exmy_decode.cuh)
+        options += (f"-DEXMY_SHARE={share}",)
     # CuPy compiles with NVRTC for the current device (-arch=sm_XX, a cubin) and caches on disk.
     return cupy.RawModule(code=kernel_source(source), options=options)
 
@@ -134,7 +136,23 @@ def kernel(source: str, name: str, fmt: ExMy, defines: tuple = ()):
     """The compiled kernel `name` of kernels/`source` for `fmt` (a cupy RawKernel)."""
     if source == "gemv.cu" and name in GEMV_VARIANTS:
         defines = (*defines, f"EXMY_VARIANT={GEMV_VARIANTS[name]}")
-    return _module(source, fmt.e, fmt.m, tuple(defines)).get_function(name)
+    return _module(source, fmt.e, fmt.m, tuple(defines), fmt.share).get_function(name)
+
+
+def supports_dequant(fmt) -> bool:
+    """True when dequantize handles `fmt` bit-exactly on the GPU (every ExMy and every eXmYsk)."""
+    fmt = _fmt(fmt)
+    return 1 <= fmt.e <= 5 and fmt.bits <= 8 and 1 <= fmt.share <= 8
+
+
+def supports(fmt) -> bool:
+    """True when the fused GEMV (gemv/upload) handles `fmt`: every unshared ExMy, and the shared
+    formats whose GEMV was checked on a GPU (GEMV_SHARED)."""
+    fmt = _fmt(fmt)
+    return supports_dequant(fmt) and (fmt.share == 1 or fmt.name in GEMV_SHARED)
+
+
+GEMV_SHARED = ("e2m2s4", "e2m3s3")  # shared formats the GEMV is tested for (tests/test_gpu_kernels.py)
 
 
 def _fmt(fmt) -> ExMy:
@@ -209,7 +227,7 @@ def _check_layout(payload, scales, fmt: ExMy, k: int, group_size: int | None):
         raise ExmyError(f"K must be positive, not {k}")
     g = k if not group_size or group_size >= k else int(group_size)
     ngroups = -(-k // g)
-    rb = padded_k(k) * fmt.bits // 8
+    rb = row_bytes(fmt, k)  # SPEC 3: Kp * b / 8, or Kp * (b - 1) / 8 + the shared plane
     if payload.ndim < 1 or payload.shape[-1] != rb:
         raise ExmyError(f"payload rows have {payload.shape[-1] if payload.ndim else 0} bytes; "
                         f"{fmt.name} with K={k} needs {rb}")
@@ -493,6 +511,8 @@ class GemvPlan:
             raise ExmyError(f"a GEMV launch takes 1..{MAX_BATCH} rows of x, not {batch}")
         if xc.shape[1] != weight.k:
             raise ExmyError(f"x has {xc.shape[1]} columns; the weight needs {weight.k}")
+        if not supports(weight.fmt):
+            raise ExmyError(f"the fused GEMV does not handle {weight.fmt.name} yet (gpu.supports)")
         self.name, mode = gemv_kernel_name(weight, x_dtype, batch)
         self.fn = kernel("gemv.cu", self.name, weight.fmt, defines)
         n = weight.n

@@ -67,7 +67,7 @@ def verify(out_dir: str, source_dir: str | None = None, use_gpu: bool | None = N
                 exact = ckpt.dequantize(name, "F32")
                 if not np.isfinite(exact).all():
                     report.problems.append(f"{name}: decodes to NaN/Inf")
-                if gpu is not None and record.fmt.share > 1:
+                if gpu is not None and not gpu.supports_dequant(record.fmt):
                     report.gpu_unsupported += 1
                 elif gpu is not None:
                     report.gpu_exact += _gpu_matches(gpu, ckpt, name, exact, report)
