@@ -112,7 +112,7 @@ def build_config(spec: str, layers: int | None = None) -> DecoderConfig:
 
 
 def parse_formats(text: str | None) -> list[str]:
-    """'e2m2,e4m3' -> ['fp16', 'e2m2', 'e4m3'] (fp16 first, always; shared formats have no GEMV)."""
+    """'e2m2,e4m3' -> ['fp16', 'e2m2', 'e4m3'] (fp16 first, always)."""
     names = [FP16]
     for part in (text.split(",") if text else DEFAULT_FORMATS):
         part = part.strip().lower()
@@ -120,10 +120,7 @@ def parse_formats(text: str | None) -> list[str]:
             continue
         if part in (FP16, "f16", "float16"):
             continue
-        fmt = get_format(part)
-        if fmt.share > 1:
-            raise ExmyError(f"{part}: shared formats have no GPU GEMV kernel yet")
-        names.append(fmt.name)
+        names.append(get_format(part).name)
     return names
 
 
