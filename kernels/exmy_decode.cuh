@@ -216,11 +216,30 @@ __device__ __forceinline__ void advance(ChunkPtr& p, u32 chunks) {
 
 // Shared formats: the ws word of chunk p.c + i (two cached loads of the small shared plane:
 // neighbouring chunks of a warp read the same words).
+constexpr bool SHARE_POW2 = SHARE == 2 || SHARE == 4 || SHARE == 8;  // chunks start on group boundaries
+
 __device__ __forceinline__ u32 load_shared(const ChunkPtr& p, int i) {
     if (!SHARED) return 0u;
     const u32 c = p.c + i;
     const u32 j0 = 32 * c / SHARE, j1 = (32 * c + 31) / SHARE;  // first and last group of the chunk
+    if (SHARE_POW2) {  // the chunk's 32/k bits never cross a word: one load
+        const u32 w = __ldg(p.ps + (j0 >> 5));
+        return expand_shared(w, w, c);
+    }
     return expand_shared(__ldg(p.ps + (j0 >> 5)), __ldg(p.ps + (j1 >> 5)), c);
+}
+
+// Chunks p.c and p.c + 1 (p.c even): with k = 2, 4, 8 their 64/k bits lie in one word.
+__device__ __forceinline__ void load_shared_pair(const ChunkPtr& p, u32& s0, u32& s1) {
+    if (!SHARED) { s0 = s1 = 0u; return; }
+    if (SHARE_POW2) {
+        const u32 w = __ldg(p.ps + ((32 * p.c / SHARE) >> 5));  // bits 32c/k .. 32c/k + 64/k - 1
+        s0 = expand_shared(w, w, p.c);
+        s1 = expand_shared(w, w, p.c + 1);
+    } else {
+        s0 = load_shared(p, 0);
+        s1 = load_shared(p, 1);
+    }
 }
 
 // Plane words of chunk (p's chunk + i); i is a compile-time constant, so it becomes an immediate offset.
@@ -269,8 +288,7 @@ __device__ __forceinline__ void load_chunk_pair(const ChunkPtr& p, Chunk& c0, Ch
     } else {
         c0.w1 = c1.w1 = 0u;
     }
-    c0.ws = load_shared(p, 0);
-    c1.ws = load_shared(p, 1);
+    load_shared_pair(p, c0.ws, c1.ws);
 }
 
 // Plane words of chunk c of the row starting at `row`.
