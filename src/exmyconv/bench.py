@@ -21,7 +21,7 @@ import numpy as np
 from . import gpu
 from .errors import ExmyError
 from .formats import NAMED, get_format
-from .pack import padded_k
+from .pack import row_bytes
 
 # (K inputs, N outputs) of nn.Linear layers found in LLMs.
 STANDARD_SHAPES = ((4096, 4096), (4096, 14336), (14336, 4096), (8192, 28672), (28672, 8192))
@@ -148,7 +148,7 @@ def random_weight(fmt, k: int, n: int, group_size: int | None, seed: int) -> gpu
 
     gen = torch.Generator(device="cuda")
     gen.manual_seed(seed)
-    rb = padded_k(k) * fmt.bits // 8
+    rb = row_bytes(fmt, k)
     payload = torch.randint(0, 256, (n, rb), dtype=torch.uint8, device="cuda", generator=gen)
     g = k if not group_size or group_size >= k else group_size
     ngroups = -(-k // g)
