@@ -31,10 +31,8 @@ are not supported.
 from __future__ import annotations
 
 import copy
-import json
 import os
 import re
-import struct
 import threading
 
 import torch
@@ -45,10 +43,11 @@ from transformers.quantizers.base import HfQuantizer
 from transformers.utils import logging
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
+from .checkpoint import Checkpoint
 from .errors import ExmyError
 from .formats import ExMy, get_format
-from .layout import META_PREFIX, PACKED_SUFFIX, QUANT_METHOD, SCALE_SUFFIX, VERSION, TensorRecord, check_version
-from .pack import padded_k, row_bytes, shared_plane_bytes
+from .layout import PACKED_SUFFIX, QUANT_METHOD, SCALE_SUFFIX, VERSION, TensorRecord, check_version
+from .pack import padded_k, plane_shifts, row_bytes, shared_plane_bytes
 from .quant import groups_of
 
 __all__ = ["ExmyConfig", "ExmyHfQuantizer", "ExmyLinear", "dequantize", "unpack_codes", "register", "QUANT_METHOD"]
@@ -61,16 +60,6 @@ _SCALE_NAME = {torch.float16: "F16", torch.bfloat16: "BF16"}
 
 
 # ----------------------------------------------------------------------------- torch dequantizer
-
-def _plane_shifts(fmt: ExMy):
-    """(width, shift) per bit plane, widest first: the plane holds (code >> shift) & (2^width - 1).
-
-    Shared formats: the planes stop at shift 1; bit 0 comes from the shared plane."""
-    shift = fmt.bits
-    for w in fmt.planes:
-        shift -= w
-        yield w, shift
-
 
 _TABLES: dict = {}
 _TABLES_LOCK = threading.Lock()
@@ -94,7 +83,7 @@ def unpack_codes(packed: torch.Tensor, fmt: ExMy, k: int) -> torch.Tensor:
     kp = padded_k(k)
     codes = None
     offset = 0
-    for w, shift in _plane_shifts(fmt):
+    for w, shift in plane_shifts(fmt):
         size = kp * w // 8
         plane = packed[:, offset:offset + size]
         offset += size
@@ -337,38 +326,18 @@ class ExmyLinear(nn.Module):
 
 # ----------------------------------------------------------------------------- checkpoint headers
 
-def _read_header(path: str) -> dict:
-    with open(path, "rb") as f:
-        raw = f.read(8)
-        if len(raw) < 8:
-            raise ExmyError(f"{path}: not a safetensors file")
-        (n,) = struct.unpack("<Q", raw)
-        if n > 100 * 1024 * 1024:
-            raise ExmyError(f"{path}: safetensors header of {n} bytes")
-        return json.loads(f.read(n).decode("utf-8"))
-
-
 def read_records(files) -> tuple[dict, dict, list]:
-    """exmy records of safetensors files: ({T: TensorRecord}, {T: scale dtype "F16"/"BF16"}, all tensor names)."""
+    """exmy records of safetensors files: ({T: TensorRecord}, {T: scale dtype "F16"/"BF16"}, all tensor names).
+
+    The checkpoint reader validates headers, versions and each record's packed/scale tensors."""
     records, scale_dtypes, keys = {}, {}, []
     for path in files:
-        header = _read_header(str(path))
-        meta = header.pop("__metadata__", None) or {}
-        keys.extend(header)
-        entries = [k for k in meta if k.startswith(META_PREFIX)]
-        if entries:
-            check_version(str(meta.get("exmy_version", "?")), str(path))
-        for key in entries:
-            record = TensorRecord.from_metadata(key, meta[key])
-            packed, scale = header.get(record.packed_name), header.get(record.scale_name)
-            if packed is None or scale is None:
-                raise ExmyError(f"{path}: {record.name}: packed or scale tensor missing")
-            if packed.get("dtype") != "U8" or tuple(packed.get("shape", ())) != record.packed_shape:
-                raise ExmyError(f"{path}: {record.packed_name}: expected U8{list(record.packed_shape)}")
-            if scale.get("dtype") not in _TORCH_SCALE or tuple(scale.get("shape", ())) != record.scale_shape:
-                raise ExmyError(f"{path}: {record.scale_name}: expected F16/BF16{list(record.scale_shape)}")
-            records[record.name] = record
-            scale_dtypes[record.name] = scale["dtype"]
+        with Checkpoint(str(path)) as ckpt:
+            ckpt.check()
+            keys.extend(ckpt.files[0].tensors)
+            for name, (record, f) in ckpt.records.items():
+                records[name] = record
+                scale_dtypes[name] = f.tensors[record.scale_name].dtype
     return records, scale_dtypes, keys
 
 

@@ -30,7 +30,7 @@ def row_bytes(fmt: ExMy, k: int) -> int:
     return padded_k(k) * fmt.own_bits // 8 + shared_plane_bytes(fmt, k)
 
 
-def _plane_shifts(fmt: ExMy):
+def plane_shifts(fmt: ExMy):
     """(width, shift) per plane: the plane holds (code >> shift) & (2^width - 1)."""
     shift = fmt.bits
     for w in fmt.planes:
@@ -45,7 +45,7 @@ def pack_codes(codes: np.ndarray, fmt: ExMy) -> np.ndarray:
     padded = np.zeros((*lead, kp), dtype=np.uint8)
     padded[..., :k] = codes
     planes = []
-    for w, shift in _plane_shifts(fmt):
+    for w, shift in plane_shifts(fmt):
         field = (padded >> shift) & ((1 << w) - 1) if w < 8 else padded
         per_byte = 8 // w
         field = field.reshape(*lead, kp // per_byte, per_byte)
@@ -69,7 +69,7 @@ def unpack_codes(payload: np.ndarray, fmt: ExMy, k: int) -> np.ndarray:
         raise ValueError(f"payload rows have {nbytes} bytes, expected {row_bytes(fmt, k)}")
     codes = np.zeros((*lead, kp), dtype=np.uint8)
     offset = 0
-    for w, shift in _plane_shifts(fmt):
+    for w, shift in plane_shifts(fmt):
         size = kp * w // 8
         plane = payload[..., offset:offset + size]
         offset += size
