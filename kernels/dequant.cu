@@ -16,6 +16,9 @@
 using namespace exmy;
 
 #define DEQUANT_BLOCK 256  // threads per block; the host launches exactly this many
+#ifndef DEQUANT_MIN_BLOCKS
+#define DEQUANT_MIN_BLOCKS 3  // blocks per SM the register budget is sized for
+#endif
 
 namespace {
 
@@ -141,7 +144,7 @@ __device__ __forceinline__ void dequant(const u8* __restrict__ payload, const u1
 }  // namespace
 
 #define EXMY_DEQUANT_KERNEL(NAME, SBF, OUT)                                                             \
-    extern "C" __global__ void __launch_bounds__(DEQUANT_BLOCK, 3) NAME(                               \
+    extern "C" __global__ void __launch_bounds__(DEQUANT_BLOCK, DEQUANT_MIN_BLOCKS) NAME(                               \
         const u8* __restrict__ payload, const u16* __restrict__ scales, void* __restrict__ out,       \
         u32 rows, u32 k, u32 row_bytes, u32 ngroups, u32 g) {                                         \
         dequant<SBF, OUT>(payload, scales, out, rows, k, row_bytes, ngroups, g);                      \

@@ -16,7 +16,9 @@
 // element e+8i at bit offset o" with at most one PRMT per group, so 4 elements are assembled with
 // each shift/mask. The group is then spread into two fp16/bf16 pair words:
 //   pair p = 2e+s (s = 0, 1): low 16-bit lane = element e+16s, high lane = element e+16s+8.
-// pair_elem(p, lane) gives that order; kernels permute x (GEMV) or un-permute outputs to match.
+// Formats whose codes live in the 4-bit plane alone (OWN = 4, "NIB": e2m1, e2m2s4, ...) skip the
+// byte transpose: group e is byte i = 0..3 of w4[e/2], nibble e%2, i.e. elements 8(e/2) + 2i + e%2.
+// pair_elem(p, lane) gives the order; kernels permute x (GEMV) or un-permute outputs to match.
 //
 // Value trick (register decode, no table): put the code's exponent field f in the LOW E bits of the
 // fp16 (or bf16) exponent field and its M mantissa bits at the TOP of the fp16 (bf16) mantissa.
@@ -84,6 +86,11 @@ constexpr int LO1 = SH;               // 1-bit plane: code bit 0 (shared: bit 1,
 // fp16 fast path: the whole fp16 value lives in its high byte [s e4..e0 m9 m8] when M <= 2.
 constexpr bool F16_OK = E <= 4;
 constexpr bool BYTE_PATH = F16_OK && M <= 2 && !HAS8;
+// Nibble-only formats (OWN = 4: e2m1, e1m2, e3m0 and the 5-bit shared ones such as e2m2s4) group
+// the elements of one 4-bit plane word instead of transposing four words (see pair_elem).
+constexpr bool NIB = OWN == 4;
+// k = 4 with a nibble-only plane: a chunk's 8 shared bits are kept as they are (Chunk.ws).
+constexpr bool NIB4 = NIB && SHARE == 4;
 
 // ------------------------------------------------------------------------- bit helpers
 
@@ -106,7 +113,14 @@ EXMY_HD u32 prmt(u32 a, u32 b, u32 sel) {
 }
 
 // Element (0..31 in the chunk) held by lane `lane` (0 = bits 15..0, 1 = bits 31..16) of pair p.
-EXMY_HD constexpr int pair_elem(int p, int lane) { return (p >> 1) + 16 * (p & 1) + 8 * lane; }
+// Group e = p/2 holds one element per byte i = 0..3; pair p takes bytes 0, 1 (p even) or 2, 3.
+//   general:  group e = elements e + 8i            -> pair p = (e + 16(p&1), e + 16(p&1) + 8)
+//   NIB:      group e = elements 8(e/2) + 2i + e%2 (byte i of 4-bit word e/2, nibble e%2)
+//                                                  -> pair p = (8(p/4) + 4(p&1) + e%2, ... + 2)
+EXMY_HD constexpr int pair_elem(int p, int lane) {
+    return NIB ? 8 * (p >> 2) + 4 * (p & 1) + 2 * lane + ((p >> 1) & 1)
+               : (p >> 1) + 16 * (p & 1) + 8 * lane;
+}
 
 // ------------------------------------------------------------------------- chunk loading
 
@@ -115,7 +129,8 @@ struct Chunk {
     u32 w4[HAS4 ? 4 : 1];
     u32 w2[HAS2 ? 2 : 1];
     u32 w1;
-    u32 ws;  // shared formats: bit i = shared m0 of element i of the chunk (like w1); else 0
+    u32 ws;  // shared formats: bit i = shared m0 of element i of the chunk (like w1); NIB4: bit j =
+             // m0 of elements 4j..4j+3; unshared: 0
 };
 
 // Byte offsets of the planes inside a row of kp (padded) elements: widest plane first.
@@ -137,6 +152,7 @@ EXMY_HD u32 expand_shared(u32 lo, u32 hi, u32 c) {
     const u32 r = 32 * c - j0 * SHARE;                 // elements of that group before the chunk
     const u32 o = j0 & 31;                             // bit j0's position in `lo`
     const u32 win = (lo >> o) | (o ? hi << (32 - o) : 0u);  // window: bit t = shared bit j0 + t
+    if (NIB4) return win & 0xFFu;                      // the chunk's 8 bits as they are (prepare spreads them)
     if (SHARE == 2) {  // 16 bits -> each bit twice (r = 0): spread bit t to bit 2t, then * 0b11
         u32 x = win & 0xFFFFu;
         x = (x | (x << 8)) & 0x00FF00FFu;              // bits 8..15 -> 16..23
@@ -316,13 +332,15 @@ EXMY_HD Chunk chunk_from_bytes(const u8* row, u32 kp, u32 c) {
 
 // Per-chunk byte transposes, computed once and shared by the 8 groups.
 struct Pre {
-    u32 t4[HAS4 ? 4 : 1];  // t4[k] byte i = byte k of w4[i]: lo nibble = group 2k, hi nibble = group 2k+1
+    u32 t4[HAS4 && !NIB ? 4 : 1];  // t4[k] byte i = byte k of w4[i]: lo nibble = group 2k, hi nibble = group 2k+1
     u32 p2[HAS2 ? 2 : 1];  // p2[h] bytes = (w2[0].b[h], w2[0].b[h+2], w2[1].b[h], w2[1].b[h+2])
+    u32 sm[NIB && SHARED ? 8 : 1];  // NIB shared: group e's m0 bits, byte i bit 0 (byte i = element
+                                    // 8(e/2) + 2i + e%2 of the chunk)
 };
 
 EXMY_HD Pre prepare(const Chunk& ch) {
     Pre pre;
-    if (HAS4) {
+    if (HAS4 && !NIB) {
         // 4x4 byte transpose of w4[0..3] in 8 PRMTs.
         const u32* w = ch.w4;
         u32 u0 = prmt(w[0], w[HAS4 ? 1 : 0], 0x5140);  // (w0.b0, w1.b0, w0.b1, w1.b1)
@@ -330,9 +348,35 @@ EXMY_HD Pre prepare(const Chunk& ch) {
         u32 u2 = prmt(w[HAS4 ? 2 : 0], w[HAS4 ? 3 : 0], 0x5140);  // (w2.b0, w3.b0, w2.b1, w3.b1)
         u32 u3 = prmt(w[HAS4 ? 2 : 0], w[HAS4 ? 3 : 0], 0x7362);  // (w2.b2, w3.b2, w2.b3, w3.b3)
         pre.t4[0] = prmt(u0, u2, 0x5410);  // (w0.b0, w1.b0, w2.b0, w3.b0)
-        pre.t4[HAS4 ? 1 : 0] = prmt(u0, u2, 0x7632);  // (w0.b1, w1.b1, w2.b1, w3.b1)
-        pre.t4[HAS4 ? 2 : 0] = prmt(u1, u3, 0x5410);  // (w0.b2, ..., w3.b2)
-        pre.t4[HAS4 ? 3 : 0] = prmt(u1, u3, 0x7632);  // (w0.b3, ..., w3.b3)
+        pre.t4[HAS4 && !NIB ? 1 : 0] = prmt(u0, u2, 0x7632);  // (w0.b1, w1.b1, w2.b1, w3.b1)
+        pre.t4[HAS4 && !NIB ? 2 : 0] = prmt(u1, u3, 0x5410);  // (w0.b2, ..., w3.b2)
+        pre.t4[HAS4 && !NIB ? 3 : 0] = prmt(u1, u3, 0x7632);  // (w0.b3, ..., w3.b3)
+    }
+    if (NIB4) {
+        // Group e = (j, h) = (e/2, e%2): bytes 0, 1 hold elements 8j+h, 8j+2+h (shared bit 2j of the
+        // chunk), bytes 2, 3 elements 8j+4+h, 8j+6+h (bit 2j+1), for both h.
+        const u32 s = ch.ws;                                     // bits 0..7
+        u32 q = (s * 0x1001u) & 0x000F000Fu;                     // bits 0..3 stay, bits 4..7 -> 16..19
+        q = (q * 0x41u) & 0x03030303u;                           // byte b = bits 2b, 2b+1 of s (at 0, 1)
+        const u32 q0 = q & 0x01010101u, q1 = (q >> 1) & 0x01010101u;  // byte b = bit 2b / bit 2b+1
+#pragma unroll
+        for (int j = 0; j < 4; ++j)                              // bytes 0,1 <- q0.b[j], bytes 2,3 <- q1.b[j]
+            pre.sm[NIB && SHARED ? 2 * j : 0] = pre.sm[NIB && SHARED ? 2 * j + 1 : 0] =
+                prmt(q0, q1, (u32)(j | (j << 4) | ((4 + j) << 8) | ((4 + j) << 12)));
+    } else if (NIB && SHARED) {
+        // Byte i of group e = element 8(e/2) + 2i + e%2: take bits 0, 2, 4, 6 of ws >> (8(e/2) + e%2)
+        // and move bit 2i to bit 8i with one multiply (shifts 0, 6, 12, 18; the only overlapping
+        // terms meet at bits 6, 12, 18 and carry into 7, 13, 19, all outside the mask).
+#pragma unroll
+        for (int e = 0; e < 8; ++e) {
+            const int i = NIB && SHARED ? e : 0;
+            if ((SHARE & 1) == 0 && (e & 1)) {  // even k: elements 2m, 2m+1 share a bit (chunks start even)
+                pre.sm[i] = pre.sm[NIB && SHARED ? e - 1 : 0];
+                continue;
+            }
+            const u32 x = (ch.ws >> (8 * (e >> 1) + (e & 1))) & 0x55u;
+            pre.sm[i] = (x * 0x41041u) & 0x01010101u;
+        }
     }
     if (HAS2) {
         // Element e+8i's 2-bit field: i=0 -> w2[0] bits 2e, i=1 -> w2[0] bits 2e+16,
@@ -347,7 +391,8 @@ EXMY_HD Pre prepare(const Chunk& ch) {
 // Every plane hands over group e as a word whose byte i holds element e+8i's field at bit
 // offset `o` of the byte (higher bits of the byte may hold other elements' fields: masked later).
 //   4-bit: t4[e/2], o = 4*(e&1)      2-bit: p2[e/4], o = 2*(e&3)      1-bit: w1 itself, o = e
-// (w1 byte i = elements 8i..8i+7, so element e+8i is bit e of byte i.)
+// (w1 byte i = elements 8i..8i+7, so element e+8i is bit e of byte i.) NIB formats: the 4-bit plane
+// word w4[e/2] itself, o = 4*(e&1) (byte i = elements 8(e/2)+2i, +1), shared bits from Pre.sm.
 
 // Place field bits [lo, lo+w) found at byte offset o to byte bit `dst`, all 4 bytes at once:
 // shift by dst - o and keep the w bits starting at dst in each byte.
@@ -355,13 +400,22 @@ EXMY_HD u32 place(u32 src, int o, int dst, int w) {
     return shl(src, dst - o) & (((1u << w) - 1u) << dst) * 0x01010101u;
 }
 
+EXMY_HD u32 nibble_src(const Chunk& ch, const Pre& pre, int e) {
+    return NIB ? ch.w4[HAS4 ? (e >> 1) : 0] : pre.t4[HAS4 && !NIB ? (e >> 1) : 0];
+}
+
+// Shared m0 of group e's four elements at byte bit `dst`.
+EXMY_HD u32 shared_bits(const Chunk& ch, const Pre& pre, int e, int dst) {
+    return NIB ? shl(pre.sm[NIB && SHARED ? e : 0], dst) : place(ch.ws, e, dst, 1);
+}
+
 // Group e's codes, one per byte, code bit j at byte bit j (all formats but the 8-bit plane).
 EXMY_HD u32 code_word(const Chunk& ch, const Pre& pre, int e) {
     u32 cw = 0;
-    if (HAS4) cw |= place(pre.t4[HAS4 ? (e >> 1) : 0], 4 * (e & 1), LO4, 4);  // nibble -> code bits LO4+3..LO4
+    if (HAS4) cw |= place(nibble_src(ch, pre, e), 4 * (e & 1), LO4, 4);  // nibble -> code bits LO4+3..LO4
     if (HAS2) cw |= place(pre.p2[HAS2 ? (e >> 2) : 0], 2 * (e & 3), LO2, 2);  // 2-bit field -> bits LO2+1..LO2
     if (HAS1) cw |= place(ch.w1, e, LO1, 1);                                  // 1-bit field -> bit LO1
-    if (SHARED) cw |= place(ch.ws, e, 0, 1);                                  // shared m0 -> bit 0
+    if (SHARED) cw |= shared_bits(ch, pre, e, 0);                             // shared m0 -> bit 0
     return cw;
 }
 
@@ -372,20 +426,20 @@ EXMY_HD u32 f16_high_bytes(const Chunk& ch, const Pre& pre, int e) {
     constexpr int D = BYTE_PATH ? 2 - M : 0;  // code bit j (below the sign) -> byte bit j + D
     u32 f = 0;
     if (HAS4) {
-        u32 t = pre.t4[HAS4 ? (e >> 1) : 0];
+        u32 t = nibble_src(ch, pre, e);
         int o = 4 * (e & 1);
         f |= shl(t, 7 - (o + 3)) & 0x80808080u;                       // nibble bit 3 = sign -> bit 7
         f |= shl(t, LO4 + D - o) & ((0x7u << (LO4 + D)) * 0x01010101u);  // nibble bits 2..0 -> LO4+D+2..LO4+D
         if (HAS2) f |= place(pre.p2[HAS2 ? (e >> 2) : 0], 2 * (e & 3), LO2 + D, 2);  // 2-bit field
         if (HAS1) f |= place(ch.w1, e, LO1 + D, 1);                                  // 1-bit field -> bit LO1+D
-        if (SHARED) f |= place(ch.ws, e, D, 1);                                      // shared m0 -> bit D
+        if (SHARED) f |= shared_bits(ch, pre, e, D);                                 // shared m0 -> bit D
     } else if (HAS2) {  // BITS 2 or 3: the 2-bit plane holds the sign
         u32 t = pre.p2[HAS2 ? (e >> 2) : 0];
         int o = 2 * (e & 3);
         f |= shl(t, 7 - (o + 1)) & 0x80808080u;                         // field bit 1 = sign -> bit 7
         f |= shl(t, LO2 + D - o) & ((0x1u << (LO2 + D)) * 0x01010101u);  // field bit 0 (code bit LO2) -> LO2+D
         if (HAS1) f |= place(ch.w1, e, LO1 + D, 1);                                    // 1-bit field -> bit LO1+D
-        if (SHARED) f |= place(ch.ws, e, D, 1);                                        // shared m0 -> bit D
+        if (SHARED) f |= shared_bits(ch, pre, e, D);                                   // shared m0 -> bit D
     }
     return f;
 }

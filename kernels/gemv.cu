@@ -236,11 +236,13 @@ __device__ __forceinline__ void gemv_warp(const u8* __restrict__ payload, const 
             }
 #pragma unroll
             for (int j = 0; j < NT; ++j) {
-                // x pair of the same elements: x[el] sits in word el/2, lane el%2 (el and el+8 share parity)
+                // x pair of the same elements: x[el] sits in word el/2, lane el%2 (the two elements
+                // of a pair are 8 or 2 apart: same parity)
                 constexpr u32 SEL[2] = {0x5410u, 0x7632u};  // lane 0 of both words / lane 1 of both
-                const int p0 = pair_elem(2 * e, 0), p1 = pair_elem(2 * e + 1, 0);
-                const u32 b0 = XS ? xw[j][2 * e] : prmt(xw[j][p0 >> 1], xw[j][(p0 + 8) >> 1], SEL[p0 & 1]);
-                const u32 b1 = XS ? xw[j][2 * e + 1] : prmt(xw[j][p1 >> 1], xw[j][(p1 + 8) >> 1], SEL[p1 & 1]);
+                const int p0 = pair_elem(2 * e, 0), q0 = pair_elem(2 * e, 1);
+                const int p1 = pair_elem(2 * e + 1, 0), q1 = pair_elem(2 * e + 1, 1);
+                const u32 b0 = XS ? xw[j][2 * e] : prmt(xw[j][p0 >> 1], xw[j][q0 >> 1], SEL[p0 & 1]);
+                const u32 b1 = XS ? xw[j][2 * e + 1] : prmt(xw[j][p1 >> 1], xw[j][q1 >> 1], SEL[p1 & 1]);
                 mma16816<BF>(acc[j], a0, a1, a2, a3, b0, b1);
             }
         }
@@ -273,9 +275,9 @@ __device__ __forceinline__ void gemv_warp(const u8* __restrict__ payload, const 
                 for (int i = 0; i < 16; ++i) w[i] = f16x2_to_bf16x2(w[i]);
             }
 #pragma unroll
-            for (int p = 0; p < 16; ++p) {  // pair p = (x[pair_elem(p,0)], x[pair_elem(p,0) + 8])
-                const int p0 = pair_elem(p, 0);
-                xsw[q * XS_STRIDE + p] = prmt(w[p0 >> 1], w[(p0 + 8) >> 1], (p0 & 1) ? 0x7632u : 0x5410u);
+            for (int p = 0; p < 16; ++p) {  // pair p = (x[pair_elem(p,0)], x[pair_elem(p,1)])
+                const int p0 = pair_elem(p, 0), p1 = pair_elem(p, 1);
+                xsw[q * XS_STRIDE + p] = prmt(w[p0 >> 1], w[p1 >> 1], (p0 & 1) ? 0x7632u : 0x5410u);
             }
         }
         __syncthreads();

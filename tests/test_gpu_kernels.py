@@ -173,7 +173,10 @@ def test_fresh_random_large(cp, rng):
 
 # every shared-bit expansion path (k = 2, 4, 8 bit spreads; k = 3, 5, 6, 7 the general one), every
 # plane combination of the own bits (4; 4+1; 4+2; 4+2+1; 2; 2+1), E = 5 and E = 1
-SHARED_SAMPLE = NAMED_SHARED + ("e1m1s2", "e2m1s3", "e1m2s5", "e3m2s6", "e4m3s7", "e5m2s8", "e3m3s4", "e2m5s2")
+# every shared-bit path: k = 2, 4, 8 spreads, k = 3, 5, 6, 7 the general one, and the nibble-only
+# formats (4 own bits: e2m2sk, e1m3sk, e3m1sk) with their own grouping for k = 4, even and odd k
+SHARED_SAMPLE = NAMED_SHARED + ("e1m1s2", "e2m1s3", "e1m2s5", "e3m2s6", "e4m3s7", "e5m2s8", "e3m3s4", "e2m5s2",
+                                "e2m2s2", "e2m2s3", "e2m2s8", "e1m3s5", "e3m1s7")
 
 
 @pytest.mark.parametrize("name", SHARED_SAMPLE)
