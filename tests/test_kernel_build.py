@@ -21,6 +21,8 @@ from exmyconv.formats import NAMED, NAMED_SHARED, all_formats
 ROOT = Path(__file__).resolve().parents[1]
 KERNELS = ROOT / "kernels"
 SOURCES = sorted(KERNELS.glob("*.cu"))
+PLAIN = ("llama_ops.cu",)  # no ExMy decoding (bench --e2e's fused decoder-step kernels): compiled once
+DECODE_SOURCES = [src for src in SOURCES if src.name not in PLAIN]
 FORMATS = [(f.e, f.m) for f in all_formats()]
 SHARED = [(f.e, f.m, f.share) for f in all_formats(shared=True)]  # every eXmYsk
 
@@ -43,7 +45,9 @@ def _jobs() -> int:
 def test_sources_are_packaged_and_share_one_decoder():
     assert SOURCES, "no kernels"
     assert gpu.kernel_dir() == KERNELS or (gpu.kernel_dir() / "exmy_decode.cuh").is_file()
-    for src in SOURCES:
+    for name in PLAIN:
+        assert (KERNELS / name).is_file() and "#include" not in gpu.kernel_source(name), name
+    for src in DECODE_SOURCES:
         text = src.read_text()
         assert '#include "exmy_decode.cuh"' in text, src.name
         assert "decode_group" in text, f"{src.name} does not use the shared decode routine"
@@ -69,7 +73,7 @@ def _jobs_for(tmp_path):
     batch-8 ones (E <= 4) and the bf16-operand unaligned-group one, which between them run every
     decode path."""
     jobs = []
-    for src in SOURCES:
+    for src in DECODE_SOURCES:
         for e, m in FORMATS:
             name = f"e{e}m{m}"
             if src.name != "gemv.cu" or name in NAMED or name == "e5m2":
@@ -82,7 +86,7 @@ def _jobs_for(tmp_path):
     # gemv.cu with its fp16 batch-1 / batch-8 and bf16 unaligned-group variants
     for e, m, share in SHARED:
         name = f"e{e}m{m}s{share}"
-        for src in SOURCES:
+        for src in DECODE_SOURCES:
             if src.name == "gemv.cu":
                 if name in NAMED_SHARED:
                     jobs += [(src, e, m, tmp_path / f"{src.stem}_{name}_v{v}.cubin", v, share) for v in (0, 3, 47)]
@@ -109,6 +113,15 @@ def test_every_kernel_compiles_for_sm90(tmp_path):
             spilled = [name for name, n in found if int(n) and not name.endswith("_ga")
                        and name.startswith(("exmy_gemv_fold", "exmy_gemv_two"))]
             assert not spilled, f"{what}: {spilled} spill registers:\n{log}"
+
+
+@needs_nvcc
+@pytest.mark.parametrize("name", PLAIN)
+def test_plain_kernel_compiles_for_sm90(tmp_path, name):
+    cmd = [NVCC, "-arch=sm_90", "--cubin", "-std=c++17", "-o", str(tmp_path / "k.cubin"), str(KERNELS / name)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0 and "warning" not in log.lower(), log[-3000:]
 
 
 HOST_CHECK = r"""
@@ -159,6 +172,10 @@ int main(int argc, char** argv) {
     std::mt19937 rng(argc > 1 ? (unsigned)strtoul(argv[1], 0, 10) : 1u);
     const int kp = 1024;  // 32 chunks: every residue of 32c mod k for k <= 8
     long bad = 0, checked = 0;
+    unsigned seen = 0;  // pair_elem must be a permutation of the chunk's 32 elements
+    for (int p = 0; p < 16; ++p)
+        for (int lane = 0; lane < 2; ++lane) seen |= 1u << pair_elem(p, lane);
+    if (seen != 0xFFFFFFFFu) { printf("pair_elem is not a permutation: %08x\n", seen); return 1; }
     for (int trial = 0; trial < 48; ++trial) {
         std::vector<u8> row(row_len(kp));
         for (auto& b : row) b = (u8)rng();

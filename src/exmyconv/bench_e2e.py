@@ -9,13 +9,21 @@ weights have about the same spread. Nothing is converted or read from disk.
 
 The harness is one hand-written Llama decoder step (RMSNorm, rotary embedding, grouped-query
 attention over a static KV cache with ``F.scaled_dot_product_attention``, SwiGLU MLP) used for
-every variant; only the decoder Linears differ: fp16 ``F.linear`` (cuBLAS) or the fused ExMy
-GEMV (:func:`exmyconv.gpu.gemv`). q/k/v are one fused matrix and gate/up another, in both
+every variant; only the decoder Linears differ: fp16 cuBLAS (``F.linear`` / ``torch.mm``) or the
+fused ExMy GEMV (:func:`exmyconv.gpu.gemv`). q/k/v are one fused matrix and gate/up another, in both
 variants (4 GEMVs per layer). Embeddings and ``lm_head`` stay fp16 in both variants. One step
 embeds the current tokens, runs the layers, takes the argmax of the logits and writes it back as
 the next token and advances the position, all on the GPU, so the step can be captured once in a
 CUDA graph and replayed per token (no host work per token beyond one replay launch). Timed
 "eager" too (the same step called from Python), which shows what launch and Python overhead cost.
+
+On a GPU with CuPy the step's small operations are fused CUDA kernels (kernels/llama_ops.cu,
+``fused=True``, the same for every variant), so that a layer is: add+RMSNorm -> q/k/v GEMV ->
+rotary embedding + KV-cache write -> ``F.scaled_dot_product_attention`` -> o GEMV -> add+RMSNorm
+-> gate/up GEMV -> SiLU*mul -> down GEMV (whose residual add is the next add+RMSNorm), into
+buffers allocated once. They round as the torch ops they replace (bit-exact except RMSNorm, within
+1 fp16 ulp); ``fused=False`` (and on the CPU) runs the plain torch ops. Results record which ran
+(``fused_ops``).
 
 Timing: a warm-up run, then ``runs`` runs of ``tokens`` greedy steps each from position 0 (KV
 cache of ``tokens`` positions); CUDA events around each run; the median is reported. tokens/s
@@ -23,6 +31,7 @@ counts every sequence of the batch (batch x tokens / time).
 """
 from __future__ import annotations
 
+import functools
 import json
 import statistics
 from dataclasses import asdict, dataclass, replace
@@ -159,7 +168,7 @@ def unavailable_reason() -> str:
 # ----------------------------------------------------------------------------- the model (GPU)
 
 class _Linear:
-    """y = x W^T without bias: fp16 F.linear, or the fused ExMy GEMV into a fresh output."""
+    """y = x W^T without bias: fp16 cuBLAS, or the fused ExMy GEMV (into `out` when given)."""
 
     def __init__(self, k: int, n: int, fmt: str, gen, device="cuda"):
         import torch
@@ -180,22 +189,120 @@ class _Linear:
             self.w = gpu.upload(payload=payload, scales=scales, scale_dtype="F16", fmt=f, shape=(n, k))
             self.nbytes = self.w.nbytes
 
-    def __call__(self, x):
+    def __call__(self, x, out=None):
         import torch
         import torch.nn.functional as F
 
         if self.fmt == FP16:
-            return F.linear(x, self.w)
+            return F.linear(x, self.w) if out is None else torch.mm(x, self.w.t(), out=out)
         from . import gpu
 
-        out = torch.empty((x.shape[0], self.n), device=x.device, dtype=x.dtype)
+        if out is None:
+            out = torch.empty((x.shape[0], self.n), device=x.device, dtype=x.dtype)
         return gpu.gemv(x, self.w, out=out)
+
+
+def fused_available(device) -> bool:
+    """True when the fused step kernels can run on `device` (a CUDA device, CuPy importable)."""
+    import torch
+
+    if torch.device(device).type != "cuda":
+        return False
+    try:
+        import cupy
+    except Exception:
+        return False
+    return cupy is not None
+
+
+@functools.lru_cache(maxsize=None)
+def _llama_module(device_index: int):
+    import cupy
+
+    from . import gpu
+
+    with cupy.cuda.Device(device_index):
+        mod = cupy.RawModule(code=gpu.kernel_source("llama_ops.cu"), options=("--std=c++17",))
+        return {name: mod.get_function(name) for name in ("llama_add_rms_norm", "llama_rope_cache", "llama_silu_mul")}
+
+
+class LlamaOps:
+    """Launchers of kernels/llama_ops.cu on torch's current CUDA stream (so torch.cuda.graph
+    captures them). Arguments are contiguous fp16 CUDA tensors, passed as raw pointers."""
+
+    THREADS = 256
+
+    def __init__(self, device):
+        import torch
+
+        self.device = torch.device(device)
+        self.fn = _llama_module(self.device.index if self.device.index is not None else torch.cuda.current_device())
+        self._streams = {}
+
+    def _stream(self):
+        import cupy
+        import torch
+
+        handle = torch.cuda.current_stream(self.device).cuda_stream
+        s = self._streams.get(handle)
+        if s is None:
+            s = self._streams[handle] = cupy.cuda.ExternalStream(handle)
+        return s
+
+    @staticmethod
+    def _ptr(t, dtype=None):
+        import numpy as np
+        import torch
+
+        assert t.is_cuda and t.is_contiguous() and t.dtype == (dtype or torch.float16), (t.dtype, t.shape)
+        return np.uint64(t.data_ptr())
+
+    def _launch(self, name, grid, block, args):
+        with self._stream():
+            self.fn[name]((grid,), (block,), args)
+
+    def add_rms_norm(self, h, delta, w, out, eps: float):
+        """h += delta (if not None, in place), out = rms_norm(h) * w; h, delta, out [B, H]."""
+        import numpy as np
+
+        b, n = h.shape
+        assert w.numel() == n and out.shape == h.shape and (delta is None or delta.shape == h.shape)
+        threads = min(1024, max(32, -(-n // 256) * 32))  # about 8 elements a thread
+        args = (self._ptr(h), self._ptr(h if delta is None else delta), self._ptr(w), self._ptr(out),
+                np.int32(n), np.int32(delta is not None), np.float32(eps))
+        self._launch("llama_add_rms_norm", b, threads, args)
+
+    def rope_cache(self, qkv, cos, sin, pos, q_out, k_cache, v_cache):
+        """Rotary q/k at position pos[0] (a device int64 tensor); q -> q_out [B, Hq, hd], k and v
+        -> k_cache/v_cache[:, :, pos] ([B, Hkv, max_len, hd])."""
+        import numpy as np
+        import torch
+
+        b, hq, hd = q_out.shape
+        hkv, max_len = k_cache.shape[1], k_cache.shape[2]
+        assert qkv.shape == (b, (hq + 2 * hkv) * hd) and k_cache.shape == v_cache.shape == (b, hkv, max_len, hd)
+        assert cos.shape == sin.shape == (max_len, hd) and pos.numel() == 1
+        total = b * (hq + 2 * hkv) * (hd // 2)
+        args = (self._ptr(qkv), self._ptr(cos), self._ptr(sin), self._ptr(pos, torch.int64), self._ptr(q_out),
+                self._ptr(k_cache), self._ptr(v_cache), np.int32(b), np.int32(hq), np.int32(hkv), np.int32(hd),
+                np.int32(max_len))
+        self._launch("llama_rope_cache", -(-total // self.THREADS), self.THREADS, args)
+
+    def silu_mul(self, gu, out):
+        """out [B, I] = silu(gu[:, :I]) * gu[:, I:]."""
+        import numpy as np
+
+        b, inter = out.shape
+        assert gu.shape == (b, 2 * inter)
+        args = (self._ptr(gu), self._ptr(out), np.int32(b), np.int32(inter))
+        self._launch("llama_silu_mul", -(-(b * inter) // self.THREADS), self.THREADS, args)
 
 
 class Decoder:
     """Random-weight Llama decoder for batched greedy decoding over a static KV cache."""
 
-    def __init__(self, cfg: DecoderConfig, fmt: str, batch: int, max_len: int, seed: int = 0, device="cuda"):
+    def __init__(self, cfg: DecoderConfig, fmt: str, batch: int, max_len: int, seed: int = 0, device="cuda",
+                 fused: bool | None = None):
         import torch
 
         self.cfg, self.fmt, self.batch, self.max_len = cfg, fmt, batch, max_len
@@ -222,6 +329,19 @@ class Decoder:
         self.tok = torch.zeros(batch, device=dev, dtype=torch.long)   # static input: current tokens
         self.pos = torch.zeros(1, device=dev, dtype=torch.long)       # static input: current position
         self.layer_bytes = sum(lin.nbytes for lin in self.layers[0]["lin"]) if self.layers else 0
+        self.fused = fused_available(dev) if fused is None else bool(fused)
+        if self.fused:  # the fused step's buffers (static shapes: graph-friendly, nothing allocated per step)
+            self.ops = LlamaOps(dev)
+            f16 = dict(device=dev, dtype=torch.float16)
+            self._h = torch.zeros((batch, h), **f16)        # the residual stream
+            self._x = torch.empty((batch, h), **f16)        # normed input of the next GEMV
+            self._qkv = torch.empty((batch, (cfg.heads + 2 * cfg.kv_heads) * hd), **f16)
+            self._q = torch.empty((batch, cfg.heads, hd), **f16)
+            self._o = torch.empty((batch, h), **f16)
+            self._gu = torch.empty((batch, 2 * cfg.intermediate), **f16)
+            self._act = torch.empty((batch, cfg.intermediate), **f16)
+            self._d = torch.empty((batch, h), **f16)
+            self._mask = torch.empty(max_len, device=dev, dtype=torch.bool)
 
     def reset(self, first_tokens):
         self.tok.copy_(first_tokens)
@@ -245,6 +365,8 @@ class Decoder:
         import torch
         import torch.nn.functional as F
 
+        if self.fused:
+            return self._step_fused()
         cfg, b, hd = self.cfg, self.batch, self.cfg.hd
         nq, nkv = cfg.heads * hd, cfg.kv_heads * hd
         cos = self.cos.index_select(0, self.pos).view(1, 1, hd)
@@ -267,6 +389,33 @@ class Decoder:
             gu = gu_l(self._rms(h, layer["ln2"]))
             h = h + down_l(F.silu(gu[:, :cfg.intermediate]) * gu[:, cfg.intermediate:])
         logits = self.logits = F.linear(self._rms(h, self.norm), self.lm_head)
+        self.tok.copy_(logits.argmax(-1))
+        self.pos.add_(1)
+
+    def _step_fused(self):
+        """step() with the fused kernels (kernels/llama_ops.cu) into the preallocated buffers."""
+        import torch
+        import torch.nn.functional as F
+
+        cfg, b, hd, ops, eps = self.cfg, self.batch, self.cfg.hd, self.ops, self.cfg.rms_eps
+        torch.le(self.positions, self.pos, out=self._mask)
+        mask = self._mask.view(1, 1, 1, self.max_len)
+        torch.index_select(self.embed, 0, self.tok, out=self._h)
+        h, x, delta = self._h, self._x, None
+        q = self._q.view(b, cfg.kv_heads, cfg.heads // cfg.kv_heads, hd)  # GQA: query rows of a KV head
+        for layer in self.layers:
+            qkv_l, o_l, gu_l, down_l = layer["lin"]
+            ops.add_rms_norm(h, delta, layer["ln1"], x, eps)  # h += previous layer's MLP output
+            qkv_l(x, out=self._qkv)
+            ops.rope_cache(self._qkv, self.cos, self.sin, self.pos, self._q, layer["k"], layer["v"])
+            a = F.scaled_dot_product_attention(q, layer["k"], layer["v"], attn_mask=mask)
+            o_l(a.reshape(b, cfg.heads * hd), out=self._o)
+            ops.add_rms_norm(h, self._o, layer["ln2"], x, eps)
+            gu_l(x, out=self._gu)
+            ops.silu_mul(self._gu, self._act)
+            delta = down_l(self._act, out=self._d)
+        ops.add_rms_norm(h, delta, self.norm, x, eps)
+        logits = self.logits = F.linear(x, self.lm_head)
         self.tok.copy_(logits.argmax(-1))
         self.pos.add_(1)
 
@@ -296,15 +445,16 @@ def _time_runs(run_once, runs: int) -> list[float]:
 
 
 def measure(cfg: DecoderConfig, fmt: str, batch: int, tokens: int = 128, runs: int = 5, eager: bool = True,
-            seed: int = 0, log=print) -> dict:
-    """Tokens/s of greedy decoding for one variant and batch (graph and, if asked, eager)."""
+            seed: int = 0, log=print, fused: bool | None = None) -> dict:
+    """Tokens/s of greedy decoding for one variant and batch (graph and, if asked, eager).
+    fused: the fused step kernels (None: when available, see Decoder)."""
     import torch
 
-    model = Decoder(cfg, fmt, batch, max_len=tokens, seed=seed)
+    model = Decoder(cfg, fmt, batch, max_len=tokens, seed=seed, fused=fused)
     first = torch.randint(0, cfg.vocab, (batch,), device="cuda",
                           generator=torch.Generator(device="cuda").manual_seed(seed + 1))
     result = {"format": fmt, "batch": batch, "tokens": tokens, "runs": runs,
-              "weight_bytes_per_layer": model.layer_bytes, "layers": cfg.layers}
+              "weight_bytes_per_layer": model.layer_bytes, "layers": cfg.layers, "fused_ops": model.fused}
 
     def eager_run(n=tokens):
         model.reset(first)
@@ -348,7 +498,7 @@ def measure(cfg: DecoderConfig, fmt: str, batch: int, tokens: int = 128, runs: i
 
 
 def run(cfg: DecoderConfig, formats: list[str], batches: list[int], tokens: int = 128, runs: int = 5,
-        eager: bool = True, log=print) -> dict:
+        eager: bool = True, log=print, fused: bool | None = None) -> dict:
     import torch
 
     from . import gpu
@@ -356,7 +506,7 @@ def run(cfg: DecoderConfig, formats: list[str], batches: list[int], tokens: int 
     out = {"config": asdict(cfg), "device": gpu.device_info(), "torch": torch.__version__, "results": []}
     for batch in batches:
         for fmt in formats:
-            r = measure(cfg, fmt, batch, tokens=tokens, runs=runs, eager=eager, log=log)
+            r = measure(cfg, fmt, batch, tokens=tokens, runs=runs, eager=eager, log=log, fused=fused)
             log(f"  b{batch} {fmt}: graph {r.get('graph_tok_s', float('nan')):.1f} tok/s, "
                 f"eager {r.get('eager_tok_s', float('nan')):.1f} tok/s, graph==eager {r.get('graph_matches_eager')}")
             out["results"].append(r)

@@ -1,0 +1,112 @@
+// Fused element-wise steps of one Llama decoder layer (src/exmyconv/bench_e2e.py, fused=True).
+// fp16 in and out, float32 arithmetic. They replace ~20 small torch kernels per layer and reproduce
+// torch's fp16 rounding (every torch fp16 op computes in float32 and rounds once to fp16):
+//
+// llama_add_rms_norm   one block per batch row, any blockDim that is a multiple of 32 (<= 1024).
+//     h[b] <- fp16(h[b] + delta[b]) (skipped when has_delta == 0), then
+//     out[b] = fp16(w * (rstd * h[b])) with rstd = rsqrt(mean(h[b]^2) + eps), which is what torch's
+//     fused CUDA rms_norm computes for fp16. The residual add is bit-exact; the norm may differ from
+//     torch by 1 fp16 ulp where the float32 sum of squares, summed in another order, differs.
+// llama_rope_cache     one thread per (row b, head, i < hd/2) of qkv [B, (Hq + 2 Hkv) hd]
+//     (q heads, k heads, v heads). Rotate-half rotary embedding at position *pos (read on the
+//     device, so the launch can live in a CUDA graph) with tables cos/sin [max_len, hd]:
+//       o[i]        = fp16(fp16(x[i] cos[i])      + fp16(-x[i+h] sin[i]))
+//       o[i + hd/2] = fp16(fp16(x[i+h] cos[i+h])  + fp16(x[i] sin[i+h]))
+//     i.e. torch's x * cos + cat(-x2, x1) * sin op by op: bit-exact. q -> q_out [B, Hq, hd],
+//     k -> k_cache[b, kvh, pos, :], v (copied) -> v_cache[b, kvh, pos, :]; caches [B, Hkv, max_len, hd].
+//     A position outside [0, max_len) writes nothing.
+// llama_silu_mul       one thread per output element: gu [B, 2I] -> out [B, I],
+//     out = fp16(fp16(silu(a)) * b), silu(a) = a / (1 + exp(-a)) as torch's CUDA silu computes it
+//     (expf and IEEE division; nothing here is built with fast math): bit-exact.
+// fp16 values travel as raw bits (no cuda_fp16.h: NVRTC needs no headers); conversions in PTX
+typedef unsigned short f16;
+__device__ __forceinline__ float h2f(f16 x) {
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(x));
+    return f;
+}
+__device__ __forceinline__ f16 f2h(float f) {  // round to nearest even, as torch's casts
+    f16 x;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(x) : "f"(f));
+    return x;
+}
+
+extern "C" __global__ void llama_add_rms_norm(f16* __restrict__ h, const f16* __restrict__ delta,
+                                              const f16* __restrict__ w, f16* __restrict__ out,
+                                              int hidden, int has_delta, float eps) {
+    __shared__ float partial[32];
+    const long row = (long)blockIdx.x * hidden;
+    f16* hr = h + row;
+    float ss = 0.0f;
+    for (int i = threadIdx.x; i < hidden; i += blockDim.x) {
+        f16 v = hr[i];
+        if (has_delta) {
+            v = f2h(h2f(v) + h2f(delta[row + i]));
+            hr[i] = v;  // read back below by this same thread
+        }
+        const float f = h2f(v);
+        ss = fmaf(f, f, ss);
+    }
+    for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, warps = blockDim.x >> 5;
+    if (lane == 0) partial[warp] = ss;
+    __syncthreads();
+    if (warp == 0) {
+        ss = lane < warps ? partial[lane] : 0.0f;
+        for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
+        if (lane == 0) partial[0] = ss;
+    }
+    __syncthreads();
+    const float rstd = rsqrtf(partial[0] / (float)hidden + eps);
+    for (int i = threadIdx.x; i < hidden; i += blockDim.x) {
+        const float x = h2f(hr[i]);
+        out[row + i] = f2h(__fmul_rn(h2f(w[i]), __fmul_rn(rstd, x)));
+    }
+}
+
+extern "C" __global__ void llama_rope_cache(const f16* __restrict__ qkv, const f16* __restrict__ cos_t,
+                                            const f16* __restrict__ sin_t, const long long* __restrict__ pos_p,
+                                            f16* __restrict__ q_out, f16* __restrict__ k_cache,
+                                            f16* __restrict__ v_cache, int batch, int hq, int hkv, int hd,
+                                            int max_len) {
+    const int half = hd >> 1, heads = hq + 2 * hkv;
+    const long idx = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= (long)batch * heads * half) return;
+    const long long pos = *pos_p;
+    if (pos < 0 || pos >= max_len) return;
+    const int i = (int)(idx % half);
+    const int head = (int)((idx / half) % heads);
+    const int b = (int)(idx / ((long)half * heads));
+    const f16* x = qkv + ((long)b * heads + head) * hd;
+    const f16 x1 = x[i], x2 = x[i + half];
+    if (head >= hq + hkv) {  // v: copied into the cache as is
+        f16* dst = v_cache + (((long)b * hkv + (head - hq - hkv)) * max_len + pos) * hd;
+        dst[i] = x1;
+        dst[i + half] = x2;
+        return;
+    }
+    const f16* c = cos_t + pos * hd;
+    const f16* s = sin_t + pos * hd;
+    const float f1 = h2f(x1), f2 = h2f(x2);
+    // each product rounded to fp16 on its own (as torch's separate mul kernels), then the sum
+    const float a1 = h2f(f2h(__fmul_rn(f1, h2f(c[i]))));
+    const float b1 = h2f(f2h(__fmul_rn(-f2, h2f(s[i]))));
+    const float a2 = h2f(f2h(__fmul_rn(f2, h2f(c[i + half]))));
+    const float b2 = h2f(f2h(__fmul_rn(f1, h2f(s[i + half]))));
+    const f16 o1 = f2h(__fadd_rn(a1, b1)), o2 = f2h(__fadd_rn(a2, b2));
+    f16* dst = head < hq ? q_out + ((long)b * hq + head) * hd
+                            : k_cache + (((long)b * hkv + (head - hq)) * max_len + pos) * hd;
+    dst[i] = o1;
+    dst[i + half] = o2;
+}
+
+extern "C" __global__ void llama_silu_mul(const f16* __restrict__ gu, f16* __restrict__ out, int batch,
+                                          int inter) {
+    const long idx = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= (long)batch * inter) return;
+    const long b = idx / inter, j = idx % inter;
+    const float a = h2f(gu[b * 2 * inter + j]);
+    const float g = h2f(gu[b * 2 * inter + inter + j]);
+    const float s = h2f(f2h(a / (1.0f + expf(-a))));
+    out[idx] = f2h(__fmul_rn(s, g));
+}
