@@ -2,7 +2,7 @@
 // fp16 in and out, float32 arithmetic. They replace ~20 small torch kernels per layer and reproduce
 // torch's fp16 rounding (every torch fp16 op computes in float32 and rounds once to fp16):
 //
-// llama_add_rms_norm   one block per batch row, any blockDim that is a multiple of 32 (<= 1024).
+// llama_add_rms_norm   one block per batch row, blockDim a multiple of 32 (<= 1024), hidden <= 16 blockDim.
 //     h[b] <- fp16(h[b] + delta[b]) (skipped when has_delta == 0), then
 //     out[b] = fp16(w * (rstd * h[b])) with rstd = rsqrt(mean(h[b]^2) + eps), which is what torch's
 //     fused CUDA rms_norm computes for fp16. The residual add is bit-exact; the norm may differ from
@@ -31,21 +31,29 @@ __device__ __forceinline__ f16 f2h(float f) {  // round to nearest even, as torc
     return x;
 }
 
+#define RMS_PER_THREAD 16  // hidden <= 16 * blockDim: a row stays in registers, its loads all in flight
+
 extern "C" __global__ void llama_add_rms_norm(f16* __restrict__ h, const f16* __restrict__ delta,
                                               const f16* __restrict__ w, f16* __restrict__ out,
                                               int hidden, int has_delta, float eps) {
     __shared__ float partial[32];
     const long row = (long)blockIdx.x * hidden;
     f16* hr = h + row;
+    float v[RMS_PER_THREAD];
     float ss = 0.0f;
-    for (int i = threadIdx.x; i < hidden; i += blockDim.x) {
-        f16 v = hr[i];
-        if (has_delta) {
-            v = f2h(h2f(v) + h2f(delta[row + i]));
-            hr[i] = v;  // read back below by this same thread
+#pragma unroll
+    for (int k = 0; k < RMS_PER_THREAD; ++k) {
+        const int i = threadIdx.x + k * blockDim.x;
+        v[k] = 0.0f;
+        if (i < hidden) {
+            f16 x = hr[i];
+            if (has_delta) {
+                x = f2h(__fadd_rn(h2f(x), h2f(delta[row + i])));
+                hr[i] = x;
+            }
+            v[k] = h2f(x);
+            ss = fmaf(v[k], v[k], ss);
         }
-        const float f = h2f(v);
-        ss = fmaf(f, f, ss);
     }
     for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, warps = blockDim.x >> 5;
@@ -58,9 +66,10 @@ extern "C" __global__ void llama_add_rms_norm(f16* __restrict__ h, const f16* __
     }
     __syncthreads();
     const float rstd = rsqrtf(partial[0] / (float)hidden + eps);
-    for (int i = threadIdx.x; i < hidden; i += blockDim.x) {
-        const float x = h2f(hr[i]);
-        out[row + i] = f2h(__fmul_rn(h2f(w[i]), __fmul_rn(rstd, x)));
+#pragma unroll
+    for (int k = 0; k < RMS_PER_THREAD; ++k) {
+        const int i = threadIdx.x + k * blockDim.x;
+        if (i < hidden) out[row + i] = f2h(__fmul_rn(h2f(w[i]), __fmul_rn(rstd, v[k])));
     }
 }
 

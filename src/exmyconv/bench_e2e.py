@@ -267,7 +267,8 @@ class LlamaOps:
 
         b, n = h.shape
         assert w.numel() == n and out.shape == h.shape and (delta is None or delta.shape == h.shape)
-        threads = min(1024, max(32, -(-n // 256) * 32))  # about 8 elements a thread
+        threads = min(1024, -(-n // 32) * 32)  # each thread holds up to 16 elements (RMS_PER_THREAD)
+        assert n <= 16 * threads, f"hidden {n} > 16384"
         args = (self._ptr(h), self._ptr(h if delta is None else delta), self._ptr(w), self._ptr(out),
                 np.int32(n), np.int32(delta is not None), np.float32(eps))
         self._launch("llama_add_rms_norm", b, threads, args)
