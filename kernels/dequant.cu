@@ -17,7 +17,8 @@ using namespace exmy;
 
 #define DEQUANT_BLOCK 256  // threads per block; the host launches exactly this many
 #ifndef DEQUANT_MIN_BLOCKS
-#define DEQUANT_MIN_BLOCKS 3  // blocks per SM the register budget is sized for
+#define DEQUANT_MIN_BLOCKS 4  // blocks per SM the register budget is sized for (4: 64 registers;
+                              // measured faster than 3 on every H100 shape, docs/benchmarks.md)
 #endif
 
 namespace {
@@ -47,19 +48,20 @@ __device__ __forceinline__ u16 pack1(float v) {
 }
 
 // OUT: 0 = fp16 bits, 1 = bf16 bits, 2 = float32.
+// Unit u = chunk u % cpr of row u / cpr.
+__device__ __forceinline__ Chunk load_unit(const u8* __restrict__ payload, u32 u, u32 cpr, u32 k, u32 row_bytes) {
+    const u32 row = u / cpr;
+    return load_chunk(payload + (size_t)row * row_bytes, padded_k(k), u - row * cpr);
+}
+
 template <bool SCALE_BF16, int OUT>
-__device__ __forceinline__ void dequant(const u8* __restrict__ payload, const u16* __restrict__ scales,
-                                        void* __restrict__ out, u32 rows, u32 k, u32 row_bytes,
-                                        u32 ngroups, u32 g) {
+__device__ __forceinline__ void dequant_unit(const Chunk& ch, u32 u, const u16* __restrict__ scales,
+                                             void* __restrict__ out, u32 rows, u32 k, u32 ngroups, u32 g) {
     const u32 cpr = (k + 31) / 32;  // chunks per row holding real elements (padding chunks skipped)
-    const u32 u = blockIdx.x * blockDim.x + threadIdx.x;
-    if (u >= rows * cpr) return;  // the host keeps rows * cpr < 2^32
     const u32 row = u / cpr;
     const u32 c = u - row * cpr;
-    const u32 kp = padded_k(k);  // padded row length (row_bytes also counts a shared plane)
     const u32 base = 32 * c;  // first element of this chunk in the row
 
-    const Chunk ch = load_chunk(payload + (size_t)row * row_bytes, kp, c);
     const Pre pre = prepare(ch);
     const float p127 = __uint_as_float(POW2_127_BITS);  // 2^(127 - bias): exact power of two
 
@@ -139,6 +141,17 @@ __device__ __forceinline__ void dequant(const u8* __restrict__ payload, const u1
             }
         }
     }
+}
+
+template <bool SCALE_BF16, int OUT>
+__device__ __forceinline__ void dequant(const u8* __restrict__ payload, const u16* __restrict__ scales,
+                                        void* __restrict__ out, u32 rows, u32 k, u32 row_bytes,
+                                        u32 ngroups, u32 g) {
+    const u32 cpr = (k + 31) / 32;
+    const u32 total = rows * cpr;  // the host keeps rows * cpr < 2^32
+    const u32 u = blockIdx.x * blockDim.x + threadIdx.x;
+    if (u >= total) return;
+    dequant_unit<SCALE_BF16, OUT>(load_unit(payload, u, cpr, k, row_bytes), u, scales, out, rows, k, ngroups, g);
 }
 
 }  // namespace
