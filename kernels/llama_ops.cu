@@ -18,6 +18,9 @@
 // llama_silu_mul       one thread per output element: gu [B, 2I] -> out [B, I],
 //     out = fp16(fp16(silu(a)) * b), silu(a) = a / (1 + exp(-a)) as torch's CUDA silu computes it
 //     (expf and IEEE division; nothing here is built with fast math): bit-exact.
+// llama_argmax_advance one block per batch row of logits [B, vocab]: tok[b] = index of the first
+//     maximum (a NaN counts as larger than any number, as torch.argmax), then block 0 adds 1 to
+//     *pos (the step's last two torch ops, argmax + copy_ and pos += 1, in one launch).
 // fp16 values travel as raw bits (no cuda_fp16.h: NVRTC needs no headers); conversions in PTX
 typedef unsigned short f16;
 __device__ __forceinline__ float h2f(f16 x) {
@@ -40,12 +43,15 @@ extern "C" __global__ void llama_add_rms_norm(f16* __restrict__ h, const f16* __
     const long row = (long)blockIdx.x * hidden;
     f16* hr = h + row;
     float v[RMS_PER_THREAD];
+    f16 wv[RMS_PER_THREAD];  // the norm weights, loaded with the row (not after the reduction)
     float ss = 0.0f;
 #pragma unroll
     for (int k = 0; k < RMS_PER_THREAD; ++k) {
         const int i = threadIdx.x + k * blockDim.x;
         v[k] = 0.0f;
+        wv[k] = 0;
         if (i < hidden) {
+            wv[k] = w[i];
             f16 x = hr[i];
             if (has_delta) {
                 x = f2h(__fadd_rn(h2f(x), h2f(delta[row + i])));
@@ -69,7 +75,7 @@ extern "C" __global__ void llama_add_rms_norm(f16* __restrict__ h, const f16* __
 #pragma unroll
     for (int k = 0; k < RMS_PER_THREAD; ++k) {
         const int i = threadIdx.x + k * blockDim.x;
-        if (i < hidden) out[row + i] = f2h(__fmul_rn(h2f(w[i]), __fmul_rn(rstd, v[k])));
+        if (i < hidden) out[row + i] = f2h(__fmul_rn(h2f(wv[k]), __fmul_rn(rstd, v[k])));
     }
 }
 
@@ -118,4 +124,46 @@ extern "C" __global__ void llama_silu_mul(const f16* __restrict__ gu, f16* __res
     const float g = h2f(gu[b * 2 * inter + inter + j]);
     const float s = h2f(f2h(a / (1.0f + expf(-a))));
     out[idx] = f2h(__fmul_rn(s, g));
+}
+
+// (v, i) beats (bv, bi): NaN first, then the larger value, then the smaller index.
+__device__ __forceinline__ bool beats(float v, int i, float bv, int bi) {
+    const bool n = v != v, bn = bv != bv;
+    if (n != bn) return n;
+    return (!n && v > bv) || ((n || v == bv) && i < bi);
+}
+
+extern "C" __global__ void llama_argmax_advance(const f16* __restrict__ logits, int vocab,
+                                                long long* __restrict__ tok, long long* __restrict__ pos) {
+    __shared__ float sv[32];
+    __shared__ int si[32];
+    const f16* row = logits + (long)blockIdx.x * vocab;
+    float bv = -__int_as_float(0x7f800000);  // -inf: any number or NaN beats (bv, bi) below
+    int bi = 0x7fffffff;
+#pragma unroll 4
+    for (int i = threadIdx.x; i < vocab; i += blockDim.x) {
+        const float v = h2f(row[i]);
+        if (beats(v, i, bv, bi)) { bv = v; bi = i; }
+    }
+    for (int o = 16; o > 0; o >>= 1) {
+        const float v = __shfl_xor_sync(0xffffffffu, bv, o);
+        const int i = __shfl_xor_sync(0xffffffffu, bi, o);
+        if (beats(v, i, bv, bi)) { bv = v; bi = i; }
+    }
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, warps = blockDim.x >> 5;
+    if (lane == 0) { sv[warp] = bv; si[warp] = bi; }
+    __syncthreads();
+    if (warp == 0) {
+        bv = lane < warps ? sv[lane] : -__int_as_float(0x7f800000);
+        bi = lane < warps ? si[lane] : 0x7fffffff;
+        for (int o = 16; o > 0; o >>= 1) {
+            const float v = __shfl_xor_sync(0xffffffffu, bv, o);
+            const int i = __shfl_xor_sync(0xffffffffu, bi, o);
+            if (beats(v, i, bv, bi)) { bv = v; bi = i; }
+        }
+        if (lane == 0) {
+            tok[blockIdx.x] = bi;
+            if (blockIdx.x == 0 && pos) *pos += 1;
+        }
+    }
 }

@@ -213,6 +213,31 @@ def test_silu_mul(ops, batch, inter):
     _assert_bits(out, want, f"silu*mul B={batch} I={inter}")
 
 
+@pytest.mark.parametrize("batch", [1, 3, 16])
+@pytest.mark.parametrize("vocab", [1, 5, 1000, 32000, 128256])
+def test_argmax_advance(ops, batch, vocab):
+    import torch
+
+    gen = _gen(batch * 31 + vocab)
+    logits = _randn((batch, vocab), gen, 3.0)
+    if vocab >= 5:
+        logits[0, 1] = logits[0, vocab - 1] = logits[0].max() + 1  # tie: the first index wins
+    if batch > 1:
+        logits[1, vocab // 2] = float("nan")  # NaN beats every number (torch.argmax)
+        logits[1, vocab - 1] = float("nan")
+    if batch > 2:
+        logits[2] = float("-inf")  # all -inf: index 0
+    tok = torch.full((batch,), -7, device="cuda", dtype=torch.int64)
+    pos = torch.tensor([41], device="cuda", dtype=torch.int64)
+    ops.argmax_advance(logits, tok, pos)
+    torch.cuda.synchronize()
+    assert torch.equal(tok, logits.argmax(-1)), (tok, logits.argmax(-1))
+    assert int(pos) == 42
+    ops.argmax_advance(logits, tok)  # no position: only the tokens
+    torch.cuda.synchronize()
+    assert int(pos) == 42
+
+
 # ----------------------------------------------------------------------------- whole decoder
 
 SMALL = e.DecoderConfig(hidden=256, intermediate=512, layers=3, heads=4, kv_heads=2, vocab=1000, rope_theta=10000.0)

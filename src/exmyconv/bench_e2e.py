@@ -223,7 +223,8 @@ def _llama_module(device_index: int):
 
     with cupy.cuda.Device(device_index):
         mod = cupy.RawModule(code=gpu.kernel_source("llama_ops.cu"), options=("--std=c++17",))
-        return {name: mod.get_function(name) for name in ("llama_add_rms_norm", "llama_rope_cache", "llama_silu_mul")}
+        return {name: mod.get_function(name) for name in ("llama_add_rms_norm", "llama_rope_cache", "llama_silu_mul",
+                                                           "llama_argmax_advance")}
 
 
 class LlamaOps:
@@ -288,6 +289,17 @@ class LlamaOps:
                 self._ptr(k_cache), self._ptr(v_cache), np.int32(b), np.int32(hq), np.int32(hkv), np.int32(hd),
                 np.int32(max_len))
         self._launch("llama_rope_cache", -(-total // self.THREADS), self.THREADS, args)
+
+    def argmax_advance(self, logits, tok, pos=None):
+        """tok [B] (int64) = logits.argmax(-1) (first maximum); then pos[0] += 1 (if given)."""
+        import numpy as np
+        import torch
+
+        b, vocab = logits.shape
+        assert tok.shape == (b,) and (pos is None or pos.numel() == 1)
+        args = (self._ptr(logits), np.int32(vocab), self._ptr(tok, torch.int64),
+                np.uint64(0) if pos is None else self._ptr(pos, torch.int64))
+        self._launch("llama_argmax_advance", b, 1024, args)
 
     def silu_mul(self, gu, out):
         """out [B, I] = silu(gu[:, :I]) * gu[:, I:]."""
@@ -417,8 +429,7 @@ class Decoder:
             delta = down_l(self._act, out=self._d)
         ops.add_rms_norm(h, delta, self.norm, x, eps)
         logits = self.logits = F.linear(x, self.lm_head)
-        self.tok.copy_(logits.argmax(-1))
-        self.pos.add_(1)
+        ops.argmax_advance(logits, self.tok, self.pos)  # tok <- argmax, pos += 1
 
     def capture(self):
         """The step as a CUDA graph (after eager warm-up steps: kernels compiled, scales prepared)."""
