@@ -2,7 +2,8 @@
 // fp16 in and out, float32 arithmetic. They replace ~20 small torch kernels per layer and reproduce
 // torch's fp16 rounding (every torch fp16 op computes in float32 and rounds once to fp16):
 //
-// llama_add_rms_norm   one block per batch row, blockDim a multiple of 32 (<= 1024), hidden <= 16 blockDim.
+// llama_add_rms_norm   one block per batch row, blockDim a multiple of 32 (<= 1024), hidden <= 16 blockDim;
+//     each thread holds 8 consecutive elements per slot (16-byte loads and stores when aligned).
 //     h[b] <- fp16(h[b] + delta[b]) (skipped when has_delta == 0), then
 //     out[b] = fp16(w * (rstd * h[b])) with rstd = rsqrt(mean(h[b]^2) + eps), which is what torch's
 //     fused CUDA rms_norm computes for fp16. The residual add is bit-exact; the norm may differ from
@@ -34,7 +35,12 @@ __device__ __forceinline__ f16 f2h(float f) {  // round to nearest even, as torc
     return x;
 }
 
-#define RMS_PER_THREAD 16  // hidden <= 16 * blockDim: a row stays in registers, its loads all in flight
+#define RMS_SLOTS 2  // slots of 8 consecutive elements per thread: hidden <= 16 * blockDim, the row
+                     // stays in registers and all its loads are in flight at once
+
+// fp16 pair word <-> floats (lane 0 = bits 15..0)
+__device__ __forceinline__ float lo_f(unsigned int x) { return h2f((f16)(x & 0xFFFFu)); }
+__device__ __forceinline__ float hi_f(unsigned int x) { return h2f((f16)(x >> 16)); }
 
 extern "C" __global__ void llama_add_rms_norm(f16* __restrict__ h, const f16* __restrict__ delta,
                                               const f16* __restrict__ w, f16* __restrict__ out,
@@ -42,24 +48,54 @@ extern "C" __global__ void llama_add_rms_norm(f16* __restrict__ h, const f16* __
     __shared__ float partial[32];
     const long row = (long)blockIdx.x * hidden;
     f16* hr = h + row;
-    float v[RMS_PER_THREAD];
-    f16 wv[RMS_PER_THREAD];  // the norm weights, loaded with the row (not after the reduction)
+    const f16* dr = delta + row;
+    // 16-byte loads when every row starts 16-byte aligned; else element by element
+    const bool vec = (hidden & 7) == 0 && ((((size_t)h | (size_t)delta | (size_t)w | (size_t)out) & 15) == 0);
+    float v[RMS_SLOTS][8];
+    float wv[RMS_SLOTS][8];  // the norm weights, loaded with the row (not after the reduction)
     float ss = 0.0f;
 #pragma unroll
-    for (int k = 0; k < RMS_PER_THREAD; ++k) {
-        const int i = threadIdx.x + k * blockDim.x;
-        v[k] = 0.0f;
-        wv[k] = 0;
-        if (i < hidden) {
-            wv[k] = w[i];
-            f16 x = hr[i];
+    for (int s = 0; s < RMS_SLOTS; ++s) {
+        const int base = 8 * (threadIdx.x + s * blockDim.x);
+        if (vec && base + 8 <= hidden) {
+            uint4 hx = *(const uint4*)(hr + base);
+            const uint4 wx = *(const uint4*)(w + base);
+            unsigned int* hp = &hx.x;
+            const unsigned int* wp = &wx.x;
             if (has_delta) {
-                x = f2h(__fadd_rn(h2f(x), h2f(delta[row + i])));
-                hr[i] = x;
+                const uint4 dx = *(const uint4*)(dr + base);
+                const unsigned int* dp = &dx.x;
+#pragma unroll
+                for (int t = 0; t < 4; ++t)  // fp16(h + delta), both lanes
+                    hp[t] = (unsigned int)f2h(__fadd_rn(lo_f(hp[t]), lo_f(dp[t]))) |
+                            ((unsigned int)f2h(__fadd_rn(hi_f(hp[t]), hi_f(dp[t]))) << 16);
+                *(uint4*)(hr + base) = hx;
             }
-            v[k] = h2f(x);
-            ss = fmaf(v[k], v[k], ss);
+#pragma unroll
+            for (int t = 0; t < 4; ++t) {
+                v[s][2 * t] = lo_f(hp[t]);
+                v[s][2 * t + 1] = hi_f(hp[t]);
+                wv[s][2 * t] = lo_f(wp[t]);
+                wv[s][2 * t + 1] = hi_f(wp[t]);
+            }
+        } else {
+#pragma unroll
+            for (int t = 0; t < 8; ++t) {
+                const int i = base + t;
+                v[s][t] = wv[s][t] = 0.0f;
+                if (i < hidden) {
+                    f16 x = hr[i];
+                    if (has_delta) {
+                        x = f2h(__fadd_rn(h2f(x), h2f(dr[i])));
+                        hr[i] = x;
+                    }
+                    v[s][t] = h2f(x);
+                    wv[s][t] = h2f(w[i]);
+                }
+            }
         }
+#pragma unroll
+        for (int t = 0; t < 8; ++t) ss = fmaf(v[s][t], v[s][t], ss);  // elements past the row are 0
     }
     for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, warps = blockDim.x >> 5;
@@ -73,9 +109,23 @@ extern "C" __global__ void llama_add_rms_norm(f16* __restrict__ h, const f16* __
     __syncthreads();
     const float rstd = rsqrtf(partial[0] / (float)hidden + eps);
 #pragma unroll
-    for (int k = 0; k < RMS_PER_THREAD; ++k) {
-        const int i = threadIdx.x + k * blockDim.x;
-        if (i < hidden) out[row + i] = f2h(__fmul_rn(h2f(wv[k]), __fmul_rn(rstd, v[k])));
+    for (int s = 0; s < RMS_SLOTS; ++s) {
+        const int base = 8 * (threadIdx.x + s * blockDim.x);
+        f16 o[8];
+#pragma unroll
+        for (int t = 0; t < 8; ++t) o[t] = f2h(__fmul_rn(wv[s][t], __fmul_rn(rstd, v[s][t])));
+        if (vec && base + 8 <= hidden) {
+            uint4 ox;
+            ox.x = o[0] | ((unsigned int)o[1] << 16);
+            ox.y = o[2] | ((unsigned int)o[3] << 16);
+            ox.z = o[4] | ((unsigned int)o[5] << 16);
+            ox.w = o[6] | ((unsigned int)o[7] << 16);
+            *(uint4*)(out + row + base) = ox;
+        } else {
+#pragma unroll
+            for (int t = 0; t < 8; ++t)
+                if (base + t < hidden) out[row + base + t] = o[t];
+        }
     }
 }
 

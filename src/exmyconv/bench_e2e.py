@@ -268,7 +268,7 @@ class LlamaOps:
 
         b, n = h.shape
         assert w.numel() == n and out.shape == h.shape and (delta is None or delta.shape == h.shape)
-        threads = min(1024, -(-n // 32) * 32)  # each thread holds up to 16 elements (RMS_PER_THREAD)
+        threads = min(1024, -(-n // 256) * 32)  # 8 consecutive elements per thread and slot, 2 slots at most
         assert n <= 16 * threads, f"hidden {n} > 16384"
         args = (self._ptr(h), self._ptr(h if delta is None else delta), self._ptr(w), self._ptr(out),
                 np.int32(n), np.int32(delta is not None), np.float32(eps))
