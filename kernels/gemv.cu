@@ -8,7 +8,7 @@
 // holds WARPS/split tiles x `split` slices (the host picks split in 1,2,4,8 so that about one wave
 // of warps covers the GPU and every warp runs a long loop). Iteration `it` of a warp covers chunks
 // it*KSTEP .. it*KSTEP+KSTEP-1 (32 elements each); lane (g = lane/4, t = lane%4) loads CPT
-// consecutive chunks of rows g and g+8 (for e2m2 16 B of the 4-bit plane + 4 B of the 1-bit plane
+// consecutive chunks (or chunks t, t+4: Cfg::SPREAD) of rows g and g+8 (for e2m2 16 B of the 4-bit plane + 4 B of the 1-bit plane
 // per chunk: the 4 lanes of a row read 64*CPT contiguous bytes), prefetching the next iteration,
 // and the same chunks of x for batch rows g (and g+8 when NT = 2). Slices meet in shared memory;
 // y is rounded once to the output type.
@@ -53,8 +53,28 @@ struct Cfg {
     static constexpr bool XS = KIND == 0;
     static constexpr int CPT = GEMV_CPT > 0 ? GEMV_CPT : (((KIND == 0 || KIND == 3) && BITS <= 6) ? 2 : 1);
     static constexpr int KSTEP = 4 * CPT;
+    // Chunk order: lane t takes chunks t*CPT .. t*CPT+CPT-1 of an iteration (the small planes of
+    // a chunk pair in one load), or with SPREAD chunks t, t+4, ... (each 16-byte load instruction
+    // of the 4-bit plane then covers whole 32-byte sectors: faster for b1r when there is no 2- or
+    // 8-bit plane, measured on an H100; slower for b1, whose x comes from shared memory).
+    static constexpr bool SPREAD = KIND == 3 && CPT > 1 && !HAS2 && !HAS8;
 };
 constexpr int XS_STRIDE = 20;  // words per chunk of staged x: 16 pairs + 4 padding (conflict-free LDS.128)
+
+// Programmatic dependent launch (src/exmyconv/launch.py; no-ops for a plain launch). pdl_wait:
+// until the previous kernel of the stream has finished and its writes are visible (x may be its
+// output). pdl_release: the next kernel may start launching (it waits for this one to finish
+// before touching y).
+__device__ __forceinline__ void pdl_wait() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void pdl_release() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
 
 __device__ __forceinline__ u32 hmul2(u32 a, u32 b) {
     u32 r;
@@ -142,7 +162,8 @@ __device__ __forceinline__ void gemv_warp(const u8* __restrict__ payload, const 
                                           u32 row0, u32 it0, u32 it1, u32 istep,
                                           float (&acc)[Cfg<KIND>::NT][4]) {
     constexpr int NT = Cfg<KIND>::NT, CPT = Cfg<KIND>::CPT, KSTEP = Cfg<KIND>::KSTEP;
-    constexpr bool XS = Cfg<KIND>::XS;
+    constexpr bool XS = Cfg<KIND>::XS, SPREAD = Cfg<KIND>::SPREAD;
+    constexpr u32 CSTEP = SPREAD ? 4 : 1;       // chunks between a lane's chunks of one iteration
     constexpr bool BF = MODE == 2;          // tensor-core operand type
     constexpr bool EPI = GM == 0 && !BF;    // scale after the mma (fp16 operands, one scale per row)
     typedef typename ScaleT<MODE>::type S;
@@ -250,8 +271,10 @@ __device__ __forceinline__ void gemv_warp(const u8* __restrict__ payload, const 
 
     // Batch 1: the block stages x once in shared memory (niter*KSTEP chunks x XS_STRIDE words,
     // dynamic), already in pair order (and bf16 when the operands are bf16), zeros past K. Every
-    // warp calls this exactly once, after issuing its first weight loads (they overlap).
+    // warp calls this exactly once, after issuing its first weight loads (they overlap), and
+    // before it reads x in any kernel kind: the PDL wait for the kernel that writes x is here.
     auto stage_x = [&]() {
+        pdl_wait();
         if (!XS) return;
         u32* xsw = const_cast<u32*>(xs);
         const u32 niter_all = (nq + KSTEP - 1) / KSTEP;
@@ -295,22 +318,22 @@ __device__ __forceinline__ void gemv_warp(const u8* __restrict__ payload, const 
     u32 it = it0;
     if (it >= main_end) stage_x();  // no main iterations: stage now (uniform per warp)
     if (it < main_end) {
-        u32 q0 = it * KSTEP + t * CPT;  // this lane's first chunk of iteration `it`
+        u32 q0 = it * KSTEP + t * (SPREAD ? 1 : CPT);  // this lane's first chunk of iteration `it`
         const u32 qstep = istep * KSTEP;
         ChunkPtr pa = chunk_ptr(rowa, kp, q0), pb = chunk_ptr(rowb, kp, q0);
         auto load_main = [&]() {
-            if (CPT == 2) {  // chunk q0 is even: the two chunks' small planes in one load each
+            if (CPT == 2 && !SPREAD) {  // chunk q0 is even: the two chunks' small planes in one load each
                 load_chunk_pair(pa, ca[0], ca[CPT - 1]);
                 load_chunk_pair(pb, cb[0], cb[CPT - 1]);
             }
 #pragma unroll
             for (int i = 0; i < CPT; ++i) {
-                if (CPT != 2) {
-                    ca[i] = load_chunk_at(pa, i);
-                    cb[i] = load_chunk_at(pb, i);
+                if (CPT != 2 || SPREAD) {
+                    ca[i] = load_chunk_at(pa, CSTEP * i);
+                    cb[i] = load_chunk_at(pb, CSTEP * i);
                 }
                 if (GM == 1) {
-                    const u32 gi = (q0 + i) >> gshift;
+                    const u32 gi = (q0 + CSTEP * i) >> gshift;
                     sa[i] = load_scale<MODE>(ks, (size_t)ra * ngroups + gi);
                     sb[i] = load_scale<MODE>(ks, (size_t)rb * ngroups + gi);
                 }
@@ -329,14 +352,14 @@ __device__ __forceinline__ void gemv_warp(const u8* __restrict__ payload, const 
             q0 += qstep;
             if (it + istep < main_end) load_main();  // prefetch the next iteration
 #pragma unroll
-            for (int i = 0; i < CPT; ++i) compute(na[i], nb[i], nsa[i], nsb[i], q + i, false);
+            for (int i = 0; i < CPT; ++i) compute(na[i], nb[i], nsa[i], nsb[i], q + CSTEP * i, false);
         }
     }
     // Tail: the iteration that reaches past K (and everything when x rows are not aligned).
     for (; it < it1; it += istep) {
 #pragma unroll
         for (int i = 0; i < CPT; ++i) {
-            const u32 q = it * KSTEP + t * CPT + i;
+            const u32 q = it * KSTEP + (SPREAD ? t + 4 * i : t * CPT + i);
             if (q < nq) {
                 ca[i] = load_chunk(rowa, kp, q);
                 cb[i] = load_chunk(rowb, kp, q);
@@ -392,6 +415,7 @@ __device__ __forceinline__ void gemv(const u8* __restrict__ payload, const void*
     }
 
 
+    pdl_release();
     float acc[NT][4];
 #pragma unroll
     for (int j = 0; j < NT; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
