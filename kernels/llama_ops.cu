@@ -35,6 +35,16 @@ __device__ __forceinline__ f16 f2h(float f) {  // round to nearest even, as torc
     return x;
 }
 
+// Programmatic dependent launch (src/exmyconv/launch.py; no-ops for a plain launch): every kernel
+// lets the next one start launching, then waits for the previous one (whose output it reads)
+// before touching memory.
+__device__ __forceinline__ void pdl_enter() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
 #define RMS_SLOTS 2  // slots of 8 consecutive elements per thread: hidden <= 16 * blockDim, the row
                      // stays in registers and all its loads are in flight at once
 
@@ -45,6 +55,7 @@ __device__ __forceinline__ float hi_f(unsigned int x) { return h2f((f16)(x >> 16
 extern "C" __global__ void llama_add_rms_norm(f16* __restrict__ h, const f16* __restrict__ delta,
                                               const f16* __restrict__ w, f16* __restrict__ out,
                                               int hidden, int has_delta, float eps) {
+    pdl_enter();
     __shared__ float partial[32];
     const long row = (long)blockIdx.x * hidden;
     f16* hr = h + row;
@@ -134,6 +145,7 @@ extern "C" __global__ void llama_rope_cache(const f16* __restrict__ qkv, const f
                                             f16* __restrict__ q_out, f16* __restrict__ k_cache,
                                             f16* __restrict__ v_cache, int batch, int hq, int hkv, int hd,
                                             int max_len) {
+    pdl_enter();
     const int half = hd >> 1, heads = hq + 2 * hkv;
     const long idx = (long)blockIdx.x * blockDim.x + threadIdx.x;
     if (idx >= (long)batch * heads * half) return;
@@ -167,6 +179,7 @@ extern "C" __global__ void llama_rope_cache(const f16* __restrict__ qkv, const f
 
 extern "C" __global__ void llama_silu_mul(const f16* __restrict__ gu, f16* __restrict__ out, int batch,
                                           int inter) {
+    pdl_enter();
     const long idx = (long)blockIdx.x * blockDim.x + threadIdx.x;
     if (idx >= (long)batch * inter) return;
     const long b = idx / inter, j = idx % inter;
@@ -185,6 +198,7 @@ __device__ __forceinline__ bool beats(float v, int i, float bv, int bi) {
 
 extern "C" __global__ void llama_argmax_advance(const f16* __restrict__ logits, int vocab,
                                                 long long* __restrict__ tok, long long* __restrict__ pos) {
+    pdl_enter();
     __shared__ float sv[32];
     __shared__ int si[32];
     const f16* row = logits + (long)blockIdx.x * vocab;

@@ -23,7 +23,10 @@ rotary embedding + KV-cache write -> ``F.scaled_dot_product_attention`` -> o GEM
 -> gate/up GEMV -> SiLU*mul -> down GEMV (whose residual add is the next add+RMSNorm), into
 buffers allocated once. They round as the torch ops they replace (bit-exact except RMSNorm, within
 1 fp16 ulp); ``fused=False`` (and on the CPU) runs the plain torch ops. Results record which ran
-(``fused_ops``).
+(``fused_ops``). With the fused kernels on a GPU of compute capability >= 9.0, the ExMy GEMVs and
+the fused kernels are launched with programmatic dependent launch (``overlap``, exmyconv.launch):
+a GEMV issues its first weight loads while the kernel before it is still finishing. cuBLAS and
+torch kernels launch as usual, so the fp16 variant gains only on its fused kernels' launches.
 
 Timing: a warm-up run, then ``runs`` runs of ``tokens`` greedy steps each from position 0 (KV
 cache of ``tokens`` positions); CUDA events around each run; the median is reported. tokens/s
@@ -170,10 +173,13 @@ def unavailable_reason() -> str:
 class _Linear:
     """y = x W^T without bias: fp16 cuBLAS, or the fused ExMy GEMV (into `out` when given)."""
 
-    def __init__(self, k: int, n: int, fmt: str, gen, device="cuda"):
+    PLANS = 8  # launch plans kept per layer (one per input/output buffer pair and stream)
+
+    def __init__(self, k: int, n: int, fmt: str, gen, device="cuda", overlap: bool = False):
         import torch
 
-        self.k, self.n, self.fmt = k, n, fmt
+        self.k, self.n, self.fmt, self.overlap = k, n, fmt, overlap
+        self._plans = {}
         if fmt == FP16:
             self.w = (torch.randn((n, k), device=device, dtype=torch.float16, generator=gen) * 0.02)
             self.nbytes = self.w.numel() * 2
@@ -199,7 +205,23 @@ class _Linear:
 
         if out is None:
             out = torch.empty((x.shape[0], self.n), device=x.device, dtype=x.dtype)
-        return gpu.gemv(x, self.w, out=out)
+        if x.shape[0] > gpu.MAX_BATCH or x.data_ptr() % 16 or not x.is_contiguous():
+            return gpu.gemv(x, self.w, out=out)
+        key = (x.data_ptr(), out.data_ptr(), x.shape[0], x.dtype, torch.cuda.current_stream(x.device).cuda_stream)
+        plan = self._plans.get(key)
+        if plan is None:  # a launch plan per buffer pair: no per-call argument preparation
+            if len(self._plans) >= self.PLANS:
+                self._plans.clear()
+            plan = self._plans[key] = gpu.gemv_plan(x, self.w, out, overlap=self.overlap)
+        plan()
+        return out
+
+
+def overlap_available(device) -> bool:
+    """True when kernels on `device` can use programmatic dependent launch (compute capability >= 9.0)."""
+    import torch
+
+    return fused_available(device) and torch.cuda.get_device_capability(torch.device(device)) >= (9, 0)
 
 
 def fused_available(device) -> bool:
@@ -233,10 +255,11 @@ class LlamaOps:
 
     THREADS = 256
 
-    def __init__(self, device):
+    def __init__(self, device, overlap: bool = False):
         import torch
 
         self.device = torch.device(device)
+        self.overlap = overlap  # programmatic dependent launch (exmyconv.launch)
         self.fn = _llama_module(self.device.index if self.device.index is not None else torch.cuda.current_device())
         self._streams = {}
 
@@ -259,6 +282,11 @@ class LlamaOps:
         return np.uint64(t.data_ptr())
 
     def _launch(self, name, grid, block, args):
+        if self.overlap:
+            from .launch import Launch
+
+            Launch(self.fn[name], (grid,), (block,), args)(self._stream().ptr)
+            return
         with self._stream():
             self.fn[name]((grid,), (block,), args)
 
@@ -315,13 +343,15 @@ class Decoder:
     """Random-weight Llama decoder for batched greedy decoding over a static KV cache."""
 
     def __init__(self, cfg: DecoderConfig, fmt: str, batch: int, max_len: int, seed: int = 0, device="cuda",
-                 fused: bool | None = None):
+                 fused: bool | None = None, overlap: bool | None = None):
         import torch
 
         self.cfg, self.fmt, self.batch, self.max_len = cfg, fmt, batch, max_len
         dev = self.device = torch.device(device)  # "cpu" for tests of the fp16 variant only
         gen = torch.Generator(device=dev).manual_seed(seed)
         h, hd = cfg.hidden, cfg.hd
+        self.fused = fused_available(dev) if fused is None else bool(fused)
+        self.overlap = self.fused and (overlap_available(dev) if overlap is None else bool(overlap))
         self.embed = torch.randn((cfg.vocab, h), device=dev, dtype=torch.float16, generator=gen)
         self.lm_head = torch.randn((cfg.vocab, h), device=dev, dtype=torch.float16, generator=gen) * 0.02
         self.norm = torch.ones(h, device=dev, dtype=torch.float16)
@@ -330,7 +360,7 @@ class Decoder:
             self.layers.append({
                 "ln1": torch.ones(h, device=dev, dtype=torch.float16),
                 "ln2": torch.ones(h, device=dev, dtype=torch.float16),
-                "lin": [_Linear(k, n, fmt, gen, dev) for k, n in cfg.linear_shapes()],
+                "lin": [_Linear(k, n, fmt, gen, dev, self.overlap) for k, n in cfg.linear_shapes()],
                 "k": torch.zeros((batch, cfg.kv_heads, max_len, hd), device=dev, dtype=torch.float16),
                 "v": torch.zeros((batch, cfg.kv_heads, max_len, hd), device=dev, dtype=torch.float16),
             })
@@ -342,9 +372,8 @@ class Decoder:
         self.tok = torch.zeros(batch, device=dev, dtype=torch.long)   # static input: current tokens
         self.pos = torch.zeros(1, device=dev, dtype=torch.long)       # static input: current position
         self.layer_bytes = sum(lin.nbytes for lin in self.layers[0]["lin"]) if self.layers else 0
-        self.fused = fused_available(dev) if fused is None else bool(fused)
         if self.fused:  # the fused step's buffers (static shapes: graph-friendly, nothing allocated per step)
-            self.ops = LlamaOps(dev)
+            self.ops = LlamaOps(dev, self.overlap)
             f16 = dict(device=dev, dtype=torch.float16)
             self._h = torch.zeros((batch, h), **f16)        # the residual stream
             self._x = torch.empty((batch, h), **f16)        # normed input of the next GEMV
@@ -375,7 +404,6 @@ class Decoder:
 
     def step(self):
         """One greedy decoding step, entirely on the GPU: tok <- argmax(logits), pos += 1."""
-        import torch
         import torch.nn.functional as F
 
         if self.fused:
@@ -457,16 +485,18 @@ def _time_runs(run_once, runs: int) -> list[float]:
 
 
 def measure(cfg: DecoderConfig, fmt: str, batch: int, tokens: int = 128, runs: int = 5, eager: bool = True,
-            seed: int = 0, log=print, fused: bool | None = None) -> dict:
+            seed: int = 0, log=print, fused: bool | None = None, overlap: bool | None = None) -> dict:
     """Tokens/s of greedy decoding for one variant and batch (graph and, if asked, eager).
-    fused: the fused step kernels (None: when available, see Decoder)."""
+    fused / overlap: the fused step kernels / programmatic dependent launch (None: when
+    available, see Decoder)."""
     import torch
 
-    model = Decoder(cfg, fmt, batch, max_len=tokens, seed=seed, fused=fused)
+    model = Decoder(cfg, fmt, batch, max_len=tokens, seed=seed, fused=fused, overlap=overlap)
     first = torch.randint(0, cfg.vocab, (batch,), device="cuda",
                           generator=torch.Generator(device="cuda").manual_seed(seed + 1))
     result = {"format": fmt, "batch": batch, "tokens": tokens, "runs": runs,
-              "weight_bytes_per_layer": model.layer_bytes, "layers": cfg.layers, "fused_ops": model.fused}
+              "weight_bytes_per_layer": model.layer_bytes, "layers": cfg.layers, "fused_ops": model.fused,
+              "overlap": model.overlap}
 
     def eager_run(n=tokens):
         model.reset(first)
@@ -510,7 +540,7 @@ def measure(cfg: DecoderConfig, fmt: str, batch: int, tokens: int = 128, runs: i
 
 
 def run(cfg: DecoderConfig, formats: list[str], batches: list[int], tokens: int = 128, runs: int = 5,
-        eager: bool = True, log=print, fused: bool | None = None) -> dict:
+        eager: bool = True, log=print, fused: bool | None = None, overlap: bool | None = None) -> dict:
     import torch
 
     from . import gpu
@@ -518,7 +548,8 @@ def run(cfg: DecoderConfig, formats: list[str], batches: list[int], tokens: int 
     out = {"config": asdict(cfg), "device": gpu.device_info(), "torch": torch.__version__, "results": []}
     for batch in batches:
         for fmt in formats:
-            r = measure(cfg, fmt, batch, tokens=tokens, runs=runs, eager=eager, log=log, fused=fused)
+            r = measure(cfg, fmt, batch, tokens=tokens, runs=runs, eager=eager, log=log, fused=fused,
+                        overlap=overlap)
             log(f"  b{batch} {fmt}: graph {r.get('graph_tok_s', float('nan')):.1f} tok/s, "
                 f"eager {r.get('eager_tok_s', float('nan')):.1f} tok/s, graph==eager {r.get('graph_matches_eager')}")
             out["results"].append(r)

@@ -505,7 +505,7 @@ class GemvPlan:
     """One fused GEMV launch (batch <= 16) with its arguments prepared; call it to launch."""
 
     def __init__(self, xc, x_dtype: str, weight: GpuWeight, y, stream, split: int | None = None,
-                 interleave: int | None = None, defines: tuple = ()):
+                 interleave: int | None = None, defines: tuple = (), overlap: bool = False):
         batch = int(xc.shape[0])
         if not 1 <= batch <= MAX_BATCH:
             raise ExmyError(f"a GEMV launch takes 1..{MAX_BATCH} rows of x, not {batch}")
@@ -528,8 +528,18 @@ class GemvPlan:
                      np.uint32(weight.group_size), np.int32(_gshift(weight)), np.uint32(batch),
                      np.uint32(self.split), np.uint32(self.interleave))
         self.stream = stream
+        # overlap: programmatic dependent launch (exmyconv.launch): the weight loads start while
+        # the kernel before is still running; x and y are touched only after it has finished
+        self._pdl = None
+        if overlap:
+            from .launch import Launch
+
+            self._pdl = Launch(self.fn, self.grid, (GEMV_WARPS * 32,), self.args, self.smem)
 
     def __call__(self):
+        if self._pdl is not None:
+            self._pdl(self.stream.ptr)
+            return
         with self.stream:
             self.fn(self.grid, (GEMV_WARPS * 32,), self.args, shared_mem=self.smem)
 
@@ -537,7 +547,9 @@ class GemvPlan:
 def gemv_plan(x, weight: GpuWeight, out, x_dtype: str | None = None, **tuning) -> GemvPlan:
     """Prepare y = x @ W.T into `out` ([B, N], B <= 16, same dtype as x) for repeated launches.
 
-    tuning (benchmarks only): split=1|2|4|8, interleave=0|1, defines=("GEMV_CPT=1", ...)."""
+    tuning (benchmarks only): split=1|2|4|8, interleave=0|1, defines=("GEMV_CPT=1", ...).
+    overlap=True launches with programmatic dependent launch (exmyconv.launch): only where the
+    weights are not written by the kernel just before (always so for model weights)."""
     cupy = _cupy()
     xc, x_dtype, _, _ = _x_as_u16(x, x_dtype)
     y = _torch_as_cupy(out) if _is_torch(out) else cupy.asarray(out)
