@@ -8,8 +8,9 @@
 // holds WARPS/split tiles x `split` slices (the host picks split in 1,2,4,8 so that about one wave
 // of warps covers the GPU and every warp runs a long loop). Iteration `it` of a warp covers chunks
 // it*KSTEP .. it*KSTEP+KSTEP-1 (32 elements each); lane (g = lane/4, t = lane%4) loads CPT
-// consecutive chunks (or chunks t, t+4: Cfg::SPREAD) of rows g and g+8 (for e2m2 16 B of the 4-bit plane + 4 B of the 1-bit plane
-// per chunk: the 4 lanes of a row read 64*CPT contiguous bytes), prefetching the next iteration,
+// consecutive chunks (or chunks t, t+4: Cfg::SPREAD) of rows g and g+8 (for e2m2 16 B of the
+// 4-bit plane + 4 B of the 1-bit plane per chunk: the 4 lanes of a row read 64*CPT contiguous
+// bytes), prefetching the next iteration,
 // and the same chunks of x for batch rows g (and g+8 when NT = 2). Slices meet in shared memory;
 // y is rounded once to the output type.
 //
