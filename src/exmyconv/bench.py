@@ -130,11 +130,13 @@ class Timer:
 
 
 def copy_bandwidth(timer: Timer, nbytes: int = 2**30) -> dict:
-    """Device-to-device copy (torch copy_ = cudaMemcpyAsync), counting bytes read + written."""
+    """Device-to-device copy (torch copy_ = cudaMemcpyAsync) of `nbytes`, counting bytes read +
+    written; buffer pairs rotated like the weights when one pair would fit in L2."""
     torch = timer.torch
-    src = torch.randint(0, 255, (nbytes,), dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    t = timer(lambda i: dst.copy_(src))
+    pairs = copies_for(2 * nbytes) if nbytes < 2**28 else 1
+    src = [torch.randint(0, 255, (nbytes,), dtype=torch.uint8, device="cuda") for _ in range(pairs)]
+    dst = [torch.empty_like(a) for a in src]
+    t = timer(lambda i: dst[i % pairs].copy_(src[i % pairs]))
     del src, dst
     return {"bytes": 2 * nbytes, "median_ms": t["median_ms"], "gbps": 2 * nbytes / t["median_ms"] / 1e6}
 
@@ -198,6 +200,7 @@ def run(shapes=STANDARD_SHAPES, formats=NAMED, batches=BATCHES, group_size: int 
     log(f"device: {info['name']} ({info['arch']}, {info['sms']} SMs, L2 {info['l2_bytes'] >> 20} MiB); "
         f"copy bandwidth {copy['gbps']:.0f} GB/s (read + write)")
     deq_rows, gemv_rows = [], []
+    same_size_copy: dict[int, float] = {}
     seed = 1
     for k, n in shapes:
         label = shape_label(k, n)
@@ -231,12 +234,15 @@ def run(shapes=STANDARD_SHAPES, formats=NAMED, batches=BATCHES, group_size: int 
                 t = timer(lambda i: dplans[i % nq]())
                 moved = w0.nbytes + n * k * 2
                 gbps = moved / t["median_ms"] / 1e6
+                if moved not in same_size_copy:  # a copy moving as many bytes (same launch ramp/tail)
+                    same_size_copy[moved] = copy_bandwidth(timer, moved // 2)["gbps"]
                 row = {"shape": label, "k": k, "n": n, "format": fmt.name, "bits_per_weight": bpw,
                        "median_ms": t["median_ms"], "bytes": moved, "gbps": gbps,
-                       "pct_copy": 100.0 * gbps / copy["gbps"]}
+                       "pct_copy": 100.0 * gbps / copy["gbps"],
+                       "pct_copy_same_size": 100.0 * gbps / same_size_copy[moved]}
                 deq_rows.append(row)
                 log(f"dequant {label:>12} {fmt.name}: {t['median_ms'] * 1e3:8.1f} us  {gbps:7.0f} GB/s  "
-                    f"{row['pct_copy']:5.1f}% of copy")
+                    f"{row['pct_copy']:5.1f}% of copy ({row['pct_copy_same_size']:5.1f}% of a copy of as many bytes)")
                 del outs, dplans
             for b in batches:
                 x = torch.randn(b, k, dtype=torch.float16, device="cuda")
@@ -268,10 +274,11 @@ def table(result: dict) -> str:
                  f"copy {copy:.0f} GB/s")
     if result.get("dequant"):
         lines.append("")
-        lines.append(f"{'dequant -> fp16':<16}{'shape':>14} {'us':>9} {'GB/s':>8} {'% copy':>7}")
+        lines.append(f"{'dequant -> fp16':<16}{'shape':>14} {'us':>9} {'GB/s':>8} {'% copy':>7} {'% same-size copy':>17}")
         for r in result["dequant"]:
+            same = r.get("pct_copy_same_size")
             lines.append(f"{r['format']:<16}{r['shape']:>14} {r['median_ms'] * 1e3:9.1f} {r['gbps']:8.0f} "
-                         f"{r['pct_copy']:7.1f}")
+                         f"{r['pct_copy']:7.1f} {'' if same is None else f'{same:17.1f}'}")
     if result.get("gemv"):
         lines.append("")
         lines.append(f"{'gemv':<8}{'shape':>14} {'batch':>5} {'fp16 us':>9} {'exmy us':>9} {'speedup':>8} "
