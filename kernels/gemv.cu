@@ -11,7 +11,8 @@
 // consecutive chunks (or chunks t, t+4: Cfg::SPREAD) of rows g and g+8 (for e2m2 16 B of the
 // 4-bit plane + 4 B of the 1-bit plane per chunk: the 4 lanes of a row read 64*CPT contiguous
 // bytes), prefetching the next iteration,
-// and the same chunks of x for batch rows g (and g+8 when NT = 2). Slices meet in shared memory;
+// and the same chunks of x for batch rows g (and g+8 when NT = 2; b1r: from a per-warp window in
+// shared memory that is refilled one iteration ahead, Cfg::XWIN). Slices meet in shared memory;
 // y is rounded once to the output type.
 //
 // k permutation. The sum over k does not care about order, so within its 32-element chunk a lane
@@ -34,6 +35,9 @@ using namespace exmy;
 
 #ifndef GEMV_WARPS
 #define GEMV_WARPS 8
+#endif
+#ifndef GEMV_XWIN
+#define GEMV_XWIN 1
 #endif
 #ifndef GEMV_CPT
 #define GEMV_CPT 0  // 0: 2 chunks per lane and iteration for batch <= 8 and codes <= 6 bits, else 1
@@ -59,6 +63,13 @@ struct Cfg {
     // of the 4-bit plane then covers whole 32-byte sectors: faster for b1r when there is no 2- or
     // 8-bit plane, measured on an H100; slower for b1, whose x comes from shared memory).
     static constexpr bool SPREAD = KIND == 3 && CPT > 1 && !HAS2 && !HAS8;
+    // PP: the main loop alternates two register sets (ping-pong) instead of copying the prefetched
+    // set each iteration. XWIN: the x of the next iteration is loaded with its weights (16 bytes
+    // per lane) and parked in the warp's window in shared memory as pair words (park_x), so an
+    // iteration reads x like b1 does. Both for b1r only, XWIN for formats with a 1-bit plane or
+    // shared bits: measured on an H100 (docs/benchmarks.md), elsewhere they were slower.
+    static constexpr bool PP = KIND == 3;
+    static constexpr bool XWIN = KIND == 3 && GEMV_XWIN && CPT == 2 && (HAS1 || SHARED);
 };
 constexpr int XS_STRIDE = 20;  // words per chunk of staged x: 16 pairs + 4 padding (conflict-free LDS.128)
 
@@ -76,6 +87,9 @@ __device__ __forceinline__ void pdl_release() {
     asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
 #endif
 }
+
+template <int V>
+struct Int { static constexpr int value = V; };  // a compile-time index passed to generic lambdas
 
 __device__ __forceinline__ u32 hmul2(u32 a, u32 b) {
     u32 r;
@@ -152,6 +166,39 @@ __device__ __forceinline__ float f16_to_f32(u32 bits) {
     return f;
 }
 
+// XWIN: park a lane's 16 bytes of x (elements 8t..8t+7 of chunk c = lane/4, t = lane%4) in the
+// warp's window as pair words in the order the mma takes them (like the b1 staging): pair p of
+// chunk c at word c*XS_STRIDE + p, converted to the operand type. Lane t writes pairs 4t..4t+3.
+// NIB order (pairs of elements 2 apart inside one quarter) needs only the lane's own words; the
+// general order (pair 2e = elements (e, e+8), 2e+1 = (e+16, e+24)) takes word t of each of the
+// 4 lanes of the chunk, exchanged through `raw` (the warp's second window, same layout).
+// Call with the whole warp; the window may be read after it returns.
+template <bool BF, bool XF16>
+__device__ __forceinline__ void park_x(uint4 v, u32 lane, u32* win, u32* raw) {
+    const u32 c = lane >> 2, t = lane & 3;
+    u32 w[4];
+    if (NIB) {  // pairs 4t + j = (x0,x2), (x4,x6), (x1,x3), (x5,x7) of the lane's elements
+        w[0] = prmt(v.x, v.y, 0x5410u); w[1] = prmt(v.z, v.w, 0x5410u);  // low halves of both words
+        w[2] = prmt(v.x, v.y, 0x7632u); w[3] = prmt(v.z, v.w, 0x7632u);  // high halves of both words
+        __syncwarp();  // every lane is done with the previous window
+    } else {
+        *(uint4*)(raw + c * XS_STRIDE + 4 * t) = v;
+        __syncwarp();  // raw complete; every lane is done with the previous window
+        const u32* r = raw + c * XS_STRIDE + t;  // word t of lane j: elements 8j + 2t, 8j + 2t + 1
+        const u32 a = r[0], b = r[4], d = r[8], e = r[12];
+        w[0] = prmt(a, b, 0x5410u);  // pair 4t:     (x[2t],     x[2t + 8])
+        w[1] = prmt(d, e, 0x5410u);  // pair 4t + 1: (x[2t + 16], x[2t + 24])
+        w[2] = prmt(a, b, 0x7632u);  // pair 4t + 2: (x[2t + 1],  x[2t + 9])
+        w[3] = prmt(d, e, 0x7632u);  // pair 4t + 3: (x[2t + 17], x[2t + 25])
+    }
+    if (BF && XF16) {
+#pragma unroll
+        for (int i = 0; i < 4; ++i) w[i] = f16x2_to_bf16x2(w[i]);
+    }
+    *(uint4*)(win + c * XS_STRIDE + 4 * t) = make_uint4(w[0], w[1], w[2], w[3]);
+    __syncwarp();
+}
+
 // One warp = one 16-row tile x one K slice: iterations it0, it0+istep, ... < it1 of KSTEP chunks.
 // GM: 0 = one scale per row, 1 = scale groups aligned to chunks, 2 = not aligned (per element).
 // With fp16 operands and one scale per row the mma multiplies the raw decoded values
@@ -163,7 +210,7 @@ __device__ __forceinline__ void gemv_warp(const u8* __restrict__ payload, const 
                                           u32 row0, u32 it0, u32 it1, u32 istep,
                                           float (&acc)[Cfg<KIND>::NT][4]) {
     constexpr int NT = Cfg<KIND>::NT, CPT = Cfg<KIND>::CPT, KSTEP = Cfg<KIND>::KSTEP;
-    constexpr bool XS = Cfg<KIND>::XS, SPREAD = Cfg<KIND>::SPREAD;
+    constexpr bool XS = Cfg<KIND>::XS, SPREAD = Cfg<KIND>::SPREAD, XWIN = Cfg<KIND>::XWIN, PP = Cfg<KIND>::PP;
     constexpr u32 CSTEP = SPREAD ? 4 : 1;       // chunks between a lane's chunks of one iteration
     constexpr bool BF = MODE == 2;          // tensor-core operand type
     constexpr bool EPI = GM == 0 && !BF;    // scale after the mma (fp16 operands, one scale per row)
@@ -190,6 +237,10 @@ __device__ __forceinline__ void gemv_warp(const u8* __restrict__ payload, const 
         rsb = load_scale<MODE>(ks, (size_t)rb * ngroups);
     }
 
+    // XWIN: this warp's x window (dynamic shared memory: the window, then its raw exchange area)
+    // and the first chunk it holds
+    u32* const xwin = const_cast<u32*>(xs) + (threadIdx.x >> 5) * (2 * KSTEP * XS_STRIDE);
+    u32 xbase = 0;
     // x words of chunk q: xw[j][w] = (x[2w], x[2w+1]) of row xr[j]; `checked`: may be the K tail.
     auto load_x = [&](u32 (&xw)[NT][16], u32 q, bool checked) {
         if (XS) {  // staged: pair p of chunk q at xs[q * XS_STRIDE + p] (zeros past K)
@@ -202,6 +253,15 @@ __device__ __forceinline__ void gemv_warp(const u8* __restrict__ payload, const 
             return;
         }
         const u32 qx = q < nq ? q : nq - 1;  // past K the weights are zero: any finite x will do
+        if (XWIN && !checked) {  // main loop: chunk q - xbase of the warp's window (pair words)
+            const uint4* src = (const uint4*)(xwin + (q - xbase) * XS_STRIDE);
+#pragma unroll
+            for (int v = 0; v < 4; ++v) {
+                const uint4 r = src[v];
+                xw[0][4 * v] = r.x; xw[0][4 * v + 1] = r.y; xw[0][4 * v + 2] = r.z; xw[0][4 * v + 3] = r.w;
+            }
+            return;  // already in the operand type
+        }
         if (!checked || (xvec && 32 * qx + 32 <= k)) {
 #pragma unroll
             for (int j = 0; j < NT; ++j)
@@ -263,8 +323,9 @@ __device__ __forceinline__ void gemv_warp(const u8* __restrict__ payload, const 
                 constexpr u32 SEL[2] = {0x5410u, 0x7632u};  // lane 0 of both words / lane 1 of both
                 const int p0 = pair_elem(2 * e, 0), q0 = pair_elem(2 * e, 1);
                 const int p1 = pair_elem(2 * e + 1, 0), q1 = pair_elem(2 * e + 1, 1);
-                const u32 b0 = XS ? xw[j][2 * e] : prmt(xw[j][p0 >> 1], xw[j][q0 >> 1], SEL[p0 & 1]);
-                const u32 b1 = XS ? xw[j][2 * e + 1] : prmt(xw[j][p1 >> 1], xw[j][q1 >> 1], SEL[p1 & 1]);
+                const bool paired = XS || (XWIN && !checked);  // x from a staging: pair words in order
+                const u32 b0 = paired ? xw[j][2 * e] : prmt(xw[j][p0 >> 1], xw[j][q0 >> 1], SEL[p0 & 1]);
+                const u32 b1 = paired ? xw[j][2 * e + 1] : prmt(xw[j][p1 >> 1], xw[j][q1 >> 1], SEL[p1 & 1]);
                 mma16816<BF>(acc[j], a0, a1, a2, a3, b0, b1);
             }
         }
@@ -307,11 +368,6 @@ __device__ __forceinline__ void gemv_warp(const u8* __restrict__ payload, const 
         __syncthreads();
     };
 
-    Chunk ca[CPT], cb[CPT];
-    S sa[CPT], sb[CPT];
-#pragma unroll
-    for (int i = 0; i < CPT; ++i) sa[i] = sb[i] = S{};
-
     // Main loop: iterations whose chunks all lie inside K (x rows aligned): no bounds checks,
     // running plane pointers, the next iteration's weights prefetched into registers.
     const u32 nfull = (k / 32) / KSTEP;
@@ -322,41 +378,78 @@ __device__ __forceinline__ void gemv_warp(const u8* __restrict__ payload, const 
         u32 q0 = it * KSTEP + t * (SPREAD ? 1 : CPT);  // this lane's first chunk of iteration `it`
         const u32 qstep = istep * KSTEP;
         ChunkPtr pa = chunk_ptr(rowa, kp, q0), pb = chunk_ptr(rowb, kp, q0);
-        auto load_main = [&]() {
+        // Two register sets: with PP iteration n computes from set n % 2 while the next one's
+        // weights (and x, XWIN) load into the other; without, set 1 is copied to set 0 first.
+        Chunk wa[2][CPT], wb[2][CPT];
+        S swa[2][CPT], swb[2][CPT];
+        uint4 xq[2] = {make_uint4(0, 0, 0, 0), make_uint4(0, 0, 0, 0)};  // XWIN: lane's 16 bytes of x
+        static_assert(!XWIN || KSTEP == 8, "the x window takes 32 lanes x 16 bytes = 8 chunks");
+        auto load_main = [&](auto set) {  // the iteration at pa / pb (chunk q0) into register set `set`
+            constexpr int P = decltype(set)::value;
             if (CPT == 2 && !SPREAD) {  // chunk q0 is even: the two chunks' small planes in one load each
-                load_chunk_pair(pa, ca[0], ca[CPT - 1]);
-                load_chunk_pair(pb, cb[0], cb[CPT - 1]);
+                load_chunk_pair(pa, wa[P][0], wa[P][CPT - 1]);
+                load_chunk_pair(pb, wb[P][0], wb[P][CPT - 1]);
             }
 #pragma unroll
             for (int i = 0; i < CPT; ++i) {
                 if (CPT != 2 || SPREAD) {
-                    ca[i] = load_chunk_at(pa, CSTEP * i);
-                    cb[i] = load_chunk_at(pb, CSTEP * i);
+                    wa[P][i] = load_chunk_at(pa, CSTEP * i);
+                    wb[P][i] = load_chunk_at(pb, CSTEP * i);
                 }
+                swa[P][i] = swb[P][i] = S{};
                 if (GM == 1) {
                     const u32 gi = (q0 + CSTEP * i) >> gshift;
-                    sa[i] = load_scale<MODE>(ks, (size_t)ra * ngroups + gi);
-                    sb[i] = load_scale<MODE>(ks, (size_t)rb * ngroups + gi);
+                    swa[P][i] = load_scale<MODE>(ks, (size_t)ra * ngroups + gi);
+                    swb[P][i] = load_scale<MODE>(ks, (size_t)rb * ngroups + gi);
                 }
             }
         };
-        load_main();
-        stage_x();  // after this warp's first weight loads are in flight
-        for (; it < main_end; it += istep) {
-            Chunk na[CPT], nb[CPT];
-            S nsa[CPT], nsb[CPT];
+        // One main-loop iteration from register set P; false when it was the slice's last.
+        auto step = [&](auto set) -> bool {
+            constexpr int P = decltype(set)::value;  // set computed now
+            constexpr int N = PP ? 1 - P : 1;        // set the next iteration loads into
+            if (!PP) {
 #pragma unroll
-            for (int i = 0; i < CPT; ++i) { na[i] = ca[i]; nb[i] = cb[i]; nsa[i] = sa[i]; nsb[i] = sb[i]; }
+                for (int i = 0; i < CPT; ++i) {
+                    wa[P][i] = wa[N][i]; wb[P][i] = wb[N][i]; swa[P][i] = swa[N][i]; swb[P][i] = swb[N][i];
+                }
+                xq[P] = xq[N];
+            }
             const u32 q = q0;
             advance(pa, qstep);
             advance(pb, qstep);
             q0 += qstep;
-            if (it + istep < main_end) load_main();  // prefetch the next iteration
+            const bool more = it + istep < main_end;
+            if (more) {  // prefetch the next iteration into the other set
+                load_main(Int<N>{});
+                if (XWIN) xq[N] = ld_x16(x + 32 * (size_t)((it + istep) * KSTEP) + 8 * lane);
+            }
+            if (XWIN) {  // this iteration's x into the window
+                park_x<BF, XF16>(xq[P], lane, xwin, xwin + KSTEP * XS_STRIDE);
+                xbase = it * KSTEP;
+            }
 #pragma unroll
-            for (int i = 0; i < CPT; ++i) compute(na[i], nb[i], nsa[i], nsb[i], q + CSTEP * i, false);
+            for (int i = 0; i < CPT; ++i) compute(wa[P][i], wb[P][i], swa[P][i], swb[P][i], q + CSTEP * i, false);
+            it += istep;
+            return more;
+        };
+        load_main(Int<PP ? 0 : 1>{});
+        stage_x();  // after this warp's first weight loads are in flight
+        // XWIN: lane l carries x elements 8l .. 8l+7 of an iteration's KSTEP chunks (16 bytes)
+        if (XWIN) xq[PP ? 0 : 1] = ld_x16(x + 32 * (size_t)(it * KSTEP) + 8 * lane);
+        if (PP) {
+            while (step(Int<0>{}) && step(Int<1>{})) {
+            }
+        } else {
+            while (step(Int<0>{})) {
+            }
         }
     }
     // Tail: the iteration that reaches past K (and everything when x rows are not aligned).
+    Chunk ca[CPT], cb[CPT];
+    S sa[CPT], sb[CPT];
+#pragma unroll
+    for (int i = 0; i < CPT; ++i) sa[i] = sb[i] = S{};
     for (; it < it1; it += istep) {
 #pragma unroll
         for (int i = 0; i < CPT; ++i) {

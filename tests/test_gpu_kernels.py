@@ -346,6 +346,31 @@ def test_gemv_shared_formats(cp, rng, name):
     assert "_b1r" in name_, name_
 
 
+@pytest.mark.parametrize("name", ["e2m2", "e2m1", "e3m2", "e4m3", "e2m3", "e2m2s4", "e2m3s3"])
+def test_gemv_b1r_x_window(cp, rng, name):
+    """Batch 1 with large K (b1r kernels: two register sets in turn; for formats with a 1-bit plane
+    or shared bits, x of the next iteration parked in a shared-memory window as pair words).
+    Checked against float64 and, bit for bit, against the same kernel built to read x straight from
+    global memory (GEMV_XWIN=0: same products in the same order). K tails, unaligned x rows (no
+    window), slices of few iterations and scale groups included."""
+    import torch
+
+    fmt = get_format(name)
+    cases = ((None, 45056), (None, 13312 + 8 * int(rng.integers(0, 100))), (128, 20000 + 8 * int(rng.integers(0, 999))),
+             (100, 16448), (None, 14003))
+    for group, k in cases:
+        n = int(rng.integers(1, 200))
+        for x_dtype in ("F16", "BF16") if group is None else ("F16",):
+            _, kname, weight, x, y64, _ = gemv_check(cp, rng, fmt, n, k, 1, x_dtype, group=group)
+            assert "_b1r" in kname, kname
+            direct = torch.full((1, n), float("nan"), dtype=x.dtype, device="cuda")
+            gpu.gemv_plan(x, weight, direct, defines=("GEMV_XWIN=0",))()
+            windowed = torch.full_like(direct, float("nan"))
+            gpu.gemv_plan(x, weight, windowed)()
+            assert torch.equal(windowed.view(torch.int16), direct.view(torch.int16)), f"{name} k={k} {group} {x_dtype}"
+            assert np.array_equal(windowed.double().cpu().numpy(), y64)
+
+
 @pytest.mark.parametrize("group", [32, 64, 128, 96, 100])
 def test_gemv_group_sizes(cp, rng, group):
     for name in ("e2m2", "e3m2", "e4m3"):

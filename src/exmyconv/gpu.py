@@ -518,7 +518,10 @@ class GemvPlan:
         n = weight.n
         self.split = split or gemv_split(n, weight.k, weight.fmt, self.name)
         self.interleave = GEMV_INTERLEAVE if interleave is None else int(interleave)
-        self.smem = _xs_bytes(weight.fmt, weight.k) if "_b1" in self.name and "_b1r" not in self.name else 0
+        if "_b1r" in self.name:  # each warp's x window (one iteration's chunks, 80 bytes each) x 2
+            self.smem = GEMV_WARPS * _gemv_shape(weight.fmt, "b1r")[1] * 80 * 2
+        else:
+            self.smem = _xs_bytes(weight.fmt, weight.k) if "_b1" in self.name else 0
         if self.smem > 48 * 1024 and self.fn.max_dynamic_shared_size_bytes < self.smem:
             self.fn.max_dynamic_shared_size_bytes = self.smem
         tiles_per_block = GEMV_WARPS // self.split
