@@ -60,10 +60,10 @@ struct Cfg {
     static constexpr int KSTEP = 4 * CPT;
     // Chunk order: lane t takes chunks t*CPT .. t*CPT+CPT-1 of an iteration (the small planes of
     // a chunk pair in one load), or with SPREAD chunks t, t+4, ... (each 16-byte load instruction
-    // of the 4-bit plane then covers whole 32-byte sectors). Measured on an H100: faster for b1r
-    // of formats whose codes are the 4-bit plane alone (e2m1); slower with a 1-bit plane or shared
-    // bits once those read x from the window below, and for b1 (x from shared memory).
-    static constexpr bool SPREAD = KIND == 3 && CPT > 1 && OWN == 4 && !SHARED;
+    // of the 4-bit plane then covers whole 32-byte sectors: faster for b1r when there is no 2- or
+    // 8-bit plane on most layer shapes measured on an H100; slower for b1, whose x comes from
+    // shared memory).
+    static constexpr bool SPREAD = KIND == 3 && CPT > 1 && !HAS2 && !HAS8;
     // PP: the main loop alternates two register sets (ping-pong) instead of copying the prefetched
     // set each iteration. XWIN: the x of the next iteration is loaded with its weights (16 bytes
     // per lane) and parked in the warp's window in shared memory as pair words (park_x), so an
