@@ -444,17 +444,20 @@ def _sm_count(device_id: int) -> int:
 def gemv_split(n: int, k: int, fmt: ExMy, name: str) -> int:
     """K slices per 16-row tile (1, 2, 4 or 8) for kernel `name` (measured on an H100,
     docs/benchmarks.md): 8 for layers of >= 1024 tiles (the 8 warps of a block then read
-    neighbouring bytes of the same rows) and for b1r kernels of unshared formats with a 1-bit
-    plane (e2m2, e3m1: their longer decode favours more, shorter slices); otherwise the fewest
-    slices that give about one wave of warps at two blocks per SM; always >= 2 iterations per slice."""
+    neighbouring bytes of the same rows); otherwise the fewest slices that give about one wave of
+    warps at two blocks per SM, doubled for b1r kernels of unshared formats with a 1-bit plane
+    (e2m2, e3m1: their longer decode favours more, shorter slices); always >= 2 iterations per
+    slice."""
     kind = "b1r" if "_b1r" in name else "b1" if "_b1" in name else "nt2" if "_nt2" in name else "nt1"
     tiles = -(-n // GEMV_ROWS)
     target = _sm_count(_cupy().cuda.Device().id) * GEMV_WARPS * 2
     split = 1
-    if tiles >= 1024 or (kind == "b1r" and fmt.share == 1 and fmt.bits % 2 == 1):
+    if tiles >= 1024:
         split = GEMV_WARPS
     while split < GEMV_WARPS and tiles * split < 0.75 * target:
         split *= 2
+    if kind == "b1r" and fmt.share == 1 and fmt.bits % 2 == 1:
+        split = min(2 * split, GEMV_WARPS)
     _, kstep = _gemv_shape(fmt, kind)
     niter = -(-k // (32 * kstep))
     while split > 1 and niter < 2 * split:
