@@ -37,7 +37,7 @@ using namespace exmy;
 #define GEMV_WARPS 8
 #endif
 #ifndef GEMV_XWIN
-#define GEMV_XWIN 1
+#define GEMV_XWIN 1  // 0: b1r reads x straight from global memory (the GPU tests compare both)
 #endif
 #ifndef GEMV_CPT
 #define GEMV_CPT 0  // 0: 2 chunks per lane and iteration for batch <= 8 and codes <= 6 bits, else 1
