@@ -244,8 +244,10 @@ __device__ __forceinline__ void gemv_warp(const u8* __restrict__ payload, const 
     u32 xbase = 0;
     // x words of chunk q: xw[j][w] = (x[2w], x[2w+1]) of row xr[j]; `checked`: may be the K tail.
     auto load_x = [&](u32 (&xw)[NT][16], u32 q, bool checked) {
-        if (XS) {  // staged: pair p of chunk q at xs[q * XS_STRIDE + p] (zeros past K)
-            const uint4* src = (const uint4*)(xs + q * XS_STRIDE);
+        // staged pair words, already in the operand type: b1's whole x (pair p of chunk q at
+        // xs[q * XS_STRIDE + p], zeros past K) or, in the b1r main loop, the warp's window
+        if (XS || (XWIN && !checked)) {
+            const uint4* src = (const uint4*)(XS ? xs + q * XS_STRIDE : xwin + (q - xbase) * XS_STRIDE);
 #pragma unroll
             for (int v = 0; v < 4; ++v) {
                 const uint4 r = src[v];
@@ -254,15 +256,6 @@ __device__ __forceinline__ void gemv_warp(const u8* __restrict__ payload, const 
             return;
         }
         const u32 qx = q < nq ? q : nq - 1;  // past K the weights are zero: any finite x will do
-        if (XWIN && !checked) {  // main loop: chunk q - xbase of the warp's window (pair words)
-            const uint4* src = (const uint4*)(xwin + (q - xbase) * XS_STRIDE);
-#pragma unroll
-            for (int v = 0; v < 4; ++v) {
-                const uint4 r = src[v];
-                xw[0][4 * v] = r.x; xw[0][4 * v + 1] = r.y; xw[0][4 * v + 2] = r.z; xw[0][4 * v + 3] = r.w;
-            }
-            return;  // already in the operand type
-        }
         if (!checked || (xvec && 32 * qx + 32 <= k)) {
 #pragma unroll
             for (int j = 0; j < NT; ++j)
