@@ -1,11 +1,12 @@
 // dequant.cu - packed .exmy payload + scales -> fp16 / bf16 / fp32, bit-exact with the CPU reference.
 //
-// One thread per (row, 32-element chunk). Codes are decoded in registers by exmy_decode.cuh into
-// the bf16 field placement (works for every E, including E = 5), turned into the exact float32
-// code value v by one exact multiply by 2^(127 - bias), multiplied by the float32 value of the
-// fp16/bf16 scale (exact: SPEC section 2, and the same IEEE product numpy computes), and rounded
-// once to the output type with cvt.rn (round to nearest even). fp32 output is not rounded.
-// Float32 multiplies go through fmul_rn (inline PTX without .ftz): CuPy compiles with -ftz=true.
+// A unit is one (row, 32-element chunk); a thread loads its DEQUANT_UNITS units, then decodes
+// each. Codes are decoded in registers by exmy_decode.cuh into the bf16 field placement (works for
+// every E, including E = 5), turned into the exact float32 code value v by one exact multiply by
+// 2^(127 - bias), multiplied by the float32 value of the fp16/bf16 scale (exact: SPEC section 2,
+// and the same IEEE product numpy computes), and rounded once to the output type with cvt.rn
+// (round to nearest even). fp32 output is not rounded. Float32 multiplies go through fmul_rn
+// (inline PTX without .ftz): CuPy compiles with -ftz=true.
 // 16-bit outputs of whole warps (K % 32 == 0) are staged through shared memory so that each store
 // instruction of a warp writes 512 contiguous bytes.
 //
@@ -20,6 +21,9 @@ using namespace exmy;
 #define DEQUANT_MIN_BLOCKS 4  // blocks per SM the register budget is sized for (4: 64 registers;
                               // measured faster than 3 on every H100 shape, docs/benchmarks.md)
 #endif
+#define DEQUANT_UNITS 2  // units per thread (gpu.py's DEQUANT_UNITS): block b covers units
+                         // b*BLOCK*UNITS .. (b+1)*BLOCK*UNITS-1, thread t units t, t+BLOCK, ...
+                         // (2: loads of both in flight; measured vs 1, 4, 8 on an H100)
 
 namespace {
 
@@ -157,9 +161,15 @@ __device__ __forceinline__ void dequant(const u8* __restrict__ payload, const u1
                                         u32 ngroups, u32 g) {
     const u32 cpr = (k + 31) / 32;
     const u32 total = rows * cpr;  // the host keeps rows * cpr < 2^32
-    const u32 u = blockIdx.x * blockDim.x + threadIdx.x;
-    if (u >= total) return;
-    dequant_unit<SCALE_BF16, OUT>(load_unit(payload, u, cpr, k, row_bytes), u, scales, out, rows, k, ngroups, g);
+    const u32 u0 = blockIdx.x * (DEQUANT_BLOCK * DEQUANT_UNITS) + threadIdx.x;
+    Chunk ch[DEQUANT_UNITS];  // every load first: UNITS chunks in flight per thread
+#pragma unroll
+    for (int i = 0; i < DEQUANT_UNITS; ++i)
+        if (u0 + i * DEQUANT_BLOCK < total) ch[i] = load_unit(payload, u0 + i * DEQUANT_BLOCK, cpr, k, row_bytes);
+#pragma unroll
+    for (int i = 0; i < DEQUANT_UNITS; ++i)
+        if (u0 + i * DEQUANT_BLOCK < total)
+            dequant_unit<SCALE_BF16, OUT>(ch[i], u0 + i * DEQUANT_BLOCK, scales, out, rows, k, ngroups, g);
 }
 
 }  // namespace

@@ -39,6 +39,9 @@ using namespace exmy;
 #ifndef GEMV_XWIN
 #define GEMV_XWIN 1  // 0: b1r reads x straight from global memory (the GPU tests compare both)
 #endif
+#ifndef GEMV_B1R_BLOCKS
+#define GEMV_B1R_BLOCKS 2  // b1r register budget: 2 blocks per SM (128 registers) or 3 (80, no PP)
+#endif
 #ifndef GEMV_CPT
 #define GEMV_CPT 0  // 0: 2 chunks per lane and iteration for batch <= 8 and codes <= 6 bits, else 1
 #endif
@@ -68,8 +71,9 @@ struct Cfg {
     // set each iteration. XWIN: the x of the next iteration is loaded with its weights (16 bytes
     // per lane) and parked in the warp's window in shared memory as pair words (park_x), so an
     // iteration reads x like b1 does. Both for b1r only, XWIN for formats with a 1-bit plane or
-    // shared bits: measured on an H100 (docs/benchmarks.md), elsewhere they were slower.
-    static constexpr bool PP = KIND == 3;
+    // shared bits: measured on an H100 (docs/benchmarks.md), elsewhere they were slower. PP needs
+    // the 128-register budget: the 3-blocks-per-SM build of b1r goes without.
+    static constexpr bool PP = KIND == 3 && GEMV_B1R_BLOCKS == 2;
     static constexpr bool XWIN = KIND == 3 && GEMV_XWIN && CPT == 2 && (HAS1 || SHARED);
 };
 constexpr int XS_STRIDE = 20;  // words per chunk of staged x: 16 pairs + 4 padding (conflict-free LDS.128)
@@ -542,9 +546,10 @@ __device__ __forceinline__ void gemv(const u8* __restrict__ payload, const void*
 // Each variant has a number; compiling with -DEXMY_VARIANT=<n> builds that one kernel only (the
 // Python loader does this: less NVRTC time); without it every variant is built.
 // Blocks per SM the register budget is sized for: 3 (<= 80 registers, no spills) for the b1 and
-// nt1 fp16-operand kernels with one scale per row and codes of <= 5 bits; 2 (<= 128 registers)
-// for the others. gpu.py's gemv_blocks_per_sm() mirrors this rule.
-#define EXMY_GEMV_BLOCKS(KIND, MODE, GM) (((MODE) != 2 && ((KIND) == 0 || (KIND) == 1) && (GM) == 0 && BITS <= 5) ? 3 : 2)
+// nt1 fp16-operand kernels with one scale per row and codes of <= 5 bits; for b1r GEMV_B1R_BLOCKS
+// (gpu.py builds it with 3 where that fills the last wave of blocks better, gemv_b1r_blocks);
+// 2 (<= 128 registers) for the others.
+#define EXMY_GEMV_BLOCKS(KIND, MODE, GM) ((KIND) == 3 ? GEMV_B1R_BLOCKS : ((MODE) != 2 && ((KIND) == 0 || (KIND) == 1) && (GM) == 0 && BITS <= 5) ? 3 : 2)
 #define EXMY_GEMV_KERNEL(NAME, KIND, MODE, XF16, GM)                                                    \
     extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32, EXMY_GEMV_BLOCKS(KIND, MODE, GM)) NAME( \
         const u8* __restrict__ payload, const void* __restrict__ ks, const u16* __restrict__ x,       \

@@ -351,7 +351,8 @@ def test_gemv_b1r_x_window(cp, rng, name):
     """Batch 1 with large K (b1r kernels: two register sets in turn; for formats with a 1-bit plane
     or shared bits, x of the next iteration parked in a shared-memory window as pair words).
     Checked against float64 and, bit for bit, against the same kernel built to read x straight from
-    global memory (GEMV_XWIN=0: same products in the same order). K tails, unaligned x rows (no
+    global memory (GEMV_XWIN=0: same products in the same order) and against its 3-blocks-per-SM
+    build (one register set, same order; gpu.gemv_b1r_blocks). K tails, unaligned x rows (no
     window), slices of few iterations and scale groups included."""
     import torch
 
@@ -369,6 +370,11 @@ def test_gemv_b1r_x_window(cp, rng, name):
             gpu.gemv_plan(x, weight, windowed)()
             assert torch.equal(windowed.view(torch.int16), direct.view(torch.int16)), f"{name} k={k} {group} {x_dtype}"
             assert np.array_equal(windowed.double().cpu().numpy(), y64)
+            three = torch.full_like(direct, float("nan"))
+            plan = gpu.gemv_plan(x, weight, three, blocks=3)
+            assert plan.blocks_per_sm == 3
+            plan()
+            assert torch.equal(three.view(torch.int16), direct.view(torch.int16)), f"{name} k={k} {group} {x_dtype} 3/SM"
 
 
 @pytest.mark.parametrize("group", [32, 64, 128, 96, 100])

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from exmyconv import gpu
-from exmyconv.formats import NAMED, NAMED_SHARED, all_formats
+from exmyconv.formats import NAMED, NAMED_SHARED, all_formats, get_format
 
 ROOT = Path(__file__).resolve().parents[1]
 KERNELS = ROOT / "kernels"
@@ -58,13 +58,15 @@ def test_sources_are_packaged_and_share_one_decoder():
     assert re.search(r'^"kernels"\s*=\s*"exmyconv/kernels"', pyproject, re.M), "kernels/ not in the wheel"
 
 
-def _compile(src: Path, e: int, m: int, out: Path, variant: int | None = None, share: int = 1) -> tuple[str, int, str]:
+def _compile(src: Path, e: int, m: int, out: Path, variant: int | None = None, share: int = 1,
+             extra: tuple = ()) -> tuple[str, int, str]:
     defines = [f"-DEXMY_E={e}", f"-DEXMY_M={m}"] + ([f"-DEXMY_VARIANT={variant}"] if variant is not None else [])
-    defines += [f"-DEXMY_SHARE={share}"] if share > 1 else []
+    defines += ([f"-DEXMY_SHARE={share}"] if share > 1 else []) + [f"-D{d}" for d in extra]
     cmd = [NVCC, "-arch=sm_90", "--cubin", "-std=c++17", *defines, "--resource-usage", "-o", str(out), str(src)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     name = f"e{e}m{m}" + (f"s{share}" if share > 1 else "")
-    return f"{src.name} {name}" + (f" v{variant}" if variant is not None else ""), proc.returncode, proc.stdout + proc.stderr
+    what = f"{src.name} {name}" + (f" v{variant}" if variant is not None else "") + "".join(f" {d}" for d in extra)
+    return what, proc.returncode, proc.stdout + proc.stderr
 
 
 def _jobs_for(tmp_path):
@@ -92,6 +94,15 @@ def _jobs_for(tmp_path):
                     jobs += [(src, e, m, tmp_path / f"{src.stem}_{name}_v{v}.cubin", v, share) for v in (0, 3, 47)]
             elif name in NAMED_SHARED or (e, m) in ((2, 2), (2, 3), (1, 1), (4, 3), (5, 2)):
                 jobs.append((src, e, m, tmp_path / f"{src.stem}_{name}.cubin", None, share))
+    # the b1r kernels built for 3 blocks per SM (gpu.gemv_b1r_blocks uses fold/two, one scale per
+    # row, codes of other than 6 bits; the tests force the others): fold, two, fold with aligned
+    # groups, bf16 operands, unaligned groups
+    gemv = KERNELS / "gemv.cu"
+    for f in map(get_format, (*NAMED, *NAMED_SHARED)):
+        if f.bits != 6:
+            for v in (9, 21, 10, 33, 47):
+                out = tmp_path / f"gemv_{f.name}_v{v}_b3.cubin"
+                jobs.append((gemv, f.e, f.m, out, v, f.share, ("GEMV_B1R_BLOCKS=3",)))
     return jobs
 
 
@@ -105,13 +116,16 @@ def test_every_kernel_compiles_for_sm90(tmp_path):
     for what, _, log in results:
         assert "warning" not in log.lower(), f"{what}:\n{log[-2000:]}"
     # fast paths of the named formats: no local-memory spills in the fp16-operand GEMV kernels
-    # (fold/two) with one scale per row or aligned groups; the others may spill a little
+    # (fold/two) with one scale per row or aligned groups; the others may spill a little. The
+    # 80-register b1r builds gpu uses (fold/two, one scale per row): at most 32 bytes
     for what, _, log in results:
-        if what.startswith("gemv.cu") and what.split()[1] in NAMED:
+        three = "B1R_BLOCKS=3" in what
+        if what.startswith("gemv.cu") and (what.split()[1] in NAMED or three):
             found = re.findall(r"Function properties for (\w+)\n\s+\d+ bytes stack frame, (\d+) bytes spill", log)
             assert found, log
-            spilled = [name for name, n in found if int(n) and not name.endswith("_ga")
-                       and name.startswith(("exmy_gemv_fold", "exmy_gemv_two"))]
+            fast = ("exmy_gemv_fold_x16_b1r", "exmy_gemv_two_x16_b1r") if three else ("exmy_gemv_fold", "exmy_gemv_two")
+            spilled = [name for name, n in found if int(n) > (32 if three else 0) and not name.endswith("_ga")
+                       and name.startswith(fast) and (not three or name in fast)]
             assert not spilled, f"{what}: {spilled} spill registers:\n{log}"
 
 

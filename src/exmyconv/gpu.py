@@ -33,6 +33,7 @@ from .pack import row_bytes
 
 OUT_DTYPES = ("F16", "BF16", "F32")
 BLOCK = 256           # dequant threads per block
+DEQUANT_UNITS = 2     # (row, 32-element chunk) units per dequant thread (kernels/dequant.cu)
 GEMV_WARPS = 8        # must match kernels/gemv.cu (GEMV_WARPS)
 GEMV_ROWS = 16        # weight rows per GEMV block
 MAX_BATCH = 16        # rows of x per GEMV launch
@@ -276,7 +277,7 @@ class DequantPlan:
     def __init__(self, pay, bits, scale_dtype, fmt, k, rows, g, ngroups, out_dtype, out):
         cpr = -(-k // 32)
         self.units = rows * cpr
-        if self.units >= 2**32 - BLOCK:
+        if self.units >= 2**32 - BLOCK * DEQUANT_UNITS:
             raise ExmyError("tensor too large for one launch")  # > 137 G weights
         self.name = f"exmy_dequant_s{'bf' if scale_dtype == 'BF16' else '16'}_{_OUT_NAME[out_dtype]}"
         self.fn = kernel("dequant.cu", self.name, fmt) if self.units else None
@@ -286,7 +287,8 @@ class DequantPlan:
 
     def __call__(self):
         if self.fn is not None:
-            self.fn(((self.units + BLOCK - 1) // BLOCK,), (BLOCK,), self.args)
+            per_block = BLOCK * DEQUANT_UNITS
+            self.fn(((self.units + per_block - 1) // per_block,), (BLOCK,), self.args)
         return self.out
 
 
@@ -428,14 +430,6 @@ def gemv_kernel_name(weight: GpuWeight, x_dtype: str, batch: int) -> tuple[str, 
     return f"exmy_gemv_bf_x{'16' if x_dtype == 'F16' else 'bf'}_{kind}{groups}", 2
 
 
-def gemv_blocks_per_sm(name: str, fmt: ExMy) -> int:
-    """Blocks per SM the kernel's register budget allows (gemv.cu EXMY_GEMV_BLOCKS)."""
-    fp16 = not name.startswith("exmy_gemv_bf")
-    one_group = not name.endswith(("_g", "_ga"))
-    small_kind = "_b1r" not in name and "_nt2" not in name
-    return 3 if fp16 and small_kind and one_group and fmt.bits <= 5 else 2
-
-
 @functools.lru_cache(maxsize=8)
 def _sm_count(device_id: int) -> int:
     return int(_cupy().cuda.runtime.getDeviceProperties(device_id)["multiProcessorCount"])
@@ -463,6 +457,24 @@ def gemv_split(n: int, k: int, fmt: ExMy, name: str) -> int:
     while split > 1 and niter < 2 * split:
         split //= 2
     return split
+
+
+def gemv_b1r_blocks(name: str, grid: int, fmt: ExMy, sms: int) -> int:
+    """Blocks per SM the b1r kernel `name`, launched with `grid` blocks, is built for (gemv.cu
+    GEMV_B1R_BLOCKS): 3, the 80-register build without the second register set, where that leaves
+    the last wave of blocks fuller than 2 does; otherwise 2. Only for fp16 operands with one scale
+    per row and codes of other than 6 bits. Measured on an H100 (docs/benchmarks.md): 5120-row
+    layers (320 blocks: 1.2 waves at 2 per SM, 0.8 at 3) 10-23 % faster; bf16 operands and scale
+    groups gained little or lost for some formats, 6-bit codes spill at 80 registers."""
+    fp16_one_scale = name.startswith(("exmy_gemv_fold", "exmy_gemv_two")) and name.endswith("_b1r")
+    if not fp16_one_scale or fmt.bits == 6:
+        return 2
+
+    def fill(per_sm: int) -> float:  # share of the block slots of the waves the launch needs
+        slots = sms * per_sm
+        return grid / (-(-grid // slots) * slots)
+
+    return 3 if fill(3) > fill(2) else 2
 
 
 GEMV_INTERLEAVE = 1  # K slices of a tile take alternate iterations (1) or contiguous runs (0)
@@ -509,7 +521,8 @@ class GemvPlan:
     """One fused GEMV launch (batch <= 16) with its arguments prepared; call it to launch."""
 
     def __init__(self, xc, x_dtype: str, weight: GpuWeight, y, stream, split: int | None = None,
-                 interleave: int | None = None, defines: tuple = (), overlap: bool = False):
+                 interleave: int | None = None, defines: tuple = (), overlap: bool = False,
+                 blocks: int | None = None):
         batch = int(xc.shape[0])
         if not 1 <= batch <= MAX_BATCH:
             raise ExmyError(f"a GEMV launch takes 1..{MAX_BATCH} rows of x, not {batch}")
@@ -518,18 +531,24 @@ class GemvPlan:
         if not supports(weight.fmt):
             raise ExmyError(f"the fused GEMV does not handle {weight.fmt.name} yet (gpu.supports)")
         self.name, mode = gemv_kernel_name(weight, x_dtype, batch)
-        self.fn = kernel("gemv.cu", self.name, weight.fmt, defines)
         n = weight.n
         self.split = split or gemv_split(n, weight.k, weight.fmt, self.name)
         self.interleave = GEMV_INTERLEAVE if interleave is None else int(interleave)
+        tiles_per_block = GEMV_WARPS // self.split
+        self.grid = (-(-n // (GEMV_ROWS * tiles_per_block)),)
+        self.blocks_per_sm = 2
+        if "_b1r" in self.name:
+            sms = _sm_count(_cupy().cuda.Device().id)
+            self.blocks_per_sm = int(blocks or gemv_b1r_blocks(self.name, self.grid[0], weight.fmt, sms))
+            if self.blocks_per_sm != 2:
+                defines = (*defines, f"GEMV_B1R_BLOCKS={self.blocks_per_sm}")
+        self.fn = kernel("gemv.cu", self.name, weight.fmt, defines)
         if "_b1r" in self.name:  # each warp's x window (one iteration's chunks, 80 bytes each) x 2
             self.smem = GEMV_WARPS * _gemv_shape(weight.fmt, "b1r")[1] * 80 * 2
         else:
             self.smem = _xs_bytes(weight.fmt, weight.k) if "_b1" in self.name else 0
         if self.smem > 48 * 1024 and self.fn.max_dynamic_shared_size_bytes < self.smem:
             self.fn.max_dynamic_shared_size_bytes = self.smem
-        tiles_per_block = GEMV_WARPS // self.split
-        self.grid = (-(-n // (GEMV_ROWS * tiles_per_block)),)
         self.args = (weight.payload, weight.kernel_scales(mode), xc, y, np.uint32(n), np.uint32(weight.k),
                      np.uint32(weight.payload.shape[1]), np.uint32(weight.ngroups),
                      np.uint32(weight.group_size), np.int32(_gshift(weight)), np.uint32(batch),
@@ -554,7 +573,8 @@ class GemvPlan:
 def gemv_plan(x, weight: GpuWeight, out, x_dtype: str | None = None, **tuning) -> GemvPlan:
     """Prepare y = x @ W.T into `out` ([B, N], B <= 16, same dtype as x) for repeated launches.
 
-    tuning (benchmarks only): split=1|2|4|8, interleave=0|1, defines=("GEMV_CPT=1", ...).
+    tuning (benchmarks and tests): split=1|2|4|8, interleave=0|1, blocks=2|3 (b1r: blocks per SM
+    of the build), defines=("GEMV_CPT=1", ...).
     overlap=True launches with programmatic dependent launch (exmyconv.launch): only where the
     weights are not written by the kernel just before (always so for model weights)."""
     cupy = _cupy()
