@@ -183,21 +183,23 @@ EXMY_HD u32 expand_shared(u32 lo, u32 hi, u32 c) {
 }
 
 #ifdef __CUDA_ARCH__
-// Streaming loads of packed weights: read once, keep out of L1.
+// Streaming loads of packed weights: read once, keep out of L1 (L1::no_allocate); L2 fetches the
+// whole 256-byte block around each access from DRAM (L2::256B), whose other bytes the neighbouring
+// lanes and warps read next (H100: e2m2 b1r 28672 -> 8192 60.4 -> 57.5 us, docs/benchmarks.md).
 __device__ __forceinline__ uint4 ld_stream16(const void* p) {
     uint4 r;
-    asm("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
+    asm("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0,%1,%2,%3}, [%4];"
         : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w) : "l"(p));
     return r;
 }
 __device__ __forceinline__ uint2 ld_stream8(const void* p) {
     uint2 r;
-    asm("ld.global.nc.L1::no_allocate.v2.u32 {%0,%1}, [%2];" : "=r"(r.x), "=r"(r.y) : "l"(p));
+    asm("ld.global.nc.L1::no_allocate.L2::256B.v2.u32 {%0,%1}, [%2];" : "=r"(r.x), "=r"(r.y) : "l"(p));
     return r;
 }
 __device__ __forceinline__ u32 ld_stream4(const void* p) {
     u32 r;
-    asm("ld.global.nc.L1::no_allocate.u32 %0, [%1];" : "=r"(r) : "l"(p));
+    asm("ld.global.nc.L1::no_allocate.L2::256B.u32 %0, [%1];" : "=r"(r) : "l"(p));
     return r;
 }
 
