@@ -72,7 +72,7 @@ __device__ __forceinline__ void dequant_unit(const Chunk& ch, u32 u, const u16* 
     const u32 c = u - row * cpr;
     const u32 base = 32 * c;  // first element of this chunk in the row
 
-    const Pre pre = prepare(ch);
+    const Pre pre = prepare(ch, c);
     const float p127 = __uint_as_float(POW2_127_BITS);  // 2^(127 - bias): exact power of two
 
     float v[32];

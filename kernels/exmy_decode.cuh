@@ -31,8 +31,10 @@
 // Shared formats eXmYsk (SPEC 1.1, compile with -DEXMY_SHARE=k): the planes hold code >> 1 (OWN =
 // BITS - 1 bits, cut by the binary digits of OWN), so every plane field sits one code bit higher,
 // and a SHARED plane after them holds bit j = m0 of elements k*j .. k*j+k-1 of the padded row.
-// load_* expand a chunk's shared bits into `ws`, a word laid out exactly like the 1-bit plane
-// (bit i = m0 of element i of the chunk), which the decode then places at code bit 0 like plane 1.
+// load_* keep the raw shared-plane word(s) holding a chunk's bits (Chunk.sw); prepare() expands
+// them into `ws`, a word laid out exactly like the 1-bit plane (bit i = m0 of element i of the
+// chunk), which the decode then places at code bit 0 like plane 1. Expanding at decode time, not
+// at load time, keeps a prefetch's loads free of consumers until the data is needed.
 //
 // This header is compiled for the device (NVRTC via CuPy, or nvcc) and for the host (the build
 // test runs the same routine on the CPU against an independent decoder).
@@ -89,8 +91,13 @@ constexpr bool BYTE_PATH = F16_OK && M <= 2 && !HAS8;
 // Nibble-only formats (OWN = 4: e2m1, e1m2, e3m0 and the 5-bit shared ones such as e2m2s4) group
 // the elements of one 4-bit plane word instead of transposing four words (see pair_elem).
 constexpr bool NIB = OWN == 4;
-// k = 4 with a nibble-only plane: a chunk's 8 shared bits are kept as they are (Chunk.ws).
+// k = 4 with a nibble-only plane: a chunk's 8 shared bits are kept as they are (Pre.ws).
 constexpr bool NIB4 = NIB && SHARE == 4;
+// e2m2s4: the byte path puts the magnitude at byte bits 3..1 and the shared m0 at bit 0, so
+// Pre.sm need not clear bits 1..3 and 7 (f16_high_bytes overwrites them; code_word masks them).
+constexpr bool SM_LOOSE = NIB4 && F16_OK && M == 2;
+// k divides 32 (2, 4, 8): a chunk's 32/k shared bits lie in one word at a multiple of 32/k.
+constexpr bool SHARE_POW2 = SHARE == 2 || SHARE == 4 || SHARE == 8;
 
 // ------------------------------------------------------------------------- bit helpers
 
@@ -129,8 +136,8 @@ struct Chunk {
     u32 w4[HAS4 ? 4 : 1];
     u32 w2[HAS2 ? 2 : 1];
     u32 w1;
-    u32 ws;  // shared formats: bit i = shared m0 of element i of the chunk (like w1); NIB4: bit j =
-             // m0 of elements 4j..4j+3; unshared: 0
+    u32 sw[SHARE_POW2 ? 1 : 2];  // shared formats: the shared-plane words holding the chunk's first
+                                 // and last shared bit (one word when k divides 32); unshared: 0
 };
 
 // Byte offsets of the planes inside a row of kp (padded) elements: widest plane first.
@@ -151,7 +158,8 @@ EXMY_HD u32 expand_shared(u32 lo, u32 hi, u32 c) {
     const u32 j0 = 32 * c / SHARE;                     // group of the chunk's first element
     const u32 r = 32 * c - j0 * SHARE;                 // elements of that group before the chunk
     const u32 o = j0 & 31;                             // bit j0's position in `lo`
-    const u32 win = (lo >> o) | (o ? hi << (32 - o) : 0u);  // window: bit t = shared bit j0 + t
+    const u32 win = SHARE_POW2 ? lo >> o               // window: bit t = shared bit j0 + t (k | 32:
+                  : (lo >> o) | (o ? hi << (32 - o) : 0u);  // the chunk's bits never cross a word)
     if (NIB4) return win & 0xFFu;                      // the chunk's 8 bits as they are (prepare spreads them)
     if (SHARE == 2) {  // 16 bits -> each bit twice (r = 0): spread bit t to bit 2t, then * 0b11
         u32 x = win & 0xFFFFu;
@@ -232,35 +240,29 @@ __device__ __forceinline__ void advance(ChunkPtr& p, u32 chunks) {
     p.c += chunks;
 }
 
-// Shared formats: the ws word of chunk p.c + i (two cached loads of the small shared plane:
-// neighbouring chunks of a warp read the same words).
-constexpr bool SHARE_POW2 = SHARE == 2 || SHARE == 4 || SHARE == 8;  // chunks start on group boundaries
-
-__device__ __forceinline__ u32 load_shared(const ChunkPtr& p, int i) {
-    if (!SHARED) return 0u;
+// Shared formats: the raw shared-plane words of chunk p.c + i (cached loads of the small shared
+// plane: neighbouring chunks of a warp read the same words).
+__device__ __forceinline__ void load_shared(const ChunkPtr& p, int i, Chunk& ch) {
+    if (!SHARED) { ch.sw[0] = 0u; return; }
     const u32 c = p.c + i;
     const u32 j0 = 32 * c / SHARE, j1 = (32 * c + 31) / SHARE;  // first and last group of the chunk
-    if (SHARE_POW2) {  // the chunk's 32/k bits never cross a word: one load
-        const u32 w = __ldg(p.ps + (j0 >> 5));
-        return expand_shared(w, w, c);
-    }
-    return expand_shared(__ldg(p.ps + (j0 >> 5)), __ldg(p.ps + (j1 >> 5)), c);
+    ch.sw[0] = __ldg(p.ps + (j0 >> 5));
+    if (!SHARE_POW2) ch.sw[SHARE_POW2 ? 0 : 1] = __ldg(p.ps + (j1 >> 5));
 }
 
 // Chunks p.c and p.c + 1 (p.c even): with k = 2, 4, 8 their 64/k bits lie in one word.
-__device__ __forceinline__ void load_shared_pair(const ChunkPtr& p, u32& s0, u32& s1) {
-    if (!SHARED) { s0 = s1 = 0u; return; }
-    if (SHARE_POW2) {
-        const u32 w = __ldg(p.ps + ((32 * p.c / SHARE) >> 5));  // bits 32c/k .. 32c/k + 64/k - 1
-        s0 = expand_shared(w, w, p.c);
-        s1 = expand_shared(w, w, p.c + 1);
+__device__ __forceinline__ void load_shared_pair(const ChunkPtr& p, Chunk& c0, Chunk& c1) {
+    if (SHARE_POW2 && SHARED) {
+        c0.sw[0] = c1.sw[0] = __ldg(p.ps + ((32 * p.c / SHARE) >> 5));  // bits 32c/k .. 32c/k + 64/k - 1
     } else {
-        s0 = load_shared(p, 0);
-        s1 = load_shared(p, 1);
+        load_shared(p, 0, c0);
+        load_shared(p, 1, c1);
     }
 }
 
-// Plane words of chunk (p's chunk + i); i is a compile-time constant, so it becomes an immediate offset.
+// Plane words and shared bits (PLANES_ONLY: not the shared bits) of chunk (p's chunk + i); i is a
+// compile-time constant, so it becomes an immediate offset.
+template <bool PLANES_ONLY = false>
 __device__ __forceinline__ Chunk load_chunk_at(const ChunkPtr& p, int i) {
     Chunk ch;
     if (HAS8) {
@@ -277,8 +279,23 @@ __device__ __forceinline__ Chunk load_chunk_at(const ChunkPtr& p, int i) {
         ch.w2[0] = a.x; ch.w2[HAS2 ? 1 : 0] = a.y;
     }
     ch.w1 = HAS1 ? ld_stream4(p.p1 + 4 * i) : 0u;
-    ch.ws = load_shared(p, i);
+    if (!PLANES_ONLY) load_shared(p, i, ch);
     return ch;
+}
+
+// Chunks (p's chunk + 0) and (+ 4), p's chunk % 8 < 4. With k = 4 their shared bits are words c/4
+// and c/4 + 1 of the shared plane (c/4 even): one 8-byte load.
+__device__ __forceinline__ void load_chunk_spread(const ChunkPtr& p, Chunk& c0, Chunk& c4) {
+    c0 = load_chunk_at<true>(p, 0);
+    c4 = load_chunk_at<true>(p, 4);
+    if (SHARE == 4) {
+        const uint2 w = __ldg((const uint2*)(p.ps + p.c / 4));
+        c0.sw[0] = w.x;
+        c4.sw[0] = w.y;
+    } else {
+        load_shared(p, 0, c0);
+        load_shared(p, 4, c4);
+    }
 }
 
 // Chunks (p's chunk + 0) and (+ 1) with the small planes read in one load each (the 2-bit plane
@@ -306,7 +323,7 @@ __device__ __forceinline__ void load_chunk_pair(const ChunkPtr& p, Chunk& c0, Ch
     } else {
         c0.w1 = c1.w1 = 0u;
     }
-    load_shared_pair(p, c0.ws, c1.ws);
+    load_shared_pair(p, c0, c1);
 }
 
 // Plane words of chunk c of the row starting at `row`.
@@ -326,7 +343,8 @@ EXMY_HD Chunk chunk_from_bytes(const u8* row, u32 kp, u32 c) {
     if (HAS2) for (int j = 0; j < 2; ++j) ch.w2[HAS2 ? j : 0] = word(off2(kp) + 8 * c + 4 * j);
     ch.w1 = HAS1 ? word(off1(kp) + 4 * c) : 0u;
     const u32 j0 = 32 * c / SHARE, j1 = (32 * c + 31) / SHARE;  // first and last group of the chunk
-    ch.ws = SHARED ? expand_shared(word(offs(kp) + 4 * (j0 >> 5)), word(offs(kp) + 4 * (j1 >> 5)), c) : 0u;
+    ch.sw[0] = SHARED ? word(offs(kp) + 4 * (j0 >> 5)) : 0u;
+    if (!SHARE_POW2) ch.sw[SHARE_POW2 ? 0 : 1] = word(offs(kp) + 4 * (j1 >> 5));
     return ch;
 }
 
@@ -338,10 +356,14 @@ struct Pre {
     u32 p2[HAS2 ? 2 : 1];  // p2[h] bytes = (w2[0].b[h], w2[0].b[h+2], w2[1].b[h], w2[1].b[h+2])
     u32 sm[NIB && SHARED ? 8 : 1];  // NIB shared: group e's m0 bits, byte i bit 0 (byte i = element
                                     // 8(e/2) + 2i + e%2 of the chunk)
+    u32 ws;  // shared formats: bit i = shared m0 of element i of the chunk (like w1); NIB4: bit j =
+             // m0 of elements 4j..4j+3; unshared: 0
 };
 
-EXMY_HD Pre prepare(const Chunk& ch) {
+// c: the chunk's index in its row (where its shared bits sit in Chunk.sw).
+EXMY_HD Pre prepare(const Chunk& ch, u32 c) {
     Pre pre;
+    pre.ws = SHARED ? expand_shared(ch.sw[0], ch.sw[SHARE_POW2 ? 0 : 1], c) : 0u;
     if (HAS4 && !NIB) {
         // 4x4 byte transpose of w4[0..3] in 8 PRMTs.
         const u32* w = ch.w4;
@@ -357,10 +379,12 @@ EXMY_HD Pre prepare(const Chunk& ch) {
     if (NIB4) {
         // Group e = (j, h) = (e/2, e%2): bytes 0, 1 hold elements 8j+h, 8j+2+h (shared bit 2j of the
         // chunk), bytes 2, 3 elements 8j+4+h, 8j+6+h (bit 2j+1), for both h.
-        const u32 s = ch.ws;                                     // bits 0..7
+        const u32 s = pre.ws;                                    // bits 0..7
         u32 q = (s * 0x1001u) & 0x000F000Fu;                     // bits 0..3 stay, bits 4..7 -> 16..19
         q = (q * 0x41u) & 0x03030303u;                           // byte b = bits 2b, 2b+1 of s (at 0, 1)
-        const u32 q0 = q & 0x01010101u, q1 = (q >> 1) & 0x01010101u;  // byte b = bit 2b / bit 2b+1
+        // byte b bit 0 = bit 2b (q0) / bit 2b+1 (q1). Pre.sm may keep other bits at byte bits 1..3
+        // and 7 (SM_LOOSE): the byte-path decode overwrites those with the magnitude and the sign.
+        const u32 q0 = SM_LOOSE ? q : q & 0x01010101u, q1 = SM_LOOSE ? q >> 1 : (q >> 1) & 0x01010101u;
 #pragma unroll
         for (int j = 0; j < 4; ++j)                              // bytes 0,1 <- q0.b[j], bytes 2,3 <- q1.b[j]
             pre.sm[NIB && SHARED ? 2 * j : 0] = pre.sm[NIB && SHARED ? 2 * j + 1 : 0] =
@@ -376,7 +400,7 @@ EXMY_HD Pre prepare(const Chunk& ch) {
                 pre.sm[i] = pre.sm[NIB && SHARED ? e - 1 : 0];
                 continue;
             }
-            const u32 x = (ch.ws >> (8 * (e >> 1) + (e & 1))) & 0x55u;
+            const u32 x = (pre.ws >> (8 * (e >> 1) + (e & 1))) & 0x55u;
             pre.sm[i] = (x * 0x41041u) & 0x01010101u;
         }
     }
@@ -406,9 +430,21 @@ EXMY_HD u32 nibble_src(const Chunk& ch, const Pre& pre, int e) {
     return NIB ? ch.w4[HAS4 ? (e >> 1) : 0] : pre.t4[HAS4 && !NIB ? (e >> 1) : 0];
 }
 
-// Shared m0 of group e's four elements at byte bit `dst`.
+// Shared m0 of group e's four elements at byte bit `dst` (SM_LOOSE: other bits of the byte may be set).
 EXMY_HD u32 shared_bits(const Chunk& ch, const Pre& pre, int e, int dst) {
-    return NIB ? shl(pre.sm[NIB && SHARED ? e : 0], dst) : place(ch.ws, e, dst, 1);
+    return NIB ? shl(pre.sm[NIB && SHARED ? e : 0], dst) : place(pre.ws, e, dst, 1);
+}
+
+// Bitwise select: bits of a where m is 1, bits of b elsewhere (one LOP3; spelled out for the device so
+// that the compiler does not split it into a mask of b and an OR).
+EXMY_HD u32 bitsel(u32 m, u32 a, u32 b) {
+#ifdef __CUDA_ARCH__
+    u32 d;
+    asm("lop3.b32 %0, %1, %2, %3, 0xE4;" : "=r"(d) : "r"(a), "r"(b), "r"(m));  // 0xE4 = c ? a : b (a=F0, b=CC, c=AA)
+    return d;
+#else
+    return (a & m) | (b & ~m);
+#endif
 }
 
 // Group e's codes, one per byte, code bit j at byte bit j (all formats but the 8-bit plane).
@@ -417,7 +453,7 @@ EXMY_HD u32 code_word(const Chunk& ch, const Pre& pre, int e) {
     if (HAS4) cw |= place(nibble_src(ch, pre, e), 4 * (e & 1), LO4, 4);  // nibble -> code bits LO4+3..LO4
     if (HAS2) cw |= place(pre.p2[HAS2 ? (e >> 2) : 0], 2 * (e & 3), LO2, 2);  // 2-bit field -> bits LO2+1..LO2
     if (HAS1) cw |= place(ch.w1, e, LO1, 1);                                  // 1-bit field -> bit LO1
-    if (SHARED) cw |= shared_bits(ch, pre, e, 0);                             // shared m0 -> bit 0
+    if (SHARED) cw |= shared_bits(ch, pre, e, 0) & 0x01010101u;               // shared m0 -> bit 0
     return cw;
 }
 
@@ -430,11 +466,17 @@ EXMY_HD u32 f16_high_bytes(const Chunk& ch, const Pre& pre, int e) {
     if (HAS4) {
         u32 t = nibble_src(ch, pre, e);
         int o = 4 * (e & 1);
-        f |= shl(t, 7 - (o + 3)) & 0x80808080u;                       // nibble bit 3 = sign -> bit 7
-        f |= shl(t, LO4 + D - o) & ((0x7u << (LO4 + D)) * 0x01010101u);  // nibble bits 2..0 -> LO4+D+2..LO4+D
+        constexpr u32 SIGN = 0x80808080u, MAG = (0x7u << (LO4 + D)) * 0x01010101u;
+        if (NIB && SHARED) {  // shared m0 -> bit D first, then sign and magnitude over it (SM_LOOSE)
+            f = bitsel(SIGN, shl(t, 7 - (o + 3)), shared_bits(ch, pre, e, D));
+            f = bitsel(MAG, shl(t, LO4 + D - o), f);
+        } else {
+            f |= shl(t, 7 - (o + 3)) & SIGN;                          // nibble bit 3 = sign -> bit 7
+            f |= shl(t, LO4 + D - o) & MAG;                           // nibble bits 2..0 -> LO4+D+2..LO4+D
+        }
         if (HAS2) f |= place(pre.p2[HAS2 ? (e >> 2) : 0], 2 * (e & 3), LO2 + D, 2);  // 2-bit field
         if (HAS1) f |= place(ch.w1, e, LO1 + D, 1);                                  // 1-bit field -> bit LO1+D
-        if (SHARED) f |= shared_bits(ch, pre, e, D);                                 // shared m0 -> bit D
+        if (SHARED && !NIB) f |= shared_bits(ch, pre, e, D);                         // shared m0 -> bit D
     } else if (HAS2) {  // BITS 2 or 3: the 2-bit plane holds the sign
         u32 t = pre.p2[HAS2 ? (e >> 2) : 0];
         int o = 2 * (e & 3);

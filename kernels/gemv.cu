@@ -290,7 +290,7 @@ __device__ __forceinline__ void gemv_warp(const u8* __restrict__ payload, const 
     auto compute = [&](const Chunk& wa, const Chunk& wb, S s_a, S s_b, u32 q, bool checked) {
         u32 xw[NT][16];
         load_x(xw, q, checked);
-        const Pre prea = prepare(wa), preb = prepare(wb);
+        const Pre prea = prepare(wa, q), preb = prepare(wb, q);  // shared bits expanded here, not at load
 #pragma unroll
         for (int e = 0; e < 8; ++e) {
             u32 a0, a1, a2, a3;
@@ -387,10 +387,13 @@ __device__ __forceinline__ void gemv_warp(const u8* __restrict__ payload, const 
             if (CPT == 2 && !SPREAD) {  // chunk q0 is even: the two chunks' small planes in one load each
                 load_chunk_pair(pa, wa[P][0], wa[P][CPT - 1]);
                 load_chunk_pair(pb, wb[P][0], wb[P][CPT - 1]);
+            } else if (CPT == 2 && SHARE == 4) {  // chunks q0, q0 + 4 (q0 % 8 = t < 4): shared words in one load
+                load_chunk_spread(pa, wa[P][0], wa[P][CPT - 1]);
+                load_chunk_spread(pb, wb[P][0], wb[P][CPT - 1]);
             }
 #pragma unroll
             for (int i = 0; i < CPT; ++i) {
-                if (CPT != 2 || SPREAD) {
+                if (CPT != 2 || (SPREAD && SHARE != 4)) {
                     wa[P][i] = load_chunk_at(pa, CSTEP * i);
                     wb[P][i] = load_chunk_at(pb, CSTEP * i);
                 }

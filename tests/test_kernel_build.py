@@ -213,7 +213,7 @@ int main(int argc, char** argv) {
         }
         for (u32 c = 0; c < (u32)kp / 32; ++c) {
             Chunk ch = chunk_from_bytes(row.data(), kp, c);
-            Pre pre = prepare(ch);
+            Pre pre = prepare(ch, c);
             for (int e = 0; e < 8; ++e) {
                 u32 hb[2], hf[2] = {0, 0}, hl[2] = {0, 0};
                 decode_group<true>(ch, pre, e, hb[0], hb[1]);
