@@ -387,13 +387,14 @@ __device__ __forceinline__ void gemv_warp(const u8* __restrict__ payload, const 
             if (CPT == 2 && !SPREAD) {  // chunk q0 is even: the two chunks' small planes in one load each
                 load_chunk_pair(pa, wa[P][0], wa[P][CPT - 1]);
                 load_chunk_pair(pb, wb[P][0], wb[P][CPT - 1]);
-            } else if (CPT == 2 && SHARE == 4) {  // chunks q0, q0 + 4 (q0 % 8 = t < 4): shared words in one load
+            } else if (CPT == 2 && SHARE == 4 && PP) {  // chunks q0, q0 + 4 (q0 % 8 = t < 4): shared
+                // words in one load (not in the 80-register build: there it was slower on an H100)
                 load_chunk_spread(pa, wa[P][0], wa[P][CPT - 1]);
                 load_chunk_spread(pb, wb[P][0], wb[P][CPT - 1]);
             }
 #pragma unroll
             for (int i = 0; i < CPT; ++i) {
-                if (CPT != 2 || (SPREAD && SHARE != 4)) {
+                if (CPT != 2 || (SPREAD && !(SHARE == 4 && PP))) {
                     wa[P][i] = load_chunk_at(pa, CSTEP * i);
                     wb[P][i] = load_chunk_at(pb, CSTEP * i);
                 }
