@@ -217,6 +217,9 @@ __device__ __forceinline__ void gemv_warp(const u8* __restrict__ payload, const 
     constexpr int NT = Cfg<KIND>::NT, CPT = Cfg<KIND>::CPT, KSTEP = Cfg<KIND>::KSTEP;
     constexpr bool XS = Cfg<KIND>::XS, SPREAD = Cfg<KIND>::SPREAD, XWIN = Cfg<KIND>::XWIN, PP = Cfg<KIND>::PP;
     constexpr u32 CSTEP = SPREAD ? 4 : 1;       // chunks between a lane's chunks of one iteration
+    // chunks t, t+4 of k = 4 formats: their shared words in one load (load_chunk_spread); not in the
+    // 80-register build of b1r, where that was slower on an H100
+    constexpr bool SPREAD_PAIR = SPREAD && CPT == 2 && SHARE == 4 && PP;
     constexpr bool BF = MODE == 2;          // tensor-core operand type
     constexpr bool EPI = GM == 0 && !BF;    // scale after the mma (fp16 operands, one scale per row)
     typedef typename ScaleT<MODE>::type S;
@@ -387,14 +390,13 @@ __device__ __forceinline__ void gemv_warp(const u8* __restrict__ payload, const 
             if (CPT == 2 && !SPREAD) {  // chunk q0 is even: the two chunks' small planes in one load each
                 load_chunk_pair(pa, wa[P][0], wa[P][CPT - 1]);
                 load_chunk_pair(pb, wb[P][0], wb[P][CPT - 1]);
-            } else if (CPT == 2 && SHARE == 4 && PP) {  // chunks q0, q0 + 4 (q0 % 8 = t < 4): shared
-                // words in one load (not in the 80-register build: there it was slower on an H100)
+            } else if (SPREAD_PAIR) {   // chunks q0, q0 + 4 (q0 % 8 = t < 4)
                 load_chunk_spread(pa, wa[P][0], wa[P][CPT - 1]);
                 load_chunk_spread(pb, wb[P][0], wb[P][CPT - 1]);
             }
 #pragma unroll
             for (int i = 0; i < CPT; ++i) {
-                if (CPT != 2 || (SPREAD && !(SHARE == 4 && PP))) {
+                if (CPT != 2 || (SPREAD && !SPREAD_PAIR)) {
                     wa[P][i] = load_chunk_at(pa, CSTEP * i);
                     wb[P][i] = load_chunk_at(pb, CSTEP * i);
                 }

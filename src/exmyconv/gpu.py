@@ -536,17 +536,17 @@ class GemvPlan:
         self.interleave = GEMV_INTERLEAVE if interleave is None else int(interleave)
         tiles_per_block = GEMV_WARPS // self.split
         self.grid = (-(-n // (GEMV_ROWS * tiles_per_block)),)
-        self.blocks_per_sm = 2
+        self.blocks_per_sm = 2  # b1r: the register budget it is built for (gemv_b1r_blocks)
         if "_b1r" in self.name:
             sms = _sm_count(_cupy().cuda.Device().id)
             self.blocks_per_sm = int(blocks or gemv_b1r_blocks(self.name, self.grid[0], weight.fmt, sms))
             if self.blocks_per_sm != 2:
                 defines = (*defines, f"GEMV_B1R_BLOCKS={self.blocks_per_sm}")
-        self.fn = kernel("gemv.cu", self.name, weight.fmt, defines)
-        if "_b1r" in self.name:  # each warp's x window (one iteration's chunks, 80 bytes each) x 2
+            # each warp's x window (one iteration's chunks, 80 bytes each) x 2
             self.smem = GEMV_WARPS * _gemv_shape(weight.fmt, "b1r")[1] * 80 * 2
         else:
             self.smem = _xs_bytes(weight.fmt, weight.k) if "_b1" in self.name else 0
+        self.fn = kernel("gemv.cu", self.name, weight.fmt, defines)
         if self.smem > 48 * 1024 and self.fn.max_dynamic_shared_size_bytes < self.smem:
             self.fn.max_dynamic_shared_size_bytes = self.smem
         self.args = (weight.payload, weight.kernel_scales(mode), xc, y, np.uint32(n), np.uint32(weight.k),
