@@ -68,12 +68,13 @@ struct Cfg {
     // shared memory).
     static constexpr bool SPREAD = KIND == 3 && CPT > 1 && !HAS2 && !HAS8;
     // PP: the main loop alternates two register sets (ping-pong) instead of copying the prefetched
-    // set each iteration. XWIN: the x of the next iteration is loaded with its weights (16 bytes
-    // per lane) and parked in the warp's window in shared memory as pair words (park_x), so an
-    // iteration reads x like b1 does. Both for b1r only, XWIN for formats with a 1-bit plane or
-    // shared bits: measured on an H100 (docs/benchmarks.md), elsewhere they were slower. PP needs
-    // the 128-register budget: the 3-blocks-per-SM build of b1r goes without.
-    static constexpr bool PP = KIND == 3 && GEMV_B1R_BLOCKS == 2;
+    // set each iteration: b1r in its 128-register build, and b1 for unshared codes of other than
+    // 5 bits. XWIN: the x of the next iteration is loaded with its weights (16 bytes per lane) and
+    // parked in the warp's window in shared memory as pair words (park_x), so an iteration reads x
+    // like b1 does: b1r with a 1-bit plane or shared bits. Where they are off they were slower on
+    // an H100 (docs/benchmarks.md: b1 with PP e2m3 4-10 % faster, e2m1 2-3 %; e2m2 and e3m1 lost
+    // 4 % at 4096 x 4096, e2m2s4 7-14 %, e2m3s3 up to 7 %).
+    static constexpr bool PP = (KIND == 3 && GEMV_B1R_BLOCKS == 2) || (KIND == 0 && !SHARED && BITS != 5);
     static constexpr bool XWIN = KIND == 3 && GEMV_XWIN && CPT == 2 && (HAS1 || SHARED);
 };
 constexpr int XS_STRIDE = 20;  // words per chunk of staged x: 16 pairs + 4 padding (conflict-free LDS.128)
