@@ -283,19 +283,14 @@ __device__ __forceinline__ Chunk load_chunk_at(const ChunkPtr& p, int i) {
     return ch;
 }
 
-// Chunks (p's chunk + 0) and (+ 4), p's chunk % 8 < 4. With k = 4 their shared bits are words c/4
-// and c/4 + 1 of the shared plane (c/4 even): one 8-byte load.
+// Chunks (p's chunk + 0) and (+ 4) of a k = 4 format, p's chunk % 8 < 4: their shared bits are
+// words c/4 and c/4 + 1 of the shared plane (c/4 even), one 8-byte load (gemv.cu SPREAD_PAIR).
 __device__ __forceinline__ void load_chunk_spread(const ChunkPtr& p, Chunk& c0, Chunk& c4) {
     c0 = load_chunk_at<true>(p, 0);
     c4 = load_chunk_at<true>(p, 4);
-    if (SHARE == 4) {
-        const uint2 w = __ldg((const uint2*)(p.ps + p.c / 4));
-        c0.sw[0] = w.x;
-        c4.sw[0] = w.y;
-    } else {
-        load_shared(p, 0, c0);
-        load_shared(p, 4, c4);
-    }
+    const uint2 w = __ldg((const uint2*)(p.ps + p.c / 4));
+    c0.sw[0] = w.x;
+    c4.sw[0] = w.y;
 }
 
 // Chunks (p's chunk + 0) and (+ 1) with the small planes read in one load each (the 2-bit plane
