@@ -21,7 +21,7 @@ using namespace exmy;
 #define DEQUANT_MIN_BLOCKS 4  // blocks per SM the register budget is sized for (4: 64 registers;
                               // measured faster than 3 on every H100 shape, docs/benchmarks.md)
 #endif
-#define DEQUANT_UNITS 2  // units per thread (gpu.py's DEQUANT_UNITS): block b covers units
+#define DEQUANT_UNITS 2  // units per thread (cuda/gpu.py DEQUANT_UNITS): block b covers units
                          // b*BLOCK*UNITS .. (b+1)*BLOCK*UNITS-1, thread t units t, t+BLOCK, ...
                          // (2: loads of both in flight; measured vs 1, 4, 8 on an H100)
 

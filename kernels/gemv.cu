@@ -79,7 +79,7 @@ struct Cfg {
 };
 constexpr int XS_STRIDE = 20;  // words per chunk of staged x: 16 pairs + 4 padding (conflict-free LDS.128)
 
-// Programmatic dependent launch (src/exmyconv/launch.py; no-ops for a plain launch). pdl_wait:
+// Programmatic dependent launch (src/exmyconv/cuda/launch.py; no-ops for a plain launch). pdl_wait:
 // until the previous kernel of the stream has finished and its writes are visible (x may be its
 // output). pdl_release: the next kernel may start launching (it waits for this one to finish
 // before touching y).
@@ -554,7 +554,7 @@ __device__ __forceinline__ void gemv(const u8* __restrict__ payload, const void*
 // Python loader does this: less NVRTC time); without it every variant is built.
 // Blocks per SM the register budget is sized for: 3 (<= 80 registers, no spills) for the b1 and
 // nt1 fp16-operand kernels with one scale per row and codes of <= 5 bits; for b1r GEMV_B1R_BLOCKS
-// (gpu.py builds it with 3 where that fills the last wave of blocks better, gemv_b1r_blocks);
+// (cuda/gpu.py builds it with 3 where that fills the last wave of blocks better, gemv_b1r_blocks);
 // 2 (<= 128 registers) for the others.
 #define EXMY_GEMV_BLOCKS(KIND, MODE, GM) ((KIND) == 3 ? GEMV_B1R_BLOCKS : ((MODE) != 2 && ((KIND) == 0 || (KIND) == 1) && (GM) == 0 && BITS <= 5) ? 3 : 2)
 #define EXMY_GEMV_KERNEL(NAME, KIND, MODE, XF16, GM)                                                    \

@@ -1,4 +1,4 @@
-// Fused element-wise steps of one Llama decoder layer (src/exmyconv/bench_e2e.py, fused=True).
+// Fused element-wise steps of one Llama decoder layer (src/exmyconv/bench/e2e.py, fused=True).
 // fp16 in and out, float32 arithmetic. They replace ~20 small torch kernels per layer and reproduce
 // torch's fp16 rounding (every torch fp16 op computes in float32 and rounds once to fp16):
 //
@@ -35,7 +35,7 @@ __device__ __forceinline__ f16 f2h(float f) {  // round to nearest even, as torc
     return x;
 }
 
-// Programmatic dependent launch (src/exmyconv/launch.py; no-ops for a plain launch): every kernel
+// Programmatic dependent launch (src/exmyconv/cuda/launch.py; no-ops for a plain launch): every kernel
 // lets the next one start launching, then waits for the previous one (whose output it reads)
 // before touching memory.
 __device__ __forceinline__ void pdl_enter() {

@@ -251,7 +251,7 @@ def make_checkpoint(root, tensors: dict, config: dict | None = None, shards: lis
 
 @pytest.fixture
 def run_cli(capsys):
-    """exmyconv.cli.main(args) -> (exit code, stdout, stderr)."""
+    """exmyconv.cli.main.main(args) -> (exit code, stdout, stderr)."""
     def run(*args):
         capsys.readouterr()
         try:

@@ -17,7 +17,8 @@ import pytest
 
 import exmyconv
 from conftest import Raw, make_checkpoint, read_safetensors, tree_snapshot, write_safetensors
-from exmyconv.checkpoint import Checkpoint, load_state_dict
+from exmyconv.io.checkpoint import Checkpoint
+from exmyconv.torch.state_dict import load_state_dict
 from exmyconv.errors import ExmyError
 
 # --------------------------------------------------------------------------- helpers
@@ -441,7 +442,7 @@ def test_failed_overwrite_keeps_the_old_out_dir(run_cli, tmp_path, rng):
 
 
 def test_interrupt_leaves_nothing(run_cli, tmp_path, rng, monkeypatch):
-    from exmyconv import pipeline
+    from exmyconv.convert import pipeline
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt

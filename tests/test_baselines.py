@@ -1,4 +1,4 @@
-"""exmyconv.baselines: integer round-to-nearest intB-gG (asymmetric, fp16 scale + zero point per group).
+"""exmyconv.bench.baselines: integer round-to-nearest intB-gG (asymmetric, fp16 scale + zero point per group).
 
 The expected values below are worked out by hand from the scheme in the module docstring.
 """
@@ -7,8 +7,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from exmyconv import baselines
-from exmyconv.baselines import IntScheme
+from exmyconv.bench import baselines
+from exmyconv.bench.baselines import IntScheme
 
 
 def test_exact_grid_round_trip():

@@ -8,8 +8,9 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from exmyconv import bench_e2e as e
-from exmyconv.cli_gpu import bench
+from exmyconv.bench import e2e as e
+from exmyconv.cuda import device
+from exmyconv.cli.bench import bench
 from exmyconv.errors import ExmyError
 
 TINY = e.DecoderConfig(hidden=64, intermediate=96, layers=2, heads=4, kv_heads=2, vocab=50, rope_theta=10000.0)
@@ -66,7 +67,7 @@ def test_cli_bad_arguments_exit_1():
         assert "error:" in res.output
 
 
-@pytest.mark.skipif(e.unavailable_reason() == "", reason="a GPU is present")
+@pytest.mark.skipif(device.bench_reason() == "", reason="a GPU is present")
 def test_cli_without_gpu_one_line_exit_2():
     res = CliRunner().invoke(bench, ["--e2e", "llama3-8b", "--layers", "1"])
     assert res.exit_code == 2
@@ -140,7 +141,7 @@ def test_decoder_step_matches_reference_on_cpu():
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(e.unavailable_reason() != "", reason="needs a CUDA GPU with CuPy")
+@pytest.mark.skipif(device.bench_reason() != "", reason="needs a CUDA GPU with CuPy")
 def test_e2e_tiny_on_gpu():
     cfg = e.build_config("llama3-8b", layers=1)
     result = e.run(cfg, e.parse_formats("e2m2"), [1, 4], tokens=8, runs=2, log=lambda m: None)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from conftest import brute_force_encode, spec_table, spec_value
-from exmyconv import formats
+from exmyconv.format import exmy as formats
 from exmyconv.errors import ExmyError
 
 ALL = formats.all_formats()

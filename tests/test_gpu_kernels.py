@@ -1,4 +1,4 @@
-"""GPU kernels (kernels/*.cu through exmyconv.gpu): bit-exact dequantization and the fused GEMV.
+"""GPU kernels (kernels/*.cu through exmyconv.cuda.gpu): bit-exact dequantization and the fused GEMV.
 
 Skipped with a reason when CuPy or a CUDA GPU is missing (CI); EXMY_REQUIRE_GPU=1 (set by
 scripts/gpu-check) turns that skip into a failure. Every comparison of dequantized values is on raw
@@ -12,10 +12,12 @@ import os
 import numpy as np
 import pytest
 
-from exmyconv import dtypes, gpu
-from exmyconv.formats import NAMED, NAMED_SHARED, ExMy, all_formats, get_format
-from exmyconv.pack import pack_codes, unpack_codes
-from exmyconv.quant import QTensor, quantize
+from exmyconv.format import dtypes
+
+from exmyconv.cuda import device, gpu
+from exmyconv.format.exmy import NAMED, NAMED_SHARED, ExMy, all_formats, get_format
+from exmyconv.format.pack import pack_codes, unpack_codes
+from exmyconv.format.quant import QTensor, quantize
 
 _REASON = gpu.unavailable_reason()
 if _REASON and os.environ.get("EXMY_REQUIRE_GPU"):
@@ -92,7 +94,7 @@ def qtensor_from_codes(codes: np.ndarray, scales: np.ndarray, fmt: ExMy, g: int,
 
 def test_kernels_compiled_for_this_device(cp):
     fn = gpu.kernel("dequant.cu", "exmy_dequant_s16_o16", get_format("e2m2"))
-    major, minor = gpu._capability()
+    major, minor = device._capability()
     assert fn.attributes["binary_version"] == 10 * major + minor  # a cubin for this arch, not PTX JIT
     assert gpu.device_info()["arch"] == f"sm_{major}{minor}"
 

@@ -11,9 +11,10 @@ import os
 
 import pytest
 
-from exmyconv import bench_e2e as e
+from exmyconv.bench import e2e as e
+from exmyconv.cuda import device
 
-_REASON = e.unavailable_reason()
+_REASON = device.bench_reason()
 if _REASON and os.environ.get("EXMY_REQUIRE_GPU"):
     raise RuntimeError(f"EXMY_REQUIRE_GPU is set but the GPU path is unavailable: {_REASON}")
 
@@ -293,12 +294,12 @@ def test_measure_records_fused():
 # ----------------------------------------------------------------------------- programmatic dependent launch
 
 def test_gemv_overlap_waits_for_its_input():
-    """A GEMV launched with PDL (exmyconv.launch) right after the PDL-launched kernel that writes
+    """A GEMV launched with PDL (exmyconv.cuda.launch) right after the PDL-launched kernel that writes
     its x, itself right after a torch kernel that writes that kernel's input, reads the new x in
     every round: the same bits as plain launches of the same kernels."""
     import torch
 
-    from exmyconv import gpu
+    from exmyconv.cuda import gpu
 
     k, n, rounds = 4096, 6144, 24
     lin = e._Linear(k, n, "e2m2", _gen(7), "cuda")

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from exmyconv import gpu
-from exmyconv.formats import get_format
+from exmyconv.cuda import gpu
+from exmyconv.format.exmy import get_format
 
 H100_SMS = 132
 

@@ -1,4 +1,4 @@
-"""transformers integration (exmyconv.hf): converted checkpoints load with from_pretrained.
+"""transformers integration (exmyconv.integrations.transformers): converted checkpoints load with from_pretrained.
 
 Reference everywhere: the plain model, i.e. the same converted checkpoint dequantized by
 ``exmyconv.load_state_dict(out_dir, dtype=...)`` and loaded by transformers without any
@@ -26,10 +26,12 @@ from transformers import (AutoModel, AutoModelForCausalLM, AutoModelForSeq2SeqLM
                           LlamaConfig, Qwen2Config, Qwen3Config, Qwen3MoeConfig, T5Config)
 
 import exmyconv  # noqa: E402
-from exmyconv import hf  # noqa: E402
-from exmyconv.checkpoint import Checkpoint  # noqa: E402
-from exmyconv.hf_impl import ExmyConfig, ExmyLinear, dequantize  # noqa: E402
-from exmyconv.source import example_dir  # noqa: E402
+from exmyconv.integrations import transformers as hf  # noqa: E402
+from exmyconv.io.checkpoint import Checkpoint  # noqa: E402
+from exmyconv.integrations.transformers_impl import ExmyConfig  # noqa: E402
+from exmyconv.torch.codec import dequantize  # noqa: E402
+from exmyconv.torch.linear import ExmyLinear  # noqa: E402
+from exmyconv.io.source import example_dir  # noqa: E402
 
 SMALL = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, vocab_size=256, max_position_embeddings=256)
@@ -152,7 +154,7 @@ def test_import_exmyconv_stays_light_and_works_without_transformers():
                     raise ImportError("no transformers here")
         sys.meta_path.insert(0, Block())
         import exmyconv
-        assert callable(exmyconv.quantize) and not exmyconv.hf.is_registered()
+        assert callable(exmyconv.quantize) and not exmyconv.integrations.transformers.is_registered()
     """)
 
 
@@ -221,13 +223,13 @@ def test_torch_dequantize_equals_checkpoint_dequantize(zoo, dtype):
 
 
 def test_torch_dequantize_small_chunks(zoo, monkeypatch):
-    import exmyconv.hf_impl as impl
+    from exmyconv.torch import codec
 
     out = zoo[("e2m3s3", 100)]
     stored = safetensors.torch.load_file(str(out / "model.safetensors"))
     rec = records(out)["b.weight"]
     whole = dequantize(stored[rec.packed_name], stored[rec.scale_name], rec.fmt, rec.k, rec.group_size)
-    monkeypatch.setattr(impl, "CHUNK_ELEMENTS", 300)  # two rows a step
+    monkeypatch.setattr(codec, "CHUNK_ELEMENTS", 300)  # two rows a step
     chunked = dequantize(stored[rec.packed_name], stored[rec.scale_name], rec.fmt, rec.k, rec.group_size)
     assert torch.equal(whole, chunked)
 
@@ -431,8 +433,8 @@ def test_refuses_an_unknown_layout_major_version(llama, tmp_path):
 
 def _small_linear(bias=True, fmt="e2m2", k=200, n=24):
     rng = np.random.default_rng(5)
-    from exmyconv.formats import get_format
-    from exmyconv.quant import quantize
+    from exmyconv.format.exmy import get_format
+    from exmyconv.format.quant import quantize
 
     qt = quantize(rng.standard_normal((n, k)).astype(np.float32), get_format(fmt), 64)
     layer = ExmyLinear(k, n, fmt, 64, bias=bias, scale_dtype=torch.float16)
@@ -444,12 +446,12 @@ def _small_linear(bias=True, fmt="e2m2", k=200, n=24):
 
 
 def test_cpu_forward_never_touches_the_gpu_backend(monkeypatch):
-    import exmyconv.hf_impl as impl
+    from exmyconv.torch import linear
 
     def boom():
         raise AssertionError("GPU backend consulted for a CPU input")
 
-    monkeypatch.setattr(impl, "_gpu_backend", boom)
+    monkeypatch.setattr(linear, "_gpu_backend", boom)
     layer = _small_linear()
     x = torch.randn(3, 5, 200)
     want = torch.nn.functional.linear(x, layer.dequantize_weight(torch.float32), layer.bias)
@@ -457,7 +459,7 @@ def test_cpu_forward_never_touches_the_gpu_backend(monkeypatch):
 
 
 class FakeGpu:
-    """Stands in for exmyconv.gpu (same call signatures), computing with the torch dequantizer."""
+    """Stands in for exmyconv.cuda.gpu (same call signatures), computing with the torch dequantizer."""
 
     MAX_BATCH = 16
 
@@ -506,9 +508,9 @@ def test_gpu_hook_dispatch_with_a_fake_backend():
 
 
 def test_gpu_forward_declines_what_it_cannot_run(monkeypatch):
-    import exmyconv.hf_impl as impl
+    from exmyconv.torch import linear
 
     layer = _small_linear(fmt="e2m2s4")
-    monkeypatch.setattr(impl, "_gpu_backend", lambda: FakeGpu())
+    monkeypatch.setattr(linear, "_gpu_backend", lambda: FakeGpu())
     x = torch.randn(2, 200)
     assert layer._gpu_forward(x) is None  # fp32 input, CPU buffers, shared format

@@ -21,7 +21,8 @@ import yaml
 
 import exmyconv
 from conftest import make_checkpoint, tree_snapshot, write_safetensors
-from exmyconv import __version__, hub
+from exmyconv import __version__
+from exmyconv.integrations import hub
 from exmyconv.errors import ExmyError
 from hubserver import FakeHub
 

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from exmyconv import gpu
-from exmyconv.formats import NAMED, NAMED_SHARED, all_formats, get_format
+from exmyconv.cuda import gpu
+from exmyconv.format.exmy import NAMED, NAMED_SHARED, all_formats, get_format
 
 ROOT = Path(__file__).resolve().parents[1]
 KERNELS = ROOT / "kernels"

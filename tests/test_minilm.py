@@ -18,7 +18,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 import exmyconv  # noqa: E402
-from exmyconv.source import example_dir  # noqa: E402
+from exmyconv.io.source import example_dir  # noqa: E402
 
 SENTENCES = [
     "The cat sat quietly on the warm windowsill, watching the birds outside.",

@@ -7,7 +7,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conftest import spec_pack, spec_unpack
-from exmyconv import formats, pack
+from exmyconv.format import exmy as formats
+from exmyconv.format import pack
 
 ALL = formats.all_formats()
 

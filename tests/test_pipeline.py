@@ -14,8 +14,11 @@ from safetensors.torch import load_file as st_load_file
 import exmyconv
 from conftest import (Raw, as_array, make_checkpoint, read_safetensors, spec_table, spec_unpack, to_f32,
                       tree_snapshot, write_safetensors)
-from exmyconv import formats, pipeline, quant
-from exmyconv.checkpoint import Checkpoint, load_state_dict
+from exmyconv.format import exmy as formats
+from exmyconv.convert import pipeline
+from exmyconv.format import quant
+from exmyconv.io.checkpoint import Checkpoint
+from exmyconv.torch.state_dict import load_state_dict
 from exmyconv.errors import ExmyError
 
 QUANTIZABLE = ["model.layers.0.mlp.up_proj.weight", "model.layers.0.mlp.down_proj.weight",
@@ -412,7 +415,7 @@ def test_inspect_detects_tampering(small_source, tmp_path, run_cli, damage, edit
 
 
 def test_tied_lm_head_copy_is_stored_once(tmp_path, rng):
-    from exmyconv.pipeline import Options, convert
+    from exmyconv.convert.pipeline import Options, convert
     emb = (rng.standard_normal((64, 96)) * 0.02).astype(np.float32)
     tensors = {"model.embed_tokens.weight": emb, "lm_head.weight": emb.copy(),
                "model.layers.0.mlp.up_proj.weight": (rng.standard_normal((32, 96)) * 0.02).astype(np.float32)}
@@ -432,3 +435,29 @@ def test_tied_lm_head_copy_is_stored_once(tmp_path, rng):
     src = make_checkpoint(tmp_path / "src-untied", tensors, config={"tie_word_embeddings": True})
     s = convert(str(src), str(tmp_path / "out-untied"), Options(quantize_embeddings=True), progress=False)
     assert s.tied == {}
+
+
+def test_package_dequantize_can_be_called_twice(small_source, tmp_path):
+    """exmyconv.dequantize stays the API function (a module of that name once replaced it)."""
+    out = tmp_path / "q"
+    exmyconv.quantize(str(small_source[0]), str(out))
+    for n in (1, 2):
+        r = exmyconv.dequantize(str(out), str(tmp_path / f"fp{n}"))
+        assert r["dequantized"] > 0 and callable(exmyconv.dequantize)
+    assert read_safetensors(tmp_path / "fp1" / "model.safetensors") == read_safetensors(tmp_path / "fp2" / "model.safetensors")
+
+
+def test_auto_summary_seconds_cover_the_whole_run(small_source, tmp_path, monkeypatch):
+    """--format auto: the summary's seconds (and weights/s) include opening and planning, not just
+    the search and the writing."""
+    import time
+
+    real_plan = pipeline.plan
+
+    def slow_plan(*args, **kwargs):
+        time.sleep(0.5)
+        return real_plan(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "plan", slow_plan)
+    s = exmyconv.quantize(str(small_source[0]), str(tmp_path / "auto"), format="auto", bits=9)
+    assert s.seconds >= 0.5 + s.search_seconds

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from conftest import brute_force_encode, spec_table, spec_unpack
-from exmyconv import formats, quant
+from exmyconv.format import exmy as formats
+from exmyconv.format import quant
 
 ALL = formats.all_formats()
 NAMED = [formats.get_format(n) for n in formats.NAMED]

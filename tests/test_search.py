@@ -1,7 +1,7 @@
 """`--format auto`: candidates, exact sizes, measured errors, the allocation, and the real model.
 
-Oracles here are independent of exmyconv.search: sizes from formats/SPEC.md section 3/4 written
-out again, errors from `exmyconv.quant.quantize(...).dequantize()` in float64, the allocation
+Oracles here are independent of exmyconv.convert.search: sizes from formats/SPEC.md section 3/4 written
+out again, errors from `exmyconv.format.quant.quantize(...).dequantize()` in float64, the allocation
 against brute force (small problems) and an exact multiple-choice-knapsack DP (MiniLM), and the
 activation moments against the model's own hidden states.
 """
@@ -27,11 +27,11 @@ import pytest  # noqa: E402
 
 from exmyconv import cli  # noqa: E402
 from exmyconv.errors import ExmyError  # noqa: E402
-from exmyconv.formats import get_format  # noqa: E402
-from exmyconv.pipeline import Options, convert  # noqa: E402
-from exmyconv.quant import quantize  # noqa: E402
-from exmyconv.search import DEFAULT_CANDIDATES, allocate, measure, parse_candidates  # noqa: E402
-from exmyconv.source import example_dir  # noqa: E402
+from exmyconv.format.exmy import get_format  # noqa: E402
+from exmyconv.convert.pipeline import Options, convert  # noqa: E402
+from exmyconv.format.quant import quantize  # noqa: E402
+from exmyconv.convert.search import DEFAULT_CANDIDATES, allocate, measure, parse_candidates  # noqa: E402
+from exmyconv.io.source import example_dir  # noqa: E402
 
 from conftest import make_checkpoint, read_safetensors, tree_snapshot  # noqa: E402
 
@@ -689,7 +689,7 @@ def test_activation_moments(minilm_dir, prose_file):
     import torch
     import transformers
 
-    from exmyconv.calibration import activation_moments
+    from exmyconv.convert.calibration import activation_moments
 
     moments = activation_moments(minilm_dir, str(prose_file), device="cpu")
     model = transformers.AutoModel.from_pretrained(str(minilm_dir), local_files_only=True).eval()
@@ -730,6 +730,6 @@ def test_calibration_bad_text_file(content, minilm_dir, run_cli, tmp_path):
     code, stdout, err = run_cli("quantize", "@minilm", out, "--format", "auto", "--bits", "5",
                                 "--calibration", text, "--no-verify")
     assert_clean_failure(code, stdout, err, tmp_path, out, "calib.txt", "no such" if content is None else "empty")
-    from exmyconv.calibration import activation_moments
+    from exmyconv.convert.calibration import activation_moments
     with pytest.raises(ExmyError):
         activation_moments(minilm_dir, str(text))

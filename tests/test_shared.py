@@ -2,11 +2,11 @@
 import numpy as np
 import pytest
 
-from exmyconv import formats
-from exmyconv.checkpoint import Checkpoint
-from exmyconv.pack import pack_codes, row_bytes, unpack_codes
-from exmyconv.pipeline import Options, convert
-from exmyconv.quant import quantize
+from exmyconv.format import exmy as formats
+from exmyconv.io.checkpoint import Checkpoint
+from exmyconv.format.pack import pack_codes, row_bytes, unpack_codes
+from exmyconv.convert.pipeline import Options, convert
+from exmyconv.format.quant import quantize
 
 from conftest import make_checkpoint
 

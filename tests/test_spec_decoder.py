@@ -2,7 +2,7 @@
 
 ``spec_decoder`` is an independent decoder written from the spec alone; these tests hold it
 against the published test vectors, against ml_dtypes' tables, and against exmyconv's own
-reader (``exmyconv.checkpoint.load_state_dict``) on checkpoints written by the CLI.
+reader (``exmyconv.io.checkpoint.load_state_dict``) on checkpoints written by the CLI.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import spec_decoder as sd  # noqa: E402
 
-from exmyconv.checkpoint import load_state_dict  # noqa: E402
+from exmyconv.torch.state_dict import load_state_dict  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VECTORS = os.path.join(ROOT, "formats", "vectors")

@@ -10,13 +10,12 @@ Python API (mirrors the CLI):
 """
 from __future__ import annotations
 
-__version__ = "0.1.0"
+from ._version import __version__
+from .errors import ExmyError
+from .format.exmy import ExMy, get_format
 
-from .errors import ExmyError  # noqa: E402
-from .formats import ExMy, get_format  # noqa: E402
-
-try:  # registers quant_method "exmy" with transformers, lazily (exmyconv/hf.py; docs/transformers.md)
-    from . import hf as _hf  # noqa: E402, F401
+try:  # registers quant_method "exmy" with transformers, lazily (integrations/transformers.py)
+    from .integrations import transformers as _hf  # noqa: F401
 except ImportError:
     pass
 
@@ -28,7 +27,7 @@ def quantize(model_dir: str, out_dir: str, format: str = "e2m2", group_size: int
              overwrite: bool = False, progress: bool | None = False):
     """Convert a safetensors checkpoint directory (``format="auto"`` with ``bits`` or ``max_error``
     searches a format per tensor); returns a pipeline.Summary."""
-    from .pipeline import Options, convert
+    from .convert.pipeline import Options, convert
 
     opts = Options(format=format, group_size=group_size, skip=tuple(skip), quantize_embeddings=quantize_embeddings,
                    max_shard_size=max_shard_size, clip_search=clip_search, bits=bits, max_error=max_error,
@@ -38,21 +37,21 @@ def quantize(model_dir: str, out_dir: str, format: str = "e2m2", group_size: int
 
 def dequantize(out_dir: str, fp_dir: str, dtype: str | None = None, overwrite: bool = False) -> dict:
     """An exmy checkpoint back to a plain float16/bfloat16/float32 safetensors folder."""
-    from .dequantize import dequantize_checkpoint
+    from .convert.dequantize import dequantize_checkpoint
 
     return dequantize_checkpoint(out_dir, fp_dir, dtype, overwrite=overwrite, progress=False)
 
 
 def inspect(path: str) -> dict:
     """What `exmyconv inspect --json PATH` reports."""
-    from .inspection import inspect_checkpoint
+    from .check.inspection import inspect_checkpoint
 
     return inspect_checkpoint(path)
 
 
 def load_state_dict(path: str, dtype=None) -> dict:
     """A converted checkpoint as a torch state dict, quantized tensors dequantized."""
-    from .checkpoint import load_state_dict as _load
+    from .torch.state_dict import load_state_dict as _load
 
     return _load(path, dtype)
 

@@ -1,0 +1,102 @@
+"""`exmyconv bench`: GPU benchmark command (registered by cli/main.py)."""
+from __future__ import annotations
+
+import sys
+
+import click
+
+from ..errors import ExmyError
+from ..format.exmy import NAMED
+
+
+@click.command("bench")
+@click.option("--formats", default=None,
+              help=f"Comma-separated ExMy formats to benchmark [default: {','.join(NAMED)}; "
+                   f"with --e2e: fp16 plus e2m2,e2m1,e4m3].")
+@click.option("--shapes", default=None, metavar="KxN,...",
+              help="Layer shapes as K inputs x N outputs (default: 4096x4096, 4096x14336, 14336x4096, "
+                   "8192x28672, 28672x8192).")
+@click.option("--checkpoint", default=None, metavar="PATH",
+              help="Benchmark the weight shapes of this checkpoint (exmy or plain safetensors) instead.")
+@click.option("--max-shapes", type=int, default=8, show_default=True,
+              help="With --checkpoint: the largest this many distinct shapes.")
+@click.option("--batches", default=None, help="Batch sizes (1..16 per launch) [default: 1,2,4,8,16; with --e2e: 1,4].")
+@click.option("--group-size", type=int, default=None,
+              help="Scale group size of the random weights (default: one scale per output channel).")
+@click.option("--reps", type=int, default=100, show_default=True, help="Timed launches per measurement.")
+@click.option("--no-dequant", is_flag=True, help="Skip the dequantization bandwidth measurement.")
+@click.option("--json", "json_path", default="exmy-bench.json", show_default=True, help="Write results here.")
+@click.option("--png", "png_path", default="exmy-bench.png", show_default=True,
+              help="Plot of speedup vs batch, one line per format.")
+@click.option("--e2e", "e2e", default=None, metavar="MODEL_OR_CONFIG",
+              help="End-to-end greedy decoding tokens/s, fp16 vs ExMy, random weights: 'llama3-8b' or a "
+                   "transformers config.json (or its folder). See docs/benchmarks.md.")
+@click.option("--layers", type=int, default=None, help="With --e2e: decoder layers (shrinks the model).")
+@click.option("--tokens", type=int, default=128, show_default=True, help="With --e2e: tokens decoded per run.")
+def bench(formats, shapes, checkpoint, max_shapes, batches, group_size, reps, no_dequant, json_path, png_path,
+          e2e, layers, tokens):
+    """Time GPU dequantization and the fused ExMy GEMV against torch fp16 F.linear (needs a CUDA GPU)."""
+    if e2e is not None:
+        _bench_e2e(e2e, formats, batches, layers, tokens, json_path)
+        return
+    formats = formats or ",".join(NAMED)
+    batches = batches or "1,2,4,8,16"
+    from ..cuda import device
+
+    reason = device.bench_reason()
+    if reason:
+        click.echo(f"exmyconv bench: {reason}", err=True)
+        sys.exit(2)
+    from ..bench import kernels as b
+
+    try:
+        fmts = [f.strip() for f in formats.split(",") if f.strip()]
+        from ..format.exmy import get_format
+
+        for f in fmts:
+            get_format(f)
+        batch_list = [int(v) for v in batches.split(",") if v.strip()]
+        if not batch_list or not all(1 <= v <= 16 for v in batch_list):
+            raise ExmyError("batches must be between 1 and 16")
+        if checkpoint:
+            shape_list = b.checkpoint_shapes(checkpoint)[:max_shapes]
+        elif shapes:
+            shape_list = b.parse_shapes(shapes)
+        else:
+            shape_list = list(b.STANDARD_SHAPES)
+    except (ExmyError, ValueError) as err:
+        click.echo(f"error: {err}", err=True)
+        sys.exit(1)
+    result = b.run(shape_list, fmts, batch_list, group_size, reps=reps, dequant=not no_dequant,
+                   log=lambda msg: click.echo(msg, err=True))
+    click.echo(b.table(result))
+    for path in b.write(result, json_path, png_path):
+        click.echo(f"wrote {path}")
+
+
+def _bench_e2e(spec, formats, batches, layers, tokens, json_path):
+    from ..bench import e2e as e
+
+    try:
+        cfg = e.build_config(spec, layers)
+        fmts = e.parse_formats(formats)
+        batch_list = e.parse_batches(batches)
+        if tokens < 1:
+            raise ExmyError(f"--tokens must be at least 1, got {tokens}")
+    except ExmyError as err:
+        click.echo(f"error: {err}", err=True)
+        sys.exit(1)
+    from ..cuda import device
+
+    reason = device.bench_reason()
+    if reason:
+        click.echo(f"exmyconv bench --e2e: {reason}", err=True)
+        sys.exit(2)
+    result = e.run(cfg, fmts, batch_list, tokens=tokens, log=lambda msg: click.echo(msg, err=True))
+    click.echo(e.table(result))
+    if json_path:
+        import json
+
+        with open(json_path, "w") as fh:
+            json.dump(result, fh, indent=1)
+        click.echo(f"wrote {json_path}")

@@ -1,0 +1,50 @@
+"""The `exmyconv` command group and the one error policy: one line and an exit status, never a traceback."""
+from __future__ import annotations
+
+import os
+import sys
+
+import click
+
+from .._version import __version__
+from ..errors import ExmyError
+from .bench import bench
+from .check import inspect, verify_cmd
+from .convert import dequantize, quantize
+from .hub import push
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="exmyconv")
+def cli():
+    """Convert LLM checkpoints to low-bit ExMy floating-point weights."""
+
+
+for command in (quantize, inspect, verify_cmd, dequantize, push, bench):
+    cli.add_command(command)
+
+
+def main(argv=None):
+    try:
+        cli.main(args=argv, prog_name="exmyconv", standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("interrupted", err=True)
+        sys.exit(130)
+    except click.ClickException as err:
+        err.show()
+        sys.exit(err.exit_code)
+    except ExmyError as err:
+        click.echo(f"error: {err}", err=True)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        click.echo("interrupted: nothing was written", err=True)
+        sys.exit(130)
+    except OSError as err:
+        click.echo(f"error: {err}", err=True)
+        sys.exit(1)
+    except Exception as err:  # a bug of ours: one line unless asked for more
+        if os.environ.get("EXMYCONV_DEBUG"):
+            raise
+        click.echo(f"internal error: {type(err).__name__}: {err} (EXMYCONV_DEBUG=1 shows the traceback)", err=True)
+        sys.exit(3)
+    sys.exit(0)

@@ -1,0 +1,75 @@
+"""Activation statistics for activation-aware errors (`--calibration TEXT_FILE`).
+
+The source model runs (transformers, GPU if torch sees one, else CPU) on the text; every
+nn.Linear records the mean square of each input channel, E[x_j^2]. The error of a quantized
+weight is then Σ_j E[x_j^2]·‖ΔW[:, j]‖², the expected squared output error under independent
+inputs — the diagonal of the usual second-order proxy.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import ExmyError
+
+
+def load_model(root: Path):
+    """The model class named in config.json (so parameter names match the checkpoint), eval mode."""
+    try:
+        import torch
+        import transformers
+    except ImportError as err:
+        raise ExmyError(f"--calibration needs torch and transformers ({err.name} is missing)") from None
+    config = transformers.AutoConfig.from_pretrained(root)
+    classes = [getattr(transformers, name, None) for name in (config.architectures or [])]
+    model_class = next((c for c in classes if c is not None), transformers.AutoModel)
+    model = model_class.from_pretrained(root, torch_dtype=torch.float32)
+    return model.eval()
+
+
+def activation_moments(root: Path, text_file: str, max_tokens: int = 4096, device: str | None = None) -> dict:
+    """{weight tensor name: float32 [K] mean of x_j^2 over calibration tokens}."""
+    import torch
+
+    path = Path(text_file)
+    if not path.is_file():
+        raise ExmyError(f"{text_file}: no such calibration text file")
+    text = path.read_text(encoding="utf-8", errors="replace")
+    if not text.strip():
+        raise ExmyError(f"{text_file}: calibration text is empty")
+    try:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(root)
+        model = load_model(root)
+    except (OSError, ValueError) as err:
+        raise ExmyError(f"{root}: cannot load the model for calibration ({str(err).splitlines()[0]})") from None
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device)
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"][0][:max_tokens]
+    window = min(512, getattr(model.config, "max_position_embeddings", 512) or 512)
+    sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+
+    def hook(name):
+        def record(module, args):
+            x = args[0].detach().float().reshape(-1, args[0].shape[-1])
+            sums[name] = sums.get(name, 0) + x.square().sum(0)
+            counts[name] = counts.get(name, 0) + x.shape[0]
+        return record
+
+    handles = [m.register_forward_pre_hook(hook(n)) for n, m in model.named_modules()
+               if isinstance(m, torch.nn.Linear)]
+    try:
+        with torch.no_grad():
+            for start in range(0, len(ids), window):
+                model(input_ids=ids[start:start + window][None].to(device))
+    finally:
+        for h in handles:
+            h.remove()
+    out = {}
+    for name, total in sums.items():
+        mean = (total / counts[name]).cpu().numpy().astype(np.float32)
+        out[f"{name}.weight"] = mean + np.float32(1e-6) * max(float(mean.mean()), 1e-30)  # no zero weights
+    return out

@@ -1,0 +1,212 @@
+"""`--format auto`: choose a format per tensor under a bits budget.
+
+Each tensor is quantized (in memory, chunk by chunk) with every candidate; its size in bytes is
+exact (payload + scales, padding included) and its error is the relative weight MSE
+‖W−Ŵ‖²/‖W‖² — weighted per input channel by activation second moments when calibration data
+is given. The model objective is Σ_t n_t · err_t (n_t: weights of tensor t), minimised subject to
+Σ_t 8·bytes_t ≤ B · Σ_t n_t by Lagrangian relaxation: for a multiplier λ every tensor takes the
+candidate minimising n_t·err_t + λ·bytes_t (a point of its lower convex hull), λ bisected to the
+budget — and by a dynamic programme on sizes rounded up to 1/100000 of the budget, which also
+finds solutions off the hull; the better wins, and leftover bytes go to the best upgrades.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..errors import ExmyError
+from ..format.exmy import ExMy, get_format
+from ..format.pack import row_bytes
+from ..format.quant import choose_scale_dtype, group_amax, groups_of, quantize_rows, dequantize_codes
+
+DEFAULT_CANDIDATES = ("e2m1-g32", "e2m1-g64", "e2m2s4-g128", "e2m2s4", "e2m2-g128", "e2m2", "e2m2-g64",
+                      "e2m3s3", "e3m2", "e2m3", "e2m3-g64", "e4m3")
+_CANDIDATE = re.compile(r"(e\dm\d(?:s\d)?)(?:-g(\d+))?(\+clip)?")
+
+
+@dataclass(frozen=True)
+class Candidate:
+    fmt: ExMy
+    group_size: int | None = None
+    clip: bool = False
+
+    @property
+    def name(self) -> str:
+        return self.fmt.name + (f"-g{self.group_size}" if self.group_size else "") + ("+clip" if self.clip else "")
+
+    def nbytes(self, shape: tuple[int, ...]) -> int:
+        rows = int(np.prod(shape[:-1]))
+        _, ngroups = groups_of(shape[-1], self.group_size)
+        return rows * (row_bytes(self.fmt, shape[-1]) + 2 * ngroups)
+
+
+def parse_candidates(text: str | None, clip: bool = False) -> list[Candidate]:
+    names = [n.strip() for n in text.split(",") if n.strip()] if text is not None else list(DEFAULT_CANDIDATES)
+    out = []
+    for name in names:
+        m = _CANDIDATE.fullmatch(name.lower())
+        if not m:
+            raise ExmyError(f"bad candidate {name!r}: use FORMAT[-gGROUP][+clip], e.g. e2m2-g64")
+        group = int(m[2]) if m[2] else None
+        if group is not None and group < 1:
+            raise ExmyError(f"bad candidate {name!r}: group size must be positive")
+        out.append(Candidate(get_format(m[1]), group, clip or bool(m[3])))
+    if not out:
+        raise ExmyError("--candidates is empty")
+    return out
+
+
+def measure(chunks, candidates: list[Candidate], importance: np.ndarray | None = None) -> np.ndarray:
+    """Relative (importance-weighted) MSE of each candidate over a tensor given as float32 row chunks.
+
+    ``chunks``: a callable returning an iterator of float32 [R, K] blocks (called twice).
+    """
+    amax_all = {}
+    for c in candidates:  # scale dtype is a per-tensor choice: needs every group's absmax first
+        key = c.group_size
+        if key not in amax_all:
+            parts = []
+            for x in chunks():
+                g, n = groups_of(x.shape[1], key)
+                parts.append(group_amax(x, g, n))
+            amax_all[key] = np.concatenate(parts)
+    dtypes_ = {c: choose_scale_dtype(amax_all[c.group_size], c.fmt) for c in candidates}
+    err = np.zeros(len(candidates))
+    ref = 0.0
+    for x in chunks():
+        w = np.ones(x.shape[1], np.float32) if importance is None else importance.astype(np.float32)
+        ref += float(np.dot(np.square(x).sum(axis=0, dtype=np.float64), w))
+        for i, c in enumerate(candidates):
+            g, _ = groups_of(x.shape[1], c.group_size)
+            codes, s = quantize_rows(x, c.fmt, g, dtypes_[c], c.clip, importance)
+            d = dequantize_codes(codes, s, c.fmt, g) - x
+            err[i] += float(np.dot(np.square(d).sum(axis=0, dtype=np.float64), w))
+    return err / ref if ref > 0 else np.zeros(len(candidates))
+
+
+def measure_backend():
+    """(measure function, device name): torch on a CUDA GPU when there is one, else numpy."""
+    from ..cuda import device
+
+    if not device.torch_cuda_reason():
+        import torch
+
+        from . import search_torch
+
+        return search_torch.measure, f"cuda ({torch.cuda.get_device_name()})"
+    return measure, "cpu (numpy)"
+
+
+def _pick(costs: np.ndarray, errs: np.ndarray, lam: float) -> int:
+    return int(np.argmin(errs + lam * costs))
+
+
+def check_budget(sizes: list[np.ndarray], budget_bytes: float) -> None:
+    if not budget_bytes > 0:  # zero, negative or NaN
+        raise ExmyError("the bits budget must be a positive number")
+    smallest = sum(float(s.min()) for s in sizes)
+    if smallest > budget_bytes:
+        raise ExmyError(f"bits budget too small: the smallest candidates need "
+                        f"{smallest / budget_bytes:.3f}x the budget")
+
+
+def allocate(sizes: list[np.ndarray], errors: list[np.ndarray], budget_bytes: float) -> tuple[list[int], float]:
+    """Per tensor, the index of a candidate: minimise Σ errors under Σ sizes ≤ budget.
+
+    ``errors`` are already weighted (n_t · err_t). Two feasible solutions, the better one wins:
+    the Lagrangian one (λ bisected to the budget, every tensor on its lower convex hull) and a
+    dynamic programme over sizes rounded up to 1/DP_STEPS of the budget (exact up to that
+    rounding, and able to leave the hull). Leftover bytes then go to the best error-per-byte
+    upgrades. Returns (choices, λ).
+    """
+    check_budget(sizes, budget_bytes)
+
+    def total(lam):
+        picks = [_pick(s, e, lam) for s, e in zip(sizes, errors)]
+        return picks, sum(float(s[p]) for s, p in zip(sizes, picks))
+
+    picks, used = total(0.0)
+    if used <= budget_bytes:
+        return picks, 0.0
+    lo, hi = 0.0, 1.0
+    while total(hi)[1] > budget_bytes:
+        hi *= 4
+    for _ in range(100):
+        mid = (lo + hi) / 2
+        if total(mid)[1] > budget_bytes:
+            lo = mid
+        else:
+            hi = mid
+    candidates = [total(hi)[0]]
+    dp = _knapsack(sizes, errors, budget_bytes)
+    if dp is not None:
+        candidates.append(dp)
+    picks = min(candidates, key=lambda p: sum(float(e[q]) for e, q in zip(errors, p)))
+    return _fill_slack(sizes, errors, list(picks), budget_bytes), hi
+
+
+DP_STEPS = 100000
+
+
+def _knapsack(sizes, errors, budget_bytes, steps: int = DP_STEPS):
+    """Multiple-choice knapsack by dynamic programming on sizes rounded up to a unit of
+    max(1 byte, budget/steps): exact when the budget is at most ``steps`` bytes."""
+    unit = max(1.0, budget_bytes / steps)
+    steps = int(budget_bytes // unit)
+    best = np.zeros(steps + 1)  # least error with at most b units used, tensors so far
+    choice = np.zeros((len(sizes), steps + 1), dtype=np.int16)
+    for t, (s, e) in enumerate(zip(sizes, errors)):
+        new = np.full(steps + 1, np.inf)
+        for c, (size, err) in enumerate(zip(s, e)):
+            w = int(np.ceil(size / unit - 1e-9))
+            if w > steps:
+                continue
+            shifted = np.full(steps + 1, np.inf)
+            shifted[w:] = best[: steps + 1 - w] + err
+            better = shifted < new
+            new[better] = shifted[better]
+            choice[t, better] = c
+        best = new
+    if not np.isfinite(best[steps]):
+        return None
+    picks, b = [0] * len(sizes), steps
+    for t in range(len(sizes) - 1, -1, -1):
+        c = int(choice[t, b])
+        picks[t] = c
+        b -= int(np.ceil(sizes[t][c] / unit - 1e-9))
+    return picks
+
+
+def _fill_slack(sizes, errors, picks, budget_bytes):
+    """Repeatedly take the affordable upgrade with the best error drop per byte."""
+    used = sum(float(s[p]) for s, p in zip(sizes, picks))
+    while True:
+        best = None
+        for t, (s, e) in enumerate(zip(sizes, errors)):
+            p = picks[t]
+            for q in range(len(s)):
+                extra = float(s[q] - s[p])
+                gain = float(e[p] - e[q])
+                if gain > 0 and used + max(extra, 0) <= budget_bytes:
+                    ratio = gain / max(extra, 1e-9)
+                    if best is None or ratio > best[0]:
+                        best = (ratio, t, q, extra)
+        if best is None:
+            return picks
+        _, t, q, extra = best
+        picks[t] = q
+        used += extra
+
+
+def tradeoff(sizes, errors, numels, points: int = 200) -> list[dict]:
+    """The model's error-vs-bits curve: optimal allocations for a sweep of λ."""
+    total_n = float(sum(numels))
+    out = {}
+    for lam in [0.0] + list(np.geomspace(1e-14, 1e4, points)):
+        picks = [_pick(s, e, lam) for s, e in zip(sizes, errors)]
+        bits = 8 * sum(float(s[p]) for s, p in zip(sizes, picks)) / total_n
+        err = sum(float(e[p]) for e, p in zip(errors, picks)) / total_n
+        out[round(bits, 4)] = err
+    return [{"bits": b, "mean_rel_mse": e} for b, e in sorted(out.items())]

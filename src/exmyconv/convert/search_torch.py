@@ -1,0 +1,59 @@
+"""The format search's error measurement in torch, for a GPU (or torch on the CPU).
+
+Quantizes with the torch codec (:mod:`exmyconv.torch.codec`, the same arithmetic as the numpy
+reference) and sums errors in float64. tests/test_search_torch.py checks it against
+:func:`exmyconv.convert.search.measure`.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..format.quant import CLIP_RATIOS, groups_of
+from ..torch.codec import grouped, reconstruct, scale_dtype, scales_for
+
+
+def device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def measure(chunks, candidates, importance: np.ndarray | None = None) -> np.ndarray:
+    """search.measure on torch (``device()``); same contract."""
+    dev = device()
+    imp = None if importance is None else torch.as_tensor(importance, dtype=torch.float64, device=dev)
+    blocks = [torch.as_tensor(x, device=dev) for x in chunks()]
+    amax = {}
+    for c in candidates:
+        if c.group_size not in amax:
+            amax[c.group_size] = [
+                grouped(x, *groups_of(x.shape[1], c.group_size)).abs().amax(-1) for x in blocks]
+    err = torch.zeros(len(candidates), dtype=torch.float64, device=dev)
+    ref = torch.zeros((), dtype=torch.float64, device=dev)
+    for i, c in enumerate(candidates):
+        dtype = scale_dtype(torch.cat(amax[c.group_size]), c.fmt)
+        for x, am in zip(blocks, amax[c.group_size]):
+            g, _ = groups_of(x.shape[1], c.group_size)
+            if not c.clip:
+                best = scales_for(am, c.fmt, dtype)
+            else:  # per group, the clipping ratio with the least (weighted) error
+                best_err = best = None
+                for ratio in CLIP_RATIOS:
+                    s = scales_for(am * float(ratio), c.fmt, dtype)
+                    e = _group_errors(x, c.fmt, g, s, imp)
+                    if best is None:
+                        best, best_err = s, e
+                    else:
+                        better = e < best_err
+                        best, best_err = torch.where(better, s, best), torch.where(better, e, best_err)
+            per_channel = (reconstruct(x, c.fmt, g, best, imp) - x).double().square().sum(0)
+            err[i] += per_channel @ (imp if imp is not None else torch.ones_like(per_channel))
+    for x in blocks:
+        sq = x.double().square().sum(0)
+        ref += sq @ (imp if imp is not None else torch.ones_like(sq))
+    ref = float(ref)
+    return (err / ref).cpu().numpy() if ref > 0 else np.zeros(len(candidates))
+
+
+def _group_errors(x, fmt, g, s, imp):
+    sq = (reconstruct(x, fmt, g, s, imp) - x).double().square()
+    return grouped(sq if imp is None else sq * imp, g, s.shape[1]).sum(-1)

@@ -1,0 +1,564 @@
+"""CUDA kernels for ExMy weights, loaded at run time through CuPy (``pip install exmyconv[gpu]``).
+
+The CUDA C sources live in ``kernels/`` (shipped in the wheel as ``exmyconv/kernels``). Each
+source is compiled per format with NVRTC for the current device's architecture (``sm_90`` on
+H100/H200) the first time it is needed; CuPy caches the binaries on disk (``CUPY_CACHE_DIR``,
+default ``~/.cupy/kernel_cache``) and this module keeps them for the process.
+
+Public API::
+
+    available() -> bool
+    unavailable_reason() -> str                 # "" when available
+    dequantize(payload, scales, scale_dtype, fmt, k, group_size, out_dtype="F16", out=None) -> cupy array
+    upload(qtensor) -> GpuWeight                # weights resident on the GPU, for gemv
+    gemv(x, weight, out=None) -> y              # y = x @ W.T, x [B, K] fp16/bf16, any B (16 per launch)
+    to_torch(array, dtype) -> torch.Tensor      # zero-copy view of a cupy result
+
+``dequantize`` is bit-exact with ``QTensor.dequantize`` (formats/SPEC.md section 2): fp16 output is a
+cupy float16 array, bf16 output a cupy uint16 array of bf16 bit patterns (cupy has no bfloat16),
+fp32 output a float32 array; shape ``[..., K]``.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import ExmyError
+from ..format.exmy import ExMy, get_format
+from ..format.pack import row_bytes
+from ..format.quant import FP16_MAX, groups_of
+from .device import _cupy, available, device_info, sm_count, unavailable_reason  # noqa: F401 (API)
+
+OUT_DTYPES = ("F16", "BF16", "F32")
+BLOCK = 256           # dequant threads per block
+DEQUANT_UNITS = 2     # (row, 32-element chunk) units per dequant thread (kernels/dequant.cu)
+GEMV_WARPS = 8        # must match kernels/gemv.cu (GEMV_WARPS)
+GEMV_ROWS = 16        # weight rows per GEMV block
+MAX_BATCH = 16        # rows of x per GEMV launch
+
+
+# ----------------------------------------------------------------------------- kernel sources
+
+def kernel_dir() -> Path:
+    """Folder of the CUDA sources: inside the installed package, else the source tree's kernels/."""
+    try:
+        from importlib.resources import files
+
+        packaged = Path(str(files("exmyconv") / "kernels"))
+        if (packaged / "exmy_decode.cuh").is_file():
+            return packaged
+    except Exception:  # pragma: no cover - exotic importers
+        pass
+    repo = Path(__file__).resolve().parents[3] / "kernels"  # editable install / PYTHONPATH=src
+    if (repo / "exmy_decode.cuh").is_file():
+        return repo
+    raise ExmyError("exmyconv's CUDA sources (kernels/) are missing from this installation")
+
+
+def kernel_source(name: str) -> str:
+    """A kernel source with the shared header inlined (so CuPy's cache key covers the header)."""
+    folder = kernel_dir()
+    header = (folder / "exmy_decode.cuh").read_text().replace("#pragma once", "")
+    text = (folder / name).read_text()
+    return text.replace('#include "exmy_decode.cuh"', header)
+
+
+@functools.lru_cache(maxsize=None)
+def _module(source: str, e: int, m: int, defines: tuple = (), share: int = 1):
+    cupy = _cupy()
+    options = ("--std=c++17", f"-DEXMY_E={e}", f"-DEXMY_M={m}", *(f"-D{d}" for d in defines))
+    if share > 1:  # shared format eXmYsk (kernels/exmy_decode.cuh)
+        options += (f"-DEXMY_SHARE={share}",)
+    # CuPy compiles with NVRTC for the current device (-arch=sm_XX, a cubin) and caches on disk.
+    return cupy.RawModule(code=kernel_source(source), options=options)
+
+
+# gemv.cu builds one kernel per compilation when given its variant number (kernels/gemv.cu).
+GEMV_VARIANTS = {name: i for i, name in enumerate(
+    f"exmy_gemv_{mode}_{kind}{groups}" for mode in ("fold_x16", "two_x16", "bf_x16", "bf_xbf")
+    for kind in ("b1", "nt1", "nt2", "b1r") for groups in ("", "_g", "_ga"))}
+
+
+def kernel(source: str, name: str, fmt: ExMy, defines: tuple = ()):
+    """The compiled kernel `name` of kernels/`source` for `fmt` (a cupy RawKernel)."""
+    if source == "gemv.cu" and name in GEMV_VARIANTS:
+        defines = (*defines, f"EXMY_VARIANT={GEMV_VARIANTS[name]}")
+    return _module(source, fmt.e, fmt.m, tuple(defines), fmt.share).get_function(name)
+
+
+def supports_dequant(fmt) -> bool:
+    """True when dequantize handles `fmt` bit-exactly on the GPU (every ExMy and every eXmYsk)."""
+    fmt = _fmt(fmt)
+    return 1 <= fmt.e <= 5 and fmt.bits <= 8 and 1 <= fmt.share <= 8
+
+
+def supports(fmt) -> bool:
+    """True when the fused GEMV (gemv/upload) handles `fmt`: every unshared ExMy, and the shared
+    formats whose GEMV was checked on a GPU (GEMV_SHARED)."""
+    fmt = _fmt(fmt)
+    return supports_dequant(fmt) and (fmt.share == 1 or fmt.name in GEMV_SHARED)
+
+
+GEMV_SHARED = ("e2m2s4", "e2m3s3")  # shared formats the GEMV is tested for (tests/test_gpu_kernels.py)
+
+
+def _fmt(fmt) -> ExMy:
+    return fmt if isinstance(fmt, ExMy) else get_format(str(fmt))
+
+
+# ----------------------------------------------------------------------------- argument handling
+
+def _is_torch(x) -> bool:
+    return type(x).__module__.startswith("torch")
+
+
+def _torch_as_cupy(t):
+    """A CUDA torch tensor as a cupy array of the same bytes (bf16 as uint16), no copy."""
+    import torch
+
+    cupy = _cupy()
+    if not t.is_cuda:
+        t = t.cuda()
+    t = t.contiguous()
+    if t.dtype == torch.bfloat16:
+        return cupy.asarray(t.view(torch.int16)).view(cupy.uint16)
+    return cupy.asarray(t)
+
+
+def _as_device(a, dtype=None):
+    cupy = _cupy()
+    if _is_torch(a):
+        a = _torch_as_cupy(a)
+    a = cupy.asarray(a) if dtype is None else cupy.asarray(a, dtype=dtype)
+    return cupy.ascontiguousarray(a)
+
+
+def scale_bits(scales, scale_dtype: str):
+    """Scales as a cupy uint16 array of raw fp16/bf16 bits.
+
+    Accepts float32 values exact in scale_dtype (QTensor.scales), float16 / bfloat16 arrays, or
+    uint16 bit patterns (what safetensors stores), on the host, in cupy or in torch.
+    """
+    cupy = _cupy()
+    if scale_dtype not in ("F16", "BF16"):
+        raise ExmyError(f"scale dtype must be F16 or BF16, not {scale_dtype!r}")
+    if _is_torch(scales):
+        import torch
+
+        if scales.dtype in (torch.float16, torch.bfloat16):
+            scales = scales.contiguous().view(torch.int16)
+        scales = _torch_as_cupy(scales)
+    if not isinstance(scales, cupy.ndarray):
+        scales = np.asarray(scales)
+        if scales.dtype.name == "bfloat16":  # ml_dtypes
+            scales = scales.view(np.uint16)
+    kind = np.dtype(scales.dtype)
+    if kind in (np.uint16, np.int16):
+        return _as_device(scales).view(cupy.uint16)
+    if kind == np.float16:
+        if scale_dtype != "F16":
+            raise ExmyError("float16 scales given with scale dtype BF16")
+        return _as_device(scales).view(cupy.uint16)
+    if kind in (np.float32, np.float64):
+        s = _as_device(scales, cupy.float32)
+        if scale_dtype == "F16":
+            return s.astype(cupy.float16).view(cupy.uint16)
+        # bf16 = top half of the float32 (the values are exact bf16 numbers)
+        return (s.view(cupy.uint32) >> 16).astype(cupy.uint16)
+    raise ExmyError(f"cannot use scales of dtype {kind}")
+
+
+def _check_layout(payload, scales, fmt: ExMy, k: int, group_size: int | None):
+    """Flatten to [rows, row_bytes] / [rows, ngroups] after checking the shapes (SPEC section 4)."""
+    if k < 1:
+        raise ExmyError(f"K must be positive, not {k}")
+    g, ngroups = groups_of(k, group_size)
+    rb = row_bytes(fmt, k)  # SPEC 3: Kp * b / 8, or Kp * (b - 1) / 8 + the shared plane
+    if payload.ndim < 1 or payload.shape[-1] != rb:
+        raise ExmyError(f"payload rows have {payload.shape[-1] if payload.ndim else 0} bytes; "
+                        f"{fmt.name} with K={k} needs {rb}")
+    lead = payload.shape[:-1]
+    rows = int(np.prod(lead, dtype=np.int64)) if lead else 1
+    if scales.size != rows * ngroups:
+        raise ExmyError(f"{scales.size} scales for {rows} rows of {ngroups} groups")
+    return payload.reshape(rows, rb), scales.reshape(rows, ngroups), tuple(lead), rows, g, ngroups
+
+
+# ----------------------------------------------------------------------------- dequantization
+
+_OUT_NAME = {"F16": "o16", "BF16": "obf", "F32": "o32"}
+
+
+def dequantize(payload, scales, scale_dtype: str, fmt, k: int, group_size: int | None,
+               out_dtype: str = "F16", out=None):
+    """Packed payload [..., row_bytes] + scales [..., ceil(K/G)] -> cupy array [..., K].
+
+    Bit-exact with the CPU reference (QTensor.dequantize). payload: uint8 (numpy, cupy or torch);
+    scales: see scale_bits; group_size: G (None or >= K: one group per row). out_dtype "F16" gives
+    float16, "BF16" uint16 bf16 bit patterns, "F32" float32. `out` (optional) is a contiguous cupy
+    array of that dtype and shape to write into (tests poison it first).
+    """
+    cupy = _cupy()
+    fmt = _fmt(fmt)
+    if out_dtype not in OUT_DTYPES:
+        raise ExmyError(f"out_dtype must be one of {', '.join(OUT_DTYPES)}, not {out_dtype!r}")
+    pay = _as_device(payload).view(cupy.uint8)
+    bits = scale_bits(scales, scale_dtype)
+    pay, bits, lead, rows, g, ngroups = _check_layout(pay, bits, fmt, int(k), group_size)
+    np_out = {"F16": cupy.float16, "BF16": cupy.uint16, "F32": cupy.float32}[out_dtype]
+    shape = (*lead, k)
+    if out is None:
+        out = cupy.empty(shape, dtype=np_out)
+    elif out.dtype != np_out or tuple(out.shape) != shape or not out.flags.c_contiguous:
+        raise ExmyError(f"out must be a contiguous {np.dtype(np_out)} array of shape {shape}")
+    plan = DequantPlan(pay, bits, scale_dtype, fmt, int(k), rows, g, ngroups, out_dtype, out)
+    plan()
+    return out
+
+
+class DequantPlan:
+    """One dequantization launch with its arguments prepared (call it to launch; for benchmarks)."""
+
+    def __init__(self, pay, bits, scale_dtype, fmt, k, rows, g, ngroups, out_dtype, out):
+        cpr = -(-k // 32)
+        self.units = rows * cpr
+        if self.units >= 2**32 - BLOCK * DEQUANT_UNITS:
+            raise ExmyError("tensor too large for one launch")  # > 137 G weights
+        self.name = f"exmy_dequant_s{'bf' if scale_dtype == 'BF16' else '16'}_{_OUT_NAME[out_dtype]}"
+        self.fn = kernel("dequant.cu", self.name, fmt) if self.units else None
+        self.args = (pay, bits, out, np.uint32(rows), np.uint32(k), np.uint32(pay.shape[1]),
+                     np.uint32(ngroups), np.uint32(g))
+        self.out = out
+
+    def __call__(self):
+        if self.fn is not None:
+            per_block = BLOCK * DEQUANT_UNITS
+            self.fn(((self.units + per_block - 1) // per_block,), (BLOCK,), self.args)
+        return self.out
+
+
+def to_torch(array, dtype: str | None = None):
+    """A cupy result as a torch CUDA tensor (no copy); dtype "BF16" reinterprets uint16 bits."""
+    import torch
+
+    cupy = _cupy()
+    if dtype == "BF16" or array.dtype == cupy.uint16:
+        t = torch.as_tensor(array.view(cupy.int16), device="cuda")
+        return t.view(torch.bfloat16) if dtype == "BF16" else t
+    return torch.as_tensor(array, device="cuda")
+
+
+# ----------------------------------------------------------------------------- GEMV
+
+@dataclass
+class GpuWeight:
+    """A quantized weight [N, K] (leading dims flattened to N rows) resident on the GPU."""
+
+    fmt: ExMy
+    shape: tuple
+    group_size: int           # G (= K for one scale per row)
+    scale_dtype: str
+    payload: object           # cupy uint8 [N, row_bytes]
+    scales: object            # cupy uint16 [N, ngroups] raw scale bits
+    _cache: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def k(self) -> int:
+        return int(self.shape[-1])
+
+    @property
+    def n(self) -> int:
+        return int(self.payload.shape[0])
+
+    @property
+    def ngroups(self) -> int:
+        return int(self.scales.shape[1])
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.payload.nbytes + self.scales.nbytes)
+
+    @property
+    def fp16_compute(self) -> bool:
+        """fp16 tensor-core operands are exact only for E <= 4 and fp16 scales."""
+        return self.fmt.e <= 4 and self.scale_dtype == "F16"
+
+    def dequantize(self, out_dtype: str = "F16", out=None):
+        out = dequantize(self.payload, self.scales, self.scale_dtype, self.fmt, self.k, self.group_size,
+                         out_dtype, out)
+        return out.reshape(*self.shape[:-1], self.k) if out.ndim == 2 else out
+
+    def dequant_plan(self, out, out_dtype: str = "F16") -> "DequantPlan":
+        """A prepared launch writing this weight, dequantized, into `out` ([N, K] cupy array)."""
+        return DequantPlan(self.payload, self.scales, self.scale_dtype, self.fmt, self.k, self.n,
+                           self.group_size, self.ngroups, out_dtype, out)
+
+    def kernel_scales(self, mode: int):
+        """Scales in the form the GEMV kernel of `mode` multiplies by (computed once)."""
+        if mode not in self._cache:
+            cupy = _cupy()
+            if self.scale_dtype == "F16":
+                f32 = self.scales.view(cupy.float16).astype(cupy.float32)
+            else:
+                f32 = (self.scales.astype(cupy.uint32) << 16).view(cupy.float32)
+            if mode == 0:    # fp16(scale * 2^(15-bias)): exact, finite (checked by _mode)
+                ks = (f32 * np.float32(2.0 ** (15 - self.fmt.bias))).astype(cupy.float16).view(cupy.uint16)
+            elif mode == 1:  # fp16 scale as is
+                ks = self.scales
+            else:            # float32 scale
+                ks = f32
+            self._cache[mode] = cupy.ascontiguousarray(ks)
+        return self._cache[mode]
+
+    def fold_ok(self) -> bool:
+        if "fold_ok" not in self._cache:
+            cupy = _cupy()
+            smax = float(self.scales.view(cupy.float16).astype(cupy.float32).max()) if self.scale_dtype == "F16" else math.inf
+            self._cache["fold_ok"] = smax * 2.0 ** (15 - self.fmt.bias) <= FP16_MAX
+        return self._cache["fold_ok"]
+
+
+def upload(qtensor=None, *, payload=None, scales=None, scale_dtype=None, fmt=None, shape=None,
+           group_size=None) -> GpuWeight:
+    """Put a quantized weight on the GPU: upload(qtensor) or upload(payload=..., scales=..., ...)."""
+    cupy = _cupy()
+    if qtensor is not None:
+        payload, scales, scale_dtype = qtensor.payload, qtensor.scales, qtensor.scale_dtype
+        fmt, shape, group_size = qtensor.fmt, qtensor.shape, qtensor.group_size
+    fmt = _fmt(fmt)
+    shape = tuple(int(s) for s in shape)
+    k = shape[-1]
+    pay = _as_device(payload).view(cupy.uint8)
+    bits = scale_bits(scales, scale_dtype)
+    pay, bits, _, rows, g, _ = _check_layout(pay, bits, fmt, k, group_size)
+    return GpuWeight(fmt, shape, g, scale_dtype, pay, bits)
+
+
+def _stream_of(x):
+    cupy = _cupy()
+    if _is_torch(x):
+        import torch
+
+        return cupy.cuda.ExternalStream(torch.cuda.current_stream(x.device).cuda_stream)
+    return cupy.cuda.get_current_stream()
+
+
+XS_LIMIT = 32 * 1024  # largest x staging buffer (bytes) of the b1 kernels (K <= ~13 000); else b1r
+
+
+def _gemv_shape(fmt: ExMy, kind: str) -> tuple[int, int]:
+    """(chunks per lane and iteration, chunks per warp iteration) of a kernel kind (gemv.cu Cfg)."""
+    cpt = 2 if kind in ("b1", "b1r") and fmt.bits <= 6 else 1
+    return cpt, 4 * cpt
+
+
+def _xs_bytes(fmt: ExMy, k: int) -> int:
+    """Shared memory of the batch-1 kernels: x for every chunk of the padded iterations, 80 B each."""
+    _, kstep = _gemv_shape(fmt, "b1")
+    nq = -(-k // 32)
+    return -(-nq // kstep) * kstep * 80
+
+
+def _gemv_kind(weight: "GpuWeight", batch: int) -> str:
+    if batch == 1:
+        return "b1" if _xs_bytes(weight.fmt, weight.k) <= XS_LIMIT else "b1r"
+    return "nt1" if batch <= 8 else "nt2"
+
+
+def gemv_kernel_name(weight: GpuWeight, x_dtype: str, batch: int) -> tuple[str, int]:
+    """(kernel name, mode) gemv uses for this weight, x dtype ("F16"/"BF16") and batch (<= 16)."""
+    kind = _gemv_kind(weight, batch)
+    groups = "" if weight.ngroups == 1 else "_ga" if _gshift(weight) < 0 else "_g"
+    if x_dtype == "F16" and weight.fp16_compute:
+        mode = 0 if weight.fold_ok() else 1
+        return f"exmy_gemv_{'fold' if mode == 0 else 'two'}_x16_{kind}{groups}", mode
+    return f"exmy_gemv_bf_x{'16' if x_dtype == 'F16' else 'bf'}_{kind}{groups}", 2
+
+
+def gemv_split(n: int, k: int, fmt: ExMy, name: str) -> int:
+    """K slices per 16-row tile (1, 2, 4 or 8) for kernel `name` (measured on an H100,
+    docs/benchmarks.md): 8 for layers of >= 1024 tiles (the 8 warps of a block then read
+    neighbouring bytes of the same rows); otherwise the fewest slices that give about one wave of
+    warps at two blocks per SM, doubled for b1r kernels of unshared formats with a 1-bit plane
+    (e2m2, e3m1: their longer decode favours more, shorter slices); always >= 2 iterations per
+    slice."""
+    kind = "b1r" if "_b1r" in name else "b1" if "_b1" in name else "nt2" if "_nt2" in name else "nt1"
+    tiles = -(-n // GEMV_ROWS)
+    target = sm_count(_cupy().cuda.Device().id) * GEMV_WARPS * 2
+    split = 1
+    if tiles >= 1024:
+        split = GEMV_WARPS
+    while split < GEMV_WARPS and tiles * split < 0.75 * target:
+        split *= 2
+    if kind == "b1r" and fmt.share == 1 and fmt.bits % 2 == 1:
+        split = min(2 * split, GEMV_WARPS)
+    _, kstep = _gemv_shape(fmt, kind)
+    niter = -(-k // (32 * kstep))
+    while split > 1 and niter < 2 * split:
+        split //= 2
+    return split
+
+
+def gemv_b1r_blocks(name: str, grid: int, fmt: ExMy, sms: int) -> int:
+    """Blocks per SM the b1r kernel `name`, launched with `grid` blocks, is built for (gemv.cu
+    GEMV_B1R_BLOCKS): 3, the 80-register build without the second register set, where that leaves
+    the last wave of blocks fuller than 2 does; otherwise 2. Only for fp16 operands with one scale
+    per row and codes of other than 6 bits. Measured on an H100 (docs/benchmarks.md): 5120-row
+    layers (320 blocks: 1.2 waves at 2 per SM, 0.8 at 3) 10-23 % faster; bf16 operands and scale
+    groups gained little or lost for some formats, 6-bit codes spill at 80 registers."""
+    fp16_one_scale = name.startswith(("exmy_gemv_fold", "exmy_gemv_two")) and name.endswith("_b1r")
+    if not fp16_one_scale or fmt.bits == 6:
+        return 2
+
+    def fill(per_sm: int) -> float:  # share of the block slots of the waves the launch needs
+        slots = sms * per_sm
+        return grid / (-(-grid // slots) * slots)
+
+    return 3 if fill(3) > fill(2) else 2
+
+
+GEMV_INTERLEAVE = 1  # K slices of a tile take alternate iterations (1) or contiguous runs (0)
+
+
+def _gshift(weight: GpuWeight) -> int:
+    """Group index = chunk >> gshift (31: one group per row); -1: groups not aligned to 32 (slow path)."""
+    if weight.ngroups == 1:
+        return 31
+    g = weight.group_size
+    if g % 32 == 0 and (g // 32) & (g // 32 - 1) == 0:
+        return (g // 32).bit_length() - 1
+    return -1
+
+
+def _x_as_u16(x, x_dtype):
+    """(cupy uint16 [B, K] view of x, x dtype name, was torch, was 1-D)."""
+    cupy = _cupy()
+    torch_in = _is_torch(x)
+    if torch_in:
+        import torch
+
+        if x.dtype not in (torch.float16, torch.bfloat16):
+            raise ExmyError(f"x must be float16 or bfloat16, not {x.dtype}")
+        x_dtype = "F16" if x.dtype == torch.float16 else "BF16"
+        xc = _torch_as_cupy(x)
+    else:
+        xc = cupy.ascontiguousarray(cupy.asarray(x))
+        if x_dtype is None:
+            if xc.dtype != cupy.float16:
+                raise ExmyError("cupy x must be float16, or uint16 bf16 bits with x_dtype='BF16'")
+            x_dtype = "F16"
+    if x_dtype not in ("F16", "BF16"):
+        raise ExmyError(f"x_dtype must be F16 or BF16, not {x_dtype!r}")
+    squeeze = xc.ndim == 1
+    xc = xc.reshape(1, -1) if squeeze else xc
+    xc = xc.view(cupy.uint16)
+    if xc.data.ptr % 16:
+        xc = xc.copy()
+    return xc, x_dtype, torch_in, squeeze
+
+
+class GemvPlan:
+    """One fused GEMV launch (batch <= 16) with its arguments prepared; call it to launch."""
+
+    def __init__(self, xc, x_dtype: str, weight: GpuWeight, y, stream, split: int | None = None,
+                 interleave: int | None = None, defines: tuple = (), overlap: bool = False,
+                 blocks: int | None = None):
+        batch = int(xc.shape[0])
+        if not 1 <= batch <= MAX_BATCH:
+            raise ExmyError(f"a GEMV launch takes 1..{MAX_BATCH} rows of x, not {batch}")
+        if xc.shape[1] != weight.k:
+            raise ExmyError(f"x has {xc.shape[1]} columns; the weight needs {weight.k}")
+        if not supports(weight.fmt):
+            raise ExmyError(f"the fused GEMV does not handle {weight.fmt.name} yet (gpu.supports)")
+        self.name, mode = gemv_kernel_name(weight, x_dtype, batch)
+        n = weight.n
+        self.split = split or gemv_split(n, weight.k, weight.fmt, self.name)
+        self.interleave = GEMV_INTERLEAVE if interleave is None else int(interleave)
+        tiles_per_block = GEMV_WARPS // self.split
+        self.grid = (-(-n // (GEMV_ROWS * tiles_per_block)),)
+        self.blocks_per_sm = 2  # b1r: the register budget it is built for (gemv_b1r_blocks)
+        if "_b1r" in self.name:
+            sms = sm_count(_cupy().cuda.Device().id)
+            self.blocks_per_sm = int(blocks or gemv_b1r_blocks(self.name, self.grid[0], weight.fmt, sms))
+            if self.blocks_per_sm != 2:
+                defines = (*defines, f"GEMV_B1R_BLOCKS={self.blocks_per_sm}")
+            # each warp's x window (one iteration's chunks, 80 bytes each) x 2
+            self.smem = GEMV_WARPS * _gemv_shape(weight.fmt, "b1r")[1] * 80 * 2
+        else:
+            self.smem = _xs_bytes(weight.fmt, weight.k) if "_b1" in self.name else 0
+        self.fn = kernel("gemv.cu", self.name, weight.fmt, defines)
+        if self.smem > 48 * 1024 and self.fn.max_dynamic_shared_size_bytes < self.smem:
+            self.fn.max_dynamic_shared_size_bytes = self.smem
+        self.args = (weight.payload, weight.kernel_scales(mode), xc, y, np.uint32(n), np.uint32(weight.k),
+                     np.uint32(weight.payload.shape[1]), np.uint32(weight.ngroups),
+                     np.uint32(weight.group_size), np.int32(_gshift(weight)), np.uint32(batch),
+                     np.uint32(self.split), np.uint32(self.interleave))
+        self.stream = stream
+        # overlap: programmatic dependent launch (exmyconv.cuda.launch): the weight loads start while
+        # the kernel before is still running; x and y are touched only after it has finished
+        self._pdl = None
+        if overlap:
+            from .launch import Launch
+
+            self._pdl = Launch(self.fn, self.grid, (GEMV_WARPS * 32,), self.args, self.smem)
+
+    def __call__(self):
+        if self._pdl is not None:
+            self._pdl(self.stream.ptr)
+            return
+        with self.stream:
+            self.fn(self.grid, (GEMV_WARPS * 32,), self.args, shared_mem=self.smem)
+
+
+def gemv_plan(x, weight: GpuWeight, out, x_dtype: str | None = None, **tuning) -> GemvPlan:
+    """Prepare y = x @ W.T into `out` ([B, N], B <= 16, same dtype as x) for repeated launches.
+
+    tuning (benchmarks and tests): split=1|2|4|8, interleave=0|1, blocks=2|3 (b1r: blocks per SM
+    of the build), defines=("GEMV_CPT=1", ...).
+    overlap=True launches with programmatic dependent launch (exmyconv.cuda.launch): only where the
+    weights are not written by the kernel just before (always so for model weights)."""
+    cupy = _cupy()
+    xc, x_dtype, _, _ = _x_as_u16(x, x_dtype)
+    y = _torch_as_cupy(out) if _is_torch(out) else cupy.asarray(out)
+    y = y.view(cupy.uint16)
+    if tuple(y.shape) != (xc.shape[0], weight.n) or not y.flags.c_contiguous:
+        raise ExmyError(f"out must be a contiguous [{xc.shape[0]}, {weight.n}] array")
+    return GemvPlan(xc, x_dtype, weight, y, _stream_of(x), **tuning)
+
+
+def gemv(x, weight: GpuWeight, out=None, x_dtype: str | None = None):
+    """y = x @ W.T with W dequantized on the fly (each packed weight read once per 16 rows of x).
+
+    x: [B, K] (or [K]) fp16/bf16, a CUDA torch tensor or a cupy array (float16, or uint16 bf16
+    bits with x_dtype="BF16"). Returns y [B, N] of x's kind and dtype (torch in, torch out; bf16
+    cupy results are uint16 bits). Accumulation is float32 on tensor cores (docs/kernels.md).
+    """
+    cupy = _cupy()
+    xc, x_dtype, torch_in, squeeze = _x_as_u16(x, x_dtype)
+    if xc.ndim != 2 or xc.shape[1] != weight.k:
+        raise ExmyError(f"x has shape {tuple(xc.shape)}; the weight needs [B, {weight.k}]")
+    batch, n = int(xc.shape[0]), weight.n
+    if out is None:
+        y = cupy.empty((batch, n), dtype=cupy.uint16)
+    else:
+        y = (_torch_as_cupy(out) if _is_torch(out) else cupy.asarray(out)).view(cupy.uint16)
+        if tuple(y.shape) != (batch, n) or not y.flags.c_contiguous:
+            raise ExmyError(f"out must be a contiguous array of shape {(batch, n)}")
+    stream = _stream_of(x)
+    for b0 in range(0, batch, MAX_BATCH):
+        b = min(MAX_BATCH, batch - b0)
+        GemvPlan(xc[b0:b0 + b], x_dtype, weight, y[b0:b0 + b], stream)()
+    if out is not None:
+        return out
+    if torch_in:
+        import torch
+
+        t = torch.as_tensor(y.view(cupy.int16), device=x.device)
+        t = t.view(torch.float16 if x_dtype == "F16" else torch.bfloat16)
+        return t[0] if squeeze else t
+    y = y.view(cupy.float16) if x_dtype == "F16" else y
+    return y[0] if squeeze else y

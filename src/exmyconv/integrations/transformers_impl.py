@@ -1,0 +1,447 @@
+"""transformers quantizer "exmy": load exmy checkpoints (formats/SPEC.md) with ``from_pretrained``.
+
+Import :mod:`exmyconv` (or :mod:`exmyconv.integrations.transformers`) rather than this module: that registers lazily and
+keeps ``import exmyconv`` fast. Importing this module imports torch and transformers and
+registers at once.
+
+How a checkpoint loads (docs/transformers.md has the user's view):
+
+- The quantized tensors are the ``exmy:T`` records in the safetensors ``__metadata__`` of the
+  checkpoint files; the quantizer reads the file headers (JSON only) before any weight is loaded.
+- Before loading, every ``nn.Linear`` whose ``weight`` is a record, reached by the plain key
+  (renamings and the base-model prefix aside), is replaced by an :class:`ExmyLinear` with the
+  buffers ``weight_packed`` (uint8) and ``weight_scale`` (the stored fp16/bf16), so the
+  checkpoint's ``T_packed`` / ``T_scale`` load into them unchanged.
+- Every other record is dequantized while it loads, into the parameter the plain checkpoint
+  would fill, in that parameter's dtype: quantized embeddings (``--quantize-embeddings``), a
+  Linear whose weight is tied (a tied ``lm_head``), a Linear the model keeps in float32
+  (``_keep_in_fp32_modules``, e.g. T5's ``wo`` in fp16), 3-D expert tensors that are parameters of an
+  experts module, routers that are not ``nn.Linear``, and tensors that transformers' own
+  conversion mapping transforms on load (e.g. per-expert ``experts.N.gate_proj.weight`` merged
+  into a fused ``experts.gate_up_proj``: the dequantization runs before the merge).
+- ``ExmyLinear.forward`` dequantizes the weight to the input's dtype and calls ``F.linear``
+  (exactly what the plain model computes with the dequantized weight). On a CUDA input with
+  ``exmyconv.cuda.gpu`` available, :meth:`ExmyLinear._gpu_forward` runs the fused kernels instead.
+
+``model.dequantize()`` turns the ExmyLinear layers into nn.Linear (then the model saves as a
+plain checkpoint). Limits: pre-quantized checkpoints only (no quantizing on load); no
+save_pretrained of a quantized model; tensor parallelism and disk offload of quantized tensors
+are not supported.
+"""
+from __future__ import annotations
+
+import copy
+import re
+import threading
+
+import torch
+from torch import nn
+from transformers.quantizers.auto import register_quantization_config, register_quantizer
+from transformers.quantizers.base import HfQuantizer
+from transformers.utils import logging
+from transformers.utils.quantization_config import QuantizationConfigMixin
+
+from ..errors import ExmyError
+from ..format.layout import PACKED_SUFFIX, QUANT_METHOD, SCALE_SUFFIX, VERSION, TensorRecord, check_version
+from ..io.checkpoint import Checkpoint
+from ..torch.codec import TORCH_DTYPE, dequantize, unpack_codes  # noqa: F401 (integrations.transformers exports them)
+from ..torch.linear import ExmyLinear
+
+__all__ = ["ExmyConfig", "ExmyHfQuantizer", "ExmyLinear", "dequantize", "unpack_codes", "register", "QUANT_METHOD"]
+
+logger = logging.get_logger(__name__)
+
+
+# ----------------------------------------------------------------------------- checkpoint headers
+
+def read_records(files) -> tuple[dict, dict, list]:
+    """exmy records of safetensors files: ({T: TensorRecord}, {T: scale dtype "F16"/"BF16"}, all tensor names).
+
+    The checkpoint reader validates headers, versions and each record's packed/scale tensors."""
+    records, scale_dtypes, keys = {}, {}, []
+    for path in files:
+        with Checkpoint(str(path)) as ckpt:
+            ckpt.check()
+            keys.extend(ckpt.files[0].tensors)
+            for name, (record, f) in ckpt.records.items():
+                records[name] = record
+                scale_dtypes[name] = f.tensors[record.scale_name].dtype
+    return records, scale_dtypes, keys
+
+
+# ----------------------------------------------------------------------------- transformers glue
+
+class ExmyConfig(QuantizationConfigMixin):
+    """The ``quantization_config`` of an exmy checkpoint (formats/SPEC.md section 4).
+
+    ``format`` / ``group_size`` are the conversion defaults; each tensor's own parameters (the
+    ``exmy:T`` records of the safetensors metadata) are authoritative. ``ignore`` lists the
+    source tensors kept unquantized. Unknown keys are kept as attributes.
+    """
+
+    def __init__(self, format: str = "e2m2", group_size: int | None = None, ignore: list | None = None,
+                 format_version: str = VERSION, exmyconv_version: str | None = None, **kwargs):
+        kwargs.pop("quant_method", None)
+        self.quant_method = QUANT_METHOD
+        self.format = format
+        self.group_size = group_size
+        self.ignore = list(ignore or [])
+        self.format_version = str(format_version)
+        self.exmyconv_version = exmyconv_version
+        for key, value in kwargs.items():
+            setattr(self, key, value)
+        self.post_init()
+
+    def post_init(self):
+        try:
+            check_version(self.format_version, "quantization_config")
+        except ExmyError as err:
+            raise ValueError(str(err)) from None
+
+
+def _suffixed(pattern: str, suffix: str) -> str:
+    """A source pattern for ``<name>`` turned into one for ``<name><suffix>`` (before a final $)."""
+    return pattern[:-1] + suffix + "$" if pattern.endswith("$") and not pattern.endswith(r"\$") else pattern + suffix
+
+
+class _ExmyDequantize:
+    """Conversion op: dequantize exmy tensors while they load (see ExmyHfQuantizer).
+
+    ``record`` set: the converter collects exactly ``T_packed`` and ``T_scale`` of that record
+    and the op returns the dequantized ``T`` under the key being loaded. Otherwise it runs first
+    in a copy of one of the model's own converters: ``pairs`` maps each added
+    ``<source>_packed`` / ``<source>_scale`` pattern to its ``<source>`` pattern; the op replaces
+    them by dequantized tensors under ``<source>`` (merged, by checkpoint name, with any
+    unquantized ones) for the converter's own operations.
+    """
+
+    supports_many_to_many = True  # a one-to-many converter (e.g. qkv -> q, k, v) gains sources
+
+    def __init__(self, quantizer: "ExmyHfQuantizer", record: str | None = None, pairs: dict | None = None):
+        self.hf_quantizer = quantizer  # transformers then skips its dtype cast for these tensors
+        self.record = record
+        self.pairs = pairs or {}
+
+    def __deepcopy__(self, memo):  # the loader copies converters per layer; the op is stateless
+        return self
+
+    def __repr__(self):
+        return f"ExmyDequantize({self.record or 'first'})"
+
+    @property
+    def reverse_op(self):
+        raise NotImplementedError("exmy checkpoints are not saved back through transformers")
+
+    @torch.no_grad()
+    def convert(self, input_dict, source_patterns=None, target_patterns=None, full_layer_name=None, model=None,
+                **kwargs):
+        q = self.hf_quantizer
+        dtype = q._target_dtype(full_layer_name, model)
+        if self.record is not None:
+            record = q._records[self.record]
+            packed = _single(input_dict, PACKED_SUFFIX, self.record)
+            scale = _single(input_dict, SCALE_SUFFIX, self.record)
+            return {full_layer_name: q._dequantize_record(self.record, packed, scale, dtype)}
+        out = {}
+        for base in source_patterns:
+            if base in self.pairs:
+                continue
+            packed_pat, scale_pat = _suffixed(base, PACKED_SUFFIX), _suffixed(base, SCALE_SUFFIX)
+            named = []
+            plain = input_dict.pop(base, [])
+            plain = plain if isinstance(plain, list) else [plain]
+            names = q._names.get((full_layer_name, base), [])
+            if len(names) != len(plain):
+                raise ExmyError(f"{full_layer_name}: {len(plain)} tensors for {base}, expected {len(names)}")
+            named += [(n, t.to(dtype) if t.is_floating_point() else t) for n, t in zip(names, plain)]
+            packed = input_dict.pop(packed_pat, [])
+            scales = input_dict.pop(scale_pat, [])
+            pnames = q._names.get((full_layer_name, packed_pat), [])
+            snames = q._names.get((full_layer_name, scale_pat), [])
+            tnames = [n[:-len(PACKED_SUFFIX)] for n in pnames]
+            if len(packed) != len(pnames) or len(scales) != len(snames) or tnames != [
+                    n[:-len(SCALE_SUFFIX)] for n in snames]:
+                raise ExmyError(f"{full_layer_name}: packed and scale tensors of {base} do not pair up")
+            named += [(t, q._dequantize_record(t, p, s, dtype)) for t, p, s in zip(tnames, packed, scales)]
+            if named:
+                named.sort(key=lambda item: _natural_key(item[0]))
+                out[base] = [t for _, t in named]
+        return out
+
+
+def _single(input_dict, suffix, record):
+    for key, value in input_dict.items():
+        if key.endswith(suffix):
+            return value[0] if isinstance(value, list) else value
+    raise ExmyError(f"{record}: {record}{suffix} was not loaded")
+
+
+def _natural_key(name):
+    from transformers.core_model_loading import dot_natural_key
+
+    return dot_natural_key(name)
+
+
+class ExmyHfQuantizer(HfQuantizer):
+    """Loads pre-quantized exmy checkpoints (quant_method "exmy"); see the module docstring."""
+
+    requires_calibration = True  # only pre-quantized checkpoints: no quantization on load
+    requires_parameters_quantization = False
+
+    def __init__(self, quantization_config, **kwargs):
+        super().__init__(quantization_config, **kwargs)
+        self._records: dict[str, TensorRecord] = {}
+        self._scale_dtypes: dict[str, str] = {}
+        self._keys: list[str] = []
+        self._linear: dict[str, str] = {}  # module path -> record replaced by an ExmyLinear
+        self._dequant: dict[str, str] = {}  # record -> parameter it is dequantized into
+        self._via_converter: set[str] = set()  # records consumed by one of the model's converters
+        self._names: dict[tuple[str, str], list[str]] = {}  # (loaded key, source pattern) -> checkpoint names
+        self._scale_buffers: set[str] = set()
+        self._dtype = None
+        self._dtype_plan: dict = {}
+        self.serialized_names = {}
+
+    # -- transformers hooks -------------------------------------------------------------------
+    def validate_environment(self, *args, **kwargs):
+        if not self.pre_quantized:
+            raise ValueError("exmy quantizes with `exmyconv quantize`; from_pretrained only loads converted checkpoints")
+
+    def update_dtype(self, dtype):
+        return dtype
+
+    def is_serializable(self, **kwargs):
+        return False
+
+    @property
+    def is_trainable(self):
+        return False
+
+    def preprocess_model(self, model, dtype=None, **kwargs):
+        self._dtype = dtype if isinstance(dtype, torch.dtype) else None  # the base class keeps it to itself
+        return super().preprocess_model(model, dtype=dtype, **kwargs)
+
+    def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
+        from transformers.conversion_mapping import get_model_conversion_mapping
+
+        if not checkpoint_files:
+            raise ValueError("exmy: loading needs the checkpoint's safetensors files (their metadata lists the "
+                             "quantized tensors); a state_dict alone is not enough")
+        files = [f for f in checkpoint_files if str(f).endswith(".safetensors")]
+        self._records, self._scale_dtypes, self._keys = read_records(files)
+        ignored = set(getattr(self.quantization_config, "ignore", None) or ())
+        both = sorted(ignored & set(self._records))
+        if both:
+            raise ExmyError(f"damaged exmy checkpoint: {both[0]} is both quantized and in quantization_config.ignore")
+        self._dtype_plan = model._get_dtype_plan(self._dtype) if self._dtype is not None else {}
+        conversions = get_model_conversion_mapping(model, None, None)
+        routes = self._routes(model, conversions)
+        tied = set(model.all_tied_weights_keys) | set(model.all_tied_weights_keys.values())
+        replaced = {}
+        for name, record in self._records.items():
+            target, converter = routes.get(name, (None, None))
+            if target is None:
+                # e.g. lm_head.weight when AutoModel loads a ...ForCausalLM checkpoint: the loader
+                # reports its T_packed / T_scale as unexpected keys, as it would report T.
+                logger.info(f"exmy: quantized tensor {name} matches nothing in {type(model).__name__}")
+                continue
+            if converter is not None:
+                self._via_converter.add(name)
+                continue
+            path, _, leaf = target.rpartition(".")
+            module = model.get_submodule(path) if path else model
+            if (leaf == "weight" and isinstance(module, nn.Linear) and target not in tied and len(record.shape) == 2
+                    and tuple(module.weight.shape) == record.shape and self._planned_dtype(target) is None):
+                replaced[id(module)] = ExmyLinear.from_linear(module, record.fmt, record.group_size,
+                                                              TORCH_DTYPE[self._scale_dtypes[name]])
+                self._linear[path] = name
+                self._scale_buffers.add(f"{path}.weight_scale")
+            else:
+                self._dequant[name] = target
+        if replaced:
+            _swap_modules(model, replaced)
+        suffixes = {name.rpartition(".")[2] for name in self._via_converter}
+        self.serialized_names = {s: [s, s + PACKED_SUFFIX, s + SCALE_SUFFIX] for s in sorted(suffixes)}
+        return model
+
+    def update_weight_conversions(self, weight_conversions, model):
+        """Dequantize-on-load converters: one per record loaded into a non-ExmyLinear parameter, and
+        a copy of each model converter that consumes records, with the dequantization run first."""
+        from transformers.core_model_loading import WeightConverter, WeightRenaming, apply_renamings
+
+        if not self.pre_quantized:
+            return list(weight_conversions)
+        conversions = list(weight_conversions)
+        routes = self._routes(model, conversions)
+        by_id = {}
+        for name in self._via_converter:
+            converter = routes.get(name, (None, None))[1]
+            if converter is not None:
+                by_id[id(converter)] = converter
+        updated = []
+        for conv in conversions:
+            if id(conv) in by_id:
+                sources = list(conv.source_patterns)
+                pairs = {}
+                for s in sources:
+                    pairs[_suffixed(s, PACKED_SUFFIX)] = s
+                    pairs[_suffixed(s, SCALE_SUFFIX)] = s
+                op = _ExmyDequantize(self, pairs=pairs)
+                conv = conv.copy(sources + list(pairs), list(conv._original_target_patterns),
+                                 operations=[op, *conv.operations])
+            updated.append(conv)
+        renamings = copy.deepcopy([c for c in conversions if isinstance(c, WeightRenaming)])
+        own = []
+        for name, target in sorted(self._dequant.items()):
+            record = self._records[name]
+            sources = ["^" + re.escape(apply_renamings(n, renamings)) for n in (record.packed_name, record.scale_name)]
+            own.append(WeightConverter(sources, target, operations=[_ExmyDequantize(self, record=name)]))
+        updated = own + updated
+        self._names = self._collect_names(model, updated)
+        return updated
+
+    def get_new_dtype(self, converter, param, dtype):
+        from transformers.core_model_loading import WeightRenaming
+
+        if isinstance(converter, WeightRenaming) and converter.target_patterns[0] in self._scale_buffers:
+            return None  # keep the stored fp16/bf16 scales (ExmyLinear's buffer has that dtype)
+        return super().get_new_dtype(converter, param, dtype)
+
+    def _process_model_after_weight_loading(self, model, **kwargs):
+        missing = [f"{path}.{buf}" for path in self._linear for buf in ("weight_packed", "weight_scale")
+                   if not getattr(model.get_buffer(f"{path}.{buf}"), "_is_hf_initialized", False)]
+        if missing:
+            raise ExmyError(f"exmy: {len(missing)} quantized tensors did not load, e.g. {missing[0]}")
+        return model
+
+    def _dequantize(self, model, dtype=None):
+        """``model.dequantize()``: every ExmyLinear becomes an nn.Linear holding its decoded weight.
+
+        ``dtype`` (default: the dtype the model was loaded in, ``model.config.dtype``) is the
+        weights' dtype; the values are exactly those of ``exmyconv.load_state_dict``.
+        """
+        replacements = {}
+        for module in model.modules():
+            if isinstance(module, ExmyLinear):
+                target = dtype or module.weight_dtype
+                with torch.device("meta"):
+                    linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
+                linear.weight = nn.Parameter(module.dequantize_weight(target), requires_grad=False)
+                if module.bias is not None:
+                    linear.bias = nn.Parameter(module.bias.detach().to(target), requires_grad=False)
+                replacements[id(module)] = linear
+        _swap_modules(model, replacements)
+        return model
+
+    # -- helpers -------------------------------------------------------------------------------
+    def _routes(self, model, conversions) -> dict:
+        """Where each record's tensor T goes: {T: (loaded key or None, model converter or None)}.
+
+        Runs transformers' own key renaming over the checkpoint as if it were unquantized (T in
+        place of T_packed / T_scale), in the loader's order, on copies of the transforms.
+        """
+        packed = {r.packed_name for r in self._records.values()} | {r.scale_name for r in self._records.values()}
+        keys = [k for k in self._keys if k not in packed] + list(self._records)
+        found = _simulate(model, conversions, keys)
+        return {name: found[name] for name in self._records}
+
+    def _collect_names(self, model, conversions) -> dict:
+        """{(loaded key, source pattern): checkpoint names in load order} for the dequantize ops."""
+        names: dict[tuple[str, str], list[str]] = {}
+        for key, (target, converter, pattern) in _simulate(model, conversions, self._keys, patterns=True).items():
+            if target is not None and converter is not None and any(
+                    isinstance(op, _ExmyDequantize) and op.record is None for op in converter.operations):
+                names.setdefault((target, pattern), []).append(key)
+        return names
+
+    def _planned_dtype(self, key):
+        """The dtype transformers' dtype plan (``_keep_in_fp32_modules``) forces on ``key``, if any."""
+        from transformers.core_model_loading import build_glob_alternation
+
+        if not self._dtype_plan:
+            return None
+        alternation, by_group, _ = build_glob_alternation(list(self._dtype_plan))
+        match = alternation.search(key)
+        return None if match is None else self._dtype_plan[by_group[match.lastgroup]]
+
+    def _target_dtype(self, key, model):
+        planned = self._planned_dtype(key)
+        if planned is not None:
+            return planned
+        try:
+            return model.get_parameter_or_buffer(key).dtype
+        except AttributeError:
+            return self._dtype or torch.get_default_dtype()
+
+    def _dequantize_record(self, name, packed, scale, dtype):
+        record = self._records[name]
+        if tuple(packed.shape) != record.packed_shape or tuple(scale.shape) != record.scale_shape:
+            raise ExmyError(f"{name}: packed {list(packed.shape)} / scales {list(scale.shape)} do not match "
+                            f"its exmy record ({list(record.packed_shape)} / {list(record.scale_shape)})")
+        return dequantize(packed, scale, record.fmt, record.k, record.group_size, dtype)
+
+
+def _simulate(model, conversions, keys, patterns: bool = False) -> dict:
+    """The loader's key routing (transformers.core_model_loading.convert_and_load_state_dict_in_model).
+
+    {checkpoint key: (loaded key or None, converter or None[, matched source pattern])}, computed on
+    copies of the transforms (renaming marks them used and some keep state).
+    """
+    from transformers.core_model_loading import WeightConverter, WeightRenaming, dot_natural_key, rename_source_key
+
+    copies = copy.deepcopy(list(conversions))
+    renamings = [c for c in copies if isinstance(c, WeightRenaming)]
+    converters = [c for c in copies if isinstance(c, WeightConverter)]
+    originals = {id(cp): orig for cp, orig in zip(copies, conversions)}
+    pattern_to_converter = {p: c for c in converters for p in c.source_patterns}
+    meta = model.state_dict()
+    prefix = model.base_model_prefix
+    out = {}
+    for key in sorted(keys, key=dot_natural_key):
+        renamed, pattern = rename_source_key(key, renamings, converters, prefix, meta)
+        if renamed not in meta and key in meta:
+            renamed, pattern = rename_source_key(key, [], [], base_model_prefix=prefix, meta_state_dict=meta)
+        converter = originals[id(pattern_to_converter[pattern])] if pattern is not None else None
+        target = renamed if renamed in meta else None
+        out[key] = (target, converter, pattern) if patterns else (target, converter)
+    return out
+
+
+def _swap_modules(model, replacements: dict) -> None:
+    """Put replacements[id(old)] wherever ``old`` is a child (all parents, shared modules too)."""
+    for parent in list(model.modules()):
+        for child_name, child in list(parent._modules.items()):
+            if child is not None and id(child) in replacements:
+                parent._modules[child_name] = replacements[id(child)]
+
+
+# ----------------------------------------------------------------------------- registration
+
+_REGISTER_LOCK = threading.Lock()
+
+
+def check_transformers() -> None:
+    """Raise ExmyError unless this transformers has the loading API the quantizer relies on (5.x)."""
+    import importlib.util
+
+    import transformers
+
+    needed = ("update_weight_conversions", "get_new_dtype", "get_load_operations")
+    if (importlib.util.find_spec("transformers.core_model_loading") is None
+            or not all(hasattr(HfQuantizer, name) for name in needed)):
+        raise ExmyError(f"exmyconv's transformers integration needs transformers 5 (tested with 5.23), "
+                        f"found {transformers.__version__}")
+
+
+def register() -> None:
+    """Register ExmyConfig / ExmyHfQuantizer under "exmy" (public transformers API; idempotent)."""
+    check_transformers()
+    with _REGISTER_LOCK:
+        for decorate, cls in ((register_quantization_config, ExmyConfig), (register_quantizer, ExmyHfQuantizer)):
+            try:
+                decorate(QUANT_METHOD)(cls)
+            except ValueError:  # already registered (by an earlier import of this module)
+                pass
+
+
+register()

@@ -1,0 +1,181 @@
+"""ExmyLinear: an ``nn.Linear`` whose weight stays packed ExMy and is decoded per call.
+
+Used by the transformers integration (and the next integrations). The CPU path decodes with the torch
+codec and calls ``F.linear``; on CUDA the fused kernels of :mod:`exmyconv.cuda` run when they apply.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import cuda
+from ..errors import ExmyError
+from ..format.exmy import ExMy, get_format
+from ..format.pack import row_bytes
+from ..format.quant import groups_of
+from .codec import dequantize
+
+_SCALE_NAME = {torch.float16: "F16", torch.bfloat16: "BF16"}
+
+
+def _gpu_backend():
+    """exmyconv.cuda.gpu when the CUDA path can run here, else None (the one probe, cached)."""
+    return cuda.backend()
+
+
+class ExmyLinear(nn.Module):
+    """A Linear layer whose weight stays packed ExMy (formats/SPEC.md) and is decoded per call.
+
+    Buffers ``weight_packed`` (uint8 [out_features, row_bytes]) and ``weight_scale`` (the stored
+    fp16/bf16 [out_features, ngroups]) hold exactly the checkpoint's ``<module>.weight_packed`` /
+    ``<module>.weight_scale``; ``bias`` is an ordinary parameter. ``fmt``, ``group_size`` (G) and
+    ``in_features`` (K) are the record's parameters.
+
+    forward(x): on a CUDA input, :meth:`_gpu_forward` (fused kernels of ``exmyconv.cuda.gpu``) when it
+    applies; otherwise the weight is dequantized to ``x.dtype`` and ``F.linear(x, W, bias)`` runs.
+    Nothing is cached: the dequantized weight lives only during the call (memory stays at the
+    packed size; a cache would cost the full-precision size). Set ``ExmyLinear.gpu_kernels =
+    False`` (or environment ``EXMYCONV_GPU_KERNELS=0``) to use the dequantize + F.linear path on
+    CUDA as well.
+
+    ``weight`` is a read-only property for code that inspects ``module.weight`` (its dtype,
+    device, shape — e.g. T5's feed-forward): each access dequantizes a fresh copy in
+    ``weight_dtype`` (the dtype the model was loaded in; follows ``.to(dtype)``). Writing into
+    it changes nothing.
+    """
+
+    gpu_kernels: bool = os.environ.get("EXMYCONV_GPU_KERNELS", "1") != "0"
+
+    def __init__(self, in_features: int, out_features: int, fmt: ExMy | str, group_size: int | None = None,
+                 bias: bool = True, scale_dtype: torch.dtype = torch.float16, device=None,
+                 dtype: torch.dtype | None = None):
+        super().__init__()
+        self.weight_dtype = dtype or torch.get_default_dtype()
+        self.in_features, self.out_features = int(in_features), int(out_features)
+        self.fmt = get_format(fmt) if isinstance(fmt, str) else fmt
+        self.group_size, ngroups = groups_of(self.in_features, group_size)
+        if scale_dtype not in _SCALE_NAME:
+            raise ExmyError(f"scales are float16 or bfloat16, not {scale_dtype}")
+        self.scale_format = _SCALE_NAME[scale_dtype]  # "F16"/"BF16": what the checkpoint stores
+        self.register_buffer("weight_packed", torch.empty(
+            (self.out_features, row_bytes(self.fmt, self.in_features)), dtype=torch.uint8, device=device))
+        self.register_buffer("weight_scale", torch.empty((self.out_features, ngroups), dtype=scale_dtype,
+                                                         device=device))
+        if bias:
+            self.bias = nn.Parameter(torch.empty(self.out_features, dtype=dtype, device=device))
+        else:
+            self.register_parameter("bias", None)
+        self._gpu_weight_cache = None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, fmt: ExMy | str, group_size: int | None,
+                    scale_dtype: torch.dtype = torch.float16) -> "ExmyLinear":
+        """An ExmyLinear for ``linear``'s shape and device, reusing its bias parameter (not its weight)."""
+        new = cls(linear.in_features, linear.out_features, fmt, group_size, bias=False, scale_dtype=scale_dtype,
+                  device=linear.weight.device, dtype=linear.weight.dtype)
+        new.bias = linear.bias  # the same Parameter object (or None): loads like the original's
+        return new
+
+    def extra_repr(self) -> str:
+        g = "" if self.group_size == self.in_features else f", group_size={self.group_size}"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, format={self.fmt.name}{g}, "
+                f"scales={self.scale_format}, bias={self.bias is not None}")
+
+    def dequantize_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The weight [out_features, in_features] as ``dtype`` (default ``weight_dtype``), a new tensor."""
+        return dequantize(self.weight_packed, self.weight_scale, self.fmt, self.in_features, self.group_size,
+                          dtype or self.weight_dtype)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """A dequantized copy in ``weight_dtype`` (for code that inspects ``.weight``; costs a decode)."""
+        return self.dequantize_weight()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda and self.gpu_kernels:
+            y = self._gpu_forward(x)
+            if y is not None:
+                return y
+        # CPU (and fallback) path: decode to the compute dtype, then the same F.linear as nn.Linear.
+        return F.linear(x, self.dequantize_weight(x.dtype), self.bias)
+
+    # -- GPU hook ----------------------------------------------------------------------------
+    def _gpu_forward(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The CUDA path, or None to fall back to dequantize + F.linear.
+
+        Runs when ``exmyconv.cuda.gpu`` imports and ``exmyconv.cuda.gpu.available()``, x and the buffers are
+        on CUDA, x is fp16/bf16, and the backend handles the format (``exmyconv.cuda.gpu.supports(fmt)``
+        if it defines it, else unshared formats only). Then :meth:`_gpu_compute`.
+        """
+        gpu = _gpu_backend()
+        if gpu is None or x.dtype not in (torch.float16, torch.bfloat16) or not self.weight_packed.is_cuda:
+            return None
+        supports = getattr(gpu, "supports", None)
+        if not (supports(self.fmt) if callable(supports) else self.fmt.share == 1):
+            return None
+        return self._gpu_compute(gpu, x)
+
+    def _gpu_compute(self, gpu, x: torch.Tensor) -> torch.Tensor:
+        """y = x W^T + b with the GPU backend ``gpu`` (exmyconv.cuda.gpu's API):
+
+        - rows of x (leading dims flattened) <= ``gpu.MAX_BATCH`` (16): the fused GEMV
+          ``gpu.gemv(x2d, weight)`` -> [rows, out_features] in x's dtype, then the bias is added;
+        - more rows: ``weight.dequantize("F16"|"BF16")`` (bit-exact, a cupy array),
+          ``gpu.to_torch(array, dtype)``, then ``F.linear`` — the same result as the plain model.
+
+        ``weight`` is ``gpu.upload(payload=, scales=, scale_dtype=, fmt=, shape=, group_size=)`` of
+        the buffers (see :meth:`_gpu_weight`).
+        """
+        x2 = x.reshape(-1, self.in_features)
+        weight = self._gpu_weight(gpu)
+        if x2.shape[0] <= gpu.MAX_BATCH:
+            y = gpu.gemv(x2.contiguous(), weight)
+            if self.bias is not None:
+                y = y + self.bias.to(y.dtype)
+        else:
+            out_dtype = "F16" if x.dtype == torch.float16 else "BF16"
+            w = gpu.to_torch(weight.dequantize(out_dtype), out_dtype).reshape(self.out_features, self.in_features)
+            y = F.linear(x2, w, self.bias)
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def _gpu_weight(self, gpu):
+        """``gpu.upload(...)`` of the buffers, kept while they stay where they are.
+
+        The buffers are already on the GPU, so this is a zero-copy view (plus the small scale
+        arrays the GEMV derives), not a dequantized copy.
+        """
+        key = (self.weight_packed.data_ptr(), self.weight_scale.data_ptr(), self.weight_scale.dtype)
+        if self._gpu_weight_cache is None or self._gpu_weight_cache[0] != key:
+            weight = gpu.upload(payload=self.weight_packed, scales=self.weight_scale, scale_dtype=self.scale_format,
+                                fmt=self.fmt, shape=(self.out_features, self.in_features), group_size=self.group_size)
+            self._gpu_weight_cache = (key, weight)
+        return self._gpu_weight_cache[1]
+
+    # -- dtype safety ------------------------------------------------------------------------
+    def _apply(self, fn, recurse=True):
+        """``.to(device)`` moves the scales; ``.to(dtype)`` must not round them (bf16 -> fp16 is lossy).
+
+        The scales pass through ``fn`` as integer bit patterns, which casts leave alone.
+        """
+        try:  # follow .to(dtype) / .half() with the dtype `weight` reports
+            probe = fn(torch.empty(0, dtype=self.weight_dtype))
+            if isinstance(probe, torch.Tensor) and probe.is_floating_point():
+                self.weight_dtype = probe.dtype
+        except Exception:
+            pass
+        scale = self._buffers.get("weight_scale")
+        if scale is None or not scale.is_floating_point():
+            return super()._apply(fn, recurse)
+        dt = scale.dtype
+        self._buffers["weight_scale"] = scale.view(torch.int16 if scale.element_size() == 2 else torch.int32)
+        try:
+            return super()._apply(fn, recurse)
+        finally:
+            moved = self._buffers["weight_scale"]
+            if not moved.is_floating_point():
+                self._buffers["weight_scale"] = moved.view(dt)
+            self._gpu_weight_cache = None
+
