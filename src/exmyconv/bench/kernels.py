@@ -23,6 +23,7 @@ from ..errors import ExmyError
 from ..format.exmy import NAMED, get_format
 from ..format.pack import row_bytes
 from ..format.quant import groups_of
+from . import peers as peer_kernels
 
 # (K inputs, N outputs) of nn.Linear layers found in LLMs.
 STANDARD_SHAPES = ((4096, 4096), (4096, 14336), (14336, 4096), (8192, 28672), (28672, 8192))
@@ -164,8 +165,11 @@ def git_commit() -> str:
 
 
 def run(shapes=STANDARD_SHAPES, formats=NAMED, batches=BATCHES, group_size: int | None = None,
-        reps: int = 100, dequant: bool = True, log=print) -> dict:
-    """Run the whole benchmark; returns the JSON-ready result dict."""
+        reps: int = 100, dequant: bool = True, peers: bool = False, log=print) -> dict:
+    """Run the whole benchmark; returns the JSON-ready result dict.
+
+    ``peers``: also time vLLM's Humming kernels (bench/peers.py) for the formats both support and its
+    int4-g128, same timer, shapes, batches and rotation (rows "peers"; gemv rows gain humming_ms)."""
     import torch
     import torch.nn.functional as F
 
@@ -180,11 +184,16 @@ def run(shapes=STANDARD_SHAPES, formats=NAMED, batches=BATCHES, group_size: int 
         "method": "CUDA events per launch, queue pre-filled, medians; weights rotated over "
                   f">= {MIN_COPIES} copies and >= {ROTATE_BYTES >> 20} MiB",
     }
+    if peers:
+        reason = peer_kernels.unavailable_reason()
+        if reason:
+            raise ExmyError(f"--peers: {reason}")
+        result["peers_version"] = {"humming-kernels": peer_kernels.version()}
     copy = copy_bandwidth(timer)
     result["copy"] = copy
     log(f"device: {info['name']} ({info['arch']}, {info['sms']} SMs, L2 {info['l2_bytes'] >> 20} MiB); "
         f"copy bandwidth {copy['gbps']:.0f} GB/s (read + write)")
-    deq_rows, gemv_rows = [], []
+    deq_rows, gemv_rows, peer_rows = [], [], []
     same_size_copy: dict[int, float] = {}
     seed = 1
     for k, n in shapes:
@@ -202,6 +211,29 @@ def run(shapes=STANDARD_SHAPES, formats=NAMED, batches=BATCHES, group_size: int 
             base[b] = min(t["median_ms"], t_lin["median_ms"])
         del w16
         torch.cuda.empty_cache()
+        peer_ms = {}  # (format, batch) -> Humming's median ms for this shape
+        if peers:
+            wanted = {f.name: peer_kernels.SAME_FORMAT[f.name] for f in fmts if f.name in peer_kernels.SAME_FORMAT
+                      and group_size is None}
+            for name, config in {**wanted, **peer_kernels.EXTRA}.items():
+                seed += 1
+                try:  # a peer that fails is reported, and our figures still come out
+                    hw = peer_kernels.HummingWeights(k, n, config, copies_for, seed)
+                    for b in batches:
+                        y = torch.empty(b, n, dtype=torch.float16, device="cuda")
+                        t = timer(hw.launcher(xs[b], y))
+                        peer_ms[(name, b)] = t["median_ms"]
+                        peer_rows.append({"shape": label, "k": k, "n": n, "peer": "humming", "format": name,
+                                          "batch": b, "bits_per_weight": 8.0 * hw.nbytes / (n * k),
+                                          "torch_fp16_ms": base[b], "peer_ms": t["median_ms"],
+                                          "speedup": base[b] / t["median_ms"]})
+                        log(f"humming {label:>12} {name} b={b:<2}: {t['median_ms'] * 1e3:7.1f} us  "
+                            f"{base[b] / t['median_ms']:5.2f}x")
+                    del hw
+                except Exception as err:
+                    result.setdefault("peer_errors", []).append(f"{label} {name}: {type(err).__name__}: {err}")
+                    log(f"humming {label:>12} {name}: failed: {type(err).__name__}: {err}")
+                torch.cuda.empty_cache()
         for fmt in fmts:
             w0 = random_weight(fmt, k, n, group_size, seed)
             seed += 1
@@ -239,6 +271,9 @@ def run(shapes=STANDARD_SHAPES, formats=NAMED, batches=BATCHES, group_size: int 
                        "bits_per_weight": bpw, "torch_fp16_ms": base[b], "exmy_ms": t["median_ms"],
                        "speedup": speedup, "bound": bound, "pct_bound": 100.0 * speedup / bound,
                        "weight_gbps": w0.nbytes / t["median_ms"] / 1e6, "kernel": plans[0].name}
+                if (fmt.name, b) in peer_ms:
+                    row["humming_ms"] = peer_ms[(fmt.name, b)]
+                    row["vs_humming"] = peer_ms[(fmt.name, b)] / t["median_ms"]  # > 1: ours faster
                 gemv_rows.append(row)
                 log(f"gemv {label:>12} {fmt.name} b={b:<2}: torch {base[b] * 1e3:7.1f} us  exmy "
                     f"{t['median_ms'] * 1e3:7.1f} us  {speedup:5.2f}x  ({row['pct_bound']:5.1f}% of {bound:.2f}x)")
@@ -246,6 +281,8 @@ def run(shapes=STANDARD_SHAPES, formats=NAMED, batches=BATCHES, group_size: int 
             torch.cuda.empty_cache()
     result["dequant"] = deq_rows
     result["gemv"] = gemv_rows
+    if peers:
+        result["peers"] = peer_rows
     return result
 
 
@@ -266,11 +303,23 @@ def table(result: dict) -> str:
                          f"{r['pct_copy']:7.1f} {'' if same is None else f'{same:17.1f}'}")
     if result.get("gemv"):
         lines.append("")
+        peers = "peers" in result
         lines.append(f"{'gemv':<8}{'shape':>14} {'batch':>5} {'fp16 us':>9} {'exmy us':>9} {'speedup':>8} "
-                     f"{'bound':>6} {'% bound':>8}")
+                     f"{'bound':>6} {'% bound':>8}" + (f" {'humming us':>11} {'humming/exmy':>13}" if peers else ""))
         for r in result["gemv"]:
-            lines.append(f"{r['format']:<8}{r['shape']:>14} {r['batch']:>5} {r['torch_fp16_ms'] * 1e3:9.1f} "
-                         f"{r['exmy_ms'] * 1e3:9.1f} {r['speedup']:7.2f}x {r['bound']:5.2f}x {r['pct_bound']:7.1f}%")
+            line = (f"{r['format']:<8}{r['shape']:>14} {r['batch']:>5} {r['torch_fp16_ms'] * 1e3:9.1f} "
+                    f"{r['exmy_ms'] * 1e3:9.1f} {r['speedup']:7.2f}x {r['bound']:5.2f}x {r['pct_bound']:7.1f}%")
+            if peers and "humming_ms" in r:
+                line += f" {r['humming_ms'] * 1e3:11.1f} {r['vs_humming']:12.2f}x"
+            lines.append(line)
+    others = [r for r in result.get("peers", []) if r["format"] not in {g["format"] for g in result.get("gemv", [])}]
+    if others:
+        lines.append("")
+        lines.append(f"{'humming':<10}{'shape':>14} {'batch':>5} {'fp16 us':>9} {'humming us':>11} {'speedup':>8} "
+                     f"{'bits/w':>7}")
+        for r in others:
+            lines.append(f"{r['format']:<10}{r['shape']:>14} {r['batch']:>5} {r['torch_fp16_ms'] * 1e3:9.1f} "
+                         f"{r['peer_ms'] * 1e3:11.1f} {r['speedup']:7.2f}x {r['bits_per_weight']:7.2f}")
     return "\n".join(lines)
 
 
@@ -294,7 +343,17 @@ def plot(result: dict, path: str | Path) -> bool:
         sub = [r for r in rows if r["shape"] == shape]
         for fmt in dict.fromkeys(r["format"] for r in sub):
             pts = sorted((r["batch"], r["speedup"]) for r in sub if r["format"] == fmt)
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=fmt)
+            line, = ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=fmt)
+            theirs = sorted((r["batch"], r["speedup"]) for r in result.get("peers", [])
+                            if r["shape"] == shape and r["format"] == fmt)
+            if theirs:  # the peer's kernel for the same format: same colour, dashed
+                ax.plot([p[0] for p in theirs], [p[1] for p in theirs], ls="--", marker="x", color=line.get_color(),
+                        label=f"{fmt} (Humming)")
+        for fmt in dict.fromkeys(r["format"] for r in result.get("peers", []) if r["shape"] == shape):
+            if fmt not in {r["format"] for r in sub}:
+                pts = sorted((r["batch"], r["speedup"]) for r in result["peers"] if r["shape"] == shape and r["format"] == fmt)
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], ls=":", marker="x", color="gray",
+                        label=f"{fmt} (Humming)")
         ax.axhline(1.0, color="gray", lw=0.8, ls="--")
         ax.set_xscale("log", base=2)
         ax.set_xticks(sorted({r["batch"] for r in sub}))

@@ -25,6 +25,8 @@ from ..format.exmy import NAMED
               help="Scale group size of the random weights (default: one scale per output channel).")
 @click.option("--reps", type=int, default=100, show_default=True, help="Timed launches per measurement.")
 @click.option("--no-dequant", is_flag=True, help="Skip the dequantization bandwidth measurement.")
+@click.option("--peers", is_flag=True, help="Also time vLLM's Humming kernels (pip install humming-kernels) for "
+                                             "e2m1/e2m2/e3m2/e2m3 and its int4-g128, in the same run.")
 @click.option("--json", "json_path", default="exmy-bench.json", show_default=True, help="Write results here.")
 @click.option("--png", "png_path", default="exmy-bench.png", show_default=True,
               help="Plot of speedup vs batch, one line per format.")
@@ -33,7 +35,7 @@ from ..format.exmy import NAMED
                    "transformers config.json (or its folder). See docs/benchmarks.md.")
 @click.option("--layers", type=int, default=None, help="With --e2e: decoder layers (shrinks the model).")
 @click.option("--tokens", type=int, default=128, show_default=True, help="With --e2e: tokens decoded per run.")
-def bench(formats, shapes, checkpoint, max_shapes, batches, group_size, reps, no_dequant, json_path, png_path,
+def bench(formats, shapes, checkpoint, max_shapes, batches, group_size, reps, no_dequant, peers, json_path, png_path,
           e2e, layers, tokens):
     """Time GPU dequantization and the fused ExMy GEMV against torch fp16 F.linear (needs a CUDA GPU)."""
     if e2e is not None:
@@ -67,7 +69,7 @@ def bench(formats, shapes, checkpoint, max_shapes, batches, group_size, reps, no
     except (ExmyError, ValueError) as err:
         click.echo(f"error: {err}", err=True)
         sys.exit(1)
-    result = b.run(shape_list, fmts, batch_list, group_size, reps=reps, dequant=not no_dequant,
+    result = b.run(shape_list, fmts, batch_list, group_size, reps=reps, dequant=not no_dequant, peers=peers,
                    log=lambda msg: click.echo(msg, err=True))
     click.echo(b.table(result))
     for path in b.write(result, json_path, png_path):
