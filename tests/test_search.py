@@ -733,3 +733,16 @@ def test_calibration_bad_text_file(content, minilm_dir, run_cli, tmp_path):
     from exmyconv.convert.calibration import activation_moments
     with pytest.raises(ExmyError):
         activation_moments(minilm_dir, str(text))
+
+
+def test_too_small_budget_names_the_smallest_achievable_bits(small_source, tmp_path, run_cli):
+    src, _, _ = small_source
+    code, _, err = run_cli("quantize", src, tmp_path / "out", "--format", "auto", "--bits", "3")
+    assert code == 1 and len(err.strip().splitlines()) == 1
+    found = re.search(r"smallest achievable with these candidates is (\d+\.\d+)", err)
+    assert found, err
+    smallest = float(found[1])
+    assert smallest > 3
+    code, _, err = run_cli("quantize", src, tmp_path / "ok", "--format", "auto", "--bits", f"{smallest + 0.001:.3f}")
+    assert code == 0, err
+    assert not (tmp_path / "out").exists()

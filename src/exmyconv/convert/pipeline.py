@@ -194,7 +194,7 @@ def choose_formats(items: list[Item], opts: Options, progress) -> dict:
     sizes = [np.array([c.nbytes(i.info.shape) for c in cands], dtype=np.float64) for i in todo]
     numels = [i.record.numel for i in todo]
     if opts.bits is not None:  # refuse an impossible budget before the long part
-        search.check_budget(sizes, opts.bits * sum(numels) / 8)
+        search.check_budget(sizes, opts.bits * sum(numels) / 8, sum(numels))
     errs = []
     for item in todo:
         progress.set_postfix_str(item.info.name[-40:], refresh=False)

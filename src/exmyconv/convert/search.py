@@ -103,13 +103,18 @@ def _pick(costs: np.ndarray, errs: np.ndarray, lam: float) -> int:
     return int(np.argmin(errs + lam * costs))
 
 
-def check_budget(sizes: list[np.ndarray], budget_bytes: float) -> None:
+def check_budget(sizes: list[np.ndarray], budget_bytes: float, weights: int | None = None) -> None:
+    """Refuse a budget no allocation fits; with ``weights`` (their count) the message says the
+    smallest achievable bits per weight."""
     if not budget_bytes > 0:  # zero, negative or NaN
         raise ExmyError("the bits budget must be a positive number")
     smallest = sum(float(s.min()) for s in sizes)
     if smallest > budget_bytes:
-        raise ExmyError(f"bits budget too small: the smallest candidates need "
-                        f"{smallest / budget_bytes:.3f}x the budget")
+        if weights:
+            raise ExmyError(f"bits budget too small: {8 * budget_bytes / weights:g} bits/weight asked, the smallest "
+                            f"achievable with these candidates is {8 * smallest / weights:.3f} (scales and padding "
+                            "included)")
+        raise ExmyError(f"bits budget too small: the smallest candidates need {smallest / budget_bytes:.3f}x the budget")
 
 
 def allocate(sizes: list[np.ndarray], errors: list[np.ndarray], budget_bytes: float) -> tuple[list[int], float]:
