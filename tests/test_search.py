@@ -746,3 +746,48 @@ def test_too_small_budget_names_the_smallest_achievable_bits(small_source, tmp_p
     code, _, err = run_cli("quantize", src, tmp_path / "ok", "--format", "auto", "--bits", f"{smallest + 0.001:.3f}")
     assert code == 0, err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.fixture(scope="module")
+def headless_llama(tmp_path_factory):
+    """A tiny random Llama whose config.json has "architectures": null (the base model then loads
+    for calibration, its layer names lacking the checkpoint's "model." prefix), with a word-level tokenizer."""
+    import torch
+    import transformers
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    root = tmp_path_factory.mktemp("headless")
+    words = sorted(set(re.findall(r"[a-z]+", PROSE.lower())))
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(["[UNK]", *words])}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]").save_pretrained(root)
+    cfg = transformers.LlamaConfig(vocab_size=len(words) + 1, hidden_size=128, intermediate_size=256,
+                                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(root)
+    config = json.loads((root / "config.json").read_text())
+    config["architectures"] = None
+    (root / "config.json").write_text(json.dumps(config))
+    return root
+
+
+def test_calibration_matches_names_across_a_model_prefix(headless_llama, prose_file, tmp_path):
+    """Every quantized weight gets its statistics even when the calibration model's names lack the
+    checkpoint's prefix (it used to match none, silently)."""
+    args = ("--format", "auto", "--bits", "6", "--candidates", "e2m1-g64,e2m2s4,e2m2,e2m3", "--no-verify")
+    code, _, err = cli_call("quantize", headless_llama, tmp_path / "plain", *args)
+    assert code == 0, err
+    code, _, err = cli_call("quantize", headless_llama, tmp_path / "calib", *args, "--calibration", prose_file)
+    assert code == 0, err
+    plain = json.loads((tmp_path / "plain" / "exmy_search.json").read_text())["tensors"]
+    calib = json.loads((tmp_path / "calib" / "exmy_search.json").read_text())["tensors"]
+    assert set(plain) == set(calib) and len(plain) == 14
+    assert all(calib[n]["options"] != plain[n]["options"] for n in plain)
+
+
+def test_calibration_names_the_weights_it_cannot_match(headless_llama, prose_file, run_cli, tmp_path):
+    """An embedding is no nn.Linear input: calibrating it fails loudly, naming it, and writes nothing."""
+    out = tmp_path / "out"
+    code, stdout, err = run_cli("quantize", headless_llama, out, "--format", "auto", "--bits", "6",
+                                "--quantize-embeddings", "--calibration", prose_file, "--no-verify")
+    assert_clean_failure(code, stdout, err, tmp_path, out, "embed_tokens", "calibration")

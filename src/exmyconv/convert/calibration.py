@@ -21,10 +21,21 @@ def load_model(root: Path):
         import transformers
     except ImportError as err:
         raise ExmyError(f"--calibration needs torch and transformers ({err.name} is missing)") from None
+    from transformers.utils import logging as hf_logging
+
     config = transformers.AutoConfig.from_pretrained(root)
     classes = [getattr(transformers, name, None) for name in (config.architectures or [])]
     model_class = next((c for c in classes if c is not None), transformers.AutoModel)
-    model = model_class.from_pretrained(root, torch_dtype=torch.float32)
+    # transformers' loading report and progress bar would bury our own output (and error line)
+    verbosity, bar = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        model = model_class.from_pretrained(root, torch_dtype=torch.float32)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bar:
+            hf_logging.enable_progress_bar()
     return model.eval()
 
 
@@ -72,4 +83,29 @@ def activation_moments(root: Path, text_file: str, max_tokens: int = 4096, devic
     for name, total in sums.items():
         mean = (total / counts[name]).cpu().numpy().astype(np.float32)
         out[f"{name}.weight"] = mean + np.float32(1e-6) * max(float(mean.mean()), 1e-30)  # no zero weights
+    return out
+
+
+def match(moments: dict, names: list[str]) -> dict:
+    """{checkpoint weight name: its moments} for every name in ``names``, or ExmyError naming those missed.
+
+    The calibration model's layer names can differ from the checkpoint's by a leading prefix: a
+    config without ``architectures`` loads the base model (``layers.0...``) for a checkpoint that
+    stores ``model.layers.0...``, and the other way round. A name matches exactly, else the one
+    moments key that equals it up to such a prefix.
+    """
+    out, missed = {}, []
+    for name in names:
+        if name in moments:
+            out[name] = moments[name]
+            continue
+        near = [key for key in moments if name.endswith("." + key) or key.endswith("." + name)]
+        if len(near) == 1:
+            out[name] = moments[near[0]]
+        else:
+            missed.append(name)
+    if missed:
+        raise ExmyError(f"--calibration: no activation statistics for {len(missed)} of {len(names)} quantized weights "
+                        f"(e.g. {', '.join(missed[:3])}): the calibration model has no nn.Linear of that name; "
+                        "keep them unquantized with --skip, or convert without --calibration")
     return out

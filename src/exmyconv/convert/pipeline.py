@@ -345,12 +345,13 @@ def convert(model_dir: str, out_dir: str, opts: Options | None = None, overwrite
         with atomic_dir(out_dir, source.root, overwrite) as tmp:
             quiet = not progress if progress is not None else None
             if opts.calibration:
-                from .calibration import activation_moments
+                from .calibration import activation_moments, match
 
                 moments = activation_moments(source.root, opts.calibration, opts.calibration_tokens)
+                matched = match(moments, [item.info.name for item in items if item.record])
                 for item in items:
-                    if item.record and item.info.name in moments:
-                        item.importance = moments[item.info.name]
+                    if item.record:
+                        item.importance = matched[item.info.name]
             search_report = None
             if opts.auto:
                 search_began = time.perf_counter()
