@@ -471,18 +471,20 @@ class FakeGpu:
         fake = self
 
         class Weight:
-            def dequantize(self, out_dtype="F16"):
+            def dequantize(self, out_dtype="F16", out=None):
                 fake.calls.append(f"dequantize:{out_dtype}")
                 dtype = {"F16": torch.float16, "BF16": torch.bfloat16}[out_dtype]
-                return dequantize(payload, scales, fmt, shape[-1], group_size, dtype)
+                return dequantize(payload, scales, fmt, shape[-1], group_size, dtype, out=out)
 
         assert scale_dtype == "F16" and tuple(shape) == (24, 200) and group_size == 64
         return Weight()
 
-    def gemv(self, x, weight):
-        assert x.dim() == 2 and x.shape[0] <= 16
+    def gemv(self, x, weight, out=None):
+        assert x.dim() == 2 and x.shape[0] <= 16 and x.is_contiguous()
+        assert out is not None and out.shape == (x.shape[0], 24) and out.dtype == x.dtype  # torch-allocated
         self.calls.append(f"gemv:{x.shape[0]}")
-        return torch.nn.functional.linear(x, weight.dequantize("F16" if x.dtype == torch.float16 else "BF16"))
+        out.copy_(torch.nn.functional.linear(x, weight.dequantize("F16" if x.dtype == torch.float16 else "BF16")))
+        return out
 
     def to_torch(self, array, dtype=None):
         return array
@@ -514,3 +516,46 @@ def test_gpu_forward_declines_what_it_cannot_run(monkeypatch):
     monkeypatch.setattr(linear, "_gpu_backend", lambda: FakeGpu())
     x = torch.randn(2, 200)
     assert layer._gpu_forward(x) is None  # fp32 input, CPU buffers, shared format
+
+
+# --------------------------------------------------------------------------- torch.compile
+
+def test_compiled_op_passes_opcheck():
+    layer = _small_linear()
+    x = torch.randn(3, 200)
+    torch.library.opcheck(torch.ops.exmyconv.linear.default,
+                          (x, layer.weight_packed, layer.weight_scale, layer.bias, layer._handle))
+
+
+def test_compiled_model_is_one_graph_and_equals_eager():
+    """fullgraph=True: the layer compiles into the graph as the custom op (no graph break), same values."""
+    torch._dynamo.reset()
+    model = torch.nn.Sequential(_small_linear(), torch.nn.GELU(), torch.nn.Linear(24, 5))
+    compiled = torch.compile(model, fullgraph=True, backend="eager")
+    for shape in ((4, 200), (2, 3, 200)):
+        x = torch.randn(*shape)
+        assert torch.equal(compiled(x), model(x))
+
+
+def test_copies_get_their_own_handle():
+    import copy
+    import pickle
+
+    layer = _small_linear()
+    clone = copy.deepcopy(layer)
+    unpickled = pickle.loads(pickle.dumps(layer))
+    assert len({layer._handle, clone._handle, unpickled._handle}) == 3
+    clone.weight_scale.mul_(2)  # the copy's own scales: the op must use the copy, not the original
+    x = torch.randn(2, 200)
+    op = torch.ops.exmyconv.linear
+    assert torch.equal(op(x, clone.weight_packed, clone.weight_scale, clone.bias, clone._handle), clone(x))
+    assert not torch.equal(clone(x), layer(x))
+
+
+def test_compiled_op_gradients_match_the_dequantized_linear():
+    layer = _small_linear()
+    x = torch.randn(3, 200, requires_grad=True)
+    torch.ops.exmyconv.linear(x, layer.weight_packed, layer.weight_scale, layer.bias, layer._handle).square().sum().backward()
+    x2, b2 = x.detach().clone().requires_grad_(), layer.bias.detach().clone().requires_grad_()
+    torch.nn.functional.linear(x2, layer.dequantize_weight(torch.float32), b2).square().sum().backward()
+    assert torch.allclose(x.grad, x2.grad, rtol=1e-5, atol=1e-6) and torch.allclose(layer.bias.grad, b2.grad)

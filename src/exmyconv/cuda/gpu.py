@@ -200,7 +200,8 @@ def dequantize(payload, scales, scale_dtype: str, fmt, k: int, group_size: int |
     Bit-exact with the CPU reference (QTensor.dequantize). payload: uint8 (numpy, cupy or torch);
     scales: see scale_bits; group_size: G (None or >= K: one group per row). out_dtype "F16" gives
     float16, "BF16" uint16 bf16 bit patterns, "F32" float32. `out` (optional) is a contiguous cupy
-    array of that dtype and shape to write into (tests poison it first).
+    array of that dtype and shape, or a torch CUDA tensor of the matching 16/32-bit dtype, to write
+    into (tests poison it first).
     """
     cupy = _cupy()
     fmt = _fmt(fmt)
@@ -213,7 +214,9 @@ def dequantize(payload, scales, scale_dtype: str, fmt, k: int, group_size: int |
     shape = (*lead, k)
     if out is None:
         out = cupy.empty(shape, dtype=np_out)
-    elif out.dtype != np_out or tuple(out.shape) != shape or not out.flags.c_contiguous:
+    elif _is_torch(out):  # a torch buffer (torch's allocator: safe inside CUDA-graph capture)
+        out = _torch_as_cupy(out)
+    if out.dtype != np_out or tuple(out.shape) != shape or not out.flags.c_contiguous:
         raise ExmyError(f"out must be a contiguous {np.dtype(np_out)} array of shape {shape}")
     plan = DequantPlan(pay, bits, scale_dtype, fmt, int(k), rows, g, ngroups, out_dtype, out)
     plan()

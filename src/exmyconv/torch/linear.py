@@ -2,10 +2,19 @@
 
 Used by the transformers integration (and the next integrations). The CPU path decodes with the torch
 codec and calls ``F.linear``; on CUDA the fused kernels of :mod:`exmyconv.cuda` run when they apply.
+
+Under ``torch.compile`` the layer is one custom op, ``torch.ops.exmyconv.linear`` (with a fake
+implementation for tracing), so a compiled model keeps the fused kernels instead of breaking its graph
+at the CuPy launch; outputs are allocated by torch, so CUDA graphs (``mode="reduce-overhead"``) capture
+the launches. The op finds its module through an integer handle (modules cannot be op arguments): the
+module keeps the GPU view of its buffers, so the view dies with it.
 """
 from __future__ import annotations
 
+import itertools
 import os
+import weakref
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +28,8 @@ from ..format.quant import groups_of
 from .codec import dequantize
 
 _SCALE_NAME = {torch.float16: "F16", torch.bfloat16: "BF16"}
+_LIVE: "weakref.WeakValueDictionary[int, ExmyLinear]" = weakref.WeakValueDictionary()  # handle -> module
+_HANDLES = itertools.count()
 
 
 def _gpu_backend():
@@ -69,6 +80,17 @@ class ExmyLinear(nn.Module):
         else:
             self.register_parameter("bias", None)
         self._gpu_weight_cache = None
+        self._register()
+
+    def _register(self) -> None:
+        """A handle of its own for the compiled op (copies and unpickled modules get a new one)."""
+        self._handle = next(_HANDLES)
+        _LIVE[self._handle] = self
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self._gpu_weight_cache = None
+        self._register()
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, fmt: ExMy | str, group_size: int | None,
@@ -95,6 +117,11 @@ class ExmyLinear(nn.Module):
         return self.dequantize_weight()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():  # one opaque op in the graph (see the module docstring)
+            return torch.ops.exmyconv.linear(x, self.weight_packed, self.weight_scale, self.bias, self._handle)
+        return self._forward(x)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.is_cuda and self.gpu_kernels:
             y = self._gpu_forward(x)
             if y is not None:
@@ -122,9 +149,11 @@ class ExmyLinear(nn.Module):
         """y = x W^T + b with the GPU backend ``gpu`` (exmyconv.cuda.gpu's API):
 
         - rows of x (leading dims flattened) <= ``gpu.MAX_BATCH`` (16): the fused GEMV
-          ``gpu.gemv(x2d, weight)`` -> [rows, out_features] in x's dtype, then the bias is added;
-        - more rows: ``weight.dequantize("F16"|"BF16")`` (bit-exact, a cupy array),
-          ``gpu.to_torch(array, dtype)``, then ``F.linear`` — the same result as the plain model.
+          ``gpu.gemv(x2d, weight, out=y)`` -> [rows, out_features] in x's dtype, then the bias is added;
+        - more rows: ``weight.dequantize("F16"|"BF16", out=w)`` (bit-exact) into a torch buffer, then
+          ``F.linear`` — the same result as the plain model.
+
+        Every output is allocated by torch (CUDA-graph capture needs that; CuPy's pool is not captured).
 
         ``weight`` is ``gpu.upload(payload=, scales=, scale_dtype=, fmt=, shape=, group_size=)`` of
         the buffers (see :meth:`_gpu_weight`).
@@ -132,12 +161,15 @@ class ExmyLinear(nn.Module):
         x2 = x.reshape(-1, self.in_features)
         weight = self._gpu_weight(gpu)
         if x2.shape[0] <= gpu.MAX_BATCH:
-            y = gpu.gemv(x2.contiguous(), weight)
+            if not x2.is_contiguous() or x2.data_ptr() % 16:  # the kernel reads 16-byte words of x
+                x2 = x2.clone(memory_format=torch.contiguous_format)
+            y = gpu.gemv(x2, weight, out=torch.empty((x2.shape[0], self.out_features), dtype=x.dtype, device=x.device))
             if self.bias is not None:
                 y = y + self.bias.to(y.dtype)
         else:
             out_dtype = "F16" if x.dtype == torch.float16 else "BF16"
-            w = gpu.to_torch(weight.dequantize(out_dtype), out_dtype).reshape(self.out_features, self.in_features)
+            w = torch.empty((self.out_features, self.in_features), dtype=x.dtype, device=x.device)
+            weight.dequantize(out_dtype, out=w)
             y = F.linear(x2, w, self.bias)
         return y.reshape(*x.shape[:-1], self.out_features)
 
@@ -179,3 +211,55 @@ class ExmyLinear(nn.Module):
                 self._buffers["weight_scale"] = moved.view(dt)
             self._gpu_weight_cache = None
 
+
+
+# ----------------------------------------------------------------------------- the compiled op
+
+@torch.library.custom_op("exmyconv::linear", mutates_args=())
+def linear_op(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, bias: Optional[torch.Tensor],
+              handle: int) -> torch.Tensor:
+    """y = x W^T + bias for the packed weight of ``ExmyLinear`` number ``handle`` (its buffers are the
+    tensor arguments, so the graph sees the dependency; the module supplies the format and, on CUDA,
+    its cached GPU view). Inputs that are not the module's own buffers are computed from as given."""
+    module = _LIVE.get(handle)
+    if module is None:
+        raise ExmyError(f"exmyconv::linear: layer {handle} no longer exists; compile the model again")
+    if module.weight_packed.data_ptr() == packed.data_ptr() and module.weight_scale.data_ptr() == scale.data_ptr() \
+            and module.bias is bias:
+        return module._forward(x)
+    w = dequantize(packed, scale, module.fmt, module.in_features, module.group_size, x.dtype)
+    return F.linear(x, w, bias)
+
+
+@linear_op.register_fake
+def _(x, packed, scale, bias, handle):
+    return x.new_empty((*x.shape[:-1], packed.shape[0]))
+
+
+def _setup_context(ctx, inputs, output):
+    x, packed, scale, bias, handle = inputs
+    ctx.save_for_backward(packed, scale)
+    ctx.handle, ctx.has_bias, ctx.dtype = handle, bias is not None, x.dtype
+
+
+@torch.library.custom_op("exmyconv::dequantize", mutates_args=())
+def dequantize_op(packed: torch.Tensor, scale: torch.Tensor, handle: int, dtype: torch.dtype) -> torch.Tensor:
+    """The weight of ``ExmyLinear`` number ``handle`` as ``dtype`` (an op, so that backward traces)."""
+    module = _LIVE[handle]
+    return dequantize(packed, scale, module.fmt, module.in_features, module.group_size, dtype)
+
+
+@dequantize_op.register_fake
+def _(packed, scale, handle, dtype):
+    return packed.new_empty((packed.shape[0], _LIVE[handle].in_features), dtype=dtype)
+
+
+def _backward(ctx, grad):
+    """Gradients for x and the bias (the packed weight is frozen): adapters on top of a packed model train."""
+    packed, scale = ctx.saved_tensors
+    w = torch.ops.exmyconv.dequantize(packed, scale, ctx.handle, grad.dtype)
+    grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.has_bias else None
+    return grad @ w, None, None, grad_bias, None
+
+
+linear_op.register_autograd(_backward, setup_context=_setup_context)

@@ -1,0 +1,87 @@
+"""ExmyLinear on CUDA: the fused kernels through torch, eagerly, under torch.compile and in CUDA graphs.
+
+Skipped with a reason without CuPy, a CUDA GPU or CUDA torch (CI); EXMY_REQUIRE_GPU=1 (scripts/gpu-check)
+turns that skip into a failure.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+from exmyconv.cuda import device
+
+_REASON = device.bench_reason()
+if _REASON and os.environ.get("EXMY_REQUIRE_GPU"):
+    raise RuntimeError(f"EXMY_REQUIRE_GPU is set but the GPU path is unavailable: {_REASON}")
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(bool(_REASON), reason=_REASON or "GPU present")]
+
+
+def _layer(rng, fmt="e2m2", k=4096, n=1024, group=None, bias=True, dtype=None):
+    import torch
+
+    from exmyconv.format.exmy import get_format
+    from exmyconv.format.quant import quantize
+    from exmyconv.torch.linear import ExmyLinear
+
+    q = quantize((rng.standard_normal((n, k)) * 0.02).astype(np.float32), get_format(fmt), group)
+    layer = ExmyLinear(k, n, fmt, group, bias=bias, scale_dtype=torch.float16 if q.scale_dtype == "F16" else torch.bfloat16)
+    layer.weight_packed.copy_(torch.from_numpy(q.payload))
+    layer.weight_scale.copy_(torch.from_numpy(q.scales))
+    if bias:
+        layer.bias.data = torch.randn(n) * 0.1
+    layer.requires_grad_(False)
+    return layer.to(device="cuda", dtype=dtype or torch.float16)
+
+
+@pytest.mark.parametrize("dtype_name", ["float16", "bfloat16"])
+@pytest.mark.parametrize("rows", [1, 5, 16, 40])
+def test_eager_cuda_forward_matches_the_dequantized_weight(rng, dtype_name, rows):
+    import torch
+
+    dtype = getattr(torch, dtype_name)
+    layer = _layer(rng, dtype=dtype)
+    x = torch.randn(rows, layer.in_features, device="cuda", dtype=dtype)
+    y = layer(x)
+    want = torch.nn.functional.linear(x.float(), layer.dequantize_weight(torch.float32), layer.bias.float())
+    assert y.dtype == dtype and y.shape == (rows, layer.out_features) and not torch.isnan(y).any()
+    if rows > 16:  # bit-exact dequantization + the same F.linear as the plain model
+        plain = torch.nn.functional.linear(x, layer.dequantize_weight(dtype), layer.bias)
+        assert torch.equal(y, plain)
+    err = ((y.float() - want).norm() / want.norm()).item()
+    assert err < (4e-3 if dtype == torch.float16 else 2e-2), err
+
+
+def test_compiled_reduce_overhead_equals_eager(rng):
+    """torch.compile(mode="reduce-overhead", fullgraph=True): the custom op in CUDA graphs, replayed
+    with fresh inputs, gives exactly the eager results (same kernels, same inputs)."""
+    import torch
+
+    torch._dynamo.reset()
+    model = torch.nn.Sequential(_layer(rng, "e2m2", 1024, 2048), torch.nn.SiLU(),
+                                _layer(rng, "e2m1", 2048, 1024, group=128)).eval()
+    compiled = torch.compile(model, mode="reduce-overhead", fullgraph=True)
+    with torch.no_grad():
+        for step in range(6):  # warm-up runs, recording, then replays
+            x = torch.randn(3, 1024, device="cuda", dtype=torch.float16)
+            got = compiled(x).clone()
+            assert torch.equal(got, model(x)), step
+
+
+def test_cuda_graph_capture_of_the_layer(rng):
+    """A manual CUDA-graph capture of the forward (no allocation or host sync inside after warm-up)."""
+    import torch
+
+    layer = _layer(rng, "e2m2s4", 4096, 4096)
+    static_x = torch.randn(2, 4096, device="cuda", dtype=torch.float16)
+    with torch.no_grad():
+        layer(static_x)  # warm-up: kernel compiled, scales prepared
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_y = layer(static_x)
+        for _ in range(3):
+            static_x.copy_(torch.randn_like(static_x))
+            graph.replay()
+            assert torch.equal(static_y, layer(static_x))
