@@ -1,11 +1,13 @@
-"""Names and per-tensor records of the .exmy layout (formats/SPEC.md section 4)."""
+"""Names and per-tensor records of the .exmy layout (formats/SPEC.md section 4).
+
+Reading a record back, and every other rule of what a reader accepts, is :mod:`exmyconv.io.validate`.
+"""
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass
 
-from ..errors import ExmyError
-from .exmy import ExMy, get_format
+from .exmy import ExMy
 from .pack import row_bytes
 from .quant import groups_of
 
@@ -23,11 +25,6 @@ SEARCH_REPORT = "exmy_search.json"  # --format auto's sidecar
 
 def shard_name(i: int, n: int) -> str:
     return WEIGHTS_FILE if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-
-
-def check_version(version: str, where: str) -> None:
-    if version.split(".")[0] != VERSION.split(".")[0]:
-        raise ExmyError(f"{where}: exmy layout version {version} is not supported (this reader: {VERSION})")
 
 
 @dataclass
@@ -77,17 +74,3 @@ class TensorRecord:
         text = json.dumps({"format": self.fmt.name, "shape": list(self.shape), "dtype": self.dtype,
                            "group_size": self.group_size}, separators=(",", ":"))
         return META_PREFIX + self.name, text[:-1] + f',"rel_error":{self.rel_error:.6e}}}'
-
-    @classmethod
-    def from_metadata(cls, key: str, text: str) -> "TensorRecord":
-        name = key[len(META_PREFIX):]
-        try:
-            d = json.loads(text)
-            shape = tuple(d["shape"])
-            record = cls(name, get_format(d["format"]), shape, str(d["dtype"]), int(d["group_size"]),
-                         float(d.get("rel_error", 0.0)))
-        except (ValueError, KeyError, TypeError, AttributeError) as err:
-            raise ExmyError(f"tensor {name!r}: bad exmy metadata ({err})") from None
-        if not shape or not all(type(s) is int and s > 0 for s in shape) or not 1 <= record.group_size <= shape[-1]:
-            raise ExmyError(f"tensor {name!r}: bad exmy metadata (shape {list(shape)}, group {record.group_size})")
-        return record

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from ..errors import ExmyError
 from ..format.layout import CONFIG_FILE, INDEX_FILE, SEARCH_REPORT, shard_name
-from .folder import PICKLE_SUFFIXES
+from .validate import PICKLE_SUFFIXES
 
 NOT_COPIED = (CONFIG_FILE, INDEX_FILE, SEARCH_REPORT)  # top-level files each writer makes itself
 
