@@ -18,3 +18,12 @@ class ExmyError(Exception):
 
     def __init__(self, message: str = ""):
         super().__init__(one_line(message))
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM or SIGHUP while an output folder is being written: handled like Ctrl-C (the temporary
+    folder is removed), and the CLI exits with 128 + the signal number."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum

@@ -65,6 +65,8 @@ class Options:
             raise ExmyError(f"--group-size must be positive, got {self.group_size}")
         if self.max_shard_size < 1:
             raise ExmyError("--max-shard-size must be positive")
+        if self.calibration_tokens < 1:
+            raise ExmyError(f"--calibration-tokens must be positive, got {self.calibration_tokens}")
         try:
             self.skip_patterns = [re.compile(p) for p in self.skip]
         except re.error as err:
