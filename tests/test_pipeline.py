@@ -17,6 +17,7 @@ from conftest import (Raw, as_array, make_checkpoint, read_safetensors, spec_tab
 from exmyconv.format import exmy as formats
 from exmyconv.convert import pipeline
 from exmyconv.format import quant
+from exmyconv.format.layout import GUARD_VALUE
 from exmyconv.io.checkpoint import Checkpoint
 from exmyconv.torch.state_dict import load_state_dict
 from exmyconv.errors import ExmyError
@@ -240,7 +241,9 @@ def test_side_files_and_config(small_source, tmp_path):
     assert not (out / "pytorch_model.bin").exists()
     cfg = json.loads((out / "config.json").read_text())
     qc = cfg.pop("quantization_config")
-    assert cfg == config, "the source config is kept as is"
+    # the guard that makes transformers without `import exmyconv` fail loudly (SPEC section 4)
+    assert cfg.pop("attn_implementation") == GUARD_VALUE
+    assert cfg == config, "the source config is kept as is, apart from the guard"
     assert set(qc) == {"quant_method", "format_version", "format", "group_size", "ignore", "tied", "exmyconv_version"}
     assert qc["quant_method"] == "exmy" and qc["format_version"] == "1.1"
     assert qc["format"] == "e3m2" and qc["group_size"] == 128

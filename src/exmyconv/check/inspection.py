@@ -12,6 +12,12 @@ from ..format.layout import SEARCH_REPORT
 from ..errors import ExmyError
 
 
+# Said wherever a user starts (README, model card, inspect). Without the import, transformers would build
+# the model with random weights in place of the quantized ones and only warn; the guard in a converted
+# config.json (format.layout.GUARD_VALUE) turns that into an error that says what to do.
+LOAD_HINT = "with transformers, `import exmyconv` first (it registers quant_method \"exmy\")"
+
+
 def search_report(path) -> dict | None:
     """The sidecar `--format auto` writes, if PATH is a folder that has one."""
     side = Path(path) / SEARCH_REPORT
@@ -124,6 +130,8 @@ def render(report: dict) -> str:
                   else f"max error {search.get('max_error')}")
         lines.append(f"  format search: {search['objective']}, {target} -> {search['achieved_bits']:.3f} bits, "
                      f"{len(search['candidates'])} candidates ({SEARCH_REPORT})")
+    if report["kind"] == "exmy":
+        lines.append(f"  load: {LOAD_HINT}; or exmyconv.load_state_dict, or `exmyconv dequantize` to plain")
     lines.append("  integrity: OK" if report["intact"] else
                  f"  integrity: {len(report['problems'])} problem(s)\n" + "\n".join(f"    - {p}" for p in report["problems"]))
     width = max((len(r["name"]) for r in report["tensor_table"]), default=4)

@@ -9,7 +9,7 @@ from tqdm import tqdm
 from ..format import dtypes
 from ..io.checkpoint import Checkpoint, open_checkpoint
 from ..errors import ExmyError
-from ..format.layout import CONFIG_FILE, shard_name
+from ..format.layout import CONFIG_FILE, GUARD_KEY, GUARD_VALUE, shard_name
 from ..io.output import atomic_dir, copy_side_files, write_index
 from ..format.pack import unpack_codes
 from ..format.quant import dequantize_codes
@@ -66,6 +66,8 @@ def dequantize_checkpoint(src: str, dst: str, dtype: str | None = None, max_shar
             write_index(tmp, [[e[0] for e in shard] for shard in shards], sum(e[3] for e in entries))
             config = dict(ckpt.config or {})
             config.pop("quantization_config", None)
+            if config.get(GUARD_KEY) == GUARD_VALUE:
+                del config[GUARD_KEY]
             if "dtype" in config or "torch_dtype" not in config:
                 config["dtype"] = dtype
             else:

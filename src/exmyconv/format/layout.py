@@ -21,6 +21,12 @@ WEIGHTS_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 CONFIG_FILE = "config.json"
 SEARCH_REPORT = "exmy_search.json"  # --format auto's sidecar
+# A converted config.json carries GUARD_KEY: GUARD_VALUE (formats/SPEC.md section 4) unless the source
+# config set GUARD_KEY itself. transformers without exmyconv's quantizer refuses that value with an error
+# that quotes it, instead of building the model with random weights in place of the quantized ones and
+# only warning; exmyconv's quantizer (and `exmyconv dequantize`) takes it out again.
+GUARD_KEY = "attn_implementation"
+GUARD_VALUE = "exmy checkpoint: pip install exmyconv, then import exmyconv before from_pretrained"
 
 
 def shard_name(i: int, n: int) -> str:

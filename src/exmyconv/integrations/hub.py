@@ -217,7 +217,15 @@ def model_card(out_dir, command: str | None, source: str | None, *, repo_id: str
         lines += ["", f"The command that made this upload (exmyconv {__version__}):", "", "```bash", command, "```"]
     where = repo_id or "path/to/this/folder"
     lines += ["", "## Use", "",
-              "Dequantize with exmyconv (any reader of the exmy layout works the same):", "",
+              "With transformers, **`import exmyconv` first** (`pip install exmyconv`): it registers the "
+              "`exmy` quantization method. Without it transformers cannot read these weights; this folder's "
+              "config.json then makes `from_pretrained` fail with an `attn_implementation` error that says so.", "",
+              "```python",
+              "import exmyconv  # registers quant_method \"exmy\" with transformers",
+              "from transformers import AutoModelForCausalLM",
+              f'model = AutoModelForCausalLM.from_pretrained("{where}")',
+              "```", "",
+              "Or dequantize with exmyconv (any reader of the exmy layout works the same):", "",
               "```python",
               "import exmyconv" + (", huggingface_hub" if repo_id else ""),
               (f'path = huggingface_hub.snapshot_download("{where}")' if repo_id else f'path = "{where}"'),

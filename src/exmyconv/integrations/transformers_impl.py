@@ -43,7 +43,7 @@ from transformers.utils import logging
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from ..errors import ExmyError
-from ..format.layout import PACKED_SUFFIX, QUANT_METHOD, SCALE_SUFFIX, VERSION, TensorRecord
+from ..format.layout import GUARD_VALUE, PACKED_SUFFIX, QUANT_METHOD, SCALE_SUFFIX, VERSION, TensorRecord
 from ..io.checkpoint import open_checkpoint
 from ..io.validate import check_quantization_config
 from ..torch.codec import TORCH_DTYPE, dequantize, unpack_codes  # noqa: F401 (integrations.transformers exports them)
@@ -219,6 +219,14 @@ class ExmyHfQuantizer(HfQuantizer):
 
     def update_dtype(self, dtype):
         return dtype
+
+    def update_attn_implementation(self, config):
+        """Undo the guard that a converted config.json carries (formats/SPEC.md section 4): its
+        ``attn_implementation`` makes transformers refuse the checkpoint unless this quantizer runs
+        (without exmyconv it would otherwise build the model with random weights and only warn)."""
+        if getattr(config, "_attn_implementation", None) == GUARD_VALUE:
+            config._attn_implementation = None  # the model's default, as for the source checkpoint
+        return config
 
     def is_serializable(self, **kwargs):
         return False
@@ -432,7 +440,8 @@ def check_transformers() -> None:
 
     import transformers
 
-    needed = ("update_weight_conversions", "get_new_dtype", "get_load_operations")
+    # update_attn_implementation takes out the guard of a converted config.json (layout.GUARD_VALUE)
+    needed = ("update_weight_conversions", "get_new_dtype", "get_load_operations", "update_attn_implementation")
     if (importlib.util.find_spec("transformers.core_model_loading") is None
             or not all(hasattr(HfQuantizer, name) for name in needed)):
         raise ExmyError(f"exmyconv's transformers integration needs transformers 5 (tested with 5.23), "
