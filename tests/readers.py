@@ -81,11 +81,19 @@ def _transformers(path: Path) -> None:
     read_records(files)
 
 
-def run_readers(path, transformers: bool = True, exmy: bool = True) -> dict[str, Verdict]:
-    """``exmy=False``: a plain checkpoint (verify, dequantize and transformers are for exmy ones only)."""
+def run_readers(path, transformers: bool = True, exmy: bool | None = None) -> dict[str, Verdict]:
+    """``exmy=False``: a plain checkpoint (verify, dequantize and transformers are for exmy ones only);
+    None: decide by what the checkpoint holds (exmy records, or an exmy quantization_config)."""
     import exmyconv
+    from exmyconv.io.checkpoint import Checkpoint
 
     path = Path(path)
+    if exmy is None:
+        try:
+            with Checkpoint(str(path)) as ckpt:
+                exmy = ckpt.is_exmy
+        except ExmyError:
+            exmy = True  # unreadable: every reader must refuse it alike
     verdicts = {"inspect": _cli_verdict("inspect", path),
                 "load_state_dict": _call(lambda: exmyconv.load_state_dict(str(path)))}
     if exmy:

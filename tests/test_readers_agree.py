@@ -288,3 +288,24 @@ def test_from_pretrained_refuses_bad_scales(tmp_path):
     edit(out / "model.safetensors", tensors=zero)
     with pytest.raises(ExmyError, match="up_proj.weight: scales"):
         transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+
+
+def test_no_numpy_warnings_in_a_fresh_process(converted, tmp_path):
+    """A signalling-NaN scale, and an fp16 dequantization that overflows (allowed: SPEC section 2), must
+    not add numpy RuntimeWarning lines to what a user sees (found by the fuzzer)."""
+    import os
+    import subprocess
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "exmyconv", *map(str, args)], capture_output=True, text=True,
+                              env=env, timeout=120)
+
+    edit(shard_of(converted, "blk.0.w.weight_scale"), tensors=_set_scale(np.uint16(0x7D00).view(np.float16)))
+    done = run("inspect", converted)
+    assert done.returncode == 2 and "Warning" not in done.stderr and not done.stderr.strip(), done.stderr
+    src = make_checkpoint(tmp_path / "big", {"w.weight": np.full((2, 64), 1e6, np.float32)})
+    exmyconv.quantize(str(src), str(tmp_path / "bigq"), progress=False)
+    done = run("dequantize", tmp_path / "bigq", tmp_path / "fp", "--dtype", "float16")
+    assert done.returncode == 0 and "Warning" not in done.stderr, done.stderr

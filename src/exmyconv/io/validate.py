@@ -295,10 +295,11 @@ def scales_ok(stored: np.ndarray, dtype: str, fmt: ExMy) -> bool:
     """Every scale finite, at least the smallest normal number of its dtype (so not zero, negative
     or subnormal) and small enough that scale x max(format) is finite in float32."""
     flat = stored.reshape(-1)
-    top = FLOAT32_MAX / fmt.max
     for start in range(0, flat.size, SCALE_CHUNK):
-        s = dtypes.to_float32(flat[start:start + SCALE_CHUNK], dtype).astype(np.float64)
-        if not (np.isfinite(s).all() and (s >= SMALLEST_NORMAL[dtype]).all() and (s <= top).all()):
+        with np.errstate(invalid="ignore"):  # (signalling NaNs)
+            s = dtypes.to_float32(flat[start:start + SCALE_CHUNK], dtype).astype(np.float64)
+        # s x max is exact in float64 (8- and 7-bit significands): finite in float32 iff <= its max
+        if not (np.isfinite(s).all() and (s >= SMALLEST_NORMAL[dtype]).all() and (s * fmt.max <= FLOAT32_MAX).all()):
             return False
     return True
 
@@ -307,31 +308,52 @@ def scales_ok(stored: np.ndarray, dtype: str, fmt: ExMy) -> bool:
 
 
 def check_quantization_config(qc: dict, where: str = "quantization_config") -> list[str]:
-    """Problems of an exmy ``quantization_config`` object (SPEC section 4); [] when it is valid."""
+    """Problems of an exmy ``quantization_config`` object (SPEC section 4); [] when it is valid.
+
+    Only ``quant_method`` is required; ``format_version`` (a version this reader reads), ``format``
+    (a format name or "auto"), ``group_size`` (null or an integer >= 1), ``ignore`` (null or a list of
+    names), ``tied`` (null or an object of name -> name) and ``exmyconv_version`` (null or a string)
+    must have those types when present. Unknown keys are allowed."""
     problems = []
-    try:
-        parse_version(qc.get("format_version"), f"{where}: format_version")
-    except ExmyError as err:
-        problems.append(str(err))
-    fmt = qc.get("format")
-    if fmt != "auto":
+    if "format_version" in qc:
         try:
-            parse_format_name(fmt, f"{where}: format")
+            parse_version(qc["format_version"], f"{where}: format_version")
+        except ExmyError as err:
+            problems.append(str(err))
+    if "format" in qc and qc["format"] != "auto":
+        try:
+            parse_format_name(qc["format"], f"{where}: format")
         except ExmyError as err:
             problems.append(f"{err} (or \"auto\")")
     g = qc.get("group_size")
     if g is not None and not (_is_int(g) and g >= 1):
         problems.append(f"{where}: group_size {g!r}: null (per channel) or a positive integer")
-    ignore = qc.get("ignore", [])
-    if not (isinstance(ignore, list) and all(isinstance(n, str) for n in ignore)):
+    ignore = qc.get("ignore")
+    if ignore is not None and not (isinstance(ignore, list) and all(isinstance(n, str) for n in ignore)):
         problems.append(f"{where}: ignore: a list of tensor names, got {one_line(repr(ignore))[:80]}")
-    tied = qc.get("tied", {})
-    if not (isinstance(tied, dict) and all(isinstance(v, str) for v in tied.values())):
+    tied = qc.get("tied")
+    if tied is not None and not (isinstance(tied, dict) and all(isinstance(v, str) for v in tied.values())):
         problems.append(f"{where}: tied: an object of tensor name -> tensor name, got {one_line(repr(tied))[:80]}")
     version = qc.get("exmyconv_version")
     if version is not None and not isinstance(version, str):
         problems.append(f"{where}: exmyconv_version {version!r}: a string")
     return problems
+
+
+def read_config(path: Path) -> dict | None:
+    """config.json of a folder (None when there is none): a JSON object whose quantization_config, if
+    any, is an object, and valid (``check_quantization_config``) when its quant_method is "exmy"."""
+    if not (path.exists() or path.is_symlink()):
+        return None
+    config = read_json(path)
+    qc = config.get("quantization_config")
+    if qc is not None and not isinstance(qc, dict):
+        raise ExmyError(f"{path}: quantization_config is {type(qc).__name__}, not an object")
+    if qc is not None and qc.get("quant_method") == QUANT_METHOD:
+        problems = check_quantization_config(qc, f"{path}: quantization_config")
+        if problems:
+            raise ExmyError(problems[0])
+    return config
 
 
 def exmy_config(config: dict | None) -> dict | None:
@@ -341,23 +363,20 @@ def exmy_config(config: dict | None) -> dict | None:
 
 
 def _config_problems(config: dict, records: dict, stored: set[str], where: str) -> list[str]:
-    if "quantization_config" not in config or config["quantization_config"] is None:
+    """What a (``read_config``-checked) config.json says that the files contradict."""
+    qc = config.get("quantization_config")
+    if qc is None:
         return []
-    qc = config["quantization_config"]
-    if not isinstance(qc, dict):
-        return [f"{where}: quantization_config is {type(qc).__name__}, not an object"]
     if qc.get("quant_method") != QUANT_METHOD:
         if records:
             return [f"{where}: quantization_config says quant_method {qc.get('quant_method')!r}, but the files "
                     f"hold exmy records (e.g. {next(iter(records))!r})"]
         return []
-    problems = check_quantization_config(qc, f"{where}: quantization_config")
-    if problems:
-        return problems
-    both = sorted(set(qc.get("ignore", [])) & set(records))
+    problems = []
+    both = sorted(set(qc.get("ignore") or []) & set(records))
     if both:
         problems.append(f"{both[0]!r} is both quantized and in quantization_config.ignore")
-    for head, emb in sorted(qc.get("tied", {}).items()):
+    for head, emb in sorted((qc.get("tied") or {}).items()):
         if head in stored or head in records:
             problems.append(f"quantization_config.tied: {head!r} is stored, but a tied tensor is not")
         elif emb not in stored and emb not in records:
