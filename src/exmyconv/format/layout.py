@@ -11,7 +11,7 @@ from .exmy import ExMy
 from .pack import row_bytes
 from .quant import groups_of
 
-VERSION = "1.1"
+VERSION = "1.2"  # written; readers read every 1.x (formats/SPEC.md section 5)
 QUANT_METHOD = "exmy"
 PACKED_SUFFIX = "_packed"
 SCALE_SUFFIX = "_scale"

@@ -184,7 +184,8 @@ def safetensors_header(raw: bytes, data_size: int, where: str) -> tuple[dict[str
         raise bad(str(err)) from None
     if not isinstance(header, dict):
         raise bad("header is not a JSON object")
-    metadata = header.pop("__metadata__", None) or {}
+    metadata = header.pop("__metadata__", None)
+    metadata = {} if metadata is None else metadata
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise bad("__metadata__ must map strings to strings")
     data_start = 8 + len(raw)
