@@ -20,7 +20,7 @@ from pathlib import Path
 
 from ..errors import ExmyError, Interrupted
 from ..format.layout import CONFIG_FILE, INDEX_FILE, SEARCH_REPORT, shard_name
-from .validate import PICKLE_SUFFIXES
+from .validate import PICKLE_SUFFIXES, read_json
 
 NOT_COPIED = (CONFIG_FILE, INDEX_FILE, SEARCH_REPORT)  # top-level files each writer makes itself
 TEMP_MARK = ".exmyconv-tmp-"  # a temporary folder is ".NAME.exmyconv-tmp-PID", next to OUT_DIR
@@ -93,8 +93,8 @@ def _alive(pid: int) -> bool:
 
 def _owner(folder: Path) -> dict | None:
     try:
-        data = json.loads((folder / OWNER_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        data = read_json(folder / OWNER_FILE)
+    except ExmyError:  # missing, not a regular file, not JSON: no owner we can trust
         return None
     ok = isinstance(data, dict) and isinstance(data.get("host"), str) and type(data.get("pid")) is int
     return data if ok else None
