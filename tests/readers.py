@@ -77,7 +77,8 @@ def _transformers(path: Path) -> None:
         qc = config.get("quantization_config") if isinstance(config, dict) else None
         if isinstance(qc, dict) and qc.get("quant_method") == "exmy":
             ExmyConfig.from_dict(dict(qc))
-    files = sorted(folder.glob("*.safetensors")) if path.is_dir() else [path]
+    # (no weight file: transformers looks for model.safetensors, and our reader sees the folder as it is)
+    files = (sorted(folder.glob("*.safetensors")) or [folder / "model.safetensors"]) if path.is_dir() else [path]
     read_records(files)
 
 
