@@ -68,7 +68,7 @@ def plain_dir(out_dir: Path, dest: Path, dtype) -> Path:
     if not dest.exists():
         dest.mkdir(parents=True)
         config = json.loads((out_dir / "config.json").read_text())
-        del config["quantization_config"]
+        del config["quantization_config"], config["attn_implementation"]  # (the guard: as `exmyconv dequantize`)
         (dest / "config.json").write_text(json.dumps(config))
         state = exmyconv.load_state_dict(str(out_dir), dtype=dtype)
         safetensors.torch.save_file({k: v.contiguous() for k, v in state.items()}, str(dest / "model.safetensors"),
@@ -168,6 +168,38 @@ def test_user_flow_in_a_fresh_process(llama):
         print(sum(type(m).__name__ == "ExmyLinear" for m in model.modules()))
     """, args=[str(llama / "e2m2")])
     assert int(out.split()[-1]) == SMALL["num_hidden_layers"] * LINEARS_PER_LAYER
+
+
+def test_without_import_exmyconv_loading_fails_loudly(llama):
+    """transformers alone only warns about an unknown quant_method and would build random weights in
+    place of the quantized ones: the guard in config.json makes that an error that says what to do."""
+    env = {**os.environ, "TRANSFORMERS_VERBOSITY": "error"}
+    code = textwrap.dedent("""
+        import sys
+        from transformers import AutoModelForCausalLM
+        try:
+            AutoModelForCausalLM.from_pretrained(sys.argv[1])
+        finally:
+            assert "exmyconv" not in sys.modules
+        print("LOADED")
+    """)
+    done = subprocess.run([sys.executable, "-c", code, str(llama / "e2m2")], capture_output=True, text=True,
+                          env=env, timeout=120)
+    assert done.returncode != 0 and "LOADED" not in done.stdout
+    last = done.stderr.strip().splitlines()[-1]
+    assert "ValueError" in last and "import exmyconv before from_pretrained" in last, last
+    # and what a user reads first says it too
+    assert "import exmyconv" in (ROOT / "README.md").read_text()
+    from exmyconv.check.inspection import render
+
+    assert "`import exmyconv` first" in render(exmyconv.inspect(str(llama / "e2m2")))
+
+
+def test_dequantize_takes_the_guard_out(llama, tmp_path):
+    exmyconv.dequantize(str(llama / "e2m2"), str(tmp_path / "fp"))
+    config = json.loads((tmp_path / "fp" / "config.json").read_text())
+    assert "attn_implementation" not in config and "quantization_config" not in config
+    AutoModelForCausalLM.from_pretrained(tmp_path / "fp")  # loads as a plain model
 
 
 def test_registers_when_transformers_was_imported_first():

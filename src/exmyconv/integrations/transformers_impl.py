@@ -33,6 +33,7 @@ from __future__ import annotations
 import copy
 import re
 import threading
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -42,8 +43,9 @@ from transformers.utils import logging
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from ..errors import ExmyError
-from ..format.layout import PACKED_SUFFIX, QUANT_METHOD, SCALE_SUFFIX, VERSION, TensorRecord, check_version
-from ..io.checkpoint import Checkpoint
+from ..format.layout import GUARD_VALUE, PACKED_SUFFIX, QUANT_METHOD, SCALE_SUFFIX, VERSION, TensorRecord
+from ..io.checkpoint import open_checkpoint
+from ..io.validate import check_quantization_config
 from ..torch.codec import TORCH_DTYPE, dequantize, unpack_codes  # noqa: F401 (integrations.transformers exports them)
 from ..torch.linear import ExmyLinear
 
@@ -55,17 +57,27 @@ logger = logging.get_logger(__name__)
 # ----------------------------------------------------------------------------- checkpoint headers
 
 def read_records(files) -> tuple[dict, dict, list]:
-    """exmy records of safetensors files: ({T: TensorRecord}, {T: scale dtype "F16"/"BF16"}, all tensor names).
+    """exmy records of a checkpoint's safetensors files: ({T: TensorRecord}, {T: scale dtype "F16"/"BF16"},
+    all tensor names of ``files``).
 
-    The checkpoint reader validates headers, versions and each record's packed/scale tensors."""
+    The folder that holds ``files`` is opened with :func:`exmyconv.io.checkpoint.open_checkpoint`, the
+    validation every reader shares (headers, versions, records, scales, index, config.json); a damaged
+    checkpoint raises the same one-line ExmyError as ``exmyconv inspect`` / ``load_state_dict``."""
+    paths = [Path(f) for f in files]
+    if not paths:
+        raise ExmyError("no .safetensors files")
+    folders = sorted({p.parent for p in paths})
     records, scale_dtypes, keys = {}, {}, []
-    for path in files:
-        with Checkpoint(str(path)) as ckpt:
-            ckpt.check()
-            keys.extend(ckpt.files[0].tensors)
+    for where in folders if len(folders) == 1 else paths:  # (several folders: each file on its own)
+        with open_checkpoint(str(where)) as ckpt:
+            wanted = {p.name for p in paths}
+            for f in ckpt.files:
+                if f.path.name in wanted:
+                    keys.extend(f.tensors)
             for name, (record, f) in ckpt.records.items():
-                records[name] = record
-                scale_dtypes[name] = f.tensors[record.scale_name].dtype
+                if f.path.name in wanted:
+                    records[name] = record
+                    scale_dtypes[name] = f.tensors[record.scale_name].dtype
     return records, scale_dtypes, keys
 
 
@@ -85,18 +97,18 @@ class ExmyConfig(QuantizationConfigMixin):
         self.quant_method = QUANT_METHOD
         self.format = format
         self.group_size = group_size
-        self.ignore = list(ignore or [])
-        self.format_version = str(format_version)
+        self.ignore = ignore if ignore is not None else []
+        self.format_version = format_version
         self.exmyconv_version = exmyconv_version
         for key, value in kwargs.items():
             setattr(self, key, value)
         self.post_init()
 
     def post_init(self):
-        try:
-            check_version(self.format_version, "quantization_config")
-        except ExmyError as err:
-            raise ValueError(str(err)) from None
+        """The checks every reader applies to a quantization_config (exmyconv.io.validate); ValueError."""
+        problems = check_quantization_config(self.__dict__)
+        if problems:
+            raise ValueError(problems[0])
 
 
 def _suffixed(pattern: str, suffix: str) -> str:
@@ -210,6 +222,14 @@ class ExmyHfQuantizer(HfQuantizer):
     def update_dtype(self, dtype):
         return dtype
 
+    def update_attn_implementation(self, config):
+        """Undo the guard that a converted config.json carries (formats/SPEC.md section 4): its
+        ``attn_implementation`` makes transformers refuse the checkpoint unless this quantizer runs
+        (without exmyconv it would otherwise build the model with random weights and only warn)."""
+        if getattr(config, "_attn_implementation", None) == GUARD_VALUE:
+            config._attn_implementation = None  # the model's default, as for the source checkpoint
+        return config
+
     def is_serializable(self, **kwargs):
         return False
 
@@ -229,10 +249,6 @@ class ExmyHfQuantizer(HfQuantizer):
                              "quantized tensors); a state_dict alone is not enough")
         files = [f for f in checkpoint_files if str(f).endswith(".safetensors")]
         self._records, self._scale_dtypes, self._keys = read_records(files)
-        ignored = set(getattr(self.quantization_config, "ignore", None) or ())
-        both = sorted(ignored & set(self._records))
-        if both:
-            raise ExmyError(f"damaged exmy checkpoint: {both[0]} is both quantized and in quantization_config.ignore")
         self._dtype_plan = model._get_dtype_plan(self._dtype) if self._dtype is not None else {}
         conversions = get_model_conversion_mapping(model, None, None)
         routes = self._routes(model, conversions)
@@ -426,7 +442,8 @@ def check_transformers() -> None:
 
     import transformers
 
-    needed = ("update_weight_conversions", "get_new_dtype", "get_load_operations")
+    # update_attn_implementation takes out the guard of a converted config.json (layout.GUARD_VALUE)
+    needed = ("update_weight_conversions", "get_new_dtype", "get_load_operations", "update_attn_implementation")
     if (importlib.util.find_spec("transformers.core_model_loading") is None
             or not all(hasattr(HfQuantizer, name) for name in needed)):
         raise ExmyError(f"exmyconv's transformers integration needs transformers 5 (tested with 5.23), "
