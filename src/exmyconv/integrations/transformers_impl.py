@@ -27,12 +27,36 @@ How a checkpoint loads (docs/transformers.md has the user's view):
 plain checkpoint). Limits: pre-quantized checkpoints only (no quantizing on load); no
 save_pretrained of a quantized model; tensor parallelism and disk offload of quantized tensors
 are not supported.
+
+transformers versions (``SUPPORTED_TRANSFORMERS`` in :mod:`exmyconv.integrations.transformers`,
+>=5.16.1,<6; :func:`check_transformers` refuses others). What the quantizer relies on:
+
+- every version: the registry (``register_quantization_config`` / ``register_quantizer``), the
+  HfQuantizer hooks ``_process_model_before_weight_loading`` / ``update_weight_conversions`` /
+  ``_process_model_after_weight_loading`` / ``_dequantize``, and the loader of
+  ``transformers.core_model_loading``: WeightConverter / WeightRenaming (source patterns, their
+  ``rename_source_key``), the op protocol ``convert(input_dict, source_patterns, ...)``, the
+  function ``rename_source_key`` (``_simulate`` replays the loader's routing with it),
+  ``dot_natural_key``, ``build_glob_alternation``; ``get_model_conversion_mapping``;
+  ``PreTrainedModel._get_dtype_plan`` and ``all_tied_weights_keys``.
+- 5.16-5.20 differ in four ways, each met where it matters: ``update_weight_conversions`` gets no
+  model (the quantizer keeps a weak reference from ``_process_model_before_weight_loading``);
+  converters have no ``copy`` (:func:`_copy_converter` builds the same WeightConverter); there is
+  no ``get_new_dtype`` hook (the loader itself keeps the checkpoint dtype of renamed and integer
+  tensors and gives the scales their buffer's dtype, the stored one); a source pattern matches
+  anywhere in a key, the first listed first (the ``_packed`` / ``_scale`` patterns are listed
+  first).
+- before 5.23 a converter with several sources and several targets is refused unless its ops are
+  transformers' own: a quantized tensor that transformers splits on load (HRM's fused
+  ``gate_up_proj``) raises ExmyError there (:func:`_copy_converter`); 5.23 added
+  ``ConversionOps.supports_many_to_many``.
 """
 from __future__ import annotations
 
 import copy
 import re
 import threading
+import weakref
 from pathlib import Path
 
 import torch
@@ -194,6 +218,36 @@ def _natural_key(name):
     return dot_natural_key(name)
 
 
+def _renamed(key, renamings):
+    """``key`` after every renaming in turn, as the loader renames it (all versions)."""
+    for renaming in renamings:
+        key = renaming.rename_source_key(key)[0]
+    return key
+
+
+def _copy_converter(conv, sources, first_ops):
+    """A model converter with other source patterns and ``first_ops`` before its own operations."""
+    from transformers.core_model_loading import WeightConverter
+
+    targets, operations = list(conv._original_target_patterns), [*first_ops, *conv.operations]
+    try:
+        if hasattr(conv, "copy"):  # transformers >= 5.21
+            return conv.copy(sources, targets, operations=operations)
+        # transformers <= 5.20: what copy() does in 5.21
+        new = WeightConverter(sources, targets, operations=operations, force_cpu=conv.force_cpu)
+        new.scope_prefix, new.base_model_prefix = conv.scope_prefix, conv.base_model_prefix
+        return new
+    except ValueError as err:
+        if len(targets) == 1:
+            raise
+        # transformers <= 5.22 takes many sources for many targets only with its own operations
+        # (ConversionOps.supports_many_to_many came in 5.23): a split tensor gains sources here
+        import transformers
+
+        raise ExmyError(f"exmy: transformers {transformers.__version__} cannot load quantized tensors that it splits "
+                        f"on load ({conv.source_patterns[0]} into {targets}); use transformers >= 5.23 ({err})") from None
+
+
 class ExmyHfQuantizer(HfQuantizer):
     """Loads pre-quantized exmy checkpoints (quant_method "exmy"); see the module docstring."""
 
@@ -212,6 +266,7 @@ class ExmyHfQuantizer(HfQuantizer):
         self._scale_buffers: set[str] = set()
         self._dtype = None
         self._dtype_plan: dict = {}
+        self._model = lambda: None  # weak reference to the model being loaded (update_weight_conversions)
         self.serialized_names = {}
 
     # -- transformers hooks -------------------------------------------------------------------
@@ -221,6 +276,11 @@ class ExmyHfQuantizer(HfQuantizer):
 
     def update_dtype(self, dtype):
         return dtype
+
+    def update_tp_plan(self, config):
+        """Every supported transformers calls this with the config before the model is built (5.16-5.22
+        have no update_attn_implementation hook), so the guard is taken out here as well."""
+        return super().update_tp_plan(self.update_attn_implementation(config))
 
     def update_attn_implementation(self, config):
         """Undo the guard that a converted config.json carries (formats/SPEC.md section 4): its
@@ -247,6 +307,7 @@ class ExmyHfQuantizer(HfQuantizer):
         if not checkpoint_files:
             raise ValueError("exmy: loading needs the checkpoint's safetensors files (their metadata lists the "
                              "quantized tensors); a state_dict alone is not enough")
+        self._model = weakref.ref(model)
         files = [f for f in checkpoint_files if str(f).endswith(".safetensors")]
         self._records, self._scale_dtypes, self._keys = read_records(files)
         self._dtype_plan = model._get_dtype_plan(self._dtype) if self._dtype is not None else {}
@@ -280,13 +341,15 @@ class ExmyHfQuantizer(HfQuantizer):
         self.serialized_names = {s: [s, s + PACKED_SUFFIX, s + SCALE_SUFFIX] for s in sorted(suffixes)}
         return model
 
-    def update_weight_conversions(self, weight_conversions, model):
+    def update_weight_conversions(self, weight_conversions, model=None):
         """Dequantize-on-load converters: one per record loaded into a non-ExmyLinear parameter, and
         a copy of each model converter that consumes records, with the dequantization run first."""
-        from transformers.core_model_loading import WeightConverter, WeightRenaming, apply_renamings
+        from transformers.core_model_loading import WeightConverter, WeightRenaming
 
         if not self.pre_quantized:
             return list(weight_conversions)
+        if model is None:  # transformers <= 5.20 passes no model: the one prepared for loading
+            model = self._model()
         conversions = list(weight_conversions)
         routes = self._routes(model, conversions)
         by_id = {}
@@ -302,15 +365,15 @@ class ExmyHfQuantizer(HfQuantizer):
                 for s in sources:
                     pairs[_suffixed(s, PACKED_SUFFIX)] = s
                     pairs[_suffixed(s, SCALE_SUFFIX)] = s
-                op = _ExmyDequantize(self, pairs=pairs)
-                conv = conv.copy(sources + list(pairs), list(conv._original_target_patterns),
-                                 operations=[op, *conv.operations])
+                # suffixed patterns first: transformers <= 5.20 takes the first pattern that matches
+                # anywhere in a key, and `gate_proj.weight` matches `gate_proj.weight_packed` there
+                conv = _copy_converter(conv, list(pairs) + sources, [_ExmyDequantize(self, pairs=pairs)])
             updated.append(conv)
         renamings = copy.deepcopy([c for c in conversions if isinstance(c, WeightRenaming)])
         own = []
         for name, target in sorted(self._dequant.items()):
             record = self._records[name]
-            sources = ["^" + re.escape(apply_renamings(n, renamings)) for n in (record.packed_name, record.scale_name)]
+            sources = ["^" + re.escape(_renamed(n, renamings)) for n in (record.packed_name, record.scale_name)]
             own.append(WeightConverter(sources, target, operations=[_ExmyDequantize(self, record=name)]))
         updated = own + updated
         self._names = self._collect_names(model, updated)
@@ -437,17 +500,22 @@ _REGISTER_LOCK = threading.Lock()
 
 
 def check_transformers() -> None:
-    """Raise ExmyError unless this transformers has the loading API the quantizer relies on (5.x)."""
+    """Raise ExmyError unless this transformers is in the supported range and has the loading API
+    the quantizer relies on (the module docstring says which, per version)."""
     import importlib.util
 
     import transformers
 
-    # update_attn_implementation takes out the guard of a converted config.json (layout.GUARD_VALUE)
-    needed = ("update_weight_conversions", "get_new_dtype", "get_load_operations", "update_attn_implementation")
-    if (importlib.util.find_spec("transformers.core_model_loading") is None
-            or not all(hasattr(HfQuantizer, name) for name in needed)):
-        raise ExmyError(f"exmyconv's transformers integration needs transformers 5 (tested with 5.23), "
-                        f"found {transformers.__version__}")
+    from .transformers import SUPPORTED_TRANSFORMERS, unsupported
+
+    problem = unsupported(transformers.__version__)
+    if problem is None and (importlib.util.find_spec("transformers.core_model_loading") is None
+                            or not hasattr(HfQuantizer, "update_weight_conversions")):
+        problem = (f"transformers {transformers.__version__} lacks the weight-loading API exmyconv relies on in the "
+                   f"range it supports ({SUPPORTED_TRANSFORMERS}): transformers.core_model_loading, "
+                   f"HfQuantizer.update_weight_conversions")
+    if problem is not None:
+        raise ExmyError(problem)
 
 
 def register() -> None:
