@@ -1,4 +1,4 @@
-"""`exmyconv eval` on the CPU: MiniLM (@minilm) and a tiny random causal Llama.
+"""`exmyconv eval` and `exmyconv bench --quality` on the CPU: MiniLM (@minilm) and a tiny random causal Llama.
 
 The checks that do not trust eval: a model against itself (cosine exactly 1, KL exactly 0, top-1
 agreement 1), and perplexity recomputed with the tokenizers library, exmyconv.load_state_dict into a
@@ -23,7 +23,7 @@ transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
 
 import exmyconv  # noqa: E402
-from exmyconv.bench import quality  # noqa: E402
+from exmyconv.bench import compare, quality  # noqa: E402
 from exmyconv.io.source import example_dir  # noqa: E402
 
 TOKENS, SEQ_LEN = 300, 64
@@ -218,6 +218,49 @@ def test_without_transformers(run_cli, llama, monkeypatch):
 def test_bad_options(run_cli, llama, args, words):
     _, converted = llama
     one_error_line(*run_cli("eval", converted, "--device", "cpu", *args)[::2], *words)
+
+
+# --------------------------------------------------------------------------- bench --quality
+
+
+def test_bench_quality(run_cli, llama, tmp_path):
+    source, _ = llama
+    out_json, out_png = tmp_path / "q.json", tmp_path / "q.png"
+    code, out, err = run_cli("bench", "--quality", "--checkpoint", source, "--formats",
+                             "e2m2,e2m1-g32,auto-4,auto-4.5,int4-g32", "--tokens", 200, "--seq-len", SEQ_LEN,
+                             "--json", out_json, "--png", out_png)
+    assert code == 0, err
+    result = json.loads(out_json.read_text())
+    rows = {r["variant"]: r for r in result["rows"]}
+    assert list(rows) == ["e2m2", "e2m1-g32", "auto-4", "auto-4.5", "int4-g32"]
+    assert "bits budget too small" in rows["auto-4"]["refused"]  # the cheapest candidate, e2m1-g64, is 4.25
+    # K = 128, 256: no row padding, so stored = nominal; e2m2 per channel: 5 bits + 16 per row
+    assert rows["int4-g32"]["bits"] == 5.0 and rows["e2m1-g32"]["bits"] == rows["e2m1-g32"]["bits_nominal"] == 4.5
+    assert rows["e2m2"]["bits"] == pytest.approx(rows["e2m2"]["bits_nominal"]) and 5 < rows["e2m2"]["bits"] < 5.2
+    assert rows["auto-4.5"]["bits"] <= 4.5 and sum(rows["auto-4.5"]["chosen"].values()) == 14
+    for r in (rows["e2m2"], rows["e2m1-g32"], rows["auto-4.5"], rows["int4-g32"]):
+        assert r["kl_mean"] > 0 and 0 < r["top1_agreement"] <= 1 and isinstance(r["frontier"], bool)
+        assert 0.01 < r["rel_weight_error"] < 0.2
+    cheapest = min((r for r in rows.values() if "bits" in r), key=lambda r: (r["bits"], r["kl_mean"]))
+    assert cheapest["frontier"]
+    assert result["tokens"] == 200 and result["source_perplexity"] > 1
+    assert "| e2m2" in out and "refused" in out and out_png.read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize("text, calibration, words", [
+    ("auto-5+cal", None, "--calibration"),
+    ("e2m2,e9m9", None, "e9m9"),
+    ("e2m2-gx", None, "bad variant"),
+    ("int9-g32", None, "int9"),
+])
+def test_bad_variants(text, calibration, words):
+    with pytest.raises(exmyconv.ExmyError, match=words):
+        compare.parse_variants(text, calibration)
+
+
+def test_default_variants_with_calibration():
+    names = [v.name for v in compare.parse_variants(None, "cal.txt")]
+    assert names[-1] == "auto-5+cal" and "int4-g128" in names and len(names) == len(set(names))
 
 
 def test_default_text_ships_in_the_package():
