@@ -37,7 +37,7 @@ from ..io.source import resolve
 TEXT = Path(__file__).with_name("eval_text.txt")
 DEFAULT_TOKENS = 4096
 DEFAULT_SEQ_LEN = 512
-BATCH = 128  # sentences per encoder forward (each forward of a converted model decodes all its weights)
+BATCH = 256  # sentences per encoder forward (each forward of a converted model decodes all its weights)
 _CAUSAL = ("ForCausalLM", "LMHeadModel")
 _BOOKKEEPING = {"quantization_config", "transformers_version", "_name_or_path"}  # may differ after converting
 
