@@ -12,6 +12,7 @@ from ..errors import ExmyError, Interrupted
 from .bench import bench
 from .check import inspect, verify_cmd
 from .convert import dequantize, quantize
+from .eval import eval_cmd
 from .hub import push
 
 
@@ -21,7 +22,7 @@ def cli():
     """Convert LLM checkpoints to low-bit ExMy floating-point weights."""
 
 
-for command in (quantize, inspect, verify_cmd, dequantize, push, bench):
+for command in (quantize, inspect, verify_cmd, dequantize, push, bench, eval_cmd):
     cli.add_command(command)
 
 
