@@ -30,8 +30,8 @@ from tqdm import tqdm
 
 from ..cuda.device import torch_cuda_reason
 from ..errors import ExmyError
-from ..format.layout import CONFIG_FILE, QUANT_METHOD
-from ..io.folder import read_json
+from ..format.layout import CONFIG_FILE, GUARD_KEY, GUARD_VALUE, QUANT_METHOD
+from ..io.validate import read_json
 from ..io.source import resolve
 
 TEXT = Path(__file__).with_name("eval_text.txt")
@@ -86,7 +86,7 @@ def model_kind(config: dict) -> str:
 
 def check_same_model(config: dict, source_config: dict) -> None:
     """The source must be the model the conversion read: config.json equal but for bookkeeping."""
-    a = {k: v for k, v in config.items() if k not in _BOOKKEEPING}
+    a = {k: v for k, v in config.items() if k not in _BOOKKEEPING and not (k == GUARD_KEY and v == GUARD_VALUE)}
     b = {k: v for k, v in source_config.items() if k not in _BOOKKEEPING}
     differ = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
     if differ:
