@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from ..convert.calibration import read_text_file
 from ..cuda.device import torch_cuda_reason
 from ..errors import ExmyError
 from ..format.layout import CONFIG_FILE, GUARD_KEY, GUARD_VALUE, QUANT_METHOD
@@ -98,13 +99,7 @@ def read_text(path: str | None) -> tuple[str, str]:
     """(text, label): a UTF-8 file, or the default text that ships with exmyconv."""
     if path is None:
         return TEXT.read_text(encoding="utf-8"), "the default text"
-    file = Path(path)
-    if not file.is_file():
-        raise ExmyError(f"{path}: no such text file")
-    text = file.read_text(encoding="utf-8", errors="replace")
-    if not text.strip():
-        raise ExmyError(f"{path}: the text is empty")
-    return text, file.name
+    return read_text_file(path, "text"), Path(path).name
 
 
 def pick_device(device: str | None) -> str:
