@@ -9,14 +9,12 @@ refuse, and refusals that name the same problem.
 """
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from exmyconv import cli
+from conftest import cli_call
 from exmyconv.errors import ExmyError
 
 
@@ -28,19 +26,10 @@ class Verdict:
     output: str = ""
 
 
-def _cli(*args) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            cli.main([str(a) for a in args])
-            code = 0
-        except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-    return code, out.getvalue(), err.getvalue()
 
 
 def _cli_verdict(*args) -> Verdict:
-    code, out, err = _cli(*args)
+    code, out, err = cli_call(*args)
     text = out + err
     if code == 0:
         return Verdict(True, "", code, text)
