@@ -290,20 +290,22 @@ def plot(result: dict, path: str) -> bool:
     rows = [r for r in result["rows"] if "bits" in r]
     fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
     for ax, (metric, label, _) in zip(axes[0], panels):
+        # cosines crowd below 1: their distance from 1, like KL, spreads out on a log axis
+        value = (lambda r: 1 - r[metric]) if metric == "cosine_mean" else (lambda r: r[metric])
         for name, marker, pick in (("ExMy", "o", lambda r: not r["variant"].startswith(("auto", "int"))),
                                    ("auto", "D", lambda r: r["variant"].startswith("auto")),
                                    ("integer RTN", "s", lambda r: r["variant"].startswith("int"))):
             sub = [r for r in rows if pick(r)]
-            ax.scatter([r["bits"] for r in sub], [r[metric] for r in sub], marker=marker, label=name)
+            ax.scatter([r["bits"] for r in sub], [value(r) for r in sub], marker=marker, label=name)
             for r in sub:
-                ax.annotate(r["variant"], (r["bits"], r[metric]), fontsize=7, xytext=(3, 3), textcoords="offset points")
-        if metric == "kl_mean":
+                ax.annotate(r["variant"], (r["bits"], value(r)), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        if metric != "perplexity":
             ax.set_yscale("log")
         ax.set_xlabel("bits per weight (stored, scales included)")
-        ax.set_ylabel(label)
+        ax.set_ylabel("1 - " + label if metric == "cosine_mean" else label)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle(f"exmyconv bench --quality: {result['model']} ({result['architecture']}), {result['text']}, "
+    fig.suptitle(f"exmyconv bench --quality: {Path(result['model']).name} ({result['architecture']}), {result['text']}, "
                  f"{result['date']}", fontsize=10)
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)

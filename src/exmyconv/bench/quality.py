@@ -375,7 +375,7 @@ def plot(evaluation: Evaluation, path: str) -> None:
     zeros = values.size - positive.size
     ax.set_xlabel(what + (f" ({zeros} of {values.size} are 0, not drawn)" if zeros and log else ""))
     ax.set_ylabel("tokens" if causal else "sentences")
-    ax.set_title(f"exmyconv eval {s['model']} vs {s['source']}: {s['text']}", fontsize=9)
+    ax.set_title(f"exmyconv eval {Path(s['model']).name} vs {Path(s['source']).name}: {s['text']}", fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
