@@ -65,3 +65,25 @@ def test_prepare_builds_the_source_and_converts_each_variant(tmp_path):
 def test_not_a_model_is_one_line(tmp_path):
     with pytest.raises(ExmyError, match="not a preset"):
         g.prepare(str(tmp_path / "nothing"), ["bf16"], None, tmp_path, log=lambda m: None)
+
+
+def test_compare_tokens_tells_ties_from_mismatches():
+    """Row 0 equal; row 1 differs where the two paths' logits swap two near-equal candidates (a tie);
+    row 2 differs although the paths' logits agree (a mismatch: the fast path chose another token)."""
+    import torch
+    from types import SimpleNamespace
+
+    prompt, vocab = 2, 6
+    ref = torch.tensor([[5, 0, 1, 2, 3]] * 3)
+    fast = torch.tensor([[5, 0, 1, 2, 3], [5, 0, 1, 4, 0], [5, 0, 1, 4, 0]])
+    ref_logits = [torch.zeros(3, vocab) for _ in range(3)]
+    fast_logits = [torch.zeros(3, vocab) for _ in range(3)]
+    ref_logits[1][:, 2], ref_logits[1][:, 4] = 1.0, 0.99
+    fast_logits[1][0, 2] = fast_logits[1][2, 2] = 1.0
+    fast_logits[1][0, 4] = fast_logits[1][2, 4] = 0.99
+    fast_logits[1][1, 2], fast_logits[1][1, 4] = 0.99, 1.0
+    result = g.compare_tokens(SimpleNamespace(sequences=fast, logits=fast_logits),
+                              SimpleNamespace(sequences=ref, logits=ref_logits), prompt)
+    assert (result["equal"], result["ties"], result["mismatches"]) == (1, 1, 1)
+    assert [d["row"] for d in result["first_difference"]] == [1, 2]
+    assert all(d["step"] == 1 for d in result["first_difference"])

@@ -17,15 +17,18 @@ bf16 is then the reference).
 
 Per variant: GPU memory allocated after loading; per mode and batch the median of ``runs`` timed
 ``generate()`` calls after warm-up (two for compiled: compilation, then graph recording), as tokens
-per second counting every sequence (batch x tokens / seconds; prompt processing included).
+per second counting every sequence (batch x tokens / seconds; prompt processing included). Every
+variant loads with ``use_kernels=False`` (transformers >= 5.2x would otherwise fetch Hub kernels for
+some layers, which needs the network and would change the bf16 baseline, not the ExMy layers).
 
 Tokens: for each ExMy variant the eager fast path (fused GEMV) and the compiled path are compared
 with the bit-exact reference path (the same loaded model with ``ExmyLinear.gpu_kernels = False``:
-exact dequantization, then the same ``F.linear`` as the bf16 model). The GEMV sums in float32 in
-another order than cuBLAS, so logits differ by rounding noise; a sequence that differs is a *tie*
-when, at its first differing step, the reference's margin between its own token and the fast
-path's token is no larger than the largest difference between the two paths' logits there.
-Anything else is a *mismatch* (a bug).
+exact dequantization, then the same ``F.linear`` as the bf16 model), each generating with its own
+logits recorded. The GEMV sums in float32 in another order than cuBLAS, so logits differ by
+rounding noise; a sequence that differs is a *tie* when, at its first differing step (where both
+paths have seen the same tokens), the reference's margin between its own token and the fast path's
+token is no larger than the largest difference between the two paths' logits at that step.
+Anything else is a *mismatch*.
 """
 from __future__ import annotations
 
@@ -157,12 +160,14 @@ def _load(folder: Path):
     register()
     with quiet_transformers():
         model = _transformers().AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.bfloat16,
-                                                                    device_map="cuda")
+                                                                    device_map="cuda", use_kernels=False)
     return model.eval()
 
 
-def _generate(model, ids, tokens: int, compiled: bool):
+def _generate(model, ids, tokens: int, compiled: bool, logits: bool = False):
     kwargs = dict(max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False, pad_token_id=0)
+    if logits:
+        kwargs.update(return_dict_in_generate=True, output_logits=True)
     if compiled:
         kwargs["cache_implementation"] = "static"
     else:
@@ -183,36 +188,24 @@ def _timed(fn, runs: int) -> tuple[float, object]:
     return statistics.median(times), out
 
 
-def _logits_at(model, ids):
-    import torch
+def compare_tokens(fast, reference, prompt: int) -> dict:
+    """Sequences equal to the reference, ties within float noise, and mismatches (module docstring).
 
-    with torch.no_grad():
-        return model(ids).logits[:, -1].float()
-
-
-def compare_tokens(model, ids, fast, reference) -> dict:
-    """Sequences equal to the reference, ties within float noise, and mismatches (module docstring)."""
-    from ..torch.linear import ExmyLinear
-
+    ``fast`` and ``reference`` are generate() outputs with ``output_logits``: each path's own logits
+    at every step, so at the first differing step both have seen the same tokens."""
     result = {"equal": 0, "ties": 0, "mismatches": 0}
-    for row in range(fast.shape[0]):
-        differ = (fast[row] != reference[row]).nonzero()
+    for row in range(fast.sequences.shape[0]):
+        differ = (fast.sequences[row, prompt:] != reference.sequences[row, prompt:]).nonzero()
         if not len(differ):
             result["equal"] += 1
             continue
-        p = int(differ[0])
-        prefix = fast[row:row + 1, :p]
-        ExmyLinear.gpu_kernels = False
-        try:
-            ref_logits = _logits_at(model, prefix)[0]
-        finally:
-            ExmyLinear.gpu_kernels = True
-        fast_logits = _logits_at(model, prefix)[0]
-        margin = float(ref_logits[reference[row, p]] - ref_logits[fast[row, p]])
-        noise = float((fast_logits - ref_logits).abs().max())
+        step = int(differ[0])
+        mine, theirs = fast.logits[step][row].float(), reference.logits[step][row].float()
+        got, want = fast.sequences[row, prompt + step], reference.sequences[row, prompt + step]
+        margin = float(theirs[want] - theirs[got])
+        noise = float((mine - theirs).abs().max())
         result["ties" if margin <= noise else "mismatches"] += 1
-        result.setdefault("first_difference", []).append({"row": row, "step": p - ids.shape[1],
-                                                          "margin": margin, "noise": noise})
+        result.setdefault("first_difference", []).append({"row": row, "step": step, "margin": margin, "noise": noise})
     return result
 
 
@@ -237,18 +230,19 @@ def measure(folder: Path, variant: str, batches: list[int], tokens: int, runs: i
             if out["exmy_layers"]:
                 ExmyLinear.gpu_kernels = False
                 try:
-                    reference = _generate(model, ids, tokens, compiled=False)
+                    reference = _generate(model, ids, tokens, compiled=False, logits=True)
                 finally:
                     ExmyLinear.gpu_kernels = True
             for mode in MODES:
                 compiled = mode == "compiled"
                 for _ in range(2 if compiled else 1):
                     _generate(model, ids, tokens, compiled)
-                seconds, seqs = _timed(lambda: _generate(model, ids, tokens, compiled), runs)
+                seconds, _ = _timed(lambda: _generate(model, ids, tokens, compiled), runs)
                 row = {"mode": mode, "batch": batch, "seconds": round(seconds, 4),
                        "tokens_per_s": round(batch * tokens / seconds, 1)}
                 if reference is not None:
-                    row["tokens"] = compare_tokens(model, ids, seqs, reference)
+                    row["tokens"] = compare_tokens(_generate(model, ids, tokens, compiled, logits=True), reference,
+                                                   PROMPT)
                 out["rows"].append(row)
                 log(f"{variant:>7} {mode:>8} batch {batch:>2}: {row['tokens_per_s']:8.1f} tokens/s"
                     + (f"  tokens {row['tokens']}" if "tokens" in row else ""))

@@ -26,6 +26,8 @@ from ..format.exmy import NAMED
 @click.option("--group-size", type=int, default=None,
               help="Scale group size of the random weights (default: one scale per output channel).")
 @click.option("--reps", type=int, default=100, show_default=True, help="Timed launches per measurement.")
+@click.option("--dtype", type=click.Choice(["float16", "bfloat16"]), default="float16", show_default=True,
+              help="Activations' dtype of the GEMV benchmark (and of its torch baseline and peers).")
 @click.option("--no-dequant", is_flag=True, help="Skip the dequantization bandwidth measurement.")
 @click.option("--peers", is_flag=True, help="Also time vLLM's Humming kernels (pip install humming-kernels) for "
                                              "e2m1/e2m2/e3m2/e2m3 and its int4-g128, in the same run.")
@@ -50,7 +52,7 @@ from ..format.exmy import NAMED
 @click.option("--seq-len", type=int, default=512, show_default=True, help="With --quality: window length.")
 @click.option("--calibration", default=None, metavar="TEXT_FILE",
               help="With --quality: calibration text for auto-B+cal variants (adds auto-5+cal to the default list).")
-def bench(formats, shapes, checkpoint, max_shapes, batches, group_size, reps, no_dequant, peers, json_path, png_path,
+def bench(formats, shapes, checkpoint, max_shapes, batches, group_size, reps, dtype, no_dequant, peers, json_path, png_path,
           e2e, generate, layers, tokens, quality, text_file, seq_len, calibration):
     """Time GPU dequantization and the fused ExMy GEMV against torch fp16 F.linear (needs a CUDA GPU);
     --quality: model quality against bits per weight, on the CPU."""
@@ -96,7 +98,7 @@ def bench(formats, shapes, checkpoint, max_shapes, batches, group_size, reps, no
     except (ExmyError, ValueError) as err:
         click.echo(f"error: {err}", err=True)
         sys.exit(1)
-    result = b.run(shape_list, fmts, batch_list, group_size, reps=reps, dequant=not no_dequant, peers=peers,
+    result = b.run(shape_list, fmts, batch_list, group_size, reps=reps, dequant=not no_dequant, peers=peers, dtype=dtype,
                    log=lambda msg: click.echo(msg, err=True))
     click.echo(b.table(result))
     for path in b.write(result, json_path, png_path):
