@@ -335,7 +335,7 @@ def test_gemv_error_bound_per_element(cp, rng):
             assert (np.abs(y64 - ref) <= bound).all(), f"group {group} batch {batch}"
 
 
-@pytest.mark.parametrize("name", NAMED + gpu.GEMV_SHARED + ("e5m2",))
+@pytest.mark.parametrize("name", [*NAMED, *gpu.GEMV_SHARED, "e5m2"])
 def test_gemv_bf16_row_scale_one_hot_is_exact(cp, rng, name):
     """Mode 3 (bf16 operands, one scale per row applied to the float32 sums): with one-hot rows of x
     each output is one weight, v * scale rounded once, which must be bit for bit the dequantized
@@ -359,7 +359,8 @@ def test_gemv_bf16_row_scale_one_hot_is_exact(cp, rng, name):
                 continue
             tdt = torch.float16 if x_dtype == "F16" else torch.bfloat16
             want = ref_bits(qt, x_dtype).reshape(n, k)
-            want = np.where(want == 0x8000, 0, want)  # a sum of +0 products and -0 is +0            for c0 in range(0, k, 16):
+            want = np.where(want == 0x8000, 0, want)  # a sum of +0 products and -0 is +0
+            for c0 in range(0, k, 16):
                 b = min(16, k - c0)
                 x = torch.zeros((b, k), dtype=tdt, device="cuda")
                 x[torch.arange(b), c0 + torch.arange(b)] = 1.0
