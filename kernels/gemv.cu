@@ -29,7 +29,8 @@
 //   MODE 3 (bf16 row):   one scale per row only: w = h_bf16 * 2^(127-bias) = v, the code's value itself
 //                        (one exact bf16x2 multiply; the raw field may be subnormal, v never is), and
 //                        the float32 sums are multiplied by the row's scale, as MODE 0/1 do in fp16.
-//                        Per pair one instruction instead of MODE 2's five: bf16 models' fast path.
+//                        Per pair one instruction instead of MODE 2's five: bf16 models' fast path
+//                        (the host takes it for bf16 x and E <= 4, where it is tested bit-exact).
 // x of the other 16-bit type is converted once per load (MODE 2 with fp16 x: x rounded to bf16).
 //
 // One kernel template, exmy_gemv<KIND, MODE, XF16, GM, BLOCKS> (at the end); the host picks the

@@ -70,7 +70,7 @@ def _compile(src: Path, fmt: ExMy, out: Path) -> tuple[int, str]:
 def gemv_instances(fmt: ExMy) -> list[GemvKernel]:
     """Every exmy_gemv instantiation the host may pick for `fmt`, with its register budget
     (gpu.gemv_blocks; b1r at 2 blocks per SM): 48, or 24 for E = 5 (no fp16 operands)."""
-    operands = ([(0, "F16"), (1, "F16")] if fmt.e <= 4 else []) + [(2, "F16"), (2, "BF16"), (3, "F16"), (3, "BF16")]
+    operands = ([(0, "F16"), (1, "F16"), (3, "BF16")] if fmt.e <= 4 else []) + [(2, "F16"), (2, "BF16")]
     return [GemvKernel(kind, mode, x_dtype, groups, gpu.gemv_blocks(fmt, kind, mode, groups))
             for mode, x_dtype in operands for kind in gpu.GEMV_KINDS for groups in (0, 1, 2)
             if mode != 3 or groups == 0]  # mode 3: one scale per row only

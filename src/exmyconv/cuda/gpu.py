@@ -410,14 +410,15 @@ def gemv_blocks(fmt: ExMy, kind: str, mode: int, groups: int) -> int:
 def gemv_kernel(weight: GpuWeight, x_dtype: str, batch: int) -> GemvKernel:
     """The kernel gemv uses for this weight, x dtype ("F16"/"BF16") and batch (<= 16): fp16
     operands where exact (E <= 4, F16 scales, fp16 x), with the scale folded into the weights where
-    that stays finite in fp16; else bf16 operands, with one scale per row applied to the float32
-    sums (mode 3: the decode is one exact multiply) or scale groups applied per weight (mode 2)."""
+    that stays finite in fp16; else bf16 operands: for bf16 x, E <= 4 and one scale per row, the
+    scale is applied to the float32 sums (mode 3: the decode is one exact multiply), otherwise to
+    each weight (mode 2)."""
     kind = _gemv_kind(weight, batch)
     groups = 0 if weight.ngroups == 1 else 2 if _gshift(weight) < 0 else 1
     if x_dtype == "F16" and weight.fp16_compute:
         mode = 0 if weight.fold_ok() else 1
-    else:
-        mode = 3 if groups == 0 else 2
+    else:  # mode 3 where the GPU test proved it exact (bf16 x, E <= 4; fp16 x failed for 8-bit codes)
+        mode = 3 if groups == 0 and x_dtype == "BF16" and weight.fmt.e <= 4 else 2
     return GemvKernel(kind, mode, x_dtype, groups, gemv_blocks(weight.fmt, kind, mode, groups))
 
 
