@@ -12,6 +12,7 @@ from .check import run_verify
 from ..integrations.hub import hub_source
 from .hub import push_converted
 from .options import parse_size
+from .output import emit, json_option, plural
 
 
 @click.command()
@@ -108,10 +109,11 @@ def _echo_search(s):
               help="Output dtype of dequantized tensors (default: the config's torch_dtype, else float16).")
 @click.option("--max-shard-size", default="5GB", show_default=True, help="Largest output shard.")
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty FP_DIR.")
-def dequantize(out_dir, fp_dir, dtype, max_shard_size, overwrite):
+@json_option
+def dequantize(out_dir, fp_dir, dtype, max_shard_size, overwrite, as_json):
     """Write OUT_DIR back as a plain safetensors checkpoint that loads without exmyconv."""
     from ..convert.dequantize import dequantize_checkpoint
 
     r = dequantize_checkpoint(out_dir, fp_dir, dtype, parse_size(max_shard_size), overwrite)
-    click.echo(f"wrote {r['out_dir']}: {r['dequantized']} of {r['tensors']} tensors dequantized to {r['dtype']}, "
-               f"{r['bytes'] / 1e6:.1f} MB in {r['shards']} shard{'s' if r['shards'] > 1 else ''}")
+    emit(r, as_json, f"wrote {r['out_dir']}: {r['dequantized']} of {r['tensors']} tensors dequantized to "
+                     f"{r['dtype']}, {r['bytes'] / 1e6:.1f} MB in {plural(r['shards'], 'shard')}")

@@ -264,20 +264,13 @@ def _stage(out: Path, files: list[str], card: str | None, stage: Path) -> None:
         (stage / "README.md").write_text(card, encoding="utf-8")
 
 
-def push(out_dir, repo_id: str, private: bool = False, dry_run: bool = False, token: str | None = None,
-         revision: str | None = None, *, command: str | None = None, source: str | None = None,
-         keep_readme: bool = False, echo=None) -> list[str]:
-    """Upload a converted folder to the Hub model repo ``repo_id`` (created if needed) with a model card.
-
-    Returns the uploaded paths (in the repo). ``dry_run``: print them with their sizes (and the card)
-    and send nothing. ``revision``: a branch (created from main if missing). ``private``: create the repo
-    private; an existing public repo is refused rather than silently published to.
-    """
-    import click
-
+def upload_plan(out_dir, repo_id: str, private: bool = False, revision: str | None = None, *,
+                command: str | None = None, source: str | None = None, keep_readme: bool = False) -> dict:
+    """What :func:`push` would upload, checked as push checks it: ``repo_id``, ``revision``, ``private``,
+    ``files`` (``path``, ``bytes``, ``generated``: the model card), ``bytes`` (their total) and ``card``
+    (the generated README.md, or None with ``keep_readme``). Sends nothing, needs no login."""
     from ..check.inspection import inspect_checkpoint
 
-    echo = echo or click.echo
     out = Path(out_dir)
     check_repo_id(repo_id)
     if not out.is_dir():
@@ -289,22 +282,49 @@ def push(out_dir, repo_id: str, private: bool = False, dry_run: bool = False, to
         raise ExmyError(f"{out}: fails the integrity checks ({report['problems'][0]}); run `exmyconv inspect {out}`")
     has_readme = (out / "README.md").is_file()
     card = None if keep_readme and has_readme else model_card(out, command, source, repo_id=repo_id, report=report)
-    files = upload_list(out, keep_readme=keep_readme)
-    paths = sorted(files + (["README.md"] if card is not None else []))
+    files = [{"path": p, "bytes": (out / p).stat().st_size, "generated": False}
+             for p in upload_list(out, keep_readme=keep_readme)]
+    if card is not None:
+        files.append({"path": "README.md", "bytes": len(card.encode()), "generated": True})
+    files.sort(key=lambda f: f["path"])
+    return {"out_dir": str(out), "repo_id": repo_id, "revision": revision, "private": private, "files": files,
+            "bytes": sum(f["bytes"] for f in files), "card": card}
 
+
+def render_plan(plan: dict) -> str:
+    """`push --dry-run`'s text: the files with their sizes, then the card."""
+    target = plan["repo_id"] + (f" (branch {plan['revision']})" if plan["revision"] else "")
+    lines = [f"dry run: would upload {len(plan['files'])} files ({_size(plan['bytes'])}) to {target}"
+             + (", creating it private if missing" if plan["private"] else ", creating it if missing")]
+    width = max(len(f["path"]) for f in plan["files"])
+    for f in plan["files"]:
+        note = "  (generated model card)" if f["generated"] else ""
+        lines.append(f"  {f['path']:<{width}}  {_size(f['bytes']):>9}{note}")
+    if plan["card"] is not None:
+        lines += ["--- README.md ---", plan["card"].rstrip("\n")]
+    return "\n".join(lines)
+
+
+def push(out_dir, repo_id: str, private: bool = False, dry_run: bool = False, token: str | None = None,
+         revision: str | None = None, *, command: str | None = None, source: str | None = None,
+         keep_readme: bool = False, echo=None) -> list[str]:
+    """Upload a converted folder to the Hub model repo ``repo_id`` (created if needed) with a model card.
+
+    Returns the uploaded paths (in the repo). ``dry_run``: print them with their sizes (and the card)
+    and send nothing (:func:`upload_plan` gives the same as data). ``revision``: a branch (created from
+    main if missing). ``private``: create the repo private; an existing public repo is refused rather
+    than silently published to.
+    """
+    import click
+
+    echo = echo or click.echo
+    out = Path(out_dir)
+    plan = upload_plan(out, repo_id, private, revision, command=command, source=source, keep_readme=keep_readme)
+    card = plan["card"]
+    paths = [f["path"] for f in plan["files"]]
+    files = [f["path"] for f in plan["files"] if not f["generated"]]
     if dry_run:
-        sizes = {p: (len(card.encode()) if p == "README.md" and card is not None else (out / p).stat().st_size)
-                 for p in paths}
-        target = f"{repo_id}" + (f" (branch {revision})" if revision else "")
-        echo(f"dry run: would upload {len(paths)} files ({_size(sum(sizes.values()))}) to {target}"
-             + (", creating it private if missing" if private else ", creating it if missing"))
-        width = max(map(len, paths))
-        for p in paths:
-            note = "  (generated model card)" if p == "README.md" and card is not None else ""
-            echo(f"  {p:<{width}}  {_size(sizes[p]):>9}{note}")
-        if card is not None:
-            echo("--- README.md ---")
-            echo(card.rstrip("\n"))
+        echo(render_plan(plan))
         return paths
 
     from huggingface_hub import HfApi, get_token
