@@ -464,3 +464,43 @@ def test_auto_summary_seconds_cover_the_whole_run(small_source, tmp_path, monkey
     monkeypatch.setattr(pipeline, "plan", slow_plan)
     s = exmyconv.quantize(str(small_source[0]), str(tmp_path / "auto"), format="auto", bits=9)
     assert s.seconds >= 0.5 + s.search_seconds
+
+
+@pytest.mark.parametrize("name", [
+    "encoder.layer.1.attention.output.dense.weight",
+    "model.layers.10.block_sparse_moe.experts.7.w1.weight",
+    "model.language_model.layers.27.self_attn.q_proj.weight",
+    "transformer.h.3.mlp.an_extraordinarily_long_parameter_name_that_does_not_fit.weight",
+    "a_single_part_that_is_far_longer_than_any_progress_bar_label_should_be",
+    "model.layers.0.self_attn.q_proj.weight",
+])
+def test_progress_label_cuts_at_dots_and_keeps_the_end(name):
+    """Progress-bar labels: at most 40 characters, the end of the name, whole parts only (never a part cut
+    in two, as name[-40:] did: 'oder.layer.1...'), the layer number kept when it fits."""
+    label = pipeline.progress_label(name)
+    parts = name.split(".")
+    assert len(label) <= 40
+    if len(name) <= 40:
+        assert label == name
+        return
+    assert label.startswith("…") or " … " in label  # says that something was left out
+    if len(parts) == 1:
+        assert label == "…" + name[-39:]
+        return
+    pieces = [p for p in label.replace(" … ", ".").lstrip("…").split(".") if p]
+    assert all(p in parts for p in pieces), label  # whole parts only
+    assert label.endswith(parts[-1]) or label == "…" + name[-39:]
+    number = next((p for p in parts[1:] if p.isdigit()), None)
+    if number is not None and len(parts[-1]) < 20:
+        assert number in pieces, label
+
+
+def test_one_kept_weight_is_singular(tmp_path, rng, run_cli):
+    src = make_checkpoint(tmp_path / "src", {"w.weight": rng.standard_normal((8, 128)).astype(np.float32),
+                                             "emb.embed_tokens.weight": rng.standard_normal((8, 128)).astype(np.float32)})
+    code, out, err = run_cli("quantize", src, tmp_path / "out", "--no-verify")
+    assert code == 0, err
+    assert "warning: 1 weight left unquantized:" in err and "1 weights" not in err
+    assert "(1 shard)" in out
+    code, out, err = run_cli("verify", tmp_path / "out", "--no-gpu")
+    assert code == 0 and out.startswith("verified 1 quantized tensor\n"), out

@@ -73,11 +73,11 @@ def quantize(model_dir, out_dir, format_, bits, max_error, candidates, calibrati
     for head, emb in s.tied.items():
         click.echo(f"  {head} is tied to {emb} (identical): stored once, re-tied on load")
     if s.kept:
-        click.echo(f"warning: {len(s.kept)} weights left unquantized:", err=True)
+        click.echo(f"warning: {plural(len(s.kept), 'weight')} left unquantized:", err=True)
         width = max(map(len, s.kept))
         for name, why in s.kept.items():
             click.echo(f"  {name:<{width}}  {why}", err=True)
-    click.echo(f"wrote {s.out_dir} ({s.shards} shard{'s' if s.shards > 1 else ''})")
+    click.echo(f"wrote {s.out_dir} ({plural(s.shards, 'shard')})")
     if verify is None:
         from ..check.verify import gpu_backend
 
@@ -95,11 +95,22 @@ def _echo_search(s):
                f"{r['achieved_bits']:.3f} bits/weight, "
                f"mean rel. MSE {r['mean_rel_mse']:.3e}; chosen: "
                + ", ".join(f"{k} x{v}" for k, v in Counter(s.formats.values()).most_common()))
-    curve = r["tradeoff"]
-    shown = [curve[round(i * (len(curve) - 1) / 7)] for i in range(8)] if len(curve) > 8 else curve
-    click.echo("  error vs bits, whole model (bits: mean rel. MSE): "
-               + "  ".join(f"{p['bits']:.2f}: {p['mean_rel_mse']:.1e}" for p in shown))
+    click.echo("  error vs bits, whole model (bits: mean rel. MSE): " + "  ".join(curve_points(r["tradeoff"])))
     click.echo(f"  details: {Path(s.out_dir) / SEARCH_REPORT}")
+
+
+def curve_points(curve: list[dict], points: int = 8) -> list[str]:
+    """At most ``points`` points of the error-vs-bits curve as printed ('4.25: 1.1e-02'), spread evenly
+    over it, no point twice: points that print the same bits are one (the one with the least error)."""
+    distinct: dict[str, dict] = {}
+    for p in curve:
+        key = f"{p['bits']:.2f}"
+        if key not in distinct or p["mean_rel_mse"] < distinct[key]["mean_rel_mse"]:
+            distinct[key] = p
+    shown = list(distinct.values())
+    if len(shown) > points:
+        shown = [shown[round(i * (len(shown) - 1) / (points - 1))] for i in range(points)]
+    return [f"{p['bits']:.2f}: {p['mean_rel_mse']:.1e}" for p in shown]
 
 
 @click.command()

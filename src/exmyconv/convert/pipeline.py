@@ -177,6 +177,36 @@ def _same_bytes(a: Item, b: Item, step: int = 16 << 20) -> bool:
     return all(x[i:i + step].tobytes() == y[i:i + step].tobytes() for i in range(0, x.size, step))
 
 
+def progress_label(name: str, width: int = 40) -> str:
+    """A tensor name for the progress bar, at most ``width`` characters, cut at dots, never inside a
+    part: the end of the name (the module and the parameter) and, if it does not fit whole, the first
+    number before it (the layer) — 'encoder.layer.1.attention.output.dense.weight' becomes
+    '…layer.1.attention.output.dense.weight', 'model.layers.10.block_sparse_moe.experts.7.w1.weight'
+    becomes 'layers.10 … experts.7.w1.weight'."""
+    if len(name) <= width:
+        return name
+    parts = name.split(".")
+
+    def tail(room: int, stop: int = 0) -> list[str]:
+        kept: list[str] = []
+        for part in reversed(parts[stop:]):
+            if len(".".join([part, *kept])) > room:
+                break
+            kept.insert(0, part)
+        return kept
+
+    end = tail(width - 1)
+    if not end:  # one part longer than the width: its end
+        return "…" + name[-(width - 1):]
+    first_number = next((i for i, p in enumerate(parts) if p.isdigit()), None)
+    start = len(parts) - len(end)
+    if first_number is None or first_number == 0 or first_number - 1 >= start:
+        return "…" + ".".join(end)
+    head = ".".join(parts[first_number - 1:first_number + 1])
+    rest = tail(width - len(head) - 3, first_number + 1)
+    return f"{head} … {'.'.join(rest)}" if rest else "…" + ".".join(end)
+
+
 def float_chunks(item: Item):
     """A callable giving the tensor's rows as float32 chunks (NaN/Inf refused)."""
     def chunks():
@@ -200,7 +230,7 @@ def choose_formats(items: list[Item], opts: Options, progress) -> dict:
         search.check_budget(sizes, opts.bits * sum(numels) / 8, sum(numels))
     errs = []
     for item in todo:
-        progress.set_postfix_str(item.info.name[-40:], refresh=False)
+        progress.set_postfix_str(progress_label(item.info.name), refresh=False)
         errs.append(measure(float_chunks(item), cands, item.importance))
         progress.update(item.info.nbytes)
     weighted = [n * e for n, e in zip(numels, errs)]
@@ -312,7 +342,7 @@ def write_shard(path: Path, items: list[Item], opts: Options, progress) -> None:
     try:
         scale_dtypes = {}
         for item in items:
-            progress.set_postfix_str(item.info.name[-40:], refresh=False)
+            progress.set_postfix_str(progress_label(item.info.name), refresh=False)
             if item.record:
                 scale_dtypes[item.record.scale_name] = quantize_item(item, writer, opts, progress)
             else:
