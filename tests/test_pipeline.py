@@ -504,3 +504,38 @@ def test_one_kept_weight_is_singular(tmp_path, rng, run_cli):
     assert "(1 shard)" in out
     code, out, err = run_cli("verify", tmp_path / "out", "--no-gpu")
     assert code == 0 and out.startswith("verified 1 quantized tensor\n"), out
+
+
+@pytest.mark.parametrize("fmt_name, group, codes", [("e2m2", None, 5.0), ("e2m2s4", None, 4.25), ("e3m2", 64, 6.0)])
+def test_inspect_nominal_and_effective_bits(tmp_path, rng, run_cli, fmt_name, group, codes):
+    """K = 576 (SmolLM2's hidden size) is padded to 640 in every row: inspect shows the effective bits
+    (as stored) beside the nominal ones (codes + scales) and where the difference goes."""
+    src = make_checkpoint(tmp_path / "src", {"a.weight": rng.standard_normal((12, 576)).astype(np.float32),
+                                             "b.weight": rng.standard_normal((4, 3, 256)).astype(np.float32)})
+    out = tmp_path / "out"
+    convert(src, out, format=fmt_name, group_size=group)
+    code, js, err = run_cli("inspect", out, "--json")
+    assert code == 0, err
+    report = json.loads(js)
+    params = {"a.weight": 12 * 576, "b.weight": 12 * 256}
+    groups = {"a.weight": 12 * (-(-576 // group) if group else 1), "b.weight": 12 * (-(-256 // group) if group else 1)}
+    share = 4 if fmt_name.endswith("s4") else 1
+    own = 5 - 1 if share > 1 else {"e2m2": 5, "e3m2": 6}[fmt_name]
+    # bytes by SPEC section 3: each row padded to 640 / 256, the shared plane to 16 bytes per row
+    stored = 12 * (640 * own // 8 + (16 * -(-640 // share // 128) if share > 1 else 0)) + 2 * groups["a.weight"] \
+        + 12 * (256 * own // 8 + (16 * -(-256 // share // 128) if share > 1 else 0)) + 2 * groups["b.weight"]
+    n = sum(params.values())
+    assert report["bits_per_weight_quantized"] == pytest.approx(8 * stored / n, rel=1e-12)
+    scales = 16 * sum(groups.values()) / n
+    assert report["bits_per_weight_nominal"] == pytest.approx(codes + scales, rel=1e-12)
+    b = report["bits_breakdown"]
+    assert b["codes"] == pytest.approx(codes) and b["scales"] == pytest.approx(scales)
+    assert b["codes"] + b["scales"] + b["padding"] == pytest.approx(report["bits_per_weight_quantized"], rel=1e-12)
+    assert b["padding"] > 0.1  # 576 -> 640
+    rows = {r["name"]: r for r in report["tensor_table"]}
+    assert rows["b.weight"]["bits_nominal"] == pytest.approx(rows["b.weight"]["bits"]) or share > 1
+    assert rows["a.weight"]["bits"] - rows["a.weight"]["bits_nominal"] > 0.4
+    code, text, _ = run_cli("inspect", out)
+    assert (f"{report['bits_per_weight_quantized']:.3f} effective (as stored), "
+            f"{report['bits_per_weight_nominal']:.3f} nominal") in text
+    assert f"codes {codes:.3f} + scales {scales:.3f} + padding {b['padding']:.3f} (rows padded to a multiple of 128" in text

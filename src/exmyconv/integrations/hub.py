@@ -178,6 +178,11 @@ def model_card(out_dir, command: str | None, source: str | None, *, repo_id: str
     if report["bits_per_weight_quantized"] is not None:
         lines.append(f"- effective bits per quantized weight: **{report['bits_per_weight_quantized']:.3f}** "
                      f"(scales included); {report['bits_per_weight_all']:.2f} over all tensors")
+        if report.get("bits_per_weight_nominal") is not None:
+            lines.append(f"- nominal bits per quantized weight (formats and scales): "
+                         f"{report['bits_per_weight_nominal']:.3f}; the rest, "
+                         f"{report['bits_breakdown']['padding']:.3f}, is the layout's padding of each row to a "
+                         "multiple of 128 weights")
     lines.append(f"- size: {_size(report['file_bytes'])} in {len(report['files'])} file"
                  f"{'s' if len(report['files']) != 1 else ''}, {_params(report['params'])} parameters "
                  f"({_params(report['quantized_params'])} quantized, {report['quantized_tensors']} of "
