@@ -10,7 +10,7 @@ from ..format.exmy import DEFAULT, NAMED, NAMED_SHARED
 from ..format.layout import SEARCH_REPORT
 from .check import run_verify
 from ..integrations.hub import hub_source
-from .hub import push_converted
+from .hub import command_line, push_converted
 from .options import parse_size
 from .output import emit, json_option, plural
 
@@ -55,7 +55,7 @@ def quantize(model_dir, out_dir, format_, bits, max_error, candidates, calibrati
                    calibration=calibration, calibration_tokens=calibration_tokens)
     source_arg = model_dir
     model_dir, hub_id = hub_source(model_dir, revision, push_to_hub, private)
-    s = convert(model_dir, out_dir, opts, overwrite=overwrite)
+    s = convert(model_dir, out_dir, opts, overwrite=overwrite, command=command_line())
     if opts.auto:
         group = "per-tensor search"
     else:

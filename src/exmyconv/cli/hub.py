@@ -39,9 +39,10 @@ def command_line(ctx: click.Context | None = None) -> str:
 
 
 def push_converted(out_dir: str, repo_id: str, private: bool, source: str | None) -> None:
-    """For `quantize --push-to-hub`: upload OUT_DIR with a card that shows the quantize command."""
+    """For `quantize --push-to-hub`: upload OUT_DIR with a card that shows the quantize command (which
+    OUT_DIR's config.json records)."""
     try:
-        paths = hub.push(out_dir, repo_id, private=private, command=command_line(), source=source)
+        paths = hub.push(out_dir, repo_id, private=private, source=source)
     except ExmyError as err:
         raise ExmyError(f"{err} ({out_dir} was written; upload it later with `exmyconv push {out_dir} "
                         f"{repo_id}`)") from None
@@ -68,13 +69,12 @@ def push(out_dir, repo_id, private, dry_run, revision, base_model, keep_readme, 
         if "/" not in base_model:
             raise ExmyError(f"--base-model {base_model!r}: expected owner/name")
     if dry_run:
-        plan = hub.upload_plan(out_dir, repo_id, private, revision, command=command_line(), source=base_model,
-                               keep_readme=keep_readme)
+        plan = hub.upload_plan(out_dir, repo_id, private, revision, source=base_model, keep_readme=keep_readme)
         emit({"dry_run": True, **plan}, as_json, lambda _: hub.render_plan(plan))
         return
     hub.quiet_progress_off_terminal()
-    paths = hub.push(out_dir, repo_id, private=private, revision=revision,
-                     command=command_line(), source=base_model, keep_readme=keep_readme)
+    paths = hub.push(out_dir, repo_id, private=private, revision=revision, source=base_model,
+                     keep_readme=keep_readme)
     url = hub.repo_url(repo_id, revision)
     emit({"dry_run": False, "repo_id": repo_id, "revision": revision, "url": url, "files": paths}, as_json,
          f"uploaded {len(paths)} files to {url}")

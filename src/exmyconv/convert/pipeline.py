@@ -353,8 +353,8 @@ def write_shard(path: Path, items: list[Item], opts: Options, progress) -> None:
         raise
 
 
-def quantization_config(opts: Options, items: list[Item], tied: dict[str, str]) -> dict:
-    return {
+def quantization_config(opts: Options, items: list[Item], tied: dict[str, str], command: str | None = None) -> dict:
+    config = {
         "quant_method": QUANT_METHOD,
         "format_version": VERSION,
         "format": "auto" if opts.auto else opts.fmt.name,
@@ -363,11 +363,15 @@ def quantization_config(opts: Options, items: list[Item], tied: dict[str, str]) 
         "tied": tied,
         "exmyconv_version": __version__,
     }
+    if command is not None:
+        config["command"] = command
+    return config
 
 
 def convert(model_dir: str, out_dir: str, opts: Options | None = None, overwrite: bool = False,
-            progress: bool | None = None) -> Summary:
-    """Quantize every eligible weight of MODEL_DIR into an exmy checkpoint at OUT_DIR."""
+            progress: bool | None = None, command: str | None = None) -> Summary:
+    """Quantize every eligible weight of MODEL_DIR into an exmy checkpoint at OUT_DIR. ``command``: the
+    command line that asked for it, recorded in config.json (``quantization_config.command``)."""
     opts = opts or Options()
     began = time.perf_counter()
     source = open_source(model_dir)
@@ -401,7 +405,7 @@ def convert(model_dir: str, out_dir: str, opts: Options | None = None, overwrite
             write_index(tmp, [[name for item in shard for name, _, _ in item.outputs] for shard in shards],
                         sum(i.out_bytes for i in items))
             config = dict(source.config or {})
-            config["quantization_config"] = quantization_config(opts, items, tied)
+            config["quantization_config"] = quantization_config(opts, items, tied, command)
             config.setdefault(GUARD_KEY, GUARD_VALUE)
             (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
             copy_side_files(source.root, tmp)

@@ -128,7 +128,9 @@ def model_card(out_dir, command: str | None, source: str | None, *, repo_id: str
     ``source``: what was converted. When it is a Hub repo id it becomes ``base_model``; license, tags,
     language, datasets and pipeline_tag come from the source's card front matter (OUT_DIR/README.md, which
     ``quantize`` copies, or SOURCE/README.md for a local source), the license else from config.json.
-    ``command``: the command line to show. ``repo_id``: where the card will live (for the title and usage).
+    ``command``: the command that made the weights, for a checkpoint that does not record it (config.json's
+    ``quantization_config.command``, which ``exmyconv quantize`` writes, wins). ``repo_id``: where the card
+    will live (for the title and usage).
     """
     import yaml
 
@@ -214,8 +216,9 @@ def model_card(out_dir, command: str | None, source: str | None, *, repo_id: str
               f"Converted by exmyconv {made_with} into the exmy checkpoint layout "
               f"{report.get('exmy_version') or qcfg.get('format_version') or '?'} (formats/SPEC.md in exmyconv): "
               f"{settings}; scales are fp16 (bf16 where fp16 would overflow or underflow)."]
-    if command:
-        lines += ["", f"The command that made this upload (exmyconv {__version__}):", "", "```bash", command, "```"]
+    made_by = qcfg.get("command") or command
+    if made_by:
+        lines += ["", f"The command that made these weights (exmyconv {made_with}):", "", "```bash", made_by, "```"]
     where = repo_id or "path/to/this/folder"
     lines += ["", "## Use", "",
               "With transformers, **`import exmyconv` first** (`pip install exmyconv`): it registers the "
