@@ -459,7 +459,7 @@ def test_auto_summary_curve_shows_no_point_twice(auto5):
 
 
 def test_curve_points():
-    from exmyconv.cli.convert import curve_points
+    from exmyconv.cli.report import curve_points
 
     curve = [{"bits": 4.25, "mean_rel_mse": 0.011}, {"bits": 4.2531, "mean_rel_mse": 0.0109},
              *({"bits": 4.5 + i / 4, "mean_rel_mse": 0.01 / (i + 2)} for i in range(10))]
@@ -562,6 +562,14 @@ def test_auto_is_byte_identical_on_a_second_run(auto5, tmp_path):
     assert code == 0, err
     a, b = tree_snapshot(out), tree_snapshot(again)
     assert sorted(a) == sorted(b)
+    # config.json records the command, whose OUT_DIR differs (SPEC section 4): the rest is the same
+    commands = []
+    for snap, folder in ((a, out), (b, again)):
+        config = json.loads(snap["config.json"])
+        commands.append(config["quantization_config"].pop("command"))
+        snap["config.json"] = json.dumps(config)
+    assert [c.split()[-1] for c in commands] == [str(out), str(again)]
+    assert commands[0].rsplit(" ", 1)[0] == commands[1].rsplit(" ", 1)[0]
     differ = [k for k in a if a[k] != b[k]]
     detail = ""
     if "exmy_search.json" in differ:

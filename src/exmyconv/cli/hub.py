@@ -38,15 +38,18 @@ def command_line(ctx: click.Context | None = None) -> str:
     return shlex.join([*ctx.command_path.split(), *options, *arguments])
 
 
-def push_converted(out_dir: str, repo_id: str, private: bool, source: str | None) -> None:
+def push_converted(out_dir: str, repo_id: str, private: bool, source: str | None, echo: bool = True) -> dict:
     """For `quantize --push-to-hub`: upload OUT_DIR with a card that shows the quantize command (which
-    OUT_DIR's config.json records)."""
+    OUT_DIR's config.json records). Returns the repo id, its URL and the uploaded files."""
     try:
         paths = hub.push(out_dir, repo_id, private=private, source=source)
     except ExmyError as err:
         raise ExmyError(f"{err} ({out_dir} was written; upload it later with `exmyconv push {out_dir} "
                         f"{repo_id}`)") from None
-    click.echo(f"uploaded {len(paths)} files to {hub.repo_url(repo_id)}")
+    url = hub.repo_url(repo_id)
+    if echo:
+        click.echo(f"uploaded {len(paths)} files to {url}")
+    return {"repo_id": repo_id, "url": url, "files": paths}
 
 
 @click.command()
