@@ -246,6 +246,21 @@ def test_card_shows_the_quantize_command_not_the_push_command(fake_hub, env, tmp
     assert json.loads(res.stdout)["card"] == fake_hub.files("me/q")["README.md"].decode()
 
 
+def test_push_and_quantize_push_json(fake_hub, env, converted, tmp_path, rng):
+    """--json after an upload: one object on stdout naming the repo, its URL and the files sent."""
+    res = exmyconv_cli(env, "push", converted, "me/q", "--json")
+    assert res.returncode == 0, res.stderr
+    result = json.loads(res.stdout)
+    assert result["dry_run"] is False and result["url"] == f"{fake_hub.url}/me/q"
+    assert set(result["files"]) == set(fake_hub.files("me/q")) - {".gitattributes"}
+    src = make_checkpoint(tmp_path / "src2", tensors_for(rng), config=CONFIG)
+    res = exmyconv_cli(env, "quantize", src, tmp_path / "out2", "--push-to-hub", "me/r", "--json", "--no-verify")
+    assert res.returncode == 0, res.stderr
+    result = json.loads(res.stdout)
+    assert result["uploaded"]["url"] == f"{fake_hub.url}/me/r" and "README.md" in result["uploaded"]["files"]
+    assert result["quantized"] == 2 and "uploaded" not in res.stderr and f"wrote {tmp_path / 'out2'}" in res.stderr
+
+
 def test_push_not_logged_in(fake_hub, env, converted):
     env.pop("HF_TOKEN")
     res = exmyconv_cli(env, "push", converted, "me/q")
