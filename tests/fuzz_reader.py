@@ -302,7 +302,8 @@ def m_config(rnd, folder, files):
     qc = config["quantization_config"]
     how = rnd.choice(["field", "field", "drop", "not object", "method", "ignore", "tied", "deep"])
     if how == "field":
-        field = rnd.choice(["format", "group_size", "ignore", "tied", "format_version", "exmyconv_version"])
+        field = rnd.choice(["format", "group_size", "ignore", "tied", "format_version", "exmyconv_version",
+                               "command"])
         qc[field] = odd_value(rnd)
         how = f"{field} = {qc[field]!r}"[:80]
     elif how == "drop":

@@ -549,8 +549,9 @@ def _read_config(path: str) -> dict:
     tied = qc.get("tied")
     if tied is not None and not (isinstance(tied, dict) and all(isinstance(x, str) for x in tied.values())):
         raise ValueError(f"{path}: tied {tied!r}")
-    if qc.get("exmyconv_version") is not None and not isinstance(qc["exmyconv_version"], str):
-        raise ValueError(f"{path}: exmyconv_version {qc['exmyconv_version']!r}")
+    for key in ("exmyconv_version", "command"):
+        if qc.get(key) is not None and not isinstance(qc[key], str):
+            raise ValueError(f"{path}: {key} {qc[key]!r}")
     return config
 
 

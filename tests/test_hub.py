@@ -199,8 +199,9 @@ def test_push_private(fake_hub, env, converted, tmp_path):
         if path != "README.md":
             assert uploaded[path] == data, path
     card = uploaded["README.md"].decode()
-    assert card == hub.model_card(converted, f"exmyconv push --private --base-model owner/src {converted} me/q",
-                                  "owner/src", repo_id="me/q")
+    # converted through the Python API: no command recorded, and the push command is not one that made weights
+    assert card == hub.model_card(converted, None, "owner/src", repo_id="me/q")
+    assert "exmyconv push" not in card and "```bash" not in card
     meta, _ = front_matter(card)
     assert meta["base_model"] == "owner/src" and meta["license"] == "mit"
     assert tree_snapshot(converted) == before  # OUT_DIR itself is not touched
@@ -222,6 +223,42 @@ def test_push_dry_run_sends_nothing(fake_hub, env, converted):
     assert any(line.split()[:1] == ["README.md"] and "generated model card" in line for line in lines)
     assert "--- README.md ---" in res.stdout and "library_name: exmyconv" in res.stdout
     assert "uploaded" not in res.stdout
+
+
+def test_card_shows_the_quantize_command_not_the_push_command(fake_hub, env, tmp_path, rng):
+    """quantize records its command in config.json; a later `push` (another process, another day) shows
+    that command in the card, not its own."""
+    src = make_checkpoint(tmp_path / "src", tensors_for(rng), config=CONFIG)
+    out = tmp_path / "out"
+    res = exmyconv_cli(env, "quantize", "--format", "e3m2", "--group-size", "32", "--skip", "q_proj", src, out,
+                       "--no-verify")
+    assert res.returncode == 0, res.stderr
+    quantize_cmd = f"exmyconv quantize --format e3m2 --group-size 32 --skip q_proj --no-verify {src} {out}"
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["command"] == quantize_cmd
+    res = exmyconv_cli(env, "push", out, "me/q", "--base-model", "owner/src")
+    assert res.returncode == 0, res.stderr
+    _, body = front_matter(fake_hub.files("me/q")["README.md"].decode())
+    assert f"The command that made these weights (exmyconv {__version__}):\n\n```bash\n{quantize_cmd}\n```" in body
+    assert "exmyconv push" not in body
+    # the dry run shows the same card
+    res = exmyconv_cli(env, "push", out, "me/q", "--dry-run", "--json", "--base-model", "owner/src")
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout)["card"] == fake_hub.files("me/q")["README.md"].decode()
+
+
+def test_push_and_quantize_push_json(fake_hub, env, converted, tmp_path, rng):
+    """--json after an upload: one object on stdout naming the repo, its URL and the files sent."""
+    res = exmyconv_cli(env, "push", converted, "me/q", "--json")
+    assert res.returncode == 0, res.stderr
+    result = json.loads(res.stdout)
+    assert result["dry_run"] is False and result["url"] == f"{fake_hub.url}/me/q"
+    assert set(result["files"]) == set(fake_hub.files("me/q")) - {".gitattributes"}
+    src = make_checkpoint(tmp_path / "src2", tensors_for(rng), config=CONFIG)
+    res = exmyconv_cli(env, "quantize", src, tmp_path / "out2", "--push-to-hub", "me/r", "--json", "--no-verify")
+    assert res.returncode == 0, res.stderr
+    result = json.loads(res.stdout)
+    assert result["uploaded"]["url"] == f"{fake_hub.url}/me/r" and "README.md" in result["uploaded"]["files"]
+    assert result["quantized"] == 2 and "uploaded" not in res.stderr and f"wrote {tmp_path / 'out2'}" in res.stderr
 
 
 def test_push_not_logged_in(fake_hub, env, converted):
@@ -285,7 +322,11 @@ def test_quantize_from_hub_and_push(fake_hub, env, tmp_path, rng):
     # the same conversion as from the local folder
     ref = tmp_path / "ref"
     exmyconv.quantize(str(src), str(ref), progress=False)
-    assert folder_files(out) == folder_files(ref)
+    got, want = folder_files(out), folder_files(ref)
+    config = json.loads(got.pop("config.json"))
+    command = config["quantization_config"].pop("command")  # the CLI records its command (SPEC section 4)
+    assert config == json.loads(want.pop("config.json")) and got == want
+    assert command == f"exmyconv quantize --push-to-hub me/q --private owner/src {out}"
 
     card = fake_hub.files("me/q")["README.md"].decode()
     meta, body = front_matter(card)
@@ -358,7 +399,12 @@ def test_offline(fake_hub, env, tmp_path, rng):
     res = exmyconv_cli(offline, "quantize", "owner/src", tmp_path / "warm")
     assert res.returncode == 0, res.stderr
     assert fake_hub.requests == []
-    assert folder_files(tmp_path / "warm") == folder_files(tmp_path / "online")
+    warm, online = folder_files(tmp_path / "warm"), folder_files(tmp_path / "online")
+    for files, name in ((warm, "warm"), (online, "online")):  # the recorded commands differ in OUT_DIR only
+        config = json.loads(files["config.json"])
+        assert config["quantization_config"].pop("command") == f"exmyconv quantize owner/src {tmp_path / name}"
+        files["config.json"] = config
+    assert warm == online
 
     cold = dict(offline, HF_HUB_CACHE=str(tmp_path / "empty_cache"))
     res = exmyconv_cli(cold, "quantize", "owner/src", tmp_path / "cold")

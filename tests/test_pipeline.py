@@ -464,3 +464,78 @@ def test_auto_summary_seconds_cover_the_whole_run(small_source, tmp_path, monkey
     monkeypatch.setattr(pipeline, "plan", slow_plan)
     s = exmyconv.quantize(str(small_source[0]), str(tmp_path / "auto"), format="auto", bits=9)
     assert s.seconds >= 0.5 + s.search_seconds
+
+
+@pytest.mark.parametrize("name", [
+    "encoder.layer.1.attention.output.dense.weight",
+    "model.layers.10.block_sparse_moe.experts.7.w1.weight",
+    "model.language_model.layers.27.self_attn.q_proj.weight",
+    "transformer.h.3.mlp.an_extraordinarily_long_parameter_name_that_does_not_fit.weight",
+    "a_single_part_that_is_far_longer_than_any_progress_bar_label_should_be",
+    "model.layers.0.self_attn.q_proj.weight",
+])
+def test_progress_label_cuts_at_dots_and_keeps_the_end(name):
+    """Progress-bar labels: at most 40 characters, the end of the name, whole parts only (never a part cut
+    in two, as name[-40:] did: 'oder.layer.1...'), the layer number kept when it fits."""
+    label = pipeline.progress_label(name)
+    parts = name.split(".")
+    assert len(label) <= 40
+    if len(name) <= 40:
+        assert label == name
+        return
+    assert label.startswith("…") or " … " in label  # says that something was left out
+    if len(parts) == 1:
+        assert label == "…" + name[-39:]
+        return
+    pieces = [p for p in label.replace(" … ", ".").lstrip("…").split(".") if p]
+    assert all(p in parts for p in pieces), label  # whole parts only
+    assert label.endswith(parts[-1]) or label == "…" + name[-39:]
+    number = next((p for p in parts[1:] if p.isdigit()), None)
+    if number is not None and len(parts[-1]) < 20:
+        assert number in pieces, label
+
+
+def test_one_kept_weight_is_singular(tmp_path, rng, run_cli):
+    src = make_checkpoint(tmp_path / "src", {"w.weight": rng.standard_normal((8, 128)).astype(np.float32),
+                                             "emb.embed_tokens.weight": rng.standard_normal((8, 128)).astype(np.float32)})
+    code, out, err = run_cli("quantize", src, tmp_path / "out", "--no-verify")
+    assert code == 0, err
+    assert "warning: 1 weight left unquantized:" in err and "1 weights" not in err
+    assert "(1 shard)" in out
+    code, out, err = run_cli("verify", tmp_path / "out", "--no-gpu")
+    assert code == 0 and out.startswith("verified 1 quantized tensor\n"), out
+
+
+@pytest.mark.parametrize("fmt_name, group, codes", [("e2m2", None, 5.0), ("e2m2s4", None, 4.25), ("e3m2", 64, 6.0)])
+def test_inspect_nominal_and_effective_bits(tmp_path, rng, run_cli, fmt_name, group, codes):
+    """K = 576 (SmolLM2's hidden size) is padded to 640 in every row: inspect shows the effective bits
+    (as stored) beside the nominal ones (codes + scales) and where the difference goes."""
+    src = make_checkpoint(tmp_path / "src", {"a.weight": rng.standard_normal((12, 576)).astype(np.float32),
+                                             "b.weight": rng.standard_normal((4, 3, 256)).astype(np.float32)})
+    out = tmp_path / "out"
+    convert(src, out, format=fmt_name, group_size=group)
+    code, js, err = run_cli("inspect", out, "--json")
+    assert code == 0, err
+    report = json.loads(js)
+    params = {"a.weight": 12 * 576, "b.weight": 12 * 256}
+    groups = {"a.weight": 12 * (-(-576 // group) if group else 1), "b.weight": 12 * (-(-256 // group) if group else 1)}
+    share = 4 if fmt_name.endswith("s4") else 1
+    own = 5 - 1 if share > 1 else {"e2m2": 5, "e3m2": 6}[fmt_name]
+    # bytes by SPEC section 3: each row padded to 640 / 256, the shared plane to 16 bytes per row
+    stored = 12 * (640 * own // 8 + (16 * -(-640 // share // 128) if share > 1 else 0)) + 2 * groups["a.weight"] \
+        + 12 * (256 * own // 8 + (16 * -(-256 // share // 128) if share > 1 else 0)) + 2 * groups["b.weight"]
+    n = sum(params.values())
+    assert report["bits_per_weight_quantized"] == pytest.approx(8 * stored / n, rel=1e-12)
+    scales = 16 * sum(groups.values()) / n
+    assert report["bits_per_weight_nominal"] == pytest.approx(codes + scales, rel=1e-12)
+    b = report["bits_breakdown"]
+    assert b["codes"] == pytest.approx(codes) and b["scales"] == pytest.approx(scales)
+    assert b["codes"] + b["scales"] + b["padding"] == pytest.approx(report["bits_per_weight_quantized"], rel=1e-12)
+    assert b["padding"] > 0.1  # 576 -> 640
+    rows = {r["name"]: r for r in report["tensor_table"]}
+    assert rows["b.weight"]["bits_nominal"] == pytest.approx(rows["b.weight"]["bits"]) or share > 1
+    assert rows["a.weight"]["bits"] - rows["a.weight"]["bits_nominal"] > 0.4
+    code, text, _ = run_cli("inspect", out)
+    assert (f"{report['bits_per_weight_quantized']:.3f} effective (as stored), "
+            f"{report['bits_per_weight_nominal']:.3f} nominal") in text
+    assert f"codes {codes:.3f} + scales {scales:.3f} + padding {b['padding']:.3f} (rows padded to a multiple of 128" in text

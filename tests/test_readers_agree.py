@@ -218,6 +218,20 @@ def test_bad_quantization_config_values(converted, field, value, needle):
     refused(converted, needle)
 
 
+@pytest.mark.parametrize("value", [1, ["exmyconv", "quantize"], {"argv": []}])
+def test_command_that_is_not_a_string(converted, value):
+    """quantization_config.command (SPEC section 4, optional): a string when present; every reader agrees."""
+    edit_json(converted / "config.json", lambda d: d["quantization_config"].update(command=value))
+    refused(converted, "command")
+
+
+def test_command_string_or_absent_is_valid(converted):
+    """A checkpoint without `command` (the Python API, or older exmyconv) and one with it both load."""
+    assert "command" not in json.loads((converted / "config.json").read_text())["quantization_config"]
+    edit_json(converted / "config.json", lambda d: d["quantization_config"].update(command="exmyconv quantize a b"))
+    assert agree(run_readers(converted)).ok
+
+
 def test_format_auto_is_valid(converted):
     edit_json(converted / "config.json", lambda d: d["quantization_config"].update(format="auto"))
     assert agree(run_readers(converted)).ok

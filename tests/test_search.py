@@ -445,6 +445,29 @@ def test_auto_bits_budget_is_met(auto5):
         assert row["bytes"] == spec_nbytes(entry["choice"], row["shape"])
 
 
+def test_auto_summary_curve_shows_no_point_twice(auto5):
+    """The run summary's error-vs-bits line: distinct points (MiniLM's curve has two that print as 4.25),
+    at most 8, in increasing bits, each a point of the sidecar's curve as printed."""
+    _, stdout, report, _ = auto5
+    (line,) = [ln for ln in stdout.splitlines() if "error vs bits" in ln]
+    shown = line.split("): ", 1)[1].split("  ")
+    assert len(shown) == len(set(shown)) and 2 <= len(shown) <= 8
+    bits = [float(p.split(":")[0]) for p in shown]
+    assert bits == sorted(set(bits))
+    printed = {f"{p['bits']:.2f}: {p['mean_rel_mse']:.1e}" for p in report["tradeoff"]}
+    assert set(shown) <= printed
+
+
+def test_curve_points():
+    from exmyconv.cli.report import curve_points
+
+    curve = [{"bits": 4.25, "mean_rel_mse": 0.011}, {"bits": 4.2531, "mean_rel_mse": 0.0109},
+             *({"bits": 4.5 + i / 4, "mean_rel_mse": 0.01 / (i + 2)} for i in range(10))]
+    shown = curve_points(curve)
+    assert len(shown) == 8 and len(set(shown)) == 8 and shown[0] == "4.25: 1.1e-02" and shown[-1] == "6.75: 9.1e-04"
+    assert curve_points(curve[:3]) == ["4.25: 1.1e-02", "4.50: 5.0e-03"]
+
+
 def test_auto_beats_every_fixed_candidate_within_budget(auto5, tmp_path):
     out, _, report, insp = auto5
     rows = quantized_rows(insp)
@@ -539,6 +562,14 @@ def test_auto_is_byte_identical_on_a_second_run(auto5, tmp_path):
     assert code == 0, err
     a, b = tree_snapshot(out), tree_snapshot(again)
     assert sorted(a) == sorted(b)
+    # config.json records the command, whose OUT_DIR differs (SPEC section 4): the rest is the same
+    commands = []
+    for snap, folder in ((a, out), (b, again)):
+        config = json.loads(snap["config.json"])
+        commands.append(config["quantization_config"].pop("command"))
+        snap["config.json"] = json.dumps(config)
+    assert [c.split()[-1] for c in commands] == [str(out), str(again)]
+    assert commands[0].rsplit(" ", 1)[0] == commands[1].rsplit(" ", 1)[0]
     differ = [k for k in a if a[k] != b[k]]
     detail = ""
     if "exmy_search.json" in differ:

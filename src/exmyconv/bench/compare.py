@@ -37,7 +37,7 @@ from ..convert.pipeline import Options, convert, plan
 from ..convert.search import check_budget, parse_candidates
 from ..errors import ExmyError
 from ..format.exmy import get_format
-from ..format.quant import groups_of
+from ..format.layout import nominal_bits as layout_nominal_bits
 from ..io.source import open_source, resolve
 from . import baselines, quality
 from .kernels import git_commit
@@ -106,8 +106,7 @@ def nominal_bits(formats: dict[str, str], shapes: dict[str, tuple[int, ...]]) ->
         fmt, _, group = choice.partition("-g")
         *lead, k = shapes[name]
         rows = int(np.prod(lead))
-        _, ngroups = groups_of(k, int(group) if group else None)
-        bits += rows * (k * get_format(fmt).bits_per_weight + 16 * ngroups)
+        bits += rows * k * layout_nominal_bits(get_format(fmt), k, int(group) if group else None)
         count += rows * k
     return bits / count
 

@@ -8,7 +8,7 @@ from pathlib import Path
 from ..io.checkpoint import Checkpoint
 from ..io.validate import exmy_config, read_json
 from ..format.dtypes import STORAGE
-from ..format.layout import SEARCH_REPORT
+from ..format.layout import SEARCH_REPORT, nominal_bits
 from ..errors import ExmyError
 
 
@@ -41,6 +41,8 @@ def inspect_checkpoint(path: str) -> dict:
                 rows.append({"name": name, "shape": list(r.shape), "format": r.fmt.name, "group": group,
                              "source_dtype": r.dtype, "scale_dtype": f.tensors[r.scale_name].dtype,
                              "params": r.numel, "bytes": nbytes, "bits": 8 * nbytes / r.numel,
+                             "bits_nominal": nominal_bits(r.fmt, r.k, r.group_size),
+                             "bits_codes": r.fmt.bits_per_weight, "bits_scales": 16 * r.ngroups / r.k,
                              "rel_error": r.rel_error, "file": f.path.name})
             else:
                 info, f = ckpt.plain[name]
@@ -68,6 +70,10 @@ def inspect_checkpoint(path: str) -> dict:
             "formats": dict(Counter(r["format"] if r["rel_error"] is None or r["group"] == "channel"
                                     else f"{r['format']}-g{r['group']}" for r in rows)),
             "bits_per_weight_quantized": 8 * qbytes / qparams if qparams else None,
+            # the same as the formats and scales alone, and where the bits go (per quantized weight)
+            "bits_per_weight_nominal": _mean(quant, "bits_nominal"),
+            "bits_breakdown": {"codes": _mean(quant, "bits_codes"), "scales": _mean(quant, "bits_scales"),
+                               "padding": 8 * qbytes / qparams - _mean(quant, "bits_nominal")} if qparams else None,
             "bits_per_weight_all": 8 * sum(r["bytes"] for r in rows) / max(1, sum(r["params"] for r in rows)),
             "mean_rel_error": sum(r["rel_error"] for r in quant) / len(quant) if quant else None,
             "worst_rel_error": {"name": worst["name"], "rel_error": worst["rel_error"]} if worst else None,
@@ -76,6 +82,12 @@ def inspect_checkpoint(path: str) -> dict:
             "problems": problems,
             "tensor_table": rows,
         }
+
+
+def _mean(rows: list[dict], key: str) -> float | None:
+    """The mean of ``key`` over rows weighted by their parameters (None without rows)."""
+    n = sum(r["params"] for r in rows)
+    return sum(r[key] * r["params"] for r in rows) / n if n else None
 
 
 def plot_tradeoff(report: dict, png: str) -> None:
@@ -119,8 +131,12 @@ def render(report: dict) -> str:
              "  formats: " + ", ".join(f"{k} x{v}" for k, v in sorted(report["formats"].items()))]
     if report["bits_per_weight_quantized"] is not None:
         w = report["worst_rel_error"]
-        lines += [f"  bits/weight: {report['bits_per_weight_quantized']:.3f} quantized (scales included), "
+        b = report["bits_breakdown"]
+        lines += [f"  bits/weight: {report['bits_per_weight_quantized']:.3f} effective (as stored), "
+                  f"{report['bits_per_weight_nominal']:.3f} nominal, per quantized weight; "
                   f"{report['bits_per_weight_all']:.2f} over all tensors",
+                  f"    effective = codes {b['codes']:.3f} + scales {b['scales']:.3f} + padding {b['padding']:.3f} "
+                  "(rows padded to a multiple of 128 weights, shared-bit planes to 16 bytes); nominal = codes + scales",
                   f"  relative error: mean {report['mean_rel_error']:.4f}, worst {w['rel_error']:.4f} ({w['name']})"]
     else:
         lines.append(f"  bits/weight: {report['bits_per_weight_all']:.2f}")
@@ -136,10 +152,13 @@ def render(report: dict) -> str:
                  f"  integrity: {len(report['problems'])} problem(s)\n" + "\n".join(f"    - {p}" for p in report["problems"]))
     width = max((len(r["name"]) for r in report["tensor_table"]), default=4)
     lines.append("")
-    lines.append(f"  {'name':<{width}}  {'shape':<16} {'format':<6} {'group':<7} {'bits':>6} {'rel_err':>8}")
+    lines.append(f"  {'name':<{width}}  {'shape':<16} {'format':<6} {'group':<7} {'bits':>6} {'nominal':>7} "
+                 f"{'rel_err':>8}")
     for r in report["tensor_table"]:
         err = f"{r['rel_error']:.4f}" if r["rel_error"] is not None else "-"
         group = str(r["group"]) if r["group"] is not None else "-"
+        nominal = f"{r['bits_nominal']:.2f}" if "bits_nominal" in r else "-"
         shape = "x".join(map(str, r["shape"])) or "scalar"
-        lines.append(f"  {r['name']:<{width}}  {shape:<16} {r['format']:<6} {group:<7} {r['bits']:>6.2f} {err:>8}")
+        lines.append(f"  {r['name']:<{width}}  {shape:<16} {r['format']:<6} {group:<7} {r['bits']:>6.2f} {nominal:>7} "
+                     f"{err:>8}")
     return "\n".join(lines)

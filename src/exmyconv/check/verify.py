@@ -104,7 +104,7 @@ def _gpu_matches(gpu, ckpt: Checkpoint, name: str, exact: np.ndarray, report: Ve
 
 
 def render(report: VerifyReport) -> str:
-    lines = [f"verified {report.tensors} quantized tensors"]
+    lines = [f"verified {report.tensors} quantized tensor{'' if report.tensors == 1 else 's'}"]
     if report.gpu.startswith("skipped"):
         lines.append(f"  GPU check {report.gpu}; ran the CPU check only")
     else:

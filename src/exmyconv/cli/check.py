@@ -1,17 +1,26 @@
 """`exmyconv inspect` and `exmyconv verify`."""
 from __future__ import annotations
 
-import json
 import sys
 
 import click
 
+from .output import emit, json_option, note
 
-def run_verify(out_dir, source, use_gpu):
+
+def verify_data(out_dir, report) -> dict:
+    """What ``verify --json`` prints for a VerifyReport."""
+    return {"out_dir": str(out_dir), "ok": report.ok, "tensors": report.tensors, "gpu": report.gpu,
+            "gpu_exact": report.gpu_exact, "gpu_unsupported": report.gpu_unsupported,
+            "errors_vs_source": report.errors, "problems": report.problems}
+
+
+def run_verify(out_dir, source, use_gpu, as_json=False):
+    """Verify OUT_DIR and print the report; exit 2 when it found problems."""
     from ..check.verify import render, verify
 
     report = verify(out_dir, source, use_gpu)
-    click.echo(render(report))
+    emit(verify_data(out_dir, report), as_json, lambda _: render(report))
     if not report.ok:
         sys.exit(2)
 
@@ -20,23 +29,24 @@ def run_verify(out_dir, source, use_gpu):
 @click.argument("out_dir")
 @click.option("--source", metavar="MODEL_DIR", help="The source checkpoint: also recompute the error against it.")
 @click.option("--gpu/--no-gpu", "use_gpu", default=None, help="Require / skip the GPU check (default: when present).")
-def verify_cmd(out_dir, source, use_gpu):
+@json_option
+def verify_cmd(out_dir, source, use_gpu, as_json):
     """Re-read OUT_DIR, decode every tensor, and check it bit-exactly on the GPU when there is one."""
-    run_verify(out_dir, source, use_gpu)
+    run_verify(out_dir, source, use_gpu, as_json)
 
 
 @click.command()
 @click.argument("path")
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@json_option
 @click.option("--plot", metavar="PNG", help="Draw the format search's error-vs-bits curve (needs matplotlib).")
 def inspect(path, as_json, plot):
     """Describe a checkpoint: converted dir, single .safetensors file, or plain HF checkpoint."""
     from ..check.inspection import inspect_checkpoint, plot_tradeoff, render
 
     report = inspect_checkpoint(path)
-    click.echo(json.dumps(report, indent=2) if as_json else render(report))
+    emit(report, as_json, render)
     if plot:
         plot_tradeoff(report, plot)
-        click.echo(f"wrote {plot}")
+        note(f"wrote {plot}", as_json)
     if not report["intact"]:
         sys.exit(2)

@@ -1,17 +1,18 @@
 """`exmyconv quantize` and `exmyconv dequantize`."""
 from __future__ import annotations
 
-from collections import Counter
-from pathlib import Path
+import sys
 
 import click
 
+from ..errors import ExmyError
 from ..format.exmy import DEFAULT, NAMED, NAMED_SHARED
-from ..format.layout import SEARCH_REPORT
-from .check import run_verify
+from .check import verify_data
 from ..integrations.hub import hub_source
-from .hub import push_converted
+from .hub import command_line, push_converted
 from .options import parse_size
+from .output import emit, json_option, note, plural, to_json
+from .report import group_text, kept_lines, plan_text, summary_data, summary_text
 
 
 @click.command()
@@ -42,9 +43,12 @@ from .options import parse_size
               help="With a Hub repo id (owner/name) as MODEL_DIR: its branch, tag or commit.")
 @click.option("--push-to-hub", metavar="REPO_ID", help="Then upload OUT_DIR to this Hub model repo, with a model card.")
 @click.option("--private", is_flag=True, help="With --push-to-hub: create the repo private.")
+@click.option("--dry-run", is_flag=True, help="Show the plan (per tensor: format, group, bits, bytes; with auto: the "
+              "search's choice and curve) and the totals; write nothing.")
+@json_option
 def quantize(model_dir, out_dir, format_, bits, max_error, candidates, calibration, calibration_tokens,
              group_size, skip, quantize_embeddings, max_shard_size, clip_search, overwrite, verify,
-             revision, push_to_hub, private):
+             revision, push_to_hub, private, dry_run, as_json):
     """Quantize MODEL_DIR (a Hugging Face safetensors checkpoint, a Hub repo id owner/name, or @minilm) into OUT_DIR."""
     from ..convert.pipeline import Options, convert
 
@@ -52,53 +56,43 @@ def quantize(model_dir, out_dir, format_, bits, max_error, candidates, calibrati
                    quantize_embeddings=quantize_embeddings, max_shard_size=parse_size(max_shard_size),
                    clip_search=clip_search, bits=bits, max_error=max_error, candidates=candidates,
                    calibration=calibration, calibration_tokens=calibration_tokens)
+    if dry_run and push_to_hub:
+        raise ExmyError("--dry-run writes and uploads nothing: leave out --push-to-hub (after the run, "
+                        "`exmyconv push OUT_DIR REPO_ID --dry-run` shows what it would upload)")
     source_arg = model_dir
     model_dir, hub_id = hub_source(model_dir, revision, push_to_hub, private)
-    s = convert(model_dir, out_dir, opts, overwrite=overwrite)
-    if opts.auto:
-        group = "per-tensor search"
-    else:
-        group = f"groups of {opts.group_size}" if opts.group_size else "one scale per channel"
-    rate = s.quantized_weights / s.seconds / 1e6 if s.seconds else 0.0
-    click.echo(f"quantized {s.quantized}/{s.tensors} tensors to {s.format} ({group}) "
-               f"in {s.seconds:.2f} s ({rate:.1f} M weights/s)")
-    click.echo(f"  bits/weight: {s.bits_per_weight:.3f} (scales included) over {s.quantized_weights / 1e6:.2f} M weights")
-    click.echo(f"  size: {s.source_bytes / 1e6:.1f} MB -> {s.output_bytes / 1e6:.1f} MB")
-    if s.errors:
-        name, worst = s.worst
-        click.echo(f"  relative error: mean {s.mean_error:.4f}, worst {worst:.4f} ({name})")
-    if s.search:
-        _echo_search(s)
-    for head, emb in s.tied.items():
-        click.echo(f"  {head} is tied to {emb} (identical): stored once, re-tied on load")
+    if dry_run:
+        from ..convert.pipeline import dry_run as plan_run
+
+        s = plan_run(model_dir, out_dir, opts, overwrite=overwrite)
+        emit(summary_data(s), as_json, lambda _: plan_text(s, group_text(opts)))
+        return
+    s = convert(model_dir, out_dir, opts, overwrite=overwrite, command=command_line())
+    result = summary_data(s)
+    if not as_json:
+        click.echo(summary_text(s, group_text(opts)))
     if s.kept:
-        click.echo(f"warning: {len(s.kept)} weights left unquantized:", err=True)
-        width = max(map(len, s.kept))
-        for name, why in s.kept.items():
-            click.echo(f"  {name:<{width}}  {why}", err=True)
-    click.echo(f"wrote {s.out_dir} ({s.shards} shard{'s' if s.shards > 1 else ''})")
+        click.echo("\n".join(kept_lines(s)), err=True)
+    note(f"wrote {s.out_dir} ({plural(s.shards, 'shard')})", as_json)
     if verify is None:
         from ..check.verify import gpu_backend
 
         verify = gpu_backend()[0] is not None
     if verify:
-        run_verify(out_dir, model_dir, None)
+        from ..check.verify import render, verify as verify_checkpoint
+
+        report = verify_checkpoint(out_dir, model_dir, None)
+        result["verify"] = verify_data(out_dir, report)
+        if not as_json:
+            click.echo(render(report))
+        if not report.ok:
+            if as_json:
+                click.echo(to_json(result))
+            sys.exit(2)
     if push_to_hub:
-        push_converted(out_dir, push_to_hub, private, hub_id or source_arg)
-
-
-def _echo_search(s):
-    r = s.search
-    target = f"budget {r['budget_bits']} bits" if r["budget_bits"] is not None else f"max error {r['max_error']}"
-    click.echo(f"  search ({r['objective']}, {target}, {s.search_seconds:.1f} s on {r['measured_on']}): "
-               f"{r['achieved_bits']:.3f} bits/weight, "
-               f"mean rel. MSE {r['mean_rel_mse']:.3e}; chosen: "
-               + ", ".join(f"{k} x{v}" for k, v in Counter(s.formats.values()).most_common()))
-    curve = r["tradeoff"]
-    shown = [curve[round(i * (len(curve) - 1) / 7)] for i in range(8)] if len(curve) > 8 else curve
-    click.echo("  error vs bits, whole model (bits: mean rel. MSE): "
-               + "  ".join(f"{p['bits']:.2f}: {p['mean_rel_mse']:.1e}" for p in shown))
-    click.echo(f"  details: {Path(s.out_dir) / SEARCH_REPORT}")
+        result["uploaded"] = push_converted(out_dir, push_to_hub, private, hub_id or source_arg, echo=not as_json)
+    if as_json:
+        click.echo(to_json(result))
 
 
 @click.command()
@@ -108,10 +102,11 @@ def _echo_search(s):
               help="Output dtype of dequantized tensors (default: the config's torch_dtype, else float16).")
 @click.option("--max-shard-size", default="5GB", show_default=True, help="Largest output shard.")
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty FP_DIR.")
-def dequantize(out_dir, fp_dir, dtype, max_shard_size, overwrite):
+@json_option
+def dequantize(out_dir, fp_dir, dtype, max_shard_size, overwrite, as_json):
     """Write OUT_DIR back as a plain safetensors checkpoint that loads without exmyconv."""
     from ..convert.dequantize import dequantize_checkpoint
 
     r = dequantize_checkpoint(out_dir, fp_dir, dtype, parse_size(max_shard_size), overwrite)
-    click.echo(f"wrote {r['out_dir']}: {r['dequantized']} of {r['tensors']} tensors dequantized to {r['dtype']}, "
-               f"{r['bytes'] / 1e6:.1f} MB in {r['shards']} shard{'s' if r['shards'] > 1 else ''}")
+    emit(r, as_json, f"wrote {r['out_dir']}: {r['dequantized']} of {r['tensors']} tensors dequantized to "
+                     f"{r['dtype']}, {r['bytes'] / 1e6:.1f} MB in {plural(r['shards'], 'shard')}")

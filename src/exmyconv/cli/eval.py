@@ -1,11 +1,10 @@
 """`exmyconv eval`: the quality cost of a conversion (registered by cli/main.py)."""
 from __future__ import annotations
 
-import json
-
 import click
 
 from ..errors import ExmyError
+from .output import emit, json_option, note
 
 TOKENS, SEQ_LEN = 4096, 512  # = bench.quality's defaults; repeated so that --help imports no torch
 
@@ -23,7 +22,7 @@ TOKENS, SEQ_LEN = 4096, 512  # = bench.quality's defaults; repeated so that --he
               help="Window length (capped by the model's positions); encoders: longest sentence.")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default=None,
               help="[default: cuda when PyTorch sees a GPU, else cpu]")
-@click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object.")
+@json_option
 @click.option("--plot", "plot_path", default=None, metavar="PNG",
               help="Write a histogram of the per-token KL divergence (encoders: of 1 - cosine); needs matplotlib.")
 def eval_cmd(converted, source, text_file, tokens, seq_len, device, as_json, plot_path):
@@ -36,7 +35,7 @@ def eval_cmd(converted, source, text_file, tokens, seq_len, device, as_json, plo
             raise ExmyError("--plot needs --source (it draws the per-token difference to the source)")
         quality.pyplot()
     result = quality.evaluate(converted, source, text_file, tokens, seq_len, device)
-    click.echo(json.dumps(result.summary, indent=1) if as_json else quality.report(result.summary))
+    emit(result.summary, as_json, quality.report)
     if plot_path:
         quality.plot(result, plot_path)
-        click.echo(f"wrote {plot_path}", err=as_json)
+        note(f"wrote {plot_path}", as_json)

@@ -8,6 +8,7 @@ from click.core import ParameterSource
 
 from ..errors import ExmyError
 from ..integrations import hub
+from .output import emit, json_option
 
 
 def command_line(ctx: click.Context | None = None) -> str:
@@ -37,14 +38,18 @@ def command_line(ctx: click.Context | None = None) -> str:
     return shlex.join([*ctx.command_path.split(), *options, *arguments])
 
 
-def push_converted(out_dir: str, repo_id: str, private: bool, source: str | None) -> None:
-    """For `quantize --push-to-hub`: upload OUT_DIR with a card that shows the quantize command."""
+def push_converted(out_dir: str, repo_id: str, private: bool, source: str | None, echo: bool = True) -> dict:
+    """For `quantize --push-to-hub`: upload OUT_DIR with a card that shows the quantize command (which
+    OUT_DIR's config.json records). Returns the repo id, its URL and the uploaded files."""
     try:
-        paths = hub.push(out_dir, repo_id, private=private, command=command_line(), source=source)
+        paths = hub.push(out_dir, repo_id, private=private, source=source)
     except ExmyError as err:
         raise ExmyError(f"{err} ({out_dir} was written; upload it later with `exmyconv push {out_dir} "
                         f"{repo_id}`)") from None
-    click.echo(f"uploaded {len(paths)} files to {hub.repo_url(repo_id)}")
+    url = hub.repo_url(repo_id)
+    if echo:
+        click.echo(f"uploaded {len(paths)} files to {url}")
+    return {"repo_id": repo_id, "url": url, "files": paths}
 
 
 @click.command()
@@ -55,7 +60,8 @@ def push_converted(out_dir: str, repo_id: str, private: bool, source: str | None
 @click.option("--revision", metavar="BRANCH", help="Upload to this branch (created from main if missing).")
 @click.option("--base-model", metavar="REPO_ID", help="The Hub repo OUT_DIR was converted from (card's base_model).")
 @click.option("--keep-readme", is_flag=True, help="Upload OUT_DIR/README.md as it is instead of a generated card.")
-def push(out_dir, repo_id, private, dry_run, revision, base_model, keep_readme):
+@json_option
+def push(out_dir, repo_id, private, dry_run, revision, base_model, keep_readme, as_json):
     """Upload a converted OUT_DIR to the Hub model repo REPO_ID (created if needed) with a model card.
 
     The token is huggingface_hub's: HF_TOKEN, or the one `hf auth login` stored. OUT_DIR/README.md (the
@@ -65,8 +71,13 @@ def push(out_dir, repo_id, private, dry_run, revision, base_model, keep_readme):
         hub.check_repo_id(base_model)
         if "/" not in base_model:
             raise ExmyError(f"--base-model {base_model!r}: expected owner/name")
+    if dry_run:
+        plan = hub.upload_plan(out_dir, repo_id, private, revision, source=base_model, keep_readme=keep_readme)
+        emit({"dry_run": True, **plan}, as_json, lambda _: hub.render_plan(plan))
+        return
     hub.quiet_progress_off_terminal()
-    paths = hub.push(out_dir, repo_id, private=private, dry_run=dry_run, revision=revision,
-                     command=command_line(), source=base_model, keep_readme=keep_readme)
-    if not dry_run:
-        click.echo(f"uploaded {len(paths)} files to {hub.repo_url(repo_id, revision)}")
+    paths = hub.push(out_dir, repo_id, private=private, revision=revision, source=base_model,
+                     keep_readme=keep_readme)
+    url = hub.repo_url(repo_id, revision)
+    emit({"dry_run": False, "repo_id": repo_id, "revision": revision, "url": url, "files": paths}, as_json,
+         f"uploaded {len(paths)} files to {url}")

@@ -26,8 +26,8 @@ from . import search
 from ..errors import ExmyError
 from ..format.exmy import DEFAULT, get_format
 from ..format.layout import (CONFIG_FILE, GUARD_KEY, GUARD_VALUE, QUANT_METHOD, SEARCH_REPORT, VERSION, TensorRecord,
-                             shard_name)
-from ..io.output import atomic_dir, copy_side_files, write_index
+                             nominal_bits, shard_name)
+from ..io.output import atomic_dir, check_out_dir, copy_side_files, write_index
 from ..format.pack import pack_codes
 from ..format.quant import choose_scale_dtype, group_amax, groups_of, quantize_rows, relative_error, squared_error
 from ..io.source import Source, open_source
@@ -117,10 +117,17 @@ class Summary:
     search_seconds: float = 0.0
     tied: dict[str, str] = field(default_factory=dict)  # lm_head stored once with its embedding
     kept: dict[str, str] = field(default_factory=dict)  # unquantized >=2-D float tensor -> reason
+    quantized_nominal_bits: float = 0.0  # sum over quantized tensors of numel x nominal bits (no row padding)
+    plan: list[dict] | None = None  # dry_run: per tensor, what the run would do (plan_rows)
 
     @property
     def bits_per_weight(self) -> float:
         return 8 * self.quantized_bytes / max(self.quantized_weights, 1)
+
+    @property
+    def nominal_bits_per_weight(self) -> float:
+        """Bits per quantized weight of the formats and scales alone (without the layout's row padding)."""
+        return self.quantized_nominal_bits / max(self.quantized_weights, 1)
 
     @property
     def mean_error(self) -> float:
@@ -177,6 +184,36 @@ def _same_bytes(a: Item, b: Item, step: int = 16 << 20) -> bool:
     return all(x[i:i + step].tobytes() == y[i:i + step].tobytes() for i in range(0, x.size, step))
 
 
+def progress_label(name: str, width: int = 40) -> str:
+    """A tensor name for the progress bar, at most ``width`` characters, cut at dots, never inside a
+    part: the end of the name (the module and the parameter) and, if it does not fit whole, the first
+    number before it (the layer) — 'encoder.layer.1.attention.output.dense.weight' becomes
+    '…layer.1.attention.output.dense.weight', 'model.layers.10.block_sparse_moe.experts.7.w1.weight'
+    becomes 'layers.10 … experts.7.w1.weight'."""
+    if len(name) <= width:
+        return name
+    parts = name.split(".")
+
+    def tail(room: int, stop: int = 0) -> list[str]:
+        kept: list[str] = []
+        for part in reversed(parts[stop:]):
+            if len(".".join([part, *kept])) > room:
+                break
+            kept.insert(0, part)
+        return kept
+
+    end = tail(width - 1)
+    if not end:  # one part longer than the width: its end
+        return "…" + name[-(width - 1):]
+    first_number = next((i for i, p in enumerate(parts) if p.isdigit()), None)
+    start = len(parts) - len(end)
+    if first_number is None or first_number == 0 or first_number - 1 >= start:
+        return "…" + ".".join(end)
+    head = ".".join(parts[first_number - 1:first_number + 1])
+    rest = tail(width - len(head) - 3, first_number + 1)
+    return f"{head} … {'.'.join(rest)}" if rest else "…" + ".".join(end)
+
+
 def float_chunks(item: Item):
     """A callable giving the tensor's rows as float32 chunks (NaN/Inf refused)."""
     def chunks():
@@ -187,6 +224,19 @@ def float_chunks(item: Item):
                 raise ExmyError(f"tensor {item.info.name!r} contains NaN or Inf")
             yield x
     return chunks
+
+
+def calibrate(source: Source, items: list[Item], opts: Options) -> None:
+    """--calibration: each quantized item's importance per input channel, from the model run on the text."""
+    if not opts.calibration:
+        return
+    from .calibration import activation_moments, match
+
+    moments = activation_moments(source.root, opts.calibration, opts.calibration_tokens)
+    matched = match(moments, [item.info.name for item in items if item.record])
+    for item in items:
+        if item.record:
+            item.importance = matched[item.info.name]
 
 
 def choose_formats(items: list[Item], opts: Options, progress) -> dict:
@@ -200,7 +250,7 @@ def choose_formats(items: list[Item], opts: Options, progress) -> dict:
         search.check_budget(sizes, opts.bits * sum(numels) / 8, sum(numels))
     errs = []
     for item in todo:
-        progress.set_postfix_str(item.info.name[-40:], refresh=False)
+        progress.set_postfix_str(progress_label(item.info.name), refresh=False)
         errs.append(measure(float_chunks(item), cands, item.importance))
         progress.update(item.info.nbytes)
     weighted = [n * e for n, e in zip(numels, errs)]
@@ -312,7 +362,7 @@ def write_shard(path: Path, items: list[Item], opts: Options, progress) -> None:
     try:
         scale_dtypes = {}
         for item in items:
-            progress.set_postfix_str(item.info.name[-40:], refresh=False)
+            progress.set_postfix_str(progress_label(item.info.name), refresh=False)
             if item.record:
                 scale_dtypes[item.record.scale_name] = quantize_item(item, writer, opts, progress)
             else:
@@ -323,8 +373,8 @@ def write_shard(path: Path, items: list[Item], opts: Options, progress) -> None:
         raise
 
 
-def quantization_config(opts: Options, items: list[Item], tied: dict[str, str]) -> dict:
-    return {
+def quantization_config(opts: Options, items: list[Item], tied: dict[str, str], command: str | None = None) -> dict:
+    config = {
         "quant_method": QUANT_METHOD,
         "format_version": VERSION,
         "format": "auto" if opts.auto else opts.fmt.name,
@@ -333,11 +383,15 @@ def quantization_config(opts: Options, items: list[Item], tied: dict[str, str]) 
         "tied": tied,
         "exmyconv_version": __version__,
     }
+    if command is not None:
+        config["command"] = command
+    return config
 
 
 def convert(model_dir: str, out_dir: str, opts: Options | None = None, overwrite: bool = False,
-            progress: bool | None = None) -> Summary:
-    """Quantize every eligible weight of MODEL_DIR into an exmy checkpoint at OUT_DIR."""
+            progress: bool | None = None, command: str | None = None) -> Summary:
+    """Quantize every eligible weight of MODEL_DIR into an exmy checkpoint at OUT_DIR. ``command``: the
+    command line that asked for it, recorded in config.json (``quantization_config.command``)."""
     opts = opts or Options()
     began = time.perf_counter()
     source = open_source(model_dir)
@@ -347,14 +401,7 @@ def convert(model_dir: str, out_dir: str, opts: Options | None = None, overwrite
         items = [i for i in items if i.info.name not in tied]
         with atomic_dir(out_dir, source.root, overwrite) as tmp:
             quiet = not progress if progress is not None else None
-            if opts.calibration:
-                from .calibration import activation_moments, match
-
-                moments = activation_moments(source.root, opts.calibration, opts.calibration_tokens)
-                matched = match(moments, [item.info.name for item in items if item.record])
-                for item in items:
-                    if item.record:
-                        item.importance = matched[item.info.name]
+            calibrate(source, items, opts)
             search_report = None
             if opts.auto:
                 search_began = time.perf_counter()
@@ -371,27 +418,90 @@ def convert(model_dir: str, out_dir: str, opts: Options | None = None, overwrite
             write_index(tmp, [[name for item in shard for name, _, _ in item.outputs] for shard in shards],
                         sum(i.out_bytes for i in items))
             config = dict(source.config or {})
-            config["quantization_config"] = quantization_config(opts, items, tied)
+            config["quantization_config"] = quantization_config(opts, items, tied, command)
             config.setdefault(GUARD_KEY, GUARD_VALUE)
             (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
             copy_side_files(source.root, tmp)
     finally:
         source.close()
-    summary = Summary(str(out_dir), "auto" if opts.auto else opts.fmt.name, tensors=len(items), shards=len(shards),
-                      source_bytes=sum(i.info.nbytes for i in items),
-                      output_bytes=sum(i.out_bytes for i in items))
-    for item in items:
-        if item.record:
-            summary.quantized += 1
-            summary.quantized_weights += item.record.numel
-            summary.quantized_bytes += item.out_bytes
-            summary.errors[item.info.name] = item.record.rel_error
-            g = item.record.group_size
-            summary.formats[item.info.name] = item.record.fmt.name + ("" if g == item.record.k else f"-g{g}")
-        elif len(item.info.shape) >= 2:
-            summary.kept[item.info.name] = item.reason
+    summary = summarize(str(out_dir), opts, items, len(shards), tied)
     summary.seconds = time.perf_counter() - began
     summary.search = search_report
     summary.search_seconds = search_seconds if opts.auto else 0.0
-    summary.tied = tied
+    return summary
+
+
+def summarize(out_dir: str, opts: Options, items: list[Item], shards: int, tied: dict[str, str],
+              measured: bool = True) -> Summary:
+    """What a run of these planned items gives: counts, bits, bytes, formats, kept tensors, and (when
+    ``measured``: written) each quantized tensor's error."""
+    summary = Summary(out_dir, "auto" if opts.auto else opts.fmt.name, tensors=len(items), shards=shards,
+                      source_bytes=sum(i.info.nbytes for i in items),
+                      output_bytes=sum(i.out_bytes for i in items), tied=tied)
+    for item in items:
+        r = item.record
+        if r:
+            summary.quantized += 1
+            summary.quantized_weights += r.numel
+            summary.quantized_bytes += item.out_bytes
+            summary.quantized_nominal_bits += r.numel * nominal_bits(r.fmt, r.k, r.group_size)
+            if measured:
+                summary.errors[item.info.name] = r.rel_error
+            summary.formats[item.info.name] = r.fmt.name + ("" if r.group_size == r.k else f"-g{r.group_size}")
+        elif len(item.info.shape) >= 2:
+            summary.kept[item.info.name] = item.reason
+    return summary
+
+
+def plan_rows(items: list[Item], shards: list[list[Item]], tied: dict[str, str]) -> list[dict]:
+    """Per source tensor (in source order, tied lm_heads last): what a run does with it."""
+    n = len(shards)
+    shard_of = {id(item): shard_name(k, n) for k, shard in enumerate(shards) for item in shard}
+    rows = []
+    for item in items:
+        info, r = item.info, item.record
+        row = {"name": info.name, "shape": list(info.shape), "dtype": info.dtype, "source_bytes": info.nbytes,
+               "action": "quantize" if r else "keep", "bytes": item.out_bytes, "shard": shard_of[id(item)]}
+        if r:
+            row.update(format=r.fmt.name, group="channel" if r.group_size == r.k else r.group_size,
+                       bits=8 * item.out_bytes / r.numel, bits_nominal=nominal_bits(r.fmt, r.k, r.group_size),
+                       clip_search=item.clip_search)
+        else:
+            row["reason"] = item.reason
+        rows.append(row)
+    rows += [{"name": head, "action": "tied", "tied_to": emb, "bytes": 0} for head, emb in tied.items()]
+    return rows
+
+
+def dry_run(model_dir: str, out_dir: str, opts: Options | None = None, overwrite: bool = False,
+            progress: bool | None = None) -> Summary:
+    """``convert``'s planning stage alone — read the headers, plan (quantize or keep, and why), for
+    ``--format auto`` the search (the same measurements and allocation as the run), shards — and
+    nothing written: no OUT_DIR, no temporary folder, no sidecar. OUT_DIR is checked as the run checks
+    it. The Summary has ``plan`` (:func:`plan_rows`), no measured errors (``errors`` is empty; the search
+    report has each candidate's predicted error) and the planning time in ``seconds``."""
+    opts = opts or Options()
+    began = time.perf_counter()
+    source = open_source(model_dir)
+    try:
+        check_out_dir(Path(out_dir), source.root, overwrite)
+        items = plan(source, opts)
+        tied = tied_duplicates(source, items)
+        items = [i for i in items if i.info.name not in tied]
+        search_report, search_seconds = None, 0.0
+        if opts.auto:  # (calibration only steers the search's choices; a fixed format's plan does not need it)
+            calibrate(source, items, opts)
+            search_began = time.perf_counter()
+            with tqdm(total=sum(i.info.nbytes for i in items if i.record), unit="B", unit_scale=True,
+                      desc="searching formats", disable=not progress if progress is not None else None,
+                      leave=False) as bar:
+                search_report = choose_formats(items, opts, bar)
+            search_seconds = time.perf_counter() - search_began
+        shards = assign_shards(items, opts.max_shard_size)
+    finally:
+        source.close()
+    summary = summarize(str(out_dir), opts, items, len(shards), tied, measured=False)
+    summary.plan = plan_rows(items, shards, tied)
+    summary.search, summary.search_seconds = search_report, search_seconds
+    summary.seconds = time.perf_counter() - began
     return summary

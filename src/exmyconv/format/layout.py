@@ -33,6 +33,13 @@ def shard_name(i: int, n: int) -> str:
     return WEIGHTS_FILE if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
 
 
+def nominal_bits(fmt: ExMy, k: int, group_size: int | None) -> float:
+    """Bits per weight of a row of K weights without the layout's padding (section 3: rows padded to a
+    multiple of 128 weights, the shared-bit plane to 16 bytes): the format's bits, a shared bit counted
+    once per ``share`` weights, plus a 16-bit scale per group."""
+    return fmt.bits_per_weight + 16 * groups_of(k, group_size)[1] / k
+
+
 @dataclass
 class TensorRecord:
     """One quantized tensor: the source tensor's name/shape/dtype and how it was stored."""

@@ -128,7 +128,9 @@ def model_card(out_dir, command: str | None, source: str | None, *, repo_id: str
     ``source``: what was converted. When it is a Hub repo id it becomes ``base_model``; license, tags,
     language, datasets and pipeline_tag come from the source's card front matter (OUT_DIR/README.md, which
     ``quantize`` copies, or SOURCE/README.md for a local source), the license else from config.json.
-    ``command``: the command line to show. ``repo_id``: where the card will live (for the title and usage).
+    ``command``: the command that made the weights, for a checkpoint that does not record it (config.json's
+    ``quantization_config.command``, which ``exmyconv quantize`` writes, wins). ``repo_id``: where the card
+    will live (for the title and usage).
     """
     import yaml
 
@@ -178,6 +180,11 @@ def model_card(out_dir, command: str | None, source: str | None, *, repo_id: str
     if report["bits_per_weight_quantized"] is not None:
         lines.append(f"- effective bits per quantized weight: **{report['bits_per_weight_quantized']:.3f}** "
                      f"(scales included); {report['bits_per_weight_all']:.2f} over all tensors")
+        if report.get("bits_per_weight_nominal") is not None:
+            lines.append(f"- nominal bits per quantized weight (formats and scales): "
+                         f"{report['bits_per_weight_nominal']:.3f}; the rest, "
+                         f"{report['bits_breakdown']['padding']:.3f}, is the layout's padding of each row to a "
+                         "multiple of 128 weights")
     lines.append(f"- size: {_size(report['file_bytes'])} in {len(report['files'])} file"
                  f"{'s' if len(report['files']) != 1 else ''}, {_params(report['params'])} parameters "
                  f"({_params(report['quantized_params'])} quantized, {report['quantized_tensors']} of "
@@ -209,8 +216,9 @@ def model_card(out_dir, command: str | None, source: str | None, *, repo_id: str
               f"Converted by exmyconv {made_with} into the exmy checkpoint layout "
               f"{report.get('exmy_version') or qcfg.get('format_version') or '?'} (formats/SPEC.md in exmyconv): "
               f"{settings}; scales are fp16 (bf16 where fp16 would overflow or underflow)."]
-    if command:
-        lines += ["", f"The command that made this upload (exmyconv {__version__}):", "", "```bash", command, "```"]
+    made_by = qcfg.get("command") or command
+    if made_by:
+        lines += ["", f"The command that made these weights (exmyconv {made_with}):", "", "```bash", made_by, "```"]
     where = repo_id or "path/to/this/folder"
     lines += ["", "## Use", "",
               "With transformers, **`import exmyconv` first** (`pip install exmyconv`): it registers the "
@@ -264,20 +272,13 @@ def _stage(out: Path, files: list[str], card: str | None, stage: Path) -> None:
         (stage / "README.md").write_text(card, encoding="utf-8")
 
 
-def push(out_dir, repo_id: str, private: bool = False, dry_run: bool = False, token: str | None = None,
-         revision: str | None = None, *, command: str | None = None, source: str | None = None,
-         keep_readme: bool = False, echo=None) -> list[str]:
-    """Upload a converted folder to the Hub model repo ``repo_id`` (created if needed) with a model card.
-
-    Returns the uploaded paths (in the repo). ``dry_run``: print them with their sizes (and the card)
-    and send nothing. ``revision``: a branch (created from main if missing). ``private``: create the repo
-    private; an existing public repo is refused rather than silently published to.
-    """
-    import click
-
+def upload_plan(out_dir, repo_id: str, private: bool = False, revision: str | None = None, *,
+                command: str | None = None, source: str | None = None, keep_readme: bool = False) -> dict:
+    """What :func:`push` would upload, checked as push checks it: ``repo_id``, ``revision``, ``private``,
+    ``files`` (``path``, ``bytes``, ``generated``: the model card), ``bytes`` (their total) and ``card``
+    (the generated README.md, or None with ``keep_readme``). Sends nothing, needs no login."""
     from ..check.inspection import inspect_checkpoint
 
-    echo = echo or click.echo
     out = Path(out_dir)
     check_repo_id(repo_id)
     if not out.is_dir():
@@ -289,22 +290,49 @@ def push(out_dir, repo_id: str, private: bool = False, dry_run: bool = False, to
         raise ExmyError(f"{out}: fails the integrity checks ({report['problems'][0]}); run `exmyconv inspect {out}`")
     has_readme = (out / "README.md").is_file()
     card = None if keep_readme and has_readme else model_card(out, command, source, repo_id=repo_id, report=report)
-    files = upload_list(out, keep_readme=keep_readme)
-    paths = sorted(files + (["README.md"] if card is not None else []))
+    files = [{"path": p, "bytes": (out / p).stat().st_size, "generated": False}
+             for p in upload_list(out, keep_readme=keep_readme)]
+    if card is not None:
+        files.append({"path": "README.md", "bytes": len(card.encode()), "generated": True})
+    files.sort(key=lambda f: f["path"])
+    return {"out_dir": str(out), "repo_id": repo_id, "revision": revision, "private": private, "files": files,
+            "bytes": sum(f["bytes"] for f in files), "card": card}
 
+
+def render_plan(plan: dict) -> str:
+    """`push --dry-run`'s text: the files with their sizes, then the card."""
+    target = plan["repo_id"] + (f" (branch {plan['revision']})" if plan["revision"] else "")
+    lines = [f"dry run: would upload {len(plan['files'])} files ({_size(plan['bytes'])}) to {target}"
+             + (", creating it private if missing" if plan["private"] else ", creating it if missing")]
+    width = max(len(f["path"]) for f in plan["files"])
+    for f in plan["files"]:
+        note = "  (generated model card)" if f["generated"] else ""
+        lines.append(f"  {f['path']:<{width}}  {_size(f['bytes']):>9}{note}")
+    if plan["card"] is not None:
+        lines += ["--- README.md ---", plan["card"].rstrip("\n")]
+    return "\n".join(lines)
+
+
+def push(out_dir, repo_id: str, private: bool = False, dry_run: bool = False, token: str | None = None,
+         revision: str | None = None, *, command: str | None = None, source: str | None = None,
+         keep_readme: bool = False, echo=None) -> list[str]:
+    """Upload a converted folder to the Hub model repo ``repo_id`` (created if needed) with a model card.
+
+    Returns the uploaded paths (in the repo). ``dry_run``: print them with their sizes (and the card)
+    and send nothing (:func:`upload_plan` gives the same as data). ``revision``: a branch (created from
+    main if missing). ``private``: create the repo private; an existing public repo is refused rather
+    than silently published to.
+    """
+    import click
+
+    echo = echo or click.echo
+    out = Path(out_dir)
+    plan = upload_plan(out, repo_id, private, revision, command=command, source=source, keep_readme=keep_readme)
+    card = plan["card"]
+    paths = [f["path"] for f in plan["files"]]
+    files = [f["path"] for f in plan["files"] if not f["generated"]]
     if dry_run:
-        sizes = {p: (len(card.encode()) if p == "README.md" and card is not None else (out / p).stat().st_size)
-                 for p in paths}
-        target = f"{repo_id}" + (f" (branch {revision})" if revision else "")
-        echo(f"dry run: would upload {len(paths)} files ({_size(sum(sizes.values()))}) to {target}"
-             + (", creating it private if missing" if private else ", creating it if missing"))
-        width = max(map(len, paths))
-        for p in paths:
-            note = "  (generated model card)" if p == "README.md" and card is not None else ""
-            echo(f"  {p:<{width}}  {_size(sizes[p]):>9}{note}")
-        if card is not None:
-            echo("--- README.md ---")
-            echo(card.rstrip("\n"))
+        echo(render_plan(plan))
         return paths
 
     from huggingface_hub import HfApi, get_token

@@ -51,7 +51,8 @@ def write_index(folder: Path, shards: list[list[str]], total_size: int) -> None:
         (folder / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
 
 
-def _check_out_dir(out: Path, source_root: Path, overwrite: bool) -> None:
+def check_out_dir(out: Path, source_root: Path, overwrite: bool) -> None:
+    """Refuse an OUT_DIR that a run may not write (atomic_dir checks it first; `quantize --dry-run` too)."""
     if out.exists() and not out.is_dir():
         raise ExmyError(f"{out}: exists and is not a directory")
     if out.exists() and any(out.iterdir()) and not overwrite:
@@ -168,7 +169,7 @@ def atomic_dir(out_dir: str, source_root: Path, overwrite: bool, notice=_stderr_
     Stale temporary folders of earlier runs in the same parent are cleaned up first (``notice``
     says what was done)."""
     out = Path(out_dir)
-    _check_out_dir(out, source_root, overwrite)
+    check_out_dir(out, source_root, overwrite)
     created = []  # ancestors that do not exist yet, deepest first
     for parent in out.absolute().parents:
         if parent.exists():

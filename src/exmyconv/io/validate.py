@@ -313,8 +313,8 @@ def check_quantization_config(qc: dict, where: str = "quantization_config") -> l
 
     Only ``quant_method`` is required; ``format_version`` (a version this reader reads), ``format``
     (a format name or "auto"), ``group_size`` (null or an integer >= 1), ``ignore`` (null or a list of
-    names), ``tied`` (null or an object of name -> name) and ``exmyconv_version`` (null or a string)
-    must have those types when present. Unknown keys are allowed."""
+    names), ``tied`` (null or an object of name -> name), ``exmyconv_version`` and ``command`` (null or a
+    string) must have those types when present. Unknown keys are allowed."""
     problems = []
     if "format_version" in qc:
         try:
@@ -335,9 +335,10 @@ def check_quantization_config(qc: dict, where: str = "quantization_config") -> l
     tied = qc.get("tied")
     if tied is not None and not (isinstance(tied, dict) and all(isinstance(v, str) for v in tied.values())):
         problems.append(f"{where}: tied: an object of tensor name -> tensor name, got {one_line(repr(tied))[:80]}")
-    version = qc.get("exmyconv_version")
-    if version is not None and not isinstance(version, str):
-        problems.append(f"{where}: exmyconv_version {version!r}: a string")
+    for key in ("exmyconv_version", "command"):
+        value = qc.get(key)
+        if value is not None and not isinstance(value, str):
+            problems.append(f"{where}: {key} {one_line(repr(value))[:80]}: a string")
     return problems
 
 
