@@ -1,6 +1,7 @@
 """`exmyconv quantize` and `exmyconv dequantize`."""
 from __future__ import annotations
 
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -36,6 +37,8 @@ from .options import parse_size
 @click.option("--max-shard-size", default="5GB", show_default=True, help="Largest output shard.")
 @click.option("--clip-search", is_flag=True, help="Per group, pick the clipping ratio with least MSE (slower).")
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty OUT_DIR.")
+@click.option("--resume", is_flag=True, help="Continue the interrupted run into OUT_DIR (a failed or killed run keeps "
+              "its finished shards in its temporary folder); refused if the source or options changed.")
 @click.option("--verify/--no-verify", default=None,
               help="Re-read OUT_DIR and check it (bit-exact on the GPU). Default: on when a GPU is present.")
 @click.option("--revision", metavar="REV",
@@ -44,7 +47,7 @@ from .options import parse_size
 @click.option("--private", is_flag=True, help="With --push-to-hub: create the repo private.")
 def quantize(model_dir, out_dir, format_, bits, max_error, candidates, calibration, calibration_tokens,
              group_size, skip, quantize_embeddings, max_shard_size, clip_search, overwrite, verify,
-             revision, push_to_hub, private):
+             revision, push_to_hub, private, resume):
     """Quantize MODEL_DIR (a Hugging Face safetensors checkpoint, a Hub repo id owner/name, or @minilm) into OUT_DIR."""
     from ..convert.pipeline import Options, convert
 
@@ -54,7 +57,11 @@ def quantize(model_dir, out_dir, format_, bits, max_error, candidates, calibrati
                    calibration=calibration, calibration_tokens=calibration_tokens)
     source_arg = model_dir
     model_dir, hub_id = hub_source(model_dir, revision, push_to_hub, private)
-    s = convert(model_dir, out_dir, opts, overwrite=overwrite)
+    try:
+        s = convert(model_dir, out_dir, opts, overwrite=overwrite, resume=resume)
+    except KeyboardInterrupt:
+        _interrupted(out_dir)
+        raise
     if opts.auto:
         group = "per-tensor search"
     else:
@@ -85,6 +92,17 @@ def quantize(model_dir, out_dir, format_, bits, max_error, candidates, calibrati
         run_verify(out_dir, model_dir, None)
     if push_to_hub:
         push_converted(out_dir, push_to_hub, private, hub_id or source_arg)
+
+
+def _interrupted(out_dir):
+    """Ctrl-C: say where the finished work waits, if the run kept any."""
+    from ..convert.resume import resumable
+
+    kept = resumable(out_dir)
+    if kept:
+        click.echo(f"interrupted: finished work kept in {kept[0][0]}; the same command with --resume continues it",
+                   err=True)
+        sys.exit(130)
 
 
 def _echo_search(s):

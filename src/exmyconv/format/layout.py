@@ -19,6 +19,7 @@ WEIGHTS_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 CONFIG_FILE = "config.json"
 SEARCH_REPORT = "exmy_search.json"  # --format auto's sidecar
+RESUME_FILE = "exmyconv-resume.jsonl"  # in a temporary output folder: makes it resumable (convert/resume.py)
 
 
 def shard_name(i: int, n: int) -> str:

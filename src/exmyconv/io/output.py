@@ -8,7 +8,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from ..errors import ExmyError
-from ..format.layout import CONFIG_FILE, INDEX_FILE, SEARCH_REPORT, shard_name
+from ..format.layout import CONFIG_FILE, INDEX_FILE, RESUME_FILE, SEARCH_REPORT, shard_name
 from .folder import PICKLE_SUFFIXES
 
 NOT_COPIED = (CONFIG_FILE, INDEX_FILE, SEARCH_REPORT)  # top-level files each writer makes itself
@@ -46,10 +46,17 @@ def _check_out_dir(out: Path, source_root: Path, overwrite: bool) -> None:
         raise ExmyError(f"{out}: must not be the source directory or inside/around it")
 
 
+def resumable(folder: Path) -> bool:
+    """A temporary folder holding RESUME_FILE keeps an interrupted run's finished work
+    (convert/resume.py): it is never removed automatically."""
+    return (folder / RESUME_FILE).is_file()
+
+
 @contextmanager
-def atomic_dir(out_dir: str, source_root: Path, overwrite: bool):
-    """Yield a temporary sibling of OUT_DIR; on success it replaces OUT_DIR, on any failure
-    (Ctrl-C included) it and the parent folders created for it are removed."""
+def atomic_dir(out_dir: str, source_root: Path, overwrite: bool, reuse: Path | None = None):
+    """Yield a temporary sibling of OUT_DIR (``reuse``: an interrupted run's, to continue in); on
+    success it replaces OUT_DIR, on any failure (Ctrl-C included) it and the parent folders created
+    for it are removed, unless it is resumable (then all stay)."""
     out = Path(out_dir)
     _check_out_dir(out, source_root, overwrite)
     created = []  # ancestors that do not exist yet, deepest first
@@ -59,15 +66,21 @@ def atomic_dir(out_dir: str, source_root: Path, overwrite: bool):
         created.append(parent)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.exmyconv-tmp-{os.getpid()}"
-    if tmp.exists():
+    while reuse is None and resumable(tmp):  # a dead run's that had our pid: kept
+        tmp = tmp.with_name(tmp.name + "+")
+    if reuse is not None:
+        tmp = reuse
+    elif tmp.exists():
         shutil.rmtree(tmp)
-    tmp.mkdir()
+    tmp.mkdir(exist_ok=True)
     try:
         yield tmp
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
     except BaseException:
+        if resumable(tmp):
+            raise
         shutil.rmtree(tmp, ignore_errors=True)
         for parent in created:
             try:
