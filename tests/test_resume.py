@@ -77,7 +77,7 @@ def finished_shards(out: Path) -> list[str]:
     return names
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL])
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL], ids=["SIGINT", "SIGTERM", "SIGKILL"])
 def test_signal_then_resume_gives_identical_output(model, tmp_path, run_cli, sig):
     src, _ = model
     args = (*ARGS, "--clip-search")  # slower: the signal comes while shards are still being written

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from ..errors import ExmyError
 from ..format.exmy import DEFAULT, NAMED, NAMED_SHARED
 from ..format.layout import SEARCH_REPORT
 from .check import run_verify
@@ -39,6 +40,10 @@ from .options import parse_size
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty OUT_DIR.")
 @click.option("--resume", is_flag=True, help="Continue the interrupted run into OUT_DIR (a failed or killed run keeps "
               "its finished shards in its temporary folder); refused if the source or options changed.")
+@click.option("--ray", "ray_address", is_flag=False, flag_value="", default=None, metavar="[ADDRESS]",
+              help="Run the work as Ray tasks: on a local cluster, or the cluster at ADDRESS (auto, HOST:PORT, "
+                   "ray://HOST:PORT; write --ray=ADDRESS or put it after OUT_DIR). Same output as without.")
+@click.option("--workers", type=int, help="With --ray: tasks at once (default: the cluster's CPUs).")
 @click.option("--verify/--no-verify", default=None,
               help="Re-read OUT_DIR and check it (bit-exact on the GPU). Default: on when a GPU is present.")
 @click.option("--revision", metavar="REV",
@@ -47,7 +52,7 @@ from .options import parse_size
 @click.option("--private", is_flag=True, help="With --push-to-hub: create the repo private.")
 def quantize(model_dir, out_dir, format_, bits, max_error, candidates, calibration, calibration_tokens,
              group_size, skip, quantize_embeddings, max_shard_size, clip_search, overwrite, verify,
-             revision, push_to_hub, private, resume):
+             revision, push_to_hub, private, resume, ray_address, workers):
     """Quantize MODEL_DIR (a Hugging Face safetensors checkpoint, a Hub repo id owner/name, or @minilm) into OUT_DIR."""
     from ..convert.pipeline import Options, convert
 
@@ -55,10 +60,17 @@ def quantize(model_dir, out_dir, format_, bits, max_error, candidates, calibrati
                    quantize_embeddings=quantize_embeddings, max_shard_size=parse_size(max_shard_size),
                    clip_search=clip_search, bits=bits, max_error=max_error, candidates=candidates,
                    calibration=calibration, calibration_tokens=calibration_tokens)
+    runner = None
+    if ray_address is not None:
+        from ..convert.ray_runner import RayRunner
+
+        runner = RayRunner(ray_address or None, workers)
+    elif workers is not None:
+        raise ExmyError("--workers goes with --ray")
     source_arg = model_dir
     model_dir, hub_id = hub_source(model_dir, revision, push_to_hub, private)
     try:
-        s = convert(model_dir, out_dir, opts, overwrite=overwrite, resume=resume)
+        s = convert(model_dir, out_dir, opts, overwrite=overwrite, resume=resume, runner=runner)
     except KeyboardInterrupt:
         _interrupted(out_dir)
         raise

@@ -235,6 +235,16 @@ def choose_formats(items: list[Item], opts: Options, progress, journal: resumes.
     return report
 
 
+def measure_items(items: list[Item], candidates, progress):
+    """(item, its error curve over the candidates, where it was measured), item by item."""
+    measure, where = search.measure_backend()
+    for item in items:
+        progress.set_postfix_str(item.info.name[-40:], refresh=False)
+        errors = measure(float_chunks(item), candidates, item.importance)
+        yield item, errors, where
+        progress.update(item.info.nbytes)
+
+
 def assign_shards(items: list[Item], max_bytes: int) -> list[list[Item]]:
     """Output shards by bytes, fused partners together (convert/units.py)."""
     plan = units.pack([i.info.name for i in items], [i.out_bytes for i in items], max_bytes)
@@ -362,12 +372,7 @@ class Local:
 
     def measure(self, items: list[Item], candidates, progress):
         """(item, error curve, where measured) for each item."""
-        measure, where = search.measure_backend()
-        for item in items:
-            progress.set_postfix_str(item.info.name[-40:], refresh=False)
-            errors = measure(float_chunks(item), candidates, item.importance)
-            yield item, errors, where
-            progress.update(item.info.nbytes)
+        return measure_items(items, candidates, progress)
 
     def write(self, folder: Path, shards: list[tuple[str, list[Item]]], opts: Options, progress, expected):
         """(shard number, journal record) for each shard."""

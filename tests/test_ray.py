@@ -1,0 +1,154 @@
+"""quantize --ray: the same units of work as Ray tasks on a local cluster (num_cpus=2), output
+byte-identical to the single process; a killed worker is retried; a failing task stops the job with
+the tensor's name and keeps the finished shards for --resume; resuming across the two modes."""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import exmyconv
+from conftest import moe_checkpoint, tree_snapshot
+from exmyconv.convert import pipeline, resume
+from test_resume import ARGS, kept_folders, poison, quantize
+
+ray = pytest.importorskip("ray")
+
+AUTO = ("--format", "auto", "--bits", "4.5", "--candidates", "e2m1-g32,e2m2,e3m2,e2m3", "--max-shard-size", "200KB")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def cluster():
+    """One local cluster for the module (conversions find it running and use it)."""
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ray")
+    return moe_checkpoint(root / "src", np.random.default_rng(7), layers=4, hidden=256, ffn=512), root
+
+
+def single(model, args) -> dict:
+    src, root = model
+    out = root / f"single-{abs(hash(args))}"
+    if not out.exists():
+        quantize(src, out, *args)
+    return tree_snapshot(out)
+
+
+@pytest.mark.parametrize("args", [ARGS, AUTO], ids=["e2m2-g64", "auto"])
+def test_ray_output_equals_the_single_process(model, tmp_path, run_cli, args):
+    src, _ = model
+    out = tmp_path / "out"
+    code, stdout, err = run_cli("quantize", src, out, "--no-verify", *args, "--ray", "--workers", "2")
+    assert code == 0, err
+    assert tree_snapshot(out) == single(model, args)
+    assert "shards" in stdout and len(list(out.glob("*.safetensors"))) > 5
+
+
+def ray_workers(title: str) -> list[int]:
+    """Pids of Ray worker processes now running a task of this name (Ray sets their titles)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and (entry / "cmdline").read_bytes().startswith(f"ray::{title}".encode()):
+                pids.append(int(entry.name))
+        except OSError:
+            pass
+    return pids
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds Ray's worker processes in /proc")
+def test_a_killed_worker_is_retried_and_the_output_is_identical(model, tmp_path):
+    src, _ = model
+    args = (*ARGS, "--clip-search")  # slower: the kill comes while shards are being written
+    out = tmp_path / "out"
+    errors, killed = [], []
+
+    def convert():
+        try:
+            quantize(src, out, *args, "--ray")
+        except BaseException as err:  # noqa: BLE001 - reported by the test
+            errors.append(err)
+
+    thread = threading.Thread(target=convert)
+    thread.start()
+    deadline = time.monotonic() + 120
+    while thread.is_alive() and not killed and time.monotonic() < deadline:
+        for pid in ray_workers("write_task"):
+            os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
+            break
+        time.sleep(0.01)
+    thread.join(300)
+    assert killed, "no write task was seen running"
+    assert not errors, errors
+    assert tree_snapshot(out) == single(model, args)
+
+
+def test_a_failing_task_stops_the_job_names_the_tensor_and_keeps_the_work(tmp_path, rng, run_cli):
+    src = moe_checkpoint(tmp_path / "src", rng, layers=4, hidden=256, ffn=512)
+    source = pipeline.open_source(str(src))
+    try:  # a tensor of the smallest shard: tasks start largest first, so others finish before it fails
+        shards = pipeline.assign_shards(pipeline.plan(source, pipeline.Options(group_size=64)), 200_000)
+    finally:
+        source.close()
+    shard = min((s for s in shards if any(i.record for i in s)), key=lambda s: sum(i.info.nbytes for i in s))
+    name = next(i.info.name for i in shard if i.record)
+    poison(src, name)
+    out = tmp_path / "out"
+    code, stdout, err = run_cli("quantize", src, out, *ARGS, "--ray")
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert code == 1 and len(lines) == 1 and "Traceback" not in stdout + err, err
+    assert f"{name!r} contains NaN" in lines[0] and ".safetensors: " in lines[0]
+    assert "finished work kept in" in lines[0]
+    assert not out.exists() and len(kept_folders(out)) == 1
+
+
+def test_resume_across_modes(model, tmp_path, run_cli, monkeypatch):
+    """A single-process run interrupted, resumed on Ray; a Ray run interrupted, resumed in one process;
+    both byte-identical to an uninterrupted run. Changed options are refused under --ray too."""
+    src, _ = model
+    for first, then in ((), ("--ray",)), (("--ray",), ()):
+        out = tmp_path / f"out{len(first)}"
+        with monkeypatch.context() as m:
+            real, calls = resume.Journal.add_shard, []
+
+            def add_shard(self, record):
+                calls.append(1)
+                real(self, record)
+                if len(calls) == 3:
+                    raise KeyboardInterrupt
+            m.setattr(resume.Journal, "add_shard", add_shard)
+            with pytest.raises(SystemExit, match="130"):
+                quantize(src, out, *ARGS, *first)
+        [folder] = kept_folders(out)
+        code, _, err = run_cli("quantize", src, out, "--group-size", "32", "--max-shard-size", "200KB", "--resume", *then)
+        assert code == 1 and "cannot resume" in err and "--group-size changed" in err
+        code, _, err = run_cli("quantize", src, out, "--no-verify", *ARGS, "--resume", *then)
+        assert code == 0, err
+        assert tree_snapshot(out) == single(model, ARGS) and not folder.exists()
+
+
+def test_ray_options_are_checked(model, tmp_path, run_cli):
+    src, _ = model
+    code, _, err = run_cli("quantize", src, tmp_path / "out", "--workers", "2")
+    assert code == 1 and "--workers goes with --ray" in err
+    code, _, err = run_cli("quantize", src, tmp_path / "out", "--ray", "--workers", "0")
+    assert code == 1 and "--workers must be positive" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_python_api(model, tmp_path):
+    src, _ = model
+    s = exmyconv.quantize(str(src), str(tmp_path / "out"), group_size=64, max_shard_size=200_000, ray=True)
+    assert s.shards > 5 and tree_snapshot(tmp_path / "out") == single(model, ARGS)
