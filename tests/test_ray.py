@@ -148,7 +148,8 @@ def test_ray_options_are_checked(model, tmp_path, run_cli):
     assert not (tmp_path / "out").exists()
 
 
-def test_python_api(model, tmp_path):
+def test_python_api_and_one_shard_on_several_threads(model, tmp_path):
+    """One shard for two CPUs: its task gets both (two chunk threads); the bytes are the same."""
     src, _ = model
-    s = exmyconv.quantize(str(src), str(tmp_path / "out"), group_size=64, max_shard_size=200_000, ray=True)
-    assert s.shards > 5 and tree_snapshot(tmp_path / "out") == single(model, ARGS)
+    s = exmyconv.quantize(str(src), str(tmp_path / "out"), group_size=64, ray=True)
+    assert s.shards == 1 and tree_snapshot(tmp_path / "out") == single(model, ("--group-size", "64"))

@@ -38,6 +38,7 @@ from ..io.reader import SafetensorsFile
 from . import pipeline, units
 
 RETRIES = 3  # extra attempts of a task whose worker died or whose file I/O failed
+TASK_THREADS = 4  # most threads (and CPUs) of one writing task, when there are fewer shards than CPUs
 MEASURE_BYTES = 256 << 20  # source bytes per --format auto measuring task (at most)
 REPORT_BYTES = 16 << 20  # a task tells the progress actor at least this often (bytes) ...
 REPORT_SECONDS = 0.5  # ... or this often (seconds)
@@ -114,9 +115,10 @@ def current_tensor(items: list[pipeline.Item], done: int) -> str:
     return items[-1].info.name if items else "?"
 
 
-def _task(work, specs: list[tuple], actor, key: str):
-    """Run ``work(items, progress)`` on a worker; a failure says which tensor it was at."""
-    pipeline.WORKERS = 1  # a task is one CPU (this worker process runs one task at a time)
+def _task(work, specs: list[tuple], actor, key: str, threads: int = 1):
+    """Run ``work(items, progress)`` on a worker with ``threads`` chunk threads (the CPUs Ray gave
+    the task; output bytes do not depend on them); a failure says which tensor it was at."""
+    pipeline.WORKERS = threads  # this worker process runs one task at a time
     items, files = open_items(specs)
     progress = _Reporter(actor, key)
     try:
@@ -141,18 +143,19 @@ def measure_task(specs, candidates, actor, key):
     return _task(work, specs, actor, key)
 
 
-def write_task(folder, name, specs, opts, expect, actor, key):
+def write_task(folder, name, specs, opts, expect, actor, key, threads):
     """Write (or, if ``expect`` still matches, keep) one output shard: its journal record."""
     return _task(lambda items, progress: pipeline.write_unit(Path(folder), name, items, opts, progress, expect),
-                 specs, actor, key)
+                 specs, actor, key, threads)
 
 
 class RayRunner:
     """Runs the units of work of ``pipeline.convert`` as Ray tasks (see the module docstring).
 
     ``address``: a Ray cluster (``auto``, ``HOST:PORT``, ``ray://HOST:PORT``); None starts a local
-    one with ``workers`` CPUs (default: this machine's). ``workers``: tasks running at once
-    (default: the cluster's CPUs); each task is one CPU and one thread."""
+    one with ``workers`` CPUs (default: this machine's). ``workers``: CPUs in use at once (default:
+    the cluster's). A task takes one CPU; a writing task takes up to TASK_THREADS when there are
+    fewer shards than CPUs (a thread per CPU)."""
 
     def __init__(self, address: str | None = None, workers: int | None = None):
         if importlib.util.find_spec("ray") is None:
@@ -183,6 +186,8 @@ class RayRunner:
             resources = ray.cluster_resources()
             self._slots = self.workers or max(1, int(resources.get("CPU", 1)))
             self._gpus = resources.get("GPU", 0) > 0
+            self._node_cpus = max([int(node.get("Resources", {}).get("CPU", 1))
+                                   for node in ray.nodes() if node.get("Alive")] or [1])
             self._actor = ray.remote(num_cpus=0)(Progress).remote()
             options = {"num_cpus": 1, "max_retries": RETRIES, "retry_exceptions": [Retryable]}
             self._measure = ray.remote(**options)(measure_task).options(num_gpus=1 if self._gpus else 0)
@@ -212,16 +217,18 @@ class RayRunner:
 
     def write(self, folder: Path, shards: list[tuple[str, list[pipeline.Item]]], opts, progress, expected):
         """(shard number, journal record) for each shard, in the order tasks finish."""
+        threads = max(1, min(TASK_THREADS, self._node_cpus, self._slots // max(1, len(shards))))
+        remote = self._write.options(num_cpus=threads)
         jobs = []
         for n, (name, items) in enumerate(shards):
-            jobs.append((n, items, lambda key, specs, name=name, expect=expected[n]: self._write.remote(
-                str(folder), name, specs, opts, expect, self._actor, key)))
+            jobs.append((n, items, lambda key, specs, name=name, expect=expected[n]: remote.remote(
+                str(folder), name, specs, opts, expect, self._actor, key, threads)))
         names = dict(enumerate(name for name, _ in shards))
-        for n, record in self._run(jobs, progress, names):
+        for n, record in self._run(jobs, progress, names, threads):
             yield n, record
 
-    def _run(self, jobs: list[tuple], progress, labels: dict | None = None):
-        """Submit jobs (key, items, submit(key, specs)), largest first, at most ``workers`` at a time;
+    def _run(self, jobs: list[tuple], progress, labels: dict | None = None, threads: int = 1):
+        """Submit jobs (key, items, submit(key, specs)), largest first, ``workers // threads`` at a time;
         yield (key, result) as they finish, keep the progress bar up to date; on any failure or
         when the caller stops, cancel what is still running."""
         import ray
@@ -233,7 +240,7 @@ class RayRunner:
         finished, shown = 0, 0
         try:
             while queue or running:
-                while queue and len(running) < self._slots:
+                while queue and len(running) < max(1, self._slots // threads):
                     key, items, submit = queue.pop(0)
                     running[submit(str(key), [spec(i) for i in items])] = (key, items)
                 ready, _ = ray.wait(list(running), num_returns=1, timeout=REPORT_SECONDS)
