@@ -203,10 +203,10 @@ class RayRunner:
     def measure(self, items: list[pipeline.Item], candidates, progress):
         """(item, error curve, where measured) for each item, in the order tasks finish."""
         by_name = {item.info.name: item for item in items}
-        names = [item.info.name for item in items]
         target = max(1, min(MEASURE_BYTES, sum(i.info.nbytes for i in items) // (4 * self._slots)))
         jobs = []
-        for n, unit in enumerate(units.pack(names, [i.info.nbytes for i in items], target)):
+        blocks = [range(j, j + 1) for j in range(len(items))]  # curves are per tensor: fused partners may part
+        for n, unit in enumerate(units.pack_blocks(blocks, [i.info.nbytes for i in items], target)):
             unit_items = [items[j] for j in unit]
             if unit_items:
                 jobs.append((f"m{n}", unit_items, lambda key, specs: self._measure.remote(

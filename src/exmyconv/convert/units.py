@@ -58,9 +58,14 @@ def blocks(names: list[str]) -> list[range]:
 def pack(names: list[str], sizes: list[int], max_bytes: int) -> list[list[int]]:
     """Indices of ``names`` per shard: blocks in order, a new shard when the next block would
     take the current one over ``max_bytes``. Always at least one (possibly empty) shard."""
+    return pack_blocks(blocks(names), sizes, max_bytes)
+
+
+def pack_blocks(blocks: list[range], sizes: list[int], max_bytes: int) -> list[list[int]]:
+    """``pack`` for given blocks (one per index: units of work that may split fused partners)."""
     shards: list[list[int]] = [[]]
     size = 0
-    for block in blocks(names):
+    for block in blocks:
         nbytes = sum(sizes[i] for i in block)
         if shards[-1] and size + nbytes > max_bytes:
             shards.append([])
