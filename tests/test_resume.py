@@ -16,7 +16,7 @@ import pytest
 
 import exmyconv
 from conftest import Raw, moe_checkpoint, read_safetensors, tree_snapshot, write_safetensors
-from exmyconv.cli.main import cli
+from exmyconv.cli.main import main as cli_main
 from exmyconv.convert import pipeline, resume, search
 from exmyconv.errors import ExmyError
 from exmyconv.format.layout import RESUME_FILE
@@ -35,8 +35,12 @@ def model(tmp_path_factory):
 
 
 def quantize(*args):
-    """The CLI in this process, exceptions (Ctrl-C included) raised as they are."""
-    cli.main(["quantize", *map(str, args), "--no-verify"], standalone_mode=False)
+    """The CLI in this process; a failure's exit status raised as SystemExit (130 for Ctrl-C)."""
+    try:
+        cli_main(["quantize", *map(str, args), "--no-verify"])
+    except SystemExit as exc:
+        if exc.code:
+            raise
 
 
 def reference(model, args) -> dict:
@@ -61,7 +65,7 @@ def run(src, out, *args, wait=True):
 
 
 def kept_folders(out: Path) -> list[Path]:
-    return [folder for folder, _ in resume.resumable(str(out))]
+    return [folder for folder, _ in resume.kept_folders(str(out))]
 
 
 def finished_shards(out: Path) -> list[str]:
@@ -88,10 +92,12 @@ def test_signal_then_resume_gives_identical_output(model, tmp_path, run_cli, sig
         time.sleep(0.005)
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == (130 if sig == signal.SIGINT else -sig), err
-    if sig == signal.SIGINT:
+    assert proc.returncode == (-sig if sig == signal.SIGKILL else 128 + sig), err
+    if sig != signal.SIGKILL:
         lines = [ln for ln in err.splitlines() if ln.strip()]
-        assert len(lines) == 1 and "finished work kept" in lines[0] and "--resume" in lines[0], lines
+        how = "" if sig == signal.SIGINT else " by SIGTERM"
+        assert len(lines) == 1 and lines[0].startswith(f"interrupted{how}: finished work kept in ")
+        assert "--resume" in lines[0] and "Traceback" not in err, lines
     assert not out.exists()
     [folder] = kept_folders(out)
     done = finished_shards(out)

@@ -1,7 +1,6 @@
 """`exmyconv quantize` and `exmyconv dequantize`."""
 from __future__ import annotations
 
-import sys
 from collections import Counter
 from pathlib import Path
 
@@ -69,11 +68,7 @@ def quantize(model_dir, out_dir, format_, bits, max_error, candidates, calibrati
         raise ExmyError("--workers goes with --ray")
     source_arg = model_dir
     model_dir, hub_id = hub_source(model_dir, revision, push_to_hub, private)
-    try:
-        s = convert(model_dir, out_dir, opts, overwrite=overwrite, resume=resume, runner=runner)
-    except KeyboardInterrupt:
-        _interrupted(out_dir)
-        raise
+    s = convert(model_dir, out_dir, opts, overwrite=overwrite, resume=resume, runner=runner)
     if opts.auto:
         group = "per-tensor search"
     else:
@@ -104,17 +99,6 @@ def quantize(model_dir, out_dir, format_, bits, max_error, candidates, calibrati
         run_verify(out_dir, model_dir, None)
     if push_to_hub:
         push_converted(out_dir, push_to_hub, private, hub_id or source_arg)
-
-
-def _interrupted(out_dir):
-    """Ctrl-C: say where the finished work waits, if the run kept any."""
-    from ..convert.resume import resumable
-
-    kept = resumable(out_dir)
-    if kept:
-        click.echo(f"interrupted: finished work kept in {kept[0][0]}; the same command with --resume continues it",
-                   err=True)
-        sys.exit(130)
 
 
 def _echo_search(s):

@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import re
+import signal
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -25,9 +26,10 @@ from .._version import __version__
 from ..format import dtypes
 
 from . import resume as resumes, search, units
-from ..errors import ExmyError
+from ..errors import ExmyError, Interrupted
 from ..format.exmy import DEFAULT, get_format
-from ..format.layout import CONFIG_FILE, QUANT_METHOD, SEARCH_REPORT, VERSION, TensorRecord, shard_name
+from ..format.layout import (CONFIG_FILE, GUARD_KEY, GUARD_VALUE, QUANT_METHOD, SEARCH_REPORT, VERSION, TensorRecord,
+                             shard_name)
 from ..io.output import atomic_dir, copy_side_files, write_index
 from ..format.pack import pack_codes
 from ..format.quant import choose_scale_dtype, group_amax, groups_of, quantize_rows, relative_error, squared_error
@@ -67,6 +69,8 @@ class Options:
             raise ExmyError(f"--group-size must be positive, got {self.group_size}")
         if self.max_shard_size < 1:
             raise ExmyError("--max-shard-size must be positive")
+        if self.calibration_tokens < 1:
+            raise ExmyError(f"--calibration-tokens must be positive, got {self.calibration_tokens}")
         try:
             self.skip_patterns = [re.compile(p) for p in self.skip]
         except re.error as err:
@@ -411,7 +415,9 @@ def convert(model_dir: str, out_dir: str, opts: Options | None = None, overwrite
         manifest = resumes.manifest(source, opts, out_dir)
         journal = resumes.Journal.resume(out_dir, manifest) if resume else None
         with atomic_dir(out_dir, source.root, overwrite, reuse=journal and journal.folder) as tmp:
-            journal = journal or resumes.Journal(tmp, manifest)
+            if journal is None:
+                journal = resumes.Journal(tmp, manifest)
+            journal.folder = tmp  # atomic_dir gave a reused folder this process's name
             with journal:
                 quiet = not progress if progress is not None else None
                 if opts.calibration:
@@ -437,13 +443,16 @@ def convert(model_dir: str, out_dir: str, opts: Options | None = None, overwrite
                             sum(i.out_bytes for i in items))
                 config = dict(source.config or {})
                 config["quantization_config"] = quantization_config(opts, items, tied)
+                config.setdefault(GUARD_KEY, GUARD_VALUE)
                 (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
                 copy_side_files(source.root, tmp)
-                journal.discard()
     except ExmyError as err:
         if journal is not None and journal.started:
-            raise ExmyError(f"{err} (finished work kept in {journal.folder}: the same command with --resume "
-                            "continues it)") from None
+            raise ExmyError(f"{err} ({resumes.kept_note(journal.folder)})") from None
+        raise
+    except KeyboardInterrupt as err:  # Ctrl-C, SIGTERM, SIGHUP: say where the finished work waits
+        if journal is not None and journal.started:
+            raise Interrupted(getattr(err, "signum", signal.SIGINT), resumes.kept_note(journal.folder)) from None
         raise
     finally:
         source.close()

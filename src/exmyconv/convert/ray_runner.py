@@ -29,6 +29,8 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import signal
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -173,6 +175,10 @@ class RayRunner:
         started = not ray.is_initialized()
         if started:
             quiet = {"logging_level": logging.ERROR, "log_to_driver": False}
+            # ray.init makes SIGTERM call sys.exit; ours (io.output.atomic_dir) keeps the interrupted
+            # run's resumable folder and exits 143 with one line, so it is put back
+            main = threading.current_thread() is threading.main_thread()
+            sigterm = signal.getsignal(signal.SIGTERM) if main else None
             try:
                 if self.address:
                     package = Path(__file__).resolve().parents[1]
@@ -182,6 +188,9 @@ class RayRunner:
             except Exception as err:  # noqa: BLE001 - any way of not getting a cluster is one line
                 raise ExmyError(f"cannot start or reach a Ray cluster at {self.address or 'this machine'}: "
                                 f"{str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__}") from None
+            finally:
+                if main and sigterm is not None:
+                    signal.signal(signal.SIGTERM, sigterm)
         try:
             resources = ray.cluster_resources()
             self._slots = self.workers or max(1, int(resources.get("CPU", 1)))

@@ -7,12 +7,13 @@ versions, OUT_DIR's name, the options, each source file's size and header hash, 
 source's config.json and of the calibration text — and every further line one finished piece of
 work: a shard (a digest of its plan, its size and sha256, its tensors' relative errors) or a curve.
 
-A temporary folder that holds ``RESUME_FILE`` is resumable: ``atomic_dir`` keeps it when the run
-fails, and nothing deletes it automatically. ``quantize --resume`` finds it beside OUT_DIR, refuses
-in one line when anything in the manifest changed, keeps the shards whose checksums still match and
-the measured curves, and does the rest. The journal is removed just before the final rename, so
-OUT_DIR is byte-identical to an uninterrupted run's. A live run holds a lock on its journal, so two
-runs never continue the same folder.
+A temporary folder that holds ``RESUME_FILE`` is resumable (the rule is
+:func:`exmyconv.io.output.resumable`): ``atomic_dir`` keeps it when the run fails or is interrupted,
+and the clean-up of stale temporary folders leaves it alone. ``quantize --resume`` finds it beside
+OUT_DIR, refuses in one line when anything in the manifest changed, keeps the shards whose checksums
+still match and the measured curves, and does the rest. ``atomic_dir`` removes the journal just
+before the final rename, so OUT_DIR is byte-identical to an uninterrupted run's. A live run holds a
+lock on its journal, so two runs never continue the same folder.
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ import numpy as np
 from .._version import __version__
 from ..errors import ExmyError
 from ..format.layout import CONFIG_FILE, RESUME_FILE, VERSION
+from ..io.output import TEMP_MARK, resumable
 
 SYNC_SECONDS = 1.0  # curves are fsync'ed at most this often (shards always)
 
@@ -124,8 +126,9 @@ def _manifest_of(path: Path) -> dict | None:
         return None
 
 
-def resumable(out_dir: str) -> list[tuple[Path, dict]]:
-    """(temporary folder, manifest) of every resumable folder beside OUT_DIR meant for it, newest first."""
+def kept_folders(out_dir: str) -> list[tuple[Path, dict]]:
+    """(temporary folder, manifest) of every resumable folder (``io.output.resumable``) beside OUT_DIR
+    meant for it, newest first."""
     out = Path(out_dir)
     found = []
     try:
@@ -133,12 +136,17 @@ def resumable(out_dir: str) -> list[tuple[Path, dict]]:
     except OSError:
         siblings = []
     for folder in siblings:
-        path = folder / RESUME_FILE
-        if folder.name.startswith(".") and path.is_file():
+        if folder.name.startswith(".") and TEMP_MARK in folder.name and resumable(folder):
+            path = folder / RESUME_FILE
             old = _manifest_of(path)
             if isinstance(old, dict) and old.get("out") == out.name:
                 found.append((path.stat().st_mtime, folder, old))
     return [(folder, old) for _, folder, old in sorted(found, key=lambda f: -f[0])]
+
+
+def kept_note(folder: Path) -> str:
+    """What an error or interruption message says about a run's finished work."""
+    return f"finished work kept in {folder}: the same command with --resume continues it"
 
 
 def _lock(file, folder: Path) -> None:
@@ -169,7 +177,7 @@ class Journal:
     def resume(cls, out_dir: str, manifest: dict) -> "Journal | None":
         """The journal of an interrupted run into OUT_DIR with this manifest, locked; None if there is
         none. Refuses in one line when the newest one was made with other options or sources."""
-        found = resumable(out_dir)
+        found = kept_folders(out_dir)
         if not found:
             return None
         matching = [folder for folder, old in found if difference(old, manifest) is None]
@@ -208,13 +216,6 @@ class Journal:
     def close(self) -> None:
         if self._file is not None and not self._file.closed:
             self._file.close()
-
-    def discard(self) -> None:
-        """Remove the journal (the run is complete: OUT_DIR must not contain it)."""
-        self.close()
-        if self._file is not None:
-            (self.folder / RESUME_FILE).unlink()
-            self._file = None
 
     def __enter__(self):
         return self

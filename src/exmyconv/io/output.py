@@ -1,17 +1,38 @@
-"""Writing a checkpoint folder safely: a temporary sibling renamed into place on success."""
+"""Writing a checkpoint folder safely: a temporary sibling renamed into place on success.
+
+The temporary folder is removed on any failure, Ctrl-C, SIGTERM and SIGHUP included; a run that was
+killed outright (SIGKILL, power loss) leaves it behind, and the next run into the same parent folder
+removes it when it can prove that its writer is gone (its owner record names this host and a process
+that no longer exists), and otherwise says that it is there.
+
+One exception, decided in one place (:func:`resumable`, used by :func:`atomic_dir` and
+:func:`clean_stale_temp_dirs` alike): a temporary folder that holds a resume journal
+(``RESUME_FILE``, written by convert/resume.py once a run has finished some work) is the user's
+resumable work. Nothing removes it automatically; ``quantize --resume`` continues it.
+"""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 import shutil
+import signal
+import socket
+import sys
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 
-from ..errors import ExmyError
+from ..errors import ExmyError, Interrupted
 from ..format.layout import CONFIG_FILE, INDEX_FILE, RESUME_FILE, SEARCH_REPORT, shard_name
-from .folder import PICKLE_SUFFIXES
+from .validate import PICKLE_SUFFIXES, read_json
 
 NOT_COPIED = (CONFIG_FILE, INDEX_FILE, SEARCH_REPORT)  # top-level files each writer makes itself
+TEMP_MARK = ".exmyconv-tmp-"  # a temporary folder is ".NAME.exmyconv-tmp-PID", next to OUT_DIR
+OWNER_FILE = ".exmyconv-owner"  # inside it: {"host": ..., "pid": ...} of the run that writes it
+NAME_KEPT = 100  # longer OUT_DIR names are shortened in the temporary name (NAME_MAX is 255 bytes)
+SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))
 
 
 def copy_side_files(root: Path, dest: Path) -> None:
@@ -46,17 +67,159 @@ def _check_out_dir(out: Path, source_root: Path, overwrite: bool) -> None:
         raise ExmyError(f"{out}: must not be the source directory or inside/around it")
 
 
+# --------------------------------------------------------------------------- temporary folders
+
+
+def temp_dir(out: Path, pid: int | None = None, n: int = 0) -> Path:
+    """The temporary sibling of OUT_DIR for process ``pid``: ``.NAME.exmyconv-tmp-PID`` (``n`` > 0:
+    ``-PID.n``, when a resumable folder already has that name), with a long NAME cut to 91 characters
+    + ``~`` + 8 hex digits of its hash, so the name always fits NAME_MAX."""
+    name = out.name
+    if len(name.encode("utf-8", "surrogateescape")) > NAME_KEPT:
+        digest = hashlib.sha1(name.encode("utf-8", "surrogateescape")).hexdigest()[:8]
+        cut = name.encode("utf-8", "surrogateescape")[:NAME_KEPT - 9].decode("utf-8", "ignore")
+        name = f"{cut}~{digest}"
+    return out.parent / f".{name}{TEMP_MARK}{os.getpid() if pid is None else pid}{f'.{n}' if n else ''}"
+
+
+def _temp_pid(folder: Path) -> int | None:
+    """The process id in a temporary folder's name; None if the name is not one of ours."""
+    match = re.fullmatch(r"(\d+)(?:\.\d+)?", folder.name.rsplit(TEMP_MARK, 1)[1])
+    return int(match[1]) if match else None
+
+
 def resumable(folder: Path) -> bool:
-    """A temporary folder holding RESUME_FILE keeps an interrupted run's finished work
-    (convert/resume.py): it is never removed automatically."""
+    """The one rule for keeping a temporary folder: one that holds ``RESUME_FILE`` has an interrupted
+    run's finished work (convert/resume.py), which ``quantize --resume`` continues. It is never
+    removed automatically: not when its run fails or is interrupted, not as a stale folder, not by a
+    new run that got the same process id."""
     return (folder / RESUME_FILE).is_file()
 
 
+def _remove(folder: Path) -> bool:
+    """Remove a temporary folder unless it is :func:`resumable`; True if it is gone."""
+    if resumable(folder):
+        return False
+    shutil.rmtree(folder, ignore_errors=True)
+    return not folder.exists()
+
+
+def _host() -> str:
+    return socket.gethostname()
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True  # exists (another user's process), or we cannot tell: treat as running
+    return True
+
+
+def _owner(folder: Path) -> dict | None:
+    try:
+        data = read_json(folder / OWNER_FILE)
+    except ExmyError:  # missing, not a regular file, not JSON: no owner we can trust
+        return None
+    ok = isinstance(data, dict) and isinstance(data.get("host"), str) and type(data.get("pid")) is int
+    return data if ok else None
+
+
+def _stderr_notice(text: str) -> None:
+    print(f"note: {text}", file=sys.stderr)
+
+
+def clean_stale_temp_dirs(parent: Path, notice=_stderr_notice) -> list[Path]:
+    """Temporary folders of exmyconv runs in ``parent`` whose writer is gone: removed when their owner
+    record names this host and a process that no longer exists; otherwise (no owner record, another
+    host) left alone with a notice. A folder whose process still exists is some run's work in
+    progress and is not touched; a :func:`resumable` one is kept, with a notice. Returns the removed
+    folders."""
+    removed = []
+    try:
+        entries = sorted(p for p in parent.iterdir() if p.name.startswith(".") and TEMP_MARK in p.name)
+    except OSError:
+        return removed
+    for folder in entries:
+        pid = _temp_pid(folder)
+        if pid is None or folder.is_symlink() or not folder.is_dir():
+            continue
+        owner = _owner(folder)
+        if owner is not None and owner["host"] == _host() and owner["pid"] == pid:
+            if _alive(pid):
+                continue
+            if _remove(folder):
+                removed.append(folder)
+                notice(f"removed {folder}: the temporary folder of an exmyconv run (process {pid}) "
+                       "that ended without cleaning up")
+            elif resumable(folder):
+                notice(f"kept {folder}: an interrupted exmyconv run's finished work (quantize --resume "
+                       "with the same arguments continues it; delete the folder to start over)")
+        elif owner is not None and owner["host"] != _host():
+            notice(f"{folder} is the temporary folder of an exmyconv run on {owner['host']} (process "
+                   f"{pid}); remove it if that run has ended")
+        elif not _alive(pid):
+            notice(f"{folder} looks like the temporary folder of an exmyconv run that ended without "
+                   "cleaning up (no owner record); remove it if no exmyconv run is writing it")
+    return removed
+
+
 @contextmanager
-def atomic_dir(out_dir: str, source_root: Path, overwrite: bool, reuse: Path | None = None):
-    """Yield a temporary sibling of OUT_DIR (``reuse``: an interrupted run's, to continue in); on
-    success it replaces OUT_DIR, on any failure (Ctrl-C included) it and the parent folders created
-    for it are removed, unless it is resumable (then all stay)."""
+def _signals_interrupt():
+    """In the main thread, SIGTERM and SIGHUP (where their handler is the default, i.e. fatal) raise
+    :class:`~exmyconv.errors.Interrupted`, like Ctrl-C, so that the cleanup below runs; repeated
+    signals during that cleanup are ignored. The previous handlers are put back afterwards."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    state = {"raised": False}
+
+    def handler(signum, frame):
+        if not state["raised"]:
+            state["raised"] = True
+            raise Interrupted(signum)
+
+    previous = {}
+    for sig in SIGNALS:
+        if signal.getsignal(sig) == signal.SIG_DFL:
+            previous[sig] = signal.signal(sig, handler)
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def _own_temp(out: Path, reuse: Path | None) -> Path:
+    """This run's temporary folder, empty or (``reuse``: an interrupted run's resumable folder, locked
+    by the caller) renamed to this process's name, its owner record this process's."""
+    n = 0
+    while temp_dir(out, n=n) != reuse and resumable(temp_dir(out, n=n)):  # a dead run's that had our pid
+        n += 1
+    tmp = temp_dir(out, n=n)
+    if reuse is None:
+        if tmp.exists() and not _remove(tmp):
+            raise ExmyError(f"{tmp}: cannot remove this old temporary folder")
+        tmp.mkdir()
+    elif reuse != tmp:
+        if tmp.exists() and not _remove(tmp):
+            raise ExmyError(f"{tmp}: cannot remove this old temporary folder")
+        os.rename(reuse, tmp)
+    (tmp / OWNER_FILE).write_text(json.dumps({"host": _host(), "pid": os.getpid()}) + "\n")
+    return tmp
+
+
+@contextmanager
+def atomic_dir(out_dir: str, source_root: Path, overwrite: bool, notice=_stderr_notice, reuse: Path | None = None):
+    """Yield a temporary sibling of OUT_DIR (``reuse``: continue in an interrupted run's resumable
+    folder); on success it replaces OUT_DIR, on any failure (Ctrl-C, SIGTERM and SIGHUP included) it
+    and the parent folders created for it are removed, unless it is :func:`resumable` (then all stay,
+    and OUT_DIR is still untouched). Stale temporary folders of earlier runs in the same parent are
+    cleaned up first (``notice`` says what was done)."""
     out = Path(out_dir)
     _check_out_dir(out, source_root, overwrite)
     created = []  # ancestors that do not exist yet, deepest first
@@ -64,27 +227,23 @@ def atomic_dir(out_dir: str, source_root: Path, overwrite: bool, reuse: Path | N
         if parent.exists():
             break
         created.append(parent)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.exmyconv-tmp-{os.getpid()}"
-    while reuse is None and resumable(tmp):  # a dead run's that had our pid: kept
-        tmp = tmp.with_name(tmp.name + "+")
-    if reuse is not None:
-        tmp = reuse
-    elif tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(exist_ok=True)
-    try:
-        yield tmp
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        if resumable(tmp):
+    with _signals_interrupt():
+        tmp = None
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            tmp = _own_temp(out, reuse)
+            clean_stale_temp_dirs(out.parent, notice)
+            yield tmp
+            if out.exists():
+                shutil.rmtree(out)
+            for name in (OWNER_FILE, RESUME_FILE):  # the journal goes last: until here the work is resumable
+                (tmp / name).unlink(missing_ok=True)
+            os.replace(tmp, out)
+        except BaseException:
+            if tmp is None or _remove(tmp):  # a resumable folder stays, and so do its parents
+                for parent in created:
+                    try:
+                        parent.rmdir()
+                    except OSError:
+                        break
             raise
-        shutil.rmtree(tmp, ignore_errors=True)
-        for parent in created:
-            try:
-                parent.rmdir()
-            except OSError:
-                break
-        raise
