@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -16,7 +17,7 @@ import pytest
 import exmyconv
 from conftest import moe_checkpoint, tree_snapshot
 from exmyconv.convert import pipeline, resume
-from test_resume import ARGS, kept_folders, poison, quantize
+from test_resume import ARGS, finished_shards, kept_folders, poison, quantize, run
 
 ray = pytest.importorskip("ray")
 
@@ -153,3 +154,33 @@ def test_python_api_and_one_shard_on_several_threads(model, tmp_path):
     src, _ = model
     s = exmyconv.quantize(str(src), str(tmp_path / "out"), group_size=64, ray=True)
     assert s.shards == 1 and tree_snapshot(tmp_path / "out") == single(model, ("--group-size", "64"))
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_driver_interrupted_then_resume_gives_identical_output(model, tmp_path, run_cli, sig):
+    """A --ray run (its own local cluster, another process) interrupted once a shard is finished: one
+    line, exit 128 + signal, nothing at OUT_DIR, the cluster it started gone; --resume finishes it
+    byte-identically (here in the module's cluster)."""
+    src, _ = model
+    args = (*ARGS, "--clip-search")
+    out = tmp_path / "out"
+    proc = run(src, out, *args, "--ray", "--workers", "2", wait=False)
+    deadline = time.monotonic() + 120
+    while not finished_shards(out) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(sig)
+    try:
+        _, err = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    how = "" if sig == signal.SIGINT else " by SIGTERM"
+    assert proc.returncode == 128 + sig and len(lines) == 1, err
+    assert lines[0].startswith(f"interrupted{how}: finished work kept in ") and "--resume" in lines[0], lines
+    assert not out.exists()
+    [folder] = kept_folders(out)
+    assert str(folder) in lines[0]
+    code, _, err = run_cli("quantize", src, out, "--no-verify", *args, "--resume", "--ray")
+    assert code == 0, err
+    assert tree_snapshot(out) == single(model, args) and not folder.exists()

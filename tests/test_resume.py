@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -20,6 +21,7 @@ from exmyconv.cli.main import main as cli_main
 from exmyconv.convert import pipeline, resume, search
 from exmyconv.errors import ExmyError
 from exmyconv.format.layout import RESUME_FILE
+from exmyconv.io.output import OWNER_FILE, TEMP_MARK
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 ARGS = ("--group-size", "64", "--max-shard-size", "200KB")
@@ -226,10 +228,40 @@ def test_without_resume_a_kept_folder_is_left_alone(model, tmp_path, run_cli, mo
     out = tmp_path / "out"
     folder = interrupted(model, out, monkeypatch, ARGS)
     kept = tree_snapshot(folder)
+    # in this process, so the new run's temporary name (NAME-tmp-PID) is the kept folder's: it takes another
     code, _, err = run_cli("quantize", src, out, "--no-verify", *ARGS)
     assert code == 0, err
     assert tree_snapshot(out) == reference(model, ARGS)
     assert tree_snapshot(folder) == kept, "a resumable folder is never deleted automatically"
+
+
+def test_stale_clean_up_keeps_a_resumable_folder(model, tmp_path, run_cli, monkeypatch):
+    """A dead run's temporary folder with a journal is the user's work: the next run into the same
+    parent keeps it (and says so in a note) while it still removes a dead run's folder without one;
+    --resume then continues it under its own name."""
+    src, _ = model
+    out = tmp_path / "out"
+    folder = interrupted(model, out, monkeypatch, ARGS)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    owner = json.dumps({"host": socket.gethostname(), "pid": dead.pid})
+    kept = folder.rename(folder.with_name(f".out{TEMP_MARK}{dead.pid}"))  # as a SIGKILLed run leaves it
+    (kept / OWNER_FILE).write_text(owner)
+    stale = tmp_path / f".other{TEMP_MARK}{dead.pid}"  # the same without a journal
+    stale.mkdir()
+    (stale / OWNER_FILE).write_text(owner)
+    (stale / "model.safetensors").write_bytes(b"partial")
+    before = tree_snapshot(kept)
+    code, _, err = run_cli("quantize", src, tmp_path / "third", "--no-verify", "--group-size", "64")
+    assert code == 0, err
+    assert not stale.exists() and tree_snapshot(kept) == before
+    notes = sorted(ln for ln in err.splitlines() if ln.startswith("note:"))
+    assert len(notes) == 2 and notes[0].startswith(f"note: kept {kept}: ") and "--resume" in notes[0], notes
+    assert notes[1].startswith(f"note: removed {stale}: "), notes
+    code, _, err = run_cli("quantize", src, out, "--no-verify", *ARGS, "--resume")
+    assert code == 0 and "note:" not in err, err
+    assert tree_snapshot(out) == reference(model, ARGS)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "third"]
 
 
 def test_a_failure_before_any_finished_work_leaves_nothing(model, tmp_path, monkeypatch):
