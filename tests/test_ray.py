@@ -69,9 +69,13 @@ def ray_workers(title: str) -> list[int]:
 
 
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds Ray's worker processes in /proc")
-def test_a_killed_worker_is_retried_and_the_output_is_identical(model, tmp_path):
+@pytest.mark.parametrize("task, args", [("write_task", (*ARGS, "--clip-search")), ("measure_task", AUTO)],
+                         ids=["writing", "measuring"])
+def test_a_killed_worker_is_retried_and_the_output_is_identical(model, tmp_path, task, args):
+    """SIGKILL to the worker running a task (a shard half written, or a curve half measured): Ray
+    retries it, and the output is the single process's. (--clip-search: slower, so the kill comes
+    while shards are being written.)"""
     src, _ = model
-    args = (*ARGS, "--clip-search")  # slower: the kill comes while shards are being written
     out = tmp_path / "out"
     errors, killed = [], []
 
@@ -85,13 +89,13 @@ def test_a_killed_worker_is_retried_and_the_output_is_identical(model, tmp_path)
     thread.start()
     deadline = time.monotonic() + 120
     while thread.is_alive() and not killed and time.monotonic() < deadline:
-        for pid in ray_workers("write_task"):
+        for pid in ray_workers(task):
             os.kill(pid, signal.SIGKILL)
             killed.append(pid)
             break
         time.sleep(0.01)
     thread.join(300)
-    assert killed, "no write task was seen running"
+    assert killed, f"no {task} was seen running"
     assert not errors, errors
     assert tree_snapshot(out) == single(model, args)
 
