@@ -194,23 +194,27 @@ def _signals_interrupt():
             signal.signal(sig, old)
 
 
-def _own_temp(out: Path, reuse: Path | None) -> Path:
-    """This run's temporary folder, empty or (``reuse``: an interrupted run's resumable folder, locked
-    by the caller) renamed to this process's name, its owner record this process's."""
+def _own_temp_name(out: Path, reuse: Path | None) -> Path:
+    """This run's temporary folder name: ``temp_dir(out)``, unless a resumable folder other than
+    ``reuse`` has it (a dead run's that had our pid, or this process's own earlier one): then the
+    first free ``temp_dir(out, n=n)``."""
     n = 0
-    while temp_dir(out, n=n) != reuse and resumable(temp_dir(out, n=n)):  # a dead run's that had our pid
+    while temp_dir(out, n=n) != reuse and resumable(temp_dir(out, n=n)):
         n += 1
-    tmp = temp_dir(out, n=n)
-    if reuse is None:
+    return temp_dir(out, n=n)
+
+
+def _prepare_temp(tmp: Path, reuse: Path | None) -> None:
+    """Make ``tmp`` empty, or move ``reuse`` (an interrupted run's resumable folder, locked by the
+    caller) there; then the owner record is this process's."""
+    if tmp != reuse:
         if tmp.exists() and not _remove(tmp):
             raise ExmyError(f"{tmp}: cannot remove this old temporary folder")
-        tmp.mkdir()
-    elif reuse != tmp:
-        if tmp.exists() and not _remove(tmp):
-            raise ExmyError(f"{tmp}: cannot remove this old temporary folder")
-        os.rename(reuse, tmp)
+        if reuse is None:
+            tmp.mkdir()
+        else:
+            os.rename(reuse, tmp)
     (tmp / OWNER_FILE).write_text(json.dumps({"host": _host(), "pid": os.getpid()}) + "\n")
-    return tmp
 
 
 @contextmanager
@@ -228,10 +232,10 @@ def atomic_dir(out_dir: str, source_root: Path, overwrite: bool, notice=_stderr_
             break
         created.append(parent)
     with _signals_interrupt():
-        tmp = None
+        tmp = _own_temp_name(out, reuse)
         try:
             out.parent.mkdir(parents=True, exist_ok=True)
-            tmp = _own_temp(out, reuse)
+            _prepare_temp(tmp, reuse)
             clean_stale_temp_dirs(out.parent, notice)
             yield tmp
             if out.exists():
@@ -240,7 +244,7 @@ def atomic_dir(out_dir: str, source_root: Path, overwrite: bool, notice=_stderr_
                 (tmp / name).unlink(missing_ok=True)
             os.replace(tmp, out)
         except BaseException:
-            if tmp is None or _remove(tmp):  # a resumable folder stays, and so do its parents
+            if _remove(tmp):  # a resumable folder stays, and so do its parents
                 for parent in created:
                     try:
                         parent.rmdir()
