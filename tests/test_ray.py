@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import signal
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -17,7 +19,7 @@ import pytest
 import exmyconv
 from conftest import moe_checkpoint, tree_snapshot
 from exmyconv.convert import pipeline, resume
-from test_resume import ARGS, finished_shards, kept_folders, poison, quantize, run
+from test_resume import ARGS, finished_shards, kept_folders, poison, quantize
 
 ray = pytest.importorskip("ray")
 
@@ -162,23 +164,50 @@ def test_python_api_and_one_shard_on_several_threads(model, tmp_path):
     assert s.shards == 1 and tree_snapshot(tmp_path / "out") == single(model, ("--group-size", "64"))
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
-def test_driver_interrupted_then_resume_gives_identical_output(model, tmp_path, run_cli, sig):
+CLUSTER_PROCESSES = re.compile(rb"^(\S*/)?(gcs_server|raylet)\b|^ray::(DashboardAgent|RuntimeEnvAgent)")
+
+
+def cluster_processes() -> set[int]:
+    """Pids of Ray cluster processes (GCS, raylet, their agents) now running on this machine."""
+    pids = set()
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and CLUSTER_PROCESSES.match((entry / "cmdline").read_bytes()):
+                if (entry / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+                    pids.add(int(entry.name))
+        except OSError:
+            pass
+    return pids
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds Ray's cluster processes in /proc")
+@pytest.mark.parametrize("sig, group", [(signal.SIGINT, False), (signal.SIGINT, True), (signal.SIGTERM, False)],
+                         ids=["SIGINT", "SIGINT-to-the-process-group", "SIGTERM"])
+def test_driver_interrupted_then_resume_gives_identical_output(model, tmp_path, run_cli, sig, group):
     """A --ray run (its own local cluster, another process) interrupted once a shard is finished: one
-    line, exit 128 + signal, nothing at OUT_DIR, the cluster it started gone; --resume finishes it
-    byte-identically (here in the module's cluster)."""
+    line, exit 128 + signal, nothing at OUT_DIR, the cluster it started gone (also when Ctrl-C in a
+    terminal sends SIGINT to every process of the group); --resume finishes it byte-identically (here
+    in the module's cluster)."""
     src, _ = model
     args = (*ARGS, "--clip-search")
     out = tmp_path / "out"
-    proc = run(src, out, *args, "--ray", "--workers", "2", wait=False)
+    before = cluster_processes()
+    assert before, "the module's cluster is not seen: the check below would prove nothing"
+    cmd = [sys.executable, "-m", "exmyconv", "quantize", str(src), str(out), "--no-verify", *args, "--ray",
+           "--workers", "2"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            env=dict(os.environ, PYTHONPATH=str(Path(exmyconv.__file__).parents[1])))
     deadline = time.monotonic() + 120
     while not finished_shards(out) and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.01)
-    proc.send_signal(sig)
+    if group:
+        os.killpg(proc.pid, sig)
+    else:
+        proc.send_signal(sig)
     try:
         _, err = proc.communicate(timeout=120)
     except subprocess.TimeoutExpired:
-        proc.kill()
+        os.killpg(proc.pid, signal.SIGKILL)
         raise
     lines = [ln for ln in err.splitlines() if ln.strip()]
     how = "" if sig == signal.SIGINT else " by SIGTERM"
@@ -187,6 +216,10 @@ def test_driver_interrupted_then_resume_gives_identical_output(model, tmp_path, 
     assert not out.exists()
     [folder] = kept_folders(out)
     assert str(folder) in lines[0]
+    deadline = time.monotonic() + 20
+    while cluster_processes() - before and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not cluster_processes() - before, "the interrupted job's cluster is still running"
     code, _, err = run_cli("quantize", src, out, "--no-verify", *args, "--resume", "--ray")
     assert code == 0, err
     assert tree_snapshot(out) == single(model, args) and not folder.exists()
