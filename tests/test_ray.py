@@ -167,27 +167,28 @@ def test_python_api_and_one_shard_on_several_threads(model, tmp_path):
 CLUSTER_PROCESSES = re.compile(rb"^(\S*/)?(gcs_server|raylet)\b|^ray::(DashboardAgent|RuntimeEnvAgent)")
 
 
-def cluster_processes() -> set[int]:
-    """Pids of Ray cluster processes (GCS, raylet, their agents) now running on this machine."""
-    pids = set()
+def cluster_processes() -> dict[int, str]:
+    """Ray cluster processes (GCS, raylet, their agents) now running on this machine: pid -> name."""
+    found = {}
     for entry in Path("/proc").iterdir():
         try:
-            if entry.name.isdigit() and CLUSTER_PROCESSES.match((entry / "cmdline").read_bytes()):
-                if (entry / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
-                    pids.add(int(entry.name))
+            match = entry.name.isdigit() and CLUSTER_PROCESSES.match((entry / "cmdline").read_bytes())
+            if match and (entry / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+                found[int(entry.name)] = (match[2] or match[3]).decode()
         except OSError:
             pass
-    return pids
+    return found
 
 
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds Ray's cluster processes in /proc")
-@pytest.mark.parametrize("sig, group", [(signal.SIGINT, False), (signal.SIGINT, True), (signal.SIGTERM, False)],
-                         ids=["SIGINT", "SIGINT-to-the-process-group", "SIGTERM"])
+@pytest.mark.parametrize("sig, group", [(signal.SIGINT, False), (signal.SIGINT, True), (signal.SIGTERM, False),
+                                        (signal.SIGKILL, False)],
+                         ids=["SIGINT", "SIGINT-to-the-process-group", "SIGTERM", "SIGKILL"])
 def test_driver_interrupted_then_resume_gives_identical_output(model, tmp_path, run_cli, sig, group):
     """A --ray run (its own local cluster, another process) interrupted once a shard is finished: one
     line, exit 128 + signal, nothing at OUT_DIR, the cluster it started gone (also when Ctrl-C in a
-    terminal sends SIGINT to every process of the group); --resume finishes it byte-identically (here
-    in the module's cluster)."""
+    terminal sends SIGINT to every process of the group, and when the driver is SIGKILLed); --resume
+    finishes it byte-identically (here in the module's cluster)."""
     src, _ = model
     args = (*ARGS, "--clip-search")
     out = tmp_path / "out"
@@ -210,16 +211,28 @@ def test_driver_interrupted_then_resume_gives_identical_output(model, tmp_path, 
         os.killpg(proc.pid, signal.SIGKILL)
         raise
     lines = [ln for ln in err.splitlines() if ln.strip()]
-    how = "" if sig == signal.SIGINT else " by SIGTERM"
-    assert proc.returncode == 128 + sig and len(lines) == 1, err
-    assert lines[0].startswith(f"interrupted{how}: finished work kept in ") and "--resume" in lines[0], lines
     assert not out.exists()
     [folder] = kept_folders(out)
-    assert str(folder) in lines[0]
+    if sig == signal.SIGKILL:  # no last word; the cluster it started shares its fate
+        assert proc.returncode == -sig
+    else:
+        how = "" if sig == signal.SIGINT else " by SIGTERM"
+        assert proc.returncode == 128 + sig and len(lines) == 1, err
+        assert lines[0].startswith(f"interrupted{how}: finished work kept in {folder}: ") and "--resume" in lines[0]
+    def left() -> dict[int, str]:
+        return {pid: name for pid, name in cluster_processes().items() if pid not in before}
+
     deadline = time.monotonic() + 20
-    while cluster_processes() - before and time.monotonic() < deadline:
+    while left() and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert not cluster_processes() - before, "the interrupted job's cluster is still running"
+    leftover = left()
+    if sig == signal.SIGKILL:
+        # GCS and raylet share the driver's fate; the raylet's two agents (Ray 2.60) notice only
+        # after about a minute (docs/scale.md, limits): ended here so that CI does not wait for them
+        for pid in leftover:
+            os.kill(pid, signal.SIGKILL)
+        leftover = {pid: name for pid, name in leftover.items() if name in ("gcs_server", "raylet")}
+    assert not leftover, f"the interrupted job's cluster is still running: {leftover}"
     code, _, err = run_cli("quantize", src, out, "--no-verify", *args, "--resume", "--ray")
     assert code == 0, err
     assert tree_snapshot(out) == single(model, args) and not folder.exists()
