@@ -164,23 +164,42 @@ def test_python_api_and_one_shard_on_several_threads(model, tmp_path):
     assert s.shards == 1 and tree_snapshot(tmp_path / "out") == single(model, ("--group-size", "64"))
 
 
-CLUSTER_PROCESSES = re.compile(rb"^(\S*/)?(gcs_server|raylet)\b|^ray::(DashboardAgent|RuntimeEnvAgent)")
-
-
-def cluster_processes() -> dict[int, str]:
-    """Ray cluster processes (GCS, raylet, their agents) now running on this machine: pid -> name."""
-    found = {}
+def descendants(root: int) -> dict[int, str]:
+    """Every process now running that ``root`` started, directly or not: pid -> its title."""
+    parents, titles = {}, {}
     for entry in Path("/proc").iterdir():
         try:
-            match = entry.name.isdigit() and CLUSTER_PROCESSES.match((entry / "cmdline").read_bytes())
-            if match and (entry / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
-                found[int(entry.name)] = (match[2] or match[3]).decode()
+            if entry.name.isdigit():
+                stat = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+                if stat[0] != "Z":
+                    parents[int(entry.name)] = int(stat[1])
+                    titles[int(entry.name)] = (entry / "cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
         except OSError:
             pass
+    found, todo = {}, [root]
+    while todo:
+        parent = todo.pop()
+        for pid, ppid in parents.items():
+            if ppid == parent and pid not in found:
+                found[pid] = titles[pid]
+                todo.append(pid)
     return found
 
 
-@pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds Ray's cluster processes in /proc")
+def alive(pids) -> dict[int, str]:
+    """Those of ``pids`` still running (not zombies), with their titles."""
+    out = {}
+    for pid in pids:
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+            if stat.rsplit(")", 1)[1].split()[0] != "Z":
+                out[pid] = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
+        except OSError:
+            pass
+    return out
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="follows the job's processes in /proc")
 @pytest.mark.parametrize("sig, group", [(signal.SIGINT, False), (signal.SIGINT, True), (signal.SIGTERM, False),
                                         (signal.SIGKILL, False)],
                          ids=["SIGINT", "SIGINT-to-the-process-group", "SIGTERM", "SIGKILL"])
@@ -192,8 +211,6 @@ def test_driver_interrupted_then_resume_gives_identical_output(model, tmp_path, 
     src, _ = model
     args = (*ARGS, "--clip-search")
     out = tmp_path / "out"
-    before = cluster_processes()
-    assert before, "the module's cluster is not seen: the check below would prove nothing"
     cmd = [sys.executable, "-m", "exmyconv", "quantize", str(src), str(out), "--no-verify", *args, "--ray",
            "--workers", "2"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
@@ -201,6 +218,8 @@ def test_driver_interrupted_then_resume_gives_identical_output(model, tmp_path, 
     deadline = time.monotonic() + 120
     while not finished_shards(out) and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.01)
+    started = descendants(proc.pid)  # the job's cluster: GCS, raylet, their agents, workers
+    assert any(re.search(r"raylet$", title) for title in started.values()), started
     if group:
         os.killpg(proc.pid, sig)
     else:
@@ -220,7 +239,9 @@ def test_driver_interrupted_then_resume_gives_identical_output(model, tmp_path, 
         assert proc.returncode == 128 + sig and len(lines) == 1, err
         assert lines[0].startswith(f"interrupted{how}: finished work kept in {folder}: ") and "--resume" in lines[0]
     def left() -> dict[int, str]:
-        return {pid: name for pid, name in cluster_processes().items() if pid not in before}
+        """What the job started that still runs (after a SIGKILL: its GCS and raylet)."""
+        return {pid: title for pid, title in alive(started).items()
+                if sig != signal.SIGKILL or re.search(r"(gcs_server|raylet)$", title)}
 
     deadline = time.monotonic() + 20
     while left() and time.monotonic() < deadline:
@@ -229,10 +250,9 @@ def test_driver_interrupted_then_resume_gives_identical_output(model, tmp_path, 
     if sig == signal.SIGKILL:
         # GCS and raylet share the driver's fate; the raylet's two agents (Ray 2.60) notice only
         # after about a minute (docs/scale.md, limits): ended here so that CI does not wait for them
-        for pid in leftover:
+        for pid in alive(started):
             os.kill(pid, signal.SIGKILL)
-        leftover = {pid: name for pid, name in leftover.items() if name in ("gcs_server", "raylet")}
-    assert not leftover, f"the interrupted job's cluster is still running: {leftover}"
+    assert not leftover, f"the interrupted job's processes still run: {leftover}"
     code, _, err = run_cli("quantize", src, out, "--no-verify", *args, "--resume", "--ray")
     assert code == 0, err
     assert tree_snapshot(out) == single(model, args) and not folder.exists()
