@@ -307,3 +307,29 @@ def cli_call(*args) -> tuple[int, str, str]:
         except SystemExit as exc:
             code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     return code, out.getvalue(), err.getvalue()
+
+
+def moe_checkpoint(root, rng, layers: int = 4, hidden: int = 128, ffn: int = 256, experts: int = 4,
+                   source_shards: int = 3, dtype=np.float32) -> Path:
+    """A sharded Llama/Mixtral-like checkpoint of random weights: q/k/v/o, gate/up/down, every other
+    layer an MoE layer with ``experts`` experts, norms, embeddings; names sorted as HF writes them."""
+    tensors = {"model.embed_tokens.weight": rng.standard_normal((64, hidden)), "model.norm.weight": np.ones(hidden),
+               "lm_head.weight": rng.standard_normal((64, hidden))}
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        for name in ("q", "k", "v", "o"):
+            tensors[p + f"self_attn.{name}_proj.weight"] = rng.standard_normal((hidden, hidden)) * 0.05
+        tensors[p + "input_layernorm.weight"] = 1 + 0.1 * rng.standard_normal(hidden)
+        mlps = [p + "mlp."] if i % 2 == 0 else [p + f"mlp.experts.{e}." for e in range(experts)]
+        for m in mlps:
+            tensors[m + "gate_proj.weight"] = rng.standard_normal((ffn, hidden)) * 0.03
+            tensors[m + "up_proj.weight"] = rng.standard_normal((ffn, hidden)) * 0.03
+            tensors[m + "down_proj.weight"] = rng.standard_normal((hidden, ffn)) * 0.02
+        if i % 2:
+            tensors[p + "mlp.gate.weight"] = rng.standard_normal((experts, hidden)) * 0.1
+    tensors = {k: np.asarray(tensors[k]).astype(dtype) for k in sorted(tensors)}
+    names = list(tensors)
+    per = -(-len(names) // source_shards)
+    return make_checkpoint(root, tensors, config={"model_type": "mixtral", "hidden_size": hidden},
+                           shards=[names[i:i + per] for i in range(0, len(names), per)],
+                           extra_files={"tokenizer.json": '{"version": "1.0"}'})

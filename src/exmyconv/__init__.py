@@ -24,15 +24,23 @@ def quantize(model_dir: str, out_dir: str, format: str = "e2m2", group_size: int
              skip: tuple[str, ...] = (), quantize_embeddings: bool = False, max_shard_size: int = 5 * 10**9,
              clip_search: bool = False, bits: float | None = None, max_error: float | None = None,
              candidates: str | None = None, calibration: str | None = None, calibration_tokens: int = 4096,
-             overwrite: bool = False, progress: bool | None = False):
+             overwrite: bool = False, progress: bool | None = False, resume: bool = False,
+             ray: str | bool | None = None, workers: int | None = None):
     """Convert a safetensors checkpoint directory (``format="auto"`` with ``bits`` or ``max_error``
-    searches a format per tensor); returns a pipeline.Summary."""
+    searches a format per tensor; ``resume`` continues an interrupted run; ``ray=True`` or an address
+    runs the work on a Ray cluster with ``workers`` tasks at once); returns a pipeline.Summary."""
     from .convert.pipeline import Options, convert
+
+    runner = None
+    if ray:
+        from .convert.ray_runner import RayRunner
+
+        runner = RayRunner(None if ray is True else ray, workers)
 
     opts = Options(format=format, group_size=group_size, skip=tuple(skip), quantize_embeddings=quantize_embeddings,
                    max_shard_size=max_shard_size, clip_search=clip_search, bits=bits, max_error=max_error,
                    candidates=candidates, calibration=calibration, calibration_tokens=calibration_tokens)
-    return convert(model_dir, out_dir, opts, overwrite=overwrite, progress=progress)
+    return convert(model_dir, out_dir, opts, overwrite=overwrite, progress=progress, resume=resume, runner=runner)
 
 
 def dequantize(out_dir: str, fp_dir: str, dtype: str | None = None, overwrite: bool = False) -> dict:

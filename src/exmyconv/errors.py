@@ -22,8 +22,11 @@ class ExmyError(Exception):
 
 class Interrupted(KeyboardInterrupt):
     """SIGTERM or SIGHUP while an output folder is being written: handled like Ctrl-C (the temporary
-    folder is removed), and the CLI exits with 128 + the signal number."""
+    folder is removed), and the CLI exits with 128 + the signal number. ``note``: what the run kept
+    (a resumable folder, convert/resume.py), added to the CLI's one line; a Ctrl-C that kept work
+    becomes an Interrupted with signum SIGINT to carry it."""
 
-    def __init__(self, signum: int):
+    def __init__(self, signum: int, note: str | None = None):
         super().__init__(signum)
         self.signum = signum
+        self.note = note

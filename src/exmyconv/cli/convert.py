@@ -15,6 +15,9 @@ from .output import emit, json_option, note, plural, to_json
 from .report import group_text, kept_lines, plan_text, summary_data, summary_text
 
 
+HOW_IT_RAN = ("resume", "ray_address", "workers")  # where and how the work ran, not what it made: not recorded
+
+
 @click.command()
 @click.argument("model_dir")
 @click.argument("out_dir")
@@ -37,6 +40,12 @@ from .report import group_text, kept_lines, plan_text, summary_data, summary_tex
 @click.option("--max-shard-size", default="5GB", show_default=True, help="Largest output shard.")
 @click.option("--clip-search", is_flag=True, help="Per group, pick the clipping ratio with least MSE (slower).")
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty OUT_DIR.")
+@click.option("--resume", is_flag=True, help="Continue the interrupted run into OUT_DIR (a failed or killed run keeps "
+              "its finished shards in its temporary folder); refused if the source or options changed.")
+@click.option("--ray", "ray_address", is_flag=False, flag_value="", default=None, metavar="[ADDRESS]",
+              help="Run the work as Ray tasks: on a local cluster, or the cluster at ADDRESS (auto, HOST:PORT, "
+                   "ray://HOST:PORT; write --ray=ADDRESS or put it after OUT_DIR). Same output as without.")
+@click.option("--workers", type=int, help="With --ray: tasks at once (default: the cluster's CPUs).")
 @click.option("--verify/--no-verify", default=None,
               help="Re-read OUT_DIR and check it (bit-exact on the GPU). Default: on when a GPU is present.")
 @click.option("--revision", metavar="REV",
@@ -48,7 +57,7 @@ from .report import group_text, kept_lines, plan_text, summary_data, summary_tex
 @json_option
 def quantize(model_dir, out_dir, format_, bits, max_error, candidates, calibration, calibration_tokens,
              group_size, skip, quantize_embeddings, max_shard_size, clip_search, overwrite, verify,
-             revision, push_to_hub, private, dry_run, as_json):
+             revision, push_to_hub, private, dry_run, as_json, resume, ray_address, workers):
     """Quantize MODEL_DIR (a Hugging Face safetensors checkpoint, a Hub repo id owner/name, or @minilm) into OUT_DIR."""
     from ..convert.pipeline import Options, convert
 
@@ -59,6 +68,15 @@ def quantize(model_dir, out_dir, format_, bits, max_error, candidates, calibrati
     if dry_run and push_to_hub:
         raise ExmyError("--dry-run writes and uploads nothing: leave out --push-to-hub (after the run, "
                         "`exmyconv push OUT_DIR REPO_ID --dry-run` shows what it would upload)")
+    if dry_run and (resume or ray_address is not None):
+        raise ExmyError("--dry-run only plans, in this process: leave out --resume and --ray")
+    runner = None
+    if ray_address is not None:
+        from ..convert.ray_runner import RayRunner
+
+        runner = RayRunner(ray_address or None, workers)
+    elif workers is not None:
+        raise ExmyError("--workers goes with --ray")
     source_arg = model_dir
     model_dir, hub_id = hub_source(model_dir, revision, push_to_hub, private)
     if dry_run:
@@ -67,7 +85,8 @@ def quantize(model_dir, out_dir, format_, bits, max_error, candidates, calibrati
         s = plan_run(model_dir, out_dir, opts, overwrite=overwrite)
         emit(summary_data(s), as_json, lambda _: plan_text(s, group_text(opts)))
         return
-    s = convert(model_dir, out_dir, opts, overwrite=overwrite, command=command_line())
+    s = convert(model_dir, out_dir, opts, overwrite=overwrite, command=command_line(leave_out=HOW_IT_RAN),
+                resume=resume, runner=runner)
     result = summary_data(s)
     if not as_json:
         click.echo(summary_text(s, group_text(opts)))

@@ -11,12 +11,13 @@ from ..integrations import hub
 from .output import emit, json_option
 
 
-def command_line(ctx: click.Context | None = None) -> str:
-    """The running command as parsed: its name, then every option given (not defaulted), then arguments."""
+def command_line(ctx: click.Context | None = None, leave_out: tuple[str, ...] = ()) -> str:
+    """The running command as parsed: its name, then every option given (not defaulted), then arguments;
+    ``leave_out``: parameter names not to record."""
     ctx = ctx or click.get_current_context()
     options, arguments = [], []
     for param in ctx.command.params:
-        if param.name not in ctx.params or not param.expose_value:
+        if param.name not in ctx.params or not param.expose_value or param.name in leave_out:
             continue
         if ctx.get_parameter_source(param.name) in (None, ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP):
             continue

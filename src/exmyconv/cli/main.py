@@ -31,7 +31,8 @@ def _interrupted(err: BaseException) -> None:
     cause = err if isinstance(err, Interrupted) else err.__cause__
     signum = cause.signum if isinstance(cause, Interrupted) else signal.SIGINT
     how = "" if signum == signal.SIGINT else f" by {signal.Signals(signum).name}"
-    click.echo(f"interrupted{how}", err=True)
+    note = getattr(cause, "note", None)
+    click.echo(f"interrupted{how}" + (f": {note}" if note else ""), err=True)
     sys.exit(128 + signum)
 
 

@@ -6,12 +6,15 @@ into a temporary sibling of OUT_DIR that replaces it only when the whole run suc
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
+import signal
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,8 +25,8 @@ from .._version import __version__
 
 from ..format import dtypes
 
-from . import search
-from ..errors import ExmyError
+from . import resume as resumes, search, units
+from ..errors import ExmyError, Interrupted
 from ..format.exmy import DEFAULT, get_format
 from ..format.layout import (CONFIG_FILE, GUARD_KEY, GUARD_VALUE, QUANT_METHOD, SEARCH_REPORT, VERSION, TensorRecord,
                              nominal_bits, shard_name)
@@ -239,20 +242,27 @@ def calibrate(source: Source, items: list[Item], opts: Options) -> None:
             item.importance = matched[item.info.name]
 
 
-def choose_formats(items: list[Item], opts: Options, progress) -> dict:
-    """--format auto: measure every candidate on every tensor, allocate, set each record."""
+def choose_formats(items: list[Item], opts: Options, progress, journal: "resumes.Journal | None" = None,
+                   runner=None) -> dict:
+    """--format auto: measure every candidate on every tensor (curves already in the journal are
+    kept; the runner, default ``Local()``, measures the rest), allocate, set each record. Without a
+    journal (``dry_run``) nothing is recorded."""
     cands = search.parse_candidates(opts.candidates, opts.clip_search)
-    measure, where = search.measure_backend()
     todo = [i for i in items if i.record]
     sizes = [np.array([c.nbytes(i.info.shape) for c in cands], dtype=np.float64) for i in todo]
     numels = [i.record.numel for i in todo]
     if opts.bits is not None:  # refuse an impossible budget before the long part
         search.check_budget(sizes, opts.bits * sum(numels) / 8, sum(numels))
-    errs = []
-    for item in todo:
-        progress.set_postfix_str(progress_label(item.info.name), refresh=False)
-        errs.append(measure(float_chunks(item), cands, item.importance))
-        progress.update(item.info.nbytes)
+    runner = runner or Local()
+    curves = dict(journal.curves) if journal is not None else {}
+    progress.update(sum(i.info.nbytes for i in todo if i.info.name in curves))
+    for item, errors, measured_on in runner.measure(
+            [i for i in todo if i.info.name not in curves], cands, progress):
+        if journal is not None:
+            journal.add_curve(item.info.name, errors, measured_on)
+        curves[item.info.name] = (errors, measured_on)
+    errs = [curves[i.info.name][0] for i in todo]
+    where = ", ".join(sorted({curves[i.info.name][1] for i in todo})) or search.measure_backend()[1]
     weighted = [n * e for n, e in zip(numels, errs)]
     if opts.bits is not None:
         picks, lam = search.allocate(sizes, weighted, opts.bits * sum(numels) / 8)
@@ -283,16 +293,20 @@ def choose_formats(items: list[Item], opts: Options, progress) -> dict:
     return report
 
 
-def assign_shards(items: list[Item], max_bytes: int) -> list[list[Item]]:
-    shards: list[list[Item]] = [[]]
-    size = 0
+def measure_items(items: list[Item], candidates, progress):
+    """(item, its error curve over the candidates, where it was measured), item by item."""
+    measure, where = search.measure_backend()
     for item in items:
-        if shards[-1] and size + item.out_bytes > max_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append(item)
-        size += item.out_bytes
-    return shards
+        progress.set_postfix_str(item.info.name[-40:], refresh=False)
+        errors = measure(float_chunks(item), candidates, item.importance)
+        yield item, errors, where
+        progress.update(item.info.nbytes)
+
+
+def assign_shards(items: list[Item], max_bytes: int) -> list[list[Item]]:
+    """Output shards by bytes, fused partners together (convert/units.py)."""
+    plan = units.pack([i.info.name for i in items], [i.out_bytes for i in items], max_bytes)
+    return [[items[j] for j in shard] for shard in plan]
 
 
 def _row_chunks(rows: np.ndarray):
@@ -301,8 +315,10 @@ def _row_chunks(rows: np.ndarray):
         yield rows[start:start + step]
 
 
-def ordered_map(fn, items, workers: int = WORKERS):
-    """fn over items on a few threads (numpy releases the GIL), results in order, bounded look-ahead."""
+def ordered_map(fn, items, workers: int | None = None):
+    """fn over items on a few threads (numpy releases the GIL; default WORKERS), results in order,
+    bounded look-ahead."""
+    workers = WORKERS if workers is None else workers
     if workers <= 1:
         yield from map(fn, items)
         return
@@ -373,6 +389,55 @@ def write_shard(path: Path, items: list[Item], opts: Options, progress) -> None:
         raise
 
 
+def unit_digest(items: list[Item]) -> str:
+    """What a shard's bytes follow from in the plan (names, shapes, dtypes, formats, clipping)."""
+    plan = [[i.info.name, i.info.dtype, list(i.info.shape), i.record and i.record.fmt.name,
+             i.record and i.record.group_size, i.clip_search] for i in items]
+    return hashlib.sha256(json.dumps(plan).encode()).hexdigest()
+
+
+def write_unit(folder: Path, name: str, items: list[Item], opts: Options, progress, expect: dict | None = None) -> dict:
+    """Write one output shard, or keep it if ``expect`` (its journal record) still matches plan and
+    file; returns its journal record (resume.py)."""
+    path, digest = Path(folder) / name, unit_digest(items)
+    if expect and expect.get("digest") == digest and resumes.file_matches(path, expect):
+        progress.update(sum(i.info.nbytes for i in items))
+        return expect
+    write_shard(path, items, opts, progress)
+    return {"shard": name, "digest": digest, **resumes.file_record(path),
+            "rel_errors": {i.info.name: i.record.rel_error for i in items if i.record}}
+
+
+def write_shards(folder: Path, shards: list[list[Item]], opts: Options, progress, journal: resumes.Journal,
+                 runner) -> None:
+    """Every output shard through the runner; the journal learns each one as it is done."""
+    names = [shard_name(n, len(shards)) for n in range(len(shards))]
+    for n, record in runner.write(folder, list(zip(names, shards)), opts, progress,
+                                  [journal.shards.get(name) for name in names]):
+        if journal.shards.get(names[n]) != record:
+            journal.add_shard(record)
+        for item in shards[n]:
+            if item.record:
+                item.record.rel_error = record["rel_errors"][item.info.name]
+
+
+class Local:
+    """Runs the units of work in this process, one after another (``convert``'s default runner;
+    convert/ray_runner.py has the same three methods)."""
+
+    def session(self):
+        return nullcontext()
+
+    def measure(self, items: list[Item], candidates, progress):
+        """(item, error curve, where measured) for each item."""
+        return measure_items(items, candidates, progress)
+
+    def write(self, folder: Path, shards: list[tuple[str, list[Item]]], opts: Options, progress, expected):
+        """(shard number, journal record) for each shard."""
+        for n, (name, items) in enumerate(shards):
+            yield n, write_unit(folder, name, items, opts, progress, expected[n])
+
+
 def quantization_config(opts: Options, items: list[Item], tied: dict[str, str], command: str | None = None) -> dict:
     config = {
         "quant_method": QUANT_METHOD,
@@ -389,41 +454,62 @@ def quantization_config(opts: Options, items: list[Item], tied: dict[str, str], 
 
 
 def convert(model_dir: str, out_dir: str, opts: Options | None = None, overwrite: bool = False,
-            progress: bool | None = None, command: str | None = None) -> Summary:
+            progress: bool | None = None, command: str | None = None, resume: bool = False,
+            runner=None) -> Summary:
     """Quantize every eligible weight of MODEL_DIR into an exmy checkpoint at OUT_DIR. ``command``: the
-    command line that asked for it, recorded in config.json (``quantization_config.command``)."""
+    command line that asked for it, recorded in config.json (``quantization_config.command``).
+
+    A run that fails after finishing some work keeps its temporary folder (convert/resume.py);
+    ``resume`` continues such a run. ``runner``: where the units of work run (default ``Local()``;
+    convert/ray_runner.py runs them on a Ray cluster, with byte-identical output)."""
     opts = opts or Options()
+    runner = runner or Local()
     began = time.perf_counter()
     source = open_source(model_dir)
+    journal = None
     try:
         items = plan(source, opts)
         tied = tied_duplicates(source, items)
         items = [i for i in items if i.info.name not in tied]
-        with atomic_dir(out_dir, source.root, overwrite) as tmp:
-            quiet = not progress if progress is not None else None
-            calibrate(source, items, opts)
-            search_report = None
-            if opts.auto:
-                search_began = time.perf_counter()
-                with tqdm(total=sum(i.info.nbytes for i in items if i.record), unit="B", unit_scale=True,
-                          desc="searching formats", disable=quiet, leave=False) as bar:
-                    search_report = choose_formats(items, opts, bar)
-                search_seconds = time.perf_counter() - search_began
-                (tmp / SEARCH_REPORT).write_text(json.dumps(search_report, indent=1) + "\n")
-            shards = assign_shards(items, opts.max_shard_size)
-            with tqdm(total=sum(i.info.nbytes for i in items), unit="B", unit_scale=True,
-                      desc=f"{len(items)} tensors", disable=quiet, leave=False) as bar:
-                for n, shard in enumerate(shards):
-                    write_shard(tmp / shard_name(n, len(shards)), shard, opts, bar)
-            write_index(tmp, [[name for item in shard for name, _, _ in item.outputs] for shard in shards],
-                        sum(i.out_bytes for i in items))
-            config = dict(source.config or {})
-            config["quantization_config"] = quantization_config(opts, items, tied, command)
-            config.setdefault(GUARD_KEY, GUARD_VALUE)
-            (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
-            copy_side_files(source.root, tmp)
+        manifest = resumes.manifest(source, opts, out_dir)
+        journal = resumes.Journal.resume(out_dir, manifest) if resume else None
+        with atomic_dir(out_dir, source.root, overwrite, reuse=journal and journal.folder) as tmp:
+            if journal is None:
+                journal = resumes.Journal(tmp, manifest)
+            journal.folder = tmp  # atomic_dir gave a reused folder this process's name
+            with journal:
+                quiet = not progress if progress is not None else None
+                calibrate(source, items, opts)
+                search_report = None
+                total = sum(i.info.nbytes for i in items if opts.auto and i.record) + sum(i.info.nbytes for i in items)
+                with runner.session(), tqdm(total=total, unit="B", unit_scale=True, desc=f"{len(items)} tensors",
+                                            disable=quiet, leave=False) as bar:
+                    if opts.auto:
+                        search_began = time.perf_counter()
+                        search_report = choose_formats(items, opts, bar, journal, runner)
+                        search_seconds = time.perf_counter() - search_began
+                        (tmp / SEARCH_REPORT).write_text(json.dumps(search_report, indent=1) + "\n")
+                    shards = assign_shards(items, opts.max_shard_size)
+                    write_shards(tmp, shards, opts, bar, journal, runner)
+                write_index(tmp, [[name for item in shard for name, _, _ in item.outputs] for shard in shards],
+                            sum(i.out_bytes for i in items))
+                config = dict(source.config or {})
+                config["quantization_config"] = quantization_config(opts, items, tied, command)
+                config.setdefault(GUARD_KEY, GUARD_VALUE)
+                (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+                copy_side_files(source.root, tmp)
+    except ExmyError as err:
+        if journal is not None and journal.started:
+            raise ExmyError(f"{err} ({resumes.kept_note(journal.folder)})") from None
+        raise
+    except KeyboardInterrupt as err:  # Ctrl-C, SIGTERM, SIGHUP: say where the finished work waits
+        if journal is not None and journal.started:
+            raise Interrupted(getattr(err, "signum", signal.SIGINT), resumes.kept_note(journal.folder)) from None
+        raise
     finally:
         source.close()
+        if journal is not None:
+            journal.close()
     summary = summarize(str(out_dir), opts, items, len(shards), tied)
     summary.seconds = time.perf_counter() - began
     summary.search = search_report

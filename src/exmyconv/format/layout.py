@@ -27,6 +27,7 @@ SEARCH_REPORT = "exmy_search.json"  # --format auto's sidecar
 # only warning; exmyconv's quantizer (and `exmyconv dequantize`) takes it out again.
 GUARD_KEY = "attn_implementation"
 GUARD_VALUE = "exmy checkpoint: pip install exmyconv, then import exmyconv before from_pretrained"
+RESUME_FILE = "exmyconv-resume.jsonl"  # in a temporary output folder: makes it resumable (convert/resume.py)
 
 
 def shard_name(i: int, n: int) -> str:

@@ -4,12 +4,18 @@ The temporary folder is removed on any failure, Ctrl-C, SIGTERM and SIGHUP inclu
 killed outright (SIGKILL, power loss) leaves it behind, and the next run into the same parent folder
 removes it when it can prove that its writer is gone (its owner record names this host and a process
 that no longer exists), and otherwise says that it is there.
+
+One exception, decided in one place (:func:`resumable`, used by :func:`atomic_dir` and
+:func:`clean_stale_temp_dirs` alike): a temporary folder that holds a resume journal
+(``RESUME_FILE``, written by convert/resume.py once a run has finished some work) is the user's
+resumable work. Nothing removes it automatically; ``quantize --resume`` continues it.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -19,7 +25,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from ..errors import ExmyError, Interrupted
-from ..format.layout import CONFIG_FILE, INDEX_FILE, SEARCH_REPORT, shard_name
+from ..format.layout import CONFIG_FILE, INDEX_FILE, RESUME_FILE, SEARCH_REPORT, shard_name
 from .validate import PICKLE_SUFFIXES, read_json
 
 NOT_COPIED = (CONFIG_FILE, INDEX_FILE, SEARCH_REPORT)  # top-level files each writer makes itself
@@ -65,15 +71,38 @@ def check_out_dir(out: Path, source_root: Path, overwrite: bool) -> None:
 # --------------------------------------------------------------------------- temporary folders
 
 
-def temp_dir(out: Path, pid: int | None = None) -> Path:
-    """The temporary sibling of OUT_DIR for process ``pid``: ``.NAME.exmyconv-tmp-PID``, with a long
-    NAME cut to 91 characters + ``~`` + 8 hex digits of its hash, so the name always fits NAME_MAX."""
+def temp_dir(out: Path, pid: int | None = None, n: int = 0) -> Path:
+    """The temporary sibling of OUT_DIR for process ``pid``: ``.NAME.exmyconv-tmp-PID`` (``n`` > 0:
+    ``-PID.n``, when a resumable folder already has that name), with a long NAME cut to 91 characters
+    + ``~`` + 8 hex digits of its hash, so the name always fits NAME_MAX."""
     name = out.name
     if len(name.encode("utf-8", "surrogateescape")) > NAME_KEPT:
         digest = hashlib.sha1(name.encode("utf-8", "surrogateescape")).hexdigest()[:8]
         cut = name.encode("utf-8", "surrogateescape")[:NAME_KEPT - 9].decode("utf-8", "ignore")
         name = f"{cut}~{digest}"
-    return out.parent / f".{name}{TEMP_MARK}{os.getpid() if pid is None else pid}"
+    return out.parent / f".{name}{TEMP_MARK}{os.getpid() if pid is None else pid}{f'.{n}' if n else ''}"
+
+
+def _temp_pid(folder: Path) -> int | None:
+    """The process id in a temporary folder's name; None if the name is not one of ours."""
+    match = re.fullmatch(r"(\d+)(?:\.\d+)?", folder.name.rsplit(TEMP_MARK, 1)[1])
+    return int(match[1]) if match else None
+
+
+def resumable(folder: Path) -> bool:
+    """The one rule for keeping a temporary folder: one that holds ``RESUME_FILE`` has an interrupted
+    run's finished work (convert/resume.py), which ``quantize --resume`` continues. It is never
+    removed automatically: not when its run fails or is interrupted, not as a stale folder, not by a
+    new run that got the same process id."""
+    return (folder / RESUME_FILE).is_file()
+
+
+def _remove(folder: Path) -> bool:
+    """Remove a temporary folder unless it is :func:`resumable`; True if it is gone."""
+    if resumable(folder):
+        return False
+    shutil.rmtree(folder, ignore_errors=True)
+    return not folder.exists()
 
 
 def _host() -> str:
@@ -109,28 +138,32 @@ def clean_stale_temp_dirs(parent: Path, notice=_stderr_notice) -> list[Path]:
     """Temporary folders of exmyconv runs in ``parent`` whose writer is gone: removed when their owner
     record names this host and a process that no longer exists; otherwise (no owner record, another
     host) left alone with a notice. A folder whose process still exists is some run's work in
-    progress and is not touched. Returns the removed folders."""
+    progress and is not touched; a :func:`resumable` one is kept, with a notice. Returns the removed
+    folders."""
     removed = []
     try:
         entries = sorted(p for p in parent.iterdir() if p.name.startswith(".") and TEMP_MARK in p.name)
     except OSError:
         return removed
     for folder in entries:
-        pid_text = folder.name.rsplit(TEMP_MARK, 1)[1]
-        if not pid_text.isdigit() or folder.is_symlink() or not folder.is_dir():
+        pid = _temp_pid(folder)
+        if pid is None or folder.is_symlink() or not folder.is_dir():
             continue
         owner = _owner(folder)
-        if owner is not None and owner["host"] == _host() and owner["pid"] == int(pid_text):
-            if not _alive(owner["pid"]):
-                shutil.rmtree(folder, ignore_errors=True)
-                if not folder.exists():
-                    removed.append(folder)
-                    notice(f"removed {folder}: the temporary folder of an exmyconv run (process {pid_text}) "
-                           "that ended without cleaning up")
+        if owner is not None and owner["host"] == _host() and owner["pid"] == pid:
+            if _alive(pid):
+                continue
+            if _remove(folder):
+                removed.append(folder)
+                notice(f"removed {folder}: the temporary folder of an exmyconv run (process {pid}) "
+                       "that ended without cleaning up")
+            elif resumable(folder):
+                notice(f"kept {folder}: an interrupted exmyconv run's finished work (quantize --resume "
+                       "with the same arguments continues it; delete the folder to start over)")
         elif owner is not None and owner["host"] != _host():
             notice(f"{folder} is the temporary folder of an exmyconv run on {owner['host']} (process "
-                   f"{pid_text}); remove it if that run has ended")
-        elif not _alive(int(pid_text)):
+                   f"{pid}); remove it if that run has ended")
+        elif not _alive(pid):
             notice(f"{folder} looks like the temporary folder of an exmyconv run that ended without "
                    "cleaning up (no owner record); remove it if no exmyconv run is writing it")
     return removed
@@ -162,12 +195,36 @@ def _signals_interrupt():
             signal.signal(sig, old)
 
 
+def _own_temp_name(out: Path, reuse: Path | None) -> Path:
+    """This run's temporary folder name: ``temp_dir(out)``, unless a resumable folder other than
+    ``reuse`` has it (a dead run's that had our pid, or this process's own earlier one): then the
+    first free ``temp_dir(out, n=n)``."""
+    n = 0
+    while temp_dir(out, n=n) != reuse and resumable(temp_dir(out, n=n)):
+        n += 1
+    return temp_dir(out, n=n)
+
+
+def _prepare_temp(tmp: Path, reuse: Path | None) -> None:
+    """Make ``tmp`` empty, or move ``reuse`` (an interrupted run's resumable folder, locked by the
+    caller) there; then the owner record is this process's."""
+    if tmp != reuse:
+        if tmp.exists() and not _remove(tmp):
+            raise ExmyError(f"{tmp}: cannot remove this old temporary folder")
+        if reuse is None:
+            tmp.mkdir()
+        else:
+            os.rename(reuse, tmp)
+    (tmp / OWNER_FILE).write_text(json.dumps({"host": _host(), "pid": os.getpid()}) + "\n")
+
+
 @contextmanager
-def atomic_dir(out_dir: str, source_root: Path, overwrite: bool, notice=_stderr_notice):
-    """Yield a temporary sibling of OUT_DIR; on success it replaces OUT_DIR, on any failure
-    (Ctrl-C, SIGTERM and SIGHUP included) it and the parent folders created for it are removed.
-    Stale temporary folders of earlier runs in the same parent are cleaned up first (``notice``
-    says what was done)."""
+def atomic_dir(out_dir: str, source_root: Path, overwrite: bool, notice=_stderr_notice, reuse: Path | None = None):
+    """Yield a temporary sibling of OUT_DIR (``reuse``: continue in an interrupted run's resumable
+    folder); on success it replaces OUT_DIR, on any failure (Ctrl-C, SIGTERM and SIGHUP included) it
+    and the parent folders created for it are removed, unless it is :func:`resumable` (then all stay,
+    and OUT_DIR is still untouched). Stale temporary folders of earlier runs in the same parent are
+    cleaned up first (``notice`` says what was done)."""
     out = Path(out_dir)
     check_out_dir(out, source_root, overwrite)
     created = []  # ancestors that do not exist yet, deepest first
@@ -176,24 +233,22 @@ def atomic_dir(out_dir: str, source_root: Path, overwrite: bool, notice=_stderr_
             break
         created.append(parent)
     with _signals_interrupt():
-        tmp = temp_dir(out)
+        tmp = _own_temp_name(out, reuse)
         try:
             out.parent.mkdir(parents=True, exist_ok=True)
+            _prepare_temp(tmp, reuse)
             clean_stale_temp_dirs(out.parent, notice)
-            if tmp.exists():
-                shutil.rmtree(tmp)
-            tmp.mkdir()
-            (tmp / OWNER_FILE).write_text(json.dumps({"host": _host(), "pid": os.getpid()}) + "\n")
             yield tmp
-            (tmp / OWNER_FILE).unlink()
             if out.exists():
                 shutil.rmtree(out)
+            for name in (OWNER_FILE, RESUME_FILE):  # the journal goes last: until here the work is resumable
+                (tmp / name).unlink(missing_ok=True)
             os.replace(tmp, out)
         except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            for parent in created:
-                try:
-                    parent.rmdir()
-                except OSError:
-                    break
+            if _remove(tmp):  # a resumable folder stays, and so do its parents
+                for parent in created:
+                    try:
+                        parent.rmdir()
+                    except OSError:
+                        break
             raise
