@@ -11,6 +11,7 @@ import io
 
 import json
 import os
+import shlex
 import struct
 from fractions import Fraction
 from math import prod
@@ -273,6 +274,24 @@ def tree_snapshot(root: Path) -> dict:
     snap = {}
     for p in sorted(root.rglob("*")):
         snap[str(p.relative_to(root))] = p.read_bytes() if p.is_file() else None
+    return snap
+
+
+def output_snapshot(root: Path, command: bool = True) -> dict:
+    """tree_snapshot of a converted folder with its own path in the recorded quantize command
+    (config.json, quantization_config.command) replaced by OUT_DIR: two runs of one command into two
+    folders compare equal, and any other difference in the command still shows. ``command=False``
+    leaves the command out (to compare a Python-API conversion, which records none, with the CLI's)."""
+    snap = tree_snapshot(root)
+    raw = snap.get("config.json")
+    if raw is not None:
+        config = json.loads(raw)
+        qc = config.get("quantization_config") or {}
+        if not command:
+            qc.pop("command", None)
+        if "command" in qc:
+            qc["command"] = " ".join("OUT_DIR" if w == str(root) else w for w in shlex.split(qc["command"]))
+        snap["config.json"] = json.dumps(config, indent=2).encode()
     return snap
 
 

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 import exmyconv
-from conftest import moe_checkpoint, tree_snapshot
+from conftest import moe_checkpoint, output_snapshot, tree_snapshot
 from exmyconv.convert import pipeline, resume
 from test_resume import ARGS, finished_shards, kept_folders, poison, quantize
 
@@ -40,12 +40,12 @@ def model(tmp_path_factory):
     return moe_checkpoint(root / "src", np.random.default_rng(7), layers=4, hidden=256, ffn=512), root
 
 
-def single(model, args) -> dict:
+def single(model, args, command: bool = True) -> dict:
     src, root = model
     out = root / f"single-{abs(hash(args))}"
     if not out.exists():
         quantize(src, out, *args)
-    return tree_snapshot(out)
+    return output_snapshot(out, command)
 
 
 @pytest.mark.parametrize("args", [ARGS, AUTO], ids=["e2m2-g64", "auto"])
@@ -54,7 +54,7 @@ def test_ray_output_equals_the_single_process(model, tmp_path, run_cli, args):
     out = tmp_path / "out"
     code, stdout, err = run_cli("quantize", src, out, "--no-verify", *args, "--ray", "--workers", "2")
     assert code == 0, err
-    assert tree_snapshot(out) == single(model, args)
+    assert output_snapshot(out) == single(model, args)
     assert "shards" in stdout and len(list(out.glob("*.safetensors"))) > 5
 
 
@@ -99,7 +99,7 @@ def test_a_killed_worker_is_retried_and_the_output_is_identical(model, tmp_path,
     thread.join(300)
     assert killed, f"no {task} was seen running"
     assert not errors, errors
-    assert tree_snapshot(out) == single(model, args)
+    assert output_snapshot(out) == single(model, args)
 
 
 def test_a_failing_task_stops_the_job_names_the_tensor_and_keeps_the_work(tmp_path, rng, run_cli):
@@ -145,7 +145,7 @@ def test_resume_across_modes(model, tmp_path, run_cli, monkeypatch):
         assert "--group-size changed (64 -> 32)" in lines[0] and str(folder) in lines[0]
         code, _, err = run_cli("quantize", src, out, "--no-verify", *ARGS, "--resume", *then)
         assert code == 0, err
-        assert tree_snapshot(out) == single(model, ARGS) and not folder.exists()
+        assert output_snapshot(out) == single(model, ARGS) and not folder.exists()
 
 
 def test_ray_options_are_checked(model, tmp_path, run_cli):
@@ -161,7 +161,8 @@ def test_python_api_and_one_shard_on_several_threads(model, tmp_path):
     """One shard for two CPUs: its task gets both (two chunk threads); the bytes are the same."""
     src, _ = model
     s = exmyconv.quantize(str(src), str(tmp_path / "out"), group_size=64, ray=True)
-    assert s.shards == 1 and tree_snapshot(tmp_path / "out") == single(model, ("--group-size", "64"))
+    assert s.shards == 1
+    assert output_snapshot(tmp_path / "out", command=False) == single(model, ("--group-size", "64"), command=False)
 
 
 def descendants(root: int) -> dict[int, str]:
@@ -255,4 +256,4 @@ def test_driver_interrupted_then_resume_gives_identical_output(model, tmp_path, 
     assert not leftover, f"the interrupted job's processes still run: {leftover}"
     code, _, err = run_cli("quantize", src, out, "--no-verify", *args, "--resume", "--ray")
     assert code == 0, err
-    assert tree_snapshot(out) == single(model, args) and not folder.exists()
+    assert output_snapshot(out) == single(model, args) and not folder.exists()

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 import exmyconv
-from conftest import Raw, moe_checkpoint, read_safetensors, tree_snapshot, write_safetensors
+from conftest import Raw, moe_checkpoint, output_snapshot, read_safetensors, tree_snapshot, write_safetensors
 from exmyconv.cli.main import main as cli_main
 from exmyconv.convert import pipeline, resume, search
 from exmyconv.errors import ExmyError
@@ -52,7 +52,7 @@ def reference(model, args) -> dict:
     REFERENCES.setdefault(args, out)
     if not REFERENCES[args].exists():
         quantize(src, REFERENCES[args], *args)
-    return tree_snapshot(REFERENCES[args])
+    return output_snapshot(REFERENCES[args])
 
 
 REFERENCES: dict = {}
@@ -108,7 +108,7 @@ def test_signal_then_resume_gives_identical_output(model, tmp_path, run_cli, sig
     stamp = (first.stat().st_ino, first.stat().st_mtime_ns)
     code, stdout, err = run_cli("quantize", src, out, "--no-verify", *args, "--resume")
     assert code == 0, err
-    assert tree_snapshot(out) == reference(model, args)
+    assert output_snapshot(out) == reference(model, args)
     again = out / done[0]
     assert (again.stat().st_ino, again.stat().st_mtime_ns) == stamp, "a finished shard was written again"
     assert kept_folders(out) == [] and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
@@ -168,7 +168,7 @@ def test_resume_refuses_changed_options_and_source(model, tmp_path, run_cli, mon
     # the original command finishes it
     code, _, err = run_cli("quantize", src, out, "--no-verify", *ARGS, "--resume")
     assert code == 0, err
-    assert tree_snapshot(out) == reference(model, ARGS)
+    assert output_snapshot(out) == reference(model, ARGS)
     assert not folder.exists()
 
 
@@ -186,7 +186,7 @@ def test_resume_rewrites_a_damaged_shard_and_survives_a_torn_journal(model, tmp_
         f.write(b'{"shard": "model-000')  # a writer killed mid-line
     code, _, err = run_cli("quantize", src, out, "--no-verify", *ARGS, "--resume")
     assert code == 0, err
-    assert tree_snapshot(out) == reference(model, ARGS)
+    assert output_snapshot(out) == reference(model, ARGS)
 
 
 def test_auto_resumes_the_search_without_measuring_again(model, tmp_path, run_cli, monkeypatch):
@@ -220,7 +220,7 @@ def test_auto_resumes_the_search_without_measuring_again(model, tmp_path, run_cl
     assert code == 0, err
     report = json.loads((out / "exmy_search.json").read_text())
     assert len(calls) == len(report["tensors"]) - 7, "measured curves are kept"
-    assert tree_snapshot(out) == reference(model, AUTO)
+    assert output_snapshot(out) == reference(model, AUTO)
 
 
 def test_without_resume_a_kept_folder_is_left_alone(model, tmp_path, run_cli, monkeypatch):
@@ -231,7 +231,7 @@ def test_without_resume_a_kept_folder_is_left_alone(model, tmp_path, run_cli, mo
     # in this process, so the new run's temporary name (NAME-tmp-PID) is the kept folder's: it takes another
     code, _, err = run_cli("quantize", src, out, "--no-verify", *ARGS)
     assert code == 0, err
-    assert tree_snapshot(out) == reference(model, ARGS)
+    assert output_snapshot(out) == reference(model, ARGS)
     assert tree_snapshot(folder) == kept, "a resumable folder is never deleted automatically"
 
 
@@ -260,7 +260,7 @@ def test_stale_clean_up_keeps_a_resumable_folder(model, tmp_path, run_cli, monke
     assert notes[1].startswith(f"note: removed {stale}: "), notes
     code, _, err = run_cli("quantize", src, out, "--no-verify", *ARGS, "--resume")
     assert code == 0 and "note:" not in err, err
-    assert tree_snapshot(out) == reference(model, ARGS)
+    assert output_snapshot(out) == reference(model, ARGS)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "third"]
 
 

@@ -15,7 +15,9 @@ from .output import emit, json_option, note, plural, to_json
 from .report import group_text, kept_lines, plan_text, summary_data, summary_text
 
 
-HOW_IT_RAN = ("resume", "ray_address", "workers")  # where and how the work ran, not what it made: not recorded
+# options about where and how the work ran, not what it made: not recorded (the same weights, resumed
+# or on Ray, checked or not, stay byte-identical)
+HOW_IT_RAN = ("resume", "ray_address", "workers", "verify", "overwrite", "as_json")
 
 
 @click.command()
