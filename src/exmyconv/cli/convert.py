@@ -25,6 +25,9 @@ from .options import parse_size
 @click.option("--max-error", type=float, help="auto: per tensor, the smallest candidate with relative error <= this.")
 @click.option("--candidates", metavar="LIST", help="auto: comma-separated FORMAT[-gGROUP][+clip] "
               "(default: e2m1-g32,e2m1-g64,e2m2s4-g128,e2m2s4,e2m2-g128,e2m2,e2m2-g64,e2m3s3,e3m2,e2m3,e2m3-g64,e4m3).")
+@click.option("--tie-fused/--no-tie-fused", default=True, show_default=True,
+              help="auto: one format for the tensors engines fuse into one layer (q/k/v, gate/up), as vLLM "
+                   "needs to keep them packed.")
 @click.option("--calibration", type=click.Path(), metavar="TEXT_FILE",
               help="Run the model on this text and weight errors by input-channel activation energy.")
 @click.option("--calibration-tokens", type=int, default=4096, show_default=True, help="Tokens of TEXT_FILE to use.")
@@ -42,7 +45,7 @@ from .options import parse_size
               help="With a Hub repo id (owner/name) as MODEL_DIR: its branch, tag or commit.")
 @click.option("--push-to-hub", metavar="REPO_ID", help="Then upload OUT_DIR to this Hub model repo, with a model card.")
 @click.option("--private", is_flag=True, help="With --push-to-hub: create the repo private.")
-def quantize(model_dir, out_dir, format_, bits, max_error, candidates, calibration, calibration_tokens,
+def quantize(model_dir, out_dir, format_, bits, max_error, candidates, tie_fused, calibration, calibration_tokens,
              group_size, skip, quantize_embeddings, max_shard_size, clip_search, overwrite, verify,
              revision, push_to_hub, private):
     """Quantize MODEL_DIR (a Hugging Face safetensors checkpoint, a Hub repo id owner/name, or @minilm) into OUT_DIR."""
@@ -51,7 +54,7 @@ def quantize(model_dir, out_dir, format_, bits, max_error, candidates, calibrati
     opts = Options(format=format_, group_size=group_size, skip=tuple(skip),
                    quantize_embeddings=quantize_embeddings, max_shard_size=parse_size(max_shard_size),
                    clip_search=clip_search, bits=bits, max_error=max_error, candidates=candidates,
-                   calibration=calibration, calibration_tokens=calibration_tokens)
+                   tie_fused=tie_fused, calibration=calibration, calibration_tokens=calibration_tokens)
     source_arg = model_dir
     model_dir, hub_id = hub_source(model_dir, revision, push_to_hub, private)
     s = convert(model_dir, out_dir, opts, overwrite=overwrite)
