@@ -116,3 +116,29 @@ def test_slice_k_refuses_cuts_the_layout_cannot_hold(rng, fmt, k, group, start, 
     packed, scale = random_weight(rng, fmt, 4, k, group)
     with pytest.raises(ExmyError, match=words):
         slice_k(packed, scale, fmt, k, group, start, length)
+
+
+def test_vllm_plugin_entry_is_light_and_never_raises():
+    """The entry point vLLM calls: importing it loads neither torch nor vLLM, and without a usable vLLM
+    register() logs one line instead of raising (it must never break a vLLM process)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, exmyconv.integrations.vllm as v\n"
+            "assert 'torch' not in sys.modules and 'vllm' not in sys.modules, sorted(sys.modules)\n"
+            "sys.modules['vllm'] = None  # as if vLLM were missing or broken\n"
+            "v.register(); v.register(); print('returned')\n")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0 and run.stdout.strip() == "returned", run.stderr
+    lines = [line for line in run.stderr.splitlines() if "exmyconv" in line]
+    assert len(lines) == 2 and "'exmy' quantization method is not available" in lines[0], run.stderr
+
+
+def test_entry_point_is_declared():
+    from pathlib import Path
+
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+
+    meta = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"]
+    assert meta["entry-points"]["vllm.general_plugins"] == {"exmyconv": "exmyconv.integrations.vllm:register"}
+    assert any(r.startswith("vllm") for r in meta["optional-dependencies"]["vllm"])

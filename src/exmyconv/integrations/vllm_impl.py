@@ -70,6 +70,7 @@ class ExmyConfig(QuantizationConfig):
         self.format, self.group_size, self.ignore = format, group_size, list(ignore or ())
         self.checkpoint: dict | None = None  # by checkpoint name
         self.tensors: dict | None = None  # by vLLM name
+        self.claimed: set = set()  # vLLM names of the records a layer method took (the rest: decoded in the stream)
         self._mapper = None
 
     def __repr__(self) -> str:
@@ -112,6 +113,12 @@ class ExmyConfig(QuantizationConfig):
         if self.checkpoint is not None:
             self.tensors = (self._mapper.apply_dict(self.checkpoint) if self._mapper is not None
                             else dict(self.checkpoint))
+
+    def get_checkpoint_weight_mapper(self):
+        """vLLM's mapper for quantization tensors, plus the decoding of tensors no layer method took."""
+        from . import vllm_layers
+
+        return vllm_layers.DecodingMapper.wrap(QuantizationConfig.get_checkpoint_weight_mapper(), self)
 
     def get_quant_method(self, layer: torch.nn.Module, prefix: str):
         if self.tensors is None:  # a path that skipped maybe_update_config: read the model being loaded

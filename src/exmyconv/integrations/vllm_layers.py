@@ -15,6 +15,10 @@
   (``--quantize-embeddings``), MoE routers (tiny, and vLLM has special kernels for them), and any
   linear layer the packed method cannot hold (fused shards in different formats, a mix of quantized
   and plain shards, a tensor-parallel split that cuts scale groups), each named in one warning.
+- Quantized tensors of modules vLLM builds without the quantization config (Mixtral's router, for
+  instance: "gate always runs at half / full precision") never reach a method: they are decoded in the
+  weight stream (:class:`DecodingMapper`, the config's ``get_checkpoint_weight_mapper``), so the plain
+  parameter loads them as if the checkpoint held them unquantized.
 """
 from __future__ import annotations
 
@@ -29,9 +33,11 @@ from vllm.model_executor.layers.fused_moe.unquantized_fused_moe_method import Un
 from vllm.model_executor.layers.linear import (LinearBase, LinearMethodBase, QKVParallelLinear, RowParallelLinear,
                                                UnquantizedLinearMethod)
 from vllm.model_executor.layers.vocab_parallel_embedding import UnquantizedEmbeddingMethod, VocabParallelEmbedding
+from vllm.model_executor.models.utils import WeightsMapper
 from vllm.model_executor.utils import set_weight_attrs
 
 from ..errors import ExmyError
+from ..format.layout import PACKED_SUFFIX, SCALE_SUFFIX
 from ..torch.codec import TORCH_DTYPE, dequantize
 from ..torch.packed import PackedLinear, slice_k
 
@@ -47,38 +53,45 @@ def _warn_once(text: str) -> None:
 
 
 def quant_method(config, layer: torch.nn.Module, prefix: str):
-    """The method for ``layer`` (vLLM's ``QuantizationConfig.get_quant_method``)."""
+    """The method for ``layer`` (vLLM's ``QuantizationConfig.get_quant_method``). The records it hands to
+    a method are added to ``config.claimed`` (what the weight stream must leave packed)."""
+    method, names = _method(config, layer, prefix)
+    config.claimed.update(names)
+    return method
+
+
+def _method(config, layer, prefix: str):
     tensors = config.tensors
     if isinstance(layer, LinearBase):
-        shards = _linear_shards(config, layer, prefix)
+        shards, names = _linear_shards(config, layer, prefix)
         if not any(shards.values()):
-            return UnquantizedLinearMethod()
+            return UnquantizedLinearMethod(), ()
         if isinstance(layer, GateLinear):
-            return ExmyDequantLinearMethod(prefix, shards)
+            return ExmyDequantLinearMethod(prefix, shards), names
         reason = _cannot_pack(layer, shards)
         if reason is None:
-            return ExmyLinearMethod(prefix, shards)
+            return ExmyLinearMethod(prefix, shards), names
         _warn_once(f"exmyconv: {prefix} is decoded to full precision at load ({reason})")
-        return ExmyDequantLinearMethod(prefix, shards)
+        return ExmyDequantLinearMethod(prefix, shards), names
     if isinstance(layer, RoutedExperts):
-        experts = _expert_records(tensors, layer, prefix)
-        return ExmyMoEMethod(layer.moe_config, prefix, experts) if experts else None
+        experts, names = _expert_records(tensors, layer, prefix)
+        return (ExmyMoEMethod(layer.moe_config, prefix, experts), names) if experts else (None, ())
     if isinstance(layer, VocabParallelEmbedding):
         found = tensors.get(f"{prefix}.weight")
-        return ExmyEmbeddingMethod(prefix, {None: found}) if found else None
-    return None
+        return (ExmyEmbeddingMethod(prefix, {None: found}), [f"{prefix}.weight"]) if found else (None, ())
+    return None, ()
 
 
-def _linear_shards(config, layer, prefix: str) -> dict:
-    """{shard id: (TensorRecord, scale dtype) or None} of a linear layer, in vLLM's shard order."""
+def _linear_shards(config, layer, prefix: str) -> tuple[dict, list]:
+    """({shard id: (TensorRecord, scale dtype) or None}, tensor names) of a linear layer, in vLLM's shard order."""
     tensors = config.tensors
     parent, _, leaf = prefix.rpartition(".")
     parts = config.packed_modules_mapping.get(leaf)
     if not parts or f"{prefix}.weight" in tensors:  # not fused, or fused in the checkpoint already
-        return {None: tensors.get(f"{prefix}.weight")}
+        return {None: tensors.get(f"{prefix}.weight")}, [f"{prefix}.weight"]
     names = [f"{parent}.{p}.weight" if parent else f"{p}.weight" for p in parts]
     ids = ["q", "k", "v"] if isinstance(layer, QKVParallelLinear) and len(parts) == 3 else range(len(parts))
-    return {i: tensors.get(n) for i, n in zip(ids, names)}
+    return {i: tensors.get(n) for i, n in zip(ids, names)}, names
 
 
 def _cannot_pack(layer, shards: dict) -> str | None:
@@ -102,8 +115,8 @@ def _cannot_pack(layer, shards: dict) -> str | None:
     return None
 
 
-def _expert_records(tensors: dict, layer, prefix: str) -> dict:
-    """{(expert id, "w1"/"w2"/"w3"): (TensorRecord, scale dtype)} of a fused-MoE layer's checkpoint experts."""
+def _expert_records(tensors: dict, layer, prefix: str) -> tuple[dict, list]:
+    """({(expert id, "w1"/"w2"/"w3"): (TensorRecord, scale dtype)}, names) of a fused-MoE layer's experts."""
     shard_of = {layer.ckpt_gate_proj_name: "w1", layer.ckpt_up_proj_name: "w3", layer.ckpt_down_proj_name: "w2"}
     pattern = re.compile(re.escape(prefix) + r"\.(\d+)\.([^.]+)\.weight")
     out = {}
@@ -115,7 +128,7 @@ def _expert_records(tensors: dict, layer, prefix: str) -> dict:
             raise ExmyError(f"exmy: quantized expert tensor {name} is not one vLLM's fused-MoE loader takes "
                             f"per expert ({', '.join(sorted(shard_of))}); not supported in vLLM yet")
         out[(int(m[1]), shard_of[m[2]])] = found
-    return out
+    return out, [name for name in tensors if name.startswith(prefix + ".")]
 
 
 # ----------------------------------------------------------------------------- packed linear layers
@@ -305,3 +318,56 @@ class ExmyMoEMethod(UnquantizedFusedMoEMethod):
         for stash in self.stashes:
             stash.finish(layer)
         super().process_weights_after_loading(layer)
+
+
+# ----------------------------------------------------------------------------- the weight stream
+
+class DecodingMapper(WeightsMapper):
+    """vLLM's checkpoint-name mapper, plus: quantized tensors no method claimed are decoded in the stream.
+
+    vLLM's AutoWeightsLoader combines the model's mapper with the quantization config's
+    ``get_checkpoint_weight_mapper()`` (``mapper |= ...``) and runs ``mapper.apply(weights)``. This
+    subclass keeps itself through those combinations (``__ror__`` runs first because it subclasses
+    the left operand's type) and, after the renames, replaces each ``T_packed`` / ``T_scale`` pair of a
+    record that no layer method took by ``T`` in float32 (exact; the plain loader's copy into its
+    parameter rounds once, as ``exmyconv dequantize`` does)."""
+
+    config = None
+
+    @classmethod
+    def wrap(cls, mapper: WeightsMapper, config) -> "DecodingMapper":
+        out = cls(**{k: getattr(mapper, k) for k in WeightsMapper.__dataclass_fields__})
+        out.config = config
+        return out
+
+    def __or__(self, other):
+        return DecodingMapper.wrap(WeightsMapper.__or__(self, other), self.config)
+
+    def __ror__(self, other):
+        return DecodingMapper.wrap(WeightsMapper.__or__(other, self), self.config)
+
+    def apply(self, weights):
+        return decode_unclaimed(self.config, WeightsMapper.apply(self, weights))
+
+
+def decode_unclaimed(config, weights):
+    """The weight stream with every unclaimed quantized tensor decoded (see DecodingMapper)."""
+    pending: dict = {}
+    for name, tensor in weights:
+        suffix = PACKED_SUFFIX if name.endswith(PACKED_SUFFIX) else SCALE_SUFFIX if name.endswith(SCALE_SUFFIX) \
+            else None
+        stem = name[:-len(suffix)] if suffix else None
+        found = config.tensors.get(stem) if stem is not None else None
+        if found is None or stem in config.claimed:
+            yield name, tensor
+            continue
+        parts = pending.setdefault(stem, {})
+        parts[suffix] = tensor.clone()
+        if len(parts) == 2:
+            del pending[stem]
+            record = found[0]
+            yield stem, dequantize(parts[PACKED_SUFFIX], parts[SCALE_SUFFIX], record.fmt, record.k,
+                                   record.group_size, torch.float32)
+    if pending:
+        stem, parts = next(iter(pending.items()))
+        raise ExmyError(f"exmy: {stem}: only {', '.join(parts)} was in the checkpoint")
