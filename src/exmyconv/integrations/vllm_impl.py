@@ -14,6 +14,7 @@ uses unless ``--download-dir`` is given). A damaged checkpoint stops vLLM there 
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -48,9 +49,11 @@ def validate(ckpt: Checkpoint) -> None:
 
 def read_layout(model: str, revision: str | None = None) -> dict:
     """{checkpoint tensor name: (TensorRecord, scale dtype "F16"/"BF16")} of a checkpoint folder or Hub repo."""
-    from ..io.hub import is_repo_id, resolve_source
+    path = model
+    if not Path(model).exists():  # only a name that is no local path reaches the Hub code
+        from ..io.hub import is_repo_id, resolve_source
 
-    path = str(resolve_source(model, revision)) if is_repo_id(model) else model
+        path = str(resolve_source(model, revision)) if is_repo_id(model) else model
     with Checkpoint(path) as ckpt:
         validate(ckpt)
         return {name: (record, f.tensors[record.scale_name].dtype) for name, (record, f) in ckpt.records.items()}
