@@ -19,11 +19,12 @@ using namespace exmy;
 #define DEQUANT_BLOCK 256  // threads per block; the host launches exactly this many
 #ifndef DEQUANT_MIN_BLOCKS
 #define DEQUANT_MIN_BLOCKS 4  // blocks per SM the register budget is sized for (4: 64 registers;
-                              // measured faster than 3 on every H100 shape, docs/benchmarks.md)
+                              // faster than 3 on every H100 shape: docs/benchmarks.md, H100 tuning)
 #endif
 #define DEQUANT_UNITS 2  // units per thread (cuda/gpu.py DEQUANT_UNITS): block b covers units
                          // b*BLOCK*UNITS .. (b+1)*BLOCK*UNITS-1, thread t units t, t+BLOCK, ...
-                         // (2: loads of both in flight; measured vs 1, 4, 8 on an H100)
+                         // (2: loads of both in flight; the best of 1, 2, 4, 8 on an H100:
+                         // docs/benchmarks.md, H100 tuning)
 
 namespace {
 
@@ -52,7 +53,7 @@ __device__ __forceinline__ u16 pack1(float v) {
 }
 
 // Output stores are written once and not read by this kernel: streaming (evict-first) stores,
-// measured ~1 % faster on an H100 than plain ones (docs/benchmarks.md).
+// faster on an H100 than plain ones (docs/benchmarks.md, H100 tuning).
 __device__ __forceinline__ void st_stream16(uint4* p, uint4 v) {
     asm volatile("st.global.cs.v4.u32 [%0], {%1,%2,%3,%4};" ::"l"(p), "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w) : "memory");
 }

@@ -193,7 +193,7 @@ EXMY_HD u32 expand_shared(u32 lo, u32 hi, u32 c) {
 #ifdef __CUDA_ARCH__
 // Streaming loads of packed weights: read once, keep out of L1 (L1::no_allocate); L2 fetches the
 // whole 256-byte block around each access from DRAM (L2::256B), whose other bytes the neighbouring
-// lanes and warps read next (H100: e2m2 b1r 28672 -> 8192 60.4 -> 57.5 us, docs/benchmarks.md).
+// lanes and warps read next (faster on an H100: docs/benchmarks.md, H100 tuning).
 __device__ __forceinline__ uint4 ld_stream16(const void* p) {
     uint4 r;
     asm("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0,%1,%2,%3}, [%4];"

@@ -28,7 +28,9 @@
 //   MODE 2 (bf16):       w = bf16_rn((float(h_bf16) * 2^(127-bias)) * scale), float32 products exact.
 // x of the other 16-bit type is converted once per load (MODE 2 with fp16 x: x rounded to bf16).
 //
-// Compile with -DEXMY_E, -DEXMY_M (and optionally -DGEMV_WARPS, -DGEMV_CPT).
+// One kernel template, exmy_gemv<KIND, MODE, XF16, GM, BLOCKS> (at the end); the host picks the
+// instantiation and compiles it alone (cuda/gpu.py GemvKernel). Compile with -DEXMY_E, -DEXMY_M
+// (and optionally -DEXMY_SHARE, -DGEMV_WARPS, -DGEMV_XWIN, -DGEMV_CPT).
 #include "exmy_decode.cuh"
 
 using namespace exmy;
@@ -38,9 +40,6 @@ using namespace exmy;
 #endif
 #ifndef GEMV_XWIN
 #define GEMV_XWIN 1  // 0: b1r reads x straight from global memory (the GPU tests compare both)
-#endif
-#ifndef GEMV_B1R_BLOCKS
-#define GEMV_B1R_BLOCKS 2  // b1r register budget: 2 blocks per SM (128 registers) or 3 (80, no PP)
 #endif
 #ifndef GEMV_CPT
 #define GEMV_CPT 0  // 0: 2 chunks per lane and iteration for batch <= 8 and codes <= 6 bits, else 1
@@ -54,8 +53,9 @@ constexpr int WARPS = GEMV_WARPS;
 // 1 = "nt1" (batch 1..8), 2 = "nt2" (batch 9..16, two 8-column mma tiles).
 // NT: mma column tiles; XS: x staged in shared memory; CPT: consecutive chunks per lane per
 // iteration (2 for batch 1 with codes <= 6 bits: more weights in flight; elsewhere the registers
-// go to x); KSTEP: chunks per warp iteration (the 4 lanes t = 0..3 of a row).
-template <int KIND>
+// go to x); KSTEP: chunks per warp iteration (the 4 lanes t = 0..3 of a row). BLOCKS: blocks per
+// SM the kernel's registers are sized for (2: 128 registers, 3: 80).
+template <int KIND, int BLOCKS>
 struct Cfg {
     static constexpr int NT = KIND == 2 ? 2 : 1;
     static constexpr bool XS = KIND == 0;
@@ -65,16 +65,15 @@ struct Cfg {
     // a chunk pair in one load), or with SPREAD chunks t, t+4, ... (each 16-byte load instruction
     // of the 4-bit plane then covers whole 32-byte sectors: faster for b1r when there is no 2- or
     // 8-bit plane on most layer shapes measured on an H100; slower for b1, whose x comes from
-    // shared memory).
+    // shared memory; docs/benchmarks.md, H100 tuning).
     static constexpr bool SPREAD = KIND == 3 && CPT > 1 && !HAS2 && !HAS8;
     // PP: the main loop alternates two register sets (ping-pong) instead of copying the prefetched
     // set each iteration: b1r in its 128-register build, and b1 for unshared codes of other than
     // 5 bits. XWIN: the x of the next iteration is loaded with its weights (16 bytes per lane) and
     // parked in the warp's window in shared memory as pair words (park_x), so an iteration reads x
     // like b1 does: b1r with a 1-bit plane or shared bits. Where they are off they were slower on
-    // an H100 (docs/benchmarks.md: b1 with PP e2m3 4-10 % faster, e2m1 2-3 %; e2m2 and e3m1 lost
-    // 4 % at 4096 x 4096, e2m2s4 7-14 %, e2m3s3 up to 7 %).
-    static constexpr bool PP = (KIND == 3 && GEMV_B1R_BLOCKS == 2) || (KIND == 0 && !SHARED && BITS != 5);
+    // an H100 (docs/benchmarks.md, H100 tuning).
+    static constexpr bool PP = (KIND == 3 && BLOCKS == 2) || (KIND == 0 && !SHARED && BITS != 5);
     static constexpr bool XWIN = KIND == 3 && GEMV_XWIN && CPT == 2 && (HAS1 || SHARED);
 };
 constexpr int XS_STRIDE = 20;  // words per chunk of staged x: 16 pairs + 4 padding (conflict-free LDS.128)
@@ -209,17 +208,18 @@ __device__ __forceinline__ void park_x(uint4 v, u32 lane, u32* win, u32* raw) {
 // GM: 0 = one scale per row, 1 = scale groups aligned to chunks, 2 = not aligned (per element).
 // With fp16 operands and one scale per row the mma multiplies the raw decoded values
 // (v * 2^(bias-15), exact in fp16) and the float32 result is scaled once at the end (EPI).
-template <int KIND, int MODE, bool XF16, int GM>
+template <int KIND, int MODE, bool XF16, int GM, int BLOCKS>
 __device__ __forceinline__ void gemv_warp(const u8* __restrict__ payload, const void* __restrict__ ks,
                                           const u16* __restrict__ x, const u32* __restrict__ xs, u32 n, u32 k,
                                           u32 row_bytes, u32 ngroups, u32 g, int gshift, u32 batch,
                                           u32 row0, u32 it0, u32 it1, u32 istep,
-                                          float (&acc)[Cfg<KIND>::NT][4]) {
-    constexpr int NT = Cfg<KIND>::NT, CPT = Cfg<KIND>::CPT, KSTEP = Cfg<KIND>::KSTEP;
-    constexpr bool XS = Cfg<KIND>::XS, SPREAD = Cfg<KIND>::SPREAD, XWIN = Cfg<KIND>::XWIN, PP = Cfg<KIND>::PP;
+                                          float (&acc)[Cfg<KIND, BLOCKS>::NT][4]) {
+    typedef Cfg<KIND, BLOCKS> C;
+    constexpr int NT = C::NT, CPT = C::CPT, KSTEP = C::KSTEP;
+    constexpr bool XS = C::XS, SPREAD = C::SPREAD, XWIN = C::XWIN, PP = C::PP;
     constexpr u32 CSTEP = SPREAD ? 4 : 1;       // chunks between a lane's chunks of one iteration
     // chunks t, t+4 of k = 4 formats: their shared words in one load (load_chunk_spread); not in the
-    // 80-register build of b1r, where that was slower on an H100
+    // 80-register build of b1r, where that was slower on an H100 (docs/benchmarks.md, H100 tuning)
     constexpr bool SPREAD_PAIR = SPREAD && CPT == 2 && SHARE == 4 && PP;
     constexpr bool BF = MODE == 2;          // tensor-core operand type
     constexpr bool EPI = GM == 0 && !BF;    // scale after the mma (fp16 operands, one scale per row)
@@ -490,12 +490,12 @@ __device__ __forceinline__ void gemv_warp(const u8* __restrict__ payload, const 
 // Block = WARPS warps = (WARPS / split) tiles of 16 rows x `split` K slices (split in 1,2,4,8).
 // interleave = 0: slice s takes a contiguous run of iterations; 1: iterations s, s+split, ...
 // (the split warps of a tile then read neighbouring bytes of the same rows at the same time).
-template <int KIND, int MODE, bool XF16, int GM>
+template <int KIND, int MODE, bool XF16, int GM, int BLOCKS>
 __device__ __forceinline__ void gemv(const u8* __restrict__ payload, const void* __restrict__ ks,
                                      const u16* __restrict__ x, u16* __restrict__ y, u32 n, u32 k,
                                      u32 row_bytes, u32 ngroups, u32 g, int gshift, u32 batch, u32 split,
                                      u32 interleave) {
-    constexpr int NT = Cfg<KIND>::NT, KSTEP = Cfg<KIND>::KSTEP;
+    constexpr int NT = Cfg<KIND, BLOCKS>::NT, KSTEP = Cfg<KIND, BLOCKS>::KSTEP;
     const u32 lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const u32 tiles_per_block = WARPS / split;
     const u32 tile = blockIdx.x * tiles_per_block + warp / split;
@@ -520,8 +520,8 @@ __device__ __forceinline__ void gemv(const u8* __restrict__ payload, const void*
     for (int j = 0; j < NT; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
     extern __shared__ uint4 xs_dyn[];  // batch-1 kernels: x staged by the block (see gemv_warp)
     // every warp takes part (the x staging has a block barrier); warps past the last row do no work
-    gemv_warp<KIND, MODE, XF16, GM>(payload, ks, x, (u32*)xs_dyn, n, k, row_bytes, ngroups, g, gshift, batch,
-                                    row0 < n ? row0 : n - 1, it0, row0 < n ? it1 : it0, istep, acc);
+    gemv_warp<KIND, MODE, XF16, GM, BLOCKS>(payload, ks, x, (u32*)xs_dyn, n, k, row_bytes, ngroups, g, gshift,
+                                            batch, row0 < n ? row0 : n - 1, it0, row0 < n ? it1 : it0, istep, acc);
 
     // Cross-slice reduction: lane holds (row gr, cols 2t, 2t+1) in acc[j][0..1], row gr+8 in [2..3].
     __shared__ float red[WARPS][NT * 4][32];
@@ -550,176 +550,28 @@ __device__ __forceinline__ void gemv(const u8* __restrict__ payload, const void*
 
 }  // namespace
 
-// Each variant has a number; compiling with -DEXMY_VARIANT=<n> builds that one kernel only (the
-// Python loader does this: less NVRTC time); without it every variant is built.
-// Blocks per SM the register budget is sized for: 3 (<= 80 registers, no spills) for the b1 and
-// nt1 fp16-operand kernels with one scale per row and codes of <= 5 bits; for b1r GEMV_B1R_BLOCKS
-// (cuda/gpu.py builds it with 3 where that fills the last wave of blocks better, gemv_b1r_blocks);
-// 2 (<= 128 registers) for the others.
-#define EXMY_GEMV_BLOCKS(KIND, MODE, GM) ((KIND) == 3 ? GEMV_B1R_BLOCKS : ((MODE) != 2 && ((KIND) == 0 || (KIND) == 1) && (GM) == 0 && BITS <= 5) ? 3 : 2)
-#define EXMY_GEMV_KERNEL(NAME, KIND, MODE, XF16, GM)                                                    \
-    extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32, EXMY_GEMV_BLOCKS(KIND, MODE, GM)) NAME( \
-        const u8* __restrict__ payload, const void* __restrict__ ks, const u16* __restrict__ x,       \
-        u16* __restrict__ y, u32 n, u32 k, u32 row_bytes, u32 ngroups, u32 g, int gshift, u32 batch,  \
-        u32 split, u32 interleave) {                                                                  \
-        gemv<KIND, MODE, XF16, GM>(payload, ks, x, y, n, k, row_bytes, ngroups, g, gshift, batch, split, \
-                                   interleave);                                                       \
-    }
-#ifdef EXMY_VARIANT
-#define EXMY_ALL 0
-#else
-#define EXMY_ALL 1
-#define EXMY_VARIANT (-1)
-#endif
+// The GEMV kernel. KIND: 0 b1, 1 nt1, 2 nt2, 3 b1r (Cfg). MODE: 0 fp16 operands with the scale
+// folded, 1 fp16 operands in two steps, 2 bf16 operands (see the top). XF16: x and y are fp16, else
+// bf16. GM: 0 one scale per row, 1 scale groups aligned to 32-element chunks, 2 not aligned (a
+// scale per element, slower). BLOCKS: blocks per SM the register budget is sized for, 3 (<= 80
+// registers) or 2 (<= 128); the host takes 3 for the b1 and nt1 fp16-operand kernels with one scale
+// per row and codes of <= 5 bits (no spills), and for b1r where that fills the last wave of blocks
+// better (cuda/gpu.py gemv_blocks, gemv_b1r_blocks).
+// The host instantiates the one kernel it launches by name through NVRTC (cuda/gpu.py GemvKernel:
+// e.g. exmy_gemv<3, 0, true, 0, 2>), so every compilation builds a single kernel (less NVRTC time).
+template <int KIND, int MODE, bool XF16, int GM, int BLOCKS>
+__global__ void __launch_bounds__(GEMV_WARPS * 32, BLOCKS)
+exmy_gemv(const u8* __restrict__ payload, const void* __restrict__ ks, const u16* __restrict__ x,
+          u16* __restrict__ y, u32 n, u32 k, u32 row_bytes, u32 ngroups, u32 g, int gshift, u32 batch,
+          u32 split, u32 interleave) {
+    // fp16 operands hold the raw code values as fp16 numbers: E = 5 would fill the fp16 exponent field
+    static_assert(MODE == 2 || (F16_OK && XF16), "fp16 operands (MODE 0, 1) need E <= 4 and fp16 x");
+    gemv<KIND, MODE, XF16, GM, BLOCKS>(payload, ks, x, y, n, k, row_bytes, ngroups, g, gshift, batch, split,
+                                       interleave);
+}
 
-// Names: exmy_gemv_<mode>_<x/y dtype>_<kind><groups>: mode fold/two (fp16 operands, E <= 4) or bf
-// (bf16 operands, any format); kind b1 / b1r (batch 1), nt1 (batch 1..8), nt2 (batch 9..16); groups
-// "" = one scale per row, _g = scale groups aligned to 32-element chunks, _ga = not aligned (a
-// scale per element, slower). Variant number = 3 * (4 * mode index + kind index) + groups, kinds
-// in the order b1, nt1, nt2, b1r.
-#if EXMY_E <= 4
-#if EXMY_ALL || EXMY_VARIANT == 0
-EXMY_GEMV_KERNEL(exmy_gemv_fold_x16_b1, 0, 0, true, 0)
-#endif
-#if EXMY_ALL || EXMY_VARIANT == 1
-EXMY_GEMV_KERNEL(exmy_gemv_fold_x16_b1_g, 0, 0, true, 1)
-#endif
-#if EXMY_ALL || EXMY_VARIANT == 2
-EXMY_GEMV_KERNEL(exmy_gemv_fold_x16_b1_ga, 0, 0, true, 2)
-#endif
-#if EXMY_ALL || EXMY_VARIANT == 3
-EXMY_GEMV_KERNEL(exmy_gemv_fold_x16_nt1, 1, 0, true, 0)
-#endif
-#if EXMY_ALL || EXMY_VARIANT == 4
-EXMY_GEMV_KERNEL(exmy_gemv_fold_x16_nt1_g, 1, 0, true, 1)
-#endif
-#if EXMY_ALL || EXMY_VARIANT == 5
-EXMY_GEMV_KERNEL(exmy_gemv_fold_x16_nt1_ga, 1, 0, true, 2)
-#endif
-#if EXMY_ALL || EXMY_VARIANT == 6
-EXMY_GEMV_KERNEL(exmy_gemv_fold_x16_nt2, 2, 0, true, 0)
-#endif
-#if EXMY_ALL || EXMY_VARIANT == 7
-EXMY_GEMV_KERNEL(exmy_gemv_fold_x16_nt2_g, 2, 0, true, 1)
-#endif
-#if EXMY_ALL || EXMY_VARIANT == 8
-EXMY_GEMV_KERNEL(exmy_gemv_fold_x16_nt2_ga, 2, 0, true, 2)
-#endif
-#if EXMY_ALL || EXMY_VARIANT == 9
-EXMY_GEMV_KERNEL(exmy_gemv_fold_x16_b1r, 3, 0, true, 0)
-#endif
-#if EXMY_ALL || EXMY_VARIANT == 10
-EXMY_GEMV_KERNEL(exmy_gemv_fold_x16_b1r_g, 3, 0, true, 1)
-#endif
-#if EXMY_ALL || EXMY_VARIANT == 11
-EXMY_GEMV_KERNEL(exmy_gemv_fold_x16_b1r_ga, 3, 0, true, 2)
-#endif
-#if EXMY_ALL || EXMY_VARIANT == 12
-EXMY_GEMV_KERNEL(exmy_gemv_two_x16_b1, 0, 1, true, 0)
-#endif
-#if EXMY_ALL || EXMY_VARIANT == 13
-EXMY_GEMV_KERNEL(exmy_gemv_two_x16_b1_g, 0, 1, true, 1)
-#endif
-#if EXMY_ALL || EXMY_VARIANT == 14
-EXMY_GEMV_KERNEL(exmy_gemv_two_x16_b1_ga, 0, 1, true, 2)
-#endif
-#if EXMY_ALL || EXMY_VARIANT == 15
-EXMY_GEMV_KERNEL(exmy_gemv_two_x16_nt1, 1, 1, true, 0)
-#endif
-#if EXMY_ALL || EXMY_VARIANT == 16
-EXMY_GEMV_KERNEL(exmy_gemv_two_x16_nt1_g, 1, 1, true, 1)
-#endif
-#if EXMY_ALL || EXMY_VARIANT == 17
-EXMY_GEMV_KERNEL(exmy_gemv_two_x16_nt1_ga, 1, 1, true, 2)
-#endif
-#if EXMY_ALL || EXMY_VARIANT == 18
-EXMY_GEMV_KERNEL(exmy_gemv_two_x16_nt2, 2, 1, true, 0)
-#endif
-#if EXMY_ALL || EXMY_VARIANT == 19
-EXMY_GEMV_KERNEL(exmy_gemv_two_x16_nt2_g, 2, 1, true, 1)
-#endif
-#if EXMY_ALL || EXMY_VARIANT == 20
-EXMY_GEMV_KERNEL(exmy_gemv_two_x16_nt2_ga, 2, 1, true, 2)
-#endif
-#if EXMY_ALL || EXMY_VARIANT == 21
-EXMY_GEMV_KERNEL(exmy_gemv_two_x16_b1r, 3, 1, true, 0)
-#endif
-#if EXMY_ALL || EXMY_VARIANT == 22
-EXMY_GEMV_KERNEL(exmy_gemv_two_x16_b1r_g, 3, 1, true, 1)
-#endif
-#if EXMY_ALL || EXMY_VARIANT == 23
-EXMY_GEMV_KERNEL(exmy_gemv_two_x16_b1r_ga, 3, 1, true, 2)
-#endif
-#endif  // EXMY_E <= 4
-#if EXMY_ALL || EXMY_VARIANT == 24
-EXMY_GEMV_KERNEL(exmy_gemv_bf_x16_b1, 0, 2, true, 0)
-#endif
-#if EXMY_ALL || EXMY_VARIANT == 25
-EXMY_GEMV_KERNEL(exmy_gemv_bf_x16_b1_g, 0, 2, true, 1)
-#endif
-#if EXMY_ALL || EXMY_VARIANT == 26
-EXMY_GEMV_KERNEL(exmy_gemv_bf_x16_b1_ga, 0, 2, true, 2)
-#endif
-#if EXMY_ALL || EXMY_VARIANT == 27
-EXMY_GEMV_KERNEL(exmy_gemv_bf_x16_nt1, 1, 2, true, 0)
-#endif
-#if EXMY_ALL || EXMY_VARIANT == 28
-EXMY_GEMV_KERNEL(exmy_gemv_bf_x16_nt1_g, 1, 2, true, 1)
-#endif
-#if EXMY_ALL || EXMY_VARIANT == 29
-EXMY_GEMV_KERNEL(exmy_gemv_bf_x16_nt1_ga, 1, 2, true, 2)
-#endif
-#if EXMY_ALL || EXMY_VARIANT == 30
-EXMY_GEMV_KERNEL(exmy_gemv_bf_x16_nt2, 2, 2, true, 0)
-#endif
-#if EXMY_ALL || EXMY_VARIANT == 31
-EXMY_GEMV_KERNEL(exmy_gemv_bf_x16_nt2_g, 2, 2, true, 1)
-#endif
-#if EXMY_ALL || EXMY_VARIANT == 32
-EXMY_GEMV_KERNEL(exmy_gemv_bf_x16_nt2_ga, 2, 2, true, 2)
-#endif
-#if EXMY_ALL || EXMY_VARIANT == 33
-EXMY_GEMV_KERNEL(exmy_gemv_bf_x16_b1r, 3, 2, true, 0)
-#endif
-#if EXMY_ALL || EXMY_VARIANT == 34
-EXMY_GEMV_KERNEL(exmy_gemv_bf_x16_b1r_g, 3, 2, true, 1)
-#endif
-#if EXMY_ALL || EXMY_VARIANT == 35
-EXMY_GEMV_KERNEL(exmy_gemv_bf_x16_b1r_ga, 3, 2, true, 2)
-#endif
-#if EXMY_ALL || EXMY_VARIANT == 36
-EXMY_GEMV_KERNEL(exmy_gemv_bf_xbf_b1, 0, 2, false, 0)
-#endif
-#if EXMY_ALL || EXMY_VARIANT == 37
-EXMY_GEMV_KERNEL(exmy_gemv_bf_xbf_b1_g, 0, 2, false, 1)
-#endif
-#if EXMY_ALL || EXMY_VARIANT == 38
-EXMY_GEMV_KERNEL(exmy_gemv_bf_xbf_b1_ga, 0, 2, false, 2)
-#endif
-#if EXMY_ALL || EXMY_VARIANT == 39
-EXMY_GEMV_KERNEL(exmy_gemv_bf_xbf_nt1, 1, 2, false, 0)
-#endif
-#if EXMY_ALL || EXMY_VARIANT == 40
-EXMY_GEMV_KERNEL(exmy_gemv_bf_xbf_nt1_g, 1, 2, false, 1)
-#endif
-#if EXMY_ALL || EXMY_VARIANT == 41
-EXMY_GEMV_KERNEL(exmy_gemv_bf_xbf_nt1_ga, 1, 2, false, 2)
-#endif
-#if EXMY_ALL || EXMY_VARIANT == 42
-EXMY_GEMV_KERNEL(exmy_gemv_bf_xbf_nt2, 2, 2, false, 0)
-#endif
-#if EXMY_ALL || EXMY_VARIANT == 43
-EXMY_GEMV_KERNEL(exmy_gemv_bf_xbf_nt2_g, 2, 2, false, 1)
-#endif
-#if EXMY_ALL || EXMY_VARIANT == 44
-EXMY_GEMV_KERNEL(exmy_gemv_bf_xbf_nt2_ga, 2, 2, false, 2)
-#endif
-#if EXMY_ALL || EXMY_VARIANT == 45
-EXMY_GEMV_KERNEL(exmy_gemv_bf_xbf_b1r, 3, 2, false, 0)
-#endif
-#if EXMY_ALL || EXMY_VARIANT == 46
-EXMY_GEMV_KERNEL(exmy_gemv_bf_xbf_b1r_g, 3, 2, false, 1)
-#endif
-#if EXMY_ALL || EXMY_VARIANT == 47
-EXMY_GEMV_KERNEL(exmy_gemv_bf_xbf_b1r_ga, 3, 2, false, 2)
-#endif
+// nvcc builds (no NVRTC name expressions: tests/test_kernel_build.py, scripts/compare-sass) include
+// this file and then name their instantiations, e.g. EXMY_GEMV_INSTANCE(exmy_gemv<3, 0, true, 0, 2>).
+#define EXMY_GEMV_INSTANCE(...)                                                                   \
+    template __global__ void __VA_ARGS__(const u8*, const void*, const u16*, u16*, u32, u32, u32, u32, u32, \
+                                         int, u32, u32, u32);

@@ -6,6 +6,9 @@ Fractions), a brute-force nearest-value encoder and a bit-by-bit payload decoder
 """
 from __future__ import annotations
 
+import contextlib
+import io
+
 import json
 import os
 import struct
@@ -292,3 +295,15 @@ def small_source(tmp_path, rng):
              "sub/notes.txt": "side file in a subfolder\n", "1_Pooling/config.json": '{"pooling_mode_mean_tokens": true}'}
     root = make_checkpoint(tmp_path / "src", tensors, config=config, extra_files=extra)
     return root, tensors, config
+
+
+def cli_call(*args) -> tuple[int, str, str]:
+    """(exit code, stdout, stderr) of cli.main(args), usable outside a test function (no capsys)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            cli.main([str(a) for a in args])
+            code = 0
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    return code, out.getvalue(), err.getvalue()

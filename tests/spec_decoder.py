@@ -1,14 +1,16 @@
-"""An independent, pure-numpy reader of the exmy checkpoint layout, version 1.x (1.0 and 1.1).
+"""An independent, pure-numpy reader of the exmy checkpoint layout, version 1.x (1.0, 1.1 and 1.2).
 
 Written from ``formats/SPEC.md`` alone (no exmyconv code, no safetensors package, no
 lookup tables from other libraries), so that the tests can check that the specification is
-complete enough for a stranger to reproduce exmyconv's dequantized values bit for bit.
+complete enough for a stranger to reproduce exmyconv's dequantized values bit for bit, and to
+refuse what it refuses (SPEC.md section 6).
 
 Main entry points:
 
 * ``read_file(path)`` / ``read_checkpoint(path)`` -> ``Checkpoint`` with ``.quantized``
-  (``QuantizedTensor`` objects, ``.dequantize()`` gives exact float32 values) and ``.plain``
-  (``PlainTensor`` objects, kept as stored);
+  (``QuantizedTensor`` objects, ``.dequantize()`` gives exact float32 values), ``.plain``
+  (``PlainTensor`` objects, kept as stored), ``.config`` and ``.tied``; ``.outputs()`` is what a
+  decoder outputs (SPEC.md section 4). Anything section 6 refuses raises ``ValueError``;
 * ``exmy_values(E, M)``: the value of every code, from the formula of SPEC.md section 1;
 * ``parse_format_full(name)`` -> ``(E, M, k)`` (``k = None`` unless a mantissa-shared
   ``eXmYsk`` format, layout 1.1), ``row_bytes``, ``unpack_codes`` / ``unpack_planes``: the
@@ -235,26 +237,96 @@ def f32_to_f16_bits(x: np.ndarray) -> np.ndarray:
 
 # ----------------------------------------------------------------------------- safetensors
 
-def read_safetensors(path: str) -> tuple[dict, dict[str, tuple[str, list[int], np.ndarray]]]:
-    """Parse one .safetensors file: ``(metadata, {name: (dtype, shape, array)})``.
+MAX_HEADER = 100 * 2**20     # SPEC.md section 6: a header length beyond 100 MiB is refused
+MAX_DEPTH = 64               # ... as is JSON nested more than 64 levels deep
 
-    Arrays are in their stored type (BF16 as uint16 bit patterns)."""
+
+def _json_depth(text: str) -> int:
+    """Deepest nesting of arrays/objects in JSON text (outside strings), without parsing it."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for ch in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                in_string = False
+        elif ch == '"':
+            in_string = True
+        elif ch in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif ch in "]}":
+            depth -= 1
+    return deepest
+
+
+def load_json(text, what: str):
+    """JSON text (str or UTF-8 bytes) -> value; ValueError for invalid or too deeply nested JSON."""
+    if isinstance(text, bytes):
+        try:
+            text = text.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{what}: not UTF-8 ({e})") from None
+    if text.count("[") + text.count("{") > MAX_DEPTH and _json_depth(text) > MAX_DEPTH:
+        raise ValueError(f"{what}: JSON nested more than {MAX_DEPTH} levels deep")
+    try:
+        return json.loads(text)
+    except ValueError as e:              # JSONDecodeError, or an integer too long to convert
+        raise ValueError(f"{what}: not JSON ({e})") from None
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def read_safetensors(path: str) -> tuple[dict, dict[str, tuple[str, list[int], np.ndarray]]]:
+    """Parse one .safetensors file: ``(metadata, {name: (dtype, shape, array)})``, with every check
+    of SPEC.md section 6 on the header. Arrays are in their stored type (BF16 as uint16 bit patterns)."""
+    if not os.path.isfile(path):
+        raise ValueError(f"{path}: not a regular file")
     with open(path, "rb") as fh:
         blob = fh.read()
+    if len(blob) < 8:
+        raise ValueError(f"{path}: shorter than 8 bytes")
     (n,) = struct.unpack("<Q", blob[:8])
-    header = json.loads(blob[8:8 + n].decode("utf-8"))
+    if n > len(blob) - 8 or n > MAX_HEADER:
+        raise ValueError(f"{path}: header length {n} beyond the file or 100 MiB")
+    header = load_json(blob[8:8 + n], f"{path}: header")
+    if not isinstance(header, dict):
+        raise ValueError(f"{path}: header is not a JSON object")
     data = memoryview(blob)[8 + n:]
-    metadata = header.pop("__metadata__", {}) or {}
-    tensors = {}
+    metadata = header.pop("__metadata__", None)
+    metadata = {} if metadata is None else metadata
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise ValueError(f"{path}: __metadata__ must map strings to strings")
+    tensors, spans = {}, []
     for name, info in header.items():
-        dtype, shape = info["dtype"], list(info["shape"])
-        start, end = info["data_offsets"]
+        if not isinstance(info, dict):
+            raise ValueError(f"{path}: entry {name!r} is not an object")
+        dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+        if not isinstance(dtype, str) or dtype not in _STORAGE:
+            raise ValueError(f"{path}: {name}: dtype {dtype!r}")
         st = np.dtype(_STORAGE[dtype])
-        count = math.prod(shape)
-        if end - start != count * st.itemsize or end > len(data):
+        if not (isinstance(shape, list) and all(_is_int(d) and d >= 0 for d in shape)
+                and math.prod(max(d, 1) for d in shape) * st.itemsize < 2**63):
+            raise ValueError(f"{path}: {name}: bad shape {shape!r}")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) for o in offsets)
+                and 0 <= offsets[0] <= offsets[1] <= len(data)):
             raise ValueError(f"{path}: bad data_offsets for {name}")
+        start, end = offsets
+        if end - start != math.prod(shape) * st.itemsize:
+            raise ValueError(f"{path}: bad data_offsets for {name}")
+        if end > start:
+            spans.append((start, end, name))
         arr = np.frombuffer(data[start:end], dtype=st).reshape(shape)
         tensors[name] = (dtype, shape, arr)
+    spans.sort()
+    for (_s0, e0, a), (s1, _e1, b) in zip(spans, spans[1:]):
+        if s1 < e0:
+            raise ValueError(f"{path}: tensors {a!r} and {b!r} overlap")
     return metadata, tensors
 
 
@@ -328,11 +400,26 @@ class Checkpoint:
     quantized: dict = field(default_factory=dict)     # name -> QuantizedTensor
     plain: dict = field(default_factory=dict)         # name -> PlainTensor
     files: list = field(default_factory=list)
+    config: dict | None = None                        # config.json (a folder only)
+    tied: dict = field(default_factory=dict)          # quantization_config.tied: lm_head -> embedding
+    stored_in: dict = field(default_factory=dict)     # stored tensor name -> file name
+
+    def outputs(self) -> list[str]:
+        """What a decoder outputs (SPEC.md section 4): every quantized T and stored unquantized tensor,
+        and nothing else (a tied lm_head is not stored, so not output)."""
+        return sorted([*self.quantized, *self.plain])
 
 
-def _check_version(v: str, what: str) -> tuple[int, int]:
-    """``"1.1"`` -> ``(1, 1)``; refuses another major version (SPEC.md section 5)."""
-    m = re.match(r"^([0-9]+)\.([0-9]+)$", str(v))
+_VERSION_RE = re.compile(r"([0-9]+)\.([0-9]+)")
+FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
+SMALLEST_NORMAL = {"F16": 2.0 ** -14, "BF16": 2.0 ** -126}
+F32_MAX = float(np.finfo(np.float32).max)
+
+
+def _check_version(v, what: str) -> tuple[int, int]:
+    """``"1.2"`` -> ``(1, 2)``: two decimal numbers and one dot; refuses another major version
+    (SPEC.md section 5)."""
+    m = _VERSION_RE.fullmatch(v) if isinstance(v, str) else None
     if not m:
         raise ValueError(f"{what}: bad layout version {v!r}")
     major, minor = int(m.group(1)), int(m.group(2))
@@ -341,70 +428,177 @@ def _check_version(v: str, what: str) -> tuple[int, int]:
     return major, minor
 
 
+def _record(path: str, name: str, value: str, version) -> tuple[dict, int, int, int | None]:
+    """An ``exmy:T`` record checked against SPEC.md section 4's table -> (record, E, M, k)."""
+    if not name:
+        raise ValueError(f"{path}: a record without a tensor name")
+    info = load_json(value, f"{path}: {name}: record")
+    if not isinstance(info, dict):
+        raise ValueError(f"{path}: {name}: record is not a JSON object")
+    for key in ("format", "shape", "dtype", "group_size"):
+        if key not in info:
+            raise ValueError(f"{path}: {name}: record has no {key!r}")
+    fmt = info["format"]
+    try:
+        E, M, k = parse_format_full(fmt)
+    except ValueError as e:
+        raise ValueError(f"{path}: {name}: unknown format {fmt!r} ({e})") from None
+    if k is not None and version is not None and version < (1, 1):
+        # shared formats exist since 1.1 (SPEC.md section 5); a 1.0 file cannot hold one
+        raise ValueError(f"{path}: {name}: shared format {fmt!r} in a layout "
+                         f"{version[0]}.{version[1]} file (needs 1.1)")
+    shape = info["shape"]
+    if not (isinstance(shape, list) and len(shape) >= 2 and all(_is_int(d) and d >= 1 for d in shape)):
+        raise ValueError(f"{path}: {name}: record shape {shape!r}")
+    if info["dtype"] not in FLOAT_DTYPES:
+        raise ValueError(f"{path}: {name}: record dtype {info['dtype']!r}")
+    G = info["group_size"]
+    if not (_is_int(G) and 1 <= G <= shape[-1]):
+        raise ValueError(f"{path}: {name}: bad group size {G!r}")
+    rel = info.get("rel_error", 0)
+    if not (isinstance(rel, (int, float)) and not isinstance(rel, bool) and math.isfinite(rel) and rel >= 0):
+        raise ValueError(f"{path}: {name}: rel_error {rel!r}")
+    return info, E, M, k
+
+
+def _check_scales(q: QuantizedTensor) -> None:
+    """SPEC.md section 2, valid scales: finite, >= the smallest normal of the dtype, scale x max finite
+    in float32."""
+    E, M = parse_format(q.format)
+    with np.errstate(invalid="ignore"):
+        s = q.scales_f32().astype(np.float64)
+    if not (np.all(np.isfinite(s)) and np.all(s >= SMALLEST_NORMAL[q.scale_dtype])
+            and np.all(s * exmy_max(E, M) <= F32_MAX)):
+        raise ValueError(f"{q.name}: invalid scales")
+
+
 def _add_file(ckpt: Checkpoint, path: str) -> None:
     metadata, tensors = read_safetensors(path)
+    base = os.path.basename(path)
     ckpt.files.append(path)
+    records = {k[len("exmy:"):]: v for k, v in metadata.items() if k.startswith("exmy:")}
     version = None
     if "exmy_version" in metadata:
         version = _check_version(metadata["exmy_version"], path)
+    elif records:
+        raise ValueError(f"{path}: records but no exmy_version (SPEC.md section 5)")
+    for name in tensors:
+        if name in ckpt.stored_in:
+            raise ValueError(f"{name!r} is stored in {ckpt.stored_in[name]} and {base}")
+        ckpt.stored_in[name] = base
     used = set()
-    for key, value in metadata.items():
-        if not key.startswith("exmy:"):
-            continue
-        name = key[len("exmy:"):]
-        info = json.loads(value)
-        fmt, shape, G = info["format"], list(info["shape"]), int(info["group_size"])
-        try:
-            E, M, k = parse_format_full(fmt)
-        except ValueError as e:
-            raise ValueError(f"{path}: {name}: unknown format {fmt!r} ({e})") from None
-        if k is not None and version is not None and version < (1, 1):
-            # shared formats exist since 1.1 (SPEC.md section 5); a 1.0 file cannot hold one
-            raise ValueError(f"{path}: {name}: shared format {fmt!r} in a layout "
-                             f"{metadata['exmy_version']} file (needs 1.1)")
+    for name, value in records.items():
+        info, E, M, k = _record(path, name, value, version)
         b = 1 + E + M
+        shape, G = info["shape"], info["group_size"]
         K, lead = shape[-1], shape[:-1]
-        if not 1 <= G:
-            raise ValueError(f"{name}: bad group size {G}")
         pname, sname = name + "_packed", name + "_scale"
         if pname not in tensors or sname not in tensors:
             raise ValueError(f"{path}: {name}: _packed/_scale not in the same file as its metadata")
+        if name in tensors or name in ckpt.quantized:
+            raise ValueError(f"{path}: {name}: stored twice")
         pd, ps, parr = tensors[pname]
         sd, ss, sarr = tensors[sname]
-        # SPEC.md section 3's row_bytes (section 4's "128*ceil(K/128)*b/8" holds for plain
-        # formats only)
         if pd != "U8" or ps != lead + [row_bytes(K, b, k)]:
             raise ValueError(f"{name}: packed is {pd} {ps}")
         if sd not in ("F16", "BF16") or ss != lead + [-(-K // G)]:
             raise ValueError(f"{name}: scale is {sd} {ss}")
-        ckpt.quantized[name] = QuantizedTensor(
-            name=name, format=fmt, shape=shape, source_dtype=info["dtype"], group_size=G,
-            packed=parr, scale=sarr, scale_dtype=sd, info=info)
+        q = QuantizedTensor(name=name, format=info["format"], shape=shape, source_dtype=info["dtype"],
+                            group_size=G, packed=parr, scale=sarr, scale_dtype=sd, info=info)
+        _check_scales(q)
+        ckpt.quantized[name] = q
         used.update((pname, sname))
     for name, (dtype, _shape, arr) in tensors.items():
-        if name not in used:
-            ckpt.plain[name] = PlainTensor(name=name, dtype=dtype, data=arr)
-    for k, v in metadata.items():
-        ckpt.metadata.setdefault(k, v)
+        if name in used:
+            continue
+        if records and name.endswith(("_packed", "_scale")):
+            raise ValueError(f"{path}: {name} belongs to no record")
+        ckpt.plain[name] = PlainTensor(name=name, dtype=dtype, data=arr)
+    for key, value in metadata.items():
+        ckpt.metadata.setdefault(key, value)
 
 
 def read_file(path: str) -> Checkpoint:
+    """A single .safetensors file on its own: its exmy_version alone governs (SPEC.md section 5)."""
     ckpt = Checkpoint()
     _add_file(ckpt, path)
     return ckpt
 
 
+def _read_config(path: str) -> dict:
+    config = load_json(open(path, "rb").read(), path)
+    if not isinstance(config, dict):
+        raise ValueError(f"{path}: not a JSON object")
+    qc = config.get("quantization_config")
+    if qc is None:
+        return config
+    if not isinstance(qc, dict):
+        raise ValueError(f"{path}: quantization_config is not an object")
+    if qc.get("quant_method") != "exmy":
+        return config
+    # SPEC.md section 4: only quant_method is required; the rest has these types when present
+    if "format_version" in qc:
+        _check_version(qc["format_version"], f"{path}: format_version")
+    if "format" in qc and qc["format"] != "auto":
+        parse_format_full(qc["format"])
+    if qc.get("group_size") is not None and not (_is_int(qc["group_size"]) and qc["group_size"] >= 1):
+        raise ValueError(f"{path}: group_size {qc['group_size']!r}")
+    ignore = qc.get("ignore")
+    if ignore is not None and not (isinstance(ignore, list) and all(isinstance(x, str) for x in ignore)):
+        raise ValueError(f"{path}: ignore {ignore!r}")
+    tied = qc.get("tied")
+    if tied is not None and not (isinstance(tied, dict) and all(isinstance(x, str) for x in tied.values())):
+        raise ValueError(f"{path}: tied {tied!r}")
+    if qc.get("exmyconv_version") is not None and not isinstance(qc["exmyconv_version"], str):
+        raise ValueError(f"{path}: exmyconv_version {qc['exmyconv_version']!r}")
+    return config
+
+
 def read_checkpoint(path: str) -> Checkpoint:
-    """A checkpoint directory (single file or sharded with an index), or one .safetensors file."""
+    """A checkpoint directory (single file or sharded with an index), or one .safetensors file, with
+    every check of SPEC.md section 6."""
     if os.path.isfile(path):
         return read_file(path)
-    index = os.path.join(path, "model.safetensors.index.json")
-    if os.path.exists(index):
-        with open(index) as fh:
-            files = sorted(set(json.load(fh)["weight_map"].values()))
+    config_path = os.path.join(path, "config.json")
+    config = _read_config(config_path) if os.path.lexists(config_path) else None
+    index_path = os.path.join(path, "model.safetensors.index.json")
+    weight_map = None
+    if os.path.lexists(index_path):
+        if not os.path.isfile(index_path):
+            raise ValueError(f"{index_path}: not a regular file")
+        index = load_json(open(index_path, "rb").read(), index_path)
+        weight_map = index.get("weight_map") if isinstance(index, dict) else None
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise ValueError(f"{index_path}: no weight_map object")
+        for value in weight_map.values():
+            if not (isinstance(value, str) and value.endswith(".safetensors") and "/" not in value
+                    and "\\" not in value and not value.startswith(".")):
+                raise ValueError(f"{index_path}: {value!r} is not a file name of this folder")
+        files = sorted(set(weight_map.values()))
     else:
-        files = ["model.safetensors"]
-    ckpt = Checkpoint()
+        files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+    if not files:
+        raise ValueError(f"{path}: no weight files")
+    ckpt = Checkpoint(config=config)
     for f in files:
         _add_file(ckpt, os.path.join(path, f))
+    if weight_map is not None:  # keys are stored names, each in the file that holds it, all listed
+        for name, file in weight_map.items():
+            if ckpt.stored_in.get(name) != file:
+                raise ValueError(f"index: {name!r} is not in {file}")
+        unlisted = sorted(set(ckpt.stored_in) - set(weight_map))
+        if unlisted:
+            raise ValueError(f"index does not list {unlisted[0]!r}")
+    qc = (config or {}).get("quantization_config")
+    if isinstance(qc, dict) and qc.get("quant_method") != "exmy" and ckpt.quantized:
+        raise ValueError(f"{config_path}: quant_method {qc.get('quant_method')!r} but exmy records")
+    if isinstance(qc, dict) and qc.get("quant_method") == "exmy":
+        stored = set(ckpt.quantized) | set(ckpt.plain)
+        for name in qc.get("ignore") or []:
+            if name in ckpt.quantized:
+                raise ValueError(f"{name}: in ignore but quantized")
+        ckpt.tied = dict(qc.get("tied") or {})
+        for head, emb in ckpt.tied.items():
+            if head in stored or emb not in stored:
+                raise ValueError(f"tied {head!r} -> {emb!r}: the head must not be stored, the embedding must")
     return ckpt

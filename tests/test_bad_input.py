@@ -454,3 +454,45 @@ def test_interrupt_leaves_nothing(run_cli, tmp_path, rng, monkeypatch):
     assert code == 130 and "Traceback" not in stdout + err
     assert len([ln for ln in err.splitlines() if ln.strip()]) == 1 and "interrupted" in err
     assert tree_snapshot(tmp_path) == before
+
+
+# --------------------------------------------------------------------------- issue 17: smaller defects
+
+@pytest.mark.parametrize("fifo", ["model.safetensors", "model-00002-of-00002.safetensors", "config.json",
+                                  "model.safetensors.index.json"])
+def test_a_fifo_never_blocks(tmp_path, rng, fifo):
+    """A shard (or config / index) that is a FIFO: a clean error, not a reader blocked forever."""
+    if fifo == "model.safetensors":
+        src = make_checkpoint(tmp_path / "src", good_tensors(rng), config={"model_type": "x"})
+    else:
+        src, _ = sharded(tmp_path, rng)
+        (src / "config.json").write_text('{"model_type": "x"}')
+    (src / fifo).unlink()
+    os.mkfifo(src / fifo)
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1] / "src"), PYTHONWARNINGS="ignore")
+    for args in (["quantize", str(src), str(tmp_path / "out")], ["inspect", str(src)]):
+        res = subprocess.run([sys.executable, "-m", "exmyconv", *args], capture_output=True, text=True, env=env,
+                             timeout=60)
+        one_line_error(res.returncode, res.stdout, res.stderr, needle=fifo)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("tokens", ["0", "-5"])
+def test_calibration_tokens_must_be_positive(run_cli, tmp_path, rng, tokens):
+    src = make_checkpoint(tmp_path / "src", good_tensors(rng))
+    text = tmp_path / "calib.txt"
+    text.write_text("some text to calibrate on\n")
+    quantize_fails(run_cli, tmp_path, src, "--format", "auto", "--bits", "6", "--calibration", text,
+                   "--calibration-tokens", tokens, needle="--calibration-tokens")
+
+
+@pytest.mark.parametrize("what", ["plain checkpoint", "empty folder", "plain file"])
+def test_verify_refuses_what_is_not_an_exmy_checkpoint(run_cli, tmp_path, rng, what):
+    src = make_checkpoint(tmp_path / "src", good_tensors(rng), config={"model_type": "x"})
+    target = {"plain checkpoint": src, "empty folder": tmp_path / "empty",
+              "plain file": src / "model.safetensors"}[what]
+    if what == "empty folder":
+        target.mkdir()
+    code, out, err = run_cli("verify", target)
+    one_line_error(code, out, err)
+    assert code == 1 and "verified" not in out

@@ -292,10 +292,10 @@ def gemv_check(cp, rng, fmt: ExMy, n: int, k: int, batch: int, x_dtype: str, gro
     assert y64.shape == (batch, weight.n)
     assert np.isfinite(y64).all(), "unwritten (NaN) or non-finite outputs"
     err = np.linalg.norm(y64 - ref) / max(np.linalg.norm(ref), 1e-30)
-    name, _ = gpu.gemv_kernel_name(weight, x_dtype, min(batch, 16))
-    tol = TOL["BF16"] if "_bf_" in name else TOL["F16"]  # bf16 tensor-core operands: bf16 tolerance
-    assert err <= tol, f"{fmt.name} {n}x{k} B={batch} x {x_dtype} ({name}): rel error {err:.2e}"
-    return err, name, weight, x, y64, x64
+    kernel = gpu.gemv_kernel(weight, x_dtype, min(batch, 16))
+    tol = TOL["BF16"] if kernel.mode == 2 else TOL["F16"]  # bf16 tensor-core operands: bf16 tolerance
+    assert err <= tol, f"{fmt.name} {n}x{k} B={batch} x {x_dtype} ({kernel.name}): rel error {err:.2e}"
+    return err, kernel, weight, x, y64, x64
 
 
 @pytest.mark.parametrize("name", NAMED)
@@ -322,10 +322,10 @@ def test_gemv_error_bound_per_element(cp, rng):
     each y differs from float64 x . W^T by at most the float32 summation error plus one fp16
     rounding of y."""
     fmt = get_format("e2m2")
-    for group, kname in ((None, "exmy_gemv_fold_x16_"), (128, "exmy_gemv_fold_x16_")):
+    for group, groups in ((None, 0), (128, 1)):
         for batch in (1, 7, 16):
-            err, name, weight, x, y64, x64 = gemv_check(cp, rng, fmt, 257, 3000, batch, "F16", group=group)
-            assert name.startswith(kname) and name.endswith("" if group is None else "_g"), name
+            err, kernel, weight, x, y64, x64 = gemv_check(cp, rng, fmt, 257, 3000, batch, "F16", group=group)
+            assert (kernel.mode, kernel.x_dtype, kernel.groups) == (0, "F16", groups), kernel  # fp16, folded
             if group is None:
                 w = cp.asnumpy(weight.dequantize("F32")).astype(np.float64)
             else:
@@ -344,8 +344,8 @@ def test_gemv_shared_formats(cp, rng, name):
             for group in (None, 128, 100):
                 k = int(rng.choice([int(rng.integers(1, 700)), 4096, 1000]))
                 gemv_check(cp, rng, fmt, int(rng.integers(1, 300)), k, batch, x_dtype, group=group)
-    _, name_, *_ = gemv_check(cp, rng, fmt, 40, 45000, 1, "F16")
-    assert "_b1r" in name_, name_
+    _, kernel, *_ = gemv_check(cp, rng, fmt, 40, 45000, 1, "F16")
+    assert kernel.kind == "b1r", kernel
 
 
 @pytest.mark.parametrize("name", ["e2m2", "e2m1", "e3m2", "e4m3", "e2m3", "e2m2s4", "e2m3s3"])
@@ -364,8 +364,8 @@ def test_gemv_b1r_x_window(cp, rng, name):
     for group, k in cases:
         n = int(rng.integers(1, 200))
         for x_dtype in ("F16", "BF16") if group is None else ("F16",):
-            _, kname, weight, x, y64, _ = gemv_check(cp, rng, fmt, n, k, 1, x_dtype, group=group)
-            assert "_b1r" in kname, kname
+            _, kernel, weight, x, y64, _ = gemv_check(cp, rng, fmt, n, k, 1, x_dtype, group=group)
+            assert kernel.kind == "b1r", kernel
             direct = torch.full((1, n), float("nan"), dtype=x.dtype, device="cuda")
             gpu.gemv_plan(x, weight, direct, defines=("GEMV_XWIN=0",))()
             windowed = torch.full_like(direct, float("nan"))
@@ -374,7 +374,7 @@ def test_gemv_b1r_x_window(cp, rng, name):
             assert np.array_equal(windowed.double().cpu().numpy(), y64)
             three = torch.full_like(direct, float("nan"))
             plan = gpu.gemv_plan(x, weight, three, blocks=3)
-            assert plan.blocks_per_sm == 3
+            assert plan.kernel.blocks == 3
             plan()
             assert torch.equal(three.view(torch.int16), direct.view(torch.int16)), f"{name} k={k} {group} {x_dtype} 3/SM"
 
@@ -393,18 +393,18 @@ def test_gemv_scale_modes(cp, rng):
     # large fp16 scales: |w| up to ~1e3 -> scale*2^14 > 65504
     qt = quantize((rng.standard_normal((n, k)) * 300).astype(np.float32), get_format("e2m2"))
     assert qt.scale_dtype == "F16"
-    _, name, *_ = gemv_check(cp, rng, get_format("e2m2"), n, k, 3, "F16", qt=qt)
-    assert name.startswith("exmy_gemv_two"), name
+    _, kernel, *_ = gemv_check(cp, rng, get_format("e2m2"), n, k, 3, "F16", qt=qt)
+    assert kernel.mode == 1, kernel
     # bf16 scales (values beyond fp16 range): bf16 operands; with fp16 x the output is fp16
     qt = quantize((rng.standard_normal((n, k)) * 1e-6).astype(np.float32), get_format("e3m2"))
     assert qt.scale_dtype == "BF16"
-    _, name, *_ = gemv_check(cp, rng, get_format("e3m2"), n, k, 5, "BF16", qt=qt)
-    assert name.startswith("exmy_gemv_bf_xbf"), name
-    _, name, *_ = gemv_check(cp, rng, get_format("e3m2"), n, k, 5, "F16", qt=qt, x_scale=300.0)
-    assert name.startswith("exmy_gemv_bf_x16"), name
-    for name_ in ("e5m2", "e5m0"):
-        _, kname, *_ = gemv_check(cp, rng, get_format(name_), n, k, 2, "F16", scale=1e-3)
-        assert kname.startswith("exmy_gemv_bf_x16"), kname
+    _, kernel, *_ = gemv_check(cp, rng, get_format("e3m2"), n, k, 5, "BF16", qt=qt)
+    assert (kernel.mode, kernel.x_dtype) == (2, "BF16"), kernel
+    _, kernel, *_ = gemv_check(cp, rng, get_format("e3m2"), n, k, 5, "F16", qt=qt, x_scale=300.0)
+    assert (kernel.mode, kernel.x_dtype) == (2, "F16"), kernel
+    for name in ("e5m2", "e5m0"):
+        _, kernel, *_ = gemv_check(cp, rng, get_format(name), n, k, 2, "F16", scale=1e-3)
+        assert (kernel.mode, kernel.x_dtype) == (2, "F16"), kernel
 
 
 def test_gemv_large_batch_and_vector(cp, rng):
@@ -415,10 +415,10 @@ def test_gemv_large_batch_and_vector(cp, rng):
     fmt = get_format("e2m2")
     gemv_check(cp, rng, fmt, 200, 1024, 37, "F16")
     for x_dtype in ("F16", "BF16"):
-        _, name, *_ = gemv_check(cp, rng, fmt, 40, 45000, 1, x_dtype)
-        assert "_b1r" in name, name
-        _, name, *_ = gemv_check(cp, rng, fmt, 40, 4000, 1, x_dtype)
-        assert "_b1" in name, name
+        _, kernel, *_ = gemv_check(cp, rng, fmt, 40, 45000, 1, x_dtype)
+        assert kernel.kind == "b1r", kernel
+        _, kernel, *_ = gemv_check(cp, rng, fmt, 40, 4000, 1, x_dtype)
+        assert kernel.kind == "b1", kernel
     qt = quantize((rng.standard_normal((64, 256)) * 0.1).astype(np.float32), fmt)
     w = gpu.upload(qt)
     x = torch.randn(256, dtype=torch.float16, device="cuda")

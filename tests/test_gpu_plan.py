@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 
 from exmyconv.cuda import gpu
+from exmyconv.cuda.gpu import GemvKernel
 from exmyconv.format.exmy import get_format
 
 H100_SMS = 132
@@ -22,14 +23,43 @@ H100_SMS = 132
 ])
 def test_b1r_blocks_per_sm_follow_the_fuller_last_wave(grid, want):
     for name in ("e2m1", "e2m2", "e3m1", "e4m3", "e2m2s4"):
-        for kernel in ("exmy_gemv_fold_x16_b1r", "exmy_gemv_two_x16_b1r"):
+        for mode in (0, 1):  # fp16 operands: scale folded, two steps
+            kernel = GemvKernel("b1r", mode, "F16", 0, 2)
             assert gpu.gemv_b1r_blocks(kernel, grid, get_format(name), H100_SMS) == want, (name, kernel, grid)
 
 
 def test_b1r_three_blocks_only_for_fp16_operands_one_scale_and_not_six_bits():
     fmt = get_format("e2m1")
-    for kernel in ("exmy_gemv_bf_x16_b1r", "exmy_gemv_bf_xbf_b1r", "exmy_gemv_fold_x16_b1r_g",
-                   "exmy_gemv_two_x16_b1r_ga", "exmy_gemv_bf_xbf_b1r_g"):
+    for kernel in (GemvKernel("b1r", 2, "F16", 0, 2), GemvKernel("b1r", 2, "BF16", 0, 2),
+                   GemvKernel("b1r", 0, "F16", 1, 2), GemvKernel("b1r", 1, "F16", 2, 2),
+                   GemvKernel("b1r", 2, "BF16", 1, 2)):
         assert gpu.gemv_b1r_blocks(kernel, 320, fmt, H100_SMS) == 2, kernel
     for name in ("e2m3", "e3m2", "e2m3s3"):
-        assert gpu.gemv_b1r_blocks("exmy_gemv_fold_x16_b1r", 320, get_format(name), H100_SMS) == 2, name
+        assert gpu.gemv_b1r_blocks(GemvKernel("b1r", 0, "F16", 0, 2), 320, get_format(name), H100_SMS) == 2, name
+
+
+def test_register_budget_of_the_other_kinds():
+    """3 blocks per SM (80 registers) for b1 and nt1 with fp16 operands, one scale per row and codes
+    of <= 5 bits; 2 for everything else, and for b1r unless its launch asks for 3."""
+    for name in ("e2m1", "e2m2", "e3m1", "e2m2s4", "e1m3"):
+        fmt = get_format(name)
+        for kind in ("b1", "nt1"):
+            for mode in (0, 1):
+                assert gpu.gemv_blocks(fmt, kind, mode, 0) == 3, (name, kind, mode)
+                assert gpu.gemv_blocks(fmt, kind, mode, 1) == 2, (name, kind, mode)
+            assert gpu.gemv_blocks(fmt, kind, 2, 0) == 2, (name, kind)
+        assert gpu.gemv_blocks(fmt, "nt2", 0, 0) == 2 and gpu.gemv_blocks(fmt, "b1r", 0, 0) == 2, name
+    for name in ("e2m3", "e3m2", "e4m3", "e2m3s3"):
+        assert gpu.gemv_blocks(get_format(name), "b1", 0, 0) == 2, name
+
+
+def test_kernel_record_names_the_instantiation_and_keeps_report_names():
+    assert GemvKernel("b1r", 0, "F16", 1, 2).expression == "exmy_gemv<3, 0, true, 1, 2>"
+    assert GemvKernel("b1", 2, "BF16", 0, 2).expression == "exmy_gemv<0, 2, false, 0, 2>"
+    assert GemvKernel("nt1", 1, "F16", 0, 3).expression == "exmy_gemv<1, 1, true, 0, 3>"
+    # the names of the kernels before the template (benchmark rows stay comparable)
+    assert GemvKernel("b1", 0, "F16", 0, 3).name == "exmy_gemv_fold_x16_b1"
+    assert GemvKernel("nt1", 1, "F16", 1, 2).name == "exmy_gemv_two_x16_nt1_g"
+    assert GemvKernel("nt2", 2, "F16", 2, 2).name == "exmy_gemv_bf_x16_nt2_ga"
+    assert GemvKernel("b1r", 2, "BF16", 0, 2).name == "exmy_gemv_bf_xbf_b1r"
+    assert GemvKernel("b1r", 0, "F16", 0, 3).name == "exmy_gemv_fold_x16_b1r_3blocks"

@@ -22,8 +22,9 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 import safetensors.torch  # noqa: E402
+from packaging.version import Version  # noqa: E402
 from transformers import (AutoModel, AutoModelForCausalLM, AutoModelForSeq2SeqLM, GptOssConfig,  # noqa: E402
-                          LlamaConfig, Qwen2Config, Qwen3Config, Qwen3MoeConfig, T5Config)
+                          HrmTextConfig, LlamaConfig, Qwen2Config, Qwen3Config, Qwen3MoeConfig, T5Config)
 
 import exmyconv  # noqa: E402
 from exmyconv.integrations import transformers as hf  # noqa: E402
@@ -68,7 +69,7 @@ def plain_dir(out_dir: Path, dest: Path, dtype) -> Path:
     if not dest.exists():
         dest.mkdir(parents=True)
         config = json.loads((out_dir / "config.json").read_text())
-        del config["quantization_config"]
+        del config["quantization_config"], config["attn_implementation"]  # (the guard: as `exmyconv dequantize`)
         (dest / "config.json").write_text(json.dumps(config))
         state = exmyconv.load_state_dict(str(out_dir), dtype=dtype)
         safetensors.torch.save_file({k: v.contiguous() for k, v in state.items()}, str(dest / "model.safetensors"),
@@ -170,6 +171,38 @@ def test_user_flow_in_a_fresh_process(llama):
     assert int(out.split()[-1]) == SMALL["num_hidden_layers"] * LINEARS_PER_LAYER
 
 
+def test_without_import_exmyconv_loading_fails_loudly(llama):
+    """transformers alone only warns about an unknown quant_method and would build random weights in
+    place of the quantized ones: the guard in config.json makes that an error that says what to do."""
+    env = {**os.environ, "TRANSFORMERS_VERBOSITY": "error"}
+    code = textwrap.dedent("""
+        import sys
+        from transformers import AutoModelForCausalLM
+        try:
+            AutoModelForCausalLM.from_pretrained(sys.argv[1])
+        finally:
+            assert "exmyconv" not in sys.modules
+        print("LOADED")
+    """)
+    done = subprocess.run([sys.executable, "-c", code, str(llama / "e2m2")], capture_output=True, text=True,
+                          env=env, timeout=120)
+    assert done.returncode != 0 and "LOADED" not in done.stdout
+    last = done.stderr.strip().splitlines()[-1]
+    assert "ValueError" in last and "import exmyconv before from_pretrained" in last, last
+    # and what a user reads first says it too
+    assert "import exmyconv" in (ROOT / "README.md").read_text()
+    from exmyconv.check.inspection import render
+
+    assert "`import exmyconv` first" in render(exmyconv.inspect(str(llama / "e2m2")))
+
+
+def test_dequantize_takes_the_guard_out(llama, tmp_path):
+    exmyconv.dequantize(str(llama / "e2m2"), str(tmp_path / "fp"))
+    config = json.loads((tmp_path / "fp" / "config.json").read_text())
+    assert "attn_implementation" not in config and "quantization_config" not in config
+    AutoModelForCausalLM.from_pretrained(tmp_path / "fp")  # loads as a plain model
+
+
 def test_registers_when_transformers_was_imported_first():
     _python("""
         import transformers.quantizers.auto as auto
@@ -177,6 +210,65 @@ def test_registers_when_transformers_was_imported_first():
         import exmyconv
         assert "exmy" in auto.AUTO_QUANTIZER_MAPPING and "exmy" in auto.AUTO_QUANTIZATION_CONFIG_MAPPING
     """)
+
+
+# A transformers the quantizer cannot take, simulated by tampering in a fresh process, with
+# exmyconv imported before transformers' quantizer registry (the import hook) or after it.
+_UNSUPPORTED = [("transformers.__version__ = '5.16.0'", "exmyconv first"),
+                ("transformers.__version__ = '6.0.0'", "transformers first"),
+                ("from transformers.quantizers.base import HfQuantizer\n"
+                 "if hasattr(HfQuantizer, 'update_weight_conversions'): del HfQuantizer.update_weight_conversions",
+                 "transformers first")]
+
+
+@pytest.mark.parametrize(("tamper", "order"), _UNSUPPORTED)
+def test_unsupported_transformers_declines_with_one_warning(llama, order, tamper):
+    """import exmyconv works, one single-line warning, nothing registered, plain models load; register() raises."""
+    out = _python("""
+        import json, sys, warnings
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")  # every warning issued is recorded: once is exmyconv's doing
+            import transformers
+            exec(sys.argv[3])
+            if sys.argv[2] == "transformers first":
+                import transformers.quantizers.auto
+            import exmyconv
+            from transformers import AutoModelForCausalLM
+            for _ in range(2):
+                model = AutoModelForCausalLM.from_pretrained(sys.argv[1])
+        from exmyconv.integrations import transformers as hf
+        assert not hf.is_registered() and type(model).__name__ == "LlamaForCausalLM"
+        import transformers  # from_pretrained may have put a fresh transformers module in sys.modules
+        exec(sys.argv[3])
+        try:
+            hf.register()
+            raise AssertionError("registered")
+        except exmyconv.ExmyError as err:
+            error = str(err)
+        print(json.dumps([str(w.message) for w in caught if "exmyconv" in str(w.message)] + [error]))
+    """, args=[str(llama / "src"), order, tamper])
+    *warned, error = json.loads(out)
+    assert len(warned) == 1, warned
+    assert "\n" not in warned[0] and warned[0].startswith("exmyconv: ")
+    assert "the 'exmy' quantization method is not registered" in warned[0] and "(>=5.16.1,<6)" in warned[0]
+    assert "(>=5.16.1,<6)" in error
+
+
+@pytest.mark.parametrize("order", ["exmyconv first", "transformers first"])
+def test_unsupported_transformers_warning_as_error_breaks_nothing(order):
+    """With exmyconv's warning turned into an error, neither transformers' import nor exmyconv's raises."""
+    _python("""
+        import sys, warnings
+        warnings.filterwarnings("error", message="exmyconv")
+        import transformers
+        transformers.__version__ = "5.16.0"
+        if sys.argv[1] == "transformers first":
+            import transformers.quantizers.auto
+        import exmyconv
+        import transformers.quantizers.auto
+        from transformers import AutoModelForCausalLM
+        assert not exmyconv.integrations.transformers.is_registered()
+    """, args=[order])
 
 
 # ----------------------------------------------------------------------------- the torch dequantizer
@@ -365,6 +457,40 @@ def test_moe_experts_dequantized_at_load(tmp_path, arch):
     assert torch.equal(experts_q.down_proj, experts_p.down_proj)
     ids = torch.randint(0, SMALL["vocab_size"], (2, 8))
     assert torch.equal(logits(quantized, ids), logits(plain, ids))
+
+
+# transformers splits some checkpoint tensors on load (one source, several targets); the quantizer
+# then adds T_packed / T_scale as sources, which transformers allows from 5.23 on.
+SPLITS = Version(transformers.__version__) >= Version("5.23")
+
+
+@pytest.fixture(scope="module")
+def hrm(tmp_path_factory):
+    """HRM-text: fused mlp.gate_up_proj and attn.gqkv_proj in the checkpoint, split into the model's Linears."""
+    root = tmp_path_factory.mktemp("hrm")
+    cfg = HrmTextConfig(**{k: v for k, v in SMALL.items() if k != "num_key_value_heads"}, head_dim=32,
+                        num_layers_per_stack=1, H_cycles=1, L_cycles=1)
+    exmyconv.quantize(str(build(cfg, root / "src")), str(root / "out"), format="e2m2", group_size=32)
+    assert "model.H_module.layers.0.mlp.gate_up_proj.weight" in records(root / "out")
+    return root / "out"
+
+
+@pytest.mark.skipif(not SPLITS, reason=f"transformers {transformers.__version__} (< 5.23) cannot load quantized "
+                                       "tensors that it splits; test_tensor_split_on_load_refused_before_5_23 checks "
+                                       "the error")
+def test_tensor_split_on_load(hrm):
+    quantized, plain = load_pair(hrm, torch.float32)
+    layer = quantized.model.H_module.layers[0]
+    assert type(layer.mlp.gate_proj) is torch.nn.Linear and isinstance(layer.mlp.down_proj, ExmyLinear)
+    assert torch.equal(layer.mlp.up_proj.weight, plain.model.H_module.layers[0].mlp.up_proj.weight)
+    ids = torch.randint(0, SMALL["vocab_size"], (2, 8))
+    assert torch.equal(logits(quantized, ids), logits(plain, ids))
+
+
+@pytest.mark.skipif(SPLITS, reason=f"transformers {transformers.__version__} >= 5.23 loads split tensors")
+def test_tensor_split_on_load_refused_before_5_23(hrm):
+    with pytest.raises(exmyconv.ExmyError, match=r"cannot load quantized tensors that it splits on load .*>= 5\.23"):
+        AutoModelForCausalLM.from_pretrained(hrm, dtype=torch.float32)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])

@@ -152,6 +152,7 @@ def test_model_card(converted):
     assert f"```bash\n{cmd}\n```" in body and f"exmyconv {__version__}" in body
     assert "format e2m2, one scale per output channel" in body
     assert 'snapshot_download("me/q")' in body
+    assert "`import exmyconv` first" in body and 'from_pretrained("me/q")' in body
     assert "Load it with transformers" not in body  # the source card's text is not carried
 
 

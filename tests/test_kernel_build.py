@@ -11,12 +11,14 @@ import shutil
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from exmyconv.cuda import gpu
-from exmyconv.format.exmy import NAMED, NAMED_SHARED, all_formats, get_format
+from exmyconv.cuda.gpu import GemvKernel
+from exmyconv.format.exmy import NAMED, NAMED_SHARED, ExMy, all_formats, get_format
 
 ROOT = Path(__file__).resolve().parents[1]
 KERNELS = ROOT / "kernels"
@@ -58,75 +60,111 @@ def test_sources_are_packaged_and_share_one_decoder():
     assert re.search(r'^"kernels"\s*=\s*"exmyconv/kernels"', pyproject, re.M), "kernels/ not in the wheel"
 
 
-def _compile(src: Path, e: int, m: int, out: Path, variant: int | None = None, share: int = 1,
-             extra: tuple = ()) -> tuple[str, int, str]:
-    defines = [f"-DEXMY_E={e}", f"-DEXMY_M={m}"] + ([f"-DEXMY_VARIANT={variant}"] if variant is not None else [])
-    defines += ([f"-DEXMY_SHARE={share}"] if share > 1 else []) + [f"-D{d}" for d in extra]
+def _compile(src: Path, fmt: ExMy, out: Path) -> tuple[int, str]:
+    defines = [f"-DEXMY_E={fmt.e}", f"-DEXMY_M={fmt.m}"] + ([f"-DEXMY_SHARE={fmt.share}"] if fmt.share > 1 else [])
     cmd = [NVCC, "-arch=sm_90", "--cubin", "-std=c++17", *defines, "--resource-usage", "-o", str(out), str(src)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    name = f"e{e}m{m}" + (f"s{share}" if share > 1 else "")
-    what = f"{src.name} {name}" + (f" v{variant}" if variant is not None else "") + "".join(f" {d}" for d in extra)
-    return what, proc.returncode, proc.stdout + proc.stderr
+    return proc.returncode, proc.stdout + proc.stderr
 
 
-def _jobs_for(tmp_path):
-    """Every source for every format. gemv.cu has 48 variants (mode x kernel kind x scale groups):
-    all of them for the named formats and e5m2; for the other formats the fp16-operand batch-1 and
-    batch-8 ones (E <= 4) and the bf16-operand unaligned-group one, which between them run every
-    decode path."""
+def gemv_instances(fmt: ExMy) -> list[GemvKernel]:
+    """Every exmy_gemv instantiation the host may pick for `fmt`, with its register budget
+    (gpu.gemv_blocks; b1r at 2 blocks per SM): 48, or 24 for E = 5 (no fp16 operands)."""
+    operands = ([(0, "F16"), (1, "F16")] if fmt.e <= 4 else []) + [(2, "F16"), (2, "BF16")]
+    return [GemvKernel(kind, mode, x_dtype, groups, gpu.gemv_blocks(fmt, kind, mode, groups))
+            for mode, x_dtype in operands for kind in gpu.GEMV_KINDS for groups in (0, 1, 2)]
+
+
+def gemv_builds() -> list[tuple[ExMy, list[GemvKernel]]]:
+    """The GEMV instantiations compiled per format: all of them for the named formats and e5m2;
+    for the other formats (and the named shared ones) the fp16-operand batch-1 and batch-8 ones
+    (E <= 4) and the bf16-operand b1r one with unaligned groups, which between them run every
+    decode path; and the b1r kernels built for 3 blocks per SM (gpu.gemv_b1r_blocks uses fold/two
+    with one scale per row for codes of other than 6 bits; the GPU tests force the others): fold,
+    two, fold with aligned groups, bf16 operands, unaligned groups."""
+    builds = []
+    for fmt in all_formats() + [get_format(name) for name in NAMED_SHARED]:
+        if fmt.name in NAMED or fmt.name == "e5m2":
+            kernels = gemv_instances(fmt)
+        else:
+            kernels = [k for k in gemv_instances(fmt) if (k.kind, k.mode, k.groups) in (("b1", 0, 0), ("nt1", 0, 0))
+                       or (k.kind, k.x_dtype, k.groups) == ("b1r", "BF16", 2)]
+        if fmt.name in NAMED + NAMED_SHARED and fmt.bits != 6:
+            kernels += [replace(k, blocks=3) for k in gemv_instances(fmt) if k.kind == "b1r" and (
+                (k.mode, k.groups) in ((0, 0), (1, 0), (0, 1)) or (k.mode, k.x_dtype, k.groups) in
+                ((2, "F16", 0), (2, "BF16", 2)))]
+        builds.append((fmt, kernels))
+    return builds
+
+
+def gemv_source(kernels: list[GemvKernel], path: Path) -> Path:
+    """A source that builds `kernels` from kernels/gemv.cu (what NVRTC's name expressions do)."""
+    lines = [f'#include "{KERNELS / "gemv.cu"}"'] + [f"EXMY_GEMV_INSTANCE({k.expression})" for k in kernels]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _jobs_for(tmp_path) -> list[tuple[Path, ExMy, Path, list[GemvKernel]]]:
+    """(source, format, cubin, GEMV instantiations): gemv.cu as gemv_builds says, one compilation
+    per format (first: the longest jobs), and every other source for every format."""
     jobs = []
+    for f, kernels in gemv_builds():
+        src = gemv_source(kernels, tmp_path / f"gemv_{f.name}.cu")
+        jobs.append((src, f, src.with_suffix(".cubin"), kernels))
     for src in DECODE_SOURCES:
-        for e, m in FORMATS:
-            name = f"e{e}m{m}"
-            if src.name != "gemv.cu" or name in NAMED or name == "e5m2":
-                jobs.append((src, e, m, tmp_path / f"{src.stem}_{name}.cubin", None))
-            else:
-                for v in ([0, 3] if e <= 4 else []) + [47]:
-                    jobs.append((src, e, m, tmp_path / f"{src.stem}_{name}_v{v}.cubin", v))
-    # shared formats: dequant.cu for every k with a few formats (every shared-bit expansion path:
-    # k = 2, 4, 8 bit spreads, k = 3, 5, 6, 7 the general one), the named ones for every source;
-    # gemv.cu with its fp16 batch-1 / batch-8 and bf16 unaligned-group variants
-    for e, m, share in SHARED:
-        name = f"e{e}m{m}s{share}"
-        for src in DECODE_SOURCES:
-            if src.name == "gemv.cu":
-                if name in NAMED_SHARED:
-                    jobs += [(src, e, m, tmp_path / f"{src.stem}_{name}_v{v}.cubin", v, share) for v in (0, 3, 47)]
-            elif name in NAMED_SHARED or (e, m) in ((2, 2), (2, 3), (1, 1), (4, 3), (5, 2)):
-                jobs.append((src, e, m, tmp_path / f"{src.stem}_{name}.cubin", None, share))
-    # the b1r kernels built for 3 blocks per SM (gpu.gemv_b1r_blocks uses fold/two, one scale per
-    # row, codes of other than 6 bits; the tests force the others): fold, two, fold with aligned
-    # groups, bf16 operands, unaligned groups
-    gemv = KERNELS / "gemv.cu"
-    for f in map(get_format, (*NAMED, *NAMED_SHARED)):
-        if f.bits != 6:
-            for v in (9, 21, 10, 33, 47):
-                out = tmp_path / f"gemv_{f.name}_v{v}_b3.cubin"
-                jobs.append((gemv, f.e, f.m, out, v, f.share, ("GEMV_B1R_BLOCKS=3",)))
+        if src.name != "gemv.cu":
+            jobs += [(src, f, tmp_path / f"{src.stem}_{f.name}.cubin", []) for f in all_formats()]
+    # shared formats: every source but gemv.cu for a few formats of every k (every shared-bit
+    # expansion path: k = 2, 4, 8 bit spreads, k = 3, 5, 6, 7 the general one) and the named ones
+    for f in all_formats(shared=True):
+        if f.name in NAMED_SHARED or (f.e, f.m) in ((2, 2), (2, 3), (1, 1), (4, 3), (5, 2)):
+            jobs += [(src, f, tmp_path / f"{src.stem}_{f.name}.cubin", []) for src in DECODE_SOURCES
+                     if src.name != "gemv.cu"]
     return jobs
+
+
+# ptxas --resource-usage of one exmy_gemv instantiation (mangled: exmy_gemvILi3ELi0ELb1ELi0ELi2E...)
+GEMV_USAGE = re.compile(r"Function properties for _Z\d+exmy_gemvILi(\d)ELi(\d)ELb([01])ELi(\d)ELi(\d)E\w*\n"
+                        r"\s+\d+ bytes stack frame, (\d+) bytes spill stores.*\n.*Used (\d+) registers")
+
+
+def gemv_usage(log: str) -> dict[str, tuple[int, int]]:
+    """{C++ name of an instantiation: (registers, bytes spilled)} from an nvcc --resource-usage log."""
+    found = {}
+    for kind, mode, xf16, groups, blocks, spill, regs in GEMV_USAGE.findall(log):
+        xf16 = "true" if xf16 == "1" else "false"
+        found[f"exmy_gemv<{kind}, {mode}, {xf16}, {groups}, {blocks}>"] = (int(regs), int(spill))
+    return found
+
+
+def spill_limit(fmt: ExMy, kernel: GemvKernel) -> int | None:
+    """Bytes a GEMV instantiation may spill: none for the fp16-operand kernels of the named formats
+    with one scale per row or aligned groups (fast paths); at most 32 for the 80-register b1r builds
+    gpu uses (fp16 operands, one scale per row); the others may spill a little."""
+    if kernel.kind == "b1r" and kernel.blocks == 3:
+        return 32 if kernel.mode != 2 and kernel.groups == 0 else None
+    return 0 if fmt.name in NAMED and kernel.mode != 2 and kernel.groups != 2 else None
 
 
 @needs_nvcc
 def test_every_kernel_compiles_for_sm90(tmp_path):
     jobs = _jobs_for(tmp_path)
     with ThreadPoolExecutor(_jobs()) as pool:
-        results = list(pool.map(lambda a: _compile(*a), jobs))
-    failed = [(what, log) for what, rc, log in results if rc != 0]
-    assert not failed, "\n\n".join(f"{what}:\n{log[-3000:]}" for what, log in failed[:3])
-    for what, _, log in results:
-        assert "warning" not in log.lower(), f"{what}:\n{log[-2000:]}"
-    # fast paths of the named formats: no local-memory spills in the fp16-operand GEMV kernels
-    # (fold/two) with one scale per row or aligned groups; the others may spill a little. The
-    # 80-register b1r builds gpu uses (fold/two, one scale per row): at most 32 bytes
-    for what, _, log in results:
-        three = "B1R_BLOCKS=3" in what
-        if what.startswith("gemv.cu") and (what.split()[1] in NAMED or three):
-            found = re.findall(r"Function properties for (\w+)\n\s+\d+ bytes stack frame, (\d+) bytes spill", log)
-            assert found, log
-            fast = ("exmy_gemv_fold_x16_b1r", "exmy_gemv_two_x16_b1r") if three else ("exmy_gemv_fold", "exmy_gemv_two")
-            spilled = [name for name, n in found if int(n) > (32 if three else 0) and not name.endswith("_ga")
-                       and name.startswith(fast) and (not three or name in fast)]
-            assert not spilled, f"{what}: {spilled} spill registers:\n{log}"
+        results = list(pool.map(lambda job: _compile(*job[:3]), jobs))
+    what = [f"{src.name} {f.name}" for src, f, _, _ in jobs]
+    failed = [(w, log) for w, (rc, log) in zip(what, results) if rc != 0]
+    assert not failed, "\n\n".join(f"{w}:\n{log[-3000:]}" for w, log in failed[:3])
+    for w, (_, log) in zip(what, results):
+        assert "warning" not in log.lower(), f"{w}:\n{log[-2000:]}"
+    # every GEMV instantiation: within the registers of its blocks per SM, and the spill limits
+    for w, (_, f, _, kernels), (_, log) in zip(what, jobs, results):
+        usage = gemv_usage(log)
+        for k in kernels:
+            assert k.expression in usage, f"{w}: no resource usage of {k.expression}:\n{log[-2000:]}"
+            regs, spill = usage[k.expression]
+            assert regs <= 65536 // (gpu.GEMV_WARPS * 32 * k.blocks) // 8 * 8, f"{w} {k.name}: {regs} registers"
+            limit = spill_limit(f, k)
+            assert limit is None or spill <= limit, f"{w} {k.name} ({k.expression}) spills {spill} bytes"
 
 
 @needs_nvcc

@@ -17,6 +17,7 @@ from conftest import (Raw, as_array, make_checkpoint, read_safetensors, spec_tab
 from exmyconv.format import exmy as formats
 from exmyconv.convert import pipeline
 from exmyconv.format import quant
+from exmyconv.format.layout import GUARD_VALUE
 from exmyconv.io.checkpoint import Checkpoint
 from exmyconv.torch.state_dict import load_state_dict
 from exmyconv.errors import ExmyError
@@ -64,7 +65,7 @@ def check_quantized(out, src_tensors, name, fmt_name, group_size):
     fname = packed[3]
     assert scale[3] == fname, "packed and scale live in one file"
     fmeta = metas[fname]
-    assert fmeta["format"] == "pt" and fmeta["exmy_version"] == "1.1"
+    assert fmeta["format"] == "pt" and fmeta["exmy_version"] == "1.2"
     meta = json.loads(fmeta["exmy:" + name])
     src = np.asarray(src_tensors[name])
     src_dtype = {np.dtype(np.float32): "F32", np.dtype(np.float16): "F16",
@@ -240,9 +241,11 @@ def test_side_files_and_config(small_source, tmp_path):
     assert not (out / "pytorch_model.bin").exists()
     cfg = json.loads((out / "config.json").read_text())
     qc = cfg.pop("quantization_config")
-    assert cfg == config, "the source config is kept as is"
+    # the guard that makes transformers without `import exmyconv` fail loudly (SPEC section 4)
+    assert cfg.pop("attn_implementation") == GUARD_VALUE
+    assert cfg == config, "the source config is kept as is, apart from the guard"
     assert set(qc) == {"quant_method", "format_version", "format", "group_size", "ignore", "tied", "exmyconv_version"}
-    assert qc["quant_method"] == "exmy" and qc["format_version"] == "1.1"
+    assert qc["quant_method"] == "exmy" and qc["format_version"] == "1.2"
     assert qc["format"] == "e3m2" and qc["group_size"] == 128
     assert qc["exmyconv_version"] == exmyconv.__version__
     assert sorted(qc["ignore"]) == sorted(EMBEDDINGS + ["model.position_ids"])
@@ -331,7 +334,7 @@ def test_inspect_converted_dir_single_file_and_plain(small_source, tmp_path, run
     assert code == 0
     report = json.loads(js)
     assert report["kind"] == "exmy" and report["intact"] and report["problems"] == []
-    assert report["exmy_version"] == "1.1" and report["model_type"] == "llama"
+    assert report["exmy_version"] == "1.2" and report["model_type"] == "llama"
     assert report["tensors"] == len(tensors) and report["quantized_tensors"] == len(QUANTIZABLE)
     rows = {r["name"]: r for r in report["tensor_table"]}
     assert set(rows) == set(tensors)

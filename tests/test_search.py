@@ -12,8 +12,6 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-import contextlib  # noqa: E402
-import io  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 import re  # noqa: E402
@@ -25,7 +23,6 @@ import ml_dtypes  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-from exmyconv import cli  # noqa: E402
 from exmyconv.errors import ExmyError  # noqa: E402
 from exmyconv.format.exmy import get_format  # noqa: E402
 from exmyconv.convert.pipeline import Options, convert  # noqa: E402
@@ -33,7 +30,7 @@ from exmyconv.format.quant import quantize  # noqa: E402
 from exmyconv.convert.search import DEFAULT_CANDIDATES, allocate, fused_groups, measure, parse_candidates  # noqa: E402
 from exmyconv.io.source import example_dir  # noqa: E402
 
-from conftest import make_checkpoint, read_safetensors, tree_snapshot  # noqa: E402
+from conftest import cli_call, make_checkpoint, read_safetensors, tree_snapshot  # noqa: E402
 
 # --------------------------------------------------------------------------- independent oracles
 
@@ -118,18 +115,6 @@ def header_names(path: Path) -> dict:
         header = json.loads(f.read(n))
     header.pop("__metadata__", None)
     return header
-
-
-def cli_call(*args) -> tuple[int, str, str]:
-    """cli.main outside a test function (module fixtures cannot use capsys)."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            cli.main([str(a) for a in args])
-            code = 0
-        except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else 1
-    return code, out.getvalue(), err.getvalue()
 
 
 def assert_clean_failure(code, out, err, tmp_path: Path, out_dir: Path, *words):

@@ -37,7 +37,9 @@ VECTOR_CASES = {
     "e4m3": ("e4m3", None), "e1m1": ("e1m1", None), "e3m3": ("e3m3", 16),
     "e5m2": ("e5m2", None), "e1m0": ("e1m0", None), "e3m0-g48": ("e3m0", 48),
     "e2m2s4": ("e2m2s4", None), "e2m3s3-g64": ("e2m3s3", 64),
+    "e1m1s2": ("e1m1s2", None), "e4m3s8-g32": ("e4m3s8", 32),  # 1.2: other plane layouts of shared formats
 }
+FOLDER_CASES = ["sharded-e2m3s3-g64", "tied-e2m2"]  # formats/vectors/README.md, "Checkpoint folders"
 VECTOR_SOURCES = {  # name -> (source dtype, shape), from the README
     "layer.sweep.weight": ("F32", [2, 150]),
     "layer.zero_row.weight": ("F16", [3, 130]),
@@ -382,12 +384,13 @@ def test_vector(path):
     with open(path[: -len(".safetensors")] + ".json") as fh:
         expected = json.load(fh)
     ckpt = sd.read_file(path)
-    assert ckpt.metadata["format"] == "pt" and ckpt.metadata["exmy_version"] == "1.1"
+    assert ckpt.metadata["format"] == "pt" and ckpt.metadata["exmy_version"] == "1.2"
     assert set(expected) == set(ckpt.quantized) == set(VECTOR_SOURCES)
     assert list(ckpt.plain) == ["layer.norm.weight"] and ckpt.plain["layer.norm.weight"].data.ndim == 1
-    if sd.parse_format_full(fmt)[2] is not None:
-        # "padded with code 0" holds for the b - 1 plane bits only: a share group cut by K gives
-        # its padding elements its bit, so padding codes of 1 occur (K = 130 in both cases)
+    k = sd.parse_format_full(fmt)[2]
+    if k is not None and k != 2:
+        # "padded with code 0" holds for the b - 1 plane bits only: a share block cut by K gives
+        # its padding elements its bit, so padding codes of 1 occur (K = 130 and 150; k = 2 cuts none)
         assert any((q.codes(padded=True)[..., q.shape[-1]:] == 1).any() for q in ckpt.quantized.values())
     for name, exp in expected.items():
         q = ckpt.quantized[name]
@@ -410,6 +413,85 @@ def test_vector(path):
             assert mism.size == 0, (
                 f"{case} {name} {key}: {mism.size} mismatches, first at {mism[:5].tolist()}: "
                 f"got {[hex(v) for v in got[mism[:3]]]} want {[hex(v) for v in want[mism[:3]]]}")
+
+
+def _hex_bits(q: sd.QuantizedTensor, exp: dict) -> None:
+    for key, out in (("f32_bits", "F32"), ("f16_bits", "F16"), ("bf16_bits", "BF16")):
+        got = q.dequantize_bits(out).ravel()
+        want = np.array([int(h, 16) for h in exp[key]], dtype=got.dtype)
+        assert np.array_equal(got, want), f"{q.name} {key}"
+
+
+@pytest.mark.parametrize("case", FOLDER_CASES)
+def test_folder_vector(case):
+    """SPEC.md section 4: index keys are stored names, in the file that holds them; a tied lm_head is
+    not stored and not output; integer tensors are output as stored; config.json's quantization_config."""
+    folder = os.path.join(VECTORS, case)
+    with open(folder + ".json") as fh:
+        expected = json.load(fh)
+    ckpt = sd.read_checkpoint(folder)
+    assert [os.path.basename(f) for f in ckpt.files] == expected["files"]
+    assert ckpt.outputs() == expected["outputs"] and ckpt.tied == expected["tied"]
+    assert set(ckpt.quantized) == set(expected["quantized"])
+    qc = ckpt.config["quantization_config"]
+    assert qc["quant_method"] == "exmy" and qc["format_version"] == "1.2"
+    for f in ckpt.files:
+        md, _ = sd.read_safetensors(f)
+        assert md["exmy_version"] == "1.2"
+    for name, exp in expected["quantized"].items():
+        q = ckpt.quantized[name]
+        assert (q.format, q.shape) == (exp["format"], exp["shape"])
+        check_padding(q)
+        _hex_bits(q, exp)
+    index = os.path.join(folder, "model.safetensors.index.json")
+    if case.startswith("sharded"):
+        assert len(ckpt.files) == 2
+        with open(index) as fh:
+            keys = set(json.load(fh)["weight_map"])
+        assert keys == set(ckpt.stored_in) and not keys & set(ckpt.quantized)  # T_packed/T_scale, never T
+    else:
+        assert not os.path.exists(index)
+        assert ckpt.tied == {"lm_head.weight": "model.embed_tokens.weight"}
+        assert "lm_head.weight" not in ckpt.outputs() and "model.embed_tokens.weight" in ckpt.quantized
+        ids = ckpt.plain["model.position_ids"]
+        assert ids.dtype == "I64" and ids.data.tolist() == [list(range(8))]
+    # exmyconv's own reader outputs the same names and the same values
+    ref = load_state_dict(folder, dtype=torch.float32)
+    assert sorted(ref) == ckpt.outputs()
+    for name, q in ckpt.quantized.items():
+        assert np.array_equal(torch_bits(ref[name]).ravel(), q.dequantize_bits("F32").ravel()), name
+
+
+def test_decoder_refuses_what_exmyconv_refuses(tmp_path):
+    """SPEC.md section 6 is complete: on structure-aware damage to real conversions (the reader fuzzer's
+    cases), the independent decoder and exmyconv accept and refuse the same files, and decode the
+    accepted ones to the same values."""
+    from exmyconv.errors import ExmyError
+    from exmyconv.io.checkpoint import open_checkpoint
+    from fuzz_reader import make_bases, make_case
+
+    bases = make_bases(tmp_path / "bases")
+    accepted = refused = 0
+    for i in range(300):
+        target, what = make_case(4242, i, bases, tmp_path / "cases")
+        try:
+            ours = sd.read_checkpoint(str(target))
+        except ValueError as err:
+            ours = err
+        try:
+            with open_checkpoint(str(target)) as ckpt:
+                theirs = {n: ckpt.dequantize(n, "F32") for n in ckpt.records}
+        except ExmyError as err:
+            theirs = err
+        assert isinstance(ours, ValueError) == isinstance(theirs, ExmyError), f"case {i} ({what}): {ours!r} / {theirs!r}"
+        if isinstance(ours, ValueError):
+            refused += 1
+            continue
+        accepted += 1
+        assert set(ours.quantized) == set(theirs), what
+        for name, q in ours.quantized.items():
+            assert np.array_equal(q.dequantize().view(np.uint32), theirs[name].view(np.uint32)), (what, name)
+    assert accepted > 30 and refused > 150
 
 
 # ============================================================================ exmyconv CLI
@@ -493,7 +575,7 @@ def test_minilm_layout(minilm, case):
     with open(os.path.join(conv.dir, "config.json")) as fh:
         config = json.load(fh)
     qc = config["quantization_config"]
-    assert qc["quant_method"] == "exmy" and qc["format_version"] == "1.1"
+    assert qc["quant_method"] == "exmy" and qc["format_version"] == "1.2"
     assert qc["format"] == fmt and qc["group_size"] == group
     assert isinstance(qc["exmyconv_version"], str) and qc["exmyconv_version"]
     assert config["model_type"] == "bert" and config["hidden_size"] == 384   # source config kept
@@ -516,7 +598,7 @@ def test_minilm_layout(minilm, case):
             assert np.all(np.isfinite(p.as_f32()))
     for md_file in ck.files:
         md, _ = sd.read_safetensors(md_file)
-        assert md["format"] == "pt" and md["exmy_version"] == "1.1"
+        assert md["format"] == "pt" and md["exmy_version"] == "1.2"
     index = os.path.join(conv.dir, "model.safetensors.index.json")
     if "--max-shard-size" in args:
         with open(index) as fh:
@@ -699,7 +781,7 @@ def test_layout_versions(tmp_path):
     plain = os.path.join(VECTORS, "e2m2.safetensors")
     shared = os.path.join(VECTORS, "e2m2s4.safetensors")
     want = _bits(sd.read_file(plain))
-    for v in ("1.0", "1.1", "1.7"):
+    for v in ("1.0", "1.1", "1.2", "1.7"):
         rewrite_vector(plain, str(tmp_path / "p.safetensors"), version=v)
         ck = sd.read_file(str(tmp_path / "p.safetensors"))
         assert ck.metadata["exmy_version"] == v

@@ -1,5 +1,6 @@
-"""Benchmarks: GPU kernels against torch fp16 (``kernels``), end-to-end decoding (``e2e``), and the integer
-round-to-nearest baselines of the quality comparison (``baselines``).
+"""Benchmarks: GPU kernels against torch fp16 (``kernels``), end-to-end decoding (``e2e``), model quality
+(``quality``: `exmyconv eval`, with its default text ``eval_text.txt``; ``compare``: `bench --quality`)
+and the integer round-to-nearest baselines of that comparison (``baselines``).
 
 Imports: any floor below; nothing imports it but the command line.
 """

@@ -2,7 +2,7 @@
 
 These are the usual peers' defaults (GPTQ/AWQ-style weight-only "intB-gG" without any
 calibration or error feedback), written here from the definition so that the quality benchmark
-(`scripts/bench-quality`) can put ExMy formats next to them at equal bits. Nothing here is
+(`exmyconv bench --quality`, :mod:`exmyconv.bench.compare`) can put ExMy formats next to them at equal bits. Nothing here is
 written to a checkpoint; the functions return the dequantized float32 weights.
 
 The scheme, for B-bit codes (qmax = 2^B - 1) and groups of G consecutive elements along the last

@@ -35,7 +35,6 @@ counts every sequence of the batch (batch x tokens / time).
 from __future__ import annotations
 
 import functools
-import json
 import statistics
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -43,6 +42,7 @@ from pathlib import Path
 from ..errors import ExmyError
 from ..format.exmy import get_format
 from ..format.layout import CONFIG_FILE
+from ..io.validate import read_json
 
 FP16 = "fp16"
 DEFAULT_FORMATS = ("e2m2", "e2m1", "e4m3")
@@ -100,11 +100,8 @@ def build_config(spec: str, layers: int | None = None) -> DecoderConfig:
             path = path / CONFIG_FILE
         if not path.is_file():
             raise ExmyError(f"--e2e {spec!r}: not a preset ({', '.join(PRESETS)}) nor a config.json or a folder with one")
-        try:
-            raw = json.loads(path.read_text())
-        except (OSError, ValueError) as err:
-            raise ExmyError(f"{path}: cannot read a JSON config ({err})") from None
-        raw = raw.get("text_config", raw) if isinstance(raw, dict) else raw
+        raw = read_json(path)
+        raw = raw.get("text_config", raw)
         if not isinstance(raw, dict) or "hidden_size" not in raw:
             raise ExmyError(f"{path}: no hidden_size: not a transformers model config")
         try:

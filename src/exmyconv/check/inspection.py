@@ -1,15 +1,21 @@
 """`exmyconv inspect`: what a checkpoint holds, at how many bits, with what error, and whether it is intact."""
 from __future__ import annotations
 
-import json
 from collections import Counter
 from math import prod
 from pathlib import Path
 
 from ..io.checkpoint import Checkpoint
+from ..io.validate import exmy_config, read_json
 from ..format.dtypes import STORAGE
 from ..format.layout import SEARCH_REPORT
 from ..errors import ExmyError
+
+
+# Said wherever a user starts (README, model card, inspect). Without the import, transformers would build
+# the model with random weights in place of the quantized ones and only warn; the guard in a converted
+# config.json (format.layout.GUARD_VALUE) turns that into an error that says what to do.
+LOAD_HINT = "with transformers, `import exmyconv` first (it registers quant_method \"exmy\")"
 
 
 def search_report(path) -> dict | None:
@@ -18,8 +24,8 @@ def search_report(path) -> dict | None:
     if not side.is_file():
         return None
     try:
-        return json.loads(side.read_text())
-    except (OSError, json.JSONDecodeError):
+        return read_json(side)
+    except ExmyError:
         return {"error": f"unreadable {SEARCH_REPORT}"}
 
 
@@ -31,9 +37,6 @@ def inspect_checkpoint(path: str) -> dict:
             if name in ckpt.records:
                 r, f = ckpt.records[name]
                 nbytes = f.tensors[r.packed_name].nbytes + f.tensors[r.scale_name].nbytes
-                bad = ckpt.check_scales(name)
-                if bad:
-                    problems.append(bad)
                 group = "channel" if r.group_size == r.k else r.group_size
                 rows.append({"name": name, "shape": list(r.shape), "format": r.fmt.name, "group": group,
                              "source_dtype": r.dtype, "scale_dtype": f.tensors[r.scale_name].dtype,
@@ -46,14 +49,15 @@ def inspect_checkpoint(path: str) -> dict:
                              "params": n, "bytes": info.nbytes, "bits": 8 * STORAGE[info.dtype].itemsize,
                              "rel_error": None, "file": f.path.name})
         quant = [r for r in rows if r["rel_error"] is not None]
-        qcfg = (ckpt.config or {}).get("quantization_config") or {}
+        qcfg = exmy_config(ckpt.config) or {}
         qparams = sum(r["params"] for r in quant)
         qbytes = sum(r["bytes"] for r in quant)
         worst = max(quant, key=lambda r: r["rel_error"]) if quant else None
         return {
             "path": str(ckpt.path),
-            "kind": "exmy" if quant or qcfg.get("quant_method") == "exmy" else "plain",
-            "exmy_version": qcfg.get("format_version"),
+            "kind": "exmy" if ckpt.is_exmy else "plain",
+            "exmy_version": qcfg.get("format_version") or next(
+                (f.metadata["exmy_version"] for f in ckpt.files if "exmy_version" in f.metadata), None),
             "model_type": (ckpt.config or {}).get("model_type"),
             "files": [f.path.name for f in ckpt.files],
             "file_bytes": sum(f.size for f in ckpt.files),
@@ -126,6 +130,8 @@ def render(report: dict) -> str:
                   else f"max error {search.get('max_error')}")
         lines.append(f"  format search: {search['objective']}, {target} -> {search['achieved_bits']:.3f} bits, "
                      f"{len(search['candidates'])} candidates ({SEARCH_REPORT})")
+    if report["kind"] == "exmy":
+        lines.append(f"  load: {LOAD_HINT}; or exmyconv.load_state_dict, or `exmyconv dequantize` to plain")
     lines.append("  integrity: OK" if report["intact"] else
                  f"  integrity: {len(report['problems'])} problem(s)\n" + "\n".join(f"    - {p}" for p in report["problems"]))
     width = max((len(r["name"]) for r in report["tensor_table"]), default=4)

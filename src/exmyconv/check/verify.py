@@ -55,12 +55,13 @@ def verify(out_dir: str, source_dir: str | None = None, use_gpu: bool | None = N
     try:
         src_tensors = {info.name: (info, f) for info, f in source.tensors} if source else {}
         with Checkpoint(out_dir) as ckpt:
+            if not ckpt.is_exmy:
+                raise ExmyError(f"{ckpt.path}: not an exmy checkpoint (no exmy records in its files, no "
+                                "quantization_config with quant_method \"exmy\" in config.json): nothing to verify")
             report.problems += ckpt.problems
             for name, (record, f) in sorted(ckpt.records.items()):
                 report.tensors += 1
-                bad = ckpt.check_scales(name)
-                if bad:
-                    report.problems.append(bad)
+                if name in ckpt.bad_scales:
                     continue
                 exact = ckpt.dequantize(name, "F32")
                 if not np.isfinite(exact).all():

@@ -12,12 +12,14 @@ from ..format.exmy import NAMED
 @click.command("bench")
 @click.option("--formats", default=None,
               help=f"Comma-separated ExMy formats to benchmark [default: {','.join(NAMED)}; "
-                   f"with --e2e: fp16 plus e2m2,e2m1,e4m3].")
+                   f"with --e2e: fp16 plus e2m2,e2m1,e4m3]; with --quality: variants FORMAT[-gG], auto-BITS[+cal], "
+                   f"intB[-gG] [default: 10 formats, auto-4.25, auto-5, int4-g128, int4-g32, int5-g128].")
 @click.option("--shapes", default=None, metavar="KxN,...",
               help="Layer shapes as K inputs x N outputs (default: 4096x4096, 4096x14336, 14336x4096, "
                    "8192x28672, 28672x8192).")
 @click.option("--checkpoint", default=None, metavar="PATH",
-              help="Benchmark the weight shapes of this checkpoint (exmy or plain safetensors) instead.")
+              help="Benchmark the weight shapes of this checkpoint (exmy or plain safetensors) instead; "
+                   "with --quality: the model to convert and measure [default: @minilm].")
 @click.option("--max-shapes", type=int, default=8, show_default=True,
               help="With --checkpoint: the largest this many distinct shapes.")
 @click.option("--batches", default=None, help="Batch sizes (1..16 per launch) [default: 1,2,4,8,16; with --e2e: 1,4].")
@@ -27,19 +29,35 @@ from ..format.exmy import NAMED
 @click.option("--no-dequant", is_flag=True, help="Skip the dequantization bandwidth measurement.")
 @click.option("--peers", is_flag=True, help="Also time vLLM's Humming kernels (pip install humming-kernels) for "
                                              "e2m1/e2m2/e3m2/e2m3 and its int4-g128, in the same run.")
-@click.option("--json", "json_path", default="exmy-bench.json", show_default=True, help="Write results here.")
-@click.option("--png", "png_path", default="exmy-bench.png", show_default=True,
-              help="Plot of speedup vs batch, one line per format.")
+@click.option("--json", "json_path", default=None,
+              help="Write results here [default: exmy-bench.json; with --quality: exmy-quality.json].")
+@click.option("--png", "png_path", default=None,
+              help="Plot of speedup vs batch, one line per format [default: exmy-bench.png]; with --quality: "
+                   "quality vs bits per weight, one point per variant [default: exmy-quality.png].")
 @click.option("--e2e", "e2e", default=None, metavar="MODEL_OR_CONFIG",
               help="End-to-end greedy decoding tokens/s, fp16 vs ExMy, random weights: 'llama3-8b' or a "
                    "transformers config.json (or its folder). See docs/benchmarks.md.")
 @click.option("--layers", type=int, default=None, help="With --e2e: decoder layers (shrinks the model).")
-@click.option("--tokens", type=int, default=128, show_default=True, help="With --e2e: tokens decoded per run.")
+@click.option("--tokens", type=int, default=None,
+              help="With --e2e: tokens decoded per run [default: 128]; with --quality: tokens scored [default: 2048].")
+@click.option("--quality", is_flag=True, help="On the CPU: model quality vs bits per weight of ExMy variants and "
+                                               "integer RTN baselines, measured as `exmyconv eval` does.")
+@click.option("--text", "text_file", default=None, metavar="FILE",
+              help="With --quality: text to measure on [default: the one `exmyconv eval` uses].")
+@click.option("--seq-len", type=int, default=512, show_default=True, help="With --quality: window length.")
+@click.option("--calibration", default=None, metavar="TEXT_FILE",
+              help="With --quality: calibration text for auto-B+cal variants (adds auto-5+cal to the default list).")
 def bench(formats, shapes, checkpoint, max_shapes, batches, group_size, reps, no_dequant, peers, json_path, png_path,
-          e2e, layers, tokens):
-    """Time GPU dequantization and the fused ExMy GEMV against torch fp16 F.linear (needs a CUDA GPU)."""
+          e2e, layers, tokens, quality, text_file, seq_len, calibration):
+    """Time GPU dequantization and the fused ExMy GEMV against torch fp16 F.linear (needs a CUDA GPU);
+    --quality: model quality against bits per weight, on the CPU."""
+    if quality:
+        _bench_quality(checkpoint or "@minilm", formats, tokens, text_file, seq_len, calibration,
+                       json_path or "exmy-quality.json", png_path or "exmy-quality.png")
+        return
+    json_path, png_path = json_path or "exmy-bench.json", png_path or "exmy-bench.png"
     if e2e is not None:
-        _bench_e2e(e2e, formats, batches, layers, tokens, json_path)
+        _bench_e2e(e2e, formats, batches, layers, 128 if tokens is None else tokens, json_path)
         return
     formats = formats or ",".join(NAMED)
     batches = batches or "1,2,4,8,16"
@@ -102,3 +120,14 @@ def _bench_e2e(spec, formats, batches, layers, tokens, json_path):
         with open(json_path, "w") as fh:
             json.dump(result, fh, indent=1)
         click.echo(f"wrote {json_path}")
+
+
+def _bench_quality(model, variants, tokens, text_file, seq_len, calibration, json_path, png_path):
+    from ..bench import compare
+
+    chosen = compare.parse_variants(variants, calibration)
+    result = compare.run(model, chosen, text_file, compare.DEFAULT_TOKENS if tokens is None else tokens, seq_len,
+                         log=lambda msg: click.echo(msg, err=True))
+    click.echo(compare.table(result))
+    for path in compare.write(result, json_path, png_path):
+        click.echo(f"wrote {path}")

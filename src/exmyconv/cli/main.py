@@ -2,15 +2,17 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
 
 import click
 
 from .._version import __version__
-from ..errors import ExmyError
+from ..errors import ExmyError, Interrupted
 from .bench import bench
 from .check import inspect, verify_cmd
 from .convert import dequantize, quantize
+from .eval import eval_cmd
 from .hub import push
 
 
@@ -20,25 +22,32 @@ def cli():
     """Convert LLM checkpoints to low-bit ExMy floating-point weights."""
 
 
-for command in (quantize, inspect, verify_cmd, dequantize, push, bench):
+for command in (quantize, inspect, verify_cmd, dequantize, push, bench, eval_cmd):
     cli.add_command(command)
+
+
+def _interrupted(err: BaseException) -> None:
+    """Ctrl-C (exit 130), SIGTERM / SIGHUP (128 + the signal number): one line, never a traceback."""
+    cause = err if isinstance(err, Interrupted) else err.__cause__
+    signum = cause.signum if isinstance(cause, Interrupted) else signal.SIGINT
+    how = "" if signum == signal.SIGINT else f" by {signal.Signals(signum).name}"
+    click.echo(f"interrupted{how}", err=True)
+    sys.exit(128 + signum)
 
 
 def main(argv=None):
     try:
         cli.main(args=argv, prog_name="exmyconv", standalone_mode=False)
-    except click.exceptions.Abort:
-        click.echo("interrupted", err=True)
-        sys.exit(130)
+    except click.exceptions.Abort as err:
+        _interrupted(err)
     except click.ClickException as err:
         err.show()
         sys.exit(err.exit_code)
     except ExmyError as err:
         click.echo(f"error: {err}", err=True)
         sys.exit(1)
-    except KeyboardInterrupt:
-        click.echo("interrupted: nothing was written", err=True)
-        sys.exit(130)
+    except KeyboardInterrupt as err:
+        _interrupted(err)
     except OSError as err:
         click.echo(f"error: {err}", err=True)
         sys.exit(1)

@@ -39,16 +39,22 @@ def load_model(root: Path):
     return model.eval()
 
 
+def read_text_file(path: str, what: str) -> str:
+    """A non-empty UTF-8 text file (undecodable bytes replaced), or ExmyError naming ``what`` it is."""
+    file = Path(path)
+    if not file.is_file():
+        raise ExmyError(f"{path}: no such {what} file")
+    text = file.read_text(encoding="utf-8", errors="replace")
+    if not text.strip():
+        raise ExmyError(f"{path}: {what} is empty")
+    return text
+
+
 def activation_moments(root: Path, text_file: str, max_tokens: int = 4096, device: str | None = None) -> dict:
     """{weight tensor name: float32 [K] mean of x_j^2 over calibration tokens}."""
     import torch
 
-    path = Path(text_file)
-    if not path.is_file():
-        raise ExmyError(f"{text_file}: no such calibration text file")
-    text = path.read_text(encoding="utf-8", errors="replace")
-    if not text.strip():
-        raise ExmyError(f"{text_file}: calibration text is empty")
+    text = read_text_file(text_file, "calibration text")
     try:
         from transformers import AutoTokenizer
 

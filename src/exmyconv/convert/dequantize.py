@@ -7,9 +7,9 @@ import numpy as np
 from tqdm import tqdm
 
 from ..format import dtypes
-from ..io.checkpoint import Checkpoint
+from ..io.checkpoint import Checkpoint, open_checkpoint
 from ..errors import ExmyError
-from ..format.layout import CONFIG_FILE, shard_name
+from ..format.layout import CONFIG_FILE, GUARD_KEY, GUARD_VALUE, shard_name
 from ..io.output import atomic_dir, copy_side_files, write_index
 from ..format.pack import unpack_codes
 from ..format.quant import dequantize_codes
@@ -28,8 +28,7 @@ def dequantize_checkpoint(src: str, dst: str, dtype: str | None = None, max_shar
                           overwrite: bool = False, progress: bool | None = None) -> dict:
     """Write DST with every quantized tensor dequantized to ``dtype`` (default: the config's
     torch_dtype if fp16/bf16/fp32, else float16); unquantized tensors are copied as stored."""
-    with Checkpoint(src) as ckpt:
-        ckpt.check()
+    with open_checkpoint(src) as ckpt:
         if not ckpt.path.is_dir():
             raise ExmyError(f"{src}: dequantize needs a checkpoint folder")
         dtype = dtype or _default_dtype(ckpt.config)
@@ -67,6 +66,8 @@ def dequantize_checkpoint(src: str, dst: str, dtype: str | None = None, max_shar
             write_index(tmp, [[e[0] for e in shard] for shard in shards], sum(e[3] for e in entries))
             config = dict(ckpt.config or {})
             config.pop("quantization_config", None)
+            if config.get(GUARD_KEY) == GUARD_VALUE:
+                del config[GUARD_KEY]
             if "dtype" in config or "torch_dtype" not in config:
                 config["dtype"] = dtype
             else:
@@ -83,9 +84,6 @@ def _write_tensor(ckpt: Checkpoint, name: str, code: str, writer: ShardWriter) -
         writer.write(name, stored)
         return
     record, f = ckpt.records[name]
-    bad = ckpt.check_scales(name)
-    if bad:
-        raise ExmyError(f"{f.path}: damaged exmy checkpoint: {bad}")
     scales, _ = ckpt.scales(name)
     scales = scales.reshape(-1, record.ngroups)
     packed = f.read(record.packed_name).reshape(-1, record.packed_shape[-1])

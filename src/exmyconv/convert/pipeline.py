@@ -25,7 +25,8 @@ from ..format import dtypes
 from . import search
 from ..errors import ExmyError
 from ..format.exmy import DEFAULT, get_format
-from ..format.layout import CONFIG_FILE, QUANT_METHOD, SEARCH_REPORT, VERSION, TensorRecord, shard_name
+from ..format.layout import (CONFIG_FILE, GUARD_KEY, GUARD_VALUE, QUANT_METHOD, SEARCH_REPORT, VERSION, TensorRecord,
+                             shard_name)
 from ..io.output import atomic_dir, copy_side_files, write_index
 from ..format.pack import pack_codes
 from ..format.quant import choose_scale_dtype, group_amax, groups_of, quantize_rows, relative_error, squared_error
@@ -66,6 +67,8 @@ class Options:
             raise ExmyError(f"--group-size must be positive, got {self.group_size}")
         if self.max_shard_size < 1:
             raise ExmyError("--max-shard-size must be positive")
+        if self.calibration_tokens < 1:
+            raise ExmyError(f"--calibration-tokens must be positive, got {self.calibration_tokens}")
         try:
             self.skip_patterns = [re.compile(p) for p in self.skip]
         except re.error as err:
@@ -382,6 +385,7 @@ def convert(model_dir: str, out_dir: str, opts: Options | None = None, overwrite
                         sum(i.out_bytes for i in items))
             config = dict(source.config or {})
             config["quantization_config"] = quantization_config(opts, items, tied)
+            config.setdefault(GUARD_KEY, GUARD_VALUE)
             (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
             copy_side_files(source.root, tmp)
     finally:

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -68,25 +68,20 @@ def kernel_source(name: str) -> str:
 
 
 @functools.lru_cache(maxsize=None)
-def _module(source: str, e: int, m: int, defines: tuple = (), share: int = 1):
+def _module(source: str, e: int, m: int, defines: tuple = (), share: int = 1, instance: str | None = None):
+    """kernels/`source` compiled for one format; `instance`: the one template instantiation to build
+    (a C++ name such as "exmy_gemv<3, 0, true, 0, 2>"), else the source's extern "C" kernels."""
     cupy = _cupy()
     options = ("--std=c++17", f"-DEXMY_E={e}", f"-DEXMY_M={m}", *(f"-D{d}" for d in defines))
     if share > 1:  # shared format eXmYsk (kernels/exmy_decode.cuh)
         options += (f"-DEXMY_SHARE={share}",)
     # CuPy compiles with NVRTC for the current device (-arch=sm_XX, a cubin) and caches on disk.
-    return cupy.RawModule(code=kernel_source(source), options=options)
-
-
-# gemv.cu builds one kernel per compilation when given its variant number (kernels/gemv.cu).
-GEMV_VARIANTS = {name: i for i, name in enumerate(
-    f"exmy_gemv_{mode}_{kind}{groups}" for mode in ("fold_x16", "two_x16", "bf_x16", "bf_xbf")
-    for kind in ("b1", "nt1", "nt2", "b1r") for groups in ("", "_g", "_ga"))}
+    return cupy.RawModule(code=kernel_source(source), options=options,
+                          name_expressions=(instance,) if instance else None)
 
 
 def kernel(source: str, name: str, fmt: ExMy, defines: tuple = ()):
-    """The compiled kernel `name` of kernels/`source` for `fmt` (a cupy RawKernel)."""
-    if source == "gemv.cu" and name in GEMV_VARIANTS:
-        defines = (*defines, f"EXMY_VARIANT={GEMV_VARIANTS[name]}")
+    """The compiled extern "C" kernel `name` of kernels/`source` for `fmt` (a cupy RawKernel)."""
     return _module(source, fmt.e, fmt.m, tuple(defines), fmt.share).get_function(name)
 
 
@@ -366,30 +361,74 @@ def _xs_bytes(fmt: ExMy, k: int) -> int:
     return -(-nq // kstep) * kstep * 80
 
 
+GEMV_KINDS = ("b1", "nt1", "nt2", "b1r")  # kernels/gemv.cu KIND 0 .. 3
+
+
+@dataclass(frozen=True)
+class GemvKernel:
+    """One instantiation of the exmy_gemv template of kernels/gemv.cu: the kernel the host chose."""
+
+    kind: str     # "b1" batch 1, x staged per block; "b1r" batch 1, larger K; "nt1" batch <= 8; "nt2" 9..16
+    mode: int     # 0 fp16 operands, scale folded; 1 fp16 operands, two steps; 2 bf16 operands
+    x_dtype: str  # "F16" or "BF16": x and y
+    groups: int   # 0 one scale per row, 1 groups aligned to 32-element chunks, 2 unaligned
+    blocks: int   # blocks per SM its registers are sized for: 2 (<= 128 registers) or 3 (<= 80)
+
+    @property
+    def expression(self) -> str:
+        """The instantiation's C++ name, e.g. "exmy_gemv<3, 0, true, 0, 2>" (NVRTC name expression)."""
+        xf16 = "true" if self.x_dtype == "F16" else "false"
+        return f"exmy_gemv<{GEMV_KINDS.index(self.kind)}, {self.mode}, {xf16}, {self.groups}, {self.blocks}>"
+
+    @property
+    def name(self) -> str:
+        """Name for logs and benchmark rows, e.g. exmy_gemv_fold_x16_b1r_g; a b1r built for 3
+        blocks per SM ends in _3blocks (it depends on the launch; for the other kinds the blocks
+        follow from the kernel and the format, gemv_blocks)."""
+        mode = ("fold", "two", "bf")[self.mode]
+        x = "x16" if self.x_dtype == "F16" else "xbf"
+        groups = ("", "_g", "_ga")[self.groups]
+        three = "_3blocks" if self.kind == "b1r" and self.blocks == 3 else ""
+        return f"exmy_gemv_{mode}_{x}_{self.kind}{groups}{three}"
+
+
 def _gemv_kind(weight: "GpuWeight", batch: int) -> str:
     if batch == 1:
         return "b1" if _xs_bytes(weight.fmt, weight.k) <= XS_LIMIT else "b1r"
     return "nt1" if batch <= 8 else "nt2"
 
 
-def gemv_kernel_name(weight: GpuWeight, x_dtype: str, batch: int) -> tuple[str, int]:
-    """(kernel name, mode) gemv uses for this weight, x dtype ("F16"/"BF16") and batch (<= 16)."""
+def gemv_blocks(fmt: ExMy, kind: str, mode: int, groups: int) -> int:
+    """Blocks per SM the registers of a kernel are sized for (gemv.cu __launch_bounds__): 3 (<= 80
+    registers) for b1 and nt1 with fp16 operands, one scale per row and codes of <= 5 bits, whose
+    loops fit there without spills; 2 (<= 128) for the others (b1r: GemvPlan may take 3 for its
+    launch, gemv_b1r_blocks)."""
+    return 3 if kind in ("b1", "nt1") and mode != 2 and groups == 0 and fmt.bits <= 5 else 2
+
+
+def gemv_kernel(weight: GpuWeight, x_dtype: str, batch: int) -> GemvKernel:
+    """The kernel gemv uses for this weight, x dtype ("F16"/"BF16") and batch (<= 16): fp16
+    operands where exact (E <= 4, F16 scales, fp16 x), with the scale folded into the weights where
+    that stays finite in fp16; else bf16 operands."""
     kind = _gemv_kind(weight, batch)
-    groups = "" if weight.ngroups == 1 else "_ga" if _gshift(weight) < 0 else "_g"
-    if x_dtype == "F16" and weight.fp16_compute:
-        mode = 0 if weight.fold_ok() else 1
-        return f"exmy_gemv_{'fold' if mode == 0 else 'two'}_x16_{kind}{groups}", mode
-    return f"exmy_gemv_bf_x{'16' if x_dtype == 'F16' else 'bf'}_{kind}{groups}", 2
+    groups = 0 if weight.ngroups == 1 else 2 if _gshift(weight) < 0 else 1
+    mode = (0 if weight.fold_ok() else 1) if x_dtype == "F16" and weight.fp16_compute else 2
+    return GemvKernel(kind, mode, x_dtype, groups, gemv_blocks(weight.fmt, kind, mode, groups))
 
 
-def gemv_split(n: int, k: int, fmt: ExMy, name: str) -> int:
-    """K slices per 16-row tile (1, 2, 4 or 8) for kernel `name` (measured on an H100,
-    docs/benchmarks.md): 8 for layers of >= 1024 tiles (the 8 warps of a block then read
+def gemv_function(kernel: GemvKernel, fmt: ExMy, defines: tuple = ()):
+    """The compiled `kernel` for `fmt` (a cupy RawKernel); each NVRTC compilation builds one kernel."""
+    return _module("gemv.cu", fmt.e, fmt.m, tuple(defines), fmt.share, kernel.expression).get_function(
+        kernel.expression)
+
+
+def gemv_split(n: int, k: int, fmt: ExMy, kind: str) -> int:
+    """K slices per 16-row tile (1, 2, 4 or 8) for a kernel of `kind` (choices measured on an
+    H100: docs/benchmarks.md, H100 tuning): 8 for layers of >= 1024 tiles (the 8 warps of a block then read
     neighbouring bytes of the same rows); otherwise the fewest slices that give about one wave of
     warps at two blocks per SM, doubled for b1r kernels of unshared formats with a 1-bit plane
     (e2m2, e3m1: their longer decode favours more, shorter slices); always >= 2 iterations per
     slice."""
-    kind = "b1r" if "_b1r" in name else "b1" if "_b1" in name else "nt2" if "_nt2" in name else "nt1"
     tiles = -(-n // GEMV_ROWS)
     target = sm_count(_cupy().cuda.Device().id) * GEMV_WARPS * 2
     split = 1
@@ -406,15 +445,14 @@ def gemv_split(n: int, k: int, fmt: ExMy, name: str) -> int:
     return split
 
 
-def gemv_b1r_blocks(name: str, grid: int, fmt: ExMy, sms: int) -> int:
-    """Blocks per SM the b1r kernel `name`, launched with `grid` blocks, is built for (gemv.cu
-    GEMV_B1R_BLOCKS): 3, the 80-register build without the second register set, where that leaves
-    the last wave of blocks fuller than 2 does; otherwise 2. Only for fp16 operands with one scale
-    per row and codes of other than 6 bits. Measured on an H100 (docs/benchmarks.md): 5120-row
-    layers (320 blocks: 1.2 waves at 2 per SM, 0.8 at 3) 10-23 % faster; bf16 operands and scale
-    groups gained little or lost for some formats, 6-bit codes spill at 80 registers."""
-    fp16_one_scale = name.startswith(("exmy_gemv_fold", "exmy_gemv_two")) and name.endswith("_b1r")
-    if not fp16_one_scale or fmt.bits == 6:
+def gemv_b1r_blocks(kernel: GemvKernel, grid: int, fmt: ExMy, sms: int) -> int:
+    """Blocks per SM to build the b1r `kernel` for when launched with `grid` blocks: 3, the
+    80-register build without the second register set, where that leaves the last wave of blocks
+    fuller than 2 does (e.g. 5120-row layers: 320 blocks are 1.2 waves at 2 per SM, 0.8 at 3);
+    otherwise 2. Only for fp16 operands with one scale per row and codes of other than 6 bits: bf16
+    operands and scale groups gained little or lost for some formats on an H100, and 6-bit codes
+    spill at 80 registers (docs/benchmarks.md, H100 tuning)."""
+    if kernel.kind != "b1r" or kernel.mode == 2 or kernel.groups != 0 or fmt.bits == 6:
         return 2
 
     def fill(per_sm: int) -> float:  # share of the block slots of the waves the launch needs
@@ -477,26 +515,24 @@ class GemvPlan:
             raise ExmyError(f"x has {xc.shape[1]} columns; the weight needs {weight.k}")
         if not supports(weight.fmt):
             raise ExmyError(f"the fused GEMV does not handle {weight.fmt.name} yet (gpu.supports)")
-        self.name, mode = gemv_kernel_name(weight, x_dtype, batch)
+        kernel = gemv_kernel(weight, x_dtype, batch)
         n = weight.n
-        self.split = split or gemv_split(n, weight.k, weight.fmt, self.name)
+        self.split = split or gemv_split(n, weight.k, weight.fmt, kernel.kind)
         self.interleave = GEMV_INTERLEAVE if interleave is None else int(interleave)
         tiles_per_block = GEMV_WARPS // self.split
         self.grid = (-(-n // (GEMV_ROWS * tiles_per_block)),)
-        self.blocks_per_sm = 2  # b1r: the register budget it is built for (gemv_b1r_blocks)
-        if "_b1r" in self.name:
+        if kernel.kind == "b1r":
             sms = sm_count(_cupy().cuda.Device().id)
-            self.blocks_per_sm = int(blocks or gemv_b1r_blocks(self.name, self.grid[0], weight.fmt, sms))
-            if self.blocks_per_sm != 2:
-                defines = (*defines, f"GEMV_B1R_BLOCKS={self.blocks_per_sm}")
+            kernel = replace(kernel, blocks=int(blocks or gemv_b1r_blocks(kernel, self.grid[0], weight.fmt, sms)))
             # each warp's x window (one iteration's chunks, 80 bytes each) x 2
             self.smem = GEMV_WARPS * _gemv_shape(weight.fmt, "b1r")[1] * 80 * 2
         else:
-            self.smem = _xs_bytes(weight.fmt, weight.k) if "_b1" in self.name else 0
-        self.fn = kernel("gemv.cu", self.name, weight.fmt, defines)
+            self.smem = _xs_bytes(weight.fmt, weight.k) if kernel.kind == "b1" else 0
+        self.kernel = kernel
+        self.fn = gemv_function(kernel, weight.fmt, defines)
         if self.smem > 48 * 1024 and self.fn.max_dynamic_shared_size_bytes < self.smem:
             self.fn.max_dynamic_shared_size_bytes = self.smem
-        self.args = (weight.payload, weight.kernel_scales(mode), xc, y, np.uint32(n), np.uint32(weight.k),
+        self.args = (weight.payload, weight.kernel_scales(kernel.mode), xc, y, np.uint32(n), np.uint32(weight.k),
                      np.uint32(weight.payload.shape[1]), np.uint32(weight.ngroups),
                      np.uint32(weight.group_size), np.int32(_gshift(weight)), np.uint32(batch),
                      np.uint32(self.split), np.uint32(self.interleave))
@@ -508,6 +544,10 @@ class GemvPlan:
             from .launch import Launch
 
             self._pdl = Launch(self.fn, self.grid, (GEMV_WARPS * 32,), self.args, self.smem)
+
+    @property
+    def name(self) -> str:
+        return self.kernel.name
 
     def __call__(self):
         if self._pdl is not None:
@@ -521,7 +561,7 @@ def gemv_plan(x, weight: GpuWeight, out, x_dtype: str | None = None, **tuning) -
     """Prepare y = x @ W.T into `out` ([B, N], B <= 16, same dtype as x) for repeated launches.
 
     tuning (benchmarks and tests): split=1|2|4|8, interleave=0|1, blocks=2|3 (b1r: blocks per SM
-    of the build), defines=("GEMV_CPT=1", ...).
+    of the build, instead of gemv_b1r_blocks), defines=("GEMV_CPT=1", ...).
     overlap=True launches with programmatic dependent launch (exmyconv.cuda.launch): only where the
     weights are not written by the kernel just before (always so for model weights)."""
     cupy = _cupy()

@@ -17,7 +17,8 @@ def to_float32(array: np.ndarray, dtype: str) -> np.ndarray:
     """Stored values of a float safetensors dtype -> float32 (exact for F16/BF16)."""
     if dtype == "BF16":
         return (array.astype(np.uint32) << 16).view(np.float32)
-    return array.astype(np.float32)
+    with np.errstate(invalid="ignore", over="ignore"):  # signalling NaNs stay NaN, F64 beyond range is inf
+        return array.astype(np.float32)
 
 
 def bf16_bits(x: np.ndarray) -> np.ndarray:
@@ -29,7 +30,8 @@ def bf16_bits(x: np.ndarray) -> np.ndarray:
 def round_to(x: np.ndarray, dtype: str) -> np.ndarray:
     """float32 values rounded (nearest even) to fp16/bf16 and returned as float32."""
     if dtype == "F16":
-        return x.astype(np.float16).astype(np.float32)
+        with np.errstate(over="ignore"):  # beyond fp16's range: +-inf, as SPEC section 2 says
+            return x.astype(np.float16).astype(np.float32)
     if dtype == "BF16":
         return to_float32(bf16_bits(x), "BF16")
     if dtype == "F32":
@@ -41,4 +43,5 @@ def store(x: np.ndarray, dtype: str) -> np.ndarray:
     """float32 values -> the numpy array safetensors stores for dtype F32/F16/BF16."""
     if dtype == "BF16":
         return bf16_bits(x)
-    return x.astype(STORAGE[dtype])
+    with np.errstate(over="ignore"):  # beyond fp16's range: +-inf, as SPEC section 2 says
+        return x.astype(STORAGE[dtype])

@@ -1,15 +1,17 @@
-"""Names and per-tensor records of the .exmy layout (formats/SPEC.md section 4)."""
+"""Names and per-tensor records of the .exmy layout (formats/SPEC.md section 4).
+
+Reading a record back, and every other rule of what a reader accepts, is :mod:`exmyconv.io.validate`.
+"""
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass
 
-from ..errors import ExmyError
-from .exmy import ExMy, get_format
+from .exmy import ExMy
 from .pack import row_bytes
 from .quant import groups_of
 
-VERSION = "1.1"
+VERSION = "1.2"  # written; readers read every 1.x (formats/SPEC.md section 5)
 QUANT_METHOD = "exmy"
 PACKED_SUFFIX = "_packed"
 SCALE_SUFFIX = "_scale"
@@ -19,15 +21,16 @@ WEIGHTS_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 CONFIG_FILE = "config.json"
 SEARCH_REPORT = "exmy_search.json"  # --format auto's sidecar
+# A converted config.json carries GUARD_KEY: GUARD_VALUE (formats/SPEC.md section 4) unless the source
+# config set GUARD_KEY itself. transformers without exmyconv's quantizer refuses that value with an error
+# that quotes it, instead of building the model with random weights in place of the quantized ones and
+# only warning; exmyconv's quantizer (and `exmyconv dequantize`) takes it out again.
+GUARD_KEY = "attn_implementation"
+GUARD_VALUE = "exmy checkpoint: pip install exmyconv, then import exmyconv before from_pretrained"
 
 
 def shard_name(i: int, n: int) -> str:
     return WEIGHTS_FILE if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-
-
-def check_version(version: str, where: str) -> None:
-    if version.split(".")[0] != VERSION.split(".")[0]:
-        raise ExmyError(f"{where}: exmy layout version {version} is not supported (this reader: {VERSION})")
 
 
 @dataclass
@@ -77,17 +80,3 @@ class TensorRecord:
         text = json.dumps({"format": self.fmt.name, "shape": list(self.shape), "dtype": self.dtype,
                            "group_size": self.group_size}, separators=(",", ":"))
         return META_PREFIX + self.name, text[:-1] + f',"rel_error":{self.rel_error:.6e}}}'
-
-    @classmethod
-    def from_metadata(cls, key: str, text: str) -> "TensorRecord":
-        name = key[len(META_PREFIX):]
-        try:
-            d = json.loads(text)
-            shape = tuple(d["shape"])
-            record = cls(name, get_format(d["format"]), shape, str(d["dtype"]), int(d["group_size"]),
-                         float(d.get("rel_error", 0.0)))
-        except (ValueError, KeyError, TypeError, AttributeError) as err:
-            raise ExmyError(f"tensor {name!r}: bad exmy metadata ({err})") from None
-        if not shape or not all(type(s) is int and s > 0 for s in shape) or not 1 <= record.group_size <= shape[-1]:
-            raise ExmyError(f"tensor {name!r}: bad exmy metadata (shape {list(shape)}, group {record.group_size})")
-        return record

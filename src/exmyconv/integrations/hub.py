@@ -23,6 +23,7 @@ from .._version import __version__
 from ..errors import ExmyError
 from ..format.layout import CONFIG_FILE, SEARCH_REPORT
 from ..io.hub import check_repo_id, endpoint, hub_error, is_repo_id, resolve_source
+from ..io.validate import exmy_config, read_json
 
 CARD_KEYS = ("license", "license_name", "license_link", "language", "datasets", "pipeline_tag")
 TAGS = ("exmy", "exmyconv", "quantized")
@@ -129,8 +130,6 @@ def model_card(out_dir, command: str | None, source: str | None, *, repo_id: str
     ``quantize`` copies, or SOURCE/README.md for a local source), the license else from config.json.
     ``command``: the command line to show. ``repo_id``: where the card will live (for the title and usage).
     """
-    import json
-
     import yaml
 
     from ..check.inspection import inspect_checkpoint
@@ -140,14 +139,11 @@ def model_card(out_dir, command: str | None, source: str | None, *, repo_id: str
     source_card = _front_matter(out / "README.md")
     if not source_card and source and not is_repo_id(source) and not source.startswith("@"):
         source_card = _front_matter(Path(source) / "README.md")
-    config = {}
-    if (out / CONFIG_FILE).is_file():
-        try:
-            config = json.loads((out / CONFIG_FILE).read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            config = {}
-    config = config if isinstance(config, dict) else {}
-    qcfg = config.get("quantization_config") or {}
+    try:
+        config = read_json(out / CONFIG_FILE) if (out / CONFIG_FILE).is_file() else {}
+    except ExmyError:
+        config = {}
+    qcfg = exmy_config(config) or {}
     base_model = source if source and is_repo_id(source) else None
 
     meta: dict = {}
@@ -217,7 +213,15 @@ def model_card(out_dir, command: str | None, source: str | None, *, repo_id: str
         lines += ["", f"The command that made this upload (exmyconv {__version__}):", "", "```bash", command, "```"]
     where = repo_id or "path/to/this/folder"
     lines += ["", "## Use", "",
-              "Dequantize with exmyconv (any reader of the exmy layout works the same):", "",
+              "With transformers, **`import exmyconv` first** (`pip install exmyconv`): it registers the "
+              "`exmy` quantization method. Without it transformers cannot read these weights; this folder's "
+              "config.json then makes `from_pretrained` fail with an `attn_implementation` error that says so.", "",
+              "```python",
+              "import exmyconv  # registers quant_method \"exmy\" with transformers",
+              "from transformers import AutoModelForCausalLM",
+              f'model = AutoModelForCausalLM.from_pretrained("{where}")',
+              "```", "",
+              "Or dequantize with exmyconv (any reader of the exmy layout works the same):", "",
               "```python",
               "import exmyconv" + (", huggingface_hub" if repo_id else ""),
               (f'path = huggingface_hub.snapshot_download("{where}")' if repo_id else f'path = "{where}"'),

@@ -18,7 +18,12 @@ transformers, so this module imports nothing heavy. It registers
   imports it (``transformers.modeling_utils`` does) before it reads any ``quantization_config``,
   so the method is always known in time.
 
-``register()`` registers explicitly (it imports transformers). Names of the implementation
+With a transformers outside ``SUPPORTED_TRANSFORMERS`` (or one without the loading API the quantizer
+uses) the registration declines with one single-line warning: ``import exmyconv`` and transformers'
+own imports never fail because of it, and plain models load as usual.
+
+``register()`` registers explicitly (it imports transformers; raises ExmyError where the import
+hook would decline). Names of the implementation
 (``exmyconv.integrations.transformers.ExmyLinear``, ...) are importable from here too; touching one imports
 :mod:`exmyconv.integrations.transformers_impl`, which registers as well.
 """
@@ -30,9 +35,27 @@ import importlib.machinery
 import sys
 import warnings
 
+from ..errors import ExmyError
+
 _REGISTRY_MODULE = "transformers.quantizers.auto"
 _IMPL = "exmyconv.integrations.transformers_impl"
 _EXPORTS = ("ExmyConfig", "ExmyHfQuantizer", "ExmyLinear", "dequantize", "unpack_codes", "QUANT_METHOD")
+# The transformers releases the quantizer loads with (pyproject's demo extra and docs/transformers.md
+# "Supported versions" say the same; CI tests both ends).
+SUPPORTED_TRANSFORMERS = ">=5.16.1,<6"
+
+
+def unsupported(version: str) -> str | None:
+    """Why transformers ``version`` is outside SUPPORTED_TRANSFORMERS, or None when it is inside."""
+    from packaging.specifiers import SpecifierSet  # a dependency of transformers
+    from packaging.version import InvalidVersion
+
+    try:
+        if SpecifierSet(SUPPORTED_TRANSFORMERS).contains(version, prereleases=True):
+            return None
+    except InvalidVersion:
+        pass
+    return f"transformers {version} is outside the range exmyconv supports ({SUPPORTED_TRANSFORMERS})"
 
 
 def register() -> None:
@@ -52,11 +75,21 @@ def _register_from_hook() -> None:
     # us here) and will register when it finishes: importing it again would see it half done.
     if _IMPL in sys.modules:
         return
-    try:
-        importlib.import_module(_IMPL)
-    except Exception as err:  # never break transformers' own import
-        warnings.warn(f"exmyconv: could not register the 'exmy' quantization method with transformers: "
-                      f"{type(err).__name__}: {err}", stacklevel=2)
+    version = str(getattr(sys.modules.get("transformers"), "__version__", "unknown"))
+    try:  # never break transformers' own import, nor the process: decline with one warning
+        problem = unsupported(version)
+        if problem is None:
+            importlib.import_module(_IMPL)
+    except Exception as err:
+        problem = str(err) if isinstance(err, ExmyError) else (
+            f"transformers {version}: {type(err).__name__}: {err} (supported: {SUPPORTED_TRANSFORMERS})")
+    if problem is not None:
+        message = " ".join(f"exmyconv: {problem}; the 'exmy' quantization method is not registered "
+                           f"(exmy checkpoints will not load with from_pretrained)".split())
+        try:
+            warnings.warn(message, stacklevel=2)
+        except Warning:  # warnings made errors (-W error) would raise inside transformers' import
+            pass
 
 
 class _RegisteringLoader(importlib.abc.Loader):

@@ -27,12 +27,37 @@ How a checkpoint loads (docs/transformers.md has the user's view):
 plain checkpoint). Limits: pre-quantized checkpoints only (no quantizing on load); no
 save_pretrained of a quantized model; tensor parallelism and disk offload of quantized tensors
 are not supported.
+
+transformers versions (``SUPPORTED_TRANSFORMERS`` in :mod:`exmyconv.integrations.transformers`,
+>=5.16.1,<6; :func:`check_transformers` refuses others). What the quantizer relies on:
+
+- every version: the registry (``register_quantization_config`` / ``register_quantizer``), the
+  HfQuantizer hooks ``_process_model_before_weight_loading`` / ``update_weight_conversions`` /
+  ``_process_model_after_weight_loading`` / ``_dequantize``, and the loader of
+  ``transformers.core_model_loading``: WeightConverter / WeightRenaming (source patterns, their
+  ``rename_source_key``), the op protocol ``convert(input_dict, source_patterns, ...)``, the
+  function ``rename_source_key`` (``_simulate`` replays the loader's routing with it),
+  ``dot_natural_key``, ``build_glob_alternation``; ``get_model_conversion_mapping``;
+  ``PreTrainedModel._get_dtype_plan`` and ``all_tied_weights_keys``.
+- 5.16-5.20 differ in four ways, each met where it matters: ``update_weight_conversions`` gets no
+  model (the quantizer keeps a weak reference from ``_process_model_before_weight_loading``);
+  converters have no ``copy`` (:func:`_copy_converter` builds the same WeightConverter); there is
+  no ``get_new_dtype`` hook (the loader itself keeps the checkpoint dtype of renamed and integer
+  tensors and gives the scales their buffer's dtype, the stored one); a source pattern matches
+  anywhere in a key, the first listed first (the ``_packed`` / ``_scale`` patterns are listed
+  first).
+- before 5.23 a converter with several sources and several targets is refused unless its ops are
+  transformers' own: a quantized tensor that transformers splits on load (HRM's fused
+  ``gate_up_proj``) raises ExmyError there (:func:`_copy_converter`); 5.23 added
+  ``ConversionOps.supports_many_to_many``.
 """
 from __future__ import annotations
 
 import copy
 import re
 import threading
+import weakref
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -42,8 +67,9 @@ from transformers.utils import logging
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from ..errors import ExmyError
-from ..format.layout import PACKED_SUFFIX, QUANT_METHOD, SCALE_SUFFIX, VERSION, TensorRecord, check_version
-from ..io.checkpoint import Checkpoint
+from ..format.layout import GUARD_VALUE, PACKED_SUFFIX, QUANT_METHOD, SCALE_SUFFIX, VERSION, TensorRecord
+from ..io.checkpoint import open_checkpoint
+from ..io.validate import check_quantization_config
 from ..torch.codec import TORCH_DTYPE, dequantize, unpack_codes  # noqa: F401 (integrations.transformers exports them)
 from ..torch.linear import ExmyLinear
 
@@ -55,17 +81,27 @@ logger = logging.get_logger(__name__)
 # ----------------------------------------------------------------------------- checkpoint headers
 
 def read_records(files) -> tuple[dict, dict, list]:
-    """exmy records of safetensors files: ({T: TensorRecord}, {T: scale dtype "F16"/"BF16"}, all tensor names).
+    """exmy records of a checkpoint's safetensors files: ({T: TensorRecord}, {T: scale dtype "F16"/"BF16"},
+    all tensor names of ``files``).
 
-    The checkpoint reader validates headers, versions and each record's packed/scale tensors."""
+    The folder that holds ``files`` is opened with :func:`exmyconv.io.checkpoint.open_checkpoint`, the
+    validation every reader shares (headers, versions, records, scales, index, config.json); a damaged
+    checkpoint raises the same one-line ExmyError as ``exmyconv inspect`` / ``load_state_dict``."""
+    paths = [Path(f) for f in files]
+    if not paths:
+        raise ExmyError("no .safetensors files")
+    folders = sorted({p.parent for p in paths})
     records, scale_dtypes, keys = {}, {}, []
-    for path in files:
-        with Checkpoint(str(path)) as ckpt:
-            ckpt.check()
-            keys.extend(ckpt.files[0].tensors)
+    for where in folders if len(folders) == 1 else paths:  # (several folders: each file on its own)
+        with open_checkpoint(str(where)) as ckpt:
+            wanted = {p.name for p in paths}
+            for f in ckpt.files:
+                if f.path.name in wanted:
+                    keys.extend(f.tensors)
             for name, (record, f) in ckpt.records.items():
-                records[name] = record
-                scale_dtypes[name] = f.tensors[record.scale_name].dtype
+                if f.path.name in wanted:
+                    records[name] = record
+                    scale_dtypes[name] = f.tensors[record.scale_name].dtype
     return records, scale_dtypes, keys
 
 
@@ -85,18 +121,18 @@ class ExmyConfig(QuantizationConfigMixin):
         self.quant_method = QUANT_METHOD
         self.format = format
         self.group_size = group_size
-        self.ignore = list(ignore or [])
-        self.format_version = str(format_version)
+        self.ignore = ignore if ignore is not None else []
+        self.format_version = format_version
         self.exmyconv_version = exmyconv_version
         for key, value in kwargs.items():
             setattr(self, key, value)
         self.post_init()
 
     def post_init(self):
-        try:
-            check_version(self.format_version, "quantization_config")
-        except ExmyError as err:
-            raise ValueError(str(err)) from None
+        """The checks every reader applies to a quantization_config (exmyconv.io.validate); ValueError."""
+        problems = check_quantization_config(self.__dict__)
+        if problems:
+            raise ValueError(problems[0])
 
 
 def _suffixed(pattern: str, suffix: str) -> str:
@@ -182,6 +218,36 @@ def _natural_key(name):
     return dot_natural_key(name)
 
 
+def _renamed(key, renamings):
+    """``key`` after every renaming in turn, as the loader renames it (all versions)."""
+    for renaming in renamings:
+        key = renaming.rename_source_key(key)[0]
+    return key
+
+
+def _copy_converter(conv, sources, first_ops):
+    """A model converter with other source patterns and ``first_ops`` before its own operations."""
+    from transformers.core_model_loading import WeightConverter
+
+    targets, operations = list(conv._original_target_patterns), [*first_ops, *conv.operations]
+    try:
+        if hasattr(conv, "copy"):  # transformers >= 5.21
+            return conv.copy(sources, targets, operations=operations)
+        # transformers <= 5.20: what copy() does in 5.21
+        new = WeightConverter(sources, targets, operations=operations, force_cpu=conv.force_cpu)
+        new.scope_prefix, new.base_model_prefix = conv.scope_prefix, conv.base_model_prefix
+        return new
+    except ValueError as err:
+        if len(targets) == 1:
+            raise
+        # transformers <= 5.22 takes many sources for many targets only with its own operations
+        # (ConversionOps.supports_many_to_many came in 5.23): a split tensor gains sources here
+        import transformers
+
+        raise ExmyError(f"exmy: transformers {transformers.__version__} cannot load quantized tensors that it splits "
+                        f"on load ({conv.source_patterns[0]} into {targets}); use transformers >= 5.23 ({err})") from None
+
+
 class ExmyHfQuantizer(HfQuantizer):
     """Loads pre-quantized exmy checkpoints (quant_method "exmy"); see the module docstring."""
 
@@ -200,6 +266,7 @@ class ExmyHfQuantizer(HfQuantizer):
         self._scale_buffers: set[str] = set()
         self._dtype = None
         self._dtype_plan: dict = {}
+        self._model = lambda: None  # weak reference to the model being loaded (update_weight_conversions)
         self.serialized_names = {}
 
     # -- transformers hooks -------------------------------------------------------------------
@@ -209,6 +276,19 @@ class ExmyHfQuantizer(HfQuantizer):
 
     def update_dtype(self, dtype):
         return dtype
+
+    def update_tp_plan(self, config):
+        """Every supported transformers calls this with the config before the model is built (5.16-5.22
+        have no update_attn_implementation hook), so the guard is taken out here as well."""
+        return super().update_tp_plan(self.update_attn_implementation(config))
+
+    def update_attn_implementation(self, config):
+        """Undo the guard that a converted config.json carries (formats/SPEC.md section 4): its
+        ``attn_implementation`` makes transformers refuse the checkpoint unless this quantizer runs
+        (without exmyconv it would otherwise build the model with random weights and only warn)."""
+        if getattr(config, "_attn_implementation", None) == GUARD_VALUE:
+            config._attn_implementation = None  # the model's default, as for the source checkpoint
+        return config
 
     def is_serializable(self, **kwargs):
         return False
@@ -227,12 +307,9 @@ class ExmyHfQuantizer(HfQuantizer):
         if not checkpoint_files:
             raise ValueError("exmy: loading needs the checkpoint's safetensors files (their metadata lists the "
                              "quantized tensors); a state_dict alone is not enough")
+        self._model = weakref.ref(model)
         files = [f for f in checkpoint_files if str(f).endswith(".safetensors")]
         self._records, self._scale_dtypes, self._keys = read_records(files)
-        ignored = set(getattr(self.quantization_config, "ignore", None) or ())
-        both = sorted(ignored & set(self._records))
-        if both:
-            raise ExmyError(f"damaged exmy checkpoint: {both[0]} is both quantized and in quantization_config.ignore")
         self._dtype_plan = model._get_dtype_plan(self._dtype) if self._dtype is not None else {}
         conversions = get_model_conversion_mapping(model, None, None)
         routes = self._routes(model, conversions)
@@ -264,13 +341,15 @@ class ExmyHfQuantizer(HfQuantizer):
         self.serialized_names = {s: [s, s + PACKED_SUFFIX, s + SCALE_SUFFIX] for s in sorted(suffixes)}
         return model
 
-    def update_weight_conversions(self, weight_conversions, model):
+    def update_weight_conversions(self, weight_conversions, model=None):
         """Dequantize-on-load converters: one per record loaded into a non-ExmyLinear parameter, and
         a copy of each model converter that consumes records, with the dequantization run first."""
-        from transformers.core_model_loading import WeightConverter, WeightRenaming, apply_renamings
+        from transformers.core_model_loading import WeightConverter, WeightRenaming
 
         if not self.pre_quantized:
             return list(weight_conversions)
+        if model is None:  # transformers <= 5.20 passes no model: the one prepared for loading
+            model = self._model()
         conversions = list(weight_conversions)
         routes = self._routes(model, conversions)
         by_id = {}
@@ -286,15 +365,15 @@ class ExmyHfQuantizer(HfQuantizer):
                 for s in sources:
                     pairs[_suffixed(s, PACKED_SUFFIX)] = s
                     pairs[_suffixed(s, SCALE_SUFFIX)] = s
-                op = _ExmyDequantize(self, pairs=pairs)
-                conv = conv.copy(sources + list(pairs), list(conv._original_target_patterns),
-                                 operations=[op, *conv.operations])
+                # suffixed patterns first: transformers <= 5.20 takes the first pattern that matches
+                # anywhere in a key, and `gate_proj.weight` matches `gate_proj.weight_packed` there
+                conv = _copy_converter(conv, list(pairs) + sources, [_ExmyDequantize(self, pairs=pairs)])
             updated.append(conv)
         renamings = copy.deepcopy([c for c in conversions if isinstance(c, WeightRenaming)])
         own = []
         for name, target in sorted(self._dequant.items()):
             record = self._records[name]
-            sources = ["^" + re.escape(apply_renamings(n, renamings)) for n in (record.packed_name, record.scale_name)]
+            sources = ["^" + re.escape(_renamed(n, renamings)) for n in (record.packed_name, record.scale_name)]
             own.append(WeightConverter(sources, target, operations=[_ExmyDequantize(self, record=name)]))
         updated = own + updated
         self._names = self._collect_names(model, updated)
@@ -421,16 +500,22 @@ _REGISTER_LOCK = threading.Lock()
 
 
 def check_transformers() -> None:
-    """Raise ExmyError unless this transformers has the loading API the quantizer relies on (5.x)."""
+    """Raise ExmyError unless this transformers is in the supported range and has the loading API
+    the quantizer relies on (the module docstring says which, per version)."""
     import importlib.util
 
     import transformers
 
-    needed = ("update_weight_conversions", "get_new_dtype", "get_load_operations")
-    if (importlib.util.find_spec("transformers.core_model_loading") is None
-            or not all(hasattr(HfQuantizer, name) for name in needed)):
-        raise ExmyError(f"exmyconv's transformers integration needs transformers 5 (tested with 5.23), "
-                        f"found {transformers.__version__}")
+    from .transformers import SUPPORTED_TRANSFORMERS, unsupported
+
+    problem = unsupported(transformers.__version__)
+    if problem is None and (importlib.util.find_spec("transformers.core_model_loading") is None
+                            or not hasattr(HfQuantizer, "update_weight_conversions")):
+        problem = (f"transformers {transformers.__version__} lacks the weight-loading API exmyconv relies on in the "
+                   f"range it supports ({SUPPORTED_TRANSFORMERS}): transformers.core_model_loading, "
+                   f"HfQuantizer.update_weight_conversions")
+    if problem is not None:
+        raise ExmyError(problem)
 
 
 def register() -> None:

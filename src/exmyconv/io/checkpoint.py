@@ -1,86 +1,63 @@
-"""Read an exmy checkpoint (or any safetensors checkpoint) back: validate, dequantize."""
+"""Read a converted checkpoint (or any safetensors checkpoint) back: open, validate, dequantize.
+
+``open_checkpoint(path)`` is the entry point of every reader of a converted checkpoint: the CLI
+(``inspect``, ``verify``, ``dequantize``), ``exmyconv.load_state_dict``, the transformers loader and
+engine integrations (the vLLM plugin). What is valid is decided by :mod:`exmyconv.io.validate` alone.
+"""
 from __future__ import annotations
 
 import numpy as np
 
 from ..format import dtypes
 from ..errors import ExmyError
-from ..format.layout import CONFIG_FILE, META_PREFIX, PACKED_SUFFIX, SCALE_SUFFIX, TensorRecord, check_version
+from ..format.layout import CONFIG_FILE, TensorRecord
 from ..format.pack import unpack_codes
-from ..format.quant import SMALLEST_NORMAL, dequantize_codes
-from .folder import read_json, weight_files
+from ..format.quant import dequantize_codes
 from .source import resolve
 from .reader import SafetensorsFile, TensorInfo
+from .validate import exmy_config, read_config, validate_files, weight_files
 
 
 class Checkpoint:
-    """All tensors of a checkpoint directory or single .safetensors file.
+    """All tensors of a checkpoint directory or single .safetensors file, validated.
 
-    ``records``: quantized tensors (name -> TensorRecord, file); ``plain``: everything else.
-    ``problems``: integrity findings; ``check()`` raises the first one.
+    ``records``: quantized tensors (name -> TensorRecord, file); ``plain``: everything else;
+    ``problems``: what :func:`exmyconv.io.validate.validate_files` found (``check()`` raises the first);
+    ``config``: config.json (None for a single file or a folder without one).
     """
 
     def __init__(self, path: str):
         self.path = resolve(path)
+        weight_map, self.config = None, None
         if self.path.is_file():
-            paths, root = [self.path], self.path.parent
-            self.config = None
+            paths = [self.path]
         else:
-            paths, root = weight_files(self.path), self.path
-            cfg = root / CONFIG_FILE
-            self.config = read_json(cfg) if cfg.is_file() else None
+            if self.path.is_dir():
+                self.config = read_config(self.path / CONFIG_FILE)
+            paths, weight_map = weight_files(self.path)
         self.files: list[SafetensorsFile] = []
         try:
-            self.files = [SafetensorsFile(p) for p in paths]
+            for p in paths:
+                self.files.append(SafetensorsFile(p))
+            contents = validate_files(self.files, self.config, weight_map, where=str(self.path / CONFIG_FILE))
         except BaseException:
             self.close()
             raise
-        self.records: dict[str, tuple[TensorRecord, SafetensorsFile]] = {}
-        self.plain: dict[str, tuple[TensorInfo, SafetensorsFile]] = {}
-        self.problems: list[str] = []
-        for f in self.files:
-            self._scan(f)
+        self.records: dict[str, tuple[TensorRecord, SafetensorsFile]] = contents.records
+        self.plain: dict[str, tuple[TensorInfo, SafetensorsFile]] = contents.plain
+        self.problems: list[str] = contents.problems
+        self.bad_scales: set[str] = contents.bad_scales
 
-    def _problem(self, text: str) -> None:
-        self.problems.append(text)
-
-    def _scan(self, f: SafetensorsFile) -> None:
-        keys = [k for k in f.metadata if k.startswith(META_PREFIX)]
-        if keys:
-            try:
-                check_version(f.metadata.get("exmy_version", "?"), str(f.path))
-            except ExmyError as err:
-                self._problem(str(err))
-                return
-        claimed = set()
-        for key in keys:
-            try:
-                record = TensorRecord.from_metadata(key, f.metadata[key])
-            except ExmyError as err:
-                self._problem(f"{f.path.name}: {err}")
-                continue
-            claimed |= {record.packed_name, record.scale_name}
-            packed, scale = f.tensors.get(record.packed_name), f.tensors.get(record.scale_name)
-            if packed is None or scale is None:
-                self._problem(f"{f.path.name}: {record.name}: packed or scale tensor missing")
-            elif packed.dtype != "U8" or packed.shape != record.packed_shape:
-                self._problem(f"{f.path.name}: {record.packed_name}: {packed.dtype}{list(packed.shape)}, "
-                              f"expected U8{list(record.packed_shape)}")
-            elif scale.dtype not in ("F16", "BF16") or scale.shape != record.scale_shape:
-                self._problem(f"{f.path.name}: {record.scale_name}: {scale.dtype}{list(scale.shape)}, "
-                              f"expected F16/BF16{list(record.scale_shape)}")
-            else:
-                self.records[record.name] = (record, f)
-        for name, info in f.tensors.items():
-            if name in claimed:
-                continue
-            if name.endswith((PACKED_SUFFIX, SCALE_SUFFIX)) and keys:
-                self._problem(f"{f.path.name}: {name} has no exmy metadata")
-            self.plain[name] = (info, f)
+    @property
+    def is_exmy(self) -> bool:
+        """Holds exmy records, or its config.json says quant_method "exmy"."""
+        return bool(self.records) or exmy_config(self.config) is not None
 
     def check(self) -> "Checkpoint":
+        """Raise ExmyError (one line: the first problem) unless the checkpoint is valid."""
         if self.problems:
-            raise ExmyError(f"{self.path}: damaged exmy checkpoint: {self.problems[0]}")
+            what = "damaged exmy checkpoint" if self.is_exmy else "invalid checkpoint"
+            raise ExmyError(f"{self.path}: {what}: {self.problems[0]}")
         return self
 
     def scales(self, name: str) -> tuple[np.ndarray, str]:
@@ -88,18 +65,11 @@ class Checkpoint:
         dtype = f.tensors[record.scale_name].dtype
         return dtypes.to_float32(f.read(record.scale_name), dtype), dtype
 
-    def check_scales(self, name: str) -> str | None:
-        s, dtype = self.scales(name)
-        if not (np.isfinite(s).all() and (s >= SMALLEST_NORMAL[dtype]).all()):
-            return f"{name}: scales contain zero, subnormal, infinite or NaN values"
-        return None
-
     def dequantize(self, name: str, out_dtype: str = "F32") -> np.ndarray:
         """One quantized tensor as float32 values, rounded to out_dtype (F32/F16/BF16)."""
         record, f = self.records[name]
-        bad = self.check_scales(name)
-        if bad:
-            raise ExmyError(f"{f.path}: damaged exmy checkpoint: {bad}")
+        if name in self.bad_scales:
+            raise ExmyError(f"{f.path}: damaged exmy checkpoint: {name}: invalid scales")
         scales, _ = self.scales(name)
         codes = unpack_codes(f.read(record.packed_name), record.fmt, record.k)
         return dtypes.round_to(dequantize_codes(codes, scales, record.fmt, record.group_size), out_dtype)
@@ -116,3 +86,19 @@ class Checkpoint:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def open_checkpoint(path: str) -> Checkpoint:
+    """A checkpoint folder or single .safetensors file, opened and validated.
+
+    Raises :class:`~exmyconv.errors.ExmyError` with one line (the first problem) unless every rule of
+    :mod:`exmyconv.io.validate` holds. This is the one call an engine integration (e.g. the vLLM plugin)
+    makes before it trusts a checkpoint, so that it accepts and refuses exactly what the CLI,
+    ``load_state_dict`` and the transformers loader do. Close the result (it is a context manager).
+    """
+    ckpt = Checkpoint(path)
+    try:
+        return ckpt.check()
+    except BaseException:
+        ckpt.close()
+        raise

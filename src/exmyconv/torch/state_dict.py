@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..io.checkpoint import Checkpoint
+from ..io.checkpoint import open_checkpoint
 
 _TORCH = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
 
@@ -17,8 +17,7 @@ def load_state_dict(path: str, dtype=None) -> dict:
     import torch
 
     out = {}
-    with Checkpoint(path) as ckpt:
-        ckpt.check()
+    with open_checkpoint(path) as ckpt:
         for name in ckpt.names():
             if name in ckpt.records:
                 record = ckpt.records[name][0]

@@ -1,0 +1,113 @@
+"""Every reader of a converted checkpoint, run the same way, so tests can require that they agree.
+
+``run_readers(path)`` -> {reader: Verdict}: the CLI's ``inspect``, ``verify`` and ``dequantize`` (in
+process, exit status and output as a user sees them), ``exmyconv.load_state_dict``, and the
+transformers loader's own entry points (``ExmyConfig`` from config.json's quantization_config, then
+``read_records``, which the quantizer calls before any weight loads). ``agree(verdicts)`` checks what
+the issue asks of them: no traceback or internal error, one line per message, all accept or all
+refuse, and refusals that name the same problem.
+"""
+from __future__ import annotations
+
+import json
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from conftest import cli_call
+from exmyconv.errors import ExmyError
+
+
+@dataclass
+class Verdict:
+    ok: bool
+    message: str = ""  # the refusal's one line (without "error: "), or the first listed problem
+    code: int | None = None
+    output: str = ""
+
+
+
+
+def _cli_verdict(*args) -> Verdict:
+    code, out, err = cli_call(*args)
+    text = out + err
+    if code == 0:
+        return Verdict(True, "", code, text)
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    if code == 1 and len(lines) == 1 and lines[0].startswith("error: "):
+        return Verdict(False, lines[0][len("error: "):], code, text)
+    if code == 2:  # a report that lists problems
+        problems = [ln.strip()[2:] for ln in out.splitlines() if ln.startswith("    - ")]
+        if problems:
+            return Verdict(False, problems[0], code, text)
+    return Verdict(False, f"UNCLEAN (exit {code}): {text[-2000:]}", code, text)
+
+
+def _call(fn) -> Verdict:
+    try:
+        fn()
+    except (ExmyError, ValueError) as err:  # transformers' config errors are ValueErrors
+        return Verdict(False, str(err), None, f"{type(err).__name__}: {err}")
+    except Exception as err:  # noqa: BLE001 - reported as unclean
+        return Verdict(False, f"UNCLEAN {type(err).__name__}: {err}", None, repr(err))
+    return Verdict(True)
+
+
+def _transformers(path: Path) -> None:
+    from exmyconv.integrations.transformers_impl import ExmyConfig, read_records
+
+    folder = path if path.is_dir() else path.parent
+    config_file = folder / "config.json"
+    try:  # what transformers' AutoConfig reads (it has its own errors for broken JSON: not ours to test)
+        config = json.loads(config_file.read_text()) if path.is_dir() and config_file.is_file() else None
+    except (ValueError, RecursionError):
+        config = None
+    if config is not None:
+        qc = config.get("quantization_config") if isinstance(config, dict) else None
+        if isinstance(qc, dict) and qc.get("quant_method") == "exmy":
+            ExmyConfig.from_dict(dict(qc))
+    # (no weight file: transformers looks for model.safetensors, and our reader sees the folder as it is)
+    files = (sorted(folder.glob("*.safetensors")) or [folder / "model.safetensors"]) if path.is_dir() else [path]
+    read_records(files)
+
+
+def run_readers(path, transformers: bool = True, exmy: bool | None = None) -> dict[str, Verdict]:
+    """``exmy=False``: a plain checkpoint (verify, dequantize and transformers are for exmy ones only);
+    None: decide by what the checkpoint holds (exmy records, or an exmy quantization_config)."""
+    import exmyconv
+    from exmyconv.io.checkpoint import Checkpoint
+
+    path = Path(path)
+    if exmy is None:
+        try:
+            with Checkpoint(str(path)) as ckpt:
+                exmy = ckpt.is_exmy
+        except ExmyError:
+            exmy = True  # unreadable: every reader must refuse it alike
+    verdicts = {"inspect": _cli_verdict("inspect", path),
+                "load_state_dict": _call(lambda: exmyconv.load_state_dict(str(path)))}
+    if exmy:
+        verdicts["verify"] = _cli_verdict("verify", path, "--no-gpu")
+        if path.is_dir():
+            with tempfile.TemporaryDirectory() as tmp:
+                verdicts["dequantize"] = _cli_verdict("dequantize", path, Path(tmp) / "fp")
+        if transformers:
+            verdicts["transformers"] = _call(lambda: _transformers(path))
+    return verdicts
+
+
+def agree(verdicts: dict[str, Verdict], what: str = "") -> Verdict:
+    """Assert that the readers agree; return the reference verdict (inspect's)."""
+    for name, v in verdicts.items():
+        assert "UNCLEAN" not in v.message, f"{what}: {name}: {v.message}"
+        assert "Traceback" not in v.output and "internal error" not in v.output, f"{what}: {name}: {v.output}"
+        assert "\n" not in v.message and "\r" not in v.message, f"{what}: {name}: message of several lines"
+    ref = verdicts["inspect"]
+    oks = {name: v.ok for name, v in verdicts.items()}
+    assert len(set(oks.values())) == 1, f"{what}: readers disagree: {oks}; " + "; ".join(
+        f"{n}: {v.message}" for n, v in verdicts.items() if not v.ok)
+    if not ref.ok:
+        for name, v in verdicts.items():
+            assert ref.message in v.message or v.message in ref.message, (
+                f"{what}: {name} refuses for another reason:\n  inspect: {ref.message}\n  {name}: {v.message}")
+    return ref
