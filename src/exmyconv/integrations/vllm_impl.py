@@ -9,8 +9,10 @@ gives the conversion defaults, but a ``--format auto`` checkpoint has a format p
 checkpoint's own headers (the ``exmy:T`` records) are read, and validated, when vLLM finishes its
 config (``maybe_update_config``, in the front-end process, which hands the config to the workers).
 A Hub repo id is resolved to its local snapshot first (exmyconv's Hub source, the same cache vLLM
-uses unless ``--download-dir`` is given). A damaged checkpoint stops vLLM there with the message
-``exmyconv dequantize`` prints for it.
+uses unless ``--download-dir`` is given). The checkpoint is opened with
+:func:`exmyconv.io.checkpoint.open_checkpoint`, the reader every exmyconv command uses, so the plugin
+accepts and refuses exactly what the CLI does: a damaged checkpoint stops vLLM there with the one-line
+message ``exmyconv dequantize`` prints for it. This module decides no validity rule of its own.
 """
 from __future__ import annotations
 
@@ -22,29 +24,14 @@ from vllm.model_executor.layers.quantization import register_quantization_config
 from vllm.model_executor.layers.quantization.base_config import QuantizationConfig
 
 from ..errors import ExmyError
-from ..format.layout import QUANT_METHOD, VERSION, check_version
-from ..io.checkpoint import Checkpoint
+from ..format.layout import QUANT_METHOD, VERSION
+from ..io.checkpoint import open_checkpoint
+from ..io.validate import check_quantization_config
 
 
 def register() -> None:
     """Register ExmyConfig as vLLM's quantization method "exmy"."""
     register_quantization_config(QUANT_METHOD)(ExmyConfig)
-
-
-def validate(ckpt: Checkpoint) -> None:
-    """Refuse a damaged checkpoint with the CLI's message (the one place this module decides validity).
-
-    The shared validation of ``exmyconv.io`` plugs in here: today the reader's integrity findings
-    (``Checkpoint.check``: headers, versions, records against their tensors) and every record's scales
-    (``Checkpoint.check_scales``), as ``exmyconv dequantize`` checks them."""
-    ckpt.check()
-    if not ckpt.records:
-        raise ExmyError(f"{ckpt.path}: no exmy-quantized tensors, although config.json says quant_method "
-                        f"{QUANT_METHOD!r}")
-    for name, (_, f) in ckpt.records.items():
-        bad = ckpt.check_scales(name)
-        if bad:
-            raise ExmyError(f"{f.path}: damaged exmy checkpoint: {bad}")
 
 
 def read_layout(model: str, revision: str | None = None) -> dict:
@@ -54,8 +41,7 @@ def read_layout(model: str, revision: str | None = None) -> dict:
         from ..io.hub import is_repo_id, resolve_source
 
         path = str(resolve_source(model, revision)) if is_repo_id(model) else model
-    with Checkpoint(path) as ckpt:
-        validate(ckpt)
+    with open_checkpoint(path) as ckpt:  # validated as the CLI validates it, or ExmyError (one line)
         return {name: (record, f.tensors[record.scale_name].dtype) for name, (record, f) in ckpt.records.items()}
 
 
@@ -69,7 +55,6 @@ class ExmyConfig(QuantizationConfig):
     def __init__(self, format: str | None = None, group_size: int | None = None, ignore=(),
                  format_version: str = VERSION):
         super().__init__()
-        check_version(str(format_version), "quantization_config")
         self.format, self.group_size, self.ignore = format, group_size, list(ignore or ())
         self.checkpoint: dict | None = None  # by checkpoint name
         self.tensors: dict | None = None  # by vLLM name
@@ -97,8 +82,11 @@ class ExmyConfig(QuantizationConfig):
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> "ExmyConfig":
+        problems = check_quantization_config(config)  # the rules config.json's readers apply (io.validate)
+        if problems:
+            raise ExmyError(problems[0])
         return cls(format=config.get("format"), group_size=config.get("group_size"), ignore=config.get("ignore"),
-                   format_version=str(config.get("format_version", "?")))
+                   format_version=str(config.get("format_version", VERSION)))
 
     def maybe_update_config(self, model_name: str, hf_config=None, revision: str | None = None) -> None:
         self.read(model_name, revision)
