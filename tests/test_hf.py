@@ -592,6 +592,14 @@ class FakeGpu:
     def __init__(self):
         self.calls = []
 
+    def supports(self, fmt):
+        return fmt.share == 1
+
+    def gemv_applies(self, fmt, x_dtype, rows):  # the rule of exmyconv.cuda.gpu.gemv_applies
+        from exmyconv.cuda import gpu
+
+        return 1 <= rows <= gpu.MAX_BATCH and x_dtype in ("F16", "BF16") and self.supports(fmt)
+
     def upload(self, *, payload, scales, scale_dtype, fmt, shape, group_size):
         self.calls.append("upload")
         fake = self

@@ -25,9 +25,8 @@ from ..errors import ExmyError
 from ..format.exmy import ExMy, get_format
 from ..format.pack import row_bytes
 from ..format.quant import groups_of
-from .codec import dequantize
+from .codec import SCALE_NAME, dequantize
 
-_SCALE_NAME = {torch.float16: "F16", torch.bfloat16: "BF16"}
 _LIVE: "weakref.WeakValueDictionary[int, ExmyLinear]" = weakref.WeakValueDictionary()  # handle -> module
 _HANDLES = itertools.count()
 
@@ -35,6 +34,14 @@ _HANDLES = itertools.count()
 def _gpu_backend():
     """exmyconv.cuda.gpu when the CUDA path can run here, else None (the one probe, cached)."""
     return cuda.backend()
+
+
+def gpu_view(gpu, packed: torch.Tensor, scale: torch.Tensor, fmt: ExMy, k: int, group_size: int):
+    """``gpu.upload`` of packed CUDA tensors (uint8 [N, row_bytes], fp16/bf16 scales [N, ngroups]) that a
+    module or an engine holds: a zero-copy view (plus the small scale arrays the GEMV derives).
+    ExmyLinear and :class:`exmyconv.torch.packed.PackedLinear` both call it."""
+    return gpu.upload(payload=packed, scales=scale, scale_dtype=SCALE_NAME[scale.dtype], fmt=fmt,
+                      shape=(packed.shape[0], k), group_size=group_size)
 
 
 class ExmyLinear(nn.Module):
@@ -68,9 +75,9 @@ class ExmyLinear(nn.Module):
         self.in_features, self.out_features = int(in_features), int(out_features)
         self.fmt = get_format(fmt) if isinstance(fmt, str) else fmt
         self.group_size, ngroups = groups_of(self.in_features, group_size)
-        if scale_dtype not in _SCALE_NAME:
+        if scale_dtype not in SCALE_NAME:
             raise ExmyError(f"scales are float16 or bfloat16, not {scale_dtype}")
-        self.scale_format = _SCALE_NAME[scale_dtype]  # "F16"/"BF16": what the checkpoint stores
+        self.scale_format = SCALE_NAME[scale_dtype]  # "F16"/"BF16": what the checkpoint stores
         self.register_buffer("weight_packed", torch.empty(
             (self.out_features, row_bytes(self.fmt, self.in_features)), dtype=torch.uint8, device=device))
         self.register_buffer("weight_scale", torch.empty((self.out_features, ngroups), dtype=scale_dtype,
@@ -138,10 +145,7 @@ class ExmyLinear(nn.Module):
         if it defines it, else unshared formats only). Then :meth:`_gpu_compute`.
         """
         gpu = _gpu_backend()
-        if gpu is None or x.dtype not in (torch.float16, torch.bfloat16) or not self.weight_packed.is_cuda:
-            return None
-        supports = getattr(gpu, "supports", None)
-        if not (supports(self.fmt) if callable(supports) else self.fmt.share == 1):
+        if gpu is None or x.dtype not in SCALE_NAME or not self.weight_packed.is_cuda or not gpu.supports(self.fmt):
             return None
         return self._gpu_compute(gpu, x)
 
@@ -160,7 +164,7 @@ class ExmyLinear(nn.Module):
         """
         x2 = x.reshape(-1, self.in_features)
         weight = self._gpu_weight(gpu)
-        if x2.shape[0] <= gpu.MAX_BATCH:
+        if gpu.gemv_applies(self.fmt, SCALE_NAME[x.dtype], x2.shape[0]):  # (the rule PackedLinear follows too)
             if not x2.is_contiguous() or x2.data_ptr() % 16:  # the kernel reads 16-byte words of x
                 x2 = x2.clone(memory_format=torch.contiguous_format)
             y = gpu.gemv(x2, weight, out=torch.empty((x2.shape[0], self.out_features), dtype=x.dtype, device=x.device))
@@ -181,8 +185,7 @@ class ExmyLinear(nn.Module):
         """
         key = (self.weight_packed.data_ptr(), self.weight_scale.data_ptr(), self.weight_scale.dtype)
         if self._gpu_weight_cache is None or self._gpu_weight_cache[0] != key:
-            weight = gpu.upload(payload=self.weight_packed, scales=self.weight_scale, scale_dtype=self.scale_format,
-                                fmt=self.fmt, shape=(self.out_features, self.in_features), group_size=self.group_size)
+            weight = gpu_view(gpu, self.weight_packed, self.weight_scale, self.fmt, self.in_features, self.group_size)
             self._gpu_weight_cache = (key, weight)
         return self._gpu_weight_cache[1]
 

@@ -15,8 +15,8 @@ Compute:
 - CPU (or any input the CUDA path does not take): the weight is decoded into ``x.dtype`` by the torch
   codec (:func:`exmyconv.torch.codec.dequantize`, bitwise what ``exmyconv dequantize`` writes) and
   ``F.linear`` runs.
-- CUDA, fp16/bf16 ``x`` with at most ``gpu.MAX_BATCH`` (16) rows and a format the fused GEMV handles:
-  ``exmyconv.cuda.gpu``'s GEMV, through a launch plan prepared once per (rows, dtype, stream). The plan
+- CUDA, fp16/bf16 ``x`` with at most ``gpu.MAX_BATCH`` (16) rows and a format the fused GEMV handles
+  (``exmyconv.cuda.gpu.gemv_applies``, the rule ExmyLinear follows too): ``exmyconv.cuda.gpu``'s GEMV, through a launch plan prepared once per (rows, dtype, stream). The plan
   reads a per-layer staging copy of ``x`` ([16, K]) and writes a per-layer staging output ([16, N]); the
   call copies ``x`` in and the result out into a tensor torch allocates (two small copies, so that
   no plan is built per call and the launch is the same in every CUDA-graph replay).
@@ -24,7 +24,9 @@ Compute:
   layer on that device and dtype (the largest layer's size; layers run one after another on a stream),
   by a plan prepared once, then ``F.linear`` (cuBLAS): the same result as the plain model.
 
-Every launch goes to torch's current stream. :meth:`PackedLinear.prepare` builds everything a CUDA call
+What this module adds to :class:`exmyconv.torch.linear.ExmyLinear`'s CUDA path (whose GPU view of the
+tensors, ``linear.gpu_view``, it shares; decoding is the torch codec's and the kernels' alone) is the
+preparation for CUDA graphs. Every launch goes to torch's current stream. :meth:`PackedLinear.prepare` builds everything a CUDA call
 needs (kernels compiled, scales derived, plans for 1..16 rows, the scratch reserved) so that a call
 during CUDA-graph capture only looks plans up: no allocation outside torch, no host synchronisation.
 
@@ -46,11 +48,11 @@ from ..errors import ExmyError
 from ..format.exmy import ExMy, get_format
 from ..format.pack import pack_codes, row_bytes
 from ..format.quant import groups_of
-from .codec import dequantize, unpack_codes
+from .codec import SCALE_NAME, dequantize, unpack_codes
+from .linear import gpu_view
 
 _LIVE: "weakref.WeakValueDictionary[int, PackedLinear]" = weakref.WeakValueDictionary()
 _HANDLES = itertools.count()
-_SCALE_NAMES = {torch.float16: "F16", torch.bfloat16: "BF16"}
 
 
 class PackedLinear:
@@ -118,7 +120,7 @@ class PackedLinear:
         return True
 
     def _cuda_state(self, packed: torch.Tensor, scale: torch.Tensor) -> Optional["_CudaState"]:
-        if not packed.is_cuda or scale.dtype not in _SCALE_NAMES:
+        if not packed.is_cuda or scale.dtype not in SCALE_NAME:
             return None
         key = (packed.data_ptr(), scale.data_ptr(), scale.dtype)
         state = self._cuda
@@ -136,24 +138,25 @@ class _CudaState:
 
     def __init__(self, gpu, spec: PackedLinear, packed: torch.Tensor, scale: torch.Tensor, key):
         self.gpu, self.spec, self.key, self.device = gpu, spec, key, packed.device
-        self.weight = gpu.upload(payload=packed, scales=scale, scale_dtype=_SCALE_NAMES[scale.dtype], fmt=spec.fmt,
-                                 shape=(spec.n, spec.k), group_size=spec.group_size)
-        self.gemv_ok = gpu.supports(spec.fmt)
+        self.weight = gpu_view(gpu, packed, scale, spec.fmt, spec.k, spec.group_size)
         self._keep = (packed, scale)  # the GPU view reads these tensors' memory
         self.stage: dict = {}  # dtype -> (x [MAX_BATCH, K], y [MAX_BATCH, N])
         self.plans: dict = {}  # (rows, dtype, stream) -> gemv plan
         self.dequant: dict = {}  # (dtype, scratch address, stream) -> dequantization plan
 
     def prepare(self, dtype: torch.dtype) -> None:
-        if dtype in _SCALE_NAMES and self.gemv_ok:
-            for rows in range(1, self.gpu.MAX_BATCH + 1):
+        for rows in range(1, self.gpu.MAX_BATCH + 1):
+            if self._gemv(rows, dtype):
                 self._plan(rows, dtype, _stream(self.device))
         self._dequantized(dtype)
+
+    def _gemv(self, rows: int, dtype: torch.dtype) -> bool:
+        return dtype in SCALE_NAME and self.gpu.gemv_applies(self.spec.fmt, SCALE_NAME[dtype], rows)
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         x2 = x.reshape(-1, self.spec.k)
         rows = x2.shape[0]
-        if 0 < rows <= self.gpu.MAX_BATCH and self.gemv_ok and x.dtype in _SCALE_NAMES:
+        if self._gemv(rows, x.dtype):
             plan = self._plan(rows, x.dtype, _stream(self.device))
             xs, ys = self.stage[x.dtype]
             xs[:rows].copy_(x2)
@@ -187,42 +190,22 @@ class _CudaState:
         if plan is None:
             if len(self.dequant) > 8:  # the scratch grew or streams changed: old plans are dead
                 self.dequant.clear()
-            out_dtype = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32"}.get(dtype)
+            out_dtype = SCALE_NAME.get(dtype) or ("F32" if dtype == torch.float32 else None)
             if out_dtype is None:
                 raise ExmyError(f"cannot dequantize to {dtype} on the GPU (float16, bfloat16 or float32)")
-            plan = self.dequant[key] = self.weight.dequant_plan(_as_cupy(w), out_dtype)
-        with _cupy_stream(stream):
-            plan()
+            plan = self.dequant[key] = self.weight.dequant_plan(w, out_dtype)  # on torch's current stream
+        plan()
         return w
 
 
 # ----------------------------------------------------------------------------- shared GPU resources
 
 _SCRATCH: dict = {}  # (device index, dtype) -> 1-D tensor
-_STREAMS: dict = {}  # torch stream handle -> cupy ExternalStream
 _LOCK = threading.Lock()
 
 
 def _stream(device: torch.device) -> int:
     return torch.cuda.current_stream(device).cuda_stream
-
-
-def _cupy_stream(handle: int):
-    stream = _STREAMS.get(handle)
-    if stream is None:
-        import cupy
-
-        stream = _STREAMS.setdefault(handle, cupy.cuda.ExternalStream(handle))
-    return stream
-
-
-def _as_cupy(t: torch.Tensor):
-    """A contiguous CUDA tensor as a cupy array over the same memory (bf16 as uint16 bits)."""
-    import cupy
-
-    if t.dtype == torch.bfloat16:
-        return cupy.asarray(t.view(torch.int16)).view(cupy.uint16)
-    return cupy.asarray(t)
 
 
 def _scratch(device: torch.device, dtype: torch.dtype, numel: int) -> torch.Tensor:
