@@ -1,9 +1,10 @@
 """The vLLM plugin's compute on a GPU, without vLLM: torch.ops.exmyconv.packed_linear (PackedLinear), the
 function ExmyLinearMethod.apply calls, on the packed tensors of a real conversion.
 
-- against the dequantized reference (``exmyconv.io.checkpoint`` / ``exmyconv dequantize`` values):
-  above 16 rows bitwise equal to F.linear with the dequantized weight (bit-exact GPU dequantization, the
-  same cuBLAS call); up to 16 rows (the fused GEMV) within the GEMV's rounding;
+- against the dequantized reference (``exmyconv.io.checkpoint.open_checkpoint`` / ``exmyconv dequantize``
+  values): above 16 rows bitwise equal to F.linear with the dequantized weight (bit-exact GPU
+  dequantization, the same cuBLAS call); up to 16 rows (the fused GEMV) within the GEMV's rounding;
+  float32 activations (dequantized to float32 on the GPU) and float32 scales (the torch codec) bitwise;
 - prepared, then captured in a CUDA graph (several layers, GEMV and dequantize + cuBLAS paths, sharing the
   dequantization scratch) and replayed with new inputs: equal to eager calls, bit for bit.
 
@@ -35,7 +36,7 @@ def conversions(tmp_path_factory):
     import safetensors.numpy
 
     import exmyconv
-    from exmyconv.io.checkpoint import Checkpoint
+    from exmyconv.io.checkpoint import open_checkpoint
 
     root = tmp_path_factory.mktemp("gpu-vllm")
     rng = np.random.default_rng(7)
@@ -47,8 +48,7 @@ def conversions(tmp_path_factory):
     for variant, options in VARIANTS.items():
         dest = root / variant
         exmyconv.quantize(str(src), str(dest), **options)
-        with Checkpoint(str(dest)) as ckpt:
-            ckpt.check()
+        with open_checkpoint(str(dest)) as ckpt:  # the reader the plugin uses (validated)
             out[variant] = {}
             for name, (record, f) in ckpt.records.items():
                 out[variant][name] = (record, f.read(record.packed_name).copy(), f.read(record.scale_name).copy(),
@@ -92,6 +92,10 @@ def test_outputs_against_the_dequantized_reference(conversions, variant, dtype_n
         # float32 scales (a fused layer whose shards stored fp16 and bf16 scales): the torch codec on CUDA
         x = torch.randn(40, spec.k, device="cuda", dtype=dtype)
         assert torch.equal(spec(x, packed, scale.float(), None), torch.nn.functional.linear(x, w))
+        # float32 activations: no GEMV; the weight dequantized to float32 by the kernel (exact), then F.linear
+        for rows in (1, 40):
+            x32 = torch.randn(rows, spec.k, device="cuda")
+            assert torch.equal(spec(x32, packed, scale, bias.float()), torch.nn.functional.linear(x32, ref, bias.float()))
 
 
 def test_cuda_graph_capture_and_replay(conversions):
