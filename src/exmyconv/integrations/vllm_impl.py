@@ -35,9 +35,11 @@ def register() -> None:
 
 
 def read_layout(model: str, revision: str | None = None) -> dict:
-    """{checkpoint tensor name: (TensorRecord, scale dtype "F16"/"BF16")} of a checkpoint folder or Hub repo."""
+    """{checkpoint tensor name: (TensorRecord, scale dtype "F16"/"BF16")} of a checkpoint folder or Hub repo.
+
+    ``open_checkpoint`` resolves a Hub repo id itself (its default branch); a ``revision`` is resolved here."""
     path = model
-    if not Path(model).exists():  # only a name that is no local path reaches the Hub code
+    if revision is not None and not Path(model).exists():  # only a name that is no local path reaches the Hub code
         from ..io.hub import is_repo_id, resolve_source
 
         path = str(resolve_source(model, revision)) if is_repo_id(model) else model
