@@ -85,7 +85,9 @@ def _exmy_quantization_config(folder: Path):
     return dict(qc) if isinstance(qc, dict) and qc.get("quant_method") == "exmy" else None
 
 
-HAVE_VLLM = importlib.util.find_spec("vllm") is not None
+_VLLM = importlib.util.find_spec("vllm")
+# (without vLLM, the folder tests/vllm is found as a namespace package "vllm", which has no origin)
+HAVE_VLLM = _VLLM is not None and _VLLM.origin is not None
 
 
 def _vllm(path: Path) -> None:
