@@ -95,7 +95,8 @@ def test_outputs_against_the_dequantized_reference(conversions, variant, dtype_n
         # float32 activations: no GEMV; the weight dequantized to float32 by the kernel (exact), then F.linear
         for rows in (1, 40):
             x32 = torch.randn(rows, spec.k, device="cuda")
-            assert torch.equal(spec(x32, packed, scale, bias.float()), torch.nn.functional.linear(x32, ref, bias.float()))
+            want = torch.nn.functional.linear(x32, ref, bias.float())
+            assert torch.equal(spec(x32, packed, scale, bias.float()), want), (variant, name, rows)
 
 
 def test_cuda_graph_capture_and_replay(conversions):

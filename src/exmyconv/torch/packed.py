@@ -16,19 +16,21 @@ Compute:
   codec (:func:`exmyconv.torch.codec.dequantize`, bitwise what ``exmyconv dequantize`` writes) and
   ``F.linear`` runs.
 - CUDA, fp16/bf16 ``x`` with at most ``gpu.MAX_BATCH`` (16) rows and a format the fused GEMV handles
-  (``exmyconv.cuda.gpu.gemv_applies``, the rule ExmyLinear follows too): ``exmyconv.cuda.gpu``'s GEMV, through a launch plan prepared once per (rows, dtype, stream). The plan
-  reads a per-layer staging copy of ``x`` ([16, K]) and writes a per-layer staging output ([16, N]); the
-  call copies ``x`` in and the result out into a tensor torch allocates (two small copies, so that
-  no plan is built per call and the launch is the same in every CUDA-graph replay).
+  (``exmyconv.cuda.gpu.gemv_applies``, the rule ExmyLinear follows too): ``exmyconv.cuda.gpu``'s GEMV,
+  through a launch plan prepared once per (rows, dtype, stream). The plan reads a per-layer staging
+  copy of ``x`` ([16, K]) and writes a per-layer staging output ([16, N]); the call copies ``x`` in and
+  the result out into a tensor torch allocates (two small copies, so that no plan is built per call
+  and the launch is the same in every CUDA-graph replay).
 - CUDA, more rows: the weight is dequantized bit-exactly into one scratch buffer shared by every
   layer on that device and dtype (the largest layer's size; layers run one after another on a stream),
   by a plan prepared once, then ``F.linear`` (cuBLAS): the same result as the plain model.
 
 What this module adds to :class:`exmyconv.torch.linear.ExmyLinear`'s CUDA path (whose GPU view of the
 tensors, ``linear.gpu_view``, it shares; decoding is the torch codec's and the kernels' alone) is the
-preparation for CUDA graphs. Every launch goes to torch's current stream. :meth:`PackedLinear.prepare` builds everything a CUDA call
-needs (kernels compiled, scales derived, plans for 1..16 rows, the scratch reserved) so that a call
-during CUDA-graph capture only looks plans up: no allocation outside torch, no host synchronisation.
+preparation for CUDA graphs. Every launch goes to torch's current stream. :meth:`PackedLinear.prepare`
+builds everything a CUDA call needs (kernels compiled, scales derived, plans for 1..16 rows, the
+scratch reserved) so that a call during CUDA-graph capture only looks plans up: no allocation outside
+torch, no host synchronisation.
 
 :func:`slice_k` cuts a K range out of a packed weight (row-parallel tensor parallelism).
 """
