@@ -85,3 +85,27 @@ def test_cuda_graph_capture_of_the_layer(rng):
             static_x.copy_(torch.randn_like(static_x))
             graph.replay()
             assert torch.equal(static_y, layer(static_x))
+
+
+@pytest.mark.parametrize("fmt,group", [("e2m2", None), ("e2m2s4", None), ("e3m2", 128)])
+def test_prepared_launch_follows_new_inputs(rng, fmt, group):
+    """The layer prepares its GEMV launch once per (rows, dtype); later calls with other x buffers
+    (fresh values, other addresses, an unaligned view) give exactly what a freshly planned GEMV gives,
+    and write every output element (the freed memory the output reuses is NaN-filled first)."""
+    import torch
+
+    from exmyconv.cuda import gpu
+
+    layer = _layer(rng, fmt, 2048, 3072, group=group, bias=False)
+    weight = layer._gpu_weight(gpu)
+    with torch.no_grad():
+        for rows in (1, 3, 16, 1, 3):
+            base = torch.randn(rows * 2048 + 8, device="cuda", dtype=torch.float16)
+            for x in (base[:rows * 2048].view(rows, 2048), base[1:rows * 2048 + 1].view(rows, 2048)):  # aligned, 2 B off
+                want = gpu.gemv(x.contiguous().clone(), weight)
+                nan = torch.full((rows, 3072), float("nan"), device="cuda", dtype=torch.float16)
+                del nan  # the caching allocator hands this block to the layer's output next
+                got = layer(x)
+                assert not torch.isnan(got).any()
+                assert torch.equal(got, want), (rows, x.data_ptr() % 16)
+        assert set(layer._launches) == {(1, torch.float16), (3, torch.float16), (16, torch.float16)}

@@ -151,13 +151,11 @@ def parse_batches(text: str | None) -> list[int]:
 class _Linear:
     """y = x W^T without bias: fp16 cuBLAS, or the fused ExMy GEMV (into `out` when given)."""
 
-    PLANS = 8  # launch plans kept per layer (one per input/output buffer pair and stream)
-
     def __init__(self, k: int, n: int, fmt: str, gen, device="cuda", overlap: bool = False):
         import torch
 
         self.k, self.n, self.fmt, self.overlap = k, n, fmt, overlap
-        self._plans = {}
+        self._launches = {}
         if fmt == FP16:
             self.w = (torch.randn((n, k), device=device, dtype=torch.float16, generator=gen) * 0.02)
             self.nbytes = self.w.numel() * 2
@@ -185,13 +183,12 @@ class _Linear:
             out = torch.empty((x.shape[0], self.n), device=x.device, dtype=x.dtype)
         if x.shape[0] > gpu.MAX_BATCH or x.data_ptr() % 16 or not x.is_contiguous():
             return gpu.gemv(x, self.w, out=out)
-        key = (x.data_ptr(), out.data_ptr(), x.shape[0], x.dtype, torch.cuda.current_stream(x.device).cuda_stream)
-        plan = self._plans.get(key)
-        if plan is None:  # a launch plan per buffer pair: no per-call argument preparation
-            if len(self._plans) >= self.PLANS:
-                self._plans.clear()
-            plan = self._plans[key] = gpu.gemv_plan(x, self.w, out, overlap=self.overlap)
-        plan()
+        key = (x.shape[0], x.dtype)
+        launch = self._launches.get(key)
+        if launch is None:  # prepared once per batch: a call passes only x, out and the stream
+            launch = self._launches[key] = gpu.GemvLaunch(
+                self.w, "F16" if x.dtype == torch.float16 else "BF16", x.shape[0], overlap=self.overlap)
+        launch(x.data_ptr(), out.data_ptr(), torch.cuda.current_stream(x.device).cuda_stream)
         return out
 
 

@@ -165,8 +165,11 @@ def git_commit() -> str:
 
 
 def run(shapes=STANDARD_SHAPES, formats=NAMED, batches=BATCHES, group_size: int | None = None,
-        reps: int = 100, dequant: bool = True, peers: bool = False, log=print) -> dict:
+        reps: int = 100, dequant: bool = True, peers: bool = False, dtype: str = "float16", log=print) -> dict:
     """Run the whole benchmark; returns the JSON-ready result dict.
+
+    ``dtype``: the activations' dtype, "float16" or "bfloat16" (x, y and the torch baseline's weights;
+    the rows' ``torch_fp16_ms`` is then the bf16 baseline; models loaded in bf16 run the bf16 path).
 
     ``peers``: also time vLLM's Humming kernels (bench/peers.py) for the formats both support and its
     int4-g128, same timer, shapes, batches and rotation (rows "peers"; gemv rows gain humming_ms)."""
@@ -176,11 +179,14 @@ def run(shapes=STANDARD_SHAPES, formats=NAMED, batches=BATCHES, group_size: int 
     if not gpu.available():
         raise ExmyError(f"no GPU: {gpu.unavailable_reason()}")
     fmts = [get_format(f) for f in formats]
+    if dtype not in ("float16", "bfloat16"):
+        raise ExmyError(f"activations are float16 or bfloat16, not {dtype!r}")
+    act = getattr(torch, dtype)
     timer = Timer(reps=reps)
     info = gpu.device_info()
     result = {
         "device": info, "date": datetime.date.today().isoformat(), "commit": git_commit(),
-        "torch": torch.__version__, "group_size": group_size, "reps": reps,
+        "torch": torch.__version__, "group_size": group_size, "reps": reps, "dtype": dtype,
         "method": "CUDA events per launch, queue pre-filled, medians; weights rotated over "
                   f">= {MIN_COPIES} copies and >= {ROTATE_BYTES >> 20} MiB",
     }
@@ -201,11 +207,11 @@ def run(shapes=STANDARD_SHAPES, formats=NAMED, batches=BATCHES, group_size: int 
         # torch fp16 baseline: weights rotated, one x per batch size
         w16_bytes = n * k * 2
         nw = copies_for(w16_bytes)
-        w16 = [torch.randn(n, k, dtype=torch.float16, device="cuda") * 0.02 for _ in range(nw)]
-        xs = {b: torch.randn(b, k, dtype=torch.float16, device="cuda") for b in batches}
+        w16 = [torch.randn(n, k, dtype=act, device="cuda") * 0.02 for _ in range(nw)]
+        xs = {b: torch.randn(b, k, dtype=act, device="cuda") for b in batches}
         base = {}
         for b in batches:
-            y = torch.empty(b, n, dtype=torch.float16, device="cuda")
+            y = torch.empty(b, n, dtype=act, device="cuda")
             t = timer(lambda i, b=b, y=y: torch.matmul(xs[b], w16[i % nw].t(), out=y))
             t_lin = timer(lambda i, b=b: F.linear(xs[b], w16[i % nw]))
             base[b] = min(t["median_ms"], t_lin["median_ms"])
@@ -218,9 +224,9 @@ def run(shapes=STANDARD_SHAPES, formats=NAMED, batches=BATCHES, group_size: int 
             for name, config in {**wanted, **peer_kernels.EXTRA}.items():
                 seed += 1
                 try:  # a peer that fails is reported, and our figures still come out
-                    hw = peer_kernels.HummingWeights(k, n, config, copies_for, seed)
+                    hw = peer_kernels.HummingWeights(k, n, config, copies_for, seed, act)
                     for b in batches:
-                        y = torch.empty(b, n, dtype=torch.float16, device="cuda")
+                        y = torch.empty(b, n, dtype=act, device="cuda")
                         t = timer(hw.launcher(xs[b], y))
                         peer_ms[(name, b)] = t["median_ms"]
                         peer_rows.append({"shape": label, "k": k, "n": n, "peer": "humming", "format": name,
@@ -262,8 +268,8 @@ def run(shapes=STANDARD_SHAPES, formats=NAMED, batches=BATCHES, group_size: int 
                     f"{row['pct_copy']:5.1f}% of copy ({row['pct_copy_same_size']:5.1f}% of a copy of as many bytes)")
                 del outs, dplans
             for b in batches:
-                x = torch.randn(b, k, dtype=torch.float16, device="cuda")
-                y = torch.empty(b, n, dtype=torch.float16, device="cuda")
+                x = torch.randn(b, k, dtype=act, device="cuda")
+                y = torch.empty(b, n, dtype=act, device="cuda")
                 plans = [gpu.gemv_plan(x, w, y) for w in ws]
                 t = timer(lambda i: plans[i % nq]())
                 speedup = base[b] / t["median_ms"]

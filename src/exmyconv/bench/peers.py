@@ -35,15 +35,16 @@ def version() -> str:
 class HummingWeights:
     """Copies of one Humming layer shape (rotated like ours), each holding different random weights."""
 
-    def __init__(self, k: int, n: int, config: dict, copies_for, seed: int):
+    def __init__(self, k: int, n: int, config: dict, copies_for, seed: int, dtype=None):
         import torch
-        from humming.layer import HummingLayer
+
+        dtype = dtype or torch.float16  # the activations' dtype        from humming.layer import HummingLayer
 
         gen = torch.Generator(device="cuda").manual_seed(seed)
 
         def layer():
-            w = torch.randn(n, k, dtype=torch.float16, device="cuda", generator=gen) * 0.02
-            lay = HummingLayer(shape_n=n, shape_k=k, weight_config=dict(config), torch_dtype=torch.float16).cuda()
+            w = torch.randn(n, k, dtype=dtype, device="cuda", generator=gen) * 0.02
+            lay = HummingLayer(shape_n=n, shape_k=k, weight_config=dict(config), torch_dtype=dtype).cuda()
             lay.load_from_unquantized(w)
             lay.transform()
             return lay

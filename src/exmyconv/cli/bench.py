@@ -26,6 +26,8 @@ from ..format.exmy import NAMED
 @click.option("--group-size", type=int, default=None,
               help="Scale group size of the random weights (default: one scale per output channel).")
 @click.option("--reps", type=int, default=100, show_default=True, help="Timed launches per measurement.")
+@click.option("--dtype", type=click.Choice(["float16", "bfloat16"]), default="float16", show_default=True,
+              help="Activations' dtype of the GEMV benchmark (and of its torch baseline and peers).")
 @click.option("--no-dequant", is_flag=True, help="Skip the dequantization bandwidth measurement.")
 @click.option("--peers", is_flag=True, help="Also time vLLM's Humming kernels (pip install humming-kernels) for "
                                              "e2m1/e2m2/e3m2/e2m3 and its int4-g128, in the same run.")
@@ -37,6 +39,9 @@ from ..format.exmy import NAMED
 @click.option("--e2e", "e2e", default=None, metavar="MODEL_OR_CONFIG",
               help="End-to-end greedy decoding tokens/s, fp16 vs ExMy, random weights: 'llama3-8b' or a "
                    "transformers config.json (or its folder). See docs/benchmarks.md.")
+@click.option("--generate", is_flag=True,
+              help="With --e2e: time transformers generate() itself (eager and compiled, bf16 against ExMy "
+                   "conversions; default --formats e2m2, --batches 1,4,16, --tokens 64), GPU memory after load.")
 @click.option("--layers", type=int, default=None, help="With --e2e: decoder layers (shrinks the model).")
 @click.option("--tokens", type=int, default=None,
               help="With --e2e: tokens decoded per run [default: 128]; with --quality: tokens scored [default: 2048].")
@@ -47,8 +52,8 @@ from ..format.exmy import NAMED
 @click.option("--seq-len", type=int, default=512, show_default=True, help="With --quality: window length.")
 @click.option("--calibration", default=None, metavar="TEXT_FILE",
               help="With --quality: calibration text for auto-B+cal variants (adds auto-5+cal to the default list).")
-def bench(formats, shapes, checkpoint, max_shapes, batches, group_size, reps, no_dequant, peers, json_path, png_path,
-          e2e, layers, tokens, quality, text_file, seq_len, calibration):
+def bench(formats, shapes, checkpoint, max_shapes, batches, group_size, reps, dtype, no_dequant, peers, json_path, png_path,
+          e2e, generate, layers, tokens, quality, text_file, seq_len, calibration):
     """Time GPU dequantization and the fused ExMy GEMV against torch fp16 F.linear (needs a CUDA GPU);
     --quality: model quality against bits per weight, on the CPU."""
     if quality:
@@ -56,6 +61,12 @@ def bench(formats, shapes, checkpoint, max_shapes, batches, group_size, reps, no
                        json_path or "exmy-quality.json", png_path or "exmy-quality.png")
         return
     json_path, png_path = json_path or "exmy-bench.json", png_path or "exmy-bench.png"
+    if generate and e2e is None:
+        click.echo("error: --generate goes with --e2e MODEL_OR_CONFIG", err=True)
+        sys.exit(1)
+    if generate:
+        _bench_generate(e2e, formats, batches, layers, 64 if tokens is None else tokens, json_path)
+        return
     if e2e is not None:
         _bench_e2e(e2e, formats, batches, layers, 128 if tokens is None else tokens, json_path)
         return
@@ -87,7 +98,7 @@ def bench(formats, shapes, checkpoint, max_shapes, batches, group_size, reps, no
     except (ExmyError, ValueError) as err:
         click.echo(f"error: {err}", err=True)
         sys.exit(1)
-    result = b.run(shape_list, fmts, batch_list, group_size, reps=reps, dequant=not no_dequant, peers=peers,
+    result = b.run(shape_list, fmts, batch_list, group_size, reps=reps, dequant=not no_dequant, peers=peers, dtype=dtype,
                    log=lambda msg: click.echo(msg, err=True))
     click.echo(b.table(result))
     for path in b.write(result, json_path, png_path):
@@ -120,6 +131,37 @@ def _bench_e2e(spec, formats, batches, layers, tokens, json_path):
         with open(json_path, "w") as fh:
             json.dump(result, fh, indent=1)
         click.echo(f"wrote {json_path}")
+
+
+def _bench_generate(spec, formats, batches, layers, tokens, json_path):
+    from ..bench import e2e as e
+    from ..bench import generate as g
+
+    try:
+        variants = g.parse_variants(formats)
+        batch_list = e.parse_batches(batches or ",".join(map(str, g.DEFAULT_BATCHES)))
+        if tokens < 1:
+            raise ExmyError(f"--tokens must be at least 1, got {tokens}")
+        if layers is not None and layers < 1:
+            raise ExmyError(f"--layers must be at least 1, got {layers}")
+    except ExmyError as err:
+        click.echo(f"error: {err}", err=True)
+        sys.exit(1)
+    from ..cuda import device
+
+    reason = device.bench_reason()
+    if reason:
+        click.echo(f"exmyconv bench --e2e --generate: {reason}", err=True)
+        sys.exit(2)
+    try:
+        result = g.run(spec, variants, batch_list, layers=layers, tokens=tokens,
+                       log=lambda msg: click.echo(msg, err=True))
+    except ExmyError as err:
+        click.echo(f"error: {err}", err=True)
+        sys.exit(1)
+    click.echo(g.table(result))
+    g.write_json(result, json_path)
+    click.echo(f"wrote {json_path}")
 
 
 def _bench_quality(model, variants, tokens, text_file, seq_len, calibration, json_path, png_path):

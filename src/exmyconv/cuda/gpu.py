@@ -522,6 +522,48 @@ def _x_as_u16(x, x_dtype):
     return xc, x_dtype, torch_in, squeeze
 
 
+@dataclass(frozen=True)
+class _GemvLaunchShape:
+    """What the host decides for one weight, x dtype and batch: kernel, its function, grid, shared
+    memory and the K split (the arguments other than x and y follow from the weight)."""
+
+    kernel: GemvKernel
+    fn: object      # cupy RawKernel
+    grid: tuple
+    smem: int
+    split: int
+    interleave: int
+
+    def args(self, weight: "GpuWeight", x, y, batch: int) -> tuple:
+        return (weight.payload, weight.kernel_scales(self.kernel.mode), x, y, np.uint32(weight.n),
+                np.uint32(weight.k), np.uint32(weight.payload.shape[1]), np.uint32(weight.ngroups),
+                np.uint32(weight.group_size), np.int32(_gshift(weight)), np.uint32(batch),
+                np.uint32(self.split), np.uint32(self.interleave))
+
+
+def _gemv_launch_shape(weight: "GpuWeight", x_dtype: str, batch: int, split: int | None = None,
+                       interleave: int | None = None, defines: tuple = (), blocks: int | None = None):
+    if not 1 <= batch <= MAX_BATCH:
+        raise ExmyError(f"a GEMV launch takes 1..{MAX_BATCH} rows of x, not {batch}")
+    if not supports(weight.fmt):
+        raise ExmyError(f"the fused GEMV does not handle {weight.fmt.name} yet (gpu.supports)")
+    kernel = gemv_kernel(weight, x_dtype, batch)
+    split = split or gemv_split(weight.n, weight.k, weight.fmt, kernel.kind)
+    interleave = GEMV_INTERLEAVE if interleave is None else int(interleave)
+    grid = (-(-weight.n // (GEMV_ROWS * (GEMV_WARPS // split))),)
+    if kernel.kind == "b1r":
+        sms = sm_count(_cupy().cuda.Device().id)
+        kernel = replace(kernel, blocks=int(blocks or gemv_b1r_blocks(kernel, grid[0], weight.fmt, sms)))
+        # each warp's x window (one iteration's chunks, 80 bytes each) x 2
+        smem = GEMV_WARPS * _gemv_shape(weight.fmt, "b1r")[1] * 80 * 2
+    else:
+        smem = _xs_bytes(weight.fmt, weight.k) if kernel.kind == "b1" else 0
+    fn = gemv_function(kernel, weight.fmt, defines)
+    if smem > 48 * 1024 and fn.max_dynamic_shared_size_bytes < smem:
+        fn.max_dynamic_shared_size_bytes = smem
+    return _GemvLaunchShape(kernel, fn, grid, smem, split, interleave)
+
+
 class GemvPlan:
     """One fused GEMV launch (batch <= 16) with its arguments prepared; call it to launch."""
 
@@ -529,33 +571,12 @@ class GemvPlan:
                  interleave: int | None = None, defines: tuple = (), overlap: bool = False,
                  blocks: int | None = None):
         batch = int(xc.shape[0])
-        if not 1 <= batch <= MAX_BATCH:
-            raise ExmyError(f"a GEMV launch takes 1..{MAX_BATCH} rows of x, not {batch}")
         if xc.shape[1] != weight.k:
             raise ExmyError(f"x has {xc.shape[1]} columns; the weight needs {weight.k}")
-        if not supports(weight.fmt):
-            raise ExmyError(f"the fused GEMV does not handle {weight.fmt.name} yet (gpu.supports)")
-        kernel = gemv_kernel(weight, x_dtype, batch)
-        n = weight.n
-        self.split = split or gemv_split(n, weight.k, weight.fmt, kernel.kind)
-        self.interleave = GEMV_INTERLEAVE if interleave is None else int(interleave)
-        tiles_per_block = GEMV_WARPS // self.split
-        self.grid = (-(-n // (GEMV_ROWS * tiles_per_block)),)
-        if kernel.kind == "b1r":
-            sms = sm_count(_cupy().cuda.Device().id)
-            kernel = replace(kernel, blocks=int(blocks or gemv_b1r_blocks(kernel, self.grid[0], weight.fmt, sms)))
-            # each warp's x window (one iteration's chunks, 80 bytes each) x 2
-            self.smem = GEMV_WARPS * _gemv_shape(weight.fmt, "b1r")[1] * 80 * 2
-        else:
-            self.smem = _xs_bytes(weight.fmt, weight.k) if kernel.kind == "b1" else 0
-        self.kernel = kernel
-        self.fn = gemv_function(kernel, weight.fmt, defines)
-        if self.smem > 48 * 1024 and self.fn.max_dynamic_shared_size_bytes < self.smem:
-            self.fn.max_dynamic_shared_size_bytes = self.smem
-        self.args = (weight.payload, weight.kernel_scales(kernel.mode), xc, y, np.uint32(n), np.uint32(weight.k),
-                     np.uint32(weight.payload.shape[1]), np.uint32(weight.ngroups),
-                     np.uint32(weight.group_size), np.int32(_gshift(weight)), np.uint32(batch),
-                     np.uint32(self.split), np.uint32(self.interleave))
+        shape = _gemv_launch_shape(weight, x_dtype, batch, split, interleave, defines, blocks)
+        self.kernel, self.fn, self.grid, self.smem = shape.kernel, shape.fn, shape.grid, shape.smem
+        self.split, self.interleave = shape.split, shape.interleave
+        self.args = shape.args(weight, xc, y, batch)
         self.stream = stream
         # overlap: programmatic dependent launch (exmyconv.cuda.launch): the weight loads start while
         # the kernel before is still running; x and y are touched only after it has finished
@@ -575,6 +596,34 @@ class GemvPlan:
             return
         with self.stream:
             self.fn(self.grid, (GEMV_WARPS * 32,), self.args, shared_mem=self.smem)
+
+
+class GemvLaunch:
+    """The GEMV of one weight for one x dtype and batch, prepared once; a call passes only the
+    addresses of x and y and the stream: no CuPy objects, no planning, no allocation. This is what a
+    model layer calls per token (its Python cost is a few microseconds, like F.linear's dispatch).
+
+    x: contiguous [batch, K] fp16/bf16 at a 16-byte aligned address; y: contiguous [batch, N] of
+    x's dtype. With ``overlap`` (compute capability >= 9.0) the launch uses programmatic dependent
+    launch (exmyconv.cuda.launch), which is also valid inside CUDA-graph capture."""
+
+    X_ARG, Y_ARG = 2, 3  # positions of x and y among the kernel's arguments
+
+    def __init__(self, weight: GpuWeight, x_dtype: str, batch: int, overlap: bool = False):
+        from .launch import Launch
+
+        shape = _gemv_launch_shape(weight, x_dtype, batch)
+        self.kernel = shape.kernel
+        self._weight = weight  # keeps the payload and the kernel's scales alive
+        self._launch = Launch(shape.fn, shape.grid, (GEMV_WARPS * 32,), shape.args(weight, 0, 0, batch),
+                              shape.smem, pdl=overlap)
+
+    def __call__(self, x_ptr: int, y_ptr: int, stream_handle: int) -> None:
+        if x_ptr % 16:
+            raise ExmyError("the GEMV reads x in 16-byte words: its address must be 16-byte aligned")
+        self._launch.set_pointer(self.X_ARG, x_ptr)
+        self._launch.set_pointer(self.Y_ARG, y_ptr)
+        self._launch(stream_handle)
 
 
 def gemv_plan(x, weight: GpuWeight, out, x_dtype: str | None = None, **tuning) -> GemvPlan:

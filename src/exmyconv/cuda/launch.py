@@ -53,7 +53,9 @@ _CTYPES = {np.dtype(np.uint64): ctypes.c_uint64, np.dtype(np.int64): ctypes.c_in
 
 
 def _c_arg(a):
-    """A kernel argument as a ctypes value: device arrays by pointer, numpy scalars by value."""
+    """A kernel argument as a ctypes value: device arrays and ints by address, numpy scalars by value."""
+    if type(a) is int:
+        return ctypes.c_void_p(a)
     if hasattr(a, "data") and hasattr(a.data, "ptr"):  # cupy ndarray
         return ctypes.c_void_p(a.data.ptr)
     if isinstance(a, np.generic) and a.dtype in _CTYPES:
@@ -63,9 +65,10 @@ def _c_arg(a):
 
 class Launch:
     """One kernel launch with fixed grid, block, shared memory and arguments, prepared once;
-    call it with a stream handle (int) to launch with the PDL attribute."""
+    call it with a stream handle (int) to launch, with the PDL attribute unless ``pdl=False``.
+    :meth:`set_pointer` changes one pointer argument in place (the next call passes it)."""
 
-    def __init__(self, raw_kernel, grid, block, args, shared_mem: int = 0):
+    def __init__(self, raw_kernel, grid, block, args, shared_mem: int = 0, pdl: bool = True):
         self._fn = raw_kernel.kernel.ptr  # the CUfunction of a cupy RawKernel
         self._vals = [_c_arg(a) for a in args]
         self._params = (ctypes.c_void_p * len(self._vals))(*[ctypes.addressof(v) for v in self._vals])
@@ -73,7 +76,10 @@ class Launch:
         self._attr.value.flag = 1
         grid, block = (tuple(grid) + (1, 1))[:3], (tuple(block) + (1, 1))[:3]
         self._config = _Config((ctypes.c_uint * 3)(*grid), (ctypes.c_uint * 3)(*block), shared_mem, None,
-                               ctypes.pointer(self._attr), 1)
+                               ctypes.pointer(self._attr), 1 if pdl else 0)
+
+    def set_pointer(self, index: int, address: int) -> None:
+        self._vals[index].value = address
 
     def __call__(self, stream_handle: int):
         self._config.stream = stream_handle or None

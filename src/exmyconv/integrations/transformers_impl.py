@@ -297,6 +297,12 @@ class ExmyHfQuantizer(HfQuantizer):
     def is_trainable(self):
         return False
 
+    @property
+    def is_compileable(self) -> bool:
+        """ExmyLinear is one custom op under torch.compile (torch/linear.py), so generate() with a
+        static cache compiles the decode step as it does for the source model."""
+        return True
+
     def preprocess_model(self, model, dtype=None, **kwargs):
         self._dtype = dtype if isinstance(dtype, torch.dtype) else None  # the base class keeps it to itself
         return super().preprocess_model(model, dtype=dtype, **kwargs)

@@ -11,6 +11,7 @@ module keeps the GPU view of its buffers, so the view dies with it.
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import os
 import weakref
@@ -87,6 +88,7 @@ class ExmyLinear(nn.Module):
         else:
             self.register_parameter("bias", None)
         self._gpu_weight_cache = None
+        self._launches = {}
         self._register()
 
     def _register(self) -> None:
@@ -97,6 +99,7 @@ class ExmyLinear(nn.Module):
     def __setstate__(self, state):
         super().__setstate__(state)
         self._gpu_weight_cache = None
+        self._launches = {}
         self._register()
 
     @classmethod
@@ -152,28 +155,32 @@ class ExmyLinear(nn.Module):
     def _gpu_compute(self, gpu, x: torch.Tensor) -> torch.Tensor:
         """y = x W^T + b with the GPU backend ``gpu`` (exmyconv.cuda.gpu's API):
 
-        - rows of x (leading dims flattened) <= ``gpu.MAX_BATCH`` (16): the fused GEMV
-          ``gpu.gemv(x2d, weight, out=y)`` -> [rows, out_features] in x's dtype, then the bias is added;
+        - rows of x (leading dims flattened) <= ``gpu.MAX_BATCH`` (16): the fused GEMV through a
+          ``gpu.GemvLaunch`` prepared once per (rows, dtype) and kept by the layer, so a call costs
+          one output allocation and one driver launch (no planning; programmatic dependent launch on
+          compute capability >= 9.0), then the bias is added;
         - more rows: ``weight.dequantize("F16"|"BF16", out=w)`` (bit-exact) into a torch buffer, then
           ``F.linear`` — the same result as the plain model.
 
         Every output is allocated by torch (CUDA-graph capture needs that; CuPy's pool is not captured).
-
-        ``weight`` is ``gpu.upload(payload=, scales=, scale_dtype=, fmt=, shape=, group_size=)`` of
-        the buffers (see :meth:`_gpu_weight`).
         """
         x2 = x.reshape(-1, self.in_features)
         weight = self._gpu_weight(gpu)
-        if gpu.gemv_applies(self.fmt, SCALE_NAME[x.dtype], x2.shape[0]):  # (the rule PackedLinear follows too)
+        rows = x2.shape[0]
+        if gpu.gemv_applies(self.fmt, SCALE_NAME[x.dtype], rows):  # (the rule PackedLinear follows too)
             if not x2.is_contiguous() or x2.data_ptr() % 16:  # the kernel reads 16-byte words of x
                 x2 = x2.clone(memory_format=torch.contiguous_format)
-            y = gpu.gemv(x2, weight, out=torch.empty((x2.shape[0], self.out_features), dtype=x.dtype, device=x.device))
+            launch = self._launches.get((rows, x.dtype))
+            if launch is None:
+                launch = self._launches[(rows, x.dtype)] = gpu.GemvLaunch(
+                    weight, SCALE_NAME[x.dtype], rows, overlap=_pdl_ok(x.device))
+            y = torch.empty((rows, self.out_features), dtype=x.dtype, device=x.device)
+            launch(x2.data_ptr(), y.data_ptr(), torch.cuda.current_stream(x.device).cuda_stream)
             if self.bias is not None:
                 y = y + self.bias.to(y.dtype)
         else:
-            out_dtype = "F16" if x.dtype == torch.float16 else "BF16"
             w = torch.empty((self.out_features, self.in_features), dtype=x.dtype, device=x.device)
-            weight.dequantize(out_dtype, out=w)
+            weight.dequantize(SCALE_NAME[x.dtype], out=w)
             y = F.linear(x2, w, self.bias)
         return y.reshape(*x.shape[:-1], self.out_features)
 
@@ -187,6 +194,7 @@ class ExmyLinear(nn.Module):
         if self._gpu_weight_cache is None or self._gpu_weight_cache[0] != key:
             weight = gpu_view(gpu, self.weight_packed, self.weight_scale, self.fmt, self.in_features, self.group_size)
             self._gpu_weight_cache = (key, weight)
+            self._launches = {}  # prepared launches hold the old buffers' addresses
         return self._gpu_weight_cache[1]
 
     # -- dtype safety ------------------------------------------------------------------------
@@ -213,7 +221,13 @@ class ExmyLinear(nn.Module):
             if not moved.is_floating_point():
                 self._buffers["weight_scale"] = moved.view(dt)
             self._gpu_weight_cache = None
+            self._launches = {}
 
+
+@functools.lru_cache(maxsize=None)
+def _pdl_ok(device: torch.device) -> bool:
+    """Programmatic dependent launch needs compute capability >= 9.0 (exmyconv.cuda.launch)."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (9, 0)
 
 
 # ----------------------------------------------------------------------------- the compiled op

@@ -1,0 +1,89 @@
+"""exmyconv bench --e2e --generate: arguments, the no-GPU message, and the folders it measures (CPU).
+
+The timing itself needs a GPU (scripts/gpu-check runs it; figures in docs/benchmarks.md).
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from exmyconv.bench import generate as g
+from exmyconv.cuda import device
+from exmyconv.errors import ExmyError
+from exmyconv.io.checkpoint import open_checkpoint
+
+TINY = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 64, "intermediate_size": 96,
+        "num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 300,
+        "max_position_embeddings": 128, "tie_word_embeddings": False}
+
+
+def test_variants_put_bf16_first_once():
+    assert g.parse_variants(None) == ["bf16", "e2m2"]
+    assert g.parse_variants("E2M2S4, bf16,e2m2,e2m2s4") == ["bf16", "e2m2s4", "e2m2"]
+    with pytest.raises(ExmyError):
+        g.parse_variants("e9m9")
+
+
+def test_generate_needs_e2e(run_cli):
+    code, out, err = run_cli("bench", "--generate")
+    assert code == 1 and "--generate goes with --e2e" in err and "Traceback" not in err
+
+
+@pytest.mark.skipif(not device.bench_reason(), reason="a GPU is present: the message is for machines without one")
+def test_no_gpu_says_why(run_cli, tmp_path):
+    code, out, err = run_cli("bench", "--e2e", "llama3-8b", "--generate", "--layers", "1")
+    assert code == 2 and err.startswith("exmyconv bench --e2e --generate:") and err.count("\n") == 1
+
+
+def test_bad_arguments_are_one_line(run_cli):
+    for args in (("--tokens", "0"), ("--layers", "0"), ("--batches", "17"), ("--formats", "e2m2,zz")):
+        code, out, err = run_cli("bench", "--e2e", "llama3-8b", "--generate", *args)
+        assert code == 1 and err.startswith("error:") and "Traceback" not in err, args
+
+
+def test_prepare_builds_the_source_and_converts_each_variant(tmp_path):
+    (tmp_path / "cfg").mkdir()
+    (tmp_path / "cfg" / "config.json").write_text(json.dumps(TINY))
+    work = tmp_path / "work"
+    work.mkdir()
+    folders = g.prepare(str(tmp_path / "cfg"), ["bf16", "e2m2", "e2m2s4"], 2, work, log=lambda m: None)
+    assert list(folders) == ["bf16", "e2m2", "e2m2s4"]
+    config = json.loads((folders["bf16"] / "config.json").read_text())
+    assert config["num_hidden_layers"] == 2 and config.get("dtype", config.get("torch_dtype")) == "bfloat16"
+    for name in ("e2m2", "e2m2s4"):
+        with open_checkpoint(str(folders[name])) as ckpt:
+            formats = {r[0].fmt.name for r in ckpt.records.values()}
+        assert formats == {name}
+    # a converted folder measures against its own bf16 dequantization
+    again = g.prepare(str(folders["e2m2"]), ["bf16"], None, tmp_path, log=lambda m: None)
+    assert again == {"bf16": tmp_path / "bf16", "e2m2": folders["e2m2"]}
+    with open_checkpoint(str(again["bf16"])) as ckpt:
+        assert not ckpt.records and ckpt.plain
+
+
+def test_not_a_model_is_one_line(tmp_path):
+    with pytest.raises(ExmyError, match="not a preset"):
+        g.prepare(str(tmp_path / "nothing"), ["bf16"], None, tmp_path, log=lambda m: None)
+
+
+def test_compare_tokens_tells_ties_from_mismatches():
+    """Row 0 equal; row 1 differs where the two paths' logits swap two near-equal candidates (a tie);
+    row 2 differs although the paths' logits agree (a mismatch: the fast path chose another token)."""
+    import torch
+    from types import SimpleNamespace
+
+    prompt, vocab = 2, 6
+    ref = torch.tensor([[5, 0, 1, 2, 3]] * 3)
+    fast = torch.tensor([[5, 0, 1, 2, 3], [5, 0, 1, 4, 0], [5, 0, 1, 4, 0]])
+    ref_logits = [torch.zeros(3, vocab) for _ in range(3)]
+    fast_logits = [torch.zeros(3, vocab) for _ in range(3)]
+    ref_logits[1][:, 2], ref_logits[1][:, 4] = 1.0, 0.99
+    fast_logits[1][0, 2] = fast_logits[1][2, 2] = 1.0
+    fast_logits[1][0, 4] = fast_logits[1][2, 4] = 0.99
+    fast_logits[1][1, 2], fast_logits[1][1, 4] = 0.99, 1.0
+    result = g.compare_tokens(SimpleNamespace(sequences=fast, logits=fast_logits),
+                              SimpleNamespace(sequences=ref, logits=ref_logits), prompt)
+    assert (result["equal"], result["ties"], result["mismatches"]) == (1, 1, 1)
+    assert [d["row"] for d in result["first_difference"]] == [1, 2]
+    assert all(d["step"] == 1 for d in result["first_difference"])
