@@ -173,7 +173,7 @@ class ExmyLinear(nn.Module):
             launch = self._launches.get((rows, x.dtype))
             if launch is None:
                 launch = self._launches[(rows, x.dtype)] = gpu.GemvLaunch(
-                    weight, SCALE_NAME[x.dtype], rows, overlap=_pdl_ok(x.device))
+                    weight, SCALE_NAME[x.dtype], rows, overlap=pdl_ok(x.device))
             y = torch.empty((rows, self.out_features), dtype=x.dtype, device=x.device)
             launch(x2.data_ptr(), y.data_ptr(), torch.cuda.current_stream(x.device).cuda_stream)
             if self.bias is not None:
@@ -225,8 +225,9 @@ class ExmyLinear(nn.Module):
 
 
 @functools.lru_cache(maxsize=None)
-def _pdl_ok(device: torch.device) -> bool:
-    """Programmatic dependent launch needs compute capability >= 9.0 (exmyconv.cuda.launch)."""
+def pdl_ok(device: torch.device) -> bool:
+    """Programmatic dependent launch needs compute capability >= 9.0 (exmyconv.cuda.launch); the GEMV
+    launches of ExmyLinear and PackedLinear use it where it applies."""
     return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (9, 0)
 
 

@@ -17,10 +17,9 @@ Compute:
   ``F.linear`` runs.
 - CUDA, fp16/bf16 ``x`` with at most ``gpu.MAX_BATCH`` (16) rows and a format the fused GEMV handles
   (``exmyconv.cuda.gpu.gemv_applies``, the rule ExmyLinear follows too): ``exmyconv.cuda.gpu``'s GEMV,
-  through a launch plan prepared once per (rows, dtype, stream). The plan reads a per-layer staging
-  copy of ``x`` ([16, K]) and writes a per-layer staging output ([16, N]); the call copies ``x`` in and
-  the result out into a tensor torch allocates (two small copies, so that no plan is built per call
-  and the launch is the same in every CUDA-graph replay).
+  through a ``gpu.GemvLaunch`` prepared once per (rows, dtype), as ExmyLinear keeps them: a call
+  passes the addresses of ``x`` and of an output torch allocates, and the stream (no planning, no
+  CuPy objects; programmatic dependent launch on compute capability >= 9.0).
 - CUDA, more rows: the weight is dequantized bit-exactly into one scratch buffer shared by every
   layer on that device and dtype (the largest layer's size; layers run one after another on a stream),
   by a plan prepared once, then ``F.linear`` (cuBLAS): the same result as the plain model.
@@ -28,9 +27,9 @@ Compute:
 What this module adds to :class:`exmyconv.torch.linear.ExmyLinear`'s CUDA path (whose GPU view of the
 tensors, ``linear.gpu_view``, it shares; decoding is the torch codec's and the kernels' alone) is the
 preparation for CUDA graphs. Every launch goes to torch's current stream. :meth:`PackedLinear.prepare`
-builds everything a CUDA call needs (kernels compiled, scales derived, plans for 1..16 rows, the
-scratch reserved) so that a call during CUDA-graph capture only looks plans up: no allocation outside
-torch, no host synchronisation.
+builds everything a CUDA call needs (kernels compiled, scales derived, GEMV launches for 1..16 rows,
+the scratch reserved) so that a call during CUDA-graph capture only looks them up: no allocation
+outside torch, no host synchronisation.
 
 :func:`slice_k` cuts a K range out of a packed weight (row-parallel tensor parallelism).
 """
@@ -51,7 +50,7 @@ from ..format.exmy import ExMy, get_format
 from ..format.pack import pack_codes, row_bytes
 from ..format.quant import groups_of
 from .codec import SCALE_NAME, dequantize, unpack_codes
-from .linear import gpu_view
+from .linear import gpu_view, pdl_ok
 
 _LIVE: "weakref.WeakValueDictionary[int, PackedLinear]" = weakref.WeakValueDictionary()
 _HANDLES = itertools.count()
@@ -142,14 +141,13 @@ class _CudaState:
         self.gpu, self.spec, self.key, self.device = gpu, spec, key, packed.device
         self.weight = gpu_view(gpu, packed, scale, spec.fmt, spec.k, spec.group_size)
         self._keep = (packed, scale)  # the GPU view reads these tensors' memory
-        self.stage: dict = {}  # dtype -> (x [MAX_BATCH, K], y [MAX_BATCH, N])
-        self.plans: dict = {}  # (rows, dtype, stream) -> gemv plan
+        self.launches: dict = {}  # (rows, dtype) -> gpu.GemvLaunch
         self.dequant: dict = {}  # (dtype, scratch address, stream) -> dequantization plan
 
     def prepare(self, dtype: torch.dtype) -> None:
         for rows in range(1, self.gpu.MAX_BATCH + 1):
             if self._gemv(rows, dtype):
-                self._plan(rows, dtype, _stream(self.device))
+                self._launch(rows, dtype)
         self._dequantized(dtype)
 
     def _gemv(self, rows: int, dtype: torch.dtype) -> bool:
@@ -159,28 +157,22 @@ class _CudaState:
         x2 = x.reshape(-1, self.spec.k)
         rows = x2.shape[0]
         if self._gemv(rows, x.dtype):
-            plan = self._plan(rows, x.dtype, _stream(self.device))
-            xs, ys = self.stage[x.dtype]
-            xs[:rows].copy_(x2)
-            plan()
-            y = ys[:rows].clone()
+            if not x2.is_contiguous() or x2.data_ptr() % 16:  # the kernel reads 16-byte words of x
+                x2 = x2.clone(memory_format=torch.contiguous_format)
+            y = torch.empty((rows, self.spec.n), dtype=x.dtype, device=x.device)
+            self._launch(rows, x.dtype)(x2.data_ptr(), y.data_ptr(), _stream(self.device))
             if bias is not None:
                 y += bias
         else:
             y = F.linear(x2, self._dequantized(x.dtype), bias)
         return y.reshape(*x.shape[:-1], self.spec.n)
 
-    def _plan(self, rows: int, dtype: torch.dtype, stream: int):
-        key = (rows, dtype, stream)
-        plan = self.plans.get(key)
-        if plan is None:
-            if dtype not in self.stage:
-                m = self.gpu.MAX_BATCH
-                self.stage[dtype] = (torch.zeros((m, self.spec.k), dtype=dtype, device=self.device),
-                                     torch.empty((m, self.spec.n), dtype=dtype, device=self.device))
-            xs, ys = self.stage[dtype]
-            plan = self.plans[key] = self.gpu.gemv_plan(xs[:rows], self.weight, ys[:rows])
-        return plan
+    def _launch(self, rows: int, dtype: torch.dtype):
+        launch = self.launches.get((rows, dtype))
+        if launch is None:
+            launch = self.launches[(rows, dtype)] = self.gpu.GemvLaunch(self.weight, SCALE_NAME[dtype], rows,
+                                                                        overlap=pdl_ok(self.device))
+        return launch
 
     def _dequantized(self, dtype: torch.dtype) -> torch.Tensor:
         """The weight dequantized into the shared scratch buffer, on torch's current stream."""
