@@ -544,5 +544,7 @@ constexpr u32 POW2_127_BITS = (u32)(127 + 127 - BIAS) << 23;
 constexpr u32 POW2_15_BITS = (u32)(127 + 15 - BIAS) << 23;
 // 2^(15 - BIAS) as an fp16 bit pattern, both lanes (exponent field 15 + 15 - BIAS <= 30 for E <= 4).
 constexpr u32 POW2_15_H2 = F16_OK ? ((u32)(15 + 15 - BIAS) << 10) * 0x00010001u : 0u;
+// 2^(127 - BIAS) as a bf16 bit pattern, both lanes (exponent field 127 + 127 - BIAS <= 254).
+constexpr u32 POW2_127_B2 = ((u32)(127 + 127 - BIAS) << 7) * 0x00010001u;
 
 }  // namespace exmy

@@ -26,6 +26,10 @@
 //                        (host-checked to be finite): one HMUL2, exact product, one rounding.
 //   MODE 1 (fp16 2-step): w = (h * 2^(15-bias)) * scale: first multiply exact, one rounding.
 //   MODE 2 (bf16):       w = bf16_rn((float(h_bf16) * 2^(127-bias)) * scale), float32 products exact.
+//   MODE 3 (bf16 row):   one scale per row only: w = h_bf16 * 2^(127-bias) = v, the code's value itself
+//                        (one exact bf16x2 multiply; the raw field may be subnormal, v never is), and
+//                        the float32 sums are multiplied by the row's scale, as MODE 0/1 do in fp16.
+//                        Per pair one instruction instead of MODE 2's five: bf16 models' fast path.
 // x of the other 16-bit type is converted once per load (MODE 2 with fp16 x: x rounded to bf16).
 //
 // One kernel template, exmy_gemv<KIND, MODE, XF16, GM, BLOCKS> (at the end); the host picks the
@@ -102,6 +106,14 @@ __device__ __forceinline__ u32 hmul2(u32 a, u32 b) {
     return r;
 }
 
+// bf16x2 multiply, exact for a power-of-two factor (subnormal inputs kept); fma with -0 so that
+// -0 stays -0 (sm_80 has bf16x2 fma, not mul).
+__device__ __forceinline__ u32 bmul2(u32 a, u32 b) {
+    u32 r;
+    asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(r) : "r"(a), "r"(b), "r"(0x80008000u));
+    return r;
+}
+
 __device__ __forceinline__ u32 bf16x2_rn(float lo, float hi) {
     u32 r;
     asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));  // lo -> bits 15..0
@@ -141,10 +153,12 @@ template <int MODE>
 struct ScaleT { typedef u32 type; };
 template <>
 struct ScaleT<2> { typedef float type; };
+template <>
+struct ScaleT<3> { typedef float type; };
 
 template <int MODE>
 __device__ __forceinline__ typename ScaleT<MODE>::type load_scale(const void* ks, size_t i) {
-    if constexpr (MODE == 2) return ((const float*)ks)[i];
+    if constexpr (MODE >= 2) return ((const float*)ks)[i];
     else return ((const u16*)ks)[i] * 0x00010001u;  // fp16 bits in both lanes
 }
 
@@ -221,8 +235,9 @@ __device__ __forceinline__ void gemv_warp(const u8* __restrict__ payload, const 
     // chunks t, t+4 of k = 4 formats: their shared words in one load (load_chunk_spread); not in the
     // 80-register build of b1r, where that was slower on an H100 (docs/benchmarks.md, H100 tuning)
     constexpr bool SPREAD_PAIR = SPREAD && CPT == 2 && SHARE == 4 && PP;
-    constexpr bool BF = MODE == 2;          // tensor-core operand type
-    constexpr bool EPI = GM == 0 && !BF;    // scale after the mma (fp16 operands, one scale per row)
+    constexpr bool BF = MODE >= 2;          // tensor-core operand type
+    constexpr bool EPI = GM == 0 && MODE != 2;  // scale after the mma (one scale per row, MODE 0, 1, 3)
+    static_assert(MODE != 3 || GM == 0, "MODE 3 is for one scale per row");
     typedef typename ScaleT<MODE>::type S;
     const u32 lane = threadIdx.x & 31;
     const u32 gr = lane >> 2, t = lane & 3;     // mma groupID / thread-in-group
@@ -302,6 +317,10 @@ __device__ __forceinline__ void gemv_warp(const u8* __restrict__ payload, const 
             decode_group<BF>(wb, preb, e, a1, a3);  // row gr+8: same pairs
             if (EPI) {
                 // raw values; the row scale is applied to the float32 sums
+                if constexpr (MODE == 3) {  // bf16 raw field * 2^(127-bias): the code's value, exact
+                    a0 = bmul2(a0, POW2_127_B2); a2 = bmul2(a2, POW2_127_B2);
+                    a1 = bmul2(a1, POW2_127_B2); a3 = bmul2(a3, POW2_127_B2);
+                }
             } else if (GM == 0) {
                 a0 = scale_pair<MODE>(a0, rsa, rsa); a2 = scale_pair<MODE>(a2, rsa, rsa);
                 a1 = scale_pair<MODE>(a1, rsb, rsb); a3 = scale_pair<MODE>(a3, rsb, rsb);
@@ -475,10 +494,15 @@ __device__ __forceinline__ void gemv_warp(const u8* __restrict__ payload, const 
         }
     }
 
-    if (EPI) {  // row scales: fp16 bits of S = scale*2^(15-bias) (MODE 0) or of scale (MODE 1)
+    if (EPI) {  // row scales: fp16 bits of S = scale*2^(15-bias) (MODE 0) or of scale (MODE 1); float (MODE 3)
         const float p15 = __uint_as_float(POW2_15_BITS);
-        const float fa = MODE == 0 ? f16_to_f32((u32)rsa) : fmul_rn(f16_to_f32((u32)rsa), p15);
-        const float fb = MODE == 0 ? f16_to_f32((u32)rsb) : fmul_rn(f16_to_f32((u32)rsb), p15);
+        float fa, fb;
+        if constexpr (MODE == 3) {
+            fa = rsa; fb = rsb;
+        } else {
+            fa = MODE == 0 ? f16_to_f32((u32)rsa) : fmul_rn(f16_to_f32((u32)rsa), p15);
+            fb = MODE == 0 ? f16_to_f32((u32)rsb) : fmul_rn(f16_to_f32((u32)rsb), p15);
+        }
 #pragma unroll
         for (int j = 0; j < NT; ++j) {
             acc[j][0] = fmul_rn(acc[j][0], fa); acc[j][1] = fmul_rn(acc[j][1], fa);
@@ -551,7 +575,8 @@ __device__ __forceinline__ void gemv(const u8* __restrict__ payload, const void*
 }  // namespace
 
 // The GEMV kernel. KIND: 0 b1, 1 nt1, 2 nt2, 3 b1r (Cfg). MODE: 0 fp16 operands with the scale
-// folded, 1 fp16 operands in two steps, 2 bf16 operands (see the top). XF16: x and y are fp16, else
+// folded, 1 fp16 operands in two steps, 2 bf16 operands, 3 bf16 operands with the row scale after
+// the mma (one scale per row; see the top). XF16: x and y are fp16, else
 // bf16. GM: 0 one scale per row, 1 scale groups aligned to 32-element chunks, 2 not aligned (a
 // scale per element, slower). BLOCKS: blocks per SM the register budget is sized for, 3 (<= 80
 // registers) or 2 (<= 128); the host takes 3 for the b1 and nt1 fp16-operand kernels with one scale
@@ -565,7 +590,7 @@ exmy_gemv(const u8* __restrict__ payload, const void* __restrict__ ks, const u16
           u16* __restrict__ y, u32 n, u32 k, u32 row_bytes, u32 ngroups, u32 g, int gshift, u32 batch,
           u32 split, u32 interleave) {
     // fp16 operands hold the raw code values as fp16 numbers: E = 5 would fill the fp16 exponent field
-    static_assert(MODE == 2 || (F16_OK && XF16), "fp16 operands (MODE 0, 1) need E <= 4 and fp16 x");
+    static_assert(MODE >= 2 || (F16_OK && XF16), "fp16 operands (MODE 0, 1) need E <= 4 and fp16 x");
     gemv<KIND, MODE, XF16, GM, BLOCKS>(payload, ks, x, y, n, k, row_bytes, ngroups, g, gshift, batch, split,
                                        interleave);
 }

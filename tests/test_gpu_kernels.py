@@ -293,7 +293,7 @@ def gemv_check(cp, rng, fmt: ExMy, n: int, k: int, batch: int, x_dtype: str, gro
     assert np.isfinite(y64).all(), "unwritten (NaN) or non-finite outputs"
     err = np.linalg.norm(y64 - ref) / max(np.linalg.norm(ref), 1e-30)
     kernel = gpu.gemv_kernel(weight, x_dtype, min(batch, 16))
-    tol = TOL["BF16"] if kernel.mode == 2 else TOL["F16"]  # bf16 tensor-core operands: bf16 tolerance
+    tol = TOL["BF16"] if kernel.mode >= 2 else TOL["F16"]  # bf16 tensor-core operands: bf16 tolerance
     assert err <= tol, f"{fmt.name} {n}x{k} B={batch} x {x_dtype} ({kernel.name}): rel error {err:.2e}"
     return err, kernel, weight, x, y64, x64
 
@@ -333,6 +333,41 @@ def test_gemv_error_bound_per_element(cp, rng):
             ref = x64 @ w.T
             bound = 2.0**-11 * np.abs(ref) + 1e-4 * (np.abs(x64) @ np.abs(w).T) + 2.0**-24
             assert (np.abs(y64 - ref) <= bound).all(), f"group {group} batch {batch}"
+
+
+@pytest.mark.parametrize("name", [*NAMED, *gpu.GEMV_SHARED, "e5m2"])
+def test_gemv_bf16_row_scale_one_hot_is_exact(cp, rng, name):
+    """Mode 3 (bf16 operands, one scale per row applied to the float32 sums): with one-hot rows of x
+    each output is one weight, v * scale rounded once, which must be bit for bit the dequantized
+    weight (every code appears, subnormal ones included: the exact power-of-two decode multiply is
+    what this checks; -0 reads as +0, the sum of the row's other, +0, products); a NaN-poisoned
+    output shows any element not written."""
+    import torch
+
+    fmt = get_format(name)
+    ncodes = 1 << fmt.bits
+    n, k = 40, max(3 * ncodes + 5, 135)
+    codes = np.stack([np.resize(rng.permutation(ncodes), k) for _ in range(n)]).astype(np.uint8)
+    for x_dtype in ("BF16", "F16"):
+        for scale_dtype in ("F16", "BF16"):
+            qt = qtensor_from_codes(codes, random_scales(rng, (n, 1), scale_dtype, fmt, wide=False), fmt, k,
+                                    scale_dtype)
+            weight = gpu.upload(qt)
+            kernel = gpu.gemv_kernel(weight, x_dtype, 16)
+            if kernel.mode != 3:  # fp16 x with fp16 scales and E <= 4 takes the fp16 operands
+                assert (x_dtype, scale_dtype) == ("F16", "F16") and fmt.e <= 4, kernel
+                continue
+            tdt = torch.float16 if x_dtype == "F16" else torch.bfloat16
+            want = ref_bits(qt, x_dtype).reshape(n, k)
+            want = np.where(want == 0x8000, 0, want)  # a sum of +0 products and -0 is +0
+            for c0 in range(0, k, 16):
+                b = min(16, k - c0)
+                x = torch.zeros((b, k), dtype=tdt, device="cuda")
+                x[torch.arange(b), c0 + torch.arange(b)] = 1.0
+                y = torch.full((b, n), float("nan"), dtype=tdt, device="cuda")
+                gpu.gemv(x, weight, out=y)
+                got = y.view(torch.int16).cpu().numpy().view(np.uint16)
+                assert np.array_equal(got, want[:, c0:c0 + b].T), f"{name} x {x_dtype} scales {scale_dtype} cols {c0}+"
 
 
 @pytest.mark.parametrize("name", gpu.GEMV_SHARED)
@@ -395,16 +430,20 @@ def test_gemv_scale_modes(cp, rng):
     assert qt.scale_dtype == "F16"
     _, kernel, *_ = gemv_check(cp, rng, get_format("e2m2"), n, k, 3, "F16", qt=qt)
     assert kernel.mode == 1, kernel
-    # bf16 scales (values beyond fp16 range): bf16 operands; with fp16 x the output is fp16
+    # bf16 scales (values beyond fp16 range): bf16 operands, one scale per row after the sums
+    # (mode 3); with fp16 x the output is fp16; with scale groups the scale goes on each weight (mode 2)
     qt = quantize((rng.standard_normal((n, k)) * 1e-6).astype(np.float32), get_format("e3m2"))
     assert qt.scale_dtype == "BF16"
     _, kernel, *_ = gemv_check(cp, rng, get_format("e3m2"), n, k, 5, "BF16", qt=qt)
-    assert (kernel.mode, kernel.x_dtype) == (2, "BF16"), kernel
+    assert (kernel.mode, kernel.x_dtype) == (3, "BF16"), kernel
     _, kernel, *_ = gemv_check(cp, rng, get_format("e3m2"), n, k, 5, "F16", qt=qt, x_scale=300.0)
-    assert (kernel.mode, kernel.x_dtype) == (2, "F16"), kernel
+    assert (kernel.mode, kernel.x_dtype) == (3, "F16"), kernel
+    qt = quantize((rng.standard_normal((n, k)) * 1e-6).astype(np.float32), get_format("e3m2"), 128)
+    _, kernel, *_ = gemv_check(cp, rng, get_format("e3m2"), n, k, 5, "BF16", qt=qt)
+    assert (kernel.mode, kernel.x_dtype, kernel.groups) == (2, "BF16", 1), kernel
     for name in ("e5m2", "e5m0"):
         _, kernel, *_ = gemv_check(cp, rng, get_format(name), n, k, 2, "F16", scale=1e-3)
-        assert (kernel.mode, kernel.x_dtype) == (2, "F16"), kernel
+        assert (kernel.mode, kernel.x_dtype) == (3, "F16"), kernel
 
 
 def test_gemv_large_batch_and_vector(cp, rng):

@@ -70,16 +70,17 @@ def _compile(src: Path, fmt: ExMy, out: Path) -> tuple[int, str]:
 def gemv_instances(fmt: ExMy) -> list[GemvKernel]:
     """Every exmy_gemv instantiation the host may pick for `fmt`, with its register budget
     (gpu.gemv_blocks; b1r at 2 blocks per SM): 48, or 24 for E = 5 (no fp16 operands)."""
-    operands = ([(0, "F16"), (1, "F16")] if fmt.e <= 4 else []) + [(2, "F16"), (2, "BF16")]
+    operands = ([(0, "F16"), (1, "F16")] if fmt.e <= 4 else []) + [(2, "F16"), (2, "BF16"), (3, "F16"), (3, "BF16")]
     return [GemvKernel(kind, mode, x_dtype, groups, gpu.gemv_blocks(fmt, kind, mode, groups))
-            for mode, x_dtype in operands for kind in gpu.GEMV_KINDS for groups in (0, 1, 2)]
+            for mode, x_dtype in operands for kind in gpu.GEMV_KINDS for groups in (0, 1, 2)
+            if mode != 3 or groups == 0]  # mode 3: one scale per row only
 
 
 def gemv_builds() -> list[tuple[ExMy, list[GemvKernel]]]:
     """The GEMV instantiations compiled per format: all of them for the named formats and e5m2;
     for the other formats (and the named shared ones) the fp16-operand batch-1 and batch-8 ones
     (E <= 4) and the bf16-operand b1r one with unaligned groups, which between them run every
-    decode path; and the b1r kernels built for 3 blocks per SM (gpu.gemv_b1r_blocks uses fold/two
+    decode path, and for the named shared formats every bf16 row-scale (mode 3) kernel; and the b1r kernels built for 3 blocks per SM (gpu.gemv_b1r_blocks uses fold/two
     with one scale per row for codes of other than 6 bits; the GPU tests force the others): fold,
     two, fold with aligned groups, bf16 operands, unaligned groups."""
     builds = []
@@ -88,7 +89,8 @@ def gemv_builds() -> list[tuple[ExMy, list[GemvKernel]]]:
             kernels = gemv_instances(fmt)
         else:
             kernels = [k for k in gemv_instances(fmt) if (k.kind, k.mode, k.groups) in (("b1", 0, 0), ("nt1", 0, 0))
-                       or (k.kind, k.x_dtype, k.groups) == ("b1r", "BF16", 2)]
+                       or (k.kind, k.x_dtype, k.groups) == ("b1r", "BF16", 2)
+                       or (fmt.name in NAMED_SHARED and (k.mode, k.x_dtype) == (3, "BF16"))]
         if fmt.name in NAMED + NAMED_SHARED and fmt.bits != 6:
             kernels += [replace(k, blocks=3) for k in gemv_instances(fmt) if k.kind == "b1r" and (
                 (k.mode, k.groups) in ((0, 0), (1, 0), (0, 1)) or (k.mode, k.x_dtype, k.groups) in

@@ -247,7 +247,7 @@ def measure(folder: Path, variant: str, batches: list[int], tokens: int, runs: i
                 log(f"{variant:>7} {mode:>8} batch {batch:>2}: {row['tokens_per_s']:8.1f} tokens/s"
                     + (f"  tokens {row['tokens']}" if "tokens" in row else ""))
     out["peak_memory_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 3)
-    del model
+    model = None  # freed before the next variant loads
     torch._dynamo.reset()
     _free()
     return out

@@ -38,7 +38,9 @@ class HummingWeights:
     def __init__(self, k: int, n: int, config: dict, copies_for, seed: int, dtype=None):
         import torch
 
-        dtype = dtype or torch.float16  # the activations' dtype        from humming.layer import HummingLayer
+        from humming.layer import HummingLayer
+
+        dtype = dtype or torch.float16  # the activations' dtype
 
         gen = torch.Generator(device="cuda").manual_seed(seed)
 

@@ -389,7 +389,8 @@ class GemvKernel:
     """One instantiation of the exmy_gemv template of kernels/gemv.cu: the kernel the host chose."""
 
     kind: str     # "b1" batch 1, x staged per block; "b1r" batch 1, larger K; "nt1" batch <= 8; "nt2" 9..16
-    mode: int     # 0 fp16 operands, scale folded; 1 fp16 operands, two steps; 2 bf16 operands
+    mode: int     # 0 fp16 operands, scale folded; 1 fp16 operands, two steps; 2 bf16 operands;
+                  # 3 bf16 operands, one scale per row applied to the sums
     x_dtype: str  # "F16" or "BF16": x and y
     groups: int   # 0 one scale per row, 1 groups aligned to 32-element chunks, 2 unaligned
     blocks: int   # blocks per SM its registers are sized for: 2 (<= 128 registers) or 3 (<= 80)
@@ -405,7 +406,7 @@ class GemvKernel:
         """Name for logs and benchmark rows, e.g. exmy_gemv_fold_x16_b1r_g; a b1r built for 3
         blocks per SM ends in _3blocks (it depends on the launch; for the other kinds the blocks
         follow from the kernel and the format, gemv_blocks)."""
-        mode = ("fold", "two", "bf")[self.mode]
+        mode = ("fold", "two", "bf", "bfrow")[self.mode]
         x = "x16" if self.x_dtype == "F16" else "xbf"
         groups = ("", "_g", "_ga")[self.groups]
         three = "_3blocks" if self.kind == "b1r" and self.blocks == 3 else ""
@@ -423,16 +424,20 @@ def gemv_blocks(fmt: ExMy, kind: str, mode: int, groups: int) -> int:
     registers) for b1 and nt1 with fp16 operands, one scale per row and codes of <= 5 bits, whose
     loops fit there without spills; 2 (<= 128) for the others (b1r: GemvPlan may take 3 for its
     launch, gemv_b1r_blocks)."""
-    return 3 if kind in ("b1", "nt1") and mode != 2 and groups == 0 and fmt.bits <= 5 else 2
+    return 3 if kind in ("b1", "nt1") and mode < 2 and groups == 0 and fmt.bits <= 5 else 2
 
 
 def gemv_kernel(weight: GpuWeight, x_dtype: str, batch: int) -> GemvKernel:
     """The kernel gemv uses for this weight, x dtype ("F16"/"BF16") and batch (<= 16): fp16
     operands where exact (E <= 4, F16 scales, fp16 x), with the scale folded into the weights where
-    that stays finite in fp16; else bf16 operands."""
+    that stays finite in fp16; else bf16 operands, with one scale per row applied to the float32
+    sums (mode 3: the decode is one exact multiply) or scale groups applied per weight (mode 2)."""
     kind = _gemv_kind(weight, batch)
     groups = 0 if weight.ngroups == 1 else 2 if _gshift(weight) < 0 else 1
-    mode = (0 if weight.fold_ok() else 1) if x_dtype == "F16" and weight.fp16_compute else 2
+    if x_dtype == "F16" and weight.fp16_compute:
+        mode = 0 if weight.fold_ok() else 1
+    else:
+        mode = 3 if groups == 0 else 2
     return GemvKernel(kind, mode, x_dtype, groups, gemv_blocks(weight.fmt, kind, mode, groups))
 
 
@@ -472,7 +477,7 @@ def gemv_b1r_blocks(kernel: GemvKernel, grid: int, fmt: ExMy, sms: int) -> int:
     otherwise 2. Only for fp16 operands with one scale per row and codes of other than 6 bits: bf16
     operands and scale groups gained little or lost for some formats on an H100, and 6-bit codes
     spill at 80 registers (docs/benchmarks.md, H100 tuning)."""
-    if kernel.kind != "b1r" or kernel.mode == 2 or kernel.groups != 0 or fmt.bits == 6:
+    if kernel.kind != "b1r" or kernel.mode >= 2 or kernel.groups != 0 or fmt.bits == 6:
         return 2
 
     def fill(per_sm: int) -> float:  # share of the block slots of the waves the launch needs
