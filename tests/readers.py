@@ -3,12 +3,15 @@
 ``run_readers(path)`` -> {reader: Verdict}: the CLI's ``inspect``, ``verify`` and ``dequantize`` (in
 process, exit status and output as a user sees them), ``exmyconv.load_state_dict``, and the
 transformers loader's own entry points (``ExmyConfig`` from config.json's quantization_config, then
-``read_records``, which the quantizer calls before any weight loads). ``agree(verdicts)`` checks what
+``read_records``, which the quantizer calls before any weight loads), and where vLLM is installed
+(scripts/ci-vllm's environment) the vLLM plugin's (``ExmyConfig.from_config``, then ``read_layout``,
+which vLLM calls before it builds the model). ``agree(verdicts)`` checks what
 the issue asks of them: no traceback or internal error, one line per message, all accept or all
 refuse, and refusals that name the same problem.
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import tempfile
 from dataclasses import dataclass
@@ -71,6 +74,31 @@ def _transformers(path: Path) -> None:
     read_records(files)
 
 
+def _exmy_quantization_config(folder: Path):
+    """config.json's exmy quantization_config as an engine reads it (its own JSON parser), else None."""
+    config_file = folder / "config.json"
+    try:  # broken JSON is the engine's to report, not ours to test
+        config = json.loads(config_file.read_text()) if config_file.is_file() else None
+    except (ValueError, RecursionError):
+        config = None
+    qc = config.get("quantization_config") if isinstance(config, dict) else None
+    return dict(qc) if isinstance(qc, dict) and qc.get("quant_method") == "exmy" else None
+
+
+_VLLM = importlib.util.find_spec("vllm")
+# (without vLLM, the folder tests/vllm is found as a namespace package "vllm", which has no origin)
+HAVE_VLLM = _VLLM is not None and _VLLM.origin is not None
+
+
+def _vllm(path: Path) -> None:
+    from exmyconv.integrations.vllm_impl import ExmyConfig, read_layout
+
+    qc = _exmy_quantization_config(path)
+    if qc is not None:
+        ExmyConfig.from_config(qc)
+    read_layout(str(path))
+
+
 def run_readers(path, transformers: bool = True, exmy: bool | None = None) -> dict[str, Verdict]:
     """``exmy=False``: a plain checkpoint (verify, dequantize and transformers are for exmy ones only);
     None: decide by what the checkpoint holds (exmy records, or an exmy quantization_config)."""
@@ -93,6 +121,8 @@ def run_readers(path, transformers: bool = True, exmy: bool | None = None) -> di
                 verdicts["dequantize"] = _cli_verdict("dequantize", path, Path(tmp) / "fp")
         if transformers:
             verdicts["transformers"] = _call(lambda: _transformers(path))
+        if HAVE_VLLM and path.is_dir():  # vLLM serves folders (and Hub repos), not single files
+            verdicts["vllm"] = _call(lambda: _vllm(path))
     return verdicts
 
 

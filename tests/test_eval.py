@@ -266,3 +266,10 @@ def test_default_variants_with_calibration():
 def test_default_text_ships_in_the_package():
     assert quality.TEXT.parent == Path(quality.__file__).parent  # the wheel takes the package folder whole
     assert len(quality.TEXT.read_text(encoding="utf-8").split()) > 3000
+
+
+def test_untied_auto_variant():
+    """auto-B-untied: --format auto with --no-tie-fused (the cost of tying fused partners, docs/vllm.md)."""
+    tied, untied, cal = compare.parse_variants("auto-4.5,auto-4.5-untied,auto-5+cal-untied", "cal.txt")
+    assert "tie_fused" not in tied.options and untied.options["tie_fused"] is False
+    assert untied.options["bits"] == 4.5 and cal.options["calibration"] == "cal.txt" and cal.options["tie_fused"] is False

@@ -592,6 +592,14 @@ class FakeGpu:
     def __init__(self):
         self.calls = []
 
+    def supports(self, fmt):
+        return fmt.share == 1
+
+    def gemv_applies(self, fmt, x_dtype, rows):  # the rule of exmyconv.cuda.gpu.gemv_applies
+        from exmyconv.cuda import gpu
+
+        return 1 <= rows <= gpu.MAX_BATCH and x_dtype in ("F16", "BF16") and self.supports(fmt)
+
     def upload(self, *, payload, scales, scale_dtype, fmt, shape, group_size):
         self.calls.append("upload")
         fake = self
@@ -605,6 +613,25 @@ class FakeGpu:
         assert scale_dtype == "F16" and tuple(shape) == (24, 200) and group_size == 64
         return Weight()
 
+    def GemvLaunch(self, weight, x_dtype, batch, overlap=False):  # noqa: N802 (gpu.GemvLaunch's signature)
+        """gpu.GemvLaunch: prepared once, called with the addresses of x [batch, K] and y [batch, N]."""
+        import ctypes
+
+        fake = self
+        dtype = {"F16": torch.float16, "BF16": torch.bfloat16}[x_dtype]
+
+        def at(address, shape):  # the torch tensor at a (CPU) address
+            raw = (ctypes.c_uint8 * (2 * shape[0] * shape[1])).from_address(address)
+            return torch.frombuffer(raw, dtype=torch.uint8).view(dtype).view(shape)
+
+        def launch(x_ptr, y_ptr, stream):
+            assert x_ptr % 16 == 0
+            fake.calls.append(f"gemv:{batch}")
+            y = at(y_ptr, (batch, 24))
+            y.copy_(torch.nn.functional.linear(at(x_ptr, (batch, 200)), weight.dequantize(x_dtype)))
+
+        return launch
+
     def gemv(self, x, weight, out=None):
         assert x.dim() == 2 and x.shape[0] <= 16 and x.is_contiguous()
         assert out is not None and out.shape == (x.shape[0], 24) and out.dtype == x.dtype  # torch-allocated
@@ -616,7 +643,10 @@ class FakeGpu:
         return array
 
 
-def test_gpu_hook_dispatch_with_a_fake_backend():
+def test_gpu_hook_dispatch_with_a_fake_backend(monkeypatch):
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: SimpleNamespace(cuda_stream=0))  # CPU here
     layer = _small_linear().to(torch.bfloat16)  # a bf16 model: bias in bf16, scales stay fp16
     assert layer.weight_scale.dtype == torch.float16
     gpu = FakeGpu()

@@ -23,12 +23,13 @@ except ImportError:
 def quantize(model_dir: str, out_dir: str, format: str = "e2m2", group_size: int | None = None,
              skip: tuple[str, ...] = (), quantize_embeddings: bool = False, max_shard_size: int = 5 * 10**9,
              clip_search: bool = False, bits: float | None = None, max_error: float | None = None,
-             candidates: str | None = None, calibration: str | None = None, calibration_tokens: int = 4096,
-             overwrite: bool = False, progress: bool | None = False, resume: bool = False,
-             ray: str | bool | None = None, workers: int | None = None):
+             candidates: str | None = None, tie_fused: bool = True, calibration: str | None = None,
+             calibration_tokens: int = 4096, overwrite: bool = False, progress: bool | None = False,
+             resume: bool = False, ray: str | bool | None = None, workers: int | None = None):
     """Convert a safetensors checkpoint directory (``format="auto"`` with ``bits`` or ``max_error``
-    searches a format per tensor; ``resume`` continues an interrupted run; ``ray=True`` or an address
-    runs the work on a Ray cluster with ``workers`` tasks at once); returns a pipeline.Summary."""
+    searches a format per tensor, tying the tensors engines fuse unless ``tie_fused=False``;
+    ``resume`` continues an interrupted run; ``ray=True`` or an address runs the work on a Ray
+    cluster with ``workers`` tasks at once); returns a pipeline.Summary."""
     from .convert.pipeline import Options, convert
 
     runner = None
@@ -39,7 +40,8 @@ def quantize(model_dir: str, out_dir: str, format: str = "e2m2", group_size: int
 
     opts = Options(format=format, group_size=group_size, skip=tuple(skip), quantize_embeddings=quantize_embeddings,
                    max_shard_size=max_shard_size, clip_search=clip_search, bits=bits, max_error=max_error,
-                   candidates=candidates, calibration=calibration, calibration_tokens=calibration_tokens)
+                   candidates=candidates, tie_fused=tie_fused, calibration=calibration,
+                   calibration_tokens=calibration_tokens)
     return convert(model_dir, out_dir, opts, overwrite=overwrite, progress=progress, resume=resume, runner=runner)
 
 

@@ -4,8 +4,9 @@ On the CPU, for one model (a folder, ``@minilm`` or a Hub id) and the measures o
 (:mod:`exmyconv.bench.quality`): the source runs once on the text and its outputs are kept; then each
 variant is made and run on the same input.
 
-- An ExMy variant (``e2m2``, ``e2m2s4-g128``, ``auto-5``, ``auto-5+cal``) is converted as
-  ``exmyconv quantize`` converts (``--format``, ``--group-size``, ``--bits``, ``--calibration``) into a
+- An ExMy variant (``e2m2``, ``e2m2s4-g128``, ``auto-5``, ``auto-5+cal``, ``auto-5-untied``) is converted as
+  ``exmyconv quantize`` converts (``--format``, ``--group-size``, ``--bits``, ``--calibration``,
+  ``--no-tie-fused``) into a
   scratch folder and loaded from there with ``from_pretrained``, as ``exmyconv eval`` loads it.
 - An integer baseline (``int4-g128``: :mod:`exmyconv.bench.baselines`) replaces exactly the weights
   the converter quantizes by their round-to-nearest values, in a fresh copy of the source model.
@@ -45,7 +46,7 @@ from .kernels import git_commit
 DEFAULT_VARIANTS = ("e2m1,e2m2s4,e2m2s4-g128,e2m1-g32,e2m2,e2m2-g128,e2m3s3,e3m2,e2m3,e4m3,"
                     "auto-4.25,auto-5,int4-g128,int4-g32,int5-g128")
 DEFAULT_TOKENS = 2048  # the CPU runs every variant: half of eval's default
-_AUTO = re.compile(r"auto-(\d+(?:\.\d+)?)(\+cal)?")
+_AUTO = re.compile(r"auto-(\d+(?:\.\d+)?)(\+cal)?(-untied)?")
 # per kind: (metric the frontier and plot use, higher is better, the table's metric columns)
 METRICS = {"causal": ("kl_mean", False, (("perplexity", "perplexity", ".3f"), ("kl_mean", "KL mean", ".5f"),
                                          ("kl_p99", "KL p99", ".4f"), ("top1_agreement", "top-1 agree", ".4f"))),
@@ -77,12 +78,13 @@ def parse_variants(text: str | None, calibration: str | None = None) -> list[Var
             if auto[2] and not calibration:
                 raise ExmyError(f"{name} needs --calibration TEXT_FILE")
             out.append(Variant(name, {"format": "auto", "bits": float(auto[1]),
-                                      "calibration": calibration if auto[2] else None}))
+                                      "calibration": calibration if auto[2] else None,
+                                      **({"tie_fused": False} if auto[3] else {})}))
         else:
             fmt, _, group = name.partition("-g")
             get_format(fmt)
             if group and not group.isdigit():
-                raise ExmyError(f"bad variant {name!r}: use FORMAT[-gGROUP], auto-BITS[+cal] or intB[-gG]")
+                raise ExmyError(f"bad variant {name!r}: use FORMAT[-gGROUP], auto-BITS[+cal][-untied] or intB[-gG]")
             out.append(Variant(name, {"format": fmt, "group_size": int(group) if group else None}))
     if len({v.name for v in out}) != len(out):
         raise ExmyError("a variant is named twice")

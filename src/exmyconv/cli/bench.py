@@ -12,7 +12,7 @@ from ..format.exmy import NAMED
 @click.command("bench")
 @click.option("--formats", default=None,
               help=f"Comma-separated ExMy formats to benchmark [default: {','.join(NAMED)}; "
-                   f"with --e2e: fp16 plus e2m2,e2m1,e4m3]; with --quality: variants FORMAT[-gG], auto-BITS[+cal], "
+                   f"with --e2e: fp16 plus e2m2,e2m1,e4m3]; with --quality: variants FORMAT[-gG], auto-BITS[+cal][-untied], "
                    f"intB[-gG] [default: 10 formats, auto-4.25, auto-5, int4-g128, int4-g32, int5-g128].")
 @click.option("--shapes", default=None, metavar="KxN,...",
               help="Layer shapes as K inputs x N outputs (default: 4096x4096, 4096x14336, 14336x4096, "

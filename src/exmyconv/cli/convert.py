@@ -31,6 +31,9 @@ HOW_IT_RAN = ("resume", "ray_address", "workers", "verify", "overwrite", "as_jso
 @click.option("--max-error", type=float, help="auto: per tensor, the smallest candidate with relative error <= this.")
 @click.option("--candidates", metavar="LIST", help="auto: comma-separated FORMAT[-gGROUP][+clip] "
               "(default: e2m1-g32,e2m1-g64,e2m2s4-g128,e2m2s4,e2m2-g128,e2m2,e2m2-g64,e2m3s3,e3m2,e2m3,e2m3-g64,e4m3).")
+@click.option("--tie-fused/--no-tie-fused", default=True, show_default=True,
+              help="auto: one format for the tensors engines fuse into one layer (q/k/v, gate/up), as vLLM "
+                   "needs to keep them packed.")
 @click.option("--calibration", type=click.Path(), metavar="TEXT_FILE",
               help="Run the model on this text and weight errors by input-channel activation energy.")
 @click.option("--calibration-tokens", type=int, default=4096, show_default=True, help="Tokens of TEXT_FILE to use.")
@@ -57,7 +60,7 @@ HOW_IT_RAN = ("resume", "ray_address", "workers", "verify", "overwrite", "as_jso
 @click.option("--dry-run", is_flag=True, help="Show the plan (per tensor: format, group, bits, bytes; with auto: the "
               "search's choice and curve) and the totals; write nothing.")
 @json_option
-def quantize(model_dir, out_dir, format_, bits, max_error, candidates, calibration, calibration_tokens,
+def quantize(model_dir, out_dir, format_, bits, max_error, candidates, tie_fused, calibration, calibration_tokens,
              group_size, skip, quantize_embeddings, max_shard_size, clip_search, overwrite, verify,
              revision, push_to_hub, private, dry_run, as_json, resume, ray_address, workers):
     """Quantize MODEL_DIR (a Hugging Face safetensors checkpoint, a Hub repo id owner/name, or @minilm) into OUT_DIR."""
@@ -66,7 +69,7 @@ def quantize(model_dir, out_dir, format_, bits, max_error, candidates, calibrati
     opts = Options(format=format_, group_size=group_size, skip=tuple(skip),
                    quantize_embeddings=quantize_embeddings, max_shard_size=parse_size(max_shard_size),
                    clip_search=clip_search, bits=bits, max_error=max_error, candidates=candidates,
-                   calibration=calibration, calibration_tokens=calibration_tokens)
+                   tie_fused=tie_fused, calibration=calibration, calibration_tokens=calibration_tokens)
     if dry_run and push_to_hub:
         raise ExmyError("--dry-run writes and uploads nothing: leave out --push-to-hub (after the run, "
                         "`exmyconv push OUT_DIR REPO_ID --dry-run` shows what it would upload)")

@@ -53,6 +53,7 @@ class Options:
     bits: float | None = None  # --format auto: average bits per quantized weight, scales included
     max_error: float | None = None  # --format auto: per-tensor relative error bound instead
     candidates: str | None = None  # --format auto: comma-separated candidate list
+    tie_fused: bool = True  # --format auto: one format for the tensors engines fuse (search.FUSED_PARTNERS)
     calibration: str | None = None  # text file: activation-weighted errors
     calibration_tokens: int = 4096
 
@@ -264,19 +265,31 @@ def choose_formats(items: list[Item], opts: Options, progress, journal: "resumes
     errs = [curves[i.info.name][0] for i in todo]
     where = ", ".join(sorted({curves[i.info.name][1] for i in todo})) or search.measure_backend()[1]
     weighted = [n * e for n, e in zip(numels, errs)]
+    # The allocation runs over groups: a tied group (q/k/v, gate/up) is one choice, its size and error the sums.
+    groups = (search.fused_groups([i.info.name for i in todo], [i.info.shape for i in todo]) if opts.tie_fused
+              else [[j] for j in range(len(todo))])
+    gsizes = [sum(sizes[j] for j in g) for g in groups]
+    gweighted = [sum(weighted[j] for j in g) for g in groups]
     if opts.bits is not None:
-        picks, lam = search.allocate(sizes, weighted, opts.bits * sum(numels) / 8)
+        gpicks, lam = search.allocate(gsizes, gweighted, opts.bits * sum(numels) / 8)
     else:
         lam = None
-        picks = []
-        for s, e in zip(sizes, errs):
-            ok = [j for j in range(len(cands)) if np.sqrt(e[j]) <= opts.max_error]
-            picks.append(min(ok, key=lambda j: s[j]) if ok else int(np.argmin(e)))
+        gpicks = []
+        for g, s, e in zip(groups, gsizes, gweighted):
+            ok = [c for c in range(len(cands)) if all(np.sqrt(errs[j][c]) <= opts.max_error for j in g)]
+            gpicks.append(min(ok, key=lambda c: s[c]) if ok else int(np.argmin(e)))
+    picks = [0] * len(todo)
+    for g, p in zip(groups, gpicks):
+        for j in g:
+            picks[j] = p
     report = {"objective": "activation-weighted relative MSE" if opts.calibration else "relative weight MSE",
               "calibration": opts.calibration and Path(opts.calibration).name,
               "budget_bits": opts.bits, "max_error": opts.max_error, "lambda": lam,
               "measured_on": where,
-              "candidates": [c.name for c in cands], "tensors": {}}
+              "candidates": [c.name for c in cands],
+              "tie_fused": opts.tie_fused,
+              "fused_groups": [[todo[j].info.name for j in g] for g in groups if len(g) > 1],
+              "tensors": {}}
     for item, s, e, p in zip(todo, sizes, errs, picks):
         c = cands[p]
         g, _ = groups_of(item.info.shape[-1], c.group_size)
@@ -289,7 +302,7 @@ def choose_formats(items: list[Item], opts: Options, progress, journal: "resumes
     total = sum(numels)
     report["achieved_bits"] = 8 * sum(float(s[p]) for s, p in zip(sizes, picks)) / total
     report["mean_rel_mse"] = sum(float(w[p]) for w, p in zip(weighted, picks)) / total
-    report["tradeoff"] = search.tradeoff(sizes, weighted, numels)
+    report["tradeoff"] = search.tradeoff(gsizes, gweighted, [sum(numels[j] for j in g) for g in groups])
     return report
 
 

@@ -58,6 +58,27 @@ def parse_candidates(text: str | None, clip: bool = False) -> list[Candidate]:
     return out
 
 
+# Sibling projections that inference engines fuse into one layer running one format: vLLM's qkv_proj
+# (q/k/v; BERT's query/key/value) and gate_up_proj (gate/up). "--format auto" ties them by default.
+FUSED_PARTNERS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("query", "key", "value"))
+
+
+def fused_groups(names: list[str], shapes: list[tuple[int, ...]]) -> list[list[int]]:
+    """Indices of ``names`` grouped by the fused layer they belong to (FUSED_PARTNERS: siblings under one
+    parent module with the same input size K); every other tensor is a group of its own."""
+    groups: dict = {}
+    for i, (name, shape) in enumerate(zip(names, shapes)):
+        parts = name.split(".")
+        key = (i,)
+        if len(parts) >= 2:
+            for n, partners in enumerate(FUSED_PARTNERS):
+                if parts[-2] in partners:
+                    key = (".".join(parts[:-2]), n, parts[-1], tuple(shape[:-2]), shape[-1])
+                    break
+        groups.setdefault(key, []).append(i)
+    return list(groups.values())
+
+
 def measure(chunks, candidates: list[Candidate], importance: np.ndarray | None = None) -> np.ndarray:
     """Relative (importance-weighted) MSE of each candidate over a tensor given as float32 row chunks.
 

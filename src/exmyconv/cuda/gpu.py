@@ -98,6 +98,13 @@ def supports(fmt) -> bool:
     return supports_dequant(fmt) and (fmt.share == 1 or fmt.name in GEMV_SHARED)
 
 
+def gemv_applies(fmt, x_dtype: str, rows: int) -> bool:
+    """The one rule of the CUDA compute paths (ExmyLinear, PackedLinear): y = x W^T runs the fused GEMV
+    for fp16/bf16 x ("F16"/"BF16") of 1..MAX_BATCH rows and a format it handles (supports); otherwise
+    the weight is dequantized bit-exactly and cuBLAS multiplies."""
+    return 1 <= rows <= MAX_BATCH and x_dtype in ("F16", "BF16") and supports(fmt)
+
+
 GEMV_SHARED = ("e2m2s4", "e2m3s3")  # shared formats the GEMV is tested for (tests/test_gpu_kernels.py)
 
 
@@ -221,7 +228,8 @@ def dequantize(payload, scales, scale_dtype: str, fmt, k: int, group_size: int |
 class DequantPlan:
     """One dequantization launch with its arguments prepared (call it to launch; for benchmarks)."""
 
-    def __init__(self, pay, bits, scale_dtype, fmt, k, rows, g, ngroups, out_dtype, out):
+    def __init__(self, pay, bits, scale_dtype, fmt, k, rows, g, ngroups, out_dtype, out, stream=None):
+        self.stream = stream  # None: cupy's current stream at each call
         cpr = -(-k // 32)
         self.units = rows * cpr
         if self.units >= 2**32 - BLOCK * DEQUANT_UNITS:
@@ -235,7 +243,11 @@ class DequantPlan:
     def __call__(self):
         if self.fn is not None:
             per_block = BLOCK * DEQUANT_UNITS
-            self.fn(((self.units + per_block - 1) // per_block,), (BLOCK,), self.args)
+            if self.stream is None:
+                self.fn(((self.units + per_block - 1) // per_block,), (BLOCK,), self.args)
+            else:
+                with self.stream:
+                    self.fn(((self.units + per_block - 1) // per_block,), (BLOCK,), self.args)
         return self.out
 
 
@@ -291,9 +303,17 @@ class GpuWeight:
         return out.reshape(*self.shape[:-1], self.k) if out.ndim == 2 else out
 
     def dequant_plan(self, out, out_dtype: str = "F16") -> "DequantPlan":
-        """A prepared launch writing this weight, dequantized, into `out` ([N, K] cupy array)."""
+        """A prepared launch writing this weight, dequantized, into `out` [N, K]: a contiguous cupy array
+        (launched on cupy's current stream at each call), or a contiguous torch CUDA tensor of the
+        matching dtype (bf16 included; launched on torch's current stream of its device when the plan
+        is made, as gemv_plan does)."""
+        stream = None
+        if _is_torch(out):
+            if not out.is_contiguous():
+                raise ExmyError("out must be a contiguous tensor")
+            stream, out = _stream_of(out), _torch_as_cupy(out)
         return DequantPlan(self.payload, self.scales, self.scale_dtype, self.fmt, self.k, self.n,
-                           self.group_size, self.ngroups, out_dtype, out)
+                           self.group_size, self.ngroups, out_dtype, out, stream)
 
     def kernel_scales(self, mode: int):
         """Scales in the form the GEMV kernel of `mode` multiplies by (computed once)."""

@@ -18,6 +18,7 @@ from ..format.quant import FP16_MAX, SMALLEST_NORMAL, groups_of
 
 CHUNK_ELEMENTS = 1 << 20  # weights dequantized per step: bounds the float32 temporaries (~4 MB)
 TORCH_DTYPE = {"F16": torch.float16, "BF16": torch.bfloat16}
+SCALE_NAME = {t: name for name, t in TORCH_DTYPE.items()}  # stored scale dtypes (and the kernels' x dtypes)
 
 # ----------------------------------------------------------------------------- decode
 

@@ -26,10 +26,8 @@ from ..errors import ExmyError
 from ..format.exmy import ExMy, get_format
 from ..format.pack import row_bytes
 from ..format.quant import groups_of
-from .codec import dequantize
+from .codec import SCALE_NAME, dequantize
 
-_SCALE_NAME = {torch.float16: "F16", torch.bfloat16: "BF16"}
-_X_DTYPE = _SCALE_NAME  # the GPU backend's names of the activation dtypes
 _LIVE: "weakref.WeakValueDictionary[int, ExmyLinear]" = weakref.WeakValueDictionary()  # handle -> module
 _HANDLES = itertools.count()
 
@@ -37,6 +35,14 @@ _HANDLES = itertools.count()
 def _gpu_backend():
     """exmyconv.cuda.gpu when the CUDA path can run here, else None (the one probe, cached)."""
     return cuda.backend()
+
+
+def gpu_view(gpu, packed: torch.Tensor, scale: torch.Tensor, fmt: ExMy, k: int, group_size: int):
+    """``gpu.upload`` of packed CUDA tensors (uint8 [N, row_bytes], fp16/bf16 scales [N, ngroups]) that a
+    module or an engine holds: a zero-copy view (plus the small scale arrays the GEMV derives).
+    ExmyLinear and :class:`exmyconv.torch.packed.PackedLinear` both call it."""
+    return gpu.upload(payload=packed, scales=scale, scale_dtype=SCALE_NAME[scale.dtype], fmt=fmt,
+                      shape=(packed.shape[0], k), group_size=group_size)
 
 
 class ExmyLinear(nn.Module):
@@ -70,9 +76,9 @@ class ExmyLinear(nn.Module):
         self.in_features, self.out_features = int(in_features), int(out_features)
         self.fmt = get_format(fmt) if isinstance(fmt, str) else fmt
         self.group_size, ngroups = groups_of(self.in_features, group_size)
-        if scale_dtype not in _SCALE_NAME:
+        if scale_dtype not in SCALE_NAME:
             raise ExmyError(f"scales are float16 or bfloat16, not {scale_dtype}")
-        self.scale_format = _SCALE_NAME[scale_dtype]  # "F16"/"BF16": what the checkpoint stores
+        self.scale_format = SCALE_NAME[scale_dtype]  # "F16"/"BF16": what the checkpoint stores
         self.register_buffer("weight_packed", torch.empty(
             (self.out_features, row_bytes(self.fmt, self.in_features)), dtype=torch.uint8, device=device))
         self.register_buffer("weight_scale", torch.empty((self.out_features, ngroups), dtype=scale_dtype,
@@ -142,10 +148,7 @@ class ExmyLinear(nn.Module):
         if it defines it, else unshared formats only). Then :meth:`_gpu_compute`.
         """
         gpu = _gpu_backend()
-        if gpu is None or x.dtype not in (torch.float16, torch.bfloat16) or not self.weight_packed.is_cuda:
-            return None
-        supports = getattr(gpu, "supports", None)
-        if not (supports(self.fmt) if callable(supports) else self.fmt.share == 1):
+        if gpu is None or x.dtype not in SCALE_NAME or not self.weight_packed.is_cuda or not gpu.supports(self.fmt):
             return None
         return self._gpu_compute(gpu, x)
 
@@ -164,20 +167,20 @@ class ExmyLinear(nn.Module):
         x2 = x.reshape(-1, self.in_features)
         weight = self._gpu_weight(gpu)
         rows = x2.shape[0]
-        if rows <= gpu.MAX_BATCH:
+        if gpu.gemv_applies(self.fmt, SCALE_NAME[x.dtype], rows):  # (the rule PackedLinear follows too)
             if not x2.is_contiguous() or x2.data_ptr() % 16:  # the kernel reads 16-byte words of x
                 x2 = x2.clone(memory_format=torch.contiguous_format)
             launch = self._launches.get((rows, x.dtype))
             if launch is None:
                 launch = self._launches[(rows, x.dtype)] = gpu.GemvLaunch(
-                    weight, _X_DTYPE[x.dtype], rows, overlap=_pdl_ok(x.device))
+                    weight, SCALE_NAME[x.dtype], rows, overlap=pdl_ok(x.device))
             y = torch.empty((rows, self.out_features), dtype=x.dtype, device=x.device)
             launch(x2.data_ptr(), y.data_ptr(), torch.cuda.current_stream(x.device).cuda_stream)
             if self.bias is not None:
                 y = y + self.bias.to(y.dtype)
         else:
             w = torch.empty((self.out_features, self.in_features), dtype=x.dtype, device=x.device)
-            weight.dequantize(_X_DTYPE[x.dtype], out=w)
+            weight.dequantize(SCALE_NAME[x.dtype], out=w)
             y = F.linear(x2, w, self.bias)
         return y.reshape(*x.shape[:-1], self.out_features)
 
@@ -189,8 +192,7 @@ class ExmyLinear(nn.Module):
         """
         key = (self.weight_packed.data_ptr(), self.weight_scale.data_ptr(), self.weight_scale.dtype)
         if self._gpu_weight_cache is None or self._gpu_weight_cache[0] != key:
-            weight = gpu.upload(payload=self.weight_packed, scales=self.weight_scale, scale_dtype=self.scale_format,
-                                fmt=self.fmt, shape=(self.out_features, self.in_features), group_size=self.group_size)
+            weight = gpu_view(gpu, self.weight_packed, self.weight_scale, self.fmt, self.in_features, self.group_size)
             self._gpu_weight_cache = (key, weight)
             self._launches = {}  # prepared launches hold the old buffers' addresses
         return self._gpu_weight_cache[1]
@@ -223,9 +225,10 @@ class ExmyLinear(nn.Module):
 
 
 @functools.lru_cache(maxsize=None)
-def _pdl_ok(device: torch.device) -> bool:
-    """Programmatic dependent launch needs compute capability >= 9.0 (exmyconv.cuda.launch)."""
-    return torch.cuda.get_device_capability(device) >= (9, 0)
+def pdl_ok(device: torch.device) -> bool:
+    """Programmatic dependent launch needs compute capability >= 9.0 (exmyconv.cuda.launch); the GEMV
+    launches of ExmyLinear and PackedLinear use it where it applies."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (9, 0)
 
 
 # ----------------------------------------------------------------------------- the compiled op

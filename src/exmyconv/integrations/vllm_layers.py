@@ -1,0 +1,373 @@
+"""The layer methods of vLLM's quantization method "exmy" (see :mod:`exmyconv.integrations.vllm_impl`).
+
+- Linear layers whose weight (all shards of a fused layer: q/k/v into ``qkv_proj``, gate/up into
+  ``gate_up_proj``) is quantized in one format and group size: :class:`ExmyLinearMethod`. The weight
+  stays packed: parameters ``weight_packed`` (uint8 [rows, row_bytes]) and ``weight_scale`` (the stored
+  fp16/bf16 [rows, groups]; float32 where a fused layer's shards stored different scale dtypes, which
+  holds both exactly), rows concatenated along the output dimension by vLLM's own loaders of the
+  layer (so column parallelism, fused shards and replicated KV heads work as for any weight).
+  Row-parallel layers (o_proj, down_proj) under tensor parallelism split K: each rank's slice is
+  unpacked, cut and packed again at load (its rows padded to 128 elements anew); the split must fall
+  on scale-group boundaries. Compute: :class:`exmyconv.torch.packed.PackedLinear` (one torch op).
+- Everything else that is quantized is decoded at load into the full-precision parameter vLLM's
+  unquantized method would hold (:class:`_DequantOnLoad`), so it runs vLLM's own kernels at that
+  memory cost: fused-MoE experts (:class:`ExmyMoEMethod`), embeddings and an untied ``lm_head``
+  (``--quantize-embeddings``), MoE routers (tiny, and vLLM has special kernels for them), and any
+  linear layer the packed method cannot hold (fused shards in different formats, a mix of quantized
+  and plain shards, a tensor-parallel split that cuts scale groups), each named in one warning.
+- Quantized tensors of modules vLLM builds without the quantization config (Mixtral's router, for
+  instance: "gate always runs at half / full precision") never reach a method: they are decoded in the
+  weight stream (:class:`DecodingMapper`, the config's ``get_checkpoint_weight_mapper``), so the plain
+  parameter loads them as if the checkpoint held them unquantized.
+"""
+from __future__ import annotations
+
+import re
+
+import torch
+from torch.nn import Parameter
+from vllm.logger import init_logger
+from vllm.model_executor.layers.fused_moe import RoutedExperts
+from vllm.model_executor.layers.fused_moe.router.gate_linear import GateLinear
+from vllm.model_executor.layers.fused_moe.unquantized_fused_moe_method import UnquantizedFusedMoEMethod
+from vllm.model_executor.layers.linear import (LinearBase, LinearMethodBase, QKVParallelLinear, RowParallelLinear,
+                                               UnquantizedLinearMethod)
+from vllm.model_executor.layers.vocab_parallel_embedding import UnquantizedEmbeddingMethod, VocabParallelEmbedding
+from vllm.model_executor.models.utils import WeightsMapper
+from vllm.model_executor.utils import set_weight_attrs
+
+from ..errors import ExmyError
+from ..format.layout import PACKED_SUFFIX, SCALE_SUFFIX
+from ..torch.codec import TORCH_DTYPE, dequantize
+from ..torch.packed import PackedLinear, slice_k
+
+logger = init_logger("vllm.exmyconv")
+_WARNED: set = set()
+_ELSEWHERE = object()  # a loader key: the tensor belongs to another rank
+
+
+def _warn_once(text: str) -> None:
+    if text not in _WARNED:
+        _WARNED.add(text)
+        logger.warning(text)
+
+
+def quant_method(config, layer: torch.nn.Module, prefix: str):
+    """The method for ``layer`` (vLLM's ``QuantizationConfig.get_quant_method``). The records it hands to
+    a method are added to ``config.claimed`` (what the weight stream must leave packed)."""
+    method, names = _method(config, layer, prefix)
+    config.claimed.update(names)
+    return method
+
+
+def _method(config, layer, prefix: str):
+    tensors = config.tensors
+    if isinstance(layer, LinearBase):
+        shards, names = _linear_shards(config, layer, prefix)
+        if not any(shards.values()):
+            return UnquantizedLinearMethod(), ()
+        if isinstance(layer, GateLinear):
+            return ExmyDequantLinearMethod(prefix, shards), names
+        reason = _cannot_pack(layer, shards)
+        if reason is None:
+            return ExmyLinearMethod(prefix, shards), names
+        _warn_once(f"exmyconv: {prefix} is decoded to full precision at load ({reason})")
+        return ExmyDequantLinearMethod(prefix, shards), names
+    if isinstance(layer, RoutedExperts):
+        experts, names = _expert_records(tensors, layer, prefix)
+        return (ExmyMoEMethod(layer.moe_config, prefix, experts), names) if experts else (None, ())
+    if isinstance(layer, VocabParallelEmbedding):
+        found = tensors.get(f"{prefix}.weight")
+        return (ExmyEmbeddingMethod(prefix, {None: found}), [f"{prefix}.weight"]) if found else (None, ())
+    return None, ()
+
+
+def _linear_shards(config, layer, prefix: str) -> tuple[dict, list]:
+    """({shard id: (TensorRecord, scale dtype) or None}, tensor names) of a linear layer, in vLLM's shard order."""
+    tensors = config.tensors
+    parent, _, leaf = prefix.rpartition(".")
+    parts = config.packed_modules_mapping.get(leaf)
+    if not parts or f"{prefix}.weight" in tensors:  # not fused, or fused in the checkpoint already
+        return {None: tensors.get(f"{prefix}.weight")}, [f"{prefix}.weight"]
+    names = [f"{parent}.{p}.weight" if parent else f"{p}.weight" for p in parts]
+    ids = ["q", "k", "v"] if isinstance(layer, QKVParallelLinear) and len(parts) == 3 else range(len(parts))
+    return {i: tensors.get(n) for i, n in zip(ids, names)}, names
+
+
+def _cannot_pack(layer, shards: dict) -> str | None:
+    """Why the layer cannot stay packed, or None."""
+    found = list(shards.values())
+    if not all(found):
+        return "its fused shards are partly quantized, partly not"
+    if len({(r.fmt.name, r.group_size, r.shape[1:]) for r, _ in found}) > 1:
+        kinds = ", ".join(f"{r.fmt.name}" + ("" if r.group_size == r.k else f"-g{r.group_size}") for r, _ in found)
+        return f"vLLM fuses its shards into one layer and they are stored in different formats ({kinds}); " \
+               "convert with fused partners tied (the default of --format auto)"
+    record = found[0][0]
+    if len(record.shape) != 2:
+        return f"a {len(record.shape)}-D weight"
+    if isinstance(layer, RowParallelLinear) and layer.tp_size > 1:
+        k = layer.input_size_per_partition
+        try:
+            slice_k(None, None, record.fmt, record.k, record.group_size, layer.tp_rank * k, k)
+        except ExmyError as err:
+            return f"tensor parallelism {layer.tp_size} splits K={record.k} so that {err}"
+    return None
+
+
+def _expert_records(tensors: dict, layer, prefix: str) -> tuple[dict, list]:
+    """({(expert id, "w1"/"w2"/"w3"): (TensorRecord, scale dtype)}, names) of a fused-MoE layer's experts."""
+    shard_of = {layer.ckpt_gate_proj_name: "w1", layer.ckpt_up_proj_name: "w3", layer.ckpt_down_proj_name: "w2"}
+    pattern = re.compile(re.escape(prefix) + r"\.(\d+)\.([^.]+)\.weight")
+    out = {}
+    for name, found in tensors.items():
+        if not name.startswith(prefix + "."):
+            continue
+        m = pattern.fullmatch(name)
+        if m is None or m[2] not in shard_of:
+            raise ExmyError(f"exmy: quantized expert tensor {name} is not one vLLM's fused-MoE loader takes "
+                            f"per expert ({', '.join(sorted(shard_of))}); not supported in vLLM yet")
+        out[(int(m[1]), shard_of[m[2]])] = found
+    return out, [name for name in tensors if name.startswith(prefix + ".")]
+
+
+# ----------------------------------------------------------------------------- packed linear layers
+
+class ExmyLinearMethod(LinearMethodBase):
+    """A linear layer whose weight stays packed ExMy (see the module docstring)."""
+
+    def __init__(self, prefix: str, shards: dict):
+        self.prefix = prefix
+        found = list(shards.values())
+        record = found[0][0]
+        self.fmt, self.k, self.group_size = record.fmt, record.k, record.group_size
+        scale_dtypes = {s for _, s in found}
+        self.scale_dtype = TORCH_DTYPE[scale_dtypes.pop()] if len(scale_dtypes) == 1 else torch.float32
+
+    def create_weights(self, layer, input_size_per_partition: int, output_partition_sizes: list[int], input_size: int,
+                       output_size: int, params_dtype: torch.dtype, **extra_weight_attrs):
+        loader = extra_weight_attrs.pop("weight_loader")
+        if input_size != self.k:
+            raise ExmyError(f"exmy: {self.prefix}: the checkpoint's weight has K={self.k}, the model's layer "
+                            f"{input_size}")
+        k = input_size_per_partition
+        start = layer.tp_rank * k if k != self.k else 0
+        spec = PackedLinear(self.fmt, k, sum(output_partition_sizes), self.group_size if self.group_size < self.k
+                            else None)
+        packed = Parameter(torch.empty(spec.n, spec.row_bytes, dtype=torch.uint8), requires_grad=False)
+        scale = Parameter(torch.empty(spec.n, spec.ngroups, dtype=self.scale_dtype), requires_grad=False)
+        for name, param in (("weight_packed", packed), ("weight_scale", scale)):
+            set_weight_attrs(param, {"output_dim": 0, "weight_loader": self._loader(loader, name, start, k)})
+            set_weight_attrs(param, extra_weight_attrs)
+            layer.register_parameter(name, param)
+        layer.exmy = spec
+
+    def _loader(self, base, name: str, start: int, k: int):
+        """vLLM's loader of the layer (rows of fused shards, column-parallel slices), after cutting
+        this rank's K range out of the checkpoint tensor for a row-parallel layer."""
+        def load(param, loaded_weight, *args, **kwargs):
+            if name == "weight_scale" and loaded_weight.dtype != param.dtype and param.dtype != torch.float32:
+                raise ExmyError(f"exmy: {self.prefix}: scales stored as {loaded_weight.dtype}, the header said "
+                                f"{param.dtype}")
+            if k != self.k:
+                packed, scale, _ = slice_k(loaded_weight if name == "weight_packed" else None,
+                                           loaded_weight if name == "weight_scale" else None,
+                                           self.fmt, self.k, self.group_size, start, k)
+                loaded_weight = packed if name == "weight_packed" else scale
+            return base(param, loaded_weight, *args, **kwargs)
+        return load
+
+    def process_weights_after_loading(self, layer) -> None:
+        if layer.weight_packed.is_cuda:  # kernels, scales and launch plans ready before any CUDA-graph capture
+            layer.exmy.prepare(layer.weight_packed, layer.weight_scale, layer.params_dtype)
+
+    def apply(self, layer, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        return torch.ops.exmyconv.packed_linear(x, layer.weight_packed, layer.weight_scale, bias, layer.exmy.handle)
+
+    def dequantize_weight(self, layer) -> torch.Tensor:
+        return layer.exmy.dequantize(layer.weight_packed, layer.weight_scale, layer.params_dtype)
+
+
+# ----------------------------------------------------------------------------- decoded at load
+
+class _DequantOnLoad:
+    """Loaders for ``<stem>_packed`` / ``<stem>_scale``: each quantized tensor's two parts are paired as
+    they arrive, decoded by the torch codec into the full-precision dtype (what ``exmyconv dequantize``
+    writes) and handed to the full-precision parameter's own vLLM loader (``forward``)."""
+
+    def __init__(self, where: str, records: dict, dtype: torch.dtype, key, forward):
+        self.where, self.records, self.dtype, self.key, self.forward = where, records, dtype, key, forward
+        self.pending: dict = {}
+
+    def attach(self, layer, stem: str) -> None:
+        for part in ("packed", "scale"):
+            param = Parameter(torch.empty(0, dtype=torch.uint8), requires_grad=False)
+            set_weight_attrs(param, {"weight_loader": self._loader(part)})
+            layer.register_parameter(f"{stem}_{part}", param)
+        self.stem = stem
+
+    def _loader(self, part: str):
+        def load(param, loaded_weight, *args, **kwargs):
+            key = self.key(*args, **kwargs)
+            if key is _ELSEWHERE:  # not this rank's (an expert elsewhere)
+                return False
+            parts = self.pending.setdefault(key, {})
+            parts[part] = loaded_weight.clone()
+            if len(parts) < 2:
+                return True
+            del self.pending[key]
+            record = self.records.get(key)
+            if record is None:
+                raise ExmyError(f"exmy: {self.where}: a quantized tensor ({key}) that the checkpoint's headers "
+                                "do not list")
+            record = record[0]
+            weight = dequantize(parts["packed"], parts["scale"], record.fmt, record.k, record.group_size, self.dtype)
+            result = self.forward(weight, *args, **kwargs)
+            return True if result is None else result
+        return load
+
+    def finish(self, layer) -> None:
+        if self.pending:
+            key, parts = next(iter(self.pending.items()))
+            raise ExmyError(f"exmy: {self.where}: {key}: only the {', '.join(parts)} part was loaded")
+        for part in ("packed", "scale"):
+            delattr(layer, f"{self.stem}_{part}")
+
+
+def _shard_arg(shard_id):
+    return () if shard_id is None else (shard_id,)
+
+
+class ExmyDequantLinearMethod(UnquantizedLinearMethod):
+    """vLLM's unquantized linear method; the quantized shards are decoded at load."""
+
+    def __init__(self, prefix: str, shards: dict):
+        super().__init__()
+        self.prefix, self.shards = prefix, {k: v for k, v in shards.items() if v}
+
+    def create_weights(self, layer, input_size_per_partition, output_partition_sizes, input_size, output_size,
+                       params_dtype, **extra_weight_attrs):
+        super().create_weights(layer, input_size_per_partition, output_partition_sizes, input_size, output_size,
+                               params_dtype, **extra_weight_attrs)
+        weight = layer.weight
+        self.stash = _DequantOnLoad(self.prefix, self.shards, params_dtype, key=lambda shard_id=None: shard_id,
+                                    forward=lambda w, shard_id=None: weight.weight_loader(weight, w,
+                                                                                          *_shard_arg(shard_id)))
+        self.stash.attach(layer, "weight")
+
+    def process_weights_after_loading(self, layer) -> None:
+        self.stash.finish(layer)
+        super().process_weights_after_loading(layer)
+
+
+class ExmyEmbeddingMethod(UnquantizedEmbeddingMethod):
+    """vLLM's unquantized embedding (or lm_head) method; the quantized table is decoded at load."""
+
+    def __init__(self, prefix: str, shards: dict):
+        super().__init__()
+        self.prefix, self.shards = prefix, shards
+
+    def create_weights(self, layer, input_size_per_partition, output_partition_sizes, input_size, output_size,
+                       params_dtype, **extra_weight_attrs):
+        super().create_weights(layer, input_size_per_partition, output_partition_sizes, input_size, output_size,
+                               params_dtype, **extra_weight_attrs)
+        weight = layer.weight
+        self.stash = _DequantOnLoad(self.prefix, self.shards, params_dtype, key=lambda: None,
+                                    forward=lambda w: weight.weight_loader(weight, w))  # one shard: key None
+        self.stash.attach(layer, "weight")
+
+    def process_weights_after_loading(self, layer) -> None:
+        self.stash.finish(layer)
+        super().process_weights_after_loading(layer)
+
+
+class ExmyMoEMethod(UnquantizedFusedMoEMethod):
+    """vLLM's unquantized fused-MoE method; the experts are decoded at load (full-precision memory)."""
+
+    def __init__(self, moe, prefix: str, experts: dict):
+        super().__init__(moe)
+        self.prefix, self.experts = prefix, experts
+
+    @property
+    def supports_eplb(self) -> bool:
+        return False  # the records are per logical expert
+
+    def create_weights(self, layer, num_experts, hidden_size, intermediate_size_per_partition, params_dtype,
+                       **extra_weight_attrs):
+        super().create_weights(layer, num_experts, hidden_size, intermediate_size_per_partition, params_dtype,
+                               **extra_weight_attrs)
+
+        def key(weight_name, shard_id, expert_id, return_success=False, **_):
+            if layer._map_global_expert_id_to_local_expert_id(expert_id) == -1:
+                return _ELSEWHERE
+            return (expert_id, shard_id)
+
+        self.stashes = []
+        for stem in ("w13_weight", "w2_weight"):
+            target = getattr(layer, stem)
+
+            def forward(w, weight_name, shard_id, expert_id, return_success=False, target=target, **_):
+                return target.weight_loader(target, w, weight_name.rsplit("_", 1)[0], shard_id, expert_id,
+                                            return_success=True)
+
+            stash = _DequantOnLoad(self.prefix, self.experts, params_dtype, key=key, forward=forward)
+            stash.attach(layer, stem)
+            self.stashes.append(stash)
+
+    def process_weights_after_loading(self, layer) -> None:
+        for stash in self.stashes:
+            stash.finish(layer)
+        super().process_weights_after_loading(layer)
+
+
+# ----------------------------------------------------------------------------- the weight stream
+
+class DecodingMapper(WeightsMapper):
+    """vLLM's checkpoint-name mapper, plus: quantized tensors no method claimed are decoded in the stream.
+
+    vLLM's AutoWeightsLoader combines the model's mapper with the quantization config's
+    ``get_checkpoint_weight_mapper()`` (``mapper |= ...``) and runs ``mapper.apply(weights)``. This
+    subclass keeps itself through those combinations (``__ror__`` runs first because it subclasses
+    the left operand's type) and, after the renames, replaces each ``T_packed`` / ``T_scale`` pair of a
+    record that no layer method took by ``T`` in float32 (exact; the plain loader's copy into its
+    parameter rounds once, as ``exmyconv dequantize`` does)."""
+
+    config = None
+
+    @classmethod
+    def wrap(cls, mapper: WeightsMapper, config) -> "DecodingMapper":
+        out = cls(**{k: getattr(mapper, k) for k in WeightsMapper.__dataclass_fields__})
+        out.config = config
+        return out
+
+    def __or__(self, other):
+        return DecodingMapper.wrap(WeightsMapper.__or__(self, other), self.config)
+
+    def __ror__(self, other):
+        return DecodingMapper.wrap(WeightsMapper.__or__(other, self), self.config)
+
+    def apply(self, weights):
+        return decode_unclaimed(self.config, WeightsMapper.apply(self, weights))
+
+
+def decode_unclaimed(config, weights):
+    """The weight stream with every unclaimed quantized tensor decoded (see DecodingMapper)."""
+    pending: dict = {}
+    for name, tensor in weights:
+        suffix = PACKED_SUFFIX if name.endswith(PACKED_SUFFIX) else SCALE_SUFFIX if name.endswith(SCALE_SUFFIX) \
+            else None
+        stem = name[:-len(suffix)] if suffix else None
+        found = config.tensors.get(stem) if stem is not None else None
+        if found is None or stem in config.claimed:
+            yield name, tensor
+            continue
+        parts = pending.setdefault(stem, {})
+        parts[suffix] = tensor.clone()
+        if len(parts) == 2:
+            del pending[stem]
+            record = found[0]
+            yield stem, dequantize(parts[PACKED_SUFFIX], parts[SCALE_SUFFIX], record.fmt, record.k,
+                                   record.group_size, torch.float32)
+    if pending:
+        stem, parts = next(iter(pending.items()))
+        raise ExmyError(f"exmy: {stem}: only {', '.join(parts)} was in the checkpoint")

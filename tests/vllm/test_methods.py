@@ -1,0 +1,95 @@
+"""The plugin's layer methods on their own (no engine): what the engine tests cannot reach on one CPU.
+
+Tensor parallelism needs several ranks; here one layer is built as rank r of t would build it, fed the
+full checkpoint tensors through the method's loaders (vLLM's own loader behind them is a plain copy,
+as RowParallelLinear's is without ``input_dim``), and must compute with columns r*K/t .. (r+1)*K/t of
+the weight, bit for bit.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import vllm_env  # noqa: E402,F401  (vLLM's settings, before vLLM is imported)
+
+pytest.importorskip("vllm.sampling_params", reason="vLLM is not installed (scripts/ci-vllm runs these tests)")
+
+import torch  # noqa: E402
+from vllm.model_executor.layers.linear import RowParallelLinear  # noqa: E402
+
+from exmyconv.format.exmy import get_format  # noqa: E402
+from exmyconv.format.layout import TensorRecord  # noqa: E402
+from exmyconv.format.quant import quantize  # noqa: E402
+from exmyconv.integrations import vllm_layers  # noqa: E402
+from exmyconv.integrations.vllm_layers import ExmyLinearMethod  # noqa: E402
+from exmyconv.torch.codec import dequantize  # noqa: E402
+
+
+def _weight(rng, fmt, n, k, group):
+    q = quantize((rng.standard_normal((n, k)) * 0.02).astype(np.float32), get_format(fmt), group)
+    scale = torch.from_numpy(q.scales).to(torch.float16 if q.scale_dtype == "F16" else torch.bfloat16)
+    return TensorRecord("m.o_proj.weight", get_format(fmt), (n, k), "BF16", q.group_size), \
+        torch.from_numpy(q.payload), scale, q.scale_dtype
+
+
+def _copy_loader(param, loaded_weight, *shard):
+    assert param.shape == loaded_weight.shape, (param.shape, loaded_weight.shape)
+    param.data.copy_(loaded_weight)
+
+
+@pytest.mark.parametrize("fmt,k,group,tp", [("e2m2", 512, None, 2), ("e2m2s4", 1024, 64, 4), ("e3m2", 768, 128, 3)])
+def test_row_parallel_rank_computes_with_its_k_range(rng, fmt, k, group, tp):
+    n = 48
+    record, packed, scale, scale_dtype = _weight(rng, fmt, n, k, group)
+    full = dequantize(packed, scale, fmt, k, group, torch.bfloat16)
+    part = k // tp
+    for rank in range(tp):
+        layer = torch.nn.Module()
+        layer.tp_rank, layer.tp_size, layer.params_dtype = rank, tp, torch.bfloat16
+        method = ExmyLinearMethod("m.o_proj", {None: (record, scale_dtype)})
+        method.create_weights(layer, part, [n], k, n, torch.bfloat16, weight_loader=_copy_loader)
+        layer.weight_packed.weight_loader(layer.weight_packed, packed)
+        layer.weight_scale.weight_loader(layer.weight_scale, scale)
+        x = torch.randn(5, part).bfloat16()
+        want = torch.nn.functional.linear(x, full[:, rank * part:(rank + 1) * part])
+        assert torch.equal(method.apply(layer, x), want), rank
+
+
+def test_row_parallel_split_that_cuts_groups_is_decoded_at_load(rng):
+    record, *_ = _weight(rng, "e2m2", 16, 640, 128)
+    layer = RowParallelLinear.__new__(RowParallelLinear)
+    torch.nn.Module.__init__(layer)
+    layer.tp_rank, layer.tp_size, layer.input_size_per_partition = 1, 2, 320
+    reason = vllm_layers._cannot_pack(layer, {None: (record, "F16")})
+    assert reason and "tensor parallelism 2 splits K=640" in reason and "groups of 128" in reason
+
+
+def test_fused_shards_in_different_formats_are_named(rng):
+    a, *_ = _weight(rng, "e2m2", 16, 256, None)
+    b, *_ = _weight(rng, "e2m3", 16, 256, None)
+    reason = vllm_layers._cannot_pack(torch.nn.Module(), {"q": (a, "F16"), "k": (b, "F16"), "v": (a, "F16")})
+    assert "different formats (e2m2, e2m3, e2m2)" in reason and "tied" in reason
+
+
+def test_mixed_scale_dtypes_are_held_as_float32(rng):
+    """q stored fp16 scales and k bf16: one float32 parameter holds both exactly."""
+    (rq, pq, sq, _), (rk, pk, sk, _) = _weight(rng, "e2m2", 32, 256, None), _weight(rng, "e2m2", 16, 256, None)
+    sk = sk.to(torch.bfloat16)
+    method = ExmyLinearMethod("m.qkv_proj", {"q": (rq, "F16"), "k": (rk, "BF16")})
+    assert method.scale_dtype == torch.float32
+    layer = torch.nn.Module()
+    layer.tp_rank, layer.tp_size, layer.params_dtype = 0, 1, torch.bfloat16
+    rows = {"q": (0, 32), "k": (32, 16)}
+
+    def fused_loader(param, loaded_weight, shard):  # what QKVParallelLinear's loader does with output_dim 0
+        start, size = rows[shard]
+        param.data.narrow(0, start, size).copy_(loaded_weight)
+
+    method.create_weights(layer, 256, [32, 16], 256, 48, torch.bfloat16, weight_loader=fused_loader)
+    for shard, p, s in (("q", pq, sq), ("k", pk, sk)):
+        layer.weight_packed.weight_loader(layer.weight_packed, p, shard)
+        layer.weight_scale.weight_loader(layer.weight_scale, s, shard)
+    w = torch.cat([dequantize(pq, sq, "e2m2", 256, None, torch.bfloat16),
+                   dequantize(pk, sk, "e2m2", 256, None, torch.bfloat16)])
+    x = torch.randn(3, 256).bfloat16()
+    assert torch.equal(method.apply(layer, x), torch.nn.functional.linear(x, w))
