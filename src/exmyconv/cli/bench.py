@@ -105,24 +105,37 @@ def bench(formats, shapes, checkpoint, max_shapes, batches, group_size, reps, dt
         click.echo(f"wrote {path}")
 
 
-def _bench_e2e(spec, formats, batches, layers, tokens, json_path):
-    from ..bench import e2e as e
-
+def _parsed(parse):
+    """parse(), or its error as one line and exit status 1."""
     try:
-        cfg = e.build_config(spec, layers)
-        fmts = e.parse_formats(formats)
-        batch_list = e.parse_batches(batches)
-        if tokens < 1:
-            raise ExmyError(f"--tokens must be at least 1, got {tokens}")
+        return parse()
     except ExmyError as err:
         click.echo(f"error: {err}", err=True)
         sys.exit(1)
+
+
+def _counts(tokens: int, layers: int | None) -> None:
+    if tokens < 1:
+        raise ExmyError(f"--tokens must be at least 1, got {tokens}")
+    if layers is not None and layers < 1:
+        raise ExmyError(f"--layers must be at least 1, got {layers}")
+
+
+def _require_gpu(what: str) -> None:
     from ..cuda import device
 
     reason = device.bench_reason()
     if reason:
-        click.echo(f"exmyconv bench --e2e: {reason}", err=True)
+        click.echo(f"exmyconv bench {what}: {reason}", err=True)
         sys.exit(2)
+
+
+def _bench_e2e(spec, formats, batches, layers, tokens, json_path):
+    from ..bench import e2e as e
+
+    cfg, fmts, batch_list = _parsed(lambda: (_counts(tokens, None), e.build_config(spec, layers),
+                                             e.parse_formats(formats), e.parse_batches(batches))[1:])
+    _require_gpu("--e2e")
     result = e.run(cfg, fmts, batch_list, tokens=tokens, log=lambda msg: click.echo(msg, err=True))
     click.echo(e.table(result))
     if json_path:
@@ -137,28 +150,11 @@ def _bench_generate(spec, formats, batches, layers, tokens, json_path):
     from ..bench import e2e as e
     from ..bench import generate as g
 
-    try:
-        variants = g.parse_variants(formats)
-        batch_list = e.parse_batches(batches or ",".join(map(str, g.DEFAULT_BATCHES)))
-        if tokens < 1:
-            raise ExmyError(f"--tokens must be at least 1, got {tokens}")
-        if layers is not None and layers < 1:
-            raise ExmyError(f"--layers must be at least 1, got {layers}")
-    except ExmyError as err:
-        click.echo(f"error: {err}", err=True)
-        sys.exit(1)
-    from ..cuda import device
-
-    reason = device.bench_reason()
-    if reason:
-        click.echo(f"exmyconv bench --e2e --generate: {reason}", err=True)
-        sys.exit(2)
-    try:
-        result = g.run(spec, variants, batch_list, layers=layers, tokens=tokens,
-                       log=lambda msg: click.echo(msg, err=True))
-    except ExmyError as err:
-        click.echo(f"error: {err}", err=True)
-        sys.exit(1)
+    variants, batch_list = _parsed(lambda: (_counts(tokens, layers), g.parse_variants(formats),
+                                            e.parse_batches(batches or ",".join(map(str, g.DEFAULT_BATCHES))))[1:])
+    _require_gpu("--e2e --generate")
+    result = _parsed(lambda: g.run(spec, variants, batch_list, layers=layers, tokens=tokens,
+                                   log=lambda msg: click.echo(msg, err=True)))
     click.echo(g.table(result))
     g.write_json(result, json_path)
     click.echo(f"wrote {json_path}")
