@@ -539,3 +539,33 @@ def test_inspect_nominal_and_effective_bits(tmp_path, rng, run_cli, fmt_name, gr
     assert (f"{report['bits_per_weight_quantized']:.3f} effective (as stored), "
             f"{report['bits_per_weight_nominal']:.3f} nominal") in text
     assert f"codes {codes:.3f} + scales {scales:.3f} + padding {b['padding']:.3f} (rows padded to a multiple of 128" in text
+
+
+def test_moe_routers_stay_in_source_precision_unless_asked(tmp_path, rng, run_cli):
+    """Routers (Qwen/DeepSeek mlp.gate, Mixtral block_sparse_moe.gate, gpt-oss mlp.router, Qwen2-MoE
+    shared_expert_gate) are kept as stored by default, with the reason named; a dense MLP's gate_proj
+    and the experts are quantized; --quantize-routers quantizes the routers too."""
+    h, e = 64, 4
+    routers = ["model.layers.0.mlp.gate.weight", "model.layers.1.block_sparse_moe.gate.weight",
+               "model.layers.2.mlp.router.weight", "model.layers.3.mlp.shared_expert_gate.weight"]
+    shapes = {routers[0]: (e, h), routers[1]: (e, h), routers[2]: (e, h), routers[3]: (1, h),
+              "model.layers.0.mlp.gate_proj.weight": (96, h), "model.layers.0.mlp.experts.gate_up_proj": (e, 2 * 32, h),
+              "model.layers.1.block_sparse_moe.experts.0.w1.weight": (32, h)}
+    tensors = {name: (rng.standard_normal(shape) * 0.05).astype(ml_dtypes.bfloat16) for name, shape in shapes.items()}
+    src = make_checkpoint(tmp_path / "src", tensors, config={"model_type": "qwen3_moe"})
+    code, out, err = run_cli("quantize", src, tmp_path / "out", "--no-verify")
+    assert code == 0, err
+    for name in routers:
+        assert re.search(re.escape(name) + r"\s+MoE router \(use --quantize-routers\)", err), err
+    stored = {}
+    for f in (tmp_path / "out").glob("*.safetensors"):
+        stored.update(read_safetensors(f)[1])
+    with Checkpoint(str(tmp_path / "out")) as ckpt:
+        assert set(ckpt.records) == set(shapes) - set(routers)
+    for name in routers:  # kept byte for byte, in the source dtype
+        dtype, shape, raw = stored[name]
+        assert (dtype, tuple(shape), raw) == ("BF16", shapes[name], tensors[name].tobytes())
+    code, out, err = run_cli("quantize", src, tmp_path / "all", "--no-verify", "--quantize-routers")
+    assert code == 0, err
+    with Checkpoint(str(tmp_path / "all")) as ckpt:
+        assert set(ckpt.records) == set(shapes)

@@ -21,8 +21,8 @@ except ImportError:
 
 
 def quantize(model_dir: str, out_dir: str, format: str = "e2m2", group_size: int | None = None,
-             skip: tuple[str, ...] = (), quantize_embeddings: bool = False, max_shard_size: int = 5 * 10**9,
-             clip_search: bool = False, bits: float | None = None, max_error: float | None = None,
+             skip: tuple[str, ...] = (), quantize_embeddings: bool = False, quantize_routers: bool = False,
+             max_shard_size: int = 5 * 10**9, clip_search: bool = False, bits: float | None = None, max_error: float | None = None,
              candidates: str | None = None, tie_fused: bool = True, calibration: str | None = None,
              calibration_tokens: int = 4096, overwrite: bool = False, progress: bool | None = False,
              resume: bool = False, ray: str | bool | None = None, workers: int | None = None):
@@ -39,7 +39,7 @@ def quantize(model_dir: str, out_dir: str, format: str = "e2m2", group_size: int
         runner = RayRunner(None if ray is True else ray, workers)
 
     opts = Options(format=format, group_size=group_size, skip=tuple(skip), quantize_embeddings=quantize_embeddings,
-                   max_shard_size=max_shard_size, clip_search=clip_search, bits=bits, max_error=max_error,
+                   quantize_routers=quantize_routers, max_shard_size=max_shard_size, clip_search=clip_search, bits=bits, max_error=max_error,
                    candidates=candidates, tie_fused=tie_fused, calibration=calibration,
                    calibration_tokens=calibration_tokens)
     return convert(model_dir, out_dir, opts, overwrite=overwrite, progress=progress, resume=resume, runner=runner)

@@ -42,6 +42,8 @@ HOW_IT_RAN = ("resume", "ray_address", "workers", "verify", "overwrite", "as_jso
                    "per output channel. A row whose length it does not divide ends with a shorter group.")
 @click.option("--skip", multiple=True, metavar="REGEX", help="Keep tensors whose name matches (repeatable).")
 @click.option("--quantize-embeddings", is_flag=True, help="Also quantize embeddings and lm_head.")
+@click.option("--quantize-routers", is_flag=True, help="Also quantize MoE routers (kept in source precision by "
+              "default: tiny, and the tensor whose error costs most).")
 @click.option("--max-shard-size", default="5GB", show_default=True, help="Largest output shard.")
 @click.option("--clip-search", is_flag=True, help="Per group, pick the clipping ratio with least MSE (slower).")
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty OUT_DIR.")
@@ -61,13 +63,14 @@ HOW_IT_RAN = ("resume", "ray_address", "workers", "verify", "overwrite", "as_jso
               "search's choice and curve) and the totals; write nothing.")
 @json_option
 def quantize(model_dir, out_dir, format_, bits, max_error, candidates, tie_fused, calibration, calibration_tokens,
-             group_size, skip, quantize_embeddings, max_shard_size, clip_search, overwrite, verify,
+             group_size, skip, quantize_embeddings, quantize_routers, max_shard_size, clip_search, overwrite, verify,
              revision, push_to_hub, private, dry_run, as_json, resume, ray_address, workers):
     """Quantize MODEL_DIR (a Hugging Face safetensors checkpoint, a Hub repo id owner/name, or @minilm) into OUT_DIR."""
     from ..convert.pipeline import Options, convert
 
     opts = Options(format=format_, group_size=group_size, skip=tuple(skip),
-                   quantize_embeddings=quantize_embeddings, max_shard_size=parse_size(max_shard_size),
+                   quantize_embeddings=quantize_embeddings, quantize_routers=quantize_routers,
+                   max_shard_size=parse_size(max_shard_size),
                    clip_search=clip_search, bits=bits, max_error=max_error, candidates=candidates,
                    tie_fused=tie_fused, calibration=calibration, calibration_tokens=calibration_tokens)
     if dry_run and push_to_hub:

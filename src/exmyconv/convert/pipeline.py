@@ -40,6 +40,10 @@ from ..io.writer import ShardWriter
 CHUNK_ELEMENTS = 1 << 21  # elements of float32 work per step (~8 MB)
 WORKERS = min(4, os.cpu_count() or 1)
 EMBEDDINGS = re.compile(r"(embed|lm_head|(^|\.)(wte|wpe|shared)\.)")
+# MoE routers (Qwen-MoE and DeepSeek mlp.gate, Mixtral block_sparse_moe.gate, gpt-oss mlp.router, Qwen2-MoE
+# shared_expert_gate): tiny, and the tensor whose error costs most (it picks the experts); not dense
+# MLPs' gate_proj
+ROUTERS = re.compile(r"(^|\.)(gate|router|shared_expert_gate)\.weight$")
 
 
 @dataclass
@@ -48,6 +52,7 @@ class Options:
     group_size: int | None = None  # None: one scale per row
     skip: tuple[str, ...] = ()  # regexes of tensor names to keep unquantized
     quantize_embeddings: bool = False
+    quantize_routers: bool = False
     max_shard_size: int = 5 * 10**9
     clip_search: bool = False
     bits: float | None = None  # --format auto: average bits per quantized weight, scales included
@@ -158,6 +163,8 @@ def plan(source: Source, opts: Options) -> list[Item]:
             item.reason = "--skip"
         elif not opts.quantize_embeddings and EMBEDDINGS.search(info.name):
             item.reason = "embedding/lm_head (use --quantize-embeddings)"
+        elif not opts.quantize_routers and ROUTERS.search(info.name):
+            item.reason = "MoE router (use --quantize-routers)"
         else:
             g, _ = groups_of(info.shape[-1], opts.group_size)
             item.record = TensorRecord(info.name, opts.fmt, info.shape, info.dtype, g)
