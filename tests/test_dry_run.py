@@ -144,3 +144,22 @@ def test_quantize_json_with_verify(small_source, tmp_path, run_cli):
     v = json.loads(js)["verify"]
     assert v["ok"] is True and v["tensors"] == json.loads(js)["quantized"]
     assert set(v["errors_vs_source"]) == set(json.loads(js)["errors"])
+
+
+def test_python_api_dry_run_plans_what_it_would_write(workdir, tmp_path):
+    """exmyconv.quantize(..., dry_run=True): the CLI's plan, nothing written; the real call then writes
+    exactly the planned bytes per tensor."""
+    src, parent = workdir
+    before = tree_snapshot(tmp_path)
+    s = exmyconv.quantize(str(src), str(parent / "api"), format="e2m2s4", group_size=64, dry_run=True)
+    assert tree_snapshot(tmp_path) == before and s.plan and not s.errors
+    with pytest.raises(exmyconv.ExmyError, match="dry_run only plans"):
+        exmyconv.quantize(str(src), str(parent / "api"), dry_run=True, resume=True)
+    done = exmyconv.quantize(str(src), str(parent / "api"), format="e2m2s4", group_size=64)
+    assert done.output_bytes == s.output_bytes
+    written = rows_of(parent / "api")
+    assert {r["name"] for r in s.plan} == set(written)
+    for row in s.plan:
+        got = written[row["name"]]
+        assert got["bytes"] == row["bytes"], row
+        assert got["format"] == (row["format"] if row["action"] == "quantize" else row["dtype"]), row
