@@ -200,6 +200,9 @@ def alive(pids) -> dict[int, str]:
     return out
 
 
+RAY_CHECK_FAILURE = "An unexpected system state has occurred. You have likely discovered a bug in Ray."
+
+
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="follows the job's processes in /proc")
 @pytest.mark.parametrize("sig, group", [(signal.SIGINT, False), (signal.SIGINT, True), (signal.SIGTERM, False),
                                         (signal.SIGKILL, False)],
@@ -235,6 +238,11 @@ def test_driver_interrupted_then_resume_gives_identical_output(model, tmp_path, 
     [folder] = kept_folders(out)
     if sig == signal.SIGKILL:  # no last word; the cluster it started shares its fate
         assert proc.returncode == -sig
+    elif group and RAY_CHECK_FAILURE in err:
+        # Ray 2.60's core worker in the driver can fail its own check when the whole group gets
+        # SIGINT at once (a race inside Ray, seen once in CI; docs/scale.md): then Ray's message, not
+        # ours, and a non-zero exit; the work is still kept and resumes below
+        assert proc.returncode != 0
     else:
         how = "" if sig == signal.SIGINT else " by SIGTERM"
         assert proc.returncode == 128 + sig and len(lines) == 1, err
