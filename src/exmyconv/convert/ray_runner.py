@@ -166,6 +166,7 @@ class RayRunner:
             raise ExmyError(f"--workers must be positive, got {workers}")
         self.address, self.workers = address, workers
         self._actor = None
+        self._own_cluster = False
 
     @contextmanager
     def session(self):
@@ -173,6 +174,7 @@ class RayRunner:
         import ray
 
         started = not ray.is_initialized()
+        self._own_cluster = started and not self.address
         if started:
             quiet = {"logging_level": logging.ERROR, "log_to_driver": False}
             # ray.init makes SIGTERM call sys.exit; ours (io.output.atomic_dir) keeps the interrupted
@@ -273,10 +275,14 @@ class RayRunner:
                     progress.update(now - shown)
                     shown = now
         finally:  # nothing of this job may go on writing once the driver has given up on it
-            for ref in running:
-                ray.cancel(ref, force=True)
-            if running:
-                ray.wait(list(running), num_returns=len(running), timeout=60)
+            # a local cluster this job started is shut down next (session), which ends its workers;
+            # force-cancelling them first raced with Ray's own bookkeeping on Ctrl-C (a failed check
+            # inside Ray 2.60's core worker, docs/scale.md), so only a cluster we joined is cancelled
+            if not self._own_cluster:
+                for ref in running:
+                    ray.cancel(ref, force=True)
+                if running:
+                    ray.wait(list(running), num_returns=len(running), timeout=60)
 
     def _snapshot(self) -> dict:
         import ray
