@@ -196,7 +196,9 @@ def overlap_available(device) -> bool:
     """True when kernels on `device` can use programmatic dependent launch (compute capability >= 9.0)."""
     import torch
 
-    return fused_available(device) and torch.cuda.get_device_capability(torch.device(device)) >= (9, 0)
+    from ..torch.linear import pdl_ok
+
+    return fused_available(device) and pdl_ok(torch.device(device))
 
 
 def fused_available(device) -> bool:

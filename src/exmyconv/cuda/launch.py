@@ -23,6 +23,7 @@ import numpy as np
 from ..errors import ExmyError
 
 _ATTR_PROGRAMMATIC_STREAM_SERIALIZATION = 6  # CUlaunchAttributeID (cuda.h)
+PDL_CAPABILITY = (9, 0)  # the lowest compute capability with programmatic dependent launch
 
 
 class _AttrValue(ctypes.Union):  # CUlaunchAttributeValue: a 64-byte union

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import cuda
+from ..cuda.launch import PDL_CAPABILITY
 from ..errors import ExmyError
 from ..format.exmy import ExMy, get_format
 from ..format.pack import row_bytes
@@ -228,7 +229,7 @@ class ExmyLinear(nn.Module):
 def pdl_ok(device: torch.device) -> bool:
     """Programmatic dependent launch needs compute capability >= 9.0 (exmyconv.cuda.launch); the GEMV
     launches of ExmyLinear and PackedLinear use it where it applies."""
-    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (9, 0)
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= PDL_CAPABILITY
 
 
 # ----------------------------------------------------------------------------- the compiled op
