@@ -55,14 +55,19 @@ namespace {
 constexpr int WARPS = GEMV_WARPS;
 // Kernel kinds: 0 = "b1" (batch 1, x staged once per block in shared memory, already permuted;
 // for K up to ~13 000), 3 = "b1r" (batch 1, larger K: x from global memory, more registers),
-// 1 = "nt1" (batch 1..8), 2 = "nt2" (batch 9..16, two 8-column mma tiles).
-// NT: mma column tiles; XS: x staged in shared memory; CPT: consecutive chunks per lane per
+// 1 = "nt1" (batch 1..8), 2 = "nt2" (batch 9..16, two 8-column mma tiles), 4 = "nt2w" (nt2 with
+// two 16-row tiles per warp). NT: mma column tiles; MT: mma row tiles per warp; XS: x staged in shared memory; CPT: consecutive chunks per lane per
 // iteration (2 for batch 1 with codes <= 6 bits: more weights in flight; elsewhere the registers
 // go to x); KSTEP: chunks per warp iteration (the 4 lanes t = 0..3 of a row). BLOCKS: blocks per
 // SM the kernel's registers are sized for (2: 128 registers, 3: 80).
 template <int KIND, int BLOCKS>
 struct Cfg {
-    static constexpr int NT = KIND == 2 ? 2 : 1;
+    static constexpr int NT = KIND == 2 || KIND == 4 ? 2 : 1;
+    // MT: 16-row tiles per warp, sharing each x fragment (nt2w). With one tile, batch 16 moves x
+    // through L1 at 3.2 bytes per byte of e2m2 weights, and L1 was the busiest unit (88 %, ncu on an
+    // H200); two tiles halve that, at the price of half as many warps (the host takes nt2w only for
+    // layers with rows enough to fill the GPU: cuda/gpu.py gemv_wide).
+    static constexpr int MT = KIND == 4 ? 2 : 1;
     static constexpr bool XS = KIND == 0;
     static constexpr int CPT = GEMV_CPT > 0 ? GEMV_CPT : (((KIND == 0 || KIND == 3) && BITS <= 6) ? 2 : 1);
     static constexpr int KSTEP = 4 * CPT;
@@ -219,7 +224,7 @@ __device__ __forceinline__ void park_x(uint4 v, u32 lane, u32* win, u32* raw) {
     __syncwarp();
 }
 
-// One warp = one 16-row tile x one K slice: iterations it0, it0+istep, ... < it1 of KSTEP chunks.
+// One warp = MT 16-row tiles x one K slice: iterations it0, it0+istep, ... < it1 of KSTEP chunks.
 // GM: 0 = one scale per row, 1 = scale groups aligned to chunks, 2 = not aligned (per element).
 // With fp16 operands and one scale per row the mma multiplies the raw decoded values
 // (v * 2^(bias-15), exact in fp16) and the float32 result is scaled once at the end (EPI).
@@ -228,9 +233,9 @@ __device__ __forceinline__ void gemv_warp(const u8* __restrict__ payload, const 
                                           const u16* __restrict__ x, const u32* __restrict__ xs, u32 n, u32 k,
                                           u32 row_bytes, u32 ngroups, u32 g, int gshift, u32 batch,
                                           u32 row0, u32 it0, u32 it1, u32 istep,
-                                          float (&acc)[Cfg<KIND, BLOCKS>::NT][4]) {
+                                          float (&acc)[Cfg<KIND, BLOCKS>::MT][Cfg<KIND, BLOCKS>::NT][4]) {
     typedef Cfg<KIND, BLOCKS> C;
-    constexpr int NT = C::NT, CPT = C::CPT, KSTEP = C::KSTEP;
+    constexpr int NT = C::NT, CPT = C::CPT, KSTEP = C::KSTEP, MT = C::MT;
     constexpr bool XS = C::XS, SPREAD = C::SPREAD, XWIN = C::XWIN, PP = C::PP;
     constexpr u32 CSTEP = SPREAD ? 4 : 1;       // chunks between a lane's chunks of one iteration
     // chunks t, t+4 of k = 4 formats: their shared words in one load (load_chunk_spread); not in the
@@ -242,12 +247,21 @@ __device__ __forceinline__ void gemv_warp(const u8* __restrict__ payload, const 
     typedef typename ScaleT<MODE>::type S;
     const u32 lane = threadIdx.x & 31;
     const u32 gr = lane >> 2, t = lane & 3;     // mma groupID / thread-in-group
-    const u32 ra = row0 + gr < n ? row0 + gr : n - 1;           // clamp: tail rows re-read row n-1
-    const u32 rb = row0 + gr + 8 < n ? row0 + gr + 8 : n - 1;   // (their outputs are not written)
+    // rows gr and gr + 8 of tile m (rows row0 + 16m ..); clamped: tail rows re-read row n-1 (their
+    // outputs are not written)
+    u32 ra[MT], rb[MT];
+    const u8* rowa[MT];
+    const u8* rowb[MT];
+#pragma unroll
+    for (int m = 0; m < MT; ++m) {
+        const u32 r = row0 + 16 * m + gr;
+        ra[m] = r < n ? r : n - 1;
+        rb[m] = r + 8 < n ? r + 8 : n - 1;
+        rowa[m] = payload + (size_t)ra[m] * row_bytes;
+        rowb[m] = payload + (size_t)rb[m] * row_bytes;
+    }
     const u32 kp = padded_k(k);  // padded row length (row_bytes also counts a shared plane)
     const u32 nq = (k + 31) / 32;               // chunks holding real elements
-    const u8* rowa = payload + (size_t)ra * row_bytes;
-    const u8* rowb = payload + (size_t)rb * row_bytes;
     const bool xvec = (k % 8) == 0;             // x rows 16-byte aligned
     // x rows of this lane's B-fragment columns; columns >= batch re-read row batch-1 and are
     // never written out, so no lane needs a zero path (no divergence).
@@ -256,10 +270,11 @@ __device__ __forceinline__ void gemv_warp(const u8* __restrict__ payload, const 
     for (int j = 0; j < NT; ++j) xr[j] = x + (size_t)(gr + 8 * j < batch ? gr + 8 * j : batch - 1) * k;
 
     // One scale per row: loaded once.
-    S rsa = S{}, rsb = S{};
-    if (GM == 0) {
-        rsa = load_scale<MODE>(ks, (size_t)ra * ngroups);
-        rsb = load_scale<MODE>(ks, (size_t)rb * ngroups);
+    S rsa[MT], rsb[MT];
+#pragma unroll
+    for (int m = 0; m < MT; ++m) {
+        rsa[m] = GM == 0 ? load_scale<MODE>(ks, (size_t)ra[m] * ngroups) : S{};
+        rsb[m] = GM == 0 ? load_scale<MODE>(ks, (size_t)rb[m] * ngroups) : S{};
     }
 
     // XWIN: this warp's x window (dynamic shared memory: the window, then its raw exchange area)
@@ -306,37 +321,47 @@ __device__ __forceinline__ void gemv_warp(const u8* __restrict__ payload, const 
         }
     };
 
-    // Decode + scale + mma of one chunk of rows ra / rb (chunk q of the row).
-    auto compute = [&](const Chunk& wa, const Chunk& wb, S s_a, S s_b, u32 q, bool checked) {
+    // Decode + scale + mma of chunk q of rows ra[m] / rb[m], every tile m (one x fragment for all).
+    auto compute = [&](const Chunk (&wa)[MT], const Chunk (&wb)[MT], const S (&s_a)[MT], const S (&s_b)[MT],
+                       u32 q, bool checked) {
         u32 xw[NT][16];
         load_x(xw, q, checked);
-        const Pre prea = prepare(wa, q), preb = prepare(wb, q);  // shared bits expanded here, not at load
+        Pre prea[MT], preb[MT];
+#pragma unroll
+        for (int m = 0; m < MT; ++m) {  // shared bits expanded here, not at load
+            prea[m] = prepare(wa[m], q);
+            preb[m] = prepare(wb[m], q);
+        }
 #pragma unroll
         for (int e = 0; e < 8; ++e) {
-            u32 a0, a1, a2, a3;
-            decode_group<BF>(wa, prea, e, a0, a2);  // row gr:   pairs 2e (k slots 2t,2t+1), 2e+1 (2t+8,2t+9)
-            decode_group<BF>(wb, preb, e, a1, a3);  // row gr+8: same pairs
-            if (EPI) {
-                // raw values; the row scale is applied to the float32 sums
-                if constexpr (MODE == 3) {  // bf16 raw field * 2^(127-bias): the code's value, exact
-                    a0 = bmul2(a0, POW2_127_B2); a2 = bmul2(a2, POW2_127_B2);
-                    a1 = bmul2(a1, POW2_127_B2); a3 = bmul2(a3, POW2_127_B2);
+            u32 a[MT][4];
+#pragma unroll
+            for (int m = 0; m < MT; ++m) {
+                u32 &a0 = a[m][0], &a1 = a[m][1], &a2 = a[m][2], &a3 = a[m][3];
+                decode_group<BF>(wa[m], prea[m], e, a0, a2);  // row gr:   pairs 2e (k slots 2t,2t+1), 2e+1 (2t+8,2t+9)
+                decode_group<BF>(wb[m], preb[m], e, a1, a3);  // row gr+8: same pairs
+                if (EPI) {
+                    // raw values; the row scale is applied to the float32 sums
+                    if constexpr (MODE == 3) {  // bf16 raw field * 2^(127-bias): the code's value, exact
+                        a0 = bmul2(a0, POW2_127_B2); a2 = bmul2(a2, POW2_127_B2);
+                        a1 = bmul2(a1, POW2_127_B2); a3 = bmul2(a3, POW2_127_B2);
+                    }
+                } else if (GM == 0) {
+                    a0 = scale_pair<MODE>(a0, rsa[m], rsa[m]); a2 = scale_pair<MODE>(a2, rsa[m], rsa[m]);
+                    a1 = scale_pair<MODE>(a1, rsb[m], rsb[m]); a3 = scale_pair<MODE>(a3, rsb[m], rsb[m]);
+                } else if (GM == 1) {
+                    a0 = scale_pair<MODE>(a0, s_a[m], s_a[m]); a2 = scale_pair<MODE>(a2, s_a[m], s_a[m]);
+                    a1 = scale_pair<MODE>(a1, s_b[m], s_b[m]); a3 = scale_pair<MODE>(a3, s_b[m], s_b[m]);
+                } else {  // groups not aligned to chunks: a scale per element (slow path)
+                    const u32 e00 = 32 * q + pair_elem(2 * e, 0), e01 = 32 * q + pair_elem(2 * e, 1);
+                    const u32 e10 = 32 * q + pair_elem(2 * e + 1, 0), e11 = 32 * q + pair_elem(2 * e + 1, 1);
+                    auto gi = [&](u32 el) { u32 v = el / g; return v < ngroups ? v : ngroups - 1; };
+                    const size_t oa = (size_t)ra[m] * ngroups, ob = (size_t)rb[m] * ngroups;
+                    a0 = scale_pair<MODE>(a0, load_scale<MODE>(ks, oa + gi(e00)), load_scale<MODE>(ks, oa + gi(e01)));
+                    a2 = scale_pair<MODE>(a2, load_scale<MODE>(ks, oa + gi(e10)), load_scale<MODE>(ks, oa + gi(e11)));
+                    a1 = scale_pair<MODE>(a1, load_scale<MODE>(ks, ob + gi(e00)), load_scale<MODE>(ks, ob + gi(e01)));
+                    a3 = scale_pair<MODE>(a3, load_scale<MODE>(ks, ob + gi(e10)), load_scale<MODE>(ks, ob + gi(e11)));
                 }
-            } else if (GM == 0) {
-                a0 = scale_pair<MODE>(a0, rsa, rsa); a2 = scale_pair<MODE>(a2, rsa, rsa);
-                a1 = scale_pair<MODE>(a1, rsb, rsb); a3 = scale_pair<MODE>(a3, rsb, rsb);
-            } else if (GM == 1) {
-                a0 = scale_pair<MODE>(a0, s_a, s_a); a2 = scale_pair<MODE>(a2, s_a, s_a);
-                a1 = scale_pair<MODE>(a1, s_b, s_b); a3 = scale_pair<MODE>(a3, s_b, s_b);
-            } else {  // groups not aligned to chunks: a scale per element (slow path)
-                const u32 e00 = 32 * q + pair_elem(2 * e, 0), e01 = 32 * q + pair_elem(2 * e, 1);
-                const u32 e10 = 32 * q + pair_elem(2 * e + 1, 0), e11 = 32 * q + pair_elem(2 * e + 1, 1);
-                auto gi = [&](u32 el) { u32 v = el / g; return v < ngroups ? v : ngroups - 1; };
-                const size_t oa = (size_t)ra * ngroups, ob = (size_t)rb * ngroups;
-                a0 = scale_pair<MODE>(a0, load_scale<MODE>(ks, oa + gi(e00)), load_scale<MODE>(ks, oa + gi(e01)));
-                a2 = scale_pair<MODE>(a2, load_scale<MODE>(ks, oa + gi(e10)), load_scale<MODE>(ks, oa + gi(e11)));
-                a1 = scale_pair<MODE>(a1, load_scale<MODE>(ks, ob + gi(e00)), load_scale<MODE>(ks, ob + gi(e01)));
-                a3 = scale_pair<MODE>(a3, load_scale<MODE>(ks, ob + gi(e10)), load_scale<MODE>(ks, ob + gi(e11)));
             }
 #pragma unroll
             for (int j = 0; j < NT; ++j) {
@@ -348,7 +373,8 @@ __device__ __forceinline__ void gemv_warp(const u8* __restrict__ payload, const 
                 const bool paired = XS || (XWIN && !checked);  // x from a staging: pair words in order
                 const u32 b0 = paired ? xw[j][2 * e] : prmt(xw[j][p0 >> 1], xw[j][q0 >> 1], SEL[p0 & 1]);
                 const u32 b1 = paired ? xw[j][2 * e + 1] : prmt(xw[j][p1 >> 1], xw[j][q1 >> 1], SEL[p1 & 1]);
-                mma16816<BF>(acc[j], a0, a1, a2, a3, b0, b1);
+#pragma unroll
+                for (int m = 0; m < MT; ++m) mma16816<BF>(acc[m][j], a[m][0], a[m][1], a[m][2], a[m][3], b0, b1);
             }
         }
     };
@@ -399,33 +425,41 @@ __device__ __forceinline__ void gemv_warp(const u8* __restrict__ payload, const 
     if (it < main_end) {
         u32 q0 = it * KSTEP + t * (SPREAD ? 1 : CPT);  // this lane's first chunk of iteration `it`
         const u32 qstep = istep * KSTEP;
-        ChunkPtr pa = chunk_ptr(rowa, kp, q0), pb = chunk_ptr(rowb, kp, q0);
+        ChunkPtr pa[MT], pb[MT];
+#pragma unroll
+        for (int m = 0; m < MT; ++m) {
+            pa[m] = chunk_ptr(rowa[m], kp, q0);
+            pb[m] = chunk_ptr(rowb[m], kp, q0);
+        }
         // Two register sets: with PP iteration n computes from set n % 2 while the next one's
         // weights (and x, XWIN) load into the other; without, set 1 is copied to set 0 first.
-        Chunk wa[2][CPT], wb[2][CPT];
-        S swa[2][CPT], swb[2][CPT];
+        Chunk wa[2][CPT][MT], wb[2][CPT][MT];
+        S swa[2][CPT][MT], swb[2][CPT][MT];
         uint4 xq[2] = {make_uint4(0, 0, 0, 0), make_uint4(0, 0, 0, 0)};  // XWIN: lane's 16 bytes of x
         static_assert(!XWIN || KSTEP == 8, "the x window takes 32 lanes x 16 bytes = 8 chunks");
         auto load_main = [&](auto set) {  // the iteration at pa / pb (chunk q0) into register set `set`
             constexpr int P = decltype(set)::value;
-            if (CPT == 2 && !SPREAD) {  // chunk q0 is even: the two chunks' small planes in one load each
-                load_chunk_pair(pa, wa[P][0], wa[P][CPT - 1]);
-                load_chunk_pair(pb, wb[P][0], wb[P][CPT - 1]);
-            } else if (SPREAD_PAIR) {   // chunks q0, q0 + 4 (q0 % 8 = t < 4)
-                load_chunk_spread(pa, wa[P][0], wa[P][CPT - 1]);
-                load_chunk_spread(pb, wb[P][0], wb[P][CPT - 1]);
-            }
 #pragma unroll
-            for (int i = 0; i < CPT; ++i) {
-                if (CPT != 2 || (SPREAD && !SPREAD_PAIR)) {
-                    wa[P][i] = load_chunk_at(pa, CSTEP * i);
-                    wb[P][i] = load_chunk_at(pb, CSTEP * i);
+            for (int m = 0; m < MT; ++m) {
+                if (CPT == 2 && !SPREAD) {  // chunk q0 is even: the two chunks' small planes in one load each
+                    load_chunk_pair(pa[m], wa[P][0][m], wa[P][CPT - 1][m]);
+                    load_chunk_pair(pb[m], wb[P][0][m], wb[P][CPT - 1][m]);
+                } else if (SPREAD_PAIR) {   // chunks q0, q0 + 4 (q0 % 8 = t < 4)
+                    load_chunk_spread(pa[m], wa[P][0][m], wa[P][CPT - 1][m]);
+                    load_chunk_spread(pb[m], wb[P][0][m], wb[P][CPT - 1][m]);
                 }
-                swa[P][i] = swb[P][i] = S{};
-                if (GM == 1) {
-                    const u32 gi = (q0 + CSTEP * i) >> gshift;
-                    swa[P][i] = load_scale<MODE>(ks, (size_t)ra * ngroups + gi);
-                    swb[P][i] = load_scale<MODE>(ks, (size_t)rb * ngroups + gi);
+#pragma unroll
+                for (int i = 0; i < CPT; ++i) {
+                    if (CPT != 2 || (SPREAD && !SPREAD_PAIR)) {
+                        wa[P][i][m] = load_chunk_at(pa[m], CSTEP * i);
+                        wb[P][i][m] = load_chunk_at(pb[m], CSTEP * i);
+                    }
+                    swa[P][i][m] = swb[P][i][m] = S{};
+                    if (GM == 1) {
+                        const u32 gi = (q0 + CSTEP * i) >> gshift;
+                        swa[P][i][m] = load_scale<MODE>(ks, (size_t)ra[m] * ngroups + gi);
+                        swb[P][i][m] = load_scale<MODE>(ks, (size_t)rb[m] * ngroups + gi);
+                    }
                 }
             }
         };
@@ -435,14 +469,20 @@ __device__ __forceinline__ void gemv_warp(const u8* __restrict__ payload, const 
             constexpr int N = PP ? 1 - P : 1;        // set the next iteration loads into
             if (!PP) {
 #pragma unroll
-                for (int i = 0; i < CPT; ++i) {
-                    wa[P][i] = wa[N][i]; wb[P][i] = wb[N][i]; swa[P][i] = swa[N][i]; swb[P][i] = swb[N][i];
-                }
+                for (int i = 0; i < CPT; ++i)
+#pragma unroll
+                    for (int m = 0; m < MT; ++m) {
+                        wa[P][i][m] = wa[N][i][m]; wb[P][i][m] = wb[N][i][m];
+                        swa[P][i][m] = swa[N][i][m]; swb[P][i][m] = swb[N][i][m];
+                    }
                 xq[P] = xq[N];
             }
             const u32 q = q0;
-            advance(pa, qstep);
-            advance(pb, qstep);
+#pragma unroll
+            for (int m = 0; m < MT; ++m) {
+                advance(pa[m], qstep);
+                advance(pb[m], qstep);
+            }
             q0 += qstep;
             const bool more = it + istep < main_end;
             if (more) {  // prefetch the next iteration into the other set
@@ -471,25 +511,30 @@ __device__ __forceinline__ void gemv_warp(const u8* __restrict__ payload, const 
         }
     }
     // Tail: the iteration that reaches past K (and everything when x rows are not aligned).
-    Chunk ca[CPT], cb[CPT];
-    S sa[CPT], sb[CPT];
+    Chunk ca[CPT][MT], cb[CPT][MT];
+    S sa[CPT][MT], sb[CPT][MT];
 #pragma unroll
-    for (int i = 0; i < CPT; ++i) sa[i] = sb[i] = S{};
+    for (int i = 0; i < CPT; ++i)
+#pragma unroll
+        for (int m = 0; m < MT; ++m) sa[i][m] = sb[i][m] = S{};
     for (; it < it1; it += istep) {
 #pragma unroll
         for (int i = 0; i < CPT; ++i) {
             const u32 q = it * KSTEP + (SPREAD ? t + 4 * i : t * CPT + i);
-            if (q < nq) {
-                ca[i] = load_chunk(rowa, kp, q);
-                cb[i] = load_chunk(rowb, kp, q);
-                if (GM == 1) {
-                    const u32 gi = q >> gshift;
-                    sa[i] = load_scale<MODE>(ks, (size_t)ra * ngroups + gi);
-                    sb[i] = load_scale<MODE>(ks, (size_t)rb * ngroups + gi);
+#pragma unroll
+            for (int m = 0; m < MT; ++m) {
+                if (q < nq) {
+                    ca[i][m] = load_chunk(rowa[m], kp, q);
+                    cb[i][m] = load_chunk(rowb[m], kp, q);
+                    if (GM == 1) {
+                        const u32 gi = q >> gshift;
+                        sa[i][m] = load_scale<MODE>(ks, (size_t)ra[m] * ngroups + gi);
+                        sb[i][m] = load_scale<MODE>(ks, (size_t)rb[m] * ngroups + gi);
+                    }
+                } else {  // beyond K: zero codes decode to +0 and contribute nothing
+                    ca[i][m] = Chunk{};
+                    cb[i][m] = Chunk{};
                 }
-            } else {  // beyond K: zero codes decode to +0 and contribute nothing
-                ca[i] = Chunk{};
-                cb[i] = Chunk{};
             }
             compute(ca[i], cb[i], sa[i], sb[i], q, true);
         }
@@ -497,22 +542,25 @@ __device__ __forceinline__ void gemv_warp(const u8* __restrict__ payload, const 
 
     if (EPI) {  // row scales: fp16 bits of S = scale*2^(15-bias) (MODE 0) or of scale (MODE 1); float (MODE 3)
         const float p15 = __uint_as_float(POW2_15_BITS);
-        float fa, fb;
-        if constexpr (MODE == 3) {
-            fa = rsa; fb = rsb;
-        } else {
-            fa = MODE == 0 ? f16_to_f32((u32)rsa) : fmul_rn(f16_to_f32((u32)rsa), p15);
-            fb = MODE == 0 ? f16_to_f32((u32)rsb) : fmul_rn(f16_to_f32((u32)rsb), p15);
-        }
 #pragma unroll
-        for (int j = 0; j < NT; ++j) {
-            acc[j][0] = fmul_rn(acc[j][0], fa); acc[j][1] = fmul_rn(acc[j][1], fa);
-            acc[j][2] = fmul_rn(acc[j][2], fb); acc[j][3] = fmul_rn(acc[j][3], fb);
+        for (int m = 0; m < MT; ++m) {
+            float fa, fb;
+            if constexpr (MODE == 3) {
+                fa = rsa[m]; fb = rsb[m];
+            } else {
+                fa = MODE == 0 ? f16_to_f32((u32)rsa[m]) : fmul_rn(f16_to_f32((u32)rsa[m]), p15);
+                fb = MODE == 0 ? f16_to_f32((u32)rsb[m]) : fmul_rn(f16_to_f32((u32)rsb[m]), p15);
+            }
+#pragma unroll
+            for (int j = 0; j < NT; ++j) {
+                acc[m][j][0] = fmul_rn(acc[m][j][0], fa); acc[m][j][1] = fmul_rn(acc[m][j][1], fa);
+                acc[m][j][2] = fmul_rn(acc[m][j][2], fb); acc[m][j][3] = fmul_rn(acc[m][j][3], fb);
+            }
         }
     }
 }
 
-// Block = WARPS warps = (WARPS / split) tiles of 16 rows x `split` K slices (split in 1,2,4,8).
+// Block = WARPS warps = (WARPS / split) warp tiles of 16*MT rows x `split` K slices (split in 1,2,4,8).
 // interleave = 0: slice s takes a contiguous run of iterations; 1: iterations s, s+split, ...
 // (the split warps of a tile then read neighbouring bytes of the same rows at the same time).
 template <int KIND, int MODE, bool XF16, int GM, int BLOCKS>
@@ -520,12 +568,12 @@ __device__ __forceinline__ void gemv(const u8* __restrict__ payload, const void*
                                      const u16* __restrict__ x, u16* __restrict__ y, u32 n, u32 k,
                                      u32 row_bytes, u32 ngroups, u32 g, int gshift, u32 batch, u32 split,
                                      u32 interleave) {
-    constexpr int NT = Cfg<KIND, BLOCKS>::NT, KSTEP = Cfg<KIND, BLOCKS>::KSTEP;
+    constexpr int NT = Cfg<KIND, BLOCKS>::NT, KSTEP = Cfg<KIND, BLOCKS>::KSTEP, MT = Cfg<KIND, BLOCKS>::MT;
     const u32 lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const u32 tiles_per_block = WARPS / split;
     const u32 tile = blockIdx.x * tiles_per_block + warp / split;
     const u32 slice = warp % split;
-    const u32 row0 = tile * 16;
+    const u32 row0 = tile * 16 * MT;
     const u32 nq = (k + 31) / 32;
     const u32 niter = (nq + KSTEP - 1) / KSTEP;
     u32 it0, it1, istep;
@@ -540,29 +588,35 @@ __device__ __forceinline__ void gemv(const u8* __restrict__ payload, const void*
 
 
     pdl_release();
-    float acc[NT][4];
+    float acc[MT][NT][4];
 #pragma unroll
-    for (int j = 0; j < NT; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
+    for (int m = 0; m < MT; ++m)
+#pragma unroll
+        for (int j = 0; j < NT; ++j) acc[m][j][0] = acc[m][j][1] = acc[m][j][2] = acc[m][j][3] = 0.f;
     extern __shared__ uint4 xs_dyn[];  // batch-1 kernels: x staged by the block (see gemv_warp)
     // every warp takes part (the x staging has a block barrier); warps past the last row do no work
     gemv_warp<KIND, MODE, XF16, GM, BLOCKS>(payload, ks, x, (u32*)xs_dyn, n, k, row_bytes, ngroups, g, gshift,
                                             batch, row0 < n ? row0 : n - 1, it0, row0 < n ? it1 : it0, istep, acc);
 
-    // Cross-slice reduction: lane holds (row gr, cols 2t, 2t+1) in acc[j][0..1], row gr+8 in [2..3].
-    __shared__ float red[WARPS][NT * 4][32];
+    // Cross-slice reduction: lane holds (row 16m + gr, cols 8j + 2t, +1) in acc[m][j][0..1], row
+    // 16m + gr + 8 in [2..3].
+    constexpr int FR = MT * NT * 4;  // fragment registers per lane
+    __shared__ float red[WARPS][FR][32];
 #pragma unroll
-    for (int j = 0; j < NT; ++j)
+    for (int m = 0; m < MT; ++m)
 #pragma unroll
-        for (int r = 0; r < 4; ++r) red[warp][4 * j + r][lane] = acc[j][r];
+        for (int j = 0; j < NT; ++j)
+#pragma unroll
+            for (int r = 0; r < 4; ++r) red[warp][(m * NT + j) * 4 + r][lane] = acc[m][j][r];
     __syncthreads();
-    // thread -> (tile in block, fragment register idx, lane) ; tiles_per_block * NT*4*32 <= 256*NT
-    for (u32 o = threadIdx.x; o < tiles_per_block * NT * 4 * 32; o += WARPS * 32) {
-        const u32 tb = o / (NT * 4 * 32), rem = o % (NT * 4 * 32);
+    // thread -> (tile in block, fragment register idx, lane)
+    for (u32 o = threadIdx.x; o < tiles_per_block * FR * 32; o += WARPS * 32) {
+        const u32 tb = o / (FR * 32), rem = o % (FR * 32);
         const u32 idx = rem >> 5, ln = rem & 31;
         float sum = 0.f;
         for (u32 w = 0; w < split; ++w) sum += red[tb * split + w][idx][ln];
-        const u32 j = idx >> 2, r = idx & 3;
-        const u32 row = (blockIdx.x * tiles_per_block + tb) * 16 + (ln >> 2) + (r >= 2 ? 8 : 0);
+        const u32 m = idx / (NT * 4), j = (idx >> 2) % NT, r = idx & 3;
+        const u32 row = (blockIdx.x * tiles_per_block + tb) * 16 * MT + 16 * m + (ln >> 2) + (r >= 2 ? 8 : 0);
         const u32 col = 8 * j + 2 * (ln & 3) + (r & 1);
         if (row < n && col < batch) {
             u16 out;
@@ -575,7 +629,7 @@ __device__ __forceinline__ void gemv(const u8* __restrict__ payload, const void*
 
 }  // namespace
 
-// The GEMV kernel. KIND: 0 b1, 1 nt1, 2 nt2, 3 b1r (Cfg). MODE: 0 fp16 operands with the scale
+// The GEMV kernel. KIND: 0 b1, 1 nt1, 2 nt2, 3 b1r, 4 nt2w (Cfg). MODE: 0 fp16 operands with the scale
 // folded, 1 fp16 operands in two steps, 2 bf16 operands, 3 bf16 operands with the row scale after
 // the mma (one scale per row; see the top). XF16: x and y are fp16, else
 // bf16. GM: 0 one scale per row, 1 scale groups aligned to 32-element chunks, 2 not aligned (a

@@ -37,7 +37,7 @@ OUT_DTYPES = ("F16", "BF16", "F32")
 BLOCK = 256           # dequant threads per block
 DEQUANT_UNITS = 2     # (row, 32-element chunk) units per dequant thread (kernels/dequant.cu)
 GEMV_WARPS = 8        # must match kernels/gemv.cu (GEMV_WARPS)
-GEMV_ROWS = 16        # weight rows per GEMV block
+GEMV_ROWS = 16        # weight rows per mma tile (a warp takes gemv_tile_rows: one or two tiles)
 MAX_BATCH = 16        # rows of x per GEMV launch
 
 
@@ -374,6 +374,20 @@ def _gemv_shape(fmt: ExMy, kind: str) -> tuple[int, int]:
     return cpt, 4 * cpt
 
 
+def gemv_tile_rows(kind: str) -> int:
+    """Weight rows per warp (gemv.cu Cfg::MT tiles of GEMV_ROWS): two tiles for nt2w."""
+    return 2 * GEMV_ROWS if kind == "nt2w" else GEMV_ROWS
+
+
+def gemv_wide(n: int, fmt: ExMy) -> bool:
+    """Batch 9..16: the nt2w kernel (two 16-row tiles per warp share each x fragment: half the
+    L1 traffic of nt2) when its warps still fill the GPU: at 8 K slices, >= 3/4 of two blocks per
+    SM (gemv_split's wave), i.e. N >= 48 rows per SM (N >= 6336 on 132 SMs); and codes of <= 5 bits,
+    the formats it was measured faster for on an H200 (docs/benchmarks.md, the batch 9-16 kernel)."""
+    sms = sm_count(_cupy().cuda.Device().id)
+    return fmt.bits <= 5 and -(-n // (2 * GEMV_ROWS)) * GEMV_WARPS >= 0.75 * sms * GEMV_WARPS * 2
+
+
 def _xs_bytes(fmt: ExMy, k: int) -> int:
     """Shared memory of the batch-1 kernels: x for every chunk of the padded iterations, 80 B each."""
     _, kstep = _gemv_shape(fmt, "b1")
@@ -381,7 +395,7 @@ def _xs_bytes(fmt: ExMy, k: int) -> int:
     return -(-nq // kstep) * kstep * 80
 
 
-GEMV_KINDS = ("b1", "nt1", "nt2", "b1r")  # kernels/gemv.cu KIND 0 .. 3
+GEMV_KINDS = ("b1", "nt1", "nt2", "b1r", "nt2w")  # kernels/gemv.cu KIND 0 .. 4
 
 
 @dataclass(frozen=True)
@@ -416,7 +430,9 @@ class GemvKernel:
 def _gemv_kind(weight: "GpuWeight", batch: int) -> str:
     if batch == 1:
         return "b1" if _xs_bytes(weight.fmt, weight.k) <= XS_LIMIT else "b1r"
-    return "nt1" if batch <= 8 else "nt2"
+    if batch <= 8:
+        return "nt1"
+    return "nt2w" if gemv_wide(weight.n, weight.fmt) else "nt2"
 
 
 def gemv_blocks(fmt: ExMy, kind: str, mode: int, groups: int) -> int:
@@ -427,13 +443,16 @@ def gemv_blocks(fmt: ExMy, kind: str, mode: int, groups: int) -> int:
     return 3 if kind in ("b1", "nt1") and mode < 2 and groups == 0 and fmt.bits <= 5 else 2
 
 
-def gemv_kernel(weight: GpuWeight, x_dtype: str, batch: int) -> GemvKernel:
+def gemv_kernel(weight: GpuWeight, x_dtype: str, batch: int, kind: str | None = None) -> GemvKernel:
     """The kernel gemv uses for this weight, x dtype ("F16"/"BF16") and batch (<= 16): fp16
     operands where exact (E <= 4, F16 scales, fp16 x), with the scale folded into the weights where
     that stays finite in fp16; else bf16 operands: for bf16 x, E <= 4 and one scale per row, the
     scale is applied to the float32 sums (mode 3: the decode is one exact multiply), otherwise to
-    each weight (mode 2)."""
-    kind = _gemv_kind(weight, batch)
+    each weight (mode 2). kind (tests and benchmarks): "nt2" or "nt2w" for batch 9..16."""
+    if kind is None:
+        kind = _gemv_kind(weight, batch)
+    elif batch <= 8 or kind not in ("nt2", "nt2w"):
+        raise ExmyError(f"kind {kind!r}: only nt2 or nt2w can be chosen, for batch 9..16")
     groups = 0 if weight.ngroups == 1 else 2 if _gshift(weight) < 0 else 1
     if x_dtype == "F16" and weight.fp16_compute:
         mode = 0 if weight.fold_ok() else 1
@@ -448,14 +467,14 @@ def gemv_function(kernel: GemvKernel, fmt: ExMy, defines: tuple = ()):
         kernel.expression)
 
 
-def gemv_split(n: int, k: int, fmt: ExMy, kind: str) -> int:
+def gemv_split(n: int, k: int, fmt: ExMy, kind: str, rows: int = GEMV_ROWS) -> int:
     """K slices per 16-row tile (1, 2, 4 or 8) for a kernel of `kind` (choices measured on an
     H100: docs/benchmarks.md, H100 tuning): 8 for layers of >= 1024 tiles (the 8 warps of a block then read
     neighbouring bytes of the same rows); otherwise the fewest slices that give about one wave of
     warps at two blocks per SM, doubled for b1r kernels of unshared formats with a 1-bit plane
     (e2m2, e3m1: their longer decode favours more, shorter slices); always >= 2 iterations per
     slice."""
-    tiles = -(-n // GEMV_ROWS)
+    tiles = -(-n // rows)  # warp tiles
     target = sm_count(_cupy().cuda.Device().id) * GEMV_WARPS * 2
     split = 1
     if tiles >= 1024:
@@ -548,15 +567,17 @@ class _GemvLaunchShape:
 
 
 def _gemv_launch_shape(weight: "GpuWeight", x_dtype: str, batch: int, split: int | None = None,
-                       interleave: int | None = None, defines: tuple = (), blocks: int | None = None):
+                       interleave: int | None = None, defines: tuple = (), blocks: int | None = None,
+                       kind: str | None = None):
     if not 1 <= batch <= MAX_BATCH:
         raise ExmyError(f"a GEMV launch takes 1..{MAX_BATCH} rows of x, not {batch}")
     if not supports(weight.fmt):
         raise ExmyError(f"the fused GEMV does not handle {weight.fmt.name} yet (gpu.supports)")
-    kernel = gemv_kernel(weight, x_dtype, batch)
-    split = split or gemv_split(weight.n, weight.k, weight.fmt, kernel.kind)
+    kernel = gemv_kernel(weight, x_dtype, batch, kind)
+    rows = gemv_tile_rows(kernel.kind)
+    split = split or gemv_split(weight.n, weight.k, weight.fmt, kernel.kind, rows)
     interleave = GEMV_INTERLEAVE if interleave is None else int(interleave)
-    grid = (-(-weight.n // (GEMV_ROWS * (GEMV_WARPS // split))),)
+    grid = (-(-weight.n // (rows * (GEMV_WARPS // split))),)
     if kernel.kind == "b1r":
         sms = sm_count(_cupy().cuda.Device().id)
         kernel = replace(kernel, blocks=int(blocks or gemv_b1r_blocks(kernel, grid[0], weight.fmt, sms)))
@@ -575,11 +596,11 @@ class GemvPlan:
 
     def __init__(self, xc, x_dtype: str, weight: GpuWeight, y, stream, split: int | None = None,
                  interleave: int | None = None, defines: tuple = (), overlap: bool = False,
-                 blocks: int | None = None):
+                 blocks: int | None = None, kind: str | None = None):
         batch = int(xc.shape[0])
         if xc.shape[1] != weight.k:
             raise ExmyError(f"x has {xc.shape[1]} columns; the weight needs {weight.k}")
-        shape = _gemv_launch_shape(weight, x_dtype, batch, split, interleave, defines, blocks)
+        shape = _gemv_launch_shape(weight, x_dtype, batch, split, interleave, defines, blocks, kind)
         self.kernel, self.fn, self.grid, self.smem = shape.kernel, shape.fn, shape.grid, shape.smem
         self.split, self.interleave = shape.split, shape.interleave
         self.args = shape.args(weight, xc, y, batch)
@@ -636,7 +657,8 @@ def gemv_plan(x, weight: GpuWeight, out, x_dtype: str | None = None, **tuning) -
     """Prepare y = x @ W.T into `out` ([B, N], B <= 16, same dtype as x) for repeated launches.
 
     tuning (benchmarks and tests): split=1|2|4|8, interleave=0|1, blocks=2|3 (b1r: blocks per SM
-    of the build, instead of gemv_b1r_blocks), defines=("GEMV_CPT=1", ...).
+    of the build, instead of gemv_b1r_blocks), defines=("GEMV_CPT=1", ...), kind="nt2"|"nt2w"
+    (batch 9..16, instead of gemv_wide's choice).
     overlap=True launches with programmatic dependent launch (exmyconv.cuda.launch): only where the
     weights are not written by the kernel just before (always so for model weights)."""
     cupy = _cupy()
