@@ -1,0 +1,203 @@
+"""ExmyExperts: the experts of a mixture-of-experts layer, every expert's weights kept packed ExMy.
+
+transformers keeps the experts of a MoE layer (Qwen3-MoE, Qwen2-MoE, Mixtral, ...) in one module with
+two 3-D parameters, ``gate_up_proj`` [E, 2I, H] (each expert's gate rows, then its up rows) and
+``down_proj`` [E, H, I], called as ``experts(hidden_states [T, H], top_k_index [T, k], top_k_weights
+[T, k])``. ExmyExperts is that module with the parameters replaced by buffers that hold the
+checkpoint's packed tensors unchanged (formats/SPEC.md: a 3-D tensor's rows are its leading dims):
+
+- ``gate_up_proj_packed`` uint8 [E, 2I, row_bytes(H)], ``gate_up_proj_scale`` [E, 2I, ngroups]
+- ``down_proj_packed`` uint8 [E, H, row_bytes(I)], ``down_proj_scale`` [E, H, ngroups]
+
+(scales fp16/bf16 as stored). Each projection has its own format and group size. Only these stay
+resident: an expert's weights are decoded per call, for the experts the tokens were routed to.
+
+forward, per routed expert, on just the tokens routed to it:
+
+- CPU (and any input the CUDA path does not take): the expert's two weights are decoded into the
+  activation dtype by the torch codec (bitwise what ``exmyconv dequantize`` writes) and the same
+  operations as transformers' eager experts forward run in the same order, so the output equals the
+  plain model's (loaded with ``experts_implementation="eager"``) bit for bit.
+- CUDA (fp16/bf16 activations, formats the kernels handle): token-expert pairs are sorted by expert
+  (one host read of the routing per call), then each routed expert's slice of pairs goes through
+  :class:`exmyconv.torch.packed.PackedLinear`'s CUDA path: the fused GEMV for at most
+  ``gpu.MAX_BATCH`` (16) rows, written straight into the rows of one output, else a bit-exact
+  dequantization into the shared scratch buffer and a matmul. The activation and the weighted sum run
+  once over all pairs.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import ExmyError
+from ..format.exmy import ExMy, get_format
+from ..format.pack import row_bytes
+from ..format.quant import groups_of
+from .codec import SCALE_NAME, dequantize
+from .packed import PackedLinear
+
+PROJECTIONS = ("gate_up_proj", "down_proj")
+
+
+class ExpertWeights:
+    """One projection's parameters: ``fmt``, K (``k``, the input width), N (``n``, rows per expert),
+    G (``group_size``) and the stored scale dtype."""
+
+    def __init__(self, fmt: ExMy | str, k: int, n: int, group_size: int | None, scale_dtype: torch.dtype):
+        self.fmt = get_format(fmt) if isinstance(fmt, str) else fmt
+        self.k, self.n = int(k), int(n)
+        self.group_size, self.ngroups = groups_of(self.k, group_size)
+        if scale_dtype not in SCALE_NAME:
+            raise ExmyError(f"scales are float16 or bfloat16, not {scale_dtype}")
+        self.scale_dtype = scale_dtype
+
+    def __repr__(self):
+        g = "" if self.group_size == self.k else f"-g{self.group_size}"
+        return f"{self.fmt.name}{g} [{self.n}, {self.k}] scales {SCALE_NAME[self.scale_dtype]}"
+
+
+class ExmyExperts(nn.Module):
+    """A MoE experts module whose expert weights stay packed (see the module docstring).
+
+    ``num_experts`` E, ``gate_up`` / ``down``: the :class:`ExpertWeights` of ``gate_up_proj`` (K = H,
+    N = 2I) and ``down_proj`` (K = I, N = H); ``act_fn`` the gate's activation (the experts module's
+    own). Set ``ExmyExperts.gpu_kernels = False`` (or ``EXMYCONV_GPU_KERNELS=0``) to run the CPU
+    path on CUDA as well.
+    """
+
+    gpu_kernels: bool = os.environ.get("EXMYCONV_GPU_KERNELS", "1") != "0"
+
+    def __init__(self, num_experts: int, gate_up: ExpertWeights, down: ExpertWeights, act_fn, device=None,
+                 dtype: torch.dtype | None = None):
+        super().__init__()
+        if gate_up.n != 2 * down.k or down.n != gate_up.k:
+            raise ExmyError(f"experts: gate_up_proj {gate_up} and down_proj {down} do not fit together")
+        self.num_experts = int(num_experts)
+        self.hidden_dim, self.intermediate_dim = gate_up.k, down.k
+        self.weights = {"gate_up_proj": gate_up, "down_proj": down}
+        self.act_fn = act_fn
+        self.weight_dtype = dtype or torch.get_default_dtype()  # what `dequantize_weight` gives by default
+        for name, w in self.weights.items():
+            self.register_buffer(name + "_packed", torch.empty(
+                (self.num_experts, w.n, row_bytes(w.fmt, w.k)), dtype=torch.uint8, device=device))
+            self.register_buffer(name + "_scale", torch.empty((self.num_experts, w.n, w.ngroups),
+                                                              dtype=w.scale_dtype, device=device))
+        self._specs: dict = {}  # (projection, expert) -> PackedLinear (CUDA views and launches)
+
+    def extra_repr(self) -> str:
+        return (f"num_experts={self.num_experts}, gate_up_proj={self.weights['gate_up_proj']}, "
+                f"down_proj={self.weights['down_proj']}")
+
+    def dequantize_weight(self, name: str, expert: int | None = None, dtype: torch.dtype | None = None):
+        """Projection ``name``'s weight of one expert [N, K] (or of all, [E, N, K]) as ``dtype``, a new tensor."""
+        w = self.weights[name]
+        packed, scale = self._buffers[name + "_packed"], self._buffers[name + "_scale"]
+        if expert is not None:
+            packed, scale = packed[expert], scale[expert]
+        return dequantize(packed, scale, w.fmt, w.k, w.group_size, dtype or self.weight_dtype)
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                top_k_weights: torch.Tensor) -> torch.Tensor:
+        if hidden_states.is_cuda and self.gpu_kernels and hidden_states.dtype in SCALE_NAME \
+                and self.gate_up_proj_packed.is_cuda:
+            return self._cuda_forward(hidden_states, top_k_index, top_k_weights)
+        return self._eager_forward(hidden_states, top_k_index, top_k_weights)
+
+    def _eager_forward(self, hidden_states, top_k_index, top_k_weights):
+        """transformers' eager experts forward, each routed expert's weights decoded for the call."""
+        final = torch.zeros_like(hidden_states)
+        with torch.no_grad():
+            expert_mask = F.one_hot(top_k_index, num_classes=self.num_experts + 1).permute(2, 1, 0)
+            expert_hit = torch.greater(expert_mask.sum(dim=(-1, -2)), 0).nonzero()
+        for expert in expert_hit[:, 0].tolist():
+            if expert == self.num_experts:  # (expert-parallel sentinel)
+                continue
+            top_k_pos, token_idx = torch.where(expert_mask[expert])
+            current = hidden_states[token_idx]
+            gate_up = self.dequantize_weight("gate_up_proj", expert, hidden_states.dtype)
+            gate, up = F.linear(current, gate_up).chunk(2, dim=-1)
+            del gate_up
+            current = self.act_fn(gate) * up
+            current = F.linear(current, self.dequantize_weight("down_proj", expert, hidden_states.dtype))
+            current = current * top_k_weights[token_idx, top_k_pos, None]
+            final.index_add_(0, token_idx, current.to(final.dtype))
+        return final
+
+    # -- CUDA ------------------------------------------------------------------------------------
+    def _cuda_forward(self, hidden_states, top_k_index, top_k_weights):
+        tokens, k = top_k_index.shape
+        expert_ids = top_k_index.reshape(-1)
+        sorted_ids, order = torch.sort(expert_ids, stable=True)
+        x = hidden_states[order // k]  # [pairs, H], grouped by expert
+        segments = _segments(sorted_ids.tolist())  # the one host read: which experts, how many rows each
+        gate_up = self._project("gate_up_proj", x, segments)
+        gate, up = gate_up.chunk(2, dim=-1)
+        h = self.act_fn(gate) * up
+        out = self._project("down_proj", h, segments)
+        out = out * top_k_weights.reshape(-1)[order, None].to(out.dtype)
+        pairs = torch.empty_like(out)
+        pairs[order] = out
+        return pairs.view(tokens, k, -1).sum(dim=1).to(hidden_states.dtype)
+
+    def _project(self, name: str, x: torch.Tensor, segments) -> torch.Tensor:
+        """y[rows of expert e] = x[those rows] @ W_e^T for each (e, start, end) of ``segments``."""
+        w = self.weights[name]
+        packed, scale = self._buffers[name + "_packed"], self._buffers[name + "_scale"]
+        x = x.contiguous()
+        y = torch.empty((x.shape[0], w.n), dtype=x.dtype, device=x.device)
+        stream = torch.cuda.current_stream(x.device).cuda_stream
+        for expert, start, end in segments:
+            if expert >= self.num_experts:  # (expert-parallel sentinel: no contribution)
+                y[start:end].zero_()
+                continue
+            spec = self._specs.get((name, expert))
+            if spec is None:
+                spec = self._specs[(name, expert)] = PackedLinear(w.fmt, w.k, w.n, w.group_size)
+            state = spec._cuda_state(packed[expert], scale[expert])
+            rows = end - start
+            xs = x[start:end]
+            if state is not None and state._gemv(rows, x.dtype):
+                if xs.data_ptr() % 16:  # the GEMV reads 16-byte words of x
+                    xs = xs.clone()
+                state._launch(rows, x.dtype)(xs.data_ptr(), y[start:end].data_ptr(), stream)
+            elif state is not None:
+                torch.mm(xs, state._dequantized(x.dtype).t(), out=y[start:end])
+            else:
+                y[start:end] = F.linear(xs, spec.dequantize(packed[expert], scale[expert], x.dtype))
+        return y
+
+    # -- dtype safety ------------------------------------------------------------------------------
+    def _apply(self, fn, recurse=True):
+        """``.to(device)`` moves the buffers; ``.to(dtype)`` must not round the stored scales (as ExmyLinear)."""
+        try:
+            probe = fn(torch.empty(0, dtype=self.weight_dtype))
+            if isinstance(probe, torch.Tensor) and probe.is_floating_point():
+                self.weight_dtype = probe.dtype
+        except Exception:
+            pass
+        kept = {}
+        for name in PROJECTIONS:
+            scale = self._buffers.get(name + "_scale")
+            if scale is not None and scale.is_floating_point():
+                kept[name + "_scale"] = scale.dtype
+                self._buffers[name + "_scale"] = scale.view(torch.int16)
+        try:
+            return super()._apply(fn, recurse)
+        finally:
+            for key, dt in kept.items():
+                self._buffers[key] = self._buffers[key].view(dt)
+            self._specs = {}
+
+
+def _segments(sorted_ids: list) -> list:
+    """[(expert, start, end)] runs of equal values in a sorted list."""
+    out, start = [], 0
+    for i in range(1, len(sorted_ids) + 1):
+        if i == len(sorted_ids) or sorted_ids[i] != sorted_ids[start]:
+            out.append((sorted_ids[start], start, i))
+            start = i
+    return out
