@@ -19,11 +19,21 @@ forward, per routed expert, on just the tokens routed to it:
   operations as transformers' eager experts forward run in the same order, so the output equals the
   plain model's (loaded with ``experts_implementation="eager"``) bit for bit.
 - CUDA (fp16/bf16 activations, formats the kernels handle): token-expert pairs are sorted by expert
-  (one host read of the routing per call), then each routed expert's slice of pairs goes through
-  :class:`exmyconv.torch.packed.PackedLinear`'s CUDA path: the fused GEMV for at most
-  ``gpu.MAX_BATCH`` (16) rows, written straight into the rows of one output, else a bit-exact
-  dequantization into the shared scratch buffer and a matmul. The activation and the weighted sum run
-  once over all pairs.
+  (one host read of the routing per call); each routed expert's rows then go through the fused GEMV
+  of ``exmyconv.cuda.gpu`` when they are at most ``gpu.MAX_BATCH`` (16), written straight into the
+  rows of one output, else through :class:`exmyconv.torch.packed.PackedLinear`'s CUDA path (a
+  bit-exact dequantization into the shared scratch buffer, then a matmul). The activation and the
+  weighted sum run once over all pairs.
+
+  The GEMV of all experts of a projection is one prepared launch per (rows, dtype) (:class:`_StackedGemv`):
+  it is made for expert 0's slice, and each call points its weight arguments at the routed expert's
+  payload and scales (all experts have the same shape and layout), so a routed expert costs one
+  driver launch and no per-expert preparation. This reads two arguments of ``gpu.GemvLaunch``
+  (payload, kernel scales: checked when a launch is made; if the kernel's arguments change, each
+  expert gets its own PackedLinear instead).
+
+Under ``torch.compile`` the forward is not traced (``torch.compiler.disable``): the routing is read
+on the host, so the experts run eagerly between compiled parts.
 """
 from __future__ import annotations
 
@@ -33,11 +43,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import cuda
 from ..errors import ExmyError
 from ..format.exmy import ExMy, get_format
 from ..format.pack import row_bytes
 from ..format.quant import groups_of
 from .codec import SCALE_NAME, dequantize
+from .linear import gpu_view, pdl_ok
 from .packed import PackedLinear
 
 PROJECTIONS = ("gate_up_proj", "down_proj")
@@ -86,7 +98,8 @@ class ExmyExperts(nn.Module):
                 (self.num_experts, w.n, row_bytes(w.fmt, w.k)), dtype=torch.uint8, device=device))
             self.register_buffer(name + "_scale", torch.empty((self.num_experts, w.n, w.ngroups),
                                                               dtype=w.scale_dtype, device=device))
-        self._specs: dict = {}  # (projection, expert) -> PackedLinear (CUDA views and launches)
+        self._specs: dict = {}  # (projection, expert) -> PackedLinear (more rows than a GEMV takes)
+        self._gemvs: dict = {}  # projection -> _StackedGemv (or None: the GEMV does not apply)
 
     def extra_repr(self) -> str:
         return (f"num_experts={self.num_experts}, gate_up_proj={self.weights['gate_up_proj']}, "
@@ -100,6 +113,7 @@ class ExmyExperts(nn.Module):
             packed, scale = packed[expert], scale[expert]
         return dequantize(packed, scale, w.fmt, w.k, w.group_size, dtype or self.weight_dtype)
 
+    @torch.compiler.disable
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                 top_k_weights: torch.Tensor) -> torch.Tensor:
         if hidden_states.is_cuda and self.gpu_kernels and hidden_states.dtype in SCALE_NAME \
@@ -150,25 +164,40 @@ class ExmyExperts(nn.Module):
         x = x.contiguous()
         y = torch.empty((x.shape[0], w.n), dtype=x.dtype, device=x.device)
         stream = torch.cuda.current_stream(x.device).cuda_stream
+        gemv = self._stacked_gemv(name)
+        x_row, y_row = x.shape[1] * x.element_size(), w.n * y.element_size()
         for expert, start, end in segments:
             if expert >= self.num_experts:  # (expert-parallel sentinel: no contribution)
                 y[start:end].zero_()
+                continue
+            rows = end - start
+            if gemv is not None and (x.data_ptr() + start * x_row) % 16 == 0 and gemv.applies(rows, x.dtype):
+                gemv(expert, rows, x.dtype, x.data_ptr() + start * x_row, y.data_ptr() + start * y_row, stream)
                 continue
             spec = self._specs.get((name, expert))
             if spec is None:
                 spec = self._specs[(name, expert)] = PackedLinear(w.fmt, w.k, w.n, w.group_size)
             state = spec._cuda_state(packed[expert], scale[expert])
-            rows = end - start
             xs = x[start:end]
             if state is not None and state._gemv(rows, x.dtype):
-                if xs.data_ptr() % 16:  # the GEMV reads 16-byte words of x
-                    xs = xs.clone()
+                xs = xs.clone()  # (a 16-byte aligned copy)
                 state._launch(rows, x.dtype)(xs.data_ptr(), y[start:end].data_ptr(), stream)
             elif state is not None:
                 torch.mm(xs, state._dequantized(x.dtype).t(), out=y[start:end])
             else:
                 y[start:end] = F.linear(xs, spec.dequantize(packed[expert], scale[expert], x.dtype))
         return y
+
+    def _stacked_gemv(self, name: str) -> "_StackedGemv | None":
+        packed, scale = self._buffers[name + "_packed"], self._buffers[name + "_scale"]
+        key = (name, packed.data_ptr(), scale.data_ptr())
+        if key not in self._gemvs:
+            gpu = cuda.backend()
+            w = self.weights[name]
+            ok = gpu is not None and gpu.supports(w.fmt) and packed.is_cuda and packed.is_contiguous() \
+                and scale.is_contiguous()
+            self._gemvs[key] = _StackedGemv(gpu, w, packed, scale) if ok else None
+        return self._gemvs[key]
 
     # -- dtype safety ------------------------------------------------------------------------------
     def _apply(self, fn, recurse=True):
@@ -191,6 +220,52 @@ class ExmyExperts(nn.Module):
             for key, dt in kept.items():
                 self._buffers[key] = self._buffers[key].view(dt)
             self._specs = {}
+            self._gemvs = {}
+
+
+class _StackedGemv:
+    """The fused GEMV of every expert of one projection: per (rows, dtype) one ``gpu.GemvLaunch``
+    prepared for expert 0's slice; a call moves its payload and scale arguments to the routed expert's.
+
+    The kernel's mode (how it applies the scales) is chosen for the scales of all experts (the
+    whole stack's ``fold_ok``), and its scale argument is the stack's kernel scales, so every expert
+    gets what its own launch would be given."""
+
+    PAYLOAD_ARG, SCALES_ARG = 0, 1  # positions in gpu.GemvLaunch's kernel arguments (checked)
+
+    def __init__(self, gpu, w: ExpertWeights, packed: torch.Tensor, scale: torch.Tensor):
+        e, n = packed.shape[:2]
+        self.gpu, self.w, self.device = gpu, w, packed.device
+        self.stack = gpu_view(gpu, packed.view(e * n, -1), scale.view(e * n, -1), w.fmt, w.k, w.group_size)
+        self.first = gpu_view(gpu, packed[0], scale[0], w.fmt, w.k, w.group_size)
+        self.first._cache["fold_ok"] = self.stack.fold_ok()
+        self.payload, self.payload_step = packed.data_ptr(), packed[0].numel()
+        self._keep = (packed, scale)
+        self.launches: dict = {}  # (rows, dtype) -> (GemvLaunch, scales address, scale bytes per expert) or None
+
+    def applies(self, rows: int, dtype: torch.dtype) -> bool:
+        key = (rows, dtype)
+        if key not in self.launches:
+            self.launches[key] = self._prepare(rows, dtype)
+        return self.launches[key] is not None
+
+    def _prepare(self, rows: int, dtype: torch.dtype):
+        if not self.gpu.gemv_applies(self.w.fmt, SCALE_NAME[dtype], rows):
+            return None
+        launch = self.gpu.GemvLaunch(self.first, SCALE_NAME[dtype], rows, overlap=pdl_ok(self.device))
+        mode = launch.kernel.mode
+        args = getattr(getattr(launch, "_launch", None), "_vals", None)
+        if args is None or args[self.PAYLOAD_ARG].value != self.first.payload.data.ptr \
+                or args[self.SCALES_ARG].value != self.first.kernel_scales(mode).data.ptr:
+            return None  # the kernel's arguments are not where this expects them: PackedLinear per expert
+        scales = self.stack.kernel_scales(mode)
+        return launch, scales.data.ptr, self.w.n * self.w.ngroups * scales.itemsize
+
+    def __call__(self, expert: int, rows: int, dtype: torch.dtype, x_ptr: int, y_ptr: int, stream: int) -> None:
+        launch, scales, scale_step = self.launches[(rows, dtype)]
+        launch._launch.set_pointer(self.PAYLOAD_ARG, self.payload + expert * self.payload_step)
+        launch._launch.set_pointer(self.SCALES_ARG, scales + expert * scale_step)
+        launch(x_ptr, y_ptr, stream)
 
 
 def _segments(sorted_ids: list) -> list:
