@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from packaging.version import Version
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -104,6 +105,10 @@ def test_experts_load_packed_and_compute_like_the_plain_model(converted, convers
 
 def test_bf16_logits_and_dequantize_back(converted):
     arch, source, folders = converted
+    if arch == "mixtral" and Version(transformers.__version__) < Version("5.21"):
+        pytest.xfail("transformers <= 5.20 keeps the checkpoint dtype of renamed tensors (no get_new_dtype hook): "
+                     "Mixtral's router block_sparse_moe.gate -> mlp.gate stays float32 in a bf16 load of a float32 "
+                     "checkpoint (as on main, experts aside)")
     out, plain_dir = folders["e2m2"]
     quantized = AutoModelForCausalLM.from_pretrained(out, dtype=torch.bfloat16)
     plain = AutoModelForCausalLM.from_pretrained(plain_dir, dtype=torch.bfloat16, experts_implementation="eager")
