@@ -1,6 +1,6 @@
 """MoE experts stay packed: ExmyExperts (exmyconv.torch.experts) loaded by the transformers quantizer.
 
-Small random-weight Qwen3-MoE and Mixtral models, built offline from real transformers configs, are
+Small random-weight Qwen3-MoE, Qwen2-MoE and Mixtral models, built offline from real transformers configs, are
 converted and loaded with ``from_pretrained``. Reference: the same conversion dequantized by
 ``exmyconv dequantize`` and loaded by plain transformers with ``experts_implementation="eager"``
 (the computation ExmyExperts' CPU path repeats, expert by expert): logits are compared bitwise and
@@ -19,7 +19,7 @@ from packaging.version import Version
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from transformers import AutoModelForCausalLM, MixtralConfig, Qwen3MoeConfig  # noqa: E402
+from transformers import AutoModelForCausalLM, MixtralConfig, Qwen2MoeConfig, Qwen3MoeConfig  # noqa: E402
 
 import exmyconv  # noqa: E402
 from exmyconv.convert.dequantize import dequantize_checkpoint  # noqa: E402
@@ -32,6 +32,9 @@ ARCHS = {
     # per-expert checkpoint tensors experts.N.{gate,up,down}_proj.weight, merged by transformers on load
     "qwen3moe": lambda: Qwen3MoeConfig(**SMALL, intermediate_size=256, moe_intermediate_size=128, num_experts=8,
                                        num_experts_per_tok=2),
+    # the same with a shared expert (ordinary Linears) and its gate
+    "qwen2moe": lambda: Qwen2MoeConfig(**SMALL, intermediate_size=256, moe_intermediate_size=128,
+                                       shared_expert_intermediate_size=64, num_experts=4, num_experts_per_tok=2),
     # experts.N.w1/w3/w2 under block_sparse_moe (renamed to mlp on load)
     "mixtral": lambda: MixtralConfig(**SMALL, intermediate_size=128, num_local_experts=4, num_experts_per_tok=2),
 }
