@@ -59,10 +59,16 @@ def _reference(experts, x, index, weights):
 
 @pytest.mark.parametrize("dtype_name", ["float16", "bfloat16"])
 @pytest.mark.parametrize("tokens", [1, 5, 40])
-@pytest.mark.parametrize("fmt,group", [("e2m2", None), ("e2m2s4", 128)])
-def test_cuda_experts_match_the_dequantized_reference(rng, dtype_name, tokens, fmt, group):
+@pytest.mark.parametrize("fmt,group", [("e2m2", None), ("e2m2s4", 128), ("e2m2", 128)])
+@pytest.mark.parametrize("path", ["pairwise", "grouped"])
+def test_cuda_experts_match_the_dequantized_reference(rng, monkeypatch, dtype_name, tokens, fmt, group, path):
+    """Both CUDA paths (one GEMV per token-expert pair; pairs grouped by expert: GEMVs of up to 16
+    rows, or dequantize + matmul for more) whatever the routing."""
     import torch
 
+    from exmyconv.torch import experts as module
+
+    monkeypatch.setattr(module, "PAIRWISE_REPEATS", 10**9 if path == "pairwise" else -1)
     dtype = getattr(torch, dtype_name)
     experts = _experts(rng, fmt, group, dtype)
     top_k = 2 if tokens == 1 else 4

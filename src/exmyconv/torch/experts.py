@@ -18,10 +18,12 @@ forward, per routed expert, on just the tokens routed to it:
   activation dtype by the torch codec (bitwise what ``exmyconv dequantize`` writes) and the same
   operations as transformers' eager experts forward run in the same order, so the output equals the
   plain model's (loaded with ``experts_implementation="eager"``) bit for bit.
-- CUDA (fp16/bf16 activations, formats the kernels handle): token-expert pairs are sorted by expert
-  (one host read of the routing per call); each routed expert's rows then go through the fused GEMV
-  of ``exmyconv.cuda.gpu`` when they are at most ``gpu.MAX_BATCH`` (16), written straight into the
-  rows of one output, else through :class:`exmyconv.torch.packed.PackedLinear`'s CUDA path (a
+- CUDA (fp16/bf16 activations, formats the kernels handle): the routing is read on the host once
+  per call. Decoding (few pairs share an expert, ``PAIRWISE_REPEATS``): one fused GEMV of
+  ``exmyconv.cuda.gpu`` per (token, expert) pair and projection, reading the token's row and
+  writing its own output row, no sorting or gathering. Otherwise token-expert pairs are sorted by
+  expert and each routed expert's rows go through the fused GEMV when they are at most
+  ``gpu.MAX_BATCH`` (16), written straight into the rows of one output, else through :class:`exmyconv.torch.packed.PackedLinear`'s CUDA path (a
   bit-exact dequantization into the shared scratch buffer, then a matmul). The activation and the
   weighted sum run once over all pairs.
 
@@ -113,9 +115,13 @@ class ExmyExperts(nn.Module):
             packed, scale = packed[expert], scale[expert]
         return dequantize(packed, scale, w.fmt, w.k, w.group_size, dtype or self.weight_dtype)
 
-    @torch.compiler.disable
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                 top_k_weights: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():  # a graph break: the routing is read on the host
+            return _untraced_forward(self, hidden_states, top_k_index, top_k_weights)
+        return self._forward(hidden_states, top_k_index, top_k_weights)
+
+    def _forward(self, hidden_states, top_k_index, top_k_weights):
         if hidden_states.is_cuda and self.gpu_kernels and hidden_states.dtype in SCALE_NAME \
                 and self.gate_up_proj_packed.is_cuda:
             return self._cuda_forward(hidden_states, top_k_index, top_k_weights)
@@ -143,11 +149,59 @@ class ExmyExperts(nn.Module):
 
     # -- CUDA ------------------------------------------------------------------------------------
     def _cuda_forward(self, hidden_states, top_k_index, top_k_weights):
+        ids = top_k_index.tolist()  # the one host read of the routing
+        pairs = [e for row in ids for e in row]
+        if not pairs:
+            return torch.zeros_like(hidden_states)
+        if len(pairs) - len(set(pairs)) <= PAIRWISE_REPEATS:
+            y = self._pairwise_forward(hidden_states, ids, top_k_weights)
+            if y is not None:
+                return y
+        return self._grouped_forward(hidden_states, top_k_index, top_k_weights, pairs)
+
+    def _pairwise_forward(self, hidden_states, ids, top_k_weights):
+        """Decoding: one GEMV per (token, expert) pair, straight from the token's row (no sorting, no
+        gathering), into row t*k+j of the projection's output; None where the GEMV does not apply."""
+        gate_up, down = self._stacked_gemv("gate_up_proj"), self._stacked_gemv("down_proj")
+        dtype = hidden_states.dtype
+        if gate_up is None or down is None or not (gate_up.applies(1, dtype) and down.applies(1, dtype)):
+            return None
+        x = hidden_states.contiguous()
+        tokens, k = len(ids), len(ids[0]) if ids else 0
+        x_row = x.shape[1] * x.element_size()
+        if x.data_ptr() % 16 or x_row % 16 or self.intermediate_dim * x.element_size() % 16:
+            return None  # the GEMV reads x in 16-byte words
+        stream = torch.cuda.current_stream(x.device).cuda_stream
+        h2 = torch.empty((tokens * k, 2 * self.intermediate_dim), dtype=dtype, device=x.device)
+        out = torch.empty((tokens * k, self.hidden_dim), dtype=dtype, device=x.device)
+        h2_row = h2.shape[1] * h2.element_size()
+        skipped = []
+        for t, row in enumerate(ids):
+            for j, expert in enumerate(row):
+                if expert >= self.num_experts:  # (expert-parallel sentinel: no contribution)
+                    skipped.append(t * k + j)
+                    continue
+                gate_up(expert, 1, dtype, x.data_ptr() + t * x_row, h2.data_ptr() + (t * k + j) * h2_row, stream)
+        gate, up = h2.chunk(2, dim=-1)
+        h = self.act_fn(gate) * up
+        h_row = h.shape[1] * h.element_size()
+        for t, row in enumerate(ids):
+            for j, expert in enumerate(row):
+                if expert < self.num_experts:
+                    down(expert, 1, dtype, h.data_ptr() + (t * k + j) * h_row, out.data_ptr() + (t * k + j) * x_row,
+                         stream)
+        if skipped:
+            out[skipped] = 0
+        out = out.view(tokens, k, -1) * top_k_weights[..., None].to(dtype)
+        return out.sum(dim=1)
+
+    def _grouped_forward(self, hidden_states, top_k_index, top_k_weights, pairs: list):
+        """Pairs sorted by expert: each routed expert's rows in one GEMV (<= 16 rows) or one matmul."""
         tokens, k = top_k_index.shape
         expert_ids = top_k_index.reshape(-1)
         sorted_ids, order = torch.sort(expert_ids, stable=True)
         x = hidden_states[order // k]  # [pairs, H], grouped by expert
-        segments = _segments(sorted_ids.tolist())  # the one host read: which experts, how many rows each
+        segments = _segments(sorted(pairs))  # which experts, how many rows each (the sort is stable)
         gate_up = self._project("gate_up_proj", x, segments)
         gate, up = gate_up.chunk(2, dim=-1)
         h = self.act_fn(gate) * up
@@ -266,6 +320,16 @@ class _StackedGemv:
         launch._launch.set_pointer(self.PAYLOAD_ARG, self.payload + expert * self.payload_step)
         launch._launch.set_pointer(self.SCALES_ARG, scales + expert * scale_step)
         launch(x_ptr, y_ptr, stream)
+
+
+# The CUDA forward runs one GEMV per (token, expert) pair while at most this many pairs repeat an
+# expert (decoding: every pair is its own expert), else it groups the pairs by expert.
+PAIRWISE_REPEATS = 4
+
+
+@torch.compiler.disable
+def _untraced_forward(module: ExmyExperts, hidden_states, top_k_index, top_k_weights):
+    return module._forward(hidden_states, top_k_index, top_k_weights)
 
 
 def _segments(sorted_ids: list) -> list:
