@@ -12,13 +12,21 @@ How a checkpoint loads (docs/transformers.md has the user's view):
   (renamings and the base-model prefix aside), is replaced by an :class:`ExmyLinear` with the
   buffers ``weight_packed`` (uint8) and ``weight_scale`` (the stored fp16/bf16), so the
   checkpoint's ``T_packed`` / ``T_scale`` load into them unchanged.
+- Every MoE experts module (3-D ``gate_up_proj`` / ``down_proj``, the layout of :func:`_experts_layout`)
+  whose expert records stack exactly is replaced by an :class:`ExmyExperts` with buffers
+  ``gate_up_proj_packed`` / ``_scale`` and ``down_proj_packed`` / ``_scale``: a 3-D record loads into
+  them unchanged; per-expert 2-D records (``experts.N.gate_proj.weight`` ...) that one of the
+  model's converters merges load through copies of that converter whose only op,
+  :class:`_StackExperts`, stacks the packed payloads (and the scales) as the converter stacks the
+  weights (:meth:`ExmyHfQuantizer._pack_experts` says when a module falls back to dequantizing).
 - Every other record is dequantized while it loads, into the parameter the plain checkpoint
   would fill, in that parameter's dtype: quantized embeddings (``--quantize-embeddings``), a
   Linear whose weight is tied (a tied ``lm_head``), a Linear the model keeps in float32
-  (``_keep_in_fp32_modules``, e.g. T5's ``wo`` in fp16), 3-D expert tensors that are parameters of an
-  experts module, routers that are not ``nn.Linear``, and tensors that transformers' own
-  conversion mapping transforms on load (e.g. per-expert ``experts.N.gate_proj.weight`` merged
-  into a fused ``experts.gate_up_proj``: the dequantization runs before the merge).
+  (``_keep_in_fp32_modules``, e.g. T5's ``wo`` in fp16), 3-D expert tensors of other layouts
+  (e.g. GPT-OSS: transposed, with biases), routers that are not ``nn.Linear``, and tensors that
+  transformers' own conversion mapping transforms on load (e.g. per-expert
+  ``experts.N.gate_proj.weight`` of experts that do not stack, merged into a fused
+  ``experts.gate_up_proj``: the dequantization runs before the merge).
 - ``ExmyLinear.forward`` dequantizes the weight to the input's dtype and calls ``F.linear``
   (exactly what the plain model computes with the dequantized weight). On a CUDA input with
   ``exmyconv.cuda.gpu`` available, :meth:`ExmyLinear._gpu_forward` runs the fused kernels instead.
