@@ -216,3 +216,38 @@ def test_cpu_forward_against_a_dense_oracle(rng):
             want[t] += weights[t, j] * (dn[index[t, j]] @ (torch.nn.functional.silu(gate) * up))
     assert torch.isfinite(y).all() and (want.norm(dim=1) > 0).all()
     assert torch.allclose(y.double(), want, rtol=1e-4, atol=1e-5), (y.double() - want).abs().max()
+
+
+def test_fused_3d_expert_records_load_into_the_buffers(tmp_path):
+    """A checkpoint that stores the experts fused (3-D gate_up_proj / down_proj, as the model holds them):
+    each record loads into ExmyExperts' buffers unchanged, no converter involved."""
+    import safetensors
+    import safetensors.torch
+
+    torch.manual_seed(2)
+    model = AutoModelForCausalLM.from_config(ARCHS["qwen3moe"]())
+    src = tmp_path / "src"
+    model.save_pretrained(src)  # (config.json etc.; the weights are replaced by the fused state dict)
+    for f in src.glob("*.safetensors"):
+        f.unlink()
+    state = {k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight" or
+             not model.config.tie_word_embeddings}
+    safetensors.torch.save_file(state, str(src / "model.safetensors"), metadata={"format": "pt"})
+    out = tmp_path / "out"
+    exmyconv.quantize(str(src), str(out), format="e2m2s4", group_size=64)
+    with Checkpoint(str(out)) as ckpt:
+        assert tuple(ckpt.records["model.layers.1.mlp.experts.gate_up_proj"][0].shape) == (8, 256, 128)
+    dequantize_checkpoint(str(out), str(tmp_path / "plain"), progress=False)
+    quantized = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "plain", dtype=torch.float32,
+                                                 experts_implementation="eager")
+    experts = quantized.model.layers[1].mlp.experts
+    assert isinstance(experts, ExmyExperts)
+    with safetensors.safe_open(str(out / "model.safetensors"), "pt") as fh:
+        for leaf in ("gate_up_proj", "down_proj"):
+            for suffix in ("_packed", "_scale"):
+                stored = fh.get_tensor(f"model.layers.1.mlp.experts.{leaf}{suffix}")
+                assert torch.equal(getattr(experts, leaf + suffix), stored)  # same bytes, same dtype
+    ids = torch.randint(0, SMALL["vocab_size"], (2, 8), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        assert torch.equal(quantized(input_ids=ids).logits, plain(input_ids=ids).logits)
