@@ -164,7 +164,8 @@ def _requantize(folder: Path, name: str, fmt: str) -> None:
     w = exmyconv.load_state_dict(str(folder), dtype=torch.float32)[name]
     q = quantize(w.numpy(), get_format(fmt), None)
     tensors[name + "_packed"] = torch.from_numpy(q.payload)
-    tensors[name + "_scale"] = torch.from_numpy(q.scales).to(torch.float16 if q.scale_dtype == "F16" else torch.bfloat16)
+    scale_dtype = torch.float16 if q.scale_dtype == "F16" else torch.bfloat16
+    tensors[name + "_scale"] = torch.from_numpy(q.scales).to(scale_dtype)
     record["format"] = fmt
     meta[f"exmy:{name}"] = json.dumps(record)
     safetensors.torch.save_file(tensors, str(path), metadata=meta)

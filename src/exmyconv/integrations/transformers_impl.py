@@ -520,8 +520,8 @@ class ExmyHfQuantizer(HfQuantizer):
             elif isinstance(module, ExmyExperts):
                 plain = module._source_module[0]
                 for leaf in PROJECTIONS:
-                    setattr(plain, leaf, nn.Parameter(module.dequantize_weight(leaf, None, dtype or module.weight_dtype),
-                                                      requires_grad=False))
+                    weight = module.dequantize_weight(leaf, None, dtype or module.weight_dtype)
+                    setattr(plain, leaf, nn.Parameter(weight, requires_grad=False))
                 replacements[id(module)] = plain
         _swap_modules(model, replacements)
         return model

@@ -23,19 +23,22 @@ forward, per routed expert, on just the tokens routed to it:
   ``exmyconv.cuda.gpu`` per (token, expert) pair and projection, reading the token's row and
   writing its own output row, no sorting or gathering. Otherwise token-expert pairs are sorted by
   expert and each routed expert's rows go through the fused GEMV when they are at most
-  ``gpu.MAX_BATCH`` (16), written straight into the rows of one output, else through :class:`exmyconv.torch.packed.PackedLinear`'s CUDA path (a
-  bit-exact dequantization into the shared scratch buffer, then a matmul). The activation and the
-  weighted sum run once over all pairs.
+  ``gpu.MAX_BATCH`` (16), written straight into the rows of one output, else through
+  :class:`exmyconv.torch.packed.PackedLinear`'s CUDA path (a bit-exact dequantization into the
+  shared scratch buffer, then a matmul). The activation and the weighted sum run once over all
+  pairs.
 
   The GEMV of all experts of a projection is one prepared launch per (rows, dtype) (:class:`_StackedGemv`):
   it is made for expert 0's slice, and each call points its weight arguments at the routed expert's
   payload and scales (all experts have the same shape and layout), so a routed expert costs one
   driver launch and no per-expert preparation. This reads two arguments of ``gpu.GemvLaunch``
   (payload, kernel scales: checked when a launch is made; if the kernel's arguments change, each
-  expert gets its own PackedLinear instead).
+  expert gets its own PackedLinear instead). The routing read on the host is a synchronisation per
+  layer, and the launches address experts from the host: a grouped GEMV that took the expert ids
+  from device memory would need neither (and could be captured in CUDA graphs).
 
-Under ``torch.compile`` the forward is not traced (``torch.compiler.disable``): the routing is read
-on the host, so the experts run eagerly between compiled parts.
+Under ``torch.compile`` the forward is not traced (a graph break through ``torch.compiler.disable``):
+the routing is read on the host, so the experts run eagerly between compiled parts.
 """
 from __future__ import annotations
 
