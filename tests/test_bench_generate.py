@@ -87,3 +87,15 @@ def test_compare_tokens_tells_ties_from_mismatches():
     assert (result["equal"], result["ties"], result["mismatches"]) == (1, 1, 1)
     assert [d["row"] for d in result["first_difference"]] == [1, 2]
     assert all(d["step"] == 1 for d in result["first_difference"])
+
+
+def test_moe_preset_builds_a_qwen3_moe_config():
+    from exmyconv.bench import e2e
+
+    config = g._preset_config("qwen3-moe", 2)
+    assert type(config).__name__ == "Qwen3MoeConfig"
+    assert (config.num_hidden_layers, config.hidden_size, config.num_experts, config.num_experts_per_tok,
+            config.moe_intermediate_size) == (2, 2048, 128, 8, 768)
+    assert g._preset_config("qwen3-moe", None).num_hidden_layers == 48
+    with pytest.raises(ExmyError, match="--generate. only"):  # the e2e engine builds Llama-shaped decoders
+        e2e.build_config("qwen3-moe")

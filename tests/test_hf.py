@@ -24,7 +24,7 @@ transformers = pytest.importorskip("transformers")
 import safetensors.torch  # noqa: E402
 from packaging.version import Version  # noqa: E402
 from transformers import (AutoModel, AutoModelForCausalLM, AutoModelForSeq2SeqLM, GptOssConfig,  # noqa: E402
-                          HrmTextConfig, LlamaConfig, Qwen2Config, Qwen3Config, Qwen3MoeConfig, T5Config)
+                          HrmTextConfig, LlamaConfig, Qwen2Config, Qwen3Config, T5Config)
 
 import exmyconv  # noqa: E402
 from exmyconv.integrations import transformers as hf  # noqa: E402
@@ -432,9 +432,7 @@ def test_dequantize_and_save(llama, tmp_path):
 
 
 MOE = {
-    # per-expert 2-D checkpoint tensors that transformers merges into 3-D parameters on load
-    "qwen3moe": (lambda: Qwen3MoeConfig(**SMALL, head_dim=32, moe_intermediate_size=64, num_experts=4,
-                                        num_experts_per_tok=2), "model.layers.0.mlp.experts.3.up_proj.weight"),
+    # (Qwen3-MoE's experts stay packed: tests/test_experts.py)
     # 3-D expert tensors in the checkpoint itself (and 2-D expert biases, also quantized)
     "gptoss": (lambda: GptOssConfig(**{**SMALL, "intermediate_size": 128}, head_dim=32, num_local_experts=4,
                                     num_experts_per_tok=2, layer_types=["full_attention"] * 2),

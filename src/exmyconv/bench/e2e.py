@@ -87,13 +87,26 @@ class DecoderConfig:
         return sum(k * n for k, n in self.linear_shapes())
 
 
-PRESETS = {"llama3-8b": DecoderConfig()}
+# A DecoderConfig: a Llama-shaped model for both benches. A dict: the fields of a transformers config
+# (model_type first) for `--generate` alone; qwen3-moe has Qwen3-30B-A3B's shapes (48 MoE layers of
+# 128 experts, 8 routed per token).
+PRESETS = {
+    "llama3-8b": DecoderConfig(),
+    "qwen3-moe": {"model_type": "qwen3_moe", "hidden_size": 2048, "intermediate_size": 6144,
+                  "moe_intermediate_size": 768, "num_experts": 128, "num_experts_per_tok": 8,
+                  "norm_topk_prob": True, "num_hidden_layers": 48, "num_attention_heads": 32,
+                  "num_key_value_heads": 4, "head_dim": 128, "vocab_size": 151936, "rope_theta": 1000000.0,
+                  "rms_norm_eps": 1e-6, "max_position_embeddings": 40960, "tie_word_embeddings": False},
+}
 
 
 def build_config(spec: str, layers: int | None = None) -> DecoderConfig:
     """A preset name, or a transformers config.json (file or folder) of a Llama-shaped model."""
     if spec in PRESETS:
         cfg = PRESETS[spec]
+        if not isinstance(cfg, DecoderConfig):
+            raise ExmyError(f"--e2e {spec}: a transformers model for `--e2e {spec} --generate` only (this bench "
+                            f"builds Llama-shaped decoders)")
     else:
         path = Path(spec)
         if path.is_dir():

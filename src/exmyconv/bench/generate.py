@@ -8,7 +8,8 @@ device_map="cuda")`` and calls ``generate()``: greedy decoding of ``tokens`` new
 - **compiled**: ``generate(..., cache_implementation="static")``, transformers' documented fast path:
   it compiles the decode step with torch.compile (mode "reduce-overhead": CUDA graphs) on its own.
 
-SPEC is a preset of :mod:`exmyconv.bench.e2e` (``llama3-8b``), a transformers config.json or a
+SPEC is a preset of :mod:`exmyconv.bench.e2e` (``llama3-8b``; ``qwen3-moe``: Qwen3-30B-A3B's shapes, whose
+experts load as :class:`exmyconv.torch.experts.ExmyExperts`), a transformers config.json or a
 folder with one (any causal LM transformers builds, MoE included), ``--layers`` shrinking it: the
 model gets random bf16 weights, is saved, and each ExMy variant is converted from that folder with
 the same pipeline as ``exmyconv quantize`` (default options). SPEC may also be a model folder with
@@ -22,7 +23,8 @@ variant loads with ``use_kernels=False`` (transformers >= 5.2x would otherwise f
 some layers, which needs the network and would change the bf16 baseline, not the ExMy layers).
 
 Tokens: for each ExMy variant the eager fast path (fused GEMV) and the compiled path are compared
-with the bit-exact reference path (the same loaded model with ``ExmyLinear.gpu_kernels = False``:
+with the bit-exact reference path (the same loaded model with ``ExmyLinear.gpu_kernels = False`` and
+``ExmyExperts.gpu_kernels = False``:
 exact dequantization, then the same ``F.linear`` as the bf16 model), each generating with its own
 logits recorded. The GEMV sums in float32 in another order than cuBLAS, so logits differ by
 rounding noise; a sequence that differs is a *tie* when, at its first differing step (where both
@@ -72,9 +74,17 @@ def _transformers():
 
 
 def _preset_config(spec: str, layers: int | None):
-    """A transformers LlamaConfig for a preset of bench.e2e."""
+    """A transformers config for a preset of bench.e2e (a LlamaConfig for a DecoderConfig)."""
     from . import e2e
 
+    preset = e2e.PRESETS[spec]
+    if isinstance(preset, dict):
+        fields = dict(preset)
+        if layers is not None:
+            if layers < 1:
+                raise ExmyError(f"--layers must be at least 1, got {layers}")
+            fields["num_hidden_layers"] = int(layers)
+        return _transformers().AutoConfig.for_model(fields.pop("model_type"), **fields)
     cfg = e2e.build_config(spec, layers)
     return _transformers().LlamaConfig(
         hidden_size=cfg.hidden, intermediate_size=cfg.intermediate, num_hidden_layers=cfg.layers,
@@ -213,6 +223,7 @@ def measure(folder: Path, variant: str, batches: list[int], tokens: int, runs: i
             log=print) -> dict:
     import torch
 
+    from ..torch.experts import ExmyExperts
     from ..torch.linear import ExmyLinear
 
     _free()
@@ -221,18 +232,19 @@ def measure(folder: Path, variant: str, batches: list[int], tokens: int, runs: i
     model = _load(folder)
     out = {"variant": variant, "load_s": round(time.perf_counter() - began, 1),
            "memory_gb": round(torch.cuda.memory_allocated() / 1e9, 3),
-           "exmy_layers": sum(isinstance(m, ExmyLinear) for m in model.modules()), "rows": []}
+           "exmy_layers": sum(isinstance(m, ExmyLinear) for m in model.modules()),
+           "exmy_experts": sum(isinstance(m, ExmyExperts) for m in model.modules()), "rows": []}
     gen = torch.Generator(device="cpu").manual_seed(1)
     with torch.no_grad():
         for batch in batches:
             ids = torch.randint(0, vocab, (batch, PROMPT), generator=gen).cuda()
             reference = None
-            if out["exmy_layers"]:
-                ExmyLinear.gpu_kernels = False
+            if out["exmy_layers"] or out["exmy_experts"]:
+                ExmyLinear.gpu_kernels = ExmyExperts.gpu_kernels = False
                 try:
                     reference = _generate(model, ids, tokens, compiled=False, logits=True)
                 finally:
-                    ExmyLinear.gpu_kernels = True
+                    ExmyLinear.gpu_kernels = ExmyExperts.gpu_kernels = True
             for mode in MODES:
                 compiled = mode == "compiled"
                 for _ in range(2 if compiled else 1):

@@ -12,13 +12,21 @@ How a checkpoint loads (docs/transformers.md has the user's view):
   (renamings and the base-model prefix aside), is replaced by an :class:`ExmyLinear` with the
   buffers ``weight_packed`` (uint8) and ``weight_scale`` (the stored fp16/bf16), so the
   checkpoint's ``T_packed`` / ``T_scale`` load into them unchanged.
+- Every MoE experts module (3-D ``gate_up_proj`` / ``down_proj``, the layout of :func:`_experts_layout`)
+  whose expert records stack exactly is replaced by an :class:`ExmyExperts` with buffers
+  ``gate_up_proj_packed`` / ``_scale`` and ``down_proj_packed`` / ``_scale``: a 3-D record loads into
+  them unchanged; per-expert 2-D records (``experts.N.gate_proj.weight`` ...) that one of the
+  model's converters merges load through copies of that converter whose only op,
+  :class:`_StackExperts`, stacks the packed payloads (and the scales) as the converter stacks the
+  weights (:meth:`ExmyHfQuantizer._pack_experts` says when a module falls back to dequantizing).
 - Every other record is dequantized while it loads, into the parameter the plain checkpoint
   would fill, in that parameter's dtype: quantized embeddings (``--quantize-embeddings``), a
   Linear whose weight is tied (a tied ``lm_head``), a Linear the model keeps in float32
-  (``_keep_in_fp32_modules``, e.g. T5's ``wo`` in fp16), 3-D expert tensors that are parameters of an
-  experts module, routers that are not ``nn.Linear``, and tensors that transformers' own
-  conversion mapping transforms on load (e.g. per-expert ``experts.N.gate_proj.weight`` merged
-  into a fused ``experts.gate_up_proj``: the dequantization runs before the merge).
+  (``_keep_in_fp32_modules``, e.g. T5's ``wo`` in fp16), 3-D expert tensors of other layouts
+  (e.g. GPT-OSS: transposed, with biases), routers that are not ``nn.Linear``, and tensors that
+  transformers' own conversion mapping transforms on load (e.g. per-expert
+  ``experts.N.gate_proj.weight`` of experts that do not stack, merged into a fused
+  ``experts.gate_up_proj``: the dequantization runs before the merge).
 - ``ExmyLinear.forward`` dequantizes the weight to the input's dtype and calls ``F.linear``
   (exactly what the plain model computes with the dequantized weight). On a CUDA input with
   ``exmyconv.cuda.gpu`` available, :meth:`ExmyLinear._gpu_forward` runs the fused kernels instead.
@@ -68,9 +76,11 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from ..errors import ExmyError
 from ..format.layout import GUARD_VALUE, PACKED_SUFFIX, QUANT_METHOD, SCALE_SUFFIX, VERSION, TensorRecord
+from ..format.quant import groups_of
 from ..io.checkpoint import open_checkpoint
 from ..io.validate import check_quantization_config
 from ..torch.codec import TORCH_DTYPE, dequantize, unpack_codes  # noqa: F401 (integrations.transformers exports them)
+from ..torch.experts import PROJECTIONS, ExmyExperts, ExpertWeights
 from ..torch.linear import ExmyLinear
 
 __all__ = ["ExmyConfig", "ExmyHfQuantizer", "ExmyLinear", "dequantize", "unpack_codes", "register", "QUANT_METHOD"]
@@ -205,6 +215,77 @@ class _ExmyDequantize:
         return out
 
 
+class _StackExperts:
+    """Conversion op: per-expert packed payloads (or scales) stacked into an ExmyExperts buffer.
+
+    Runs alone in a copy of a model converter that merges per-expert tensors (see
+    ExmyHfQuantizer._expert_weights), with the sources and targets suffixed ``_packed`` (or
+    ``_scale``): each source's tensors, in expert order, are stacked along a new first dim, and the
+    sources are concatenated along rows, as the model's converter does with the unquantized weights.
+    Rows are packed independently, so the result is exactly the packed 3-D tensor."""
+
+    def __init__(self, quantizer: "ExmyHfQuantizer"):
+        self.hf_quantizer = quantizer  # transformers then keeps the checkpoint dtype (stored scales)
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def __repr__(self):
+        return "ExmyStackExperts"
+
+    @property
+    def reverse_op(self):
+        raise NotImplementedError("exmy checkpoints are not saved back through transformers")
+
+    @torch.no_grad()
+    def convert(self, input_dict, source_patterns=None, target_patterns=None, full_layer_name=None, model=None,
+                **kwargs):
+        parts = []
+        for pattern in source_patterns:
+            tensors = input_dict.pop(pattern, [])
+            tensors = tensors if isinstance(tensors, list) else [tensors]
+            names = self.hf_quantizer._names.get((full_layer_name, pattern), [])
+            if not tensors or len(names) != len(tensors):
+                raise ExmyError(f"{full_layer_name}: {len(tensors)} tensors for {pattern}, expected {len(names)}")
+            order = sorted(range(len(names)), key=lambda i: _natural_key(names[i]))
+            parts.append(torch.stack([tensors[i] for i in order]))
+        stacked = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+        if model is not None:
+            expected = model.get_buffer(full_layer_name)
+            if stacked.shape != expected.shape:
+                raise ExmyError(f"{full_layer_name}: stacked experts {list(stacked.shape)}, expected "
+                                f"{list(expected.shape)}")
+        return {full_layer_name: stacked}
+
+
+def _stacks_experts(converter) -> bool:
+    """Whether a model converter only stacks per-expert tensors (transformers' MergeModulelist along
+    dim 0) and, with several sources, concatenates them along rows (Concatenate along dim 1)."""
+    ops = [(type(op).__name__, getattr(op, "dim", None)) for op in converter.operations]
+    expected = [("MergeModulelist", 0)] + ([("Concatenate", 1)] if len(converter.source_patterns) > 1 else [])
+    return ops == expected and len(converter._original_target_patterns) == 1
+
+
+def _experts_layout(module) -> bool | None:
+    """True when ``module`` is a transformers experts module ExmyExperts computes exactly: 3-D
+    ``gate_up_proj`` [E, 2I, H] and ``down_proj`` [E, H, I], no biases, gate and up concatenated
+    (not interleaved, not transposed), transformers' default gating ``act_fn(gate) * up``."""
+    from transformers.integrations import moe
+
+    params = module._parameters
+    gate_up, down = params.get("gate_up_proj"), params.get("down_proj")
+    if set(params) != {"gate_up_proj", "down_proj"} or module._buffers or gate_up.dim() != 3 or down.dim() != 3:
+        return None
+    if not hasattr(module, "is_transposed") or module.is_transposed or not getattr(module, "is_concatenated", True) \
+            or not getattr(module, "has_gate", True) or getattr(module, "has_bias", False) \
+            or getattr(module, "has_post_expert_norm", False) or not hasattr(module, "act_fn"):
+        return None  # (hasattr is_transposed: the class is marked by transformers' use_experts_implementation)
+    if getattr(type(module), "_apply_gate", None) is not getattr(moe, "_default_apply_gate", None):
+        return None
+    e, n, h = gate_up.shape
+    return True if down.shape == (e, h, n // 2) and n % 2 == 0 else None
+
+
 def _single(input_dict, suffix, record):
     for key, value in input_dict.items():
         if key.endswith(suffix):
@@ -225,11 +306,13 @@ def _renamed(key, renamings):
     return key
 
 
-def _copy_converter(conv, sources, first_ops):
-    """A model converter with other source patterns and ``first_ops`` before its own operations."""
+def _copy_converter(conv, sources, first_ops, replace: bool = False, targets=None):
+    """A model converter with other source patterns and ``first_ops`` before its own operations
+    (``replace``: instead of them), optionally with other ``targets``."""
     from transformers.core_model_loading import WeightConverter
 
-    targets, operations = list(conv._original_target_patterns), [*first_ops, *conv.operations]
+    targets = list(targets or conv._original_target_patterns)
+    operations = list(first_ops) if replace else [*first_ops, *conv.operations]
     try:
         if hasattr(conv, "copy"):  # transformers >= 5.21
             return conv.copy(sources, targets, operations=operations)
@@ -262,6 +345,8 @@ class ExmyHfQuantizer(HfQuantizer):
         self._linear: dict[str, str] = {}  # module path -> record replaced by an ExmyLinear
         self._dequant: dict[str, str] = {}  # record -> parameter it is dequantized into
         self._via_converter: set[str] = set()  # records consumed by one of the model's converters
+        self._stacked: set[str] = set()  # per-expert records stacked into an ExmyExperts by a converter copy
+        self._experts: list[str] = []  # module paths of the ExmyExperts
         self._names: dict[tuple[str, str], list[str]] = {}  # (loaded key, source pattern) -> checkpoint names
         self._scale_buffers: set[str] = set()
         self._dtype = None
@@ -321,6 +406,7 @@ class ExmyHfQuantizer(HfQuantizer):
         routes = self._routes(model, conversions)
         tied = set(model.all_tied_weights_keys) | set(model.all_tied_weights_keys.values())
         replaced = {}
+        experts = {}  # experts module path -> {projection: [(record, model converter or None)]}
         for name, record in self._records.items():
             target, converter = routes.get(name, (None, None))
             if target is None:
@@ -328,11 +414,14 @@ class ExmyHfQuantizer(HfQuantizer):
                 # reports its T_packed / T_scale as unexpected keys, as it would report T.
                 logger.info(f"exmy: quantized tensor {name} matches nothing in {type(model).__name__}")
                 continue
+            path, _, leaf = target.rpartition(".")
+            module = model.get_submodule(path) if path else model
+            if leaf in PROJECTIONS and _experts_layout(module) is not None:
+                experts.setdefault(path, {}).setdefault(leaf, []).append((name, converter))
+                continue
             if converter is not None:
                 self._via_converter.add(name)
                 continue
-            path, _, leaf = target.rpartition(".")
-            module = model.get_submodule(path) if path else model
             if (leaf == "weight" and isinstance(module, nn.Linear) and target not in tied and len(record.shape) == 2
                     and tuple(module.weight.shape) == record.shape and self._planned_dtype(target) is None):
                 replaced[id(module)] = ExmyLinear.from_linear(module, record.fmt, record.group_size,
@@ -341,6 +430,7 @@ class ExmyHfQuantizer(HfQuantizer):
                 self._scale_buffers.add(f"{path}.weight_scale")
             else:
                 self._dequant[name] = target
+        self._pack_experts(model, experts, routes, replaced)
         if replaced:
             _swap_modules(model, replaced)
         suffixes = {name.rpartition(".")[2] for name in self._via_converter}
@@ -381,6 +471,16 @@ class ExmyHfQuantizer(HfQuantizer):
             record = self._records[name]
             sources = ["^" + re.escape(_renamed(n, renamings)) for n in (record.packed_name, record.scale_name)]
             own.append(WeightConverter(sources, target, operations=[_ExmyDequantize(self, record=name)]))
+        stacking = {}
+        for name in self._stacked:
+            converter = routes.get(name, (None, None))[1]
+            if converter is not None:
+                stacking[id(converter)] = converter
+        for conv in stacking.values():  # one copy for the payloads, one for the scales
+            for suffix in (PACKED_SUFFIX, SCALE_SUFFIX):
+                own.append(_copy_converter(conv, [_suffixed(s, suffix) for s in conv.source_patterns],
+                                           [_StackExperts(self)], replace=True,
+                                           targets=[_suffixed(t, suffix) for t in conv._original_target_patterns]))
         updated = own + updated
         self._names = self._collect_names(model, updated)
         return updated
@@ -393,8 +493,10 @@ class ExmyHfQuantizer(HfQuantizer):
         return super().get_new_dtype(converter, param, dtype)
 
     def _process_model_after_weight_loading(self, model, **kwargs):
-        missing = [f"{path}.{buf}" for path in self._linear for buf in ("weight_packed", "weight_scale")
-                   if not getattr(model.get_buffer(f"{path}.{buf}"), "_is_hf_initialized", False)]
+        buffers = [f"{path}.{buf}" for path in self._linear for buf in ("weight_packed", "weight_scale")]
+        buffers += [f"{path}.{leaf}{suffix}" for path in self._experts for leaf in PROJECTIONS
+                    for suffix in (PACKED_SUFFIX, SCALE_SUFFIX)]
+        missing = [b for b in buffers if not getattr(model.get_buffer(b), "_is_hf_initialized", False)]
         if missing:
             raise ExmyError(f"exmy: {len(missing)} quantized tensors did not load, e.g. {missing[0]}")
         return model
@@ -415,8 +517,89 @@ class ExmyHfQuantizer(HfQuantizer):
                 if module.bias is not None:
                     linear.bias = nn.Parameter(module.bias.detach().to(target), requires_grad=False)
                 replacements[id(module)] = linear
+            elif isinstance(module, ExmyExperts):
+                plain = module._source_module[0]
+                for leaf in PROJECTIONS:
+                    weight = module.dequantize_weight(leaf, None, dtype or module.weight_dtype)
+                    setattr(plain, leaf, nn.Parameter(weight, requires_grad=False))
+                replacements[id(module)] = plain
         _swap_modules(model, replacements)
         return model
+
+    # -- packed experts --------------------------------------------------------------------------
+    def _pack_experts(self, model, experts: dict, routes: dict, replaced: dict) -> None:
+        """An ExmyExperts for each experts module whose expert tensors are all records that stack
+        into its buffers (see :func:`_expert_weights`); the records of the others are dequantized.
+
+        A model converter (e.g. ``experts.*.gate_proj.weight`` + ``experts.*.up_proj.weight`` ->
+        ``experts.gate_up_proj``) serves every layer through one source pattern, so it is copied into
+        stacking converters only if every module it feeds is packed: one layer that must dequantize
+        (its gate and up records differ in format under ``--format auto``, say) makes every module of
+        that converter dequantize."""
+        plans = {}
+        for path, by_leaf in experts.items():
+            module = model.get_submodule(path)
+            plan = {leaf: self._expert_weights(module, leaf, by_leaf.get(leaf, [])) for leaf in PROJECTIONS}
+            if all(p is not None for p in plan.values()):
+                plans[path] = plan
+        feeds: dict[int, set] = {}  # id(model converter) -> paths of the modules it loads into
+        for target, converter in routes.values():
+            if target is not None and converter is not None:
+                feeds.setdefault(id(converter), set()).add(target.rpartition(".")[0])
+        changed = True
+        while changed:
+            changed = False
+            for paths in feeds.values():
+                if not paths <= plans.keys() and paths & plans.keys():
+                    for path in paths & plans.keys():
+                        del plans[path]
+                    changed = True
+        for path, by_leaf in experts.items():
+            for leaf, items in by_leaf.items():
+                for name, converter in items:
+                    if path not in plans:
+                        if converter is None:
+                            self._dequant[name] = f"{path}.{leaf}"
+                        else:
+                            self._via_converter.add(name)
+                    elif converter is not None:
+                        self._stacked.add(name)
+        for path, plan in plans.items():
+            module = model.get_submodule(path)
+            new = ExmyExperts(module.gate_up_proj.shape[0], plan["gate_up_proj"], plan["down_proj"], module.act_fn,
+                              device=module.gate_up_proj.device, dtype=module.gate_up_proj.dtype)
+            new._source_module = (module,)  # (a tuple: not a submodule) what model.dequantize() puts back
+            replaced[id(module)] = new
+            self._experts.append(path)
+            self._scale_buffers.update(f"{path}.{leaf}_scale" for leaf in PROJECTIONS)
+
+    def _expert_weights(self, module, leaf: str, items: list) -> ExpertWeights | None:
+        """The layout of ``module``'s parameter ``leaf`` [E, N, K] as ExmyExperts holds it packed, or None
+        where its records do not stack exactly: either one 3-D record of that shape, or E per-expert
+        2-D records per source of one model converter that stacks them (transformers' MergeModulelist
+        along experts, then Concatenate along rows, e.g. gate and up) — all of one format, group size
+        and scale dtype (rows are packed independently, so stacking packed rows is exact)."""
+        if not items:
+            return None
+        e, n, k = getattr(module, leaf).shape
+        names = [name for name, _ in items]
+        records = [self._records[name] for name in names]
+        converters = {id(c) for _, c in items}
+        first = records[0]
+        if len(converters) != 1 or any(
+                r.fmt != first.fmt or groups_of(k, r.group_size) != groups_of(k, first.group_size)
+                or self._scale_dtypes[name] != self._scale_dtypes[names[0]] for name, r in zip(names, records)):
+            return None
+        converter = items[0][1]
+        if converter is None:
+            if len(records) != 1 or tuple(first.shape) != (e, n, k):
+                return None
+        else:
+            sources = len(converter.source_patterns)
+            if (not _stacks_experts(converter) or n % sources or len(records) != e * sources
+                    or any(tuple(r.shape) != (n // sources, k) for r in records)):
+                return None
+        return ExpertWeights(first.fmt, k, n, first.group_size, TORCH_DTYPE[self._scale_dtypes[names[0]]])
 
     # -- helpers -------------------------------------------------------------------------------
     def _routes(self, model, conversions) -> dict:
@@ -435,7 +618,8 @@ class ExmyHfQuantizer(HfQuantizer):
         names: dict[tuple[str, str], list[str]] = {}
         for key, (target, converter, pattern) in _simulate(model, conversions, self._keys, patterns=True).items():
             if target is not None and converter is not None and any(
-                    isinstance(op, _ExmyDequantize) and op.record is None for op in converter.operations):
+                    isinstance(op, _StackExperts) or isinstance(op, _ExmyDequantize) and op.record is None
+                    for op in converter.operations):
                 names.setdefault((target, pattern), []).append(key)
         return names
 

@@ -1,0 +1,345 @@
+"""ExmyExperts: the experts of a mixture-of-experts layer, every expert's weights kept packed ExMy.
+
+transformers keeps the experts of a MoE layer (Qwen3-MoE, Qwen2-MoE, Mixtral, ...) in one module with
+two 3-D parameters, ``gate_up_proj`` [E, 2I, H] (each expert's gate rows, then its up rows) and
+``down_proj`` [E, H, I], called as ``experts(hidden_states [T, H], top_k_index [T, k], top_k_weights
+[T, k])``. ExmyExperts is that module with the parameters replaced by buffers that hold the
+checkpoint's packed tensors unchanged (formats/SPEC.md: a 3-D tensor's rows are its leading dims):
+
+- ``gate_up_proj_packed`` uint8 [E, 2I, row_bytes(H)], ``gate_up_proj_scale`` [E, 2I, ngroups]
+- ``down_proj_packed`` uint8 [E, H, row_bytes(I)], ``down_proj_scale`` [E, H, ngroups]
+
+(scales fp16/bf16 as stored). Each projection has its own format and group size. Only these stay
+resident: an expert's weights are decoded per call, for the experts the tokens were routed to.
+
+forward, per routed expert, on just the tokens routed to it:
+
+- CPU (and any input the CUDA path does not take): the expert's two weights are decoded into the
+  activation dtype by the torch codec (bitwise what ``exmyconv dequantize`` writes) and the same
+  operations as transformers' eager experts forward run in the same order, so the output equals the
+  plain model's (loaded with ``experts_implementation="eager"``) bit for bit.
+- CUDA (fp16/bf16 activations, formats the kernels handle): the routing is read on the host once
+  per call. Decoding (few pairs share an expert, ``PAIRWISE_REPEATS``): one fused GEMV of
+  ``exmyconv.cuda.gpu`` per (token, expert) pair and projection, reading the token's row and
+  writing its own output row, no sorting or gathering. Otherwise token-expert pairs are sorted by
+  expert and each routed expert's rows go through the fused GEMV when they are at most
+  ``gpu.MAX_BATCH`` (16), written straight into the rows of one output, else through
+  :class:`exmyconv.torch.packed.PackedLinear`'s CUDA path (a bit-exact dequantization into the
+  shared scratch buffer, then a matmul). The activation and the weighted sum run once over all
+  pairs.
+
+  The GEMV of all experts of a projection is one prepared launch per (rows, dtype) (:class:`_StackedGemv`):
+  it is made for expert 0's slice, and each call points its weight arguments at the routed expert's
+  payload and scales (all experts have the same shape and layout), so a routed expert costs one
+  driver launch and no per-expert preparation. This reads two arguments of ``gpu.GemvLaunch``
+  (payload, kernel scales: checked when a launch is made; if the kernel's arguments change, each
+  expert gets its own PackedLinear instead). The routing read on the host is a synchronisation per
+  layer, and the launches address experts from the host: a grouped GEMV that took the expert ids
+  from device memory would need neither (and could be captured in CUDA graphs).
+
+Under ``torch.compile`` the forward is not traced (a graph break through ``torch.compiler.disable``):
+the routing is read on the host, so the experts run eagerly between compiled parts.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import cuda
+from ..errors import ExmyError
+from ..format.exmy import ExMy, get_format
+from ..format.pack import row_bytes
+from ..format.quant import groups_of
+from .codec import SCALE_NAME, dequantize
+from .linear import gpu_view, pdl_ok
+from .packed import PackedLinear
+
+PROJECTIONS = ("gate_up_proj", "down_proj")
+
+
+class ExpertWeights:
+    """One projection's parameters: ``fmt``, K (``k``, the input width), N (``n``, rows per expert),
+    G (``group_size``) and the stored scale dtype."""
+
+    def __init__(self, fmt: ExMy | str, k: int, n: int, group_size: int | None, scale_dtype: torch.dtype):
+        self.fmt = get_format(fmt) if isinstance(fmt, str) else fmt
+        self.k, self.n = int(k), int(n)
+        self.group_size, self.ngroups = groups_of(self.k, group_size)
+        if scale_dtype not in SCALE_NAME:
+            raise ExmyError(f"scales are float16 or bfloat16, not {scale_dtype}")
+        self.scale_dtype = scale_dtype
+
+    def __repr__(self):
+        g = "" if self.group_size == self.k else f"-g{self.group_size}"
+        return f"{self.fmt.name}{g} [{self.n}, {self.k}] scales {SCALE_NAME[self.scale_dtype]}"
+
+
+class ExmyExperts(nn.Module):
+    """A MoE experts module whose expert weights stay packed (see the module docstring).
+
+    ``num_experts`` E, ``gate_up`` / ``down``: the :class:`ExpertWeights` of ``gate_up_proj`` (K = H,
+    N = 2I) and ``down_proj`` (K = I, N = H); ``act_fn`` the gate's activation (the experts module's
+    own). Set ``ExmyExperts.gpu_kernels = False`` (or ``EXMYCONV_GPU_KERNELS=0``) to run the CPU
+    path on CUDA as well.
+    """
+
+    gpu_kernels: bool = os.environ.get("EXMYCONV_GPU_KERNELS", "1") != "0"
+
+    def __init__(self, num_experts: int, gate_up: ExpertWeights, down: ExpertWeights, act_fn, device=None,
+                 dtype: torch.dtype | None = None):
+        super().__init__()
+        if gate_up.n != 2 * down.k or down.n != gate_up.k:
+            raise ExmyError(f"experts: gate_up_proj {gate_up} and down_proj {down} do not fit together")
+        self.num_experts = int(num_experts)
+        self.hidden_dim, self.intermediate_dim = gate_up.k, down.k
+        self.weights = {"gate_up_proj": gate_up, "down_proj": down}
+        self.act_fn = act_fn
+        self.weight_dtype = dtype or torch.get_default_dtype()  # what `dequantize_weight` gives by default
+        for name, w in self.weights.items():
+            self.register_buffer(name + "_packed", torch.empty(
+                (self.num_experts, w.n, row_bytes(w.fmt, w.k)), dtype=torch.uint8, device=device))
+            self.register_buffer(name + "_scale", torch.empty((self.num_experts, w.n, w.ngroups),
+                                                              dtype=w.scale_dtype, device=device))
+        self._specs: dict = {}  # (projection, expert) -> PackedLinear (more rows than a GEMV takes)
+        self._gemvs: dict = {}  # projection -> _StackedGemv (or None: the GEMV does not apply)
+
+    def extra_repr(self) -> str:
+        return (f"num_experts={self.num_experts}, gate_up_proj={self.weights['gate_up_proj']}, "
+                f"down_proj={self.weights['down_proj']}")
+
+    def dequantize_weight(self, name: str, expert: int | None = None, dtype: torch.dtype | None = None):
+        """Projection ``name``'s weight of one expert [N, K] (or of all, [E, N, K]) as ``dtype``, a new tensor."""
+        w = self.weights[name]
+        packed, scale = self._buffers[name + "_packed"], self._buffers[name + "_scale"]
+        if expert is not None:
+            packed, scale = packed[expert], scale[expert]
+        return dequantize(packed, scale, w.fmt, w.k, w.group_size, dtype or self.weight_dtype)
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                top_k_weights: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():  # a graph break: the routing is read on the host
+            return _untraced_forward(self, hidden_states, top_k_index, top_k_weights)
+        return self._forward(hidden_states, top_k_index, top_k_weights)
+
+    def _forward(self, hidden_states, top_k_index, top_k_weights):
+        if hidden_states.is_cuda and self.gpu_kernels and hidden_states.dtype in SCALE_NAME \
+                and self.gate_up_proj_packed.is_cuda:
+            return self._cuda_forward(hidden_states, top_k_index, top_k_weights)
+        return self._eager_forward(hidden_states, top_k_index, top_k_weights)
+
+    def _eager_forward(self, hidden_states, top_k_index, top_k_weights):
+        """transformers' eager experts forward, each routed expert's weights decoded for the call."""
+        final = torch.zeros_like(hidden_states)
+        with torch.no_grad():
+            expert_mask = F.one_hot(top_k_index, num_classes=self.num_experts + 1).permute(2, 1, 0)
+            expert_hit = torch.greater(expert_mask.sum(dim=(-1, -2)), 0).nonzero()
+        for expert in expert_hit[:, 0].tolist():
+            if expert == self.num_experts:  # (expert-parallel sentinel)
+                continue
+            top_k_pos, token_idx = torch.where(expert_mask[expert])
+            current = hidden_states[token_idx]
+            gate_up = self.dequantize_weight("gate_up_proj", expert, hidden_states.dtype)
+            gate, up = F.linear(current, gate_up).chunk(2, dim=-1)
+            del gate_up
+            current = self.act_fn(gate) * up
+            current = F.linear(current, self.dequantize_weight("down_proj", expert, hidden_states.dtype))
+            current = current * top_k_weights[token_idx, top_k_pos, None]
+            final.index_add_(0, token_idx, current.to(final.dtype))
+        return final
+
+    # -- CUDA ------------------------------------------------------------------------------------
+    def _cuda_forward(self, hidden_states, top_k_index, top_k_weights):
+        ids = top_k_index.tolist()  # the one host read of the routing
+        pairs = [e for row in ids for e in row]
+        if not pairs:
+            return torch.zeros_like(hidden_states)
+        if len(pairs) - len(set(pairs)) <= PAIRWISE_REPEATS:
+            y = self._pairwise_forward(hidden_states, ids, top_k_weights)
+            if y is not None:
+                return y
+        return self._grouped_forward(hidden_states, top_k_index, top_k_weights, pairs)
+
+    def _pairwise_forward(self, hidden_states, ids, top_k_weights):
+        """Decoding: one GEMV per (token, expert) pair, straight from the token's row (no sorting, no
+        gathering), into row t*k+j of the projection's output; None where the GEMV does not apply."""
+        gate_up, down = self._stacked_gemv("gate_up_proj"), self._stacked_gemv("down_proj")
+        dtype = hidden_states.dtype
+        if gate_up is None or down is None or not (gate_up.applies(1, dtype) and down.applies(1, dtype)):
+            return None
+        x = hidden_states.contiguous()
+        tokens, k = len(ids), len(ids[0]) if ids else 0
+        x_row = x.shape[1] * x.element_size()
+        if x.data_ptr() % 16 or x_row % 16 or self.intermediate_dim * x.element_size() % 16:
+            return None  # the GEMV reads x in 16-byte words
+        stream = torch.cuda.current_stream(x.device).cuda_stream
+        h2 = torch.empty((tokens * k, 2 * self.intermediate_dim), dtype=dtype, device=x.device)
+        out = torch.empty((tokens * k, self.hidden_dim), dtype=dtype, device=x.device)
+        h2_row = h2.shape[1] * h2.element_size()
+        skipped = []
+        for t, row in enumerate(ids):
+            for j, expert in enumerate(row):
+                if expert >= self.num_experts:  # (expert-parallel sentinel: no contribution)
+                    skipped.append(t * k + j)
+                    continue
+                gate_up(expert, 1, dtype, x.data_ptr() + t * x_row, h2.data_ptr() + (t * k + j) * h2_row, stream)
+        gate, up = h2.chunk(2, dim=-1)
+        h = self.act_fn(gate) * up
+        h_row = h.shape[1] * h.element_size()
+        for t, row in enumerate(ids):
+            for j, expert in enumerate(row):
+                if expert < self.num_experts:
+                    down(expert, 1, dtype, h.data_ptr() + (t * k + j) * h_row, out.data_ptr() + (t * k + j) * x_row,
+                         stream)
+        if skipped:
+            out[skipped] = 0
+        out = out.view(tokens, k, -1) * top_k_weights[..., None].to(dtype)
+        return out.sum(dim=1)
+
+    def _grouped_forward(self, hidden_states, top_k_index, top_k_weights, pairs: list):
+        """Pairs sorted by expert: each routed expert's rows in one GEMV (<= 16 rows) or one matmul."""
+        tokens, k = top_k_index.shape
+        expert_ids = top_k_index.reshape(-1)
+        sorted_ids, order = torch.sort(expert_ids, stable=True)
+        x = hidden_states[order // k]  # [pairs, H], grouped by expert
+        segments = _segments(sorted(pairs))  # which experts, how many rows each (the sort is stable)
+        gate_up = self._project("gate_up_proj", x, segments)
+        gate, up = gate_up.chunk(2, dim=-1)
+        h = self.act_fn(gate) * up
+        out = self._project("down_proj", h, segments)
+        out = out * top_k_weights.reshape(-1)[order, None].to(out.dtype)
+        pairs = torch.empty_like(out)
+        pairs[order] = out
+        return pairs.view(tokens, k, -1).sum(dim=1).to(hidden_states.dtype)
+
+    def _project(self, name: str, x: torch.Tensor, segments) -> torch.Tensor:
+        """y[rows of expert e] = x[those rows] @ W_e^T for each (e, start, end) of ``segments``."""
+        w = self.weights[name]
+        packed, scale = self._buffers[name + "_packed"], self._buffers[name + "_scale"]
+        x = x.contiguous()
+        y = torch.empty((x.shape[0], w.n), dtype=x.dtype, device=x.device)
+        stream = torch.cuda.current_stream(x.device).cuda_stream
+        gemv = self._stacked_gemv(name)
+        x_row, y_row = x.shape[1] * x.element_size(), w.n * y.element_size()
+        for expert, start, end in segments:
+            if expert >= self.num_experts:  # (expert-parallel sentinel: no contribution)
+                y[start:end].zero_()
+                continue
+            rows = end - start
+            if gemv is not None and (x.data_ptr() + start * x_row) % 16 == 0 and gemv.applies(rows, x.dtype):
+                gemv(expert, rows, x.dtype, x.data_ptr() + start * x_row, y.data_ptr() + start * y_row, stream)
+                continue
+            spec = self._specs.get((name, expert))
+            if spec is None:
+                spec = self._specs[(name, expert)] = PackedLinear(w.fmt, w.k, w.n, w.group_size)
+            state = spec._cuda_state(packed[expert], scale[expert])
+            xs = x[start:end]
+            if state is not None and state._gemv(rows, x.dtype):
+                xs = xs.clone()  # (a 16-byte aligned copy)
+                state._launch(rows, x.dtype)(xs.data_ptr(), y[start:end].data_ptr(), stream)
+            elif state is not None:
+                torch.mm(xs, state._dequantized(x.dtype).t(), out=y[start:end])
+            else:
+                y[start:end] = F.linear(xs, spec.dequantize(packed[expert], scale[expert], x.dtype))
+        return y
+
+    def _stacked_gemv(self, name: str) -> "_StackedGemv | None":
+        packed, scale = self._buffers[name + "_packed"], self._buffers[name + "_scale"]
+        key = (name, packed.data_ptr(), scale.data_ptr())
+        if key not in self._gemvs:
+            gpu = cuda.backend()
+            w = self.weights[name]
+            ok = gpu is not None and gpu.supports(w.fmt) and packed.is_cuda and packed.is_contiguous() \
+                and scale.is_contiguous()
+            self._gemvs[key] = _StackedGemv(gpu, w, packed, scale) if ok else None
+        return self._gemvs[key]
+
+    # -- dtype safety ------------------------------------------------------------------------------
+    def _apply(self, fn, recurse=True):
+        """``.to(device)`` moves the buffers; ``.to(dtype)`` must not round the stored scales (as ExmyLinear)."""
+        try:
+            probe = fn(torch.empty(0, dtype=self.weight_dtype))
+            if isinstance(probe, torch.Tensor) and probe.is_floating_point():
+                self.weight_dtype = probe.dtype
+        except Exception:
+            pass
+        kept = {}
+        for name in PROJECTIONS:
+            scale = self._buffers.get(name + "_scale")
+            if scale is not None and scale.is_floating_point():
+                kept[name + "_scale"] = scale.dtype
+                self._buffers[name + "_scale"] = scale.view(torch.int16)
+        try:
+            return super()._apply(fn, recurse)
+        finally:
+            for key, dt in kept.items():
+                self._buffers[key] = self._buffers[key].view(dt)
+            self._specs = {}
+            self._gemvs = {}
+
+
+class _StackedGemv:
+    """The fused GEMV of every expert of one projection: per (rows, dtype) one ``gpu.GemvLaunch``
+    prepared for expert 0's slice; a call moves its payload and scale arguments to the routed expert's.
+
+    The kernel's mode (how it applies the scales) is chosen for the scales of all experts (the
+    whole stack's ``fold_ok``), and its scale argument is the stack's kernel scales, so every expert
+    gets what its own launch would be given."""
+
+    PAYLOAD_ARG, SCALES_ARG = 0, 1  # positions in gpu.GemvLaunch's kernel arguments (checked)
+
+    def __init__(self, gpu, w: ExpertWeights, packed: torch.Tensor, scale: torch.Tensor):
+        e, n = packed.shape[:2]
+        self.gpu, self.w, self.device = gpu, w, packed.device
+        self.stack = gpu_view(gpu, packed.view(e * n, -1), scale.view(e * n, -1), w.fmt, w.k, w.group_size)
+        self.first = gpu_view(gpu, packed[0], scale[0], w.fmt, w.k, w.group_size)
+        self.first._cache["fold_ok"] = self.stack.fold_ok()
+        self.payload, self.payload_step = packed.data_ptr(), packed[0].numel()
+        self._keep = (packed, scale)
+        self.launches: dict = {}  # (rows, dtype) -> (GemvLaunch, scales address, scale bytes per expert) or None
+
+    def applies(self, rows: int, dtype: torch.dtype) -> bool:
+        key = (rows, dtype)
+        if key not in self.launches:
+            self.launches[key] = self._prepare(rows, dtype)
+        return self.launches[key] is not None
+
+    def _prepare(self, rows: int, dtype: torch.dtype):
+        if not self.gpu.gemv_applies(self.w.fmt, SCALE_NAME[dtype], rows):
+            return None
+        launch = self.gpu.GemvLaunch(self.first, SCALE_NAME[dtype], rows, overlap=pdl_ok(self.device))
+        mode = launch.kernel.mode
+        args = getattr(getattr(launch, "_launch", None), "_vals", None)
+        if args is None or args[self.PAYLOAD_ARG].value != self.first.payload.data.ptr \
+                or args[self.SCALES_ARG].value != self.first.kernel_scales(mode).data.ptr:
+            return None  # the kernel's arguments are not where this expects them: PackedLinear per expert
+        scales = self.stack.kernel_scales(mode)
+        return launch, scales.data.ptr, self.w.n * self.w.ngroups * scales.itemsize
+
+    def __call__(self, expert: int, rows: int, dtype: torch.dtype, x_ptr: int, y_ptr: int, stream: int) -> None:
+        launch, scales, scale_step = self.launches[(rows, dtype)]
+        launch._launch.set_pointer(self.PAYLOAD_ARG, self.payload + expert * self.payload_step)
+        launch._launch.set_pointer(self.SCALES_ARG, scales + expert * scale_step)
+        launch(x_ptr, y_ptr, stream)
+
+
+# The CUDA forward runs one GEMV per (token, expert) pair while at most this many pairs repeat an
+# expert (decoding: every pair is its own expert), else it groups the pairs by expert.
+PAIRWISE_REPEATS = 4
+
+
+@torch.compiler.disable
+def _untraced_forward(module: ExmyExperts, hidden_states, top_k_index, top_k_weights):
+    return module._forward(hidden_states, top_k_index, top_k_weights)
+
+
+def _segments(sorted_ids: list) -> list:
+    """[(expert, start, end)] runs of equal values in a sorted list."""
+    out, start = [], 0
+    for i in range(1, len(sorted_ids) + 1):
+        if i == len(sorted_ids) or sorted_ids[i] != sorted_ids[start]:
+            out.append((sorted_ids[start], start, i))
+            start = i
+    return out
