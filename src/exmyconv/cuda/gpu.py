@@ -634,7 +634,7 @@ class GemvLaunch:
     x's dtype. With ``overlap`` (compute capability >= 9.0) the launch uses programmatic dependent
     launch (exmyconv.cuda.launch), which is also valid inside CUDA-graph capture."""
 
-    X_ARG, Y_ARG = 2, 3  # positions of x and y among the kernel's arguments
+    PAYLOAD_ARG, SCALES_ARG, X_ARG, Y_ARG = 0, 1, 2, 3  # positions among the kernel's arguments
 
     def __init__(self, weight: GpuWeight, x_dtype: str, batch: int, overlap: bool = False):
         from .launch import Launch
@@ -644,6 +644,13 @@ class GemvLaunch:
         self._weight = weight  # keeps the payload and the kernel's scales alive
         self._launch = Launch(shape.fn, shape.grid, (GEMV_WARPS * 32,), shape.args(weight, 0, 0, batch),
                               shape.smem, pdl=overlap)
+
+    def move_weight(self, payload_ptr: int, scales_ptr: int) -> None:
+        """Point the launch at another weight of the same shape, format and kernel (e.g. another
+        expert of a stacked MoE projection): the address of its payload and of its kernel scales
+        (``GpuWeight.kernel_scales(self.kernel.mode)``'s layout). The caller keeps both alive."""
+        self._launch.set_pointer(self.PAYLOAD_ARG, payload_ptr)
+        self._launch.set_pointer(self.SCALES_ARG, scales_ptr)
 
     def __call__(self, x_ptr: int, y_ptr: int, stream_handle: int) -> None:
         if x_ptr % 16:

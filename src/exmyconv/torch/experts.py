@@ -288,8 +288,6 @@ class _StackedGemv:
     whole stack's ``fold_ok``), and its scale argument is the stack's kernel scales, so every expert
     gets what its own launch would be given."""
 
-    PAYLOAD_ARG, SCALES_ARG = 0, 1  # positions in gpu.GemvLaunch's kernel arguments (checked)
-
     def __init__(self, gpu, w: ExpertWeights, packed: torch.Tensor, scale: torch.Tensor):
         e, n = packed.shape[:2]
         self.gpu, self.w, self.device = gpu, w, packed.device
@@ -310,18 +308,12 @@ class _StackedGemv:
         if not self.gpu.gemv_applies(self.w.fmt, SCALE_NAME[dtype], rows):
             return None
         launch = self.gpu.GemvLaunch(self.first, SCALE_NAME[dtype], rows, overlap=pdl_ok(self.device))
-        mode = launch.kernel.mode
-        args = getattr(getattr(launch, "_launch", None), "_vals", None)
-        if args is None or args[self.PAYLOAD_ARG].value != self.first.payload.data.ptr \
-                or args[self.SCALES_ARG].value != self.first.kernel_scales(mode).data.ptr:
-            return None  # the kernel's arguments are not where this expects them: PackedLinear per expert
-        scales = self.stack.kernel_scales(mode)
+        scales = self.stack.kernel_scales(launch.kernel.mode)
         return launch, scales.data.ptr, self.w.n * self.w.ngroups * scales.itemsize
 
     def __call__(self, expert: int, rows: int, dtype: torch.dtype, x_ptr: int, y_ptr: int, stream: int) -> None:
         launch, scales, scale_step = self.launches[(rows, dtype)]
-        launch._launch.set_pointer(self.PAYLOAD_ARG, self.payload + expert * self.payload_step)
-        launch._launch.set_pointer(self.SCALES_ARG, scales + expert * scale_step)
+        launch.move_weight(self.payload + expert * self.payload_step, scales + expert * scale_step)
         launch(x_ptr, y_ptr, stream)
 
 
