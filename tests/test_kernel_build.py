@@ -142,11 +142,11 @@ def gemv_usage(log: str) -> dict[str, tuple[int, int]]:
 def spill_limit(fmt: ExMy, kernel: GemvKernel) -> int | None:
     """Bytes a GEMV instantiation may spill: none for the fp16-operand kernels of the named formats
     with one scale per row or aligned groups (fast paths); at most 32 for the 80-register b1r builds
-    gpu uses (fp16 operands, one scale per row); at most 128 for nt2w (two row tiles per warp: 5-bit
-    codes with a 1-bit plane spill there, and it still ran faster than nt2 on an H200,
-    docs/benchmarks.md); the others may spill a little."""
+    gpu uses (fp16 operands, one scale per row); at most 128 for nt2w where gpu takes it (codes of
+    <= 5 bits, gpu.gemv_wide: two row tiles per warp; 5-bit codes with a 1-bit plane spill there, and
+    it still ran faster than nt2 on an H200, docs/benchmarks.md); the others may spill a little."""
     if kernel.kind == "nt2w":
-        return 128 if fmt.name in NAMED and kernel.mode != 2 and kernel.groups != 2 else None
+        return 128 if fmt.name in NAMED and fmt.bits <= 5 and kernel.mode != 2 and kernel.groups != 2 else None
     if kernel.kind == "b1r" and kernel.blocks == 3:
         return 32 if kernel.mode != 2 and kernel.groups == 0 else None
     return 0 if fmt.name in NAMED and kernel.mode != 2 and kernel.groups != 2 else None
