@@ -25,6 +25,7 @@ import exmyconv  # noqa: E402
 from exmyconv.convert.dequantize import dequantize_checkpoint  # noqa: E402
 from exmyconv.io.checkpoint import Checkpoint  # noqa: E402
 from exmyconv.torch.experts import ExmyExperts, ExpertWeights  # noqa: E402
+from test_hf import _quiet_single_thread  # noqa: E402,F401 (autouse: quiet transformers, one torch thread)
 
 SMALL = dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
              vocab_size=256, max_position_embeddings=256)
@@ -39,18 +40,6 @@ ARCHS = {
     "mixtral": lambda: MixtralConfig(**SMALL, intermediate_size=128, num_local_experts=4, num_experts_per_tok=2),
 }
 CONVERSIONS = {"e2m2": {}, "e2m2s4-g64": {"format": "e2m2s4", "group_size": 64}}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _quiet_single_thread():
-    level, threads = transformers.logging.get_verbosity(), torch.get_num_threads()
-    transformers.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-    transformers.logging.set_verbosity(level)
-    transformers.utils.logging.enable_progress_bar()
 
 
 @pytest.fixture(scope="module", params=sorted(ARCHS))
