@@ -62,20 +62,23 @@ def test_dynamic_map_shape():
 
 
 def _nf4_brute_force(w):
-    """Nearest table entries by exhaustive search, in float64."""
-    flat = w.reshape(-1).astype(np.float64)
+    """Nearest table entries by exhaustive search. The values are scaled as bitsandbytes scales them
+    (float32, times the reciprocal of the block's absmax), so that near-ties fall the same way."""
+    flat = w.reshape(-1)
     blocks = -(-flat.size // 64)
     padded = np.pad(flat, (0, blocks * 64 - flat.size)).reshape(blocks, 64)
-    absmax = np.abs(padded).max(1).astype(np.float32).astype(np.float64)
-    offset = absmax.mean()
-    centered = absmax - np.float32(offset)
-    dmap = peers_quality.dynamic_map().astype(np.float64)
+    absmax = np.abs(padded).max(1)
+    offset = np.float32(absmax.astype(np.float64).mean())
+    centered = absmax - offset
+    dmap = peers_quality.dynamic_map()
     nested_blocks = -(-blocks // 256)
     nested = np.abs(np.pad(centered, (0, nested_blocks * 256 - blocks))).reshape(-1, 256).max(1)
     nested_each = np.repeat(nested, 256)[:blocks]
-    codes2 = np.abs((centered / nested_each)[:, None] - dmap[None]).argmin(1)
-    absmax_hat = dmap[codes2] * nested_each + np.float32(offset)
-    codes = np.abs((padded / absmax[:, None]).reshape(-1)[:flat.size, None] - NF4[None]).argmin(1)
+    scaled2 = np.clip(centered * (np.float32(1) / nested_each), -1, 1).astype(np.float64)
+    codes2 = np.abs(scaled2[:, None] - dmap[None].astype(np.float64)).argmin(1)
+    absmax_hat = dmap[codes2].astype(np.float64) * nested_each + offset
+    scaled = np.clip(padded * (np.float32(1) / absmax)[:, None], -1, 1).reshape(-1)[:flat.size].astype(np.float64)
+    codes = np.abs(scaled[:, None] - NF4[None].astype(np.float64)).argmin(1)
     return (NF4[codes] * np.repeat(absmax_hat, 64)[:flat.size]).reshape(w.shape)
 
 
@@ -85,9 +88,10 @@ def test_nf4_matches_brute_force(rng, shape):
     ours = peers_quality.nf4_fake_quantize(w)
     assert ours.shape == w.shape and ours.dtype == np.float32 and np.isfinite(ours).all()
     oracle = _nf4_brute_force(w)
-    np.testing.assert_allclose(ours, oracle, rtol=2e-6, atol=1e-12)
+    # ours dequantizes the absmax (code * nested + offset) in float32: within an ulp of the offset
+    np.testing.assert_allclose(ours, oracle, rtol=2e-6, atol=2e-7 * np.abs(w).max())
     err = np.linalg.norm(ours - w) / np.linalg.norm(w)
-    assert 0.02 < err < 0.15
+    assert 0.02 < err < 0.2
 
 
 def test_nf4_zero_and_constant_tensors():
@@ -114,14 +118,17 @@ def test_nf4_against_bitsandbytes(rng, shape):
     np.testing.assert_allclose(state.state2.code.numpy(), peers_quality.dynamic_map(), atol=1e-7)
     ours = peers_quality.nf4_fake_quantize(w)
     # bitsandbytes' C code rounds the 8-bit absmax codes of near-ties the other way now and then
-    # (a neighbouring code, measured: ~0.2 % of blocks): whole blocks scale by that ratio, nothing else differs
+    # (a neighbouring code, measured: ~0.2 % of blocks): such a block scales by one ratio, nothing else differs
     blocks = -(-w.size // 64)
     pad = blocks * 64 - w.size
     a = np.pad(ours.reshape(-1), (0, pad)).reshape(blocks, 64)
     b = np.pad(theirs.reshape(-1), (0, pad)).reshape(blocks, 64)
-    differ = ~np.all(np.isclose(a, b, rtol=1e-6, atol=0), axis=1)  # else float32 rounding order only
-    assert differ.mean() <= 0.02, differ.mean()
-    np.testing.assert_allclose(a[differ], b[differ], rtol=0.08)
+    differ = ~np.all(np.isclose(a, b, rtol=2e-6, atol=2e-7 * np.abs(w).max()), axis=1)  # else rounding order only
+    assert differ.sum() <= max(1, 0.02 * blocks), differ.mean()
+    for x, y in zip(a[differ], b[differ]):  # the same NF4 codes, another block scale
+        assert np.array_equal(x == 0, y == 0)
+        ratio = x[y != 0] / y[y != 0]
+        np.testing.assert_allclose(ratio, ratio[0], rtol=1e-5)
     # bits: what bitsandbytes serializes (its tensors, plus the offset it keeps in the JSON blob)
     stored = sum(t.numel() * t.element_size() * 8 for key, t in state.as_dict(packed=True).items()
                  if not key.startswith("quant_state."))
