@@ -10,11 +10,15 @@ variant is made and run on the same input.
   scratch folder and loaded from there with ``from_pretrained``, as ``exmyconv eval`` loads it.
 - An integer baseline (``int4-g128``: :mod:`exmyconv.bench.baselines`) replaces exactly the weights
   the converter quantizes by their round-to-nearest values, in a fresh copy of the source model.
+- A peer (``nf4-b64``, ``hqq4-g64``, ``gptq4-g128``: :mod:`exmyconv.bench.peers_quality`) replaces them
+  the same way by the weights the peer's checkpoint dequantizes to. The default list adds the peers
+  that run here (GPTQ only with a calibration text, which is its calibration set).
 
 bits/weight is over the quantized tensors, as stored: for ExMy payload, padding and scales (what the
-converter reports); for intB-gG, B bits plus an fp16 scale and zero point per group. ``bits_nominal``
-is what the same ExMy choices would take without the layout's padding of each row to a multiple of
-128 elements. A row is on the **frontier** when no other row has at most its bits and a better
+converter reports); for intB-gG, B bits plus an fp16 scale and zero point per group; for a peer,
+everything its checkpoint stores. ``bits_nominal`` is what the same ExMy choices would take without
+the layout's padding of each row to a multiple of 128 elements (for NF4: without its per-tensor code
+tables). A row is on the **frontier** when no other row has at most its bits and a better
 metric (KL divergence for causal LMs, cosine for encoders).
 """
 from __future__ import annotations
@@ -34,13 +38,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..convert.calibration import read_text_file
 from ..convert.pipeline import Options, convert, plan
 from ..convert.search import check_budget, parse_candidates
 from ..errors import ExmyError
 from ..format.exmy import get_format
 from ..format.layout import nominal_bits as layout_nominal_bits
 from ..io.source import open_source, resolve
-from . import baselines, quality
+from . import baselines, peers_quality, quality
 from .kernels import git_commit
 
 DEFAULT_VARIANTS = ("e2m1,e2m2s4,e2m2s4-g128,e2m1-g32,e2m2,e2m2-g128,e2m3s3,e3m2,e2m3,e4m3,"
@@ -58,18 +63,24 @@ class Variant:
     name: str
     options: dict | None = None  # pipeline Options fields (ExMy)
     scheme: baselines.IntScheme | None = None  # integer RTN baseline
+    peer: peers_quality.Peer | None = None
 
 
 def parse_variants(text: str | None, calibration: str | None = None) -> list[Variant]:
-    """'e2m2,e2m2s4-g128,auto-5,auto-5+cal,int4-g128' -> variants (default: DEFAULT_VARIANTS, plus
-    auto-5+cal when a calibration text is given)."""
+    """'e2m2,e2m2s4-g128,auto-5,auto-5+cal,int4-g128,nf4-b64' -> variants (default: DEFAULT_VARIANTS and
+    the peers that run here, plus auto-5+cal when a calibration text is given)."""
     names = [n.strip() for n in (text or DEFAULT_VARIANTS).split(",") if n.strip()]
-    if text is None and calibration:
-        names.append("auto-5+cal")
+    if text is None:
+        names += peers_quality.default_names(bool(calibration)) + (["auto-5+cal"] if calibration else [])
     out = []
     for name in names:
         auto = _AUTO.fullmatch(name)
-        if name.startswith("int"):
+        peer = peers_quality.parse(name)
+        if peer:
+            if peer.needs_calibration and not calibration:
+                raise ExmyError(f"{name} needs --calibration TEXT_FILE (its calibration set)")
+            out.append(Variant(name, peer=peer))
+        elif name.startswith("int"):
             try:
                 out.append(Variant(name, scheme=baselines.parse(name)))
             except ValueError as err:
@@ -84,7 +95,8 @@ def parse_variants(text: str | None, calibration: str | None = None) -> list[Var
             fmt, _, group = name.partition("-g")
             get_format(fmt)
             if group and not group.isdigit():
-                raise ExmyError(f"bad variant {name!r}: use FORMAT[-gGROUP], auto-BITS[+cal][-untied] or intB[-gG]")
+                raise ExmyError(f"bad variant {name!r}: use FORMAT[-gGROUP], auto-BITS[+cal][-untied], intB[-gG], "
+                                "nf4-b64, hqq4-gG or gptq4-gG")
             out.append(Variant(name, {"format": fmt, "group_size": int(group) if group else None}))
     if len({v.name for v in out}) != len(out):
         raise ExmyError("a variant is named twice")
@@ -176,25 +188,49 @@ def exmy_row(variant: Variant, root: Path, kind: str, shapes: dict, scratch: Pat
     return model, row
 
 
-def int_row(variant: Variant, root: Path, kind: str, shapes: dict):
-    """The source model with the quantized tensors replaced by their RTN values; (model, row fields)."""
+def replaced_row(variant: Variant, root: Path, kind: str, shapes: dict, calibration: tuple | None = None):
+    """The source model with the quantized tensors replaced by an integer baseline's or a peer's
+    dequantized values; (model, row fields). ``calibration``: (text file, tokens, seq_len) for GPTQ."""
     model = quality.load_model(root, kind, "cpu")
     state = model.state_dict()
     missing = sorted(set(shapes) - set(state))
     if missing:
         raise ExmyError(f"{variant.name}: the model has no parameter {missing[0]} (its names differ from the "
                         "checkpoint's)")
-    bits = count = 0
+    hessians = {}
+    if variant.peer and variant.peer.needs_calibration:
+        if not calibration or not calibration[0]:
+            raise ExmyError(f"{variant.name} needs a calibration text (--calibration TEXT_FILE)")
+        hessians = peers_quality.hessians(model, list(shapes), calibration_windows(root, *calibration))
+    bits = nominal = count = 0
     errors = []
     with torch.no_grad():
         for name, shape in shapes.items():
             weight = state[name].float().numpy()  # shares memory with the model when float32
-            rounded = variant.scheme.fake_quantize(weight.reshape(-1, shape[-1])).reshape(shape)
+            if variant.scheme:
+                rounded = variant.scheme.fake_quantize(weight.reshape(-1, shape[-1])).reshape(shape)
+                stored = stored_nominal = variant.scheme.storage_bits(shape)
+            else:
+                rounded, stored, stored_nominal = variant.peer.fake_quantize(name, weight, hessians.get(name))
+            if not np.isfinite(rounded).all():
+                raise ExmyError(f"{variant.name}: non-finite weights in {name}")
             errors.append(baselines.relative_error(weight, rounded))
-            state[name].copy_(torch.from_numpy(rounded))
-            bits += variant.scheme.storage_bits(shape)
+            state[name].copy_(torch.from_numpy(np.ascontiguousarray(rounded, np.float32)))
+            bits += stored
+            nominal += stored_nominal
             count += int(np.prod(shape))
-    return model, {"bits": bits / count, "bits_nominal": bits / count, "rel_weight_error": float(np.mean(errors))}
+    row = {"bits": bits / count, "bits_nominal": nominal / count, "rel_weight_error": float(np.mean(errors))}
+    if variant.peer:
+        row["implementation"] = variant.peer.implementation()
+    return model, row
+
+
+def calibration_windows(root: Path, text_file: str, tokens: int, seq_len: int) -> list[torch.Tensor]:
+    """The calibration text's first ``tokens`` tokens (no special tokens) in windows of seq_len, as the
+    converter's --calibration reads it."""
+    ids = quality.load_tokenizer(root)(read_text_file(text_file, "calibration text"),
+                                       add_special_tokens=False)["input_ids"][:tokens]
+    return [torch.tensor(ids[i:i + seq_len]) for i in range(0, len(ids), seq_len)]
 
 
 def mark_frontier(rows: list[dict], key: str, higher: bool) -> None:
@@ -205,7 +241,8 @@ def mark_frontier(rows: list[dict], key: str, higher: bool) -> None:
 
 
 def run(model: str, variants: list[Variant], text_file: str | None = None, tokens: int = DEFAULT_TOKENS,
-        seq_len: int = quality.DEFAULT_SEQ_LEN, calibration_tokens: int = 4096, log=print) -> dict:
+        seq_len: int = quality.DEFAULT_SEQ_LEN, calibration_tokens: int = 4096, calibration: str | None = None,
+        log=print) -> dict:
     """Measure every variant; the JSON-ready result."""
     began = time.perf_counter()
     if tokens < 1 or seq_len < 2:
@@ -234,13 +271,14 @@ def run(model: str, variants: list[Variant], text_file: str | None = None, token
     with tempfile.TemporaryDirectory(prefix="exmy-quality-") as scratch, quality.quiet_transformers():
         for variant in variants:
             started = time.perf_counter()
-            refused = refusal(variant, shapes)
+            refused = refusal(variant, shapes) or (variant.peer and variant.peer.unavailable())
             if refused:
                 result["rows"].append({"variant": variant.name, "refused": refused})
                 log(f"  {variant.name:<12} refused: {refused}")
                 continue
-            if variant.scheme:
-                variant_model, row = int_row(variant, root, kind, shapes)
+            if variant.scheme or variant.peer:
+                variant_model, row = replaced_row(variant, root, kind, shapes,
+                                                  (calibration, calibration_tokens, reference.seq_len))
             else:
                 variant_model, row = exmy_row(variant, root, kind, shapes, Path(scratch), calibration_tokens)
             row = {"variant": variant.name, **row, **reference.measure(variant_model),
@@ -276,6 +314,9 @@ def table(result: dict) -> str:
               for r in measured if "chosen" in r]
     if chosen:
         lines.append("auto chose: " + "; ".join(chosen))
+    peers = [f"{r['variant']}: {r['implementation']}" for r in measured if "implementation" in r]
+    if peers:
+        lines.append("peers (fake-quantized): " + "; ".join(peers))
     return "\n".join(lines)
 
 
@@ -293,9 +334,11 @@ def plot(result: dict, path: str) -> bool:
     for ax, (metric, label, _) in zip(axes[0], panels):
         # cosines crowd below 1: their distance from 1, like KL, spreads out on a log axis
         value = (lambda r: 1 - r[metric]) if metric == "cosine_mean" else (lambda r: r[metric])
-        for name, marker, pick in (("ExMy", "o", lambda r: not r["variant"].startswith(("auto", "int"))),
+        for name, marker, pick in (("ExMy", "o", lambda r: not r["variant"].startswith(("auto", "int"))
+                                    and "implementation" not in r),
                                    ("auto", "D", lambda r: r["variant"].startswith("auto")),
-                                   ("integer RTN", "s", lambda r: r["variant"].startswith("int"))):
+                                   ("integer RTN", "s", lambda r: r["variant"].startswith("int")),
+                                   ("peers", "^", lambda r: "implementation" in r)):
             sub = [r for r in rows if pick(r)]
             ax.scatter([r["bits"] for r in sub], [value(r) for r in sub], marker=marker, label=name)
             for r in sub:

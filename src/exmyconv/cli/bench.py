@@ -13,7 +13,8 @@ from ..format.exmy import NAMED
 @click.option("--formats", default=None,
               help=f"Comma-separated ExMy formats to benchmark [default: {','.join(NAMED)}; "
                    f"with --e2e: fp16 plus e2m2,e2m1,e4m3]; with --quality: variants FORMAT[-gG], auto-BITS[+cal][-untied], "
-                   f"intB[-gG] [default: 10 formats, auto-4.25, auto-5, int4-g128, int4-g32, int5-g128].")
+                   f"intB[-gG], peers nf4-b64, hqq4-gG, gptq4-gG (docs/quality.md) [default: 10 formats, auto-4.25, "
+                   f"auto-5, int4-g128, int4-g32, int5-g128 and the peers that run here].")
 @click.option("--shapes", default=None, metavar="KxN,...",
               help="Layer shapes as K inputs x N outputs (default: 4096x4096, 4096x14336, 14336x4096, "
                    "8192x28672, 28672x8192).")
@@ -51,7 +52,8 @@ from ..format.exmy import NAMED
               help="With --quality: text to measure on [default: the one `exmyconv eval` uses].")
 @click.option("--seq-len", type=int, default=512, show_default=True, help="With --quality: window length.")
 @click.option("--calibration", default=None, metavar="TEXT_FILE",
-              help="With --quality: calibration text for auto-B+cal variants (adds auto-5+cal to the default list).")
+              help="With --quality: calibration text for auto-B+cal and gptq4-gG variants (adds auto-5+cal and "
+                   "gptq4-g128 to the default list).")
 def bench(formats, shapes, checkpoint, max_shapes, batches, group_size, reps, dtype, no_dequant, peers, json_path, png_path,
           e2e, generate, layers, tokens, quality, text_file, seq_len, calibration):
     """Time GPU dequantization and the fused ExMy GEMV against torch fp16 F.linear (needs a CUDA GPU);
@@ -165,7 +167,7 @@ def _bench_quality(model, variants, tokens, text_file, seq_len, calibration, jso
 
     chosen = compare.parse_variants(variants, calibration)
     result = compare.run(model, chosen, text_file, compare.DEFAULT_TOKENS if tokens is None else tokens, seq_len,
-                         log=lambda msg: click.echo(msg, err=True))
+                         calibration=calibration, log=lambda msg: click.echo(msg, err=True))
     click.echo(compare.table(result))
     for path in compare.write(result, json_path, png_path):
         click.echo(f"wrote {path}")
