@@ -27,7 +27,8 @@ from exmyconv.errors import ExmyError  # noqa: E402
 from exmyconv.format.exmy import get_format  # noqa: E402
 from exmyconv.convert.pipeline import Options, convert  # noqa: E402
 from exmyconv.format.quant import quantize  # noqa: E402
-from exmyconv.convert.search import DEFAULT_CANDIDATES, allocate, fused_groups, measure, parse_candidates  # noqa: E402
+from exmyconv.convert.search import (DEFAULT_CANDIDATES, allocate, best_single, check_budget, fused_groups,  # noqa: E402
+                                     measure, parse_candidates)
 from exmyconv.io.source import example_dir  # noqa: E402
 
 from conftest import cli_call, make_checkpoint, read_safetensors, tree_snapshot  # noqa: E402
@@ -306,6 +307,66 @@ def test_allocate_refuses_nonpositive_or_nan_budget(budget):
         allocate(sizes, errs, budget)
 
 
+def test_allocate_never_worse_than_one_format_for_all(rng):
+    """Every tensor choosing among the same candidates: the allocation's total error is at most that of
+    the best single candidate within the budget (brute force over the candidates), also for budgets large
+    enough that the knapsack works on rounded sizes."""
+    for trial in range(200):
+        n, c = int(rng.integers(1, 40)), int(rng.integers(2, 6))
+        scale = 10.0 ** rng.uniform(0, 9)  # up to gigabytes: the programme's unit is then many bytes
+        per_weight = np.sort(rng.uniform(1, 9, c))
+        numel = rng.integers(1, 1000, n).astype(np.float64)
+        sizes = [np.ceil(per_weight * k * scale / 1000) for k in numel]
+        errs = [k * np.exp(-per_weight + rng.normal(0, 0.5, c)) for k in numel]  # noisy, not always convex
+        totals = [sum(float(s[j]) for s in sizes) for j in range(c)]
+        budget = float(totals[int(rng.integers(c))]) * (1 + (trial % 3 == 1) * rng.uniform(0, 0.1))
+        picks, _ = allocate(sizes, errs, budget)
+        assert sum(float(s[p]) for s, p in zip(sizes, picks)) <= budget
+        fits = [j for j in range(c) if totals[j] <= budget]
+        oracle = min(sum(float(e[j]) for e in errs) for j in fits)
+        got = sum(float(e[p]) for e, p in zip(errs, picks))
+        assert got <= oracle * (1 + 1e-12), (trial, got, oracle)
+        j = best_single(sizes, errs, budget)
+        assert j in fits and sum(float(e[j]) for e in errs) == oracle
+
+
+def test_best_single_none_when_nothing_fits():
+    sizes = [np.array([10.0, 20.0]), np.array([30.0, 5.0])]
+    errs = [np.array([1.0, 0.0]), np.array([0.0, 1.0])]
+    assert best_single(sizes, errs, 24.0) is None  # [10+30, 20+5]: neither single fits, the mix 10+5 does
+    assert best_single(sizes, errs, 25.0) == 1
+    picks, _ = allocate(sizes, errs, 24.0)
+    assert picks == [0, 1]
+
+
+# SmolLM2-135M's quantized linear shapes per layer (K = 576 pads to 640 in storage, 1536 does not pad).
+SMOLLM2_LAYER = [(576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576), (576, 1536)]
+
+
+@pytest.mark.parametrize("shapes", [SMOLLM2_LAYER, [(384, 384), (1536, 384), (384, 1536)], [(4096, 4096), (11008, 4096)],
+                                    [(100, 100), (7, 300)]])
+def test_default_candidates_span_every_budget(shapes, rng):
+    """Every budget from the cheapest default candidate to the richest has an allocation within it (sizes
+    from the SPEC oracle, padding included); below the cheapest, one line saying the cheapest bits. On
+    SmolLM2's shapes the range reaches below 4.25 bits (it began at 4.583: issue 20)."""
+    cands = parse_candidates(None)
+    numel = sum(math.prod(s) for s in shapes)
+    sizes = [np.array([float(spec_nbytes(c.name, s)) for c in cands]) for s in shapes]
+    assert all(np.array_equal(sz, [c.nbytes(s) for c in cands]) for sz, s in zip(sizes, shapes))
+    cheapest = sum(float(s.min()) for s in sizes) * 8 / numel
+    richest = sum(float(s.max()) for s in sizes) * 8 / numel
+    if shapes is SMOLLM2_LAYER:
+        assert cheapest < 4.25 and richest > 8
+    errs = [math.prod(sh) * np.exp(-np.array([c.fmt.bits_per_weight for c in cands]) + rng.uniform(0, 0.1, len(cands)))
+            for sh in shapes]
+    for bits in np.linspace(cheapest, richest, 41):
+        picks, _ = allocate(sizes, errs, bits * numel / 8)
+        assert sum(float(s[p]) for s, p in zip(sizes, picks)) * 8 / numel <= bits * (1 + 1e-12)
+    with pytest.raises(ExmyError) as info:
+        check_budget(sizes, (cheapest - 0.01) * numel / 8, numel)
+    assert f"is {cheapest:.3f}" in str(info.value) and len(str(info.value).splitlines()) == 1
+
+
 # --------------------------------------------------------------------------- measure
 
 MEASURE_CANDIDATES = ["e2m1-g32", "e2m2", "e2m2s4-g64", "e3m2-g100", "e4m3", "e2m3+clip", "e2m2s4-g128+clip",
@@ -365,6 +426,30 @@ def test_measure_importance_changes_the_ranking(rng):
     # shared bit chosen with the importance: never worse (weighted) than the importance-blind choice
     blind = rel_mse(x, quantize(x, cands[2].fmt).dequantize(), importance)
     assert weighted[2] <= blind * (1 + 1e-6)
+
+
+def test_measure_output_error_with_second_moments(rng):
+    """A [K, K] importance H = E[x xᵀ] gives the relative squared output error on those inputs:
+    ‖(W − Ŵ)Xᵀ‖² / ‖W Xᵀ‖², computed here from the samples X themselves; a diagonal H equals the
+    per-channel weighting."""
+    rows, k, n = 48, 40, 300
+    w = rng.standard_normal((rows, k)).astype(np.float32) * np.float32(rng.uniform(1e-3, 10))
+    mix = rng.standard_normal((k, k)) * 0.5 + np.eye(k) * rng.uniform(0.5, 4, k)  # correlated channels
+    x = rng.standard_normal((n, k)) @ mix
+    h = (x.T @ x / n).astype(np.float32)
+    cands = parse_candidates("e2m1-g32,e2m2,e3m2-g16,e2m3s3")
+    got = measure(chunked(w, [17]), cands, h)
+    assert np.all(np.isfinite(got))
+    for c, value in zip(cands, got):
+        if c.fmt.share == 1:  # rounding blind to the importance: the oracle quantizes on its own
+            d = quantize(w, c.fmt, c.group_size).dequantize().astype(np.float64) - w
+            want = np.square(d @ x.T).sum() / np.square(w.astype(np.float64) @ x.T).sum()
+            assert value == pytest.approx(want, rel=1e-4), c.name
+    diag = rng.uniform(0.1, 5, k).astype(np.float32)
+    # (the per-channel path squares in float32, the full one in float64)
+    assert np.allclose(measure(chunked(w, [5]), cands, np.diag(diag)), measure(chunked(w, [5]), cands, diag),
+                       rtol=1e-6, atol=0)
+    assert not np.allclose(got, measure(chunked(w, [17]), cands, np.diagonal(h).copy()), rtol=1e-3)
 
 
 # --------------------------------------------------------------------------- MiniLM end to end
@@ -856,3 +941,34 @@ def test_calibration_names_the_weights_it_cannot_match(headless_llama, prose_fil
     code, stdout, err = run_cli("quantize", headless_llama, out, "--format", "auto", "--bits", "6",
                                 "--quantize-embeddings", "--calibration", prose_file, "--no-verify")
     assert_clean_failure(code, stdout, err, tmp_path, out, "embed_tokens", "calibration")
+
+
+def test_match_across_prefixes():
+    """Statistics reach checkpoint names that differ in their leading parts, never a wrong layer."""
+    from exmyconv.convert.calibration import match
+
+    moments = {f"layers.{i}.mlp.up_proj.weight": i for i in (1, 11, 21)} | {"layers.1.attn.out.weight": 7}
+    names = ["model.layers.1.mlp.up_proj.weight", "model.language_model.layers.11.mlp.up_proj.weight",
+             "layers.21.mlp.up_proj.weight", "model.layers.1.attn.out.weight"]
+    assert match(moments, names) == dict(zip(names, [1, 11, 21, 7]))
+    assert match({"bert.encoder.layer.0.output.dense.weight": 3}, ["encoder.layer.0.output.dense.weight"]) == {
+        "encoder.layer.0.output.dense.weight": 3}
+
+
+@pytest.mark.parametrize("names, moments, words", [
+    (["model.layers.2.mlp.up_proj.weight"], {"layers.1.mlp.up_proj.weight": 0}, ["1 of 1", "layers.2.mlp.up_proj",
+                                                                                 "named like layers.1.mlp.up_proj"]),
+    # two layers' statistics end the same way: ambiguous, so neither
+    (["x.layers.0.fc.weight"], {"enc.layers.0.fc.weight": 0, "dec.layers.0.fc.weight": 1}, ["x.layers.0.fc.weight"]),
+    # only the module name in common: not the same layer
+    (["model.layers.3.fc.weight"], {"blocks.3.fc.weight": 0}, ["model.layers.3.fc.weight"]),
+    (["lm_head.weight", "model.embed_tokens.weight"], {"layers.0.fc.weight": 0},
+     ["2 of 2", "no lm_head", "architectures", "token ids"]),
+])
+def test_match_fails_naming_what_it_missed(names, moments, words):
+    from exmyconv.convert.calibration import match
+
+    with pytest.raises(ExmyError) as info:
+        match(moments, names)
+    message = str(info.value)
+    assert len(message.splitlines()) == 1 and all(w in message for w in words), message

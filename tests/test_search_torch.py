@@ -14,7 +14,9 @@ def test_measure_matches_reference(rng):
     def chunks():
         yield from (x[:128], x[128:])
 
-    for imp in (None, importance):
+    mix = rng.standard_normal((x.shape[1], x.shape[1])) * 0.1 + np.eye(x.shape[1])
+    second_moments = (mix @ mix.T).astype(np.float32)  # a [K, K] importance: output error
+    for imp in (None, importance, second_moments):
         want = search.measure(chunks, cands, imp)
         got = search_torch.measure(chunks, cands, imp)
         assert np.all(np.isfinite(got)) and np.allclose(got, want, rtol=1e-5, atol=0)

@@ -52,6 +52,25 @@ def read_text_file(path: str, what: str) -> str:
 
 def activation_moments(root: Path, text_file: str, max_tokens: int = 4096, device: str | None = None) -> dict:
     """{weight tensor name: float32 [K] mean of x_j^2 over calibration tokens}."""
+    out = {}
+    for name, mean in _input_statistics(root, text_file, max_tokens, device, full=False).items():
+        out[name] = mean + np.float32(1e-6) * max(float(mean.mean()), 1e-30)  # no zero weights
+    return out
+
+
+def activation_covariances(root: Path, text_file: str, max_tokens: int = 4096, device: str | None = None) -> dict:
+    """{weight tensor name: float32 [K, K] second moments E[x xᵀ] of its inputs over calibration tokens}:
+    with them the search's error is each layer's squared output error on the calibration text
+    (search.measure). The diagonal gets the same small floor as activation_moments."""
+    out = {}
+    for name, h in _input_statistics(root, text_file, max_tokens, device, full=True).items():
+        h[np.diag_indices_from(h)] += np.float32(1e-6) * max(float(np.diagonal(h).mean()), 1e-30)
+        out[name] = h
+    return out
+
+
+def _input_statistics(root: Path, text_file: str, max_tokens: int, device: str | None, full: bool) -> dict:
+    """Run the model on the text; per nn.Linear weight name, the mean of x xᵀ (``full``) or of x² over tokens."""
     import torch
 
     text = read_text_file(text_file, "calibration text")
@@ -71,8 +90,9 @@ def activation_moments(root: Path, text_file: str, max_tokens: int = 4096, devic
 
     def hook(name):
         def record(module, args):
-            x = args[0].detach().float().reshape(-1, args[0].shape[-1])
-            sums[name] = sums.get(name, 0) + x.square().sum(0)
+            x = args[0].detach().reshape(-1, args[0].shape[-1])
+            stat = x.double().T @ x.double() if full else x.float().square().sum(0)
+            sums[name] = sums.get(name, 0) + stat
             counts[name] = counts.get(name, 0) + x.shape[0]
         return record
 
@@ -85,33 +105,58 @@ def activation_moments(root: Path, text_file: str, max_tokens: int = 4096, devic
     finally:
         for h in handles:
             h.remove()
-    out = {}
-    for name, total in sums.items():
-        mean = (total / counts[name]).cpu().numpy().astype(np.float32)
-        out[f"{name}.weight"] = mean + np.float32(1e-6) * max(float(mean.mean()), 1e-30)  # no zero weights
-    return out
+    return {f"{name}.weight": (total / counts[name]).cpu().numpy().astype(np.float32) for name, total in sums.items()}
 
 
 def match(moments: dict, names: list[str]) -> dict:
     """{checkpoint weight name: its moments} for every name in ``names``, or ExmyError naming those missed.
 
-    The calibration model's layer names can differ from the checkpoint's by a leading prefix: a
+    The calibration model's layer names can differ from the checkpoint's in their leading parts: a
     config without ``architectures`` loads the base model (``layers.0...``) for a checkpoint that
-    stores ``model.layers.0...``, and the other way round. A name matches exactly, else the one
-    moments key that equals it up to such a prefix.
+    stores ``model.layers.0...``, a base-model prefix (``bert.``) may be there or not, a wrapper may
+    rename it (``model.language_model.layers.0...`` against ``model.layers.0...``). A name matches
+    exactly, else the one key sharing its longest dotted ending, when that ending holds the whole name
+    from the part before its first number on (``layers.0``; without a number, all but the first part).
     """
+    keys = [key.split(".") for key in moments]
     out, missed = {}, []
     for name in names:
         if name in moments:
             out[name] = moments[name]
             continue
-        near = [key for key in moments if name.endswith("." + key) or key.endswith("." + name)]
-        if len(near) == 1:
-            out[name] = moments[near[0]]
+        parts = name.split(".")
+        shared = [_common_ending(parts, key) for key in keys]
+        best = max(shared, default=0)
+        first_number = next((i for i, p in enumerate(parts) if p.isdigit()), None)
+        start = 1 if first_number is None else max(first_number - 1, 0)
+        if best >= max(len(parts) - start, 2) and shared.count(best) == 1:
+            out[name] = moments[".".join(keys[shared.index(best)])]
         else:
             missed.append(name)
     if missed:
         raise ExmyError(f"--calibration: no activation statistics for {len(missed)} of {len(names)} quantized weights "
-                        f"(e.g. {', '.join(missed[:3])}): the calibration model has no nn.Linear of that name; "
+                        f"({', '.join(missed[:3])}{', ...' if len(missed) > 3 else ''}): {_why(missed, moments)}; "
                         "keep them unquantized with --skip, or convert without --calibration")
     return out
+
+
+def _common_ending(a: list[str], b: list[str]) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[-1 - n] == b[-1 - n]:
+        n += 1
+    return n
+
+
+def _why(missed: list[str], moments: dict) -> str:
+    """Why those weights have no statistics, one reason per kind of weight missed."""
+    reasons = []
+    if any("embed" in name for name in missed):
+        reasons.append("an embedding's input is token ids, not activations an nn.Linear sees")
+    if any(name.endswith("lm_head.weight") for name in missed) and not any("lm_head" in k for k in moments):
+        reasons.append("the calibration model has no lm_head (transformers loaded a base model: config.json's "
+                       "architectures is missing or names no class it knows)")
+    if any("embed" not in name and not name.endswith("lm_head.weight") for name in missed) or not reasons:
+        example = next(iter(moments), None)
+        reasons.append("the calibration model has no nn.Linear of that name" +
+                       (f" (its linear layers are named like {example})" if example else " (it has no nn.Linear)"))
+    return "; ".join(reasons)

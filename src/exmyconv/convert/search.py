@@ -2,12 +2,12 @@
 
 Each tensor is quantized (in memory, chunk by chunk) with every candidate; its size in bytes is
 exact (payload + scales, padding included) and its error is the relative weight MSE
-‖W−Ŵ‖²/‖W‖² — weighted per input channel by activation second moments when calibration data
-is given. The model objective is Σ_t n_t · err_t (n_t: weights of tensor t), minimised subject to
+‖W−Ŵ‖²/‖W‖² — or, with calibration data, weighted by the inputs' second moments (see measure). The model objective is Σ_t n_t · err_t (n_t: weights of tensor t), minimised subject to
 Σ_t 8·bytes_t ≤ B · Σ_t n_t by Lagrangian relaxation: for a multiplier λ every tensor takes the
 candidate minimising n_t·err_t + λ·bytes_t (a point of its lower convex hull), λ bisected to the
 budget — and by a dynamic programme on sizes rounded up to 1/100000 of the budget, which also
-finds solutions off the hull; the better wins, and leftover bytes go to the best upgrades.
+finds solutions off the hull; the better wins, and leftover bytes go to the best upgrades. A single
+candidate for every tensor that fits and has less total error replaces the mix (best_single).
 """
 from __future__ import annotations
 
@@ -21,8 +21,11 @@ from ..format.exmy import ExMy, get_format
 from ..format.pack import row_bytes
 from ..format.quant import choose_scale_dtype, group_amax, groups_of, quantize_rows, dequantize_codes
 
-DEFAULT_CANDIDATES = ("e2m1-g32", "e2m1-g64", "e2m2s4-g128", "e2m2s4", "e2m2-g128", "e2m2", "e2m2-g64",
-                      "e2m3s3", "e3m2", "e2m3", "e2m3-g64", "e4m3")
+# From 3.25 bits per weight (e2m1s4, before padding and scales) to 8 (e4m3), with group variants
+# between, so that any budget from the cheapest to the richest has a solution.
+DEFAULT_CANDIDATES = ("e2m1s4", "e2m1", "e2m1-g128", "e2m1-g64", "e2m1-g32", "e2m2s4", "e2m2s4-g128",
+                      "e2m2s4-g64", "e2m2", "e2m2-g128", "e2m2-g64", "e2m3s3", "e2m3s3-g128", "e3m2", "e2m3",
+                      "e2m3-g64", "e4m3")
 _CANDIDATE = re.compile(r"(e\dm\d(?:s\d)?)(?:-g(\d+))?(\+clip)?")
 
 
@@ -80,9 +83,12 @@ def fused_groups(names: list[str], shapes: list[tuple[int, ...]]) -> list[list[i
 
 
 def measure(chunks, candidates: list[Candidate], importance: np.ndarray | None = None) -> np.ndarray:
-    """Relative (importance-weighted) MSE of each candidate over a tensor given as float32 row chunks.
+    """Relative (importance-weighted) squared error of each candidate over a tensor given as float32 row chunks.
 
     ``chunks``: a callable returning an iterator of float32 [R, K] blocks (called twice).
+    ``importance``: None (plain weight MSE), [K] per-channel weights E[x_j²] (Σ_j E[x_j²]·‖ΔW[:, j]‖²),
+    or [K, K] second moments H = E[x xᵀ] (Σ_rows ΔW H ΔWᵀ: the squared output error on the calibration
+    inputs); the rounding itself (clipping search) sees the diagonal.
     """
     amax_all = {}
     for c in candidates:  # scale dtype is a per-tensor choice: needs every group's absmax first
@@ -94,17 +100,27 @@ def measure(chunks, candidates: list[Candidate], importance: np.ndarray | None =
                 parts.append(group_amax(x, g, n))
             amax_all[key] = np.concatenate(parts)
     dtypes_ = {c: choose_scale_dtype(amax_all[c.group_size], c.fmt) for c in candidates}
+    full = importance is not None and importance.ndim == 2
+    diag = np.diagonal(importance) if full else importance
     err = np.zeros(len(candidates))
     ref = 0.0
     for x in chunks():
-        w = np.ones(x.shape[1], np.float32) if importance is None else importance.astype(np.float32)
-        ref += float(np.dot(np.square(x).sum(axis=0, dtype=np.float64), w))
+        ref += _weighted_square(x, importance)
         for i, c in enumerate(candidates):
             g, _ = groups_of(x.shape[1], c.group_size)
-            codes, s = quantize_rows(x, c.fmt, g, dtypes_[c], c.clip, importance)
-            d = dequantize_codes(codes, s, c.fmt, g) - x
-            err[i] += float(np.dot(np.square(d).sum(axis=0, dtype=np.float64), w))
+            codes, s = quantize_rows(x, c.fmt, g, dtypes_[c], c.clip, diag)
+            err[i] += _weighted_square(dequantize_codes(codes, s, c.fmt, g) - x, importance)
     return err / ref if ref > 0 else np.zeros(len(candidates))
+
+
+def _weighted_square(d: np.ndarray, importance: np.ndarray | None) -> float:
+    """Σ over rows of d·diag(w)·dᵀ ([K] importance, or none: w = 1) or d·H·dᵀ ([K, K] importance), in float64."""
+    if importance is None:
+        return float(np.square(d).sum(dtype=np.float64))
+    if importance.ndim == 1:
+        return float(np.dot(np.square(d).sum(axis=0, dtype=np.float64), importance.astype(np.float64)))
+    d = d.astype(np.float64)
+    return float(np.einsum("rk,rk->", d @ importance.astype(np.float64), d))
 
 
 def measure_backend():
@@ -154,7 +170,7 @@ def allocate(sizes: list[np.ndarray], errors: list[np.ndarray], budget_bytes: fl
         return picks, sum(float(s[p]) for s, p in zip(sizes, picks))
 
     picks, used = total(0.0)
-    if used <= budget_bytes:
+    if used <= budget_bytes:  # every tensor's least error: no mix or single format does better
         return picks, 0.0
     lo, hi = 0.0, 1.0
     while total(hi)[1] > budget_bytes:
@@ -170,7 +186,22 @@ def allocate(sizes: list[np.ndarray], errors: list[np.ndarray], budget_bytes: fl
     if dp is not None:
         candidates.append(dp)
     picks = min(candidates, key=lambda p: sum(float(e[q]) for e, q in zip(errors, p)))
-    return _fill_slack(sizes, errors, list(picks), budget_bytes), hi
+    picks = _fill_slack(sizes, errors, list(picks), budget_bytes)
+    single = best_single(sizes, errors, budget_bytes)
+    if single is not None and _total(errors, [single] * len(sizes)) < _total(errors, picks):
+        picks = [single] * len(sizes)
+    return picks, hi
+
+
+def _total(errors, picks) -> float:
+    return sum(float(e[p]) for e, p in zip(errors, picks))
+
+
+def best_single(sizes: list[np.ndarray], errors: list[np.ndarray], budget_bytes: float) -> int | None:
+    """The one candidate for every tensor with the least total error within the budget (None: none fits).
+    allocate never returns a mix worse than it."""
+    fits = [c for c in range(len(sizes[0])) if sum(float(s[c]) for s in sizes) <= budget_bytes]
+    return min(fits, key=lambda c: _total(errors, [c] * len(sizes))) if fits else None
 
 
 DP_STEPS = 100000

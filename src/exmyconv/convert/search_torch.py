@@ -20,6 +20,10 @@ def device() -> torch.device:
 def measure(chunks, candidates, importance: np.ndarray | None = None) -> np.ndarray:
     """search.measure on torch (``device()``); same contract."""
     dev = device()
+    full = None if importance is None or importance.ndim == 1 else torch.as_tensor(importance, dtype=torch.float64,
+                                                                                   device=dev)
+    if full is not None:  # the rounding sees the diagonal; the error is the output error under H
+        importance = np.diagonal(importance).copy()
     imp = None if importance is None else torch.as_tensor(importance, dtype=torch.float64, device=dev)
     blocks = [torch.as_tensor(x, device=dev) for x in chunks()]
     amax = {}
@@ -45,13 +49,20 @@ def measure(chunks, candidates, importance: np.ndarray | None = None) -> np.ndar
                     else:
                         better = e < best_err
                         best, best_err = torch.where(better, s, best), torch.where(better, e, best_err)
-            per_channel = (reconstruct(x, c.fmt, g, best, imp) - x).double().square().sum(0)
-            err[i] += per_channel @ (imp if imp is not None else torch.ones_like(per_channel))
+            err[i] += _weighted_square(reconstruct(x, c.fmt, g, best, imp) - x, imp, full)
     for x in blocks:
-        sq = x.double().square().sum(0)
-        ref += sq @ (imp if imp is not None else torch.ones_like(sq))
+        ref += _weighted_square(x, imp, full)
     ref = float(ref)
     return (err / ref).cpu().numpy() if ref > 0 else np.zeros(len(candidates))
+
+
+def _weighted_square(d, imp, full):
+    """search._weighted_square in torch: d·H·dᵀ summed over rows with ``full`` H, else per-channel weights."""
+    d = d.double()
+    if full is not None:
+        return ((d @ full) * d).sum()
+    per_channel = d.square().sum(0)
+    return per_channel @ imp if imp is not None else per_channel.sum()
 
 
 def _group_errors(x, fmt, g, s, imp):
