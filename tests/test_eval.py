@@ -227,13 +227,13 @@ def test_bench_quality(run_cli, llama, tmp_path):
     source, _ = llama
     out_json, out_png = tmp_path / "q.json", tmp_path / "q.png"
     code, out, err = run_cli("bench", "--quality", "--checkpoint", source, "--formats",
-                             "e2m2,e2m1-g32,auto-4,auto-4.5,int4-g32", "--tokens", 200, "--seq-len", SEQ_LEN,
+                             "e2m2,e2m1-g32,auto-3,auto-4.5,int4-g32", "--tokens", 200, "--seq-len", SEQ_LEN,
                              "--json", out_json, "--png", out_png)
     assert code == 0, err
     result = json.loads(out_json.read_text())
     rows = {r["variant"]: r for r in result["rows"]}
-    assert list(rows) == ["e2m2", "e2m1-g32", "auto-4", "auto-4.5", "int4-g32"]
-    assert "bits budget too small" in rows["auto-4"]["refused"]  # the cheapest candidate, e2m1-g64, is 4.25
+    assert list(rows) == ["e2m2", "e2m1-g32", "auto-3", "auto-4.5", "int4-g32"]
+    assert "bits budget too small" in rows["auto-3"]["refused"]  # the cheapest, e2m1s4, stores 4.0 here
     # K = 128, 256: no row padding, so stored = nominal; e2m2 per channel: 5 bits + 16 per row
     assert rows["int4-g32"]["bits"] == 5.0 and rows["e2m1-g32"]["bits"] == rows["e2m1-g32"]["bits_nominal"] == 4.5
     assert rows["e2m2"]["bits"] == pytest.approx(rows["e2m2"]["bits_nominal"]) and 5 < rows["e2m2"]["bits"] < 5.2

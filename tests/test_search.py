@@ -669,6 +669,16 @@ def test_sidecar_structure(auto5):
         assert rows[name]["rel_error"] == pytest.approx(math.sqrt(chosen[0]["rel_mse"]), rel=1e-5)
     assert report["achieved_bits"] == pytest.approx(bits / n_total, rel=1e-12) and report["achieved_bits"] <= 5
     assert report["mean_rel_mse"] == pytest.approx(err / n_total, rel=1e-12)
+    single = report["best_single"]  # the best one-format-for-all within the budget: never better than the mix
+    per_single = {c: [o for t in report["tensors"].values() for o in t["options"] if o["candidate"] == c]
+                  for c in report["candidates"]}
+    fits = {c: sum(o["bits"] * t["numel"] for o, t in zip(per_single[c], report["tensors"].values())) / n_total
+            for c in report["candidates"]}
+    fits = {c: b for c, b in fits.items() if b <= 5}
+    want = min(fits, key=lambda c: sum(o["rel_mse"] * t["numel"] for o, t in zip(per_single[c], report["tensors"].values())))
+    assert single["candidate"] == want and single["bits"] == pytest.approx(fits[want], rel=1e-12)
+    assert single["mean_rel_mse"] >= report["mean_rel_mse"] * (1 - 1e-12)
+    assert single["chosen"] == all(t["choice"] == want for t in report["tensors"].values())
     curve = report["tradeoff"]
     assert len(curve) >= 5
     b = [p["bits"] for p in curve]
@@ -813,9 +823,9 @@ def test_calibration_run(minilm_dir, prose_file, auto5, tmp_path):
     code, stdout, err = cli_call("quantize", "@minilm", out, "--format", "auto", "--bits", "5", "--candidates",
                                  ",".join(cands), "--calibration", prose_file, "--no-verify")
     assert code == 0, err
-    assert "activation-weighted" in stdout
+    assert "output error" in stdout
     report = json.loads((out / "exmy_search.json").read_text())
-    assert report["objective"] == "activation-weighted relative MSE"
+    assert report["objective"] == "relative layer output error on the calibration text"
     assert report["calibration"] == prose_file.name
     assert report["candidates"] == cands
     assert report["achieved_bits"] <= 5.0

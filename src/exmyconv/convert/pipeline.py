@@ -238,12 +238,15 @@ def float_chunks(item: Item):
 
 
 def calibrate(source: Source, items: list[Item], opts: Options) -> None:
-    """--calibration: each quantized item's importance per input channel, from the model run on the text."""
+    """--calibration: each quantized item's importance, from the model run on the text: for --format auto
+    its inputs' second moments [K, K] (the search's error is the layer's output error; choose_formats
+    keeps only their diagonal for the rounding), else their mean squares per input channel [K]."""
     if not opts.calibration:
         return
-    from .calibration import activation_moments, match
+    from .calibration import activation_covariances, activation_moments, match
 
-    moments = activation_moments(source.root, opts.calibration, opts.calibration_tokens)
+    statistics = activation_covariances if opts.auto else activation_moments
+    moments = statistics(source.root, opts.calibration, opts.calibration_tokens)
     matched = match(moments, [item.info.name for item in items if item.record])
     for item in items:
         if item.record:
@@ -270,6 +273,9 @@ def choose_formats(items: list[Item], opts: Options, progress, journal: "resumes
             journal.add_curve(item.info.name, errors, measured_on)
         curves[item.info.name] = (errors, measured_on)
     errs = [curves[i.info.name][0] for i in todo]
+    for item in todo:  # the rounding weighs input channels by E[x_j²]: the diagonal (calibration.py)
+        if item.importance is not None and item.importance.ndim == 2:
+            item.importance = np.diagonal(item.importance).copy()
     where = ", ".join(sorted({curves[i.info.name][1] for i in todo})) or search.measure_backend()[1]
     weighted = [n * e for n, e in zip(numels, errs)]
     # The allocation runs over groups: a tied group (q/k/v, gate/up) is one choice, its size and error the sums.
@@ -289,7 +295,8 @@ def choose_formats(items: list[Item], opts: Options, progress, journal: "resumes
     for g, p in zip(groups, gpicks):
         for j in g:
             picks[j] = p
-    report = {"objective": "activation-weighted relative MSE" if opts.calibration else "relative weight MSE",
+    report = {"objective": "relative layer output error on the calibration text" if opts.calibration
+              else "relative weight MSE",
               "calibration": opts.calibration and Path(opts.calibration).name,
               "budget_bits": opts.bits, "max_error": opts.max_error, "lambda": lam,
               "measured_on": where,
@@ -309,6 +316,11 @@ def choose_formats(items: list[Item], opts: Options, progress, journal: "resumes
     total = sum(numels)
     report["achieved_bits"] = 8 * sum(float(s[p]) for s, p in zip(sizes, picks)) / total
     report["mean_rel_mse"] = sum(float(w[p]) for w, p in zip(weighted, picks)) / total
+    if opts.bits is not None:  # the allocation is never worse than this; when it is this, it says so
+        single = search.best_single(gsizes, gweighted, opts.bits * total / 8)
+        report["best_single"] = None if single is None else {
+            "candidate": cands[single].name, "bits": 8 * sum(float(s[single]) for s in sizes) / total,
+            "mean_rel_mse": sum(float(w[single]) for w in weighted) / total, "chosen": gpicks == [single] * len(groups)}
     report["tradeoff"] = search.tradeoff(gsizes, gweighted, [sum(numels[j] for j in g) for g in groups])
     return report
 

@@ -1,8 +1,9 @@
 """`--format auto`: choose a format per tensor under a bits budget.
 
 Each tensor is quantized (in memory, chunk by chunk) with every candidate; its size in bytes is
-exact (payload + scales, padding included) and its error is the relative weight MSE
-‖W−Ŵ‖²/‖W‖² — or, with calibration data, weighted by the inputs' second moments (see measure). The model objective is Σ_t n_t · err_t (n_t: weights of tensor t), minimised subject to
+exact (payload + scales, padding included) and its error is the relative weight MSE ‖W−Ŵ‖²/‖W‖²,
+or with calibration data the error weighted by the inputs' second moments (see measure). The model
+objective is Σ_t n_t · err_t (n_t: weights of tensor t), minimised subject to
 Σ_t 8·bytes_t ≤ B · Σ_t n_t by Lagrangian relaxation: for a multiplier λ every tensor takes the
 candidate minimising n_t·err_t + λ·bytes_t (a point of its lower convex hull), λ bisected to the
 budget — and by a dynamic programme on sizes rounded up to 1/100000 of the budget, which also
