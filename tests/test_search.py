@@ -823,9 +823,9 @@ def test_calibration_run(minilm_dir, prose_file, auto5, tmp_path):
     code, stdout, err = cli_call("quantize", "@minilm", out, "--format", "auto", "--bits", "5", "--candidates",
                                  ",".join(cands), "--calibration", prose_file, "--no-verify")
     assert code == 0, err
-    assert "output error" in stdout
+    assert "activation-weighted" in stdout
     report = json.loads((out / "exmy_search.json").read_text())
-    assert report["objective"] == "relative layer output error on the calibration text"
+    assert report["objective"] == "activation-weighted relative MSE"
     assert report["calibration"] == prose_file.name
     assert report["candidates"] == cands
     assert report["achieved_bits"] <= 5.0

@@ -238,15 +238,12 @@ def float_chunks(item: Item):
 
 
 def calibrate(source: Source, items: list[Item], opts: Options) -> None:
-    """--calibration: each quantized item's importance, from the model run on the text: for --format auto
-    its inputs' second moments [K, K] (the search's error is the layer's output error; choose_formats
-    keeps only their diagonal for the rounding), else their mean squares per input channel [K]."""
+    """--calibration: each quantized item's importance per input channel, from the model run on the text."""
     if not opts.calibration:
         return
-    from .calibration import activation_covariances, activation_moments, match
+    from .calibration import activation_moments, match
 
-    statistics = activation_covariances if opts.auto else activation_moments
-    moments = statistics(source.root, opts.calibration, opts.calibration_tokens)
+    moments = activation_moments(source.root, opts.calibration, opts.calibration_tokens)
     matched = match(moments, [item.info.name for item in items if item.record])
     for item in items:
         if item.record:
@@ -273,9 +270,6 @@ def choose_formats(items: list[Item], opts: Options, progress, journal: "resumes
             journal.add_curve(item.info.name, errors, measured_on)
         curves[item.info.name] = (errors, measured_on)
     errs = [curves[i.info.name][0] for i in todo]
-    for item in todo:  # the rounding weighs input channels by E[x_j²]: the diagonal (calibration.py)
-        if item.importance is not None and item.importance.ndim == 2:
-            item.importance = np.diagonal(item.importance).copy()
     where = ", ".join(sorted({curves[i.info.name][1] for i in todo})) or search.measure_backend()[1]
     weighted = [n * e for n, e in zip(numels, errs)]
     # The allocation runs over groups: a tied group (q/k/v, gate/up) is one choice, its size and error the sums.
@@ -295,8 +289,7 @@ def choose_formats(items: list[Item], opts: Options, progress, journal: "resumes
     for g, p in zip(groups, gpicks):
         for j in g:
             picks[j] = p
-    report = {"objective": "relative layer output error on the calibration text" if opts.calibration
-              else "relative weight MSE",
+    report = {"objective": "activation-weighted relative MSE" if opts.calibration else "relative weight MSE",
               "calibration": opts.calibration and Path(opts.calibration).name,
               "budget_bits": opts.bits, "max_error": opts.max_error, "lambda": lam,
               "measured_on": where,
