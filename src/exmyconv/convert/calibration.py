@@ -59,9 +59,10 @@ def activation_moments(root: Path, text_file: str, max_tokens: int = 4096, devic
 
 
 def activation_covariances(root: Path, text_file: str, max_tokens: int = 4096, device: str | None = None) -> dict:
-    """{weight tensor name: float32 [K, K] second moments E[x xᵀ] of its inputs over calibration tokens}:
-    with them the search's error is each layer's squared output error on the calibration text
-    (search.measure). The diagonal gets the same small floor as activation_moments."""
+    """{weight tensor name: float32 [K, K] second moments E[x xᵀ] of its inputs over calibration tokens}.
+    Given to search.measure, the error is each layer's squared output error on the calibration text
+    (scripts/auto-criteria compares it; the CLI's search uses activation_moments, docs/quality.md says
+    why). The diagonal gets the same small floor as activation_moments."""
     out = {}
     for name, h in _input_statistics(root, text_file, max_tokens, device, full=True).items():
         h[np.diag_indices_from(h)] += np.float32(1e-6) * max(float(np.diagonal(h).mean()), 1e-30)
