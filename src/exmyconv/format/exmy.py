@@ -124,15 +124,16 @@ class ExMy:
         out[...] = code
 
 
-    def _share_last_bit(self, y: np.ndarray, codes: np.ndarray, weight) -> np.ndarray:
-        """Exact per-group choice of the shared bit (SPEC section 1, shared formats).
+    def nearest_with_last_bit(self, y: np.ndarray, bit) -> np.ndarray:
+        """Per element, the nearest code (uint8) whose last bit is ``bit`` (0/1, broadcast to y):
+        its nearest code if that already ends in ``bit``, else the nearer of its two neighbours
+        (tie: the one whose code without the last bit is even). Keeps y's sign bit."""
+        codes = self.encode_nearest(y)
+        mag, flip = self._flip_candidates(y, codes)
+        return np.where((mag & 1) == bit, mag, flip).astype(np.uint8) | (codes & np.uint8(1 << (self.e + self.m)))
 
-        For each bit value b, every element takes its nearest code whose last bit is b: its own
-        nearest code if that already ends in b, else the nearer of its two neighbours (tie: the
-        one whose code without the last bit is even). The group keeps the b with the smaller
-        weighted squared error (tie: 0).
-        """
-        rows, k = y.shape
+    def _flip_candidates(self, y: np.ndarray, codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(magnitude code, the nearer neighbour magnitude code) of nearest codes ``codes`` of ``y``."""
         signbit = np.uint8(1 << (self.e + self.m))
         mag = (codes & (signbit - 1)).astype(np.int16)
         values = self.table[: int(signbit)].astype(np.float64)
@@ -142,6 +143,20 @@ class ExMy:
         d_lo = np.where(mag > 0, a - values[lo], np.inf)
         d_hi = np.where(mag < top, values[hi] - a, np.inf)
         flip = np.where(d_lo < d_hi, lo, np.where(d_hi < d_lo, hi, np.where((lo >> 1) % 2 == 0, lo, hi)))
+        return mag, flip
+
+    def _share_last_bit(self, y: np.ndarray, codes: np.ndarray, weight) -> np.ndarray:
+        """Exact per-group choice of the shared bit (SPEC section 1, shared formats).
+
+        For each bit value b, every element takes its nearest code whose last bit is b (see
+        ``nearest_with_last_bit``). The group keeps the b with the smaller weighted squared error
+        (tie: 0).
+        """
+        rows, k = y.shape
+        signbit = np.uint8(1 << (self.e + self.m))
+        mag, flip = self._flip_candidates(y, codes)
+        values = self.table[: int(signbit)].astype(np.float64)
+        a = np.abs(y.astype(np.float64))
         err_keep = np.square(a - values[mag])
         err_flip = np.square(a - values[flip])
         lsb = mag & 1
