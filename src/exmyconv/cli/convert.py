@@ -37,6 +37,9 @@ HOW_IT_RAN = ("resume", "ray_address", "workers", "verify", "overwrite", "as_jso
 @click.option("--calibration", type=click.Path(), metavar="TEXT_FILE",
               help="Run the model on this text and weight errors by input-channel activation energy.")
 @click.option("--calibration-tokens", type=int, default=4096, show_default=True, help="Tokens of TEXT_FILE to use.")
+@click.option("--rounding", type=click.Choice(["nearest", "gptq"]), default="nearest", show_default=True,
+              help="gptq (needs --calibration): round the input columns in order, each one's error compensated "
+                   "on the columns still to come through the activations' Hessian (GPTQ); same layout.")
 @click.option("--group-size", type=int, default=None,
               help="Elements per scale along the input dimension (e.g. 32, 64, 128). Default: one scale "
                    "per output channel. A row whose length it does not divide ends with a shorter group.")
@@ -63,7 +66,7 @@ HOW_IT_RAN = ("resume", "ray_address", "workers", "verify", "overwrite", "as_jso
               "search's choice and curve) and the totals; write nothing.")
 @json_option
 def quantize(model_dir, out_dir, format_, bits, max_error, candidates, tie_fused, calibration, calibration_tokens,
-             group_size, skip, quantize_embeddings, quantize_routers, max_shard_size, clip_search, overwrite, verify,
+             rounding, group_size, skip, quantize_embeddings, quantize_routers, max_shard_size, clip_search, overwrite, verify,
              revision, push_to_hub, private, dry_run, as_json, resume, ray_address, workers):
     """Quantize MODEL_DIR (a Hugging Face safetensors checkpoint, a Hub repo id owner/name, or @minilm) into OUT_DIR."""
     from ..convert.pipeline import Options, convert
@@ -72,7 +75,8 @@ def quantize(model_dir, out_dir, format_, bits, max_error, candidates, tie_fused
                    quantize_embeddings=quantize_embeddings, quantize_routers=quantize_routers,
                    max_shard_size=parse_size(max_shard_size),
                    clip_search=clip_search, bits=bits, max_error=max_error, candidates=candidates,
-                   tie_fused=tie_fused, calibration=calibration, calibration_tokens=calibration_tokens)
+                   tie_fused=tie_fused, calibration=calibration, calibration_tokens=calibration_tokens,
+                   rounding=rounding)
     if dry_run and push_to_hub:
         raise ExmyError("--dry-run writes and uploads nothing: leave out --push-to-hub (after the run, "
                         "`exmyconv push OUT_DIR REPO_ID --dry-run` shows what it would upload)")

@@ -46,9 +46,9 @@ def inverse_factor(hessian: np.ndarray, damp: float = DAMP) -> np.ndarray:
     for attempt in range(4):
         damped = h.copy()
         damped[np.diag_indices(k)] += damp * 10**attempt * base
-        try:
-            inverse = np.linalg.inv(np.linalg.cholesky(damped))  # L⁻¹, H = LLᵀ
-            return np.linalg.cholesky(inverse.T @ inverse).T  # H⁻¹ = L⁻ᵀL⁻¹ = UᵀU
+        try:  # H = RRᵀ with R upper (Cholesky of H with the order of rows and columns reversed), U = R⁻¹
+            upper = np.linalg.cholesky(damped[::-1, ::-1])[::-1, ::-1]
+            return np.triu(np.linalg.inv(upper))
         except np.linalg.LinAlgError:
             continue
     raise ExmyError("--rounding gptq: the calibration Hessian is not positive definite even after dampening")
@@ -115,7 +115,8 @@ def _round_columns(w: np.ndarray, scale: np.ndarray, fmt: ExMy, factor: np.ndarr
     for t in range(n):
         y = (w[:, t] / scale[:, t]).astype(np.float32)
         codes[:, t] = fmt.encode_nearest(y) if bit is None else fmt.nearest_with_last_bit(y, bit)
-        err[:, t] = (w[:, t] - fmt.table[codes[:, t]] * scale[:, t]) / diag[t]
+        # measured on the float32 y that was rounded, as nearest rounding measures the shared bit's error
+        err[:, t] = (y - fmt.table[codes[:, t]]) * scale[:, t] / diag[t]
         if t + 1 < n:
             w[:, t + 1:] -= np.outer(err[:, t], factor[t, t + 1:])
     return (codes[:, 0], err[:, 0]) if n == 1 and bit is None else (codes, err)

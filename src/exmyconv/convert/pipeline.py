@@ -32,6 +32,7 @@ from ..format.layout import (CONFIG_FILE, GUARD_KEY, GUARD_VALUE, QUANT_METHOD, 
                              nominal_bits, shard_name)
 from ..io.output import atomic_dir, check_out_dir, copy_side_files, write_index
 from ..format.pack import pack_codes
+from .gptq import gptq_rows, inverse_factor
 from ..format.quant import choose_scale_dtype, group_amax, groups_of, quantize_rows, relative_error, squared_error
 from ..io.source import Source, open_source
 from ..io.reader import TensorInfo
@@ -43,6 +44,7 @@ EMBEDDINGS = re.compile(r"(embed|lm_head|(^|\.)(wte|wpe|shared)\.)")
 # MoE routers (Qwen-MoE and DeepSeek mlp.gate, Mixtral block_sparse_moe.gate, gpt-oss mlp.router, Qwen2-MoE
 # shared_expert_gate): tiny, and the tensor whose error costs most (it picks the experts); not dense
 # MLPs' gate_proj
+ROUNDINGS = ("nearest", "gptq")
 ROUTERS = re.compile(r"(^|\.)(gate|router|shared_expert_gate)\.weight$")
 
 
@@ -61,6 +63,7 @@ class Options:
     tie_fused: bool = True  # --format auto: one format for the tensors engines fuse (search.FUSED_PARTNERS)
     calibration: str | None = None  # text file: activation-weighted errors
     calibration_tokens: int = 4096
+    rounding: str = "nearest"  # or "gptq": errors compensated through the calibration Hessians (convert/gptq.py)
 
     def __post_init__(self):
         self.auto = self.format.strip().lower() == "auto"
@@ -77,6 +80,11 @@ class Options:
             raise ExmyError("--max-shard-size must be positive")
         if self.calibration_tokens < 1:
             raise ExmyError(f"--calibration-tokens must be positive, got {self.calibration_tokens}")
+        if self.rounding not in ROUNDINGS:
+            raise ExmyError(f"--rounding must be one of {', '.join(ROUNDINGS)}, got {self.rounding!r}")
+        if self.rounding == "gptq" and not self.calibration:
+            raise ExmyError("--rounding gptq needs --calibration TEXT_FILE (its errors are weighed by the "
+                            "model's activations on that text)")
         try:
             self.skip_patterns = [re.compile(p) for p in self.skip]
         except re.error as err:
@@ -93,6 +101,7 @@ class Item:
     reason: str = ""  # why it is kept
     clip_search: bool = False
     importance: np.ndarray | None = None  # per input channel, from calibration
+    hessian: np.ndarray | None = None  # [K, K] of the inputs, from calibration: --rounding gptq
 
     @property
     def outputs(self) -> list[tuple[str, str, tuple[int, ...]]]:
@@ -241,13 +250,23 @@ def calibrate(source: Source, items: list[Item], opts: Options) -> None:
     """--calibration: each quantized item's importance per input channel, from the model run on the text."""
     if not opts.calibration:
         return
-    from .calibration import activation_moments, match
+    from .calibration import activation_covariances, activation_moments, match
 
-    moments = activation_moments(source.root, opts.calibration, opts.calibration_tokens)
-    matched = match(moments, [item.info.name for item in items if item.record])
+    names = [item.info.name for item in items if item.record]
+    if opts.rounding == "gptq":  # --rounding gptq: the whole second moment, its diagonal the importance
+        # one array (and one inverse-Hessian factor, gptq.cached_factor) for the linears fed one input (q/k/v, gate/up)
+        distinct: dict[bytes, np.ndarray] = {}
+        hessians = {name: distinct.setdefault(hashlib.sha256(h.tobytes()).digest(), h) for name, h in
+                    match(activation_covariances(source.root, opts.calibration, opts.calibration_tokens), names).items()}
+        diagonals = {id(h): np.diagonal(h).copy() for h in hessians.values()}
+        matched = {name: diagonals[id(h)] for name, h in hessians.items()}
+    else:
+        matched = match(activation_moments(source.root, opts.calibration, opts.calibration_tokens), names)
     for item in items:
         if item.record:
             item.importance = matched[item.info.name]
+            if opts.rounding == "gptq":
+                item.hessian = hessians[item.info.name]
 
 
 def choose_formats(items: list[Item], opts: Options, progress, journal: "resumes.Journal | None" = None,
@@ -371,10 +390,14 @@ def quantize_item(item: Item, writer: ShardWriter, opts: Options, progress) -> s
 
     amax = np.concatenate(list(ordered_map(scan, _row_chunks(rows))))
     scale_dtype = choose_scale_dtype(amax, r.fmt)
+    factor = None if item.hessian is None else inverse_factor(item.hessian)
 
     def encode(chunk):  # pass 2: quantize and pack
         x = dtypes.to_float32(chunk, r.dtype)
-        codes, s = quantize_rows(x, r.fmt, g, scale_dtype, item.clip_search, item.importance)
+        if factor is None:
+            codes, s = quantize_rows(x, r.fmt, g, scale_dtype, item.clip_search, item.importance)
+        else:
+            codes, s = gptq_rows(x, r.fmt, g, scale_dtype, factor, item.clip_search, item.importance)
         return pack_codes(codes, r.fmt), s, squared_error(x, codes, s, r.fmt, g), chunk.nbytes
 
     scales, sq_err, sq_ref = [], 0.0, 0.0

@@ -6,7 +6,7 @@ write the index, config and search report and rename the folder into place. What
 ``runner.measure`` and ``runner.write`` runs here as tasks:
 
 - a task gets small records only — a tensor's file path, its TensorInfo and TensorRecord, the
-  options, calibration importances — opens the source files itself (memory-mapped, as the single
+  options, calibration importances (and Hessians) — opens the source files itself (memory-mapped, as the single
   process does), and returns small records: a measured error curve per tensor (``--format auto``'s
   first pass) or a finished shard's journal record (the second pass, which writes the shard into
   the temporary folder). Weights never go through the object store or the driver;
@@ -86,7 +86,7 @@ class _Reporter:
 
 def spec(item: pipeline.Item) -> tuple:
     """An item as a task receives it: where to read it and what to make of it (no weights)."""
-    return str(item.file.path), item.info, item.record, item.clip_search, item.importance
+    return str(item.file.path), item.info, item.record, item.clip_search, item.importance, item.hessian
 
 
 def open_items(specs: list[tuple]) -> tuple[list[pipeline.Item], list[SafetensorsFile]]:
@@ -94,12 +94,13 @@ def open_items(specs: list[tuple]) -> tuple[list[pipeline.Item], list[Safetensor
     files: dict[str, SafetensorsFile] = {}
     items = []
     try:
-        for path, info, record, clip, importance in specs:
+        for path, info, record, clip, importance, hessian in specs:
             if path not in files:
                 files[path] = SafetensorsFile(path)
             if files[path].tensors.get(info.name) != info:
                 raise ExmyError(f"{path}: tensor {info.name!r} changed since the conversion was planned")
-            items.append(pipeline.Item(info, files[path], record, clip_search=clip, importance=importance))
+            items.append(pipeline.Item(info, files[path], record, clip_search=clip, importance=importance,
+                                       hessian=hessian))
     except BaseException:
         for f in files.values():
             f.close()
