@@ -54,6 +54,21 @@ def inverse_factor(hessian: np.ndarray, damp: float = DAMP) -> np.ndarray:
     raise ExmyError("--rounding gptq: the calibration Hessian is not positive definite even after dampening")
 
 
+_RECENT: list[tuple[np.ndarray, np.ndarray]] = []  # (Hessian, its factor), most recent first
+
+
+def cached_factor(hessian: np.ndarray) -> np.ndarray:
+    """inverse_factor, computed once for the linears that share one Hessian (q/k/v, gate/up: the
+    same array object), which a shard holds close together."""
+    for h, factor in _RECENT:
+        if h is hessian:
+            return factor
+    factor = inverse_factor(hessian)
+    _RECENT.insert(0, (hessian, factor))
+    del _RECENT[4:]
+    return factor
+
+
 def block_starts(k: int, g: int, share: int, block: int = BLOCK) -> list[int]:
     """Columns where a block begins: every share block holding a scale group's first column
     (so that the group's weights are up to date when its scale is set), and at most ``block``

@@ -32,7 +32,7 @@ from ..format.layout import (CONFIG_FILE, GUARD_KEY, GUARD_VALUE, QUANT_METHOD, 
                              nominal_bits, shard_name)
 from ..io.output import atomic_dir, check_out_dir, copy_side_files, write_index
 from ..format.pack import pack_codes
-from .gptq import gptq_rows, inverse_factor
+from .gptq import cached_factor, gptq_rows
 from ..format.quant import choose_scale_dtype, group_amax, groups_of, quantize_rows, relative_error, squared_error
 from ..io.source import Source, open_source
 from ..io.reader import TensorInfo
@@ -390,7 +390,7 @@ def quantize_item(item: Item, writer: ShardWriter, opts: Options, progress) -> s
 
     amax = np.concatenate(list(ordered_map(scan, _row_chunks(rows))))
     scale_dtype = choose_scale_dtype(amax, r.fmt)
-    factor = None if item.hessian is None else inverse_factor(item.hessian)
+    factor = None if item.hessian is None else cached_factor(item.hessian)
 
     def encode(chunk):  # pass 2: quantize and pack
         x = dtypes.to_float32(chunk, r.dtype)
