@@ -46,17 +46,25 @@ def train_tokenizer(vocab_size: int):
     return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>")
 
 
-@pytest.fixture(scope="module")
-def llama(tmp_path_factory):
-    """(source folder, its e2m2 conversion): a 2-layer Llama with random weights and K = 128/256 (no row padding)."""
-    root = tmp_path_factory.mktemp("llama")
-    tokenizer = train_tokenizer(384)
+def save_tiny_llama(folder, vocab_size: int, max_positions: int, seed: int):
+    """A 2-layer Llama with random weights (K = 128, 256: no row padding) and a tokenizer of
+    train_tokenizer(vocab_size), saved in ``folder``."""
+    tokenizer = train_tokenizer(vocab_size)
     config = transformers.LlamaConfig(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256,
                                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                      max_position_embeddings=256, initializer_range=0.1, tie_word_embeddings=False)
-    torch.manual_seed(0)
-    transformers.LlamaForCausalLM(config).save_pretrained(str(root / "src"))
-    tokenizer.save_pretrained(str(root / "src"))
+                                      max_position_embeddings=max_positions, initializer_range=0.1,
+                                      tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    transformers.LlamaForCausalLM(config).save_pretrained(str(folder))
+    tokenizer.save_pretrained(str(folder))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    """(source folder, its e2m2 conversion): save_tiny_llama's model."""
+    root = tmp_path_factory.mktemp("llama")
+    save_tiny_llama(root / "src", 384, 256, seed=0)
     exmyconv.quantize(str(root / "src"), str(root / "e2m2"), format="e2m2")
     return root / "src", root / "e2m2"
 

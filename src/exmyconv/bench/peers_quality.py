@@ -17,8 +17,9 @@ one tensor; ``nominal_bits`` leaves out per-tensor constants (NF4's two code tab
   rounded, groups of G consecutive elements along rows); scale and zero stored in the fp16 compute
   dtype: 4 + 32/G bits. Only when hqq imports.
 - ``gptq4-g128``: GPTQ (Frantar et al. 2022), written here (:func:`gptq`): integer int4 asymmetric,
-  groups of 128 in activation order (``desc_act``), Hessian 2XᵀX/n from the source model's Linear
-  inputs on the calibration text, 1 % dampening, inverse-Hessian Cholesky, lazy batches of 128
+  groups of 128 in activation order (``desc_act``), Hessian XᵀX/n from the source model's Linear
+  inputs on the calibration text (convert.calibration), the converter's dampening and inverse-Hessian
+  factor (convert.gptq), lazy batches of 128
   columns. Each group's scale and zero point follow :class:`baselines.IntScheme` (zero-including
   range, fp16 scale, integer zero). Stored as GPTQ checkpoints store it: 4-bit codes, per group an
   fp16 scale and a 4-bit zero point, and a 32-bit ``g_idx`` per input column. Needs ``--calibration``.
@@ -32,6 +33,7 @@ from importlib import metadata
 import numpy as np
 import torch
 
+from ..convert.gptq import BLOCK, inverse_factor
 from ..errors import ExmyError
 from .baselines import IntScheme
 
@@ -117,28 +119,23 @@ def hqq_fake_quantize(w: np.ndarray, group: int) -> tuple[np.ndarray, int]:
 # --------------------------------------------------------------------------- GPTQ
 
 
-def gptq(w: np.ndarray, hessian: np.ndarray, scheme: IntScheme, block: int = 128, damp: float = 0.01,
-         act_order: bool = True) -> np.ndarray:
+def gptq(w: np.ndarray, hessian: np.ndarray, scheme: IntScheme, block: int = BLOCK, act_order: bool = True) -> np.ndarray:
     """GPTQ of one weight [N, K] with the Hessian [K, K] of its inputs; the dequantized weights (float32).
 
-    Columns go in order of decreasing Hessian diagonal (act_order); each group of ``scheme.group_size``
-    columns in that order gets its scale and zero point from its current (error-updated) values; each
-    column's rounding error is spread over the columns not yet quantized through the upper Cholesky
-    factor of the damped inverse Hessian, within a block of columns at once and to the later columns
-    once per block (lazy batch updates). float64 throughout.
+    Columns go in order of decreasing Hessian diagonal (act_order) or as they are; each group of
+    ``scheme.group_size`` columns in that order gets its scale and zero point from its current
+    (error-updated) values; each column's rounding error is spread over the columns not yet quantized
+    through the inverse-Hessian factor of the converter's GPTQ (convert.gptq.inverse_factor: its
+    dampening), within a block of columns at once and to the later columns once per block (lazy
+    batch updates). float64 throughout. Input channels that were never active get zero weights.
     """
     weight = np.array(w, np.float64)
     h = np.array(hessian, np.float64)
     k = weight.shape[1]
-    dead = np.diag(h) == 0
-    h[dead, dead] = 1.0
-    weight[:, dead] = 0.0
+    weight[:, np.diag(h) == 0] = 0.0
     order = np.argsort(-np.diag(h), kind="stable") if act_order else np.arange(k)
-    weight, h = weight[:, order], h[np.ix_(order, order)]
-    h[np.diag_indices(k)] += damp * np.mean(np.diag(h))
-    # torch's LAPACK here: numpy's threaded OpenBLAS can take seconds for these on a busy machine
-    inverse = torch.cholesky_inverse(torch.linalg.cholesky(torch.from_numpy(h)))
-    hinv = torch.linalg.cholesky(inverse, upper=True).numpy()  # upper U with H^-1 = U^T U
+    weight = weight[:, order]
+    hinv = inverse_factor(h[np.ix_(order, order)])  # upper U with H^-1 = U^T U
     group = scheme.group_size or k
     qmax = 2**scheme.bits - 1
     out = np.zeros_like(weight)
@@ -168,35 +165,6 @@ def gptq_bits(shape: tuple[int, ...], scheme: IntScheme) -> int:
     n, k = int(np.prod(shape[:-1])), shape[-1]
     _, groups = scheme.groups(k)
     return n * k * scheme.bits + n * groups * (16 + scheme.bits) + 32 * k
-
-
-def hessians(model, names: list[str], windows: list[torch.Tensor]) -> dict[str, np.ndarray]:
-    """{weight name: 2·XᵀX/n (float64 [K, K])} of each named Linear's inputs over the token windows."""
-    modules = {}
-    for name in names:
-        module = model.get_submodule(name.rpartition(".")[0]) if "." in name else None
-        if not isinstance(module, torch.nn.Linear) or name.rpartition(".")[2] != "weight":
-            raise ExmyError(f"GPTQ: {name} is not the weight of an nn.Linear of the model")
-        modules[name] = module
-    sums = {name: torch.zeros(m.in_features, m.in_features, dtype=torch.float64) for name, m in modules.items()}
-    counts = dict.fromkeys(modules, 0)
-
-    def recorder(name):
-        def record(module, args):
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
-            sums[name] += x.T @ x
-            counts[name] += x.shape[0]
-        return record
-
-    handles = [m.register_forward_pre_hook(recorder(name)) for name, m in modules.items()]
-    try:
-        with torch.no_grad():
-            for window in windows:
-                model(input_ids=window[None])
-    finally:
-        for handle in handles:
-            handle.remove()
-    return {name: (2 * sums[name] / max(counts[name], 1)).numpy() for name in modules}
 
 
 # --------------------------------------------------------------------------- the rows

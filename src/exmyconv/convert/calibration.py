@@ -71,7 +71,8 @@ def activation_covariances(root: Path, text_file: str, max_tokens: int = 4096, d
 
 
 def _input_statistics(root: Path, text_file: str, max_tokens: int, device: str | None, full: bool) -> dict:
-    """Run the model on the text; per nn.Linear weight name, the mean of x xᵀ (``full``) or of x² over tokens."""
+    """Run the model of ``root`` on the text's first ``max_tokens`` tokens, in windows of up to 512:
+    layer_input_statistics of every nn.Linear."""
     import torch
 
     text = read_text_file(text_file, "calibration text")
@@ -86,6 +87,26 @@ def _input_statistics(root: Path, text_file: str, max_tokens: int, device: str |
     model.to(device)
     ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"][0][:max_tokens]
     window = min(512, getattr(model.config, "max_position_embeddings", 512) or 512)
+    windows = [ids[start:start + window] for start in range(0, len(ids), window)]
+    return layer_input_statistics(model, windows, full)
+
+
+def layer_input_statistics(model, windows: list, full: bool, names: list[str] | None = None) -> dict:
+    """{weight name: float32 mean over tokens of x xᵀ [K, K] (``full``) or of x² [K]} of the inputs of
+    every nn.Linear of ``model`` (or of the weights ``names``), running it on the token-id windows."""
+    import torch
+
+    if names is None:
+        modules = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    else:
+        modules = {}
+        for name in names:
+            module, _, leaf = name.rpartition(".")
+            found = model.get_submodule(module) if module else None
+            if not isinstance(found, torch.nn.Linear) or leaf != "weight":
+                raise ExmyError(f"{name} is not the weight of an nn.Linear of the model")
+            modules[module] = found
+    device = next(model.parameters()).device
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
 
@@ -97,12 +118,11 @@ def _input_statistics(root: Path, text_file: str, max_tokens: int, device: str |
             counts[name] = counts.get(name, 0) + x.shape[0]
         return record
 
-    handles = [m.register_forward_pre_hook(hook(n)) for n, m in model.named_modules()
-               if isinstance(m, torch.nn.Linear)]
+    handles = [m.register_forward_pre_hook(hook(n)) for n, m in modules.items()]
     try:
         with torch.no_grad():
-            for start in range(0, len(ids), window):
-                model(input_ids=ids[start:start + window][None].to(device))
+            for window in windows:
+                model(input_ids=window[None].to(device))
     finally:
         for h in handles:
             h.remove()
