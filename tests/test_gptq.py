@@ -257,3 +257,53 @@ def test_cli_gptq_needs_calibration(tmp_path):
     lines = err.strip().splitlines()
     assert code == 1 and len(lines) == 1 and lines[0].startswith("error: ") and "--calibration" in lines[0], err
     assert "Traceback" not in err + stdout and not out.exists()
+
+
+# --------------------------------------------------------------------------- torch: the same codes
+
+TORCH_CASES = CASES + [("e2m1", 32), ("e2m2s4", 64), ("e2m3s3", None)]  # K = 400 below: 64 does not divide it
+
+
+def torch_case(rng, name, group, rows=80, k=400):
+    fmt, w, g, sd = setup(rng, name, group, rows, k)
+    w[3] = 0  # a zero row: codes with the sign of zero
+    h = correlated_hessian(rng, k).astype(np.float64)
+    h[7, :] = h[:, 7] = 0  # a channel never active
+    importance = np.diagonal(h).astype(np.float32)
+    return fmt, w, g, sd, inverse_factor(h), importance
+
+
+@pytest.mark.parametrize("clip", [False, True], ids=["absmax", "clip"])
+@pytest.mark.parametrize("name,group", TORCH_CASES, ids=[f"{f}-g{g}" if g else f for f, g in TORCH_CASES])
+def test_torch_cpu_gives_the_numpy_codes_and_scales(name, group, clip, rng):
+    """convert/gptq_torch.py on the CPU: bit for bit convert/gptq.py's output (oracle: the numpy path)."""
+    torch = pytest.importorskip("torch")
+    from exmyconv.convert import gptq_torch
+
+    fmt, w, g, sd, factor, importance = torch_case(rng, name, group)
+    want = gptq_rows(w, fmt, g, sd, factor, clip, importance)
+    got = gptq_torch.gptq_rows(w, fmt, g, sd, factor, clip, importance, torch.device("cpu"))
+    assert got[0].dtype == np.uint8 and got[1].dtype == np.float32 and np.isfinite(got[1]).all()
+    assert np.array_equal(got[0], want[0]) and np.array_equal(got[1], want[1])
+    near = quantize_rows(w, fmt, g, sd, clip, importance)[0]
+    assert (got[0] != near).mean() > 0.05  # errors were pushed: the comparison is not that of nearest rounding
+
+
+def test_products_are_exact_in_any_order(rng):
+    """The updates through matrix products cannot depend on a BLAS's summation order: the factor's and
+    each error row's bits are cut so that every product and partial sum is exact (oracle: Fractions)."""
+    from fractions import Fraction
+
+    from exmyconv.convert.gptq import BLOCK, NUMPY, _product
+
+    factor = inverse_factor(correlated_hessian(rng, BLOCK + 40))
+    err = rng.standard_normal((6, BLOCK)) * rng.lognormal(0, 3, (6, 1))
+    err[2] = 0
+    err[4, ::2] *= 1e-9  # small and large errors in one row
+    got = _product(NUMPY, err, factor[:BLOCK, BLOCK:])
+    rounded = _product(NUMPY, err, np.eye(BLOCK))  # the rounded errors themselves (exact: identity)
+    for r in (0, 2, 4):
+        for c in (0, 17, 39):
+            exact = sum(Fraction(float(rounded[r, i])) * Fraction(float(factor[i, BLOCK + c])) for i in range(BLOCK))
+            assert Fraction(float(got[r, c])) == exact
+    assert (np.abs(rounded - err).max(1) <= np.abs(err).max(1) * 2.0**-21).all()  # each row to 21 bits
