@@ -307,3 +307,82 @@ def test_products_are_exact_in_any_order(rng):
             exact = sum(Fraction(float(rounded[r, i])) * Fraction(float(factor[i, BLOCK + c])) for i in range(BLOCK))
             assert Fraction(float(got[r, c])) == exact
     assert (np.abs(rounded - err).max(1) <= np.abs(err).max(1) * 2.0**-21).all()  # each row to 21 bits
+
+
+# --------------------------------------------------------------------------- --format auto --rounding gptq
+
+AUTO = ("--format", "auto", "--bits", "4.5", "--candidates", "e2m1,e2m2s4,e2m2")
+
+
+@pytest.fixture(scope="module")
+def auto_gptq(minilm_dir, prose, tmp_path_factory):
+    out = tmp_path_factory.mktemp("auto-gptq") / "out"
+    code, _, err = cli_call("quantize", "@minilm", out, *AUTO, "--calibration", prose, "--rounding", "gptq",
+                            "--no-verify")
+    assert code == 0, err
+    return out
+
+
+def proxy_losses(ckpt, source, hessians) -> dict[str, float]:
+    """Per quantized tensor of a checkpoint (read by the independent decoder): tr(ΔW H ΔWᵀ)/tr(W H Wᵀ)."""
+    out = {}
+    for name, q in ckpt.quantized.items():
+        w = source[name].double().numpy()
+        h = hessians[name].astype(np.float64)
+        d = q.dequantize().astype(np.float64) - w
+        out[name] = np.einsum("ij,jk,ik->", d, h, d) / np.einsum("ij,jk,ik->", w, h, w)
+    return out
+
+
+def test_auto_gptq_records_the_errors_of_what_it_writes(minilm_dir, auto_gptq, hessians):
+    """The search measures every candidate as --rounding gptq writes it: the recorded error of each
+    chosen format is the proxy loss of the written tensor (oracle: the independent decoder and H)."""
+    import transformers
+
+    report = json.loads((auto_gptq / "exmy_search.json").read_text())
+    assert report["rounding"] == "gptq" and "GPTQ" in report["objective"]
+    source = transformers.AutoModel.from_pretrained(str(minilm_dir), local_files_only=True).state_dict()
+    written = proxy_losses(spec.read_checkpoint(str(auto_gptq)), source, hessians)
+    assert set(written) == set(report["tensors"])
+    chosen = {r["choice"] for r in report["tensors"].values()}
+    assert len(chosen) > 1, chosen  # a mix: the budget is between the candidates
+    for name, r in report["tensors"].items():
+        recorded = next(o["rel_mse"] for o in r["options"] if o["candidate"] == r["choice"])
+        assert np.isfinite(recorded) and recorded == pytest.approx(written[name], rel=1e-5), name
+
+
+def test_auto_gptq_beats_the_choice_from_nearest_errors(minilm_dir, prose, auto_gptq):
+    """The allocation from nearest rounding's errors (what `auto` measured before) is another, worse
+    one for what is written: its total GPTQ proxy loss is larger at the same budget."""
+    from tqdm import tqdm
+
+    from exmyconv.convert.pipeline import Options, calibrate, choose_formats, plan
+    from exmyconv.io.source import open_source
+
+    gptq_report = json.loads((auto_gptq / "exmy_search.json").read_text())
+    opts = Options(format="auto", bits=4.5, candidates="e2m1,e2m2s4,e2m2", calibration=str(prose), rounding="gptq")
+    source = open_source(str(minilm_dir))
+    try:
+        items = plan(source, opts)
+        calibrate(source, items, opts)
+        for item in items:
+            item.hessian = None  # measured as nearest rounding: errors weighted by the diagonal of H
+        with tqdm(disable=True) as bar:
+            nearest_report = choose_formats(items, opts, bar)
+    finally:
+        source.close()
+
+    def written_loss(report):  # Σ n_t · (GPTQ proxy loss of the choice), over the GPTQ-measured curves
+        total = 0.0
+        for name, r in report["tensors"].items():
+            options = gptq_report["tensors"][name]["options"]
+            total += r["numel"] * next(o["rel_mse"] for o in options if o["candidate"] == r["choice"])
+        return total
+
+    choices = {name: (r["choice"], nearest_report["tensors"][name]["choice"])
+               for name, r in gptq_report["tensors"].items()}
+    changed = {name: c for name, c in choices.items() if c[0] != c[1]}
+    print(f"\nauto 4.5 bits: {len(changed)} of {len(choices)} choices differ; written GPTQ loss "
+          f"{written_loss(gptq_report):.4g} (GPTQ-measured) vs {written_loss(nearest_report):.4g} (nearest-measured)")
+    assert changed and nearest_report["achieved_bits"] <= 4.5 and gptq_report["achieved_bits"] <= 4.5
+    assert written_loss(gptq_report) < written_loss(nearest_report)
