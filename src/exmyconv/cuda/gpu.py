@@ -174,6 +174,46 @@ def scale_bits(scales, scale_dtype: str):
     raise ExmyError(f"cannot use scales of dtype {kind}")
 
 
+ROW_ALIGN = 16  # bytes: every payload row starts 16-byte aligned (the 4-bit plane is read in 16-byte words)
+
+
+def kernel_stride(rb: int) -> int:
+    """Bytes between the rows the kernels read: the row's bytes (a multiple of 4 in layout 2.0)
+    rounded up to ROW_ALIGN."""
+    return -(-rb // ROW_ALIGN) * ROW_ALIGN
+
+
+def _payload_rows(payload, fmt: ExMy, k: int):
+    """A payload [..., row_bytes] as the [rows, row_bytes] cupy array the kernels read: a view with rows
+    ROW_ALIGN-aligned. A torch tensor whose rows already are (torch.packed.kernel_rows lays buffers
+    out that way) is used in place, whatever its row stride; other payloads whose rows are not are
+    copied once into rows of kernel_stride bytes (the extra bytes are never decoded)."""
+    cupy = _cupy()
+    rb = row_bytes(fmt, k)
+    if _is_torch(payload) and payload.is_cuda and payload.dim() >= 2 and payload.shape[-1] == rb \
+            and payload.stride(-1) == 1:
+        rows2 = payload.reshape(-1, rb) if payload.dim() > 2 else payload  # a view where strides allow
+        if rows2.stride(0) % ROW_ALIGN == 0 and rows2.data_ptr() % ROW_ALIGN == 0 and rows2.data_ptr() \
+                == payload.data_ptr() and rows2.stride(0) >= rb:
+            n = rows2.shape[0]
+            size = (n - 1) * rows2.stride(0) + rb if n else 0
+            mem = cupy.cuda.UnownedMemory(rows2.data_ptr(), size, rows2)
+            return cupy.ndarray((n, rb), cupy.uint8, cupy.cuda.MemoryPointer(mem, 0), strides=(rows2.stride(0), 1))
+    if isinstance(payload, cupy.ndarray) and payload.ndim == 2 and payload.dtype == cupy.uint8 \
+            and payload.shape[1] == rb and payload.strides[1] == 1 and payload.strides[0] % ROW_ALIGN == 0 \
+            and payload.data.ptr % ROW_ALIGN == 0:
+        return payload  # already as the kernels read it (e.g. GpuWeight.payload)
+    pay = _as_device(payload).view(cupy.uint8)
+    if pay.ndim < 1 or pay.shape[-1] != rb:
+        return pay  # (_check_layout names the problem)
+    pay = pay.reshape(-1, rb)
+    if rb % ROW_ALIGN or pay.data.ptr % ROW_ALIGN:
+        wide = cupy.zeros((pay.shape[0], kernel_stride(rb)), cupy.uint8)
+        wide[:, :rb] = pay
+        pay = wide[:, :rb]
+    return pay
+
+
 def _check_layout(payload, scales, fmt: ExMy, k: int, group_size: int | None):
     """Flatten to [rows, row_bytes] / [rows, ngroups] after checking the shapes (SPEC section 4)."""
     if k < 1:
@@ -187,7 +227,9 @@ def _check_layout(payload, scales, fmt: ExMy, k: int, group_size: int | None):
     rows = int(np.prod(lead, dtype=np.int64)) if lead else 1
     if scales.size != rows * ngroups:
         raise ExmyError(f"{scales.size} scales for {rows} rows of {ngroups} groups")
-    return payload.reshape(rows, rb), scales.reshape(rows, ngroups), tuple(lead), rows, g, ngroups
+    if payload.ndim != 2:
+        payload = payload.reshape(rows, rb)
+    return payload, scales.reshape(rows, ngroups), tuple(lead), rows, g, ngroups
 
 
 # ----------------------------------------------------------------------------- dequantization
@@ -209,9 +251,10 @@ def dequantize(payload, scales, scale_dtype: str, fmt, k: int, group_size: int |
     fmt = _fmt(fmt)
     if out_dtype not in OUT_DTYPES:
         raise ExmyError(f"out_dtype must be one of {', '.join(OUT_DTYPES)}, not {out_dtype!r}")
-    pay = _as_device(payload).view(cupy.uint8)
+    lead = tuple(payload.shape[:-1])
+    pay = _payload_rows(payload, fmt, int(k))
     bits = scale_bits(scales, scale_dtype)
-    pay, bits, lead, rows, g, ngroups = _check_layout(pay, bits, fmt, int(k), group_size)
+    pay, bits, _, rows, g, ngroups = _check_layout(pay, bits, fmt, int(k), group_size)
     np_out = {"F16": cupy.float16, "BF16": cupy.uint16, "F32": cupy.float32}[out_dtype]
     shape = (*lead, k)
     if out is None:
@@ -236,7 +279,7 @@ class DequantPlan:
             raise ExmyError("tensor too large for one launch")  # > 137 G weights
         self.name = f"exmy_dequant_s{'bf' if scale_dtype == 'BF16' else '16'}_{_OUT_NAME[out_dtype]}"
         self.fn = kernel("dequant.cu", self.name, fmt) if self.units else None
-        self.args = (pay, bits, out, np.uint32(rows), np.uint32(k), np.uint32(pay.shape[1]),
+        self.args = (pay, bits, out, np.uint32(rows), np.uint32(k), np.uint32(pay.strides[0]),
                      np.uint32(ngroups), np.uint32(g))
         self.out = out
 
@@ -272,7 +315,7 @@ class GpuWeight:
     shape: tuple
     group_size: int           # G (= K for one scale per row)
     scale_dtype: str
-    payload: object           # cupy uint8 [N, row_bytes]
+    payload: object           # cupy uint8 [N, row_bytes], rows ROW_ALIGN-aligned (strides[0]: the kernels' stride)
     scales: object            # cupy uint16 [N, ngroups] raw scale bits
     _cache: dict = field(default_factory=dict, repr=False)
 
@@ -332,6 +375,15 @@ class GpuWeight:
             self._cache[mode] = cupy.ascontiguousarray(ks)
         return self._cache[mode]
 
+    def rows(self, start: int, stop: int) -> "GpuWeight":
+        """Rows start .. stop-1 over the same device memory. Its kernel mode is this whole weight's
+        (fold_ok of all its scales), so one launch prepared for the view serves every slice of that
+        shape (the experts of a stacked MoE projection, through GemvLaunch.move_weight)."""
+        view = GpuWeight(self.fmt, (stop - start, self.k), self.group_size, self.scale_dtype,
+                         self.payload[start:stop], self.scales[start:stop])
+        view._cache["fold_ok"] = self.fold_ok()
+        return view
+
     def fold_ok(self) -> bool:
         if "fold_ok" not in self._cache:
             cupy = _cupy()
@@ -350,7 +402,7 @@ def upload(qtensor=None, *, payload=None, scales=None, scale_dtype=None, fmt=Non
     fmt = _fmt(fmt)
     shape = tuple(int(s) for s in shape)
     k = shape[-1]
-    pay = _as_device(payload).view(cupy.uint8)
+    pay = _payload_rows(payload, fmt, k)
     bits = scale_bits(scales, scale_dtype)
     pay, bits, _, rows, g, _ = _check_layout(pay, bits, fmt, k, group_size)
     return GpuWeight(fmt, shape, g, scale_dtype, pay, bits)
@@ -561,7 +613,7 @@ class _GemvLaunchShape:
 
     def args(self, weight: "GpuWeight", x, y, batch: int) -> tuple:
         return (weight.payload, weight.kernel_scales(self.kernel.mode), x, y, np.uint32(weight.n),
-                np.uint32(weight.k), np.uint32(weight.payload.shape[1]), np.uint32(weight.ngroups),
+                np.uint32(weight.k), np.uint32(weight.payload.strides[0]), np.uint32(weight.ngroups),
                 np.uint32(weight.group_size), np.int32(_gshift(weight)), np.uint32(batch),
                 np.uint32(self.split), np.uint32(self.interleave))
 
