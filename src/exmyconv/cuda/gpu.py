@@ -427,15 +427,16 @@ def _gemv_shape(fmt: ExMy, kind: str) -> tuple[int, int]:
 
 
 def gemv_tile_rows(kind: str) -> int:
-    """Weight rows per warp (gemv.cu Cfg::MT tiles of GEMV_ROWS): two tiles for nt2w."""
-    return 2 * GEMV_ROWS if kind == "nt2w" else GEMV_ROWS
+    """Weight rows per warp (gemv.cu Cfg::MT tiles of GEMV_ROWS): two tiles for nt2w and nt1w."""
+    return 2 * GEMV_ROWS if kind in ("nt1w", "nt2w") else GEMV_ROWS
 
 
 def gemv_wide(n: int, fmt: ExMy) -> bool:
-    """Batch 9..16: the nt2w kernel (two 16-row tiles per warp share each x fragment: half the
-    L1 traffic of nt2) when its warps still fill the GPU: at 8 K slices, >= 3/4 of two blocks per
+    """Batch 2..16: the nt1w / nt2w kernels (two 16-row tiles per warp share each x fragment: half
+    the L1 traffic of nt1 / nt2) when their warps still fill the GPU: at 8 K slices, >= 3/4 of two blocks per
     SM (gemv_split's wave), i.e. N >= 48 rows per SM (N >= 6336 on 132 SMs); and codes of <= 5 bits,
-    the formats it was measured faster for on an H200 (docs/benchmarks.md, the batch 9-16 kernel)."""
+    the formats it was measured faster for on an H200 (docs/benchmarks.md: the batch 9-16 kernel,
+    and nt1w at batch 2-8, which loses on 4096-row layers and wins from 8192 rows)."""
     sms = sm_count(_cupy().cuda.Device().id)
     return fmt.bits <= 5 and -(-n // (2 * GEMV_ROWS)) * GEMV_WARPS >= 0.75 * sms * GEMV_WARPS * 2
 
@@ -447,7 +448,8 @@ def _xs_bytes(fmt: ExMy, k: int) -> int:
     return -(-nq // kstep) * kstep * 80
 
 
-GEMV_KINDS = ("b1", "nt1", "nt2", "b1r", "nt2w")  # kernels/gemv.cu KIND 0 .. 4
+GEMV_KINDS = ("b1", "nt1", "nt2", "b1r", "nt2w", "nt1w")  # kernels/gemv.cu KIND 0 .. 5
+WIDE = {"nt1": "nt1w", "nt2": "nt2w"}  # a kernel -> its two-tile variant, taken where gemv_wide
 
 
 @dataclass(frozen=True)
@@ -482,9 +484,8 @@ class GemvKernel:
 def _gemv_kind(weight: "GpuWeight", batch: int) -> str:
     if batch == 1:
         return "b1" if _xs_bytes(weight.fmt, weight.k) <= XS_LIMIT else "b1r"
-    if batch <= 8:
-        return "nt1"
-    return "nt2w" if gemv_wide(weight.n, weight.fmt) else "nt2"
+    kind = "nt1" if batch <= 8 else "nt2"
+    return WIDE[kind] if gemv_wide(weight.n, weight.fmt) else kind
 
 
 def gemv_blocks(fmt: ExMy, kind: str, mode: int, groups: int) -> int:
@@ -500,11 +501,12 @@ def gemv_kernel(weight: GpuWeight, x_dtype: str, batch: int, kind: str | None = 
     operands where exact (E <= 4, F16 scales, fp16 x), with the scale folded into the weights where
     that stays finite in fp16; else bf16 operands: for bf16 x, E <= 4 and one scale per row, the
     scale is applied to the float32 sums (mode 3: the decode is one exact multiply), otherwise to
-    each weight (mode 2). kind (tests and benchmarks): "nt2" or "nt2w" for batch 9..16."""
+    each weight (mode 2). kind (tests and benchmarks): "nt1" or "nt1w" for batch 2..8, "nt2" or
+    "nt2w" for batch 9..16."""
     if kind is None:
         kind = _gemv_kind(weight, batch)
-    elif batch <= 8 or kind not in ("nt2", "nt2w"):
-        raise ExmyError(f"kind {kind!r}: only nt2 or nt2w can be chosen, for batch 9..16")
+    elif kind not in (("nt1", "nt1w") if 2 <= batch <= 8 else ("nt2", "nt2w") if batch > 8 else ()):
+        raise ExmyError(f"kind {kind!r}: only nt1 or nt1w (batch 2..8), nt2 or nt2w (batch 9..16) can be chosen")
     groups = 0 if weight.ngroups == 1 else 2 if _gshift(weight) < 0 else 1
     if x_dtype == "F16" and weight.fp16_compute:
         mode = 0 if weight.fold_ok() else 1
@@ -529,7 +531,9 @@ def gemv_split(n: int, k: int, fmt: ExMy, kind: str, rows: int = GEMV_ROWS) -> i
     tiles = -(-n // rows)  # warp tiles
     target = sm_count(_cupy().cuda.Device().id) * GEMV_WARPS * 2
     split = 1
-    if tiles >= 1024:
+    # nt1w: counted in 16-row tiles, as nt1 (8 slices on 28672-row layers: 56 against 60-65 us at
+    # batch 8, e2m2 and bf16 x; H200, docs/benchmarks.md)
+    if tiles >= 1024 or (kind == "nt1w" and n >= 1024 * GEMV_ROWS):
         split = GEMV_WARPS
     while split < GEMV_WARPS and tiles * split < 0.75 * target:
         split *= 2
@@ -716,8 +720,8 @@ def gemv_plan(x, weight: GpuWeight, out, x_dtype: str | None = None, **tuning) -
     """Prepare y = x @ W.T into `out` ([B, N], B <= 16, same dtype as x) for repeated launches.
 
     tuning (benchmarks and tests): split=1|2|4|8, interleave=0|1, blocks=2|3 (b1r: blocks per SM
-    of the build, instead of gemv_b1r_blocks), defines=("GEMV_CPT=1", ...), kind="nt2"|"nt2w"
-    (batch 9..16, instead of gemv_wide's choice).
+    of the build, instead of gemv_b1r_blocks), defines=("GEMV_CPT=1", ...), kind="nt1"|"nt1w"
+    (batch 2..8) or "nt2"|"nt2w" (batch 9..16), instead of gemv_wide's choice.
     overlap=True launches with programmatic dependent launch (exmyconv.cuda.launch): only where the
     weights are not written by the kernel just before (always so for model weights)."""
     cupy = _cupy()
