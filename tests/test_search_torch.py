@@ -1,7 +1,7 @@
 """The torch (GPU) search measurement agrees with the numpy reference; run here on the CPU."""
 import numpy as np
 
-from exmyconv.convert import search, search_torch
+from exmyconv.convert import gptq, search, search_torch
 
 
 def test_measure_matches_reference(rng):
@@ -16,7 +16,9 @@ def test_measure_matches_reference(rng):
 
     mix = rng.standard_normal((x.shape[1], x.shape[1])) * 0.1 + np.eye(x.shape[1])
     second_moments = (mix @ mix.T).astype(np.float32)  # a [K, K] importance: output error
-    for imp in (None, importance, second_moments):
-        want = search.measure(chunks, cands, imp)
-        got = search_torch.measure(chunks, cands, imp)
+    factor = gptq.inverse_factor(second_moments)
+    for imp, fac in ((None, None), (importance, None), (second_moments, None), (second_moments, factor)):
+        want = search.measure(chunks, cands, imp, fac)
+        got = search_torch.measure(chunks, cands, imp, fac)
         assert np.all(np.isfinite(got)) and np.allclose(got, want, rtol=1e-5, atol=0)
+    assert (want < search.measure(chunks, cands, second_moments)).all()  # GPTQ's errors, not nearest rounding's

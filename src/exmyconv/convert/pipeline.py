@@ -32,7 +32,7 @@ from ..format.layout import (CONFIG_FILE, GUARD_KEY, GUARD_VALUE, QUANT_METHOD, 
                              nominal_bits, shard_name)
 from ..io.output import atomic_dir, check_out_dir, copy_side_files, write_index
 from ..format.pack import pack_codes
-from .gptq import cached_factor, gptq_rows
+from . import gptq
 from ..format.quant import choose_scale_dtype, group_amax, groups_of, quantize_rows, relative_error, squared_error
 from ..io.source import Source, open_source
 from ..io.reader import TensorInfo
@@ -308,7 +308,9 @@ def choose_formats(items: list[Item], opts: Options, progress, journal: "resumes
     for g, p in zip(groups, gpicks):
         for j in g:
             picks[j] = p
-    report = {"objective": "activation-weighted relative MSE" if opts.calibration else "relative weight MSE",
+    objective = ("relative weight MSE" if not opts.calibration else "activation-weighted relative MSE"
+                 if opts.rounding == "nearest" else "relative output error tr(ΔW H ΔWᵀ) of GPTQ rounding")
+    report = {"objective": objective, "rounding": opts.rounding,  # the errors are those of this rounding
               "calibration": opts.calibration and Path(opts.calibration).name,
               "budget_bits": opts.bits, "max_error": opts.max_error, "lambda": lam,
               "measured_on": where,
@@ -342,7 +344,10 @@ def measure_items(items: list[Item], candidates, progress):
     measure, where = search.measure_backend()
     for item in items:
         progress.set_postfix_str(item.info.name[-40:], refresh=False)
-        errors = measure(float_chunks(item), candidates, item.importance)
+        if item.hessian is None:
+            errors = measure(float_chunks(item), candidates, item.importance)
+        else:  # --rounding gptq: the errors of the codes it will write (search.measure)
+            errors = measure(float_chunks(item), candidates, item.hessian, gptq.cached_factor(item.hessian))
         yield item, errors, where
         progress.update(item.info.nbytes)
 
@@ -390,7 +395,8 @@ def quantize_item(item: Item, writer: ShardWriter, opts: Options, progress) -> s
 
     amax = np.concatenate(list(ordered_map(scan, _row_chunks(rows))))
     scale_dtype = choose_scale_dtype(amax, r.fmt)
-    factor = None if item.hessian is None else cached_factor(item.hessian)
+    factor = None if item.hessian is None else gptq.cached_factor(item.hessian)
+    gptq_rows = search.rounding_backend()[0]
 
     def encode(chunk):  # pass 2: quantize and pack
         x = dtypes.to_float32(chunk, r.dtype)

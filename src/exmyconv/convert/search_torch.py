@@ -1,8 +1,8 @@
 """The format search's error measurement in torch, for a GPU (or torch on the CPU).
 
 Quantizes with the torch codec (:mod:`exmyconv.torch.codec`, the same arithmetic as the numpy
-reference) and sums errors in float64. tests/test_search_torch.py checks it against
-:func:`exmyconv.convert.search.measure`.
+reference; --rounding gptq's errors with convert/gptq_torch.py) and sums errors in float64.
+tests/test_search_torch.py checks it against :func:`exmyconv.convert.search.measure`.
 """
 from __future__ import annotations
 
@@ -10,16 +10,16 @@ import numpy as np
 import torch
 
 from ..format.quant import CLIP_RATIOS, groups_of
+from . import gptq
+from .gptq_torch import Torch, device
+from ..torch import codec
 from ..torch.codec import grouped, reconstruct, scale_dtype, scales_for
 
 
-def device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def measure(chunks, candidates, importance: np.ndarray | None = None) -> np.ndarray:
+def measure(chunks, candidates, importance: np.ndarray | None = None, factor: np.ndarray | None = None) -> np.ndarray:
     """search.measure on torch (``device()``); same contract."""
     dev = device()
+    ops = None if factor is None else Torch(dev)
     full = None if importance is None or importance.ndim == 1 else torch.as_tensor(importance, dtype=torch.float64,
                                                                                    device=dev)
     if full is not None:  # the rounding sees the diagonal; the error is the output error under H
@@ -37,6 +37,11 @@ def measure(chunks, candidates, importance: np.ndarray | None = None) -> np.ndar
         dtype = scale_dtype(torch.cat(amax[c.group_size]), c.fmt)
         for x, am in zip(blocks, amax[c.group_size]):
             g, _ = groups_of(x.shape[1], c.group_size)
+            if ops is not None:  # --rounding gptq: its codes and scales, the error as for the others
+                codes, s = gptq.gptq_rows(x.cpu().numpy(), c.fmt, g, dtype, factor, c.clip, importance, ops)
+                s = torch.as_tensor(s, device=dev).repeat_interleave(g, dim=1)[:, :x.shape[1]]
+                err[i] += _weighted_square(codec._table(c.fmt, dev)[codes.long()] * s - x, imp, full)
+                continue
             if not c.clip:
                 best = scales_for(am, c.fmt, dtype)
             else:  # per group, the clipping ratio with the least (weighted) error
