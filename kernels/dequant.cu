@@ -10,6 +10,8 @@
 // 16-bit outputs of whole warps (K % 32 == 0) are staged through shared memory so that each store
 // instruction of a warp writes 512 contiguous bytes.
 //
+// Rows start `stride` bytes apart (a multiple of 16: cuda/gpu.py device_stride), their planes at
+// the offsets of SPEC section 3.
 // Compile with -DEXMY_E=<E> -DEXMY_M=<M> (shared formats eXmYsk: also -DEXMY_SHARE=<k>). Kernels: exmy_dequant_s{16,bf}_o{16,bf,32}
 // (scale dtype F16/BF16, output F16/BF16/F32). Block size: DEQUANT_BLOCK (256) threads.
 #include "exmy_decode.cuh"
@@ -60,9 +62,9 @@ __device__ __forceinline__ void st_stream16(uint4* p, uint4 v) {
 
 // OUT: 0 = fp16 bits, 1 = bf16 bits, 2 = float32.
 // Unit u = chunk u % cpr of row u / cpr.
-__device__ __forceinline__ Chunk load_unit(const u8* __restrict__ payload, u32 u, u32 cpr, u32 k, u32 row_bytes) {
+__device__ __forceinline__ Chunk load_unit(const u8* __restrict__ payload, u32 u, u32 cpr, u32 k, u32 stride) {
     const u32 row = u / cpr;
-    return load_chunk(payload + (size_t)row * row_bytes, padded_k(k), u - row * cpr);
+    return load_chunk(payload + (size_t)row * stride, padded_k(k), u - row * cpr);
 }
 
 template <bool SCALE_BF16, int OUT>
@@ -158,7 +160,7 @@ __device__ __forceinline__ void dequant_unit(const Chunk& ch, u32 u, const u16* 
 
 template <bool SCALE_BF16, int OUT>
 __device__ __forceinline__ void dequant(const u8* __restrict__ payload, const u16* __restrict__ scales,
-                                        void* __restrict__ out, u32 rows, u32 k, u32 row_bytes,
+                                        void* __restrict__ out, u32 rows, u32 k, u32 stride,
                                         u32 ngroups, u32 g) {
     const u32 cpr = (k + 31) / 32;
     const u32 total = rows * cpr;  // the host keeps rows * cpr < 2^32
@@ -166,7 +168,7 @@ __device__ __forceinline__ void dequant(const u8* __restrict__ payload, const u1
     Chunk ch[DEQUANT_UNITS];  // every load first: UNITS chunks in flight per thread
 #pragma unroll
     for (int i = 0; i < DEQUANT_UNITS; ++i)
-        if (u0 + i * DEQUANT_BLOCK < total) ch[i] = load_unit(payload, u0 + i * DEQUANT_BLOCK, cpr, k, row_bytes);
+        if (u0 + i * DEQUANT_BLOCK < total) ch[i] = load_unit(payload, u0 + i * DEQUANT_BLOCK, cpr, k, stride);
 #pragma unroll
     for (int i = 0; i < DEQUANT_UNITS; ++i)
         if (u0 + i * DEQUANT_BLOCK < total)
@@ -178,8 +180,8 @@ __device__ __forceinline__ void dequant(const u8* __restrict__ payload, const u1
 #define EXMY_DEQUANT_KERNEL(NAME, SBF, OUT)                                                             \
     extern "C" __global__ void __launch_bounds__(DEQUANT_BLOCK, DEQUANT_MIN_BLOCKS) NAME(                               \
         const u8* __restrict__ payload, const u16* __restrict__ scales, void* __restrict__ out,       \
-        u32 rows, u32 k, u32 row_bytes, u32 ngroups, u32 g) {                                         \
-        dequant<SBF, OUT>(payload, scales, out, rows, k, row_bytes, ngroups, g);                      \
+        u32 rows, u32 k, u32 stride, u32 ngroups, u32 g) {                                             \
+        dequant<SBF, OUT>(payload, scales, out, rows, k, stride, ngroups, g);                          \
     }
 
 EXMY_DEQUANT_KERNEL(exmy_dequant_s16_o16, false, 0)

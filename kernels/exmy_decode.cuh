@@ -1,6 +1,6 @@
 // exmy_decode.cuh - the one ExMy decode routine shared by every exmyconv kernel.
 //
-// Layout (formats/SPEC.md section 3): a row of Kp = 128*ceil(K/128) codes is cut into bit planes
+// Layout (formats/SPEC.md section 3): a row of Kp = 32*ceil(K/32) codes is cut into bit planes
 // of 8, 4, 2 and 1 bits (the binary digits of the code width b, most significant code bits in the
 // widest plane). A w-bit plane stores element i at bit i*w, little-endian.
 //
@@ -9,7 +9,9 @@
 //   4-bit plane: 16 bytes = w4[0..3]  (w4[j] nibble i = top 4 code bits of element 8j+i)
 //   2-bit plane:  8 bytes = w2[0..1]  (w2[j] bits 2i+1..2i = 2-bit field of element 16j+i)
 //   1-bit plane:  4 bytes = w1        (bit i = 1-bit field of element i)
-// All four are naturally aligned (plane rows are multiples of 16 bytes).
+// All four are naturally aligned: plane offsets are multiples of 16 (4-bit plane, and 2-bit after
+// it), 8 (1-bit after 4 + 2) and 4 (shared plane), and the host lays rows out at a stride that is a
+// multiple of 16 bytes (cuda/gpu.py device_stride: the stored rows are only 4-byte multiples).
 //
 // Decoding works on GROUPS: group e (0..7) of a chunk is elements {e, e+8, e+16, e+24}, one per
 // byte of a 32-bit word. Every plane can hand over group e's fields as "byte i holds the field of
@@ -146,8 +148,8 @@ EXMY_HD u32 off2(u32 kp) { return HAS4 ? kp / 2 : 0; }                // after t
 EXMY_HD u32 off1(u32 kp) { return (HAS4 ? kp / 2 : 0) + (HAS2 ? kp / 4 : 0); }  // after 4- and 2-bit planes
 EXMY_HD u32 offs(u32 kp) { return kp / 8 * OWN; }                     // shared plane: after all OWN bits
 
-// Padded row length Kp = 128 * ceil(K / 128) (SPEC 3).
-EXMY_HD u32 padded_k(u32 k) { return (k + 127) / 128 * 128; }
+// Padded row length Kp = 32 * ceil(K / 32) (SPEC 3, layout 2).
+EXMY_HD u32 padded_k(u32 k) { return (k + 31) / 32 * 32; }
 
 // Shared bits of chunk c: `lo` = 32-bit word of the shared plane holding bit j0 = floor(32c / k)
 // (the group of the chunk's element 0), `hi` = the word holding bit j1 = floor((32c + 31) / k)
@@ -223,7 +225,7 @@ struct ChunkPtr {
 
 __device__ __forceinline__ ChunkPtr chunk_ptr(const u8* __restrict__ row, u32 kp, u32 c) {
     ChunkPtr p;
-    p.ps = (const u32*)(row + offs(kp));      // shared plane: 16-byte aligned (offs is a multiple of 16)
+    p.ps = (const u32*)(row + offs(kp));      // shared plane: 4-byte aligned (8 when OWN is even)
     p.c = c;
     p.p8 = row + 32 * (size_t)c;              // 8-bit plane: 32 bytes per chunk
     p.p4 = row + off4(kp) + 16 * (size_t)c;   // 4-bit plane: 16 bytes per chunk
@@ -284,13 +286,19 @@ __device__ __forceinline__ Chunk load_chunk_at(const ChunkPtr& p, int i) {
 }
 
 // Chunks (p's chunk + 0) and (+ 4) of a k = 4 format, p's chunk % 8 < 4: their shared bits are
-// words c/4 and c/4 + 1 of the shared plane (c/4 even), one 8-byte load (gemv.cu SPREAD_PAIR).
+// words c/4 and c/4 + 1 of the shared plane (c/4 even), one 8-byte load (gemv.cu SPREAD_PAIR) where
+// the plane starts 8-byte aligned (offs = Kp*OWN/8 with Kp a multiple of 32: OWN even), else two.
 __device__ __forceinline__ void load_chunk_spread(const ChunkPtr& p, Chunk& c0, Chunk& c4) {
     c0 = load_chunk_at<true>(p, 0);
     c4 = load_chunk_at<true>(p, 4);
-    const uint2 w = __ldg((const uint2*)(p.ps + p.c / 4));
-    c0.sw[0] = w.x;
-    c4.sw[0] = w.y;
+    if (OWN % 2 == 0) {
+        const uint2 w = __ldg((const uint2*)(p.ps + p.c / 4));
+        c0.sw[0] = w.x;
+        c4.sw[0] = w.y;
+    } else {
+        c0.sw[0] = __ldg(p.ps + p.c / 4);
+        c4.sw[0] = __ldg(p.ps + p.c / 4 + 1);
+    }
 }
 
 // Chunks (p's chunk + 0) and (+ 1) with the small planes read in one load each (the 2-bit plane

@@ -55,7 +55,7 @@ namespace {
 constexpr int WARPS = GEMV_WARPS;
 // Kernel kinds: 0 = "b1" (batch 1, x staged once per block in shared memory, already permuted;
 // for K up to ~13 000), 3 = "b1r" (batch 1, larger K: x from global memory, more registers),
-// 1 = "nt1" (batch 1..8), 2 = "nt2" (batch 9..16, two 8-column mma tiles), 4 = "nt2w" (nt2 with
+// 1 = "nt1" (batch 1..8), 2 = "nt2" (batch 9..16, two 8-column mma tiles), 4 = "nt2w" / 5 = "nt1w" (nt2 / nt1 with
 // two 16-row tiles per warp). NT: mma column tiles; MT: mma row tiles per warp; XS: x staged in shared memory; CPT: consecutive chunks per lane per
 // iteration (2 for batch 1 with codes <= 6 bits: more weights in flight; elsewhere the registers
 // go to x); KSTEP: chunks per warp iteration (the 4 lanes t = 0..3 of a row). BLOCKS: blocks per
@@ -67,7 +67,8 @@ struct Cfg {
     // through L1 at 3.2 bytes per byte of e2m2 weights, and L1 was the busiest unit (88 %, ncu on an
     // H200); two tiles halve that, at the price of half as many warps (the host takes nt2w only for
     // layers with rows enough to fill the GPU: cuda/gpu.py gemv_wide).
-    static constexpr int MT = KIND == 4 ? 2 : 1;
+    // nt1w: the same for batch 2..8 (one column tile, x re-read per row tile just as often).
+    static constexpr int MT = KIND == 4 || KIND == 5 ? 2 : 1;
     static constexpr bool XS = KIND == 0;
     static constexpr int CPT = GEMV_CPT > 0 ? GEMV_CPT : (((KIND == 0 || KIND == 3) && BITS <= 6) ? 2 : 1);
     static constexpr int KSTEP = 4 * CPT;
@@ -231,7 +232,7 @@ __device__ __forceinline__ void park_x(uint4 v, u32 lane, u32* win, u32* raw) {
 template <int KIND, int MODE, bool XF16, int GM, int BLOCKS>
 __device__ __forceinline__ void gemv_warp(const u8* __restrict__ payload, const void* __restrict__ ks,
                                           const u16* __restrict__ x, const u32* __restrict__ xs, u32 n, u32 k,
-                                          u32 row_bytes, u32 ngroups, u32 g, int gshift, u32 batch,
+                                          u32 stride, u32 ngroups, u32 g, int gshift, u32 batch,
                                           u32 row0, u32 it0, u32 it1, u32 istep,
                                           float (&acc)[Cfg<KIND, BLOCKS>::MT][Cfg<KIND, BLOCKS>::NT][4]) {
     typedef Cfg<KIND, BLOCKS> C;
@@ -257,10 +258,10 @@ __device__ __forceinline__ void gemv_warp(const u8* __restrict__ payload, const 
         const u32 r = row0 + 16 * m + gr;
         ra[m] = r < n ? r : n - 1;
         rb[m] = r + 8 < n ? r + 8 : n - 1;
-        rowa[m] = payload + (size_t)ra[m] * row_bytes;
-        rowb[m] = payload + (size_t)rb[m] * row_bytes;
+        rowa[m] = payload + (size_t)ra[m] * stride;
+        rowb[m] = payload + (size_t)rb[m] * stride;
     }
-    const u32 kp = padded_k(k);  // padded row length (row_bytes also counts a shared plane)
+    const u32 kp = padded_k(k);  // padded row length; stride: bytes between rows, a multiple of 16
     const u32 nq = (k + 31) / 32;               // chunks holding real elements
     const bool xvec = (k % 8) == 0;             // x rows 16-byte aligned
     // x rows of this lane's B-fragment columns; columns >= batch re-read row batch-1 and are
@@ -566,7 +567,7 @@ __device__ __forceinline__ void gemv_warp(const u8* __restrict__ payload, const 
 template <int KIND, int MODE, bool XF16, int GM, int BLOCKS>
 __device__ __forceinline__ void gemv(const u8* __restrict__ payload, const void* __restrict__ ks,
                                      const u16* __restrict__ x, u16* __restrict__ y, u32 n, u32 k,
-                                     u32 row_bytes, u32 ngroups, u32 g, int gshift, u32 batch, u32 split,
+                                     u32 stride, u32 ngroups, u32 g, int gshift, u32 batch, u32 split,
                                      u32 interleave) {
     constexpr int NT = Cfg<KIND, BLOCKS>::NT, KSTEP = Cfg<KIND, BLOCKS>::KSTEP, MT = Cfg<KIND, BLOCKS>::MT;
     const u32 lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -595,7 +596,7 @@ __device__ __forceinline__ void gemv(const u8* __restrict__ payload, const void*
         for (int j = 0; j < NT; ++j) acc[m][j][0] = acc[m][j][1] = acc[m][j][2] = acc[m][j][3] = 0.f;
     extern __shared__ uint4 xs_dyn[];  // batch-1 kernels: x staged by the block (see gemv_warp)
     // every warp takes part (the x staging has a block barrier); warps past the last row do no work
-    gemv_warp<KIND, MODE, XF16, GM, BLOCKS>(payload, ks, x, (u32*)xs_dyn, n, k, row_bytes, ngroups, g, gshift,
+    gemv_warp<KIND, MODE, XF16, GM, BLOCKS>(payload, ks, x, (u32*)xs_dyn, n, k, stride, ngroups, g, gshift,
                                             batch, row0 < n ? row0 : n - 1, it0, row0 < n ? it1 : it0, istep, acc);
 
     // Cross-slice reduction: lane holds (row 16m + gr, cols 8j + 2t, +1) in acc[m][j][0..1], row
@@ -629,7 +630,7 @@ __device__ __forceinline__ void gemv(const u8* __restrict__ payload, const void*
 
 }  // namespace
 
-// The GEMV kernel. KIND: 0 b1, 1 nt1, 2 nt2, 3 b1r, 4 nt2w (Cfg). MODE: 0 fp16 operands with the scale
+// The GEMV kernel. KIND: 0 b1, 1 nt1, 2 nt2, 3 b1r, 4 nt2w, 5 nt1w (Cfg). MODE: 0 fp16 operands with the scale
 // folded, 1 fp16 operands in two steps, 2 bf16 operands, 3 bf16 operands with the row scale after
 // the mma (one scale per row; see the top). XF16: x and y are fp16, else
 // bf16. GM: 0 one scale per row, 1 scale groups aligned to 32-element chunks, 2 not aligned (a
@@ -642,11 +643,11 @@ __device__ __forceinline__ void gemv(const u8* __restrict__ payload, const void*
 template <int KIND, int MODE, bool XF16, int GM, int BLOCKS>
 __global__ void __launch_bounds__(GEMV_WARPS * 32, BLOCKS)
 exmy_gemv(const u8* __restrict__ payload, const void* __restrict__ ks, const u16* __restrict__ x,
-          u16* __restrict__ y, u32 n, u32 k, u32 row_bytes, u32 ngroups, u32 g, int gshift, u32 batch,
+          u16* __restrict__ y, u32 n, u32 k, u32 stride, u32 ngroups, u32 g, int gshift, u32 batch,
           u32 split, u32 interleave) {
     // fp16 operands hold the raw code values as fp16 numbers: E = 5 would fill the fp16 exponent field
     static_assert(MODE >= 2 || (F16_OK && XF16), "fp16 operands (MODE 0, 1) need E <= 4 and fp16 x");
-    gemv<KIND, MODE, XF16, GM, BLOCKS>(payload, ks, x, y, n, k, row_bytes, ngroups, g, gshift, batch, split,
+    gemv<KIND, MODE, XF16, GM, BLOCKS>(payload, ks, x, y, n, k, stride, ngroups, g, gshift, batch, split,
                                        interleave);
 }
 

@@ -108,11 +108,11 @@ def spec_planes(bits: int) -> list[int]:
     return [w for w in (8, 4, 2, 1) if bits & w]
 
 
-def spec_pack(codes: np.ndarray, bits: int) -> np.ndarray:
-    """SPEC section 3 written as plainly as possible (bit by bit)."""
+def spec_pack(codes: np.ndarray, bits: int, align: int = 32) -> np.ndarray:
+    """SPEC section 3 written as plainly as possible (bit by bit); ``align`` 128 for layout 1.x."""
     codes = np.asarray(codes, dtype=np.uint8)
     *lead, k = codes.shape
-    kp = 128 * (-(-k // 128))
+    kp = align * (-(-k // align))
     rows = codes.reshape(-1, k).astype(np.int64)
     out = np.zeros((rows.shape[0], kp * bits // 8), dtype=np.uint8)
     padded = np.zeros((rows.shape[0], kp), dtype=np.int64)
@@ -133,7 +133,7 @@ def spec_unpack(payload: np.ndarray, bits: int, k: int) -> np.ndarray:
     """Decode codes from a payload following SPEC section 3's decoding paragraph."""
     payload = np.asarray(payload, dtype=np.uint8)
     *lead, nbytes = payload.shape
-    kp = 128 * (-(-k // 128))
+    kp = 32 * (-(-k // 32))
     assert nbytes == kp * bits // 8, (nbytes, kp, bits)
     rows = payload.reshape(-1, nbytes).astype(np.int64)
     codes = np.zeros((rows.shape[0], kp), dtype=np.int64)

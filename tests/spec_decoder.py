@@ -1,4 +1,4 @@
-"""An independent, pure-numpy reader of the exmy checkpoint layout, version 1.x (1.0, 1.1 and 1.2).
+"""An independent, pure-numpy reader of the exmy checkpoint layout, versions 1.x (1.0, 1.1, 1.2) and 2.x.
 
 Written from ``formats/SPEC.md`` alone (no exmyconv code, no safetensors package, no
 lookup tables from other libraries), so that the tests can check that the specification is
@@ -30,7 +30,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-SUPPORTED_MAJOR = 1
+SUPPORTED_MAJORS = (1, 2)
+CURRENT_MAJOR = 2
 
 # safetensors dtype -> little-endian numpy storage type.  BF16 has no numpy type: it is kept as
 # its uint16 bit patterns (see ``bf16_bits_to_f32``).
@@ -115,23 +116,27 @@ def plane_widths(b: int) -> list[int]:
     return [w for w in (4, 2, 1) if b & w]
 
 
-def padded_length(K: int) -> int:
-    return 128 * ((K + 127) // 128)
+def padded_length(K: int, major: int = CURRENT_MAJOR) -> int:
+    """Kp: K rounded up to a multiple of 32 (layout 2.x) or of 128 (1.x)."""
+    unit = 32 if major == 2 else 128
+    return unit * ((K + unit - 1) // unit)
 
 
-def shared_plane_bytes(Kp: int, k: int) -> int:
-    """Bytes of the shared plane of one row: ceil(Kp/k) bits, padded to a multiple of 16 bytes."""
+def shared_plane_bytes(Kp: int, k: int, major: int = CURRENT_MAJOR) -> int:
+    """Bytes of the shared plane of one row: ceil(Kp/k) bits, padded to a multiple of 4 bytes (2.x)
+    or 16 bytes (1.x)."""
     nbits = -(-Kp // k)                      # ceil(Kp / k) shared bits
-    return 16 * -(-nbits // 128)
+    unit = 4 if major == 2 else 16
+    return unit * -(-nbits // (8 * unit))
 
 
-def row_bytes(K: int, b: int, k: int | None = None) -> int:
+def row_bytes(K: int, b: int, k: int | None = None, major: int = CURRENT_MAJOR) -> int:
     """Packed bytes per row (SPEC.md section 3): ``Kp*b/8``, or for a shared format
-    ``Kp*(b-1)/8 + 16*ceil(ceil(Kp/k)/128)``."""
-    Kp = padded_length(K)
+    ``Kp*(b-1)/8 + 4*ceil(ceil(Kp/k)/32)`` (1.x: ``16*ceil(ceil(Kp/k)/128)``)."""
+    Kp = padded_length(K, major)
     if k is None:
         return Kp * b // 8
-    return Kp * (b - 1) // 8 + shared_plane_bytes(Kp, k)
+    return Kp * (b - 1) // 8 + shared_plane_bytes(Kp, k, major)
 
 
 def _read_plane(plane: np.ndarray, n: int, w: int) -> np.ndarray:
@@ -144,7 +149,7 @@ def _read_plane(plane: np.ndarray, n: int, w: int) -> np.ndarray:
     return (plane[..., byte] >> shift) & np.uint8((1 << w) - 1)
 
 
-def unpack_planes(packed: np.ndarray, K: int, b: int, k: int | None = None
+def unpack_planes(packed: np.ndarray, K: int, b: int, k: int | None = None, major: int = CURRENT_MAJOR
                   ) -> tuple[np.ndarray, np.ndarray | None]:
     """Split packed rows into ``(high, shared)``.
 
@@ -153,8 +158,8 @@ def unpack_planes(packed: np.ndarray, K: int, b: int, k: int | None = None
     ``shared``: ``None``, or for a shared format every bit of the shared plane,
     ``uint8[..., 8 * shared_plane_bytes]`` (bit j = m0 of elements k*j .. k*j+k-1 while
     j < ceil(Kp/k); the rest is padding)."""
-    Kp = padded_length(K)
-    rb = row_bytes(K, b, k)
+    Kp = padded_length(K, major)
+    rb = row_bytes(K, b, k, major)
     if packed.dtype != np.uint8 or packed.shape[-1] != rb:
         raise ValueError(f"packed rows must be {rb} uint8, got {packed.shape} {packed.dtype}")
     hb = b if k is None else b - 1           # bits in the per-element planes
@@ -169,17 +174,17 @@ def unpack_planes(packed: np.ndarray, K: int, b: int, k: int | None = None
         assert offset == rb
         return high, None
     sp = packed[..., offset:]
-    assert sp.shape[-1] == shared_plane_bytes(Kp, k)
+    assert sp.shape[-1] == shared_plane_bytes(Kp, k, major)
     return high, _read_plane(sp, sp.shape[-1] * 8, 1)
 
 
 def unpack_codes(packed: np.ndarray, K: int, b: int, k: int | None = None, *,
-                 padded: bool = False) -> np.ndarray:
+                 padded: bool = False, major: int = CURRENT_MAJOR) -> np.ndarray:
     """``uint8[..., row_bytes]`` bit planes -> ``uint8[..., K]`` codes (SPEC.md section 3).
 
     For a shared format (``k`` given) ``code = (high << 1) | bit (i // k) of the shared plane``.
     ``padded=True`` returns all ``Kp`` codes, padding included."""
-    high, shared = unpack_planes(packed, K, b, k)
+    high, shared = unpack_planes(packed, K, b, k, major)
     if k is None:
         codes = high
     else:
@@ -355,14 +360,15 @@ class QuantizedTensor:
     scale: np.ndarray    # stored scale values (BF16: uint16 bit patterns)
     scale_dtype: str     # "F16" or "BF16"
     info: dict = field(default_factory=dict)
+    major: int = CURRENT_MAJOR  # layout major version of its file: how rows are padded
 
     def codes(self, padded: bool = False) -> np.ndarray:
         E, M, k = parse_format_full(self.format)
-        return unpack_codes(self.packed, self.shape[-1], 1 + E + M, k, padded=padded)
+        return unpack_codes(self.packed, self.shape[-1], 1 + E + M, k, padded=padded, major=self.major)
 
     def planes(self) -> tuple[np.ndarray, np.ndarray | None]:
         E, M, k = parse_format_full(self.format)
-        return unpack_planes(self.packed, self.shape[-1], 1 + E + M, k)
+        return unpack_planes(self.packed, self.shape[-1], 1 + E + M, k, self.major)
 
     def scales_f32(self) -> np.ndarray:
         if self.scale_dtype == "BF16":
@@ -423,8 +429,8 @@ def _check_version(v, what: str) -> tuple[int, int]:
     if not m:
         raise ValueError(f"{what}: bad layout version {v!r}")
     major, minor = int(m.group(1)), int(m.group(2))
-    if major != SUPPORTED_MAJOR:
-        raise ValueError(f"{what}: unsupported layout version {v!r} (this reader reads {SUPPORTED_MAJOR}.x)")
+    if major not in SUPPORTED_MAJORS:
+        raise ValueError(f"{what}: unsupported layout version {v!r} (this reader reads 1.x and 2.x)")
     return major, minor
 
 
@@ -499,12 +505,13 @@ def _add_file(ckpt: Checkpoint, path: str) -> None:
             raise ValueError(f"{path}: {name}: stored twice")
         pd, ps, parr = tensors[pname]
         sd, ss, sarr = tensors[sname]
-        if pd != "U8" or ps != lead + [row_bytes(K, b, k)]:
+        major = version[0] if version is not None else CURRENT_MAJOR  # (a file without records)
+        if pd != "U8" or ps != lead + [row_bytes(K, b, k, major)]:
             raise ValueError(f"{name}: packed is {pd} {ps}")
         if sd not in ("F16", "BF16") or ss != lead + [-(-K // G)]:
             raise ValueError(f"{name}: scale is {sd} {ss}")
         q = QuantizedTensor(name=name, format=info["format"], shape=shape, source_dtype=info["dtype"],
-                            group_size=G, packed=parr, scale=sarr, scale_dtype=sd, info=info)
+                            group_size=G, packed=parr, scale=sarr, scale_dtype=sd, info=info, major=major)
         _check_scales(q)
         ckpt.quantized[name] = q
         used.update((pname, sname))

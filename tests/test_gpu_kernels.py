@@ -412,10 +412,11 @@ def test_gemv_b1r_x_window(cp, rng, name):
             assert torch.equal(three.view(torch.int16), direct.view(torch.int16)), f"{name} k={k} {group} {x_dtype} 3/SM"
 
 
+@pytest.mark.parametrize("narrow,wide,batches", [("nt2", "nt2w", (9, 17)), ("nt1", "nt1w", (2, 9))])
 @pytest.mark.parametrize("name", ["e2m2", "e2m1", "e2m2s4", "e3m2", "e4m3"])
-def test_gemv_wide_tiles(cp, rng, name):
-    """Batch 9..16 with two 16-row tiles per warp (nt2w, chosen by gpu.gemv_wide for large layers)
-    on small random shapes: against float64 (gemv_check's bound) and, bit for bit, against nt2 with
+def test_gemv_wide_tiles(cp, rng, name, narrow, wide, batches):
+    """Batch 9..16 (2..8) with two 16-row tiles per warp (nt2w, chosen by gpu.gemv_wide for large
+    layers; nt1w) on small random shapes: against float64 (gemv_check's bound) and, bit for bit, against nt2 (nt1) with
     the same K split (the same products in the same order). Row counts that end inside the second
     tile, K tails, unaligned x rows, scale groups aligned and not, fp16 and bf16 x."""
     import torch
@@ -423,13 +424,13 @@ def test_gemv_wide_tiles(cp, rng, name):
     fmt = get_format(name)
     for group in (None, 128, 100):
         for x_dtype in ("F16", "BF16"):
-            batch = int(rng.integers(9, 17))
+            batch = int(rng.integers(*batches))
             n = int(rng.choice([int(rng.integers(1, 40)), 32 * int(rng.integers(1, 20)) + int(rng.integers(0, 32))]))
             k = int(rng.choice([int(rng.integers(1, 700)), 4096, 1000 + 8 * int(rng.integers(0, 200))]))
             _, _, weight, x, _, x64 = gemv_check(cp, rng, fmt, n, k, batch, x_dtype, group=group)
             ref = x64 @ cp.asnumpy(weight.dequantize("F32")).astype(np.float64).reshape(-1, k).T
             outs = {}
-            for kind in ("nt2", "nt2w"):
+            for kind in (narrow, wide):
                 for split in (1, 8):
                     y = torch.full((batch, n), float("nan"), dtype=x.dtype, device="cuda")
                     plan = gpu.gemv_plan(x, weight, y, kind=kind, split=split)
@@ -442,8 +443,8 @@ def test_gemv_wide_tiles(cp, rng, name):
                     tol = TOL["BF16"] if plan.kernel.mode >= 2 else TOL["F16"]
                     assert err <= tol, f"{name} {n}x{k} B={batch} {kind} split {split}: rel error {err:.2e}"
             for split in (1, 8):
-                assert torch.equal(outs["nt2", split].view(torch.int16), outs["nt2w", split].view(torch.int16)), \
-                    f"{name} {n}x{k} B={batch} {x_dtype} group {group} split {split}: nt2w differs from nt2"
+                assert torch.equal(outs[narrow, split].view(torch.int16), outs[wide, split].view(torch.int16)), \
+                    f"{name} {n}x{k} B={batch} {x_dtype} group {group} split {split}: {wide} differs from {narrow}"
 
 
 @pytest.mark.parametrize("group", [32, 64, 128, 96, 100])

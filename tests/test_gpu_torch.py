@@ -109,3 +109,35 @@ def test_prepared_launch_follows_new_inputs(rng, fmt, group):
                 assert not torch.isnan(got).any()
                 assert torch.equal(got, want), (rows, x.data_ptr() % 16)
         assert set(layer._launches) == {(1, torch.float16), (3, torch.float16), (16, torch.float16)}
+
+
+@pytest.mark.parametrize("fmt,k", [("e2m2", 576), ("e2m2s4", 2816), ("e2m3s3", 544), ("e3m2s4", 544)])
+def test_rows_not_16_byte_multiples_are_read_in_place(rng, fmt, k):
+    """Layout 2.0 rows may be 4-byte multiples only (K = 576 e2m2: 360 bytes). On the GPU the layer lays
+    its buffer out with 16-byte aligned rows once (a [N, row_bytes] view of wider storage), the kernels
+    read it in place (no second copy of the weight), and the results match the dequantized weight."""
+    import torch
+
+    from exmyconv.cuda import gpu
+    from exmyconv.format.exmy import get_format
+    from exmyconv.format.pack import row_bytes
+
+    rb = row_bytes(get_format(fmt), k)
+    assert rb % 16, "the case must need the wider row layout"
+    layer = _layer(rng, fmt=fmt, k=k, n=300)
+    packed = layer.weight_packed
+    assert packed.shape == (300, rb) and packed.stride(0) == gpu.kernel_stride(rb) and packed.data_ptr() % 16 == 0
+    weight = layer._gpu_weight(gpu)
+    assert weight.payload.data.ptr == packed.data_ptr() and weight.payload.strides[0] == packed.stride(0)
+    want_w = layer.dequantize_weight(torch.float16)  # the torch codec (CPU-equal, tests/test_torch_codec.py)
+    for rows in (1, 4, 9, 16):
+        x = torch.randn(rows, k, device="cuda", dtype=torch.float16)
+        y = layer(x)
+        want = torch.nn.functional.linear(x.float(), layer.dequantize_weight(torch.float32), layer.bias.float())
+        assert not torch.isnan(y).any()
+        err = ((y.float() - want).norm() / want.norm()).item()
+        assert err < 4e-3, (rows, err)
+    # the bit-exact dequantization kernel reads the same rows
+    out = torch.empty((300, k), dtype=torch.float16, device="cuda")
+    weight.dequantize("F16", out=out)
+    assert torch.equal(out, want_w)

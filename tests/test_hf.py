@@ -546,9 +546,9 @@ def test_refuses_an_unknown_layout_major_version(llama, tmp_path):
     out = tmp_path / "v2"
     shutil.copytree(llama / "e2m2", out)
     config = json.loads((out / "config.json").read_text())
-    config["quantization_config"]["format_version"] = "2.0"
+    config["quantization_config"]["format_version"] = "3.0"
     (out / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match="version 2.0"):
+    with pytest.raises(ValueError, match="version 3.0"):
         AutoModelForCausalLM.from_pretrained(out)
 
 

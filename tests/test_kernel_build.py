@@ -145,7 +145,7 @@ def spill_limit(fmt: ExMy, kernel: GemvKernel) -> int | None:
     gpu uses (fp16 operands, one scale per row); at most 128 for nt2w where gpu takes it (codes of
     <= 5 bits, gpu.gemv_wide: two row tiles per warp; 5-bit codes with a 1-bit plane spill there, and
     it still ran faster than nt2 on an H200, docs/benchmarks.md); the others may spill a little."""
-    if kernel.kind == "nt2w":
+    if kernel.kind in ("nt1w", "nt2w"):
         return 128 if fmt.name in NAMED and fmt.bits <= 5 and kernel.mode != 2 and kernel.groups != 2 else None
     if kernel.kind == "b1r" and kernel.blocks == 3:
         return 32 if kernel.mode != 2 and kernel.groups == 0 else None

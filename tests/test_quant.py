@@ -81,7 +81,7 @@ def check_against_oracle(x, fmt, group_size=None):
     g, dtype, s = oracle_scales(x, fmt, group_size)
     ngroups = -(-k // g)
     assert q.group_size == g and q.shape == x.shape and q.scale_dtype == dtype
-    assert q.scales.shape == (*lead, ngroups) and q.payload.shape == (*lead, 128 * -(-k // 128) * fmt.bits // 8)
+    assert q.scales.shape == (*lead, ngroups) and q.payload.shape == (*lead, 32 * -(-k // 32) * fmt.bits // 8)
     assert q.scales.dtype == np.float32
     assert np.array_equal(q.scales.reshape(-1, ngroups), s), "scales differ from SPEC's rule"
     codes = codes_of(q).reshape(-1, k)

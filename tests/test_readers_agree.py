@@ -108,7 +108,7 @@ def test_shared_format_in_a_layout_1_0_file(tmp_path, rng):
     refused(out, "shared format e2m2s4 in a layout 1.0 file")
 
 
-@pytest.mark.parametrize("version", ["2.0", "1", "x", "", "1.1.1", "9" * 5000 + ".1"])
+@pytest.mark.parametrize("version", ["3.0", "1", "x", "", "1.1.1", "9" * 5000 + ".1"])
 def test_unreadable_layout_versions(converted, version):
     edit(shard_of(converted, "blk.0.w.weight_scale"), meta=lambda m: m.update(exmy_version=version))
     refused(converted, "exmy layout version")
@@ -206,7 +206,7 @@ def test_quantization_config_not_an_object(converted, value):
     ("group_size", "1e999", "group_size"), ("group_size", "0", "group_size"), ("group_size", "64.0", "group_size"),
     ("group_size", "true", "group_size"), ("ignore", "5", "ignore"), ("ignore", '"lm_head.weight"', "ignore"),
     ("ignore", "[1]", "ignore"), ("format", '"E2M2"', "format"), ("format", '"e9m9"', "format"),
-    ("format", "null", "format"), ("format_version", '"2.0"', "version"), ("format_version", "1.1", "version"),
+    ("format", "null", "format"), ("format_version", '"3.0"', "version"), ("format_version", "1.1", "version"),
     ("tied", "[]", "tied"), ("exmyconv_version", "1", "exmyconv_version")])
 def test_bad_quantization_config_values(converted, field, value, needle):
     config = converted / "config.json"

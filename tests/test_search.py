@@ -43,9 +43,9 @@ def spec_nbytes(name: str, shape) -> int:
     e, m, share, group = _NAME.fullmatch(name).groups()
     bits, k = 1 + int(e) + int(m), shape[-1]
     rows = math.prod(shape[:-1])
-    kp = 128 * math.ceil(k / 128)
+    kp = 32 * math.ceil(k / 32)
     if share:
-        row = kp * (bits - 1) // 8 + 16 * math.ceil(math.ceil(kp / int(share)) / 128)
+        row = kp * (bits - 1) // 8 + 4 * math.ceil(math.ceil(kp / int(share)) / 32)
     else:
         row = kp * bits // 8
     g = k if group is None or int(group) >= k else int(group)
@@ -801,9 +801,9 @@ def test_cli_errors(args, words, minilm_dir, run_cli, tmp_path):
 
 
 def test_cli_budget_below_default_candidates(nbytes_source, run_cli, tmp_path):
-    """With the default list the cheapest is e2m1-g64 (4.25 bits at K ≥ 64): 4 bits cannot be met."""
+    """The cheapest default candidate is e2m1s4 (3.25 bits plus scales and padding): 3 bits cannot be met."""
     out = tmp_path / "out"
-    code, stdout, err = run_cli("quantize", nbytes_source, out, "--format", "auto", "--bits", "4")
+    code, stdout, err = run_cli("quantize", nbytes_source, out, "--format", "auto", "--bits", "3")
     assert_clean_failure(code, stdout, err, tmp_path, out, "budget")
 
 

@@ -60,13 +60,13 @@ def test_shared_bit_search_matches_brute_force(fmt, rng):
 
 
 @pytest.mark.parametrize("fmt", SHARED, ids=lambda f: f.name)
-@pytest.mark.parametrize("k", [1, 5, 127, 128, 129, 300, 1000])
+@pytest.mark.parametrize("k", [1, 5, 31, 33, 127, 128, 129, 300, 576, 1000])
 def test_pack_round_trip_and_size(fmt, k, rng):
     y = (rng.standard_normal((4, k)) * 2).astype(np.float32)
     codes = fmt.encode(y)
     payload = pack_codes(codes, fmt)
-    kp = 128 * -(-k // 128)
-    shared_bytes = 16 * -(-(-(-kp // fmt.share)) // 128)
+    kp = 32 * -(-k // 32)
+    shared_bytes = 4 * -(-(-(-kp // fmt.share)) // 32)
     assert payload.shape == (4, kp * (fmt.bits - 1) // 8 + shared_bytes) == (4, row_bytes(fmt, k))
     assert np.array_equal(unpack_codes(payload, fmt, k), codes)
 
@@ -76,11 +76,11 @@ def test_e2m2s4_literal_layout():
     # codes (5 bits): element i; groups {0..3} share m0=1, {4..7} share m0=0
     codes = np.array([[0b10011, 0b00001, 0b01111, 0b11101, 0b00100, 0b10010, 0b01110, 0b00000]], np.uint8)
     payload = pack_codes(codes, fmt)
-    assert payload.shape == (1, 64 + 16)
+    assert payload.shape == (1, 16 + 4)
     own = codes[0] >> 1  # [s e1 e0 m1] nibbles, even element in the low nibble
     expected_nibbles = [own[0] | own[1] << 4, own[2] | own[3] << 4, own[4] | own[5] << 4, own[6] | own[7] << 4]
-    assert list(payload[0, :4]) == expected_nibbles and not payload[0, 4:64].any()
-    assert payload[0, 64] == 0b01 and not payload[0, 65:].any()  # group 0 bit 1, group 1 bit 0
+    assert list(payload[0, :4]) == expected_nibbles and not payload[0, 4:16].any()
+    assert payload[0, 16] == 0b01 and not payload[0, 17:].any()  # group 0 bit 1, group 1 bit 0
     assert np.array_equal(unpack_codes(payload, fmt, 8), codes)
 
 

@@ -29,6 +29,7 @@ from exmyconv.torch.state_dict import load_state_dict  # noqa: E402
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VECTORS = os.path.join(ROOT, "formats", "vectors")
 VECTOR_FILES = sorted(glob.glob(os.path.join(VECTORS, "*.safetensors")))
+V1_FILES = sorted(glob.glob(os.path.join(VECTORS, "v1", "*.safetensors")))  # the same cases in layout 1.2
 
 # formats/vectors/README.md: case -> (format, group size or None for per channel)
 VECTOR_CASES = {
@@ -81,7 +82,7 @@ def check_padding(q: sd.QuantizedTensor) -> None:
     ceil(Kp/k)) is zero."""
     E, M, k = sd.parse_format_full(q.format)
     K = q.shape[-1]
-    Kp = sd.padded_length(K)
+    Kp = sd.padded_length(K, q.major)
     codes = q.codes(padded=True)
     assert codes.shape[-1] == Kp
     if k is None:
@@ -93,7 +94,7 @@ def check_padding(q: sd.QuantizedTensor) -> None:
     assert np.all(pad <= 1), q.name
     assert np.array_equal(pad, shared[..., np.arange(K, Kp) // k]), q.name
     nbits = -(-Kp // k)
-    assert shared.shape[-1] == 8 * sd.shared_plane_bytes(Kp, k) >= nbits
+    assert shared.shape[-1] == 8 * sd.shared_plane_bytes(Kp, k, q.major) >= nbits
     assert not shared[..., -(-K // k):nbits].any(), f"{q.name}: shared bit of an all-padding group"
     assert not shared[..., nbits:].any(), f"{q.name}: shared plane tail not zero"
 
@@ -280,8 +281,8 @@ def test_plane_widths():
 
 
 def test_unpack_example_e2m2():
-    # Hand-built row: code c_i = i % 32 for i < 130 (e2m2, b = 5), padded to Kp = 256.
-    K, Kp = 130, 256
+    # Hand-built row: code c_i = i % 32 for i < 130 (e2m2, b = 5), padded to Kp = 160.
+    K, Kp = 130, 160
     codes = np.zeros(Kp, np.uint8)
     codes[:K] = np.arange(K) % 32
     hi, lo = codes >> 1, codes & 1                     # 4-bit plane [s e1 e0 m1], 1-bit plane m0
@@ -293,25 +294,27 @@ def test_unpack_example_e2m2():
 
 
 def test_unpack_example_e2m2s4_bytes():
-    # SPEC.md section 3, by hand: K = 8, Kp = 128; e2m2s4 has one 4-bit plane [s e1 e0 m1]
-    # (64 bytes) and a shared plane of ceil(128/4) = 32 bits, padded to 16 bytes.
-    assert sd.row_bytes(8, 5, 4) == 64 + 16
-    row = np.zeros(80, np.uint8)
+    # SPEC.md section 3, by hand: K = 8, Kp = 32; e2m2s4 has one 4-bit plane [s e1 e0 m1]
+    # (16 bytes) and a shared plane of ceil(32/4) = 8 bits, padded to 4 bytes.
+    assert sd.row_bytes(8, 5, 4) == 16 + 4
+    row = np.zeros(20, np.uint8)
     row[:4] = [0x21, 0x43, 0x65, 0x87]   # code >> 1 = 1, 2, ..., 8 (even i in the low nibble)
-    row[64] = 0b01                        # elements 0-3 share m0 = 1, elements 4-7 m0 = 0
+    row[16] = 0b01                        # elements 0-3 share m0 = 1, elements 4-7 m0 = 0
     assert sd.unpack_codes(row[None], 8, 5, 4)[0].tolist() == [3, 5, 7, 9, 10, 12, 14, 16]
     full = sd.unpack_codes(row[None], 8, 5, 4, padded=True)[0]
-    assert full.shape == (128,) and not full[8:].any()
-    # (plain e2m2 with K = 8 is 80 bytes per row too: only the format name tells them apart)
-    assert sd.row_bytes(8, 5) == 80 and sd.unpack_codes(row[None], 8, 5)[0].tolist() != [3, 5, 7, 9, 10, 12, 14, 16]
-    row[64] = 0b10                        # now elements 4-7 have m0 = 1
+    assert full.shape == (32,) and not full[8:].any()
+    # (plain e2m2 with K = 8 is 20 bytes per row too: only the format name tells them apart)
+    assert sd.row_bytes(8, 5) == 20 and sd.unpack_codes(row[None], 8, 5)[0].tolist() != [3, 5, 7, 9, 10, 12, 14, 16]
+    row[16] = 0b10                        # now elements 4-7 have m0 = 1
     assert sd.unpack_codes(row[None], 8, 5, 4)[0].tolist() == [2, 4, 6, 8, 11, 13, 15, 17]
 
 
-def pack_reference(codes: np.ndarray, b: int, k: int | None) -> np.ndarray:
+def pack_reference(codes: np.ndarray, b: int, k: int | None, major: int = 2) -> np.ndarray:
     """Test-side writer following SPEC.md section 3 word for word, via numpy.packbits (a second
     code path, independent of spec_decoder's reader).  ``codes``: one padded row (Kp codes);
-    for a shared format every group's codes must already agree on m0."""
+    for a shared format every group's codes must already agree on m0. ``major`` 1: the 1.x padding
+    of section 5 (shared plane in 16-byte units instead of 4)."""
+    unit = 4 if major == 2 else 16
     Kp = codes.shape[-1]
     hb = b if k is None else b - 1
     hi = codes.astype(np.uint16) >> (0 if k is None else 1)
@@ -322,13 +325,13 @@ def pack_reference(codes: np.ndarray, b: int, k: int | None) -> np.ndarray:
         fld = (hi >> used) & ((1 << w) - 1)                     # most significant bits first
         bits = (fld[:, None] >> np.arange(w)) & 1                # field's own LSB lowest
         parts.append(np.packbits(bits.reshape(-1).astype(np.uint8), bitorder="little"))
-        assert parts[-1].size == Kp * w // 8 and parts[-1].size % 16 == 0
+        assert parts[-1].size == Kp * w // 8 and parts[-1].size % unit == 0
     if k is not None:
         nbits = -(-Kp // k)
         groups = np.arange(nbits)
         m0 = (codes[np.minimum(groups * k, Kp - 1)] & 1).astype(np.uint8)
         plane = np.packbits(m0, bitorder="little")
-        size = 16 * -(-nbits // 128)
+        size = unit * -(-nbits // (8 * unit))
         parts.append(np.concatenate([plane, np.zeros(size - plane.size, np.uint8)]))
     return np.concatenate(parts)
 
@@ -341,8 +344,9 @@ def test_unpack_random_rows(fmt):
     E, M, k = sd.parse_format_full(fmt)
     b = 1 + E + M
     rng = np.random.default_rng(b * 10 + (k or 0))
-    for K in (1, 3, 40, 127, 128, 129, 130, 300, 384):
-        Kp = sd.padded_length(K)
+    for K, major in [(K, 2) for K in (1, 3, 31, 32, 33, 40, 127, 128, 129, 130, 300, 384, 576)] + \
+            [(K, 1) for K in (1, 40, 128, 129, 300, 576)]:
+        Kp = sd.padded_length(K, major)
         rows = []
         for _ in range(3):
             codes = np.zeros(Kp, np.uint8)
@@ -351,23 +355,28 @@ def test_unpack_random_rows(fmt):
                 m0 = rng.integers(0, 2, -(-Kp // k)).astype(np.uint8)
                 m0[-(-K // k):] = 0                  # groups wholly past K: padding code 0
                 codes[:K] = (codes[:K] & 0xFE) | m0[np.arange(K) // k]
-            rows.append((codes, pack_reference(codes, b, k)))
+            rows.append((codes, pack_reference(codes, b, k, major)))
         packed = np.stack([r[1] for r in rows])
-        assert packed.shape == (3, sd.row_bytes(K, b, k))
+        assert packed.shape == (3, sd.row_bytes(K, b, k, major))
         want = np.stack([r[0] for r in rows])
-        assert np.array_equal(sd.unpack_codes(packed, K, b, k), want[:, :K]), (fmt, K)
-        assert np.array_equal(sd.unpack_codes(packed, K, b, k, padded=True)[:, :K], want[:, :K])
+        assert np.array_equal(sd.unpack_codes(packed, K, b, k, major=major), want[:, :K]), (fmt, K)
+        assert np.array_equal(sd.unpack_codes(packed, K, b, k, padded=True, major=major)[:, :K], want[:, :K])
         with pytest.raises(ValueError):
-            sd.unpack_codes(packed[:, :-16], K, b, k)
+            sd.unpack_codes(packed[:, :-4], K, b, k, major=major)
 
 
 def test_row_bytes_formula():
-    # SPEC.md section 3: Kp*b/8, or Kp*(b-1)/8 + 16*ceil(ceil(Kp/k)/128)
-    assert sd.row_bytes(150, 5, 4) == 128 + 16 and sd.row_bytes(96, 5, 4) == 64 + 16
-    assert sd.row_bytes(150, 6, 3) == 160 + 16 and sd.row_bytes(96, 6, 3) == 80 + 16
-    assert sd.row_bytes(384, 5, 4) == 192 + 16 and sd.row_bytes(1536, 5, 4) == 768 + 48
+    # SPEC.md section 3: Kp*b/8, or Kp*(b-1)/8 + 4*ceil(ceil(Kp/k)/32), Kp = 32*ceil(K/32)
+    assert sd.row_bytes(150, 5, 4) == 80 + 8 and sd.row_bytes(96, 5, 4) == 48 + 4
+    assert sd.row_bytes(150, 6, 3) == 100 + 8 and sd.row_bytes(96, 6, 3) == 60 + 4
+    assert sd.row_bytes(384, 5, 4) == 192 + 12 and sd.row_bytes(1536, 5, 4) == 768 + 48
     assert sd.row_bytes(384, 6, 3) == 240 + 16 and sd.row_bytes(1536, 6, 3) == 960 + 64
-    assert sd.row_bytes(384, 5) == 240 and sd.row_bytes(1, 8) == 128
+    assert sd.row_bytes(384, 5) == 240 and sd.row_bytes(1, 8) == 32
+    assert sd.row_bytes(576, 5) == 360 and sd.row_bytes(576, 5, 4) == 288 + 20  # issue 20's K = 576
+    # 1.x (section 5): Kp = 128*ceil(K/128), the shared plane in 16-byte units
+    assert sd.row_bytes(150, 5, 4, major=1) == 128 + 16 and sd.row_bytes(96, 5, 4, major=1) == 64 + 16
+    assert sd.row_bytes(384, 5, 4, major=1) == 192 + 16 and sd.row_bytes(1536, 6, 3, major=1) == 960 + 64
+    assert sd.row_bytes(576, 5, major=1) == 400 and sd.row_bytes(1, 8, major=1) == 128
 
 
 # ============================================================================ test vectors
@@ -377,14 +386,19 @@ def test_vectors_present():
     assert names == set(VECTOR_CASES)
 
 
-@pytest.mark.parametrize("path", VECTOR_FILES, ids=lambda p: os.path.basename(p))
+def test_v1_vectors_present():
+    assert [os.path.basename(p) for p in V1_FILES] == [os.path.basename(p) for p in VECTOR_FILES]
+
+
+@pytest.mark.parametrize("path", VECTOR_FILES + V1_FILES, ids=lambda p: os.path.relpath(p, VECTORS))
 def test_vector(path):
     case = os.path.basename(path)[: -len(".safetensors")]
     fmt, group = VECTOR_CASES[case]
     with open(path[: -len(".safetensors")] + ".json") as fh:
         expected = json.load(fh)
     ckpt = sd.read_file(path)
-    assert ckpt.metadata["format"] == "pt" and ckpt.metadata["exmy_version"] == "1.2"
+    version = "1.2" if path in V1_FILES else "2.0"
+    assert ckpt.metadata["format"] == "pt" and ckpt.metadata["exmy_version"] == version
     assert set(expected) == set(ckpt.quantized) == set(VECTOR_SOURCES)
     assert list(ckpt.plain) == ["layer.norm.weight"] and ckpt.plain["layer.norm.weight"].data.ndim == 1
     k = sd.parse_format_full(fmt)[2]
@@ -413,6 +427,11 @@ def test_vector(path):
             assert mism.size == 0, (
                 f"{case} {name} {key}: {mism.size} mismatches, first at {mism[:5].tolist()}: "
                 f"got {[hex(v) for v in got[mism[:3]]]} want {[hex(v) for v in want[mism[:3]]]}")
+    # exmyconv's own reader (1.x payloads re-padded on read) gives the same exact values
+    ref = load_state_dict(path, dtype=torch.float32)
+    for name, exp in expected.items():
+        want = np.array([int(h, 16) for h in exp["f32_bits"]], dtype=np.uint32)
+        assert np.array_equal(torch_bits(ref[name]).ravel(), want), name
 
 
 def _hex_bits(q: sd.QuantizedTensor, exp: dict) -> None:
@@ -422,11 +441,12 @@ def _hex_bits(q: sd.QuantizedTensor, exp: dict) -> None:
         assert np.array_equal(got, want), f"{q.name} {key}"
 
 
-@pytest.mark.parametrize("case", FOLDER_CASES)
+@pytest.mark.parametrize("case", FOLDER_CASES + [f"v1/{c}" for c in FOLDER_CASES])
 def test_folder_vector(case):
     """SPEC.md section 4: index keys are stored names, in the file that holds them; a tied lm_head is
     not stored and not output; integer tensors are output as stored; config.json's quantization_config."""
     folder = os.path.join(VECTORS, case)
+    version = "1.2" if case.startswith("v1/") else "2.0"
     with open(folder + ".json") as fh:
         expected = json.load(fh)
     ckpt = sd.read_checkpoint(folder)
@@ -434,17 +454,17 @@ def test_folder_vector(case):
     assert ckpt.outputs() == expected["outputs"] and ckpt.tied == expected["tied"]
     assert set(ckpt.quantized) == set(expected["quantized"])
     qc = ckpt.config["quantization_config"]
-    assert qc["quant_method"] == "exmy" and qc["format_version"] == "1.2"
+    assert qc["quant_method"] == "exmy" and qc["format_version"] == version
     for f in ckpt.files:
         md, _ = sd.read_safetensors(f)
-        assert md["exmy_version"] == "1.2"
+        assert md["exmy_version"] == version
     for name, exp in expected["quantized"].items():
         q = ckpt.quantized[name]
         assert (q.format, q.shape) == (exp["format"], exp["shape"])
         check_padding(q)
         _hex_bits(q, exp)
     index = os.path.join(folder, "model.safetensors.index.json")
-    if case.startswith("sharded"):
+    if os.path.basename(case).startswith("sharded"):
         assert len(ckpt.files) == 2
         with open(index) as fh:
             keys = set(json.load(fh)["weight_map"])
@@ -575,7 +595,7 @@ def test_minilm_layout(minilm, case):
     with open(os.path.join(conv.dir, "config.json")) as fh:
         config = json.load(fh)
     qc = config["quantization_config"]
-    assert qc["quant_method"] == "exmy" and qc["format_version"] == "1.2"
+    assert qc["quant_method"] == "exmy" and qc["format_version"] == "2.0"
     assert qc["format"] == fmt and qc["group_size"] == group
     assert isinstance(qc["exmyconv_version"], str) and qc["exmyconv_version"]
     assert config["model_type"] == "bert" and config["hidden_size"] == 384   # source config kept
@@ -598,7 +618,7 @@ def test_minilm_layout(minilm, case):
             assert np.all(np.isfinite(p.as_f32()))
     for md_file in ck.files:
         md, _ = sd.read_safetensors(md_file)
-        assert md["format"] == "pt" and md["exmy_version"] == "1.2"
+        assert md["format"] == "pt" and md["exmy_version"] == "2.0"
     index = os.path.join(conv.dir, "model.safetensors.index.json")
     if "--max-shard-size" in args:
         with open(index) as fh:
@@ -647,7 +667,7 @@ def test_minilm_shared_bit(minilm, case):
 
 # bits per element of one row: SPEC.md section 1's nominal b - 1 + 1/k, and the exact
 # row_bytes of section 3 for MiniLM's K (hidden 384, intermediate 1536)
-SHARED_ROW_BYTES = {("e2m2s4", 384): 208, ("e2m2s4", 1536): 816,
+SHARED_ROW_BYTES = {("e2m2s4", 384): 204, ("e2m2s4", 1536): 816,
                     ("e2m3s3", 384): 256, ("e2m3s3", 1536): 1024}
 SPEC_BPW = {"e2m2s4": 4.25, "e2m3s3": 5.33}    # as printed in SPEC.md section 1
 
@@ -668,17 +688,17 @@ def test_minilm_shared_bits_per_weight(minilm, case):
         seen.add(K)
         assert rb == sd.row_bytes(K, b, k) == SHARED_ROW_BYTES[(fmt, K)], name
         # payload bits beyond the nominal: (b-1)*(Kp-K) for the padded codes, < (Kp-K)/k + 1
-        # for the shared bits of padding and the last short group, < 128 for the shared plane's
-        # padding to 16 bytes
+        # for the shared bits of padding and the last short group, < 32 for the shared plane's
+        # padding to 4 bytes
         over = 8 * rb - nominal * K
-        assert 0 <= over < (b - 1 + 1 / k) * (Kp - K) + 1 + 128, name
+        assert 0 <= over < (b - 1 + 1 / k) * (Kp - K) + 1 + 32, name
         assert q.packed.size * 8 / math.prod(q.shape[:-1]) == 8 * rb
     assert seen == {384, 1536}
     bpw = {K: 8 * SHARED_ROW_BYTES[(fmt, K)] / K for K in seen}
-    if fmt == "e2m3s3":   # 384/3 = 128 and 1536/3 = 512 shared bits fill whole 16-byte units
+    if fmt == "e2m3s3":   # 384/3 = 128 and 1536/3 = 512 shared bits fill whole 4-byte words
         assert bpw == {384: 16 / 3, 1536: 16 / 3}
-    else:                 # 384/4 = 96 shared bits take a whole 128-bit unit: 4.33, not 4.25
-        assert bpw == {384: 4 + 1 / 3, 1536: 4.25}
+    else:                 # 384/4 = 96 and 1536/4 = 384 shared bits fill whole words: exactly 4.25
+        assert bpw == {384: 4.25, 1536: 4.25}
 
 
 # ============================================================================ odd shapes / formats
@@ -776,25 +796,34 @@ def _bits(ckpt: sd.Checkpoint) -> dict:
 
 
 def test_layout_versions(tmp_path):
-    """SPEC.md section 5: a 1.x reader reads 1.0 files (no shared formats) and later minors,
-    refuses 2.x, and refuses a format name it does not know with a clear message."""
+    """SPEC.md section 5: a 2.x reader reads later 2.x minors and 1.x files (1.0 without shared
+    formats) by their own padding, refuses other majors, and refuses a format name it does not know
+    with a clear message."""
     plain = os.path.join(VECTORS, "e2m2.safetensors")
     shared = os.path.join(VECTORS, "e2m2s4.safetensors")
     want = _bits(sd.read_file(plain))
-    for v in ("1.0", "1.1", "1.2", "1.7"):
-        rewrite_vector(plain, str(tmp_path / "p.safetensors"), version=v)
+    for v, src in [("2.0", plain), ("2.5", plain)] + [(v, os.path.join(VECTORS, "v1", "e2m2.safetensors"))
+                                                     for v in ("1.0", "1.1", "1.2", "1.7")]:
+        rewrite_vector(src, str(tmp_path / "p.safetensors"), version=v)
         ck = sd.read_file(str(tmp_path / "p.safetensors"))
         assert ck.metadata["exmy_version"] == v
         got = _bits(ck)
         assert all(np.array_equal(got[n], want[n]) for n in want)
-    rewrite_vector(shared, str(tmp_path / "s.safetensors"), version="1.2")
+    # the padding is the version's: a 2.0 payload in a file that says 1.2 (and the reverse) is refused
+    rewrite_vector(plain, str(tmp_path / "p.safetensors"), version="1.2")
+    with pytest.raises(ValueError, match="packed"):
+        sd.read_file(str(tmp_path / "p.safetensors"))
+    rewrite_vector(shared, str(tmp_path / "s.safetensors"), version="2.1")
     assert sd.read_file(str(tmp_path / "s.safetensors")).quantized
-    for v in ("2.0", "0.9", "1", "x"):
+    for v in ("3.0", "0.9", "2", "x"):
         rewrite_vector(plain, str(tmp_path / "bad.safetensors"), version=v)
         with pytest.raises(ValueError, match="version"):
             sd.read_file(str(tmp_path / "bad.safetensors"))
+    shared_v1 = os.path.join(VECTORS, "v1", "e2m2s4.safetensors")
+    rewrite_vector(shared_v1, str(tmp_path / "r.safetensors"), version="1.0")  # shared format in a 1.0 file
+    with pytest.raises(ValueError, match="needs 1.1"):
+        sd.read_file(str(tmp_path / "r.safetensors"))
     refused = [  # (rewrite of the shared vector, expected message)
-        (dict(version="1.0"), "needs 1.1"),  # a shared format in a file that says 1.0
         # unknown format names, e.g. a share count this reader does not know
         *((dict(fmt=f), "unknown format") for f in ("e2m2s9", "e2m2s1", "e2m0s2", "e2m2x4")),
         (dict(fmt="e2m2"), "packed"),  # the shared payload is shorter than e2m2's

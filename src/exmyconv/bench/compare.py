@@ -17,7 +17,7 @@ variant is made and run on the same input.
 bits/weight is over the quantized tensors, as stored: for ExMy payload, padding and scales (what the
 converter reports); for intB-gG, B bits plus an fp16 scale and zero point per group; for a peer,
 everything its checkpoint stores. ``bits_nominal`` is what the same ExMy choices would take without
-the layout's padding of each row to a multiple of 128 elements (for NF4: without its per-tensor code
+the layout's padding of each row (to a multiple of 32 elements since layout 2.0; for NF4: without its per-tensor code
 tables). A row is on the **frontier** when no other row has at most its bits and a better
 metric (KL divergence for causal LMs, cosine for encoders).
 """

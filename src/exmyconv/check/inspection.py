@@ -136,7 +136,7 @@ def render(report: dict) -> str:
                   f"{report['bits_per_weight_nominal']:.3f} nominal, per quantized weight; "
                   f"{report['bits_per_weight_all']:.2f} over all tensors",
                   f"    effective = codes {b['codes']:.3f} + scales {b['scales']:.3f} + padding {b['padding']:.3f} "
-                  "(rows padded to a multiple of 128 weights, shared-bit planes to 16 bytes); nominal = codes + scales",
+                  "(rows padded to a multiple of 32 weights, shared-bit planes to 4 bytes); nominal = codes + scales",
                   f"  relative error: mean {report['mean_rel_error']:.4f}, worst {w['rel_error']:.4f} ({w['name']})"]
     else:
         lines.append(f"  bits/weight: {report['bits_per_weight_all']:.2f}")

@@ -89,7 +89,7 @@ def verify(out_dir: str, source_dir: str | None = None, use_gpu: bool | None = N
 def _gpu_matches(gpu, ckpt: Checkpoint, name: str, exact: np.ndarray, report: VerifyReport) -> bool:
     record, f = ckpt.records[name]
     scales, scale_dtype = ckpt.scales(name)
-    payload = np.ascontiguousarray(f.read(record.packed_name))
+    payload = np.ascontiguousarray(ckpt.payload(name))
     ok = True
     for out_dtype in ("F16", "BF16"):
         got = gpu.dequantize(payload, scales, scale_dtype, record.fmt, record.k, record.group_size, out_dtype)

@@ -86,7 +86,8 @@ def _write_tensor(ckpt: Checkpoint, name: str, code: str, writer: ShardWriter) -
     record, f = ckpt.records[name]
     scales, _ = ckpt.scales(name)
     scales = scales.reshape(-1, record.ngroups)
-    packed = f.read(record.packed_name).reshape(-1, record.packed_shape[-1])
+    packed = ckpt.payload(name)
+    packed = packed.reshape(-1, packed.shape[-1])
     step = max(1, ROWS_ELEMENTS // record.k)
     for start in range(0, packed.shape[0], step):
         codes = unpack_codes(packed[start:start + step], record.fmt, record.k)

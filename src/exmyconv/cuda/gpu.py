@@ -174,6 +174,46 @@ def scale_bits(scales, scale_dtype: str):
     raise ExmyError(f"cannot use scales of dtype {kind}")
 
 
+ROW_ALIGN = 16  # bytes: every payload row starts 16-byte aligned (the 4-bit plane is read in 16-byte words)
+
+
+def kernel_stride(rb: int) -> int:
+    """Bytes between the rows the kernels read: the row's bytes (a multiple of 4 in layout 2.0)
+    rounded up to ROW_ALIGN."""
+    return -(-rb // ROW_ALIGN) * ROW_ALIGN
+
+
+def _payload_rows(payload, fmt: ExMy, k: int):
+    """A payload [..., row_bytes] as the [rows, row_bytes] cupy array the kernels read: a view with rows
+    ROW_ALIGN-aligned. A torch tensor whose rows already are (torch.packed.kernel_rows lays buffers
+    out that way) is used in place, whatever its row stride; other payloads whose rows are not are
+    copied once into rows of kernel_stride bytes (the extra bytes are never decoded)."""
+    cupy = _cupy()
+    rb = row_bytes(fmt, k)
+    if _is_torch(payload) and payload.is_cuda and payload.dim() >= 2 and payload.shape[-1] == rb \
+            and payload.stride(-1) == 1:
+        rows2 = payload.reshape(-1, rb) if payload.dim() > 2 else payload  # a view where strides allow
+        if rows2.stride(0) % ROW_ALIGN == 0 and rows2.data_ptr() % ROW_ALIGN == 0 and rows2.data_ptr() \
+                == payload.data_ptr() and rows2.stride(0) >= rb:
+            n = rows2.shape[0]
+            size = (n - 1) * rows2.stride(0) + rb if n else 0
+            mem = cupy.cuda.UnownedMemory(rows2.data_ptr(), size, rows2)
+            return cupy.ndarray((n, rb), cupy.uint8, cupy.cuda.MemoryPointer(mem, 0), strides=(rows2.stride(0), 1))
+    if isinstance(payload, cupy.ndarray) and payload.ndim == 2 and payload.dtype == cupy.uint8 \
+            and payload.shape[1] == rb and payload.strides[1] == 1 and payload.strides[0] % ROW_ALIGN == 0 \
+            and payload.data.ptr % ROW_ALIGN == 0:
+        return payload  # already as the kernels read it (e.g. GpuWeight.payload)
+    pay = _as_device(payload).view(cupy.uint8)
+    if pay.ndim < 1 or pay.shape[-1] != rb:
+        return pay  # (_check_layout names the problem)
+    pay = pay.reshape(-1, rb)
+    if rb % ROW_ALIGN or pay.data.ptr % ROW_ALIGN:
+        wide = cupy.zeros((pay.shape[0], kernel_stride(rb)), cupy.uint8)
+        wide[:, :rb] = pay
+        pay = wide[:, :rb]
+    return pay
+
+
 def _check_layout(payload, scales, fmt: ExMy, k: int, group_size: int | None):
     """Flatten to [rows, row_bytes] / [rows, ngroups] after checking the shapes (SPEC section 4)."""
     if k < 1:
@@ -187,7 +227,9 @@ def _check_layout(payload, scales, fmt: ExMy, k: int, group_size: int | None):
     rows = int(np.prod(lead, dtype=np.int64)) if lead else 1
     if scales.size != rows * ngroups:
         raise ExmyError(f"{scales.size} scales for {rows} rows of {ngroups} groups")
-    return payload.reshape(rows, rb), scales.reshape(rows, ngroups), tuple(lead), rows, g, ngroups
+    if payload.ndim != 2:
+        payload = payload.reshape(rows, rb)
+    return payload, scales.reshape(rows, ngroups), tuple(lead), rows, g, ngroups
 
 
 # ----------------------------------------------------------------------------- dequantization
@@ -209,9 +251,10 @@ def dequantize(payload, scales, scale_dtype: str, fmt, k: int, group_size: int |
     fmt = _fmt(fmt)
     if out_dtype not in OUT_DTYPES:
         raise ExmyError(f"out_dtype must be one of {', '.join(OUT_DTYPES)}, not {out_dtype!r}")
-    pay = _as_device(payload).view(cupy.uint8)
+    lead = tuple(payload.shape[:-1])
+    pay = _payload_rows(payload, fmt, int(k))
     bits = scale_bits(scales, scale_dtype)
-    pay, bits, lead, rows, g, ngroups = _check_layout(pay, bits, fmt, int(k), group_size)
+    pay, bits, _, rows, g, ngroups = _check_layout(pay, bits, fmt, int(k), group_size)
     np_out = {"F16": cupy.float16, "BF16": cupy.uint16, "F32": cupy.float32}[out_dtype]
     shape = (*lead, k)
     if out is None:
@@ -236,7 +279,7 @@ class DequantPlan:
             raise ExmyError("tensor too large for one launch")  # > 137 G weights
         self.name = f"exmy_dequant_s{'bf' if scale_dtype == 'BF16' else '16'}_{_OUT_NAME[out_dtype]}"
         self.fn = kernel("dequant.cu", self.name, fmt) if self.units else None
-        self.args = (pay, bits, out, np.uint32(rows), np.uint32(k), np.uint32(pay.shape[1]),
+        self.args = (pay, bits, out, np.uint32(rows), np.uint32(k), np.uint32(pay.strides[0]),
                      np.uint32(ngroups), np.uint32(g))
         self.out = out
 
@@ -272,7 +315,7 @@ class GpuWeight:
     shape: tuple
     group_size: int           # G (= K for one scale per row)
     scale_dtype: str
-    payload: object           # cupy uint8 [N, row_bytes]
+    payload: object           # cupy uint8 [N, row_bytes], rows ROW_ALIGN-aligned (strides[0]: the kernels' stride)
     scales: object            # cupy uint16 [N, ngroups] raw scale bits
     _cache: dict = field(default_factory=dict, repr=False)
 
@@ -332,6 +375,15 @@ class GpuWeight:
             self._cache[mode] = cupy.ascontiguousarray(ks)
         return self._cache[mode]
 
+    def rows(self, start: int, stop: int) -> "GpuWeight":
+        """Rows start .. stop-1 over the same device memory. Its kernel mode is this whole weight's
+        (fold_ok of all its scales), so one launch prepared for the view serves every slice of that
+        shape (the experts of a stacked MoE projection, through GemvLaunch.move_weight)."""
+        view = GpuWeight(self.fmt, (stop - start, self.k), self.group_size, self.scale_dtype,
+                         self.payload[start:stop], self.scales[start:stop])
+        view._cache["fold_ok"] = self.fold_ok()
+        return view
+
     def fold_ok(self) -> bool:
         if "fold_ok" not in self._cache:
             cupy = _cupy()
@@ -350,7 +402,7 @@ def upload(qtensor=None, *, payload=None, scales=None, scale_dtype=None, fmt=Non
     fmt = _fmt(fmt)
     shape = tuple(int(s) for s in shape)
     k = shape[-1]
-    pay = _as_device(payload).view(cupy.uint8)
+    pay = _payload_rows(payload, fmt, k)
     bits = scale_bits(scales, scale_dtype)
     pay, bits, _, rows, g, _ = _check_layout(pay, bits, fmt, k, group_size)
     return GpuWeight(fmt, shape, g, scale_dtype, pay, bits)
@@ -375,15 +427,16 @@ def _gemv_shape(fmt: ExMy, kind: str) -> tuple[int, int]:
 
 
 def gemv_tile_rows(kind: str) -> int:
-    """Weight rows per warp (gemv.cu Cfg::MT tiles of GEMV_ROWS): two tiles for nt2w."""
-    return 2 * GEMV_ROWS if kind == "nt2w" else GEMV_ROWS
+    """Weight rows per warp (gemv.cu Cfg::MT tiles of GEMV_ROWS): two tiles for nt2w and nt1w."""
+    return 2 * GEMV_ROWS if kind in ("nt1w", "nt2w") else GEMV_ROWS
 
 
 def gemv_wide(n: int, fmt: ExMy) -> bool:
-    """Batch 9..16: the nt2w kernel (two 16-row tiles per warp share each x fragment: half the
-    L1 traffic of nt2) when its warps still fill the GPU: at 8 K slices, >= 3/4 of two blocks per
+    """Batch 2..16: the nt1w / nt2w kernels (two 16-row tiles per warp share each x fragment: half
+    the L1 traffic of nt1 / nt2) when their warps still fill the GPU: at 8 K slices, >= 3/4 of two blocks per
     SM (gemv_split's wave), i.e. N >= 48 rows per SM (N >= 6336 on 132 SMs); and codes of <= 5 bits,
-    the formats it was measured faster for on an H200 (docs/benchmarks.md, the batch 9-16 kernel)."""
+    the formats it was measured faster for on an H200 (docs/benchmarks.md: the batch 9-16 kernel,
+    and nt1w at batch 2-8, which loses on 4096-row layers and wins from 8192 rows)."""
     sms = sm_count(_cupy().cuda.Device().id)
     return fmt.bits <= 5 and -(-n // (2 * GEMV_ROWS)) * GEMV_WARPS >= 0.75 * sms * GEMV_WARPS * 2
 
@@ -395,7 +448,8 @@ def _xs_bytes(fmt: ExMy, k: int) -> int:
     return -(-nq // kstep) * kstep * 80
 
 
-GEMV_KINDS = ("b1", "nt1", "nt2", "b1r", "nt2w")  # kernels/gemv.cu KIND 0 .. 4
+GEMV_KINDS = ("b1", "nt1", "nt2", "b1r", "nt2w", "nt1w")  # kernels/gemv.cu KIND 0 .. 5
+WIDE = {"nt1": "nt1w", "nt2": "nt2w"}  # a kernel -> its two-tile variant, taken where gemv_wide
 
 
 @dataclass(frozen=True)
@@ -430,9 +484,8 @@ class GemvKernel:
 def _gemv_kind(weight: "GpuWeight", batch: int) -> str:
     if batch == 1:
         return "b1" if _xs_bytes(weight.fmt, weight.k) <= XS_LIMIT else "b1r"
-    if batch <= 8:
-        return "nt1"
-    return "nt2w" if gemv_wide(weight.n, weight.fmt) else "nt2"
+    kind = "nt1" if batch <= 8 else "nt2"
+    return WIDE[kind] if gemv_wide(weight.n, weight.fmt) else kind
 
 
 def gemv_blocks(fmt: ExMy, kind: str, mode: int, groups: int) -> int:
@@ -448,11 +501,12 @@ def gemv_kernel(weight: GpuWeight, x_dtype: str, batch: int, kind: str | None = 
     operands where exact (E <= 4, F16 scales, fp16 x), with the scale folded into the weights where
     that stays finite in fp16; else bf16 operands: for bf16 x, E <= 4 and one scale per row, the
     scale is applied to the float32 sums (mode 3: the decode is one exact multiply), otherwise to
-    each weight (mode 2). kind (tests and benchmarks): "nt2" or "nt2w" for batch 9..16."""
+    each weight (mode 2). kind (tests and benchmarks): "nt1" or "nt1w" for batch 2..8, "nt2" or
+    "nt2w" for batch 9..16."""
     if kind is None:
         kind = _gemv_kind(weight, batch)
-    elif batch <= 8 or kind not in ("nt2", "nt2w"):
-        raise ExmyError(f"kind {kind!r}: only nt2 or nt2w can be chosen, for batch 9..16")
+    elif kind not in (("nt1", "nt1w") if 2 <= batch <= 8 else ("nt2", "nt2w") if batch > 8 else ()):
+        raise ExmyError(f"kind {kind!r}: only nt1 or nt1w (batch 2..8), nt2 or nt2w (batch 9..16) can be chosen")
     groups = 0 if weight.ngroups == 1 else 2 if _gshift(weight) < 0 else 1
     if x_dtype == "F16" and weight.fp16_compute:
         mode = 0 if weight.fold_ok() else 1
@@ -477,7 +531,9 @@ def gemv_split(n: int, k: int, fmt: ExMy, kind: str, rows: int = GEMV_ROWS) -> i
     tiles = -(-n // rows)  # warp tiles
     target = sm_count(_cupy().cuda.Device().id) * GEMV_WARPS * 2
     split = 1
-    if tiles >= 1024:
+    # nt1w: counted in 16-row tiles, as nt1 (8 slices on 28672-row layers: 56 against 60-65 us at
+    # batch 8, e2m2 and bf16 x; H200, docs/benchmarks.md)
+    if tiles >= 1024 or (kind == "nt1w" and n >= 1024 * GEMV_ROWS):
         split = GEMV_WARPS
     while split < GEMV_WARPS and tiles * split < 0.75 * target:
         split *= 2
@@ -561,7 +617,7 @@ class _GemvLaunchShape:
 
     def args(self, weight: "GpuWeight", x, y, batch: int) -> tuple:
         return (weight.payload, weight.kernel_scales(self.kernel.mode), x, y, np.uint32(weight.n),
-                np.uint32(weight.k), np.uint32(weight.payload.shape[1]), np.uint32(weight.ngroups),
+                np.uint32(weight.k), np.uint32(weight.payload.strides[0]), np.uint32(weight.ngroups),
                 np.uint32(weight.group_size), np.int32(_gshift(weight)), np.uint32(batch),
                 np.uint32(self.split), np.uint32(self.interleave))
 
@@ -664,8 +720,8 @@ def gemv_plan(x, weight: GpuWeight, out, x_dtype: str | None = None, **tuning) -
     """Prepare y = x @ W.T into `out` ([B, N], B <= 16, same dtype as x) for repeated launches.
 
     tuning (benchmarks and tests): split=1|2|4|8, interleave=0|1, blocks=2|3 (b1r: blocks per SM
-    of the build, instead of gemv_b1r_blocks), defines=("GEMV_CPT=1", ...), kind="nt2"|"nt2w"
-    (batch 9..16, instead of gemv_wide's choice).
+    of the build, instead of gemv_b1r_blocks), defines=("GEMV_CPT=1", ...), kind="nt1"|"nt1w"
+    (batch 2..8) or "nt2"|"nt2w" (batch 9..16), instead of gemv_wide's choice.
     overlap=True launches with programmatic dependent launch (exmyconv.cuda.launch): only where the
     weights are not written by the kernel just before (always so for model weights)."""
     cupy = _cupy()

@@ -8,10 +8,11 @@ import json
 from dataclasses import dataclass
 
 from .exmy import ExMy
-from .pack import row_bytes
+from .pack import LAYOUT, row_bytes, upgrade
 from .quant import groups_of
 
-VERSION = "1.2"  # written; readers read every 1.x (formats/SPEC.md section 5)
+VERSION = f"{LAYOUT}.0"  # written; readers read every 1.x and 2.x (formats/SPEC.md section 5)
+READ_MAJORS = (1, LAYOUT)
 QUANT_METHOD = "exmy"
 PACKED_SUFFIX = "_packed"
 SCALE_SUFFIX = "_scale"
@@ -36,7 +37,7 @@ def shard_name(i: int, n: int) -> str:
 
 def nominal_bits(fmt: ExMy, k: int, group_size: int | None) -> float:
     """Bits per weight of a row of K weights without the layout's padding (section 3: rows padded to a
-    multiple of 128 weights, the shared-bit plane to 16 bytes): the format's bits, a shared bit counted
+    multiple of 32 weights, the shared-bit plane to 4 bytes): the format's bits, a shared bit counted
     once per ``share`` weights, plus a 16-bit scale per group."""
     return fmt.bits_per_weight + 16 * groups_of(k, group_size)[1] / k
 
@@ -51,6 +52,7 @@ class TensorRecord:
     dtype: str  # source dtype
     group_size: int  # G (= K for one scale per row)
     rel_error: float = 0.0
+    layout: int = LAYOUT  # major version of the file it was read from: how its rows are padded
 
     @property
     def k(self) -> int:
@@ -70,7 +72,18 @@ class TensorRecord:
 
     @property
     def packed_shape(self) -> tuple[int, ...]:
-        return (*self.shape[:-1], row_bytes(self.fmt, self.k))
+        return (*self.shape[:-1], row_bytes(self.fmt, self.k, self.layout))
+
+    @property
+    def current_bytes(self) -> bool:
+        """The stored payload already has the current layout's bytes (always for 2.x; for 1.x when no
+        padding differs, e.g. K a multiple of 128 and no shared plane)."""
+        return self.packed_shape[-1] == row_bytes(self.fmt, self.k)
+
+    def payload(self, stored):
+        """The stored ``T_packed`` (numpy or torch) in the current layout: every consumer of packed
+        weights takes them through here, so that 1.x checkpoints keep loading."""
+        return upgrade(stored, self.fmt, self.k, self.layout)
 
     @property
     def scale_shape(self) -> tuple[int, ...]:

@@ -1,9 +1,13 @@
 """Bit-plane packing of ExMy codes (formats/SPEC.md section 3).
 
-Each row's codes are padded to Kp = 128*ceil(K/128) and cut into planes of 8, 4, 2 and 1 bits
+Each row's codes are padded to Kp = 32*ceil(K/32) and cut into planes of 8, 4, 2 and 1 bits
 (the binary digits of the code width, widest plane = most significant bits). A w-bit plane holds
 element i at bit i*w, little-endian; a row's payload is its planes concatenated. Shared formats
-store the code without its last bit that way, then one bit per group of k elements.
+store the code without its last bit that way, then one bit per share block of k elements, the
+shared plane padded to whole 32-bit words.
+
+Layout 1.x padded rows to 128 elements and the shared plane to 16 bytes; those files are read
+through :func:`upgrade`, which drops the extra padding bytes (nothing else differs).
 """
 from __future__ import annotations
 
@@ -11,23 +15,47 @@ import numpy as np
 
 from .exmy import ExMy
 
-ROW_ALIGN = 128  # elements; makes every plane row a multiple of 16 bytes
+LAYOUT = 2  # major layout version whose row padding the functions below use by default
+ROW_ALIGN = {1: 128, 2: 32}  # elements per padded row unit: 32 = one chunk of the GPU kernels
+SHARED_ALIGN = {1: 16, 2: 4}  # bytes the shared plane of a row is padded to
 
 
-def padded_k(k: int) -> int:
-    return -(-k // ROW_ALIGN) * ROW_ALIGN
+def padded_k(k: int, layout: int = LAYOUT) -> int:
+    align = ROW_ALIGN[layout]
+    return -(-k // align) * align
 
 
-def shared_plane_bytes(fmt: ExMy, k: int) -> int:
-    """Bytes of the shared-bit plane of a row: ceil(Kp/share) bits, padded to 16 bytes."""
+def shared_plane_bytes(fmt: ExMy, k: int, layout: int = LAYOUT) -> int:
+    """Bytes of the shared-bit plane of a row: ceil(Kp/share) bits, padded to SHARED_ALIGN bytes."""
     if fmt.share == 1:
         return 0
-    groups = -(-padded_k(k) // fmt.share)
-    return 16 * -(-groups // 128)
+    bits = -(-padded_k(k, layout) // fmt.share)
+    unit = 8 * SHARED_ALIGN[layout]
+    return SHARED_ALIGN[layout] * -(-bits // unit)
 
 
-def row_bytes(fmt: ExMy, k: int) -> int:
-    return padded_k(k) * fmt.own_bits // 8 + shared_plane_bytes(fmt, k)
+def row_bytes(fmt: ExMy, k: int, layout: int = LAYOUT) -> int:
+    return padded_k(k, layout) * fmt.own_bits // 8 + shared_plane_bytes(fmt, k, layout)
+
+
+def upgrade(payload, fmt: ExMy, k: int, layout: int):
+    """A payload [..., row_bytes(fmt, k, layout)] of an older layout -> the same rows in the current
+    layout (numpy array or torch tensor; returned as is when the bytes are the same). Only padding
+    differs between layouts: each plane loses the bytes of its padding elements past the new Kp
+    (they hold code 0), the shared plane its bits past ceil(Kp/share) (0 as well)."""
+    if layout == LAYOUT or row_bytes(fmt, k, layout) == row_bytes(fmt, k):
+        return payload
+    old, new = padded_k(k, layout), padded_k(k)
+    parts, offset = [], 0
+    for w in fmt.planes:
+        parts.append(payload[..., offset:offset + new * w // 8])
+        offset += old * w // 8
+    if fmt.share > 1:
+        parts.append(payload[..., offset:offset + shared_plane_bytes(fmt, k)])
+    if hasattr(payload, "new_empty"):  # torch
+        import torch
+        return torch.cat(parts, dim=-1)
+    return np.concatenate(parts, axis=-1)
 
 
 def plane_shifts(fmt: ExMy):

@@ -183,8 +183,8 @@ def model_card(out_dir, command: str | None, source: str | None, *, repo_id: str
         if report.get("bits_per_weight_nominal") is not None:
             lines.append(f"- nominal bits per quantized weight (formats and scales): "
                          f"{report['bits_per_weight_nominal']:.3f}; the rest, "
-                         f"{report['bits_breakdown']['padding']:.3f}, is the layout's padding of each row to a "
-                         "multiple of 128 weights")
+                         f"{report['bits_breakdown']['padding']:.3f}, is the layout's row padding (formats/SPEC.md "
+                         "section 3)")
     lines.append(f"- size: {_size(report['file_bytes'])} in {len(report['files'])} file"
                  f"{'s' if len(report['files']) != 1 else ''}, {_params(report['params'])} parameters "
                  f"({_params(report['quantized_params'])} quantized, {report['quantized_tensors']} of "

@@ -39,6 +39,7 @@ from vllm.model_executor.utils import set_weight_attrs
 from ..errors import ExmyError
 from ..format.layout import PACKED_SUFFIX, SCALE_SUFFIX
 from ..torch.codec import TORCH_DTYPE, dequantize
+from ..torch.linear import kernel_rows
 from ..torch.packed import PackedLinear, slice_k
 
 logger = init_logger("vllm.exmyconv")
@@ -141,6 +142,7 @@ class ExmyLinearMethod(LinearMethodBase):
         found = list(shards.values())
         record = found[0][0]
         self.fmt, self.k, self.group_size = record.fmt, record.k, record.group_size
+        self.record = record  # (its layout: how the stored rows are padded)
         scale_dtypes = {s for _, s in found}
         self.scale_dtype = TORCH_DTYPE[scale_dtypes.pop()] if len(scale_dtypes) == 1 else torch.float32
 
@@ -169,6 +171,8 @@ class ExmyLinearMethod(LinearMethodBase):
             if name == "weight_scale" and loaded_weight.dtype != param.dtype and param.dtype != torch.float32:
                 raise ExmyError(f"exmy: {self.prefix}: scales stored as {loaded_weight.dtype}, the header said "
                                 f"{param.dtype}")
+            if name == "weight_packed":
+                loaded_weight = self.record.payload(loaded_weight)
             if k != self.k:
                 packed, scale, _ = slice_k(loaded_weight if name == "weight_packed" else None,
                                            loaded_weight if name == "weight_scale" else None,
@@ -179,6 +183,9 @@ class ExmyLinearMethod(LinearMethodBase):
 
     def process_weights_after_loading(self, layer) -> None:
         if layer.weight_packed.is_cuda:  # kernels, scales and launch plans ready before any CUDA-graph capture
+            aligned = kernel_rows(layer.weight_packed.data)  # rows the kernels read in place (16-byte aligned)
+            if aligned is not layer.weight_packed.data:
+                layer.weight_packed = Parameter(aligned, requires_grad=False)
             layer.exmy.prepare(layer.weight_packed, layer.weight_scale, layer.params_dtype)
 
     def apply(self, layer, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -221,7 +228,8 @@ class _DequantOnLoad:
                 raise ExmyError(f"exmy: {self.where}: a quantized tensor ({key}) that the checkpoint's headers "
                                 "do not list")
             record = record[0]
-            weight = dequantize(parts["packed"], parts["scale"], record.fmt, record.k, record.group_size, self.dtype)
+            weight = dequantize(record.payload(parts["packed"]), parts["scale"], record.fmt, record.k,
+                                record.group_size, self.dtype)
             result = self.forward(weight, *args, **kwargs)
             return True if result is None else result
         return load
@@ -366,7 +374,7 @@ def decode_unclaimed(config, weights):
         if len(parts) == 2:
             del pending[stem]
             record = found[0]
-            yield stem, dequantize(parts[PACKED_SUFFIX], parts[SCALE_SUFFIX], record.fmt, record.k,
+            yield stem, dequantize(record.payload(parts[PACKED_SUFFIX]), parts[SCALE_SUFFIX], record.fmt, record.k,
                                    record.group_size, torch.float32)
     if pending:
         stem, parts = next(iter(pending.items()))

@@ -65,13 +65,18 @@ class Checkpoint:
         dtype = f.tensors[record.scale_name].dtype
         return dtypes.to_float32(f.read(record.scale_name), dtype), dtype
 
+    def payload(self, name: str) -> np.ndarray:
+        """The packed codes of a quantized tensor in the current layout (1.x rows re-padded)."""
+        record, f = self.records[name]
+        return record.payload(f.read(record.packed_name))
+
     def dequantize(self, name: str, out_dtype: str = "F32") -> np.ndarray:
         """One quantized tensor as float32 values, rounded to out_dtype (F32/F16/BF16)."""
         record, f = self.records[name]
         if name in self.bad_scales:
             raise ExmyError(f"{f.path}: damaged exmy checkpoint: {name}: invalid scales")
         scales, _ = self.scales(name)
-        codes = unpack_codes(f.read(record.packed_name), record.fmt, record.k)
+        codes = unpack_codes(self.payload(name), record.fmt, record.k)
         return dtypes.round_to(dequantize_codes(codes, scales, record.fmt, record.group_size), out_dtype)
 
     def names(self) -> list[str]:

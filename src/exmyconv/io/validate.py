@@ -40,7 +40,7 @@ import numpy as np
 from ..errors import ExmyError, one_line
 from ..format import dtypes
 from ..format.exmy import ExMy, get_format
-from ..format.layout import (INDEX_FILE, META_PREFIX, PACKED_SUFFIX, QUANT_METHOD, SCALE_SUFFIX, VERSION,
+from ..format.layout import (INDEX_FILE, META_PREFIX, PACKED_SUFFIX, QUANT_METHOD, SCALE_SUFFIX, READ_MAJORS,
                              TensorRecord)
 from ..format.quant import SMALLEST_NORMAL
 
@@ -219,13 +219,14 @@ def safetensors_header(raw: bytes, data_size: int, where: str) -> tuple[dict[str
 
 
 def parse_version(version, where: str) -> tuple[int, int]:
-    """A layout version "MAJOR.MINOR" this reader reads (any minor of major 1) -> (major, minor)."""
+    """A layout version "MAJOR.MINOR" this reader reads (any minor of majors 1 and 2) -> (major, minor)."""
     match = _VERSION.fullmatch(version) if isinstance(version, str) else None
     if match is None:
         raise ExmyError(f"{where}: exmy layout version {version!r} is not MAJOR.MINOR")
     major, minor = int(match[1]), int(match[2])
-    if major != int(VERSION.split(".")[0]):
-        raise ExmyError(f"{where}: exmy layout version {version} is not supported (this reader: {VERSION})")
+    if major not in READ_MAJORS:
+        raise ExmyError(f"{where}: exmy layout version {version} is not supported (this reader: "
+                        f"{', '.join(f'{m}.x' for m in READ_MAJORS)})")
     return major, minor
 
 
@@ -273,7 +274,7 @@ def parse_record(key: str, text: str, version: tuple[int, int]) -> TensorRecord:
     rel = d.get("rel_error", 0.0)
     if type(rel) not in (int, float) or not 0 <= rel < float("inf"):
         raise ExmyError(f"{where} (rel_error {rel!r}: a number >= 0)")
-    return TensorRecord(name, fmt, tuple(shape), d["dtype"], g, float(rel))
+    return TensorRecord(name, fmt, tuple(shape), d["dtype"], g, float(rel), layout=version[0])
 
 
 def record_tensors_problem(record: TensorRecord, tensors: dict[str, TensorInfo]) -> str | None:

@@ -54,7 +54,7 @@ from ..format.exmy import ExMy, get_format
 from ..format.pack import row_bytes
 from ..format.quant import groups_of
 from .codec import SCALE_NAME, dequantize
-from .linear import gpu_view, pdl_ok
+from .linear import gpu_view, kernel_rows, pdl_ok
 from .packed import PackedLinear
 
 PROJECTIONS = ("gate_up_proj", "down_proj")
@@ -247,12 +247,14 @@ class ExmyExperts(nn.Module):
 
     def _stacked_gemv(self, name: str) -> "_StackedGemv | None":
         packed, scale = self._buffers[name + "_packed"], self._buffers[name + "_scale"]
+        aligned = kernel_rows(packed)  # (once: the buffer is replaced by its row-aligned layout)
+        if aligned is not packed:
+            self._buffers[name + "_packed"] = packed = aligned
         key = (name, packed.data_ptr(), scale.data_ptr())
         if key not in self._gemvs:
             gpu = cuda.backend()
             w = self.weights[name]
-            ok = gpu is not None and gpu.supports(w.fmt) and packed.is_cuda and packed.is_contiguous() \
-                and scale.is_contiguous()
+            ok = gpu is not None and gpu.supports(w.fmt) and packed.is_cuda and scale.is_contiguous()
             self._gemvs[key] = _StackedGemv(gpu, w, packed, scale) if ok else None
         return self._gemvs[key]
 
@@ -292,9 +294,8 @@ class _StackedGemv:
         e, n = packed.shape[:2]
         self.gpu, self.w, self.device = gpu, w, packed.device
         self.stack = gpu_view(gpu, packed.view(e * n, -1), scale.view(e * n, -1), w.fmt, w.k, w.group_size)
-        self.first = gpu_view(gpu, packed[0], scale[0], w.fmt, w.k, w.group_size)
-        self.first._cache["fold_ok"] = self.stack.fold_ok()
-        self.payload, self.payload_step = packed.data_ptr(), packed[0].numel()
+        self.first = self.stack.rows(0, n)  # launches prepared for expert 0, with the whole stack's kernel mode
+        self.payload, self.payload_step = self.stack.payload.data.ptr, n * self.stack.payload.strides[0]
         self._keep = (packed, scale)
         self.launches: dict = {}  # (rows, dtype) -> (GemvLaunch, scales address, scale bytes per expert) or None
 

@@ -46,6 +46,22 @@ def gpu_view(gpu, packed: torch.Tensor, scale: torch.Tensor, fmt: ExMy, k: int, 
                       shape=(packed.shape[0], k), group_size=group_size)
 
 
+def kernel_rows(packed: torch.Tensor) -> torch.Tensor:
+    """``packed`` [..., row_bytes] with every row 16-byte aligned, so that the GPU kernels read it in
+    place: the tensor itself where its rows already are (K a multiple of 128 with unshared codes:
+    row_bytes a multiple of 16), else a copy laid out ``cuda.gpu.kernel_stride`` bytes per row (a
+    [..., row_bytes] view of wider storage: < 16 bytes per row more, not a second copy of the
+    weight). CPU tensors are returned as they are. Modules call it when their buffers reach the GPU."""
+    rb = packed.shape[-1]
+    stride = -(-rb // 16) * 16
+    if not packed.is_cuda or packed.dim() < 2 or (packed.stride(-2) % 16 == 0 and packed.stride(-1) == 1
+                                                    and packed.data_ptr() % 16 == 0):
+        return packed
+    wide = torch.zeros((*packed.shape[:-1], stride), dtype=torch.uint8, device=packed.device)
+    wide[..., :rb] = packed
+    return wide[..., :rb]
+
+
 class ExmyLinear(nn.Module):
     """A Linear layer whose weight stays packed ExMy (formats/SPEC.md) and is decoded per call.
 
@@ -191,12 +207,20 @@ class ExmyLinear(nn.Module):
         The buffers are already on the GPU, so this is a zero-copy view (plus the small scale
         arrays the GEMV derives), not a dequantized copy.
         """
+        self.align_rows()
         key = (self.weight_packed.data_ptr(), self.weight_scale.data_ptr(), self.weight_scale.dtype)
         if self._gpu_weight_cache is None or self._gpu_weight_cache[0] != key:
             weight = gpu_view(gpu, self.weight_packed, self.weight_scale, self.fmt, self.in_features, self.group_size)
             self._gpu_weight_cache = (key, weight)
             self._launches = {}  # prepared launches hold the old buffers' addresses
         return self._gpu_weight_cache[1]
+
+    def align_rows(self) -> None:
+        """On the GPU, lay ``weight_packed`` out with 16-byte aligned rows (:func:`kernel_rows`); the
+        loaders call it once the weights are in place, before any compiled graph captures them."""
+        packed = kernel_rows(self.weight_packed)
+        if packed is not self.weight_packed:
+            self.weight_packed = packed
 
     # -- dtype safety ------------------------------------------------------------------------
     def _apply(self, fn, recurse=True):
@@ -221,6 +245,7 @@ class ExmyLinear(nn.Module):
             moved = self._buffers["weight_scale"]
             if not moved.is_floating_point():
                 self._buffers["weight_scale"] = moved.view(dt)
+            self.align_rows()
             self._gpu_weight_cache = None
             self._launches = {}
 
