@@ -308,9 +308,8 @@ def choose_formats(items: list[Item], opts: Options, progress, journal: "resumes
     for g, p in zip(groups, gpicks):
         for j in g:
             picks[j] = p
-    objective = ("relative weight MSE" if not opts.calibration else "activation-weighted relative MSE"
-                 if opts.rounding == "nearest" else "relative output error tr(ΔW H ΔWᵀ) of GPTQ rounding")
-    report = {"objective": objective, "rounding": opts.rounding,  # the errors are those of this rounding
+    report = {"objective": "activation-weighted relative MSE" if opts.calibration else "relative weight MSE",
+              "rounding": {"measured": "nearest", "written": opts.rounding},
               "calibration": opts.calibration and Path(opts.calibration).name,
               "budget_bits": opts.bits, "max_error": opts.max_error, "lambda": lam,
               "measured_on": where,
@@ -344,10 +343,9 @@ def measure_items(items: list[Item], candidates, progress):
     measure, where = search.measure_backend()
     for item in items:
         progress.set_postfix_str(item.info.name[-40:], refresh=False)
-        if item.hessian is None:
-            errors = measure(float_chunks(item), candidates, item.importance)
-        else:  # --rounding gptq: the errors of the codes it will write (search.measure)
-            errors = measure(float_chunks(item), candidates, item.hessian, gptq.cached_factor(item.hessian))
+        # --rounding gptq too: nearest rounding's activation-weighted errors choose better than GPTQ's
+        # own output errors (docs/quality.md, "auto with GPTQ's errors")
+        errors = measure(float_chunks(item), candidates, item.importance)
         yield item, errors, where
         progress.update(item.info.nbytes)
 
