@@ -1,7 +1,7 @@
 """The format search's error measurement in torch, for a GPU (or torch on the CPU).
 
 Quantizes with the torch codec (:mod:`exmyconv.torch.codec`, the same arithmetic as the numpy
-reference; --rounding gptq's errors with convert/gptq_torch.py) and sums errors in float64.
+reference; GPTQ's errors with convert/gptq_torch.py) and sums errors in float64.
 tests/test_search_torch.py checks it against :func:`exmyconv.convert.search.measure`.
 """
 from __future__ import annotations
@@ -12,7 +12,6 @@ import torch
 from ..format.quant import CLIP_RATIOS, groups_of
 from . import gptq
 from .gptq_torch import Torch, device
-from ..torch import codec
 from ..torch.codec import grouped, reconstruct, scale_dtype, scales_for
 
 
@@ -37,10 +36,10 @@ def measure(chunks, candidates, importance: np.ndarray | None = None, factor: np
         dtype = scale_dtype(torch.cat(amax[c.group_size]), c.fmt)
         for x, am in zip(blocks, amax[c.group_size]):
             g, _ = groups_of(x.shape[1], c.group_size)
-            if ops is not None:  # --rounding gptq: its codes and scales, the error as for the others
+            if ops is not None:  # a factor: GPTQ's codes and scales, the error as for the others
                 codes, s = gptq.gptq_rows(x.cpu().numpy(), c.fmt, g, dtype, factor, c.clip, importance, ops)
                 s = torch.as_tensor(s, device=dev).repeat_interleave(g, dim=1)[:, :x.shape[1]]
-                err[i] += _weighted_square(codec._table(c.fmt, dev)[codes.long()] * s - x, imp, full)
+                err[i] += _weighted_square(ops.table(c.fmt)[codes.long()] * s - x, imp, full)
                 continue
             if not c.clip:
                 best = scales_for(am, c.fmt, dtype)
