@@ -534,6 +534,8 @@ def _add_file(ckpt: Checkpoint, path: str) -> None:
             continue
         if records and name.endswith(("_packed", "_scale")):
             raise ValueError(f"{path}: {name} belongs to no record")
+        if dtype == "F8_E4M3":  # SPEC.md section 6: only an 8-bit scale tensor has this dtype
+            raise ValueError(f"{path}: {name} is F8_E4M3 but no record's scales")
         ckpt.plain[name] = PlainTensor(name=name, dtype=dtype, data=arr)
     for key, value in metadata.items():
         ckpt.metadata.setdefault(key, value)

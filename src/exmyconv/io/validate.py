@@ -50,6 +50,7 @@ MAX_BYTES = 2**63  # a tensor's shape, zero dimensions counted as 1, times its i
 FLOAT32_MAX = float(np.finfo(np.float32).max)
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 SHARED_SINCE = (1, 1)  # shared formats (eXmYsk) exist since layout 1.1
+SCALES_ONLY = ("F8_E4M3",)  # safetensors dtypes a reader takes only as an exmy record's scales
 SCALES8_SINCE = (2, 0)  # 8-bit scales (F8_E4M3 with a scale_exp) exist since layout 2.0
 
 _STRINGS = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
@@ -459,6 +460,9 @@ def _scan_file(f, contents: Contents, held: dict) -> None:
             continue
         if keys and name.endswith((PACKED_SUFFIX, SCALE_SUFFIX)):
             contents.problem(f"{name_}: {name} has no exmy metadata")
+        if info.dtype in SCALES_ONLY:  # (an fp8 model is not a source this converter reads)
+            contents.problem(f"{name_}: tensor {name!r} has unsupported dtype {info.dtype!r} (it only holds the "
+                             "8-bit scales of an exmy record)")
         contents.plain.setdefault(name, (info, f))
 
 
