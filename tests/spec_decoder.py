@@ -39,6 +39,7 @@ _STORAGE = {
     "F64": "<f8", "F32": "<f4", "F16": "<f2", "BF16": "<u2",
     "I64": "<i8", "I32": "<i4", "I16": "<i2", "I8": "i1",
     "U64": "<u8", "U32": "<u4", "U16": "<u2", "U8": "u1", "BOOL": "?",
+    "F8_E4M3": "u1",  # kept as its bytes (only 8-bit scales use it here)
 }
 
 
@@ -373,6 +374,8 @@ class QuantizedTensor:
     def scales_f32(self) -> np.ndarray:
         if self.scale_dtype == "BF16":
             return bf16_bits_to_f32(self.scale)
+        if self.scale_dtype == "F8_E4M3":  # SPEC.md section 2: e4m3(c) * 2^t, e4m3 = the ExMy formula
+            return (exmy_values(4, 3)[self.scale].astype(np.float64) * 2.0 ** self.info["scale_exp"]).astype(np.float32)
         return self.scale.astype(np.float32)
 
     def dequantize(self) -> np.ndarray:
@@ -464,6 +467,12 @@ def _record(path: str, name: str, value: str, version) -> tuple[dict, int, int, 
     rel = info.get("rel_error", 0)
     if not (isinstance(rel, (int, float)) and not isinstance(rel, bool) and math.isfinite(rel) and rel >= 0):
         raise ValueError(f"{path}: {name}: rel_error {rel!r}")
+    if "scale_exp" in info:  # 8-bit scales, since 2.0
+        t = info["scale_exp"]
+        if not (_is_int(t) and -100 <= t <= 100):
+            raise ValueError(f"{path}: {name}: scale_exp {t!r}")
+        if version is not None and version < (2, 0):
+            raise ValueError(f"{path}: {name}: scale_exp in a layout {version[0]}.{version[1]} file (needs 2.0)")
     return info, E, M, k
 
 
@@ -471,6 +480,10 @@ def _check_scales(q: QuantizedTensor) -> None:
     """SPEC.md section 2, valid scales: finite, >= the smallest normal of the dtype, scale x max finite
     in float32."""
     E, M = parse_format(q.format)
+    if q.scale_dtype == "F8_E4M3":  # bytes 0x01 ... 0x7E
+        if not np.all((q.scale >= 0x01) & (q.scale <= 0x7E)):
+            raise ValueError(f"{q.name}: invalid scales")
+        return
     with np.errstate(invalid="ignore"):
         s = q.scales_f32().astype(np.float64)
     if not (np.all(np.isfinite(s)) and np.all(s >= SMALLEST_NORMAL[q.scale_dtype])
@@ -508,7 +521,8 @@ def _add_file(ckpt: Checkpoint, path: str) -> None:
         major = version[0] if version is not None else CURRENT_MAJOR  # (a file without records)
         if pd != "U8" or ps != lead + [row_bytes(K, b, k, major)]:
             raise ValueError(f"{name}: packed is {pd} {ps}")
-        if sd not in ("F16", "BF16") or ss != lead + [-(-K // G)]:
+        want = ("F8_E4M3",) if "scale_exp" in info else ("F16", "BF16")
+        if sd not in want or ss != lead + [-(-K // G)]:
             raise ValueError(f"{name}: scale is {sd} {ss}")
         q = QuantizedTensor(name=name, format=info["format"], shape=shape, source_dtype=info["dtype"],
                             group_size=G, packed=parr, scale=sarr, scale_dtype=sd, info=info, major=major)
@@ -520,6 +534,8 @@ def _add_file(ckpt: Checkpoint, path: str) -> None:
             continue
         if records and name.endswith(("_packed", "_scale")):
             raise ValueError(f"{path}: {name} belongs to no record")
+        if dtype == "F8_E4M3":  # SPEC.md section 6: only an 8-bit scale tensor has this dtype
+            raise ValueError(f"{path}: {name} is F8_E4M3 but no record's scales")
         ckpt.plain[name] = PlainTensor(name=name, dtype=dtype, data=arr)
     for key, value in metadata.items():
         ckpt.metadata.setdefault(key, value)

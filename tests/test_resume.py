@@ -195,8 +195,8 @@ def test_auto_resumes_the_search_without_measuring_again(model, tmp_path, run_cl
     calls, limit = [], [7]
     real = search.measure_backend
 
-    def counting():
-        measure, where = real()
+    def counting(*args):
+        measure, where = real(*args)
 
         def wrapper(*args, **kwargs):
             calls.append(1)

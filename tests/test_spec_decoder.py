@@ -39,7 +39,9 @@ VECTOR_CASES = {
     "e5m2": ("e5m2", None), "e1m0": ("e1m0", None), "e3m0-g48": ("e3m0", 48),
     "e2m2s4": ("e2m2s4", None), "e2m3s3-g64": ("e2m3s3", 64),
     "e1m1s2": ("e1m1s2", None), "e4m3s8-g32": ("e4m3s8", 32),  # 1.2: other plane layouts of shared formats
+    "e2m1-g32-s8": ("e2m1", 32), "e2m2s4-g64-s8": ("e2m2s4", 64),  # 2.0: 8-bit scales
 }
+SCALES8_CASES = {"e2m1-g32-s8", "e2m2s4-g64-s8"}
 FOLDER_CASES = ["sharded-e2m3s3-g64", "tied-e2m2"]  # formats/vectors/README.md, "Checkpoint folders"
 VECTOR_SOURCES = {  # name -> (source dtype, shape), from the README
     "layer.sweep.weight": ("F32", [2, 150]),
@@ -387,7 +389,8 @@ def test_vectors_present():
 
 
 def test_v1_vectors_present():
-    assert [os.path.basename(p) for p in V1_FILES] == [os.path.basename(p) for p in VECTOR_FILES]
+    names = [os.path.basename(p)[: -len(".safetensors")] for p in VECTOR_FILES]
+    assert [os.path.basename(p) for p in V1_FILES] == [f"{n}.safetensors" for n in names if n not in SCALES8_CASES]
 
 
 @pytest.mark.parametrize("path", VECTOR_FILES + V1_FILES, ids=lambda p: os.path.relpath(p, VECTORS))
@@ -399,6 +402,8 @@ def test_vector(path):
     ckpt = sd.read_file(path)
     version = "1.2" if path in V1_FILES else "2.0"
     assert ckpt.metadata["format"] == "pt" and ckpt.metadata["exmy_version"] == version
+    for q in ckpt.quantized.values():  # 8-bit scales exactly in the cases that say so (SPEC.md section 2)
+        assert (q.scale_dtype == "F8_E4M3") == (case in SCALES8_CASES) == ("scale_exp" in q.info)
     assert set(expected) == set(ckpt.quantized) == set(VECTOR_SOURCES)
     assert list(ckpt.plain) == ["layer.norm.weight"] and ckpt.plain["layer.norm.weight"].data.ndim == 1
     k = sd.parse_format_full(fmt)[2]

@@ -24,14 +24,15 @@ def quantize(model_dir: str, out_dir: str, format: str = "e2m2", group_size: int
              skip: tuple[str, ...] = (), quantize_embeddings: bool = False, quantize_routers: bool = False,
              max_shard_size: int = 5 * 10**9, clip_search: bool = False, bits: float | None = None, max_error: float | None = None,
              candidates: str | None = None, tie_fused: bool = True, calibration: str | None = None,
-             calibration_tokens: int = 4096, rounding: str = "nearest", overwrite: bool = False, progress: bool | None = False,
+             calibration_tokens: int = 4096, rounding: str = "nearest", scales: str = "16", overwrite: bool = False,
+             progress: bool | None = False,
              resume: bool = False, ray: str | bool | None = None, workers: int | None = None,
              dry_run: bool = False):
     """Convert a safetensors checkpoint directory (``format="auto"`` with ``bits`` or ``max_error``
     searches a format per tensor, tying the tensors engines fuse unless ``tie_fused=False``;
     ``resume`` continues an interrupted run; ``ray=True`` or an address runs the work on a Ray
     cluster with ``workers`` tasks at once; ``rounding="gptq"`` with ``calibration``: error-compensating
-    rounding); returns a pipeline.Summary. ``dry_run=True``: the plan
+    rounding; ``scales="e4m3"``: 8-bit scales); returns a pipeline.Summary. ``dry_run=True``: the plan
     only (``summary.plan``), nothing written, as ``exmyconv quantize --dry-run``."""
     from .convert.pipeline import Options, convert, dry_run as plan_only
 
@@ -44,7 +45,7 @@ def quantize(model_dir: str, out_dir: str, format: str = "e2m2", group_size: int
     opts = Options(format=format, group_size=group_size, skip=tuple(skip), quantize_embeddings=quantize_embeddings,
                    quantize_routers=quantize_routers, max_shard_size=max_shard_size, clip_search=clip_search, bits=bits, max_error=max_error,
                    candidates=candidates, tie_fused=tie_fused, calibration=calibration,
-                   calibration_tokens=calibration_tokens, rounding=rounding)
+                   calibration_tokens=calibration_tokens, rounding=rounding, scales=scales)
     if dry_run:
         if resume or ray:
             raise ExmyError("dry_run only plans, in this process: leave out resume and ray")

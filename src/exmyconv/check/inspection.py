@@ -8,7 +8,7 @@ from pathlib import Path
 from ..io.checkpoint import Checkpoint
 from ..io.validate import exmy_config, read_json
 from ..format.dtypes import STORAGE
-from ..format.layout import SEARCH_REPORT, nominal_bits
+from ..format.layout import SEARCH_REPORT
 from ..errors import ExmyError
 
 
@@ -41,8 +41,8 @@ def inspect_checkpoint(path: str) -> dict:
                 rows.append({"name": name, "shape": list(r.shape), "format": r.fmt.name, "group": group,
                              "source_dtype": r.dtype, "scale_dtype": f.tensors[r.scale_name].dtype,
                              "params": r.numel, "bytes": nbytes, "bits": 8 * nbytes / r.numel,
-                             "bits_nominal": nominal_bits(r.fmt, r.k, r.group_size),
-                             "bits_codes": r.fmt.bits_per_weight, "bits_scales": 16 * r.ngroups / r.k,
+                             "bits_nominal": r.nominal_bits,
+                             "bits_codes": r.fmt.bits_per_weight, "bits_scales": 8 * r.scale_bytes * r.ngroups / r.k,
                              "rel_error": r.rel_error, "file": f.path.name})
             else:
                 info, f = ckpt.plain[name]

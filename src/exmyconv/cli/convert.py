@@ -40,6 +40,9 @@ HOW_IT_RAN = ("resume", "ray_address", "workers", "verify", "overwrite", "as_jso
 @click.option("--rounding", type=click.Choice(["nearest", "gptq"]), default="nearest", show_default=True,
               help="gptq (needs --calibration): round the input columns in order, each one's error compensated "
                    "on the columns still to come through the activations' Hessian (GPTQ); same layout.")
+@click.option("--scales", type=click.Choice(["16", "e4m3"]), default="16", show_default=True,
+              help="Scale storage: 16 (fp16, or bf16 where fp16 would not do) or e4m3 (8 bits per group times "
+                   "a power of two per tensor: small groups at half the scale cost; layout 2.0).")
 @click.option("--group-size", type=int, default=None,
               help="Elements per scale along the input dimension (e.g. 32, 64, 128). Default: one scale "
                    "per output channel. A row whose length it does not divide ends with a shorter group.")
@@ -66,7 +69,7 @@ HOW_IT_RAN = ("resume", "ray_address", "workers", "verify", "overwrite", "as_jso
               "search's choice and curve) and the totals; write nothing.")
 @json_option
 def quantize(model_dir, out_dir, format_, bits, max_error, candidates, tie_fused, calibration, calibration_tokens,
-             rounding, group_size, skip, quantize_embeddings, quantize_routers, max_shard_size, clip_search, overwrite, verify,
+             rounding, scales, group_size, skip, quantize_embeddings, quantize_routers, max_shard_size, clip_search, overwrite, verify,
              revision, push_to_hub, private, dry_run, as_json, resume, ray_address, workers):
     """Quantize MODEL_DIR (a Hugging Face safetensors checkpoint, a Hub repo id owner/name, or @minilm) into OUT_DIR."""
     from ..convert.pipeline import Options, convert
@@ -76,7 +79,7 @@ def quantize(model_dir, out_dir, format_, bits, max_error, candidates, tie_fused
                    max_shard_size=parse_size(max_shard_size),
                    clip_search=clip_search, bits=bits, max_error=max_error, candidates=candidates,
                    tie_fused=tie_fused, calibration=calibration, calibration_tokens=calibration_tokens,
-                   rounding=rounding)
+                   rounding=rounding, scales=scales)
     if dry_run and push_to_hub:
         raise ExmyError("--dry-run writes and uploads nothing: leave out --push-to-hub (after the run, "
                         "`exmyconv push OUT_DIR REPO_ID --dry-run` shows what it would upload)")

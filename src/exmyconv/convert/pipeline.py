@@ -29,11 +29,12 @@ from . import resume as resumes, search, units
 from ..errors import ExmyError, Interrupted
 from ..format.exmy import DEFAULT, get_format
 from ..format.layout import (CONFIG_FILE, GUARD_KEY, GUARD_VALUE, QUANT_METHOD, SEARCH_REPORT, VERSION, TensorRecord,
-                             nominal_bits, shard_name)
+                             shard_name)
 from ..io.output import atomic_dir, check_out_dir, copy_side_files, write_index
 from ..format.pack import pack_codes
 from . import gptq
-from ..format.quant import choose_scale_dtype, group_amax, groups_of, quantize_rows, relative_error, squared_error
+from ..format.quant import (choose_scale_dtype, group_amax, groups_of, quantize_rows, relative_error, scale_exponent,
+                            squared_error)
 from ..io.source import Source, open_source
 from ..io.reader import TensorInfo
 from ..io.writer import ShardWriter
@@ -45,6 +46,7 @@ EMBEDDINGS = re.compile(r"(embed|lm_head|(^|\.)(wte|wpe|shared)\.)")
 # shared_expert_gate): tiny, and the tensor whose error costs most (it picks the experts); not dense
 # MLPs' gate_proj
 ROUNDINGS = ("nearest", "gptq")
+SCALES = ("16", "e4m3")  # --scales: fp16/bf16 (chosen per tensor) or 8-bit
 ROUTERS = re.compile(r"(^|\.)(gate|router|shared_expert_gate)\.weight$")
 
 
@@ -64,6 +66,7 @@ class Options:
     calibration: str | None = None  # text file: activation-weighted errors
     calibration_tokens: int = 4096
     rounding: str = "nearest"  # or "gptq": errors compensated through the calibration Hessians (convert/gptq.py)
+    scales: str = "16"  # or "e4m3": 8-bit group scales times a power of two per tensor (SPEC section 2)
 
     def __post_init__(self):
         self.auto = self.format.strip().lower() == "auto"
@@ -80,6 +83,9 @@ class Options:
             raise ExmyError("--max-shard-size must be positive")
         if self.calibration_tokens < 1:
             raise ExmyError(f"--calibration-tokens must be positive, got {self.calibration_tokens}")
+        if self.scales not in SCALES:
+            raise ExmyError(f"--scales must be one of {', '.join(SCALES)}, got {self.scales!r}")
+        self.scales8 = self.scales == "e4m3"
         if self.rounding not in ROUNDINGS:
             raise ExmyError(f"--rounding must be one of {', '.join(ROUNDINGS)}, got {self.rounding!r}")
         if self.rounding == "gptq" and not self.calibration:
@@ -110,7 +116,9 @@ class Item:
             return [(self.info.name, self.info.dtype, self.info.shape)]
         # The scale dtype is only known after the amax pass; both are 2 bytes, and BF16 is the
         # longer name, so the header can shrink to F16 in place.
-        return [(r.packed_name, "U8", r.packed_shape), (r.scale_name, "BF16", r.scale_shape)]
+        # (16-bit scales: the writer is told F16 or BF16 once they are known; same size)
+        scale_dtype = "F8_E4M3" if r.scale_exp is not None else "BF16"
+        return [(r.packed_name, "U8", r.packed_shape), (r.scale_name, scale_dtype, r.scale_shape)]
 
     @property
     def out_bytes(self) -> int:
@@ -176,7 +184,8 @@ def plan(source: Source, opts: Options) -> list[Item]:
             item.reason = "MoE router (use --quantize-routers)"
         else:
             g, _ = groups_of(info.shape[-1], opts.group_size)
-            item.record = TensorRecord(info.name, opts.fmt, info.shape, info.dtype, g)
+            item.record = TensorRecord(info.name, opts.fmt, info.shape, info.dtype, g,
+                                       scale_exp=0 if opts.scales8 else None)
             item.clip_search = opts.clip_search
         items.append(item)
     return items
@@ -274,7 +283,7 @@ def choose_formats(items: list[Item], opts: Options, progress, journal: "resumes
     """--format auto: measure every candidate on every tensor (curves already in the journal are
     kept; the runner, default ``Local()``, measures the rest), allocate, set each record. Without a
     journal (``dry_run``) nothing is recorded."""
-    cands = search.parse_candidates(opts.candidates, opts.clip_search)
+    cands = search.parse_candidates(opts.candidates, opts.clip_search, opts.scales8)
     todo = [i for i in items if i.record]
     sizes = [np.array([c.nbytes(i.info.shape) for c in cands], dtype=np.float64) for i in todo]
     numels = [i.record.numel for i in todo]
@@ -289,7 +298,7 @@ def choose_formats(items: list[Item], opts: Options, progress, journal: "resumes
             journal.add_curve(item.info.name, errors, measured_on)
         curves[item.info.name] = (errors, measured_on)
     errs = [curves[i.info.name][0] for i in todo]
-    where = ", ".join(sorted({curves[i.info.name][1] for i in todo})) or search.measure_backend()[1]
+    where = ", ".join(sorted({curves[i.info.name][1] for i in todo})) or search.measure_backend(opts.scales8)[1]
     weighted = [n * e for n, e in zip(numels, errs)]
     # The allocation runs over groups: a tied group (q/k/v, gate/up) is one choice, its size and error the sums.
     groups = (search.fused_groups([i.info.name for i in todo], [i.info.shape for i in todo]) if opts.tie_fused
@@ -320,7 +329,8 @@ def choose_formats(items: list[Item], opts: Options, progress, journal: "resumes
     for item, s, e, p in zip(todo, sizes, errs, picks):
         c = cands[p]
         g, _ = groups_of(item.info.shape[-1], c.group_size)
-        item.record = TensorRecord(item.info.name, c.fmt, item.info.shape, item.info.dtype, g)
+        item.record = TensorRecord(item.info.name, c.fmt, item.info.shape, item.info.dtype, g,
+                                   scale_exp=0 if opts.scales8 else None)
         item.clip_search = c.clip
         report["tensors"][item.info.name] = {
             "numel": item.record.numel, "choice": c.name,
@@ -340,7 +350,7 @@ def choose_formats(items: list[Item], opts: Options, progress, journal: "resumes
 
 def measure_items(items: list[Item], candidates, progress):
     """(item, its error curve over the candidates, where it was measured), item by item."""
-    measure, where = search.measure_backend()
+    measure, where = search.measure_backend(any(c.scales8 for c in candidates))
     for item in items:
         progress.set_postfix_str(item.info.name[-40:], refresh=False)
         # --rounding gptq too: nearest rounding's activation-weighted errors choose better than GPTQ's
@@ -392,12 +402,16 @@ def quantize_item(item: Item, writer: ShardWriter, opts: Options, progress) -> s
         return group_amax(x, g, ngroups)
 
     amax = np.concatenate(list(ordered_map(scan, _row_chunks(rows))))
-    scale_dtype = choose_scale_dtype(amax, r.fmt)
+    if r.scale_exp is not None:  # 8-bit scales: e4m3 scales of x * 2^-t (exact), t per tensor
+        scale_dtype, r.scale_exp = "F8_E4M3", scale_exponent(amax, r.fmt)
+    else:
+        scale_dtype = choose_scale_dtype(amax, r.fmt)
+    unit = np.float32(2.0 ** -(r.scale_exp or 0))
     factor = None if item.hessian is None else gptq.cached_factor(item.hessian)
-    gptq_rows = search.rounding_backend()[0]
+    gptq_rows = search.rounding_backend(r.scale_exp is not None)[0]
 
     def encode(chunk):  # pass 2: quantize and pack
-        x = dtypes.to_float32(chunk, r.dtype)
+        x = dtypes.to_float32(chunk, r.dtype) * unit
         if factor is None:
             codes, s = quantize_rows(x, r.fmt, g, scale_dtype, item.clip_search, item.importance)
         else:
@@ -411,7 +425,7 @@ def quantize_item(item: Item, writer: ShardWriter, opts: Options, progress) -> s
         sq_err, sq_ref = sq_err + err, sq_ref + ref
         progress.update(nbytes)
     writer.write(r.scale_name, dtypes.store(np.concatenate(scales), scale_dtype))
-    r.rel_error = relative_error(sq_err, sq_ref)
+    r.rel_error = relative_error(sq_err, sq_ref)  # (a ratio: the same in x's units)
     return scale_dtype
 
 
@@ -582,7 +596,7 @@ def summarize(out_dir: str, opts: Options, items: list[Item], shards: int, tied:
             summary.quantized += 1
             summary.quantized_weights += r.numel
             summary.quantized_bytes += item.out_bytes
-            summary.quantized_nominal_bits += r.numel * nominal_bits(r.fmt, r.k, r.group_size)
+            summary.quantized_nominal_bits += r.numel * r.nominal_bits
             if measured:
                 summary.errors[item.info.name] = r.rel_error
             summary.formats[item.info.name] = r.fmt.name + ("" if r.group_size == r.k else f"-g{r.group_size}")
@@ -602,7 +616,7 @@ def plan_rows(items: list[Item], shards: list[list[Item]], tied: dict[str, str])
                "action": "quantize" if r else "keep", "bytes": item.out_bytes, "shard": shard_of[id(item)]}
         if r:
             row.update(format=r.fmt.name, group="channel" if r.group_size == r.k else r.group_size,
-                       bits=8 * item.out_bytes / r.numel, bits_nominal=nominal_bits(r.fmt, r.k, r.group_size),
+                       bits=8 * item.out_bytes / r.numel, bits_nominal=r.nominal_bits,
                        clip_search=item.clip_search)
         else:
             row["reason"] = item.reason

@@ -21,7 +21,7 @@ from ..errors import ExmyError
 from ..format.exmy import ExMy, get_format
 from ..format.pack import row_bytes
 from .gptq import gptq_rows
-from ..format.quant import choose_scale_dtype, group_amax, groups_of, quantize_rows, dequantize_codes
+from ..format.quant import choose_scale_dtype, dequantize_codes, group_amax, groups_of, quantize_rows, scale_exponent
 
 # From 3.25 bits per weight (e2m1s4, before padding and scales) to 8 (e4m3), with group variants
 # between, so that any budget from the cheapest to the richest has a solution.
@@ -36,6 +36,7 @@ class Candidate:
     fmt: ExMy
     group_size: int | None = None
     clip: bool = False
+    scales8: bool = False  # --scales e4m3: 8-bit group scales (a run-wide choice, not part of the name)
 
     @property
     def name(self) -> str:
@@ -44,10 +45,10 @@ class Candidate:
     def nbytes(self, shape: tuple[int, ...]) -> int:
         rows = int(np.prod(shape[:-1]))
         _, ngroups = groups_of(shape[-1], self.group_size)
-        return rows * (row_bytes(self.fmt, shape[-1]) + 2 * ngroups)
+        return rows * (row_bytes(self.fmt, shape[-1]) + (1 if self.scales8 else 2) * ngroups)
 
 
-def parse_candidates(text: str | None, clip: bool = False) -> list[Candidate]:
+def parse_candidates(text: str | None, clip: bool = False, scales8: bool = False) -> list[Candidate]:
     names = [n.strip() for n in text.split(",") if n.strip()] if text is not None else list(DEFAULT_CANDIDATES)
     out = []
     for name in names:
@@ -57,7 +58,7 @@ def parse_candidates(text: str | None, clip: bool = False) -> list[Candidate]:
         group = int(m[2]) if m[2] else None
         if group is not None and group < 1:
             raise ExmyError(f"bad candidate {name!r}: group size must be positive")
-        out.append(Candidate(get_format(m[1]), group, clip or bool(m[3])))
+        out.append(Candidate(get_format(m[1]), group, clip or bool(m[3]), scales8))
     if not out:
         raise ExmyError("--candidates is empty")
     return out
@@ -104,7 +105,9 @@ def measure(chunks, candidates: list[Candidate], importance: np.ndarray | None =
                 g, n = groups_of(x.shape[1], key)
                 parts.append(group_amax(x, g, n))
             amax_all[key] = np.concatenate(parts)
-    dtypes_ = {c: choose_scale_dtype(amax_all[c.group_size], c.fmt) for c in candidates}
+    # the scale dtype is per tensor; 8-bit scales quantize x * 2^-t, t per tensor (format.quant)
+    dtypes_ = {c: ("F8_E4M3", scale_exponent(amax_all[c.group_size], c.fmt)) if c.scales8
+               else (choose_scale_dtype(amax_all[c.group_size], c.fmt), 0) for c in candidates}
     full = importance is not None and importance.ndim == 2
     diag = np.diagonal(importance) if full else importance
     err = np.zeros(len(candidates))
@@ -113,11 +116,13 @@ def measure(chunks, candidates: list[Candidate], importance: np.ndarray | None =
         ref += _weighted_square(x, importance)
         for i, c in enumerate(candidates):
             g, _ = groups_of(x.shape[1], c.group_size)
+            scale_dtype, t = dtypes_[c]
+            xt = x * np.float32(2.0 ** -t) if t else x  # (exact)
             if factor is None:
-                codes, s = quantize_rows(x, c.fmt, g, dtypes_[c], c.clip, diag)
+                codes, s = quantize_rows(xt, c.fmt, g, scale_dtype, c.clip, diag)
             else:
-                codes, s = gptq_rows(x, c.fmt, g, dtypes_[c], factor, c.clip, diag)
-            err[i] += _weighted_square(dequantize_codes(codes, s, c.fmt, g) - x, importance)
+                codes, s = gptq_rows(xt, c.fmt, g, scale_dtype, factor, c.clip, diag)
+            err[i] += _weighted_square(dequantize_codes(codes, s, c.fmt, g) - xt, importance) * 4.0 ** t
     return err / ref if ref > 0 else np.zeros(len(candidates))
 
 
@@ -131,9 +136,10 @@ def _weighted_square(d: np.ndarray, importance: np.ndarray | None) -> float:
     return float(np.einsum("rk,rk->", d @ importance.astype(np.float64), d))
 
 
-def measure_backend():
-    """(measure function, device name): torch on a CUDA GPU when there is one, else numpy."""
-    where = _cuda()
+def measure_backend(scales8: bool = False):
+    """(measure function, device name): torch on a CUDA GPU when there is one, else numpy (and for
+    8-bit scales, which only the numpy quantizer makes)."""
+    where = None if scales8 else _cuda()
     if where:
         from . import search_torch
 
@@ -141,10 +147,10 @@ def measure_backend():
     return measure, "cpu (numpy)"
 
 
-def rounding_backend():
+def rounding_backend(scales8: bool = False):
     """(gptq_rows function, device name), chosen as measure_backend chooses (torch on the CPU gives
     the same codes as numpy but took 2 to 13 times as long on SmolLM2 shapes)."""
-    where = _cuda()
+    where = None if scales8 else _cuda()
     if where:
         from . import gptq_torch
 

@@ -7,6 +7,9 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
+import numpy as np
+
+from . import dtypes
 from .exmy import ExMy
 from .pack import LAYOUT, row_bytes, upgrade
 from .quant import groups_of
@@ -35,11 +38,11 @@ def shard_name(i: int, n: int) -> str:
     return WEIGHTS_FILE if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
 
 
-def nominal_bits(fmt: ExMy, k: int, group_size: int | None) -> float:
+def nominal_bits(fmt: ExMy, k: int, group_size: int | None, scale_bits: int = 16) -> float:
     """Bits per weight of a row of K weights without the layout's padding (section 3: rows padded to a
     multiple of 32 weights, the shared-bit plane to 4 bytes): the format's bits, a shared bit counted
-    once per ``share`` weights, plus a 16-bit scale per group."""
-    return fmt.bits_per_weight + 16 * groups_of(k, group_size)[1] / k
+    once per ``share`` weights, plus a 16-bit (or 8-bit) scale per group."""
+    return fmt.bits_per_weight + scale_bits * groups_of(k, group_size)[1] / k
 
 
 @dataclass
@@ -53,6 +56,7 @@ class TensorRecord:
     group_size: int  # G (= K for one scale per row)
     rel_error: float = 0.0
     layout: int = LAYOUT  # major version of the file it was read from: how its rows are padded
+    scale_exp: int | None = None  # 8-bit scales (F8_E4M3, since 2.0): the tensor's power of two; else None
 
     @property
     def k(self) -> int:
@@ -73,6 +77,30 @@ class TensorRecord:
     @property
     def packed_shape(self) -> tuple[int, ...]:
         return (*self.shape[:-1], row_bytes(self.fmt, self.k, self.layout))
+
+    @property
+    def scale_bytes(self) -> int:
+        """Bytes per stored scale: 1 for 8-bit scales, else 2 (F16/BF16)."""
+        return 1 if self.scale_exp is not None else 2
+
+    @property
+    def nominal_bits(self) -> float:
+        """Bits per weight without the layout's padding (:func:`nominal_bits` with this record's scales)."""
+        return nominal_bits(self.fmt, self.k, self.group_size, 8 * self.scale_bytes)
+
+    def scale_values(self, stored):
+        """A stored ``T_scale`` as the decoders take it: 8-bit scales (numpy bytes, or a torch
+        float8_e4m3fn / uint8 tensor) as float32 values, e4m3 value times 2^scale_exp (exact); 16-bit
+        scales returned as they are."""
+        if self.scale_exp is None:
+            return stored
+        unit = 2.0 ** self.scale_exp
+        if hasattr(stored, "new_empty"):  # torch
+            import torch
+            if stored.dtype == torch.uint8:
+                stored = stored.view(torch.float8_e4m3fn)
+            return stored.float() * unit
+        return dtypes.to_float32(stored, "F8_E4M3") * np.float32(unit)
 
     @property
     def current_bytes(self) -> bool:
@@ -100,4 +128,6 @@ class TensorRecord:
         # rel_error has a fixed width so the header can be rewritten in place once it is known.
         text = json.dumps({"format": self.fmt.name, "shape": list(self.shape), "dtype": self.dtype,
                            "group_size": self.group_size}, separators=(",", ":"))
+        if self.scale_exp is not None:  # (fixed width too: known only once the tensor is read)
+            text = text[:-1] + f',"scale_exp":{self.scale_exp:>4}}}'
         return META_PREFIX + self.name, text[:-1] + f',"rel_error":{self.rel_error:.6e}}}'

@@ -1,7 +1,10 @@
 """Reference quantizer and dequantizer (formats/SPEC.md section 2), numpy, float32.
 
 Rows are the leading dimensions of a weight, K its last; groups of G consecutive elements of a
-row share one scale. The scale dtype is chosen per tensor (fp16 when it is safe, else bf16).
+row share one scale. The scale dtype is chosen per tensor (fp16 when it is safe, else bf16), or
+8-bit scales are asked for: e4m3 group scales times a power of two per tensor, 2^scale_exp. Those
+are quantized here in the tensor's own units x * 2^-scale_exp (exact), where the scales are plain
+e4m3 numbers ("F8_E4M3"); :func:`scale_exponent` picks the power.
 """
 from __future__ import annotations
 
@@ -14,7 +17,8 @@ from .exmy import ExMy
 from .pack import pack_codes, unpack_codes
 
 FP16_MAX = 65504.0
-SMALLEST_NORMAL = {"F16": 2.0**-14, "BF16": 2.0**-126}
+SMALLEST_NORMAL = {"F16": 2.0**-14, "BF16": 2.0**-126, "F8_E4M3": dtypes.E4M3_MIN}  # (e4m3: smallest positive)
+SCALE_EXP_RANGE = (-100, 100)  # 8-bit scales: the tensor's power of two (SPEC section 2)
 CLIP_RATIOS = np.linspace(1.0, 0.5, 11, dtype=np.float32)
 
 
@@ -42,6 +46,25 @@ def choose_scale_dtype(amax: np.ndarray, fmt: ExMy) -> str:
         s = (amax[amax > 0] / np.float32(fmt.max)).astype(np.float16).astype(np.float32)
     fits = np.all(s >= SMALLEST_NORMAL["F16"]) and np.all(s * np.float32(fmt.max) <= FP16_MAX)
     return "F16" if fits else "BF16"
+
+
+def scale_exponent(amax: np.ndarray, fmt: ExMy) -> int:
+    """8-bit scales: the tensor's power of two t, the smallest that puts its largest group scale
+    amax / max at or below e4m3's largest value (448) once divided by 2^t."""
+    top = float(np.max(amax, initial=0.0)) / fmt.max
+    if top <= 0:
+        return 0
+    t = int(np.ceil(np.log2(top / dtypes.E4M3_MAX)))
+    while top / 2.0**t > dtypes.E4M3_MAX:  # (log2 rounding)
+        t += 1
+    return int(np.clip(t, *SCALE_EXP_RANGE))
+
+
+def wide_scale_dtype(values: np.ndarray, fmt: ExMy) -> str:
+    """The 16-bit dtype that holds 8-bit scale values (e4m3 times a power of two: 4 significant bits)
+    exactly, by choose_scale_dtype's rule: fp16 where every value is an fp16 normal number with
+    value * max <= 65504, else bf16."""
+    return choose_scale_dtype(values * np.float32(fmt.max), fmt)
 
 
 def scales_for(amax: np.ndarray, fmt: ExMy, scale_dtype: str) -> np.ndarray:
@@ -133,8 +156,9 @@ class QTensor:
     shape: tuple[int, ...]
     group_size: int
     payload: np.ndarray  # uint8 [..., row_bytes]
-    scales: np.ndarray  # float32 [..., ngroups], exact in scale_dtype
-    scale_dtype: str  # "F16" or "BF16"
+    scales: np.ndarray  # float32 [..., ngroups], the scales' values (8-bit: e4m3 value * 2^scale_exp)
+    scale_dtype: str  # "F16", "BF16" or "F8_E4M3"
+    scale_exp: int = 0  # F8_E4M3: the tensor's power of two
 
     def dequantize(self, out_dtype: str = "F32") -> np.ndarray:
         """Float32 values rounded to out_dtype (returned as float32 for F32/F16/BF16)."""
@@ -142,18 +166,26 @@ class QTensor:
         return dtypes.round_to(dequantize_codes(codes, self.scales, self.fmt, self.group_size), out_dtype)
 
 
-def quantize(x: np.ndarray, fmt: ExMy, group_size: int | None = None, clip_search: bool = False) -> QTensor:
-    """Quantize a whole float32 array [..., K] in memory (the pipeline streams instead)."""
+def quantize(x: np.ndarray, fmt: ExMy, group_size: int | None = None, clip_search: bool = False,
+             scales8: bool = False) -> QTensor:
+    """Quantize a whole float32 array [..., K] in memory (the pipeline streams instead); ``scales8``:
+    e4m3 group scales with a power of two per tensor."""
     x = np.asarray(x, dtype=np.float32)
     if x.ndim < 2:
         raise ValueError("need at least 2 dimensions")
     *lead, k = x.shape
     flat = x.reshape(-1, k)
     g, ngroups = groups_of(k, group_size)
-    scale_dtype = choose_scale_dtype(group_amax(flat, g, ngroups), fmt)
+    amax = group_amax(flat, g, ngroups)
+    t = 0
+    if scales8:
+        scale_dtype, t = "F8_E4M3", scale_exponent(amax, fmt)
+        flat = flat * np.float32(2.0 ** -t)  # (exact: a power of two)
+    else:
+        scale_dtype = choose_scale_dtype(amax, fmt)
     codes, scales = quantize_rows(flat, fmt, g, scale_dtype, clip_search)
     return QTensor(fmt, tuple(x.shape), g, pack_codes(codes, fmt).reshape(*lead, -1),
-                   scales.reshape(*lead, ngroups), scale_dtype)
+                   scales.reshape(*lead, ngroups) * np.float32(2.0 ** t), scale_dtype, t)
 
 
 def relative_error(sq_err: float, sq_ref: float) -> float:

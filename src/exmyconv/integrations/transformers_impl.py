@@ -423,7 +423,8 @@ class ExmyHfQuantizer(HfQuantizer):
                 self._via_converter.add(name)
                 continue
             if (leaf == "weight" and isinstance(module, nn.Linear) and target not in tied and len(record.shape) == 2
-                    and record.current_bytes  # (a 1.x payload that needs re-padding is dequantized instead)
+                    and record.current_bytes  # (a 1.x payload that needs re-padding is dequantized instead,
+                    and record.scale_exp is None  # and so are 8-bit scales: the packed modules take 16-bit ones)
                     and tuple(module.weight.shape) == record.shape and self._planned_dtype(target) is None):
                 replaced[id(module)] = ExmyLinear.from_linear(module, record.fmt, record.group_size,
                                                               TORCH_DTYPE[self._scale_dtypes[name]])
@@ -590,7 +591,7 @@ class ExmyHfQuantizer(HfQuantizer):
         converters = {id(c) for _, c in items}
         first = records[0]
         if len(converters) != 1 or any(
-                not r.current_bytes or r.fmt != first.fmt or groups_of(k, r.group_size) != groups_of(k, first.group_size)
+                not r.current_bytes or r.scale_exp is not None or r.fmt != first.fmt or groups_of(k, r.group_size) != groups_of(k, first.group_size)
                 or self._scale_dtypes[name] != self._scale_dtypes[names[0]] for name, r in zip(names, records)):
             return None
         converter = items[0][1]
@@ -650,7 +651,8 @@ class ExmyHfQuantizer(HfQuantizer):
         if tuple(packed.shape) != record.packed_shape or tuple(scale.shape) != record.scale_shape:
             raise ExmyError(f"{name}: packed {list(packed.shape)} / scales {list(scale.shape)} do not match "
                             f"its exmy record ({list(record.packed_shape)} / {list(record.scale_shape)})")
-        return dequantize(record.payload(packed), scale, record.fmt, record.k, record.group_size, dtype)
+        return dequantize(record.payload(packed), record.scale_values(scale), record.fmt, record.k, record.group_size,
+                          dtype)
 
 
 def _simulate(model, conversions, keys, patterns: bool = False) -> dict:

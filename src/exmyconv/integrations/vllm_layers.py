@@ -107,6 +107,8 @@ def _cannot_pack(layer, shards: dict) -> str | None:
     record = found[0][0]
     if len(record.shape) != 2:
         return f"a {len(record.shape)}-D weight"
+    if record.scale_exp is not None:
+        return "8-bit scales (the packed path takes 16-bit ones)"
     if isinstance(layer, RowParallelLinear) and layer.tp_size > 1:
         k = layer.input_size_per_partition
         try:
@@ -228,8 +230,8 @@ class _DequantOnLoad:
                 raise ExmyError(f"exmy: {self.where}: a quantized tensor ({key}) that the checkpoint's headers "
                                 "do not list")
             record = record[0]
-            weight = dequantize(record.payload(parts["packed"]), parts["scale"], record.fmt, record.k,
-                                record.group_size, self.dtype)
+            weight = dequantize(record.payload(parts["packed"]), record.scale_values(parts["scale"]), record.fmt,
+                                record.k, record.group_size, self.dtype)
             result = self.forward(weight, *args, **kwargs)
             return True if result is None else result
         return load
@@ -374,7 +376,8 @@ def decode_unclaimed(config, weights):
         if len(parts) == 2:
             del pending[stem]
             record = found[0]
-            yield stem, dequantize(record.payload(parts[PACKED_SUFFIX]), parts[SCALE_SUFFIX], record.fmt, record.k,
+            yield stem, dequantize(record.payload(parts[PACKED_SUFFIX]), record.scale_values(parts[SCALE_SUFFIX]),
+                                   record.fmt, record.k,
                                    record.group_size, torch.float32)
     if pending:
         stem, parts = next(iter(pending.items()))

@@ -61,9 +61,13 @@ class Checkpoint:
         return self
 
     def scales(self, name: str) -> tuple[np.ndarray, str]:
+        """(float32 scale values, stored dtype): 8-bit scales ("F8_E4M3") come back times their power of two."""
         record, f = self.records[name]
         dtype = f.tensors[record.scale_name].dtype
-        return dtypes.to_float32(f.read(record.scale_name), dtype), dtype
+        stored = f.read(record.scale_name)
+        if record.scale_exp is not None:
+            return record.scale_values(stored), dtype
+        return dtypes.to_float32(stored, dtype), dtype
 
     def payload(self, name: str) -> np.ndarray:
         """The packed codes of a quantized tensor in the current layout (1.x rows re-padded)."""

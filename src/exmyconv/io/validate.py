@@ -42,7 +42,7 @@ from ..format import dtypes
 from ..format.exmy import ExMy, get_format
 from ..format.layout import (INDEX_FILE, META_PREFIX, PACKED_SUFFIX, QUANT_METHOD, SCALE_SUFFIX, READ_MAJORS,
                              TensorRecord)
-from ..format.quant import SMALLEST_NORMAL
+from ..format.quant import SCALE_EXP_RANGE, SMALLEST_NORMAL
 
 MAX_HEADER = 100 * 1024 * 1024  # bytes of a safetensors header (the format's own limit), or of a JSON file
 MAX_JSON_DEPTH = 64  # nesting of arrays and objects; real headers and configs stay below 10
@@ -50,6 +50,8 @@ MAX_BYTES = 2**63  # a tensor's shape, zero dimensions counted as 1, times its i
 FLOAT32_MAX = float(np.finfo(np.float32).max)
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 SHARED_SINCE = (1, 1)  # shared formats (eXmYsk) exist since layout 1.1
+SCALES_ONLY = ("F8_E4M3",)  # safetensors dtypes a reader takes only as an exmy record's scales
+SCALES8_SINCE = (2, 0)  # 8-bit scales (F8_E4M3 with a scale_exp) exist since layout 2.0
 
 _STRINGS = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
 _VERSION = re.compile(r"([0-9]{1,9})\.([0-9]{1,9})")
@@ -274,7 +276,13 @@ def parse_record(key: str, text: str, version: tuple[int, int]) -> TensorRecord:
     rel = d.get("rel_error", 0.0)
     if type(rel) not in (int, float) or not 0 <= rel < float("inf"):
         raise ExmyError(f"{where} (rel_error {rel!r}: a number >= 0)")
-    return TensorRecord(name, fmt, tuple(shape), d["dtype"], g, float(rel), layout=version[0])
+    t = d.get("scale_exp")
+    if t is not None and (not _is_int(t) or not SCALE_EXP_RANGE[0] <= t <= SCALE_EXP_RANGE[1]):
+        raise ExmyError(f"{where} (scale_exp {t!r}: an integer from {SCALE_EXP_RANGE[0]} to {SCALE_EXP_RANGE[1]})")
+    if t is not None and version < SCALES8_SINCE:
+        raise ExmyError(f"tensor {name!r}: 8-bit scales (scale_exp) in a layout {version[0]}.{version[1]} file "
+                        "(they need 2.0 or later)")
+    return TensorRecord(name, fmt, tuple(shape), d["dtype"], g, float(rel), layout=version[0], scale_exp=t)
 
 
 def record_tensors_problem(record: TensorRecord, tensors: dict[str, TensorInfo]) -> str | None:
@@ -285,8 +293,10 @@ def record_tensors_problem(record: TensorRecord, tensors: dict[str, TensorInfo])
         return f"{record.name}: {missing} missing (it must be in the file of its exmy record)"
     if packed.dtype != "U8" or packed.shape != record.packed_shape:
         return f"{record.packed_name}: {packed.dtype}{list(packed.shape)}, expected U8{list(record.packed_shape)}"
-    if scale.dtype not in ("F16", "BF16") or scale.shape != record.scale_shape:
-        return f"{record.scale_name}: {scale.dtype}{list(scale.shape)}, expected F16/BF16{list(record.scale_shape)}"
+    allowed = ("F8_E4M3",) if record.scale_exp is not None else ("F16", "BF16")
+    if scale.dtype not in allowed or scale.shape != record.scale_shape:
+        return f"{record.scale_name}: {scale.dtype}{list(scale.shape)}, expected {'/'.join(allowed)}" \
+               f"{list(record.scale_shape)}"
     return None
 
 
@@ -295,8 +305,12 @@ SCALE_CHUNK = 1 << 20  # scale values checked at a time
 
 def scales_ok(stored: np.ndarray, dtype: str, fmt: ExMy) -> bool:
     """Every scale finite, at least the smallest normal number of its dtype (so not zero, negative
-    or subnormal) and small enough that scale x max(format) is finite in float32."""
+    or subnormal) and small enough that scale x max(format) is finite in float32. 8-bit scales
+    (F8_E4M3): every byte 0x01 ... 0x7E (positive and finite; their power of two keeps the products in
+    range, SCALE_EXP_RANGE)."""
     flat = stored.reshape(-1)
+    if dtype == "F8_E4M3":
+        return bool(((flat >= 0x01) & (flat <= 0x7E)).all())
     for start in range(0, flat.size, SCALE_CHUNK):
         with np.errstate(invalid="ignore"):  # (signalling NaNs)
             s = dtypes.to_float32(flat[start:start + SCALE_CHUNK], dtype).astype(np.float64)
@@ -446,6 +460,9 @@ def _scan_file(f, contents: Contents, held: dict) -> None:
             continue
         if keys and name.endswith((PACKED_SUFFIX, SCALE_SUFFIX)):
             contents.problem(f"{name_}: {name} has no exmy metadata")
+        if info.dtype in SCALES_ONLY:  # (an fp8 model is not a source this converter reads)
+            contents.problem(f"{name_}: tensor {name!r} has unsupported dtype {info.dtype!r} (it only holds the "
+                             "8-bit scales of an exmy record)")
         contents.plain.setdefault(name, (info, f))
 
 
