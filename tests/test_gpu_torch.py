@@ -141,3 +141,46 @@ def test_rows_not_16_byte_multiples_are_read_in_place(rng, fmt, k):
     out = torch.empty((300, k), dtype=torch.float16, device="cuda")
     weight.dequantize("F16", out=out)
     assert torch.equal(out, want_w)
+
+
+@pytest.mark.parametrize("fmt,k,group", [("e2m1", 576, 32), ("e2m2s4", 4096, 64), ("e3m2", 1000, 100)])
+def test_8_bit_scales_on_cuda(rng, fmt, k, group):
+    """An ExmyLinear holding 8-bit scales (float8_e4m3fn times 2^scale_exp) on CUDA: the GEMV (rows
+    <= 16) against the dequantized weight, and the dequantize + F.linear path (more rows) equal, bit for
+    bit, to the plain layer with that weight."""
+    import torch
+
+    from exmyconv.format import dtypes
+    from exmyconv.format.exmy import get_format
+    from exmyconv.format.quant import quantize
+    from exmyconv.torch.linear import ExmyLinear
+
+    n = 300
+    w = (rng.standard_normal((n, k)) * 0.02).astype(np.float32)
+    if fmt == "e3m2":
+        w[7] *= 1e-4  # groups whose widened scales leave the fp16 range: bf16 for the kernels
+    q = quantize(w, get_format(fmt), group, scales8=True)
+    layer = ExmyLinear(k, n, fmt, group, bias=True, scale_dtype=torch.float8_e4m3fn, scale_exp=q.scale_exp)
+    layer.weight_packed.copy_(torch.from_numpy(q.payload))
+    stored = dtypes.store(q.scales * np.float32(2.0 ** -q.scale_exp), "F8_E4M3")
+    layer.weight_scale.copy_(torch.from_numpy(stored).view(torch.float8_e4m3fn))
+    layer.bias.data = torch.randn(n) * 0.1
+    layer.requires_grad_(False)
+    layer = layer.to(device="cuda", dtype=torch.float16)
+    assert layer.weight_scale.dtype == torch.float8_e4m3fn
+    from exmyconv.cuda import gpu
+    assert layer._gpu_weight(gpu).scale_dtype == ("BF16" if fmt == "e3m2" else "F16")
+    want_w = torch.from_numpy(q.dequantize()).cuda()
+    assert torch.equal(layer.dequantize_weight(torch.float32), want_w)
+    for rows in (1, 4, 12, 40):
+        for dtype in (torch.float16, torch.bfloat16):
+            layer = layer.to(dtype=dtype)
+            x = torch.randn(rows, k, device="cuda", dtype=dtype)
+            y = layer(x)
+            assert y.dtype == dtype and not torch.isnan(y).any()
+            if rows > 16:
+                assert torch.equal(y, torch.nn.functional.linear(x, want_w.to(dtype), layer.bias))
+            else:
+                ref = torch.nn.functional.linear(x.float(), want_w, layer.bias.float())
+                err = ((y.float() - ref).norm() / ref.norm()).item()
+                assert err < (4e-3 if dtype == torch.float16 else 2e-2), (rows, dtype, err)

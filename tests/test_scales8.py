@@ -170,9 +170,10 @@ def test_scales_option_is_checked():
         Options(format="e2m2", scales="e5m2")
 
 
-def test_transformers_loads_8_bit_scales_as_the_dequantized_weights(tmp_path):
-    """from_pretrained of an 8-bit-scale checkpoint (decoded at load: the packed modules take 16-bit
-    scales) gives exactly exmyconv's dequantized weights, and the same logits as that plain folder."""
+def test_transformers_keeps_8_bit_scales_packed(tmp_path):
+    """from_pretrained of an 8-bit-scale checkpoint: every linear layer an ExmyLinear holding the stored
+    float8 scales, decoding exactly to exmyconv's dequantized weights; logits equal those of the
+    dequantized folder loaded as a plain model (CPU: the same F.linear on the same weights)."""
     transformers = pytest.importorskip("transformers")
     import torch
 
@@ -183,14 +184,21 @@ def test_transformers_loads_8_bit_scales_as_the_dequantized_weights(tmp_path):
     torch.manual_seed(0)
     transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path / "src", safe_serialization=True)
     exmyconv.quantize(str(tmp_path / "src"), str(tmp_path / "q"), format="e2m2s4", group_size=32, scales="e4m3")
+    from exmyconv.torch.linear import ExmyLinear
+
     model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "q", dtype=torch.float32)
     ref = load_state_dict(str(tmp_path / "q"), dtype=torch.float32)
-    params = dict(model.named_parameters())
-    checked = 0
-    for name, want in ref.items():
-        if name.endswith("proj.weight"):
-            assert torch.equal(params[name].detach(), want), name
-            checked += 1
-    assert checked == 7
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, ExmyLinear)}
+    assert len(layers) == 7
+    stored = read_safetensors(tmp_path / "q" / "model.safetensors")[1]
+    for path, layer in layers.items():
+        assert layer.weight_scale.dtype == torch.float8_e4m3fn and isinstance(layer.scale_exp, int)
+        raw = stored[path + ".weight_scale"][2]
+        assert layer.weight_scale.view(torch.uint8).flatten().tolist() == list(raw)  # the stored bytes
+        assert torch.equal(layer.dequantize_weight(torch.float32), ref[path + ".weight"]), path
+    exmyconv.dequantize(str(tmp_path / "q"), str(tmp_path / "plain"), dtype="float32")
+    plain = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "plain", dtype=torch.float32)
     ids = torch.randint(0, 128, (1, 12))
-    assert not torch.isnan(model(ids).logits).any()
+    with torch.no_grad():
+        got, want = model(ids).logits, plain(ids).logits
+    assert not torch.isnan(got).any() and torch.equal(got, want)

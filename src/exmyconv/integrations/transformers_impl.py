@@ -423,11 +423,12 @@ class ExmyHfQuantizer(HfQuantizer):
                 self._via_converter.add(name)
                 continue
             if (leaf == "weight" and isinstance(module, nn.Linear) and target not in tied and len(record.shape) == 2
-                    and record.current_bytes  # (a 1.x payload that needs re-padding is dequantized instead,
-                    and record.scale_exp is None  # and so are 8-bit scales: the packed modules take 16-bit ones)
+                    and record.current_bytes  # (a 1.x payload that needs re-padding is dequantized instead)
                     and tuple(module.weight.shape) == record.shape and self._planned_dtype(target) is None):
-                replaced[id(module)] = ExmyLinear.from_linear(module, record.fmt, record.group_size,
-                                                              TORCH_DTYPE[self._scale_dtypes[name]])
+                scale_dtype = torch.float8_e4m3fn if record.scale_exp is not None else \
+                    TORCH_DTYPE[self._scale_dtypes[name]]
+                replaced[id(module)] = ExmyLinear.from_linear(module, record.fmt, record.group_size, scale_dtype,
+                                                              record.scale_exp)
                 self._linear[path] = name
                 self._scale_buffers.add(f"{path}.weight_scale")
             else:

@@ -27,7 +27,7 @@ from ..errors import ExmyError
 from ..format.exmy import ExMy, get_format
 from ..format.pack import row_bytes
 from ..format.quant import groups_of
-from .codec import SCALE_NAME, dequantize
+from .codec import SCALE_NAME, dequantize, scale_values, widened_scales
 
 _LIVE: "weakref.WeakValueDictionary[int, ExmyLinear]" = weakref.WeakValueDictionary()  # handle -> module
 _HANDLES = itertools.count()
@@ -38,12 +38,20 @@ def _gpu_backend():
     return cuda.backend()
 
 
-def gpu_view(gpu, packed: torch.Tensor, scale: torch.Tensor, fmt: ExMy, k: int, group_size: int):
+def gpu_view(gpu, packed: torch.Tensor, scale: torch.Tensor, fmt: ExMy, k: int, group_size: int,
+             scale_exp: int | None = None):
     """``gpu.upload`` of packed CUDA tensors (uint8 [N, row_bytes], fp16/bf16 scales [N, ngroups]) that a
     module or an engine holds: a zero-copy view (plus the small scale arrays the GEMV derives).
-    ExmyLinear and :class:`exmyconv.torch.packed.PackedLinear` both call it."""
-    return gpu.upload(payload=packed, scales=scale, scale_dtype=SCALE_NAME[scale.dtype], fmt=fmt,
-                      shape=(packed.shape[0], k), group_size=group_size)
+    ExmyLinear and :class:`exmyconv.torch.packed.PackedLinear` both call it. 8-bit scales
+    (float8_e4m3fn with ``scale_exp``) are widened exactly to 16 bits (a copy of the scales only)."""
+    wide = None
+    if scale_exp is not None:
+        scale = wide = widened_scales(scale, scale_exp, fmt)
+    weight = gpu.upload(payload=packed, scales=scale, scale_dtype=SCALE_NAME[scale.dtype], fmt=fmt,
+                        shape=(packed.shape[0], k), group_size=group_size)
+    if wide is not None:
+        weight._cache["widened_scales"] = wide  # the GPU view reads this tensor's memory
+    return weight
 
 
 def kernel_rows(packed: torch.Tensor) -> torch.Tensor:
@@ -87,15 +95,18 @@ class ExmyLinear(nn.Module):
 
     def __init__(self, in_features: int, out_features: int, fmt: ExMy | str, group_size: int | None = None,
                  bias: bool = True, scale_dtype: torch.dtype = torch.float16, device=None,
-                 dtype: torch.dtype | None = None):
+                 dtype: torch.dtype | None = None, scale_exp: int | None = None):
         super().__init__()
         self.weight_dtype = dtype or torch.get_default_dtype()
         self.in_features, self.out_features = int(in_features), int(out_features)
         self.fmt = get_format(fmt) if isinstance(fmt, str) else fmt
         self.group_size, ngroups = groups_of(self.in_features, group_size)
-        if scale_dtype not in SCALE_NAME:
-            raise ExmyError(f"scales are float16 or bfloat16, not {scale_dtype}")
-        self.scale_format = SCALE_NAME[scale_dtype]  # "F16"/"BF16": what the checkpoint stores
+        if (scale_dtype == torch.float8_e4m3fn) != (scale_exp is not None) or (
+                scale_dtype not in SCALE_NAME and scale_dtype != torch.float8_e4m3fn):
+            raise ExmyError(f"scales are float16 or bfloat16, or float8_e4m3fn with a scale_exp; not {scale_dtype} "
+                            f"with scale_exp {scale_exp}")
+        self.scale_exp = scale_exp  # 8-bit scales: the tensor's power of two (SPEC section 2)
+        self.scale_format = SCALE_NAME.get(scale_dtype, "F8_E4M3")  # what the checkpoint stores
         self.register_buffer("weight_packed", torch.empty(
             (self.out_features, row_bytes(self.fmt, self.in_features)), dtype=torch.uint8, device=device))
         self.register_buffer("weight_scale", torch.empty((self.out_features, ngroups), dtype=scale_dtype,
@@ -121,10 +132,10 @@ class ExmyLinear(nn.Module):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, fmt: ExMy | str, group_size: int | None,
-                    scale_dtype: torch.dtype = torch.float16) -> "ExmyLinear":
+                    scale_dtype: torch.dtype = torch.float16, scale_exp: int | None = None) -> "ExmyLinear":
         """An ExmyLinear for ``linear``'s shape and device, reusing its bias parameter (not its weight)."""
         new = cls(linear.in_features, linear.out_features, fmt, group_size, bias=False, scale_dtype=scale_dtype,
-                  device=linear.weight.device, dtype=linear.weight.dtype)
+                  device=linear.weight.device, dtype=linear.weight.dtype, scale_exp=scale_exp)
         new.bias = linear.bias  # the same Parameter object (or None): loads like the original's
         return new
 
@@ -135,8 +146,8 @@ class ExmyLinear(nn.Module):
 
     def dequantize_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The weight [out_features, in_features] as ``dtype`` (default ``weight_dtype``), a new tensor."""
-        return dequantize(self.weight_packed, self.weight_scale, self.fmt, self.in_features, self.group_size,
-                          dtype or self.weight_dtype)
+        return dequantize(self.weight_packed, scale_values(self.weight_scale, self.scale_exp), self.fmt,
+                          self.in_features, self.group_size, dtype or self.weight_dtype)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -210,7 +221,8 @@ class ExmyLinear(nn.Module):
         self.align_rows()
         key = (self.weight_packed.data_ptr(), self.weight_scale.data_ptr(), self.weight_scale.dtype)
         if self._gpu_weight_cache is None or self._gpu_weight_cache[0] != key:
-            weight = gpu_view(gpu, self.weight_packed, self.weight_scale, self.fmt, self.in_features, self.group_size)
+            weight = gpu_view(gpu, self.weight_packed, self.weight_scale, self.fmt, self.in_features, self.group_size,
+                              self.scale_exp)
             self._gpu_weight_cache = (key, weight)
             self._launches = {}  # prepared launches hold the old buffers' addresses
         return self._gpu_weight_cache[1]
@@ -238,7 +250,7 @@ class ExmyLinear(nn.Module):
         if scale is None or not scale.is_floating_point():
             return super()._apply(fn, recurse)
         dt = scale.dtype
-        self._buffers["weight_scale"] = scale.view(torch.int16 if scale.element_size() == 2 else torch.int32)
+        self._buffers["weight_scale"] = scale.view({1: torch.int8, 2: torch.int16, 4: torch.int32}[scale.element_size()])
         try:
             return super()._apply(fn, recurse)
         finally:
@@ -271,7 +283,8 @@ def linear_op(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, bias: 
     if module.weight_packed.data_ptr() == packed.data_ptr() and module.weight_scale.data_ptr() == scale.data_ptr() \
             and module.bias is bias:
         return module._forward(x)
-    w = dequantize(packed, scale, module.fmt, module.in_features, module.group_size, x.dtype)
+    w = dequantize(packed, scale_values(scale, module.scale_exp), module.fmt, module.in_features, module.group_size,
+                   x.dtype)
     return F.linear(x, w, bias)
 
 
@@ -290,7 +303,8 @@ def _setup_context(ctx, inputs, output):
 def dequantize_op(packed: torch.Tensor, scale: torch.Tensor, handle: int, dtype: torch.dtype) -> torch.Tensor:
     """The weight of ``ExmyLinear`` number ``handle`` as ``dtype`` (an op, so that backward traces)."""
     module = _LIVE[handle]
-    return dequantize(packed, scale, module.fmt, module.in_features, module.group_size, dtype)
+    return dequantize(packed, scale_values(scale, module.scale_exp), module.fmt, module.in_features,
+                      module.group_size, dtype)
 
 
 @dequantize_op.register_fake
