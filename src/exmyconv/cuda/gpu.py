@@ -395,7 +395,6 @@ class GpuWeight:
 def upload(qtensor=None, *, payload=None, scales=None, scale_dtype=None, fmt=None, shape=None,
            group_size=None) -> GpuWeight:
     """Put a quantized weight on the GPU: upload(qtensor) or upload(payload=..., scales=..., ...)."""
-    cupy = _cupy()
     if qtensor is not None:
         payload, scales, scale_dtype = qtensor.payload, qtensor.scales, qtensor.scale_dtype
         fmt, shape, group_size = qtensor.fmt, qtensor.shape, qtensor.group_size

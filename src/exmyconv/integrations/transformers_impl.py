@@ -184,7 +184,6 @@ class _ExmyDequantize:
         q = self.hf_quantizer
         dtype = q._target_dtype(full_layer_name, model)
         if self.record is not None:
-            record = q._records[self.record]
             packed = _single(input_dict, PACKED_SUFFIX, self.record)
             scale = _single(input_dict, SCALE_SUFFIX, self.record)
             return {full_layer_name: q._dequantize_record(self.record, packed, scale, dtype)}
