@@ -88,19 +88,10 @@ class TensorRecord:
         """Bits per weight without the layout's padding (:func:`nominal_bits` with this record's scales)."""
         return nominal_bits(self.fmt, self.k, self.group_size, 8 * self.scale_bytes)
 
-    def scale_values(self, stored):
-        """A stored ``T_scale`` as the decoders take it: 8-bit scales (numpy bytes, or a torch
-        float8_e4m3fn / uint8 tensor) as float32 values, e4m3 value times 2^scale_exp (exact); 16-bit
-        scales returned as they are."""
-        if self.scale_exp is None:
-            return stored
-        unit = 2.0 ** self.scale_exp
-        if hasattr(stored, "new_empty"):  # torch
-            import torch
-            if stored.dtype == torch.uint8:
-                stored = stored.view(torch.float8_e4m3fn)
-            return stored.float() * unit
-        return dtypes.to_float32(stored, "F8_E4M3") * np.float32(unit)
+    def scale_values(self, stored: np.ndarray) -> np.ndarray:
+        """A stored 8-bit ``T_scale`` (bytes) as float32 scale values: e4m3 value times 2^scale_exp
+        (exact). Torch tensors: :func:`exmyconv.torch.codec.scale_values`."""
+        return dtypes.to_float32(stored, "F8_E4M3") * np.float32(2.0 ** self.scale_exp)
 
     @property
     def current_bytes(self) -> bool:

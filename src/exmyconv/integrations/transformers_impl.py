@@ -79,7 +79,7 @@ from ..format.layout import GUARD_VALUE, PACKED_SUFFIX, QUANT_METHOD, SCALE_SUFF
 from ..format.quant import groups_of
 from ..io.checkpoint import open_checkpoint
 from ..io.validate import check_quantization_config
-from ..torch.codec import TORCH_DTYPE, dequantize, unpack_codes  # noqa: F401 (integrations.transformers exports them)
+from ..torch.codec import TORCH_DTYPE, dequantize, scale_values, unpack_codes  # noqa: F401 (integrations.transformers exports them)
 from ..torch.experts import PROJECTIONS, ExmyExperts, ExpertWeights
 from ..torch.linear import ExmyLinear
 
@@ -651,8 +651,8 @@ class ExmyHfQuantizer(HfQuantizer):
         if tuple(packed.shape) != record.packed_shape or tuple(scale.shape) != record.scale_shape:
             raise ExmyError(f"{name}: packed {list(packed.shape)} / scales {list(scale.shape)} do not match "
                             f"its exmy record ({list(record.packed_shape)} / {list(record.scale_shape)})")
-        return dequantize(record.payload(packed), record.scale_values(scale), record.fmt, record.k, record.group_size,
-                          dtype)
+        return dequantize(record.payload(packed), scale_values(scale, record.scale_exp), record.fmt, record.k,
+                          record.group_size, dtype)
 
 
 def _simulate(model, conversions, keys, patterns: bool = False) -> dict:

@@ -38,7 +38,7 @@ from vllm.model_executor.utils import set_weight_attrs
 
 from ..errors import ExmyError
 from ..format.layout import PACKED_SUFFIX, SCALE_SUFFIX
-from ..torch.codec import TORCH_DTYPE, dequantize
+from ..torch.codec import TORCH_DTYPE, dequantize, scale_values
 from ..torch.linear import kernel_rows
 from ..torch.packed import PackedLinear, slice_k
 
@@ -230,8 +230,8 @@ class _DequantOnLoad:
                 raise ExmyError(f"exmy: {self.where}: a quantized tensor ({key}) that the checkpoint's headers "
                                 "do not list")
             record = record[0]
-            weight = dequantize(record.payload(parts["packed"]), record.scale_values(parts["scale"]), record.fmt,
-                                record.k, record.group_size, self.dtype)
+            weight = dequantize(record.payload(parts["packed"]), scale_values(parts["scale"], record.scale_exp),
+                                record.fmt, record.k, record.group_size, self.dtype)
             result = self.forward(weight, *args, **kwargs)
             return True if result is None else result
         return load
@@ -376,8 +376,8 @@ def decode_unclaimed(config, weights):
         if len(parts) == 2:
             del pending[stem]
             record = found[0]
-            yield stem, dequantize(record.payload(parts[PACKED_SUFFIX]), record.scale_values(parts[SCALE_SUFFIX]),
-                                   record.fmt, record.k,
+            scale = scale_values(parts[SCALE_SUFFIX], record.scale_exp)
+            yield stem, dequantize(record.payload(parts[PACKED_SUFFIX]), scale, record.fmt, record.k,
                                    record.group_size, torch.float32)
     if pending:
         stem, parts = next(iter(pending.items()))

@@ -23,18 +23,20 @@ SCALE_NAME = {t: name for name, t in TORCH_DTYPE.items()}  # stored scale dtypes
 # ----------------------------------------------------------------------------- decode
 
 def scale_values(scale: torch.Tensor, scale_exp: int | None) -> torch.Tensor:
-    """Stored scales as the decoders take them: 8-bit ones (float8_e4m3fn, SPEC section 2) times
-    2^scale_exp as float32 (exact); 16-bit ones as they are."""
-    return scale if scale_exp is None else scale.float() * 2.0 ** scale_exp
+    """Stored scales as the decoders take them: 8-bit ones (float8_e4m3fn, or its raw uint8 bytes;
+    SPEC section 2) times 2^scale_exp as float32 (exact); 16-bit ones as they are."""
+    if scale_exp is None:
+        return scale
+    if scale.dtype == torch.uint8:
+        scale = scale.view(torch.float8_e4m3fn)
+    return scale.float() * 2.0 ** scale_exp
 
 
 def widened_scales(scale: torch.Tensor, scale_exp: int, fmt: ExMy) -> torch.Tensor:
-    """8-bit scales as fp16 (where every value is an fp16 normal number with value * max <= 65504,
-    the rule of format.quant.choose_scale_dtype) or bf16: exact either way (4 significant bits), for
-    the GPU kernels, which read 16-bit scales."""
+    """8-bit scales as fp16 or bf16 by :func:`scale_dtype`'s rule (format.quant.choose_scale_dtype's):
+    exact either way (4 significant bits), for the GPU kernels, which read 16-bit scales."""
     values = scale_values(scale, scale_exp)
-    fits = bool(((values >= 2.0 ** -14) & (values * fmt.max <= FP16_MAX)).all())
-    return values.to(torch.float16 if fits else torch.bfloat16)
+    return values.to(TORCH_DTYPE[scale_dtype(values * fmt.max, fmt)])  # (values * max / max is exact)
 
 
 _TABLES: dict = {}
