@@ -651,8 +651,45 @@ exmy_gemv(const u8* __restrict__ payload, const void* __restrict__ ks, const u16
                                        interleave);
 }
 
+// The routed GEMV of a mixture-of-experts projection (torch/experts.py): the weights of all
+// experts stacked in one payload (expert e's rows start expert_bytes * e bytes in, its kernel scales
+// expert_scale_bytes * e bytes in) and the routing read from device memory, so the host never learns
+// which experts the tokens chose and a CUDA graph captured once serves every routing. Grid row
+// blockIdx.y is pair p of the routing: y row p = x row p / x_div times expert ids[p]'s weight, by the
+// batch-1 kernel (KIND 0 or 3) of exmy_gemv (x_div: top-k when the pairs of a token share its x row,
+// 1 when x has a row per pair). With the same split each row equals exmy_gemv's launch for that
+// expert bit for bit. An id outside 0 .. experts-1 (an expert-parallel sentinel) writes zeros.
+template <int KIND, int MODE, bool XF16, int GM, int BLOCKS>
+__global__ void __launch_bounds__(GEMV_WARPS * 32, BLOCKS)
+exmy_gemv_routed(const u8* __restrict__ payload, const void* __restrict__ ks, const u16* __restrict__ x,
+                 u16* __restrict__ y, u32 n, u32 k, u32 stride, u32 ngroups, u32 g, int gshift, u32 batch,
+                 u32 split, u32 interleave, const long long* __restrict__ ids, u32 experts,
+                 unsigned long long expert_bytes, unsigned long long expert_scale_bytes, u32 x_div) {
+    static_assert(KIND == 0 || KIND == 3, "a routed pair is a batch-1 GEMV");
+    static_assert(MODE >= 2 || (F16_OK && XF16), "fp16 operands (MODE 0, 1) need E <= 4 and fp16 x");
+    // The ids are usually the output of the kernel just before (top-k): unlike exmy_gemv, whose weight
+    // loads start before the PDL wait, nothing here can be read before it.
+    pdl_wait();
+    const u32 p = blockIdx.y;
+    const long long e = ids[p];
+    y += (size_t)p * n;
+    if (e < 0 || e >= (long long)experts) {
+        pdl_release();
+        const u32 rows = (WARPS / split) * 16 * Cfg<KIND, BLOCKS>::MT, r0 = blockIdx.x * rows;
+        for (u32 r = r0 + threadIdx.x; r < r0 + rows && r < n; r += WARPS * 32) y[r] = 0;  // +0 in fp16 and bf16
+        return;
+    }
+    gemv<KIND, MODE, XF16, GM, BLOCKS>(payload + (size_t)e * expert_bytes,
+                                       (const char*)ks + (size_t)e * expert_scale_bytes, x + (size_t)(p / x_div) * k,
+                                       y, n, k, stride, ngroups, g, gshift, 1, split, interleave);
+}
+
 // nvcc builds (no NVRTC name expressions: tests/test_kernel_build.py, scripts/compare-sass) include
 // this file and then name their instantiations, e.g. EXMY_GEMV_INSTANCE(exmy_gemv<3, 0, true, 0, 2>).
 #define EXMY_GEMV_INSTANCE(...)                                                                   \
     template __global__ void __VA_ARGS__(const u8*, const void*, const u16*, u16*, u32, u32, u32, u32, u32, \
                                          int, u32, u32, u32);
+#define EXMY_GEMV_ROUTED_INSTANCE(...)                                                            \
+    template __global__ void __VA_ARGS__(const u8*, const void*, const u16*, u16*, u32, u32, u32, u32, u32, \
+                                         int, u32, u32, u32, const long long*, u32, unsigned long long,  \
+                                         unsigned long long, u32);

@@ -241,3 +241,92 @@ def test_fused_3d_expert_records_load_into_the_buffers(tmp_path):
     ids = torch.randint(0, SMALL["vocab_size"], (2, 8), generator=torch.Generator().manual_seed(6))
     with torch.no_grad():
         assert torch.equal(quantized(input_ids=ids).logits, plain(input_ids=ids).logits)
+
+
+# --------------------------------------------------------------------------- torch.compile
+
+def _small_experts(rng, e=5, h=96, i=64, fmt="e2m2", group=32):
+    from exmyconv.format.exmy import get_format
+    from exmyconv.format.quant import quantize
+
+    specs, data = {}, {}
+    for leaf, (n, k) in {"gate_up_proj": (2 * i, h), "down_proj": (h, i)}.items():
+        q = quantize(rng.standard_normal((e, n, k)).astype(np.float32) * 0.1, get_format(fmt), group)
+        dt = torch.float16 if q.scale_dtype == "F16" else torch.bfloat16
+        specs[leaf] = ExpertWeights(fmt, k, n, group, dt)
+        data[leaf] = (torch.from_numpy(q.payload), torch.from_numpy(q.scales).to(dt))
+    experts = ExmyExperts(e, specs["gate_up_proj"], specs["down_proj"], torch.nn.SiLU(), dtype=torch.float32)
+    for leaf, (packed, scale) in data.items():
+        getattr(experts, leaf + "_packed").copy_(packed)
+        getattr(experts, leaf + "_scale").copy_(scale)
+    return experts
+
+
+class _Routed(torch.nn.Module):
+    """A router (top-k of a softmax) in front of the experts, as a MoE block calls them."""
+
+    def __init__(self, experts, top_k=2):
+        super().__init__()
+        self.experts, self.top_k = experts, top_k
+        self.gate = torch.nn.Linear(experts.hidden_dim, experts.num_experts, bias=False)
+
+    def forward(self, x):
+        weights, index = torch.softmax(self.gate(x), -1).topk(self.top_k)
+        return self.experts(x, index, weights)
+
+
+def test_experts_op_passes_opcheck(rng):
+    experts = _small_experts(rng)
+    x = torch.from_numpy(rng.standard_normal((4, experts.hidden_dim)).astype(np.float32))
+    weights, index = torch.softmax(torch.randn(4, experts.num_experts), -1).topk(2)
+    torch.library.opcheck(torch.ops.exmyconv.experts.default,
+                          (x, index, weights, *experts._packed_buffers(), experts._handle))
+
+
+def test_compiled_experts_are_one_graph_and_equal_eager(rng):
+    """fullgraph=True: the experts compile into the graph as the custom op (before: a graph break at
+    the host read of the routing), with the eager module's values bit for bit."""
+    torch._dynamo.reset()
+    model = _Routed(_small_experts(rng))
+    compiled = torch.compile(model, fullgraph=True, backend="eager")
+    with torch.no_grad():
+        for tokens in (1, 3, 7):
+            x = torch.from_numpy(rng.standard_normal((tokens, model.experts.hidden_dim)).astype(np.float32))
+            got = compiled(x)
+            assert not torch.isnan(got).any() and torch.equal(got, model(x))
+    # an input that needs gradients runs the untraced forward (the op has no backward): still correct
+    torch._dynamo.reset()
+    x = torch.from_numpy(rng.standard_normal((3, model.experts.hidden_dim)).astype(np.float32)).requires_grad_()
+    y = torch.compile(model, backend="eager")(x)
+    y.square().sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all() and torch.equal(y, model(x))
+
+
+def test_experts_op_uses_the_tensors_it_is_given(rng):
+    """A copy gets its own handle; buffers passed to the op that are not the module's own are what it computes with."""
+    import copy
+    import pickle
+
+    experts = _small_experts(rng)
+    clone, unpickled = copy.deepcopy(experts), pickle.loads(pickle.dumps(experts))
+    assert len({experts._handle, clone._handle, unpickled._handle}) == 3
+    clone.down_proj_scale.mul_(2)
+    x = torch.from_numpy(rng.standard_normal((3, experts.hidden_dim)).astype(np.float32))
+    weights, index = torch.softmax(torch.randn(3, experts.num_experts), -1).topk(2)
+    op = torch.ops.exmyconv.experts
+    assert torch.equal(op(x, index, weights, *clone._packed_buffers(), experts._handle), clone(x, index, weights))
+    assert torch.equal(op(x, index, weights, *experts._packed_buffers(), experts._handle), experts(x, index, weights))
+    assert not torch.equal(clone(x, index, weights), experts(x, index, weights))
+
+
+@pytest.mark.parametrize("conversion", ["e2m2"])
+def test_compiled_moe_model_is_one_graph(converted, conversion):
+    """The converted MoE model compiles whole (fullgraph=True) and gives the eager logits bitwise."""
+    arch, source, folders = converted
+    quantized = AutoModelForCausalLM.from_pretrained(folders[conversion][0], dtype=torch.float32)
+    ids = torch.randint(0, SMALL["vocab_size"], (2, 9), generator=torch.Generator().manual_seed(5))
+    torch._dynamo.reset()
+    compiled = torch.compile(quantized, fullgraph=True, backend="eager")
+    with torch.no_grad():
+        got, want = compiled(input_ids=ids).logits, quantized(input_ids=ids).logits
+    assert not torch.isnan(got).any() and torch.equal(got, want)

@@ -89,3 +89,110 @@ def test_cuda_experts_match_the_dequantized_reference(rng, monkeypatch, dtype_na
     # the CPU path (decode + the eager transformers computation) agrees as well
     cpu = experts.to("cpu")(x.cpu(), index.cpu(), weights.cpu())
     assert ((cpu.float() - want.cpu()).norm() / want.norm().cpu()).item() < (4e-3 if dtype == torch.float16 else 2e-2)
+
+
+# --------------------------------------------------------------------------- routed GEMV (graph-safe)
+
+def _routing(rng, tokens, top_k, dtype, sentinel=False):
+    import torch
+
+    logits = torch.from_numpy(rng.standard_normal((tokens, E)).astype(np.float32)).cuda()
+    weights, index = torch.softmax(logits, -1).topk(top_k, dim=-1)
+    if sentinel:  # an expert-parallel sentinel (an expert this rank does not hold): contributes nothing
+        index[0, -1] = E
+    return weights.to(dtype), index
+
+
+@pytest.mark.parametrize("dtype_name", ["float16", "bfloat16"])
+@pytest.mark.parametrize("fmt,group", [("e2m2", None), ("e2m2s4", 128), ("e2m2", 128), ("e3m2", None)])
+def test_routed_gemv_rows_equal_the_expert_launches(rng, dtype_name, fmt, group):
+    """gpu.RoutedGemvLaunch, pair by pair: row p is the batch-1 GEMV of expert ids[p] on x row p // x_div,
+    bit for bit; a sentinel id gives a row of zeros; every row is written (y starts as NaN)."""
+    import torch
+
+    dtype = getattr(torch, dtype_name)
+    experts = _experts(rng, fmt, group, dtype)
+    stacked = experts._stacked_gemv("gate_up_proj")
+    stream = torch.cuda.current_stream().cuda_stream
+    tokens, top_k = 3, 4
+    x = torch.from_numpy(rng.standard_normal((tokens, H)).astype(np.float32)).to("cuda", dtype)
+    _, index = _routing(rng, tokens, top_k, dtype, sentinel=True)
+    ids = index.reshape(-1).contiguous()
+    pairs, n = tokens * top_k, 2 * I
+    launch = stacked.routed(pairs, dtype, top_k)
+    assert launch is not None and launch.kernel.routed
+    y = torch.full((pairs, n), float("nan"), dtype=dtype, device="cuda")
+    launch(ids.data_ptr(), x.data_ptr(), y.data_ptr(), stream)
+    assert stacked.applies(1, dtype)
+    for p, e in enumerate(ids.tolist()):
+        if e >= E:
+            assert torch.equal(y[p], torch.zeros_like(y[p])), p
+            continue
+        want = torch.full((1, n), float("nan"), dtype=dtype, device="cuda")
+        stacked(e, 1, dtype, x[p // top_k].data_ptr(), want.data_ptr(), stream)
+        assert torch.equal(y[p], want[0]), (p, e)
+    assert not torch.isnan(y).any()
+
+
+@pytest.mark.parametrize("dtype_name", ["float16", "bfloat16"])
+@pytest.mark.parametrize("tokens", [1, 3])
+@pytest.mark.parametrize("fmt,group", [("e2m2", None), ("e2m2s4", 128), ("e2m2", 128)])
+def test_routed_forward_equals_the_pairwise_forward(rng, dtype_name, tokens, fmt, group):
+    import torch
+
+    dtype = getattr(torch, dtype_name)
+    experts = _experts(rng, fmt, group, dtype)
+    x = torch.from_numpy(rng.standard_normal((tokens, H)).astype(np.float32)).to("cuda", dtype)
+    weights, index = _routing(rng, tokens, 4, dtype, sentinel=tokens > 1)
+    with torch.no_grad():
+        routed = experts._routed_forward(x, index, weights)
+        pairwise = experts._pairwise_forward(x, index.tolist(), weights)
+    assert routed is not None and torch.isfinite(routed).all() and torch.equal(routed, pairwise)
+
+
+@pytest.mark.parametrize("dtype_name", ["float16", "bfloat16"])
+def test_cuda_graph_of_the_experts_replays_any_routing(rng, dtype_name):
+    """Captured once (torch.cuda.graph), replayed with routings written into the captured inputs: each
+    replay equals the eager forward of that routing bit for bit (the routing never left the GPU)."""
+    import torch
+
+    dtype = getattr(torch, dtype_name)
+    experts = _experts(rng, "e2m2", None, dtype)
+    tokens, top_k = 2, 4
+    x = torch.zeros((tokens, H), dtype=dtype, device="cuda")
+    weights, index = _routing(rng, tokens, top_k, dtype)
+    with torch.no_grad():
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up (an ordinary call): kernels compiled, launches prepared
+            experts(x, index, weights)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            y = experts(x, index, weights)
+        for sentinel in (False, False, True):
+            w_new, i_new = _routing(rng, tokens, top_k, dtype, sentinel)
+            x_new = torch.from_numpy(rng.standard_normal((tokens, H)).astype(np.float32)).to("cuda", dtype)
+            x.copy_(x_new), index.copy_(i_new), weights.copy_(w_new)
+            graph.replay()
+            torch.cuda.synchronize()
+            want = experts(x_new, i_new, w_new)
+            assert torch.isfinite(y).all() and torch.equal(y, want)
+
+
+def test_reduce_overhead_compile_of_the_experts(rng):
+    """torch.compile(mode="reduce-overhead", fullgraph=True): the experts op inside CUDA graphs, fresh
+    routings per call, the eager values bit for bit."""
+    import torch
+
+    dtype = torch.bfloat16
+    experts = _experts(rng, "e2m2", None, dtype)
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda x, i, w: experts(x, i, w), mode="reduce-overhead", fullgraph=True)
+    with torch.no_grad():
+        for step in range(6):
+            x = torch.from_numpy(rng.standard_normal((1, H)).astype(np.float32)).to("cuda", dtype)
+            weights, index = _routing(rng, 1, 4, dtype)
+            got = compiled(x, index, weights).clone()
+            assert torch.equal(got, experts(x, index, weights)), step
+    torch._dynamo.reset()

@@ -82,7 +82,9 @@ def gemv_builds() -> list[tuple[ExMy, list[GemvKernel]]]:
     (E <= 4) and the bf16-operand b1r one with unaligned groups, which between them run every
     decode path, and for the named shared formats every bf16 row-scale (mode 3) kernel; and the b1r kernels built for 3 blocks per SM (gpu.gemv_b1r_blocks uses fold/two
     with one scale per row for codes of other than 6 bits; the GPU tests force the others): fold,
-    two, fold with aligned groups, bf16 operands, unaligned groups."""
+    two, fold with aligned groups, bf16 operands, unaligned groups. For the named formats, also the
+    routed copies (exmy_gemv_routed, MoE experts) of their batch-1 kernels with one scale per row or
+    aligned groups."""
     builds = []
     for fmt in all_formats() + [get_format(name) for name in NAMED_SHARED]:
         if fmt.name in NAMED or fmt.name == "e5m2":
@@ -95,13 +97,17 @@ def gemv_builds() -> list[tuple[ExMy, list[GemvKernel]]]:
             kernels += [replace(k, blocks=3) for k in gemv_instances(fmt) if k.kind == "b1r" and (
                 (k.mode, k.groups) in ((0, 0), (1, 0), (0, 1)) or (k.mode, k.x_dtype, k.groups) in
                 ((2, "F16", 0), (2, "BF16", 2)))]
+        if fmt.name in NAMED + NAMED_SHARED:
+            kernels += [replace(k, routed=True) for k in kernels if k.groups != 2 and (
+                k.kind == "b1" or (k.kind == "b1r" and k.blocks == 2))]  # (routed b1r: 2 blocks per SM only)
         builds.append((fmt, kernels))
     return builds
 
 
 def gemv_source(kernels: list[GemvKernel], path: Path) -> Path:
     """A source that builds `kernels` from kernels/gemv.cu (what NVRTC's name expressions do)."""
-    lines = [f'#include "{KERNELS / "gemv.cu"}"'] + [f"EXMY_GEMV_INSTANCE({k.expression})" for k in kernels]
+    lines = [f'#include "{KERNELS / "gemv.cu"}"'] + [
+        f"EXMY_GEMV_{'ROUTED_' if k.routed else ''}INSTANCE({k.expression})" for k in kernels]
     path.write_text("\n".join(lines) + "\n")
     return path
 
@@ -125,17 +131,18 @@ def _jobs_for(tmp_path) -> list[tuple[Path, ExMy, Path, list[GemvKernel]]]:
     return jobs
 
 
-# ptxas --resource-usage of one exmy_gemv instantiation (mangled: exmy_gemvILi3ELi0ELb1ELi0ELi2E...)
-GEMV_USAGE = re.compile(r"Function properties for _Z\d+exmy_gemvILi(\d)ELi(\d)ELb([01])ELi(\d)ELi(\d)E\w*\n"
+# ptxas --resource-usage of one exmy_gemv (or exmy_gemv_routed) instantiation (mangled:
+# exmy_gemvILi3ELi0ELb1ELi0ELi2E...)
+GEMV_USAGE = re.compile(r"Function properties for _Z\d+exmy_gemv(_routed)?ILi(\d)ELi(\d)ELb([01])ELi(\d)ELi(\d)E\w*\n"
                         r"\s+\d+ bytes stack frame, (\d+) bytes spill stores.*\n.*Used (\d+) registers")
 
 
 def gemv_usage(log: str) -> dict[str, tuple[int, int]]:
     """{C++ name of an instantiation: (registers, bytes spilled)} from an nvcc --resource-usage log."""
     found = {}
-    for kind, mode, xf16, groups, blocks, spill, regs in GEMV_USAGE.findall(log):
+    for routed, kind, mode, xf16, groups, blocks, spill, regs in GEMV_USAGE.findall(log):
         xf16 = "true" if xf16 == "1" else "false"
-        found[f"exmy_gemv<{kind}, {mode}, {xf16}, {groups}, {blocks}>"] = (int(regs), int(spill))
+        found[f"exmy_gemv{routed}<{kind}, {mode}, {xf16}, {groups}, {blocks}>"] = (int(regs), int(spill))
     return found
 
 
@@ -144,7 +151,11 @@ def spill_limit(fmt: ExMy, kernel: GemvKernel) -> int | None:
     with one scale per row or aligned groups (fast paths); at most 32 for the 80-register b1r builds
     gpu uses (fp16 operands, one scale per row); at most 128 for nt2w where gpu takes it (codes of
     <= 5 bits, gpu.gemv_wide: two row tiles per warp; 5-bit codes with a 1-bit plane spill there, and
-    it still ran faster than nt2 on an H200, docs/benchmarks.md); the others may spill a little."""
+    it still ran faster than nt2 on an H200, docs/benchmarks.md); at most 8 for the routed kernels
+    (exmy_gemv_routed keeps x, y and the scales at per-pair addresses in registers: 4 bytes for
+    e3m2 b1r with groups); the others may spill a little."""
+    if kernel.routed:
+        return 8 if fmt.name in NAMED + NAMED_SHARED and kernel.mode != 2 and kernel.groups != 2 else None
     if kernel.kind in ("nt1w", "nt2w"):
         return 128 if fmt.name in NAMED and fmt.bits <= 5 and kernel.mode != 2 and kernel.groups != 2 else None
     if kernel.kind == "b1r" and kernel.blocks == 3:

@@ -461,12 +461,14 @@ class GemvKernel:
     x_dtype: str  # "F16" or "BF16": x and y
     groups: int   # 0 one scale per row, 1 groups aligned to 32-element chunks, 2 unaligned
     blocks: int   # blocks per SM its registers are sized for: 2 (<= 128 registers) or 3 (<= 80)
+    routed: bool = False  # exmy_gemv_routed: batch-1 GEMVs of routed (token, expert) pairs (RoutedGemvLaunch)
 
     @property
     def expression(self) -> str:
         """The instantiation's C++ name, e.g. "exmy_gemv<3, 0, true, 0, 2>" (NVRTC name expression)."""
         xf16 = "true" if self.x_dtype == "F16" else "false"
-        return f"exmy_gemv<{GEMV_KINDS.index(self.kind)}, {self.mode}, {xf16}, {self.groups}, {self.blocks}>"
+        entry = "exmy_gemv_routed" if self.routed else "exmy_gemv"
+        return f"{entry}<{GEMV_KINDS.index(self.kind)}, {self.mode}, {xf16}, {self.groups}, {self.blocks}>"
 
     @property
     def name(self) -> str:
@@ -477,7 +479,8 @@ class GemvKernel:
         x = "x16" if self.x_dtype == "F16" else "xbf"
         groups = ("", "_g", "_ga")[self.groups]
         three = "_3blocks" if self.kind == "b1r" and self.blocks == 3 else ""
-        return f"exmy_gemv_{mode}_{x}_{self.kind}{groups}{three}"
+        routed = "_routed" if self.routed else ""
+        return f"exmy_gemv_{mode}_{x}_{self.kind}{groups}{three}{routed}"
 
 
 def _gemv_kind(weight: "GpuWeight", batch: int) -> str:
@@ -614,8 +617,10 @@ class _GemvLaunchShape:
     split: int
     interleave: int
 
-    def args(self, weight: "GpuWeight", x, y, batch: int) -> tuple:
-        return (weight.payload, weight.kernel_scales(self.kernel.mode), x, y, np.uint32(weight.n),
+    def args(self, weight: "GpuWeight", x, y, batch: int, scales=None) -> tuple:
+        """exmy_gemv's arguments (scales: the kernel scales, default the weight's own)."""
+        scales = weight.kernel_scales(self.kernel.mode) if scales is None else scales
+        return (weight.payload, scales, x, y, np.uint32(weight.n),
                 np.uint32(weight.k), np.uint32(weight.payload.strides[0]), np.uint32(weight.ngroups),
                 np.uint32(weight.group_size), np.int32(_gshift(weight)), np.uint32(batch),
                 np.uint32(self.split), np.uint32(self.interleave))
@@ -623,19 +628,26 @@ class _GemvLaunchShape:
 
 def _gemv_launch_shape(weight: "GpuWeight", x_dtype: str, batch: int, split: int | None = None,
                        interleave: int | None = None, defines: tuple = (), blocks: int | None = None,
-                       kind: str | None = None):
+                       kind: str | None = None, pairs: int = 0):
+    """pairs > 0: the routed kernel for that many (token, expert) pairs of batch 1, one grid row each;
+    its split is the single GEMV's, so that each pair's row is the same computation bit for bit."""
     if not 1 <= batch <= MAX_BATCH:
         raise ExmyError(f"a GEMV launch takes 1..{MAX_BATCH} rows of x, not {batch}")
     if not supports(weight.fmt):
         raise ExmyError(f"the fused GEMV does not handle {weight.fmt.name} yet (gpu.supports)")
+    if pairs and (batch != 1 or kind is not None or not 1 <= pairs <= MAX_PAIRS):
+        raise ExmyError(f"a routed GEMV takes 1..{MAX_PAIRS} pairs of one row each, not {pairs} of {batch}")
     kernel = gemv_kernel(weight, x_dtype, batch, kind)
+    if pairs:
+        kernel = replace(kernel, routed=True)
     rows = gemv_tile_rows(kernel.kind)
     split = split or gemv_split(weight.n, weight.k, weight.fmt, kernel.kind, rows)
     interleave = GEMV_INTERLEAVE if interleave is None else int(interleave)
-    grid = (-(-weight.n // (rows * (GEMV_WARPS // split))),)
-    if kernel.kind == "b1r":
+    grid = (-(-weight.n // (rows * (GEMV_WARPS // split))),) + ((pairs,) if pairs else ())
+    if kernel.kind == "b1r":  # (routed: the 128-register build; at 80 the per-pair addresses spill)
         sms = sm_count(_cupy().cuda.Device().id)
-        kernel = replace(kernel, blocks=int(blocks or gemv_b1r_blocks(kernel, grid[0], weight.fmt, sms)))
+        blocks = blocks or (2 if pairs else gemv_b1r_blocks(kernel, grid[0], weight.fmt, sms))
+        kernel = replace(kernel, blocks=int(blocks))
         # each warp's x window (one iteration's chunks, 80 bytes each) x 2
         smem = GEMV_WARPS * _gemv_shape(weight.fmt, "b1r")[1] * 80 * 2
     else:
@@ -712,6 +724,49 @@ class GemvLaunch:
             raise ExmyError("the GEMV reads x in 16-byte words: its address must be 16-byte aligned")
         self._launch.set_pointer(self.X_ARG, x_ptr)
         self._launch.set_pointer(self.Y_ARG, y_ptr)
+        self._launch(stream_handle)
+
+
+MAX_PAIRS = 65535  # routed pairs per launch (the grid's y dimension)
+
+
+class RoutedGemvLaunch:
+    """The GEMVs of the routed (token, expert) pairs of a stacked MoE projection, one launch
+    (kernels/gemv.cu exmy_gemv_routed), prepared once per number of pairs.
+
+    ``stack``: the weights of ``experts`` experts as one [experts * N, K] weight (expert e's N rows
+    from row e * N). Pair p multiplies x row p // x_div (x_div = top-k where the pairs of a token
+    share its row; 1 where x has a row per pair) by expert ids[p]'s weight into y row p. The ids
+    (int64, one per pair) are read on the GPU, never by the host, so a CUDA graph captures the launch
+    once for every routing. Each row equals the batch-1 GemvLaunch of that expert's rows (same kernel
+    mode: the whole stack's, GpuWeight.rows) bit for bit; an id outside 0..experts-1 gives zeros."""
+
+    IDS_ARG = 13  # the arguments after exmy_gemv's: ids, experts, bytes per expert, scale bytes per expert, x_div
+
+    def __init__(self, stack: GpuWeight, experts: int, x_dtype: str, pairs: int, x_div: int = 1,
+                 overlap: bool = False):
+        from .launch import Launch
+
+        n = stack.n // experts
+        if experts < 1 or n * experts != stack.n or x_div < 1:
+            raise ExmyError(f"a routed GEMV needs {stack.n} rows split evenly over {experts} experts and x_div >= 1")
+        first = stack.rows(0, n)  # the launch shape of one expert, with the whole stack's kernel mode
+        shape = _gemv_launch_shape(first, x_dtype, 1, pairs=pairs)
+        scales = stack.kernel_scales(shape.kernel.mode)
+        self.kernel, self.pairs = shape.kernel, pairs
+        self._keep = (stack, scales)
+        args = shape.args(first, 0, 0, 1, scales) + (
+            0, np.uint32(experts), np.uint64(n * stack.payload.strides[0]),
+            np.uint64(n * stack.ngroups * scales.itemsize), np.uint32(x_div))
+        self._launch = Launch(shape.fn, shape.grid, (GEMV_WARPS * 32,), args, shape.smem, pdl=overlap)
+
+    def __call__(self, ids_ptr: int, x_ptr: int, y_ptr: int, stream_handle: int) -> None:
+        """ids: int64 [pairs]; x: contiguous rows of K at a 16-byte aligned address; y: [pairs, N]."""
+        if x_ptr % 16 or ids_ptr % 8:
+            raise ExmyError("the routed GEMV reads x in 16-byte words and the ids as int64: align them")
+        self._launch.set_pointer(self.IDS_ARG, ids_ptr)
+        self._launch.set_pointer(GemvLaunch.X_ARG, x_ptr)
+        self._launch.set_pointer(GemvLaunch.Y_ARG, y_ptr)
         self._launch(stream_handle)
 
 

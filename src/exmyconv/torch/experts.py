@@ -34,14 +34,19 @@ forward, per routed expert, on just the tokens routed to it:
   driver launch and no per-expert preparation. This reads two arguments of ``gpu.GemvLaunch``
   (payload, kernel scales: checked when a launch is made; if the kernel's arguments change, each
   expert gets its own PackedLinear instead). The routing read on the host is a synchronisation per
-  layer, and the launches address experts from the host: a grouped GEMV that took the expert ids
-  from device memory would need neither (and could be captured in CUDA graphs).
+  layer.
+- CUDA inside CUDA-graph capture (``torch.compile(mode="reduce-overhead")``, ``torch.cuda.graph``):
+  the routing stays on the device. Each projection is one routed GEMV over all (token, expert) pairs
+  (``gpu.RoutedGemvLaunch``: the kernel reads the expert ids from device memory), so a graph
+  captured once serves every routing; each pair's row is bit for bit the pairwise path's.
 
-Under ``torch.compile`` the forward is not traced (a graph break through ``torch.compiler.disable``):
-the routing is read on the host, so the experts run eagerly between compiled parts.
+Under ``torch.compile`` the module is one custom op, ``torch.ops.exmyconv.experts`` (a fake
+implementation gives its shape), so the graph does not break at the experts (``fullgraph=True``
+holds); when an input needs gradients the forward runs untraced instead (a graph break), as before.
 """
 from __future__ import annotations
 
+import copy
 import os
 
 import torch
@@ -54,7 +59,7 @@ from ..format.exmy import ExMy, get_format
 from ..format.pack import row_bytes
 from ..format.quant import groups_of
 from .codec import SCALE_NAME, dequantize
-from .linear import gpu_view, kernel_rows, pdl_ok
+from .linear import gpu_view, kernel_rows, live_module, pdl_ok, register_handle
 from .packed import PackedLinear
 
 PROJECTIONS = ("gate_up_proj", "down_proj")
@@ -105,6 +110,12 @@ class ExmyExperts(nn.Module):
                                                               dtype=w.scale_dtype, device=device))
         self._specs: dict = {}  # (projection, expert) -> PackedLinear (more rows than a GEMV takes)
         self._gemvs: dict = {}  # projection -> _StackedGemv (or None: the GEMV does not apply)
+        self._handle = register_handle(self)  # for the compiled op
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self._specs, self._gemvs = {}, {}
+        self._handle = register_handle(self)  # copies and unpickled modules get their own
 
     def extra_repr(self) -> str:
         return (f"num_experts={self.num_experts}, gate_up_proj={self.weights['gate_up_proj']}, "
@@ -120,9 +131,15 @@ class ExmyExperts(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                 top_k_weights: torch.Tensor) -> torch.Tensor:
-        if torch.compiler.is_compiling():  # a graph break: the routing is read on the host
-            return _untraced_forward(self, hidden_states, top_k_index, top_k_weights)
+        if torch.compiler.is_compiling():
+            if torch.is_grad_enabled() and (hidden_states.requires_grad or top_k_weights.requires_grad):
+                return _untraced_forward(self, hidden_states, top_k_index, top_k_weights)  # (the op has no backward)
+            return torch.ops.exmyconv.experts(hidden_states, top_k_index, top_k_weights, *self._packed_buffers(),
+                                              self._handle)
         return self._forward(hidden_states, top_k_index, top_k_weights)
+
+    def _packed_buffers(self) -> list:
+        return [self._buffers[name + leaf] for name in PROJECTIONS for leaf in ("_packed", "_scale")]
 
     def _forward(self, hidden_states, top_k_index, top_k_weights):
         if hidden_states.is_cuda and self.gpu_kernels and hidden_states.dtype in SCALE_NAME \
@@ -152,6 +169,12 @@ class ExmyExperts(nn.Module):
 
     # -- CUDA ------------------------------------------------------------------------------------
     def _cuda_forward(self, hidden_states, top_k_index, top_k_weights):
+        if torch.cuda.is_current_stream_capturing():  # a CUDA graph: the routing must stay on the device
+            y = self._routed_forward(hidden_states, top_k_index, top_k_weights)
+            if y is None:
+                raise ExmyError("these experts cannot be captured in a CUDA graph: the routed GEMV does not take "
+                                f"{self.weights} with {hidden_states.dtype} activations")
+            return y
         ids = top_k_index.tolist()  # the one host read of the routing
         pairs = [e for row in ids for e in row]
         if not pairs:
@@ -159,6 +182,10 @@ class ExmyExperts(nn.Module):
         if len(pairs) - len(set(pairs)) <= PAIRWISE_REPEATS:
             y = self._pairwise_forward(hidden_states, ids, top_k_weights)
             if y is not None:
+                # the routed launches of this shape, made now: a CUDA-graph capture that follows (torch.compile's
+                # "reduce-overhead" warms up eagerly first) must find them made, not compile kernels or run CuPy work
+                self._stacked_gemv("gate_up_proj").routed(len(pairs), hidden_states.dtype, len(ids[0]))
+                self._stacked_gemv("down_proj").routed(len(pairs), hidden_states.dtype, 1)
                 return y
         return self._grouped_forward(hidden_states, top_k_index, top_k_weights, pairs)
 
@@ -195,6 +222,30 @@ class ExmyExperts(nn.Module):
                          stream)
         if skipped:
             out[skipped] = 0
+        out = out.view(tokens, k, -1) * top_k_weights[..., None].to(dtype)
+        return out.sum(dim=1)
+
+    def _routed_forward(self, hidden_states, top_k_index, top_k_weights):
+        """Every (token, expert) pair in one routed GEMV per projection, the expert ids read on the GPU
+        (graph-safe); row t*k+j as the pairwise path computes it. None where it does not apply."""
+        tokens, k = top_k_index.shape
+        pairs, dtype = tokens * k, hidden_states.dtype
+        gate_up, down = self._stacked_gemv("gate_up_proj"), self._stacked_gemv("down_proj")
+        x = hidden_states.contiguous()
+        if gate_up is None or down is None or pairs == 0 or x.data_ptr() % 16 \
+                or self.hidden_dim * x.element_size() % 16 or self.intermediate_dim * x.element_size() % 16:
+            return None  # (the GEMV reads x rows in 16-byte words)
+        first, second = gate_up.routed(pairs, dtype, k), down.routed(pairs, dtype, 1)
+        if first is None or second is None:
+            return None
+        ids = top_k_index.reshape(-1).to(torch.int64).contiguous()
+        stream = torch.cuda.current_stream(x.device).cuda_stream
+        h2 = torch.empty((pairs, 2 * self.intermediate_dim), dtype=dtype, device=x.device)
+        first(ids.data_ptr(), x.data_ptr(), h2.data_ptr(), stream)
+        gate, up = h2.chunk(2, dim=-1)
+        h = (self.act_fn(gate) * up).contiguous()
+        out = torch.empty((pairs, self.hidden_dim), dtype=dtype, device=x.device)
+        second(ids.data_ptr(), h.data_ptr(), out.data_ptr(), stream)
         out = out.view(tokens, k, -1) * top_k_weights[..., None].to(dtype)
         return out.sum(dim=1)
 
@@ -298,6 +349,7 @@ class _StackedGemv:
         self.payload, self.payload_step = self.stack.payload.data.ptr, n * self.stack.payload.strides[0]
         self._keep = (packed, scale)
         self.launches: dict = {}  # (rows, dtype) -> (GemvLaunch, scales address, scale bytes per expert) or None
+        self.routed_launches: dict = {}  # (pairs, dtype, x_div) -> gpu.RoutedGemvLaunch or None
 
     def applies(self, rows: int, dtype: torch.dtype) -> bool:
         key = (rows, dtype)
@@ -311,6 +363,16 @@ class _StackedGemv:
         launch = self.gpu.GemvLaunch(self.first, SCALE_NAME[dtype], rows, overlap=pdl_ok(self.device))
         scales = self.stack.kernel_scales(launch.kernel.mode)
         return launch, scales.data.ptr, self.w.n * self.w.ngroups * scales.itemsize
+
+    def routed(self, pairs: int, dtype: torch.dtype, x_div: int):
+        """The routed GEMV of ``pairs`` pairs (x row p // x_div), prepared once; None where it does not apply."""
+        key = (pairs, dtype, x_div)
+        if key not in self.routed_launches:
+            ok = self.gpu.gemv_applies(self.w.fmt, SCALE_NAME[dtype], 1) and pairs <= self.gpu.MAX_PAIRS
+            self.routed_launches[key] = self.gpu.RoutedGemvLaunch(
+                self.stack, self.stack.n // self.w.n, SCALE_NAME[dtype], pairs, x_div,
+                overlap=pdl_ok(self.device)) if ok else None
+        return self.routed_launches[key]
 
     def __call__(self, expert: int, rows: int, dtype: torch.dtype, x_ptr: int, y_ptr: int, stream: int) -> None:
         launch, scales, scale_step = self.launches[(rows, dtype)]
@@ -326,6 +388,29 @@ PAIRWISE_REPEATS = 4
 @torch.compiler.disable
 def _untraced_forward(module: ExmyExperts, hidden_states, top_k_index, top_k_weights):
     return module._forward(hidden_states, top_k_index, top_k_weights)
+
+
+@torch.library.custom_op("exmyconv::experts", mutates_args=())
+def experts_op(hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
+               gate_up_packed: torch.Tensor, gate_up_scale: torch.Tensor, down_packed: torch.Tensor,
+               down_scale: torch.Tensor, handle: int) -> torch.Tensor:
+    """The forward of ``ExmyExperts`` number ``handle`` (its buffers are the tensor arguments, so the graph
+    sees the dependency; the module supplies the formats, the activation and its prepared launches).
+    Buffers that are not the module's own are computed from as given."""
+    module = live_module(handle, "experts")
+    given = [gate_up_packed, gate_up_scale, down_packed, down_scale]
+    if any(a.data_ptr() != b.data_ptr() for a, b in zip(given, module._packed_buffers())):
+        module = copy.copy(module)  # the same module over the given tensors (no launches of its own yet)
+        module._buffers = dict(module._buffers)
+        for (name, leaf), tensor in zip([(n, x) for n in PROJECTIONS for x in ("_packed", "_scale")], given):
+            module._buffers[name + leaf] = tensor
+        module._specs, module._gemvs = {}, {}
+    return module._forward(hidden_states, top_k_index, top_k_weights).contiguous()
+
+
+@experts_op.register_fake
+def _(hidden_states, top_k_index, top_k_weights, gate_up_packed, gate_up_scale, down_packed, down_scale, handle):
+    return hidden_states.new_empty(hidden_states.shape)
 
 
 def _segments(sorted_ids: list) -> list:

@@ -29,8 +29,24 @@ from ..format.pack import row_bytes
 from ..format.quant import groups_of
 from .codec import SCALE_NAME, dequantize, scale_values, widened_scales
 
-_LIVE: "weakref.WeakValueDictionary[int, ExmyLinear]" = weakref.WeakValueDictionary()  # handle -> module
+_LIVE: "weakref.WeakValueDictionary[int, object]" = weakref.WeakValueDictionary()  # handle -> module
 _HANDLES = itertools.count()
+
+
+def register_handle(module) -> int:
+    """A new integer handle through which an op finds ``module`` (ExmyLinear, ExmyExperts,
+    PackedLinear): modules cannot be op arguments, and copies and unpickled modules need handles of
+    their own. The registry holds no reference: the op fails once the module is gone."""
+    handle = next(_HANDLES)
+    _LIVE[handle] = module
+    return handle
+
+
+def live_module(handle: int, op: str):
+    module = _LIVE.get(handle)
+    if module is None:
+        raise ExmyError(f"exmyconv::{op}: layer {handle} no longer exists; compile the model again")
+    return module
 
 
 def _gpu_backend():
@@ -121,8 +137,7 @@ class ExmyLinear(nn.Module):
 
     def _register(self) -> None:
         """A handle of its own for the compiled op (copies and unpickled modules get a new one)."""
-        self._handle = next(_HANDLES)
-        _LIVE[self._handle] = self
+        self._handle = register_handle(self)
 
     def __setstate__(self, state):
         super().__setstate__(state)
@@ -277,9 +292,7 @@ def linear_op(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, bias: 
     """y = x W^T + bias for the packed weight of ``ExmyLinear`` number ``handle`` (its buffers are the
     tensor arguments, so the graph sees the dependency; the module supplies the format and, on CUDA,
     its cached GPU view). Inputs that are not the module's own buffers are computed from as given."""
-    module = _LIVE.get(handle)
-    if module is None:
-        raise ExmyError(f"exmyconv::linear: layer {handle} no longer exists; compile the model again")
+    module = live_module(handle, "linear")
     if module.weight_packed.data_ptr() == packed.data_ptr() and module.weight_scale.data_ptr() == scale.data_ptr() \
             and module.bias is bias:
         return module._forward(x)
@@ -302,14 +315,14 @@ def _setup_context(ctx, inputs, output):
 @torch.library.custom_op("exmyconv::dequantize", mutates_args=())
 def dequantize_op(packed: torch.Tensor, scale: torch.Tensor, handle: int, dtype: torch.dtype) -> torch.Tensor:
     """The weight of ``ExmyLinear`` number ``handle`` as ``dtype`` (an op, so that backward traces)."""
-    module = _LIVE[handle]
+    module = live_module(handle, "dequantize")
     return dequantize(packed, scale_values(scale, module.scale_exp), module.fmt, module.in_features,
                       module.group_size, dtype)
 
 
 @dequantize_op.register_fake
 def _(packed, scale, handle, dtype):
-    return packed.new_empty((packed.shape[0], _LIVE[handle].in_features), dtype=dtype)
+    return packed.new_empty((packed.shape[0], live_module(handle, "dequantize").in_features), dtype=dtype)
 
 
 def _backward(ctx, grad):

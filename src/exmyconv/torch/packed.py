@@ -35,9 +35,7 @@ outside torch, no host synchronisation.
 """
 from __future__ import annotations
 
-import itertools
 import threading
-import weakref
 from typing import Optional
 
 import numpy as np
@@ -50,10 +48,7 @@ from ..format.exmy import ExMy, get_format
 from ..format.pack import pack_codes, row_bytes
 from ..format.quant import groups_of
 from .codec import SCALE_NAME, dequantize, unpack_codes
-from .linear import gpu_view, pdl_ok
-
-_LIVE: "weakref.WeakValueDictionary[int, PackedLinear]" = weakref.WeakValueDictionary()
-_HANDLES = itertools.count()
+from .linear import gpu_view, live_module, pdl_ok, register_handle
 
 
 class PackedLinear:
@@ -71,9 +66,8 @@ class PackedLinear:
         self.k, self.n = int(k), int(n)
         self.group_size, self.ngroups = groups_of(self.k, group_size)
         self.row_bytes = row_bytes(self.fmt, self.k)
-        self.handle = next(_HANDLES)
+        self.handle = register_handle(self)
         self._cuda: Optional[_CudaState] = None
-        _LIVE[self.handle] = self
 
     def __repr__(self):
         g = "" if self.group_size == self.k else f", group_size={self.group_size}"
@@ -226,10 +220,7 @@ def _scratch(device: torch.device, dtype: torch.dtype, numel: int) -> torch.Tens
 def packed_linear(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, bias: Optional[torch.Tensor],
                   handle: int) -> torch.Tensor:
     """y = x W^T + bias for the packed weight (``packed``, ``scale``) described by PackedLinear ``handle``."""
-    spec = _LIVE.get(handle)
-    if spec is None:
-        raise ExmyError(f"exmyconv::packed_linear: weight {handle} no longer exists")
-    return spec.forward(x, packed, scale, bias)
+    return live_module(handle, "packed_linear").forward(x, packed, scale, bias)
 
 
 @packed_linear.register_fake
@@ -244,7 +235,7 @@ def slice_k(packed: torch.Tensor | None, scale: torch.Tensor | None, fmt: ExMy |
     """Columns ``start .. start+length`` of a packed weight [N, K] as a packed weight [N, length] of its own.
 
     For row-parallel layers, which split K across ranks: the codes are unpacked (torch codec),
-    sliced and packed again (``format.pack``), each row padded to 128 elements anew; the scales keep
+    sliced and packed again (``format.pack``), each row padded anew (SPEC section 3); the scales keep
     the groups in the range (a per-row scale stays as is, G becomes ``length``). Returns (packed,
     scales, G); either input may be None (a loader gets them one at a time), and so is its output.
     The range must start on a scale-group boundary and end on one (or at K), and, for a shared
