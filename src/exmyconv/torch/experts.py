@@ -231,10 +231,13 @@ class ExmyExperts(nn.Module):
         tokens, k = top_k_index.shape
         pairs, dtype = tokens * k, hidden_states.dtype
         gate_up, down = self._stacked_gemv("gate_up_proj"), self._stacked_gemv("down_proj")
-        x = hidden_states.contiguous()
-        if gate_up is None or down is None or pairs == 0 or x.data_ptr() % 16 \
-                or self.hidden_dim * x.element_size() % 16 or self.intermediate_dim * x.element_size() % 16:
+        size = hidden_states.element_size()
+        if gate_up is None or down is None or pairs == 0 or self.hidden_dim * size % 16 \
+                or self.intermediate_dim * size % 16:
             return None  # (the GEMV reads x rows in 16-byte words)
+        x = hidden_states.contiguous()
+        if x.data_ptr() % 16:
+            x = x.clone()  # (a fresh allocation: aligned)
         first, second = gate_up.routed(pairs, dtype, k), down.routed(pairs, dtype, 1)
         if first is None or second is None:
             return None
