@@ -7,7 +7,7 @@
   holds both exactly), rows concatenated along the output dimension by vLLM's own loaders of the
   layer (so column parallelism, fused shards and replicated KV heads work as for any weight).
   Row-parallel layers (o_proj, down_proj) under tensor parallelism split K: each rank's slice is
-  unpacked, cut and packed again at load (its rows padded to 128 elements anew); the split must fall
+  unpacked, cut and packed again at load (its rows padded anew); the split must fall
   on scale-group boundaries. Compute: :class:`exmyconv.torch.packed.PackedLinear` (one torch op).
 - Everything else that is quantized is decoded at load into the full-precision parameter vLLM's
   unquantized method would hold (:class:`_DequantOnLoad`), so it runs vLLM's own kernels at that
