@@ -63,6 +63,7 @@ from .linear import gpu_view, kernel_rows, live_module, pdl_ok, register_handle
 from .packed import PackedLinear
 
 PROJECTIONS = ("gate_up_proj", "down_proj")
+PACKED_BUFFERS = tuple(name + leaf for name in PROJECTIONS for leaf in ("_packed", "_scale"))  # the op's order
 
 
 class ExpertWeights:
@@ -139,7 +140,7 @@ class ExmyExperts(nn.Module):
         return self._forward(hidden_states, top_k_index, top_k_weights)
 
     def _packed_buffers(self) -> list:
-        return [self._buffers[name + leaf] for name in PROJECTIONS for leaf in ("_packed", "_scale")]
+        return [self._buffers[name] for name in PACKED_BUFFERS]
 
     def _forward(self, hidden_states, top_k_index, top_k_weights):
         if hidden_states.is_cuda and self.gpu_kernels and hidden_states.dtype in SCALE_NAME \
@@ -405,8 +406,7 @@ def experts_op(hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_wei
     if any(a.data_ptr() != b.data_ptr() for a, b in zip(given, module._packed_buffers())):
         module = copy.copy(module)  # the same module over the given tensors (no launches of its own yet)
         module._buffers = dict(module._buffers)
-        for (name, leaf), tensor in zip([(n, x) for n in PROJECTIONS for x in ("_packed", "_scale")], given):
-            module._buffers[name + leaf] = tensor
+        module._buffers.update(zip(PACKED_BUFFERS, given))
         module._specs, module._gemvs = {}, {}
     return module._forward(hidden_states, top_k_index, top_k_weights).contiguous()
 
