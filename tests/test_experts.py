@@ -39,7 +39,10 @@ ARCHS = {
     # experts.N.w1/w3/w2 under block_sparse_moe (renamed to mlp on load)
     "mixtral": lambda: MixtralConfig(**SMALL, intermediate_size=128, num_local_experts=4, num_experts_per_tok=2),
 }
-CONVERSIONS = {"e2m2": {}, "e2m2s4-g64": {"format": "e2m2s4", "group_size": 64}}
+CONVERSIONS = {"e2m2": {}, "e2m2s4-g64": {"format": "e2m2s4", "group_size": 64},
+               # 8-bit scales: one scale_exp per expert stack; --format auto: one format per expert stack
+               "e2m1-g32-e4m3": {"format": "e2m1", "group_size": 32, "scales": "e4m3"},
+               "auto-5": {"format": "auto", "bits": 5}}
 
 
 @pytest.fixture(scope="module", params=sorted(ARCHS))
@@ -95,13 +98,14 @@ def test_experts_load_packed_and_compute_like_the_plain_model(converted, convers
     assert torch.equal(quantized.generate(ids[:1], **greedy), plain.generate(ids[:1], **greedy))
 
 
-def test_bf16_logits_and_dequantize_back(converted):
+@pytest.mark.parametrize("conversion", ["e2m2", "e2m1-g32-e4m3"])
+def test_bf16_logits_and_dequantize_back(converted, conversion):
     arch, source, folders = converted
     if arch == "mixtral" and Version(transformers.__version__) < Version("5.21"):
         pytest.xfail("transformers <= 5.20 keeps the checkpoint dtype of renamed tensors (no get_new_dtype hook): "
                      "Mixtral's router block_sparse_moe.gate -> mlp.gate stays float32 in a bf16 load of a float32 "
                      "checkpoint (as on main, experts aside)")
-    out, plain_dir = folders["e2m2"]
+    out, plain_dir = folders[conversion]
     quantized = AutoModelForCausalLM.from_pretrained(out, dtype=torch.bfloat16)
     plain = AutoModelForCausalLM.from_pretrained(plain_dir, dtype=torch.bfloat16, experts_implementation="eager")
     bf16_source = AutoModelForCausalLM.from_pretrained(source, dtype=torch.bfloat16)
@@ -135,6 +139,39 @@ def test_mixed_formats_fall_back_to_dequantizing(tmp_path):
     ids = torch.randint(0, SMALL["vocab_size"], (2, 8), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         assert torch.equal(quantized(input_ids=ids).logits, plain(input_ids=ids).logits)
+
+
+@pytest.mark.parametrize("scales, factor", [("16", 1e-4), ("e4m3", 64.0)])
+def test_experts_of_a_stack_share_their_scale_choice(tmp_path, scales, factor):
+    """One expert's weights far from the others' (on its own: bf16 scales instead of fp16, or a higher 8-bit
+    scale_exp): quantize makes one choice for the whole stack, so the layer still loads packed and computes
+    like the plain model; the other layer's stacks keep the usual choice."""
+    torch.manual_seed(2)
+    model = AutoModelForCausalLM.from_config(ARCHS["qwen3moe"]())
+    small = "model.layers.1.mlp.experts.5.gate_proj.weight"
+    with torch.no_grad():
+        model.model.layers[1].mlp.experts.gate_up_proj[5].mul_(factor)  # saved as experts.5.gate_proj / up_proj
+    model.save_pretrained(tmp_path / "src")
+    out = tmp_path / "out"
+    exmyconv.quantize(str(tmp_path / "src"), str(out), format="e2m2", group_size=32, scales=scales)
+    with Checkpoint(str(out)) as ckpt:
+        def choice(name):
+            record, f = ckpt.records[name]
+            return record.scale_exp if scales == "e4m3" else f.tensors[record.scale_name].dtype
+        stack = [n for n in ckpt.records if n.startswith("model.layers.1.mlp.experts.") and "down_proj" not in n]
+        assert small in stack and len(stack) == 16
+        assert len({choice(n) for n in stack}) == 1
+        other = {choice(n) for n in ckpt.records if n.startswith("model.layers.0.mlp.experts.")}
+        assert other != {choice(small)}  # the odd expert moved its stack's choice
+    dequantize_checkpoint(str(out), str(tmp_path / "plain"), progress=False)
+    quantized = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "plain", dtype=torch.float32,
+                                                 experts_implementation="eager")
+    assert sum(isinstance(m, ExmyExperts) for m in quantized.modules()) == SMALL["num_hidden_layers"]
+    ids = torch.randint(0, SMALL["vocab_size"], (2, 8), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        got = quantized(input_ids=ids).logits
+        assert not torch.isnan(got).any() and torch.equal(got, plain(input_ids=ids).logits)
 
 
 def _requantize(folder: Path, name: str, fmt: str) -> None:

@@ -21,7 +21,7 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(bool(_REASON), reason=_REASON 
 E, H, I = 8, 1024, 512
 
 
-def _experts(rng, fmt, group, dtype):
+def _experts(rng, fmt, group, dtype, scales8=False):
     import torch
 
     from exmyconv.format.exmy import get_format
@@ -31,10 +31,12 @@ def _experts(rng, fmt, group, dtype):
     tensors = {}
     specs = {}
     for name, (n, k) in {"gate_up_proj": (2 * I, H), "down_proj": (H, I)}.items():
-        q = quantize((rng.standard_normal((E, n, k)) * 0.03).astype(np.float32), get_format(fmt), group)
-        scale_dtype = torch.float16 if q.scale_dtype == "F16" else torch.bfloat16
-        specs[name] = ExpertWeights(fmt, k, n, group, scale_dtype)
-        tensors[name] = (torch.from_numpy(q.payload), torch.from_numpy(q.scales).to(scale_dtype))
+        q = quantize((rng.standard_normal((E, n, k)) * 0.03).astype(np.float32), get_format(fmt), group,
+                     scales8=scales8)
+        scale_dtype = {"F16": torch.float16, "BF16": torch.bfloat16, "F8_E4M3": torch.float8_e4m3fn}[q.scale_dtype]
+        specs[name] = ExpertWeights(fmt, k, n, group, scale_dtype, q.scale_exp if scales8 else None)
+        stored = q.scales * np.float32(2.0 ** -q.scale_exp)  # (8-bit: the e4m3 values; exact)
+        tensors[name] = (torch.from_numpy(q.payload), torch.from_numpy(stored).to(scale_dtype))
     experts = ExmyExperts(E, specs["gate_up_proj"], specs["down_proj"], torch.nn.SiLU())
     for name, (packed, scale) in tensors.items():
         getattr(experts, name + "_packed").copy_(packed)
@@ -59,18 +61,19 @@ def _reference(experts, x, index, weights):
 
 @pytest.mark.parametrize("dtype_name", ["float16", "bfloat16"])
 @pytest.mark.parametrize("tokens", [1, 5, 40])
-@pytest.mark.parametrize("fmt,group", [("e2m2", None), ("e2m2s4", 128), ("e2m2", 128)])
+@pytest.mark.parametrize("fmt,group,scales8", [("e2m2", None, False), ("e2m2s4", 128, False), ("e2m2", 128, False),
+                                              ("e2m1", 32, True)])
 @pytest.mark.parametrize("path", ["pairwise", "grouped"])
-def test_cuda_experts_match_the_dequantized_reference(rng, monkeypatch, dtype_name, tokens, fmt, group, path):
+def test_cuda_experts_match_the_dequantized_reference(rng, monkeypatch, dtype_name, tokens, fmt, group, scales8, path):
     """Both CUDA paths (one GEMV per token-expert pair; pairs grouped by expert: GEMVs of up to 16
-    rows, or dequantize + matmul for more) whatever the routing."""
+    rows, or dequantize + matmul for more) whatever the routing; 8-bit scales widened for the kernels."""
     import torch
 
     from exmyconv.torch import experts as module
 
     monkeypatch.setattr(module, "PAIRWISE_REPEATS", 10**9 if path == "pairwise" else -1)
     dtype = getattr(torch, dtype_name)
-    experts = _experts(rng, fmt, group, dtype)
+    experts = _experts(rng, fmt, group, dtype, scales8)
     top_k = 2 if tokens == 1 else 4
     x = torch.from_numpy(rng.standard_normal((tokens, H)).astype(np.float32)).to("cuda", dtype)
     logits = torch.from_numpy(rng.standard_normal((tokens, E)).astype(np.float32)).cuda()

@@ -647,6 +647,10 @@ def test_fused_groups():
     assert sorted(fused_groups(names, shapes)) == [[0, 1, 2], [3], [4, 5], [6], [7], [8, 9], [10], [11]]
     shapes[2] = (16, 48)  # another K: not fusable
     assert [0, 1] in fused_groups(names, shapes)
+    # a MoE layer's experts: gate and up of every expert one group, down another
+    experts = [f"m.layers.0.mlp.experts.{e}.{p}.weight" for e in range(3) for p in ("gate_proj", "up_proj", "down_proj")]
+    shapes = [(32, 16) if "down" in n else (8, 32) for n in experts]
+    assert sorted(fused_groups(experts, shapes)) == [[0, 1, 3, 4, 6, 7], [2, 5, 8]]
 
 
 def test_sidecar_structure(auto5):

@@ -5,6 +5,7 @@ import sys
 
 import click
 
+from ..convert.search import DEFAULT_CANDIDATES
 from ..errors import ExmyError
 from ..format.exmy import DEFAULT, NAMED, NAMED_SHARED
 from .check import verify_data
@@ -30,10 +31,11 @@ HOW_IT_RAN = ("resume", "ray_address", "workers", "verify", "overwrite", "as_jso
 @click.option("--bits", type=float, help="auto: average bits per quantized weight, scales included.")
 @click.option("--max-error", type=float, help="auto: per tensor, the smallest candidate with relative error <= this.")
 @click.option("--candidates", metavar="LIST", help="auto: comma-separated FORMAT[-gGROUP][+clip] "
-              "(default: e2m1-g32,e2m1-g64,e2m2s4-g128,e2m2s4,e2m2-g128,e2m2,e2m2-g64,e2m3s3,e3m2,e2m3,e2m3-g64,e4m3).")
+              f"(default: {','.join(DEFAULT_CANDIDATES)}).")
 @click.option("--tie-fused/--no-tie-fused", default=True, show_default=True,
-              help="auto: one format for the tensors engines fuse into one layer (q/k/v, gate/up), as vLLM "
-                   "needs to keep them packed.")
+              help="auto: one format for the tensors engines fuse into one weight (q/k/v, gate/up; a MoE layer's "
+                   "gate/up of every expert, its down of every expert), as vLLM and transformers need to keep "
+                   "them packed.")
 @click.option("--calibration", type=click.Path(), metavar="TEXT_FILE",
               help="Run the model on this text and weight errors by input-channel activation energy.")
 @click.option("--calibration-tokens", type=int, default=4096, show_default=True, help="Tokens of TEXT_FILE to use.")

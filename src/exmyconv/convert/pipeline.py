@@ -62,7 +62,7 @@ class Options:
     bits: float | None = None  # --format auto: average bits per quantized weight, scales included
     max_error: float | None = None  # --format auto: per-tensor relative error bound instead
     candidates: str | None = None  # --format auto: comma-separated candidate list
-    tie_fused: bool = True  # --format auto: one format for the tensors engines fuse (search.FUSED_PARTNERS)
+    tie_fused: bool = True  # --format auto: one format for the tensors engines fuse (units.fused_weight)
     calibration: str | None = None  # text file: activation-weighted errors
     calibration_tokens: int = 4096
     rounding: str = "nearest"  # or "gptq": errors compensated through the calibration Hessians (convert/gptq.py)
@@ -389,23 +389,56 @@ def ordered_map(fn, items, workers: int | None = None):
             yield pending.popleft().result()
 
 
-def quantize_item(item: Item, writer: ShardWriter, opts: Options, progress) -> str:
-    """Stream one tensor through quantize -> pack -> write. Returns its scale dtype."""
+def scan_item(item: Item) -> np.ndarray:
+    """Pass 1 over a tensor: every group's absmax (the scales' range); NaN/Inf refused."""
     r = item.record
     rows = item.file.read(item.info.name).reshape(-1, r.k)
-    g, ngroups = r.group_size, r.ngroups
 
-    def scan(chunk):  # pass 1: the scales' range, and refuse NaN/Inf
+    def scan(chunk):
         x = dtypes.to_float32(chunk, r.dtype)
         if not np.isfinite(x).all():
             raise ExmyError(f"tensor {r.name!r} contains NaN or Inf")
-        return group_amax(x, g, ngroups)
+        return group_amax(x, r.group_size, r.ngroups)
 
-    amax = np.concatenate(list(ordered_map(scan, _row_chunks(rows))))
-    if r.scale_exp is not None:  # 8-bit scales: e4m3 scales of x * 2^-t (exact), t per tensor
-        scale_dtype, r.scale_exp = "F8_E4M3", scale_exponent(amax, r.fmt)
-    else:
-        scale_dtype = choose_scale_dtype(amax, r.fmt)
+    return np.concatenate(list(ordered_map(scan, _row_chunks(rows))))
+
+
+def scale_choice(amax: np.ndarray, record: TensorRecord) -> tuple[str, int | None]:
+    """The stored scale dtype for groups of this absmax, and with 8-bit scales the power of two t
+    (e4m3 scales of x * 2^-t, exact), else None."""
+    if record.scale_exp is not None:
+        return "F8_E4M3", scale_exponent(amax, record.fmt)
+    return choose_scale_dtype(amax, record.fmt), None
+
+
+def stack_scales(items: list[Item]) -> dict[str, tuple[str, int | None]]:
+    """One scale choice per expert stack of a shard (units.expert_stack: a MoE layer's gate/up or down
+    projections of every expert, of one format and group size; a shard holds its whole MoE layer),
+    made over all its members' groups, so that the stack loads as one tensor (transformers'
+    ExmyExperts). {tensor name: scale_choice}; a scan pass over those members."""
+    stacks: dict = {}
+    for item in items:
+        r = item.record
+        stack = r and units.expert_stack(r.name)
+        if stack:
+            stacks.setdefault((stack, r.fmt.name, r.group_size, r.scale_exp is None), []).append(item)
+    out = {}
+    for members in stacks.values():
+        choice = scale_choice(np.concatenate([scan_item(item).reshape(-1) for item in members]), members[0].record)
+        out.update((item.info.name, choice) for item in members)
+    return out
+
+
+def quantize_item(item: Item, writer: ShardWriter, opts: Options, progress,
+                  scale: tuple[str, int | None] | None = None) -> str:
+    """Stream one tensor through quantize -> pack -> write, with ``scale`` (a scale_choice) if given,
+    else its own. Returns its scale dtype."""
+    r = item.record
+    rows = item.file.read(item.info.name).reshape(-1, r.k)
+    g = r.group_size
+    scale_dtype, t = scale or scale_choice(scan_item(item), r)
+    if t is not None:
+        r.scale_exp = t
     unit = np.float32(2.0 ** -(r.scale_exp or 0))
     factor = None if item.hessian is None else gptq.cached_factor(item.hessian)
     gptq_rows = search.rounding_backend(r.scale_exp is not None)[0]
@@ -443,10 +476,12 @@ def write_shard(path: Path, items: list[Item], opts: Options, progress) -> None:
     writer = ShardWriter(path, entries, metadata)
     try:
         scale_dtypes = {}
+        shared = stack_scales(items)
         for item in items:
             progress.set_postfix_str(progress_label(item.info.name), refresh=False)
             if item.record:
-                scale_dtypes[item.record.scale_name] = quantize_item(item, writer, opts, progress)
+                scale_dtypes[item.record.scale_name] = quantize_item(item, writer, opts, progress,
+                                                                     shared.get(item.info.name))
             else:
                 copy_item(item, writer, progress)
         writer.close(dict(item.record.metadata() for item in items if item.record), scale_dtypes)

@@ -20,6 +20,7 @@ import numpy as np
 from ..errors import ExmyError
 from ..format.exmy import ExMy, get_format
 from ..format.pack import row_bytes
+from . import units
 from .gptq import gptq_rows
 from ..format.quant import choose_scale_dtype, dequantize_codes, group_amax, groups_of, quantize_rows, scale_exponent
 
@@ -64,23 +65,14 @@ def parse_candidates(text: str | None, clip: bool = False, scales8: bool = False
     return out
 
 
-# Sibling projections that inference engines fuse into one layer running one format: vLLM's qkv_proj
-# (q/k/v; BERT's query/key/value) and gate_up_proj (gate/up). "--format auto" ties them by default.
-FUSED_PARTNERS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("query", "key", "value"))
-
-
 def fused_groups(names: list[str], shapes: list[tuple[int, ...]]) -> list[list[int]]:
-    """Indices of ``names`` grouped by the fused layer they belong to (FUSED_PARTNERS: siblings under one
-    parent module with the same input size K); every other tensor is a group of its own."""
+    """Indices of ``names`` grouped by the weight an engine fuses them into (units.fused_weight: q/k/v
+    or gate/up under one parent module, a MoE layer's gate/up or down projections of every expert) with
+    the same input size K; every other tensor is a group of its own."""
     groups: dict = {}
     for i, (name, shape) in enumerate(zip(names, shapes)):
-        parts = name.split(".")
-        key = (i,)
-        if len(parts) >= 2:
-            for n, partners in enumerate(FUSED_PARTNERS):
-                if parts[-2] in partners:
-                    key = (".".join(parts[:-2]), n, parts[-1], tuple(shape[:-2]), shape[-1])
-                    break
+        fused = units.fused_weight(name)
+        key = (i,) if fused is None else (fused, tuple(shape[:-2]), shape[-1])
         groups.setdefault(key, []).append(i)
     return list(groups.values())
 

@@ -16,26 +16,44 @@ from __future__ import annotations
 
 import re
 
-# A weight's fusion group: the pattern's first group with the pattern's number (so that q/k/v and
-# gate/up of one prefix are different groups). The first pattern that matches decides. Only
-# ``*.weight`` tensors are grouped (a bias is copied as it is, wherever it lies).
-FUSED = (
-    re.compile(r"^(.*\.experts)\.\d+\."),  # one MoE layer's experts (Mixtral, Qwen-MoE, DeepSeek, Kimi)
-    re.compile(r"^(.*\.)[qkv]_proj\."),  # attention q/k/v
-    re.compile(r"^(.*\.)(?:gate|up)_proj\."),  # MLP gate/up
-    re.compile(r"^(.*\.)w[13]\."),  # Mixtral-style w1/w3
-    re.compile(r"^(.*\.)(?:query|key|value)\."),  # BERT-style attention
+# The one weight an engine loads fused partners into. Expert stacks: transformers' ExmyExperts and
+# engines' fused-MoE layers hold one projection of every expert of a MoE layer as one tensor (gate and
+# up rows together; down), so its members need one format, group size and scale dtype (8-bit scales:
+# one scale_exp). Dense fused weights (vLLM's qkv_proj, gate_up_proj) need one format.
+EXPERT_STACKS = (
+    re.compile(r"^(.*\.experts)\.\d+\.(?:gate_proj|up_proj|w1|w3)\.weight$"),  # Qwen-MoE, DeepSeek; Mixtral
+    re.compile(r"^(.*\.experts)\.\d+\.(?:down_proj|w2)\.weight$"),
 )
+DENSE_FUSED = (
+    re.compile(r"^(.*\.)[qkv]_proj\.weight$"),  # attention q/k/v
+    re.compile(r"^(.*\.)(?:gate|up)_proj\.weight$"),  # MLP gate/up
+    re.compile(r"^(.*\.)w[13]\.weight$"),  # Mixtral-style w1/w3
+    re.compile(r"^(.*\.)(?:query|key|value)\.weight$"),  # BERT-style attention
+)
+MOE_LAYER = re.compile(r"^(.*\.experts)\.\d+\..*\.weight$")  # one MoE layer's experts (Mixtral, Qwen-MoE, DeepSeek, Kimi)
+
+
+def _first_match(patterns, name: str, tag: str) -> str | None:
+    for n, pattern in enumerate(patterns):
+        match = pattern.match(name)
+        if match:
+            return f"{tag}{n}:{match[1]}"
+    return None
+
+
+def expert_stack(name: str) -> str | None:
+    """The expert stack (a MoE layer's gate/up or down projection of every expert) ``name`` belongs to."""
+    return _first_match(EXPERT_STACKS, name, "experts")
+
+
+def fused_weight(name: str) -> str | None:
+    """The fused weight ``name`` loads into in an engine (an expert stack, q/k/v, gate/up), or None."""
+    return expert_stack(name) or _first_match(DENSE_FUSED, name, "dense")
 
 
 def fused_group(name: str) -> str | None:
-    if not name.endswith(".weight"):
-        return None
-    for n, pattern in enumerate(FUSED):
-        match = pattern.match(name)
-        if match:
-            return f"{n}:{match[1]}"
-    return None
+    """What ``name`` stays in one shard with: its MoE layer's experts (down included), or its fused weight."""
+    return _first_match((MOE_LAYER,), name, "moe") or _first_match(DENSE_FUSED, name, "dense")
 
 
 def blocks(names: list[str]) -> list[range]:

@@ -581,8 +581,9 @@ class ExmyHfQuantizer(HfQuantizer):
         """The layout of ``module``'s parameter ``leaf`` [E, N, K] as ExmyExperts holds it packed, or None
         where its records do not stack exactly: either one 3-D record of that shape, or E per-expert
         2-D records per source of one model converter that stacks them (transformers' MergeModulelist
-        along experts, then Concatenate along rows, e.g. gate and up) — all of one format, group size
-        and scale dtype (rows are packed independently, so stacking packed rows is exact)."""
+        along experts, then Concatenate along rows, e.g. gate and up) — all of one format, group size,
+        scale dtype and 8-bit scale_exp (rows are packed independently, so stacking packed rows is exact;
+        ``exmyconv quantize`` makes the experts of a stack agree: convert/units.expert_stack)."""
         if not items:
             return None
         e, n, k = getattr(module, leaf).shape
@@ -591,8 +592,9 @@ class ExmyHfQuantizer(HfQuantizer):
         converters = {id(c) for _, c in items}
         first = records[0]
         if len(converters) != 1 or any(
-                not r.current_bytes or r.scale_exp is not None or r.fmt != first.fmt or groups_of(k, r.group_size) != groups_of(k, first.group_size)
-                or self._scale_dtypes[name] != self._scale_dtypes[names[0]] for name, r in zip(names, records)):
+                not r.current_bytes or r.fmt != first.fmt or groups_of(k, r.group_size) != groups_of(k, first.group_size)
+                or self._scale_dtypes[name] != self._scale_dtypes[names[0]] or r.scale_exp != first.scale_exp
+                for name, r in zip(names, records)):
             return None
         converter = items[0][1]
         if converter is None:
@@ -603,7 +605,8 @@ class ExmyHfQuantizer(HfQuantizer):
             if (not _stacks_experts(converter) or n % sources or len(records) != e * sources
                     or any(tuple(r.shape) != (n // sources, k) for r in records)):
                 return None
-        return ExpertWeights(first.fmt, k, n, first.group_size, TORCH_DTYPE[self._scale_dtypes[names[0]]])
+        scale_dtype = torch.float8_e4m3fn if first.scale_exp is not None else TORCH_DTYPE[self._scale_dtypes[names[0]]]
+        return ExpertWeights(first.fmt, k, n, first.group_size, scale_dtype, first.scale_exp)
 
     # -- helpers -------------------------------------------------------------------------------
     def _routes(self, model, conversions) -> dict:

@@ -9,7 +9,8 @@ checkpoint's packed tensors unchanged (formats/SPEC.md: a 3-D tensor's rows are 
 - ``gate_up_proj_packed`` uint8 [E, 2I, row_bytes(H)], ``gate_up_proj_scale`` [E, 2I, ngroups]
 - ``down_proj_packed`` uint8 [E, H, row_bytes(I)], ``down_proj_scale`` [E, H, ngroups]
 
-(scales fp16/bf16 as stored). Each projection has its own format and group size. Only these stay
+(scales fp16/bf16, or e4m3 with one power of two per projection, as stored). Each projection has its
+own format and group size. Only these stay
 resident: an expert's weights are decoded per call, for the experts the tokens were routed to.
 
 forward, per routed expert, on just the tokens routed to it:
@@ -58,8 +59,8 @@ from ..errors import ExmyError
 from ..format.exmy import ExMy, get_format
 from ..format.pack import row_bytes
 from ..format.quant import groups_of
-from .codec import SCALE_NAME, dequantize
-from .linear import gpu_view, kernel_rows, live_module, pdl_ok, register_handle
+from .codec import SCALE_NAME, dequantize, scale_values, widened_scales
+from .linear import as_bits, gpu_view, kernel_rows, live_module, pdl_ok, register_handle
 from .packed import PackedLinear
 
 PROJECTIONS = ("gate_up_proj", "down_proj")
@@ -68,19 +69,24 @@ PACKED_BUFFERS = tuple(name + leaf for name in PROJECTIONS for leaf in ("_packed
 
 class ExpertWeights:
     """One projection's parameters: ``fmt``, K (``k``, the input width), N (``n``, rows per expert),
-    G (``group_size``) and the stored scale dtype."""
+    G (``group_size``), the stored scale dtype and, for 8-bit scales (float8_e4m3fn), the stack's
+    power of two ``scale_exp`` (formats/SPEC.md section 2; one for every expert of the stack)."""
 
-    def __init__(self, fmt: ExMy | str, k: int, n: int, group_size: int | None, scale_dtype: torch.dtype):
+    def __init__(self, fmt: ExMy | str, k: int, n: int, group_size: int | None, scale_dtype: torch.dtype,
+                 scale_exp: int | None = None):
         self.fmt = get_format(fmt) if isinstance(fmt, str) else fmt
         self.k, self.n = int(k), int(n)
         self.group_size, self.ngroups = groups_of(self.k, group_size)
-        if scale_dtype not in SCALE_NAME:
-            raise ExmyError(f"scales are float16 or bfloat16, not {scale_dtype}")
-        self.scale_dtype = scale_dtype
+        if (scale_dtype == torch.float8_e4m3fn) != (scale_exp is not None) or (
+                scale_dtype not in SCALE_NAME and scale_dtype != torch.float8_e4m3fn):
+            raise ExmyError(f"scales are float16 or bfloat16, or float8_e4m3fn with a scale_exp; not {scale_dtype} "
+                            f"with scale_exp {scale_exp}")
+        self.scale_dtype, self.scale_exp = scale_dtype, scale_exp
 
     def __repr__(self):
         g = "" if self.group_size == self.k else f"-g{self.group_size}"
-        return f"{self.fmt.name}{g} [{self.n}, {self.k}] scales {SCALE_NAME[self.scale_dtype]}"
+        scales = SCALE_NAME.get(self.scale_dtype) or f"F8_E4M3 x 2^{self.scale_exp}"
+        return f"{self.fmt.name}{g} [{self.n}, {self.k}] scales {scales}"
 
 
 class ExmyExperts(nn.Module):
@@ -109,13 +115,17 @@ class ExmyExperts(nn.Module):
                 (self.num_experts, w.n, row_bytes(w.fmt, w.k)), dtype=torch.uint8, device=device))
             self.register_buffer(name + "_scale", torch.empty((self.num_experts, w.n, w.ngroups),
                                                               dtype=w.scale_dtype, device=device))
+        self._reset_cuda()
+        self._handle = register_handle(self)  # for the compiled op
+
+    def _reset_cuda(self):
         self._specs: dict = {}  # (projection, expert) -> PackedLinear (more rows than a GEMV takes)
         self._gemvs: dict = {}  # projection -> _StackedGemv (or None: the GEMV does not apply)
-        self._handle = register_handle(self)  # for the compiled op
+        self._wide: dict = {}  # projection -> its 8-bit scales widened to 16 bits (what the kernels read)
 
     def __setstate__(self, state):
         super().__setstate__(state)
-        self._specs, self._gemvs = {}, {}
+        self._reset_cuda()
         self._handle = register_handle(self)  # copies and unpickled modules get their own
 
     def extra_repr(self) -> str:
@@ -128,7 +138,8 @@ class ExmyExperts(nn.Module):
         packed, scale = self._buffers[name + "_packed"], self._buffers[name + "_scale"]
         if expert is not None:
             packed, scale = packed[expert], scale[expert]
-        return dequantize(packed, scale, w.fmt, w.k, w.group_size, dtype or self.weight_dtype)
+        return dequantize(packed, scale_values(scale, w.scale_exp), w.fmt, w.k, w.group_size,
+                          dtype or self.weight_dtype)
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                 top_k_weights: torch.Tensor) -> torch.Tensor:
@@ -272,7 +283,7 @@ class ExmyExperts(nn.Module):
     def _project(self, name: str, x: torch.Tensor, segments) -> torch.Tensor:
         """y[rows of expert e] = x[those rows] @ W_e^T for each (e, start, end) of ``segments``."""
         w = self.weights[name]
-        packed, scale = self._buffers[name + "_packed"], self._buffers[name + "_scale"]
+        packed, scale = self._buffers[name + "_packed"], self._kernel_scale(name)
         x = x.contiguous()
         y = torch.empty((x.shape[0], w.n), dtype=x.dtype, device=x.device)
         stream = torch.cuda.current_stream(x.device).cuda_stream
@@ -300,8 +311,19 @@ class ExmyExperts(nn.Module):
                 y[start:end] = F.linear(xs, spec.dequantize(packed[expert], scale[expert], x.dtype))
         return y
 
+    def _kernel_scale(self, name: str) -> torch.Tensor:
+        """Projection ``name``'s scales as the CUDA paths read them: 16-bit as stored, or 8-bit ones
+        widened once, exactly, to fp16 or bf16 for the whole stack (codec.widened_scales)."""
+        scale, w = self._buffers[name + "_scale"], self.weights[name]
+        if w.scale_exp is None:
+            return scale
+        key = (name, scale.data_ptr())
+        if key not in self._wide:
+            self._wide[key] = widened_scales(scale, w.scale_exp, w.fmt)
+        return self._wide[key]
+
     def _stacked_gemv(self, name: str) -> "_StackedGemv | None":
-        packed, scale = self._buffers[name + "_packed"], self._buffers[name + "_scale"]
+        packed, scale = self._buffers[name + "_packed"], self._kernel_scale(name)
         aligned = kernel_rows(packed)  # (once: the buffer is replaced by its row-aligned layout)
         if aligned is not packed:
             self._buffers[name + "_packed"] = packed = aligned
@@ -327,14 +349,13 @@ class ExmyExperts(nn.Module):
             scale = self._buffers.get(name + "_scale")
             if scale is not None and scale.is_floating_point():
                 kept[name + "_scale"] = scale.dtype
-                self._buffers[name + "_scale"] = scale.view(torch.int16)
+                self._buffers[name + "_scale"] = as_bits(scale)
         try:
             return super()._apply(fn, recurse)
         finally:
             for key, dt in kept.items():
                 self._buffers[key] = self._buffers[key].view(dt)
-            self._specs = {}
-            self._gemvs = {}
+            self._reset_cuda()
 
 
 class _StackedGemv:
@@ -407,7 +428,7 @@ def experts_op(hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_wei
         module = copy.copy(module)  # the same module over the given tensors (no launches of its own yet)
         module._buffers = dict(module._buffers)
         module._buffers.update(zip(PACKED_BUFFERS, given))
-        module._specs, module._gemvs = {}, {}
+        module._reset_cuda()
     return module._forward(hidden_states, top_k_index, top_k_weights).contiguous()
 
 

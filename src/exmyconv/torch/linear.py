@@ -70,6 +70,12 @@ def gpu_view(gpu, packed: torch.Tensor, scale: torch.Tensor, fmt: ExMy, k: int, 
     return weight
 
 
+def as_bits(t: torch.Tensor) -> torch.Tensor:
+    """A floating tensor viewed as integers of its width: ``.to(dtype)`` leaves its bits alone (how the
+    modules keep stored scales unrounded)."""
+    return t.view({1: torch.int8, 2: torch.int16, 4: torch.int32}[t.element_size()])
+
+
 def kernel_rows(packed: torch.Tensor) -> torch.Tensor:
     """``packed`` [..., row_bytes] with every row 16-byte aligned, so that the GPU kernels read it in
     place: the tensor itself where its rows already are (K a multiple of 128 with unshared codes:
@@ -265,7 +271,7 @@ class ExmyLinear(nn.Module):
         if scale is None or not scale.is_floating_point():
             return super()._apply(fn, recurse)
         dt = scale.dtype
-        self._buffers["weight_scale"] = scale.view({1: torch.int8, 2: torch.int16, 4: torch.int32}[scale.element_size()])
+        self._buffers["weight_scale"] = as_bits(scale)
         try:
             return super()._apply(fn, recurse)
         finally:
