@@ -93,3 +93,42 @@ def test_mixed_scale_dtypes_are_held_as_float32(rng):
                    dequantize(pk, sk, "e2m2", 256, None, torch.bfloat16)])
     x = torch.randn(3, 256).bfloat16()
     assert torch.equal(method.apply(layer, x), torch.nn.functional.linear(x, w))
+
+
+def test_8_bit_scales_load_as_values_and_narrow_to_16_bits(rng):
+    """q and k with 8-bit scales of different powers of two (and k far smaller): the scales load as their
+    float32 values, become one exact 16-bit tensor after loading, and the layer computes with the
+    dequantized weight (against the torch codec on each shard's own stored scales)."""
+    from exmyconv.torch.codec import scale_values
+
+    shards, rows = {}, {"q": (0, 32), "k": (32, 16)}
+    tensors = {}
+    for shard, (start, n), size in (("q", rows["q"], 0.02), ("k", rows["k"], 2e-5)):
+        q = quantize((rng.standard_normal((n, 256)) * size).astype(np.float32), get_format("e2m1"), 32, scales8=True)
+        record = TensorRecord(f"m.{shard}_proj.weight", get_format("e2m1"), (n, 256), "BF16", 32, scale_exp=q.scale_exp)
+        stored = torch.from_numpy(q.scales * np.float32(2.0 ** -q.scale_exp)).to(torch.float8_e4m3fn)
+        shards[shard] = (record, "F8_E4M3")
+        tensors[shard] = (torch.from_numpy(q.payload), stored, q.scale_exp)
+    assert tensors["q"][2] != tensors["k"][2]
+    assert vllm_layers._cannot_pack(torch.nn.Module(), shards) is None
+    method = ExmyLinearMethod("m.qkv_proj", shards)
+    layer = torch.nn.Module()
+    layer.tp_rank, layer.tp_size, layer.params_dtype = 0, 1, torch.bfloat16
+
+    def fused_loader(param, loaded_weight, shard):
+        start, size = rows[shard]
+        param.data.narrow(0, start, size).copy_(loaded_weight)
+
+    method.create_weights(layer, 256, [32, 16], 256, 48, torch.bfloat16, weight_loader=fused_loader)
+    assert layer.weight_scale.dtype == torch.float32
+    for shard, (packed, stored, _) in tensors.items():
+        layer.weight_packed.weight_loader(layer.weight_packed, packed, shard)
+        layer.weight_scale.weight_loader(layer.weight_scale, stored, shard)
+    method.process_weights_after_loading(layer)
+    assert layer.weight_scale.dtype in (torch.float16, torch.bfloat16)
+    want_scales = torch.cat([scale_values(s, t) for _, s, t in tensors.values()])
+    assert torch.equal(layer.weight_scale.float(), want_scales)
+    w = torch.cat([dequantize(p, scale_values(s, t), "e2m1", 256, 32, torch.bfloat16) for p, s, t in tensors.values()])
+    x = torch.randn(3, 256).bfloat16()
+    y = method.apply(layer, x)
+    assert not torch.isnan(y).any() and torch.equal(y, torch.nn.functional.linear(x, w))

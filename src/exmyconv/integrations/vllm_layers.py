@@ -3,8 +3,10 @@
 - Linear layers whose weight (all shards of a fused layer: q/k/v into ``qkv_proj``, gate/up into
   ``gate_up_proj``) is quantized in one format and group size: :class:`ExmyLinearMethod`. The weight
   stays packed: parameters ``weight_packed`` (uint8 [rows, row_bytes]) and ``weight_scale`` (the stored
-  fp16/bf16 [rows, groups]; float32 where a fused layer's shards stored different scale dtypes, which
-  holds both exactly), rows concatenated along the output dimension by vLLM's own loaders of the
+  fp16/bf16 [rows, groups]; 8-bit scales, and fused shards stored with different scale dtypes, load as
+  their float32 values, exact for all, and are narrowed after loading to the 16-bit dtype that holds
+  them all where one does: always for 8-bit scales), rows concatenated along the output dimension by
+  vLLM's own loaders of the
   layer (so column parallelism, fused shards and replicated KV heads work as for any weight).
   Row-parallel layers (o_proj, down_proj) under tensor parallelism split K: each rank's slice is
   unpacked, cut and packed again at load (its rows padded anew); the split must fall
@@ -38,7 +40,7 @@ from vllm.model_executor.utils import set_weight_attrs
 
 from ..errors import ExmyError
 from ..format.layout import PACKED_SUFFIX, SCALE_SUFFIX
-from ..torch.codec import TORCH_DTYPE, dequantize, scale_values
+from ..torch.codec import TORCH_DTYPE, dequantize, narrowed_scales, scale_values
 from ..torch.linear import kernel_rows
 from ..torch.packed import PackedLinear, slice_k
 
@@ -107,8 +109,6 @@ def _cannot_pack(layer, shards: dict) -> str | None:
     record = found[0][0]
     if len(record.shape) != 2:
         return f"a {len(record.shape)}-D weight"
-    if record.scale_exp is not None:
-        return "8-bit scales (the packed path takes 16-bit ones)"
     if isinstance(layer, RowParallelLinear) and layer.tp_size > 1:
         k = layer.input_size_per_partition
         try:
@@ -145,8 +145,12 @@ class ExmyLinearMethod(LinearMethodBase):
         record = found[0][0]
         self.fmt, self.k, self.group_size = record.fmt, record.k, record.group_size
         self.record = record  # (its layout: how the stored rows are padded)
+        self.scale_exps = {shard: r.scale_exp for shard, (r, _) in shards.items()}  # 8-bit scales' powers of two
         scale_dtypes = {s for _, s in found}
-        self.scale_dtype = TORCH_DTYPE[scale_dtypes.pop()] if len(scale_dtypes) == 1 else torch.float32
+        # one stored 16-bit dtype as it is; else (fp16 and bf16 shards, 8-bit scales) float32 values,
+        # exact for all, narrowed after loading where one 16-bit dtype holds them all
+        self.scale_dtype = TORCH_DTYPE.get(scale_dtypes.pop(), torch.float32) if len(scale_dtypes) == 1 \
+            else torch.float32
 
     def create_weights(self, layer, input_size_per_partition: int, output_partition_sizes: list[int], input_size: int,
                        output_size: int, params_dtype: torch.dtype, **extra_weight_attrs):
@@ -170,6 +174,9 @@ class ExmyLinearMethod(LinearMethodBase):
         """vLLM's loader of the layer (rows of fused shards, column-parallel slices), after cutting
         this rank's K range out of the checkpoint tensor for a row-parallel layer."""
         def load(param, loaded_weight, *args, **kwargs):
+            if name == "weight_scale":
+                shard = args[0] if args else kwargs.get("loaded_shard_id")
+                loaded_weight = scale_values(loaded_weight, self.scale_exps.get(shard, self.record.scale_exp))
             if name == "weight_scale" and loaded_weight.dtype != param.dtype and param.dtype != torch.float32:
                 raise ExmyError(f"exmy: {self.prefix}: scales stored as {loaded_weight.dtype}, the header said "
                                 f"{param.dtype}")
@@ -184,6 +191,10 @@ class ExmyLinearMethod(LinearMethodBase):
         return load
 
     def process_weights_after_loading(self, layer) -> None:
+        if layer.weight_scale.dtype == torch.float32:  # 16 bits where they hold every value (8-bit scales do)
+            narrow = narrowed_scales(layer.weight_scale.data, self.fmt)
+            if narrow is not None:
+                layer.weight_scale = Parameter(narrow, requires_grad=False)
         if layer.weight_packed.is_cuda:  # kernels, scales and launch plans ready before any CUDA-graph capture
             aligned = kernel_rows(layer.weight_packed.data)  # rows the kernels read in place (16-byte aligned)
             if aligned is not layer.weight_packed.data:

@@ -35,8 +35,14 @@ def scale_values(scale: torch.Tensor, scale_exp: int | None) -> torch.Tensor:
 def widened_scales(scale: torch.Tensor, scale_exp: int, fmt: ExMy) -> torch.Tensor:
     """8-bit scales as fp16 or bf16 by :func:`scale_dtype`'s rule (format.quant.choose_scale_dtype's):
     exact either way (4 significant bits), for the GPU kernels, which read 16-bit scales."""
-    values = scale_values(scale, scale_exp)
-    return values.to(TORCH_DTYPE[scale_dtype(values * fmt.max, fmt)])  # (values * max / max is exact)
+    return narrowed_scales(scale_values(scale, scale_exp), fmt)
+
+
+def narrowed_scales(values: torch.Tensor, fmt: ExMy) -> torch.Tensor | None:
+    """float32 scale values as fp16 or bf16 by :func:`scale_dtype`'s rule where that dtype holds every
+    one exactly (always for 8-bit scales' values), else None."""
+    narrow = values.to(TORCH_DTYPE[scale_dtype(values * fmt.max, fmt)])  # (values * max / max is exact)
+    return narrow if torch.equal(narrow.float(), values.float()) else None
 
 
 _TABLES: dict = {}
