@@ -367,3 +367,21 @@ def test_compiled_moe_model_is_one_graph(converted, conversion):
     with torch.no_grad():
         got, want = compiled(input_ids=ids).logits, quantized(input_ids=ids).logits
     assert not torch.isnan(got).any() and torch.equal(got, want)
+
+
+def test_experts_over_tensors_an_engine_owns(rng):
+    """ExmyExperts.over computes with the given tensors in place (what the vLLM method holds) and refuses
+    tensors of another layout."""
+    from exmyconv.torch.experts import PACKED_BUFFERS
+
+    own = _small_experts(rng)
+    tensors = {name: own._buffers[name].clone() for name in PACKED_BUFFERS}
+    engine = ExmyExperts.over(own.weights["gate_up_proj"], own.weights["down_proj"], torch.nn.SiLU(), tensors,
+                              torch.float32)
+    assert all(engine._buffers[name] is tensors[name] for name in PACKED_BUFFERS)
+    x = torch.randn(6, 96)
+    weights, index = torch.softmax(torch.randn(6, 5), -1).topk(2, dim=-1)
+    assert torch.equal(engine(x, index, weights), own(x, index, weights))
+    tensors["down_proj_scale"] = tensors["down_proj_scale"].float()
+    with pytest.raises(exmyconv.ExmyError, match="down_proj_scale must be"):
+        ExmyExperts.over(own.weights["gate_up_proj"], own.weights["down_proj"], torch.nn.SiLU(), tensors, torch.float32)

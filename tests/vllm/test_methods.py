@@ -132,3 +132,88 @@ def test_8_bit_scales_load_as_values_and_narrow_to_16_bits(rng):
     x = torch.randn(3, 256).bfloat16()
     y = method.apply(layer, x)
     assert not torch.isnan(y).any() and torch.equal(y, torch.nn.functional.linear(x, w))
+
+
+def _moe_layer(experts, e, h, i, tp, rank):
+    """A stand-in for vLLM's RoutedExperts as the packed MoE method uses it (rank ``rank`` of ``tp``)."""
+    from types import SimpleNamespace
+
+    layer = torch.nn.Module()
+    layer.moe_config = SimpleNamespace(activation=SimpleNamespace(value="silu"), is_act_and_mul=True, tp_rank=rank,
+                                       intermediate_size_per_partition=i // tp,
+                                       moe_parallel_config=SimpleNamespace(tp_size=tp))
+    layer.apply_router_weight_on_input, layer.use_ep, layer.global_num_experts = False, False, e
+    layer._map_global_expert_id_to_local_expert_id = lambda expert: expert
+    return layer
+
+
+@pytest.mark.parametrize("fmt,group,scales8,tp", [("e2m2", None, False, 1), ("e2m2s4", 64, False, 2),
+                                                   ("e2m1", 32, True, 2)])
+def test_packed_moe_rank_computes_its_share_of_the_experts(rng, fmt, group, scales8, tp):
+    """Per-expert w1/w3/w2 records (8-bit scales: each with its own scale_exp) loaded through the method's
+    loaders, rank by rank: each rank's output is the experts computed with its rows of gate/up and its K
+    range of down (float64 reference from the decoded weights), and the ranks' outputs sum to the whole."""
+    e, h, i, top_k = 4, 128, 128, 2
+    records, tensors, dense = {}, {}, {}
+    for expert in range(e):
+        for shard, (n, k) in (("w1", (i, h)), ("w3", (i, h)), ("w2", (h, i))):
+            q = quantize((rng.standard_normal((n, k)) * 0.05 * (1 + expert)).astype(np.float32), get_format(fmt),
+                         group, scales8=scales8)
+            dtype = {"F16": torch.float16, "BF16": torch.bfloat16, "F8_E4M3": torch.float8_e4m3fn}[q.scale_dtype]
+            stored = torch.from_numpy(q.scales * np.float32(2.0 ** -q.scale_exp)).to(dtype)
+            records[(expert, shard)] = (TensorRecord(f"m.experts.{expert}.{shard}.weight", get_format(fmt), (n, k),
+                                                     "BF16", q.group_size, scale_exp=q.scale_exp if scales8 else None),
+                                        q.scale_dtype)
+            tensors[(expert, shard)] = (torch.from_numpy(q.payload), stored)
+            dense[(expert, shard)] = torch.from_numpy(q.dequantize()).double()
+    x = torch.randn(5, h)
+    weights, ids = torch.softmax(torch.randn(5, e), -1).topk(top_k, dim=-1)
+    total = torch.zeros(5, h, dtype=torch.float64)
+    part = i // tp
+    for rank in range(tp):
+        layer = _moe_layer(records, e, h, i, tp, rank)
+        stacks = vllm_layers._expert_stacks(layer, records)
+        assert isinstance(stacks, dict), stacks
+        method = vllm_layers.ExmyPackedMoEMethod(layer.moe_config, "m.experts", records, stacks)
+        method.create_weights(layer, e, h, part, torch.float32)
+        for (expert, shard), (packed, scale) in tensors.items():
+            for param, value in ((layer.w2_weight_packed if shard == "w2" else layer.w13_weight_packed, packed),
+                                 (layer.w2_weight_scale if shard == "w2" else layer.w13_weight_scale, scale)):
+                assert param.weight_loader(param, value, "w", shard_id=shard, expert_id=expert) is True
+        method.process_weights_after_loading(layer)
+        assert layer.w13_weight_scale.dtype in (torch.float16, torch.bfloat16)
+        y = method.apply(layer, x, weights, ids.to(torch.int32))
+        want = torch.zeros(5, h, dtype=torch.float64)
+        cols = slice(rank * part, (rank + 1) * part)
+        for t in range(5):
+            for j in range(top_k):
+                ex = int(ids[t, j])
+                gate = dense[(ex, "w1")][cols] @ x[t].double()
+                up = dense[(ex, "w3")][cols] @ x[t].double()
+                want[t] += weights[t, j].double() * (dense[(ex, "w2")][:, cols] @ (torch.nn.functional.silu(gate) * up))
+        assert not torch.isnan(y).any() and y.dtype == torch.float32
+        assert ((y.double() - want).norm() / want.norm()).item() < 1e-5
+        total += y.double()
+    full = torch.zeros(5, h, dtype=torch.float64)
+    for t in range(5):
+        for j in range(top_k):
+            ex = int(ids[t, j])
+            gate, up = dense[(ex, "w1")] @ x[t].double(), dense[(ex, "w3")] @ x[t].double()
+            full[t] += weights[t, j].double() * (dense[(ex, "w2")] @ (torch.nn.functional.silu(gate) * up))
+    assert ((total - full).norm() / full.norm()).item() < 1e-5
+    if scales8:
+        assert len({records[(ex, "w2")][0].scale_exp for ex in range(e)}) > 1  # (the experts' powers differed)
+
+
+def test_packed_moe_falls_back_with_a_reason(rng):
+    records = {}
+    for expert in range(2):
+        for shard, (n, k) in (("w1", (64, 64)), ("w3", (64, 64)), ("w2", (64, 64))):
+            fmt = "e2m3" if (expert, shard) == (1, "w3") else "e2m2"
+            records[(expert, shard)] = (TensorRecord(f"m.{expert}.{shard}", get_format(fmt), (n, k), "BF16", 64), "F16")
+    layer = _moe_layer(records, 2, 64, 64, 1, 0)
+    assert "different formats" in vllm_layers._expert_stacks(layer, records)
+    del records[(1, "w3")]
+    assert "not quantized" in vllm_layers._expert_stacks(layer, records)
+    layer.moe_config.activation.value = "gelu"
+    assert "activation gelu" in vllm_layers._expert_stacks(layer, records)

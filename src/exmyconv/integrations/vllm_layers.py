@@ -11,9 +11,12 @@
   Row-parallel layers (o_proj, down_proj) under tensor parallelism split K: each rank's slice is
   unpacked, cut and packed again at load (its rows padded anew); the split must fall
   on scale-group boundaries. Compute: :class:`exmyconv.torch.packed.PackedLinear` (one torch op).
+- Fused-MoE layers whose experts' gate/up stack and down stack are each in one format, group size and
+  scale kind (what ``exmyconv quantize`` writes): :class:`ExmyPackedMoEMethod`, the experts packed,
+  computed by :class:`exmyconv.torch.experts.ExmyExperts` (one torch op) on vLLM's routing.
 - Everything else that is quantized is decoded at load into the full-precision parameter vLLM's
   unquantized method would hold (:class:`_DequantOnLoad`), so it runs vLLM's own kernels at that
-  memory cost: fused-MoE experts (:class:`ExmyMoEMethod`), embeddings and an untied ``lm_head``
+  memory cost: fused-MoE experts that cannot stay packed (:class:`ExmyMoEMethod`), embeddings and an untied ``lm_head``
   (``--quantize-embeddings``), MoE routers (tiny, and vLLM has special kernels for them), and any
   linear layer the packed method cannot hold (fused shards in different formats, a mix of quantized
   and plain shards, a tensor-parallel split that cuts scale groups), each named in one warning.
@@ -25,12 +28,14 @@
 from __future__ import annotations
 
 import re
+from typing import NamedTuple
 
 import torch
 from torch.nn import Parameter
 from vllm.logger import init_logger
 from vllm.model_executor.layers.fused_moe import RoutedExperts
 from vllm.model_executor.layers.fused_moe.router.gate_linear import GateLinear
+from vllm.model_executor.layers.fused_moe.fused_moe_method_base import FusedMoEMethodBase
 from vllm.model_executor.layers.fused_moe.unquantized_fused_moe_method import UnquantizedFusedMoEMethod
 from vllm.model_executor.layers.linear import (LinearBase, LinearMethodBase, QKVParallelLinear, RowParallelLinear,
                                                UnquantizedLinearMethod)
@@ -39,8 +44,12 @@ from vllm.model_executor.models.utils import WeightsMapper
 from vllm.model_executor.utils import set_weight_attrs
 
 from ..errors import ExmyError
+from ..format.exmy import ExMy
+from ..format.pack import row_bytes
+from ..format.quant import groups_of
 from ..format.layout import PACKED_SUFFIX, SCALE_SUFFIX
 from ..torch.codec import TORCH_DTYPE, dequantize, narrowed_scales, scale_values
+from ..torch.experts import ExmyExperts, ExpertWeights
 from ..torch.linear import kernel_rows
 from ..torch.packed import PackedLinear, slice_k
 
@@ -78,7 +87,13 @@ def _method(config, layer, prefix: str):
         return ExmyDequantLinearMethod(prefix, shards), names
     if isinstance(layer, RoutedExperts):
         experts, names = _expert_records(tensors, layer, prefix)
-        return (ExmyMoEMethod(layer.moe_config, prefix, experts), names) if experts else (None, ())
+        if not experts:
+            return None, ()
+        stacks = _expert_stacks(layer, experts)
+        if isinstance(stacks, dict):
+            return ExmyPackedMoEMethod(layer.moe_config, prefix, experts, stacks), names
+        _warn_once(f"exmyconv: {prefix} experts are decoded to full precision at load ({stacks})")
+        return ExmyMoEMethod(layer.moe_config, prefix, experts), names
     if isinstance(layer, VocabParallelEmbedding):
         found = tensors.get(f"{prefix}.weight")
         return (ExmyEmbeddingMethod(prefix, {None: found}), [f"{prefix}.weight"]) if found else (None, ())
@@ -132,6 +147,52 @@ def _expert_records(tensors: dict, layer, prefix: str) -> tuple[dict, list]:
                             f"per expert ({', '.join(sorted(shard_of))}); not supported in vLLM yet")
         out[(int(m[1]), shard_of[m[2]])] = found
     return out, [name for name in tensors if name.startswith(prefix + ".")]
+
+
+class _Stack(NamedTuple):
+    """One packed projection of every local expert as this rank holds it: [E, n, row_bytes(fmt, k)] codes and
+    [E, n, groups] scales, loaded as ``load_dtype`` (the stored 16-bit dtype, or float32 values of 8-bit
+    scales, narrowed after loading)."""
+    fmt: ExMy
+    k: int
+    n: int
+    group_size: int | None
+    load_dtype: torch.dtype
+
+
+def _expert_stacks(layer, experts: dict) -> dict | str:
+    """{"w13": _Stack, "w2": _Stack} of this rank's packed experts (each expert's gate rows then up rows,
+    as vLLM's w13; down as w2), or why they cannot stay packed."""
+    moe = layer.moe_config
+    if moe.activation.value != "silu" or not moe.is_act_and_mul or layer.apply_router_weight_on_input:
+        return f"activation {moe.activation.value} (the packed experts run silu(gate) * up)"
+    if layer.use_ep:
+        return "expert parallelism"
+    e, tp, part = layer.global_num_experts, moe.moe_parallel_config.tp_size, moe.intermediate_size_per_partition
+    out = {}
+    for stem, shards in (("w13", ("w1", "w3")), ("w2", ("w2",))):
+        found = [experts.get((i, shard)) for i in range(e) for shard in shards]
+        if not all(found):
+            return "some experts are not quantized"
+        records = [r for r, _ in found]
+        first = records[0]
+        if len({(r.fmt.name, r.shape, r.group_size) for r in records}) > 1:
+            return f"the experts' {stem} tensors are stored in different formats or group sizes"
+        dtypes = {d for _, d in found}
+        if len(dtypes) > 1 and dtypes != {"F8_E4M3"}:
+            return f"the experts' {stem} scales are stored in different dtypes ({', '.join(sorted(dtypes))})"
+        n, k = first.shape
+        if stem == "w13":
+            n //= tp
+        elif tp > 1:
+            try:
+                slice_k(None, None, first.fmt, k, first.group_size, moe.tp_rank * part, part)
+            except ExmyError as err:
+                return f"tensor parallelism {tp} splits K={k} so that {err}"
+            k = part
+        group = first.group_size if first.group_size < first.k else None
+        out[stem] = _Stack(first.fmt, k, n * len(shards), group, TORCH_DTYPE.get(dtypes.pop(), torch.float32))
+    return out
 
 
 # ----------------------------------------------------------------------------- packed linear layers
@@ -339,6 +400,98 @@ class ExmyMoEMethod(UnquantizedFusedMoEMethod):
         for stash in self.stashes:
             stash.finish(layer)
         super().process_weights_after_loading(layer)
+
+
+# ----------------------------------------------------------------------------- packed MoE experts
+
+class ExmyPackedMoEMethod(FusedMoEMethodBase):
+    """A fused-MoE layer whose experts stay packed: parameters ``w13_weight_packed`` / ``w13_weight_scale``
+    (each local expert's gate rows then up rows, as vLLM's ``w13_weight``) and ``w2_weight_packed`` /
+    ``w2_weight_scale``, filled by this method's loaders from the per-expert checkpoint tensors (this
+    rank's rows of gate/up, its K range of down). Compute: :class:`exmyconv.torch.experts.ExmyExperts`
+    over those parameters, through its op, on the routing vLLM's router chose (shared experts are run
+    by vLLM before, as for any method without a modular kernel)."""
+
+    def __init__(self, moe, prefix: str, experts: dict, stacks: dict):
+        super().__init__(moe)
+        self.prefix, self.experts, self.stacks = prefix, experts, stacks
+        self.module: ExmyExperts | None = None
+
+    def create_weights(self, layer, num_experts, hidden_size, intermediate_size_per_partition, params_dtype,
+                       **extra_weight_attrs):
+        for stem, st in self.stacks.items():
+            _, ngroups = groups_of(st.k, st.group_size)
+            for part, shape, dtype in (("packed", (num_experts, st.n, row_bytes(st.fmt, st.k)), torch.uint8),
+                                       ("scale", (num_experts, st.n, ngroups), st.load_dtype)):
+                param = Parameter(torch.empty(shape, dtype=dtype), requires_grad=False)
+                set_weight_attrs(param, {"weight_loader": self._loader(layer, stem, part)})
+                layer.register_parameter(f"{stem}_weight_{part}", param)
+        self.params_dtype = params_dtype
+
+    def _loader(self, layer, stem: str, part: str):
+        st = self.stacks[stem]
+
+        def load(param, loaded_weight, weight_name, shard_id, expert_id, return_success=False, **_):
+            local = layer._map_global_expert_id_to_local_expert_id(expert_id)
+            if local == -1:  # (not this rank's expert)
+                return False
+            found = self.experts.get((expert_id, shard_id))
+            if found is None:
+                raise ExmyError(f"exmy: {self.prefix}: expert {expert_id} {shard_id}: a quantized tensor that the "
+                                "checkpoint's headers do not list")
+            record = found[0]
+            if part == "packed":
+                data = record.payload(loaded_weight)
+            elif record.scale_exp is not None or loaded_weight.dtype == param.dtype:
+                data = scale_values(loaded_weight, record.scale_exp)
+            else:
+                raise ExmyError(f"exmy: {self.prefix}: scales stored as {loaded_weight.dtype}, the header said "
+                                f"{param.dtype}")
+            target = param.data[local]
+            if shard_id == "w2":
+                if st.k != record.k:  # this rank's K range of down (row parallel)
+                    packed, scale, _ = slice_k(data if part == "packed" else None, data if part == "scale" else None,
+                                               record.fmt, record.k, record.group_size, layer.moe_config.tp_rank
+                                               * st.k, st.k)
+                    data = packed if part == "packed" else scale
+            else:  # this rank's rows of gate (first half of w13) or up (second half)
+                rows = st.n // 2
+                data = data[layer.moe_config.tp_rank * rows:][:rows]
+                target = target[:rows] if shard_id == "w1" else target[rows:]
+            if tuple(data.shape) != tuple(target.shape):
+                raise ExmyError(f"exmy: {self.prefix}: expert {expert_id} {shard_id} {part}: {list(data.shape)} "
+                                f"does not fit {list(target.shape)}")
+            target.copy_(data)
+            return True
+        return load
+
+    def process_weights_after_loading(self, layer) -> None:
+        weights, tensors = {}, {}
+        for stem, name in (("w13", "gate_up_proj"), ("w2", "down_proj")):
+            st = self.stacks[stem]
+            packed, scale = getattr(layer, f"{stem}_weight_packed"), getattr(layer, f"{stem}_weight_scale")
+            if scale.dtype == torch.float32:  # 8-bit scales' values: one exact 16-bit tensor
+                narrow = narrowed_scales(scale.data, st.fmt)
+                if narrow is None:
+                    raise ExmyError(f"exmy: {self.prefix}: {stem} scales fit no 16-bit dtype exactly")
+                scale = Parameter(narrow, requires_grad=False)
+                setattr(layer, f"{stem}_weight_scale", scale)
+            aligned = kernel_rows(packed.data)  # rows the kernels read in place (16-byte aligned), on the GPU
+            if aligned is not packed.data:
+                packed = Parameter(aligned, requires_grad=False)
+                setattr(layer, f"{stem}_weight_packed", packed)
+            weights[name] = ExpertWeights(st.fmt, st.k, st.n, st.group_size, scale.dtype)
+            tensors[name + "_packed"], tensors[name + "_scale"] = packed.data, scale.data
+        self.module = ExmyExperts.over(weights["gate_up_proj"], weights["down_proj"], torch.nn.SiLU(), tensors,
+                                       self.params_dtype)
+
+    def get_fused_moe_quant_config(self, layer):
+        return None  # (no modular kernel: apply computes the experts itself)
+
+    def apply(self, layer, x, topk_weights, topk_ids, shared_experts=None, shared_experts_input=None):
+        return torch.ops.exmyconv.experts(x, topk_ids.long(), topk_weights, layer.w13_weight_packed,
+                                          layer.w13_weight_scale, layer.w2_weight_packed, layer.w2_weight_scale,
+                                          self.module._handle)
 
 
 # ----------------------------------------------------------------------------- the weight stream

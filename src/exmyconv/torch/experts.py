@@ -123,6 +123,20 @@ class ExmyExperts(nn.Module):
         self._gemvs: dict = {}  # projection -> _StackedGemv (or None: the GEMV does not apply)
         self._wide: dict = {}  # projection -> its 8-bit scales widened to 16 bits (what the kernels read)
 
+    @classmethod
+    def over(cls, gate_up: ExpertWeights, down: ExpertWeights, act_fn, tensors: dict, dtype: torch.dtype):
+        """An ExmyExperts computing with packed tensors an engine owns (``tensors``: PACKED_BUFFERS name ->
+        tensor of the buffer's shape and dtype), used in place: no copy, nothing allocated."""
+        e = tensors["gate_up_proj_packed"].shape[0]
+        module = cls(e, gate_up, down, act_fn, device="meta", dtype=dtype)
+        for name in PACKED_BUFFERS:
+            want, got = module._buffers[name], tensors[name]
+            if tuple(got.shape) != tuple(want.shape) or got.dtype != want.dtype:
+                raise ExmyError(f"experts: {name} must be {want.dtype} {list(want.shape)}, got {got.dtype} "
+                                f"{list(got.shape)}")
+            module._buffers[name] = got
+        return module
+
     def __setstate__(self, state):
         super().__setstate__(state)
         self._reset_cuda()
