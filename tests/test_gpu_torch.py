@@ -184,3 +184,35 @@ def test_8_bit_scales_on_cuda(rng, fmt, k, group):
                 ref = torch.nn.functional.linear(x.float(), want_w, layer.bias.float())
                 err = ((y.float() - ref).norm() / ref.norm()).item()
                 assert err < (4e-3 if dtype == torch.float16 else 2e-2), (rows, dtype, err)
+
+
+@pytest.mark.parametrize("scales8", [False, True])
+def test_packed_embedding_on_cuda(rng, scales8):
+    """ExmyEmbedding on CUDA: lookups equal the rows of the dequantized table bit for bit, eagerly and in a
+    CUDA graph replayed with fresh ids (the lookup never synchronises with the host)."""
+    import torch
+
+    from exmyconv.format.exmy import get_format
+    from exmyconv.format.quant import quantize
+    from exmyconv.torch.embedding import ExmyEmbedding
+
+    q = quantize((rng.standard_normal((1000, 512)) * 0.05).astype(np.float32), get_format("e2m2"), 64, scales8=scales8)
+    scale_dtype = {"F16": torch.float16, "BF16": torch.bfloat16, "F8_E4M3": torch.float8_e4m3fn}[q.scale_dtype]
+    emb = ExmyEmbedding(1000, 512, "e2m2", 64, scale_dtype=scale_dtype, scale_exp=q.scale_exp if scales8 else None)
+    emb.weight_packed.copy_(torch.from_numpy(q.payload))
+    emb.weight_scale.copy_(torch.from_numpy(q.scales * np.float32(2.0 ** -q.scale_exp)).to(scale_dtype))
+    emb = emb.to(device="cuda", dtype=torch.bfloat16)
+    table = torch.from_numpy(q.dequantize("BF16")).to(torch.bfloat16).cuda()
+    ids = torch.from_numpy(rng.integers(0, 1000, (4, 9))).cuda()
+    assert torch.equal(emb(ids), table[ids])
+    static = ids.clone()
+    out = emb(static)  # (warm-up outside the capture)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = emb(static)
+    for _ in range(3):
+        static.copy_(torch.from_numpy(rng.integers(0, 1000, (4, 9))).cuda())
+        out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, table[static])

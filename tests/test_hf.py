@@ -31,6 +31,7 @@ from exmyconv.integrations import transformers as hf  # noqa: E402
 from exmyconv.io.checkpoint import Checkpoint  # noqa: E402
 from exmyconv.integrations.transformers_impl import ExmyConfig  # noqa: E402
 from exmyconv.torch.codec import dequantize  # noqa: E402
+from exmyconv.torch.embedding import ExmyEmbedding  # noqa: E402
 from exmyconv.torch.linear import ExmyLinear  # noqa: E402
 from exmyconv.io.source import example_dir  # noqa: E402
 
@@ -392,13 +393,25 @@ def test_quantized_embeddings_untied(tmp_path):
     assert {"model.embed_tokens.weight", "lm_head.weight"} <= set(records(out))
     quantized, plain = load_pair(out, torch.bfloat16)
     assert isinstance(quantized.lm_head, ExmyLinear)  # an untied lm_head is a Linear like any other
-    emb = quantized.model.embed_tokens  # an nn.Embedding: dequantized while loading
-    assert type(emb) is torch.nn.Embedding and emb.weight.dtype == torch.bfloat16
+    emb = quantized.model.embed_tokens  # an untied nn.Embedding stays packed; a lookup decodes its rows
+    assert isinstance(emb, ExmyEmbedding) and emb.weight.dtype == torch.bfloat16
     assert torch.equal(emb.weight, plain.model.embed_tokens.weight)
+    packed = emb.weight_packed.numel() + emb.weight_scale.numel() * emb.weight_scale.element_size()
+    assert packed < 0.4 * plain.model.embed_tokens.weight.numel() * 2  # e2m2-g64: about 5.25 of 16 bits
+    assert "weight" not in dict(emb.named_parameters())
     ids = torch.randint(0, SMALL["vocab_size"], (2, 8))
+    assert torch.equal(emb(ids), plain.model.embed_tokens(ids))
     assert torch.equal(logits(quantized, ids), logits(plain, ids))
     kw = dict(max_new_tokens=20, min_new_tokens=20, do_sample=False, pad_token_id=0)
     assert torch.equal(quantized.generate(ids, **kw), plain.generate(ids, **kw))
+    torch._dynamo.reset()  # the whole model compiles as one graph (the lookup is the exmyconv::embedding op)
+    compiled = torch.compile(quantized, fullgraph=True, backend="eager")
+    with torch.no_grad():
+        assert torch.equal(compiled(input_ids=ids).logits, logits(plain, ids))
+    quantized.dequantize()  # back to an nn.Embedding holding the decoded table
+    assert type(quantized.model.embed_tokens) is torch.nn.Embedding
+    assert torch.equal(quantized.model.embed_tokens.weight, plain.model.embed_tokens.weight)
+    assert torch.equal(logits(quantized, ids), logits(plain, ids))
 
 
 @pytest.mark.parametrize("embeddings", [True, False])
@@ -512,6 +525,41 @@ def test_t5_keeps_its_fp32_modules(tmp_path, dtype):
         got = quantized(input_ids=ids, decoder_input_ids=dec).logits
         want = plain(input_ids=ids, decoder_input_ids=dec).logits
     assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("scales8", [False, True])
+def test_packed_embedding_lookup_decodes_exact_rows(scales8):
+    """Fresh random tables: a lookup of any shape of ids equals the rows of the dequantized table bit for bit
+    (8-bit scales too), .to(dtype) changes the lookup dtype but never the stored scales."""
+    from exmyconv.format.exmy import get_format
+    from exmyconv.format.quant import quantize
+
+    rng = np.random.default_rng(11)
+    q = quantize((rng.standard_normal((50, 96)) * 0.05).astype(np.float32), get_format("e2m1"), 32, scales8=scales8)
+    scale_dtype = {"F16": torch.float16, "BF16": torch.bfloat16, "F8_E4M3": torch.float8_e4m3fn}[q.scale_dtype]
+    emb = ExmyEmbedding(50, 96, "e2m1", 32, padding_idx=0, scale_dtype=scale_dtype,
+                        scale_exp=q.scale_exp if scales8 else None, dtype=torch.float32)
+    emb.weight_packed.copy_(torch.from_numpy(q.payload))
+    emb.weight_scale.copy_(torch.from_numpy(q.scales * np.float32(2.0 ** -q.scale_exp)).to(scale_dtype))
+    table = torch.from_numpy(q.dequantize())
+    ids = torch.from_numpy(rng.integers(0, 50, (3, 7)))
+    got = emb(ids)
+    assert got.shape == (3, 7, 96) and not torch.isnan(got).any() and torch.equal(got, table[ids])
+    before = emb.weight_scale.clone()
+    emb.to(torch.bfloat16)
+    assert emb.weight_scale.dtype == scale_dtype and torch.equal(emb.weight_scale.view(torch.uint8),
+                                                                 before.view(torch.uint8))
+    assert torch.equal(emb(ids), table[ids].to(torch.bfloat16))
+    assert "padding_idx=0" in repr(emb)
+    # under torch.compile: one custom op (fullgraph holds), the same rows
+    from exmyconv.torch.embedding import embedding_op
+
+    if not scales8:  # (opcheck's schema test multiplies the inputs, which float8 tensors do not support on CPU)
+        torch.library.opcheck(embedding_op, (ids, emb.weight_packed, emb.weight_scale, emb._handle, torch.bfloat16))
+    assert torch.equal(torch.compile(emb, fullgraph=True)(ids), emb(ids))
+    for bad in (-1, 50):  # refused like nn.Embedding's (no host synchronisation to check)
+        with pytest.raises(IndexError):
+            emb(torch.tensor([bad]))
 
 
 def test_minilm_embeddings_equal(tmp_path):

@@ -80,6 +80,7 @@ from ..format.quant import groups_of
 from ..io.checkpoint import open_checkpoint
 from ..io.validate import check_quantization_config
 from ..torch.codec import TORCH_DTYPE, dequantize, scale_values, unpack_codes  # noqa: F401 (integrations.transformers exports them)
+from ..torch.embedding import ExmyEmbedding
 from ..torch.experts import PROJECTIONS, ExmyExperts, ExpertWeights
 from ..torch.linear import ExmyLinear
 
@@ -342,6 +343,7 @@ class ExmyHfQuantizer(HfQuantizer):
         self._scale_dtypes: dict[str, str] = {}
         self._keys: list[str] = []
         self._linear: dict[str, str] = {}  # module path -> record replaced by an ExmyLinear
+        self._embeddings: dict[str, str] = {}  # module path -> record replaced by an ExmyEmbedding
         self._dequant: dict[str, str] = {}  # record -> parameter it is dequantized into
         self._via_converter: set[str] = set()  # records consumed by one of the model's converters
         self._stacked: set[str] = set()  # per-expert records stacked into an ExmyExperts by a converter copy
@@ -421,14 +423,21 @@ class ExmyHfQuantizer(HfQuantizer):
             if converter is not None:
                 self._via_converter.add(name)
                 continue
-            if (leaf == "weight" and isinstance(module, nn.Linear) and target not in tied and len(record.shape) == 2
-                    and record.current_bytes  # (a 1.x payload that needs re-padding is dequantized instead)
-                    and tuple(module.weight.shape) == record.shape and self._planned_dtype(target) is None):
-                scale_dtype = torch.float8_e4m3fn if record.scale_exp is not None else \
-                    TORCH_DTYPE[self._scale_dtypes[name]]
+            packable = (leaf == "weight" and target not in tied and len(record.shape) == 2
+                        and record.current_bytes  # (a 1.x payload that needs re-padding is dequantized instead)
+                        and tuple(module.weight.shape) == record.shape and self._planned_dtype(target) is None)
+            scale_dtype = torch.float8_e4m3fn if record.scale_exp is not None else TORCH_DTYPE.get(
+                self._scale_dtypes[name])
+            if packable and isinstance(module, nn.Linear):
                 replaced[id(module)] = ExmyLinear.from_linear(module, record.fmt, record.group_size, scale_dtype,
                                                               record.scale_exp)
                 self._linear[path] = name
+                self._scale_buffers.add(f"{path}.weight_scale")
+            elif packable and type(module) is nn.Embedding and module.max_norm is None and not module.sparse:
+                # (exactly nn.Embedding: subclasses such as scaled embeddings compute more than a lookup)
+                replaced[id(module)] = ExmyEmbedding.from_embedding(module, record.fmt, record.group_size, scale_dtype,
+                                                                    record.scale_exp)
+                self._embeddings[path] = name
                 self._scale_buffers.add(f"{path}.weight_scale")
             else:
                 self._dequant[name] = target
@@ -495,7 +504,8 @@ class ExmyHfQuantizer(HfQuantizer):
         return super().get_new_dtype(converter, param, dtype)
 
     def _process_model_after_weight_loading(self, model, **kwargs):
-        buffers = [f"{path}.{buf}" for path in self._linear for buf in ("weight_packed", "weight_scale")]
+        buffers = [f"{path}.{buf}" for path in [*self._linear, *self._embeddings]
+                   for buf in ("weight_packed", "weight_scale")]
         buffers += [f"{path}.{leaf}{suffix}" for path in self._experts for leaf in PROJECTIONS
                     for suffix in (PACKED_SUFFIX, SCALE_SUFFIX)]
         missing = [b for b in buffers if not getattr(model.get_buffer(b), "_is_hf_initialized", False)]
@@ -506,7 +516,8 @@ class ExmyHfQuantizer(HfQuantizer):
         return model
 
     def _dequantize(self, model, dtype=None):
-        """``model.dequantize()``: every ExmyLinear becomes an nn.Linear holding its decoded weight.
+        """``model.dequantize()``: every ExmyLinear becomes an nn.Linear, every ExmyEmbedding an nn.Embedding,
+        holding its decoded weight, and every ExmyExperts the experts module it replaced.
 
         ``dtype`` (default: the dtype the model was loaded in, ``model.config.dtype``) is the
         weights' dtype; the values are exactly those of ``exmyconv.load_state_dict``.
@@ -521,6 +532,12 @@ class ExmyHfQuantizer(HfQuantizer):
                 if module.bias is not None:
                     linear.bias = nn.Parameter(module.bias.detach().to(target), requires_grad=False)
                 replacements[id(module)] = linear
+            elif isinstance(module, ExmyEmbedding):
+                with torch.device("meta"):
+                    embedding = nn.Embedding(module.num_embeddings, module.embedding_dim, module.padding_idx)
+                embedding.weight = nn.Parameter(module.dequantize_weight(dtype or module.weight_dtype),
+                                                requires_grad=False)
+                replacements[id(module)] = embedding
             elif isinstance(module, ExmyExperts):
                 plain = module._source_module[0]
                 for leaf in PROJECTIONS:
