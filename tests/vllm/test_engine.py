@@ -60,6 +60,7 @@ CASES = [
     ("mixtral", "auto-4.5", dict(format="auto", bits=4.5)),
     ("qwen3-tied", "e2m2", dict(format="e2m2")),
     ("qwen3-tied", "e2m2-embeddings", dict(format="e2m2", quantize_embeddings=True)),
+    ("qwen3", "e2m2-embeddings", dict(format="e2m2", quantize_embeddings=True)),  # untied: table and head packed
     ("llama", "auto-4.5-untied", dict(format="auto", bits=4.5, tie_fused=False)),
     ("mixtral", "auto-4.5-untied", dict(format="auto", bits=4.5, tie_fused=False)),
     # 8-bit scales (layout 2.0): packed, the scales widened to 16 bits at load
@@ -98,8 +99,11 @@ def test_tokens_equal_the_dequantized_checkpoint(work, model, variant, options):
                        for e in range(4) for w in ws} for ws in (("w1", "w3"), ("w2",))]
             want = "ExmyPackedMoEMethod" if all(len(c) == 1 for c in stacks) else "ExmyMoEMethod"
             assert experts[f"model.layers.{layer}.block_sparse_moe.experts.routed_experts"] == want, (stacks, methods)
-    if variant == "e2m2-embeddings":
-        assert methods["model.embed_tokens"] == "ExmyEmbeddingMethod", methods
+    if variant == "e2m2-embeddings":  # a tied table stays a real parameter (decoded at load); untied ones stay packed
+        want = "ExmyEmbeddingMethod" if model == "qwen3-tied" else "ExmyPackedEmbeddingMethod"
+        assert methods["model.embed_tokens"] == want, methods
+        if model == "qwen3":
+            assert methods["lm_head"] == "ExmyPackedEmbeddingMethod", methods
     if variant == "auto-4.5-untied":
         report = engines.sidecar(out)
         mixed = [n for n in ("q_proj", "k_proj", "v_proj") if report["tensors"][

@@ -11,13 +11,16 @@
   Row-parallel layers (o_proj, down_proj) under tensor parallelism split K: each rank's slice is
   unpacked, cut and packed again at load (its rows padded anew); the split must fall
   on scale-group boundaries. Compute: :class:`exmyconv.torch.packed.PackedLinear` (one torch op).
+- An untied ``lm_head`` and the input table of a model whose ``lm_head`` is untied
+  (``--quantize-embeddings``): :class:`ExmyPackedEmbeddingMethod`, packed like a linear layer; a lookup
+  decodes only its rows.
 - Fused-MoE layers whose experts' gate/up stack and down stack are each in one format, group size and
   scale kind (what ``exmyconv quantize`` writes): :class:`ExmyPackedMoEMethod`, the experts packed,
   computed by :class:`exmyconv.torch.experts.ExmyExperts` (one torch op) on vLLM's routing.
 - Everything else that is quantized is decoded at load into the full-precision parameter vLLM's
   unquantized method would hold (:class:`_DequantOnLoad`), so it runs vLLM's own kernels at that
-  memory cost: fused-MoE experts that cannot stay packed (:class:`ExmyMoEMethod`), embeddings and an untied ``lm_head``
-  (``--quantize-embeddings``), MoE routers (tiny, and vLLM has special kernels for them), and any
+  memory cost: fused-MoE experts that cannot stay packed (:class:`ExmyMoEMethod`), input embeddings tied to
+  the ``lm_head`` (``--quantize-embeddings``), MoE routers (tiny, and vLLM has special kernels for them), and any
   linear layer the packed method cannot hold (fused shards in different formats, a mix of quantized
   and plain shards, a tensor-parallel split that cuts scale groups), each named in one warning.
 - Quantized tensors of modules vLLM builds without the quantization config (Mixtral's router, for
@@ -39,7 +42,8 @@ from vllm.model_executor.layers.fused_moe.fused_moe_method_base import FusedMoEM
 from vllm.model_executor.layers.fused_moe.unquantized_fused_moe_method import UnquantizedFusedMoEMethod
 from vllm.model_executor.layers.linear import (LinearBase, LinearMethodBase, QKVParallelLinear, RowParallelLinear,
                                                UnquantizedLinearMethod)
-from vllm.model_executor.layers.vocab_parallel_embedding import UnquantizedEmbeddingMethod, VocabParallelEmbedding
+from vllm.model_executor.layers.vocab_parallel_embedding import (ParallelLMHead, UnquantizedEmbeddingMethod,
+                                                                 VocabParallelEmbedding)
 from vllm.model_executor.models.utils import WeightsMapper
 from vllm.model_executor.utils import set_weight_attrs
 
@@ -48,7 +52,7 @@ from ..format.exmy import ExMy
 from ..format.pack import row_bytes
 from ..format.quant import groups_of
 from ..format.layout import PACKED_SUFFIX, SCALE_SUFFIX
-from ..torch.codec import TORCH_DTYPE, dequantize, narrowed_scales, scale_values
+from ..torch.codec import TORCH_DTYPE, dequantize, dequantize_rows, narrowed_scales, scale_values
 from ..torch.experts import ExmyExperts, ExpertWeights
 from ..torch.linear import kernel_rows
 from ..torch.packed import PackedLinear, slice_k
@@ -96,8 +100,22 @@ def _method(config, layer, prefix: str):
         return ExmyMoEMethod(layer.moe_config, prefix, experts), names
     if isinstance(layer, VocabParallelEmbedding):
         found = tensors.get(f"{prefix}.weight")
-        return (ExmyEmbeddingMethod(prefix, {None: found}), [f"{prefix}.weight"]) if found else (None, ())
+        if not found:
+            return None, ()
+        # an lm_head with a record of its own is untied; an input table tied to the lm_head must stay a real
+        # parameter (vLLM ties by assigning layer.weight)
+        if (isinstance(layer, ParallelLMHead) or not _tied_embeddings()) and _cannot_pack(layer, {None: found}) is None:
+            return ExmyPackedEmbeddingMethod(prefix, {None: found}), [f"{prefix}.weight"]
+        return ExmyEmbeddingMethod(prefix, {None: found}), [f"{prefix}.weight"]
     return None, ()
+
+
+def _tied_embeddings() -> bool:
+    """Whether the model being built ties its lm_head to the input embeddings (transformers' default: tied)."""
+    from vllm.config import get_current_vllm_config
+
+    model_config = get_current_vllm_config().model_config
+    return model_config is None or bool(getattr(model_config.hf_text_config, "tie_word_embeddings", True))
 
 
 def _linear_shards(config, layer, prefix: str) -> tuple[dict, list]:
@@ -267,6 +285,16 @@ class ExmyLinearMethod(LinearMethodBase):
 
     def dequantize_weight(self, layer) -> torch.Tensor:
         return layer.exmy.dequantize(layer.weight_packed, layer.weight_scale, layer.params_dtype)
+
+
+class ExmyPackedEmbeddingMethod(ExmyLinearMethod):
+    """An untied embedding table or lm_head kept packed: the packed linear method's parameters, filled by
+    vLLM's vocab-parallel loader (this rank's rows, padding rows zero: they decode to 0); the lm_head
+    runs the packed linear op, a lookup decodes only the rows it returns (codec.dequantize_rows)."""
+
+    def embedding(self, layer, input_: torch.Tensor) -> torch.Tensor:
+        return dequantize_rows(layer.weight_packed, layer.weight_scale, input_, self.fmt, self.k, self.group_size,
+                               layer.params_dtype)
 
 
 # ----------------------------------------------------------------------------- decoded at load

@@ -87,6 +87,18 @@ def _split_fields(plane: torch.Tensor, w: int) -> torch.Tensor:
     return torch.stack([(plane >> (w * j)) & mask if j else plane & mask for j in range(8 // w)], dim=-1)
 
 
+def dequantize_rows(packed: torch.Tensor, scale: torch.Tensor, ids: torch.Tensor, fmt: ExMy | str, k: int,
+                    group_size: int | None, dtype: torch.dtype, scale_exp: int | None = None) -> torch.Tensor:
+    """Rows ``ids`` (any shape) of a packed table [R, row_bytes] + stored scales [R, ngroups] (see
+    :func:`scale_values`) -> [*ids.shape, k] of ``dtype``: an embedding lookup that decodes only the rows
+    it returns, bitwise those rows of :func:`dequantize`'s table (rows are packed and scaled on their
+    own). ``index_select`` refuses ids out of range, as ``nn.Embedding`` does, without a host sync."""
+    flat = ids.reshape(-1)
+    rows = dequantize(packed.index_select(0, flat), scale_values(scale.index_select(0, flat), scale_exp), fmt, k,
+                      group_size, dtype)
+    return rows.view(*ids.shape, k)
+
+
 def dequantize(packed: torch.Tensor, scale: torch.Tensor, fmt: ExMy | str, k: int, group_size: int | None,
                dtype: torch.dtype = torch.float32, out: torch.Tensor | None = None) -> torch.Tensor:
     """Packed payload [..., row_bytes] + scales [..., ngroups] -> weights [..., k] of ``dtype``.

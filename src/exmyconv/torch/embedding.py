@@ -19,7 +19,7 @@ from ..errors import ExmyError
 from ..format.exmy import ExMy, get_format
 from ..format.pack import row_bytes
 from ..format.quant import groups_of
-from .codec import SCALE_NAME, dequantize, scale_values
+from .codec import SCALE_NAME, dequantize, dequantize_rows, scale_values
 from .linear import as_bits, live_module, register_handle
 
 
@@ -74,10 +74,8 @@ class ExmyEmbedding(nn.Module):
         return self._lookup(ids, self.weight_packed, self.weight_scale, self.weight_dtype)
 
     def _lookup(self, ids, packed, scale, dtype):
-        flat = ids.reshape(-1)  # (index_select refuses ids out of range, as nn.Embedding does, without a host sync)
-        rows = dequantize(packed.index_select(0, flat), scale_values(scale.index_select(0, flat), self.scale_exp),
-                          self.fmt, self.embedding_dim, self.group_size, dtype)
-        return rows.view(*ids.shape, self.embedding_dim)
+        return dequantize_rows(packed, scale, ids, self.fmt, self.embedding_dim, self.group_size, dtype,
+                               self.scale_exp)
 
     def dequantize_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The table [num_embeddings, embedding_dim] as ``dtype`` (default ``weight_dtype``), a new tensor."""
