@@ -575,3 +575,24 @@ def test_moe_routers_stay_in_source_precision_unless_asked(tmp_path, rng, run_cl
     assert code == 0, err
     with Checkpoint(str(tmp_path / "all")) as ckpt:
         assert set(ckpt.records) == set(shapes)
+
+
+@pytest.mark.parametrize("scales8", [False, True])
+def test_stack_scale_choice_needs_only_each_members_extremes(rng, scales8):
+    """stack_scales keeps two numbers per member (smallest non-zero and largest group absmax): the choice
+    made from them equals the choice made from every group, on amax spanning fp16's limits (zeros, groups
+    whose fp16 scale would be subnormal, groups near the fp16 maximum)."""
+    from exmyconv.format.layout import TensorRecord
+
+    record = TensorRecord("m.experts.0.w1.weight", formats.get_format("e2m2"), (8, 64), "F32", 32,
+                          scale_exp=0 if scales8 else None)
+    seen = set()
+    for _ in range(200):
+        members = [np.abs(rng.standard_normal(rng.integers(1, 40))).astype(np.float32)
+                   * np.float32(10.0 ** rng.uniform(-8, 6)) for _ in range(rng.integers(1, 5))]
+        for m in members:
+            m[rng.random(m.size) < 0.2] = 0
+        full = pipeline.scale_choice(np.concatenate(members), record)
+        assert pipeline.scale_choice(np.concatenate([pipeline._extremes(m) for m in members]), record) == full
+        seen.add(full)
+    assert len(seen) > 2 if scales8 else seen == {("F16", None), ("BF16", None)}  # (every outcome was met)

@@ -424,9 +424,17 @@ def stack_scales(items: list[Item]) -> dict[str, tuple[str, int | None]]:
             stacks.setdefault((stack, r.fmt.name, r.group_size, r.scale_exp is None), []).append(item)
     out = {}
     for members in stacks.values():
-        choice = scale_choice(np.concatenate([scan_item(item).reshape(-1) for item in members]), members[0].record)
+        # (the choice depends on the smallest non-zero and the largest group absmax only, and both rules are
+        # monotone: two numbers per member, not every group of a stack that may hold gigabytes)
+        extremes = [_extremes(scan_item(item)) for item in members]
+        choice = scale_choice(np.concatenate(extremes), members[0].record)
         out.update((item.info.name, choice) for item in members)
     return out
+
+
+def _extremes(amax: np.ndarray) -> np.ndarray:
+    nonzero = amax[amax > 0]
+    return np.array([nonzero.min(), nonzero.max()], dtype=np.float32) if nonzero.size else np.zeros(1, np.float32)
 
 
 def quantize_item(item: Item, writer: ShardWriter, opts: Options, progress,
