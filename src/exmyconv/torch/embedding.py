@@ -20,7 +20,7 @@ from ..format.exmy import ExMy, get_format
 from ..format.pack import row_bytes
 from ..format.quant import groups_of
 from .codec import SCALE_NAME, dequantize, dequantize_rows, scale_values
-from .linear import as_bits, live_module, register_handle
+from .linear import as_bits, followed_dtype, live_module, register_handle
 
 
 class ExmyEmbedding(nn.Module):
@@ -89,12 +89,7 @@ class ExmyEmbedding(nn.Module):
 
     def _apply(self, fn, recurse=True):
         """``.to(device)`` moves the buffers; ``.to(dtype)`` sets the lookup dtype, never rounds the scales."""
-        try:
-            probe = fn(torch.empty(0, dtype=self.weight_dtype))
-            if isinstance(probe, torch.Tensor) and probe.is_floating_point():
-                self.weight_dtype = probe.dtype
-        except Exception:
-            pass
+        self.weight_dtype = followed_dtype(fn, self.weight_dtype)
         dt = self.weight_scale.dtype
         self._buffers["weight_scale"] = as_bits(self.weight_scale)
         try:

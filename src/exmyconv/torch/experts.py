@@ -60,7 +60,7 @@ from ..format.exmy import ExMy, get_format
 from ..format.pack import row_bytes
 from ..format.quant import groups_of
 from .codec import SCALE_NAME, dequantize, scale_values, widened_scales
-from .linear import as_bits, gpu_view, kernel_rows, live_module, pdl_ok, register_handle
+from .linear import as_bits, followed_dtype, gpu_view, kernel_rows, live_module, pdl_ok, register_handle
 from .packed import PackedLinear
 
 PROJECTIONS = ("gate_up_proj", "down_proj")
@@ -352,12 +352,7 @@ class ExmyExperts(nn.Module):
     # -- dtype safety ------------------------------------------------------------------------------
     def _apply(self, fn, recurse=True):
         """``.to(device)`` moves the buffers; ``.to(dtype)`` must not round the stored scales (as ExmyLinear)."""
-        try:
-            probe = fn(torch.empty(0, dtype=self.weight_dtype))
-            if isinstance(probe, torch.Tensor) and probe.is_floating_point():
-                self.weight_dtype = probe.dtype
-        except Exception:
-            pass
+        self.weight_dtype = followed_dtype(fn, self.weight_dtype)
         kept = {}
         for name in PROJECTIONS:
             scale = self._buffers.get(name + "_scale")

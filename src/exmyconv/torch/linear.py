@@ -70,6 +70,16 @@ def gpu_view(gpu, packed: torch.Tensor, scale: torch.Tensor, fmt: ExMy, k: int, 
     return weight
 
 
+def followed_dtype(fn, dtype: torch.dtype) -> torch.dtype:
+    """The floating dtype a ``Module._apply`` function (``.to(dtype)``, ``.half()``, ``.cuda()``...) turns
+    ``dtype`` into: the packed modules follow it with the dtype they decode to."""
+    try:
+        probe = fn(torch.empty(0, dtype=dtype))
+    except Exception:
+        return dtype
+    return probe.dtype if isinstance(probe, torch.Tensor) and probe.is_floating_point() else dtype
+
+
 def as_bits(t: torch.Tensor) -> torch.Tensor:
     """A floating tensor viewed as integers of its width: ``.to(dtype)`` leaves its bits alone (how the
     modules keep stored scales unrounded)."""
@@ -261,12 +271,7 @@ class ExmyLinear(nn.Module):
 
         The scales pass through ``fn`` as integer bit patterns, which casts leave alone.
         """
-        try:  # follow .to(dtype) / .half() with the dtype `weight` reports
-            probe = fn(torch.empty(0, dtype=self.weight_dtype))
-            if isinstance(probe, torch.Tensor) and probe.is_floating_point():
-                self.weight_dtype = probe.dtype
-        except Exception:
-            pass
+        self.weight_dtype = followed_dtype(fn, self.weight_dtype)  # .to(dtype) / .half(): what `weight` reports
         scale = self._buffers.get("weight_scale")
         if scale is None or not scale.is_floating_point():
             return super()._apply(fn, recurse)
