@@ -199,3 +199,27 @@ def test_reduce_overhead_compile_of_the_experts(rng):
             got = compiled(x, index, weights).clone()
             assert torch.equal(got, experts(x, index, weights)), step
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("tokens", [1, 40])
+def test_experts_over_engine_tensors_on_cuda(rng, tokens):
+    """ExmyExperts.over (what vLLM's packed MoE method builds) on CUDA tensors an engine owns, rows aligned
+    first as the method does: the same output as the module holding them itself, bit for bit, and the
+    engine's tensors stay the ones used (no copy)."""
+    import torch
+
+    from exmyconv.torch.experts import PACKED_BUFFERS, ExmyExperts
+    from exmyconv.torch.linear import kernel_rows
+
+    own = _experts(rng, "e2m2", 128, torch.bfloat16)
+    tensors = {name: own._buffers[name].clone() for name in PACKED_BUFFERS}
+    tensors = {name: kernel_rows(t) if name.endswith("_packed") else t for name, t in tensors.items()}
+    engine = ExmyExperts.over(own.weights["gate_up_proj"], own.weights["down_proj"], torch.nn.SiLU(), tensors,
+                              torch.bfloat16)
+    x = torch.from_numpy(rng.standard_normal((tokens, H)).astype(np.float32)).to("cuda", torch.bfloat16)
+    weights, index = _routing(rng, tokens, 2, torch.bfloat16)
+    with torch.no_grad():
+        got = engine(x, index, weights)
+        want = own(x, index, weights)
+    assert not torch.isnan(got).any() and torch.equal(got, want)
+    assert all(engine._buffers[name] is tensors[name] for name in PACKED_BUFFERS)
