@@ -60,3 +60,13 @@ def test_readme_sample_output_is_what_quantize_and_inspect_print(minilm, run_cli
             continue
         assert line in lines[position:], line
         position = lines.index(line, position) + 1
+
+
+def test_readme_names_the_layout_version_written():
+    """The README's layout section and the spec's title name the version the writer writes (README said 1.2
+    well after layout 2.0 shipped)."""
+    from exmyconv.format.layout import VERSION
+
+    assert f"(version {VERSION};" in README.read_text()
+    spec = (README.parent / "formats" / "SPEC.md").read_text().splitlines()[0]
+    assert spec.endswith(f"version {VERSION}"), spec
