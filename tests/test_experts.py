@@ -74,6 +74,10 @@ def test_experts_load_packed_and_compute_like_the_plain_model(converted, convers
     out, plain_dir = folders[conversion]
     with Checkpoint(str(out)) as ckpt:  # the checkpoint holds per-expert 2-D records
         assert any(".experts.3." in name for name in ckpt.records)
+    from exmyconv.check.inspection import inspect_checkpoint
+
+    stacks = inspect_checkpoint(str(out))["expert_stacks"]  # (every stack agrees: quantize tied them)
+    assert stacks == {"stacks": 2 * SMALL["num_hidden_layers"], "mixed": []}
     quantized = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
     plain = AutoModelForCausalLM.from_pretrained(plain_dir, dtype=torch.float32, experts_implementation="eager")
     layers = SMALL["num_hidden_layers"]
@@ -130,6 +134,12 @@ def test_mixed_formats_fall_back_to_dequantizing(tmp_path):
     exmyconv.quantize(str(tmp_path / "src"), str(out), format="e2m2")
     # rewrite one expert's up_proj of layer 1 in e3m2 (another row width): a valid checkpoint of mixed formats
     _requantize(out, "model.layers.1.mlp.experts.2.up_proj.weight", "e3m2")
+    # inspect names the stack that loaders cannot stack
+    from exmyconv.check.inspection import inspect_checkpoint, render
+
+    report = inspect_checkpoint(str(out))
+    assert report["expert_stacks"] == {"stacks": 4, "mixed": ["model.layers.1.mlp.experts.*.gate/up"]}
+    assert "4, 1 mixed" in render(report)
     dequantize_checkpoint(str(out), str(tmp_path / "plain"), progress=False)
     quantized = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
     plain = AutoModelForCausalLM.from_pretrained(tmp_path / "plain", dtype=torch.float32,

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from exmyconv.convert import units
+from exmyconv.format import fused
 
 LAYER = ["model.layers.0.input_layernorm.weight", "model.layers.0.mlp.down_proj.weight",
          "model.layers.0.mlp.gate_proj.weight", "model.layers.0.mlp.up_proj.weight",
@@ -38,16 +39,16 @@ def test_pack_by_bytes():
 def test_fused_weights_and_expert_stacks():
     """What engines fuse into one weight: one MoE layer's gate/up (w1/w3) of every expert, its down (w2), and the
     dense q/k/v and gate/up of one parent module; shared experts and routers are not expert stacks."""
-    key = units.fused_weight
+    key = fused.fused_weight
     assert key(MOE[0]) == key(MOE[2]) != key(MOE[1]) == key(MOE[3])
     assert key("model.layers.1.block_sparse_moe.experts.0.w3.weight") == key(MOE[0])
     qwen = "model.layers.2.mlp.experts.{}.{}.weight"
     assert key(qwen.format(0, "gate_proj")) == key(qwen.format(7, "up_proj")) != key(qwen.format(7, "down_proj"))
     assert key(qwen.format(0, "gate_proj")) != key("model.layers.3.mlp.experts.0.gate_proj.weight")
-    assert units.expert_stack(qwen.format(3, "down_proj")) and units.expert_stack(MOE[5]) is None
-    assert units.expert_stack(MOE[4]) is None and key(MOE[4]) is None  # the router
+    assert fused.expert_stack(qwen.format(3, "down_proj")) and fused.expert_stack(MOE[5]) is None
+    assert fused.expert_stack(MOE[4]) is None and key(MOE[4]) is None  # the router
     assert key(LAYER[5]) == key(LAYER[7]) == key(LAYER[8]) != key(LAYER[2]) == key(LAYER[3])
-    assert units.expert_stack(LAYER[5]) is None and key(LAYER[1]) is None and key(LAYER[6]) is None
+    assert fused.expert_stack(LAYER[5]) is None and key(LAYER[1]) is None and key(LAYER[6]) is None
     assert key("model.layers.0.self_attn.q_proj.bias") is None
     # a shard keeps a whole MoE layer (down included): its stacks' scale choice is made within one shard
     assert units.fused_group(MOE[0]) == units.fused_group(MOE[1])

@@ -8,6 +8,7 @@ from pathlib import Path
 from ..io.checkpoint import Checkpoint
 from ..io.validate import exmy_config, read_json
 from ..format.dtypes import STORAGE
+from ..format.fused import expert_stack
 from ..format.layout import SEARCH_REPORT
 from ..errors import ExmyError
 
@@ -40,6 +41,7 @@ def inspect_checkpoint(path: str) -> dict:
                 group = "channel" if r.group_size == r.k else r.group_size
                 rows.append({"name": name, "shape": list(r.shape), "format": r.fmt.name, "group": group,
                              "source_dtype": r.dtype, "scale_dtype": f.tensors[r.scale_name].dtype,
+                             "scale_exp": r.scale_exp,
                              "params": r.numel, "bytes": nbytes, "bits": 8 * nbytes / r.numel,
                              "bits_nominal": r.nominal_bits,
                              "bits_codes": r.fmt.bits_per_weight, "bits_scales": 8 * r.scale_bytes * r.ngroups / r.k,
@@ -78,10 +80,26 @@ def inspect_checkpoint(path: str) -> dict:
             "mean_rel_error": sum(r["rel_error"] for r in quant) / len(quant) if quant else None,
             "worst_rel_error": {"name": worst["name"], "rel_error": worst["rel_error"]} if worst else None,
             "search": search_report(ckpt.path) if ckpt.path.is_dir() else None,
+            "expert_stacks": _expert_stacks(rows),
             "intact": not problems,
             "problems": problems,
             "tensor_table": rows,
         }
+
+
+def _expert_stacks(rows: list[dict]) -> dict | None:
+    """MoE expert stacks (format/fused.py) and those whose members differ in format, group size or scale
+    choice, or are partly unquantized: loaders cannot stack those, so they decode that layer at load."""
+    stacks: dict = {}
+    for r in rows:
+        key = expert_stack(r["name"])
+        if key is not None:
+            stacks.setdefault(key, set()).add((r["format"], r["group"], r.get("scale_dtype"), r.get("scale_exp")))
+    if not stacks:
+        return None
+    mixed = [key.split(":", 1)[1] + (".*.gate/up" if key.startswith("experts0") else ".*.down")
+             for key, kinds in stacks.items() if len(kinds) > 1]
+    return {"stacks": len(stacks), "mixed": sorted(mixed)}
 
 
 def _mean(rows: list[dict], key: str) -> float | None:
@@ -146,6 +164,13 @@ def render(report: dict) -> str:
                   else f"max error {search.get('max_error')}")
         lines.append(f"  format search: {search['objective']}, {target} -> {search['achieved_bits']:.3f} bits, "
                      f"{len(search['candidates'])} candidates ({SEARCH_REPORT})")
+    stacks = report.get("expert_stacks")
+    if stacks:
+        mixed = stacks["mixed"]
+        lines.append(f"  MoE expert stacks: {stacks['stacks']}, " + (
+            "each in one format and scale choice (transformers and vLLM keep the experts packed)" if not mixed else
+            f"{len(mixed)} mixed (formats, group sizes or scales differ, or partly unquantized; transformers and "
+            f"vLLM decode those layers at load), e.g. {mixed[0]}"))
     if report["kind"] == "exmy":
         lines.append(f"  load: {LOAD_HINT}; or exmyconv.load_state_dict, or `exmyconv dequantize` to plain")
     lines.append("  integrity: OK" if report["intact"] else

@@ -28,6 +28,7 @@ from ..format import dtypes
 from . import resume as resumes, search, units
 from ..errors import ExmyError, Interrupted
 from ..format.exmy import DEFAULT, get_format
+from ..format.fused import expert_stack
 from ..format.layout import (CONFIG_FILE, GUARD_KEY, GUARD_VALUE, QUANT_METHOD, SEARCH_REPORT, VERSION, TensorRecord,
                              shard_name)
 from ..io.output import atomic_dir, check_out_dir, copy_side_files, write_index
@@ -62,7 +63,7 @@ class Options:
     bits: float | None = None  # --format auto: average bits per quantized weight, scales included
     max_error: float | None = None  # --format auto: per-tensor relative error bound instead
     candidates: str | None = None  # --format auto: comma-separated candidate list
-    tie_fused: bool = True  # --format auto: one format for the tensors engines fuse (units.fused_weight)
+    tie_fused: bool = True  # --format auto: one format for the tensors engines fuse (format.fused.fused_weight)
     calibration: str | None = None  # text file: activation-weighted errors
     calibration_tokens: int = 4096
     rounding: str = "nearest"  # or "gptq": errors compensated through the calibration Hessians (convert/gptq.py)
@@ -412,14 +413,14 @@ def scale_choice(amax: np.ndarray, record: TensorRecord) -> tuple[str, int | Non
 
 
 def stack_scales(items: list[Item]) -> dict[str, tuple[str, int | None]]:
-    """One scale choice per expert stack of a shard (units.expert_stack: a MoE layer's gate/up or down
+    """One scale choice per expert stack of a shard (format.fused.expert_stack: a MoE layer's gate/up or down
     projections of every expert, of one format and group size; a shard holds its whole MoE layer),
     made over all its members' groups, so that the stack loads as one tensor (transformers'
     ExmyExperts). {tensor name: scale_choice}; a scan pass over those members."""
     stacks: dict = {}
     for item in items:
         r = item.record
-        stack = r and units.expert_stack(r.name)
+        stack = r and expert_stack(r.name)
         if stack:
             stacks.setdefault((stack, r.fmt.name, r.group_size, r.scale_exp is None), []).append(item)
     out = {}

@@ -20,8 +20,8 @@ import numpy as np
 from ..errors import ExmyError
 from ..format.exmy import ExMy, get_format
 from ..format.pack import row_bytes
-from . import units
 from .gptq import gptq_rows
+from ..format.fused import fused_weight
 from ..format.quant import choose_scale_dtype, dequantize_codes, group_amax, groups_of, quantize_rows, scale_exponent
 
 # From 3.25 bits per weight (e2m1s4, before padding and scales) to 8 (e4m3), with group variants
@@ -66,12 +66,12 @@ def parse_candidates(text: str | None, clip: bool = False, scales8: bool = False
 
 
 def fused_groups(names: list[str], shapes: list[tuple[int, ...]]) -> list[list[int]]:
-    """Indices of ``names`` grouped by the weight an engine fuses them into (units.fused_weight: q/k/v
+    """Indices of ``names`` grouped by the weight an engine fuses them into (format.fused.fused_weight: q/k/v
     or gate/up under one parent module, a MoE layer's gate/up or down projections of every expert) with
     the same input size K; every other tensor is a group of its own."""
     groups: dict = {}
     for i, (name, shape) in enumerate(zip(names, shapes)):
-        fused = units.fused_weight(name)
+        fused = fused_weight(name)
         key = (i,) if fused is None else (fused, tuple(shape[:-2]), shape[-1])
         groups.setdefault(key, []).append(i)
     return list(groups.values())

@@ -10,50 +10,20 @@ no group is a block of its own. Blocks are packed greedily, in order, into shard
 The plan depends on nothing but names and sizes, so the single-process conversion and the Ray one
 (``ray_runner``) cut the same shards, and a resumed run finds the shards it finished.
 
-Imports: nothing of the package (names and sizes in, index lists out).
+Imports: format.fused (what engines fuse; names and sizes in, index lists out).
 """
 from __future__ import annotations
 
 import re
 
-# The one weight an engine loads fused partners into. Expert stacks: transformers' ExmyExperts and
-# engines' fused-MoE layers hold one projection of every expert of a MoE layer as one tensor (gate and
-# up rows together; down), so its members need one format, group size and scale dtype (8-bit scales:
-# one scale_exp). Dense fused weights (vLLM's qkv_proj, gate_up_proj) need one format.
-EXPERT_STACKS = (
-    re.compile(r"^(.*\.experts)\.\d+\.(?:gate_proj|up_proj|w1|w3)\.weight$"),  # Qwen-MoE, DeepSeek; Mixtral
-    re.compile(r"^(.*\.experts)\.\d+\.(?:down_proj|w2)\.weight$"),
-)
-DENSE_FUSED = (
-    re.compile(r"^(.*\.)[qkv]_proj\.weight$"),  # attention q/k/v
-    re.compile(r"^(.*\.)(?:gate|up)_proj\.weight$"),  # MLP gate/up
-    re.compile(r"^(.*\.)w[13]\.weight$"),  # Mixtral-style w1/w3
-    re.compile(r"^(.*\.)(?:query|key|value)\.weight$"),  # BERT-style attention
-)
+from ..format.fused import DENSE_FUSED, match_key
+
 MOE_LAYER = re.compile(r"^(.*\.experts)\.\d+\..*\.weight$")  # one MoE layer's experts (Mixtral, Qwen-MoE, DeepSeek, Kimi)
-
-
-def _first_match(patterns, name: str, tag: str) -> str | None:
-    for n, pattern in enumerate(patterns):
-        match = pattern.match(name)
-        if match:
-            return f"{tag}{n}:{match[1]}"
-    return None
-
-
-def expert_stack(name: str) -> str | None:
-    """The expert stack (a MoE layer's gate/up or down projection of every expert) ``name`` belongs to."""
-    return _first_match(EXPERT_STACKS, name, "experts")
-
-
-def fused_weight(name: str) -> str | None:
-    """The fused weight ``name`` loads into in an engine (an expert stack, q/k/v, gate/up), or None."""
-    return expert_stack(name) or _first_match(DENSE_FUSED, name, "dense")
 
 
 def fused_group(name: str) -> str | None:
     """What ``name`` stays in one shard with: its MoE layer's experts (down included), or its fused weight."""
-    return _first_match((MOE_LAYER,), name, "moe") or _first_match(DENSE_FUSED, name, "dense")
+    return match_key((MOE_LAYER,), name, "moe") or match_key(DENSE_FUSED, name, "dense")
 
 
 def blocks(names: list[str]) -> list[range]:

@@ -600,7 +600,7 @@ class ExmyHfQuantizer(HfQuantizer):
         2-D records per source of one model converter that stacks them (transformers' MergeModulelist
         along experts, then Concatenate along rows, e.g. gate and up) — all of one format, group size,
         scale dtype and 8-bit scale_exp (rows are packed independently, so stacking packed rows is exact;
-        ``exmyconv quantize`` makes the experts of a stack agree: convert/units.expert_stack)."""
+        ``exmyconv quantize`` makes the experts of a stack agree: format.fused.expert_stack)."""
         if not items:
             return None
         e, n, k = getattr(module, leaf).shape
