@@ -63,15 +63,15 @@ def _reference(experts, x, index, weights):
 @pytest.mark.parametrize("tokens", [1, 5, 40])
 @pytest.mark.parametrize("fmt,group,scales8", [("e2m2", None, False), ("e2m2s4", 128, False), ("e2m2", 128, False),
                                               ("e2m1", 32, True)])
-@pytest.mark.parametrize("path", ["pairwise", "grouped"])
+@pytest.mark.parametrize("path", ["routed", "grouped"])
 def test_cuda_experts_match_the_dequantized_reference(rng, monkeypatch, dtype_name, tokens, fmt, group, scales8, path):
-    """Both CUDA paths (one GEMV per token-expert pair; pairs grouped by expert: GEMVs of up to 16
-    rows, or dequantize + matmul for more) whatever the routing; 8-bit scales widened for the kernels."""
+    """Both CUDA paths (one routed GEMV over all token-expert pairs; pairs grouped by expert: GEMVs of
+    up to 16 rows, or dequantize + matmul for more) whatever the routing; 8-bit scales widened for the kernels."""
     import torch
 
     from exmyconv.torch import experts as module
 
-    monkeypatch.setattr(module, "PAIRWISE_REPEATS", 10**9 if path == "pairwise" else -1)
+    monkeypatch.setattr(module.ExmyExperts, "routed_pairs", lambda self, k: 10**9 if path == "routed" else -1)
     dtype = getattr(torch, dtype_name)
     experts = _experts(rng, fmt, group, dtype, scales8)
     top_k = 2 if tokens == 1 else 4
@@ -135,22 +135,6 @@ def test_routed_gemv_rows_equal_the_expert_launches(rng, dtype_name, fmt, group)
         stacked(e, 1, dtype, x[p // top_k].data_ptr(), want.data_ptr(), stream)
         assert torch.equal(y[p], want[0]), (p, e)
     assert not torch.isnan(y).any()
-
-
-@pytest.mark.parametrize("dtype_name", ["float16", "bfloat16"])
-@pytest.mark.parametrize("tokens", [1, 3])
-@pytest.mark.parametrize("fmt,group", [("e2m2", None), ("e2m2s4", 128), ("e2m2", 128)])
-def test_routed_forward_equals_the_pairwise_forward(rng, dtype_name, tokens, fmt, group):
-    import torch
-
-    dtype = getattr(torch, dtype_name)
-    experts = _experts(rng, fmt, group, dtype)
-    x = torch.from_numpy(rng.standard_normal((tokens, H)).astype(np.float32)).to("cuda", dtype)
-    weights, index = _routing(rng, tokens, 4, dtype, sentinel=tokens > 1)
-    with torch.no_grad():
-        routed = experts._routed_forward(x, index, weights)
-        pairwise = experts._pairwise_forward(x, index.tolist(), weights)
-    assert routed is not None and torch.isfinite(routed).all() and torch.equal(routed, pairwise)
 
 
 @pytest.mark.parametrize("dtype_name", ["float16", "bfloat16"])

@@ -19,15 +19,18 @@ forward, per routed expert, on just the tokens routed to it:
   activation dtype by the torch codec (bitwise what ``exmyconv dequantize`` writes) and the same
   operations as transformers' eager experts forward run in the same order, so the output equals the
   plain model's (loaded with ``experts_implementation="eager"``) bit for bit.
-- CUDA (fp16/bf16 activations, formats the kernels handle): the routing is read on the host once
-  per call. Decoding (few pairs share an expert, ``PAIRWISE_REPEATS``): one fused GEMV of
-  ``exmyconv.cuda.gpu`` per (token, expert) pair and projection, reading the token's row and
-  writing its own output row, no sorting or gathering. Otherwise token-expert pairs are sorted by
-  expert and each routed expert's rows go through the fused GEMV when they are at most
-  ``gpu.MAX_BATCH`` (16), written straight into the rows of one output, else through
+- CUDA (fp16/bf16 activations, formats the kernels handle), decoding (at most
+  :meth:`ExmyExperts.routed_pairs` (token, expert) pairs: few of them share an expert): each
+  projection is one routed GEMV over all pairs (``gpu.RoutedGemvLaunch``: the kernel reads the expert
+  ids from device memory, pair p reads its token's row and writes its own output row), so the
+  routing never visits the host: no synchronisation, and a CUDA graph captured once
+  (``torch.compile(mode="reduce-overhead")``, ``torch.cuda.graph``) serves every routing.
+- CUDA, more pairs: the routing is read on the host once per call, pairs are sorted by expert and
+  each routed expert's rows go through the fused GEMV when they are at most ``gpu.MAX_BATCH`` (16),
+  written straight into the rows of one output, else through
   :class:`exmyconv.torch.packed.PackedLinear`'s CUDA path (a bit-exact dequantization into the
   shared scratch buffer, then a matmul). The activation and the weighted sum run once over all
-  pairs.
+  pairs. Inside CUDA-graph capture the routed GEMV runs whatever the number of pairs.
 
   The GEMV of all experts of a projection is one prepared launch per (rows, dtype) (:class:`_StackedGemv`):
   it is made for expert 0's slice, and each call points its weight arguments at the routed expert's
@@ -36,10 +39,6 @@ forward, per routed expert, on just the tokens routed to it:
   (payload, kernel scales: checked when a launch is made; if the kernel's arguments change, each
   expert gets its own PackedLinear instead). The routing read on the host is a synchronisation per
   layer.
-- CUDA inside CUDA-graph capture (``torch.compile(mode="reduce-overhead")``, ``torch.cuda.graph``):
-  the routing stays on the device. Each projection is one routed GEMV over all (token, expert) pairs
-  (``gpu.RoutedGemvLaunch``: the kernel reads the expert ids from device memory), so a graph
-  captured once serves every routing; each pair's row is bit for bit the pairwise path's.
 
 Under ``torch.compile`` the module is one custom op, ``torch.ops.exmyconv.experts`` (a fake
 implementation gives its shape), so the graph does not break at the experts (``fullgraph=True``
@@ -194,66 +193,33 @@ class ExmyExperts(nn.Module):
         return final
 
     # -- CUDA ------------------------------------------------------------------------------------
+    def routed_pairs(self, top_k: int) -> int:
+        """The most (token, expert) pairs the routed GEMV takes outside CUDA-graph capture: half the
+        experts (at least top-k, one token). Each pair reads its expert's weights, so an expert chosen
+        by several pairs is read several times; at E/2 pairs drawn at random the expected reads are
+        about 1.27x the distinct experts' (0.5 / (1 - e^-0.5)), the price of never reading the routing
+        on the host. Beyond that the grouped path reads each routed expert once."""
+        return max(top_k, self.num_experts // 2)
+
     def _cuda_forward(self, hidden_states, top_k_index, top_k_weights):
-        if torch.cuda.is_current_stream_capturing():  # a CUDA graph: the routing must stay on the device
+        tokens, k = top_k_index.shape
+        capturing = torch.cuda.is_current_stream_capturing()  # a CUDA graph: the routing must stay on the device
+        if capturing or tokens * k <= self.routed_pairs(k):
             y = self._routed_forward(hidden_states, top_k_index, top_k_weights)
-            if y is None:
+            if y is not None:
+                return y
+            if capturing:
                 raise ExmyError("these experts cannot be captured in a CUDA graph: the routed GEMV does not take "
                                 f"{self.weights} with {hidden_states.dtype} activations")
-            return y
         ids = top_k_index.tolist()  # the one host read of the routing
         pairs = [e for row in ids for e in row]
         if not pairs:
             return torch.zeros_like(hidden_states)
-        if len(pairs) - len(set(pairs)) <= PAIRWISE_REPEATS:
-            y = self._pairwise_forward(hidden_states, ids, top_k_weights)
-            if y is not None:
-                # the routed launches of this shape, made now: a CUDA-graph capture that follows (torch.compile's
-                # "reduce-overhead" warms up eagerly first) must find them made, not compile kernels or run CuPy work
-                self._stacked_gemv("gate_up_proj").routed(len(pairs), hidden_states.dtype, len(ids[0]))
-                self._stacked_gemv("down_proj").routed(len(pairs), hidden_states.dtype, 1)
-                return y
         return self._grouped_forward(hidden_states, top_k_index, top_k_weights, pairs)
-
-    def _pairwise_forward(self, hidden_states, ids, top_k_weights):
-        """Decoding: one GEMV per (token, expert) pair, straight from the token's row (no sorting, no
-        gathering), into row t*k+j of the projection's output; None where the GEMV does not apply."""
-        gate_up, down = self._stacked_gemv("gate_up_proj"), self._stacked_gemv("down_proj")
-        dtype = hidden_states.dtype
-        if gate_up is None or down is None or not (gate_up.applies(1, dtype) and down.applies(1, dtype)):
-            return None
-        x = hidden_states.contiguous()
-        tokens, k = len(ids), len(ids[0]) if ids else 0
-        x_row = x.shape[1] * x.element_size()
-        if x.data_ptr() % 16 or x_row % 16 or self.intermediate_dim * x.element_size() % 16:
-            return None  # the GEMV reads x in 16-byte words
-        stream = torch.cuda.current_stream(x.device).cuda_stream
-        h2 = torch.empty((tokens * k, 2 * self.intermediate_dim), dtype=dtype, device=x.device)
-        out = torch.empty((tokens * k, self.hidden_dim), dtype=dtype, device=x.device)
-        h2_row = h2.shape[1] * h2.element_size()
-        skipped = []
-        for t, row in enumerate(ids):
-            for j, expert in enumerate(row):
-                if expert >= self.num_experts:  # (expert-parallel sentinel: no contribution)
-                    skipped.append(t * k + j)
-                    continue
-                gate_up(expert, 1, dtype, x.data_ptr() + t * x_row, h2.data_ptr() + (t * k + j) * h2_row, stream)
-        gate, up = h2.chunk(2, dim=-1)
-        h = self.act_fn(gate) * up
-        h_row = h.shape[1] * h.element_size()
-        for t, row in enumerate(ids):
-            for j, expert in enumerate(row):
-                if expert < self.num_experts:
-                    down(expert, 1, dtype, h.data_ptr() + (t * k + j) * h_row, out.data_ptr() + (t * k + j) * x_row,
-                         stream)
-        if skipped:
-            out[skipped] = 0
-        out = out.view(tokens, k, -1) * top_k_weights[..., None].to(dtype)
-        return out.sum(dim=1)
 
     def _routed_forward(self, hidden_states, top_k_index, top_k_weights):
         """Every (token, expert) pair in one routed GEMV per projection, the expert ids read on the GPU
-        (graph-safe); row t*k+j as the pairwise path computes it. None where it does not apply."""
+        (graph-safe): row t*k+j is token t's j-th expert. None where it does not apply."""
         tokens, k = top_k_index.shape
         pairs, dtype = tokens * k, hidden_states.dtype
         gate_up, down = self._stacked_gemv("gate_up_proj"), self._stacked_gemv("down_proj")
@@ -412,11 +378,6 @@ class _StackedGemv:
         launch, scales, scale_step = self.launches[(rows, dtype)]
         launch.move_weight(self.payload + expert * self.payload_step, scales + expert * scale_step)
         launch(x_ptr, y_ptr, stream)
-
-
-# The CUDA forward runs one GEMV per (token, expert) pair while at most this many pairs repeat an
-# expert (decoding: every pair is its own expert), else it groups the pairs by expert.
-PAIRWISE_REPEATS = 4
 
 
 @torch.compiler.disable
