@@ -18,9 +18,10 @@ import pytest
 
 from exmyconv.cuda import gpu
 from exmyconv.cuda.gpu import GemvKernel
-from exmyconv.format.exmy import NAMED, NAMED_SHARED, ExMy, all_formats, get_format
+from exmyconv.format.exmy import NAMED, ExMy, all_formats, get_format
 
 ROOT = Path(__file__).resolve().parents[1]
+GEMV_SHARED = gpu.GEMV_SHARED  # the shared formats the fused GEMV takes: built like the named formats
 KERNELS = ROOT / "kernels"
 SOURCES = sorted(KERNELS.glob("*.cu"))
 PLAIN = ("llama_ops.cu",)  # no ExMy decoding (bench --e2e's fused decoder-step kernels): compiled once
@@ -78,26 +79,26 @@ def gemv_instances(fmt: ExMy) -> list[GemvKernel]:
 
 def gemv_builds() -> list[tuple[ExMy, list[GemvKernel]]]:
     """The GEMV instantiations compiled per format: all of them for the named formats and e5m2;
-    for the other formats (and the named shared ones) the fp16-operand batch-1 and batch-8 ones
+    for the other formats (and the shared ones the GEMV takes, gpu.GEMV_SHARED) the fp16-operand batch-1 and batch-8 ones
     (E <= 4) and the bf16-operand b1r one with unaligned groups, which between them run every
-    decode path, and for the named shared formats every bf16 row-scale (mode 3) kernel; and the b1r kernels built for 3 blocks per SM (gpu.gemv_b1r_blocks uses fold/two
+    decode path, and for those shared formats every bf16 row-scale (mode 3) kernel; and the b1r kernels built for 3 blocks per SM (gpu.gemv_b1r_blocks uses fold/two
     with one scale per row for codes of other than 6 bits; the GPU tests force the others): fold,
     two, fold with aligned groups, bf16 operands, unaligned groups. For the named formats, also the
     routed copies (exmy_gemv_routed, MoE experts) of their batch-1 kernels with one scale per row or
     aligned groups."""
     builds = []
-    for fmt in all_formats() + [get_format(name) for name in NAMED_SHARED]:
+    for fmt in all_formats() + [get_format(name) for name in GEMV_SHARED]:
         if fmt.name in NAMED or fmt.name == "e5m2":
             kernels = gemv_instances(fmt)
         else:
             kernels = [k for k in gemv_instances(fmt) if (k.kind, k.mode, k.groups) in (("b1", 0, 0), ("nt1", 0, 0))
                        or (k.kind, k.x_dtype, k.groups) == ("b1r", "BF16", 2)
-                       or (fmt.name in NAMED_SHARED and (k.mode, k.x_dtype) == (3, "BF16"))]
-        if fmt.name in NAMED + NAMED_SHARED and fmt.bits != 6:
+                       or (fmt.name in GEMV_SHARED and (k.mode, k.x_dtype) == (3, "BF16"))]
+        if fmt.name in NAMED + GEMV_SHARED and fmt.bits != 6:
             kernels += [replace(k, blocks=3) for k in gemv_instances(fmt) if k.kind == "b1r" and (
                 (k.mode, k.groups) in ((0, 0), (1, 0), (0, 1)) or (k.mode, k.x_dtype, k.groups) in
                 ((2, "F16", 0), (2, "BF16", 2)))]
-        if fmt.name in NAMED + NAMED_SHARED:
+        if fmt.name in NAMED + GEMV_SHARED:
             kernels += [replace(k, routed=True) for k in kernels if k.groups != 2 and (
                 k.kind == "b1" or (k.kind == "b1r" and k.blocks == 2))]  # (routed b1r: 2 blocks per SM only)
         builds.append((fmt, kernels))
@@ -125,7 +126,7 @@ def _jobs_for(tmp_path) -> list[tuple[Path, ExMy, Path, list[GemvKernel]]]:
     # shared formats: every source but gemv.cu for a few formats of every k (every shared-bit
     # expansion path: k = 2, 4, 8 bit spreads, k = 3, 5, 6, 7 the general one) and the named ones
     for f in all_formats(shared=True):
-        if f.name in NAMED_SHARED or (f.e, f.m) in ((2, 2), (2, 3), (1, 1), (4, 3), (5, 2)):
+        if f.name in GEMV_SHARED or (f.e, f.m) in ((2, 2), (2, 3), (1, 1), (4, 3), (5, 2)):
             jobs += [(src, f, tmp_path / f"{src.stem}_{f.name}.cubin", []) for src in DECODE_SOURCES
                      if src.name != "gemv.cu"]
     return jobs
@@ -155,7 +156,7 @@ def spill_limit(fmt: ExMy, kernel: GemvKernel) -> int | None:
     (exmy_gemv_routed keeps x, y and the scales at per-pair addresses in registers: 4 bytes for
     e3m2 b1r with groups); the others may spill a little."""
     if kernel.routed:
-        return 8 if fmt.name in NAMED + NAMED_SHARED and kernel.mode != 2 and kernel.groups != 2 else None
+        return 8 if fmt.name in NAMED + GEMV_SHARED and kernel.mode != 2 and kernel.groups != 2 else None
     if kernel.kind in ("nt1w", "nt2w"):
         return 128 if fmt.name in NAMED and fmt.bits <= 5 and kernel.mode != 2 and kernel.groups != 2 else None
     if kernel.kind == "b1r" and kernel.blocks == 3:

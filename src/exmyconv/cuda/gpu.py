@@ -105,7 +105,9 @@ def gemv_applies(fmt, x_dtype: str, rows: int) -> bool:
     return 1 <= rows <= MAX_BATCH and x_dtype in ("F16", "BF16") and supports(fmt)
 
 
-GEMV_SHARED = ("e2m2s4", "e2m3s3")  # shared formats the GEMV is tested for (tests/test_gpu_kernels.py)
+# shared formats the GEMV is tested for (tests/test_gpu_kernels.py): the named ones, and e2m1s4, the
+# 3.25-bit candidate of `--format auto` (so no layer auto chooses falls back to the torch decoder)
+GEMV_SHARED = ("e2m1s4", "e2m2s4", "e2m3s3")
 
 
 def _fmt(fmt) -> ExMy:
