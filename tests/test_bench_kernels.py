@@ -42,3 +42,28 @@ def test_table_and_plot(with_peers, tmp_path):
 def test_peer_table_covers_the_formats_both_support():
     assert set(peers.SAME_FORMAT) == {"e2m1", "e2m2", "e3m2", "e2m3"}
     assert peers.unavailable_reason() == "" or "humming" in peers.unavailable_reason()
+
+
+def test_commit_names_the_tree_it_measured(tmp_path, monkeypatch):
+    """The benchmark's commit: the short hash of a clean tree, marked -dirty when tracked files differ
+    from it (a newer tree copied over an older checkout), EXMY_COMMIT where set, "" outside git."""
+    import shutil
+    import subprocess
+
+    if shutil.which("git") is None:
+        pytest.skip("no git")
+    monkeypatch.delenv("EXMY_COMMIT", raising=False)
+    assert b.git_commit(tmp_path) == ""
+    for name in ("GIT_AUTHOR_NAME", "GIT_AUTHOR_EMAIL", "GIT_COMMITTER_NAME", "GIT_COMMITTER_EMAIL"):
+        monkeypatch.setenv(name, "t")
+    for cmd in (["init", "-q"], ["add", "f"], ["commit", "-q", "-m", "one"], ["tag", "v1"]):
+        if cmd == ["add", "f"]:
+            (tmp_path / "f").write_text("one")
+        subprocess.run(["git", *cmd], cwd=tmp_path, check=True, capture_output=True)
+    head = subprocess.run(["git", "rev-parse", "--short=7", "HEAD"], cwd=tmp_path, capture_output=True,
+                          text=True, check=True).stdout.strip()
+    assert b.git_commit(tmp_path) == head  # the hash, not the tag
+    (tmp_path / "f").write_text("two")
+    assert b.git_commit(tmp_path) == head + "-dirty"
+    monkeypatch.setenv("EXMY_COMMIT", "given")
+    assert b.git_commit(tmp_path) == "given"

@@ -151,14 +151,16 @@ def copies_for(nbytes: int) -> int:
 
 # ----------------------------------------------------------------------------- benchmark
 
-def git_commit() -> str:
-    """The source tree's short commit (EXMY_COMMIT overrides: a copied tree may have no .git)."""
+def git_commit(root: Path | None = None) -> str:
+    """The source tree's short commit, with "-dirty" where tracked files differ from it (a tree
+    copied over an older checkout shows as such, not as the older commit); EXMY_COMMIT overrides (a
+    copied tree may have no .git)."""
     if os.environ.get("EXMY_COMMIT"):
         return os.environ["EXMY_COMMIT"]
     try:
-        root = Path(__file__).resolve().parents[3]
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True,
-                             text=True, timeout=10)
+        out = subprocess.run(["git", "describe", "--always", "--abbrev=7", "--dirty", "--exclude=*"],
+                             cwd=root or Path(__file__).resolve().parents[3], capture_output=True, text=True,
+                             timeout=30)
         return out.stdout.strip() if out.returncode == 0 else ""
     except Exception:
         return ""
