@@ -20,7 +20,7 @@ from ..format.exmy import ExMy, get_format
 from ..format.pack import row_bytes
 from ..format.quant import groups_of
 from .codec import SCALE_NAME, dequantize, dequantize_rows, scale_values
-from .linear import as_bits, followed_dtype, live_module, register_handle
+from .linear import apply_keeping_scales, live_module, register_handle
 
 
 class ExmyEmbedding(nn.Module):
@@ -88,14 +88,8 @@ class ExmyEmbedding(nn.Module):
         return self.dequantize_weight()
 
     def _apply(self, fn, recurse=True):
-        """``.to(device)`` moves the buffers; ``.to(dtype)`` sets the lookup dtype, never rounds the scales."""
-        self.weight_dtype = followed_dtype(fn, self.weight_dtype)
-        dt = self.weight_scale.dtype
-        self._buffers["weight_scale"] = as_bits(self.weight_scale)
-        try:
-            return super()._apply(fn, recurse)
-        finally:
-            self._buffers["weight_scale"] = self._buffers["weight_scale"].view(dt)
+        """``.to(...)``: :func:`exmyconv.torch.linear.apply_keeping_scales` (the lookup dtype follows)."""
+        return apply_keeping_scales(self, fn, recurse, super()._apply)
 
 
 @torch.library.custom_op("exmyconv::embedding", mutates_args=())

@@ -59,7 +59,7 @@ from ..format.exmy import ExMy, get_format
 from ..format.pack import row_bytes
 from ..format.quant import groups_of
 from .codec import SCALE_NAME, dequantize, scale_values, widened_scales
-from .linear import as_bits, followed_dtype, gpu_view, kernel_rows, live_module, pdl_ok, register_handle
+from .linear import apply_keeping_scales, gpu_view, kernel_rows, live_module, pdl_ok, register_handle
 from .packed import PackedLinear
 
 PROJECTIONS = ("gate_up_proj", "down_proj")
@@ -317,19 +317,10 @@ class ExmyExperts(nn.Module):
 
     # -- dtype safety ------------------------------------------------------------------------------
     def _apply(self, fn, recurse=True):
-        """``.to(device)`` moves the buffers; ``.to(dtype)`` must not round the stored scales (as ExmyLinear)."""
-        self.weight_dtype = followed_dtype(fn, self.weight_dtype)
-        kept = {}
-        for name in PROJECTIONS:
-            scale = self._buffers.get(name + "_scale")
-            if scale is not None and scale.is_floating_point():
-                kept[name + "_scale"] = scale.dtype
-                self._buffers[name + "_scale"] = as_bits(scale)
+        """``.to(...)``: :func:`exmyconv.torch.linear.apply_keeping_scales` over every projection's scales."""
         try:
-            return super()._apply(fn, recurse)
+            return apply_keeping_scales(self, fn, recurse, super()._apply, [name + "_scale" for name in PROJECTIONS])
         finally:
-            for key, dt in kept.items():
-                self._buffers[key] = self._buffers[key].view(dt)
             self._reset_cuda()
 
 

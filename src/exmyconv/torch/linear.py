@@ -86,6 +86,27 @@ def as_bits(t: torch.Tensor) -> torch.Tensor:
     return t.view({1: torch.int8, 2: torch.int16, 4: torch.int32}[t.element_size()])
 
 
+def apply_keeping_scales(module: nn.Module, fn, recurse: bool, apply, scales=("weight_scale",)):
+    """``Module._apply`` of the packed modules (ExmyLinear, ExmyEmbedding, ExmyExperts), ``apply`` being
+    ``super()._apply``: ``.to(device)`` moves every buffer; ``.to(dtype)`` / ``.half()`` set the dtype
+    the module decodes to (``weight_dtype``) and never round the stored scales (bf16 -> fp16 is
+    lossy), which pass through ``fn`` as integer bit patterns."""
+    module.weight_dtype = followed_dtype(fn, module.weight_dtype)
+    kept = {}
+    for name in scales:
+        scale = module._buffers.get(name)
+        if scale is not None and scale.is_floating_point():
+            kept[name] = scale.dtype
+            module._buffers[name] = as_bits(scale)
+    try:
+        return apply(fn, recurse)
+    finally:
+        for name, dtype in kept.items():
+            moved = module._buffers[name]
+            if not moved.is_floating_point():
+                module._buffers[name] = moved.view(dtype)
+
+
 def kernel_rows(packed: torch.Tensor) -> torch.Tensor:
     """``packed`` [..., row_bytes] with every row 16-byte aligned, so that the GPU kernels read it in
     place: the tensor itself where its rows already are (K a multiple of 128 with unshared codes:
@@ -267,22 +288,10 @@ class ExmyLinear(nn.Module):
 
     # -- dtype safety ------------------------------------------------------------------------
     def _apply(self, fn, recurse=True):
-        """``.to(device)`` moves the scales; ``.to(dtype)`` must not round them (bf16 -> fp16 is lossy).
-
-        The scales pass through ``fn`` as integer bit patterns, which casts leave alone.
-        """
-        self.weight_dtype = followed_dtype(fn, self.weight_dtype)  # .to(dtype) / .half(): what `weight` reports
-        scale = self._buffers.get("weight_scale")
-        if scale is None or not scale.is_floating_point():
-            return super()._apply(fn, recurse)
-        dt = scale.dtype
-        self._buffers["weight_scale"] = as_bits(scale)
+        """``.to(...)``: :func:`apply_keeping_scales`; then the GPU layout and caches are redone."""
         try:
-            return super()._apply(fn, recurse)
+            return apply_keeping_scales(self, fn, recurse, super()._apply)
         finally:
-            moved = self._buffers["weight_scale"]
-            if not moved.is_floating_point():
-                self._buffers["weight_scale"] = moved.view(dt)
             self.align_rows()
             self._gpu_weight_cache = None
             self._launches = {}
