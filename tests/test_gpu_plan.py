@@ -39,12 +39,12 @@ def test_b1r_three_blocks_only_for_fp16_operands_one_scale_and_not_six_bits():
 
 
 def test_register_budget_of_the_other_kinds():
-    """3 blocks per SM (80 registers) for b1 and nt1 with fp16 operands, one scale per row and codes
-    of <= 5 bits; 2 for everything else, and for b1r unless its launch asks for 3."""
+    """3 blocks per SM (80 registers) for b1 and nt1 with the row scale applied to the sums (modes 0,
+    1, 3), one scale per row and codes of <= 5 bits; 2 for everything else, and for b1r unless its launch asks for 3."""
     for name in ("e2m1", "e2m2", "e3m1", "e2m2s4", "e1m3"):
         fmt = get_format(name)
         for kind in ("b1", "nt1"):
-            for mode in (0, 1):
+            for mode in (0, 1, 3):
                 assert gpu.gemv_blocks(fmt, kind, mode, 0) == 3, (name, kind, mode)
                 assert gpu.gemv_blocks(fmt, kind, mode, 1) == 2, (name, kind, mode)
             assert gpu.gemv_blocks(fmt, kind, 2, 0) == 2, (name, kind)

@@ -494,10 +494,11 @@ def _gemv_kind(weight: "GpuWeight", batch: int) -> str:
 
 def gemv_blocks(fmt: ExMy, kind: str, mode: int, groups: int) -> int:
     """Blocks per SM the registers of a kernel are sized for (gemv.cu __launch_bounds__): 3 (<= 80
-    registers) for b1 and nt1 with fp16 operands, one scale per row and codes of <= 5 bits, whose
-    loops fit there without spills; 2 (<= 128) for the others (b1r: GemvPlan may take 3 for its
-    launch, gemv_b1r_blocks)."""
-    return 3 if kind in ("b1", "nt1") and mode < 2 and groups == 0 and fmt.bits <= 5 else 2
+    registers) for b1 and nt1 with one scale per row applied to the sums (modes 0, 1, 3: fp16
+    operands, or bf16 operands holding the codes' values) and codes of <= 5 bits, whose loops fit
+    there without spills; 2 (<= 128) for the others (b1r: GemvPlan may take 3 for its launch,
+    gemv_b1r_blocks)."""
+    return 3 if kind in ("b1", "nt1") and mode != 2 and groups == 0 and fmt.bits <= 5 else 2
 
 
 def gemv_kernel(weight: GpuWeight, x_dtype: str, batch: int, kind: str | None = None) -> GemvKernel:
