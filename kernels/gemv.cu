@@ -56,19 +56,21 @@ constexpr int WARPS = GEMV_WARPS;
 // Kernel kinds: 0 = "b1" (batch 1, x staged once per block in shared memory, already permuted;
 // for K up to ~13 000), 3 = "b1r" (batch 1, larger K: x from global memory, more registers),
 // 1 = "nt1" (batch 1..8), 2 = "nt2" (batch 9..16, two 8-column mma tiles), 4 = "nt2w" / 5 = "nt1w" (nt2 / nt1 with
-// two 16-row tiles per warp). NT: mma column tiles; MT: mma row tiles per warp; XS: x staged in shared memory; CPT: consecutive chunks per lane per
+// two 16-row tiles per warp), 6 = "nt2q" (nt2 with four 16-row tiles per warp). NT: mma column tiles; MT: mma row tiles per warp; XS: x staged in shared memory; CPT: consecutive chunks per lane per
 // iteration (2 for batch 1 with codes <= 6 bits: more weights in flight; elsewhere the registers
 // go to x); KSTEP: chunks per warp iteration (the 4 lanes t = 0..3 of a row). BLOCKS: blocks per
 // SM the kernel's registers are sized for (2: 128 registers, 3: 80).
 template <int KIND, int BLOCKS>
 struct Cfg {
-    static constexpr int NT = KIND == 2 || KIND == 4 ? 2 : 1;
+    static constexpr int NT = KIND == 2 || KIND == 4 || KIND == 6 ? 2 : 1;
     // MT: 16-row tiles per warp, sharing each x fragment (nt2w). With one tile, batch 16 moves x
     // through L1 at 3.2 bytes per byte of e2m2 weights, and L1 was the busiest unit (88 %, ncu on an
     // H200); two tiles halve that, at the price of half as many warps (the host takes nt2w only for
     // layers with rows enough to fill the GPU: cuda/gpu.py gemv_wide).
     // nt1w: the same for batch 2..8 (one column tile, x re-read per row tile just as often).
-    static constexpr int MT = KIND == 4 || KIND == 5 ? 2 : 1;
+    // nt2q: four tiles (a quarter of nt2's x traffic; twice nt2w's weight registers, so one block
+    // of 255 registers per SM).
+    static constexpr int MT = KIND == 6 ? 4 : KIND == 4 || KIND == 5 ? 2 : 1;
     static constexpr bool XS = KIND == 0;
     static constexpr int CPT = GEMV_CPT > 0 ? GEMV_CPT : (((KIND == 0 || KIND == 3) && BITS <= 6) ? 2 : 1);
     static constexpr int KSTEP = 4 * CPT;
@@ -630,7 +632,7 @@ __device__ __forceinline__ void gemv(const u8* __restrict__ payload, const void*
 
 }  // namespace
 
-// The GEMV kernel. KIND: 0 b1, 1 nt1, 2 nt2, 3 b1r, 4 nt2w, 5 nt1w (Cfg). MODE: 0 fp16 operands with the scale
+// The GEMV kernel. KIND: 0 b1, 1 nt1, 2 nt2, 3 b1r, 4 nt2w, 5 nt1w, 6 nt2q (Cfg). MODE: 0 fp16 operands with the scale
 // folded, 1 fp16 operands in two steps, 2 bf16 operands, 3 bf16 operands with the row scale after
 // the mma (one scale per row; see the top). XF16: x and y are fp16, else
 // bf16. GM: 0 one scale per row, 1 scale groups aligned to 32-element chunks, 2 not aligned (a

@@ -428,8 +428,8 @@ def _gemv_shape(fmt: ExMy, kind: str) -> tuple[int, int]:
 
 
 def gemv_tile_rows(kind: str) -> int:
-    """Weight rows per warp (gemv.cu Cfg::MT tiles of GEMV_ROWS): two tiles for nt2w and nt1w."""
-    return 2 * GEMV_ROWS if kind in ("nt1w", "nt2w") else GEMV_ROWS
+    """Weight rows per warp (gemv.cu Cfg::MT tiles of GEMV_ROWS): two tiles for nt2w and nt1w, four for nt2q."""
+    return 4 * GEMV_ROWS if kind == "nt2q" else 2 * GEMV_ROWS if kind in ("nt1w", "nt2w") else GEMV_ROWS
 
 
 def gemv_wide(n: int, fmt: ExMy) -> bool:
@@ -449,7 +449,7 @@ def _xs_bytes(fmt: ExMy, k: int) -> int:
     return -(-nq // kstep) * kstep * 80
 
 
-GEMV_KINDS = ("b1", "nt1", "nt2", "b1r", "nt2w", "nt1w")  # kernels/gemv.cu KIND 0 .. 5
+GEMV_KINDS = ("b1", "nt1", "nt2", "b1r", "nt2w", "nt1w", "nt2q")  # kernels/gemv.cu KIND 0 .. 6
 WIDE = {"nt1": "nt1w", "nt2": "nt2w"}  # a kernel -> its two-tile variant, taken where gemv_wide
 
 
@@ -462,7 +462,7 @@ class GemvKernel:
                   # 3 bf16 operands, one scale per row applied to the sums
     x_dtype: str  # "F16" or "BF16": x and y
     groups: int   # 0 one scale per row, 1 groups aligned to 32-element chunks, 2 unaligned
-    blocks: int   # blocks per SM its registers are sized for: 2 (<= 128 registers) or 3 (<= 80)
+    blocks: int   # blocks per SM its registers are sized for: 1 (<= 255 registers), 2 (<= 128) or 3 (<= 80)
     routed: bool = False  # exmy_gemv_routed: batch-1 GEMVs of routed (token, expert) pairs (RoutedGemvLaunch)
 
     @property
@@ -496,8 +496,10 @@ def gemv_blocks(fmt: ExMy, kind: str, mode: int, groups: int) -> int:
     """Blocks per SM the registers of a kernel are sized for (gemv.cu __launch_bounds__): 3 (<= 80
     registers) for b1 and nt1 with one scale per row applied to the sums (modes 0, 1, 3: fp16
     operands, or bf16 operands holding the codes' values) and codes of <= 5 bits, whose loops fit
-    there without spills; 2 (<= 128) for the others (b1r: GemvPlan may take 3 for its launch,
-    gemv_b1r_blocks)."""
+    there without spills; 1 (<= 255) for nt2q, whose four row tiles hold four times nt2's weights in
+    registers; 2 (<= 128) for the others (b1r: GemvPlan may take 3 for its launch, gemv_b1r_blocks)."""
+    if kind == "nt2q":
+        return 1
     return 3 if kind in ("b1", "nt1") and mode != 2 and groups == 0 and fmt.bits <= 5 else 2
 
 
@@ -506,12 +508,12 @@ def gemv_kernel(weight: GpuWeight, x_dtype: str, batch: int, kind: str | None = 
     operands where exact (E <= 4, F16 scales, fp16 x), with the scale folded into the weights where
     that stays finite in fp16; else bf16 operands: for bf16 x, E <= 4 and one scale per row, the
     scale is applied to the float32 sums (mode 3: the decode is one exact multiply), otherwise to
-    each weight (mode 2). kind (tests and benchmarks): "nt1" or "nt1w" for batch 2..8, "nt2" or
-    "nt2w" for batch 9..16."""
+    each weight (mode 2). kind (tests and benchmarks): "nt1" or "nt1w" for batch 2..8, "nt2", "nt2w"
+    or "nt2q" for batch 9..16 (nt2q is never chosen by default: not yet measured)."""
     if kind is None:
         kind = _gemv_kind(weight, batch)
-    elif kind not in (("nt1", "nt1w") if 2 <= batch <= 8 else ("nt2", "nt2w") if batch > 8 else ()):
-        raise ExmyError(f"kind {kind!r}: only nt1 or nt1w (batch 2..8), nt2 or nt2w (batch 9..16) can be chosen")
+    elif kind not in (("nt1", "nt1w") if 2 <= batch <= 8 else ("nt2", "nt2w", "nt2q") if batch > 8 else ()):
+        raise ExmyError(f"kind {kind!r}: only nt1 or nt1w (batch 2..8), nt2, nt2w or nt2q (batch 9..16) can be chosen")
     groups = 0 if weight.ngroups == 1 else 2 if _gshift(weight) < 0 else 1
     if x_dtype == "F16" and weight.fp16_compute:
         mode = 0 if weight.fold_ok() else 1
@@ -778,7 +780,7 @@ def gemv_plan(x, weight: GpuWeight, out, x_dtype: str | None = None, **tuning) -
 
     tuning (benchmarks and tests): split=1|2|4|8, interleave=0|1, blocks=2|3 (b1r: blocks per SM
     of the build, instead of gemv_b1r_blocks), defines=("GEMV_CPT=1", ...), kind="nt1"|"nt1w"
-    (batch 2..8) or "nt2"|"nt2w" (batch 9..16), instead of gemv_wide's choice.
+    (batch 2..8) or "nt2"|"nt2w"|"nt2q" (batch 9..16), instead of gemv_wide's choice.
     overlap=True launches with programmatic dependent launch (exmyconv.cuda.launch): only where the
     weights are not written by the kernel just before (always so for model weights)."""
     cupy = _cupy()
