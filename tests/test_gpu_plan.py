@@ -63,3 +63,36 @@ def test_kernel_record_names_the_instantiation_and_keeps_report_names():
     assert GemvKernel("nt2", 2, "F16", 2, 2).name == "exmy_gemv_bf_x16_nt2_ga"
     assert GemvKernel("b1r", 2, "BF16", 0, 2).name == "exmy_gemv_bf_xbf_b1r"
     assert GemvKernel("b1r", 0, "F16", 0, 3).name == "exmy_gemv_fold_x16_b1r_3blocks"
+
+
+class _OneDevice:  # what gemv_wide / gemv_split ask CuPy for: the current device's id (sm_count is patched)
+    class cuda:
+        class Device:
+            id = 0
+
+
+@pytest.fixture
+def sms_132(monkeypatch):
+    monkeypatch.setattr(gpu, "_cupy", lambda: _OneDevice)
+    monkeypatch.setattr(gpu, "sm_count", lambda device: 132)
+
+
+@pytest.mark.parametrize("k, n, fmt, ngroups, batch, kind, split", [
+    # batch 9-16, one scale per row, <= 5 bits: nt2q from 6336 rows, K slices for about one wave of
+    # one block per SM (the fastest split measured on the H200, docs/benchmarks.md 2026-12-05)
+    (4096, 14336, "e2m2", 1, 16, "nt2q", 4),
+    (8192, 28672, "e2m1", 1, 12, "nt2q", 2),
+    (28672, 8192, "e2m2", 1, 9, "nt2q", 8),
+    (14336, 4096, "e2m2", 1, 16, "nt2", 8),   # 4096 rows: four-tile warps would fill half the GPU
+    (4096, 4096, "e2m2", 1, 16, "nt2", 8),
+    (4096, 14336, "e2m2", 128, 16, "nt2w", 4),  # aligned scale groups keep two tiles
+    (4096, 14336, "e3m2", 1, 16, "nt2", 2),   # 6-bit codes: one tile
+    (4096, 14336, "e2m2", 1, 8, "nt1w", 4),
+    (14336, 4096, "e2m2", 1, 4, "nt1", 8),
+])
+def test_batch_kernel_and_split_on_132_sms(sms_132, k, n, fmt, ngroups, batch, kind, split):
+    from types import SimpleNamespace
+
+    weight = SimpleNamespace(n=n, k=k, fmt=get_format(fmt), ngroups=ngroups)
+    assert gpu._gemv_kind(weight, batch) == kind
+    assert gpu.gemv_split(n, k, weight.fmt, kind, gpu.gemv_tile_rows(kind)) == split

@@ -433,11 +433,13 @@ def gemv_tile_rows(kind: str) -> int:
 
 
 def gemv_wide(n: int, fmt: ExMy) -> bool:
-    """Batch 2..16: the nt1w / nt2w kernels (two 16-row tiles per warp share each x fragment: half
-    the L1 traffic of nt1 / nt2) when their warps still fill the GPU: at 8 K slices, >= 3/4 of two blocks per
-    SM (gemv_split's wave), i.e. N >= 48 rows per SM (N >= 6336 on 132 SMs); and codes of <= 5 bits,
-    the formats it was measured faster for on an H200 (docs/benchmarks.md: the batch 9-16 kernel,
-    and nt1w at batch 2-8, which loses on 4096-row layers and wins from 8192 rows)."""
+    """Batch 2..16: the kernels with several 16-row tiles per warp (each x fragment shared by the
+    tiles: a half (nt1w, nt2w) or a quarter (nt2q) of the L1 traffic of nt1 / nt2) when their warps
+    still fill the GPU: at 8 K slices, >= 3/4 of two blocks per SM of two-tile warps, or of one block
+    of four-tile warps (gemv_split's wave), i.e. N >= 48 rows per SM (N >= 6336 on 132 SMs); and
+    codes of <= 5 bits, the formats they were measured faster for on an H200 (docs/benchmarks.md:
+    the batch 9-16 kernels, and nt1w at batch 2-8, which loses on 4096-row layers and wins from 8192
+    rows)."""
     sms = sm_count(_cupy().cuda.Device().id)
     return fmt.bits <= 5 and -(-n // (2 * GEMV_ROWS)) * GEMV_WARPS >= 0.75 * sms * GEMV_WARPS * 2
 
@@ -450,7 +452,6 @@ def _xs_bytes(fmt: ExMy, k: int) -> int:
 
 
 GEMV_KINDS = ("b1", "nt1", "nt2", "b1r", "nt2w", "nt1w", "nt2q")  # kernels/gemv.cu KIND 0 .. 6
-WIDE = {"nt1": "nt1w", "nt2": "nt2w"}  # a kernel -> its two-tile variant, taken where gemv_wide
 
 
 @dataclass(frozen=True)
@@ -488,8 +489,12 @@ class GemvKernel:
 def _gemv_kind(weight: "GpuWeight", batch: int) -> str:
     if batch == 1:
         return "b1" if _xs_bytes(weight.fmt, weight.k) <= XS_LIMIT else "b1r"
-    kind = "nt1" if batch <= 8 else "nt2"
-    return WIDE[kind] if gemv_wide(weight.n, weight.fmt) else kind
+    if batch <= 8:
+        return "nt1w" if gemv_wide(weight.n, weight.fmt) else "nt1"
+    if not gemv_wide(weight.n, weight.fmt):
+        return "nt2"
+    # four row tiles where the layer has one scale per row (measured there; aligned groups keep two)
+    return "nt2q" if weight.ngroups == 1 else "nt2w"
 
 
 def gemv_blocks(fmt: ExMy, kind: str, mode: int, groups: int) -> int:
@@ -509,7 +514,7 @@ def gemv_kernel(weight: GpuWeight, x_dtype: str, batch: int, kind: str | None = 
     that stays finite in fp16; else bf16 operands: for bf16 x, E <= 4 and one scale per row, the
     scale is applied to the float32 sums (mode 3: the decode is one exact multiply), otherwise to
     each weight (mode 2). kind (tests and benchmarks): "nt1" or "nt1w" for batch 2..8, "nt2", "nt2w"
-    or "nt2q" for batch 9..16 (nt2q is never chosen by default: not yet measured)."""
+    or "nt2q" for batch 9..16."""
     if kind is None:
         kind = _gemv_kind(weight, batch)
     elif kind not in (("nt1", "nt1w") if 2 <= batch <= 8 else ("nt2", "nt2w", "nt2q") if batch > 8 else ()):
@@ -532,11 +537,11 @@ def gemv_split(n: int, k: int, fmt: ExMy, kind: str, rows: int = GEMV_ROWS) -> i
     """K slices per 16-row tile (1, 2, 4 or 8) for a kernel of `kind` (choices measured on an
     H100: docs/benchmarks.md, H100 tuning): 8 for layers of >= 1024 tiles (the 8 warps of a block then read
     neighbouring bytes of the same rows); otherwise the fewest slices that give about one wave of
-    warps at two blocks per SM, doubled for b1r kernels of unshared formats with a 1-bit plane
+    warps at the blocks per SM of its build (one for nt2q, else two), doubled for b1r kernels of unshared formats with a 1-bit plane
     (e2m2, e3m1: their longer decode favours more, shorter slices); always >= 2 iterations per
     slice."""
     tiles = -(-n // rows)  # warp tiles
-    target = sm_count(_cupy().cuda.Device().id) * GEMV_WARPS * 2
+    target = sm_count(_cupy().cuda.Device().id) * GEMV_WARPS * (1 if kind == "nt2q" else 2)
     split = 1
     # nt1w: counted in 16-row tiles, as nt1 (8 slices on 28672-row layers: 56 against 60-65 us at
     # batch 8, e2m2 and bf16 x; H200, docs/benchmarks.md)
