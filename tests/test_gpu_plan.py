@@ -96,3 +96,16 @@ def test_batch_kernel_and_split_on_132_sms(sms_132, k, n, fmt, ngroups, batch, k
     weight = SimpleNamespace(n=n, k=k, fmt=get_format(fmt), ngroups=ngroups)
     assert gpu._gemv_kind(weight, batch) == kind
     assert gpu.gemv_split(n, k, weight.fmt, kind, gpu.gemv_tile_rows(kind)) == split
+
+
+def test_kind_override_fits_the_batch():
+    """Tests and benchmarks may force nt1 / nt1w at batch 1..8 (at batch 1 instead of b1 / b1r) and
+    nt2 / nt2w / nt2q at 9..16; nothing else."""
+    from types import SimpleNamespace
+
+    from exmyconv.errors import ExmyError
+
+    weight = SimpleNamespace(n=64, k=256, fmt=get_format("e2m2"), ngroups=1)
+    for batch, kind in ((1, "nt2"), (1, "b1"), (8, "nt2q"), (9, "nt1"), (16, "b1r")):
+        with pytest.raises(ExmyError, match="can be chosen"):
+            gpu.gemv_kernel(weight, "F16", batch, kind)

@@ -513,12 +513,12 @@ def gemv_kernel(weight: GpuWeight, x_dtype: str, batch: int, kind: str | None = 
     operands where exact (E <= 4, F16 scales, fp16 x), with the scale folded into the weights where
     that stays finite in fp16; else bf16 operands: for bf16 x, E <= 4 and one scale per row, the
     scale is applied to the float32 sums (mode 3: the decode is one exact multiply), otherwise to
-    each weight (mode 2). kind (tests and benchmarks): "nt1" or "nt1w" for batch 2..8, "nt2", "nt2w"
-    or "nt2q" for batch 9..16."""
+    each weight (mode 2). kind (tests and benchmarks): "nt1" or "nt1w" for batch 1..8 (batch 1:
+    instead of b1 / b1r, x read per chunk rather than staged), "nt2", "nt2w" or "nt2q" for batch 9..16."""
     if kind is None:
         kind = _gemv_kind(weight, batch)
-    elif kind not in (("nt1", "nt1w") if 2 <= batch <= 8 else ("nt2", "nt2w", "nt2q") if batch > 8 else ()):
-        raise ExmyError(f"kind {kind!r}: only nt1 or nt1w (batch 2..8), nt2, nt2w or nt2q (batch 9..16) can be chosen")
+    elif kind not in (("nt1", "nt1w") if batch <= 8 else ("nt2", "nt2w", "nt2q")):
+        raise ExmyError(f"kind {kind!r}: only nt1 or nt1w (batch 1..8), nt2, nt2w or nt2q (batch 9..16) can be chosen")
     groups = 0 if weight.ngroups == 1 else 2 if _gshift(weight) < 0 else 1
     if x_dtype == "F16" and weight.fp16_compute:
         mode = 0 if weight.fold_ok() else 1
