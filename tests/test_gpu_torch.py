@@ -87,6 +87,32 @@ def test_cuda_graph_capture_of_the_layer(rng):
             assert torch.equal(static_y, layer(static_x))
 
 
+def test_more_rows_run_on_torchs_stream_and_in_a_graph(rng):
+    """More than 16 rows (dequantize + F.linear): the dequantization runs on torch's current stream, so
+    a forward on a side stream and a CUDA-graph capture (which refuses launches on other streams)
+    give the eager default-stream result bit for bit."""
+    import torch
+
+    layer = _layer(rng, "e2m2", 1024, 2048)
+    with torch.no_grad():
+        x = torch.randn(40, 1024, device="cuda", dtype=torch.float16)
+        want = layer(x)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            got = layer(x)
+        torch.cuda.current_stream().wait_stream(side)
+        assert torch.equal(got, want)
+        static_x = x.clone()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_y = layer(static_x)
+        for _ in range(2):
+            static_x.copy_(torch.randn_like(static_x))
+            graph.replay()
+            assert torch.equal(static_y, layer(static_x))
+
+
 @pytest.mark.parametrize("fmt,group", [("e2m2", None), ("e2m2s4", None), ("e3m2", 128)])
 def test_prepared_launch_follows_new_inputs(rng, fmt, group):
     """The layer prepares its GEMV launch once per (rows, dtype); later calls with other x buffers
