@@ -651,18 +651,10 @@ class FakeGpu:
         fake = self
 
         class Weight:
-            def dequantize(self, out_dtype="F16"):  # the fake GEMV's weight (GpuWeight.dequantize)
+            def dequantize(self, out_dtype="F16", out=None):
+                fake.calls.append(f"dequantize:{out_dtype}")
                 dtype = {"F16": torch.float16, "BF16": torch.bfloat16}[out_dtype]
-                return dequantize(payload, scales, fmt, shape[-1], group_size, dtype)
-
-            def dequant_plan(self, out, out_dtype="F16"):  # gpu.GpuWeight.dequant_plan: on torch's current stream
-                stream = torch.cuda.current_stream(out.device).cuda_stream
-                dtype = {"F16": torch.float16, "BF16": torch.bfloat16}[out_dtype]
-
-                def launch():
-                    fake.calls.append(f"dequantize:{out_dtype}:stream {stream}")
-                    dequantize(payload, scales, fmt, shape[-1], group_size, dtype, out=out)
-                return launch
+                return dequantize(payload, scales, fmt, shape[-1], group_size, dtype, out=out)
 
         assert scale_dtype == "F16" and tuple(shape) == (24, 200) and group_size == 64
         return Weight()
@@ -711,7 +703,7 @@ def test_gpu_hook_dispatch_with_a_fake_backend(monkeypatch):
     assert torch.equal(y, torch.nn.functional.linear(small, w) + layer.bias)
     big = torch.randn(17, 200, dtype=torch.bfloat16)  # 17 rows: dequantize + F.linear
     y = layer._gpu_compute(gpu, big)
-    assert gpu.calls[-1] == "dequantize:BF16:stream 0" and not any(c == "gemv:17" for c in gpu.calls)
+    assert gpu.calls[-1] == "dequantize:BF16" and not any(c == "gemv:17" for c in gpu.calls)
     assert torch.equal(y, torch.nn.functional.linear(big, w, layer.bias))
     assert gpu.calls.count("upload") == 1  # the uploaded view is kept while the buffers stay put
     layer.to(torch.float16)  # buffers re-created: upload again

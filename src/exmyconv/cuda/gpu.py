@@ -247,7 +247,8 @@ def dequantize(payload, scales, scale_dtype: str, fmt, k: int, group_size: int |
     scales: see scale_bits; group_size: G (None or >= K: one group per row). out_dtype "F16" gives
     float16, "BF16" uint16 bf16 bit patterns, "F32" float32. `out` (optional) is a contiguous cupy
     array of that dtype and shape, or a torch CUDA tensor of the matching 16/32-bit dtype, to write
-    into (tests poison it first).
+    into (tests poison it first); into a torch tensor the launch runs on torch's current stream (a
+    side stream, a CUDA-graph capture), as every launch for torch buffers does (_stream_of).
     """
     cupy = _cupy()
     fmt = _fmt(fmt)
@@ -259,13 +260,14 @@ def dequantize(payload, scales, scale_dtype: str, fmt, k: int, group_size: int |
     pay, bits, _, rows, g, ngroups = _check_layout(pay, bits, fmt, int(k), group_size)
     np_out = {"F16": cupy.float16, "BF16": cupy.uint16, "F32": cupy.float32}[out_dtype]
     shape = (*lead, k)
+    stream = None  # cupy's current stream
     if out is None:
         out = cupy.empty(shape, dtype=np_out)
     elif _is_torch(out):  # a torch buffer (torch's allocator: safe inside CUDA-graph capture)
-        out = _torch_as_cupy(out)
+        stream, out = _stream_of(out), _torch_as_cupy(out)
     if out.dtype != np_out or tuple(out.shape) != shape or not out.flags.c_contiguous:
         raise ExmyError(f"out must be a contiguous {np.dtype(np_out)} array of shape {shape}")
-    plan = DequantPlan(pay, bits, scale_dtype, fmt, int(k), rows, g, ngroups, out_dtype, out)
+    plan = DequantPlan(pay, bits, scale_dtype, fmt, int(k), rows, g, ngroups, out_dtype, out, stream)
     plan()
     return out
 

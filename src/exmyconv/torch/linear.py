@@ -239,7 +239,7 @@ class ExmyLinear(nn.Module):
           ``gpu.GemvLaunch`` prepared once per (rows, dtype) and kept by the layer, so a call costs
           one output allocation and one driver launch (no planning; programmatic dependent launch on
           compute capability >= 9.0), then the bias is added;
-        - more rows: ``weight.dequant_plan(w, "F16"|"BF16")`` (bit-exact) into a torch buffer, on
+        - more rows: ``weight.dequantize("F16"|"BF16", out=w)`` (bit-exact) into a torch buffer, on
           torch's current stream (a side stream, a CUDA-graph capture), then ``F.linear``: the same
           result as the plain model.
 
@@ -261,7 +261,7 @@ class ExmyLinear(nn.Module):
                 y = y + self.bias.to(y.dtype)
         else:
             w = torch.empty((self.out_features, self.in_features), dtype=x.dtype, device=x.device)
-            weight.dequant_plan(w, SCALE_NAME[x.dtype])()  # on torch's current stream (capturable)
+            weight.dequantize(SCALE_NAME[x.dtype], out=w)  # on torch's current stream (capturable)
             y = F.linear(x2, w, self.bias)
         return y.reshape(*x.shape[:-1], self.out_features)
 
