@@ -787,7 +787,7 @@ def gemv_plan(x, weight: GpuWeight, out, x_dtype: str | None = None, **tuning) -
 
     tuning (benchmarks and tests): split=1|2|4|8, interleave=0|1, blocks=2|3 (b1r: blocks per SM
     of the build, instead of gemv_b1r_blocks), defines=("GEMV_CPT=1", ...), kind="nt1"|"nt1w"
-    (batch 2..8) or "nt2"|"nt2w"|"nt2q" (batch 9..16), instead of gemv_wide's choice.
+    (batch 1..8) or "nt2"|"nt2w"|"nt2q" (batch 9..16), instead of the host's choice (gemv_kernel).
     overlap=True launches with programmatic dependent launch (exmyconv.cuda.launch): only where the
     weights are not written by the kernel just before (always so for model weights)."""
     cupy = _cupy()
