@@ -200,6 +200,47 @@ def test_plain_kernel_compiles_for_sm90(tmp_path, name):
     assert proc.returncode == 0 and "warning" not in log.lower(), log[-3000:]
 
 
+RING_FORMATS = ("e2m2", "e3m2", "e4m3")  # 1-bit plane, 2-bit plane, 8-bit plane: every piece size
+
+
+def ring_instances(fmt: ExMy) -> list[GemvKernel]:
+    """The instantiations built with the weight ring (gpu.gemv_plan stages=N, a tuning option): every
+    kind with fp16 operands (one scale per row and aligned groups) and with bf16 operands holding
+    the codes' values (mode 3)."""
+    return [k for k in gemv_instances(fmt) if (k.mode, k.groups) in ((0, 0), (0, 1), (3, 0))]
+
+
+@needs_nvcc
+def test_gemv_ring_builds_compile(tmp_path):
+    """-DGEMV_STAGES=3 builds the ring (cp.async into shared memory, wait_group) into every kind,
+    within each build's registers and without warnings; the default build has no cp.async."""
+    def build(fmt: ExMy, stages: int, kernels: list[GemvKernel], ptx: bool = False):
+        src = gemv_source(kernels, tmp_path / f"ring_{fmt.name}_{stages}_{int(ptx)}.cu")
+        out = src.with_suffix(".ptx" if ptx else ".cubin")
+        cmd = [NVCC, "-arch=sm_90", "--ptx" if ptx else "--cubin", "-std=c++17", f"-DEXMY_E={fmt.e}",
+               f"-DEXMY_M={fmt.m}", f"-DGEMV_STAGES={stages}", "--resource-usage", "-o", str(out), str(src)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+        return proc.returncode, proc.stdout + proc.stderr, out
+
+    jobs = [(get_format(name), 3, ring_instances(get_format(name))) for name in RING_FORMATS]
+    with ThreadPoolExecutor(_jobs()) as pool:
+        results = list(pool.map(lambda job: build(*job), jobs))
+    for (fmt, _, kernels), (rc, log, _) in zip(jobs, results):
+        assert rc == 0 and "warning" not in log.lower(), f"{fmt.name}:\n{log[-3000:]}"
+        usage = gemv_usage(log)
+        for k in kernels:
+            regs, _ = usage[k.expression]
+            assert regs <= 65536 // (gpu.GEMV_WARPS * 32 * k.blocks) // 8 * 8, f"{fmt.name} {k.name}: {regs} registers"
+    one = [GemvKernel("nt2q", 0, "F16", 0, 1)]
+    fmt = get_format("e2m2")
+    ring, plain = build(fmt, 3, one, ptx=True), build(fmt, 1, one, ptx=True)
+    assert ring[0] == 0 and plain[0] == 0, ring[1][-2000:] + plain[1][-2000:]
+    ring_ptx, plain_ptx = ring[2].read_text(), plain[2].read_text()
+    for op in ("cp.async.cg.shared.global", "cp.async.ca.shared.global", "cp.async.wait_group 1",
+               "cp.async.commit_group"):
+        assert op in ring_ptx and op not in plain_ptx, op
+
+
 HOST_CHECK = r"""
 #include "exmy_decode.cuh"
 #include <cmath>
