@@ -706,6 +706,14 @@ def test_gpu_hook_dispatch_with_a_fake_backend(monkeypatch):
     assert gpu.calls[-1] == "dequantize:BF16" and not any(c == "gemv:17" for c in gpu.calls)
     assert torch.equal(y, torch.nn.functional.linear(big, w, layer.bias))
     assert gpu.calls.count("upload") == 1  # the uploaded view is kept while the buffers stay put
+    # x as the kernel cannot read it in place (a transposed view, an odd address), or 1-d: the same values
+    base = torch.randn(2 * 200 + 1, dtype=torch.bfloat16)
+    for x in (torch.randn(200, 3, dtype=torch.bfloat16).t(), base[1:201], base[1:401].view(2, 200)):
+        y = layer._gpu_compute(gpu, x)
+        assert y.shape == (*x.shape[:-1], 24) and gpu.calls[-2] == f"gemv:{x.numel() // 200}"  # (then its decode)
+        assert torch.equal(y, torch.nn.functional.linear(x, w) + layer.bias)
+    with pytest.raises(RuntimeError):  # a wrong last dimension: F.linear's error, as nn.Linear gives
+        layer._gpu_compute(gpu, torch.randn(2, 100, dtype=torch.bfloat16))
     layer.to(torch.float16)  # buffers re-created: upload again
     layer._gpu_compute(gpu, small.half())
     assert gpu.calls.count("upload") == 2

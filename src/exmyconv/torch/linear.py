@@ -228,7 +228,8 @@ class ExmyLinear(nn.Module):
         if it defines it, else unshared formats only). Then :meth:`_gpu_compute`.
         """
         gpu = _gpu_backend()
-        if gpu is None or x.dtype not in SCALE_NAME or not self.weight_packed.is_cuda or not gpu.supports(self.fmt):
+        packed = self._buffers["weight_packed"]  # (not Module.__getattr__: ~1 us per call)
+        if gpu is None or x.dtype not in SCALE_NAME or not packed.is_cuda or not gpu.supports(self.fmt):
             return None
         return self._gpu_compute(gpu, x)
 
@@ -244,26 +245,23 @@ class ExmyLinear(nn.Module):
           result as the plain model.
 
         Every output is allocated by torch (CUDA-graph capture needs that; CuPy's pool is not captured).
+        This runs per layer and token in eager decoding, where the host is the bottleneck: x and y stay
+        in their N-d shapes (the kernel sees their contiguous rows; no reshapes).
         """
-        x2 = x.reshape(-1, self.in_features)
         weight = self._gpu_weight(gpu)
-        rows = x2.shape[0]
-        if gpu.gemv_applies(self.fmt, SCALE_NAME[x.dtype], rows):  # (the rule PackedLinear follows too)
-            if not x2.is_contiguous() or x2.data_ptr() % 16:  # the kernel reads 16-byte words of x
-                x2 = x2.clone(memory_format=torch.contiguous_format)
+        rows = x.numel() // self.in_features
+        # (the rule PackedLinear follows too; a wrong last dimension gets F.linear's error below)
+        if x.shape[-1] == self.in_features and gpu.gemv_applies(self.fmt, SCALE_NAME[x.dtype], rows):
             launch = self._launches.get((rows, x.dtype))
             if launch is None:
                 launch = self._launches[(rows, x.dtype)] = gpu.GemvLaunch(
                     weight, SCALE_NAME[x.dtype], rows, overlap=pdl_ok(x.device))
-            y = torch.empty((rows, self.out_features), dtype=x.dtype, device=x.device)
-            launch(x2.data_ptr(), y.data_ptr(), torch.cuda.current_stream(x.device).cuda_stream)
-            if self.bias is not None:
-                y = y + self.bias.to(y.dtype)
-        else:
-            w = torch.empty((self.out_features, self.in_features), dtype=x.dtype, device=x.device)
-            weight.dequantize(SCALE_NAME[x.dtype], out=w)  # on torch's current stream (capturable)
-            y = F.linear(x2, w, self.bias)
-        return y.reshape(*x.shape[:-1], self.out_features)
+            y = run_gemv(launch, x, self.out_features)
+            bias = self._parameters["bias"]  # a Parameter or None (from_linear's too)
+            return y if bias is None else y + bias.to(y.dtype)
+        w = torch.empty((self.out_features, self.in_features), dtype=x.dtype, device=x.device)
+        weight.dequantize(SCALE_NAME[x.dtype], out=w)  # on torch's current stream (capturable)
+        return F.linear(x, w, self.bias)
 
     def _gpu_weight(self, gpu):
         """``gpu.upload(...)`` of the buffers, kept while they stay where they are.
@@ -271,14 +269,17 @@ class ExmyLinear(nn.Module):
         The buffers are already on the GPU, so this is a zero-copy view (plus the small scale
         arrays the GEMV derives), not a dequantized copy.
         """
-        self.align_rows()
-        key = (self.weight_packed.data_ptr(), self.weight_scale.data_ptr(), self.weight_scale.dtype)
-        if self._gpu_weight_cache is None or self._gpu_weight_cache[0] != key:
+        buffers = self._buffers  # (not Module.__getattr__: this runs per call)
+        cache = self._gpu_weight_cache
+        key = (buffers["weight_packed"].data_ptr(), buffers["weight_scale"].data_ptr(), buffers["weight_scale"].dtype)
+        if cache is None or cache[0] != key:  # new or moved buffers (aligned once here)
+            self.align_rows()
+            key = (self.weight_packed.data_ptr(), self.weight_scale.data_ptr(), self.weight_scale.dtype)
             weight = gpu_view(gpu, self.weight_packed, self.weight_scale, self.fmt, self.in_features, self.group_size,
                               self.scale_exp)
-            self._gpu_weight_cache = (key, weight)
+            cache = self._gpu_weight_cache = (key, weight)
             self._launches = {}  # prepared launches hold the old buffers' addresses
-        return self._gpu_weight_cache[1]
+        return cache[1]
 
     def align_rows(self) -> None:
         """On the GPU, lay ``weight_packed`` out with 16-byte aligned rows (:func:`kernel_rows`); the
@@ -296,6 +297,19 @@ class ExmyLinear(nn.Module):
             self.align_rows()
             self._gpu_weight_cache = None
             self._launches = {}
+
+
+def run_gemv(launch, x: torch.Tensor, n: int) -> torch.Tensor:
+    """y [..., n] = ``launch`` (a ``gpu.GemvLaunch`` prepared for x's rows and dtype) of x [..., K], in a
+    new torch tensor (CUDA graphs capture only torch's allocations), on torch's current stream. The
+    kernel reads the rows of x in place, as 16-byte words: x is copied only when they are not
+    contiguous from a 16-byte aligned address. No reshapes: ExmyLinear and PackedLinear call this
+    per layer and token, where eager decoding is bound by the host."""
+    if not x.is_contiguous() or x.data_ptr() % 16:
+        x = x.clone(memory_format=torch.contiguous_format)
+    y = torch.empty((*x.shape[:-1], n), dtype=x.dtype, device=x.device)
+    launch(x.data_ptr(), y.data_ptr(), torch.cuda.current_stream(x.device).cuda_stream)
+    return y
 
 
 @functools.lru_cache(maxsize=None)

@@ -48,7 +48,7 @@ from ..format.exmy import ExMy, get_format
 from ..format.pack import pack_codes, row_bytes
 from ..format.quant import groups_of
 from .codec import SCALE_NAME, dequantize, unpack_codes
-from .linear import gpu_view, live_module, pdl_ok, register_handle
+from .linear import gpu_view, live_module, pdl_ok, register_handle, run_gemv
 
 
 class PackedLinear:
@@ -148,18 +148,13 @@ class _CudaState:
         return dtype in SCALE_NAME and self.gpu.gemv_applies(self.spec.fmt, SCALE_NAME[dtype], rows)
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        x2 = x.reshape(-1, self.spec.k)
-        rows = x2.shape[0]
-        if self._gemv(rows, x.dtype):
-            if not x2.is_contiguous() or x2.data_ptr() % 16:  # the kernel reads 16-byte words of x
-                x2 = x2.clone(memory_format=torch.contiguous_format)
-            y = torch.empty((rows, self.spec.n), dtype=x.dtype, device=x.device)
-            self._launch(rows, x.dtype)(x2.data_ptr(), y.data_ptr(), _stream(self.device))
+        rows = x.numel() // self.spec.k
+        if x.shape[-1] == self.spec.k and self._gemv(rows, x.dtype):  # (else F.linear, or its shape error)
+            y = run_gemv(self._launch(rows, x.dtype), x, self.spec.n)
             if bias is not None:
                 y += bias
-        else:
-            y = F.linear(x2, self._dequantized(x.dtype), bias)
-        return y.reshape(*x.shape[:-1], self.spec.n)
+            return y
+        return F.linear(x, self._dequantized(x.dtype), bias)
 
     def _launch(self, rows: int, dtype: torch.dtype):
         launch = self.launches.get((rows, dtype))
