@@ -242,34 +242,41 @@ __device__ __forceinline__ void advance(ChunkPtr& p, u32 chunks) {
     p.c += chunks;
 }
 
-// Shared formats: the raw shared-plane words of chunk p.c + i (cached loads of the small shared
-// plane: neighbouring chunks of a warp read the same words).
-__device__ __forceinline__ void load_shared(const ChunkPtr& p, int i, Chunk& ch) {
-    if (!SHARED) { ch.sw[0] = 0u; return; }
-    const u32 c = p.c + i;
-    const u32 j0 = 32 * c / SHARE, j1 = (32 * c + 31) / SHARE;  // first and last group of the chunk
-    ch.sw[0] = __ldg(p.ps + (j0 >> 5));
-    if (!SHARE_POW2) ch.sw[SHARE_POW2 ? 0 : 1] = __ldg(p.ps + (j1 >> 5));
-}
-
-// Chunks p.c and p.c + 1 (p.c even): with k = 2, 4, 8 their 64/k bits lie in one word.
-__device__ __forceinline__ void load_shared_pair(const ChunkPtr& p, Chunk& c0, Chunk& c1) {
-    if (SHARE_POW2 && SHARED) {
-        c0.sw[0] = c1.sw[0] = __ldg(p.ps + ((32 * p.c / SHARE) >> 5));  // bits 32c/k .. 32c/k + 64/k - 1
-    } else {
-        load_shared(p, 0, c0);
-        load_shared(p, 1, c1);
-    }
-}
-
-// Where a chunk's plane words come from: Stream loads them from global memory into registers
-// (ld_stream*); gemv.cu's weight ring passes sources with the same three calls that copy the words
+// Where a chunk's words come from: Stream loads them from global memory into registers (plane
+// words by ld_stream*, shared-plane words by cached loads: neighbouring chunks of a warp read the
+// same words); gemv.cu's weight ring passes sources with the same four calls that copy the words
 // into shared memory, or read them back from there, in the loaders' order.
 struct Stream {
     __device__ __forceinline__ uint4 v4(const void* p) { return ld_stream16(p); }
     __device__ __forceinline__ uint2 v2(const void* p) { return ld_stream8(p); }
     __device__ __forceinline__ u32 v1(const void* p) { return ld_stream4(p); }
+    __device__ __forceinline__ u32 word(const u32* p) { return __ldg(p); }
 };
+
+// Shared formats: the raw shared-plane words of chunk p.c + i.
+template <class Src>
+__device__ __forceinline__ void load_shared_from(Src& src, const ChunkPtr& p, int i, Chunk& ch) {
+    if (!SHARED) { ch.sw[0] = 0u; return; }
+    const u32 c = p.c + i;
+    const u32 j0 = 32 * c / SHARE, j1 = (32 * c + 31) / SHARE;  // first and last group of the chunk
+    ch.sw[0] = src.word(p.ps + (j0 >> 5));
+    if (!SHARE_POW2) ch.sw[SHARE_POW2 ? 0 : 1] = src.word(p.ps + (j1 >> 5));
+}
+__device__ __forceinline__ void load_shared(const ChunkPtr& p, int i, Chunk& ch) {
+    Stream src;
+    load_shared_from(src, p, i, ch);
+}
+
+// Chunks p.c and p.c + 1 (p.c even): with k = 2, 4, 8 their 64/k bits lie in one word.
+template <class Src>
+__device__ __forceinline__ void load_shared_pair_from(Src& src, const ChunkPtr& p, Chunk& c0, Chunk& c1) {
+    if (SHARE_POW2 && SHARED) {
+        c0.sw[0] = c1.sw[0] = src.word(p.ps + ((32 * p.c / SHARE) >> 5));  // bits 32c/k .. 32c/k + 64/k - 1
+    } else {
+        load_shared_from(src, p, 0, c0);
+        load_shared_from(src, p, 1, c1);
+    }
+}
 
 // Plane words and shared bits (PLANES_ONLY: not the shared bits) of chunk (p's chunk + i); i is a
 // compile-time constant, so it becomes an immediate offset.
@@ -290,7 +297,7 @@ __device__ __forceinline__ Chunk load_chunk_from(Src& src, const ChunkPtr& p, in
         ch.w2[0] = a.x; ch.w2[HAS2 ? 1 : 0] = a.y;
     }
     ch.w1 = HAS1 ? src.v1(p.p1 + 4 * i) : 0u;
-    if (!PLANES_ONLY) load_shared(p, i, ch);
+    if (!PLANES_ONLY) load_shared_from(src, p, i, ch);
     return ch;
 }
 template <bool PLANES_ONLY = false>
@@ -341,7 +348,7 @@ __device__ __forceinline__ void load_chunk_pair_from(Src& src, const ChunkPtr& p
     } else {
         c0.w1 = c1.w1 = 0u;
     }
-    load_shared_pair(p, c0, c1);
+    load_shared_pair_from(src, p, c0, c1);
 }
 __device__ __forceinline__ void load_chunk_pair(const ChunkPtr& p, Chunk& c0, Chunk& c1) {
     Stream src;

@@ -78,9 +78,8 @@ struct Cfg {
     // RING: the main loop's weights go through a per-warp ring of STAGES iterations in shared memory
     // (cp.async), so STAGES - 1 iterations of loads are in flight instead of the one the register
     // prefetch holds. An ncu profile of b1 on an H200 showed the loop waiting on memory latency
-    // (DRAM 60 %, issue slots 50 %). Unshared formats (shared bits come through L1: load_shared);
-    // it replaces SPREAD, XWIN and PP, which hide latency the other way.
-    static constexpr int STAGES = SHARED ? 1 : GEMV_STAGES;
+    // (DRAM 60 %, issue slots 50 %). It replaces SPREAD, XWIN and PP, which hide latency the other way.
+    static constexpr int STAGES = GEMV_STAGES;
     static constexpr bool RING = STAGES > 1;
     static constexpr int CPT = GEMV_CPT > 0 ? GEMV_CPT : (((KIND == 0 || KIND == 3) && BITS <= 6) ? 2 : 1);
     static constexpr int KSTEP = 4 * CPT;
@@ -98,8 +97,11 @@ struct Cfg {
     // an H100 (docs/benchmarks.md, H100 tuning).
     static constexpr bool PP = !RING && ((KIND == 3 && BLOCKS == 2) || (KIND == 0 && !SHARED && BITS != 5));
     static constexpr bool XWIN = !RING && KIND == 3 && GEMV_XWIN && CPT == 2 && (HAS1 || SHARED);
-    // ring bytes per lane and iteration: CPT chunks (4 * OWN bytes each) of the warp's 2 * MT rows
-    static constexpr int SLOT_LANE = RING ? MT * 2 * CPT * 4 * OWN : 0;
+    // ring bytes per lane and iteration, for each of the warp's 2 * MT rows: CPT chunks of 4 * OWN
+    // bytes, and the shared-plane words of the chunks (one for a pair of chunks with k = 2, 4, 8;
+    // else one per chunk, two where k does not divide 32)
+    static constexpr int SHARED_WORDS = !SHARED ? 0 : CPT == 2 && !HAS8 && SHARE_POW2 ? 1 : CPT * (SHARE_POW2 ? 1 : 2);
+    static constexpr int SLOT_LANE = RING ? MT * 2 * (CPT * 4 * OWN + 4 * SHARED_WORDS) : 0;
 };
 constexpr int XS_STRIDE = 20;  // words per chunk of staged x: 16 pairs + 4 padding (conflict-free LDS.128)
 
@@ -159,6 +161,7 @@ struct RingCopy {  // a chunk source that copies each piece into the slot (retur
     __device__ __forceinline__ uint4 v4(const void* p) { put<16>(p); return uint4{}; }
     __device__ __forceinline__ uint2 v2(const void* p) { put<8>(p); return uint2{}; }
     __device__ __forceinline__ u32 v1(const void* p) { put<4>(p); return 0u; }
+    __device__ __forceinline__ u32 word(const u32* p) { put<4>(p); return 0u; }
 };
 struct RingRead {  // a chunk source that reads the pieces back from the slot (ignores the addresses)
     const u8* at;
@@ -172,6 +175,7 @@ struct RingRead {  // a chunk source that reads the pieces back from the slot (i
     __device__ __forceinline__ uint4 v4(const void*) { return get<uint4>(); }
     __device__ __forceinline__ uint2 v2(const void*) { return get<uint2>(); }
     __device__ __forceinline__ u32 v1(const void*) { return get<u32>(); }
+    __device__ __forceinline__ u32 word(const u32*) { return get<u32>(); }
 };
 
 __device__ __forceinline__ u32 hmul2(u32 a, u32 b) {
@@ -524,8 +528,8 @@ __device__ __forceinline__ void gemv_warp(const u8* __restrict__ payload, const 
                     } else {
 #pragma unroll
                         for (int i = 0; i < CPT; ++i) {
-                            c0 = load_chunk_from<true>(src, pa[m], i);
-                            c1 = load_chunk_from<true>(src, pb[m], i);
+                            c0 = load_chunk_from(src, pa[m], i);
+                            c1 = load_chunk_from(src, pb[m], i);
                         }
                     }
                     advance(pa[m], qstep);
@@ -552,8 +556,8 @@ __device__ __forceinline__ void gemv_warp(const u8* __restrict__ payload, const 
                     } else {
 #pragma unroll
                         for (int i = 0; i < CPT; ++i) {
-                            wa[i][m] = load_chunk_from<true>(src, pa[m], i);
-                            wb[i][m] = load_chunk_from<true>(src, pb[m], i);
+                            wa[i][m] = load_chunk_from(src, pa[m], i);
+                            wb[i][m] = load_chunk_from(src, pb[m], i);
                         }
                     }
 #pragma unroll

@@ -200,7 +200,8 @@ def test_plain_kernel_compiles_for_sm90(tmp_path, name):
     assert proc.returncode == 0 and "warning" not in log.lower(), log[-3000:]
 
 
-RING_FORMATS = ("e2m2", "e3m2", "e4m3")  # 1-bit plane, 2-bit plane, 8-bit plane: every piece size
+# 1-, 2- and 8-bit planes (every piece size); shared bits with k dividing 32 and not
+RING_FORMATS = ("e2m2", "e3m2", "e4m3", "e2m2s4", "e2m3s3")
 
 
 def ring_instances(fmt: ExMy) -> list[GemvKernel]:
@@ -217,8 +218,9 @@ def test_gemv_ring_builds_compile(tmp_path):
     def build(fmt: ExMy, stages: int, kernels: list[GemvKernel], ptx: bool = False):
         src = gemv_source(kernels, tmp_path / f"ring_{fmt.name}_{stages}_{int(ptx)}.cu")
         out = src.with_suffix(".ptx" if ptx else ".cubin")
+        share = [f"-DEXMY_SHARE={fmt.share}"] if fmt.share > 1 else []
         cmd = [NVCC, "-arch=sm_90", "--ptx" if ptx else "--cubin", "-std=c++17", f"-DEXMY_E={fmt.e}",
-               f"-DEXMY_M={fmt.m}", f"-DGEMV_STAGES={stages}", "--resource-usage", "-o", str(out), str(src)]
+               f"-DEXMY_M={fmt.m}", *share, f"-DGEMV_STAGES={stages}", "--resource-usage", "-o", str(out), str(src)]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
         return proc.returncode, proc.stdout + proc.stderr, out
 

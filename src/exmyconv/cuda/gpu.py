@@ -539,15 +539,18 @@ def gemv_function(kernel: GemvKernel, fmt: ExMy, defines: tuple = ()):
 
 
 def gemv_ring_bytes(fmt: ExMy, kind: str, stages: int) -> int:
-    """Dynamic shared memory of the weight ring of a block (gemv.cu Cfg::RING): per warp, `stages`
-    slots of one main-loop iteration's weights (chunks per lane x the warp's rows x 4 * bits bytes per
-    chunk x 32 lanes); 0 for stages 1 (the register prefetch). Unshared formats only."""
+    """Dynamic shared memory of the weight ring of a block (gemv.cu Cfg::SLOT_LANE): per warp, `stages`
+    slots of one main-loop iteration's weights, 32 lanes x the lane's rows x (its chunks' plane bytes,
+    4 per stored code bit, and shared formats' shared-plane words: one per pair of chunks where k
+    divides 32 (k = 2, 4, 8), else one per chunk, or two where k does not); 0 for stages 1 (the
+    register prefetch)."""
     if stages <= 1:
         return 0
-    if fmt.share != 1:
-        raise ExmyError(f"no weight ring for {fmt.name}: shared formats keep the register prefetch")
     cpt, _ = _gemv_shape(fmt, kind)
-    return GEMV_WARPS * stages * 32 * gemv_tile_rows(kind) // 8 * cpt * 4 * fmt.bits
+    own = fmt.bits - (fmt.share > 1)  # code bits stored per element in the planes
+    pow2 = fmt.share in (2, 4, 8)
+    words = 0 if fmt.share == 1 else 1 if cpt == 2 and own < 8 and pow2 else cpt * (1 if pow2 else 2)
+    return GEMV_WARPS * stages * 32 * gemv_tile_rows(kind) // 8 * (cpt * 4 * own + 4 * words)
 
 
 def gemv_split(n: int, k: int, fmt: ExMy, kind: str, rows: int = GEMV_ROWS) -> int:
@@ -815,7 +818,7 @@ def gemv_plan(x, weight: GpuWeight, out, x_dtype: str | None = None, **tuning) -
     tuning (benchmarks and tests): split=1|2|4|8, interleave=0|1, blocks=2|3 (b1r: blocks per SM
     of the build, instead of gemv_b1r_blocks), defines=("GEMV_CPT=1", ...), kind="nt1"|"nt1w"
     (batch 1..8) or "nt2"|"nt2w"|"nt2q" (batch 9..16), instead of the host's choice (gemv_kernel),
-    stages=2|3|4 (the weight ring, gemv_ring_bytes: unshared formats; the same bits as without).
+    stages=2|3|4 (the weight ring, gemv_ring_bytes; the same bits as without).
     overlap=True launches with programmatic dependent launch (exmyconv.cuda.launch): only where the
     weights are not written by the kernel just before (always so for model weights)."""
     cupy = _cupy()
