@@ -53,6 +53,25 @@ def test_eager_cuda_forward_matches_the_dequantized_weight(rng, dtype_name, rows
     assert err < (4e-3 if dtype == torch.float16 else 2e-2), err
 
 
+def test_eager_cuda_input_gradient(rng):
+    """Adapters trained on a packed model: with x requiring its gradient, the eager CUDA forward at a
+    fused-GEMV batch (4 rows) gives x and the bias the gradients of F.linear with the dequantized
+    weight (the layer takes the op, whose backward multiplies by that weight)."""
+    import torch
+
+    layer = _layer(rng)
+    layer.bias.requires_grad_(True)
+    x = torch.randn(4, layer.in_features, device="cuda", dtype=torch.float16, requires_grad=True)
+    y = layer(x)
+    assert y.grad_fn is not None and not torch.isnan(y).any()
+    y.float().sum().backward()
+    x2 = x.detach().clone().requires_grad_()
+    b2 = layer.bias.detach().clone().requires_grad_()
+    torch.nn.functional.linear(x2, layer.dequantize_weight(torch.float16), b2).float().sum().backward()
+    assert torch.allclose(x.grad.float(), x2.grad.float(), rtol=1e-3, atol=1e-3)
+    assert torch.equal(layer.bias.grad, b2.grad)
+
+
 def test_compiled_reduce_overhead_equals_eager(rng):
     """torch.compile(mode="reduce-overhead", fullgraph=True): the custom op in CUDA graphs, replayed
     with fresh inputs, gives exactly the eager results (same kernels, same inputs)."""

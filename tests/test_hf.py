@@ -762,6 +762,32 @@ def test_copies_get_their_own_handle():
     assert not torch.equal(clone(x), layer(x))
 
 
+def test_eager_input_gradients_go_through_the_op(monkeypatch):
+    """The eager CUDA path (fused GEMV) records nothing for autograd, so a forward that needs x's
+    gradient takes the op (its backward multiplies by the dequantized weight): here _forward is
+    replaced by a computation autograd cannot see, as the GEMV is; x and bias still get their
+    gradients. Under no_grad, _forward itself runs."""
+    layer = _small_linear()
+    w = layer.dequantize_weight(torch.float32)
+    untracked = []
+
+    def gemv_like(x):
+        untracked.append(x.shape)
+        return torch.nn.functional.linear(x.detach(), w, layer.bias.detach())
+
+    monkeypatch.setattr(layer, "_forward", gemv_like)
+    x = torch.randn(3, 200, requires_grad=True)
+    layer(x).square().sum().backward()
+    x2, b2 = x.detach().clone().requires_grad_(), layer.bias.detach().clone().requires_grad_()
+    torch.nn.functional.linear(x2, w, b2).square().sum().backward()
+    assert untracked and x.grad is not None and layer.bias.grad is not None
+    assert torch.allclose(x.grad, x2.grad, rtol=1e-5, atol=1e-6) and torch.allclose(layer.bias.grad, b2.grad)
+    with torch.no_grad():
+        before = len(untracked)
+        layer(x)
+        assert len(untracked) == before + 1
+
+
 def test_compiled_op_gradients_match_the_dequantized_linear():
     layer = _small_linear()
     x = torch.randn(3, 200, requires_grad=True)

@@ -207,7 +207,10 @@ class ExmyLinear(nn.Module):
         return self.dequantize_weight()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.compiler.is_compiling():  # one opaque op in the graph (see the module docstring)
+        # The op: one opaque node in a compiled graph (see the module docstring), and in eager mode
+        # the way to x's gradient (the fused GEMV records nothing for autograd; the op's backward
+        # multiplies by the dequantized weight). Inference (no_grad, generate()) calls _forward.
+        if torch.compiler.is_compiling() or (x.requires_grad and torch.is_grad_enabled()):
             return torch.ops.exmyconv.linear(x, self.weight_packed, self.weight_scale, self.bias, self._handle)
         return self._forward(x)
 
