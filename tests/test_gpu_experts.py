@@ -96,6 +96,30 @@ def test_cuda_experts_match_the_dequantized_reference(rng, monkeypatch, dtype_na
 
 # --------------------------------------------------------------------------- routed GEMV (graph-safe)
 
+@pytest.mark.parametrize("tokens", [1, 40])
+def test_cuda_experts_pass_gradients(rng, tokens):
+    """With the hidden states and the routing weights requiring gradients (adapters, a trainable
+    router), the experts give both the gradients of the dense reference (the fused GEMVs record
+    nothing for autograd, so the layer takes its decode + F.linear path)."""
+    import torch
+
+    experts = _experts(rng, "e2m2", None, torch.float16)  # (fp16 activations: what the fused path takes)
+    x = torch.from_numpy(rng.standard_normal((tokens, H)).astype(np.float32)).to("cuda", torch.float16)
+    x.requires_grad_()
+    logits = torch.from_numpy(rng.standard_normal((tokens, E)).astype(np.float32)).cuda()
+    weights, index = torch.softmax(logits, -1).topk(2, dim=-1)
+    weights = weights.to(torch.float16).requires_grad_()
+    y = experts(x, index, weights)
+    assert y.grad_fn is not None
+    y.float().sum().backward()
+    x2, w2 = x.detach().clone().requires_grad_(), weights.detach().clone().requires_grad_()
+    _reference(experts, x2, index, w2).sum().backward()
+    assert x.grad is not None and weights.grad is not None and not torch.isnan(x.grad).any()
+    for got, want in ((x.grad, x2.grad), (weights.grad, w2.grad)):
+        err = ((got.float() - want.float()).norm() / want.float().norm()).item()
+        assert err < 1e-2, err
+
+
 def _routing(rng, tokens, top_k, dtype, sentinel=False):
     import torch
 

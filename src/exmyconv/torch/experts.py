@@ -167,8 +167,11 @@ class ExmyExperts(nn.Module):
         return [self._buffers[name] for name in PACKED_BUFFERS]
 
     def _forward(self, hidden_states, top_k_index, top_k_weights):
+        # The fused GEMVs record nothing for autograd: where a gradient is needed (adapters trained on
+        # a packed model, a trainable router), the decode + F.linear path, which autograd follows.
+        needs_grad = torch.is_grad_enabled() and (hidden_states.requires_grad or top_k_weights.requires_grad)
         if hidden_states.is_cuda and self.gpu_kernels and hidden_states.dtype in SCALE_NAME \
-                and self.gate_up_proj_packed.is_cuda:
+                and self.gate_up_proj_packed.is_cuda and not needs_grad:
             return self._cuda_forward(hidden_states, top_k_index, top_k_weights)
         return self._eager_forward(hidden_states, top_k_index, top_k_weights)
 
