@@ -128,3 +128,17 @@ def test_weight_ring_bytes():
     assert gpu.gemv_ring_bytes(get_format("e2m3s3"), "nt2q", 2) == 8 * 2 * 32 * (8 * (20 + 2 * 4))
     assert GemvKernel("nt2q", 0, "F16", 0, 1, stages=3).name == "exmy_gemv_fold_x16_nt2q_ring3"
     assert GemvKernel("nt2q", 0, "F16", 0, 1).name == "exmy_gemv_fold_x16_nt2q"
+
+
+def test_weight_ring_takes_the_default_chunk_shape():
+    """gemv_ring_bytes counts the default chunks per lane and warps per block, so a ring with defines
+    that change them (or the routed GEMV) is refused before anything is built or launched."""
+    from types import SimpleNamespace
+
+    from exmyconv.errors import ExmyError
+
+    weight = SimpleNamespace(n=64, k=256, fmt=get_format("e2m2"), ngroups=1, group_size=256, fp16_compute=True,
+                             fold_ok=lambda: True)
+    for tuning in ({"defines": ("GEMV_CPT=1",)}, {"defines": ("GEMV_WARPS=4",)}, {"pairs": 4}):
+        with pytest.raises(ExmyError, match="weight ring takes"):
+            gpu._gemv_launch_shape(weight, "F16", 1, stages=3, **tuning)

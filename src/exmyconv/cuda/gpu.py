@@ -672,8 +672,9 @@ def _gemv_launch_shape(weight: "GpuWeight", x_dtype: str, batch: int, split: int
     if pairs:
         kernel = replace(kernel, routed=True)
     if stages > 1:
-        if pairs:
-            raise ExmyError("the routed GEMV has no weight ring")
+        if pairs or any(d.startswith(("GEMV_CPT", "GEMV_WARPS")) for d in defines):
+            # (gemv_ring_bytes counts the default chunks per lane and warps per block)
+            raise ExmyError("the weight ring takes neither pairs nor GEMV_CPT / GEMV_WARPS defines")
         ring = gemv_ring_bytes(weight.fmt, kernel.kind, stages)
         kernel = replace(kernel, stages=int(stages))
     rows = gemv_tile_rows(kernel.kind)
