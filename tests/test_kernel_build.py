@@ -243,6 +243,33 @@ def test_gemv_ring_builds_compile(tmp_path):
         assert op in ring_ptx and op not in plain_ptx, op
 
 
+@needs_nvcc
+def test_ring_bytes_are_the_kernels(tmp_path):
+    """gpu.gemv_ring_bytes (the shared memory the host gives a block) equals what gemv.cu's ring uses,
+    GEMV_WARPS x STAGES x 32 x Cfg::SLOT_LANE, for every kind and the GEMV's formats (plane
+    combinations, shared bits with k dividing 32 and not): static_asserts in one build per format."""
+    formats = [get_format(name) for name in (*NAMED, "e5m2", "e1m0", "e3m3", *GEMV_SHARED, "e3m2s5", "e1m1s2")]
+
+    def build(fmt: ExMy):
+        lines = [f'#include "{KERNELS / "gemv.cu"}"']
+        for i, kind in enumerate(gpu.GEMV_KINDS):
+            want = gpu.gemv_ring_bytes(fmt, kind, 3)
+            lines.append(f"static_assert(GEMV_WARPS * 3 * 32 * Cfg<{i}, 2>::SLOT_LANE == {want}, "
+                         f'"{fmt.name} {kind}: the host counts {want} bytes");')
+        src = tmp_path / f"slots_{fmt.name}.cu"
+        src.write_text("\n".join(lines) + "\n")
+        share = [f"-DEXMY_SHARE={fmt.share}"] if fmt.share > 1 else []
+        cmd = [NVCC, "-arch=sm_90", "--cubin", "-std=c++17", f"-DEXMY_E={fmt.e}", f"-DEXMY_M={fmt.m}", *share,
+               "-DGEMV_STAGES=3", "-o", str(src.with_suffix(".cubin")), str(src)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        return proc.returncode, proc.stdout + proc.stderr
+
+    with ThreadPoolExecutor(_jobs()) as pool:
+        results = list(pool.map(build, formats))
+    failed = [f"{fmt.name}:\n{log[-1500:]}" for fmt, (rc, log) in zip(formats, results) if rc != 0]
+    assert not failed, "\n".join(failed)
+
+
 HOST_CHECK = r"""
 #include "exmy_decode.cuh"
 #include <cmath>
