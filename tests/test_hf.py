@@ -34,6 +34,7 @@ from exmyconv.torch.codec import dequantize  # noqa: E402
 from exmyconv.torch.embedding import ExmyEmbedding  # noqa: E402
 from exmyconv.torch.linear import ExmyLinear  # noqa: E402
 from exmyconv.io.source import example_dir  # noqa: E402
+from fake_gpu import FakeGpu  # noqa: E402
 
 SMALL = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, vocab_size=256, max_position_embeddings=256)
@@ -630,72 +631,16 @@ def test_cpu_forward_never_touches_the_gpu_backend(monkeypatch):
     assert torch.equal(layer(x), want)
 
 
-class FakeGpu:
-    """Stands in for exmyconv.cuda.gpu (same call signatures), computing with the torch dequantizer."""
-
-    MAX_BATCH = 16
-
-    def __init__(self):
-        self.calls = []
-
-    def supports(self, fmt):
-        return fmt.share == 1
-
-    def gemv_applies(self, fmt, x_dtype, rows):  # the rule of exmyconv.cuda.gpu.gemv_applies
-        from exmyconv.cuda import gpu
-
-        return 1 <= rows <= gpu.MAX_BATCH and x_dtype in ("F16", "BF16") and self.supports(fmt)
-
-    def upload(self, *, payload, scales, scale_dtype, fmt, shape, group_size):
-        self.calls.append("upload")
-        fake = self
-
-        class Weight:
-            def dequantize(self, out_dtype="F16", out=None):
-                fake.calls.append(f"dequantize:{out_dtype}")
-                dtype = {"F16": torch.float16, "BF16": torch.bfloat16}[out_dtype]
-                return dequantize(payload, scales, fmt, shape[-1], group_size, dtype, out=out)
-
-        assert scale_dtype == "F16" and tuple(shape) == (24, 200) and group_size == 64
-        return Weight()
-
-    def GemvLaunch(self, weight, x_dtype, batch, overlap=False):  # noqa: N802 (gpu.GemvLaunch's signature)
-        """gpu.GemvLaunch: prepared once, called with the addresses of x [batch, K] and y [batch, N]."""
-        import ctypes
-
-        fake = self
-        dtype = {"F16": torch.float16, "BF16": torch.bfloat16}[x_dtype]
-
-        def at(address, shape):  # the torch tensor at a (CPU) address
-            raw = (ctypes.c_uint8 * (2 * shape[0] * shape[1])).from_address(address)
-            return torch.frombuffer(raw, dtype=torch.uint8).view(dtype).view(shape)
-
-        def launch(x_ptr, y_ptr, stream):
-            assert x_ptr % 16 == 0
-            fake.calls.append(f"gemv:{batch}")
-            y = at(y_ptr, (batch, 24))
-            y.copy_(torch.nn.functional.linear(at(x_ptr, (batch, 200)), weight.dequantize(x_dtype)))
-
-        return launch
-
-    def gemv(self, x, weight, out=None):
-        assert x.dim() == 2 and x.shape[0] <= 16 and x.is_contiguous()
-        assert out is not None and out.shape == (x.shape[0], 24) and out.dtype == x.dtype  # torch-allocated
-        self.calls.append(f"gemv:{x.shape[0]}")
-        out.copy_(torch.nn.functional.linear(x, weight.dequantize("F16" if x.dtype == torch.float16 else "BF16")))
-        return out
-
-    def to_torch(self, array, dtype=None):
-        return array
-
-
 def test_gpu_hook_dispatch_with_a_fake_backend(monkeypatch):
     from types import SimpleNamespace
 
     monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: SimpleNamespace(cuda_stream=0))  # CPU here
     layer = _small_linear().to(torch.bfloat16)  # a bf16 model: bias in bf16, scales stay fp16
     assert layer.weight_scale.dtype == torch.float16
-    gpu = FakeGpu()
+    def upload_check(scale_dtype, shape, group_size):
+        assert scale_dtype == "F16" and shape == (24, 200) and group_size == 64
+
+    gpu = FakeGpu(upload_check)
     w = layer.dequantize_weight(torch.bfloat16)
     small = torch.randn(2, 8, 200, dtype=torch.bfloat16)  # 16 rows: fused GEMV
     y = layer._gpu_compute(gpu, small)
@@ -710,7 +655,7 @@ def test_gpu_hook_dispatch_with_a_fake_backend(monkeypatch):
     base = torch.randn(2 * 200 + 1, dtype=torch.bfloat16)
     for x in (torch.randn(200, 3, dtype=torch.bfloat16).t(), base[1:201], base[1:401].view(2, 200)):
         y = layer._gpu_compute(gpu, x)
-        assert y.shape == (*x.shape[:-1], 24) and gpu.calls[-2] == f"gemv:{x.numel() // 200}"  # (then its decode)
+        assert y.shape == (*x.shape[:-1], 24) and gpu.calls[-1] == f"gemv:{x.numel() // 200}"
         assert torch.equal(y, torch.nn.functional.linear(x, w) + layer.bias)
     with pytest.raises(RuntimeError):  # a wrong last dimension: F.linear's error, as nn.Linear gives
         layer._gpu_compute(gpu, torch.randn(2, 100, dtype=torch.bfloat16))

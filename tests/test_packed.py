@@ -16,6 +16,7 @@ from exmyconv.format.pack import row_bytes  # noqa: E402
 from exmyconv.format.quant import groups_of  # noqa: E402
 from exmyconv.torch.codec import dequantize  # noqa: E402
 from exmyconv.torch.packed import PackedLinear, packed_linear, slice_k  # noqa: E402
+from fake_gpu import FakeGpu  # noqa: E402
 
 
 def random_weight(rng, fmt: str, n: int, k: int, group: int | None, scale_dtype=torch.float16):
@@ -144,51 +145,6 @@ def test_entry_point_is_declared():
     assert any(r.startswith("vllm") for r in meta["optional-dependencies"]["vllm"])
 
 
-class _FakeGpu:
-    """Stands in for exmyconv.cuda.gpu on the CPU (same call signatures), computing with the torch codec:
-    the prepared GEMV reads x's rows at the address it is given, as the kernel does."""
-
-    MAX_BATCH = 16
-
-    def __init__(self):
-        self.calls = []
-
-    def gemv_applies(self, fmt, x_dtype, rows):
-        return 1 <= rows <= self.MAX_BATCH and x_dtype in ("F16", "BF16")
-
-    def upload(self, *, payload, scales, scale_dtype, fmt, shape, group_size):
-        fake = self
-
-        class Weight:
-            def dequantize(self, dtype):
-                return dequantize(payload, scales, fmt, shape[-1], group_size, dtype)
-
-            def dequant_plan(self, out, out_dtype):
-                fake.calls.append("dequantize")
-                dtype = {"F16": torch.float16, "BF16": torch.bfloat16}[out_dtype]
-                return lambda: out.copy_(self.dequantize(dtype))
-
-        return Weight()
-
-    def GemvLaunch(self, weight, x_dtype, rows, overlap=False):  # noqa: N802 (gpu.GemvLaunch's signature)
-        import ctypes
-
-        dtype = {"F16": torch.float16, "BF16": torch.bfloat16}[x_dtype]
-        w = weight.dequantize(dtype)
-        fake = self
-
-        def at(address, cols):  # the [rows, cols] tensor at a (CPU) address
-            raw = (ctypes.c_uint8 * (2 * rows * cols)).from_address(address)
-            return torch.frombuffer(raw, dtype=torch.uint8).view(dtype).view(rows, cols)
-
-        def launch(x_ptr, y_ptr, stream):
-            assert x_ptr % 16 == 0
-            fake.calls.append(f"gemv:{rows}")
-            at(y_ptr, w.shape[0]).copy_(torch.nn.functional.linear(at(x_ptr, w.shape[1]), w))
-
-        return launch
-
-
 def test_cuda_path_with_a_fake_backend(rng, monkeypatch):
     """The CUDA path of the vLLM layers (PackedLinear's per-weight state) on the CPU with a stand-in for
     exmyconv.cuda.gpu: N-d x keeps its shape; rows the kernel cannot read in place (a transposed view,
@@ -205,7 +161,7 @@ def test_cuda_path_with_a_fake_backend(rng, monkeypatch):
     n, k = 24, 200
     packed, scale = random_weight(rng, "e2m2", n, k, 64, torch.bfloat16)
     spec = PackedLinear("e2m2", k, n, 64)
-    gpu = _FakeGpu()
+    gpu = FakeGpu()
     state = packed_mod._CudaState(gpu, spec, packed, scale, key=None)
     w = dequantize(packed, scale, "e2m2", k, 64, torch.bfloat16)
     bias = torch.randn(n, dtype=torch.bfloat16)
@@ -217,6 +173,6 @@ def test_cuda_path_with_a_fake_backend(rng, monkeypatch):
         assert torch.equal(y, torch.nn.functional.linear(x, w) + bias)
     x = torch.randn(17, k, dtype=torch.bfloat16)
     assert torch.equal(state.forward(x, bias), torch.nn.functional.linear(x, w, bias))
-    assert gpu.calls[-1] == "dequantize"
+    assert gpu.calls[-1] == "dequantize:BF16"
     with pytest.raises(RuntimeError):
         state.forward(torch.randn(2, 100, dtype=torch.bfloat16), None)

@@ -692,9 +692,10 @@ def _gemv_launch_shape(weight: "GpuWeight", x_dtype: str, batch: int, split: int
     if stages > 1:
         smem += ring
     fn = gemv_function(kernel, weight.fmt, defines)
-    if stages > 1 and smem + fn.shared_size_bytes > smem_per_block(_cupy().cuda.Device().id):
+    limit = smem_per_block(_cupy().cuda.Device().id)
+    if stages > 1 and smem + fn.shared_size_bytes > limit:
         raise ExmyError(f"a weight ring of {stages} stages needs {smem + fn.shared_size_bytes} bytes of shared "
-                        f"memory per block; this GPU has {smem_per_block(_cupy().cuda.Device().id)}")
+                        f"memory per block; this GPU has {limit}")
     # beyond 48 KB of static + dynamic shared memory a launch needs the function's opt-in attribute
     if smem + fn.shared_size_bytes > 48 * 1024 and fn.max_dynamic_shared_size_bytes < smem:
         fn.max_dynamic_shared_size_bytes = smem
