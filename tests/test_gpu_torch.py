@@ -261,3 +261,49 @@ def test_packed_embedding_on_cuda(rng, scales8):
         graph.replay()
         torch.cuda.synchronize()
         assert torch.equal(out, table[static])
+
+
+@pytest.mark.parametrize("rows", [1, 4, 16, 40])
+def test_sibling_group_on_cuda(rng, rows):
+    """q/k/v of Llama-3-8B's attention as one layer of all their rows (exmyconv.torch.siblings): each
+    member gets its own rows' product within the GEMV's error bound (exactly the plain F.linear of the
+    dequantized rows at 40 rows), one launch serves all three, and a compiled CUDA graph
+    (reduce-overhead, fullgraph) replays exactly the eager results."""
+    import torch
+
+    from exmyconv.torch.siblings import SiblingGroup
+
+    class Attention(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q_proj, self.k_proj, self.v_proj = (_layer(rng, n=n, bias=n == 1024, dtype=torch.bfloat16)
+                                                     for n in (4096, 1024, 1024))
+
+        def forward(self, x):
+            return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+
+    att = Attention().eval()
+    members = (att.q_proj, att.k_proj, att.v_proj)
+    wants = [m.dequantize_weight(torch.float32) for m in members]
+    x = torch.randn(rows, 4096, device="cuda", dtype=torch.bfloat16)
+    group = SiblingGroup(list(members))
+    with torch.no_grad():
+        got = att(x)
+        launches = group.fused._launches.copy()
+        for y, m, w in zip(got, members, wants):
+            want = torch.nn.functional.linear(x.float(), w, None if m.bias is None else m.bias.float())
+            assert y.shape == (rows, m.out_features) and not torch.isnan(y).any()
+            err = ((y.float() - want).norm() / want.norm()).item()
+            assert err < 2e-2, err
+            if rows > 16:
+                lo, hi = group.bounds[members.index(m)]
+                plain = torch.nn.functional.linear(x, group.fused.dequantize_weight(torch.bfloat16))[:, lo:hi]
+                assert torch.equal(y, plain if m.bias is None else plain + m.bias)
+        assert all(m._launches == {} for m in members) and len(launches) == (rows <= 16)
+        torch._dynamo.reset()
+        compiled = torch.compile(att, mode="reduce-overhead", fullgraph=True)
+        for step in range(5):
+            x = torch.randn(rows, 4096, device="cuda", dtype=torch.bfloat16)
+            got = [y.clone() for y in compiled(x)]
+            assert all(torch.equal(g, e) for g, e in zip(got, att(x))), step
+    assert group.pending is None and all(m._siblings for m in members)

@@ -83,6 +83,7 @@ from ..torch.codec import TORCH_DTYPE, dequantize, scale_values, unpack_codes  #
 from ..torch.embedding import ExmyEmbedding
 from ..torch.experts import PROJECTIONS, ExmyExperts, ExpertWeights
 from ..torch.linear import ExmyLinear
+from ..torch.siblings import fuse_siblings
 
 __all__ = ["ExmyConfig", "ExmyHfQuantizer", "ExmyLinear", "dequantize", "unpack_codes", "register", "QUANT_METHOD"]
 
@@ -513,6 +514,7 @@ class ExmyHfQuantizer(HfQuantizer):
             raise ExmyError(f"exmy: {len(missing)} quantized tensors did not load, e.g. {missing[0]}")
         for path in self._linear:  # on the GPU: rows the kernels read in place, before anything compiles
             model.get_submodule(path).align_rows()
+        fuse_siblings(model)  # q/k/v and gate/up on the GPU: one GEMV each
         return model
 
     def _dequantize(self, model, dtype=None):

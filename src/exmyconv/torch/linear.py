@@ -145,6 +145,7 @@ class ExmyLinear(nn.Module):
     """
 
     gpu_kernels: bool = os.environ.get("EXMYCONV_GPU_KERNELS", "1") != "0"
+    _siblings = None  # (SiblingGroup, index) while the layer is computed with its siblings (torch.siblings)
 
     def __init__(self, in_features: int, out_features: int, fmt: ExMy | str, group_size: int | None = None,
                  bias: bool = True, scale_dtype: torch.dtype = torch.float16, device=None,
@@ -207,10 +208,17 @@ class ExmyLinear(nn.Module):
         return self.dequantize_weight()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        grad = x.requires_grad and torch.is_grad_enabled()
+        siblings = self._siblings
+        if siblings is not None and not grad:  # one GEMV with q/k/v (gate/up): exmyconv.torch.siblings
+            y = siblings[0].output(siblings[1], x)
+            if y is not None:
+                bias = self._parameters["bias"]
+                return y if bias is None else y + bias.to(y.dtype)
         # The op: one opaque node in a compiled graph (see the module docstring), and in eager mode
         # the way to x's gradient (the fused GEMV records nothing for autograd; the op's backward
         # multiplies by the dequantized weight). Inference (no_grad, generate()) calls _forward.
-        if torch.compiler.is_compiling() or (x.requires_grad and torch.is_grad_enabled()):
+        if torch.compiler.is_compiling() or grad:
             return torch.ops.exmyconv.linear(x, self.weight_packed, self.weight_scale, self.bias, self._handle)
         return self._forward(x)
 
@@ -293,7 +301,10 @@ class ExmyLinear(nn.Module):
 
     # -- dtype safety ------------------------------------------------------------------------
     def _apply(self, fn, recurse=True):
-        """``.to(...)``: :func:`apply_keeping_scales`; then the GPU layout and caches are redone."""
+        """``.to(...)``: :func:`apply_keeping_scales`; then the GPU layout and caches are redone (and
+        the layer leaves its sibling group: its buffers may move apart)."""
+        if self._siblings is not None:
+            self._siblings[0].dissolve()
         try:
             return apply_keeping_scales(self, fn, recurse, super()._apply)
         finally:
