@@ -423,9 +423,13 @@ def _stream_of(x):
 XS_LIMIT = 32 * 1024  # largest x staging buffer (bytes) of the b1 kernels (K <= ~13 000); else b1r
 
 
-def _gemv_shape(fmt: ExMy, kind: str) -> tuple[int, int]:
-    """(chunks per lane and iteration, chunks per warp iteration) of a kernel kind (gemv.cu Cfg)."""
+def _gemv_shape(fmt: ExMy, kind: str, defines: tuple = ()) -> tuple[int, int]:
+    """(chunks per lane and iteration, chunks per warp iteration) of a kernel kind (gemv.cu Cfg), and
+    of a build with a GEMV_CPT define (tuning)."""
     cpt = 2 if kind in ("b1", "b1r") and fmt.bits <= 6 else 1
+    for d in defines:
+        if d.startswith("GEMV_CPT=") and int(d.split("=")[1]) > 0:
+            cpt = int(d.split("=")[1])
     return cpt, 4 * cpt
 
 
@@ -446,9 +450,9 @@ def gemv_wide(n: int, fmt: ExMy) -> bool:
     return fmt.bits <= 5 and -(-n // (2 * GEMV_ROWS)) * GEMV_WARPS >= 0.75 * sms * GEMV_WARPS * 2
 
 
-def _xs_bytes(fmt: ExMy, k: int) -> int:
+def _xs_bytes(fmt: ExMy, k: int, defines: tuple = ()) -> int:
     """Shared memory of the batch-1 kernels: x for every chunk of the padded iterations, 80 B each."""
-    _, kstep = _gemv_shape(fmt, "b1")
+    _, kstep = _gemv_shape(fmt, "b1", defines)
     nq = -(-k // 32)
     return -(-nq // kstep) * kstep * 80
 
@@ -684,11 +688,13 @@ def _gemv_launch_shape(weight: "GpuWeight", x_dtype: str, batch: int, split: int
     if kernel.kind == "b1r":  # (routed: the 128-register build; at 80 the per-pair addresses spill)
         sms = sm_count(_cupy().cuda.Device().id)
         blocks = blocks or (2 if pairs else gemv_b1r_blocks(kernel, grid[0], weight.fmt, sms))
+    if blocks:
         kernel = replace(kernel, blocks=int(blocks))
+    if kernel.kind == "b1r":
         # each warp's x window (one iteration's chunks, 80 bytes each) x 2; the ring replaces it
         smem = 0 if stages > 1 else GEMV_WARPS * _gemv_shape(weight.fmt, "b1r")[1] * 80 * 2
     else:
-        smem = _xs_bytes(weight.fmt, weight.k) if kernel.kind == "b1" else 0
+        smem = _xs_bytes(weight.fmt, weight.k, defines) if kernel.kind == "b1" else 0
     if stages > 1:
         smem += ring
     fn = gemv_function(kernel, weight.fmt, defines)
@@ -818,8 +824,9 @@ class RoutedGemvLaunch:
 def gemv_plan(x, weight: GpuWeight, out, x_dtype: str | None = None, **tuning) -> GemvPlan:
     """Prepare y = x @ W.T into `out` ([B, N], B <= 16, same dtype as x) for repeated launches.
 
-    tuning (benchmarks and tests): split=1|2|4|8, interleave=0|1, blocks=2|3 (b1r: blocks per SM
-    of the build, instead of gemv_b1r_blocks), defines=("GEMV_CPT=1", ...), kind="nt1"|"nt1w"
+    tuning (benchmarks and tests): split=1|2|4|8, interleave=0|1, blocks=1|2|3 (blocks per SM the
+    build's registers are sized for, instead of gemv_blocks / gemv_b1r_blocks),
+    defines=("GEMV_CPT=4", ...; b1 sizes its staged x by GEMV_CPT), kind="nt1"|"nt1w"
     (batch 1..8) or "nt2"|"nt2w"|"nt2q" (batch 9..16), instead of the host's choice (gemv_kernel),
     stages=2|3|4 (the weight ring, gemv_ring_bytes; the same bits as without).
     overlap=True launches with programmatic dependent launch (exmyconv.cuda.launch): only where the
