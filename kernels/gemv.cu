@@ -31,6 +31,12 @@
 //                        the float32 sums are multiplied by the row's scale, as MODE 0/1 do in fp16.
 //                        Per pair one instruction instead of MODE 2's five: bf16 models' fast path
 //                        (the host takes it for bf16 x and E <= 4, where it is tested bit-exact).
+//   MODE 4 (bf16 x, fp16 operands; b1, one scale per row): the block stages x as fp16 numbers
+//                        x * 2^s, s a power of two chosen from the largest |x| (stage_x), so that the
+//                        weights take MODE 0/1's free fp16 decode; the float32 sums are multiplied by
+//                        scale * 2^(15-bias) * 2^-s. Products and sums are MODE 3's scaled by a power of
+//                        two, so y is MODE 3's bit for bit unless an |x| is below 2^-29 of the largest
+//                        (it rounds in fp16; a contribution far below y's bf16 rounding).
 // x of the other 16-bit type is converted once per load (MODE 2 with fp16 x: x rounded to bf16).
 //
 // One kernel template, exmy_gemv<KIND, MODE, XF16, GM, BLOCKS> (at the end); the host picks the
@@ -233,6 +239,8 @@ template <>
 struct ScaleT<2> { typedef float type; };
 template <>
 struct ScaleT<3> { typedef float type; };
+template <>
+struct ScaleT<4> { typedef float type; };
 
 template <int MODE>
 __device__ __forceinline__ typename ScaleT<MODE>::type load_scale(const void* ks, size_t i) {
@@ -255,6 +263,15 @@ __device__ __forceinline__ u32 scale_pair(u32 h, typename ScaleT<MODE>::type s0,
         float hi = fmul_rn(fmul_rn(__uint_as_float(bf16_lane_bits(h, 1)), p127), s1);
         return bf16x2_rn(lo, hi);
     }
+}
+
+// MODE 4: bf16x2 word -> fp16x2 word of both lanes times `pow2` (a power of two: exact in float32;
+// rounded to fp16 only below fp16's normal range).
+__device__ __forceinline__ u32 bf16x2_to_f16x2_times(u32 w, float pow2) {
+    const float lo = fmul_rn(__uint_as_float(w << 16), pow2), hi = fmul_rn(__uint_as_float(w & 0xFFFF0000u), pow2);
+    u32 r;
+    asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));  // lo -> bits 15..0
+    return r;
 }
 
 __device__ __forceinline__ float f16_to_f32(u32 bits) {
@@ -313,9 +330,10 @@ __device__ __forceinline__ void gemv_warp(const u8* __restrict__ payload, const 
     // chunks t, t+4 of k = 4 formats: their shared words in one load (load_chunk_spread); not in the
     // 80-register build of b1r, where that was slower on an H100 (docs/benchmarks.md, H100 tuning)
     constexpr bool SPREAD_PAIR = SPREAD && CPT == 2 && SHARE == 4 && PP;
-    constexpr bool BF = MODE >= 2;          // tensor-core operand type
-    constexpr bool EPI = GM == 0 && MODE != 2;  // scale after the mma (one scale per row, MODE 0, 1, 3)
+    constexpr bool BF = MODE == 2 || MODE == 3;  // tensor-core operand type
+    constexpr bool EPI = GM == 0 && MODE != 2;  // scale after the mma (one scale per row, MODE 0, 1, 3, 4)
     static_assert(MODE != 3 || GM == 0, "MODE 3 is for one scale per row");
+    static_assert(MODE != 4 || (GM == 0 && KIND == 0 && !XF16), "MODE 4 is b1 with bf16 x and one scale per row");
     typedef typename ScaleT<MODE>::type S;
     const u32 lane = threadIdx.x & 31;
     const u32 gr = lane >> 2, t = lane & 3;     // mma groupID / thread-in-group
@@ -455,11 +473,38 @@ __device__ __forceinline__ void gemv_warp(const u8* __restrict__ payload, const 
     // dynamic), already in pair order (and bf16 when the operands are bf16), zeros past K. Every
     // warp calls this exactly once, after issuing its first weight loads (they overlap), and
     // before it reads x in any kernel kind: the PDL wait for the kernel that writes x is here.
+    float xpow = 1.f, xunpow = 1.f;  // MODE 4: x is staged times xpow = 2^s; the sums get xunpow = 2^-s
     auto stage_x = [&]() {
         pdl_wait();
         if (!XS) return;
         u32* xsw = const_cast<u32*>(xs);
         const u32 niter_all = (nq + KSTEP - 1) / KSTEP;
+        if constexpr (MODE == 4) {
+            // s = 14 - exponent of the block's largest |x|, so every x * 2^s is below 2^15 (fp16
+            // holds up to 65504) and the largest keeps fp16's 11 bits. |x| is compared as bf16
+            // magnitude bits (their integer order is the numbers'; inf and NaN sort last).
+            __shared__ u32 xmax[WARPS];
+            u32 m2 = 0;  // two lanes of magnitude bits
+            for (u32 e = 8 * threadIdx.x; e < k; e += 8 * WARPS * 32) {
+                if (xvec && e + 8 <= k) {
+                    const uint4 r = ld_x16(x + e);
+                    m2 = __vmaxu2(m2, __vmaxu2(__vmaxu2(r.x, r.y), __vmaxu2(r.z, r.w)) & 0x7FFF7FFFu);
+                } else {
+                    for (u32 i = e; i < e + 8 && i < k; ++i) m2 = __vmaxu2(m2, (u32)x[i] & 0x7FFFu);
+                }
+            }
+            u32 m = __reduce_max_sync(0xFFFFFFFFu, max(m2 & 0xFFFFu, m2 >> 16));
+            if (lane == 0) xmax[threadIdx.x >> 5] = m;
+            __syncthreads();
+            m = xmax[0];
+#pragma unroll
+            for (int w = 1; w < WARPS; ++w) m = max(m, xmax[w]);
+            const int ex = (int)(m >> 7);  // bf16 exponent field: 0 (zero / subnormal) .. 255 (inf, NaN)
+            const int sh = ex == 0 ? 127 : min(127, 141 - ex);  // >= -114
+            xpow = __uint_as_float((u32)(127 + sh) << 23);
+            xunpow = __uint_as_float((u32)(127 - sh) << 23);  // 2^-s: normal for s <= 126, 2^-127 is subnormal
+            if (sh == 127) xunpow = __uint_as_float(0x00400000u);
+        }
         for (u32 q = threadIdx.x; q < niter_all * KSTEP; q += WARPS * 32) {
             u32 w[16];  // w[i] = (x[32q + 2i], x[32q + 2i + 1])
             if (xvec && 32 * q + 32 <= k) {
@@ -478,6 +523,10 @@ __device__ __forceinline__ void gemv_warp(const u8* __restrict__ payload, const 
             if (BF && XF16) {
 #pragma unroll
                 for (int i = 0; i < 16; ++i) w[i] = f16x2_to_bf16x2(w[i]);
+            }
+            if constexpr (MODE == 4) {
+#pragma unroll
+                for (int i = 0; i < 16; ++i) w[i] = bf16x2_to_f16x2_times(w[i], xpow);
             }
 #pragma unroll
             for (int p = 0; p < 16; ++p) {  // pair p = (x[pair_elem(p,0)], x[pair_elem(p,1)])
@@ -688,13 +737,16 @@ __device__ __forceinline__ void gemv_warp(const u8* __restrict__ payload, const 
         }
     }
 
-    if (EPI) {  // row scales: fp16 bits of S = scale*2^(15-bias) (MODE 0) or of scale (MODE 1); float (MODE 3)
+    if (EPI) {  // row scales: fp16 bits of S = scale*2^(15-bias) (MODE 0) or of scale (MODE 1); float (MODE 3, 4)
         const float p15 = __uint_as_float(POW2_15_BITS);
 #pragma unroll
         for (int m = 0; m < MT; ++m) {
             float fa, fb;
             if constexpr (MODE == 3) {
                 fa = rsa[m]; fb = rsb[m];
+            } else if constexpr (MODE == 4) {  // exact: powers of two (fmul_rn keeps a subnormal 2^-127)
+                fa = fmul_rn(fmul_rn(rsa[m], p15), xunpow);
+                fb = fmul_rn(fmul_rn(rsb[m], p15), xunpow);
             } else {
                 fa = MODE == 0 ? f16_to_f32((u32)rsa[m]) : fmul_rn(f16_to_f32((u32)rsa[m]), p15);
                 fb = MODE == 0 ? f16_to_f32((u32)rsb[m]) : fmul_rn(f16_to_f32((u32)rsb[m]), p15);
@@ -779,7 +831,7 @@ __device__ __forceinline__ void gemv(const u8* __restrict__ payload, const void*
 
 // The GEMV kernel. KIND: 0 b1, 1 nt1, 2 nt2, 3 b1r, 4 nt2w, 5 nt1w, 6 nt2q (Cfg). MODE: 0 fp16 operands with the scale
 // folded, 1 fp16 operands in two steps, 2 bf16 operands, 3 bf16 operands with the row scale after
-// the mma (one scale per row; see the top). XF16: x and y are fp16, else
+// the mma (one scale per row), 4 bf16 x staged as scaled fp16 (b1; see the top). XF16: x and y are fp16, else
 // bf16. GM: 0 one scale per row, 1 scale groups aligned to 32-element chunks, 2 not aligned (a
 // scale per element, slower). BLOCKS: blocks per SM the register budget is sized for, 3 (<= 80
 // registers) or 2 (<= 128); the host takes 3 for the b1 and nt1 fp16-operand kernels with one scale
@@ -794,6 +846,7 @@ exmy_gemv(const u8* __restrict__ payload, const void* __restrict__ ks, const u16
           u32 split, u32 interleave) {
     // fp16 operands hold the raw code values as fp16 numbers: E = 5 would fill the fp16 exponent field
     static_assert(MODE >= 2 || (F16_OK && XF16), "fp16 operands (MODE 0, 1) need E <= 4 and fp16 x");
+    static_assert(MODE != 4 || F16_OK, "fp16 operands (MODE 4) need E <= 4");
     gemv<KIND, MODE, XF16, GM, BLOCKS>(payload, ks, x, y, n, k, stride, ngroups, g, gshift, batch, split,
                                        interleave);
 }
@@ -814,6 +867,7 @@ exmy_gemv_routed(const u8* __restrict__ payload, const void* __restrict__ ks, co
                  unsigned long long expert_bytes, unsigned long long expert_scale_bytes, u32 x_div) {
     static_assert(KIND == 0 || KIND == 3, "a routed pair is a batch-1 GEMV");
     static_assert(MODE >= 2 || (F16_OK && XF16), "fp16 operands (MODE 0, 1) need E <= 4 and fp16 x");
+    static_assert(MODE != 4 || F16_OK, "fp16 operands (MODE 4) need E <= 4");
     // The ids are usually the output of the kernel just before (top-k): unlike exmy_gemv, whose weight
     // loads start before the PDL wait, nothing here can be read before it.
     pdl_wait();

@@ -466,7 +466,8 @@ class GemvKernel:
 
     kind: str     # "b1" batch 1, x staged per block; "b1r" batch 1, larger K; "nt1" batch <= 8; "nt2" 9..16
     mode: int     # 0 fp16 operands, scale folded; 1 fp16 operands, two steps; 2 bf16 operands;
-                  # 3 bf16 operands, one scale per row applied to the sums
+                  # 3 bf16 operands, one scale per row applied to the sums; 4 bf16 x staged as
+                  # fp16 times a power of two (b1, one scale per row; gemv_plan tuning)
     x_dtype: str  # "F16" or "BF16": x and y
     groups: int   # 0 one scale per row, 1 groups aligned to 32-element chunks, 2 unaligned
     blocks: int   # blocks per SM its registers are sized for: 1 (<= 255 registers), 2 (<= 128) or 3 (<= 80)
@@ -485,7 +486,7 @@ class GemvKernel:
         """Name for logs and benchmark rows, e.g. exmy_gemv_fold_x16_b1r_g; a b1r built for 3
         blocks per SM ends in _3blocks (it depends on the launch; for the other kinds the blocks
         follow from the kernel and the format, gemv_blocks)."""
-        mode = ("fold", "two", "bf", "bfrow")[self.mode]
+        mode = ("fold", "two", "bf", "bfrow", "bfx16")[self.mode]
         x = "x16" if self.x_dtype == "F16" else "xbf"
         groups = ("", "_g", "_ga")[self.groups]
         three = "_3blocks" if self.kind == "b1r" and self.blocks == 3 else ""
@@ -662,7 +663,7 @@ class _GemvLaunchShape:
 
 def _gemv_launch_shape(weight: "GpuWeight", x_dtype: str, batch: int, split: int | None = None,
                        interleave: int | None = None, defines: tuple = (), blocks: int | None = None,
-                       kind: str | None = None, pairs: int = 0, stages: int = 1):
+                       kind: str | None = None, pairs: int = 0, stages: int = 1, mode: int | None = None):
     """pairs > 0: the routed kernel for that many (token, expert) pairs of batch 1, one grid row each;
     its split is the single GEMV's, so that each pair's row is the same computation bit for bit.
     stages > 1: the weight ring (gemv_ring_bytes), for tuning; not with pairs."""
@@ -673,6 +674,11 @@ def _gemv_launch_shape(weight: "GpuWeight", x_dtype: str, batch: int, split: int
     if pairs and (batch != 1 or kind is not None or not 1 <= pairs <= MAX_PAIRS):
         raise ExmyError(f"a routed GEMV takes 1..{MAX_PAIRS} pairs of one row each, not {pairs} of {batch}")
     kernel = gemv_kernel(weight, x_dtype, batch, kind)
+    if mode is not None and mode != kernel.mode:
+        if not (mode == 4 and kernel.mode == 3 and kernel.kind == "b1" and not pairs):
+            raise ExmyError(f"mode {mode} applies only to b1 launches the host runs in mode 3 (bf16 x, E <= 4, "
+                            f"one scale per row); this one is {kernel.name}")
+        kernel = replace(kernel, mode=4)
     if pairs:
         kernel = replace(kernel, routed=True)
     if stages > 1:
@@ -713,12 +719,12 @@ class GemvPlan:
 
     def __init__(self, xc, x_dtype: str, weight: GpuWeight, y, stream, split: int | None = None,
                  interleave: int | None = None, defines: tuple = (), overlap: bool = False,
-                 blocks: int | None = None, kind: str | None = None, stages: int = 1):
+                 blocks: int | None = None, kind: str | None = None, stages: int = 1, mode: int | None = None):
         batch = int(xc.shape[0])
         if xc.shape[1] != weight.k:
             raise ExmyError(f"x has {xc.shape[1]} columns; the weight needs {weight.k}")
         shape = _gemv_launch_shape(weight, x_dtype, batch, split, interleave, defines, blocks, kind,
-                                   stages=stages)
+                                   stages=stages, mode=mode)
         self.kernel, self.fn, self.grid, self.smem = shape.kernel, shape.fn, shape.grid, shape.smem
         self.split, self.interleave = shape.split, shape.interleave
         self.args = shape.args(weight, xc, y, batch)
@@ -828,7 +834,8 @@ def gemv_plan(x, weight: GpuWeight, out, x_dtype: str | None = None, **tuning) -
     build's registers are sized for, instead of gemv_blocks / gemv_b1r_blocks),
     defines=("GEMV_CPT=4", ...; b1 sizes its staged x by GEMV_CPT), kind="nt1"|"nt1w"
     (batch 1..8) or "nt2"|"nt2w"|"nt2q" (batch 9..16), instead of the host's choice (gemv_kernel),
-    stages=2|3|4 (the weight ring, gemv_ring_bytes; the same bits as without).
+    stages=2|3|4 (the weight ring, gemv_ring_bytes; the same bits as without), mode=4 (b1 with bf16 x:
+    x staged as fp16 times a power of two; mode 3's bits).
     overlap=True launches with programmatic dependent launch (exmyconv.cuda.launch): only where the
     weights are not written by the kernel just before (always so for model weights)."""
     cupy = _cupy()
