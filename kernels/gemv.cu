@@ -31,8 +31,8 @@
 //                        the float32 sums are multiplied by the row's scale, as MODE 0/1 do in fp16.
 //                        Per pair one instruction instead of MODE 2's five: bf16 models' fast path
 //                        (the host takes it for bf16 x and E <= 4, where it is tested bit-exact).
-//   MODE 4 (bf16 x, fp16 operands; b1, one scale per row): the block stages x as fp16 numbers
-//                        x * 2^s, s a power of two chosen from the largest |x| (stage_x), so that the
+//   MODE 4 (bf16 x, fp16 operands; b1 / b1r, one scale per row): x is used as fp16 numbers
+//                        x * 2^s, s a power of two chosen from the block's largest |x| (stage_x), so that the
 //                        weights take MODE 0/1's free fp16 decode; the float32 sums are multiplied by
 //                        scale * 2^(15-bias) * 2^-s. Products and sums are MODE 3's scaled by a power of
 //                        two, so y is MODE 3's bit for bit unless an |x| is below 2^-29 of the largest
@@ -287,8 +287,9 @@ __device__ __forceinline__ float f16_to_f32(u32 bits) {
 // general order (pair 2e = elements (e, e+8), 2e+1 = (e+16, e+24)) takes word t of each of the
 // 4 lanes of the chunk, exchanged through `raw` (the warp's second window, same layout).
 // Call with the whole warp; the window may be read after it returns.
-template <bool BF, bool XF16>
-__device__ __forceinline__ void park_x(uint4 v, u32 lane, u32* win, u32* raw) {
+// X16S (MODE 4): bf16 x parked as fp16 times xpow.
+template <bool BF, bool XF16, bool X16S = false>
+__device__ __forceinline__ void park_x(uint4 v, u32 lane, u32* win, u32* raw, float xpow = 1.f) {
     const u32 c = lane >> 2, t = lane & 3;
     u32 w[4];
     if (NIB) {  // pairs 4t + j = (x0,x2), (x4,x6), (x1,x3), (x5,x7) of the lane's elements
@@ -308,6 +309,10 @@ __device__ __forceinline__ void park_x(uint4 v, u32 lane, u32* win, u32* raw) {
     if (BF && XF16) {
 #pragma unroll
         for (int i = 0; i < 4; ++i) w[i] = f16x2_to_bf16x2(w[i]);
+    }
+    if (X16S) {
+#pragma unroll
+        for (int i = 0; i < 4; ++i) w[i] = bf16x2_to_f16x2_times(w[i], xpow);
     }
     *(uint4*)(win + c * XS_STRIDE + 4 * t) = make_uint4(w[0], w[1], w[2], w[3]);
     __syncwarp();
@@ -333,7 +338,8 @@ __device__ __forceinline__ void gemv_warp(const u8* __restrict__ payload, const 
     constexpr bool BF = MODE == 2 || MODE == 3;  // tensor-core operand type
     constexpr bool EPI = GM == 0 && MODE != 2;  // scale after the mma (one scale per row, MODE 0, 1, 3, 4)
     static_assert(MODE != 3 || GM == 0, "MODE 3 is for one scale per row");
-    static_assert(MODE != 4 || (GM == 0 && KIND == 0 && !XF16), "MODE 4 is b1 with bf16 x and one scale per row");
+    static_assert(MODE != 4 || (GM == 0 && (KIND == 0 || KIND == 3) && !XF16),
+                  "MODE 4 is b1 / b1r with bf16 x and one scale per row");
     typedef typename ScaleT<MODE>::type S;
     const u32 lane = threadIdx.x & 31;
     const u32 gr = lane >> 2, t = lane & 3;     // mma groupID / thread-in-group
@@ -371,6 +377,7 @@ __device__ __forceinline__ void gemv_warp(const u8* __restrict__ payload, const 
     // and the first chunk it holds
     u32* const xwin = const_cast<u32*>(xs) + (threadIdx.x >> 5) * (2 * KSTEP * XS_STRIDE);
     u32 xbase = 0;
+    float xpow = 1.f, xunpow = 1.f;  // MODE 4: x is used times xpow = 2^s, the sums get xunpow = 2^-s (stage_x)
     // x words of chunk q: xw[j][w] = (x[2w], x[2w+1]) of row xr[j]; `checked`: may be the K tail.
     auto load_x = [&](u32 (&xw)[NT][16], u32 q, bool checked) {
         // staged pair words, already in the operand type: b1's whole x (pair p of chunk q at
@@ -408,6 +415,12 @@ __device__ __forceinline__ void gemv_warp(const u8* __restrict__ payload, const 
             for (int j = 0; j < NT; ++j)
 #pragma unroll
                 for (int w = 0; w < 16; ++w) xw[j][w] = f16x2_to_bf16x2(xw[j][w]);
+        }
+        if constexpr (MODE == 4) {
+#pragma unroll
+            for (int j = 0; j < NT; ++j)
+#pragma unroll
+                for (int w = 0; w < 16; ++w) xw[j][w] = bf16x2_to_f16x2_times(xw[j][w], xpow);
         }
     };
 
@@ -473,12 +486,8 @@ __device__ __forceinline__ void gemv_warp(const u8* __restrict__ payload, const 
     // dynamic), already in pair order (and bf16 when the operands are bf16), zeros past K. Every
     // warp calls this exactly once, after issuing its first weight loads (they overlap), and
     // before it reads x in any kernel kind: the PDL wait for the kernel that writes x is here.
-    float xpow = 1.f, xunpow = 1.f;  // MODE 4: x is staged times xpow = 2^s; the sums get xunpow = 2^-s
     auto stage_x = [&]() {
         pdl_wait();
-        if (!XS) return;
-        u32* xsw = const_cast<u32*>(xs);
-        const u32 niter_all = (nq + KSTEP - 1) / KSTEP;
         if constexpr (MODE == 4) {
             // s = 14 - exponent of the block's largest |x|, so every x * 2^s is below 2^15 (fp16
             // holds up to 65504) and the largest keeps fp16's 11 bits. |x| is compared as bf16
@@ -505,6 +514,9 @@ __device__ __forceinline__ void gemv_warp(const u8* __restrict__ payload, const 
             xunpow = __uint_as_float((u32)(127 - sh) << 23);  // 2^-s: normal for s <= 126, 2^-127 is subnormal
             if (sh == 127) xunpow = __uint_as_float(0x00400000u);
         }
+        if (!XS) return;
+        u32* xsw = const_cast<u32*>(xs);
+        const u32 niter_all = (nq + KSTEP - 1) / KSTEP;
         for (u32 q = threadIdx.x; q < niter_all * KSTEP; q += WARPS * 32) {
             u32 w[16];  // w[i] = (x[32q + 2i], x[32q + 2i + 1])
             if (xvec && 32 * q + 32 <= k) {
@@ -686,7 +698,7 @@ __device__ __forceinline__ void gemv_warp(const u8* __restrict__ payload, const 
                     if (XWIN) xq[N] = ld_x16(x + 32 * (size_t)((it + istep) * KSTEP) + 8 * lane);
                 }
                 if (XWIN) {  // this iteration's x into the window
-                    park_x<BF, XF16>(xq[P], lane, xwin, xwin + KSTEP * XS_STRIDE);
+                    park_x<BF, XF16, MODE == 4>(xq[P], lane, xwin, xwin + KSTEP * XS_STRIDE, xpow);
                     xbase = it * KSTEP;
                 }
 #pragma unroll
@@ -831,7 +843,7 @@ __device__ __forceinline__ void gemv(const u8* __restrict__ payload, const void*
 
 // The GEMV kernel. KIND: 0 b1, 1 nt1, 2 nt2, 3 b1r, 4 nt2w, 5 nt1w, 6 nt2q (Cfg). MODE: 0 fp16 operands with the scale
 // folded, 1 fp16 operands in two steps, 2 bf16 operands, 3 bf16 operands with the row scale after
-// the mma (one scale per row), 4 bf16 x staged as scaled fp16 (b1; see the top). XF16: x and y are fp16, else
+// the mma (one scale per row), 4 bf16 x as scaled fp16 (b1, b1r; see the top). XF16: x and y are fp16, else
 // bf16. GM: 0 one scale per row, 1 scale groups aligned to 32-element chunks, 2 not aligned (a
 // scale per element, slower). BLOCKS: blocks per SM the register budget is sized for, 3 (<= 80
 // registers) or 2 (<= 128); the host takes 3 for the b1 and nt1 fp16-operand kernels with one scale

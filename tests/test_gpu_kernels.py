@@ -370,7 +370,7 @@ def test_gemv_bf16_row_scale_one_hot_is_exact(cp, rng, name):
 
 @pytest.mark.parametrize("name", ["e2m2", "e2m1", "e3m2", "e2m3", "e4m3", "e2m2s4", "e2m3s3"])
 def test_gemv_bf16_x_as_scaled_fp16_gives_mode_3_bits(cp, rng, name):
-    """Mode 4 (gemv_plan mode=4: b1 stages bf16 x as fp16 times 2^s, fp16 operands) computes mode 3's
+    """Mode 4 (gemv_plan mode=4: b1 / b1r take bf16 x as fp16 times 2^s, fp16 operands) computes mode 3's
     products and sums times a power of two, so with x of ordinary range (nothing below 2^-29 of the
     largest |x|) its outputs are mode 3's bit for bit: fresh K (multiples of 8 and not: the staging's
     element path), F16 and BF16 scales, outputs poisoned with NaN. x of any range stays finite and
@@ -381,7 +381,9 @@ def test_gemv_bf16_x_as_scaled_fp16_gives_mode_3_bits(cp, rng, name):
     from exmyconv.errors import ExmyError
 
     fmt = get_format(name)
-    for k in (32 * int(rng.integers(2, 400)), int(rng.integers(1, 4000)), 4096):
+    # b1 (staged x; K multiple of 8 or not), b1r (x window; K multiple of 8 or not: no main loop)
+    for k in (32 * int(rng.integers(2, 400)), int(rng.integers(1, 4000)), 4096, 13440 + 8 * int(rng.integers(0, 400)),
+              13400 + int(rng.integers(1, 8))):
         for scale_dtype in ("F16", "BF16"):
             n = int(rng.integers(1, 300))
             codes = rng.integers(0, 1 << fmt.bits, (n, k)).astype(np.uint8)
@@ -402,7 +404,8 @@ def test_gemv_bf16_x_as_scaled_fp16_gives_mode_3_bits(cp, rng, name):
                 for mode in (None, 4):
                     y = torch.full((1, n), float("nan"), dtype=torch.bfloat16, device="cuda")
                     plan = gpu.gemv_plan(x, weight, y, mode=mode)
-                    assert plan.kernel.kind == "b1" and plan.kernel.mode == (mode or 3), plan.kernel
+                    assert plan.kernel.kind == ("b1" if k < 13000 else "b1r"), plan.kernel
+                    assert plan.kernel.mode == (mode or 3), plan.kernel
                     plan()
                     outs[mode] = y
                 what = f"{name} {n}x{k} scales {scale_dtype} x {x_range}"
