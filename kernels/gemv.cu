@@ -497,7 +497,8 @@ __device__ __forceinline__ void gemv_warp(const u8* __restrict__ payload, const 
             for (u32 e = 8 * threadIdx.x; e < k; e += 8 * WARPS * 32) {
                 if (xvec && e + 8 <= k) {
                     const uint4 r = ld_x16(x + e);
-                    m2 = __vmaxu2(m2, __vmaxu2(__vmaxu2(r.x, r.y), __vmaxu2(r.z, r.w)) & 0x7FFF7FFFu);
+                    constexpr u32 MAG = 0x7FFF7FFFu;  // (sign bits cleared before comparing)
+                    m2 = __vmaxu2(m2, __vmaxu2(__vmaxu2(r.x & MAG, r.y & MAG), __vmaxu2(r.z & MAG, r.w & MAG)));
                 } else {
                     for (u32 i = e; i < e + 8 && i < k; ++i) m2 = __vmaxu2(m2, (u32)x[i] & 0x7FFFu);
                 }
