@@ -31,12 +31,12 @@
 //                        the float32 sums are multiplied by the row's scale, as MODE 0/1 do in fp16.
 //                        Per pair one instruction instead of MODE 2's five: bf16 models' fast path
 //                        (the host takes it for bf16 x and E <= 4, where it is tested bit-exact).
-//   MODE 4 (bf16 x, fp16 operands; one scale per row): each row b of x is used as fp16 numbers
-//                        x * 2^s_b, s_b chosen from the row's largest |x| (stage_x), so that the weights
-//                        take MODE 0/1's free fp16 decode; the float32 sums of column b are multiplied by
-//                        scale * 2^(15-bias) * 2^-s_b. Products and sums are MODE 3's scaled by a power of
-//                        two, so y is MODE 3's bit for bit unless an |x| is below 2^-29 of its row's
-//                        largest (it rounds in fp16; a contribution far below y's bf16 rounding).
+//   MODE 4 (bf16 x, fp16 operands; b1 / b1r, one scale per row): x is used as fp16 numbers
+//                        x * 2^s, s a power of two chosen from the block's largest |x| (stage_x), so that the
+//                        weights take MODE 0/1's free fp16 decode; the float32 sums are multiplied by
+//                        scale * 2^(15-bias) * 2^-s. Products and sums are MODE 3's scaled by a power of
+//                        two, so y is MODE 3's bit for bit unless an |x| is below 2^-29 of the largest
+//                        (it rounds in fp16; a contribution far below y's bf16 rounding).
 // x of the other 16-bit type is converted once per load (MODE 2 with fp16 x: x rounded to bf16).
 //
 // One kernel template, exmy_gemv<KIND, MODE, XF16, GM, BLOCKS> (at the end); the host picks the
@@ -280,25 +280,6 @@ __device__ __forceinline__ float f16_to_f32(u32 bits) {
     return f;
 }
 
-// MODE 4: the largest |x| of each row of x as bf16 magnitude bits (stage_x writes it; the epilogue
-// reads it again for the columns' 2^-s). A function's static shared array: only kernels in MODE 4
-// reference it, so no other kernel's shared memory grows.
-constexpr u32 MAX_ROWS = 16;
-__device__ __forceinline__ u32* x16_row_max() {
-    __shared__ u32 rows[MAX_ROWS];
-    return rows;
-}
-// s = 14 - exponent of the largest |x| (>= -114), 127 for a row of zeros and bf16 subnormals.
-__device__ __forceinline__ int x16_shift(u32 maxbits) {
-    const int ex = (int)(maxbits >> 7);  // bf16 exponent field: 0 (zero / subnormal) .. 255 (inf, NaN)
-    return ex == 0 ? 127 : min(127, 141 - ex);
-}
-__device__ __forceinline__ float pow2f(int s) { return __uint_as_float((u32)(127 + s) << 23); }  // s in -126..127
-// 2^-s: normal for s <= 126; 2^-127 is a float32 subnormal
-__device__ __forceinline__ float unpow2f(int s) {
-    return s == 127 ? __uint_as_float(0x00400000u) : __uint_as_float((u32)(127 - s) << 23);
-}
-
 // XWIN: park a lane's 16 bytes of x (elements 8t..8t+7 of chunk c = lane/4, t = lane%4) in the
 // warp's window as pair words in the order the mma takes them (like the b1 staging): pair p of
 // chunk c at word c*XS_STRIDE + p, converted to the operand type. Lane t writes pairs 4t..4t+3.
@@ -357,7 +338,8 @@ __device__ __forceinline__ void gemv_warp(const u8* __restrict__ payload, const 
     constexpr bool BF = MODE == 2 || MODE == 3;  // tensor-core operand type
     constexpr bool EPI = GM == 0 && MODE != 2;  // scale after the mma (one scale per row, MODE 0, 1, 3, 4)
     static_assert(MODE != 3 || GM == 0, "MODE 3 is for one scale per row");
-    static_assert(MODE != 4 || (GM == 0 && !XF16), "MODE 4 is for bf16 x and one scale per row");
+    static_assert(MODE != 4 || (GM == 0 && (KIND == 0 || KIND == 3) && !XF16),
+                  "MODE 4 is b1 / b1r with bf16 x and one scale per row");
     typedef typename ScaleT<MODE>::type S;
     const u32 lane = threadIdx.x & 31;
     const u32 gr = lane >> 2, t = lane & 3;     // mma groupID / thread-in-group
@@ -395,9 +377,7 @@ __device__ __forceinline__ void gemv_warp(const u8* __restrict__ payload, const 
     // and the first chunk it holds
     u32* const xwin = const_cast<u32*>(xs) + (threadIdx.x >> 5) * (2 * KSTEP * XS_STRIDE);
     u32 xbase = 0;
-    float xpow[NT];  // MODE 4: x row xr[j] is used times xpow[j] = 2^s (stage_x; the sums get 2^-s at the end)
-#pragma unroll
-    for (int j = 0; j < NT; ++j) xpow[j] = 1.f;
+    float xpow = 1.f, xunpow = 1.f;  // MODE 4: x is used times xpow = 2^s, the sums get xunpow = 2^-s (stage_x)
     // x words of chunk q: xw[j][w] = (x[2w], x[2w+1]) of row xr[j]; `checked`: may be the K tail.
     auto load_x = [&](u32 (&xw)[NT][16], u32 q, bool checked) {
         // staged pair words, already in the operand type: b1's whole x (pair p of chunk q at
@@ -440,7 +420,7 @@ __device__ __forceinline__ void gemv_warp(const u8* __restrict__ payload, const 
 #pragma unroll
             for (int j = 0; j < NT; ++j)
 #pragma unroll
-                for (int w = 0; w < 16; ++w) xw[j][w] = bf16x2_to_f16x2_times(xw[j][w], xpow[j]);
+                for (int w = 0; w < 16; ++w) xw[j][w] = bf16x2_to_f16x2_times(xw[j][w], xpow);
         }
     };
 
@@ -509,32 +489,31 @@ __device__ __forceinline__ void gemv_warp(const u8* __restrict__ payload, const 
     auto stage_x = [&]() {
         pdl_wait();
         if constexpr (MODE == 4) {
-            // Per row b of x, s_b = 14 - exponent of its largest |x| (x16_shift), so that every
-            // x * 2^s_b is below 2^15 (fp16 holds up to 65504) and the largest keeps fp16's 11 bits.
-            // |x| is compared as bf16 magnitude bits (their integer order is the numbers'; inf and
-            // NaN sort last). wpr warps share a row: all of them at batch 1, one from batch 8 on.
-            u32* const xmax = x16_row_max();
-            if (threadIdx.x < MAX_ROWS) xmax[threadIdx.x] = 0;
-            __syncthreads();
-            const u32 warp = threadIdx.x >> 5, wpr = batch >= WARPS ? 1 : WARPS / batch;
-            for (u32 b = warp / wpr; b < batch; b += WARPS / wpr) {
-                const u16* xb = x + (size_t)b * k;
-                u32 m2 = 0;  // two lanes of magnitude bits
-                for (u32 e = 8 * ((warp % wpr) * 32 + lane); e < k; e += 8 * 32 * wpr) {
-                    if (xvec && e + 8 <= k) {
-                        const uint4 r = ld_x16(xb + e);
-                        constexpr u32 MAG = 0x7FFF7FFFu;  // (sign bits cleared before comparing)
-                        m2 = __vmaxu2(m2, __vmaxu2(__vmaxu2(r.x & MAG, r.y & MAG), __vmaxu2(r.z & MAG, r.w & MAG)));
-                    } else {
-                        for (u32 i = e; i < e + 8 && i < k; ++i) m2 = __vmaxu2(m2, (u32)xb[i] & 0x7FFFu);
-                    }
+            // s = 14 - exponent of the block's largest |x|, so every x * 2^s is below 2^15 (fp16
+            // holds up to 65504) and the largest keeps fp16's 11 bits. |x| is compared as bf16
+            // magnitude bits (their integer order is the numbers'; inf and NaN sort last).
+            __shared__ u32 xmax[WARPS];
+            u32 m2 = 0;  // two lanes of magnitude bits
+            for (u32 e = 8 * threadIdx.x; e < k; e += 8 * WARPS * 32) {
+                if (xvec && e + 8 <= k) {
+                    const uint4 r = ld_x16(x + e);
+                    constexpr u32 MAG = 0x7FFF7FFFu;  // (sign bits cleared before comparing)
+                    m2 = __vmaxu2(m2, __vmaxu2(__vmaxu2(r.x & MAG, r.y & MAG), __vmaxu2(r.z & MAG, r.w & MAG)));
+                } else {
+                    for (u32 i = e; i < e + 8 && i < k; ++i) m2 = __vmaxu2(m2, (u32)x[i] & 0x7FFFu);
                 }
-                const u32 m = __reduce_max_sync(0xFFFFFFFFu, max(m2 & 0xFFFFu, m2 >> 16));
-                if (lane == 0) atomicMax(xmax + b, m);
             }
+            u32 m = __reduce_max_sync(0xFFFFFFFFu, max(m2 & 0xFFFFu, m2 >> 16));
+            if (lane == 0) xmax[threadIdx.x >> 5] = m;
             __syncthreads();
+            m = xmax[0];
 #pragma unroll
-            for (int j = 0; j < NT; ++j) xpow[j] = pow2f(x16_shift(xmax[gr + 8 * j < batch ? gr + 8 * j : batch - 1]));
+            for (int w = 1; w < WARPS; ++w) m = max(m, xmax[w]);
+            const int ex = (int)(m >> 7);  // bf16 exponent field: 0 (zero / subnormal) .. 255 (inf, NaN)
+            const int sh = ex == 0 ? 127 : min(127, 141 - ex);  // >= -114
+            xpow = __uint_as_float((u32)(127 + sh) << 23);
+            xunpow = __uint_as_float((u32)(127 - sh) << 23);  // 2^-s: normal for s <= 126, 2^-127 is subnormal
+            if (sh == 127) xunpow = __uint_as_float(0x00400000u);
         }
         if (!XS) return;
         u32* xsw = const_cast<u32*>(xs);
@@ -560,7 +539,7 @@ __device__ __forceinline__ void gemv_warp(const u8* __restrict__ payload, const 
             }
             if constexpr (MODE == 4) {
 #pragma unroll
-                for (int i = 0; i < 16; ++i) w[i] = bf16x2_to_f16x2_times(w[i], xpow[0]);
+                for (int i = 0; i < 16; ++i) w[i] = bf16x2_to_f16x2_times(w[i], xpow);
             }
 #pragma unroll
             for (int p = 0; p < 16; ++p) {  // pair p = (x[pair_elem(p,0)], x[pair_elem(p,1)])
@@ -720,7 +699,7 @@ __device__ __forceinline__ void gemv_warp(const u8* __restrict__ payload, const 
                     if (XWIN) xq[N] = ld_x16(x + 32 * (size_t)((it + istep) * KSTEP) + 8 * lane);
                 }
                 if (XWIN) {  // this iteration's x into the window
-                    park_x<BF, XF16, MODE == 4>(xq[P], lane, xwin, xwin + KSTEP * XS_STRIDE, xpow[0]);
+                    park_x<BF, XF16, MODE == 4>(xq[P], lane, xwin, xwin + KSTEP * XS_STRIDE, xpow);
                     xbase = it * KSTEP;
                 }
 #pragma unroll
@@ -771,28 +750,16 @@ __device__ __forceinline__ void gemv_warp(const u8* __restrict__ payload, const 
         }
     }
 
-    if constexpr (MODE == 4) {  // float row scales times 2^(15-bias) times the column's 2^-s_b
-        const float p15 = __uint_as_float(POW2_15_BITS);
-        const u32* xmax = x16_row_max();
-#pragma unroll
-        for (int j = 0; j < NT; ++j)
-#pragma unroll
-            for (int c = 0; c < 2; ++c) {  // acc[.][j][c], [2 + c]: column 8j + 2t + c
-                const u32 col = 8 * j + 2 * t + c;
-                const float un = unpow2f(x16_shift(xmax[col < batch ? col : batch - 1]));
-#pragma unroll
-                for (int m = 0; m < MT; ++m) {  // exact: powers of two (fmul_rn keeps a subnormal 2^-127)
-                    acc[m][j][c] = fmul_rn(acc[m][j][c], fmul_rn(fmul_rn(rsa[m], p15), un));
-                    acc[m][j][2 + c] = fmul_rn(acc[m][j][2 + c], fmul_rn(fmul_rn(rsb[m], p15), un));
-                }
-            }
-    } else if (EPI) {  // row scales: fp16 bits of S = scale*2^(15-bias) (MODE 0) or of scale (MODE 1); float (MODE 3)
+    if (EPI) {  // row scales: fp16 bits of S = scale*2^(15-bias) (MODE 0) or of scale (MODE 1); float (MODE 3, 4)
         const float p15 = __uint_as_float(POW2_15_BITS);
 #pragma unroll
         for (int m = 0; m < MT; ++m) {
             float fa, fb;
             if constexpr (MODE == 3) {
                 fa = rsa[m]; fb = rsb[m];
+            } else if constexpr (MODE == 4) {  // exact: powers of two (fmul_rn keeps a subnormal 2^-127)
+                fa = fmul_rn(fmul_rn(rsa[m], p15), xunpow);
+                fb = fmul_rn(fmul_rn(rsb[m], p15), xunpow);
             } else {
                 fa = MODE == 0 ? f16_to_f32((u32)rsa[m]) : fmul_rn(f16_to_f32((u32)rsa[m]), p15);
                 fb = MODE == 0 ? f16_to_f32((u32)rsb[m]) : fmul_rn(f16_to_f32((u32)rsb[m]), p15);
@@ -877,7 +844,7 @@ __device__ __forceinline__ void gemv(const u8* __restrict__ payload, const void*
 
 // The GEMV kernel. KIND: 0 b1, 1 nt1, 2 nt2, 3 b1r, 4 nt2w, 5 nt1w, 6 nt2q (Cfg). MODE: 0 fp16 operands with the scale
 // folded, 1 fp16 operands in two steps, 2 bf16 operands, 3 bf16 operands with the row scale after
-// the mma (one scale per row), 4 bf16 x as scaled fp16 (one scale per row; see the top). XF16: x and y are fp16, else
+// the mma (one scale per row), 4 bf16 x as scaled fp16 (b1, b1r; see the top). XF16: x and y are fp16, else
 // bf16. GM: 0 one scale per row, 1 scale groups aligned to 32-element chunks, 2 not aligned (a
 // scale per element, slower). BLOCKS: blocks per SM the register budget is sized for, 3 (<= 80
 // registers) or 2 (<= 128); the host takes 3 for the b1 and nt1 fp16-operand kernels with one scale

@@ -85,8 +85,8 @@ def gemv_builds() -> list[tuple[ExMy, list[GemvKernel]]]:
     with one scale per row for codes of other than 6 bits; the GPU tests force the others): fold,
     two, fold with aligned groups, bf16 operands, unaligned groups. For the named formats, also the
     routed copies (exmy_gemv_routed, MoE experts) of their batch-1 kernels with one scale per row or
-    aligned groups, and (E <= 4) the kernels that take bf16 x as scaled fp16 (mode 4, gpu.gemv_plan tuning,
-    gpu.MODE4_KINDS)."""
+    aligned groups, and (E <= 4) the batch-1 kernels that take bf16 x as scaled fp16 (mode 4, gpu.gemv_plan
+    tuning)."""
     builds = []
     for fmt in all_formats() + [get_format(name) for name in GEMV_SHARED]:
         if fmt.name in NAMED or fmt.name == "e5m2":
@@ -103,7 +103,7 @@ def gemv_builds() -> list[tuple[ExMy, list[GemvKernel]]]:
             kernels += [replace(k, routed=True) for k in kernels if k.groups != 2 and (
                 k.kind == "b1" or (k.kind == "b1r" and k.blocks == 2))]  # (routed b1r: 2 blocks per SM only)
             if fmt.e <= 4:
-                kernels += [GemvKernel(kind, 4, "BF16", 0, gpu.gemv_blocks(fmt, kind, 4, 0)) for kind in gpu.MODE4_KINDS]
+                kernels += [GemvKernel(kind, 4, "BF16", 0, gpu.gemv_blocks(fmt, kind, 4, 0)) for kind in ("b1", "b1r")]
         builds.append((fmt, kernels))
     return builds
 

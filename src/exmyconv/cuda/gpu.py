@@ -458,7 +458,6 @@ def _xs_bytes(fmt: ExMy, k: int, defines: tuple = ()) -> int:
 
 
 GEMV_KINDS = ("b1", "nt1", "nt2", "b1r", "nt2w", "nt1w", "nt2q")  # kernels/gemv.cu KIND 0 .. 6
-MODE4_KINDS = ("b1", "b1r", "nt1", "nt1w", "nt2", "nt2q")  # mode 4 builds (nt2w spills at 128 registers)
 
 
 @dataclass(frozen=True)
@@ -468,7 +467,7 @@ class GemvKernel:
     kind: str     # "b1" batch 1, x staged per block; "b1r" batch 1, larger K; "nt1" batch <= 8; "nt2" 9..16
     mode: int     # 0 fp16 operands, scale folded; 1 fp16 operands, two steps; 2 bf16 operands;
                   # 3 bf16 operands, one scale per row applied to the sums; 4 bf16 x used as
-                  # fp16 times a power of two per row of x (one scale per row; gemv_plan tuning)
+                  # fp16 times a power of two (b1 / b1r, one scale per row; gemv_plan tuning)
     x_dtype: str  # "F16" or "BF16": x and y
     groups: int   # 0 one scale per row, 1 groups aligned to 32-element chunks, 2 unaligned
     blocks: int   # blocks per SM its registers are sized for: 1 (<= 255 registers), 2 (<= 128) or 3 (<= 80)
@@ -676,9 +675,9 @@ def _gemv_launch_shape(weight: "GpuWeight", x_dtype: str, batch: int, split: int
         raise ExmyError(f"a routed GEMV takes 1..{MAX_PAIRS} pairs of one row each, not {pairs} of {batch}")
     kernel = gemv_kernel(weight, x_dtype, batch, kind)
     if mode is not None and mode != kernel.mode:
-        if not (mode == 4 and kernel.mode == 3 and kernel.kind in MODE4_KINDS and not pairs):
-            raise ExmyError(f"mode {mode} applies only to launches the host runs in mode 3 (bf16 x, E <= 4, one "
-                            f"scale per row) with a kernel of {', '.join(MODE4_KINDS)}; this one is {kernel.name}")
+        if not (mode == 4 and kernel.mode == 3 and kernel.kind in ("b1", "b1r") and not pairs):
+            raise ExmyError(f"mode {mode} applies only to batch-1 launches the host runs in mode 3 (bf16 x, E <= 4, "
+                            f"one scale per row); this one is {kernel.name}")
         kernel = replace(kernel, mode=4)
     if pairs:
         kernel = replace(kernel, routed=True)
@@ -835,8 +834,8 @@ def gemv_plan(x, weight: GpuWeight, out, x_dtype: str | None = None, **tuning) -
     build's registers are sized for, instead of gemv_blocks / gemv_b1r_blocks),
     defines=("GEMV_CPT=4", ...; b1 sizes its staged x by GEMV_CPT), kind="nt1"|"nt1w"
     (batch 1..8) or "nt2"|"nt2w"|"nt2q" (batch 9..16), instead of the host's choice (gemv_kernel),
-    stages=2|3|4 (the weight ring, gemv_ring_bytes; the same bits as without), mode=4 (bf16 x, one
-    scale per row, MODE4_KINDS: each row of x used as fp16 times a power of two; mode 3's bits).
+    stages=2|3|4 (the weight ring, gemv_ring_bytes; the same bits as without), mode=4 (b1 / b1r with
+    bf16 x: x used as fp16 times a power of two; mode 3's bits).
     overlap=True launches with programmatic dependent launch (exmyconv.cuda.launch): only where the
     weights are not written by the kernel just before (always so for model weights)."""
     cupy = _cupy()
