@@ -514,7 +514,7 @@ class ExmyHfQuantizer(HfQuantizer):
             raise ExmyError(f"exmy: {len(missing)} quantized tensors did not load, e.g. {missing[0]}")
         for path in self._linear:  # on the GPU: rows the kernels read in place, before anything compiles
             model.get_submodule(path).align_rows()
-        fuse_siblings(model)  # q/k/v and gate/up as one GEMV each (torch.siblings; opt-in for now)
+        fuse_siblings(model)  # q/k/v and gate/up as one GEMV each on CUDA (torch.siblings)
         return model
 
     def _dequantize(self, model, dtype=None):

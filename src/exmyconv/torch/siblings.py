@@ -19,12 +19,11 @@ tensor, and they have no fused module of their own, so the fusion happens below 
   ``.to()`` on a member, and a call that needs x's gradient takes the member's own op.
 
 Only CUDA groups are fused (:data:`DEVICES`: the GEMV's latency is what this saves; on the CPU a
-bigger F.linear gains nothing and would change summation orders), and only with the environment
-variable ``EXMYCONV_FUSE_SIBLINGS=1`` until the fusion has been measured on a GPU.
+bigger F.linear gains nothing and would change summation orders). docs/benchmarks.md has the
+measurements (H100, 2026-12-05).
 """
 from __future__ import annotations
 
-import os
 from typing import List
 
 import torch
@@ -36,9 +35,8 @@ from .linear import ExmyLinear, live_module, register_handle
 
 # Children of one module that read the same input (the names transformers' models use).
 SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("query", "key", "value"))
-# Where one layer of all the rows pays: CUDA, where the GEMV's fixed latency is what it saves. Off until
-# it has run on a GPU (written without one): EXMYCONV_FUSE_SIBLINGS=1 turns it on.
-DEVICES = ("cuda",) if os.environ.get("EXMYCONV_FUSE_SIBLINGS", "0") == "1" else ()
+# Where one layer of all the rows pays: CUDA, where the GEMV's fixed latency is what it saves.
+DEVICES = ("cuda",)
 
 
 def fuse_siblings(model: nn.Module) -> int:
