@@ -488,21 +488,13 @@ __device__ __forceinline__ void gemv_warp(const u8* __restrict__ payload, const 
     // before it reads x in any kernel kind: the PDL wait for the kernel that writes x is here.
     auto stage_x = [&]() {
         pdl_wait();
-        if constexpr (MODE == 4) {
-            // s = 14 - exponent of the block's largest |x|, so every x * 2^s is below 2^15 (fp16
-            // holds up to 65504) and the largest keeps fp16's 11 bits. |x| is compared as bf16
-            // magnitude bits (their integer order is the numbers'; inf and NaN sort last).
+        constexpr u32 MAG = 0x7FFF7FFFu;  // MODE 4: bf16 magnitude bits of a pair (sign bits cleared)
+        // MODE 4: s = 14 - exponent of the block's largest |x|, so every x * 2^s is below 2^15 (fp16
+        // holds up to 65504) and the largest keeps fp16's 11 bits. |x| is compared as bf16 magnitude
+        // bits (their integer order is the numbers'; inf and NaN sort last): m2 holds a thread's
+        // largest of each lane; one warp reduction and one barrier give the block's.
+        auto x16_scale = [&](u32 m2) {
             __shared__ u32 xmax[WARPS];
-            u32 m2 = 0;  // two lanes of magnitude bits
-            for (u32 e = 8 * threadIdx.x; e < k; e += 8 * WARPS * 32) {
-                if (xvec && e + 8 <= k) {
-                    const uint4 r = ld_x16(x + e);
-                    constexpr u32 MAG = 0x7FFF7FFFu;  // (sign bits cleared before comparing)
-                    m2 = __vmaxu2(m2, __vmaxu2(__vmaxu2(r.x & MAG, r.y & MAG), __vmaxu2(r.z & MAG, r.w & MAG)));
-                } else {
-                    for (u32 i = e; i < e + 8 && i < k; ++i) m2 = __vmaxu2(m2, (u32)x[i] & 0x7FFFu);
-                }
-            }
             u32 m = __reduce_max_sync(0xFFFFFFFFu, max(m2 & 0xFFFFu, m2 >> 16));
             if (lane == 0) xmax[threadIdx.x >> 5] = m;
             __syncthreads();
@@ -514,10 +506,28 @@ __device__ __forceinline__ void gemv_warp(const u8* __restrict__ payload, const 
             xpow = __uint_as_float((u32)(127 + sh) << 23);
             xunpow = __uint_as_float((u32)(127 - sh) << 23);  // 2^-s: normal for s <= 126, 2^-127 is subnormal
             if (sh == 127) xunpow = __uint_as_float(0x00400000u);
+        };
+        if (!XS) {  // b1r: a pass over x for its largest |x| (it converts its x window as it goes)
+            if constexpr (MODE == 4) {
+                u32 m2 = 0;
+                for (u32 e = 8 * threadIdx.x; e < k; e += 8 * WARPS * 32) {
+                    if (xvec && e + 8 <= k) {
+                        const uint4 r = ld_x16(x + e);
+                        m2 = __vmaxu2(m2, __vmaxu2(__vmaxu2(r.x & MAG, r.y & MAG), __vmaxu2(r.z & MAG, r.w & MAG)));
+                    } else {
+                        for (u32 i = e; i < e + 8 && i < k; ++i) m2 = __vmaxu2(m2, (u32)x[i] & 0x7FFFu);
+                    }
+                }
+                x16_scale(m2);
+            }
+            return;
         }
-        if (!XS) return;
+        // b1: x staged in pair order, converted to the operand type; in MODE 4 staged as bf16 first
+        // (finding the largest |x| on the way: x is read from memory once), then converted in place,
+        // each thread its own words, once the block's largest is known.
         u32* xsw = const_cast<u32*>(xs);
         const u32 niter_all = (nq + KSTEP - 1) / KSTEP;
+        u32 m2 = 0;
         for (u32 q = threadIdx.x; q < niter_all * KSTEP; q += WARPS * 32) {
             u32 w[16];  // w[i] = (x[32q + 2i], x[32q + 2i + 1])
             if (xvec && 32 * q + 32 <= k) {
@@ -539,12 +549,19 @@ __device__ __forceinline__ void gemv_warp(const u8* __restrict__ payload, const 
             }
             if constexpr (MODE == 4) {
 #pragma unroll
-                for (int i = 0; i < 16; ++i) w[i] = bf16x2_to_f16x2_times(w[i], xpow);
+                for (int i = 0; i < 16; ++i) m2 = __vmaxu2(m2, w[i] & MAG);
             }
 #pragma unroll
             for (int p = 0; p < 16; ++p) {  // pair p = (x[pair_elem(p,0)], x[pair_elem(p,1)])
                 const int p0 = pair_elem(p, 0), p1 = pair_elem(p, 1);
                 xsw[q * XS_STRIDE + p] = prmt(w[p0 >> 1], w[p1 >> 1], (p0 & 1) ? 0x7632u : 0x5410u);
+            }
+        }
+        if constexpr (MODE == 4) {
+            x16_scale(m2);  // (its barrier is not needed for the words: each thread converts its own)
+            for (u32 q = threadIdx.x; q < niter_all * KSTEP; q += WARPS * 32) {
+#pragma unroll
+                for (int p = 0; p < 16; ++p) xsw[q * XS_STRIDE + p] = bf16x2_to_f16x2_times(xsw[q * XS_STRIDE + p], xpow);
             }
         }
         __syncthreads();
