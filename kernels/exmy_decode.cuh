@@ -242,68 +242,47 @@ __device__ __forceinline__ void advance(ChunkPtr& p, u32 chunks) {
     p.c += chunks;
 }
 
-// Where a chunk's words come from: Stream loads them from global memory into registers (plane
-// words by ld_stream*, shared-plane words by cached loads: neighbouring chunks of a warp read the
-// same words); gemv.cu's weight ring passes sources with the same four calls that copy the words
-// into shared memory, or read them back from there, in the loaders' order.
-struct Stream {
-    __device__ __forceinline__ uint4 v4(const void* p) { return ld_stream16(p); }
-    __device__ __forceinline__ uint2 v2(const void* p) { return ld_stream8(p); }
-    __device__ __forceinline__ u32 v1(const void* p) { return ld_stream4(p); }
-    __device__ __forceinline__ u32 word(const u32* p) { return __ldg(p); }
-};
-
-// Shared formats: the raw shared-plane words of chunk p.c + i.
-template <class Src>
-__device__ __forceinline__ void load_shared_from(Src& src, const ChunkPtr& p, int i, Chunk& ch) {
+// Shared formats: the raw shared-plane words of chunk p.c + i (cached loads of the small shared
+// plane: neighbouring chunks of a warp read the same words).
+__device__ __forceinline__ void load_shared(const ChunkPtr& p, int i, Chunk& ch) {
     if (!SHARED) { ch.sw[0] = 0u; return; }
     const u32 c = p.c + i;
     const u32 j0 = 32 * c / SHARE, j1 = (32 * c + 31) / SHARE;  // first and last group of the chunk
-    ch.sw[0] = src.word(p.ps + (j0 >> 5));
-    if (!SHARE_POW2) ch.sw[SHARE_POW2 ? 0 : 1] = src.word(p.ps + (j1 >> 5));
-}
-__device__ __forceinline__ void load_shared(const ChunkPtr& p, int i, Chunk& ch) {
-    Stream src;
-    load_shared_from(src, p, i, ch);
+    ch.sw[0] = __ldg(p.ps + (j0 >> 5));
+    if (!SHARE_POW2) ch.sw[SHARE_POW2 ? 0 : 1] = __ldg(p.ps + (j1 >> 5));
 }
 
 // Chunks p.c and p.c + 1 (p.c even): with k = 2, 4, 8 their 64/k bits lie in one word.
-template <class Src>
-__device__ __forceinline__ void load_shared_pair_from(Src& src, const ChunkPtr& p, Chunk& c0, Chunk& c1) {
+__device__ __forceinline__ void load_shared_pair(const ChunkPtr& p, Chunk& c0, Chunk& c1) {
     if (SHARE_POW2 && SHARED) {
-        c0.sw[0] = c1.sw[0] = src.word(p.ps + ((32 * p.c / SHARE) >> 5));  // bits 32c/k .. 32c/k + 64/k - 1
+        c0.sw[0] = c1.sw[0] = __ldg(p.ps + ((32 * p.c / SHARE) >> 5));  // bits 32c/k .. 32c/k + 64/k - 1
     } else {
-        load_shared_from(src, p, 0, c0);
-        load_shared_from(src, p, 1, c1);
+        load_shared(p, 0, c0);
+        load_shared(p, 1, c1);
     }
 }
 
 // Plane words and shared bits (PLANES_ONLY: not the shared bits) of chunk (p's chunk + i); i is a
 // compile-time constant, so it becomes an immediate offset.
-template <bool PLANES_ONLY = false, class Src>
-__device__ __forceinline__ Chunk load_chunk_from(Src& src, const ChunkPtr& p, int i) {
+template <bool PLANES_ONLY = false>
+__device__ __forceinline__ Chunk load_chunk_at(const ChunkPtr& p, int i) {
     Chunk ch;
     if (HAS8) {
-        uint4 a = src.v4(p.p8 + 32 * i), b = src.v4(p.p8 + 32 * i + 16);
+        uint4 a = ld_stream16(p.p8 + 32 * i), b = ld_stream16(p.p8 + 32 * i + 16);
         ch.w8[0] = a.x; ch.w8[HAS8 ? 1 : 0] = a.y; ch.w8[HAS8 ? 2 : 0] = a.z; ch.w8[HAS8 ? 3 : 0] = a.w;
         ch.w8[HAS8 ? 4 : 0] = b.x; ch.w8[HAS8 ? 5 : 0] = b.y; ch.w8[HAS8 ? 6 : 0] = b.z; ch.w8[HAS8 ? 7 : 0] = b.w;
     }
     if (HAS4) {
-        uint4 a = src.v4(p.p4 + 16 * i);
+        uint4 a = ld_stream16(p.p4 + 16 * i);
         ch.w4[0] = a.x; ch.w4[HAS4 ? 1 : 0] = a.y; ch.w4[HAS4 ? 2 : 0] = a.z; ch.w4[HAS4 ? 3 : 0] = a.w;
     }
     if (HAS2) {
-        uint2 a = src.v2(p.p2 + 8 * i);
+        uint2 a = ld_stream8(p.p2 + 8 * i);
         ch.w2[0] = a.x; ch.w2[HAS2 ? 1 : 0] = a.y;
     }
-    ch.w1 = HAS1 ? src.v1(p.p1 + 4 * i) : 0u;
-    if (!PLANES_ONLY) load_shared_from(src, p, i, ch);
+    ch.w1 = HAS1 ? ld_stream4(p.p1 + 4 * i) : 0u;
+    if (!PLANES_ONLY) load_shared(p, i, ch);
     return ch;
-}
-template <bool PLANES_ONLY = false>
-__device__ __forceinline__ Chunk load_chunk_at(const ChunkPtr& p, int i) {
-    Stream src;
-    return load_chunk_from<PLANES_ONLY>(src, p, i);
 }
 
 // Chunks (p's chunk + 0) and (+ 4) of a k = 4 format, p's chunk % 8 < 4: their shared bits are
@@ -324,35 +303,30 @@ __device__ __forceinline__ void load_chunk_spread(const ChunkPtr& p, Chunk& c0, 
 
 // Chunks (p's chunk + 0) and (+ 1) with the small planes read in one load each (the 2-bit plane
 // of two chunks is 16 bytes, the 1-bit plane 8); p's chunk must be even (alignment).
-template <class Src>
-__device__ __forceinline__ void load_chunk_pair_from(Src& src, const ChunkPtr& p, Chunk& c0, Chunk& c1) {
+__device__ __forceinline__ void load_chunk_pair(const ChunkPtr& p, Chunk& c0, Chunk& c1) {
     if (HAS8) {
-        c0 = load_chunk_from(src, p, 0);
-        c1 = load_chunk_from(src, p, 1);
+        c0 = load_chunk_at(p, 0);
+        c1 = load_chunk_at(p, 1);
         return;
     }
     if (HAS4) {
-        uint4 a = src.v4(p.p4), b = src.v4(p.p4 + 16);
+        uint4 a = ld_stream16(p.p4), b = ld_stream16(p.p4 + 16);
         c0.w4[0] = a.x; c0.w4[HAS4 ? 1 : 0] = a.y; c0.w4[HAS4 ? 2 : 0] = a.z; c0.w4[HAS4 ? 3 : 0] = a.w;
         c1.w4[0] = b.x; c1.w4[HAS4 ? 1 : 0] = b.y; c1.w4[HAS4 ? 2 : 0] = b.z; c1.w4[HAS4 ? 3 : 0] = b.w;
     }
     if (HAS2) {
-        uint4 a = src.v4(p.p2);  // chunk 0: words x, y; chunk 1: z, w
+        uint4 a = ld_stream16(p.p2);  // chunk 0: words x, y; chunk 1: z, w
         c0.w2[0] = a.x; c0.w2[HAS2 ? 1 : 0] = a.y;
         c1.w2[0] = a.z; c1.w2[HAS2 ? 1 : 0] = a.w;
     }
     if (HAS1) {
-        uint2 a = src.v2(p.p1);   // chunk 0: x, chunk 1: y
+        uint2 a = ld_stream8(p.p1);   // chunk 0: x, chunk 1: y
         c0.w1 = a.x;
         c1.w1 = a.y;
     } else {
         c0.w1 = c1.w1 = 0u;
     }
-    load_shared_pair_from(src, p, c0, c1);
-}
-__device__ __forceinline__ void load_chunk_pair(const ChunkPtr& p, Chunk& c0, Chunk& c1) {
-    Stream src;
-    load_chunk_pair_from(src, p, c0, c1);
+    load_shared_pair(p, c0, c1);
 }
 
 // Plane words of chunk c of the row starting at `row`.

@@ -41,7 +41,7 @@
 //
 // One kernel template, exmy_gemv<KIND, MODE, XF16, GM, BLOCKS> (at the end); the host picks the
 // instantiation and compiles it alone (cuda/gpu.py GemvKernel). Compile with -DEXMY_E, -DEXMY_M
-// (and optionally -DEXMY_SHARE, -DGEMV_WARPS, -DGEMV_XWIN, -DGEMV_CPT, -DGEMV_STAGES).
+// (and optionally -DEXMY_SHARE, -DGEMV_WARPS, -DGEMV_XWIN, -DGEMV_CPT).
 #include "exmy_decode.cuh"
 
 using namespace exmy;
@@ -54,9 +54,6 @@ using namespace exmy;
 #endif
 #ifndef GEMV_CPT
 #define GEMV_CPT 0  // 0: 2 chunks per lane and iteration for batch <= 8 and codes <= 6 bits, else 1
-#endif
-#ifndef GEMV_STAGES
-#define GEMV_STAGES 1  // > 1: the weight ring of that many iterations (Cfg::RING); unshared formats
 #endif
 
 namespace {
@@ -81,12 +78,6 @@ struct Cfg {
     // of 255 registers per SM).
     static constexpr int MT = KIND == 6 ? 4 : KIND == 4 || KIND == 5 ? 2 : 1;
     static constexpr bool XS = KIND == 0;
-    // RING: the main loop's weights go through a per-warp ring of STAGES iterations in shared memory
-    // (cp.async), so STAGES - 1 iterations of loads are in flight instead of the one the register
-    // prefetch holds. An ncu profile of b1 on an H200 showed the loop waiting on memory latency
-    // (DRAM 60 %, issue slots 50 %). It replaces SPREAD, XWIN and PP, which hide latency the other way.
-    static constexpr int STAGES = GEMV_STAGES;
-    static constexpr bool RING = STAGES > 1;
     static constexpr int CPT = GEMV_CPT > 0 ? GEMV_CPT : (((KIND == 0 || KIND == 3) && BITS <= 6) ? 2 : 1);
     static constexpr int KSTEP = 4 * CPT;
     // Chunk order: lane t takes chunks t*CPT .. t*CPT+CPT-1 of an iteration (the small planes of
@@ -94,20 +85,15 @@ struct Cfg {
     // of the 4-bit plane then covers whole 32-byte sectors: faster for b1r when there is no 2- or
     // 8-bit plane on most layer shapes measured on an H100; slower for b1, whose x comes from
     // shared memory; docs/benchmarks.md, H100 tuning).
-    static constexpr bool SPREAD = !RING && KIND == 3 && CPT > 1 && !HAS2 && !HAS8;
+    static constexpr bool SPREAD = KIND == 3 && CPT > 1 && !HAS2 && !HAS8;
     // PP: the main loop alternates two register sets (ping-pong) instead of copying the prefetched
     // set each iteration: b1r in its 128-register build, and b1 for unshared codes of other than
     // 5 bits. XWIN: the x of the next iteration is loaded with its weights (16 bytes per lane) and
     // parked in the warp's window in shared memory as pair words (park_x), so an iteration reads x
     // like b1 does: b1r with a 1-bit plane or shared bits. Where they are off they were slower on
     // an H100 (docs/benchmarks.md, H100 tuning).
-    static constexpr bool PP = !RING && ((KIND == 3 && BLOCKS == 2) || (KIND == 0 && !SHARED && BITS != 5));
-    static constexpr bool XWIN = !RING && KIND == 3 && GEMV_XWIN && CPT == 2 && (HAS1 || SHARED);
-    // ring bytes per lane and iteration, for each of the warp's 2 * MT rows: CPT chunks of 4 * OWN
-    // bytes, and the shared-plane words of the chunks (one for a pair of chunks with k = 2, 4, 8;
-    // else one per chunk, two where k does not divide 32)
-    static constexpr int SHARED_WORDS = !SHARED ? 0 : CPT == 2 && !HAS8 && SHARE_POW2 ? 1 : CPT * (SHARE_POW2 ? 1 : 2);
-    static constexpr int SLOT_LANE = RING ? MT * 2 * (CPT * 4 * OWN + 4 * SHARED_WORDS) : 0;
+    static constexpr bool PP = (KIND == 3 && BLOCKS == 2) || (KIND == 0 && !SHARED && BITS != 5);
+    static constexpr bool XWIN = KIND == 3 && GEMV_XWIN && CPT == 2 && (HAS1 || SHARED);
 };
 constexpr int XS_STRIDE = 20;  // words per chunk of staged x: 16 pairs + 4 padding (conflict-free LDS.128)
 
@@ -128,61 +114,6 @@ __device__ __forceinline__ void pdl_release() {
 
 template <int V>
 struct Int { static constexpr int value = V; };  // a compile-time index passed to generic lambdas
-
-// The weight ring (Cfg::RING). A slot holds one main-loop iteration of a warp's weights: the pieces
-// the chunk loaders ask for (exmy_decode.cuh load_chunk_from: 16, 8 or 4 bytes per lane), in their
-// order, each as 32 lanes x its size (lane l's at l * size). A warp's reads of a piece are then
-// contiguous (no bank conflicts), and each lane reads back only what its own cp.async wrote, so
-// cp.async.wait_group (per thread) is all the synchronisation the ring needs. 16-byte pieces skip
-// L1 (.cg), as the register loads do; 4- and 8-byte copies exist only as .ca.
-template <int BYTES>
-__device__ __forceinline__ void cp_async(u32 dst, const void* src) {
-#if __CUDA_ARCH__ >= 800
-    if constexpr (BYTES == 16)
-        asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16;" ::"r"(dst), "l"(src) : "memory");
-    else
-        asm volatile("cp.async.ca.shared.global.L2::256B [%0], [%1], %2;" ::"r"(dst), "l"(src), "n"(BYTES)
-                     : "memory");
-#endif
-}
-__device__ __forceinline__ void cp_async_commit() {
-#if __CUDA_ARCH__ >= 800
-    asm volatile("cp.async.commit_group;" ::: "memory");
-#endif
-}
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-#if __CUDA_ARCH__ >= 800
-    asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
-#endif
-}
-struct RingCopy {  // a chunk source that copies each piece into the slot (returns nothing useful)
-    u32 at;    // shared-memory address of the next piece (lane 0's)
-    u32 lane;
-    template <int BYTES>
-    __device__ __forceinline__ void put(const void* p) {
-        cp_async<BYTES>(at + BYTES * lane, p);
-        at += 32 * BYTES;
-    }
-    __device__ __forceinline__ uint4 v4(const void* p) { put<16>(p); return uint4{}; }
-    __device__ __forceinline__ uint2 v2(const void* p) { put<8>(p); return uint2{}; }
-    __device__ __forceinline__ u32 v1(const void* p) { put<4>(p); return 0u; }
-    __device__ __forceinline__ u32 word(const u32* p) { put<4>(p); return 0u; }
-};
-struct RingRead {  // a chunk source that reads the pieces back from the slot (ignores the addresses)
-    const u8* at;
-    u32 lane;
-    template <class T>
-    __device__ __forceinline__ T get() {
-        const T r = *(const T*)(at + sizeof(T) * lane);
-        at += 32 * sizeof(T);
-        return r;
-    }
-    __device__ __forceinline__ uint4 v4(const void*) { return get<uint4>(); }
-    __device__ __forceinline__ uint2 v2(const void*) { return get<uint2>(); }
-    __device__ __forceinline__ u32 v1(const void*) { return get<u32>(); }
-    __device__ __forceinline__ u32 word(const u32*) { return get<u32>(); }
-};
 
 __device__ __forceinline__ u32 hmul2(u32 a, u32 b) {
     u32 r;
@@ -330,7 +261,7 @@ __device__ __forceinline__ void gemv_warp(const u8* __restrict__ payload, const 
                                           float (&acc)[Cfg<KIND, BLOCKS>::MT][Cfg<KIND, BLOCKS>::NT][4]) {
     typedef Cfg<KIND, BLOCKS> C;
     constexpr int NT = C::NT, CPT = C::CPT, KSTEP = C::KSTEP, MT = C::MT;
-    constexpr bool XS = C::XS, SPREAD = C::SPREAD, XWIN = C::XWIN, PP = C::PP, RING = C::RING;
+    constexpr bool XS = C::XS, SPREAD = C::SPREAD, XWIN = C::XWIN, PP = C::PP;
     constexpr u32 CSTEP = SPREAD ? 4 : 1;       // chunks between a lane's chunks of one iteration
     // chunks t, t+4 of k = 4 formats: their shared words in one load (load_chunk_spread); not in the
     // 80-register build of b1r, where that was slower on an H100 (docs/benchmarks.md, H100 tuning)
@@ -568,8 +499,7 @@ __device__ __forceinline__ void gemv_warp(const u8* __restrict__ payload, const 
     };
 
     // Main loop: iterations whose chunks all lie inside K (x rows aligned): no bounds checks,
-    // running plane pointers, the next iteration's weights prefetched into registers (or the next
-    // STAGES - 1 iterations' into the ring).
+    // running plane pointers, the next iteration's weights prefetched into registers.
     const u32 nfull = (k / 32) / KSTEP;
     const u32 main_end = xvec ? (it1 < nfull ? it1 : nfull) : 0;
     u32 it = it0;
@@ -583,157 +513,82 @@ __device__ __forceinline__ void gemv_warp(const u8* __restrict__ payload, const 
             pa[m] = chunk_ptr(rowa[m], kp, q0);
             pb[m] = chunk_ptr(rowb[m], kp, q0);
         }
-        if constexpr (RING) {
-            // The ring (Cfg::RING): dynamic shared memory after b1's staged x, STAGES slots per warp.
-            // Iteration n reads slot n % STAGES and then refills the slot iteration n - 1 read (its
-            // words are in registers by then) with iteration n + STAGES - 1; one commit group per
-            // iteration (empty past the end), so waiting for all but STAGES - 2 groups means
-            // iteration n's copies have landed.
-            constexpr int STAGES = C::STAGES;
-            constexpr u32 SLOT = 32 * C::SLOT_LANE;
-            const u32 staged = XS ? (nq + KSTEP - 1) / KSTEP * KSTEP * XS_STRIDE * 4 : 0;  // bytes of b1's x
-            const u8* const ring = (const u8*)xs + staged + (threadIdx.x >> 5) * (STAGES * SLOT);
-            const u32 ring_at = (u32)__cvta_generic_to_shared(ring);
-            const u32 niter = (main_end - it + istep - 1) / istep;
-            u32 issued = 0;
-            auto copy = [&]() {  // the iteration at pa / pb into slot issued % STAGES; the pointers move on
-                RingCopy src{ring_at + issued % STAGES * SLOT, lane};
-                Chunk c0, c1;
+        // Two register sets: with PP iteration n computes from set n % 2 while the next one's
+        // weights (and x, XWIN) load into the other; without, set 1 is copied to set 0 first.
+        Chunk wa[2][CPT][MT], wb[2][CPT][MT];
+        S swa[2][CPT][MT], swb[2][CPT][MT];
+        uint4 xq[2] = {make_uint4(0, 0, 0, 0), make_uint4(0, 0, 0, 0)};  // XWIN: lane's 16 bytes of x
+        static_assert(!XWIN || KSTEP == 8, "the x window takes 32 lanes x 16 bytes = 8 chunks");
+        auto load_main = [&](auto set) {  // the iteration at pa / pb (chunk q0) into register set `set`
+            constexpr int P = decltype(set)::value;
 #pragma unroll
-                for (int m = 0; m < MT; ++m) {
-                    if (CPT == 2) {
-                        load_chunk_pair_from(src, pa[m], c0, c1);
-                        load_chunk_pair_from(src, pb[m], c0, c1);
-                    } else {
-#pragma unroll
-                        for (int i = 0; i < CPT; ++i) {
-                            c0 = load_chunk_from(src, pa[m], i);
-                            c1 = load_chunk_from(src, pb[m], i);
-                        }
-                    }
-                    advance(pa[m], qstep);
-                    advance(pb[m], qstep);
+            for (int m = 0; m < MT; ++m) {
+                if (CPT == 2 && !SPREAD) {  // chunk q0 is even: the two chunks' small planes in one load each
+                    load_chunk_pair(pa[m], wa[P][0][m], wa[P][CPT - 1][m]);
+                    load_chunk_pair(pb[m], wb[P][0][m], wb[P][CPT - 1][m]);
+                } else if (SPREAD_PAIR) {   // chunks q0, q0 + 4 (q0 % 8 = t < 4)
+                    load_chunk_spread(pa[m], wa[P][0][m], wa[P][CPT - 1][m]);
+                    load_chunk_spread(pb[m], wb[P][0][m], wb[P][CPT - 1][m]);
                 }
-                ++issued;
-            };
 #pragma unroll
-            for (int s = 0; s < STAGES - 1; ++s) {
-                if (issued < niter) copy();
-                cp_async_commit();
-            }
-            stage_x();  // after this warp's first weight copies are in flight
-            for (u32 n = 0; n < niter; ++n) {
-                cp_async_wait<STAGES - 2>();
-                Chunk wa[CPT][MT], wb[CPT][MT];
-                S swa[CPT][MT], swb[CPT][MT];
-                RingRead src{ring + n % STAGES * SLOT, lane};
-#pragma unroll
-                for (int m = 0; m < MT; ++m) {  // the loaders' order of copy(), from the slot
-                    if (CPT == 2) {
-                        load_chunk_pair_from(src, pa[m], wa[0][m], wa[CPT - 1][m]);
-                        load_chunk_pair_from(src, pb[m], wb[0][m], wb[CPT - 1][m]);
-                    } else {
-#pragma unroll
-                        for (int i = 0; i < CPT; ++i) {
-                            wa[i][m] = load_chunk_from(src, pa[m], i);
-                            wb[i][m] = load_chunk_from(src, pb[m], i);
-                        }
+                for (int i = 0; i < CPT; ++i) {
+                    if (CPT != 2 || (SPREAD && !SPREAD_PAIR)) {
+                        wa[P][i][m] = load_chunk_at(pa[m], CSTEP * i);
+                        wb[P][i][m] = load_chunk_at(pb[m], CSTEP * i);
                     }
-#pragma unroll
-                    for (int i = 0; i < CPT; ++i) {
-                        swa[i][m] = swb[i][m] = S{};
-                        if (GM == 1) {
-                            const u32 gi = (q0 + i) >> gshift;
-                            swa[i][m] = load_scale<MODE>(ks, (size_t)ra[m] * ngroups + gi);
-                            swb[i][m] = load_scale<MODE>(ks, (size_t)rb[m] * ngroups + gi);
-                        }
+                    swa[P][i][m] = swb[P][i][m] = S{};
+                    if (GM == 1) {
+                        const u32 gi = (q0 + CSTEP * i) >> gshift;
+                        swa[P][i][m] = load_scale<MODE>(ks, (size_t)ra[m] * ngroups + gi);
+                        swb[P][i][m] = load_scale<MODE>(ks, (size_t)rb[m] * ngroups + gi);
                     }
                 }
-                if (issued < niter) copy();
-                cp_async_commit();
-#pragma unroll
-                for (int i = 0; i < CPT; ++i) compute(wa[i], wb[i], swa[i], swb[i], q0 + i, false);
-                q0 += qstep;
             }
-            it += niter * istep;
+        };
+        // One main-loop iteration from register set P; false when it was the slice's last.
+        auto step = [&](auto set) -> bool {
+            constexpr int P = decltype(set)::value;  // set computed now
+            constexpr int N = PP ? 1 - P : 1;        // set the next iteration loads into
+            if (!PP) {
+#pragma unroll
+                for (int i = 0; i < CPT; ++i)
+#pragma unroll
+                    for (int m = 0; m < MT; ++m) {
+                        wa[P][i][m] = wa[N][i][m]; wb[P][i][m] = wb[N][i][m];
+                        swa[P][i][m] = swa[N][i][m]; swb[P][i][m] = swb[N][i][m];
+                    }
+                xq[P] = xq[N];
+            }
+            const u32 q = q0;
+#pragma unroll
+            for (int m = 0; m < MT; ++m) {
+                advance(pa[m], qstep);
+                advance(pb[m], qstep);
+            }
+            q0 += qstep;
+            const bool more = it + istep < main_end;
+            if (more) {  // prefetch the next iteration into the other set
+                load_main(Int<N>{});
+                if (XWIN) xq[N] = ld_x16(x + 32 * (size_t)((it + istep) * KSTEP) + 8 * lane);
+            }
+            if (XWIN) {  // this iteration's x into the window
+                park_x<BF, XF16, MODE == 4>(xq[P], lane, xwin, xwin + KSTEP * XS_STRIDE, xpow);
+                xbase = it * KSTEP;
+            }
+#pragma unroll
+            for (int i = 0; i < CPT; ++i) compute(wa[P][i], wb[P][i], swa[P][i], swb[P][i], q + CSTEP * i, false);
+            it += istep;
+            return more;
+        };
+        load_main(Int<PP ? 0 : 1>{});
+        stage_x();  // after this warp's first weight loads are in flight
+        // XWIN: lane l carries x elements 8l .. 8l+7 of an iteration's KSTEP chunks (16 bytes)
+        if (XWIN) xq[PP ? 0 : 1] = ld_x16(x + 32 * (size_t)(it * KSTEP) + 8 * lane);
+        if (PP) {
+            while (step(Int<0>{}) && step(Int<1>{})) {
+            }
         } else {
-            // Two register sets: with PP iteration n computes from set n % 2 while the next one's
-            // weights (and x, XWIN) load into the other; without, set 1 is copied to set 0 first.
-            Chunk wa[2][CPT][MT], wb[2][CPT][MT];
-            S swa[2][CPT][MT], swb[2][CPT][MT];
-            uint4 xq[2] = {make_uint4(0, 0, 0, 0), make_uint4(0, 0, 0, 0)};  // XWIN: lane's 16 bytes of x
-            static_assert(!XWIN || KSTEP == 8, "the x window takes 32 lanes x 16 bytes = 8 chunks");
-            auto load_main = [&](auto set) {  // the iteration at pa / pb (chunk q0) into register set `set`
-                constexpr int P = decltype(set)::value;
-#pragma unroll
-                for (int m = 0; m < MT; ++m) {
-                    if (CPT == 2 && !SPREAD) {  // chunk q0 is even: the two chunks' small planes in one load each
-                        load_chunk_pair(pa[m], wa[P][0][m], wa[P][CPT - 1][m]);
-                        load_chunk_pair(pb[m], wb[P][0][m], wb[P][CPT - 1][m]);
-                    } else if (SPREAD_PAIR) {   // chunks q0, q0 + 4 (q0 % 8 = t < 4)
-                        load_chunk_spread(pa[m], wa[P][0][m], wa[P][CPT - 1][m]);
-                        load_chunk_spread(pb[m], wb[P][0][m], wb[P][CPT - 1][m]);
-                    }
-#pragma unroll
-                    for (int i = 0; i < CPT; ++i) {
-                        if (CPT != 2 || (SPREAD && !SPREAD_PAIR)) {
-                            wa[P][i][m] = load_chunk_at(pa[m], CSTEP * i);
-                            wb[P][i][m] = load_chunk_at(pb[m], CSTEP * i);
-                        }
-                        swa[P][i][m] = swb[P][i][m] = S{};
-                        if (GM == 1) {
-                            const u32 gi = (q0 + CSTEP * i) >> gshift;
-                            swa[P][i][m] = load_scale<MODE>(ks, (size_t)ra[m] * ngroups + gi);
-                            swb[P][i][m] = load_scale<MODE>(ks, (size_t)rb[m] * ngroups + gi);
-                        }
-                    }
-                }
-            };
-            // One main-loop iteration from register set P; false when it was the slice's last.
-            auto step = [&](auto set) -> bool {
-                constexpr int P = decltype(set)::value;  // set computed now
-                constexpr int N = PP ? 1 - P : 1;        // set the next iteration loads into
-                if (!PP) {
-#pragma unroll
-                    for (int i = 0; i < CPT; ++i)
-#pragma unroll
-                        for (int m = 0; m < MT; ++m) {
-                            wa[P][i][m] = wa[N][i][m]; wb[P][i][m] = wb[N][i][m];
-                            swa[P][i][m] = swa[N][i][m]; swb[P][i][m] = swb[N][i][m];
-                        }
-                    xq[P] = xq[N];
-                }
-                const u32 q = q0;
-#pragma unroll
-                for (int m = 0; m < MT; ++m) {
-                    advance(pa[m], qstep);
-                    advance(pb[m], qstep);
-                }
-                q0 += qstep;
-                const bool more = it + istep < main_end;
-                if (more) {  // prefetch the next iteration into the other set
-                    load_main(Int<N>{});
-                    if (XWIN) xq[N] = ld_x16(x + 32 * (size_t)((it + istep) * KSTEP) + 8 * lane);
-                }
-                if (XWIN) {  // this iteration's x into the window
-                    park_x<BF, XF16, MODE == 4>(xq[P], lane, xwin, xwin + KSTEP * XS_STRIDE, xpow);
-                    xbase = it * KSTEP;
-                }
-#pragma unroll
-                for (int i = 0; i < CPT; ++i) compute(wa[P][i], wb[P][i], swa[P][i], swb[P][i], q + CSTEP * i, false);
-                it += istep;
-                return more;
-            };
-            load_main(Int<PP ? 0 : 1>{});
-            stage_x();  // after this warp's first weight loads are in flight
-            // XWIN: lane l carries x elements 8l .. 8l+7 of an iteration's KSTEP chunks (16 bytes)
-            if (XWIN) xq[PP ? 0 : 1] = ld_x16(x + 32 * (size_t)(it * KSTEP) + 8 * lane);
-            if (PP) {
-                while (step(Int<0>{}) && step(Int<1>{})) {
-                }
-            } else {
-                while (step(Int<0>{})) {
-                }
+            while (step(Int<0>{})) {
             }
         }
     }

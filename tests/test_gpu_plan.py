@@ -110,35 +110,3 @@ def test_kind_override_fits_the_batch():
         with pytest.raises(ExmyError, match="can be chosen"):
             gpu.gemv_kernel(weight, "F16", batch, kind)
 
-
-def test_weight_ring_bytes():
-    """gemv_ring_bytes: 8 warps x stages x 32 lanes x (the lane's rows x chunks per lane x 4 * bits
-    bytes per chunk, and shared formats' shared-plane words), as gemv.cu's Cfg::SLOT_LANE lays the
-    ring out; nothing without a ring. The kernel name tells the ring apart."""
-    e2m2, e4m3 = get_format("e2m2"), get_format("e4m3")
-    assert gpu.gemv_ring_bytes(e2m2, "b1", 3) == 8 * 3 * 32 * (2 * 2 * 20)      # 2 rows, 2 chunks of 20 B
-    assert gpu.gemv_ring_bytes(e2m2, "nt2q", 4) == 8 * 4 * 32 * (8 * 1 * 20)    # 8 rows, 1 chunk
-    assert gpu.gemv_ring_bytes(e4m3, "nt1w", 2) == 8 * 2 * 32 * (4 * 1 * 32)    # 8-bit codes: one chunk per lane
-    assert gpu.gemv_ring_bytes(get_format("e3m2"), "b1r", 2) == 8 * 2 * 32 * (2 * 2 * 24)
-    assert gpu.gemv_ring_bytes(e2m2, "nt2", 1) == 0
-    # shared formats: + the shared-plane words (k = 4: one per pair of chunks; k = 3: two per chunk)
-    assert gpu.gemv_ring_bytes(get_format("e2m2s4"), "b1", 3) == 8 * 3 * 32 * (2 * (2 * 16 + 4))
-    assert gpu.gemv_ring_bytes(get_format("e2m2s4"), "nt1", 2) == 8 * 2 * 32 * (2 * (16 + 4))
-    assert gpu.gemv_ring_bytes(get_format("e2m3s3"), "b1", 2) == 8 * 2 * 32 * (2 * (2 * 20 + 4 * 4))
-    assert gpu.gemv_ring_bytes(get_format("e2m3s3"), "nt2q", 2) == 8 * 2 * 32 * (8 * (20 + 2 * 4))
-    assert GemvKernel("nt2q", 0, "F16", 0, 1, stages=3).name == "exmy_gemv_fold_x16_nt2q_ring3"
-    assert GemvKernel("nt2q", 0, "F16", 0, 1).name == "exmy_gemv_fold_x16_nt2q"
-
-
-def test_weight_ring_takes_the_default_chunk_shape():
-    """gemv_ring_bytes counts the default chunks per lane and warps per block, so a ring with defines
-    that change them (or the routed GEMV) is refused before anything is built or launched."""
-    from types import SimpleNamespace
-
-    from exmyconv.errors import ExmyError
-
-    weight = SimpleNamespace(n=64, k=256, fmt=get_format("e2m2"), ngroups=1, group_size=256, fp16_compute=True,
-                             fold_ok=lambda: True)
-    for tuning in ({"defines": ("GEMV_CPT=1",)}, {"defines": ("GEMV_WARPS=4",)}, {"pairs": 4}):
-        with pytest.raises(ExmyError, match="weight ring takes"):
-            gpu._gemv_launch_shape(weight, "F16", 1, stages=3, **tuning)

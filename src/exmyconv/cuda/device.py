@@ -63,13 +63,6 @@ def sm_count(device_id: int) -> int:
     return int(_cupy().cuda.runtime.getDeviceProperties(device_id)["multiProcessorCount"])
 
 
-@functools.lru_cache(maxsize=8)
-def smem_per_block(device_id: int) -> int:
-    """The most shared memory (static + dynamic, bytes) one block may use on the device, with opt-in."""
-    props = _cupy().cuda.runtime.getDeviceProperties(device_id)
-    return int(props.get("sharedMemPerBlockOptin") or props["sharedMemPerBlock"])
-
-
 
 @functools.lru_cache(maxsize=1)
 def torch_cuda_reason() -> str:

@@ -31,7 +31,7 @@ from ..errors import ExmyError
 from ..format.exmy import ExMy, get_format
 from ..format.pack import row_bytes
 from ..format.quant import FP16_MAX, groups_of
-from .device import _cupy, available, device_info, sm_count, smem_per_block, unavailable_reason  # noqa: F401 (API)
+from .device import _cupy, available, device_info, sm_count, unavailable_reason  # noqa: F401 (API)
 
 OUT_DTYPES = ("F16", "BF16", "F32")
 BLOCK = 256           # dequant threads per block
@@ -472,7 +472,6 @@ class GemvKernel:
     groups: int   # 0 one scale per row, 1 groups aligned to 32-element chunks, 2 unaligned
     blocks: int   # blocks per SM its registers are sized for: 1 (<= 255 registers), 2 (<= 128) or 3 (<= 80)
     routed: bool = False  # exmy_gemv_routed: batch-1 GEMVs of routed (token, expert) pairs (RoutedGemvLaunch)
-    stages: int = 1       # > 1: the weight ring of that many iterations (gemv.cu GEMV_STAGES; gemv_plan tuning)
 
     @property
     def expression(self) -> str:
@@ -491,8 +490,7 @@ class GemvKernel:
         groups = ("", "_g", "_ga")[self.groups]
         three = "_3blocks" if self.kind == "b1r" and self.blocks == 3 else ""
         routed = "_routed" if self.routed else ""
-        ring = f"_ring{self.stages}" if self.stages > 1 else ""
-        return f"exmy_gemv_{mode}_{x}_{self.kind}{groups}{three}{routed}{ring}"
+        return f"exmy_gemv_{mode}_{x}_{self.kind}{groups}{three}{routed}"
 
 
 def _gemv_kind(weight: "GpuWeight", batch: int) -> str:
@@ -538,24 +536,8 @@ def gemv_kernel(weight: GpuWeight, x_dtype: str, batch: int, kind: str | None = 
 
 def gemv_function(kernel: GemvKernel, fmt: ExMy, defines: tuple = ()):
     """The compiled `kernel` for `fmt` (a cupy RawKernel); each NVRTC compilation builds one kernel."""
-    ring = (f"GEMV_STAGES={kernel.stages}",) if kernel.stages > 1 else ()
-    return _module("gemv.cu", fmt.e, fmt.m, tuple(defines) + ring, fmt.share, kernel.expression).get_function(
+    return _module("gemv.cu", fmt.e, fmt.m, tuple(defines), fmt.share, kernel.expression).get_function(
         kernel.expression)
-
-
-def gemv_ring_bytes(fmt: ExMy, kind: str, stages: int) -> int:
-    """Dynamic shared memory of the weight ring of a block (gemv.cu Cfg::SLOT_LANE): per warp, `stages`
-    slots of one main-loop iteration's weights, 32 lanes x the lane's rows x (its chunks' plane bytes,
-    4 per stored code bit, and shared formats' shared-plane words: one per pair of chunks where k
-    divides 32 (k = 2, 4, 8), else one per chunk, or two where k does not); 0 for stages 1 (the
-    register prefetch)."""
-    if stages <= 1:
-        return 0
-    cpt, _ = _gemv_shape(fmt, kind)
-    own = fmt.bits - (fmt.share > 1)  # code bits stored per element in the planes
-    pow2 = fmt.share in (2, 4, 8)
-    words = 0 if fmt.share == 1 else 1 if cpt == 2 and own < 8 and pow2 else cpt * (1 if pow2 else 2)
-    return GEMV_WARPS * stages * 32 * gemv_tile_rows(kind) // 8 * (cpt * 4 * own + 4 * words)
 
 
 def gemv_split(n: int, k: int, fmt: ExMy, kind: str, rows: int = GEMV_ROWS) -> int:
@@ -663,10 +645,9 @@ class _GemvLaunchShape:
 
 def _gemv_launch_shape(weight: "GpuWeight", x_dtype: str, batch: int, split: int | None = None,
                        interleave: int | None = None, defines: tuple = (), blocks: int | None = None,
-                       kind: str | None = None, pairs: int = 0, stages: int = 1, mode: int | None = None):
+                       kind: str | None = None, pairs: int = 0, mode: int | None = None):
     """pairs > 0: the routed kernel for that many (token, expert) pairs of batch 1, one grid row each;
-    its split is the single GEMV's, so that each pair's row is the same computation bit for bit.
-    stages > 1: the weight ring (gemv_ring_bytes), for tuning; not with pairs."""
+    its split is the single GEMV's, so that each pair's row is the same computation bit for bit."""
     if not 1 <= batch <= MAX_BATCH:
         raise ExmyError(f"a GEMV launch takes 1..{MAX_BATCH} rows of x, not {batch}")
     if not supports(weight.fmt):
@@ -681,12 +662,6 @@ def _gemv_launch_shape(weight: "GpuWeight", x_dtype: str, batch: int, split: int
         kernel = replace(kernel, mode=4)
     if pairs:
         kernel = replace(kernel, routed=True)
-    if stages > 1:
-        if pairs or any(d.startswith(("GEMV_CPT", "GEMV_WARPS")) for d in defines):
-            # (gemv_ring_bytes counts the default chunks per lane and warps per block)
-            raise ExmyError("the weight ring takes neither pairs nor GEMV_CPT / GEMV_WARPS defines")
-        ring = gemv_ring_bytes(weight.fmt, kernel.kind, stages)
-        kernel = replace(kernel, stages=int(stages))
     rows = gemv_tile_rows(kernel.kind)
     split = split or gemv_split(weight.n, weight.k, weight.fmt, kernel.kind, rows)
     interleave = GEMV_INTERLEAVE if interleave is None else int(interleave)
@@ -697,17 +672,11 @@ def _gemv_launch_shape(weight: "GpuWeight", x_dtype: str, batch: int, split: int
     if blocks:
         kernel = replace(kernel, blocks=int(blocks))
     if kernel.kind == "b1r":
-        # each warp's x window (one iteration's chunks, 80 bytes each) x 2; the ring replaces it
-        smem = 0 if stages > 1 else GEMV_WARPS * _gemv_shape(weight.fmt, "b1r")[1] * 80 * 2
+        # each warp's x window (one iteration's chunks, 80 bytes each) x 2
+        smem = GEMV_WARPS * _gemv_shape(weight.fmt, "b1r")[1] * 80 * 2
     else:
         smem = _xs_bytes(weight.fmt, weight.k, defines) if kernel.kind == "b1" else 0
-    if stages > 1:
-        smem += ring
     fn = gemv_function(kernel, weight.fmt, defines)
-    limit = smem_per_block(_cupy().cuda.Device().id)
-    if stages > 1 and smem + fn.shared_size_bytes > limit:
-        raise ExmyError(f"a weight ring of {stages} stages needs {smem + fn.shared_size_bytes} bytes of shared "
-                        f"memory per block; this GPU has {limit}")
     # beyond 48 KB of static + dynamic shared memory a launch needs the function's opt-in attribute
     if smem + fn.shared_size_bytes > 48 * 1024 and fn.max_dynamic_shared_size_bytes < smem:
         fn.max_dynamic_shared_size_bytes = smem
@@ -719,12 +688,11 @@ class GemvPlan:
 
     def __init__(self, xc, x_dtype: str, weight: GpuWeight, y, stream, split: int | None = None,
                  interleave: int | None = None, defines: tuple = (), overlap: bool = False,
-                 blocks: int | None = None, kind: str | None = None, stages: int = 1, mode: int | None = None):
+                 blocks: int | None = None, kind: str | None = None, mode: int | None = None):
         batch = int(xc.shape[0])
         if xc.shape[1] != weight.k:
             raise ExmyError(f"x has {xc.shape[1]} columns; the weight needs {weight.k}")
-        shape = _gemv_launch_shape(weight, x_dtype, batch, split, interleave, defines, blocks, kind,
-                                   stages=stages, mode=mode)
+        shape = _gemv_launch_shape(weight, x_dtype, batch, split, interleave, defines, blocks, kind, mode=mode)
         self.kernel, self.fn, self.grid, self.smem = shape.kernel, shape.fn, shape.grid, shape.smem
         self.split, self.interleave = shape.split, shape.interleave
         self.args = shape.args(weight, xc, y, batch)
@@ -834,8 +802,7 @@ def gemv_plan(x, weight: GpuWeight, out, x_dtype: str | None = None, **tuning) -
     build's registers are sized for, instead of gemv_blocks / gemv_b1r_blocks),
     defines=("GEMV_CPT=4", ...; b1 sizes its staged x by GEMV_CPT), kind="nt1"|"nt1w"
     (batch 1..8) or "nt2"|"nt2w"|"nt2q" (batch 9..16), instead of the host's choice (gemv_kernel),
-    stages=2|3|4 (the weight ring, gemv_ring_bytes; the same bits as without), mode=4 (b1 / b1r with
-    bf16 x: x used as fp16 times a power of two; mode 3's bits).
+    mode=4 (b1 / b1r with bf16 x: x used as fp16 times a power of two; mode 3's bits).
     overlap=True launches with programmatic dependent launch (exmyconv.cuda.launch): only where the
     weights are not written by the kernel just before (always so for model weights)."""
     cupy = _cupy()
