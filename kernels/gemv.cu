@@ -30,7 +30,7 @@
 //                        (one exact bf16x2 multiply; the raw field may be subnormal, v never is), and
 //                        the float32 sums are multiplied by the row's scale, as MODE 0/1 do in fp16.
 //                        Per pair one instruction instead of MODE 2's five: bf16 models' fast path
-//                        (the host takes it for bf16 x and E <= 4, where it is tested bit-exact).
+//                        (the host takes it for bf16 x and E <= 4 at batch 2..16, where it is tested bit-exact).
 //   MODE 4 (bf16 x, fp16 operands; b1 / b1r, one scale per row): x is used as fp16 numbers
 //                        x * 2^s, s a power of two chosen from the block's largest |x| (stage_x), so that the
 //                        weights take MODE 0/1's free fp16 decode; the float32 sums are multiplied by

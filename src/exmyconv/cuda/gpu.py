@@ -458,6 +458,7 @@ def _xs_bytes(fmt: ExMy, k: int, defines: tuple = ()) -> int:
 
 
 GEMV_KINDS = ("b1", "nt1", "nt2", "b1r", "nt2w", "nt1w", "nt2q")  # kernels/gemv.cu KIND 0 .. 6
+MODE4_KINDS = ("b1", "b1r")  # the kinds that take bf16 x as scaled fp16 (mode 4, gemv_kernel)
 
 
 @dataclass(frozen=True)
@@ -520,8 +521,11 @@ def gemv_kernel(weight: GpuWeight, x_dtype: str, batch: int, kind: str | None = 
     operands where exact (E <= 4, F16 scales, fp16 x), with the scale folded into the weights where
     that stays finite in fp16; else bf16 operands: for bf16 x, E <= 4 and one scale per row, the
     scale is applied to the float32 sums (mode 3: the decode is one exact multiply), otherwise to
-    each weight (mode 2). kind (tests and benchmarks): "nt1" or "nt1w" for batch 1..8 (batch 1:
-    instead of b1 / b1r, x read per chunk rather than staged), "nt2", "nt2w" or "nt2q" for batch 9..16."""
+    each weight (mode 2). There, b1 and b1r take bf16 x as fp16 times a power of two instead (mode 4:
+    mode 3's bits, the fp16 decode; never slower than mode 3, up to 18 % faster, on an H100; at
+    batch 2..16 the pass over x it needs cost more than it saved). kind (tests and benchmarks):
+    "nt1" or "nt1w" for batch 1..8 (batch 1: instead of b1 / b1r, x read per chunk rather than
+    staged), "nt2", "nt2w" or "nt2q" for batch 9..16."""
     if kind is None:
         kind = _gemv_kind(weight, batch)
     elif kind not in (("nt1", "nt1w") if batch <= 8 else ("nt2", "nt2w", "nt2q")):
@@ -531,6 +535,8 @@ def gemv_kernel(weight: GpuWeight, x_dtype: str, batch: int, kind: str | None = 
         mode = 0 if weight.fold_ok() else 1
     else:  # mode 3 where the GPU test proved it exact (bf16 x, E <= 4; fp16 x failed for 8-bit codes)
         mode = 3 if groups == 0 and x_dtype == "BF16" and weight.fmt.e <= 4 else 2
+        if mode == 3 and kind in MODE4_KINDS:
+            mode = 4
     return GemvKernel(kind, mode, x_dtype, groups, gemv_blocks(weight.fmt, kind, mode, groups))
 
 
@@ -540,10 +546,12 @@ def gemv_function(kernel: GemvKernel, fmt: ExMy, defines: tuple = ()):
         kernel.expression)
 
 
-def gemv_split(n: int, k: int, fmt: ExMy, kind: str, rows: int = GEMV_ROWS) -> int:
-    """K slices per 16-row tile (1, 2, 4 or 8) for a kernel of `kind` (choices measured on an
+def gemv_split(n: int, k: int, fmt: ExMy, kind: str, rows: int = GEMV_ROWS, mode: int = 0) -> int:
+    """K slices per 16-row tile (1, 2, 4 or 8) for a kernel of `kind` in `mode` (choices measured on an
     H100: docs/benchmarks.md, H100 tuning): 8 for layers of >= 1024 tiles (the 8 warps of a block then read
-    neighbouring bytes of the same rows); otherwise the fewest slices that give about one wave of
+    neighbouring bytes of the same rows), but 4 for b1 in mode 4 (each block stages all of x, which mode 4
+    also converts in place after a barrier: with two tiles per block that costs half as much per weight
+    byte; 4096->28672 and 8192->28672 e2m2 13 % and 4 % faster than with 8); otherwise the fewest slices that give about one wave of
     warps at the blocks per SM of its build (one for nt2q, else two), doubled for b1r kernels of unshared formats with a 1-bit plane
     (e2m2, e3m1: their longer decode favours more, shorter slices); always >= 2 iterations per
     slice."""
@@ -553,7 +561,7 @@ def gemv_split(n: int, k: int, fmt: ExMy, kind: str, rows: int = GEMV_ROWS) -> i
     # nt1w: counted in 16-row tiles, as nt1 (8 slices on 28672-row layers: 56 against 60-65 us at
     # batch 8, e2m2 and bf16 x; H200, docs/benchmarks.md)
     if tiles >= 1024 or (kind == "nt1w" and n >= 1024 * GEMV_ROWS):
-        split = GEMV_WARPS
+        split = GEMV_WARPS // 2 if kind == "b1" and mode == 4 else GEMV_WARPS
     while split < GEMV_WARPS and tiles * split < 0.75 * target:
         split *= 2
     if kind == "b1r" and fmt.share == 1 and fmt.bits % 2 == 1:
@@ -655,15 +663,17 @@ def _gemv_launch_shape(weight: "GpuWeight", x_dtype: str, batch: int, split: int
     if pairs and (batch != 1 or kind is not None or not 1 <= pairs <= MAX_PAIRS):
         raise ExmyError(f"a routed GEMV takes 1..{MAX_PAIRS} pairs of one row each, not {pairs} of {batch}")
     kernel = gemv_kernel(weight, x_dtype, batch, kind)
+    if pairs and kernel.mode == 4:  # (routed pairs keep mode 3: mode 4 has not run routed on a GPU)
+        kernel = replace(kernel, mode=3)
     if mode is not None and mode != kernel.mode:
-        if not (mode == 4 and kernel.mode == 3 and kernel.kind in ("b1", "b1r") and not pairs):
-            raise ExmyError(f"mode {mode} applies only to batch-1 launches the host runs in mode 3 (bf16 x, E <= 4, "
-                            f"one scale per row); this one is {kernel.name}")
-        kernel = replace(kernel, mode=4)
+        if not (mode in (3, 4) and kernel.mode in (3, 4) and kernel.kind in MODE4_KINDS and not pairs):
+            raise ExmyError(f"mode {mode}: only batch-1 launches of bf16 x with E <= 4 and one scale per row switch "
+                            f"between modes 3 and 4; this one is {kernel.name}")
+        kernel = replace(kernel, mode=mode)
     if pairs:
         kernel = replace(kernel, routed=True)
     rows = gemv_tile_rows(kernel.kind)
-    split = split or gemv_split(weight.n, weight.k, weight.fmt, kernel.kind, rows)
+    split = split or gemv_split(weight.n, weight.k, weight.fmt, kernel.kind, rows, kernel.mode)
     interleave = GEMV_INTERLEAVE if interleave is None else int(interleave)
     grid = (-(-weight.n // (rows * (GEMV_WARPS // split))),) + ((pairs,) if pairs else ())
     if kernel.kind == "b1r":  # (routed: the 128-register build; at 80 the per-pair addresses spill)
@@ -802,7 +812,7 @@ def gemv_plan(x, weight: GpuWeight, out, x_dtype: str | None = None, **tuning) -
     build's registers are sized for, instead of gemv_blocks / gemv_b1r_blocks),
     defines=("GEMV_CPT=4", ...; b1 sizes its staged x by GEMV_CPT), kind="nt1"|"nt1w"
     (batch 1..8) or "nt2"|"nt2w"|"nt2q" (batch 9..16), instead of the host's choice (gemv_kernel),
-    mode=4 (b1 / b1r with bf16 x: x used as fp16 times a power of two; mode 3's bits).
+    mode=3|4 (b1 / b1r with bf16 x and one scale per row: mode 3 instead of the host's mode 4, or back).
     overlap=True launches with programmatic dependent launch (exmyconv.cuda.launch): only where the
     weights are not written by the kernel just before (always so for model weights)."""
     cupy = _cupy()
