@@ -36,7 +36,8 @@
 //                        weights take MODE 0/1's free fp16 decode; the float32 sums are multiplied by
 //                        scale * 2^(15-bias) * 2^-s. Products and sums are MODE 3's scaled by a power of
 //                        two, so y is MODE 3's bit for bit unless an |x| is below 2^-29 of the largest
-//                        (it rounds in fp16; a contribution far below y's bf16 rounding).
+//                        (it rounds in fp16; a contribution far below y's bf16 rounding). The host takes it
+//                        for bf16 x and E <= 4 at batch 1.
 // x of the other 16-bit type is converted once per load (MODE 2 with fp16 x: x rounded to bf16).
 //
 // One kernel template, exmy_gemv<KIND, MODE, XF16, GM, BLOCKS> (at the end); the host picks the

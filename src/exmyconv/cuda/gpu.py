@@ -468,7 +468,7 @@ class GemvKernel:
     kind: str     # "b1" batch 1, x staged per block; "b1r" batch 1, larger K; "nt1" batch <= 8; "nt2" 9..16
     mode: int     # 0 fp16 operands, scale folded; 1 fp16 operands, two steps; 2 bf16 operands;
                   # 3 bf16 operands, one scale per row applied to the sums; 4 bf16 x used as
-                  # fp16 times a power of two (b1 / b1r, one scale per row; gemv_plan tuning)
+                  # fp16 times a power of two (MODE4_KINDS, one scale per row: gemv_kernel)
     x_dtype: str  # "F16" or "BF16": x and y
     groups: int   # 0 one scale per row, 1 groups aligned to 32-element chunks, 2 unaligned
     blocks: int   # blocks per SM its registers are sized for: 1 (<= 255 registers), 2 (<= 128) or 3 (<= 80)
@@ -655,7 +655,8 @@ def _gemv_launch_shape(weight: "GpuWeight", x_dtype: str, batch: int, split: int
                        interleave: int | None = None, defines: tuple = (), blocks: int | None = None,
                        kind: str | None = None, pairs: int = 0, mode: int | None = None):
     """pairs > 0: the routed kernel for that many (token, expert) pairs of batch 1, one grid row each;
-    its split is the single GEMV's, so that each pair's row is the same computation bit for bit."""
+    its split is the single GEMV's, so that each pair's row is the same computation bit for bit (in mode 3
+    where the single GEMV takes mode 4: the same bits for x of ordinary range; mode 4 has not run routed)."""
     if not 1 <= batch <= MAX_BATCH:
         raise ExmyError(f"a GEMV launch takes 1..{MAX_BATCH} rows of x, not {batch}")
     if not supports(weight.fmt):
@@ -663,7 +664,7 @@ def _gemv_launch_shape(weight: "GpuWeight", x_dtype: str, batch: int, split: int
     if pairs and (batch != 1 or kind is not None or not 1 <= pairs <= MAX_PAIRS):
         raise ExmyError(f"a routed GEMV takes 1..{MAX_PAIRS} pairs of one row each, not {pairs} of {batch}")
     kernel = gemv_kernel(weight, x_dtype, batch, kind)
-    if pairs and kernel.mode == 4:  # (routed pairs keep mode 3: mode 4 has not run routed on a GPU)
+    if pairs and kernel.mode == 4:  # routed pairs keep mode 3 (docstring)
         kernel = replace(kernel, mode=3)
     if mode is not None and mode != kernel.mode:
         if not (mode in (3, 4) and kernel.mode in (3, 4) and kernel.kind in MODE4_KINDS and not pairs):
