@@ -38,6 +38,14 @@
 //                        two, so y is MODE 3's bit for bit unless an |x| is below 2^-29 of the largest
 //                        (it rounds in fp16; a contribution far below y's bf16 rounding). The host takes it
 //                        for bf16 x and E <= 4 at batch 1.
+//   MODE 5 (bf16 x, fp16 operands; one scale per row): MODE 4 with the conversion done before the
+//                        GEMV, once per launch, by exmy_x16_rows: x arrives as fp16 numbers x * 2^s_b,
+//                        s_b chosen from row b's largest |x|, and after the rows (at byte
+//                        x16_factors_offset) the float 2^-s_b of each row. The weights take the free fp16
+//                        decode, and the sums of column b are multiplied by scale * 2^(15-bias) * 2^-s_b:
+//                        MODE 3's bits under MODE 4's condition, per row. The host takes it for bf16 x and
+//                        E <= 4 at batch 2..16, where a pass over x in every block (MODE 4) cost more than
+//                        it saved.
 // x of the other 16-bit type is converted once per load (MODE 2 with fp16 x: x rounded to bf16).
 //
 // One kernel template, exmy_gemv<KIND, MODE, XF16, GM, BLOCKS> (at the end); the host picks the
@@ -173,6 +181,8 @@ template <>
 struct ScaleT<3> { typedef float type; };
 template <>
 struct ScaleT<4> { typedef float type; };
+template <>
+struct ScaleT<5> { typedef float type; };
 
 template <int MODE>
 __device__ __forceinline__ typename ScaleT<MODE>::type load_scale(const void* ks, size_t i) {
@@ -205,6 +215,21 @@ __device__ __forceinline__ u32 bf16x2_to_f16x2_times(u32 w, float pow2) {
     asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));  // lo -> bits 15..0
     return r;
 }
+
+// MODE 4 / 5: s = 14 - exponent of the largest |x| (given as bf16 magnitude bits), so that every
+// x * 2^s is below 2^15 (fp16 holds up to 65504) and the largest keeps fp16's 11 bits; 127 for zeros
+// and bf16 subnormals, >= -114 (inf and NaN stay what they are).
+__device__ __forceinline__ int x16_shift(u32 maxbits) {
+    const int ex = (int)(maxbits >> 7);  // bf16 exponent field: 0 (zero / subnormal) .. 255 (inf, NaN)
+    return ex == 0 ? 127 : min(127, 141 - ex);
+}
+__device__ __forceinline__ float pow2f(int s) { return __uint_as_float((u32)(127 + s) << 23); }  // 2^s, s in -126..127
+// 2^-s: normal for s <= 126; 2^-127 is a float32 subnormal
+__device__ __forceinline__ float unpow2f(int s) {
+    return s == 127 ? __uint_as_float(0x00400000u) : __uint_as_float((u32)(127 - s) << 23);
+}
+// MODE 5: where exmy_x16_rows puts the rows' factors 2^-s_b, in bytes after x (16-byte aligned)
+__device__ __forceinline__ size_t x16_factors_offset(u32 batch, u32 k) { return ((size_t)batch * k * 2 + 15) / 16 * 16; }
 
 __device__ __forceinline__ float f16_to_f32(u32 bits) {
     float f;
@@ -268,8 +293,9 @@ __device__ __forceinline__ void gemv_warp(const u8* __restrict__ payload, const 
     // 80-register build of b1r, where that was slower on an H100 (docs/benchmarks.md, H100 tuning)
     constexpr bool SPREAD_PAIR = SPREAD && CPT == 2 && SHARE == 4 && PP;
     constexpr bool BF = MODE == 2 || MODE == 3;  // tensor-core operand type
-    constexpr bool EPI = GM == 0 && MODE != 2;  // scale after the mma (one scale per row, MODE 0, 1, 3, 4)
+    constexpr bool EPI = GM == 0 && MODE != 2;  // scale after the mma (one scale per row, MODE 0, 1, 3, 4, 5)
     static_assert(MODE != 3 || GM == 0, "MODE 3 is for one scale per row");
+    static_assert(MODE != 5 || (GM == 0 && !XF16), "MODE 5 is for bf16 models (x given as scaled fp16) and one scale per row");
     static_assert(MODE != 4 || (GM == 0 && (KIND == 0 || KIND == 3) && !XF16),
                   "MODE 4 is b1 / b1r with bf16 x and one scale per row");
     typedef typename ScaleT<MODE>::type S;
@@ -421,8 +447,7 @@ __device__ __forceinline__ void gemv_warp(const u8* __restrict__ payload, const 
     auto stage_x = [&]() {
         pdl_wait();
         constexpr u32 MAG = 0x7FFF7FFFu;  // MODE 4: bf16 magnitude bits of a pair (sign bits cleared)
-        // MODE 4: s = 14 - exponent of the block's largest |x|, so every x * 2^s is below 2^15 (fp16
-        // holds up to 65504) and the largest keeps fp16's 11 bits. |x| is compared as bf16 magnitude
+        // MODE 4: s = x16_shift of the block's largest |x|. |x| is compared as bf16 magnitude
         // bits (their integer order is the numbers'; inf and NaN sort last): m2 holds a thread's
         // largest of each lane; one warp reduction and one barrier give the block's.
         auto x16_scale = [&](u32 m2) {
@@ -433,11 +458,9 @@ __device__ __forceinline__ void gemv_warp(const u8* __restrict__ payload, const 
             m = xmax[0];
 #pragma unroll
             for (int w = 1; w < WARPS; ++w) m = max(m, xmax[w]);
-            const int ex = (int)(m >> 7);  // bf16 exponent field: 0 (zero / subnormal) .. 255 (inf, NaN)
-            const int sh = ex == 0 ? 127 : min(127, 141 - ex);  // >= -114
-            xpow = __uint_as_float((u32)(127 + sh) << 23);
-            xunpow = __uint_as_float((u32)(127 - sh) << 23);  // 2^-s: normal for s <= 126, 2^-127 is subnormal
-            if (sh == 127) xunpow = __uint_as_float(0x00400000u);
+            const int sh = x16_shift(m);
+            xpow = pow2f(sh);
+            xunpow = unpow2f(sh);
         };
         if (!XS) {  // b1r: a pass over x for its largest |x| (it converts its x window as it goes)
             if constexpr (MODE == 4) {
@@ -623,7 +646,22 @@ __device__ __forceinline__ void gemv_warp(const u8* __restrict__ payload, const 
         }
     }
 
-    if (EPI) {  // row scales: fp16 bits of S = scale*2^(15-bias) (MODE 0) or of scale (MODE 1); float (MODE 3, 4)
+    if constexpr (MODE == 5) {  // float row scales times 2^(15-bias) times the column's 2^-s_b (exmy_x16_rows)
+        const float p15 = __uint_as_float(POW2_15_BITS);
+        const float* un = (const float*)((const char*)x + x16_factors_offset(batch, k));
+#pragma unroll
+        for (int j = 0; j < NT; ++j)
+#pragma unroll
+            for (int c = 0; c < 2; ++c) {  // acc[.][j][c] and [2 + c]: column 8j + 2t + c
+                const u32 col = 8 * j + 2 * t + c;
+                const float f = un[col < batch ? col : batch - 1];
+#pragma unroll
+                for (int m = 0; m < MT; ++m) {  // exact: powers of two (fmul_rn keeps a subnormal 2^-127)
+                    acc[m][j][c] = fmul_rn(acc[m][j][c], fmul_rn(fmul_rn(rsa[m], p15), f));
+                    acc[m][j][2 + c] = fmul_rn(acc[m][j][2 + c], fmul_rn(fmul_rn(rsb[m], p15), f));
+                }
+            }
+    } else if (EPI) {  // row scales: fp16 bits of S = scale*2^(15-bias) (MODE 0) or of scale (MODE 1); float (MODE 3, 4)
         const float p15 = __uint_as_float(POW2_15_BITS);
 #pragma unroll
         for (int m = 0; m < MT; ++m) {
@@ -717,7 +755,8 @@ __device__ __forceinline__ void gemv(const u8* __restrict__ payload, const void*
 
 // The GEMV kernel. KIND: 0 b1, 1 nt1, 2 nt2, 3 b1r, 4 nt2w, 5 nt1w, 6 nt2q (Cfg). MODE: 0 fp16 operands with the scale
 // folded, 1 fp16 operands in two steps, 2 bf16 operands, 3 bf16 operands with the row scale after
-// the mma (one scale per row), 4 bf16 x as scaled fp16 (b1, b1r; see the top). XF16: x and y are fp16, else
+// the mma (one scale per row), 4 bf16 x as scaled fp16 (b1, b1r; see the top), 5 x given as scaled fp16
+// by exmy_x16_rows (y bf16; see the top). XF16: x and y are fp16, else
 // bf16. GM: 0 one scale per row, 1 scale groups aligned to 32-element chunks, 2 not aligned (a
 // scale per element, slower). BLOCKS: blocks per SM the register budget is sized for, 3 (<= 80
 // registers) or 2 (<= 128); the host takes 3 for the b1 and nt1 fp16-operand kernels with one scale
@@ -732,7 +771,7 @@ exmy_gemv(const u8* __restrict__ payload, const void* __restrict__ ks, const u16
           u32 split, u32 interleave) {
     // fp16 operands hold the raw code values as fp16 numbers: E = 5 would fill the fp16 exponent field
     static_assert(MODE >= 2 || (F16_OK && XF16), "fp16 operands (MODE 0, 1) need E <= 4 and fp16 x");
-    static_assert(MODE != 4 || F16_OK, "fp16 operands (MODE 4) need E <= 4");
+    static_assert(MODE < 4 || F16_OK, "fp16 operands (MODE 4, 5) need E <= 4");
     gemv<KIND, MODE, XF16, GM, BLOCKS>(payload, ks, x, y, n, k, stride, ngroups, g, gshift, batch, split,
                                        interleave);
 }
@@ -754,6 +793,7 @@ exmy_gemv_routed(const u8* __restrict__ payload, const void* __restrict__ ks, co
     static_assert(KIND == 0 || KIND == 3, "a routed pair is a batch-1 GEMV");
     static_assert(MODE >= 2 || (F16_OK && XF16), "fp16 operands (MODE 0, 1) need E <= 4 and fp16 x");
     static_assert(MODE != 4 || F16_OK, "fp16 operands (MODE 4) need E <= 4");
+    static_assert(MODE != 5, "MODE 5's x is converted per launch, not per pair");
     // The ids are usually the output of the kernel just before (top-k): unlike exmy_gemv, whose weight
     // loads start before the PDL wait, nothing here can be read before it.
     pdl_wait();
@@ -771,6 +811,50 @@ exmy_gemv_routed(const u8* __restrict__ payload, const void* __restrict__ ks, co
                                        y, n, k, stride, ngroups, g, gshift, 1, split, interleave);
 }
 
+// MODE 5's x: row b of bf16 x [batch, k] (block b) as fp16 x * 2^s_b into xh [batch, k], s_b =
+// x16_shift of the row's largest |x|, and 2^-s_b as a float at byte x16_factors_offset(batch, k) of xh.
+// Two passes over the row (the second from cache: a row is at most a few tens of KB). A template only so
+// that the host builds it by name alone, like exmy_gemv (THREADS: the block size it is launched with).
+template <int THREADS>
+__global__ void __launch_bounds__(THREADS)
+exmy_x16_rows(const u16* __restrict__ x, u16* __restrict__ xh, u32 k, u32 batch) {
+    pdl_release();  // the GEMV may start its weight loads; it waits for this grid before it reads xh
+    pdl_wait();     // x may be the previous kernel's output
+    const u16* xb = x + (size_t)blockIdx.x * k;
+    u16* hb = xh + (size_t)blockIdx.x * k;
+    const bool vec = (k % 8) == 0;  // rows 16-byte aligned (x itself is)
+    constexpr u32 MAG = 0x7FFF7FFFu;  // magnitude bits of a bf16 pair (sign bits cleared)
+    u32 m2 = 0;
+    for (u32 e = 8 * threadIdx.x; e < k; e += 8 * THREADS) {
+        if (vec) {
+            const uint4 r = ld_x16(xb + e);
+            m2 = __vmaxu2(m2, __vmaxu2(__vmaxu2(r.x & MAG, r.y & MAG), __vmaxu2(r.z & MAG, r.w & MAG)));
+        } else {
+            for (u32 i = e; i < e + 8 && i < k; ++i) m2 = __vmaxu2(m2, (u32)xb[i] & 0x7FFFu);
+        }
+    }
+    __shared__ u32 wmax[THREADS / 32];
+    const u32 lane = threadIdx.x & 31;
+    u32 m = __reduce_max_sync(0xFFFFFFFFu, max(m2 & 0xFFFFu, m2 >> 16));
+    if (lane == 0) wmax[threadIdx.x >> 5] = m;
+    __syncthreads();
+    m = wmax[0];
+#pragma unroll
+    for (int w = 1; w < THREADS / 32; ++w) m = max(m, wmax[w]);
+    const int sh = x16_shift(m);
+    const float xpow = pow2f(sh);
+    for (u32 e = 8 * threadIdx.x; e < k; e += 8 * THREADS) {
+        if (vec) {
+            const uint4 r = ld_x16(xb + e);
+            *(uint4*)(hb + e) = make_uint4(bf16x2_to_f16x2_times(r.x, xpow), bf16x2_to_f16x2_times(r.y, xpow),
+                                           bf16x2_to_f16x2_times(r.z, xpow), bf16x2_to_f16x2_times(r.w, xpow));
+        } else {
+            for (u32 i = e; i < e + 8 && i < k; ++i) hb[i] = (u16)bf16x2_to_f16x2_times(xb[i], xpow);
+        }
+    }
+    if (threadIdx.x == 0) ((float*)((char*)xh + x16_factors_offset(batch, k)))[blockIdx.x] = unpow2f(sh);
+}
+
 // nvcc builds (no NVRTC name expressions: tests/test_kernel_build.py, scripts/compare-sass) include
 // this file and then name their instantiations, e.g. EXMY_GEMV_INSTANCE(exmy_gemv<3, 0, true, 0, 2>).
 #define EXMY_GEMV_INSTANCE(...)                                                                   \
@@ -780,3 +864,4 @@ exmy_gemv_routed(const u8* __restrict__ payload, const void* __restrict__ ks, co
     template __global__ void __VA_ARGS__(const u8*, const void*, const u16*, u16*, u32, u32, u32, u32, u32, \
                                          int, u32, u32, u32, const long long*, u32, unsigned long long,  \
                                          unsigned long long, u32);
+#define EXMY_X16_ROWS_INSTANCE(...) template __global__ void __VA_ARGS__(const u16*, u16*, u32, u32);

@@ -337,8 +337,8 @@ def test_gemv_error_bound_per_element(cp, rng):
 
 @pytest.mark.parametrize("name", [*NAMED, *gpu.GEMV_SHARED])
 def test_gemv_bf16_row_scale_one_hot_is_exact(cp, rng, name):
-    """Mode 3 (bf16 operands, one scale per row applied to the float32 sums): with one-hot rows of x
-    each output is one weight, v * scale rounded once, which must be bit for bit the dequantized
+    """Mode 3 (bf16 operands, one scale per row applied to the float32 sums) and mode 5 (the host's: x
+    converted to scaled fp16 first, fp16 operands): with one-hot rows of x each output is one weight, v * scale rounded once, which must be bit for bit the dequantized
     weight (every code appears, subnormal ones included: the exact power-of-two decode multiply is
     what this checks; -0 reads as +0, the sum of the row's other, +0, products); a NaN-poisoned
     output shows any element not written."""
@@ -353,8 +353,7 @@ def test_gemv_bf16_row_scale_one_hot_is_exact(cp, rng, name):
             qt = qtensor_from_codes(codes, random_scales(rng, (n, 1), scale_dtype, fmt, wide=False), fmt, k,
                                     scale_dtype)
             weight = gpu.upload(qt)
-            kernel = gpu.gemv_kernel(weight, x_dtype, 16)
-            assert kernel.mode == 3, kernel
+            assert gpu.gemv_kernel(weight, x_dtype, 16).mode == 5  # (the host's; mode 3 by tuning)
             tdt = torch.float16 if x_dtype == "F16" else torch.bfloat16
             want = ref_bits(qt, x_dtype).reshape(n, k)
             want = np.where(want == 0x8000, 0, want)  # a sum of +0 products and -0 is +0
@@ -362,10 +361,12 @@ def test_gemv_bf16_row_scale_one_hot_is_exact(cp, rng, name):
                 b = min(16, k - c0)
                 x = torch.zeros((b, k), dtype=tdt, device="cuda")
                 x[torch.arange(b), c0 + torch.arange(b)] = 1.0
-                y = torch.full((b, n), float("nan"), dtype=tdt, device="cuda")
-                gpu.gemv(x, weight, out=y)
-                got = y.view(torch.int16).cpu().numpy().view(np.uint16)
-                assert np.array_equal(got, want[:, c0:c0 + b].T), f"{name} x {x_dtype} scales {scale_dtype} cols {c0}+"
+                for mode in (3, 5):
+                    y = torch.full((b, n), float("nan"), dtype=tdt, device="cuda")
+                    gpu.gemv_plan(x, weight, y, mode=mode)()
+                    got = y.view(torch.int16).cpu().numpy().view(np.uint16)
+                    assert np.array_equal(got, want[:, c0:c0 + b].T), \
+                        f"{name} x {x_dtype} scales {scale_dtype} cols {c0}+ mode {mode}"
 
 
 @pytest.mark.parametrize("name", ["e2m2", "e2m1", "e3m2", "e2m3", "e4m3", "e2m2s4", "e2m3s3"])
@@ -421,6 +422,66 @@ def test_gemv_bf16_x_as_scaled_fp16_gives_mode_3_bits(cp, rng, name):
         x = torch.zeros((batch, 256), dtype=torch.float16 if x_dtype == "F16" else torch.bfloat16, device="cuda")
         with pytest.raises(ExmyError, match="mode"):
             gpu.gemv_plan(x, weight, torch.empty((batch, 64), dtype=x.dtype, device="cuda"), **{"mode": 4, **kwargs})
+
+
+@pytest.mark.parametrize("name", ["e2m2", "e3m2", "e2m2s4"])  # (1-bit plane, E = 3, shared bits: 11 builds each)
+def test_gemv_bf16_x_prescaled_gives_mode_3_bits(cp, rng, name):
+    """Mode 5 (the host's choice at batch 2..16: each row of bf16 x converted by exmy_x16_rows to fp16 times
+    its own 2^s, fp16 operands) gives mode 3's bits for x of ordinary range, also when the rows are
+    2^+-60 apart: every batch kind, fresh K (multiples of 8 and not), F16 and BF16 scales, NaN-poisoned
+    outputs, through gemv_plan and through a GemvLaunch with a torch workspace (programmatic dependent
+    launch where the GPU has it). Rows of any range (beyond fp16's 65504, zeros, subnormals) stay finite
+    and within the bf16 bound."""
+    import torch
+
+    fmt = get_format(name)
+    overlap = torch.cuda.get_device_capability() >= (9, 0)  # programmatic dependent launch
+    for k in (32 * int(rng.integers(2, 200)), int(rng.integers(1, 3000)), 4096):
+        for scale_dtype in ("F16", "BF16"):
+            n = int(rng.integers(1, 300))
+            codes = rng.integers(0, 1 << fmt.bits, (n, k)).astype(np.uint8)
+            qt = qtensor_from_codes(codes, random_scales(rng, (n, 1), scale_dtype, fmt, wide=False), fmt, k,
+                                    scale_dtype)
+            weight = gpu.upload(qt)
+            w64 = qt.dequantize("F32").reshape(n, k).astype(np.float64)
+            for batch, kind in ((2, "nt1"), (5, "nt1w"), (8, "nt1"), (9, "nt2"), (13, "nt2w"), (16, "nt2q")):
+                for x_range in ("normal", "mixed"):
+                    x = torch.randn(batch, k, device="cuda")
+                    x *= torch.exp2(torch.randint(-60, 61, (batch, 1), device="cuda").float())
+                    x = x.to(torch.bfloat16)
+                    if x_range == "mixed":  # a huge row, a row of zeros, a subnormal row
+                        x[0, int(rng.integers(0, k))] = 3e5
+                        x[0] *= 1e3
+                        x[1].zero_()
+                        if batch > 2:
+                            x[2] = (x[2].float() * 1e-38).to(torch.bfloat16)
+                    outs = {}
+                    for mode in (3, 5):
+                        y = torch.full((batch, n), float("nan"), dtype=torch.bfloat16, device="cuda")
+                        plan = gpu.gemv_plan(x, weight, y, kind=kind, mode=mode)
+                        assert (plan.kernel.kind, plan.kernel.mode) == (kind, mode), plan.kernel
+                        plan()
+                        outs[mode] = y
+                    launch = gpu.GemvLaunch(weight, "BF16", batch, overlap=overlap)
+                    assert launch.kernel.mode == 5 and launch.work_bytes >= batch * k * 2 + 4 * batch, launch.kernel
+                    work = torch.full((launch.work_bytes,), 0xFF, dtype=torch.uint8, device="cuda")
+                    y = torch.full((batch, n), float("nan"), dtype=torch.bfloat16, device="cuda")
+                    launch(x.data_ptr(), y.data_ptr(), torch.cuda.current_stream().cuda_stream, work.data_ptr())
+                    torch.cuda.synchronize()
+                    what = f"{name} {n}x{k} batch {batch} {kind} scales {scale_dtype} x {x_range}"
+                    y64 = outs[5].double().cpu().numpy()
+                    assert np.isfinite(y64).all(), f"{what}: unwritten or non-finite outputs"
+                    ref = x.double().cpu().numpy() @ w64.T
+                    for b in range(batch):
+                        nb = np.linalg.norm(ref[b])
+                        err = np.linalg.norm(y64[b] - ref[b]) / max(nb, 1e-300)
+                        assert err <= TOL["BF16"] or nb < 1e-30, f"{what} row {b}: rel error {err:.2e}"
+                    if x_range == "normal":
+                        assert torch.equal(outs[5].view(torch.int16), outs[3].view(torch.int16)), f"{what}: not mode 3's bits"
+                    if launch.kernel.kind == kind:  # (the host's kind: the same launch as the plan's)
+                        assert torch.equal(y.view(torch.int16), outs[5].view(torch.int16)), f"{what}: GemvLaunch differs"
+                    else:
+                        assert torch.isfinite(y).all(), f"{what}: GemvLaunch left outputs unwritten"
 
 
 @pytest.mark.parametrize("name", gpu.GEMV_SHARED)
@@ -519,12 +580,13 @@ def test_gemv_scale_modes(cp, rng):
     assert qt.scale_dtype == "F16"
     _, kernel, *_ = gemv_check(cp, rng, get_format("e2m2"), n, k, 3, "F16", qt=qt)
     assert kernel.mode == 1, kernel
-    # bf16 scales (values beyond fp16 range): bf16 operands; with bf16 x one scale per row goes on the
-    # sums (mode 3); with fp16 x (output fp16) or scale groups the scale goes on each weight (mode 2)
+    # bf16 scales (values beyond fp16 range): with bf16 x one scale per row goes on the sums (at batch
+    # 2..16 mode 5: x converted to scaled fp16 first); with fp16 x (output fp16) or scale groups bf16
+    # operands, the scale on each weight (mode 2)
     qt = quantize((rng.standard_normal((n, k)) * 1e-6).astype(np.float32), get_format("e3m2"))
     assert qt.scale_dtype == "BF16"
     _, kernel, *_ = gemv_check(cp, rng, get_format("e3m2"), n, k, 5, "BF16", qt=qt)
-    assert (kernel.mode, kernel.x_dtype) == (3, "BF16"), kernel
+    assert (kernel.mode, kernel.x_dtype) == (5, "BF16"), kernel
     _, kernel, *_ = gemv_check(cp, rng, get_format("e3m2"), n, k, 5, "F16", qt=qt, x_scale=300.0)
     assert (kernel.mode, kernel.x_dtype) == (2, "F16"), kernel
     qt = quantize((rng.standard_normal((n, k)) * 1e-6).astype(np.float32), get_format("e3m2"), 128)

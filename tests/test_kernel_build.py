@@ -70,11 +70,17 @@ def _compile(src: Path, fmt: ExMy, out: Path) -> tuple[int, str]:
 
 def gemv_instances(fmt: ExMy) -> list[GemvKernel]:
     """Every exmy_gemv instantiation the host may pick for `fmt`, with its register budget
-    (gpu.gemv_blocks; b1r at 2 blocks per SM): 48, or 24 for E = 5 (no fp16 operands)."""
-    operands = ([(0, "F16"), (1, "F16"), (3, "BF16")] if fmt.e <= 4 else []) + [(2, "F16"), (2, "BF16")]
-    return [GemvKernel(kind, mode, x_dtype, groups, gpu.gemv_blocks(fmt, kind, mode, groups))
-            for mode, x_dtype in operands for kind in gpu.GEMV_KINDS for groups in (0, 1, 2)
-            if mode != 3 or groups == 0]  # mode 3: one scale per row only
+    (gpu.gemv_blocks; b1r at 2 blocks per SM): 48, or 24 for E = 5 (no fp16 operands). For bf16 x with
+    one scale per row that is mode 4 or 5 (gpu.x16_mode), with mode 3 in its place for tuning (modes
+    3, 4, 5: one scale per row only)."""
+    operands = ([(0, "F16"), (1, "F16"), ("x16", "BF16"), (3, "BF16")] if fmt.e <= 4 else []) + [(2, "F16"), (2, "BF16")]
+    kernels = []
+    for mode, x_dtype in operands:
+        for kind in gpu.GEMV_KINDS:
+            m = gpu.x16_mode(kind) if mode == "x16" else mode
+            kernels += [GemvKernel(kind, m, x_dtype, groups, gpu.gemv_blocks(fmt, kind, m, groups))
+                        for groups in ((0,) if m >= 3 else (0, 1, 2))]
+    return kernels
 
 
 def gemv_builds() -> list[tuple[ExMy, list[GemvKernel]]]:
@@ -85,8 +91,7 @@ def gemv_builds() -> list[tuple[ExMy, list[GemvKernel]]]:
     with one scale per row for codes of other than 6 bits; the GPU tests force the others): fold,
     two, fold with aligned groups, bf16 operands, unaligned groups. For the named formats, also the
     routed copies (exmy_gemv_routed, MoE experts) of their batch-1 kernels with one scale per row or
-    aligned groups, and (E <= 4) the batch-1 kernels that take bf16 x as scaled fp16 (mode 4, gpu.gemv_plan
-    tuning)."""
+    aligned groups. Every gemv.cu build also has exmy_x16_rows (mode 5's conversion of x)."""
     builds = []
     for fmt in all_formats() + [get_format(name) for name in GEMV_SHARED]:
         if fmt.name in NAMED or fmt.name == "e5m2":
@@ -94,16 +99,14 @@ def gemv_builds() -> list[tuple[ExMy, list[GemvKernel]]]:
         else:
             kernels = [k for k in gemv_instances(fmt) if (k.kind, k.mode, k.groups) in (("b1", 0, 0), ("nt1", 0, 0))
                        or (k.kind, k.x_dtype, k.groups) == ("b1r", "BF16", 2)
-                       or (fmt.name in GEMV_SHARED and (k.mode, k.x_dtype) == (3, "BF16"))]
+                       or (fmt.name in GEMV_SHARED and k.mode in (4, 5))]
         if fmt.name in NAMED + GEMV_SHARED and fmt.bits != 6:
             kernels += [replace(k, blocks=3) for k in gemv_instances(fmt) if k.kind == "b1r" and (
                 (k.mode, k.groups) in ((0, 0), (1, 0), (0, 1)) or (k.mode, k.x_dtype, k.groups) in
                 ((2, "F16", 0), (2, "BF16", 2)))]
         if fmt.name in NAMED + GEMV_SHARED:
-            kernels += [replace(k, routed=True) for k in kernels if k.groups != 2 and (
+            kernels += [replace(k, routed=True) for k in kernels if k.groups != 2 and k.mode != 3 and (
                 k.kind == "b1" or (k.kind == "b1r" and k.blocks == 2))]  # (routed b1r: 2 blocks per SM only)
-            if fmt.e <= 4:
-                kernels += [GemvKernel(kind, 4, "BF16", 0, gpu.gemv_blocks(fmt, kind, 4, 0)) for kind in ("b1", "b1r")]
         builds.append((fmt, kernels))
     return builds
 
@@ -111,7 +114,8 @@ def gemv_builds() -> list[tuple[ExMy, list[GemvKernel]]]:
 def gemv_source(kernels: list[GemvKernel], path: Path) -> Path:
     """A source that builds `kernels` from kernels/gemv.cu (what NVRTC's name expressions do)."""
     lines = [f'#include "{KERNELS / "gemv.cu"}"'] + [
-        f"EXMY_GEMV_{'ROUTED_' if k.routed else ''}INSTANCE({k.expression})" for k in kernels]
+        f"EXMY_GEMV_{'ROUTED_' if k.routed else ''}INSTANCE({k.expression})" for k in kernels] + [
+        f"EXMY_X16_ROWS_INSTANCE(exmy_x16_rows<{gpu.X16_THREADS}>)"]
     path.write_text("\n".join(lines) + "\n")
     return path
 

@@ -191,6 +191,7 @@ class _Linear:
         if self.fmt == FP16:
             return F.linear(x, self.w) if out is None else torch.mm(x, self.w.t(), out=out)
         from ..cuda import gpu
+        from ..torch.linear import call_gemv
 
         if out is None:
             out = torch.empty((x.shape[0], self.n), device=x.device, dtype=x.dtype)
@@ -201,7 +202,7 @@ class _Linear:
         if launch is None:  # prepared once per batch: a call passes only x, out and the stream
             launch = self._launches[key] = gpu.GemvLaunch(
                 self.w, "F16" if x.dtype == torch.float16 else "BF16", x.shape[0], overlap=self.overlap)
-        launch(x.data_ptr(), out.data_ptr(), torch.cuda.current_stream(x.device).cuda_stream)
+        call_gemv(launch, x.data_ptr(), out.data_ptr(), x.device, torch.cuda.current_stream(x.device).cuda_stream)
         return out
 
 

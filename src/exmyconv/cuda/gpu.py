@@ -458,7 +458,21 @@ def _xs_bytes(fmt: ExMy, k: int, defines: tuple = ()) -> int:
 
 
 GEMV_KINDS = ("b1", "nt1", "nt2", "b1r", "nt2w", "nt1w", "nt2q")  # kernels/gemv.cu KIND 0 .. 6
-MODE4_KINDS = ("b1", "b1r")  # the kinds that take bf16 x as scaled fp16 (mode 4, gemv_kernel)
+MODE4_KINDS = ("b1", "b1r")  # the kinds that take bf16 x as scaled fp16 themselves (mode 4; the others: mode 5)
+X16_THREADS = 256  # block size of exmy_x16_rows (mode 5's conversion of x, one block per row)
+
+
+def x16_mode(kind: str) -> int:
+    """How a kernel of `kind` takes bf16 x as scaled fp16 (gemv_kernel): 4, converting it itself (the
+    batch-1 kinds, which stage x per block anyway), or 5, given it converted by exmy_x16_rows."""
+    return 4 if kind in MODE4_KINDS else 5
+
+
+def x16_work_bytes(batch: int, k: int) -> int:
+    """Device memory mode 5 needs per launch (the caller's workspace, 16-byte aligned): x as fp16
+    [batch, k], then from byte x16_factors_offset (kernels/gemv.cu) a float 2^-s per row."""
+    factors = -(-batch * k * 2 // 16) * 16
+    return -(-(factors + 4 * batch) // 16) * 16
 
 
 @dataclass(frozen=True)
@@ -468,7 +482,8 @@ class GemvKernel:
     kind: str     # "b1" batch 1, x staged per block; "b1r" batch 1, larger K; "nt1" batch <= 8; "nt2" 9..16
     mode: int     # 0 fp16 operands, scale folded; 1 fp16 operands, two steps; 2 bf16 operands;
                   # 3 bf16 operands, one scale per row applied to the sums; 4 bf16 x used as
-                  # fp16 times a power of two (MODE4_KINDS, one scale per row: gemv_kernel)
+                  # fp16 times a power of two (MODE4_KINDS, one scale per row: gemv_kernel); 5 the same
+                  # with x converted before the launch (exmy_x16_rows; the other kinds)
     x_dtype: str  # "F16" or "BF16": x and y
     groups: int   # 0 one scale per row, 1 groups aligned to 32-element chunks, 2 unaligned
     blocks: int   # blocks per SM its registers are sized for: 1 (<= 255 registers), 2 (<= 128) or 3 (<= 80)
@@ -486,7 +501,7 @@ class GemvKernel:
         """Name for logs and benchmark rows, e.g. exmy_gemv_fold_x16_b1r_g; a b1r built for 3
         blocks per SM ends in _3blocks (it depends on the launch; for the other kinds the blocks
         follow from the kernel and the format, gemv_blocks)."""
-        mode = ("fold", "two", "bf", "bfrow", "bfx16")[self.mode]
+        mode = ("fold", "two", "bf", "bfrow", "bfx16", "bfx16p")[self.mode]
         x = "x16" if self.x_dtype == "F16" else "xbf"
         groups = ("", "_g", "_ga")[self.groups]
         three = "_3blocks" if self.kind == "b1r" and self.blocks == 3 else ""
@@ -521,9 +536,11 @@ def gemv_kernel(weight: GpuWeight, x_dtype: str, batch: int, kind: str | None = 
     operands where exact (E <= 4, F16 scales, fp16 x), with the scale folded into the weights where
     that stays finite in fp16; else bf16 operands: for bf16 x, E <= 4 and one scale per row, the
     scale is applied to the float32 sums (mode 3: the decode is one exact multiply), otherwise to
-    each weight (mode 2). There, b1 and b1r take bf16 x as fp16 times a power of two instead (mode 4:
-    mode 3's bits, the fp16 decode; never slower than mode 3, up to 18 % faster, on an H100; at
-    batch 2..16 the pass over x it needs cost more than it saved). kind (tests and benchmarks):
+    each weight (mode 2). Instead of mode 3, x is taken as fp16 times a power of two per row, so that
+    the weights take the fp16 decode with mode 3's bits (x16_mode): b1 and b1r convert x themselves
+    (mode 4: never slower than mode 3, up to 18 % faster, on an H100), the batch 2..16 kinds take it
+    converted once per launch by exmy_x16_rows (mode 5: a pass over x in each of their blocks cost
+    more than it saved). kind (tests and benchmarks):
     "nt1" or "nt1w" for batch 1..8 (batch 1: instead of b1 / b1r, x read per chunk rather than
     staged), "nt2", "nt2w" or "nt2q" for batch 9..16."""
     if kind is None:
@@ -534,9 +551,7 @@ def gemv_kernel(weight: GpuWeight, x_dtype: str, batch: int, kind: str | None = 
     if x_dtype == "F16" and weight.fp16_compute:
         mode = 0 if weight.fold_ok() else 1
     else:  # mode 3 where the GPU test proved it exact (bf16 x, E <= 4; fp16 x failed for 8-bit codes)
-        mode = 3 if groups == 0 and x_dtype == "BF16" and weight.fmt.e <= 4 else 2
-        if mode == 3 and kind in MODE4_KINDS:
-            mode = 4
+        mode = x16_mode(kind) if groups == 0 and x_dtype == "BF16" and weight.fmt.e <= 4 else 2
     return GemvKernel(kind, mode, x_dtype, groups, gemv_blocks(weight.fmt, kind, mode, groups))
 
 
@@ -544,6 +559,12 @@ def gemv_function(kernel: GemvKernel, fmt: ExMy, defines: tuple = ()):
     """The compiled `kernel` for `fmt` (a cupy RawKernel); each NVRTC compilation builds one kernel."""
     return _module("gemv.cu", fmt.e, fmt.m, tuple(defines), fmt.share, kernel.expression).get_function(
         kernel.expression)
+
+
+def x16_rows_function(fmt: ExMy):
+    """exmy_x16_rows, the conversion of x before a mode-5 GEMV (built with the GEMV's format)."""
+    name = f"exmy_x16_rows<{X16_THREADS}>"
+    return _module("gemv.cu", fmt.e, fmt.m, (), fmt.share, name).get_function(name)
 
 
 def gemv_split(n: int, k: int, fmt: ExMy, kind: str, rows: int = GEMV_ROWS, mode: int = 0) -> int:
@@ -641,6 +662,7 @@ class _GemvLaunchShape:
     smem: int
     split: int
     interleave: int
+    x16: object = None  # mode 5: exmy_x16_rows (cupy RawKernel), launched first with grid (batch,)
 
     def args(self, weight: "GpuWeight", x, y, batch: int, scales=None) -> tuple:
         """exmy_gemv's arguments (scales: the kernel scales, default the weight's own)."""
@@ -655,8 +677,7 @@ def _gemv_launch_shape(weight: "GpuWeight", x_dtype: str, batch: int, split: int
                        interleave: int | None = None, defines: tuple = (), blocks: int | None = None,
                        kind: str | None = None, pairs: int = 0, mode: int | None = None):
     """pairs > 0: the routed kernel for that many (token, expert) pairs of batch 1, one grid row each;
-    its split is the single GEMV's, so that each pair's row is the same computation bit for bit (in mode 3
-    where the single GEMV takes mode 4: the same bits for x of ordinary range; mode 4 has not run routed)."""
+    its kernel and split are the single GEMV's, so that each pair's row is the same computation bit for bit."""
     if not 1 <= batch <= MAX_BATCH:
         raise ExmyError(f"a GEMV launch takes 1..{MAX_BATCH} rows of x, not {batch}")
     if not supports(weight.fmt):
@@ -664,12 +685,11 @@ def _gemv_launch_shape(weight: "GpuWeight", x_dtype: str, batch: int, split: int
     if pairs and (batch != 1 or kind is not None or not 1 <= pairs <= MAX_PAIRS):
         raise ExmyError(f"a routed GEMV takes 1..{MAX_PAIRS} pairs of one row each, not {pairs} of {batch}")
     kernel = gemv_kernel(weight, x_dtype, batch, kind)
-    if pairs and kernel.mode == 4:  # routed pairs keep mode 3 (docstring)
-        kernel = replace(kernel, mode=3)
     if mode is not None and mode != kernel.mode:
-        if not (mode in (3, 4) and kernel.mode in (3, 4) and kernel.kind in MODE4_KINDS and not pairs):
-            raise ExmyError(f"mode {mode}: only batch-1 launches of bf16 x with E <= 4 and one scale per row switch "
-                            f"between modes 3 and 4; this one is {kernel.name}")
+        pair = (3, x16_mode(kernel.kind))
+        if not (mode in pair and kernel.mode in pair and not pairs):
+            raise ExmyError(f"mode {mode}: only launches of bf16 x with E <= 4 and one scale per row switch "
+                            f"between mode 3 and mode {pair[1]}; this one is {kernel.name}")
         kernel = replace(kernel, mode=mode)
     if pairs:
         kernel = replace(kernel, routed=True)
@@ -691,7 +711,8 @@ def _gemv_launch_shape(weight: "GpuWeight", x_dtype: str, batch: int, split: int
     # beyond 48 KB of static + dynamic shared memory a launch needs the function's opt-in attribute
     if smem + fn.shared_size_bytes > 48 * 1024 and fn.max_dynamic_shared_size_bytes < smem:
         fn.max_dynamic_shared_size_bytes = smem
-    return _GemvLaunchShape(kernel, fn, grid, smem, split, interleave)
+    x16 = x16_rows_function(weight.fmt) if kernel.mode == 5 else None
+    return _GemvLaunchShape(kernel, fn, grid, smem, split, interleave, x16)
 
 
 class GemvPlan:
@@ -706,6 +727,11 @@ class GemvPlan:
         shape = _gemv_launch_shape(weight, x_dtype, batch, split, interleave, defines, blocks, kind, mode=mode)
         self.kernel, self.fn, self.grid, self.smem = shape.kernel, shape.fn, shape.grid, shape.smem
         self.split, self.interleave = shape.split, shape.interleave
+        self.x16 = None  # mode 5: (exmy_x16_rows, its grid, its arguments), launched first
+        if shape.x16 is not None:
+            work = _cupy().empty(x16_work_bytes(batch, weight.k), dtype=np.uint8)
+            self.x16 = (shape.x16, (batch,), (xc, work, np.uint32(weight.k), np.uint32(batch)))
+            xc = work
         self.args = shape.args(weight, xc, y, batch)
         self.stream = stream
         # overlap: programmatic dependent launch (exmyconv.cuda.launch): the weight loads start while
@@ -714,7 +740,8 @@ class GemvPlan:
         if overlap:
             from .launch import Launch
 
-            self._pdl = Launch(self.fn, self.grid, (GEMV_WARPS * 32,), self.args, self.smem)
+            self._pdl = [Launch(fn, grid, (X16_THREADS,), args) for fn, grid, args in [self.x16] if self.x16]
+            self._pdl.append(Launch(self.fn, self.grid, (GEMV_WARPS * 32,), self.args, self.smem))
 
     @property
     def name(self) -> str:
@@ -722,9 +749,13 @@ class GemvPlan:
 
     def __call__(self):
         if self._pdl is not None:
-            self._pdl(self.stream.ptr)
+            for launch in self._pdl:
+                launch(self.stream.ptr)
             return
         with self.stream:
+            if self.x16 is not None:
+                fn, grid, args = self.x16
+                fn(grid, (X16_THREADS,), args)
             self.fn(self.grid, (GEMV_WARPS * 32,), self.args, shared_mem=self.smem)
 
 
@@ -734,8 +765,11 @@ class GemvLaunch:
     model layer calls per token (its Python cost is a few microseconds, like F.linear's dispatch).
 
     x: contiguous [batch, K] fp16/bf16 at a 16-byte aligned address; y: contiguous [batch, N] of
-    x's dtype. With ``overlap`` (compute capability >= 9.0) the launch uses programmatic dependent
-    launch (exmyconv.cuda.launch), which is also valid inside CUDA-graph capture."""
+    x's dtype. ``work_bytes`` > 0 (mode 5): each call also needs that many bytes of device memory, 16-byte
+    aligned, that nothing else uses until the launch has run (the caller allocates it, e.g. from torch's
+    allocator: safe inside CUDA-graph capture and on any stream). With ``overlap`` (compute capability
+    >= 9.0) the launch uses programmatic dependent launch (exmyconv.cuda.launch), which is also valid
+    inside CUDA-graph capture."""
 
     PAYLOAD_ARG, SCALES_ARG, X_ARG, Y_ARG = 0, 1, 2, 3  # positions among the kernel's arguments
 
@@ -747,6 +781,9 @@ class GemvLaunch:
         self._weight = weight  # keeps the payload and the kernel's scales alive
         self._launch = Launch(shape.fn, shape.grid, (GEMV_WARPS * 32,), shape.args(weight, 0, 0, batch),
                               shape.smem, pdl=overlap)
+        self._x16 = None if shape.x16 is None else Launch(
+            shape.x16, (batch,), (X16_THREADS,), (0, 0, np.uint32(weight.k), np.uint32(batch)), pdl=overlap)
+        self.work_bytes = 0 if shape.x16 is None else x16_work_bytes(batch, weight.k)
 
     def move_weight(self, payload_ptr: int, scales_ptr: int) -> None:
         """Point the launch at another weight of the same shape, format and kernel (e.g. another
@@ -755,9 +792,16 @@ class GemvLaunch:
         self._launch.set_pointer(self.PAYLOAD_ARG, payload_ptr)
         self._launch.set_pointer(self.SCALES_ARG, scales_ptr)
 
-    def __call__(self, x_ptr: int, y_ptr: int, stream_handle: int) -> None:
-        if x_ptr % 16:
-            raise ExmyError("the GEMV reads x in 16-byte words: its address must be 16-byte aligned")
+    def __call__(self, x_ptr: int, y_ptr: int, stream_handle: int, work_ptr: int = 0) -> None:
+        if x_ptr % 16 or work_ptr % 16:
+            raise ExmyError("the GEMV reads x in 16-byte words: its address (and the workspace's) must be 16-byte aligned")
+        if self._x16 is not None:
+            if not work_ptr:
+                raise ExmyError(f"this GEMV launch ({self.kernel.name}) needs a workspace of {self.work_bytes} bytes")
+            self._x16.set_pointer(0, x_ptr)
+            self._x16.set_pointer(1, work_ptr)
+            self._x16(stream_handle)
+            x_ptr = work_ptr
         self._launch.set_pointer(self.X_ARG, x_ptr)
         self._launch.set_pointer(self.Y_ARG, y_ptr)
         self._launch(stream_handle)
@@ -813,7 +857,7 @@ def gemv_plan(x, weight: GpuWeight, out, x_dtype: str | None = None, **tuning) -
     build's registers are sized for, instead of gemv_blocks / gemv_b1r_blocks),
     defines=("GEMV_CPT=4", ...; b1 sizes its staged x by GEMV_CPT), kind="nt1"|"nt1w"
     (batch 1..8) or "nt2"|"nt2w"|"nt2q" (batch 9..16), instead of the host's choice (gemv_kernel),
-    mode=3|4 (b1 / b1r with bf16 x and one scale per row: mode 3 instead of the host's mode 4, or back).
+    mode=3|4|5 (bf16 x and one scale per row: mode 3 instead of the host's mode 4 (b1, b1r) or 5, or back).
     overlap=True launches with programmatic dependent launch (exmyconv.cuda.launch): only where the
     weights are not written by the kernel just before (always so for model weights)."""
     cupy = _cupy()

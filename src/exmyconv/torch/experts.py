@@ -59,7 +59,7 @@ from ..format.exmy import ExMy, get_format
 from ..format.pack import row_bytes
 from ..format.quant import groups_of
 from .codec import SCALE_NAME, dequantize, scale_values, widened_scales
-from .linear import apply_keeping_scales, gpu_view, kernel_rows, live_module, pdl_ok, register_handle
+from .linear import apply_keeping_scales, call_gemv, gpu_view, kernel_rows, live_module, pdl_ok, register_handle
 from .packed import PackedLinear
 
 PROJECTIONS = ("gate_up_proj", "down_proj")
@@ -287,7 +287,7 @@ class ExmyExperts(nn.Module):
             xs = x[start:end]
             if state is not None and state._gemv(rows, x.dtype):
                 xs = xs.clone()  # (a 16-byte aligned copy)
-                state._launch(rows, x.dtype)(xs.data_ptr(), y[start:end].data_ptr(), stream)
+                call_gemv(state._launch(rows, x.dtype), xs.data_ptr(), y[start:end].data_ptr(), x.device, stream)
             elif state is not None:
                 torch.mm(xs, state._dequantized(x.dtype).t(), out=y[start:end])
             else:
@@ -371,7 +371,7 @@ class _StackedGemv:
     def __call__(self, expert: int, rows: int, dtype: torch.dtype, x_ptr: int, y_ptr: int, stream: int) -> None:
         launch, scales, scale_step = self.launches[(rows, dtype)]
         launch.move_weight(self.payload + expert * self.payload_step, scales + expert * scale_step)
-        launch(x_ptr, y_ptr, stream)
+        call_gemv(launch, x_ptr, y_ptr, self.device, stream)
 
 
 @torch.compiler.disable

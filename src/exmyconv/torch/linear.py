@@ -250,7 +250,8 @@ class ExmyLinear(nn.Module):
         - rows of x (leading dims flattened) <= ``gpu.MAX_BATCH`` (16): the fused GEMV through a
           ``gpu.GemvLaunch`` prepared once per (rows, dtype) and kept by the layer, so a call costs
           one output allocation and one driver launch (no planning; programmatic dependent launch on
-          compute capability >= 9.0), then the bias is added;
+          compute capability >= 9.0; bf16 x at 2..16 rows: a second launch converting x, and its
+          workspace, :func:`call_gemv`), then the bias is added;
         - more rows: ``weight.dequantize("F16"|"BF16", out=w)`` (bit-exact) into a torch buffer, on
           torch's current stream (a side stream, a CUDA-graph capture), then ``F.linear``: the same
           result as the plain model.
@@ -322,8 +323,19 @@ def run_gemv(launch, x: torch.Tensor, n: int) -> torch.Tensor:
     if not x.is_contiguous() or x.data_ptr() % 16:
         x = x.clone(memory_format=torch.contiguous_format)
     y = torch.empty((*x.shape[:-1], n), dtype=x.dtype, device=x.device)
-    launch(x.data_ptr(), y.data_ptr(), torch.cuda.current_stream(x.device).cuda_stream)
+    call_gemv(launch, x.data_ptr(), y.data_ptr(), x.device, torch.cuda.current_stream(x.device).cuda_stream)
     return y
+
+
+def call_gemv(launch, x_ptr: int, y_ptr: int, device: torch.device, stream: int) -> None:
+    """``launch`` (a ``gpu.GemvLaunch``) of x into y on ``stream`` (torch's current stream of ``device``),
+    with the workspace it may need (``work_bytes``: bf16 x converted before the GEMV) taken from torch's
+    allocator for this call: stream-ordered, so it is safe on any stream and inside CUDA-graph capture."""
+    if launch.work_bytes:
+        work = torch.empty(launch.work_bytes, dtype=torch.uint8, device=device)
+        launch(x_ptr, y_ptr, stream, work.data_ptr())
+    else:
+        launch(x_ptr, y_ptr, stream)
 
 
 @functools.lru_cache(maxsize=None)
