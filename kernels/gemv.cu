@@ -813,25 +813,31 @@ exmy_gemv_routed(const u8* __restrict__ payload, const void* __restrict__ ks, co
 
 // MODE 5's x: row b of bf16 x [batch, k] (block b) as fp16 x * 2^s_b into xh [batch, k], s_b =
 // x16_shift of the row's largest |x|, and 2^-s_b as a float at byte x16_factors_offset(batch, k) of xh.
-// Two passes over the row (the second from cache: a row is at most a few tens of KB). A template only so
-// that the host builds it by name alone, like exmy_gemv (THREADS: the block size it is launched with).
+// Rows of up to 8 * THREADS * HELD elements (16-byte aligned) are read once, every load issued before
+// the block's reduction, and converted from registers: one memory round trip, which is the kernel's
+// whole cost at these sizes. Longer or unaligned rows take a second pass (from cache). A template only
+// so that the host builds it by name alone, like exmy_gemv (THREADS: the block size it is launched with).
 template <int THREADS>
 __global__ void __launch_bounds__(THREADS)
 exmy_x16_rows(const u16* __restrict__ x, u16* __restrict__ xh, u32 k, u32 batch) {
+    constexpr int HELD = 8;  // 16-byte words of x per thread kept in registers
     pdl_release();  // the GEMV may start its weight loads; it waits for this grid before it reads xh
     pdl_wait();     // x may be the previous kernel's output
     const u16* xb = x + (size_t)blockIdx.x * k;
     u16* hb = xh + (size_t)blockIdx.x * k;
-    const bool vec = (k % 8) == 0;  // rows 16-byte aligned (x itself is)
+    const bool held = (k % 8) == 0 && k <= 8u * THREADS * HELD;  // (k % 8: rows 16-byte aligned)
     constexpr u32 MAG = 0x7FFF7FFFu;  // magnitude bits of a bf16 pair (sign bits cleared)
     u32 m2 = 0;
-    for (u32 e = 8 * threadIdx.x; e < k; e += 8 * THREADS) {
-        if (vec) {
-            const uint4 r = ld_x16(xb + e);
-            m2 = __vmaxu2(m2, __vmaxu2(__vmaxu2(r.x & MAG, r.y & MAG), __vmaxu2(r.z & MAG, r.w & MAG)));
-        } else {
-            for (u32 i = e; i < e + 8 && i < k; ++i) m2 = __vmaxu2(m2, (u32)xb[i] & 0x7FFFu);
+    uint4 r[HELD];
+    if (held) {
+#pragma unroll
+        for (int h = 0; h < HELD; ++h) {
+            const u32 e = 8 * (threadIdx.x + h * THREADS);
+            r[h] = e < k ? ld_x16(xb + e) : make_uint4(0, 0, 0, 0);
+            m2 = __vmaxu2(m2, __vmaxu2(__vmaxu2(r[h].x & MAG, r[h].y & MAG), __vmaxu2(r[h].z & MAG, r[h].w & MAG)));
         }
+    } else {
+        for (u32 i = threadIdx.x; i < k; i += THREADS) m2 = __vmaxu2(m2, (u32)xb[i] & 0x7FFFu);
     }
     __shared__ u32 wmax[THREADS / 32];
     const u32 lane = threadIdx.x & 31;
@@ -843,14 +849,16 @@ exmy_x16_rows(const u16* __restrict__ x, u16* __restrict__ xh, u32 k, u32 batch)
     for (int w = 1; w < THREADS / 32; ++w) m = max(m, wmax[w]);
     const int sh = x16_shift(m);
     const float xpow = pow2f(sh);
-    for (u32 e = 8 * threadIdx.x; e < k; e += 8 * THREADS) {
-        if (vec) {
-            const uint4 r = ld_x16(xb + e);
-            *(uint4*)(hb + e) = make_uint4(bf16x2_to_f16x2_times(r.x, xpow), bf16x2_to_f16x2_times(r.y, xpow),
-                                           bf16x2_to_f16x2_times(r.z, xpow), bf16x2_to_f16x2_times(r.w, xpow));
-        } else {
-            for (u32 i = e; i < e + 8 && i < k; ++i) hb[i] = (u16)bf16x2_to_f16x2_times(xb[i], xpow);
+    if (held) {
+#pragma unroll
+        for (int h = 0; h < HELD; ++h) {
+            const u32 e = 8 * (threadIdx.x + h * THREADS);
+            if (e < k)
+                *(uint4*)(hb + e) = make_uint4(bf16x2_to_f16x2_times(r[h].x, xpow), bf16x2_to_f16x2_times(r[h].y, xpow),
+                                               bf16x2_to_f16x2_times(r[h].z, xpow), bf16x2_to_f16x2_times(r[h].w, xpow));
         }
+    } else {
+        for (u32 i = threadIdx.x; i < k; i += THREADS) hb[i] = (u16)bf16x2_to_f16x2_times(xb[i], xpow);
     }
     if (threadIdx.x == 0) ((float*)((char*)xh + x16_factors_offset(batch, k)))[blockIdx.x] = unpow2f(sh);
 }

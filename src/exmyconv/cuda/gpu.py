@@ -459,7 +459,7 @@ def _xs_bytes(fmt: ExMy, k: int, defines: tuple = ()) -> int:
 
 GEMV_KINDS = ("b1", "nt1", "nt2", "b1r", "nt2w", "nt1w", "nt2q")  # kernels/gemv.cu KIND 0 .. 6
 MODE4_KINDS = ("b1", "b1r")  # the kinds that take bf16 x as scaled fp16 themselves (mode 4; the others: mode 5)
-X16_THREADS = 256  # block size of exmy_x16_rows (mode 5's conversion of x, one block per row)
+X16_THREADS = 512  # block size of exmy_x16_rows (mode 5's conversion of x, one block per row)
 
 
 def x16_mode(kind: str) -> int:
@@ -740,7 +740,7 @@ class GemvPlan:
         if overlap:
             from .launch import Launch
 
-            self._pdl = [Launch(fn, grid, (X16_THREADS,), args) for fn, grid, args in [self.x16] if self.x16]
+            self._pdl = [Launch(self.x16[0], self.x16[1], (X16_THREADS,), self.x16[2])] if self.x16 else []
             self._pdl.append(Launch(self.fn, self.grid, (GEMV_WARPS * 32,), self.args, self.smem))
 
     @property
