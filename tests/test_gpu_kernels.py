@@ -337,8 +337,9 @@ def test_gemv_error_bound_per_element(cp, rng):
 
 @pytest.mark.parametrize("name", [*NAMED, *gpu.GEMV_SHARED])
 def test_gemv_bf16_row_scale_one_hot_is_exact(cp, rng, name):
-    """Mode 3 (bf16 operands, one scale per row applied to the float32 sums) and mode 5 (the host's: x
-    converted to scaled fp16 first, fp16 operands): with one-hot rows of x each output is one weight, v * scale rounded once, which must be bit for bit the dequantized
+    """Mode 3 (bf16 operands, one scale per row applied to the float32 sums) and mode 5 (x converted to
+    scaled fp16 first, fp16 operands; the host's for large layers): with one-hot rows of x each output
+    is one weight, v * scale rounded once, which must be bit for bit the dequantized
     weight (every code appears, subnormal ones included: the exact power-of-two decode multiply is
     what this checks; -0 reads as +0, the sum of the row's other, +0, products); a NaN-poisoned
     output shows any element not written."""
@@ -353,7 +354,6 @@ def test_gemv_bf16_row_scale_one_hot_is_exact(cp, rng, name):
             qt = qtensor_from_codes(codes, random_scales(rng, (n, 1), scale_dtype, fmt, wide=False), fmt, k,
                                     scale_dtype)
             weight = gpu.upload(qt)
-            assert gpu.gemv_kernel(weight, x_dtype, 16).mode == 5  # (the host's; mode 3 by tuning)
             tdt = torch.float16 if x_dtype == "F16" else torch.bfloat16
             want = ref_bits(qt, x_dtype).reshape(n, k)
             want = np.where(want == 0x8000, 0, want)  # a sum of +0 products and -0 is +0
@@ -425,9 +425,9 @@ def test_gemv_bf16_x_as_scaled_fp16_gives_mode_3_bits(cp, rng, name):
 
 
 @pytest.mark.parametrize("name", ["e2m2", "e3m2", "e2m2s4"])  # (1-bit plane, E = 3, shared bits: 11 builds each)
-def test_gemv_bf16_x_prescaled_gives_mode_3_bits(cp, rng, name):
-    """Mode 5 (the host's choice at batch 2..16: each row of bf16 x converted by exmy_x16_rows to fp16 times
-    its own 2^s, fp16 operands) gives mode 3's bits for x of ordinary range, also when the rows are
+def test_gemv_bf16_x_prescaled_gives_mode_3_bits(cp, rng, name, monkeypatch):
+    """Mode 5 (the host's choice at batch 2..16 for large layers: each row of bf16 x converted by
+    exmy_x16_rows to fp16 times its own 2^s, fp16 operands) gives mode 3's bits for x of ordinary range, also when the rows are
     2^+-60 apart: every batch kind, fresh K (multiples of 8 and not), F16 and BF16 scales, NaN-poisoned
     outputs, through gemv_plan and through a GemvLaunch with a torch workspace (programmatic dependent
     launch where the GPU has it). Rows of any range (beyond fp16's 65504, zeros, subnormals) stay finite
@@ -436,6 +436,7 @@ def test_gemv_bf16_x_prescaled_gives_mode_3_bits(cp, rng, name):
 
     fmt = get_format(name)
     overlap = torch.cuda.get_device_capability() >= (9, 0)  # programmatic dependent launch
+    monkeypatch.setattr(gpu, "X16_MIN_WEIGHTS", {False: 0, True: 0})  # (the GemvLaunch: mode 5 for small layers too)
     for k in (32 * int(rng.integers(2, 200)), int(rng.integers(1, 3000)), 4096):
         for scale_dtype in ("F16", "BF16"):
             n = int(rng.integers(1, 300))
@@ -580,13 +581,12 @@ def test_gemv_scale_modes(cp, rng):
     assert qt.scale_dtype == "F16"
     _, kernel, *_ = gemv_check(cp, rng, get_format("e2m2"), n, k, 3, "F16", qt=qt)
     assert kernel.mode == 1, kernel
-    # bf16 scales (values beyond fp16 range): with bf16 x one scale per row goes on the sums (at batch
-    # 2..16 mode 5: x converted to scaled fp16 first); with fp16 x (output fp16) or scale groups bf16
-    # operands, the scale on each weight (mode 2)
+    # bf16 scales (values beyond fp16 range): bf16 operands; with bf16 x one scale per row goes on the
+    # sums (mode 3: a small layer); with fp16 x (output fp16) or scale groups the scale goes on each weight (mode 2)
     qt = quantize((rng.standard_normal((n, k)) * 1e-6).astype(np.float32), get_format("e3m2"))
     assert qt.scale_dtype == "BF16"
     _, kernel, *_ = gemv_check(cp, rng, get_format("e3m2"), n, k, 5, "BF16", qt=qt)
-    assert (kernel.mode, kernel.x_dtype) == (5, "BF16"), kernel
+    assert (kernel.mode, kernel.x_dtype) == (3, "BF16"), kernel
     _, kernel, *_ = gemv_check(cp, rng, get_format("e3m2"), n, k, 5, "F16", qt=qt, x_scale=300.0)
     assert (kernel.mode, kernel.x_dtype) == (2, "F16"), kernel
     qt = quantize((rng.standard_normal((n, k)) * 1e-6).astype(np.float32), get_format("e3m2"), 128)

@@ -460,6 +460,12 @@ def _xs_bytes(fmt: ExMy, k: int, defines: tuple = ()) -> int:
 GEMV_KINDS = ("b1", "nt1", "nt2", "b1r", "nt2w", "nt1w", "nt2q")  # kernels/gemv.cu KIND 0 .. 6
 MODE4_KINDS = ("b1", "b1r")  # the kinds that take bf16 x as scaled fp16 themselves (mode 4; the others: mode 5)
 X16_THREADS = 512  # block size of exmy_x16_rows (mode 5's conversion of x, one block per row)
+# Mode 5 costs a fixed 1.5-2 us (a second kernel, and the GEMV waits for it) and saves decode work in
+# proportion to the weights: layers of at least this many weights take it, per batch > 8 (measured on
+# an H100, e2m2, with programmatic dependent launch: 4096->28672 and 8192->28672 12-19 % faster at
+# every batch 2..16, 14336->4096 12-14 % faster at batch 16 and up to 16 % slower at batch 8,
+# 4096->4096 up to 20 % slower; docs/benchmarks.md, 2026-12-05 sixth session)
+X16_MIN_WEIGHTS = {False: 1 << 26, True: 1 << 25}
 
 
 def x16_mode(kind: str) -> int:
@@ -540,7 +546,7 @@ def gemv_kernel(weight: GpuWeight, x_dtype: str, batch: int, kind: str | None = 
     the weights take the fp16 decode with mode 3's bits (x16_mode): b1 and b1r convert x themselves
     (mode 4: never slower than mode 3, up to 18 % faster, on an H100), the batch 2..16 kinds take it
     converted once per launch by exmy_x16_rows (mode 5: a pass over x in each of their blocks cost
-    more than it saved). kind (tests and benchmarks):
+    more than it saved), for layers of X16_MIN_WEIGHTS or more. kind (tests and benchmarks):
     "nt1" or "nt1w" for batch 1..8 (batch 1: instead of b1 / b1r, x read per chunk rather than
     staged), "nt2", "nt2w" or "nt2q" for batch 9..16."""
     if kind is None:
@@ -551,7 +557,9 @@ def gemv_kernel(weight: GpuWeight, x_dtype: str, batch: int, kind: str | None = 
     if x_dtype == "F16" and weight.fp16_compute:
         mode = 0 if weight.fold_ok() else 1
     else:  # mode 3 where the GPU test proved it exact (bf16 x, E <= 4; fp16 x failed for 8-bit codes)
-        mode = x16_mode(kind) if groups == 0 and x_dtype == "BF16" and weight.fmt.e <= 4 else 2
+        mode = 3 if groups == 0 and x_dtype == "BF16" and weight.fmt.e <= 4 else 2
+        if mode == 3 and (kind in MODE4_KINDS or weight.n * weight.k >= X16_MIN_WEIGHTS[batch > 8]):
+            mode = x16_mode(kind)
     return GemvKernel(kind, mode, x_dtype, groups, gemv_blocks(weight.fmt, kind, mode, groups))
 
 
