@@ -369,6 +369,14 @@ def test_gemv_bf16_row_scale_one_hot_is_exact(cp, rng, name):
                         f"{name} x {x_dtype} scales {scale_dtype} cols {c0}+ mode {mode}"
 
 
+def random_row_scaled(rng, fmt, k: int, scale_dtype: str):
+    """(n, the GPU weight, its float64 values): 1..299 rows of random codes with one scale per row."""
+    n = int(rng.integers(1, 300))
+    codes = rng.integers(0, 1 << fmt.bits, (n, k)).astype(np.uint8)
+    qt = qtensor_from_codes(codes, random_scales(rng, (n, 1), scale_dtype, fmt, wide=False), fmt, k, scale_dtype)
+    return n, gpu.upload(qt), qt.dequantize("F32").reshape(n, k).astype(np.float64)
+
+
 @pytest.mark.parametrize("name", ["e2m2", "e2m1", "e3m2", "e2m3", "e4m3", "e2m2s4", "e2m3s3"])
 def test_gemv_bf16_x_as_scaled_fp16_gives_mode_3_bits(cp, rng, name):
     """Mode 4 (the host's choice for b1 / b1r: bf16 x as fp16 times 2^s, fp16 operands) computes mode 3's
@@ -386,12 +394,7 @@ def test_gemv_bf16_x_as_scaled_fp16_gives_mode_3_bits(cp, rng, name):
     for k in (32 * int(rng.integers(2, 400)), int(rng.integers(1, 4000)), 4096, 13440 + 8 * int(rng.integers(0, 400)),
               13400 + int(rng.integers(1, 8))):
         for scale_dtype in ("F16", "BF16"):
-            n = int(rng.integers(1, 300))
-            codes = rng.integers(0, 1 << fmt.bits, (n, k)).astype(np.uint8)
-            qt = qtensor_from_codes(codes, random_scales(rng, (n, 1), scale_dtype, fmt, wide=False), fmt, k,
-                                    scale_dtype)
-            weight = gpu.upload(qt)
-            w64 = qt.dequantize("F32").reshape(n, k).astype(np.float64)
+            n, weight, w64 = random_row_scaled(rng, fmt, k, scale_dtype)
             for x_range in ("normal", "huge", "zero", "tiny"):
                 x = torch.randn(1, k, device="cuda").to(torch.bfloat16)
                 if x_range == "huge":
@@ -439,12 +442,7 @@ def test_gemv_bf16_x_prescaled_gives_mode_3_bits(cp, rng, name, monkeypatch):
     monkeypatch.setattr(gpu, "X16_MIN_WEIGHTS", {False: 0, True: 0})  # (the GemvLaunch: mode 5 for small layers too)
     for k in (32 * int(rng.integers(2, 200)), int(rng.integers(1, 3000)), 4096):
         for scale_dtype in ("F16", "BF16"):
-            n = int(rng.integers(1, 300))
-            codes = rng.integers(0, 1 << fmt.bits, (n, k)).astype(np.uint8)
-            qt = qtensor_from_codes(codes, random_scales(rng, (n, 1), scale_dtype, fmt, wide=False), fmt, k,
-                                    scale_dtype)
-            weight = gpu.upload(qt)
-            w64 = qt.dequantize("F32").reshape(n, k).astype(np.float64)
+            n, weight, w64 = random_row_scaled(rng, fmt, k, scale_dtype)
             for batch, kind in ((2, "nt1"), (5, "nt1w"), (8, "nt1"), (9, "nt2"), (13, "nt2w"), (16, "nt2q")):
                 for x_range in ("normal", "mixed"):
                     x = torch.randn(batch, k, device="cuda")
