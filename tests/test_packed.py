@@ -176,3 +176,34 @@ def test_cuda_path_with_a_fake_backend(rng, monkeypatch):
     assert gpu.calls[-1] == "dequantize:BF16"
     with pytest.raises(RuntimeError):
         state.forward(torch.randn(2, 100, dtype=torch.bfloat16), None)
+
+
+def test_a_launch_asking_for_a_workspace_gets_one_per_call():
+    """torch.linear.call_gemv: a launch with work_bytes (gpu.GemvLaunch in mode 5) is given a fresh,
+    16-byte aligned buffer of that size from torch's allocator at each call; one without gets none.
+    gpu.x16_work_bytes covers x as fp16 and, from the next 16-byte boundary, a float per row."""
+    import torch
+
+    from exmyconv.cuda import gpu
+    from exmyconv.torch.linear import call_gemv
+
+    calls = []
+
+    class Launch:
+        def __init__(self, work_bytes):
+            self.work_bytes = work_bytes
+
+        def __call__(self, x_ptr, y_ptr, stream, *work):
+            calls.append((x_ptr, y_ptr, stream, *work))
+
+    call_gemv(Launch(0), 16, 32, torch.device("cpu"), 7)
+    assert calls.pop() == (16, 32, 7)
+    for _ in range(2):
+        call_gemv(Launch(4144), 16, 32, torch.device("cpu"), 7)
+        x_ptr, y_ptr, stream, work = calls.pop()
+        assert (x_ptr, y_ptr, stream) == (16, 32, 7) and work and work % 16 == 0
+    for batch in (1, 2, 3, 7, 16):
+        for k in (1, 7, 8, 100, 4096, 14336):
+            size = gpu.x16_work_bytes(batch, k)
+            factors = -(-batch * k * 2 // 16) * 16
+            assert size % 16 == 0 and factors + 4 * batch <= size < factors + 4 * batch + 16, (batch, k)
