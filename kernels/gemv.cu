@@ -30,7 +30,7 @@
 //                        (one exact bf16x2 multiply; the raw field may be subnormal, v never is), and
 //                        the float32 sums are multiplied by the row's scale, as MODE 0/1 do in fp16.
 //                        Per pair one instruction instead of MODE 2's five: bf16 models' fast path
-//                        (the host takes it for bf16 x and E <= 4 at batch 2..16, where it is tested bit-exact).
+//                        (the host takes it for bf16 x and E <= 4 at batch 2..16 on smaller layers; tested bit-exact).
 //   MODE 4 (bf16 x, fp16 operands; b1 / b1r, one scale per row): x is used as fp16 numbers
 //                        x * 2^s, s a power of two chosen from the block's largest |x| (stage_x), so that the
 //                        weights take MODE 0/1's free fp16 decode; the float32 sums are multiplied by
@@ -44,8 +44,9 @@
 //                        x16_factors_offset) the float 2^-s_b of each row. The weights take the free fp16
 //                        decode, and the sums of column b are multiplied by scale * 2^(15-bias) * 2^-s_b:
 //                        MODE 3's bits under MODE 4's condition, per row. The host takes it for bf16 x and
-//                        E <= 4 at batch 2..16, where a pass over x in every block (MODE 4) cost more than
-//                        it saved.
+//                        E <= 4 at batch 2..16 on large layers (cuda/gpu.py X16_MIN_WEIGHTS: the second
+//                        kernel costs a fixed time), where a pass over x in every block (MODE 4) cost more
+//                        than it saved.
 // x of the other 16-bit type is converted once per load (MODE 2 with fp16 x: x rounded to bf16).
 //
 // One kernel template, exmy_gemv<KIND, MODE, XF16, GM, BLOCKS> (at the end); the host picks the
