@@ -72,15 +72,13 @@ constexpr int WARPS = GEMV_WARPS;
 // Kernel kinds: 0 = "b1" (batch 1, x staged once per block in shared memory, already permuted;
 // for K up to ~13 000), 3 = "b1r" (batch 1, larger K: x from global memory, more registers),
 // 1 = "nt1" (batch 1..8), 2 = "nt2" (batch 9..16, two 8-column mma tiles), 4 = "nt2w" / 5 = "nt1w" (nt2 / nt1 with
-// two 16-row tiles per warp), 6 = "nt2q" (nt2 with four 16-row tiles per warp), 7 = "nt2c" (nt2 whose
-// 8 K slices are the 8 blocks of a thread-block cluster, see exmy_gemv_c8), 8 = "nt1c" (the same for
-// batch 2..8). NT: mma column tiles; MT: mma row tiles per warp; XS: x staged in shared memory; CPT: consecutive chunks per lane per
+// two 16-row tiles per warp), 6 = "nt2q" (nt2 with four 16-row tiles per warp). NT: mma column tiles; MT: mma row tiles per warp; XS: x staged in shared memory; CPT: consecutive chunks per lane per
 // iteration (2 for batch 1 with codes <= 6 bits: more weights in flight; elsewhere the registers
 // go to x); KSTEP: chunks per warp iteration (the 4 lanes t = 0..3 of a row). BLOCKS: blocks per
 // SM the kernel's registers are sized for (2: 128 registers, 3: 80).
 template <int KIND, int BLOCKS>
 struct Cfg {
-    static constexpr int NT = KIND == 2 || KIND == 4 || KIND == 6 || KIND == 7 ? 2 : 1;
+    static constexpr int NT = KIND == 2 || KIND == 4 || KIND == 6 ? 2 : 1;
     // MT: 16-row tiles per warp, sharing each x fragment (nt2w). With one tile, batch 16 moves x
     // through L1 at 3.2 bytes per byte of e2m2 weights, and L1 was the busiest unit (88 %, ncu on an
     // H200); two tiles halve that, at the price of half as many warps (the host takes nt2w only for
@@ -90,11 +88,6 @@ struct Cfg {
     // of 255 registers per SM).
     static constexpr int MT = KIND == 6 ? 4 : KIND == 4 || KIND == 5 ? 2 : 1;
     static constexpr bool XS = KIND == 0;
-    // XC (nt2c): the block's K slice of all 16 x rows staged once in shared memory in pair order and
-    // shared by its 8 row tiles. Batch 9..16 moves 3.2 bytes of x per byte of e2m2 weights through
-    // L1 (per 16-row tile); with nt2 that cost 10 of 27 us on 14336->4096 and 40 of 97 us on
-    // 8192->28672 (H200, x loads knocked out; docs/benchmarks.md, seventh session).
-    static constexpr bool XC = KIND == 7 || KIND == 8;
     static constexpr int CPT = GEMV_CPT > 0 ? GEMV_CPT : (((KIND == 0 || KIND == 3) && BITS <= 6) ? 2 : 1);
     static constexpr int KSTEP = 4 * CPT;
     // Chunk order: lane t takes chunks t*CPT .. t*CPT+CPT-1 of an iteration (the small planes of
@@ -128,32 +121,6 @@ __device__ __forceinline__ void pdl_release() {
     asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
 #endif
 }
-
-// Thread-block clusters (nt2c, sm_90): this block's rank in its cluster, a barrier of all the
-// cluster's threads (release / acquire: shared-memory writes before it are visible to the other
-// blocks after it), and a float read from another block's shared memory (distributed shared memory).
-__device__ __forceinline__ u32 cluster_rank() {
-    u32 r = 0;
-#if __CUDA_ARCH__ >= 900
-    asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(r));
-#endif
-    return r;
-}
-__device__ __forceinline__ void cluster_sync() {
-#if __CUDA_ARCH__ >= 900
-    asm volatile("barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;" ::: "memory");
-#endif
-}
-__device__ __forceinline__ float ld_cluster(const float* p, u32 rank) {
-    float v = 0.f;
-#if __CUDA_ARCH__ >= 900
-    u32 a = (u32)__cvta_generic_to_shared(p), r;
-    asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(r) : "r"(a), "r"(rank));
-    asm volatile("ld.shared::cluster.f32 %0, [%1];" : "=f"(v) : "r"(r) : "memory");
-#endif
-    return v;
-}
-constexpr u32 CLUSTER = 8;  // nt2c: blocks per cluster = K slices of a row block (exmy_gemv_c8)
 
 template <int V>
 struct Int { static constexpr int value = V; };  // a compile-time index passed to generic lambdas
@@ -317,11 +284,11 @@ template <int KIND, int MODE, bool XF16, int GM, int BLOCKS>
 __device__ __forceinline__ void gemv_warp(const u8* __restrict__ payload, const void* __restrict__ ks,
                                           const u16* __restrict__ x, const u32* __restrict__ xs, u32 n, u32 k,
                                           u32 stride, u32 ngroups, u32 g, int gshift, u32 batch,
-                                          u32 row0, u32 it0, u32 it1, u32 istep, u32 xq0, u32 xnqs,
+                                          u32 row0, u32 it0, u32 it1, u32 istep,
                                           float (&acc)[Cfg<KIND, BLOCKS>::MT][Cfg<KIND, BLOCKS>::NT][4]) {
     typedef Cfg<KIND, BLOCKS> C;
     constexpr int NT = C::NT, CPT = C::CPT, KSTEP = C::KSTEP, MT = C::MT;
-    constexpr bool XS = C::XS, XC = C::XC, SPREAD = C::SPREAD, XWIN = C::XWIN, PP = C::PP;
+    constexpr bool XS = C::XS, SPREAD = C::SPREAD, XWIN = C::XWIN, PP = C::PP;
     constexpr u32 CSTEP = SPREAD ? 4 : 1;       // chunks between a lane's chunks of one iteration
     // chunks t, t+4 of k = 4 formats: their shared words in one load (load_chunk_spread); not in the
     // 80-register build of b1r, where that was slower on an H100 (docs/benchmarks.md, H100 tuning)
@@ -374,18 +341,6 @@ __device__ __forceinline__ void gemv_warp(const u8* __restrict__ payload, const 
     auto load_x = [&](u32 (&xw)[NT][16], u32 q, bool checked) {
         // staged pair words, already in the operand type: b1's whole x (pair p of chunk q at
         // xs[q * XS_STRIDE + p], zeros past K) or, in the b1r main loop, the warp's window
-        if (XC) {  // row r's chunk q at words ((r * xnqs) + q - xq0) * XS_STRIDE (zeros past K and batch)
-#pragma unroll
-            for (int j = 0; j < NT; ++j) {
-                const uint4* src = (const uint4*)(xs + ((gr + 8 * j) * xnqs + q - xq0) * XS_STRIDE);
-#pragma unroll
-                for (int v = 0; v < 4; ++v) {
-                    const uint4 r = src[v];
-                    xw[j][4 * v] = r.x; xw[j][4 * v + 1] = r.y; xw[j][4 * v + 2] = r.z; xw[j][4 * v + 3] = r.w;
-                }
-            }
-            return;
-        }
         if (XS || (XWIN && !checked)) {
             const uint4* src = (const uint4*)(XS ? xs + q * XS_STRIDE : xwin + (q - xbase) * XS_STRIDE);
 #pragma unroll
@@ -477,7 +432,7 @@ __device__ __forceinline__ void gemv_warp(const u8* __restrict__ payload, const 
                 constexpr u32 SEL[2] = {0x5410u, 0x7632u};  // lane 0 of both words / lane 1 of both
                 const int p0 = pair_elem(2 * e, 0), q0 = pair_elem(2 * e, 1);
                 const int p1 = pair_elem(2 * e + 1, 0), q1 = pair_elem(2 * e + 1, 1);
-                const bool paired = XS || XC || (XWIN && !checked);  // x from a staging: pair words in order
+                const bool paired = XS || (XWIN && !checked);  // x from a staging: pair words in order
                 const u32 b0 = paired ? xw[j][2 * e] : prmt(xw[j][p0 >> 1], xw[j][q0 >> 1], SEL[p0 & 1]);
                 const u32 b1 = paired ? xw[j][2 * e + 1] : prmt(xw[j][p1 >> 1], xw[j][q1 >> 1], SEL[p1 & 1]);
 #pragma unroll
@@ -508,7 +463,7 @@ __device__ __forceinline__ void gemv_warp(const u8* __restrict__ payload, const 
             xpow = pow2f(sh);
             xunpow = unpow2f(sh);
         };
-        if (!XS && !XC) {  // b1r: a pass over x for its largest |x| (it converts its x window as it goes)
+        if (!XS) {  // b1r: a pass over x for its largest |x| (it converts its x window as it goes)
             if constexpr (MODE == 4) {
                 u32 m2 = 0;
                 for (u32 e = 8 * threadIdx.x; e < k; e += 8 * WARPS * 32) {
@@ -525,28 +480,23 @@ __device__ __forceinline__ void gemv_warp(const u8* __restrict__ payload, const 
         }
         // b1: x staged in pair order, converted to the operand type; in MODE 4 staged as bf16 first
         // (finding the largest |x| on the way: x is read from memory once), then converted in place,
-        // each thread its own words, once the block's largest is known. XC: the same for chunks
-        // xq0 .. xq0 + xnqs - 1 of 8 * NT rows (item i = row i / xnqs; rows >= batch staged as zeros).
+        // each thread its own words, once the block's largest is known.
         u32* xsw = const_cast<u32*>(xs);
         const u32 niter_all = (nq + KSTEP - 1) / KSTEP;
-        const u32 items = XC ? 8 * NT * xnqs : niter_all * KSTEP;
         u32 m2 = 0;
-        for (u32 i = threadIdx.x; i < items; i += WARPS * 32) {
-            const u32 row = XC ? i / xnqs : 0, q = XC ? xq0 + i % xnqs : i;
-            const u16* xrow = x + (size_t)row * k;
+        for (u32 q = threadIdx.x; q < niter_all * KSTEP; q += WARPS * 32) {
             u32 w[16];  // w[i] = (x[32q + 2i], x[32q + 2i + 1])
-            if (row < batch && xvec && 32 * q + 32 <= k) {
+            if (xvec && 32 * q + 32 <= k) {
 #pragma unroll
                 for (int v = 0; v < 4; ++v) {
-                    const uint4 r = ld_x16(xrow + 32 * (size_t)q + 8 * v);
+                    const uint4 r = ld_x16(x + 32 * (size_t)q + 8 * v);
                     w[4 * v] = r.x; w[4 * v + 1] = r.y; w[4 * v + 2] = r.z; w[4 * v + 3] = r.w;
                 }
             } else {
 #pragma unroll
-                for (int j = 0; j < 16; ++j) {
-                    const u32 e0 = 32 * q + 2 * j;
-                    w[j] = row >= batch ? 0u
-                         : (e0 < k ? (u32)xrow[e0] : 0u) | ((e0 + 1 < k ? (u32)xrow[e0 + 1] : 0u) << 16);
+                for (int i = 0; i < 16; ++i) {
+                    const u32 e0 = 32 * q + 2 * i;
+                    w[i] = (e0 < k ? (u32)x[e0] : 0u) | ((e0 + 1 < k ? (u32)x[e0 + 1] : 0u) << 16);
                 }
             }
             if (BF && XF16) {
@@ -560,7 +510,7 @@ __device__ __forceinline__ void gemv_warp(const u8* __restrict__ payload, const 
 #pragma unroll
             for (int p = 0; p < 16; ++p) {  // pair p = (x[pair_elem(p,0)], x[pair_elem(p,1)])
                 const int p0 = pair_elem(p, 0), p1 = pair_elem(p, 1);
-                xsw[i * XS_STRIDE + p] = prmt(w[p0 >> 1], w[p1 >> 1], (p0 & 1) ? 0x7632u : 0x5410u);
+                xsw[q * XS_STRIDE + p] = prmt(w[p0 >> 1], w[p1 >> 1], (p0 & 1) ? 0x7632u : 0x5410u);
             }
         }
         if constexpr (MODE == 4) {
@@ -745,26 +695,14 @@ __device__ __forceinline__ void gemv(const u8* __restrict__ payload, const void*
                                      u32 interleave) {
     constexpr int NT = Cfg<KIND, BLOCKS>::NT, KSTEP = Cfg<KIND, BLOCKS>::KSTEP, MT = Cfg<KIND, BLOCKS>::MT;
     const u32 lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    // nt2c: block = the 8 tiles of a row block x the K slice of its cluster rank; else the block's
-    // warps are WARPS / split tiles x split slices
-    constexpr bool XC = Cfg<KIND, BLOCKS>::XC;
-    const u32 rank = XC ? cluster_rank() : 0;
-    if (XC) split = CLUSTER;
-    const u32 tiles_per_block = XC ? WARPS : WARPS / split;
-    const u32 tile = XC ? blockIdx.x / CLUSTER * WARPS + warp : blockIdx.x * tiles_per_block + warp / split;
-    const u32 slice = XC ? rank : warp % split;
+    const u32 tiles_per_block = WARPS / split;
+    const u32 tile = blockIdx.x * tiles_per_block + warp / split;
+    const u32 slice = warp % split;
     const u32 row0 = tile * 16 * MT;
     const u32 nq = (k + 31) / 32;
     const u32 niter = (nq + KSTEP - 1) / KSTEP;
-    u32 it0, it1, istep, xq0 = 0, xnqs = 0;
-    if (XC) {  // contiguous slices; the staged chunks of a row padded to 4 mod 8 (conflict-free LDS.128)
-        const u32 per = (niter + CLUSTER - 1) / CLUSTER;
-        it0 = min(slice * per, niter);
-        it1 = min(it0 + per, niter);
-        istep = 1;
-        xq0 = it0 * KSTEP;
-        xnqs = per * KSTEP + (12 - (per * KSTEP) % 8) % 8;
-    } else if (interleave) {
+    u32 it0, it1, istep;
+    if (interleave) {
         it0 = slice; it1 = niter; istep = split;
     } else {
         const u32 per = (niter + split - 1) / split;    // iterations per slice
@@ -783,8 +721,7 @@ __device__ __forceinline__ void gemv(const u8* __restrict__ payload, const void*
     extern __shared__ uint4 xs_dyn[];  // batch-1 kernels: x staged by the block (see gemv_warp)
     // every warp takes part (the x staging has a block barrier); warps past the last row do no work
     gemv_warp<KIND, MODE, XF16, GM, BLOCKS>(payload, ks, x, (u32*)xs_dyn, n, k, stride, ngroups, g, gshift,
-                                            batch, row0 < n ? row0 : n - 1, it0, row0 < n ? it1 : it0, istep, xq0, xnqs,
-                                            acc);
+                                            batch, row0 < n ? row0 : n - 1, it0, row0 < n ? it1 : it0, istep, acc);
 
     // Cross-slice reduction: lane holds (row 16m + gr, cols 8j + 2t, +1) in acc[m][j][0..1], row
     // 16m + gr + 8 in [2..3].
@@ -796,28 +733,6 @@ __device__ __forceinline__ void gemv(const u8* __restrict__ payload, const void*
         for (int j = 0; j < NT; ++j)
 #pragma unroll
             for (int r = 0; r < 4; ++r) red[warp][(m * NT + j) * 4 + r][lane] = acc[m][j][r];
-    if constexpr (XC) {
-        // block `rank` sums tile `rank` over the cluster's 8 blocks (slices), in slice order; thread =
-        // (fragment register idx, lane)
-        static_assert(FR * 32 <= WARPS * 32 && MT == 1, "nt1c / nt2c: one fragment value per thread");
-        cluster_sync();
-        if (threadIdx.x < FR * 32) {
-            const u32 idx = threadIdx.x >> 5;
-            float sum = 0.f;
-            for (u32 s = 0; s < CLUSTER; ++s) sum += ld_cluster(&red[rank][idx][lane], s);
-            const u32 j = idx >> 2, r = idx & 3;
-            const u32 row = (blockIdx.x / CLUSTER * WARPS + rank) * 16 + (lane >> 2) + (r >= 2 ? 8 : 0);
-            const u32 col = 8 * j + 2 * (lane & 3) + (r & 1);
-            if (row < n && col < batch) {
-                u16 out;
-                if (XF16) asm("cvt.rn.f16.f32 %0, %1;" : "=h"(out) : "f"(sum));
-                else asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(out) : "f"(sum));
-                y[(size_t)col * n + row] = out;
-            }
-        }
-        cluster_sync();  // no block leaves while another still reads its shared memory
-        return;
-    }
     __syncthreads();
     // thread -> (tile in block, fragment register idx, lane)
     for (u32 o = threadIdx.x; o < tiles_per_block * FR * 32; o += WARPS * 32) {
@@ -858,23 +773,6 @@ exmy_gemv(const u8* __restrict__ payload, const void* __restrict__ ks, const u16
     // fp16 operands hold the raw code values as fp16 numbers: E = 5 would fill the fp16 exponent field
     static_assert(MODE >= 2 || (F16_OK && XF16), "fp16 operands (MODE 0, 1) need E <= 4 and fp16 x");
     static_assert(MODE < 4 || F16_OK, "fp16 operands (MODE 4, 5) need E <= 4");
-    gemv<KIND, MODE, XF16, GM, BLOCKS>(payload, ks, x, y, n, k, stride, ngroups, g, gshift, batch, split,
-                                       interleave);
-}
-
-// nt2c (KIND 7, batch 9..16) and nt1c (KIND 8, batch 2..8): exmy_gemv with the K split across the 8 blocks of a thread-block
-// cluster instead of across the warps of a block. Grid = 8 x (row blocks of 8 tiles); the block of
-// cluster rank s stages x's slice s once (XC) for its 8 row tiles, and the partial sums meet in
-// distributed shared memory (no second kernel, no workspace, the same summation order every call).
-template <int KIND, int MODE, bool XF16, int GM, int BLOCKS>
-__global__ void __cluster_dims__(CLUSTER, 1, 1) __launch_bounds__(GEMV_WARPS * 32, BLOCKS)
-exmy_gemv_c8(const u8* __restrict__ payload, const void* __restrict__ ks, const u16* __restrict__ x,
-             u16* __restrict__ y, u32 n, u32 k, u32 stride, u32 ngroups, u32 g, int gshift, u32 batch,
-             u32 split, u32 interleave) {
-    static_assert((KIND == 7 || KIND == 8) && GEMV_WARPS == 8, "exmy_gemv_c8 is nt2c's / nt1c's entry (8 warps per block)");
-    static_assert(MODE != 4, "MODE 4 is for b1 / b1r");
-    static_assert(MODE >= 2 || (F16_OK && XF16), "fp16 operands (MODE 0, 1) need E <= 4 and fp16 x");
-    static_assert(MODE != 5 || F16_OK, "fp16 operands (MODE 5) need E <= 4");
     gemv<KIND, MODE, XF16, GM, BLOCKS>(payload, ks, x, y, n, k, stride, ngroups, g, gshift, batch, split,
                                        interleave);
 }

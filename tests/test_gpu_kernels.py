@@ -563,44 +563,6 @@ def test_gemv_wide_tiles(cp, rng, name, narrow, wide, batches):
                     f"{name} {n}x{k} B={batch} {x_dtype} group {group} split {split}: {wide} differs from {narrow}"
 
 
-@pytest.mark.parametrize("narrow,cluster,batches", [("nt2", "nt2c", (9, 17)), ("nt1", "nt1c", (2, 9))])
-@pytest.mark.parametrize("name", ["e2m2", "e2m1", "e2m2s4", "e3m2", "e4m3"])
-def test_gemv_cluster_kinds(cp, rng, name, narrow, cluster, batches):
-    """nt2c / nt1c (K split across the 8 blocks of a cluster, x staged per block, partial sums met in
-    distributed shared memory) on random shapes: against float64 (gemv_check's bound), every output
-    written, and bit for bit against nt2 / nt1 with 8 contiguous K slices (the same products, summed
-    in the same order). Rows that end inside a block's eighth tile or inside its first, K tails,
-    unaligned x rows, scale groups aligned and not, fp16 and bf16 x, plain and with PDL."""
-    import torch
-
-    if torch.cuda.get_device_capability() < (9, 0):
-        pytest.skip("thread-block clusters need compute capability 9.0")
-    fmt = get_format(name)
-    for group in (None, 128, 100):
-        for x_dtype in ("F16", "BF16"):
-            batch = int(rng.integers(*batches))
-            n = int(rng.choice([int(rng.integers(1, 40)), 128 * int(rng.integers(1, 6)) + int(rng.integers(0, 128))]))
-            k = int(rng.choice([1024 + int(rng.integers(0, 64)), 4096, 1032 + 8 * int(rng.integers(0, 400))]))
-            _, _, weight, x, _, x64 = gemv_check(cp, rng, fmt, n, k, batch, x_dtype, group=group)
-            ref = x64 @ cp.asnumpy(weight.dequantize("F32")).astype(np.float64).reshape(-1, k).T
-            outs = {}
-            for kind, overlap in ((narrow, False), (cluster, False), (cluster, True)):
-                y = torch.full((batch, n), float("nan"), dtype=x.dtype, device="cuda")
-                plan = gpu.gemv_plan(x, weight, y, kind=kind, split=8, interleave=0, overlap=overlap)
-                assert (plan.kernel.kind, plan.split) == (kind, 8)
-                plan()
-                torch.cuda.synchronize()
-                outs[kind, overlap] = y
-                y64 = y.double().cpu().numpy()
-                assert np.isfinite(y64).all(), f"{name} {kind}: unwritten outputs"
-                err = np.linalg.norm(y64 - ref) / max(np.linalg.norm(ref), 1e-30)
-                tol = TOL["BF16"] if plan.kernel.mode >= 2 else TOL["F16"]
-                assert err <= tol, f"{name} {n}x{k} B={batch} {kind}: rel error {err:.2e}"
-            for overlap in (False, True):
-                assert torch.equal(outs[narrow, False].view(torch.int16), outs[cluster, overlap].view(torch.int16)), \
-                    f"{name} {n}x{k} B={batch} {x_dtype} group {group} pdl {overlap}: {cluster} differs from {narrow}"
-
-
 @pytest.mark.parametrize("group", [32, 64, 128, 96, 100])
 def test_gemv_group_sizes(cp, rng, group):
     for name in ("e2m2", "e3m2", "e4m3"):

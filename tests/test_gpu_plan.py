@@ -75,21 +75,12 @@ class _OneDevice:  # what gemv_wide / gemv_split ask CuPy for: the current devic
 def sms_132(monkeypatch):
     monkeypatch.setattr(gpu, "_cupy", lambda: _OneDevice)
     monkeypatch.setattr(gpu, "sm_count", lambda device: 132)
-    monkeypatch.setattr(gpu, "_capability", lambda: (9, 0))
 
 
 @pytest.mark.parametrize("k, n, fmt, ngroups, batch, kind, split", [
-    # batch 9-16 on compute capability 9.0: nt2c (K split over a cluster of 8 blocks) where a block's
-    # slice of x fits (K up to about 20 000), whatever the rows, groups or format
-    (4096, 14336, "e2m2", 1, 16, "nt2c", 8),
-    (8192, 28672, "e2m1", 1, 12, "nt2c", 8),
-    (14336, 4096, "e2m2", 1, 16, "nt2c", 8),
-    (4096, 4096, "e2m2", 128, 9, "nt2c", 8),
-    (4096, 14336, "e3m2", 1, 16, "nt2c", 8),
-    (1024, 4096, "e2m2", 1, 16, "nt2c", 8),
-    (992, 4096, "e2m2", 1, 16, "nt2", 4),     # fewer than 8 iterations: no cluster
-    # beyond, and on 8.x: one scale per row, <= 5 bits: nt2q from 6336 rows, K slices for about one wave of
+    # batch 9-16, one scale per row, <= 5 bits: nt2q from 6336 rows, K slices for about one wave of
     # one block per SM (the fastest split measured on the H200, docs/benchmarks.md 2026-12-05)
+    (4096, 14336, "e2m2", 1, 16, "nt2q", 4),
     (8192, 28672, "e2m1", 1, 12, "nt2q", 2),
     (28672, 8192, "e2m2", 1, 9, "nt2q", 8),
     (14336, 4096, "e2m2", 1, 16, "nt2", 8),   # 4096 rows: four-tile warps would fill half the GPU
@@ -99,19 +90,10 @@ def sms_132(monkeypatch):
     (4096, 14336, "e2m2", 1, 8, "nt1w", 4),
     (14336, 4096, "e2m2", 1, 4, "nt1", 8),
 ])
-def test_batch_kernel_and_split_on_132_sms(sms_132, monkeypatch, k, n, fmt, ngroups, batch, kind, split):
+def test_batch_kernel_and_split_on_132_sms(sms_132, k, n, fmt, ngroups, batch, kind, split):
     from types import SimpleNamespace
 
     weight = SimpleNamespace(n=n, k=k, fmt=get_format(fmt), ngroups=ngroups)
-    if kind in gpu.CLUSTER_KINDS:
-        assert gpu._gemv_kind(weight, batch) == kind and split == gpu.CLUSTER
-        monkeypatch.setattr(gpu, "_capability", lambda: (8, 9))  # no clusters: the kind of the rows below
-        kind = gpu._gemv_kind(weight, batch)
-        assert kind in ("nt2", "nt2w", "nt2q")
-        split = gpu.gemv_split(n, k, weight.fmt, kind, gpu.gemv_tile_rows(kind))
-    elif batch <= 8 or not gpu.cluster_fits(weight.fmt, "nt2c", k):  # the same on 9.0
-        assert gpu._gemv_kind(weight, batch) == kind
-    monkeypatch.setattr(gpu, "_capability", lambda: (8, 9))
     assert gpu._gemv_kind(weight, batch) == kind
     assert gpu.gemv_split(n, k, weight.fmt, kind, gpu.gemv_tile_rows(kind)) == split
 
@@ -151,14 +133,14 @@ def test_bf16_x_takes_x_as_scaled_fp16(sms_132):
 
 
 def test_kind_override_fits_the_batch():
-    """Tests and benchmarks may force nt1 / nt1w / nt1c at batch 1..8 (at batch 1 instead of b1 / b1r)
-    and nt2 / nt2w / nt2q / nt2c at 9..16; nothing else."""
+    """Tests and benchmarks may force nt1 / nt1w at batch 1..8 (at batch 1 instead of b1 / b1r) and
+    nt2 / nt2w / nt2q at 9..16; nothing else."""
     from types import SimpleNamespace
 
     from exmyconv.errors import ExmyError
 
     weight = SimpleNamespace(n=64, k=256, fmt=get_format("e2m2"), ngroups=1)
-    for batch, kind in ((1, "nt2"), (1, "b1"), (8, "nt2q"), (9, "nt1"), (16, "b1r"), (8, "nt2c"), (9, "nt1c")):
+    for batch, kind in ((1, "nt2"), (1, "b1"), (8, "nt2q"), (9, "nt1"), (16, "b1r")):
         with pytest.raises(ExmyError, match="can be chosen"):
             gpu.gemv_kernel(weight, "F16", batch, kind)
 

@@ -141,7 +141,7 @@ def _jobs_for(tmp_path) -> list[tuple[Path, ExMy, Path, list[GemvKernel]]]:
 
 # ptxas --resource-usage of one exmy_gemv (or exmy_gemv_routed) instantiation (mangled:
 # exmy_gemvILi3ELi0ELb1ELi0ELi2E...)
-GEMV_USAGE = re.compile(r"Function properties for _Z\d+exmy_gemv(_routed|_c8)?ILi(\d)ELi(\d)ELb([01])ELi(\d)ELi(\d)E\w*\n"
+GEMV_USAGE = re.compile(r"Function properties for _Z\d+exmy_gemv(_routed)?ILi(\d)ELi(\d)ELb([01])ELi(\d)ELi(\d)E\w*\n"
                         r"\s+\d+ bytes stack frame, (\d+) bytes spill stores.*\n.*Used (\d+) registers")
 
 

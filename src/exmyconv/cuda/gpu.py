@@ -31,7 +31,7 @@ from ..errors import ExmyError
 from ..format.exmy import ExMy, get_format
 from ..format.pack import row_bytes
 from ..format.quant import FP16_MAX, groups_of
-from .device import _capability, _cupy, available, device_info, sm_count, unavailable_reason  # noqa: F401 (API)
+from .device import _cupy, available, device_info, sm_count, unavailable_reason  # noqa: F401 (API)
 
 OUT_DTYPES = ("F16", "BF16", "F32")
 BLOCK = 256           # dequant threads per block
@@ -450,26 +450,6 @@ def gemv_wide(n: int, fmt: ExMy) -> bool:
     return fmt.bits <= 5 and -(-n // (2 * GEMV_ROWS)) * GEMV_WARPS >= 0.75 * sms * GEMV_WARPS * 2
 
 
-def _xc_bytes(fmt: ExMy, kind: str, k: int) -> int:
-    """Shared memory of nt1c / nt2c: the block's K slice of 8 (nt1c) or 16 (nt2c) rows of x, 80 B per
-    chunk, a row's chunks padded to 4 mod 8 (gemv.cu gemv: xnqs)."""
-    _, kstep = _gemv_shape(fmt, kind)
-    niter = -(-(-(-k // 32)) // kstep)  # warp iterations over the padded row
-    per = -(-niter // CLUSTER)  # per slice
-    chunks = per * kstep + (12 - per * kstep % 8) % 8
-    return (16 if kind == "nt2c" else 8) * chunks * 80
-
-
-def cluster_fits(fmt: ExMy, kind: str, k: int) -> bool:
-    """Whether nt1c / nt2c can take a layer of K inputs: at least one iteration per slice, and the
-    staged x of two blocks in an SM's shared memory (XC_LIMIT)."""
-    _, kstep = _gemv_shape(fmt, kind)
-    return -(-k // 32) >= CLUSTER * kstep and _xc_bytes(fmt, kind, k) <= XC_LIMIT
-
-
-XC_LIMIT = 100 * 1024  # largest staged x slice of nt1c / nt2c (two blocks per SM of 228 KB)
-
-
 def _xs_bytes(fmt: ExMy, k: int, defines: tuple = ()) -> int:
     """Shared memory of the batch-1 kernels: x for every chunk of the padded iterations, 80 B each."""
     _, kstep = _gemv_shape(fmt, "b1", defines)
@@ -477,11 +457,7 @@ def _xs_bytes(fmt: ExMy, k: int, defines: tuple = ()) -> int:
     return -(-nq // kstep) * kstep * 80
 
 
-GEMV_KINDS = ("b1", "nt1", "nt2", "b1r", "nt2w", "nt1w", "nt2q", "nt2c", "nt1c")  # kernels/gemv.cu KIND 0 .. 8
-# nt1c / nt2c: the K split across the 8 blocks of a thread-block cluster (exmy_gemv_c8, compute
-# capability >= 9.0), each block staging its slice of x once for 8 row tiles
-CLUSTER_KINDS = ("nt1c", "nt2c")
-CLUSTER = 8  # kernels/gemv.cu CLUSTER
+GEMV_KINDS = ("b1", "nt1", "nt2", "b1r", "nt2w", "nt1w", "nt2q")  # kernels/gemv.cu KIND 0 .. 6
 MODE4_KINDS = ("b1", "b1r")  # the kinds that take bf16 x as scaled fp16 themselves (mode 4; the others: mode 5)
 X16_THREADS = 512  # block size of exmy_x16_rows (mode 5's conversion of x, one block per row)
 # Mode 5 costs a fixed 1.5-2 us (a second kernel, and the GEMV waits for it) and saves decode work in
@@ -523,7 +499,7 @@ class GemvKernel:
     def expression(self) -> str:
         """The instantiation's C++ name, e.g. "exmy_gemv<3, 0, true, 0, 2>" (NVRTC name expression)."""
         xf16 = "true" if self.x_dtype == "F16" else "false"
-        entry = "exmy_gemv_routed" if self.routed else "exmy_gemv_c8" if self.kind in CLUSTER_KINDS else "exmy_gemv"
+        entry = "exmy_gemv_routed" if self.routed else "exmy_gemv"
         return f"{entry}<{GEMV_KINDS.index(self.kind)}, {self.mode}, {xf16}, {self.groups}, {self.blocks}>"
 
     @property
@@ -544,8 +520,6 @@ def _gemv_kind(weight: "GpuWeight", batch: int) -> str:
         return "b1" if _xs_bytes(weight.fmt, weight.k) <= XS_LIMIT else "b1r"
     if batch <= 8:
         return "nt1w" if gemv_wide(weight.n, weight.fmt) else "nt1"
-    if cluster_fits(weight.fmt, "nt2c", weight.k) and _capability() >= (9, 0):
-        return "nt2c"
     if not gemv_wide(weight.n, weight.fmt):
         return "nt2"
     # four row tiles where the layer has one scale per row (measured there; aligned groups keep two)
@@ -577,9 +551,8 @@ def gemv_kernel(weight: GpuWeight, x_dtype: str, batch: int, kind: str | None = 
     staged), "nt2", "nt2w" or "nt2q" for batch 9..16."""
     if kind is None:
         kind = _gemv_kind(weight, batch)
-    elif kind not in (("nt1", "nt1w", "nt1c") if batch <= 8 else ("nt2", "nt2w", "nt2q", "nt2c")):
-        raise ExmyError(f"kind {kind!r}: only nt1, nt1w or nt1c (batch 1..8), nt2, nt2w, nt2q or nt2c (batch 9..16) "
-                        f"can be chosen")
+    elif kind not in (("nt1", "nt1w") if batch <= 8 else ("nt2", "nt2w", "nt2q")):
+        raise ExmyError(f"kind {kind!r}: only nt1 or nt1w (batch 1..8), nt2, nt2w or nt2q (batch 9..16) can be chosen")
     groups = 0 if weight.ngroups == 1 else 2 if _gshift(weight) < 0 else 1
     if x_dtype == "F16" and weight.fp16_compute:
         mode = 0 if weight.fold_ok() else 1
@@ -729,16 +702,9 @@ def _gemv_launch_shape(weight: "GpuWeight", x_dtype: str, batch: int, split: int
     if pairs:
         kernel = replace(kernel, routed=True)
     rows = gemv_tile_rows(kernel.kind)
-    if kernel.kind in CLUSTER_KINDS:  # 8 row tiles per block, a cluster's 8 blocks per row block
-        if not cluster_fits(weight.fmt, kernel.kind, weight.k) or _capability() < (9, 0):
-            raise ExmyError(f"{kernel.kind} takes K of {CLUSTER * 32 * _gemv_shape(weight.fmt, kernel.kind)[1]} or "
-                            f"more with its x slice within {XC_LIMIT} bytes, on compute capability >= 9.0")
-        split, interleave = CLUSTER, 0
-        grid = (-(-weight.n // (rows * GEMV_WARPS)) * CLUSTER,)
-    else:
-        split = split or gemv_split(weight.n, weight.k, weight.fmt, kernel.kind, rows, kernel.mode)
-        interleave = GEMV_INTERLEAVE if interleave is None else int(interleave)
-        grid = (-(-weight.n // (rows * (GEMV_WARPS // split))),) + ((pairs,) if pairs else ())
+    split = split or gemv_split(weight.n, weight.k, weight.fmt, kernel.kind, rows, kernel.mode)
+    interleave = GEMV_INTERLEAVE if interleave is None else int(interleave)
+    grid = (-(-weight.n // (rows * (GEMV_WARPS // split))),) + ((pairs,) if pairs else ())
     if kernel.kind == "b1r":  # (routed: the 128-register build; at 80 the per-pair addresses spill)
         sms = sm_count(_cupy().cuda.Device().id)
         blocks = blocks or (2 if pairs else gemv_b1r_blocks(kernel, grid[0], weight.fmt, sms))
@@ -747,8 +713,6 @@ def _gemv_launch_shape(weight: "GpuWeight", x_dtype: str, batch: int, split: int
     if kernel.kind == "b1r":
         # each warp's x window (one iteration's chunks, 80 bytes each) x 2
         smem = GEMV_WARPS * _gemv_shape(weight.fmt, "b1r")[1] * 80 * 2
-    elif kernel.kind in CLUSTER_KINDS:
-        smem = _xc_bytes(weight.fmt, kernel.kind, weight.k)
     else:
         smem = _xs_bytes(weight.fmt, weight.k, defines) if kernel.kind == "b1" else 0
     fn = gemv_function(kernel, weight.fmt, defines)
@@ -899,9 +863,8 @@ def gemv_plan(x, weight: GpuWeight, out, x_dtype: str | None = None, **tuning) -
 
     tuning (benchmarks and tests): split=1|2|4|8, interleave=0|1, blocks=1|2|3 (blocks per SM the
     build's registers are sized for, instead of gemv_blocks / gemv_b1r_blocks),
-    defines=("GEMV_CPT=4", ...; b1 sizes its staged x by GEMV_CPT), kind="nt1"|"nt1w"|"nt1c"
-    (batch 1..8) or "nt2"|"nt2w"|"nt2q"|"nt2c" (batch 9..16), instead of the host's choice (gemv_kernel;
-    nt1c / nt2c always split K in 8, across a cluster of blocks),
+    defines=("GEMV_CPT=4", ...; b1 sizes its staged x by GEMV_CPT), kind="nt1"|"nt1w"
+    (batch 1..8) or "nt2"|"nt2w"|"nt2q" (batch 9..16), instead of the host's choice (gemv_kernel),
     mode=3|4|5 (bf16 x and one scale per row: mode 3 instead of the host's mode 4 (b1, b1r) or 5, or back).
     overlap=True launches with programmatic dependent launch (exmyconv.cuda.launch): only where the
     weights are not written by the kernel just before (always so for model weights)."""
