@@ -51,7 +51,8 @@
 //
 // One kernel template, exmy_gemv<KIND, MODE, XF16, GM, BLOCKS> (at the end); the host picks the
 // instantiation and compiles it alone (cuda/gpu.py GemvKernel). Compile with -DEXMY_E, -DEXMY_M
-// (and optionally -DEXMY_SHARE, -DGEMV_WARPS, -DGEMV_XWIN, -DGEMV_CPT).
+// (and optionally -DEXMY_SHARE, -DGEMV_WARPS, -DGEMV_XWIN, -DGEMV_CPT; -DGEMV_DIAG builds knock-outs for
+// timing where there are no hardware counters: scripts/sweep-gemv-kinds --variants nox:GEMV_DIAG=1).
 #include "exmy_decode.cuh"
 
 using namespace exmy;
@@ -61,6 +62,9 @@ using namespace exmy;
 #endif
 #ifndef GEMV_XWIN
 #define GEMV_XWIN 1  // 0: b1r reads x straight from global memory (the GPU tests compare both)
+#endif
+#ifndef GEMV_DIAG
+#define GEMV_DIAG 0  // timing only, results wrong: main-loop stages left out (1 x loads, 2 decode, 4 mma)
 #endif
 #ifndef GEMV_CPT
 #define GEMV_CPT 0  // 0: 2 chunks per lane and iteration for batch <= 8 and codes <= 6 bits, else 1
@@ -387,7 +391,14 @@ __device__ __forceinline__ void gemv_warp(const u8* __restrict__ payload, const 
     auto compute = [&](const Chunk (&wa)[MT], const Chunk (&wb)[MT], const S (&s_a)[MT], const S (&s_b)[MT],
                        u32 q, bool checked) {
         u32 xw[NT][16];
-        load_x(xw, q, checked);
+        if (GEMV_DIAG & 1) {  // knock-out: x made up in registers
+#pragma unroll
+            for (int j = 0; j < NT; ++j)
+#pragma unroll
+                for (int w = 0; w < 16; ++w) xw[j][w] = (q + w + j) * 0x00010001u;
+        } else {
+            load_x(xw, q, checked);
+        }
         Pre prea[MT], preb[MT];
 #pragma unroll
         for (int m = 0; m < MT; ++m) {  // shared bits expanded here, not at load
@@ -400,8 +411,13 @@ __device__ __forceinline__ void gemv_warp(const u8* __restrict__ payload, const 
 #pragma unroll
             for (int m = 0; m < MT; ++m) {
                 u32 &a0 = a[m][0], &a1 = a[m][1], &a2 = a[m][2], &a3 = a[m][3];
-                decode_group<BF>(wa[m], prea[m], e, a0, a2);  // row gr:   pairs 2e (k slots 2t,2t+1), 2e+1 (2t+8,2t+9)
-                decode_group<BF>(wb[m], preb[m], e, a1, a3);  // row gr+8: same pairs
+                if (GEMV_DIAG & 2) {  // knock-out: raw plane words instead of decoded pairs
+                    a0 = wa[m].w4[(e >> 1) & (HAS4 ? 3 : 0)] ^ e; a2 = wa[m].w1 + e;
+                    a1 = wb[m].w4[(e >> 1) & (HAS4 ? 3 : 0)] ^ e; a3 = wb[m].w1 + e;
+                } else {
+                    decode_group<BF>(wa[m], prea[m], e, a0, a2);  // row gr:   pairs 2e (k slots 2t,2t+1), 2e+1 (2t+8,2t+9)
+                    decode_group<BF>(wb[m], preb[m], e, a1, a3);  // row gr+8: same pairs
+                }
                 if (EPI) {
                     // raw values; the row scale is applied to the float32 sums
                     if constexpr (MODE == 3) {  // bf16 raw field * 2^(127-bias): the code's value, exact
@@ -436,7 +452,16 @@ __device__ __forceinline__ void gemv_warp(const u8* __restrict__ payload, const 
                 const u32 b0 = paired ? xw[j][2 * e] : prmt(xw[j][p0 >> 1], xw[j][q0 >> 1], SEL[p0 & 1]);
                 const u32 b1 = paired ? xw[j][2 * e + 1] : prmt(xw[j][p1 >> 1], xw[j][q1 >> 1], SEL[p1 & 1]);
 #pragma unroll
-                for (int m = 0; m < MT; ++m) mma16816<BF>(acc[m][j], a[m][0], a[m][1], a[m][2], a[m][3], b0, b1);
+                for (int m = 0; m < MT; ++m) {
+                    if (GEMV_DIAG & 4) {  // knock-out: a few ALU ops that keep the operands live
+                        acc[m][j][0] += __uint_as_float((a[m][0] ^ b0) & 0x3FFFFFFFu);
+                        acc[m][j][1] += __uint_as_float((a[m][1] ^ b1) & 0x3FFFFFFFu);
+                        acc[m][j][2] += __uint_as_float(a[m][2] & 0x3FFFFFFFu);
+                        acc[m][j][3] += __uint_as_float(a[m][3] & 0x3FFFFFFFu);
+                    } else {
+                        mma16816<BF>(acc[m][j], a[m][0], a[m][1], a[m][2], a[m][3], b0, b1);
+                    }
+                }
             }
         }
     };
