@@ -199,17 +199,32 @@ def test_every_kernel_compiles_for_sm90(tmp_path):
 
 
 @needs_nvcc
-def test_gemv_knockout_builds_compile(tmp_path):
-    """The timing-only knock-out builds (gemv.cu GEMV_DIAG: x loads, decode and mma left out, all three
-    here) compile for a batch-1, a batch-16 and a scale-group kernel of e2m2 and e3m2, without warnings."""
-    kernels = [GemvKernel("b1", 4, "BF16", 0, 3), GemvKernel("nt2q", 0, "F16", 0, 1), GemvKernel("b1r", 2, "BF16", 1, 2)]
+@pytest.mark.parametrize("define, kernels", [  # (kind, mode, x dtype, groups)
+    # timing-only knock-outs (x loads, decode and mma left out, all three here)
+    ("GEMV_DIAG=7", [("b1", 4, "BF16", 0), ("nt2q", 0, "F16", 0), ("b1r", 2, "BF16", 1)]),
+    # x copied an iteration ahead by cp.async (Cfg::XA): the batch 2..16 kinds but nt2q, modes 0, 5 and
+    # 2 with groups
+    ("GEMV_XASYNC=1", [("nt1", 0, "F16", 0), ("nt2", 5, "BF16", 0), ("nt1w", 0, "F16", 0), ("nt2w", 2, "F16", 1)]),
+])
+def test_gemv_option_builds_compile(tmp_path, define, kernels):
+    """gemv.cu's build options that no default build uses compile for e2m2 and e3m2 without warnings,
+    within their registers (GEMV_XASYNC: with the spill limits of the default builds)."""
     for fmt in (get_format("e2m2"), get_format("e3m2")):
-        src = gemv_source(kernels, tmp_path / f"diag_{fmt.name}.cu")
-        cmd = [NVCC, "-arch=sm_90", "--cubin", "-std=c++17", f"-DEXMY_E={fmt.e}", f"-DEXMY_M={fmt.m}", "-DGEMV_DIAG=7",
-               "-o", str(src.with_suffix(".cubin")), str(src)]
+        built = [GemvKernel(kind, mode, x, groups, gpu.gemv_blocks(fmt, kind, mode, groups))
+                 for kind, mode, x, groups in kernels]
+        src = gemv_source(built, tmp_path / f"opt_{fmt.name}.cu")
+        cmd = [NVCC, "-arch=sm_90", "--cubin", "-std=c++17", f"-DEXMY_E={fmt.e}", f"-DEXMY_M={fmt.m}", f"-D{define}",
+               "--resource-usage", "-o", str(src.with_suffix(".cubin")), str(src)]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
         log = proc.stdout + proc.stderr
         assert proc.returncode == 0 and "warning" not in log.lower(), log[-3000:]
+        usage = gemv_usage(log)
+        for k in built:
+            regs, spill = usage[k.expression]
+            assert regs <= 65536 // (gpu.GEMV_WARPS * 32 * k.blocks) // 8 * 8, f"{define} {k.name}: {regs} registers"
+            limit = spill_limit(fmt, k)
+            if define.startswith("GEMV_XASYNC") and limit is not None:
+                assert spill <= limit, f"{define} {fmt.name} {k.name} spills {spill} bytes"
 
 
 @needs_nvcc

@@ -450,6 +450,15 @@ def gemv_wide(n: int, fmt: ExMy) -> bool:
     return fmt.bits <= 5 and -(-n // (2 * GEMV_ROWS)) * GEMV_WARPS >= 0.75 * sms * GEMV_WARPS * 2
 
 
+def _xa_bytes(fmt: ExMy, kind: str, defines: tuple) -> int:
+    """Shared memory of a batch 2..16 kind built with GEMV_XASYNC=1 (gemv.cu Cfg::XA): per warp two
+    buffers of one iteration's x, 8 rows per mma column tile, 80 B per chunk; else 0."""
+    if "GEMV_XASYNC=1" not in defines or kind not in ("nt1", "nt2", "nt2w", "nt1w"):
+        return 0
+    _, kstep = _gemv_shape(fmt, kind, defines)
+    return GEMV_WARPS * 2 * 8 * (2 if kind.startswith("nt2") else 1) * kstep * 80
+
+
 def _xs_bytes(fmt: ExMy, k: int, defines: tuple = ()) -> int:
     """Shared memory of the batch-1 kernels: x for every chunk of the padded iterations, 80 B each."""
     _, kstep = _gemv_shape(fmt, "b1", defines)
@@ -714,7 +723,7 @@ def _gemv_launch_shape(weight: "GpuWeight", x_dtype: str, batch: int, split: int
         # each warp's x window (one iteration's chunks, 80 bytes each) x 2
         smem = GEMV_WARPS * _gemv_shape(weight.fmt, "b1r")[1] * 80 * 2
     else:
-        smem = _xs_bytes(weight.fmt, weight.k, defines) if kernel.kind == "b1" else 0
+        smem = _xs_bytes(weight.fmt, weight.k, defines) if kernel.kind == "b1" else _xa_bytes(weight.fmt, kernel.kind, defines)
     fn = gemv_function(kernel, weight.fmt, defines)
     # beyond 48 KB of static + dynamic shared memory a launch needs the function's opt-in attribute
     if smem + fn.shared_size_bytes > 48 * 1024 and fn.max_dynamic_shared_size_bytes < smem:
