@@ -12,6 +12,7 @@ import io
 import json
 import os
 import shlex
+import signal
 import struct
 from fractions import Fraction
 from math import prod
@@ -22,6 +23,17 @@ import numpy as np
 import pytest
 
 from exmyconv import cli
+
+# --------------------------------------------------------------------------- interrupted runs
+
+
+def signals_at_default() -> None:
+    """preexec_fn of a CLI run that a test interrupts: SIGHUP, SIGINT and SIGTERM at their defaults in
+    the child, whatever started pytest (nohup ignores SIGHUP, a non-interactive shell's background job
+    ignores SIGINT), since the CLI rightly keeps a signal that its parent ignores (io/output.py)."""
+    for sig in (signal.SIGHUP, signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_DFL)
+
 
 # --------------------------------------------------------------------------- random seeds
 

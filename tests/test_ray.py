@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 import exmyconv
-from conftest import moe_checkpoint, output_snapshot
+from conftest import moe_checkpoint, output_snapshot, signals_at_default
 from exmyconv.convert import pipeline, resume
 from test_resume import ARGS, finished_shards, kept_folders, poison, quantize
 
@@ -219,7 +219,8 @@ def test_driver_interrupted_then_resume_gives_identical_output(model, tmp_path, 
     cmd = [sys.executable, "-m", "exmyconv", "quantize", str(src), str(out), "--no-verify", *args, "--ray",
            "--workers", "2"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
-                            env=dict(os.environ, PYTHONPATH=str(Path(exmyconv.__file__).parents[1])))
+                            env=dict(os.environ, PYTHONPATH=str(Path(exmyconv.__file__).parents[1])),
+                            preexec_fn=signals_at_default)
     deadline = time.monotonic() + 120
     while not finished_shards(out) and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.01)

@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 
 import exmyconv
-from conftest import Raw, moe_checkpoint, output_snapshot, read_safetensors, tree_snapshot, write_safetensors
+from conftest import (Raw, moe_checkpoint, output_snapshot, read_safetensors, signals_at_default, tree_snapshot,
+                      write_safetensors)
 from exmyconv.cli.main import main as cli_main
 from exmyconv.convert import pipeline, resume, search
 from exmyconv.errors import ExmyError
@@ -63,7 +64,8 @@ def run(src, out, *args, wait=True):
     env = dict(os.environ, PYTHONPATH=str(SRC))
     if wait:
         return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            preexec_fn=signals_at_default)
 
 
 def kept_folders(out: Path) -> list[Path]:

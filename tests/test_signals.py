@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 import exmyconv
-from conftest import make_checkpoint, tree_snapshot
+from conftest import make_checkpoint, signals_at_default, tree_snapshot
 
 ROOT = Path(__file__).resolve().parents[1]
 TEMP_MARK = ".exmyconv-tmp-"  # docs/usage.md: OUT_DIR is written as .NAME.exmyconv-tmp-PID first
@@ -54,11 +54,9 @@ def start(tmp_path, *args) -> subprocess.Popen:
     script = tmp_path / "slow_main.py"
     script.write_text(SLOW_MAIN)
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "PYTHONWARNINGS": "ignore"}
-    # SIGHUP at its default whatever started the tests: under nohup it is ignored, and the CLI keeps a
-    # signal that its parent ignores (io/output.py), so the run would never see it
     return subprocess.Popen([sys.executable, str(script), *map(str, args)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=env, start_new_session=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_DFL))
+                            preexec_fn=signals_at_default)
 
 
 def wait_for_temp(parent: Path, proc: subprocess.Popen, timeout: float = 60) -> Path:
