@@ -190,6 +190,15 @@ __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commi
 template <int N>
 __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory"); }
 
+// The 16 words of one chunk of x from shared memory (four LDS.128; src 16-byte aligned).
+__device__ __forceinline__ void lds_chunk(u32 (&w)[16], const u32* src) {
+#pragma unroll
+    for (int v = 0; v < 4; ++v) {
+        const uint4 r = ((const uint4*)src)[v];
+        w[4 * v] = r.x; w[4 * v + 1] = r.y; w[4 * v + 2] = r.z; w[4 * v + 3] = r.w;
+    }
+}
+
 __device__ __forceinline__ uint4 ld_x16(const u16* p) {
     uint4 r;
     asm("ld.global.nc.v4.u32 {%0,%1,%2,%3}, [%4];" : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w) : "l"(p));
@@ -386,25 +395,13 @@ __device__ __forceinline__ void gemv_warp(const u8* __restrict__ payload, const 
         // staged pair words, already in the operand type: b1's whole x (pair p of chunk q at
         // xs[q * XS_STRIDE + p], zeros past K) or, in the b1r main loop, the warp's window
         if (XS || (XWIN && !checked)) {
-            const uint4* src = (const uint4*)(XS ? xs + q * XS_STRIDE : xwin + (q - xbase) * XS_STRIDE);
-#pragma unroll
-            for (int v = 0; v < 4; ++v) {
-                const uint4 r = src[v];
-                xw[0][4 * v] = r.x; xw[0][4 * v + 1] = r.y; xw[0][4 * v + 2] = r.z; xw[0][4 * v + 3] = r.w;
-            }
+            lds_chunk(xw[0], XS ? xs + q * XS_STRIDE : xwin + (q - xbase) * XS_STRIDE);
             return;
         }
         const u32 qx = q < nq ? q : nq - 1;  // past K the weights are zero: any finite x will do
         if (XA && !checked) {  // this iteration's buffer: row gr + 8j, chunk q % KSTEP
 #pragma unroll
-            for (int j = 0; j < NT; ++j) {
-                const uint4* src = (const uint4*)(xa + xab * XA_BUF + ((gr + 8 * j) * KSTEP + q % KSTEP) * XS_STRIDE);
-#pragma unroll
-                for (int v = 0; v < 4; ++v) {
-                    const uint4 r = src[v];
-                    xw[j][4 * v] = r.x; xw[j][4 * v + 1] = r.y; xw[j][4 * v + 2] = r.z; xw[j][4 * v + 3] = r.w;
-                }
-            }
+            for (int j = 0; j < NT; ++j) lds_chunk(xw[j], xa + xab * XA_BUF + ((gr + 8 * j) * KSTEP + q % KSTEP) * XS_STRIDE);
         } else if (!checked || (xvec && 32 * qx + 32 <= k)) {
 #pragma unroll
             for (int j = 0; j < NT; ++j)
