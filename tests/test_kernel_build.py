@@ -234,6 +234,37 @@ def test_plain_kernel_compiles_for_sm90(tmp_path, name):
     assert proc.returncode == 0 and "warning" not in log.lower(), log[-3000:]
 
 
+def _load_script(name: str):
+    from importlib.machinery import SourceFileLoader
+    from importlib.util import module_from_spec, spec_from_loader
+
+    loader = SourceFileLoader(name.replace("-", "_"), str(ROOT / "scripts" / name))
+    module = module_from_spec(spec_from_loader(loader.name, loader))
+    loader.exec_module(module)
+    return module
+
+
+@needs_nvcc
+def test_stream_probe_compiles_for_sm90(tmp_path):
+    """scripts/stream_probe.cu (the read-bandwidth probe) builds every kernel its runner launches by
+    default, without warnings or spills (a spill would put local-memory traffic into a bandwidth
+    figure)."""
+    probe = _load_script("stream-probe")
+    configs = [probe.parse_config(c) for c in probe.DEFAULT_CONFIGS.split(",")]
+    assert {c["kind"] for c in configs} == {"regs", "bulk"} and {c["map"] for c in configs if "map" in c} == set(probe.MAPS)
+    with pytest.raises(SystemExit):
+        probe.parse_config("regs:quad:16:128")
+    src = tmp_path / "probe.cu"
+    lines = dict.fromkeys(probe.instance(c) for c in configs)
+    src.write_text(f'#include "{probe.SOURCE}"\n' + "\n".join(lines) + "\n")
+    cmd = [NVCC, "-arch=sm_90", "--cubin", "-std=c++17", "--resource-usage", "-o", str(tmp_path / "p.cubin"), str(src)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0 and "warning" not in log.lower(), log[-3000:]
+    spills = re.findall(r"(\d+) bytes spill stores", log)
+    assert len(spills) == len(lines) and set(spills) == {"0"}, log[-3000:]
+
+
 HOST_CHECK = r"""
 #include "exmy_decode.cuh"
 #include <cmath>
