@@ -43,17 +43,22 @@ __device__ __forceinline__ u32 busy(u32 h, u32 v, u32 burn) {
 // MAP 1 "spread": same rows, lane t takes columns t, t + 4, ... (each instruction covers 64
 // contiguous bytes of a row: b1r's order for formats without a 2- or 8-bit plane).
 // MAP 2 "coalesced": piece lane + 32 j of the tile's row-major segments (consecutive lanes read
-// consecutive bytes of one row: SEG / 16 lanes per row).
+// consecutive bytes of one row: SEG / 16 lanes per row, or a whole warp and more for long segments).
 template <int SEG, int MAP>
 struct Pieces {
     static constexpr int PER_ROW = SEG / 16, QUARTER = PER_ROW / 4;
-    static_assert(MAP != 2 || 32 % PER_ROW == 0, "coalesced: whole rows per warp instruction");
-    __device__ static u32 lane_row(u32 lane) { return MAP == 2 ? lane / PER_ROW : lane >> 2; }
+    static constexpr bool LONG = PER_ROW >= 32;  // coalesced: a warp instruction within one row
+    static_assert(MAP != 2 || (LONG ? PER_ROW % 32 == 0 : 32 % PER_ROW == 0), "coalesced: whole rows or whole warps");
+    __device__ static u32 lane_row(u32 lane) { return MAP == 2 ? (LONG ? 0 : lane / PER_ROW) : lane >> 2; }
     __device__ static u32 lane_col(u32 lane) {
-        return MAP == 2 ? lane % PER_ROW : MAP == 0 ? (lane & 3) * QUARTER : (lane & 3);
+        return MAP == 2 ? (LONG ? lane : lane % PER_ROW) : MAP == 0 ? (lane & 3) * QUARTER : (lane & 3);
     }
-    __device__ static constexpr u32 row_step(int j) { return MAP == 2 ? j * (32 / PER_ROW) : 8 * (j / QUARTER); }
-    __device__ static constexpr u32 col_step(int j) { return MAP == 2 ? 0 : MAP == 0 ? j % QUARTER : 4 * (j % QUARTER); }
+    __device__ static constexpr u32 row_step(int j) {
+        return MAP == 2 ? (LONG ? 32 * j / PER_ROW : j * (32 / PER_ROW)) : 8 * (j / QUARTER);
+    }
+    __device__ static constexpr u32 col_step(int j) {
+        return MAP == 2 ? (LONG ? 32 * j % PER_ROW : 0) : MAP == 0 ? j % QUARTER : 4 * (j % QUARTER);
+    }
 };
 
 }  // namespace
@@ -66,7 +71,7 @@ __global__ void __launch_bounds__(256, MINB)
 probe_regs(const uint4* __restrict__ m, u32 n, u32 lbytes, u32 split, u32 units, u32 burn,
            u32* __restrict__ sink, u32* __restrict__ junk) {
     constexpr int PL = ROWS * SEG / 16 / 32;  // pieces per lane per iteration
-    static_assert(PL >= 1 && ROWS * SEG % 512 == 0 && ROWS % 8 == 0 && SEG % 64 == 0, "whole pieces per lane");
+    static_assert(PL >= 1 && ROWS * SEG % 512 == 0 && (MAP == 2 || (ROWS % 8 == 0 && SEG % 64 == 0)), "whole pieces per lane");
     const u32 lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const u32 l16 = lbytes / 16, niter = lbytes / SEG, tpb = 8 / split;
     typedef Pieces<SEG, MAP> P;
