@@ -51,7 +51,7 @@
 //
 // One kernel template, exmy_gemv<KIND, MODE, XF16, GM, BLOCKS> (at the end); the host picks the
 // instantiation and compiles it alone (cuda/gpu.py GemvKernel). Compile with -DEXMY_E, -DEXMY_M
-// (and optionally -DEXMY_SHARE, -DGEMV_WARPS, -DGEMV_XWIN, -DGEMV_CPT; -DGEMV_DIAG builds knock-outs for
+// (and optionally -DEXMY_SHARE, -DGEMV_WARPS, -DGEMV_XWIN, -DGEMV_CPT, -DGEMV_PP; -DGEMV_DIAG builds knock-outs for
 // timing where there are no hardware counters: scripts/sweep-gemv-kinds --variants nox:GEMV_DIAG=1).
 #include "exmy_decode.cuh"
 
@@ -71,6 +71,9 @@ using namespace exmy;
 #endif
 #ifndef GEMV_CPT
 #define GEMV_CPT 0  // 0: 2 chunks per lane and iteration for batch <= 8 and codes <= 6 bits, else 1
+#endif
+#ifndef GEMV_PP
+#define GEMV_PP 0  // 0: the tuned choice of two alternating register sets (Cfg::PP); 1 always, -1 never
 #endif
 
 namespace {
@@ -108,8 +111,10 @@ struct Cfg {
     // 5 bits. XWIN: the x of the next iteration is loaded with its weights (16 bytes per lane) and
     // parked in the warp's window in shared memory as pair words (park_x), so an iteration reads x
     // like b1 does: b1r with a 1-bit plane or shared bits. Where they are off they were slower on
-    // an H100 (docs/benchmarks.md, H100 tuning).
-    static constexpr bool PP = (KIND == 3 && BLOCKS == 2) || (KIND == 0 && !SHARED && BITS != 5);
+    // an H100 (docs/benchmarks.md, H100 tuning). With one set, ptxas may issue the prefetch late, into
+    // registers the iteration's first chunk is still decoded from (docs/kernels.md); -DGEMV_PP=1 gives
+    // every kind two sets, for timing.
+    static constexpr bool PP = GEMV_PP ? GEMV_PP > 0 : (KIND == 3 && BLOCKS == 2) || (KIND == 0 && !SHARED && BITS != 5);
     static constexpr bool XWIN = KIND == 3 && GEMV_XWIN && CPT == 2 && (HAS1 || SHARED);
     // XA (build option): the batch 2..16 kinds take x from a per-warp double buffer in shared memory
     // that cp.async fills one iteration ahead, as the weights are prefetched into registers. Without

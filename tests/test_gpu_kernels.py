@@ -563,14 +563,20 @@ def test_gemv_wide_tiles(cp, rng, name, narrow, wide, batches):
                     f"{name} {n}x{k} B={batch} {x_dtype} group {group} split {split}: {wide} differs from {narrow}"
 
 
-@pytest.mark.parametrize("kind,batches", [("nt1", (2, 9)), ("nt1w", (2, 9)), ("nt2", (9, 17)), ("nt2w", (9, 17))])
+@pytest.mark.parametrize("define,kind,batches", [
+    ("GEMV_XASYNC=1", "nt1", (2, 9)), ("GEMV_XASYNC=1", "nt1w", (2, 9)), ("GEMV_XASYNC=1", "nt2", (9, 17)),
+    ("GEMV_XASYNC=1", "nt2w", (9, 17)),
+    ("GEMV_PP=1", None, (1, 2)), ("GEMV_PP=1", "nt1", (2, 9)), ("GEMV_PP=1", "nt2", (9, 17)),
+])
 @pytest.mark.parametrize("name", ["e2m2", "e2m1"])
-def test_gemv_x_async_build_equals_default(cp, rng, name, kind, batches):
-    """The GEMV_XASYNC=1 build (x copied an iteration ahead into shared memory by cp.async) gives the
-    default build's bits: the same x values meet the same weights in the same order (both pairings of
-    x: e2m2's and the 4-bit-plane formats'). Row counts and
-    batches that end inside a tile, K tails and unaligned x rows (the tail path), scale groups, fp16
-    and bf16 x (mode 5 where the layer is large enough), plain launches and PDL."""
+def test_gemv_option_build_equals_default(cp, rng, name, define, kind, batches):
+    """Build options that only move data differently give the default build's bits: GEMV_XASYNC=1 (x
+    copied an iteration ahead into shared memory by cp.async) and GEMV_PP=1 (two alternating register
+    sets for the prefetched weights; kind None: the host's batch-1 kind, b1 or b1r by K). The same x
+    values meet the same weights in the same order (both pairings of x: e2m2's and the 4-bit-plane
+    formats'). Row counts and batches that end inside a tile, K tails and unaligned x rows (the tail
+    path), scale groups, fp16 and bf16 x (mode 4 or 5 where the host takes them), plain launches and
+    PDL."""
     import torch
 
     fmt = get_format(name)
@@ -578,10 +584,10 @@ def test_gemv_x_async_build_equals_default(cp, rng, name, kind, batches):
         for x_dtype in ("F16", "BF16"):
             batch = int(rng.integers(*batches))
             n = int(rng.choice([int(rng.integers(1, 40)), 32 * int(rng.integers(1, 40)) + int(rng.integers(0, 32))]))
-            k = int(rng.choice([int(rng.integers(1, 700)), 4096, 1000 + 8 * int(rng.integers(0, 400)), 2001]))
+            k = int(rng.choice([int(rng.integers(1, 700)), 4096, 1000 + 8 * int(rng.integers(0, 400)), 2001, 20000]))
             _, _, weight, x, _, _ = gemv_check(cp, rng, fmt, n, k, batch, x_dtype, group=group)
             outs = []
-            for defines, overlap in (((), False), (("GEMV_XASYNC=1",), False), (("GEMV_XASYNC=1",), True)):
+            for defines, overlap in (((), False), ((define,), False), ((define,), True)):
                 y = torch.full((batch, n), float("nan"), dtype=x.dtype, device="cuda")
                 plan = gpu.gemv_plan(x, weight, y, kind=kind, defines=defines, overlap=overlap)
                 plan()
@@ -590,7 +596,7 @@ def test_gemv_x_async_build_equals_default(cp, rng, name, kind, batches):
                 outs.append(y)
             for y in outs[1:]:
                 assert torch.equal(outs[0].view(torch.int16), y.view(torch.int16)), \
-                    f"{name} {n}x{k} B={batch} {x_dtype} group {group} {kind}: GEMV_XASYNC differs"
+                    f"{name} {n}x{k} B={batch} {x_dtype} group {group} {plan.kernel.name}: {define} differs"
 
 
 @pytest.mark.parametrize("group", [32, 64, 128, 96, 100])
