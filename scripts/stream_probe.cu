@@ -6,7 +6,9 @@
 // Both kernels walk a matrix of n rows of `lbytes` bytes as the GEMV does: a warp owns a tile of
 // ROWS rows and one of `split` K slices, the slices of a tile take alternate iterations (the
 // warps of a block read neighbouring bytes of the same rows), an iteration reads SEG bytes of
-// every row of the tile. A block is 8 warps = 8 / split tiles x split slices; a block-unit is what
+// every row of the tile (PLANES = 2: the row is two planes like e2m2's, a 4-bit plane of 4/5 of
+// the row and a 1-bit plane after it, and an iteration reads SEG bytes of the first and SEG / 4 of
+// the second, as the GEMV's chunks do). A block is 8 warps = 8 / split tiles x split slices; a block-unit is what
 // one block covers, and blocks take units u, u + gridDim.x, ... (grid = units: one unit per
 // block, as the GEMV launches; smaller grids: persistent blocks). Every byte is read once: each
 // thread XORs what it read into sink[thread], whose XOR the host checks against the matrix's.
@@ -21,6 +23,19 @@ __device__ __forceinline__ uint4 ld_stream(const uint4* p) {
     uint4 r;
     asm volatile("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0, %1, %2, %3}, [%4];"
                  : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w) : "l"(p));
+    return r;
+}
+
+// The second plane's piece of a lane: BYTES = 4, 8 or 16 (the GEMV's 1-bit plane words of one,
+// two or four chunks).
+template <int BYTES>
+__device__ __forceinline__ uint4 ld_small(const unsigned char* p) {
+    uint4 r = make_uint4(0, 0, 0, 0);
+    if (BYTES == 16) return ld_stream((const uint4*)p);
+    if (BYTES == 8)
+        asm volatile("ld.global.nc.L1::no_allocate.L2::256B.v2.u32 {%0, %1}, [%2];" : "=r"(r.x), "=r"(r.y) : "l"(p));
+    else
+        asm volatile("ld.global.nc.L1::no_allocate.L2::256B.u32 %0, [%1];" : "=r"(r.x) : "l"(p));
     return r;
 }
 
@@ -66,14 +81,18 @@ struct Pieces {
 // Register prefetch: DEPTH register sets of one iteration each; the set just used is refilled
 // with the iteration DEPTH ahead (DEPTH = 1: the loads of an iteration are issued as the one
 // before is used, like the GEMV's prefetch). MINB: blocks per SM the registers are sized for.
-template <int ROWS, int SEG, int DEPTH, int MAP, int MINB>
+// PLANES = 2: lane (g, t) also reads SEG / 16 bytes of the second plane of each of its rows.
+template <int ROWS, int SEG, int DEPTH, int MAP, int MINB, int PLANES>
 __global__ void __launch_bounds__(256, MINB)
 probe_regs(const uint4* __restrict__ m, u32 n, u32 lbytes, u32 split, u32 units, u32 burn,
            u32* __restrict__ sink, u32* __restrict__ junk) {
     constexpr int PL = ROWS * SEG / 16 / 32;  // pieces per lane per iteration
+    constexpr int RG = PLANES == 2 ? ROWS / 8 : 0;  // second-plane pieces per lane (one per row of the lane)
     static_assert(PL >= 1 && ROWS * SEG % 512 == 0 && (MAP == 2 || (ROWS % 8 == 0 && SEG % 64 == 0)), "whole pieces per lane");
+    static_assert(PLANES == 1 || (PLANES == 2 && MAP != 2 && SEG >= 64 && SEG <= 256), "two planes: the GEMV's lane order");
     const u32 lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const u32 l16 = lbytes / 16, niter = lbytes / SEG, tpb = 8 / split;
+    const u32 abytes = PLANES == 2 ? lbytes / 5 * 4 : lbytes;  // the first plane
+    const u32 l16 = lbytes / 16, niter = abytes / SEG, tpb = 8 / split;
     typedef Pieces<SEG, MAP> P;
     const u32 lane_off = P::lane_row(lane) * l16 + P::lane_col(lane);  // 16-byte units from the tile's start
     u32 acc = 0, h = 0;
@@ -82,14 +101,22 @@ probe_regs(const uint4* __restrict__ m, u32 n, u32 lbytes, u32 split, u32 units,
         if (tile * ROWS >= n) continue;  // uniform per warp
         const uint4* base = m + (size_t)tile * ROWS * l16 + lane_off;
         auto at = [&](int j, u32 it) { return base + P::row_step(j) * l16 + P::col_step(j) + it * (SEG / 16); };
+        // second plane: row g + 8 r of the tile, bytes (lane % 4) * SEG / 16 of the iteration's SEG / 4
+        const unsigned char* base2 = (const unsigned char*)m + ((size_t)tile * ROWS + (lane >> 2)) * lbytes + abytes +
+                                     (lane & 3) * (SEG / 16);
+        auto at2 = [&](int r, u32 it) { return base2 + (size_t)(8 * r) * lbytes + it * (SEG / 4); };
         uint4 buf[DEPTH][PL];
+        uint4 buf2[DEPTH][RG > 0 ? RG : 1];
+        auto load = [&](int d, u32 it) {
+#pragma unroll
+            for (int j = 0; j < PL; ++j) buf[d][j] = ld_stream(at(j, it));
+#pragma unroll
+            for (int r = 0; r < RG; ++r) buf2[d][r] = ld_small<SEG / 16>(at2(r, it));
+        };
 #pragma unroll
         for (int d = 0; d < DEPTH; ++d) {
             const u32 it = slice + d * split;
-            if (it < niter) {
-#pragma unroll
-                for (int j = 0; j < PL; ++j) buf[d][j] = ld_stream(at(j, it));
-            }
+            if (it < niter) load(d, it);
         }
         for (u32 it0 = slice; it0 < niter; it0 += DEPTH * split) {
 #pragma unroll
@@ -102,11 +129,10 @@ probe_regs(const uint4* __restrict__ m, u32 n, u32 lbytes, u32 split, u32 units,
                         acc ^= v;
                         h = busy(h, v, burn);
                     }
-                    const u32 nx = it + DEPTH * split;
-                    if (nx < niter) {
 #pragma unroll
-                        for (int j = 0; j < PL; ++j) buf[d][j] = ld_stream(at(j, nx));
-                    }
+                    for (int r = 0; r < RG; ++r) acc ^= fold(buf2[d][r]);
+                    const u32 nx = it + DEPTH * split;
+                    if (nx < niter) load(d, nx);
                 }
             }
         }
@@ -121,15 +147,17 @@ probe_regs(const uint4* __restrict__ m, u32 n, u32 lbytes, u32 split, u32 units,
 // with one instruction, an mbarrier per slot counts the bytes in, and the warp reads the slot with
 // 16-byte shared loads when it completes, then refills it with the iteration STAGES ahead. Bytes
 // in flight per warp: up to STAGES x ROWS x seg, whatever the registers. Dynamic shared memory:
-// 8 x STAGES x ROWS x seg bytes of slots, then 8 x STAGES mbarriers.
-template <int ROWS, int STAGES>
+// 8 x STAGES x slot bytes of slots, then 8 x STAGES mbarriers. PLANES = 2: a slot also holds the
+// rows' second-plane segments (seg / 4 bytes each, copied by lanes ROWS .. 2 ROWS - 1).
+template <int ROWS, int STAGES, int PLANES>
 __global__ void __launch_bounds__(256)
 probe_bulk(const uint4* __restrict__ m, u32 n, u32 lbytes, u32 seg, u32 split, u32 units, u32 burn,
            u32* __restrict__ sink, u32* __restrict__ junk) {
-    static_assert(ROWS <= 32, "one row per lane");
+    static_assert(ROWS * PLANES <= 32, "one copy per lane");
     extern __shared__ __align__(128) unsigned char smem[];
     const u32 lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const u32 slot_bytes = ROWS * seg, niter = lbytes / seg, tpb = 8 / split;
+    const u32 abytes = PLANES == 2 ? lbytes / 5 * 4 : lbytes;
+    const u32 slot_bytes = ROWS * seg * (PLANES == 2 ? 5 : 4) / 4, niter = abytes / seg, tpb = 8 / split;
     unsigned char* ring = smem + warp * STAGES * slot_bytes;
     u64* bars = (u64*)(smem + 8 * STAGES * slot_bytes) + warp * STAGES;
     if (lane == 0) {
@@ -149,11 +177,15 @@ probe_bulk(const uint4* __restrict__ m, u32 n, u32 lbytes, u32 seg, u32 split, u
             const u32 bar = smem_addr(bars + s);
             if (lane == 0)
                 asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(bar), "r"(slot_bytes) : "memory");
-            if (lane < ROWS)
+            if (lane < ROWS * PLANES) {  // lane r: row r's first-plane segment; ROWS + r: its second-plane one
+                const bool second = lane >= ROWS;
+                const u32 r = second ? lane - ROWS : lane, size = second ? seg / 4 : seg;
+                const u32 dst = s * slot_bytes + (second ? ROWS * seg + r * size : r * seg);
+                const unsigned char* src = base + (size_t)r * lbytes + (second ? abytes + (size_t)it * size : (size_t)it * seg);
                 asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
-                             ::"r"(smem_addr(ring + s * slot_bytes + lane * seg)),
-                             "l"(base + (size_t)lane * lbytes + (size_t)it * seg), "r"(seg), "r"(bar)
+                             ::"r"(smem_addr(ring + dst)), "l"(src), "r"(size), "r"(bar)
                              : "memory");
+            }
             ++issued;
         };
         u32 it_issue = slice;
