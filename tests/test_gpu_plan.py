@@ -158,3 +158,15 @@ def test_x_async_build_takes_two_buffers_of_x_per_warp():
         assert gpu._xa_bytes(fmt, kind, on) == 0
     for kind in ("nt1", "nt2"):
         assert gpu._xa_bytes(fmt, kind, ()) == gpu._xa_bytes(fmt, kind, ("GEMV_CPT=2",)) == 0
+
+
+def test_gemv_grid_covers_the_units_and_a_persistent_build_one_wave():
+    """A launch has one block per block-unit (8 / split tiles); routed launches a grid row per pair; a
+    GEMV_PERSIST=1 build at most one wave of SMs x blocks per SM, the blocks walking the units."""
+    assert gpu._gemv_grid(28672, 16, 8) == (1792,)             # b1 on 8192 -> 28672: a tile per block
+    assert gpu._gemv_grid(28672, 16, 4) == (896,)              # two tiles per block
+    assert gpu._gemv_grid(28672 + 1, 16, 8) == (1793,)         # a last tile of one row
+    assert gpu._gemv_grid(8192, 64, 2) == (32,)                # nt2q: 4 tiles of 64 rows per block
+    assert gpu._gemv_grid(1536, 16, 8, pairs=12) == (96, 12)   # routed: a grid row per pair
+    assert gpu._gemv_grid(28672, 16, 8, slots=132 * 3) == (396,)
+    assert gpu._gemv_grid(4096, 16, 8, slots=132 * 3) == (256,)  # fewer units than slots: one each

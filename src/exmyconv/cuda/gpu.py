@@ -450,6 +450,14 @@ def gemv_wide(n: int, fmt: ExMy) -> bool:
     return fmt.bits <= 5 and -(-n // (2 * GEMV_ROWS)) * GEMV_WARPS >= 0.75 * sms * GEMV_WARPS * 2
 
 
+def _gemv_grid(n: int, rows: int, split: int, pairs: int = 0, slots: int = 0) -> tuple:
+    """A GEMV launch's grid: one block per block-unit (GEMV_WARPS / split tiles of `rows` rows), times the
+    routed pairs; with `slots` (a GEMV_PERSIST=1 build: SMs x blocks per SM) at most one wave of blocks,
+    which walk the units (gemv.cu gemv)."""
+    units = -(-n // (rows * (GEMV_WARPS // split)))
+    return (min(units, slots) if slots else units,) + ((pairs,) if pairs else ())
+
+
 def _xa_bytes(fmt: ExMy, kind: str, defines: tuple) -> int:
     """Shared memory of a batch 2..16 kind built with GEMV_XASYNC=1 (gemv.cu Cfg::XA): per warp two
     buffers of one iteration's x, 8 rows per mma column tile, 80 B per chunk; else 0."""
@@ -713,12 +721,14 @@ def _gemv_launch_shape(weight: "GpuWeight", x_dtype: str, batch: int, split: int
     rows = gemv_tile_rows(kernel.kind)
     split = split or gemv_split(weight.n, weight.k, weight.fmt, kernel.kind, rows, kernel.mode)
     interleave = GEMV_INTERLEAVE if interleave is None else int(interleave)
-    grid = (-(-weight.n // (rows * (GEMV_WARPS // split))),) + ((pairs,) if pairs else ())
+    grid = _gemv_grid(weight.n, rows, split, pairs)
     if kernel.kind == "b1r":  # (routed: the 128-register build; at 80 the per-pair addresses spill)
         sms = sm_count(_cupy().cuda.Device().id)
         blocks = blocks or (2 if pairs else gemv_b1r_blocks(kernel, grid[0], weight.fmt, sms))
     if blocks:
         kernel = replace(kernel, blocks=int(blocks))
+    if "GEMV_PERSIST=1" in defines and not pairs:
+        grid = _gemv_grid(weight.n, rows, split, pairs, sm_count(_cupy().cuda.Device().id) * kernel.blocks)
     if kernel.kind == "b1r":
         # each warp's x window (one iteration's chunks, 80 bytes each) x 2
         smem = GEMV_WARPS * _gemv_shape(weight.fmt, "b1r")[1] * 80 * 2
