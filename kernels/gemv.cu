@@ -786,11 +786,16 @@ __device__ __forceinline__ void gemv(const u8* __restrict__ payload, const void*
                                      u32 interleave) {
     constexpr int NT = Cfg<KIND, BLOCKS>::NT, KSTEP = Cfg<KIND, BLOCKS>::KSTEP, MT = Cfg<KIND, BLOCKS>::MT;
     float xpow = 1.f, xunpow = 1.f;  // MODE 4 (gemv_warp's stage_x), kept across a persistent block's units
+    extern __shared__ uint4 xs_dyn[];  // batch-1 kernels: x staged by the block (see gemv_warp)
+    constexpr int FR = MT * NT * 4;  // fragment registers per lane
+    __shared__ float red[WARPS][FR][32];
     // Block-unit `unit`: tiles unit * tiles_per_block ... (stage: the block's first unit, which stages x).
     auto run_unit = [&](u32 unit, bool stage) {
+        // the unit (default builds read blockIdx.x where they use it: their code is as before the option)
+        auto ub = [&]() { return GEMV_PERSIST ? unit : blockIdx.x; };
         const u32 lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
         const u32 tiles_per_block = WARPS / split;
-        const u32 tile = unit * tiles_per_block + warp / split;
+        const u32 tile = ub() * tiles_per_block + warp / split;
         const u32 slice = warp % split;
         const u32 row0 = tile * 16 * MT;
         const u32 nq = (k + 31) / 32;
@@ -811,7 +816,6 @@ __device__ __forceinline__ void gemv(const u8* __restrict__ payload, const void*
         for (int m = 0; m < MT; ++m)
 #pragma unroll
             for (int j = 0; j < NT; ++j) acc[m][j][0] = acc[m][j][1] = acc[m][j][2] = acc[m][j][3] = 0.f;
-        extern __shared__ uint4 xs_dyn[];  // batch-1 kernels: x staged by the block (see gemv_warp)
         // every warp takes part (the x staging has a block barrier); warps past the last row do no work
         gemv_warp<KIND, MODE, XF16, GM, BLOCKS>(payload, ks, x, (u32*)xs_dyn, n, k, stride, ngroups, g, gshift,
                                                 batch, row0 < n ? row0 : n - 1, it0, row0 < n ? it1 : it0, istep, acc,
@@ -819,8 +823,6 @@ __device__ __forceinline__ void gemv(const u8* __restrict__ payload, const void*
 
         // Cross-slice reduction: lane holds (row 16m + gr, cols 8j + 2t, +1) in acc[m][j][0..1], row
         // 16m + gr + 8 in [2..3].
-        constexpr int FR = MT * NT * 4;  // fragment registers per lane
-        __shared__ float red[WARPS][FR][32];
 #pragma unroll
         for (int m = 0; m < MT; ++m)
 #pragma unroll
@@ -835,7 +837,7 @@ __device__ __forceinline__ void gemv(const u8* __restrict__ payload, const void*
             float sum = 0.f;
             for (u32 w = 0; w < split; ++w) sum += red[tb * split + w][idx][ln];
             const u32 m = idx / (NT * 4), j = (idx >> 2) % NT, r = idx & 3;
-            const u32 row = (unit * tiles_per_block + tb) * 16 * MT + 16 * m + (ln >> 2) + (r >= 2 ? 8 : 0);
+            const u32 row = (ub() * tiles_per_block + tb) * 16 * MT + 16 * m + (ln >> 2) + (r >= 2 ? 8 : 0);
             const u32 col = 8 * j + 2 * (ln & 3) + (r & 1);
             if (row < n && col < batch) {
                 u16 out;
