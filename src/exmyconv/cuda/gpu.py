@@ -728,7 +728,7 @@ def _gemv_launch_shape(weight: "GpuWeight", x_dtype: str, batch: int, split: int
     if blocks:
         kernel = replace(kernel, blocks=int(blocks))
     if "GEMV_PERSIST=1" in defines and not pairs:
-        grid = _gemv_grid(weight.n, rows, split, pairs, sm_count(_cupy().cuda.Device().id) * kernel.blocks)
+        grid = _gemv_grid(weight.n, rows, split, slots=sm_count(_cupy().cuda.Device().id) * kernel.blocks)
     if kernel.kind == "b1r":
         # each warp's x window (one iteration's chunks, 80 bytes each) x 2
         smem = GEMV_WARPS * _gemv_shape(weight.fmt, "b1r")[1] * 80 * 2
