@@ -158,6 +158,23 @@ def test_x_async_build_takes_two_buffers_of_x_per_warp():
         assert gpu._xa_bytes(fmt, kind, on) == 0
     for kind in ("nt1", "nt2"):
         assert gpu._xa_bytes(fmt, kind, ()) == gpu._xa_bytes(fmt, kind, ("GEMV_CPT=2",)) == 0
+    # a bare define is 1 to the compiler (-DGEMV_XASYNC), so the launch takes the buffers too
+    assert gpu._xa_bytes(fmt, "nt2", ("GEMV_XASYNC",)) == gpu._xa_bytes(fmt, "nt2", on)
+    assert gpu._xa_bytes(fmt, "nt2", ("GEMV_XASYNC=0",)) == 0
+
+
+def test_build_define_reads_values_as_the_compiler_does():
+    """gpu.build_define: "NAME=V" gives V, a bare "NAME" 1 (as -DNAME), absent 0; the last one given wins;
+    a name that only begins like another is another macro. GEMV_CPT <= 0 keeps the tuned chunks per lane."""
+    assert gpu.build_define(("GEMV_CPT=4", "GEMV_PP=-1"), "GEMV_CPT") == 4
+    assert gpu.build_define(("GEMV_CPT=4", "GEMV_PP=-1"), "GEMV_PP") == -1
+    assert gpu.build_define(("GEMV_PERSIST",), "GEMV_PERSIST") == 1
+    assert gpu.build_define(("GEMV_PERSISTX=1", "GEMV_DIAG=7"), "GEMV_PERSIST") == 0
+    assert gpu.build_define(("GEMV_CPT=2", "GEMV_CPT=4"), "GEMV_CPT") == 4
+    fmt = get_format("e2m2")
+    assert gpu._gemv_shape(fmt, "b1", ("GEMV_CPT=4",)) == (4, 16)
+    assert gpu._gemv_shape(fmt, "b1", ("GEMV_CPT=0",)) == gpu._gemv_shape(fmt, "b1", ("GEMV_CPT=-1",)) == (2, 8)
+    assert gpu._gemv_shape(fmt, "nt2", ()) == (1, 4)
 
 
 def test_gemv_grid_covers_the_units_and_a_persistent_build_one_wave():

@@ -423,13 +423,24 @@ def _stream_of(x):
 XS_LIMIT = 32 * 1024  # largest x staging buffer (bytes) of the b1 kernels (K <= ~13 000); else b1r
 
 
+def build_define(defines: tuple, name: str) -> int:
+    """The value a kernel build sees for macro `name` among its defines ("NAME=V", or "NAME" alone: 1,
+    as with -DNAME), 0 where it is not given: the one place the host reads the tuning defines whose
+    builds need another launch shape (GEMV_CPT, GEMV_XASYNC, GEMV_PERSIST)."""
+    value = 0
+    for d in defines:
+        key, _, v = d.partition("=")
+        if key == name:
+            value = int(v) if v else 1
+    return value
+
+
 def _gemv_shape(fmt: ExMy, kind: str, defines: tuple = ()) -> tuple[int, int]:
     """(chunks per lane and iteration, chunks per warp iteration) of a kernel kind (gemv.cu Cfg), and
     of a build with a GEMV_CPT define (tuning)."""
-    cpt = 2 if kind in ("b1", "b1r") and fmt.bits <= 6 else 1
-    for d in defines:
-        if d.startswith("GEMV_CPT=") and int(d.split("=")[1]) > 0:
-            cpt = int(d.split("=")[1])
+    cpt = build_define(defines, "GEMV_CPT")  # (gemv.cu: <= 0 is the tuned choice)
+    if cpt <= 0:
+        cpt = 2 if kind in ("b1", "b1r") and fmt.bits <= 6 else 1
     return cpt, 4 * cpt
 
 
@@ -461,7 +472,7 @@ def _gemv_grid(n: int, rows: int, split: int, pairs: int = 0, slots: int = 0) ->
 def _xa_bytes(fmt: ExMy, kind: str, defines: tuple) -> int:
     """Shared memory of a batch 2..16 kind built with GEMV_XASYNC=1 (gemv.cu Cfg::XA): per warp two
     buffers of one iteration's x, 8 rows per mma column tile, 80 B per chunk; else 0."""
-    if "GEMV_XASYNC=1" not in defines or kind not in ("nt1", "nt2", "nt2w", "nt1w"):
+    if not build_define(defines, "GEMV_XASYNC") or kind not in ("nt1", "nt2", "nt2w", "nt1w"):
         return 0
     _, kstep = _gemv_shape(fmt, kind, defines)
     return GEMV_WARPS * 2 * 8 * (2 if kind.startswith("nt2") else 1) * kstep * 80
@@ -727,7 +738,7 @@ def _gemv_launch_shape(weight: "GpuWeight", x_dtype: str, batch: int, split: int
         blocks = blocks or (2 if pairs else gemv_b1r_blocks(kernel, grid[0], weight.fmt, sms))
     if blocks:
         kernel = replace(kernel, blocks=int(blocks))
-    if "GEMV_PERSIST=1" in defines and not pairs:
+    if build_define(defines, "GEMV_PERSIST") and not pairs:
         grid = _gemv_grid(weight.n, rows, split, slots=sm_count(_cupy().cuda.Device().id) * kernel.blocks)
     if kernel.kind == "b1r":
         # each warp's x window (one iteration's chunks, 80 bytes each) x 2
