@@ -124,8 +124,8 @@ struct Cfg {
     // that cp.async fills one iteration ahead, as the weights are prefetched into registers. Without
     // it each chunk's x loads are issued at the start of its compute and their latency is hidden only
     // by the decode of that chunk (x loads cost nt2 10 of 27 us at batch 16 on an H200,
-    // docs/benchmarks.md seventh session). On an H100 level or slower (ninth session). Not nt2q: its x latency hides behind four
-    // tiles' decode, and its 255 registers leave no room (12 bytes spilled).
+    // docs/benchmarks.md seventh session). On an H100 level or slower (ninth session). Not nt2q: its x
+    // latency hides behind four tiles' decode, and its 255 registers leave no room (12 bytes spilled).
     static constexpr bool XA = GEMV_XASYNC && (KIND == 1 || KIND == 2 || KIND == 4 || KIND == 5);
 };
 constexpr int XS_STRIDE = 20;  // words per chunk of staged x: 16 pairs + 4 padding (conflict-free LDS.128)
