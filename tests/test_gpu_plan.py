@@ -187,3 +187,27 @@ def test_gemv_grid_covers_the_units_and_a_persistent_build_one_wave():
     assert gpu._gemv_grid(1536, 16, 8, pairs=12) == (96, 12)   # routed: a grid row per pair
     assert gpu._gemv_grid(28672, 16, 8, slots=132 * 3) == (396,)
     assert gpu._gemv_grid(4096, 16, 8, slots=132 * 3) == (256,)  # fewer units than slots: one each
+
+
+def test_kernel_scales_are_complete_before_any_launch_reads_them(monkeypatch):
+    """The derived scales are computed on CuPy's stream, which is waited for once per mode: a GEMV
+    on torch's stream, or one launched early by programmatic dependent launch (it loads its scales
+    before its griddepcontrol.wait), must not read them half-written. CuPy stood in by numpy."""
+    import numpy as np
+    from types import SimpleNamespace
+
+    waits = []
+    stream = SimpleNamespace(synchronize=lambda: waits.append(1))
+    fake = SimpleNamespace(float16=np.float16, float32=np.float32, uint16=np.uint16, uint32=np.uint32,
+                           ascontiguousarray=np.ascontiguousarray,
+                           cuda=SimpleNamespace(get_current_stream=lambda: stream))
+    monkeypatch.setattr(gpu, "_cupy", lambda: fake)
+    rng = np.random.default_rng()
+    fmt = get_format("e2m2")
+    scales = (rng.random((6, 1), dtype=np.float32) + 0.5).astype(np.float16)
+    weight = gpu.GpuWeight(fmt, (6, 64), 64, "F16", np.zeros((6, 48), np.uint8), scales.view(np.uint16))
+    folded = weight.kernel_scales(0)
+    want = (scales.astype(np.float32) * np.float32(2.0 ** (15 - fmt.bias))).astype(np.float16)
+    assert np.array_equal(folded.view(np.float16), want) and len(waits) == 1
+    assert weight.kernel_scales(0) is folded and len(waits) == 1  # cached: no second wait
+    assert np.array_equal(weight.kernel_scales(2), scales.astype(np.float32)) and len(waits) == 2

@@ -363,7 +363,9 @@ class GpuWeight:
                            self.group_size, self.ngroups, out_dtype, out, stream)
 
     def kernel_scales(self, mode: int):
-        """Scales in the form the GEMV kernel of `mode` multiplies by (computed once)."""
+        """Scales in the form the GEMV kernel of `mode` multiplies by (computed once, on CuPy's current
+        stream, which is waited for: the GEMV may be launched on another stream (torch's), and with
+        programmatic dependent launch it loads its scales before it waits for the kernel before it)."""
         if mode not in self._cache:
             cupy = _cupy()
             if self.scale_dtype == "F16":
@@ -377,6 +379,7 @@ class GpuWeight:
             else:            # float32 scale
                 ks = f32
             self._cache[mode] = cupy.ascontiguousarray(ks)
+            cupy.cuda.get_current_stream().synchronize()
         return self._cache[mode]
 
     def rows(self, start: int, stop: int) -> "GpuWeight":

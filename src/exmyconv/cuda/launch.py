@@ -5,8 +5,9 @@ still running, once every block of that kernel has executed ``griddepcontrol.lau
 (or exited). The kernel must execute ``griddepcontrol.wait`` before it reads anything the previous
 kernel writes, and before it writes anything the previous kernel reads; that wait returns when
 the previous kernel has finished and its writes are visible. kernels/gemv.cu issues its first
-weight loads before the wait (weights are never written by the kernel before), so a GEMV's
-memory ramp overlaps the tail of the kernel before it; kernels/llama_ops.cu waits first thing.
+weight and scale loads before the wait (neither is written by the kernel before: the host waits
+for the scales it derives, GpuWeight.kernel_scales), so a GEMV's memory ramp overlaps the tail of
+the kernel before it; kernels/llama_ops.cu waits first thing.
 Without the attribute both instructions do nothing, so the kernels are correct either way.
 
 CuPy launches through cuLaunchKernel, which takes no launch attributes; this module calls the
