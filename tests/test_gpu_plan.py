@@ -145,24 +145,6 @@ def test_kind_override_fits_the_batch():
             gpu.gemv_kernel(weight, "F16", batch, kind)
 
 
-
-def test_x_async_build_takes_two_buffers_of_x_per_warp():
-    """GEMV_XASYNC=1 (gemv.cu Cfg::XA): nt1 / nt1w / nt2 / nt2w launch with two buffers of one
-    iteration's x per warp (8 rows per mma column tile x 4 chunks x 80 B); nt2q, the batch-1 kinds and
-    default builds take none of it."""
-    fmt = get_format("e2m2")
-    on = ("GEMV_XASYNC=1",)
-    assert gpu._xa_bytes(fmt, "nt2", on) == gpu._xa_bytes(fmt, "nt2w", on) == 8 * 2 * 16 * 4 * 80
-    assert gpu._xa_bytes(fmt, "nt1", on) == gpu._xa_bytes(fmt, "nt1w", on) == 8 * 2 * 8 * 4 * 80
-    for kind in ("nt2q", "b1", "b1r"):
-        assert gpu._xa_bytes(fmt, kind, on) == 0
-    for kind in ("nt1", "nt2"):
-        assert gpu._xa_bytes(fmt, kind, ()) == gpu._xa_bytes(fmt, kind, ("GEMV_CPT=2",)) == 0
-    # a bare define is 1 to the compiler (-DGEMV_XASYNC), so the launch takes the buffers too
-    assert gpu._xa_bytes(fmt, "nt2", ("GEMV_XASYNC",)) == gpu._xa_bytes(fmt, "nt2", on)
-    assert gpu._xa_bytes(fmt, "nt2", ("GEMV_XASYNC=0",)) == 0
-
-
 def test_build_define_reads_values_as_the_compiler_does():
     """gpu.build_define: "NAME=V" gives V, a bare "NAME" 1 (as -DNAME), absent 0; the last one given wins;
     a name that only begins like another is another macro. GEMV_CPT <= 0 keeps the tuned chunks per lane."""

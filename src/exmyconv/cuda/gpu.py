@@ -429,7 +429,7 @@ XS_LIMIT = 32 * 1024  # largest x staging buffer (bytes) of the b1 kernels (K <=
 def build_define(defines: tuple, name: str) -> int:
     """The value a kernel build sees for macro `name` among its defines ("NAME=V", or "NAME" alone: 1,
     as with -DNAME), 0 where it is not given: the one place the host reads the tuning defines whose
-    builds need another launch shape (GEMV_CPT, GEMV_XASYNC, GEMV_PERSIST)."""
+    builds need another launch shape (GEMV_CPT, GEMV_PERSIST)."""
     value = 0
     for d in defines:
         key, _, v = d.partition("=")
@@ -470,15 +470,6 @@ def _gemv_grid(n: int, rows: int, split: int, pairs: int = 0, slots: int = 0) ->
     which walk the units (gemv.cu gemv)."""
     units = -(-n // (rows * (GEMV_WARPS // split)))
     return (min(units, slots) if slots else units,) + ((pairs,) if pairs else ())
-
-
-def _xa_bytes(fmt: ExMy, kind: str, defines: tuple) -> int:
-    """Shared memory of a batch 2..16 kind built with GEMV_XASYNC=1 (gemv.cu Cfg::XA): per warp two
-    buffers of one iteration's x, 8 rows per mma column tile, 80 B per chunk; else 0."""
-    if not build_define(defines, "GEMV_XASYNC") or kind not in ("nt1", "nt2", "nt2w", "nt1w"):
-        return 0
-    _, kstep = _gemv_shape(fmt, kind, defines)
-    return GEMV_WARPS * 2 * 8 * (2 if kind.startswith("nt2") else 1) * kstep * 80
 
 
 def _xs_bytes(fmt: ExMy, k: int, defines: tuple = ()) -> int:
@@ -747,7 +738,7 @@ def _gemv_launch_shape(weight: "GpuWeight", x_dtype: str, batch: int, split: int
         # each warp's x window (one iteration's chunks, 80 bytes each) x 2
         smem = GEMV_WARPS * _gemv_shape(weight.fmt, "b1r")[1] * 80 * 2
     else:
-        smem = _xs_bytes(weight.fmt, weight.k, defines) if kernel.kind == "b1" else _xa_bytes(weight.fmt, kernel.kind, defines)
+        smem = _xs_bytes(weight.fmt, weight.k, defines) if kernel.kind == "b1" else 0
     fn = gemv_function(kernel, weight.fmt, defines)
     # beyond 48 KB of static + dynamic shared memory a launch needs the function's opt-in attribute
     if smem + fn.shared_size_bytes > 48 * 1024 and fn.max_dynamic_shared_size_bytes < smem:
