@@ -51,9 +51,9 @@
 //
 // One kernel template, exmy_gemv<KIND, MODE, XF16, GM, BLOCKS> (at the end); the host picks the
 // instantiation and compiles it alone (cuda/gpu.py GemvKernel). Compile with -DEXMY_E, -DEXMY_M
-// (and optionally -DEXMY_SHARE, -DGEMV_WARPS, -DGEMV_XWIN, -DGEMV_CPT, -DGEMV_PP, -DGEMV_PERSIST;
-// -DGEMV_DIAG builds knock-outs for timing where there are no hardware counters:
-// scripts/sweep-gemv-kinds --variants nox:GEMV_DIAG=1).
+// (and optionally -DEXMY_SHARE, -DGEMV_WARPS, -DGEMV_XWIN, -DGEMV_CPT, -DGEMV_PP; -DGEMV_DIAG builds
+// knock-outs for timing where there are no hardware counters: scripts/sweep-gemv-kinds --variants
+// nox:GEMV_DIAG=1).
 #include "exmy_decode.cuh"
 
 using namespace exmy;
@@ -69,9 +69,6 @@ using namespace exmy;
 #endif
 #ifndef GEMV_CPT
 #define GEMV_CPT 0  // 0: 2 chunks per lane and iteration for batch <= 8 and codes <= 6 bits, else 1
-#endif
-#ifndef GEMV_PERSIST
-#define GEMV_PERSIST 0  // 1: blocks take block-units u, u + gridDim.x, ... (the host launches fewer; x staged once)
 #endif
 #ifndef GEMV_PP
 #define GEMV_PP 0  // 0: the tuned choice of two alternating register sets (Cfg::PP); 1 always, -1 never
@@ -307,8 +304,7 @@ __device__ __forceinline__ void gemv_warp(const u8* __restrict__ payload, const 
                                           const u16* __restrict__ x, const u32* __restrict__ xs, u32 n, u32 k,
                                           u32 stride, u32 ngroups, u32 g, int gshift, u32 batch,
                                           u32 row0, u32 it0, u32 it1, u32 istep,
-                                          float (&acc)[Cfg<KIND, BLOCKS>::MT][Cfg<KIND, BLOCKS>::NT][4],
-                                          bool stage, float& xpow, float& xunpow) {
+                                          float (&acc)[Cfg<KIND, BLOCKS>::MT][Cfg<KIND, BLOCKS>::NT][4]) {
     typedef Cfg<KIND, BLOCKS> C;
     constexpr int NT = C::NT, CPT = C::CPT, KSTEP = C::KSTEP, MT = C::MT;
     constexpr bool XS = C::XS, SPREAD = C::SPREAD, XWIN = C::XWIN, PP = C::PP;
@@ -359,6 +355,7 @@ __device__ __forceinline__ void gemv_warp(const u8* __restrict__ payload, const 
     // and the first chunk it holds
     u32* const xwin = const_cast<u32*>(xs) + (threadIdx.x >> 5) * (2 * KSTEP * XS_STRIDE);
     u32 xbase = 0;
+    float xpow = 1.f, xunpow = 1.f;  // MODE 4: x is used times xpow = 2^s, the sums get xunpow = 2^-s (stage_x)
     // x words of chunk q: xw[j][w] = (x[2w], x[2w+1]) of row xr[j]; `checked`: may be the K tail.
     auto load_x = [&](u32 (&xw)[NT][16], u32 q, bool checked) {
         // staged pair words, already in the operand type: b1's whole x (pair p of chunk q at
@@ -483,10 +480,7 @@ __device__ __forceinline__ void gemv_warp(const u8* __restrict__ payload, const 
     // dynamic), already in pair order (and bf16 when the operands are bf16), zeros past K. Every
     // warp calls this exactly once, after issuing its first weight loads (they overlap), and
     // before it reads x in any kernel kind: the PDL wait for the kernel that writes x is here.
-    // MODE 4: x is used times xpow = 2^s, the sums get xunpow = 2^-s. A persistent block's later
-    // units (`stage` false) find x staged and xpow / xunpow set.
     auto stage_x = [&]() {
-        if (!stage) return;
         pdl_wait();
         constexpr u32 MAG = 0x7FFF7FFFu;  // MODE 4: bf16 magnitude bits of a pair (sign bits cleared)
         // MODE 4: s = x16_shift of the block's largest |x|. |x| is compared as bf16 magnitude
@@ -735,77 +729,60 @@ __device__ __forceinline__ void gemv(const u8* __restrict__ payload, const void*
                                      u32 stride, u32 ngroups, u32 g, int gshift, u32 batch, u32 split,
                                      u32 interleave) {
     constexpr int NT = Cfg<KIND, BLOCKS>::NT, KSTEP = Cfg<KIND, BLOCKS>::KSTEP, MT = Cfg<KIND, BLOCKS>::MT;
-    float xpow = 1.f, xunpow = 1.f;  // MODE 4 (gemv_warp's stage_x), kept across a persistent block's units
+    const u32 lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const u32 tiles_per_block = WARPS / split;
+    const u32 tile = blockIdx.x * tiles_per_block + warp / split;
+    const u32 slice = warp % split;
+    const u32 row0 = tile * 16 * MT;
+    const u32 nq = (k + 31) / 32;
+    const u32 niter = (nq + KSTEP - 1) / KSTEP;
+    u32 it0, it1, istep;
+    if (interleave) {
+        it0 = slice; it1 = niter; istep = split;
+    } else {
+        const u32 per = (niter + split - 1) / split;    // iterations per slice
+        it0 = slice * per < niter ? slice * per : niter;
+        it1 = it0 + per < niter ? it0 + per : niter;
+        istep = 1;
+    }
+
+    pdl_release();
+    float acc[MT][NT][4];
+#pragma unroll
+    for (int m = 0; m < MT; ++m)
+#pragma unroll
+        for (int j = 0; j < NT; ++j) acc[m][j][0] = acc[m][j][1] = acc[m][j][2] = acc[m][j][3] = 0.f;
     extern __shared__ uint4 xs_dyn[];  // batch-1 kernels: x staged by the block (see gemv_warp)
+    // every warp takes part (the x staging has a block barrier); warps past the last row do no work
+    gemv_warp<KIND, MODE, XF16, GM, BLOCKS>(payload, ks, x, (u32*)xs_dyn, n, k, stride, ngroups, g, gshift,
+                                            batch, row0 < n ? row0 : n - 1, it0, row0 < n ? it1 : it0, istep, acc);
+
+    // Cross-slice reduction: lane holds (row 16m + gr, cols 8j + 2t, +1) in acc[m][j][0..1], row
+    // 16m + gr + 8 in [2..3].
     constexpr int FR = MT * NT * 4;  // fragment registers per lane
     __shared__ float red[WARPS][FR][32];
-    // Block-unit `unit`: tiles unit * tiles_per_block ... (stage: the block's first unit, which stages x).
-    auto run_unit = [&](u32 unit, bool stage) {
-        // the unit (default builds read blockIdx.x where they use it: their code is as before the option)
-        auto ub = [&]() { return GEMV_PERSIST ? unit : blockIdx.x; };
-        const u32 lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-        const u32 tiles_per_block = WARPS / split;
-        const u32 tile = ub() * tiles_per_block + warp / split;
-        const u32 slice = warp % split;
-        const u32 row0 = tile * 16 * MT;
-        const u32 nq = (k + 31) / 32;
-        const u32 niter = (nq + KSTEP - 1) / KSTEP;
-        u32 it0, it1, istep;
-        if (interleave) {
-            it0 = slice; it1 = niter; istep = split;
-        } else {
-            const u32 per = (niter + split - 1) / split;    // iterations per slice
-            it0 = slice * per < niter ? slice * per : niter;
-            it1 = it0 + per < niter ? it0 + per : niter;
-            istep = 1;
+#pragma unroll
+    for (int m = 0; m < MT; ++m)
+#pragma unroll
+        for (int j = 0; j < NT; ++j)
+#pragma unroll
+            for (int r = 0; r < 4; ++r) red[warp][(m * NT + j) * 4 + r][lane] = acc[m][j][r];
+    __syncthreads();
+    // thread -> (tile in block, fragment register idx, lane)
+    for (u32 o = threadIdx.x; o < tiles_per_block * FR * 32; o += WARPS * 32) {
+        const u32 tb = o / (FR * 32), rem = o % (FR * 32);
+        const u32 idx = rem >> 5, ln = rem & 31;
+        float sum = 0.f;
+        for (u32 w = 0; w < split; ++w) sum += red[tb * split + w][idx][ln];
+        const u32 m = idx / (NT * 4), j = (idx >> 2) % NT, r = idx & 3;
+        const u32 row = (blockIdx.x * tiles_per_block + tb) * 16 * MT + 16 * m + (ln >> 2) + (r >= 2 ? 8 : 0);
+        const u32 col = 8 * j + 2 * (ln & 3) + (r & 1);
+        if (row < n && col < batch) {
+            u16 out;
+            if (XF16) asm("cvt.rn.f16.f32 %0, %1;" : "=h"(out) : "f"(sum));
+            else asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(out) : "f"(sum));
+            y[(size_t)col * n + row] = out;
         }
-
-        pdl_release();
-        float acc[MT][NT][4];
-#pragma unroll
-        for (int m = 0; m < MT; ++m)
-#pragma unroll
-            for (int j = 0; j < NT; ++j) acc[m][j][0] = acc[m][j][1] = acc[m][j][2] = acc[m][j][3] = 0.f;
-        // every warp takes part (the x staging has a block barrier); warps past the last row do no work
-        gemv_warp<KIND, MODE, XF16, GM, BLOCKS>(payload, ks, x, (u32*)xs_dyn, n, k, stride, ngroups, g, gshift,
-                                                batch, row0 < n ? row0 : n - 1, it0, row0 < n ? it1 : it0, istep, acc,
-                                                stage, xpow, xunpow);
-
-        // Cross-slice reduction: lane holds (row 16m + gr, cols 8j + 2t, +1) in acc[m][j][0..1], row
-        // 16m + gr + 8 in [2..3].
-#pragma unroll
-        for (int m = 0; m < MT; ++m)
-#pragma unroll
-            for (int j = 0; j < NT; ++j)
-#pragma unroll
-                for (int r = 0; r < 4; ++r) red[warp][(m * NT + j) * 4 + r][lane] = acc[m][j][r];
-        __syncthreads();
-        // thread -> (tile in block, fragment register idx, lane)
-        for (u32 o = threadIdx.x; o < tiles_per_block * FR * 32; o += WARPS * 32) {
-            const u32 tb = o / (FR * 32), rem = o % (FR * 32);
-            const u32 idx = rem >> 5, ln = rem & 31;
-            float sum = 0.f;
-            for (u32 w = 0; w < split; ++w) sum += red[tb * split + w][idx][ln];
-            const u32 m = idx / (NT * 4), j = (idx >> 2) % NT, r = idx & 3;
-            const u32 row = (ub() * tiles_per_block + tb) * 16 * MT + 16 * m + (ln >> 2) + (r >= 2 ? 8 : 0);
-            const u32 col = 8 * j + 2 * (ln & 3) + (r & 1);
-            if (row < n && col < batch) {
-                u16 out;
-                if (XF16) asm("cvt.rn.f16.f32 %0, %1;" : "=h"(out) : "f"(sum));
-                else asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(out) : "f"(sum));
-                y[(size_t)col * n + row] = out;
-            }
-        }
-    };
-    if constexpr (GEMV_PERSIST) {  // (the routed GEMV's grid is all units: one each)
-        const u32 tiles_per_block = WARPS / split;
-        const u32 units = ((n + 16 * MT - 1) / (16 * MT) + tiles_per_block - 1) / tiles_per_block;
-        for (u32 unit = blockIdx.x; unit < units; unit += gridDim.x) {
-            if (unit != blockIdx.x) __syncthreads();  // the last unit's sums are read out of red
-            run_unit(unit, unit == blockIdx.x);
-        }
-    } else {
-        run_unit(blockIdx.x, true);
     }
 }
 
