@@ -51,9 +51,9 @@
 //
 // One kernel template, exmy_gemv<KIND, MODE, XF16, GM, BLOCKS> (at the end); the host picks the
 // instantiation and compiles it alone (cuda/gpu.py GemvKernel). Compile with -DEXMY_E, -DEXMY_M
-// (and optionally -DEXMY_SHARE, -DGEMV_WARPS, -DGEMV_XWIN, -DGEMV_CPT, -DGEMV_PP, -DGEMV_PERSIST,
-// -DGEMV_XASYNC; -DGEMV_DIAG builds knock-outs for timing where there are no hardware counters:
-// scripts/sweep-gemv-kinds --variants nox:GEMV_DIAG=1).
+// (and optionally -DEXMY_SHARE, -DGEMV_WARPS, -DGEMV_XWIN, -DGEMV_CPT, -DGEMV_PP; -DGEMV_DIAG builds
+// knock-outs for timing where there are no hardware counters: scripts/sweep-gemv-kinds --variants
+// nox:GEMV_DIAG=1).
 #include "exmy_decode.cuh"
 
 using namespace exmy;
@@ -64,17 +64,11 @@ using namespace exmy;
 #ifndef GEMV_XWIN
 #define GEMV_XWIN 1  // 0: b1r reads x straight from global memory (the GPU tests compare both)
 #endif
-#ifndef GEMV_XASYNC
-#define GEMV_XASYNC 0  // 1: batch 2..16 kinds copy x an iteration ahead into shared memory (cp.async; Cfg::XA)
-#endif
 #ifndef GEMV_DIAG
 #define GEMV_DIAG 0  // timing only, results wrong: main-loop stages left out (1 x loads, 2 decode, 4 mma)
 #endif
 #ifndef GEMV_CPT
 #define GEMV_CPT 0  // 0: 2 chunks per lane and iteration for batch <= 8 and codes <= 6 bits, else 1
-#endif
-#ifndef GEMV_PERSIST
-#define GEMV_PERSIST 0  // 1: blocks take block-units u, u + gridDim.x, ... (the host launches fewer; x staged once)
 #endif
 #ifndef GEMV_PP
 #define GEMV_PP 0  // 0: the tuned choice of two alternating register sets (Cfg::PP); 1 always, -1 never
@@ -120,13 +114,6 @@ struct Cfg {
     // every kind two sets, for timing.
     static constexpr bool PP = GEMV_PP ? GEMV_PP > 0 : (KIND == 3 && BLOCKS == 2) || (KIND == 0 && !SHARED && BITS != 5);
     static constexpr bool XWIN = KIND == 3 && GEMV_XWIN && CPT == 2 && (HAS1 || SHARED);
-    // XA (build option): the batch 2..16 kinds take x from a per-warp double buffer in shared memory
-    // that cp.async fills one iteration ahead, as the weights are prefetched into registers. Without
-    // it each chunk's x loads are issued at the start of its compute and their latency is hidden only
-    // by the decode of that chunk (x loads cost nt2 10 of 27 us at batch 16 on an H200,
-    // docs/benchmarks.md seventh session). On an H100 level or slower (ninth session). Not nt2q: its x
-    // latency hides behind four tiles' decode, and its 255 registers leave no room (12 bytes spilled).
-    static constexpr bool XA = GEMV_XASYNC && (KIND == 1 || KIND == 2 || KIND == 4 || KIND == 5);
 };
 constexpr int XS_STRIDE = 20;  // words per chunk of staged x: 16 pairs + 4 padding (conflict-free LDS.128)
 
@@ -189,15 +176,6 @@ __device__ __forceinline__ void mma16816(float (&c)[4], u32 a0, u32 a1, u32 a2, 
             : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
             : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
-
-// cp.async of 16 bytes to a shared-memory address (L1-allocating: the warps of an SM share x), its
-// commit and wait.
-__device__ __forceinline__ void cp_async16(u32 smem, const void* gmem) {
-    asm volatile("cp.async.ca.shared.global [%0], [%1], 16;" ::"r"(smem), "l"(gmem) : "memory");
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory"); }
 
 // The 16 words of one chunk of x from shared memory (four LDS.128; src 16-byte aligned).
 __device__ __forceinline__ void lds_chunk(u32 (&w)[16], const u32* src) {
@@ -326,11 +304,10 @@ __device__ __forceinline__ void gemv_warp(const u8* __restrict__ payload, const 
                                           const u16* __restrict__ x, const u32* __restrict__ xs, u32 n, u32 k,
                                           u32 stride, u32 ngroups, u32 g, int gshift, u32 batch,
                                           u32 row0, u32 it0, u32 it1, u32 istep,
-                                          float (&acc)[Cfg<KIND, BLOCKS>::MT][Cfg<KIND, BLOCKS>::NT][4],
-                                          bool stage, float& xpow, float& xunpow) {
+                                          float (&acc)[Cfg<KIND, BLOCKS>::MT][Cfg<KIND, BLOCKS>::NT][4]) {
     typedef Cfg<KIND, BLOCKS> C;
     constexpr int NT = C::NT, CPT = C::CPT, KSTEP = C::KSTEP, MT = C::MT;
-    constexpr bool XS = C::XS, SPREAD = C::SPREAD, XWIN = C::XWIN, PP = C::PP, XA = C::XA;
+    constexpr bool XS = C::XS, SPREAD = C::SPREAD, XWIN = C::XWIN, PP = C::PP;
     constexpr u32 CSTEP = SPREAD ? 4 : 1;       // chunks between a lane's chunks of one iteration
     // chunks t, t+4 of k = 4 formats: their shared words in one load (load_chunk_spread); not in the
     // 80-register build of b1r, where that was slower on an H100 (docs/benchmarks.md, H100 tuning)
@@ -378,27 +355,7 @@ __device__ __forceinline__ void gemv_warp(const u8* __restrict__ payload, const 
     // and the first chunk it holds
     u32* const xwin = const_cast<u32*>(xs) + (threadIdx.x >> 5) * (2 * KSTEP * XS_STRIDE);
     u32 xbase = 0;
-    // XA: this warp's two buffers of one iteration's x (8 * NT rows x KSTEP chunks, XS_STRIDE words
-    // each: conflict-free LDS.128) and the one holding the current iteration
-    constexpr u32 XA_BUF = 8 * NT * KSTEP * XS_STRIDE;
-    u32* const xa = const_cast<u32*>(xs) + (threadIdx.x >> 5) * (2 * XA_BUF);
-    u32 xab = 0;
-    // A lane copies 16-byte pieces lane + 32 i of the buffer: 8 elements (lane % 4) of chunk
-    // (lane / 4) % KSTEP of rows lane / (4 KSTEP) + i * 8 / KSTEP (rows >= batch: row batch - 1).
-    static_assert(!XA || (KSTEP <= 8 && 8 * NT * KSTEP * 4 % 32 == 0), "XA: whole pieces per lane");
-    constexpr u32 XA_N = NT * KSTEP, XA_RSTEP = 8 / KSTEP;
-    const u32 xa_src = 32 * ((lane >> 2) % KSTEP) + 8 * (lane & 3);
-    const u32 xa_dst = (u32)__cvta_generic_to_shared(xa) +  // shared-memory byte address of the first piece
-                       4 * (((lane / (4 * KSTEP)) * KSTEP + (lane >> 2) % KSTEP) * XS_STRIDE + 4 * (lane & 3));
-    auto x_async = [&](u32 itn, u32 buf) {  // iteration itn's x into buffer buf
-        __syncwarp();  // every lane is done reading that buffer
-        const u16* src = x + 32 * (size_t)(itn * KSTEP) + xa_src;
-        const u32 dst = xa_dst + 4 * buf * XA_BUF;
-#pragma unroll
-        for (u32 i = 0; i < XA_N; ++i)
-            cp_async16(dst + 4 * i * XA_RSTEP * KSTEP * XS_STRIDE, src + min(lane / (4 * KSTEP) + XA_RSTEP * i, batch - 1) * k);
-        cp_async_commit();
-    };
+    float xpow = 1.f, xunpow = 1.f;  // MODE 4: x is used times xpow = 2^s, the sums get xunpow = 2^-s (stage_x)
     // x words of chunk q: xw[j][w] = (x[2w], x[2w+1]) of row xr[j]; `checked`: may be the K tail.
     auto load_x = [&](u32 (&xw)[NT][16], u32 q, bool checked) {
         // staged pair words, already in the operand type: b1's whole x (pair p of chunk q at
@@ -408,10 +365,7 @@ __device__ __forceinline__ void gemv_warp(const u8* __restrict__ payload, const 
             return;
         }
         const u32 qx = q < nq ? q : nq - 1;  // past K the weights are zero: any finite x will do
-        if (XA && !checked) {  // this iteration's buffer: row gr + 8j, chunk q % KSTEP
-#pragma unroll
-            for (int j = 0; j < NT; ++j) lds_chunk(xw[j], xa + xab * XA_BUF + ((gr + 8 * j) * KSTEP + q % KSTEP) * XS_STRIDE);
-        } else if (!checked || (xvec && 32 * qx + 32 <= k)) {
+        if (!checked || (xvec && 32 * qx + 32 <= k)) {
 #pragma unroll
             for (int j = 0; j < NT; ++j)
 #pragma unroll
@@ -526,10 +480,7 @@ __device__ __forceinline__ void gemv_warp(const u8* __restrict__ payload, const 
     // dynamic), already in pair order (and bf16 when the operands are bf16), zeros past K. Every
     // warp calls this exactly once, after issuing its first weight loads (they overlap), and
     // before it reads x in any kernel kind: the PDL wait for the kernel that writes x is here.
-    // MODE 4: x is used times xpow = 2^s, the sums get xunpow = 2^-s. A persistent block's later
-    // units (`stage` false) find x staged and xpow / xunpow set.
     auto stage_x = [&]() {
-        if (!stage) return;
         pdl_wait();
         constexpr u32 MAG = 0x7FFF7FFFu;  // MODE 4: bf16 magnitude bits of a pair (sign bits cleared)
         // MODE 4: s = x16_shift of the block's largest |x|. |x| is compared as bf16 magnitude
@@ -679,12 +630,6 @@ __device__ __forceinline__ void gemv_warp(const u8* __restrict__ payload, const 
             if (more) {  // prefetch the next iteration into the other set
                 load_main(Int<N>{});
                 if (XWIN) xq[N] = ld_x16(x + 32 * (size_t)((it + istep) * KSTEP) + 8 * lane);
-                if (XA) x_async(it + istep, xab ^ 1);
-            }
-            if (XA) {  // this iteration's copies done (all but the newest group), visible to the warp
-                if (more) cp_async_wait<1>();
-                else cp_async_wait<0>();
-                __syncwarp();
             }
             if (XWIN) {  // this iteration's x into the window
                 park_x<BF, XF16, MODE == 4>(xq[P], lane, xwin, xwin + KSTEP * XS_STRIDE, xpow);
@@ -693,14 +638,12 @@ __device__ __forceinline__ void gemv_warp(const u8* __restrict__ payload, const 
 #pragma unroll
             for (int i = 0; i < CPT; ++i) compute(wa[P][i], wb[P][i], swa[P][i], swb[P][i], q + CSTEP * i, false);
             it += istep;
-            xab ^= 1;
             return more;
         };
         load_main(Int<PP ? 0 : 1>{});
         stage_x();  // after this warp's first weight loads are in flight
         // XWIN: lane l carries x elements 8l .. 8l+7 of an iteration's KSTEP chunks (16 bytes)
         if (XWIN) xq[PP ? 0 : 1] = ld_x16(x + 32 * (size_t)(it * KSTEP) + 8 * lane);
-        if (XA) x_async(it, 0);
         if (PP) {
             while (step(Int<0>{}) && step(Int<1>{})) {
             }
@@ -786,77 +729,60 @@ __device__ __forceinline__ void gemv(const u8* __restrict__ payload, const void*
                                      u32 stride, u32 ngroups, u32 g, int gshift, u32 batch, u32 split,
                                      u32 interleave) {
     constexpr int NT = Cfg<KIND, BLOCKS>::NT, KSTEP = Cfg<KIND, BLOCKS>::KSTEP, MT = Cfg<KIND, BLOCKS>::MT;
-    float xpow = 1.f, xunpow = 1.f;  // MODE 4 (gemv_warp's stage_x), kept across a persistent block's units
+    const u32 lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const u32 tiles_per_block = WARPS / split;
+    const u32 tile = blockIdx.x * tiles_per_block + warp / split;
+    const u32 slice = warp % split;
+    const u32 row0 = tile * 16 * MT;
+    const u32 nq = (k + 31) / 32;
+    const u32 niter = (nq + KSTEP - 1) / KSTEP;
+    u32 it0, it1, istep;
+    if (interleave) {
+        it0 = slice; it1 = niter; istep = split;
+    } else {
+        const u32 per = (niter + split - 1) / split;    // iterations per slice
+        it0 = slice * per < niter ? slice * per : niter;
+        it1 = it0 + per < niter ? it0 + per : niter;
+        istep = 1;
+    }
+
+    pdl_release();
+    float acc[MT][NT][4];
+#pragma unroll
+    for (int m = 0; m < MT; ++m)
+#pragma unroll
+        for (int j = 0; j < NT; ++j) acc[m][j][0] = acc[m][j][1] = acc[m][j][2] = acc[m][j][3] = 0.f;
     extern __shared__ uint4 xs_dyn[];  // batch-1 kernels: x staged by the block (see gemv_warp)
+    // every warp takes part (the x staging has a block barrier); warps past the last row do no work
+    gemv_warp<KIND, MODE, XF16, GM, BLOCKS>(payload, ks, x, (u32*)xs_dyn, n, k, stride, ngroups, g, gshift,
+                                            batch, row0 < n ? row0 : n - 1, it0, row0 < n ? it1 : it0, istep, acc);
+
+    // Cross-slice reduction: lane holds (row 16m + gr, cols 8j + 2t, +1) in acc[m][j][0..1], row
+    // 16m + gr + 8 in [2..3].
     constexpr int FR = MT * NT * 4;  // fragment registers per lane
     __shared__ float red[WARPS][FR][32];
-    // Block-unit `unit`: tiles unit * tiles_per_block ... (stage: the block's first unit, which stages x).
-    auto run_unit = [&](u32 unit, bool stage) {
-        // the unit (default builds read blockIdx.x where they use it: their code is as before the option)
-        auto ub = [&]() { return GEMV_PERSIST ? unit : blockIdx.x; };
-        const u32 lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-        const u32 tiles_per_block = WARPS / split;
-        const u32 tile = ub() * tiles_per_block + warp / split;
-        const u32 slice = warp % split;
-        const u32 row0 = tile * 16 * MT;
-        const u32 nq = (k + 31) / 32;
-        const u32 niter = (nq + KSTEP - 1) / KSTEP;
-        u32 it0, it1, istep;
-        if (interleave) {
-            it0 = slice; it1 = niter; istep = split;
-        } else {
-            const u32 per = (niter + split - 1) / split;    // iterations per slice
-            it0 = slice * per < niter ? slice * per : niter;
-            it1 = it0 + per < niter ? it0 + per : niter;
-            istep = 1;
+#pragma unroll
+    for (int m = 0; m < MT; ++m)
+#pragma unroll
+        for (int j = 0; j < NT; ++j)
+#pragma unroll
+            for (int r = 0; r < 4; ++r) red[warp][(m * NT + j) * 4 + r][lane] = acc[m][j][r];
+    __syncthreads();
+    // thread -> (tile in block, fragment register idx, lane)
+    for (u32 o = threadIdx.x; o < tiles_per_block * FR * 32; o += WARPS * 32) {
+        const u32 tb = o / (FR * 32), rem = o % (FR * 32);
+        const u32 idx = rem >> 5, ln = rem & 31;
+        float sum = 0.f;
+        for (u32 w = 0; w < split; ++w) sum += red[tb * split + w][idx][ln];
+        const u32 m = idx / (NT * 4), j = (idx >> 2) % NT, r = idx & 3;
+        const u32 row = (blockIdx.x * tiles_per_block + tb) * 16 * MT + 16 * m + (ln >> 2) + (r >= 2 ? 8 : 0);
+        const u32 col = 8 * j + 2 * (ln & 3) + (r & 1);
+        if (row < n && col < batch) {
+            u16 out;
+            if (XF16) asm("cvt.rn.f16.f32 %0, %1;" : "=h"(out) : "f"(sum));
+            else asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(out) : "f"(sum));
+            y[(size_t)col * n + row] = out;
         }
-
-        pdl_release();
-        float acc[MT][NT][4];
-#pragma unroll
-        for (int m = 0; m < MT; ++m)
-#pragma unroll
-            for (int j = 0; j < NT; ++j) acc[m][j][0] = acc[m][j][1] = acc[m][j][2] = acc[m][j][3] = 0.f;
-        // every warp takes part (the x staging has a block barrier); warps past the last row do no work
-        gemv_warp<KIND, MODE, XF16, GM, BLOCKS>(payload, ks, x, (u32*)xs_dyn, n, k, stride, ngroups, g, gshift,
-                                                batch, row0 < n ? row0 : n - 1, it0, row0 < n ? it1 : it0, istep, acc,
-                                                stage, xpow, xunpow);
-
-        // Cross-slice reduction: lane holds (row 16m + gr, cols 8j + 2t, +1) in acc[m][j][0..1], row
-        // 16m + gr + 8 in [2..3].
-#pragma unroll
-        for (int m = 0; m < MT; ++m)
-#pragma unroll
-            for (int j = 0; j < NT; ++j)
-#pragma unroll
-                for (int r = 0; r < 4; ++r) red[warp][(m * NT + j) * 4 + r][lane] = acc[m][j][r];
-        __syncthreads();
-        // thread -> (tile in block, fragment register idx, lane)
-        for (u32 o = threadIdx.x; o < tiles_per_block * FR * 32; o += WARPS * 32) {
-            const u32 tb = o / (FR * 32), rem = o % (FR * 32);
-            const u32 idx = rem >> 5, ln = rem & 31;
-            float sum = 0.f;
-            for (u32 w = 0; w < split; ++w) sum += red[tb * split + w][idx][ln];
-            const u32 m = idx / (NT * 4), j = (idx >> 2) % NT, r = idx & 3;
-            const u32 row = (ub() * tiles_per_block + tb) * 16 * MT + 16 * m + (ln >> 2) + (r >= 2 ? 8 : 0);
-            const u32 col = 8 * j + 2 * (ln & 3) + (r & 1);
-            if (row < n && col < batch) {
-                u16 out;
-                if (XF16) asm("cvt.rn.f16.f32 %0, %1;" : "=h"(out) : "f"(sum));
-                else asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(out) : "f"(sum));
-                y[(size_t)col * n + row] = out;
-            }
-        }
-    };
-    if constexpr (GEMV_PERSIST) {  // (the routed GEMV's grid is all units: one each)
-        const u32 tiles_per_block = WARPS / split;
-        const u32 units = ((n + 16 * MT - 1) / (16 * MT) + tiles_per_block - 1) / tiles_per_block;
-        for (u32 unit = blockIdx.x; unit < units; unit += gridDim.x) {
-            if (unit != blockIdx.x) __syncthreads();  // the last unit's sums are read out of red
-            run_unit(unit, unit == blockIdx.x);
-        }
-    } else {
-        run_unit(blockIdx.x, true);
     }
 }
 

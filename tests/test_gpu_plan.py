@@ -145,31 +145,13 @@ def test_kind_override_fits_the_batch():
             gpu.gemv_kernel(weight, "F16", batch, kind)
 
 
-
-def test_x_async_build_takes_two_buffers_of_x_per_warp():
-    """GEMV_XASYNC=1 (gemv.cu Cfg::XA): nt1 / nt1w / nt2 / nt2w launch with two buffers of one
-    iteration's x per warp (8 rows per mma column tile x 4 chunks x 80 B); nt2q, the batch-1 kinds and
-    default builds take none of it."""
-    fmt = get_format("e2m2")
-    on = ("GEMV_XASYNC=1",)
-    assert gpu._xa_bytes(fmt, "nt2", on) == gpu._xa_bytes(fmt, "nt2w", on) == 8 * 2 * 16 * 4 * 80
-    assert gpu._xa_bytes(fmt, "nt1", on) == gpu._xa_bytes(fmt, "nt1w", on) == 8 * 2 * 8 * 4 * 80
-    for kind in ("nt2q", "b1", "b1r"):
-        assert gpu._xa_bytes(fmt, kind, on) == 0
-    for kind in ("nt1", "nt2"):
-        assert gpu._xa_bytes(fmt, kind, ()) == gpu._xa_bytes(fmt, kind, ("GEMV_CPT=2",)) == 0
-    # a bare define is 1 to the compiler (-DGEMV_XASYNC), so the launch takes the buffers too
-    assert gpu._xa_bytes(fmt, "nt2", ("GEMV_XASYNC",)) == gpu._xa_bytes(fmt, "nt2", on)
-    assert gpu._xa_bytes(fmt, "nt2", ("GEMV_XASYNC=0",)) == 0
-
-
 def test_build_define_reads_values_as_the_compiler_does():
     """gpu.build_define: "NAME=V" gives V, a bare "NAME" 1 (as -DNAME), absent 0; the last one given wins;
     a name that only begins like another is another macro. GEMV_CPT <= 0 keeps the tuned chunks per lane."""
     assert gpu.build_define(("GEMV_CPT=4", "GEMV_PP=-1"), "GEMV_CPT") == 4
     assert gpu.build_define(("GEMV_CPT=4", "GEMV_PP=-1"), "GEMV_PP") == -1
-    assert gpu.build_define(("GEMV_PERSIST",), "GEMV_PERSIST") == 1
-    assert gpu.build_define(("GEMV_PERSISTX=1", "GEMV_DIAG=7"), "GEMV_PERSIST") == 0
+    assert gpu.build_define(("GEMV_DIAG",), "GEMV_DIAG") == 1
+    assert gpu.build_define(("GEMV_CPTX=1", "GEMV_DIAG=7"), "GEMV_CPT") == 0
     assert gpu.build_define(("GEMV_CPT=2", "GEMV_CPT=4"), "GEMV_CPT") == 4
     fmt = get_format("e2m2")
     assert gpu._gemv_shape(fmt, "b1", ("GEMV_CPT=4",)) == (4, 16)
@@ -177,16 +159,13 @@ def test_build_define_reads_values_as_the_compiler_does():
     assert gpu._gemv_shape(fmt, "nt2", ()) == (1, 4)
 
 
-def test_gemv_grid_covers_the_units_and_a_persistent_build_one_wave():
-    """A launch has one block per block-unit (8 / split tiles); routed launches a grid row per pair; a
-    GEMV_PERSIST=1 build at most one wave of SMs x blocks per SM, the blocks walking the units."""
+def test_gemv_grid_covers_the_units():
+    """A launch has one block per block-unit (8 / split tiles); routed launches a grid row per pair."""
     assert gpu._gemv_grid(28672, 16, 8) == (1792,)             # b1 on 8192 -> 28672: a tile per block
     assert gpu._gemv_grid(28672, 16, 4) == (896,)              # two tiles per block
     assert gpu._gemv_grid(28672 + 1, 16, 8) == (1793,)         # a last tile of one row
     assert gpu._gemv_grid(8192, 64, 2) == (32,)                # nt2q: 4 tiles of 64 rows per block
     assert gpu._gemv_grid(1536, 16, 8, pairs=12) == (96, 12)   # routed: a grid row per pair
-    assert gpu._gemv_grid(28672, 16, 8, slots=132 * 3) == (396,)
-    assert gpu._gemv_grid(4096, 16, 8, slots=132 * 3) == (256,)  # fewer units than slots: one each
 
 
 def test_kernel_scales_are_complete_before_any_launch_reads_them(monkeypatch):

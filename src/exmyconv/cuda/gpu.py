@@ -429,7 +429,7 @@ XS_LIMIT = 32 * 1024  # largest x staging buffer (bytes) of the b1 kernels (K <=
 def build_define(defines: tuple, name: str) -> int:
     """The value a kernel build sees for macro `name` among its defines ("NAME=V", or "NAME" alone: 1,
     as with -DNAME), 0 where it is not given: the one place the host reads the tuning defines whose
-    builds need another launch shape (GEMV_CPT, GEMV_XASYNC, GEMV_PERSIST)."""
+    builds need another launch shape (GEMV_CPT)."""
     value = 0
     for d in defines:
         key, _, v = d.partition("=")
@@ -464,21 +464,10 @@ def gemv_wide(n: int, fmt: ExMy) -> bool:
     return fmt.bits <= 5 and -(-n // (2 * GEMV_ROWS)) * GEMV_WARPS >= 0.75 * sms * GEMV_WARPS * 2
 
 
-def _gemv_grid(n: int, rows: int, split: int, pairs: int = 0, slots: int = 0) -> tuple:
+def _gemv_grid(n: int, rows: int, split: int, pairs: int = 0) -> tuple:
     """A GEMV launch's grid: one block per block-unit (GEMV_WARPS / split tiles of `rows` rows), times the
-    routed pairs; with `slots` (a GEMV_PERSIST=1 build: SMs x blocks per SM) at most one wave of blocks,
-    which walk the units (gemv.cu gemv)."""
-    units = -(-n // (rows * (GEMV_WARPS // split)))
-    return (min(units, slots) if slots else units,) + ((pairs,) if pairs else ())
-
-
-def _xa_bytes(fmt: ExMy, kind: str, defines: tuple) -> int:
-    """Shared memory of a batch 2..16 kind built with GEMV_XASYNC=1 (gemv.cu Cfg::XA): per warp two
-    buffers of one iteration's x, 8 rows per mma column tile, 80 B per chunk; else 0."""
-    if not build_define(defines, "GEMV_XASYNC") or kind not in ("nt1", "nt2", "nt2w", "nt1w"):
-        return 0
-    _, kstep = _gemv_shape(fmt, kind, defines)
-    return GEMV_WARPS * 2 * 8 * (2 if kind.startswith("nt2") else 1) * kstep * 80
+    routed pairs."""
+    return (-(-n // (rows * (GEMV_WARPS // split))),) + ((pairs,) if pairs else ())
 
 
 def _xs_bytes(fmt: ExMy, k: int, defines: tuple = ()) -> int:
@@ -741,13 +730,11 @@ def _gemv_launch_shape(weight: "GpuWeight", x_dtype: str, batch: int, split: int
         blocks = blocks or (2 if pairs else gemv_b1r_blocks(kernel, grid[0], weight.fmt, sms))
     if blocks:
         kernel = replace(kernel, blocks=int(blocks))
-    if build_define(defines, "GEMV_PERSIST") and not pairs:
-        grid = _gemv_grid(weight.n, rows, split, slots=sm_count(_cupy().cuda.Device().id) * kernel.blocks)
     if kernel.kind == "b1r":
         # each warp's x window (one iteration's chunks, 80 bytes each) x 2
         smem = GEMV_WARPS * _gemv_shape(weight.fmt, "b1r")[1] * 80 * 2
     else:
-        smem = _xs_bytes(weight.fmt, weight.k, defines) if kernel.kind == "b1" else _xa_bytes(weight.fmt, kernel.kind, defines)
+        smem = _xs_bytes(weight.fmt, weight.k, defines) if kernel.kind == "b1" else 0
     fn = gemv_function(kernel, weight.fmt, defines)
     # beyond 48 KB of static + dynamic shared memory a launch needs the function's opt-in attribute
     if smem + fn.shared_size_bytes > 48 * 1024 and fn.max_dynamic_shared_size_bytes < smem:
