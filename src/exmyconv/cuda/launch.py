@@ -8,7 +8,8 @@ the previous kernel has finished and its writes are visible. kernels/gemv.cu iss
 weight and scale loads before the wait (neither is written by the kernel before: the host waits
 for the scales it derives, GpuWeight.kernel_scales), so a GEMV's memory ramp overlaps the tail of
 the kernel before it. kernels/llama_ops.cu releases its dependents, then waits, first thing;
-bench --e2e launches those kernels plainly (see exmyconv.bench.e2e). Without the attribute both instructions do nothing, so the kernels are correct either way.
+bench --e2e launches those kernels plainly (see exmyconv.bench.e2e). Without the attribute both
+instructions do nothing, so the kernels are correct either way.
 
 CuPy launches through cuLaunchKernel, which takes no launch attributes; this module calls the
 driver's cuLaunchKernelEx through ctypes with the CUfunction CuPy compiled. Works inside CUDA
