@@ -120,7 +120,9 @@ constexpr int XS_STRIDE = 20;  // words per chunk of staged x: 16 pairs + 4 padd
 // Programmatic dependent launch (src/exmyconv/cuda/launch.py; no-ops for a plain launch). pdl_wait:
 // until the previous kernel of the stream has finished and its writes are visible (x may be its
 // output). pdl_release: the next kernel may start launching (it waits for this one to finish
-// before touching y).
+// before touching y). Every kernel here releases only after its wait, so at most two grids of a
+// stream run at once: releasing first let three run, and CUDA-graph replays of a decoder went
+// wrong (docs/kernels.md).
 __device__ __forceinline__ void pdl_wait() {
 #if __CUDA_ARCH__ >= 900
     asm volatile("griddepcontrol.wait;" ::: "memory");
@@ -482,6 +484,7 @@ __device__ __forceinline__ void gemv_warp(const u8* __restrict__ payload, const 
     // before it reads x in any kernel kind: the PDL wait for the kernel that writes x is here.
     auto stage_x = [&]() {
         pdl_wait();
+        pdl_release();
         constexpr u32 MAG = 0x7FFF7FFFu;  // MODE 4: bf16 magnitude bits of a pair (sign bits cleared)
         // MODE 4: s = x16_shift of the block's largest |x|. |x| is compared as bf16 magnitude
         // bits (their integer order is the numbers'; inf and NaN sort last): m2 holds a thread's
@@ -746,7 +749,6 @@ __device__ __forceinline__ void gemv(const u8* __restrict__ payload, const void*
         istep = 1;
     }
 
-    pdl_release();
     float acc[MT][NT][4];
 #pragma unroll
     for (int m = 0; m < MT; ++m)
@@ -856,8 +858,8 @@ template <int THREADS>
 __global__ void __launch_bounds__(THREADS)
 exmy_x16_rows(const u16* __restrict__ x, u16* __restrict__ xh, u32 k, u32 batch) {
     constexpr int HELD = 8;  // 16-byte words of x per thread kept in registers
-    pdl_release();  // the GEMV may start its weight loads; it waits for this grid before it reads xh
     pdl_wait();     // x may be the previous kernel's output
+    pdl_release();  // the GEMV may start its weight loads; it waits for this grid before it reads xh
     const u16* xb = x + (size_t)blockIdx.x * k;
     u16* hb = xh + (size_t)blockIdx.x * k;
     const bool held = (k % 8) == 0 && k <= 8u * THREADS * HELD;  // (k % 8: rows 16-byte aligned)

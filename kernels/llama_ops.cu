@@ -36,12 +36,13 @@ __device__ __forceinline__ f16 f2h(float f) {  // round to nearest even, as torc
 }
 
 // Programmatic dependent launch (src/exmyconv/cuda/launch.py; no-ops for a plain launch): every kernel
-// lets the next one start launching, then waits for the previous one (whose output it reads)
-// before touching memory.
+// waits for the previous one (whose output it reads) before touching memory, and only then lets the
+// next one start launching. Releasing first let a GEMV -> op -> GEMV chain run three grids at once,
+// and the decoder's CUDA graph then did not replay its eager step (docs/kernels.md).
 __device__ __forceinline__ void pdl_enter() {
 #if __CUDA_ARCH__ >= 900
-    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
     asm volatile("griddepcontrol.wait;" ::: "memory");
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
 #endif
 }
 

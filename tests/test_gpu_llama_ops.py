@@ -348,9 +348,10 @@ def test_decoder_overlap_is_bit_identical():
 
 def test_decoder_graph_replays_the_eager_step_at_llama3_8b_shapes():
     """bench --e2e's own check at the size where it failed: Llama-3-8B shapes, 32 layers, e2m2, batch 1,
-    GEMVs launched with PDL. Every replay of the captured step gives the eager step's logits bit for
-    bit. (With the fused kernels launched early as well, replays differed from the eager step by up to
-    9 in the logits, and from each other, on an H100 and an H200, 2026-12-06; small decoders agreed.)"""
+    GEMVs and fused kernels launched with PDL. Every replay of the captured step gives the eager step's
+    logits bit for bit. (While the kernels released their dependents before their own wait, replays
+    differed from the eager step by up to 9 in the logits, and from each other, on an H100 and an
+    H200, 2026-12-06; small decoders agreed.)"""
     import torch
 
     cfg = e.build_config("llama3-8b")
@@ -358,6 +359,7 @@ def test_decoder_graph_replays_the_eager_step_at_llama3_8b_shapes():
     first = torch.randint(0, cfg.vocab, (1,), device="cuda", generator=_gen(12))
     model = e.Decoder(cfg, "e2m2", 1, max_len=steps, seed=6)
     assert model.overlap == e.overlap_available(model.device) and model.fused
+    assert model.ops.overlap == model.overlap
     want_t, want_l = _decode(model, first, steps)
     graph = model.capture()
     for replay in range(2):

@@ -24,11 +24,9 @@ rotary embedding + KV-cache write -> ``F.scaled_dot_product_attention`` -> o GEM
 buffers allocated once. They round as the torch ops they replace (bit-exact except RMSNorm, within
 1 fp16 ulp); ``fused=False`` (and on the CPU) runs the plain torch ops. Results record which ran
 (``fused_ops``). With the fused kernels on a GPU of compute capability >= 9.0, the ExMy GEMVs are
-launched with programmatic dependent launch (``overlap``, exmyconv.cuda.launch): a GEMV issues its
-first weight loads while the kernel before it is still finishing. The fused kernels, cuBLAS and
-torch kernels launch as usual: with the fused kernels launched early as well, CUDA-graph replays of
-Llama-3-8B-shaped steps differed from the eager step and from each other (H100 and H200,
-2026-12-06, docs/benchmarks.md), while either kind alone replays the eager step bit for bit.
+and the fused kernels are launched with programmatic dependent launch (``overlap``,
+exmyconv.cuda.launch): a GEMV issues its first weight loads while the kernel before it is still
+finishing. cuBLAS and torch kernels launch as usual.
 
 Timing: a warm-up run, then ``runs`` runs of ``tokens`` greedy steps each from position 0 (KV
 cache of ``tokens`` positions); CUDA events around each run; the median is reported. tokens/s
@@ -362,7 +360,7 @@ class Decoder:
         self.pos = torch.zeros(1, device=dev, dtype=torch.long)       # static input: current position
         self.layer_bytes = sum(lin.nbytes for lin in self.layers[0]["lin"]) if self.layers else 0
         if self.fused:  # the fused step's buffers (static shapes: graph-friendly, nothing allocated per step)
-            self.ops = LlamaOps(dev)  # plain launches: see the module docstring
+            self.ops = LlamaOps(dev, overlap=self.overlap)
             f16 = dict(device=dev, dtype=torch.float16)
             self._h = torch.zeros((batch, h), **f16)        # the residual stream
             self._x = torch.empty((batch, h), **f16)        # normed input of the next GEMV

@@ -7,9 +7,11 @@ kernel writes, and before it writes anything the previous kernel reads; that wai
 the previous kernel has finished and its writes are visible. kernels/gemv.cu issues its first
 weight and scale loads before the wait (neither is written by the kernel before: the host waits
 for the scales it derives, GpuWeight.kernel_scales), so a GEMV's memory ramp overlaps the tail of
-the kernel before it. kernels/llama_ops.cu releases its dependents, then waits, first thing;
-bench --e2e launches those kernels plainly (see exmyconv.bench.e2e). Without the attribute both
-instructions do nothing, so the kernels are correct either way.
+the kernel before it. Every kernel executes ``griddepcontrol.launch_dependents`` only after its
+own wait, so at most two kernels of a stream run at once: where kernels released their dependents
+before waiting, three ran at once and CUDA-graph replays of bench --e2e's decoder differed from its
+eager step (docs/kernels.md). Without the attribute the wait does nothing, so the kernels are
+correct either way.
 
 CuPy launches through cuLaunchKernel, which takes no launch attributes; this module calls the
 driver's cuLaunchKernelEx through ctypes with the CUfunction CuPy compiled. Works inside CUDA
