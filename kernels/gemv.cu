@@ -615,29 +615,32 @@ __device__ __forceinline__ void gemv_warp(const u8* __restrict__ payload, const 
                 pa[m] = chunk_ptr(rowa[m], kp, qc);
                 pb[m] = chunk_ptr(rowb[m], kp, qc);
             }
-            // Offset of (tile m, row r, chunk i)'s pieces in a stage: 32 lanes x CHUNK_BYTES each.
-            auto piece = [](int m, int r, int i) -> u32 { return ((m * 2 + r) * CPT + i) * 32 * CHUNK_BYTES; };
+            // f(tile m, row r (0: gr, 1: gr + 8), chunk i, offset of its pieces in a stage) for every
+            // chunk a lane loads per iteration; each takes 32 lanes x CHUNK_BYTES of the stage.
+            auto each_chunk = [](auto&& f) {
+#pragma unroll
+                for (int m = 0; m < MT; ++m)
+#pragma unroll
+                    for (int r = 0; r < 2; ++r)
+#pragma unroll
+                        for (int i = 0; i < CPT; ++i) f(m, r, i, ((m * 2 + r) * CPT + i) * 32 * CHUNK_BYTES);
+            };
             // Copy iteration `next` into stage `slot` and commit it as one group (an empty group past
             // the slice's end keeps one group per iteration, which the wait below counts on).
             auto issue = [&](u32 slot) {
                 if (next < main_end) {
-#pragma unroll
-                    for (int m = 0; m < MT; ++m)
-#pragma unroll
-                        for (int r = 0; r < 2; ++r)
-#pragma unroll
-                            for (int i = 0; i < CPT; ++i) {
-                                const ChunkPtr& p = r ? pb[m] : pa[m];
-                                u32 o = ring_s + slot * STAGE + piece(m, r, i);
-                                if (HAS8) {
-                                    cp_async16(o + 16 * lane, p.p8 + 32 * i);
-                                    cp_async16(o + 512 + 16 * lane, p.p8 + 32 * i + 16);
-                                    o += 1024;
-                                }
-                                if (HAS4) { cp_async16(o + 16 * lane, p.p4 + 16 * i); o += 512; }
-                                if (HAS2) { cp_async8(o + 8 * lane, p.p2 + 8 * i); o += 256; }
-                                if (HAS1) cp_async4(o + 4 * lane, p.p1 + 4 * i);
-                            }
+                    each_chunk([&](int m, int r, int i, u32 off) {
+                        const ChunkPtr& p = r ? pb[m] : pa[m];
+                        u32 o = ring_s + slot * STAGE + off;
+                        if (HAS8) {
+                            cp_async16(o + 16 * lane, p.p8 + 32 * i);
+                            cp_async16(o + 512 + 16 * lane, p.p8 + 32 * i + 16);
+                            o += 1024;
+                        }
+                        if (HAS4) { cp_async16(o + 16 * lane, p.p4 + 16 * i); o += 512; }
+                        if (HAS2) { cp_async8(o + 8 * lane, p.p2 + 8 * i); o += 256; }
+                        if (HAS1) cp_async4(o + 4 * lane, p.p1 + 4 * i);
+                    });
 #pragma unroll
                     for (int m = 0; m < MT; ++m) {
                         advance(pa[m], qstep);
@@ -649,33 +652,28 @@ __device__ __forceinline__ void gemv_warp(const u8* __restrict__ payload, const 
             };
             // Stage `slot` back into registers: the words load_chunk_at would have returned.
             auto read = [&](u32 slot, Chunk (&wa)[CPT][MT], Chunk (&wb)[CPT][MT]) {
-#pragma unroll
-                for (int m = 0; m < MT; ++m)
-#pragma unroll
-                    for (int r = 0; r < 2; ++r)
-#pragma unroll
-                        for (int i = 0; i < CPT; ++i) {
-                            Chunk& ch = r ? wb[i][m] : wa[i][m];
-                            const char* o = ring + slot * STAGE + piece(m, r, i);
-                            if (HAS8) {
-                                const uint4 a = *(const uint4*)(o + 16 * lane), b = *(const uint4*)(o + 512 + 16 * lane);
-                                ch.w8[0] = a.x; ch.w8[HAS8 ? 1 : 0] = a.y; ch.w8[HAS8 ? 2 : 0] = a.z; ch.w8[HAS8 ? 3 : 0] = a.w;
-                                ch.w8[HAS8 ? 4 : 0] = b.x; ch.w8[HAS8 ? 5 : 0] = b.y; ch.w8[HAS8 ? 6 : 0] = b.z; ch.w8[HAS8 ? 7 : 0] = b.w;
-                                o += 1024;
-                            }
-                            if (HAS4) {
-                                const uint4 a = *(const uint4*)(o + 16 * lane);
-                                ch.w4[0] = a.x; ch.w4[HAS4 ? 1 : 0] = a.y; ch.w4[HAS4 ? 2 : 0] = a.z; ch.w4[HAS4 ? 3 : 0] = a.w;
-                                o += 512;
-                            }
-                            if (HAS2) {
-                                const uint2 a = *(const uint2*)(o + 8 * lane);
-                                ch.w2[0] = a.x; ch.w2[HAS2 ? 1 : 0] = a.y;
-                                o += 256;
-                            }
-                            ch.w1 = HAS1 ? *(const u32*)(o + 4 * lane) : 0u;
-                            ch.sw[0] = 0u;
-                        }
+                each_chunk([&](int m, int r, int i, u32 off) {
+                    Chunk& ch = r ? wb[i][m] : wa[i][m];
+                    const char* o = ring + slot * STAGE + off;
+                    if (HAS8) {
+                        const uint4 a = *(const uint4*)(o + 16 * lane), b = *(const uint4*)(o + 512 + 16 * lane);
+                        ch.w8[0] = a.x; ch.w8[HAS8 ? 1 : 0] = a.y; ch.w8[HAS8 ? 2 : 0] = a.z; ch.w8[HAS8 ? 3 : 0] = a.w;
+                        ch.w8[HAS8 ? 4 : 0] = b.x; ch.w8[HAS8 ? 5 : 0] = b.y; ch.w8[HAS8 ? 6 : 0] = b.z; ch.w8[HAS8 ? 7 : 0] = b.w;
+                        o += 1024;
+                    }
+                    if (HAS4) {
+                        const uint4 a = *(const uint4*)(o + 16 * lane);
+                        ch.w4[0] = a.x; ch.w4[HAS4 ? 1 : 0] = a.y; ch.w4[HAS4 ? 2 : 0] = a.z; ch.w4[HAS4 ? 3 : 0] = a.w;
+                        o += 512;
+                    }
+                    if (HAS2) {
+                        const uint2 a = *(const uint2*)(o + 8 * lane);
+                        ch.w2[0] = a.x; ch.w2[HAS2 ? 1 : 0] = a.y;
+                        o += 256;
+                    }
+                    ch.w1 = HAS1 ? *(const u32*)(o + 4 * lane) : 0u;
+                    ch.sw[0] = 0u;
+                });
             };
             S none[MT];
 #pragma unroll
