@@ -121,8 +121,9 @@ struct Cfg {
     // shared memory with cp.async, not loaded into a second register set, so the bytes in flight no
     // longer cost registers (nt2q holds four row tiles and runs one block per SM). Each lane copies
     // and later reads back exactly the bytes it would have loaded, so no lane waits for another.
-    // Unshared formats with one scale per row (gemv_warp); the host sizes the ring (cuda/gpu.py).
-    static constexpr int RING = KIND != 0 && KIND != 3 && !SHARED ? GEMV_RING : 0;
+    // Unshared formats with one scale per row (gemv_warp), every kind but b1r (whose x window moves
+    // with its weights); b1's ring follows its staged x. The host sizes the ring (cuda/gpu.py).
+    static constexpr int RING = KIND != 3 && !SHARED ? GEMV_RING : 0;
 };
 // Plane bytes of one chunk (32 elements) and one ring stage of a warp (MT tiles x 2 rows x CPT chunks
 // per lane, each plane piece stored lane-major: piece j of lane l at j * 32 * size + l * size, so
@@ -604,7 +605,8 @@ __device__ __forceinline__ void gemv_warp(const u8* __restrict__ payload, const 
         if (it < main_end) {
             static_assert(RING >= 2, "a ring of one stage would prefetch nothing");
             constexpr u32 STAGE = ring_stage_bytes<KIND, BLOCKS>();
-            const char* const ring = (const char*)xs + (threadIdx.x >> 5) * (RING * STAGE);  // this warp's
+            const u32 xs_words = XS ? (nq + KSTEP - 1) / KSTEP * KSTEP * XS_STRIDE : 0;  // b1's staged x first
+            const char* const ring = (const char*)(xs + xs_words) + (threadIdx.x >> 5) * (RING * STAGE);  // this warp's
             const u32 ring_s = (u32)__cvta_generic_to_shared(ring);
             const u32 qstep = istep * KSTEP;
             u32 qc = it * KSTEP + t * CPT;  // this lane's first chunk of the iteration computed next
