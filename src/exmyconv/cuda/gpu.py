@@ -447,6 +447,17 @@ def _gemv_shape(fmt: ExMy, kind: str, defines: tuple = ()) -> tuple[int, int]:
     return cpt, 4 * cpt
 
 
+def _ring_bytes(fmt: ExMy, kernel: "GemvKernel", defines: tuple) -> int:
+    """Dynamic shared memory of a build with GEMV_RING=D (tuning; gemv.cu Cfg::RING, every kind but b1r,
+    unshared formats, one scale per row): per warp D stages of one iteration's weight planes, 32 lanes x
+    tiles x 2 rows x chunks per lane x 32 elements x own bits / 8 (after b1's staged x)."""
+    stages = build_define(defines, "GEMV_RING")
+    if stages <= 0 or kernel.kind == "b1r" or fmt.share > 1 or kernel.groups != 0:
+        return 0
+    cpt, _ = _gemv_shape(fmt, kernel.kind, defines)
+    return GEMV_WARPS * stages * 32 * (gemv_tile_rows(kernel.kind) // GEMV_ROWS) * 2 * cpt * 4 * fmt.own_bits
+
+
 def gemv_tile_rows(kind: str) -> int:
     """Weight rows per warp (gemv.cu Cfg::MT tiles of GEMV_ROWS): two tiles for nt2w and nt1w, four for nt2q."""
     return 4 * GEMV_ROWS if kind == "nt2q" else 2 * GEMV_ROWS if kind in ("nt1w", "nt2w") else GEMV_ROWS
@@ -734,11 +745,14 @@ def _gemv_launch_shape(weight: "GpuWeight", x_dtype: str, batch: int, split: int
         # each warp's x window (one iteration's chunks, 80 bytes each) x 2
         smem = GEMV_WARPS * _gemv_shape(weight.fmt, "b1r")[1] * 80 * 2
     else:
-        smem = _xs_bytes(weight.fmt, weight.k, defines) if kernel.kind == "b1" else 0
+        smem = (_xs_bytes(weight.fmt, weight.k, defines) if kernel.kind == "b1" else 0) + _ring_bytes(weight.fmt, kernel, defines)
     fn = gemv_function(kernel, weight.fmt, defines)
     # beyond 48 KB of static + dynamic shared memory a launch needs the function's opt-in attribute
     if smem + fn.shared_size_bytes > 48 * 1024 and fn.max_dynamic_shared_size_bytes < smem:
-        fn.max_dynamic_shared_size_bytes = smem
+        try:
+            fn.max_dynamic_shared_size_bytes = smem
+        except _cupy().cuda.driver.CUDADriverError as err:  # beyond the GPU's limit (a GEMV_RING build)
+            raise ExmyError(f"{kernel.name}: {smem} bytes of dynamic shared memory per block: {err}") from None
     x16 = x16_rows_function(weight.fmt) if kernel.mode == 5 else None
     return _GemvLaunchShape(kernel, fn, grid, smem, split, interleave, x16)
 
