@@ -121,9 +121,9 @@ struct Cfg {
     // shared memory with cp.async, not loaded into a second register set, so the bytes in flight no
     // longer cost registers (nt2q holds four row tiles and runs one block per SM). Each lane copies
     // and later reads back exactly the bytes it would have loaded, so no lane waits for another.
-    // Unshared formats with one scale per row (gemv_warp), every kind but b1r (whose x window moves
-    // with its weights); b1's ring follows its staged x. The host sizes the ring (cuda/gpu.py).
-    static constexpr int RING = KIND != 3 && !SHARED ? GEMV_RING : 0;
+    // Unshared formats with one scale per row (gemv_warp); the ring follows b1's staged x or b1r's x
+    // windows. The host sizes it (cuda/gpu.py).
+    static constexpr int RING = !SHARED ? GEMV_RING : 0;
 };
 // Plane bytes of one chunk (32 elements) and one ring stage of a warp (MT tiles x 2 rows x CPT chunks
 // per lane, each plane piece stored lane-major: piece j of lane l at j * 32 * size + l * size, so
@@ -605,11 +605,13 @@ __device__ __forceinline__ void gemv_warp(const u8* __restrict__ payload, const 
         if (it < main_end) {
             static_assert(RING >= 2, "a ring of one stage would prefetch nothing");
             constexpr u32 STAGE = ring_stage_bytes<KIND, BLOCKS>();
-            const u32 xs_words = XS ? (nq + KSTEP - 1) / KSTEP * KSTEP * XS_STRIDE : 0;  // b1's staged x first
+            // after b1's staged x, or after b1r's x windows (every warp's, XWIN or not, as the host allots)
+            const u32 xs_words = XS ? (nq + KSTEP - 1) / KSTEP * KSTEP * XS_STRIDE
+                                    : KIND == 3 ? WARPS * 2 * KSTEP * XS_STRIDE : 0;
             const char* const ring = (const char*)(xs + xs_words) + (threadIdx.x >> 5) * (RING * STAGE);  // this warp's
             const u32 ring_s = (u32)__cvta_generic_to_shared(ring);
             const u32 qstep = istep * KSTEP;
-            u32 qc = it * KSTEP + t * CPT;  // this lane's first chunk of the iteration computed next
+            u32 qc = it * KSTEP + t * (SPREAD ? 1 : CPT);  // this lane's first chunk of the iteration computed next
             u32 next = it;                  // the iteration copied next, at pa / pb
             ChunkPtr pa[MT], pb[MT];
 #pragma unroll
@@ -634,14 +636,15 @@ __device__ __forceinline__ void gemv_warp(const u8* __restrict__ payload, const 
                     each_chunk([&](int m, int r, int i, u32 off) {
                         const ChunkPtr& p = r ? pb[m] : pa[m];
                         u32 o = ring_s + slot * STAGE + off;
+                        const u32 c = CSTEP * i;  // the chunk's offset from the lane's first
                         if (HAS8) {
-                            cp_async16(o + 16 * lane, p.p8 + 32 * i);
-                            cp_async16(o + 512 + 16 * lane, p.p8 + 32 * i + 16);
+                            cp_async16(o + 16 * lane, p.p8 + 32 * c);
+                            cp_async16(o + 512 + 16 * lane, p.p8 + 32 * c + 16);
                             o += 1024;
                         }
-                        if (HAS4) { cp_async16(o + 16 * lane, p.p4 + 16 * i); o += 512; }
-                        if (HAS2) { cp_async8(o + 8 * lane, p.p2 + 8 * i); o += 256; }
-                        if (HAS1) cp_async4(o + 4 * lane, p.p1 + 4 * i);
+                        if (HAS4) { cp_async16(o + 16 * lane, p.p4 + 16 * c); o += 512; }
+                        if (HAS2) { cp_async8(o + 8 * lane, p.p2 + 8 * c); o += 256; }
+                        if (HAS1) cp_async4(o + 4 * lane, p.p1 + 4 * c);
                     });
 #pragma unroll
                     for (int m = 0; m < MT; ++m) {
@@ -683,9 +686,17 @@ __device__ __forceinline__ void gemv_warp(const u8* __restrict__ payload, const 
 #pragma unroll
             for (int s = 0; s < RING - 1; ++s) issue(s);
             stage_x();  // after this warp's first weight copies are in flight
+            // XWIN: lane l's 16 bytes of x of the iteration computed next (loaded one iteration ahead)
+            uint4 xq = XWIN ? ld_x16(x + 32 * (size_t)(it * KSTEP) + 8 * lane) : make_uint4(0, 0, 0, 0);
             u32 slot = 0;  // the stage of iteration `it`
             while (it < main_end) {
                 issue(slot == 0 ? RING - 1 : slot - 1);  // the stage the previous iteration read
+                if (XWIN) {  // this iteration's x into the window, the next one's into registers
+                    const uint4 xn = it + istep < main_end ? ld_x16(x + 32 * (size_t)((it + istep) * KSTEP) + 8 * lane) : xq;
+                    park_x<BF, XF16, MODE == 4>(xq, lane, xwin, xwin + KSTEP * XS_STRIDE, xpow);
+                    xbase = it * KSTEP;
+                    xq = xn;
+                }
                 cp_async_wait<RING - 1>();               // iteration `it`'s group has landed
                 Chunk wa[CPT][MT], wb[CPT][MT];
                 read(slot, wa, wb);

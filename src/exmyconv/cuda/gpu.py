@@ -448,11 +448,11 @@ def _gemv_shape(fmt: ExMy, kind: str, defines: tuple = ()) -> tuple[int, int]:
 
 
 def _ring_bytes(fmt: ExMy, kernel: "GemvKernel", defines: tuple) -> int:
-    """Dynamic shared memory of a build with GEMV_RING=D (tuning; gemv.cu Cfg::RING, every kind but b1r,
-    unshared formats, one scale per row): per warp D stages of one iteration's weight planes, 32 lanes x
-    tiles x 2 rows x chunks per lane x 32 elements x own bits / 8 (after b1's staged x)."""
+    """Dynamic shared memory of a build with GEMV_RING=D (tuning; gemv.cu Cfg::RING, unshared formats,
+    one scale per row): per warp D stages of one iteration's weight planes, 32 lanes x tiles x 2 rows x
+    chunks per lane x 32 elements x own bits / 8 (after b1's staged x or b1r's x windows)."""
     stages = build_define(defines, "GEMV_RING")
-    if stages <= 0 or kernel.kind == "b1r" or fmt.share > 1 or kernel.groups != 0:
+    if stages <= 0 or fmt.share > 1 or kernel.groups != 0:
         return 0
     cpt, _ = _gemv_shape(fmt, kernel.kind, defines)
     return GEMV_WARPS * stages * 32 * (gemv_tile_rows(kernel.kind) // GEMV_ROWS) * 2 * cpt * 4 * fmt.own_bits
@@ -743,7 +743,7 @@ def _gemv_launch_shape(weight: "GpuWeight", x_dtype: str, batch: int, split: int
         kernel = replace(kernel, blocks=int(blocks))
     if kernel.kind == "b1r":
         # each warp's x window (one iteration's chunks, 80 bytes each) x 2
-        smem = GEMV_WARPS * _gemv_shape(weight.fmt, "b1r")[1] * 80 * 2
+        smem = GEMV_WARPS * _gemv_shape(weight.fmt, "b1r", defines)[1] * 80 * 2 + _ring_bytes(weight.fmt, kernel, defines)
     else:
         smem = (_xs_bytes(weight.fmt, weight.k, defines) if kernel.kind == "b1" else 0) + _ring_bytes(weight.fmt, kernel, defines)
     fn = gemv_function(kernel, weight.fmt, defines)
