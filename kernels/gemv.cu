@@ -51,7 +51,7 @@
 //
 // One kernel template, exmy_gemv<KIND, MODE, XF16, GM, BLOCKS> (at the end); the host picks the
 // instantiation and compiles it alone (cuda/gpu.py GemvKernel). Compile with -DEXMY_E, -DEXMY_M
-// (and optionally -DEXMY_SHARE, -DGEMV_WARPS, -DGEMV_XWIN, -DGEMV_CPT, -DGEMV_PP; -DGEMV_DIAG builds
+// (and optionally -DEXMY_SHARE, -DGEMV_WARPS, -DGEMV_XWIN, -DGEMV_CPT, -DGEMV_PP, -DGEMV_RING; -DGEMV_DIAG builds
 // knock-outs for timing where there are no hardware counters: scripts/sweep-gemv-kinds --variants
 // nox:GEMV_DIAG=1).
 #include "exmy_decode.cuh"
