@@ -566,9 +566,7 @@ def test_gemv_wide_tiles(cp, rng, name, narrow, wide, batches):
 @pytest.mark.parametrize("define,kind,batches", [
     ("GEMV_PP=1", None, (1, 2)), ("GEMV_PP=1", "nt1", (2, 9)), ("GEMV_PP=1", "nt2", (9, 17)),
     ("GEMV_RING=3", None, (1, 2)), ("GEMV_RING=3", "b1r", (1, 2)), ("GEMV_RING=3", "nt1", (2, 9)),
-    ("GEMV_RING=2", "nt2", (9, 17)),
-    ("GEMV_RING=3", "nt1w", (2, 9)),
-    ("GEMV_RING=3", "nt2q", (9, 17)),
+    ("GEMV_RING=2", "nt2", (9, 17)), ("GEMV_RING=3", "nt1w", (2, 9)), ("GEMV_RING=3", "nt2q", (9, 17)),
 ])
 @pytest.mark.parametrize("name", ["e2m2", "e2m1", "e3m2", "e4m3"])
 def test_gemv_option_build_equals_default(cp, rng, name, define, kind, batches):

@@ -23,8 +23,8 @@ rotary embedding + KV-cache write -> ``F.scaled_dot_product_attention`` -> o GEM
 -> gate/up GEMV -> SiLU*mul -> down GEMV (whose residual add is the next add+RMSNorm), into
 buffers allocated once. They round as the torch ops they replace (bit-exact except RMSNorm, within
 1 fp16 ulp); ``fused=False`` (and on the CPU) runs the plain torch ops. Results record which ran
-(``fused_ops``). With the fused kernels on a GPU of compute capability >= 9.0, the ExMy GEMVs are
-and the fused kernels are launched with programmatic dependent launch (``overlap``,
+(``fused_ops``). With the fused kernels on a GPU of compute capability >= 9.0, the ExMy GEMVs and
+the fused kernels are launched with programmatic dependent launch (``overlap``,
 exmyconv.cuda.launch): a GEMV issues its first weight loads while the kernel before it is still
 finishing. cuBLAS and torch kernels launch as usual.
 

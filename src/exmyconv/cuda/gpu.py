@@ -741,11 +741,11 @@ def _gemv_launch_shape(weight: "GpuWeight", x_dtype: str, batch: int, split: int
         blocks = blocks or (2 if pairs else gemv_b1r_blocks(kernel, grid[0], weight.fmt, sms))
     if blocks:
         kernel = replace(kernel, blocks=int(blocks))
-    if kernel.kind == "b1r":
-        # each warp's x window (one iteration's chunks, 80 bytes each) x 2
-        smem = GEMV_WARPS * _gemv_shape(weight.fmt, "b1r", defines)[1] * 80 * 2 + _ring_bytes(weight.fmt, kernel, defines)
+    if kernel.kind == "b1r":  # each warp's x window (one iteration's chunks, 80 bytes each) x 2
+        smem = GEMV_WARPS * _gemv_shape(weight.fmt, "b1r", defines)[1] * 80 * 2
     else:
-        smem = (_xs_bytes(weight.fmt, weight.k, defines) if kernel.kind == "b1" else 0) + _ring_bytes(weight.fmt, kernel, defines)
+        smem = _xs_bytes(weight.fmt, weight.k, defines) if kernel.kind == "b1" else 0
+    smem += _ring_bytes(weight.fmt, kernel, defines)  # after them (GEMV_RING builds)
     fn = gemv_function(kernel, weight.fmt, defines)
     # beyond 48 KB of static + dynamic shared memory a launch needs the function's opt-in attribute
     if smem + fn.shared_size_bytes > 48 * 1024 and fn.max_dynamic_shared_size_bytes < smem:
