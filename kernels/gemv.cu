@@ -51,7 +51,7 @@
 //
 // One kernel template, exmy_gemv<KIND, MODE, XF16, GM, BLOCKS> (at the end); the host picks the
 // instantiation and compiles it alone (cuda/gpu.py GemvKernel). Compile with -DEXMY_E, -DEXMY_M
-// (and optionally -DEXMY_SHARE, -DGEMV_WARPS, -DGEMV_XWIN, -DGEMV_CPT, -DGEMV_PP, -DGEMV_RING; -DGEMV_DIAG builds
+// (and optionally -DEXMY_SHARE, -DGEMV_WARPS, -DGEMV_XWIN, -DGEMV_CPT, -DGEMV_PP; -DGEMV_DIAG builds
 // knock-outs for timing where there are no hardware counters: scripts/sweep-gemv-kinds --variants
 // nox:GEMV_DIAG=1).
 #include "exmy_decode.cuh"
@@ -72,9 +72,6 @@ using namespace exmy;
 #endif
 #ifndef GEMV_PP
 #define GEMV_PP 0  // 0: the tuned choice of two alternating register sets (Cfg::PP); 1 always, -1 never
-#endif
-#ifndef GEMV_RING
-#define GEMV_RING 0  // > 0: batch 2..16 kinds stage their weights GEMV_RING iterations deep in shared memory (Cfg::RING)
 #endif
 
 namespace {
@@ -117,22 +114,7 @@ struct Cfg {
     // every kind two sets, for timing.
     static constexpr bool PP = GEMV_PP ? GEMV_PP > 0 : (KIND == 3 && BLOCKS == 2) || (KIND == 0 && !SHARED && BITS != 5);
     static constexpr bool XWIN = KIND == 3 && GEMV_XWIN && CPT == 2 && (HAS1 || SHARED);
-    // RING: the weights of the next RING - 1 iterations are copied into a per-warp ring in dynamic
-    // shared memory with cp.async, not loaded into a second register set, so the bytes in flight no
-    // longer cost registers (nt2q holds four row tiles and runs one block per SM). Each lane copies
-    // and later reads back exactly the bytes it would have loaded, so no lane waits for another.
-    // Unshared formats with one scale per row (gemv_warp); the ring follows b1's staged x or b1r's x
-    // windows. The host sizes it (cuda/gpu.py).
-    static constexpr int RING = !SHARED ? GEMV_RING : 0;
 };
-// Plane bytes of one chunk (32 elements) and one ring stage of a warp (MT tiles x 2 rows x CPT chunks
-// per lane, each plane piece stored lane-major: piece j of lane l at j * 32 * size + l * size, so
-// that the 16-byte copies and loads of a warp touch 512 contiguous bytes, free of bank conflicts).
-constexpr u32 CHUNK_BYTES = 32 * HAS8 + 16 * HAS4 + 8 * HAS2 + 4 * HAS1;
-template <int KIND, int BLOCKS>
-__host__ __device__ constexpr u32 ring_stage_bytes() {
-    return 32u * Cfg<KIND, BLOCKS>::MT * 2 * Cfg<KIND, BLOCKS>::CPT * CHUNK_BYTES;
-}
 constexpr int XS_STRIDE = 20;  // words per chunk of staged x: 16 pairs + 4 padding (conflict-free LDS.128)
 
 // Programmatic dependent launch (src/exmyconv/cuda/launch.py; no-ops for a plain launch). pdl_wait:
@@ -151,21 +133,6 @@ __device__ __forceinline__ void pdl_release() {
     asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
 #endif
 }
-
-// RING: asynchronous copies global -> shared (cp.async; 16-byte ones bypass L1, like the streaming
-// loads; L2 fetches the 256-byte block around each, as ld_stream does).
-__device__ __forceinline__ void cp_async16(u32 dst, const void* src) {
-    asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16;" ::"r"(dst), "l"(src) : "memory");
-}
-__device__ __forceinline__ void cp_async8(u32 dst, const void* src) {
-    asm volatile("cp.async.ca.shared.global.L2::256B [%0], [%1], 8;" ::"r"(dst), "l"(src) : "memory");
-}
-__device__ __forceinline__ void cp_async4(u32 dst, const void* src) {
-    asm volatile("cp.async.ca.shared.global.L2::256B [%0], [%1], 4;" ::"r"(dst), "l"(src) : "memory");
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory"); }
 
 template <int V>
 struct Int { static constexpr int value = V; };  // a compile-time index passed to generic lambdas
@@ -343,7 +310,6 @@ __device__ __forceinline__ void gemv_warp(const u8* __restrict__ payload, const 
     typedef Cfg<KIND, BLOCKS> C;
     constexpr int NT = C::NT, CPT = C::CPT, KSTEP = C::KSTEP, MT = C::MT;
     constexpr bool XS = C::XS, SPREAD = C::SPREAD, XWIN = C::XWIN, PP = C::PP;
-    constexpr int RING = GM == 0 ? C::RING : 0;  // one scale per row: nothing but planes to stage
     constexpr u32 CSTEP = SPREAD ? 4 : 1;       // chunks between a lane's chunks of one iteration
     // chunks t, t+4 of k = 4 formats: their shared words in one load (load_chunk_spread); not in the
     // 80-register build of b1r, where that was slower on an H100 (docs/benchmarks.md, H100 tuning)
@@ -601,114 +567,7 @@ __device__ __forceinline__ void gemv_warp(const u8* __restrict__ payload, const 
     const u32 main_end = xvec ? (it1 < nfull ? it1 : nfull) : 0;
     u32 it = it0;
     if (it >= main_end) stage_x();  // no main iterations: stage now (uniform per warp)
-    if constexpr (RING > 0) {
-        if (it < main_end) {
-            static_assert(RING >= 2, "a ring of one stage would prefetch nothing");
-            constexpr u32 STAGE = ring_stage_bytes<KIND, BLOCKS>();
-            // after b1's staged x, or after b1r's x windows (every warp's, XWIN or not, as the host allots)
-            const u32 xs_words = XS ? (nq + KSTEP - 1) / KSTEP * KSTEP * XS_STRIDE
-                                    : KIND == 3 ? WARPS * 2 * KSTEP * XS_STRIDE : 0;
-            const char* const ring = (const char*)(xs + xs_words) + (threadIdx.x >> 5) * (RING * STAGE);  // this warp's
-            const u32 ring_s = (u32)__cvta_generic_to_shared(ring);
-            const u32 qstep = istep * KSTEP;
-            u32 qc = it * KSTEP + t * (SPREAD ? 1 : CPT);  // this lane's first chunk of the iteration computed next
-            u32 next = it;                  // the iteration copied next, at pa / pb
-            ChunkPtr pa[MT], pb[MT];
-#pragma unroll
-            for (int m = 0; m < MT; ++m) {
-                pa[m] = chunk_ptr(rowa[m], kp, qc);
-                pb[m] = chunk_ptr(rowb[m], kp, qc);
-            }
-            // f(tile m, row r (0: gr, 1: gr + 8), chunk i, offset of its pieces in a stage) for every
-            // chunk a lane loads per iteration; each takes 32 lanes x CHUNK_BYTES of the stage.
-            auto each_chunk = [](auto&& f) {
-#pragma unroll
-                for (int m = 0; m < MT; ++m)
-#pragma unroll
-                    for (int r = 0; r < 2; ++r)
-#pragma unroll
-                        for (int i = 0; i < CPT; ++i) f(m, r, i, ((m * 2 + r) * CPT + i) * 32 * CHUNK_BYTES);
-            };
-            // Copy iteration `next` into stage `slot` and commit it as one group (an empty group past
-            // the slice's end keeps one group per iteration, which the wait below counts on).
-            auto issue = [&](u32 slot) {
-                if (next < main_end) {
-                    each_chunk([&](int m, int r, int i, u32 off) {
-                        const ChunkPtr& p = r ? pb[m] : pa[m];
-                        u32 o = ring_s + slot * STAGE + off;
-                        const u32 c = CSTEP * i;  // the chunk's offset from the lane's first
-                        if (HAS8) {
-                            cp_async16(o + 16 * lane, p.p8 + 32 * c);
-                            cp_async16(o + 512 + 16 * lane, p.p8 + 32 * c + 16);
-                            o += 1024;
-                        }
-                        if (HAS4) { cp_async16(o + 16 * lane, p.p4 + 16 * c); o += 512; }
-                        if (HAS2) { cp_async8(o + 8 * lane, p.p2 + 8 * c); o += 256; }
-                        if (HAS1) cp_async4(o + 4 * lane, p.p1 + 4 * c);
-                    });
-#pragma unroll
-                    for (int m = 0; m < MT; ++m) {
-                        advance(pa[m], qstep);
-                        advance(pb[m], qstep);
-                    }
-                    next += istep;
-                }
-                cp_async_commit();
-            };
-            // Stage `slot` back into registers: the words load_chunk_at would have returned.
-            auto read = [&](u32 slot, Chunk (&wa)[CPT][MT], Chunk (&wb)[CPT][MT]) {
-                each_chunk([&](int m, int r, int i, u32 off) {
-                    Chunk& ch = r ? wb[i][m] : wa[i][m];
-                    const char* o = ring + slot * STAGE + off;
-                    if (HAS8) {
-                        const uint4 a = *(const uint4*)(o + 16 * lane), b = *(const uint4*)(o + 512 + 16 * lane);
-                        ch.w8[0] = a.x; ch.w8[HAS8 ? 1 : 0] = a.y; ch.w8[HAS8 ? 2 : 0] = a.z; ch.w8[HAS8 ? 3 : 0] = a.w;
-                        ch.w8[HAS8 ? 4 : 0] = b.x; ch.w8[HAS8 ? 5 : 0] = b.y; ch.w8[HAS8 ? 6 : 0] = b.z; ch.w8[HAS8 ? 7 : 0] = b.w;
-                        o += 1024;
-                    }
-                    if (HAS4) {
-                        const uint4 a = *(const uint4*)(o + 16 * lane);
-                        ch.w4[0] = a.x; ch.w4[HAS4 ? 1 : 0] = a.y; ch.w4[HAS4 ? 2 : 0] = a.z; ch.w4[HAS4 ? 3 : 0] = a.w;
-                        o += 512;
-                    }
-                    if (HAS2) {
-                        const uint2 a = *(const uint2*)(o + 8 * lane);
-                        ch.w2[0] = a.x; ch.w2[HAS2 ? 1 : 0] = a.y;
-                        o += 256;
-                    }
-                    ch.w1 = HAS1 ? *(const u32*)(o + 4 * lane) : 0u;
-                    ch.sw[0] = 0u;
-                });
-            };
-            S none[MT];
-#pragma unroll
-            for (int m = 0; m < MT; ++m) none[m] = S{};
-#pragma unroll
-            for (int s = 0; s < RING - 1; ++s) issue(s);
-            stage_x();  // after this warp's first weight copies are in flight
-            // XWIN: lane l's 16 bytes of x of the iteration computed next (loaded one iteration ahead)
-            uint4 xq = XWIN ? ld_x16(x + 32 * (size_t)(it * KSTEP) + 8 * lane) : make_uint4(0, 0, 0, 0);
-            u32 slot = 0;  // the stage of iteration `it`
-            while (it < main_end) {
-                issue(slot == 0 ? RING - 1 : slot - 1);  // the stage the previous iteration read
-                if (XWIN) {  // this iteration's x into the window, the next one's into registers
-                    const uint4 xn = it + istep < main_end ? ld_x16(x + 32 * (size_t)((it + istep) * KSTEP) + 8 * lane) : xq;
-                    park_x<BF, XF16, MODE == 4>(xq, lane, xwin, xwin + KSTEP * XS_STRIDE, xpow);
-                    xbase = it * KSTEP;
-                    xq = xn;
-                }
-                cp_async_wait<RING - 1>();               // iteration `it`'s group has landed
-                Chunk wa[CPT][MT], wb[CPT][MT];
-                read(slot, wa, wb);
-#pragma unroll
-                for (int i = 0; i < CPT; ++i) compute(wa[i], wb[i], none, none, qc + CSTEP * i, false);
-                it += istep;
-                qc += qstep;
-                slot = slot + 1 == RING ? 0 : slot + 1;
-            }
-        }
-    }
-    if (!RING && it < main_end) {
+    if (it < main_end) {
         u32 q0 = it * KSTEP + t * (SPREAD ? 1 : CPT);  // this lane's first chunk of iteration `it`
         const u32 qstep = istep * KSTEP;
         ChunkPtr pa[MT], pb[MT];

@@ -447,17 +447,6 @@ def _gemv_shape(fmt: ExMy, kind: str, defines: tuple = ()) -> tuple[int, int]:
     return cpt, 4 * cpt
 
 
-def _ring_bytes(fmt: ExMy, kernel: "GemvKernel", defines: tuple) -> int:
-    """Dynamic shared memory of a build with GEMV_RING=D (tuning; gemv.cu Cfg::RING, unshared formats,
-    one scale per row): per warp D stages of one iteration's weight planes, 32 lanes x tiles x 2 rows x
-    chunks per lane x 32 elements x own bits / 8 (after b1's staged x or b1r's x windows)."""
-    stages = build_define(defines, "GEMV_RING")
-    if stages <= 0 or fmt.share > 1 or kernel.groups != 0:
-        return 0
-    cpt, _ = _gemv_shape(fmt, kernel.kind, defines)
-    return GEMV_WARPS * stages * 32 * (gemv_tile_rows(kernel.kind) // GEMV_ROWS) * 2 * cpt * 4 * fmt.own_bits
-
-
 def gemv_tile_rows(kind: str) -> int:
     """Weight rows per warp (gemv.cu Cfg::MT tiles of GEMV_ROWS): two tiles for nt2w and nt1w, four for nt2q."""
     return 4 * GEMV_ROWS if kind == "nt2q" else 2 * GEMV_ROWS if kind in ("nt1w", "nt2w") else GEMV_ROWS
@@ -741,18 +730,15 @@ def _gemv_launch_shape(weight: "GpuWeight", x_dtype: str, batch: int, split: int
         blocks = blocks or (2 if pairs else gemv_b1r_blocks(kernel, grid[0], weight.fmt, sms))
     if blocks:
         kernel = replace(kernel, blocks=int(blocks))
-    if kernel.kind == "b1r":  # each warp's x window (one iteration's chunks, 80 bytes each) x 2
-        smem = GEMV_WARPS * _gemv_shape(weight.fmt, "b1r", defines)[1] * 80 * 2
+    if kernel.kind == "b1r":
+        # each warp's x window (one iteration's chunks, 80 bytes each) x 2
+        smem = GEMV_WARPS * _gemv_shape(weight.fmt, "b1r")[1] * 80 * 2
     else:
         smem = _xs_bytes(weight.fmt, weight.k, defines) if kernel.kind == "b1" else 0
-    smem += _ring_bytes(weight.fmt, kernel, defines)  # after them (GEMV_RING builds)
     fn = gemv_function(kernel, weight.fmt, defines)
     # beyond 48 KB of static + dynamic shared memory a launch needs the function's opt-in attribute
     if smem + fn.shared_size_bytes > 48 * 1024 and fn.max_dynamic_shared_size_bytes < smem:
-        try:
-            fn.max_dynamic_shared_size_bytes = smem
-        except _cupy().cuda.driver.CUDADriverError as err:  # beyond the GPU's limit (a GEMV_RING build)
-            raise ExmyError(f"{kernel.name}: {smem} bytes of dynamic shared memory per block: {err}") from None
+        fn.max_dynamic_shared_size_bytes = smem
     x16 = x16_rows_function(weight.fmt) if kernel.mode == 5 else None
     return _GemvLaunchShape(kernel, fn, grid, smem, split, interleave, x16)
 
