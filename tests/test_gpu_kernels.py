@@ -572,8 +572,8 @@ def test_gemv_option_build_equals_default(cp, rng, name, define, kind, batches):
     alternating register sets for the prefetched weights; kind None: the host's batch-1 kind, b1 or
     b1r by K). The same x values meet the same weights in the same order (both pairings of x: e2m2's
     and the 4-bit-plane formats'). Row counts and batches that end inside a tile, K tails and unaligned x rows (the tail
-    path), scale groups, fp16 and bf16 x (mode 4 or 5 where the host takes them), plain launches and
-    PDL."""
+    path), scale groups, fp16 and bf16 x (mode 4 or 5 where the host takes them), the host's split and
+    splits 1, 2 and 8 (8 also with contiguous slices), plain launches and PDL."""
     import torch
 
     fmt = get_format(name)
@@ -583,17 +583,19 @@ def test_gemv_option_build_equals_default(cp, rng, name, define, kind, batches):
             n = int(rng.choice([int(rng.integers(1, 40)), 32 * int(rng.integers(1, 40)) + int(rng.integers(0, 32))]))
             k = int(rng.choice([int(rng.integers(1, 700)), 4096, 1000 + 8 * int(rng.integers(0, 400)), 2001, 20000]))
             _, _, weight, x, _, _ = gemv_check(cp, rng, fmt, n, k, batch, x_dtype, group=group)
-            outs = []
-            for defines, overlap in (((), False), ((define,), False), ((define,), True)):
-                y = torch.full((batch, n), float("nan"), dtype=x.dtype, device="cuda")
-                plan = gpu.gemv_plan(x, weight, y, kind=kind, defines=defines, overlap=overlap)
-                plan()
-                torch.cuda.synchronize()
-                assert torch.isfinite(y.float()).all(), f"{name} {kind} {defines}: unwritten outputs"
-                outs.append(y)
-            for y in outs[1:]:
-                assert torch.equal(outs[0].view(torch.int16), y.view(torch.int16)), \
-                    f"{name} {n}x{k} B={batch} {x_dtype} group {group} {plan.kernel.name}: {define} differs"
+            for split, interleave in ((None, None), (1, None), (2, None), (8, None), (8, 0)):
+                outs = []
+                for defines, overlap in (((), False), ((define,), False), ((define,), True)):
+                    y = torch.full((batch, n), float("nan"), dtype=x.dtype, device="cuda")
+                    plan = gpu.gemv_plan(x, weight, y, kind=kind, defines=defines, overlap=overlap, split=split,
+                                         interleave=interleave)
+                    plan()
+                    torch.cuda.synchronize()
+                    assert torch.isfinite(y.float()).all(), f"{name} {kind} {defines}: unwritten outputs"
+                    outs.append(y)
+                for y in outs[1:]:
+                    assert torch.equal(outs[0].view(torch.int16), y.view(torch.int16)), \
+                        f"{name} {n}x{k} B={batch} {x_dtype} group {group} {plan.kernel.name} split {split}: {define} differs"
 
 
 @pytest.mark.parametrize("group", [32, 64, 128, 96, 100])
