@@ -19,6 +19,15 @@
 // llama_silu_mul       one thread per output element: gu [B, 2I] -> out [B, I],
 //     out = fp16(fp16(silu(a)) * b), silu(a) = a / (1 + exp(-a)) as torch's CUDA silu computes it
 //     (expf and IEEE division; nothing here is built with fast math): bit-exact.
+// llama_rope_attend    one block of 512 threads per (row b, KV head): llama_rope_cache's work for the
+//     block's g = Hq / Hkv query heads, its k and v head (the same arithmetic, bit-exact), then
+//     attention of those g queries over cache positions 0 .. pos (L = min(pos + 1, max_len); none when
+//     pos < 0: zeros), into out [B, Hq, hd] (query head kvh*g + h, as SDPA's grouped-query layout).
+//     Scores q.k / sqrt(hd) and the softmax in float32 (online, per warp: warp w of 16 takes head w % g
+//     and every (16/g)-th position, four at a time; the warps' partial sums merged at the end), output
+//     rounded once to fp16. Needs g in {1, 2, 4, 8, 16} and hd a multiple of 32 up to 256 (the host falls back to
+//     llama_rope_cache + torch's SDPA otherwise). Not bit-exact against SDPA (another summation order;
+//     flash kernels also round the probabilities to fp16): within float noise of it.
 // llama_argmax_advance one block per batch row of logits [B, vocab]: tok[b] = index of the first
 //     maximum (a NaN counts as larger than any number, as torch.argmax), then block 0 adds 1 to
 //     *pos (the step's last two torch ops, argmax + copy_ and pos += 1, in one launch).
@@ -141,6 +150,18 @@ extern "C" __global__ void llama_add_rms_norm(f16* __restrict__ h, const f16* __
     }
 }
 
+// Rotary embedding of pair i of one head row x at position pos (tables cos/sin of that position):
+// torch's x * cos + cat(-x2, x1) * sin op by op, each product rounded to fp16 on its own.
+__device__ __forceinline__ void rope_pair(const f16* x, const f16* c, const f16* s, int i, int half, f16& o1, f16& o2) {
+    const float f1 = h2f(x[i]), f2 = h2f(x[i + half]);
+    const float a1 = h2f(f2h(__fmul_rn(f1, h2f(c[i]))));
+    const float b1 = h2f(f2h(__fmul_rn(-f2, h2f(s[i]))));
+    const float a2 = h2f(f2h(__fmul_rn(f2, h2f(c[i + half]))));
+    const float b2 = h2f(f2h(__fmul_rn(f1, h2f(s[i + half]))));
+    o1 = f2h(__fadd_rn(a1, b1));
+    o2 = f2h(__fadd_rn(a2, b2));
+}
+
 extern "C" __global__ void llama_rope_cache(const f16* __restrict__ qkv, const f16* __restrict__ cos_t,
                                             const f16* __restrict__ sin_t, const long long* __restrict__ pos_p,
                                             f16* __restrict__ q_out, f16* __restrict__ k_cache,
@@ -163,15 +184,8 @@ extern "C" __global__ void llama_rope_cache(const f16* __restrict__ qkv, const f
         dst[i + half] = x2;
         return;
     }
-    const f16* c = cos_t + pos * hd;
-    const f16* s = sin_t + pos * hd;
-    const float f1 = h2f(x1), f2 = h2f(x2);
-    // each product rounded to fp16 on its own (as torch's separate mul kernels), then the sum
-    const float a1 = h2f(f2h(__fmul_rn(f1, h2f(c[i]))));
-    const float b1 = h2f(f2h(__fmul_rn(-f2, h2f(s[i]))));
-    const float a2 = h2f(f2h(__fmul_rn(f2, h2f(c[i + half]))));
-    const float b2 = h2f(f2h(__fmul_rn(f1, h2f(s[i + half]))));
-    const f16 o1 = f2h(__fadd_rn(a1, b1)), o2 = f2h(__fadd_rn(a2, b2));
+    f16 o1, o2;
+    rope_pair(x, cos_t + pos * hd, sin_t + pos * hd, i, half, o1, o2);
     f16* dst = head < hq ? q_out + ((long)b * hq + head) * hd
                             : k_cache + (((long)b * hkv + (head - hq)) * max_len + pos) * hd;
     dst[i] = o1;
@@ -190,6 +204,154 @@ extern "C" __global__ void llama_silu_mul(const f16* __restrict__ gu, f16* __res
     out[idx] = f2h(__fmul_rn(s, g));
 }
 
+#define ATT_WARPS 16
+#define ATT_MAXG 16    // query heads per KV head
+#define ATT_MAXD 8     // head dims per lane (hd <= 256)
+#define ATT_UNROLL 4   // positions per step of a warp: their k and v rows load together, one latency
+
+// d consecutive fp16 of p (2d-byte aligned) as raw pair words w[0..3] (element e in word e / 2, low
+// half first); words past d zero (they meet zero q entries: 0 * garbage may be NaN)
+__device__ __forceinline__ void load_row(const f16* p, int d, unsigned int (&w)[ATT_MAXD / 2]) {
+    if (d == 4) {
+        const uint2 u = *(const uint2*)p;
+        w[0] = u.x; w[1] = u.y; w[2] = w[3] = 0u;
+    } else if (d == 8) {
+        const uint4 u = *(const uint4*)p;
+        w[0] = u.x; w[1] = u.y; w[2] = u.z; w[3] = u.w;
+    } else if (d == 2) {
+        w[0] = *(const unsigned int*)p; w[1] = w[2] = w[3] = 0u;
+    } else {
+#pragma unroll
+        for (int i = 0; i < ATT_MAXD / 2; ++i)
+            w[i] = (2 * i < d ? (unsigned int)p[2 * i] : 0u) | (2 * i + 1 < d ? (unsigned int)p[2 * i + 1] << 16 : 0u);
+    }
+}
+__device__ __forceinline__ float elem(const unsigned int (&w)[ATT_MAXD / 2], int e) {
+    return (e & 1) ? hi_f(w[e >> 1]) : lo_f(w[e >> 1]);
+}
+
+extern "C" __global__ void __launch_bounds__(ATT_WARPS * 32)
+llama_rope_attend(const f16* __restrict__ qkv, const f16* __restrict__ cos_t, const f16* __restrict__ sin_t,
+                  const long long* __restrict__ pos_p, f16* __restrict__ k_cache, f16* __restrict__ v_cache,
+                  f16* __restrict__ out, int hq, int hkv, int hd, int max_len) {
+    pdl_enter();
+    __shared__ float qs[ATT_MAXG * 256];                  // the block's rotated queries
+    __shared__ float pm[ATT_WARPS], pl[ATT_WARPS];        // per warp: running max, sum of exp
+    __shared__ float pacc[ATT_WARPS][256];                // per warp: unnormalised output of its head
+    const int b = blockIdx.x / hkv, kvh = blockIdx.x % hkv, g = hq / hkv, half = hd >> 1;
+    const int heads = hq + 2 * hkv;
+    const long long pos = *pos_p;
+    const bool in = pos >= 0 && pos < max_len;
+    const f16* row = qkv + (long)b * heads * hd;
+    f16* kdst = k_cache + (((long)b * hkv + kvh) * max_len + (in ? pos : 0)) * hd;
+    f16* vdst = v_cache + (((long)b * hkv + kvh) * max_len + (in ? pos : 0)) * hd;
+    // 1. rotary q (g heads) and k, v copied: (g + 2) * half pairs
+    for (int t = threadIdx.x; t < (g + 2) * half; t += blockDim.x) {
+        const int u = t / half, i = t % half;
+        if (u == g + 1) {  // v
+            if (in) {
+                const f16* x = row + (long)(hq + hkv + kvh) * hd;
+                vdst[i] = x[i];
+                vdst[i + half] = x[i + half];
+            }
+            continue;
+        }
+        if (!in) {  // no table row: the queries are not used (L = 0 or stale cache only)
+            if (u < g) qs[u * hd + i] = qs[u * hd + i + half] = 0.f;
+            continue;
+        }
+        const f16* x = row + (long)(u < g ? kvh * g + u : hq + kvh) * hd;
+        f16 o1, o2;
+        rope_pair(x, cos_t + pos * hd, sin_t + pos * hd, i, half, o1, o2);
+        if (u < g) {
+            qs[u * hd + i] = h2f(o1);
+            qs[u * hd + i + half] = h2f(o2);
+        } else {
+            kdst[i] = o1;
+            kdst[i + half] = o2;
+        }
+    }
+    __syncthreads();  // the new k, v row and the queries are visible to the whole block
+    // 2. attention: warp w takes head h = w % g and positions r, r + R, ... (r = w / g, R = 16 / g)
+    const long long L = pos < 0 ? 0 : (pos + 1 < max_len ? pos + 1 : max_len);
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, d = hd >> 5;
+    const int h = warp % g, r = warp / g, R = ATT_WARPS / g;
+    const float scale = 1.f / sqrtf((float)hd);  // SDPA's default scale
+    float q[ATT_MAXD], acc[ATT_MAXD];
+#pragma unroll
+    for (int e = 0; e < ATT_MAXD; ++e) {
+        q[e] = e < d ? qs[h * hd + lane * d + e] : 0.f;
+        acc[e] = 0.f;
+    }
+    float m = -__int_as_float(0x7f800000), l = 0.f;
+    const f16* kb = k_cache + ((long)b * hkv + kvh) * max_len * hd + lane * d;
+    const f16* vb = v_cache + ((long)b * hkv + kvh) * max_len * hd + lane * d;
+    for (long long j0 = r; j0 < L; j0 += (long long)R * ATT_UNROLL) {
+        unsigned int kw[ATT_UNROLL][ATT_MAXD / 2], vw[ATT_UNROLL][ATT_MAXD / 2];
+#pragma unroll
+        for (int u = 0; u < ATT_UNROLL; ++u) {
+            const long long j = j0 + (long long)u * R;
+            if (j < L) {
+                load_row(kb + j * hd, d, kw[u]);
+                load_row(vb + j * hd, d, vw[u]);
+            } else {
+#pragma unroll
+                for (int i = 0; i < ATT_MAXD / 2; ++i) kw[u][i] = vw[u][i] = 0u;
+            }
+        }
+        float sc[ATT_UNROLL];
+#pragma unroll
+        for (int u = 0; u < ATT_UNROLL; ++u) {
+            float dot = 0.f;
+#pragma unroll
+            for (int e = 0; e < ATT_MAXD; ++e) dot = fmaf(q[e], elem(kw[u], e), dot);
+            sc[u] = dot;
+        }
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1)
+#pragma unroll
+            for (int u = 0; u < ATT_UNROLL; ++u) sc[u] += __shfl_xor_sync(0xffffffffu, sc[u], o);
+        float mn = m;
+#pragma unroll
+        for (int u = 0; u < ATT_UNROLL; ++u) {
+            sc[u] = j0 + (long long)u * R < L ? sc[u] * scale : -__int_as_float(0x7f800000);
+            mn = fmaxf(mn, sc[u]);
+        }
+        const float f = expf(m - mn);  // (m = -inf on the first step: 0)
+        l *= f;
+#pragma unroll
+        for (int e = 0; e < ATT_MAXD; ++e) acc[e] *= f;
+#pragma unroll
+        for (int u = 0; u < ATT_UNROLL; ++u) {
+            const float p = expf(sc[u] - mn);  // positions past L: e^-inf = 0
+            l += p;
+#pragma unroll
+            for (int e = 0; e < ATT_MAXD; ++e) acc[e] = fmaf(p, elem(vw[u], e), acc[e]);
+        }
+        m = mn;
+    }
+    if (lane == 0) { pm[warp] = m; pl[warp] = l; }
+#pragma unroll
+    for (int e = 0; e < ATT_MAXD; ++e)
+        if (e < d) pacc[warp][lane * d + e] = acc[e];
+    __syncthreads();
+    // 3. merge the R warps of each head: out = sum_w acc_w e^(m_w - M) / sum_w l_w e^(m_w - M)
+    for (int t = threadIdx.x; t < g * hd; t += blockDim.x) {
+        const int hh = t / hd, e = t % hd;
+        float mm = -__int_as_float(0x7f800000);
+        for (int w = hh; w < ATT_WARPS; w += g) mm = fmaxf(mm, pm[w]);
+        float num = 0.f, den = 0.f;
+        if (L > 0) {
+            for (int w = hh; w < ATT_WARPS; w += g) {
+                const float f = expf(pm[w] - mm);  // a warp without positions: e^-inf = 0
+                num = fmaf(pacc[w][e], f, num);
+                den = fmaf(pl[w], f, den);
+            }
+        }
+        out[((long)b * hq + kvh * g + hh) * hd + e] = f2h(L > 0 ? num / den : 0.f);
+    }
+}
+
 // (v, i) beats (bv, bi): NaN first, then the larger value, then the smaller index.
 __device__ __forceinline__ bool beats(float v, int i, float bv, int bi) {
     const bool n = v != v, bn = bv != bv;
@@ -205,10 +367,27 @@ extern "C" __global__ void llama_argmax_advance(const f16* __restrict__ logits, 
     const f16* row = logits + (long)blockIdx.x * vocab;
     float bv = -__int_as_float(0x7f800000);  // -inf: any number or NaN beats (bv, bi) below
     int bi = 0x7fffffff;
+    if ((vocab & 7) == 0 && ((unsigned long long)logits & 15) == 0) {
+        // 16-byte loads, eight in flight per thread: a row of 128256 logits is 256 KB, and one
+        // block reading it two bytes at a time took ~50 us (H100), latency-bound
+        const uint4* r4 = (const uint4*)row;
+#pragma unroll 8
+        for (int j = threadIdx.x; j < vocab / 8; j += blockDim.x) {
+            const uint4 u = r4[j];
+            const unsigned int w[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+            for (int q = 0; q < 4; ++q) {
+                const float v0 = lo_f(w[q]), v1 = hi_f(w[q]);
+                if (beats(v0, 8 * j + 2 * q, bv, bi)) { bv = v0; bi = 8 * j + 2 * q; }
+                if (beats(v1, 8 * j + 2 * q + 1, bv, bi)) { bv = v1; bi = 8 * j + 2 * q + 1; }
+            }
+        }
+    } else {
 #pragma unroll 4
-    for (int i = threadIdx.x; i < vocab; i += blockDim.x) {
-        const float v = h2f(row[i]);
-        if (beats(v, i, bv, bi)) { bv = v; bi = i; }
+        for (int i = threadIdx.x; i < vocab; i += blockDim.x) {
+            const float v = h2f(row[i]);
+            if (beats(v, i, bv, bi)) { bv = v; bi = i; }
+        }
     }
     for (int o = 16; o > 0; o >>= 1) {
         const float v = __shfl_xor_sync(0xffffffffu, bv, o);

@@ -3,7 +3,7 @@
 Skipped with a reason when CuPy or a CUDA GPU is missing (CI); EXMY_REQUIRE_GPU=1 turns the skip
 into a failure. Outputs are poisoned with NaN first so that unwritten elements show up. Claims:
 residual add, rotary embedding + cache write and SiLU*mul are bit-exact; RMSNorm is within 1 fp16
-ulp (float32 sum of squares in another order).
+ulp (float32 sum of squares in another order); the fused attention is within float noise of SDPA.
 """
 from __future__ import annotations
 
@@ -163,6 +163,57 @@ def test_rope_cache(ops, batch, hq, hkv, hd):
     _assert_bits(q_out, _poisoned((batch, hq, hd)), "q, pos out of range")
 
 
+@pytest.mark.parametrize("batch,hq,hkv,hd,max_len", [
+    (1, 32, 8, 128, 200), (3, 4, 2, 64, 9), (2, 8, 8, 32, 70), (1, 16, 2, 256, 40), (2, 12, 3, 96, 33),
+])
+def test_rope_attend(ops, batch, hq, hkv, hd, max_len):
+    """rope_attend: the cache rows it writes are rope_cache's bit for bit; its output is SDPA's over
+    positions 0 .. pos of the rotated queries, within float noise, every element written and finite;
+    outside [0, max_len) the caches stay untouched (pos < 0 writes zeros)."""
+    import torch
+    import torch.nn.functional as F
+
+    gen = _gen(batch * 7 + hq * 3 + hd)
+    g = hq // hkv
+    cos = (torch.rand((max_len, hd), device="cuda", generator=gen) * 2 - 1).half()
+    sin = (torch.rand((max_len, hd), device="cuda", generator=gen) * 2 - 1).half()
+    k0 = _randn((batch, hkv, max_len, hd), gen)
+    v0 = _randn((batch, hkv, max_len, hd), gen)
+    for p in (0, 1, 6, max_len // 2, max_len - 1):
+        qkv = _randn((batch, (hq + 2 * hkv) * hd), gen, 2.0)
+        pos = torch.tensor([p], device="cuda", dtype=torch.long)
+        q_want, k_want, v_want = _poisoned((batch, hq, hd)), k0.clone(), v0.clone()
+        ops.rope_cache(qkv, cos, sin, pos, q_want, k_want, v_want)
+        mask = torch.arange(max_len, device="cuda") <= p
+        want = F.scaled_dot_product_attention(q_want.float().view(batch, hkv, g, hd), k_want.float(), v_want.float(),
+                                              attn_mask=mask.view(1, 1, 1, max_len)).reshape(batch, hq, hd)
+        out, k, v = _poisoned((batch, hq, hd)), k0.clone(), v0.clone()
+        ops.rope_attend(qkv, cos, sin, pos, k, v, out)
+        torch.cuda.synchronize()
+        what = f"B={batch} hq={hq} hkv={hkv} hd={hd} pos={p}"
+        _assert_bits(k, k_want, f"k cache {what}")
+        _assert_bits(v, v_want, f"v cache {what}")
+        assert torch.isfinite(out.float()).all(), f"{what}: unwritten or non-finite outputs"
+        err = float((out.float() - want).abs().max())
+        assert err <= 2e-3 * float(want.abs().max()) + 1e-3, f"{what}: off by {err} from SDPA"
+    out, k, v = _poisoned((batch, hq, hd)), k0.clone(), v0.clone()
+    ops.rope_attend(qkv, cos, sin, torch.tensor([-1], device="cuda"), k, v, out)
+    torch.cuda.synchronize()
+    assert not out.float().any(), "pos < 0: zeros"
+    ops.rope_attend(qkv, cos, sin, torch.tensor([max_len], device="cuda"), k, v, out)
+    torch.cuda.synchronize()
+    _assert_bits(k, k0, "k cache, pos out of range")
+    _assert_bits(v, v0, "v cache, pos out of range")
+    assert torch.isfinite(out.float()).all()
+
+
+def test_rope_attend_takes():
+    assert e.LlamaOps.attends(32, 8, 128) and e.LlamaOps.attends(8, 8, 64) and e.LlamaOps.attends(64, 8, 128)
+    assert not e.LlamaOps.attends(28, 4, 128)  # 7 query heads per KV head
+    assert e.LlamaOps.attends(16, 1, 128) and not e.LlamaOps.attends(32, 1, 128)
+    assert not e.LlamaOps.attends(32, 8, 80) and not e.LlamaOps.attends(12, 4, 128)
+
+
 def test_rope_cache_in_graph_follows_pos(ops):
     """Captured once, the launch reads the position from the device at each replay."""
     import torch
@@ -256,14 +307,15 @@ def _decode(model, first, steps):
 
 @pytest.mark.parametrize("fmt", ["fp16", "e2m2"])
 @pytest.mark.parametrize("batch", [1, 3])
-def test_decoder_fused_matches_unfused(fmt, batch):
+@pytest.mark.parametrize("attend", [True, False])
+def test_decoder_fused_matches_unfused(fmt, batch, attend):
     import torch
 
     steps = 12
     first = torch.randint(0, SMALL.vocab, (batch,), device="cuda", generator=_gen(batch))
     plain = e.Decoder(SMALL, fmt, batch, max_len=steps, seed=4, fused=False)
-    fused = e.Decoder(SMALL, fmt, batch, max_len=steps, seed=4, fused=True)
-    assert fused.fused and not plain.fused
+    fused = e.Decoder(SMALL, fmt, batch, max_len=steps, seed=4, fused=True, attend=attend)
+    assert fused.fused and not plain.fused and fused.attend == attend
     want_t, want_l = _decode(plain, first, steps)
     got_t, got_l = _decode(fused, first, steps)
     for i, (a, b, la, lb) in enumerate(zip(got_t, want_t, got_l, want_l)):

@@ -19,11 +19,13 @@ CUDA graph and replayed per token (no host work per token beyond one replay laun
 
 On a GPU with CuPy the step's small operations are fused CUDA kernels (kernels/llama_ops.cu,
 ``fused=True``, the same for every variant), so that a layer is: add+RMSNorm -> q/k/v GEMV ->
-rotary embedding + KV-cache write -> ``F.scaled_dot_product_attention`` -> o GEMV -> add+RMSNorm
--> gate/up GEMV -> SiLU*mul -> down GEMV (whose residual add is the next add+RMSNorm), into
-buffers allocated once. They round as the torch ops they replace (bit-exact except RMSNorm, within
-1 fp16 ulp); ``fused=False`` (and on the CPU) runs the plain torch ops. Results record which ran
-(``fused_ops``). With the fused kernels on a GPU of compute capability >= 9.0, the ExMy GEMVs and
+rotary embedding + KV-cache write + attention (one kernel) -> o GEMV -> add+RMSNorm -> gate/up GEMV
+-> SiLU*mul -> down GEMV (whose residual add is the next add+RMSNorm), into buffers allocated once.
+They round as the torch ops they replace (bit-exact except RMSNorm, within 1 fp16 ulp, and the
+attention, within float noise of ``F.scaled_dot_product_attention``; for head shapes the attention
+kernel does not take, ``LlamaOps.attends``, or with ``attend=False``: rotary + cache write, then
+SDPA); ``fused=False`` (and on the CPU) runs the plain torch ops. Results record which ran
+(``fused_ops``, ``fused_attention``). With the fused kernels on a GPU of compute capability >= 9.0, the ExMy GEMVs and
 the fused kernels are launched with programmatic dependent launch (``overlap``,
 exmyconv.cuda.launch): a GEMV issues its first weight loads while the kernel before it is still
 finishing. cuBLAS and torch kernels launch as usual.
@@ -233,7 +235,7 @@ def _llama_module(device_index: int):
     with cupy.cuda.Device(device_index):
         mod = cupy.RawModule(code=gpu.kernel_source("llama_ops.cu"), options=("--std=c++17",))
         return {name: mod.get_function(name) for name in ("llama_add_rms_norm", "llama_rope_cache", "llama_silu_mul",
-                                                           "llama_argmax_advance")}
+                                                           "llama_argmax_advance", "llama_rope_attend")}
 
 
 class LlamaOps:
@@ -305,6 +307,26 @@ class LlamaOps:
                 np.int32(max_len))
         self._launch("llama_rope_cache", -(-total // self.THREADS), self.THREADS, args)
 
+    @staticmethod
+    def attends(hq: int, hkv: int, hd: int) -> bool:
+        """Whether rope_attend takes these heads (kernels/llama_ops.cu llama_rope_attend)."""
+        return hq % hkv == 0 and hq // hkv in (1, 2, 4, 8, 16) and hd % 32 == 0 and hd <= 256
+
+    def rope_attend(self, qkv, cos, sin, pos, k_cache, v_cache, out):
+        """rope_cache's rotation and cache writes, then attention of the rotated queries over cache
+        positions 0 .. pos[0] into out [B, Hq, hd] (one kernel; see attends)."""
+        import numpy as np
+        import torch
+
+        b, hq, hd = out.shape
+        hkv, max_len = k_cache.shape[1], k_cache.shape[2]
+        assert self.attends(hq, hkv, hd), (hq, hkv, hd)
+        assert qkv.shape == (b, (hq + 2 * hkv) * hd) and k_cache.shape == v_cache.shape == (b, hkv, max_len, hd)
+        assert cos.shape == sin.shape == (max_len, hd) and pos.numel() == 1
+        args = (self._ptr(qkv), self._ptr(cos), self._ptr(sin), self._ptr(pos, torch.int64), self._ptr(k_cache),
+                self._ptr(v_cache), self._ptr(out), np.int32(hq), np.int32(hkv), np.int32(hd), np.int32(max_len))
+        self._launch("llama_rope_attend", b * hkv, 512, args)
+
     def argmax_advance(self, logits, tok, pos=None):
         """tok [B] (int64) = logits.argmax(-1) (first maximum); then pos[0] += 1 (if given)."""
         import numpy as np
@@ -330,7 +352,7 @@ class Decoder:
     """Random-weight Llama decoder for batched greedy decoding over a static KV cache."""
 
     def __init__(self, cfg: DecoderConfig, fmt: str, batch: int, max_len: int, seed: int = 0, device="cuda",
-                 fused: bool | None = None, overlap: bool | None = None):
+                 fused: bool | None = None, overlap: bool | None = None, attend: bool | None = None):
         import torch
 
         self.cfg, self.fmt, self.batch, self.max_len = cfg, fmt, batch, max_len
@@ -338,6 +360,7 @@ class Decoder:
         gen = torch.Generator(device=dev).manual_seed(seed)
         h, hd = cfg.hidden, cfg.hd
         self.fused = fused_available(dev) if fused is None else bool(fused)
+        self.attend = False  # set below with the fused kernels
         self.overlap = self.fused and (overlap_available(dev) if overlap is None else bool(overlap))
         self.embed = torch.randn((cfg.vocab, h), device=dev, dtype=torch.float16, generator=gen)
         self.lm_head = torch.randn((cfg.vocab, h), device=dev, dtype=torch.float16, generator=gen) * 0.02
@@ -366,11 +389,18 @@ class Decoder:
             self._x = torch.empty((batch, h), **f16)        # normed input of the next GEMV
             self._qkv = torch.empty((batch, (cfg.heads + 2 * cfg.kv_heads) * hd), **f16)
             self._q = torch.empty((batch, cfg.heads, hd), **f16)
+            self.attend = LlamaOps.attends(cfg.heads, cfg.kv_heads, hd) if attend is None else bool(attend)
+            self._a = torch.empty((batch, cfg.heads, hd), **f16)  # attention output (rope_attend)
             self._o = torch.empty((batch, h), **f16)
             self._gu = torch.empty((batch, 2 * cfg.intermediate), **f16)
             self._act = torch.empty((batch, cfg.intermediate), **f16)
             self._d = torch.empty((batch, h), **f16)
             self._mask = torch.empty(max_len, device=dev, dtype=torch.bool)
+            # the attention mask as fp16 0 / -inf, made once per step: given the bool mask, SDPA
+            # converted it again in every layer (three small kernels per layer)
+            self._amask = torch.empty(max_len, **f16)
+            self._zeros = torch.zeros(max_len, **f16)
+            self._ninf = torch.full((max_len,), float("-inf"), **f16)
 
     def reset(self, first_tokens):
         self.tok.copy_(first_tokens)
@@ -426,8 +456,10 @@ class Decoder:
         import torch.nn.functional as F
 
         cfg, b, hd, ops, eps = self.cfg, self.batch, self.cfg.hd, self.ops, self.cfg.rms_eps
-        torch.le(self.positions, self.pos, out=self._mask)
-        mask = self._mask.view(1, 1, 1, self.max_len)
+        if not self.attend:
+            torch.le(self.positions, self.pos, out=self._mask)
+            torch.where(self._mask, self._zeros, self._ninf, out=self._amask)
+        mask = self._amask.view(1, 1, 1, self.max_len)
         torch.index_select(self.embed, 0, self.tok, out=self._h)
         h, x, delta = self._h, self._x, None
         q = self._q.view(b, cfg.kv_heads, cfg.heads // cfg.kv_heads, hd)  # GQA: query rows of a KV head
@@ -435,9 +467,13 @@ class Decoder:
             qkv_l, o_l, gu_l, down_l = layer["lin"]
             ops.add_rms_norm(h, delta, layer["ln1"], x, eps)  # h += previous layer's MLP output
             qkv_l(x, out=self._qkv)
-            ops.rope_cache(self._qkv, self.cos, self.sin, self.pos, self._q, layer["k"], layer["v"])
-            a = F.scaled_dot_product_attention(q, layer["k"], layer["v"], attn_mask=mask)
-            o_l(a.reshape(b, cfg.heads * hd), out=self._o)
+            if self.attend:  # rotary, cache write and attention in one kernel
+                ops.rope_attend(self._qkv, self.cos, self.sin, self.pos, layer["k"], layer["v"], self._a)
+                o_l(self._a.view(b, cfg.heads * hd), out=self._o)
+            else:
+                ops.rope_cache(self._qkv, self.cos, self.sin, self.pos, self._q, layer["k"], layer["v"])
+                a = F.scaled_dot_product_attention(q, layer["k"], layer["v"], attn_mask=mask)
+                o_l(a.reshape(b, cfg.heads * hd), out=self._o)
             ops.add_rms_norm(h, self._o, layer["ln2"], x, eps)
             gu_l(x, out=self._gu)
             ops.silu_mul(self._gu, self._act)
@@ -483,6 +519,7 @@ def measure(cfg: DecoderConfig, fmt: str, batch: int, tokens: int = 128, runs: i
                           generator=torch.Generator(device="cuda").manual_seed(seed + 1))
     result = {"format": fmt, "batch": batch, "tokens": tokens, "runs": runs,
               "weight_bytes_per_layer": model.layer_bytes, "layers": cfg.layers, "fused_ops": model.fused,
+              "fused_attention": model.fused and model.attend,
               "overlap": model.overlap}
 
     def eager_run(n=tokens):
