@@ -19,13 +19,16 @@
 // llama_silu_mul       one thread per output element: gu [B, 2I] -> out [B, I],
 //     out = fp16(fp16(silu(a)) * b), silu(a) = a / (1 + exp(-a)) as torch's CUDA silu computes it
 //     (expf and IEEE division; nothing here is built with fast math): bit-exact.
-// llama_rope_attend    one block of 512 threads per (row b, KV head): llama_rope_cache's work for the
-//     block's g = Hq / Hkv query heads, its k and v head (the same arithmetic, bit-exact), then
+// llama_rope_attend    blocks of 512 threads per (row b, KV head) x `splits` runs of `chunk` positions:
+//     llama_rope_cache's work for the block's g = Hq / Hkv query heads and its k and v head (the same
+//     arithmetic, bit-exact; split 0 writes the cache row, every split keeps it in shared memory), then
 //     attention of those g queries over cache positions 0 .. pos (L = min(pos + 1, max_len); none when
 //     pos < 0: zeros), into out [B, Hq, hd] (query head kvh*g + h, as SDPA's grouped-query layout).
-//     Scores q.k / sqrt(hd) and the softmax in float32 (online, per warp: warp w of 16 takes head w % g
-//     and every (16/g)-th position, four at a time; the warps' partial sums merged at the end), output
-//     rounded once to fp16. Needs g in {1, 2, 4, 8, 16} and hd a multiple of 32 up to 256 (the host falls back to
+//     Scores q.k / sqrt(hd) and the softmax in float32, online: warp w of 16 takes head w % g and
+//     every (16/g)-th position of its split, four at a time (their k and v rows load together); the
+//     warps' partial sums merge in the block, the splits' in `work`, by the split that finishes last
+//     (an atomic count per (b, KV head), left at 0 for the next launch). Output rounded once to fp16.
+//     Needs g in {1, 2, 4, 8, 16} and hd a multiple of 32 up to 256 (the host falls back to
 //     llama_rope_cache + torch's SDPA otherwise). Not bit-exact against SDPA (another summation order;
 //     flash kernels also round the probabilities to fp16): within float noise of it.
 // llama_argmax_advance one block per batch row of logits [B, vocab]: tok[b] = index of the first
@@ -230,50 +233,69 @@ __device__ __forceinline__ float elem(const unsigned int (&w)[ATT_MAXD / 2], int
     return (e & 1) ? hi_f(w[e >> 1]) : lo_f(w[e >> 1]);
 }
 
+// e^(m - M) for merging a partial softmax with running max m into one with max M >= m; 0 for an
+// empty partial (m = -inf), also when M is -inf (nothing anywhere)
+__device__ __forceinline__ float rescale(float m, float M) {
+    return m == -__int_as_float(0x7f800000) ? 0.f : expf(m - M);
+}
+
 extern "C" __global__ void __launch_bounds__(ATT_WARPS * 32)
 llama_rope_attend(const f16* __restrict__ qkv, const f16* __restrict__ cos_t, const f16* __restrict__ sin_t,
                   const long long* __restrict__ pos_p, f16* __restrict__ k_cache, f16* __restrict__ v_cache,
-                  f16* __restrict__ out, int hq, int hkv, int hd, int max_len) {
+                  f16* __restrict__ out, float* __restrict__ work, unsigned int* __restrict__ count, int hq,
+                  int hkv, int hd, int max_len, int chunk, int splits) {
     pdl_enter();
     __shared__ float qs[ATT_MAXG * 256];                  // the block's rotated queries
+    __shared__ __align__(16) unsigned int knew[128], vnew[128];  // position pos: rotated k, v (pair words)
     __shared__ float pm[ATT_WARPS], pl[ATT_WARPS];        // per warp: running max, sum of exp
     __shared__ float pacc[ATT_WARPS][256];                // per warp: unnormalised output of its head
-    const int b = blockIdx.x / hkv, kvh = blockIdx.x % hkv, g = hq / hkv, half = hd >> 1;
+    __shared__ bool last;
+    const int bk = blockIdx.x / splits, sp = blockIdx.x % splits;  // (row, KV head), split of the positions
+    const int b = bk / hkv, kvh = bk % hkv, g = hq / hkv, half = hd >> 1;
     const int heads = hq + 2 * hkv;
     const long long pos = *pos_p;
     const bool in = pos >= 0 && pos < max_len;
     const f16* row = qkv + (long)b * heads * hd;
-    f16* kdst = k_cache + (((long)b * hkv + kvh) * max_len + (in ? pos : 0)) * hd;
-    f16* vdst = v_cache + (((long)b * hkv + kvh) * max_len + (in ? pos : 0)) * hd;
-    // 1. rotary q (g heads) and k, v copied: (g + 2) * half pairs
+    f16* knew_h = (f16*)knew;
+    f16* vnew_h = (f16*)vnew;
+    // 1. rotary q (g heads) and k, v copied: (g + 2) * half pairs, into shared memory; split 0
+    //    writes k and v into the caches (the other splits read position pos from here, not from
+    //    the cache split 0 is writing)
     for (int t = threadIdx.x; t < (g + 2) * half; t += blockDim.x) {
         const int u = t / half, i = t % half;
-        if (u == g + 1) {  // v
-            if (in) {
-                const f16* x = row + (long)(hq + hkv + kvh) * hd;
-                vdst[i] = x[i];
-                vdst[i + half] = x[i + half];
-            }
-            continue;
-        }
-        if (!in) {  // no table row: the queries are not used (L = 0 or stale cache only)
+        if (!in) {  // no table row: nothing is written and the queries are not used
             if (u < g) qs[u * hd + i] = qs[u * hd + i + half] = 0.f;
             continue;
         }
-        const f16* x = row + (long)(u < g ? kvh * g + u : hq + kvh) * hd;
         f16 o1, o2;
-        rope_pair(x, cos_t + pos * hd, sin_t + pos * hd, i, half, o1, o2);
+        if (u == g + 1) {  // v
+            const f16* x = row + (long)(hq + hkv + kvh) * hd;
+            o1 = x[i];
+            o2 = x[i + half];
+        } else {
+            const f16* x = row + (long)(u < g ? kvh * g + u : hq + kvh) * hd;
+            rope_pair(x, cos_t + pos * hd, sin_t + pos * hd, i, half, o1, o2);
+        }
         if (u < g) {
             qs[u * hd + i] = h2f(o1);
             qs[u * hd + i + half] = h2f(o2);
-        } else {
-            kdst[i] = o1;
-            kdst[i + half] = o2;
+            continue;
+        }
+        f16* sm = u == g ? knew_h : vnew_h;
+        sm[i] = o1;
+        sm[i + half] = o2;
+        if (sp == 0) {
+            f16* dst = (u == g ? k_cache : v_cache) + (((long)b * hkv + kvh) * max_len + pos) * hd;
+            dst[i] = o1;
+            dst[i + half] = o2;
         }
     }
-    __syncthreads();  // the new k, v row and the queries are visible to the whole block
-    // 2. attention: warp w takes head h = w % g and positions r, r + R, ... (r = w / g, R = 16 / g)
+    __syncthreads();
+    // 2. attention over this split's positions [j_begin, j_end): warp w takes head h = w % g and
+    //    positions j_begin + r, + R, ... (r = w / g, R = 16 / g)
     const long long L = pos < 0 ? 0 : (pos + 1 < max_len ? pos + 1 : max_len);
+    const long long j_begin = (long long)sp * chunk;
+    const long long j_end = j_begin + chunk < L ? j_begin + chunk : L;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, d = hd >> 5;
     const int h = warp % g, r = warp / g, R = ATT_WARPS / g;
     const float scale = 1.f / sqrtf((float)hd);  // SDPA's default scale
@@ -286,14 +308,14 @@ llama_rope_attend(const f16* __restrict__ qkv, const f16* __restrict__ cos_t, co
     float m = -__int_as_float(0x7f800000), l = 0.f;
     const f16* kb = k_cache + ((long)b * hkv + kvh) * max_len * hd + lane * d;
     const f16* vb = v_cache + ((long)b * hkv + kvh) * max_len * hd + lane * d;
-    for (long long j0 = r; j0 < L; j0 += (long long)R * ATT_UNROLL) {
+    for (long long j0 = j_begin + r; j0 < j_end; j0 += (long long)R * ATT_UNROLL) {
         unsigned int kw[ATT_UNROLL][ATT_MAXD / 2], vw[ATT_UNROLL][ATT_MAXD / 2];
 #pragma unroll
         for (int u = 0; u < ATT_UNROLL; ++u) {
             const long long j = j0 + (long long)u * R;
-            if (j < L) {
-                load_row(kb + j * hd, d, kw[u]);
-                load_row(vb + j * hd, d, vw[u]);
+            if (j < j_end) {
+                load_row(j == pos ? knew_h + lane * d : kb + j * hd, d, kw[u]);
+                load_row(j == pos ? vnew_h + lane * d : vb + j * hd, d, vw[u]);
             } else {
 #pragma unroll
                 for (int i = 0; i < ATT_MAXD / 2; ++i) kw[u][i] = vw[u][i] = 0u;
@@ -314,16 +336,16 @@ llama_rope_attend(const f16* __restrict__ qkv, const f16* __restrict__ cos_t, co
         float mn = m;
 #pragma unroll
         for (int u = 0; u < ATT_UNROLL; ++u) {
-            sc[u] = j0 + (long long)u * R < L ? sc[u] * scale : -__int_as_float(0x7f800000);
+            sc[u] = j0 + (long long)u * R < j_end ? sc[u] * scale : -__int_as_float(0x7f800000);
             mn = fmaxf(mn, sc[u]);
         }
-        const float f = expf(m - mn);  // (m = -inf on the first step: 0)
+        const float f = rescale(m, mn);
         l *= f;
 #pragma unroll
         for (int e = 0; e < ATT_MAXD; ++e) acc[e] *= f;
 #pragma unroll
         for (int u = 0; u < ATT_UNROLL; ++u) {
-            const float p = expf(sc[u] - mn);  // positions past L: e^-inf = 0
+            const float p = rescale(sc[u], mn);  // positions past the split: 0
             l += p;
 #pragma unroll
             for (int e = 0; e < ATT_MAXD; ++e) acc[e] = fmaf(p, elem(vw[u], e), acc[e]);
@@ -335,21 +357,50 @@ llama_rope_attend(const f16* __restrict__ qkv, const f16* __restrict__ cos_t, co
     for (int e = 0; e < ATT_MAXD; ++e)
         if (e < d) pacc[warp][lane * d + e] = acc[e];
     __syncthreads();
-    // 3. merge the R warps of each head: out = sum_w acc_w e^(m_w - M) / sum_w l_w e^(m_w - M)
+    // 3. merge the R warps of each head: acc = sum_w acc_w e^(m_w - M), l = sum_w l_w e^(m_w - M);
+    //    one split: out = acc / l; several: the split's (M, l, acc) into work, and the split that
+    //    finishes last merges them all the same way (its count back to 0 for the next launch)
+    const long wbase = (long)bk * splits * g * (hd + 2);
     for (int t = threadIdx.x; t < g * hd; t += blockDim.x) {
         const int hh = t / hd, e = t % hd;
         float mm = -__int_as_float(0x7f800000);
         for (int w = hh; w < ATT_WARPS; w += g) mm = fmaxf(mm, pm[w]);
         float num = 0.f, den = 0.f;
-        if (L > 0) {
-            for (int w = hh; w < ATT_WARPS; w += g) {
-                const float f = expf(pm[w] - mm);  // a warp without positions: e^-inf = 0
-                num = fmaf(pacc[w][e], f, num);
-                den = fmaf(pl[w], f, den);
-            }
+        for (int w = hh; w < ATT_WARPS; w += g) {
+            const float f = rescale(pm[w], mm);
+            num = fmaf(pacc[w][e], f, num);
+            den = fmaf(pl[w], f, den);
         }
-        out[((long)b * hq + kvh * g + hh) * hd + e] = f2h(L > 0 ? num / den : 0.f);
+        if (splits == 1) {
+            out[((long)b * hq + kvh * g + hh) * hd + e] = f2h(den > 0.f ? num / den : 0.f);
+        } else {
+            float* ws = work + wbase + ((long)sp * g + hh) * (hd + 2);
+            ws[e] = num;
+            if (e == 0) { ws[hd] = mm; ws[hd + 1] = den; }
+        }
     }
+    if (splits == 1) return;
+    __threadfence();  // this split's partials visible device-wide before it is counted
+    __syncthreads();
+    if (threadIdx.x == 0) last = atomicAdd(count + bk, 1u) == (unsigned int)splits - 1;
+    __syncthreads();
+    if (!last) return;
+    __threadfence();
+    for (int t = threadIdx.x; t < g * hd; t += blockDim.x) {
+        const int hh = t / hd, e = t % hd;
+        const volatile float* ws = work + wbase + (long)hh * (hd + 2);
+        float mm = -__int_as_float(0x7f800000);
+        for (int k = 0; k < splits; ++k) mm = fmaxf(mm, ws[(long)k * g * (hd + 2) + hd]);
+        float num = 0.f, den = 0.f;
+        for (int k = 0; k < splits; ++k) {
+            const volatile float* wk = ws + (long)k * g * (hd + 2);
+            const float f = rescale(wk[hd], mm);
+            num = fmaf(wk[e], f, num);
+            den = fmaf(wk[hd + 1], f, den);
+        }
+        out[((long)b * hq + kvh * g + hh) * hd + e] = f2h(den > 0.f ? num / den : 0.f);
+    }
+    if (threadIdx.x == 0) count[bk] = 0u;
 }
 
 // (v, i) beats (bv, bi): NaN first, then the larger value, then the smaller index.

@@ -165,11 +165,13 @@ def test_rope_cache(ops, batch, hq, hkv, hd):
 
 @pytest.mark.parametrize("batch,hq,hkv,hd,max_len", [
     (1, 32, 8, 128, 200), (3, 4, 2, 64, 9), (2, 8, 8, 32, 70), (1, 16, 2, 256, 40), (2, 12, 3, 96, 33),
+    (1, 32, 8, 128, 3000),
 ])
 def test_rope_attend(ops, batch, hq, hkv, hd, max_len):
     """rope_attend: the cache rows it writes are rope_cache's bit for bit; its output is SDPA's over
     positions 0 .. pos of the rotated queries, within float noise, every element written and finite;
-    outside [0, max_len) the caches stay untouched (pos < 0 writes zeros)."""
+    outside [0, max_len) the caches stay untouched (pos < 0 writes zeros). One split of the positions
+    (max_len 9) and several (up to 32 of 3000), the same workspace and counts reused call after call."""
     import torch
     import torch.nn.functional as F
 

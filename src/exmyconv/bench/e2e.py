@@ -251,6 +251,7 @@ class LlamaOps:
         self.overlap = overlap  # programmatic dependent launch (exmyconv.cuda.launch)
         self.fn = _llama_module(self.device.index if self.device.index is not None else torch.cuda.current_device())
         self._streams = {}
+        self._attend_work = {}  # rope_attend: (row x KV heads, g, hd, max_len) -> (chunk, splits, work, count)
 
     def _stream(self):
         import cupy
@@ -314,7 +315,10 @@ class LlamaOps:
 
     def rope_attend(self, qkv, cos, sin, pos, k_cache, v_cache, out):
         """rope_cache's rotation and cache writes, then attention of the rotated queries over cache
-        positions 0 .. pos[0] into out [B, Hq, hd] (one kernel; see attends)."""
+        positions 0 .. pos[0] into out [B, Hq, hd] (one kernel; see attends). The positions are split
+        between blocks (about two waves of the GPU's SMs, at least 32 positions each) whose partial
+        softmax sums meet in a workspace kept here per shape (made on first use: outside a CUDA
+        graph capture)."""
         import numpy as np
         import torch
 
@@ -323,9 +327,20 @@ class LlamaOps:
         assert self.attends(hq, hkv, hd), (hq, hkv, hd)
         assert qkv.shape == (b, (hq + 2 * hkv) * hd) and k_cache.shape == v_cache.shape == (b, hkv, max_len, hd)
         assert cos.shape == sin.shape == (max_len, hd) and pos.numel() == 1
+        key = (b * hkv, hq // hkv, hd, max_len)
+        if key not in self._attend_work:
+            sms = torch.cuda.get_device_properties(self.device).multi_processor_count
+            most = max(1, 2 * sms // (b * hkv))
+            chunk = max(32, -(-(-(-max_len // most)) // 16) * 16)
+            splits = -(-max_len // chunk)
+            work = torch.empty(b * hkv * splits * (hq // hkv) * (hd + 2), device=self.device, dtype=torch.float32)
+            count = torch.zeros(b * hkv, device=self.device, dtype=torch.int32)
+            self._attend_work[key] = (chunk, splits, work, count)
+        chunk, splits, work, count = self._attend_work[key]
         args = (self._ptr(qkv), self._ptr(cos), self._ptr(sin), self._ptr(pos, torch.int64), self._ptr(k_cache),
-                self._ptr(v_cache), self._ptr(out), np.int32(hq), np.int32(hkv), np.int32(hd), np.int32(max_len))
-        self._launch("llama_rope_attend", b * hkv, 512, args)
+                self._ptr(v_cache), self._ptr(out), self._ptr(work, torch.float32), self._ptr(count, torch.int32),
+                np.int32(hq), np.int32(hkv), np.int32(hd), np.int32(max_len), np.int32(chunk), np.int32(splits))
+        self._launch("llama_rope_attend", b * hkv * splits, 512, args)
 
     def argmax_advance(self, logits, tok, pos=None):
         """tok [B] (int64) = logits.argmax(-1) (first maximum); then pos[0] += 1 (if given)."""
