@@ -316,7 +316,7 @@ class LlamaOps:
     def rope_attend(self, qkv, cos, sin, pos, k_cache, v_cache, out):
         """rope_cache's rotation and cache writes, then attention of the rotated queries over cache
         positions 0 .. pos[0] into out [B, Hq, hd] (one kernel; see attends). The positions are split
-        between blocks (about two waves of the GPU's SMs, at least 32 positions each) whose partial
+        between blocks (about two waves of the GPU's SMs, at least 128 positions each) whose partial
         softmax sums meet in a workspace kept here per shape (made on first use: outside a CUDA
         graph capture)."""
         import numpy as np
@@ -331,7 +331,8 @@ class LlamaOps:
         if key not in self._attend_work:
             sms = torch.cuda.get_device_properties(self.device).multi_processor_count
             most = max(1, 2 * sms // (b * hkv))
-            chunk = max(32, -(-(-(-max_len // most)) // 16) * 16)
+            # (at most 128 positions in one block: merging splits cost more than it saved there)
+            chunk = max(128, -(-(-(-max_len // most)) // 16) * 16)
             splits = -(-max_len // chunk)
             work = torch.empty(b * hkv * splits * (hq // hkv) * (hd + 2), device=self.device, dtype=torch.float32)
             count = torch.zeros(b * hkv, device=self.device, dtype=torch.int32)
