@@ -25,8 +25,8 @@ They round as the torch ops they replace (bit-exact except RMSNorm, within 1 fp1
 attention, within float noise of ``F.scaled_dot_product_attention``; for head shapes the attention
 kernel does not take, ``LlamaOps.attends``, or with ``attend=False``: rotary + cache write, then
 SDPA); ``fused=False`` (and on the CPU) runs the plain torch ops. Results record which ran
-(``fused_ops``, ``fused_attention``). With the fused kernels on a GPU of compute capability >= 9.0, the ExMy GEMVs and
-the fused kernels are launched with programmatic dependent launch (``overlap``,
+(``fused_ops``, ``fused_attention``). With the fused kernels on a GPU of compute capability >= 9.0,
+the ExMy GEMVs and the fused kernels are launched with programmatic dependent launch (``overlap``,
 exmyconv.cuda.launch): a GEMV issues its first weight loads while the kernel before it is still
 finishing. cuBLAS and torch kernels launch as usual.
 
@@ -411,12 +411,13 @@ class Decoder:
             self._gu = torch.empty((batch, 2 * cfg.intermediate), **f16)
             self._act = torch.empty((batch, cfg.intermediate), **f16)
             self._d = torch.empty((batch, h), **f16)
-            self._mask = torch.empty(max_len, device=dev, dtype=torch.bool)
-            # the attention mask as fp16 0 / -inf, made once per step: given the bool mask, SDPA
-            # converted it again in every layer (three small kernels per layer)
-            self._amask = torch.empty(max_len, **f16)
-            self._zeros = torch.zeros(max_len, **f16)
-            self._ninf = torch.full((max_len,), float("-inf"), **f16)
+            if not self.attend:
+                # SDPA's mask as fp16 0 / -inf, made once per step: given a bool mask, SDPA converted
+                # it again in every layer (three small kernels per layer)
+                self._mask = torch.empty(max_len, device=dev, dtype=torch.bool)
+                self._amask = torch.empty(max_len, **f16)
+                self._zeros = torch.zeros(max_len, **f16)
+                self._ninf = torch.full((max_len,), float("-inf"), **f16)
 
     def reset(self, first_tokens):
         self.tok.copy_(first_tokens)
@@ -475,7 +476,7 @@ class Decoder:
         if not self.attend:
             torch.le(self.positions, self.pos, out=self._mask)
             torch.where(self._mask, self._zeros, self._ninf, out=self._amask)
-        mask = self._amask.view(1, 1, 1, self.max_len)
+            mask = self._amask.view(1, 1, 1, self.max_len)
         torch.index_select(self.embed, 0, self.tok, out=self._h)
         h, x, delta = self._h, self._x, None
         q = self._q.view(b, cfg.kv_heads, cfg.heads // cfg.kv_heads, hd)  # GQA: query rows of a KV head
