@@ -404,7 +404,6 @@ class Decoder:
             self._h = torch.zeros((batch, h), **f16)        # the residual stream
             self._x = torch.empty((batch, h), **f16)        # normed input of the next GEMV
             self._qkv = torch.empty((batch, (cfg.heads + 2 * cfg.kv_heads) * hd), **f16)
-            self._q = torch.empty((batch, cfg.heads, hd), **f16)
             self.attend = LlamaOps.attends(cfg.heads, cfg.kv_heads, hd) if attend is None else bool(attend)
             self._a = torch.empty((batch, cfg.heads, hd), **f16)  # attention output (rope_attend)
             self._o = torch.empty((batch, h), **f16)
@@ -412,6 +411,7 @@ class Decoder:
             self._act = torch.empty((batch, cfg.intermediate), **f16)
             self._d = torch.empty((batch, h), **f16)
             if not self.attend:
+                self._q = torch.empty((batch, cfg.heads, hd), **f16)  # rotated queries (rope_cache)
                 # SDPA's mask as fp16 0 / -inf, made once per step: given a bool mask, SDPA converted
                 # it again in every layer (three small kernels per layer)
                 self._mask = torch.empty(max_len, device=dev, dtype=torch.bool)
@@ -477,9 +477,9 @@ class Decoder:
             torch.le(self.positions, self.pos, out=self._mask)
             torch.where(self._mask, self._zeros, self._ninf, out=self._amask)
             mask = self._amask.view(1, 1, 1, self.max_len)
+            q = self._q.view(b, cfg.kv_heads, cfg.heads // cfg.kv_heads, hd)  # GQA: query rows of a KV head
         torch.index_select(self.embed, 0, self.tok, out=self._h)
         h, x, delta = self._h, self._x, None
-        q = self._q.view(b, cfg.kv_heads, cfg.heads // cfg.kv_heads, hd)  # GQA: query rows of a KV head
         for layer in self.layers:
             qkv_l, o_l, gu_l, down_l = layer["lin"]
             ops.add_rms_norm(h, delta, layer["ln1"], x, eps)  # h += previous layer's MLP output
