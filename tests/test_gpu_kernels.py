@@ -563,6 +563,76 @@ def test_gemv_wide_tiles(cp, rng, name, narrow, wide, batches):
                     f"{name} {n}x{k} B={batch} {x_dtype} group {group} split {split}: {wide} differs from {narrow}"
 
 
+@pytest.mark.parametrize("kind,batches", [("nt1", (1, 9)), ("nt1w", (1, 9)), ("nt2", (9, 17)), ("nt2w", (9, 17)),
+                                          ("nt2q", (9, 17))])
+@pytest.mark.parametrize("name", ["e2m2", "e2m1", "e2m2s4", "e3m2", "e4m3"])
+def test_gemv_balanced_launch(cp, rng, name, kind, batches):
+    """Balanced launches (gemv.cu gemv_balanced: the split's blocks, one wave, dealt the launch's (group,
+    iteration) units evenly; a group's parts added by the block that arrives last): against float64
+    (gemv_check's bound) with every output written (y poisoned with NaN); the groups one block covers
+    whole bit for bit as the split launch (the same sums in the same order); the same bits on every
+    launch (plain, PDL, again once the counters were used: each launch leaves them zero) and through
+    GemvLaunch with a workspace from torch (after mode 5's x where the host takes it). The host's split
+    and splits 1 and 8, contiguous slices too; shapes where a group has many parts (few rows, long K),
+    row counts that end inside a tile, K tails, unaligned x rows, scale groups aligned and not, fp16
+    and bf16 x."""
+    import torch
+
+    from exmyconv.torch.linear import call_gemv
+
+    fmt = get_format(name)
+    for group in (None, 128, 100):
+        for x_dtype in ("F16", "BF16"):
+            batch = int(rng.integers(*batches))
+            n = int(rng.choice([int(rng.integers(1, 40)), 64 * int(rng.integers(1, 60)) + int(rng.integers(0, 64))]))
+            k = int(rng.choice([int(rng.integers(1, 3000)), 4096, 20000 + 8 * int(rng.integers(0, 100))]))
+            _, _, weight, x, _, x64 = gemv_check(cp, rng, fmt, n, k, batch, x_dtype, group=group)
+            ref = x64 @ cp.asnumpy(weight.dequantize("F32")).astype(np.float64).reshape(-1, k).T
+            for split, interleave in ((None, None), (1, None), (8, None), (8, 0)):
+                y_split = torch.full((batch, n), float("nan"), dtype=x.dtype, device="cuda")
+                split_plan = gpu.gemv_plan(x, weight, y_split, kind=kind, split=split, interleave=interleave)
+                split_plan()
+                outs = []
+                for overlap in (False, True):
+                    y = torch.full((batch, n), float("nan"), dtype=x.dtype, device="cuda")
+                    plan = gpu.gemv_plan(x, weight, y, kind=kind, split=split, interleave=interleave, overlap=overlap,
+                                         balanced=True)
+                    assert plan.kernel.balanced and plan.kernel.kind == kind and plan.split == split_plan.split
+                    for _ in range(2):
+                        plan()
+                        torch.cuda.synchronize()
+                        assert not plan._balance_work[1].any(), "group counters not reset"
+                        outs.append(y.clone())
+                    y64 = y.double().cpu().numpy()
+                    assert np.isfinite(y64).all(), f"{name} {plan.kernel.name}: unwritten outputs"
+                    err = np.linalg.norm(y64 - ref) / max(np.linalg.norm(ref), 1e-30)
+                    tol = TOL["BF16"] if plan.kernel.mode >= 2 else TOL["F16"]
+                    assert err <= tol, f"{name} {n}x{k} B={batch} {plan.kernel.name}: rel error {err:.2e}"
+                what = f"{name} {n}x{k} B={batch} {x_dtype} group {group} {plan.kernel.name} split {plan.split}"
+                for y in outs[1:]:
+                    assert torch.equal(outs[0].view(torch.int16), y.view(torch.int16)), f"{what}: launches differ"
+                # groups one block covers whole (kernels/gemv.cu gemv_balanced's dealing) equal the split launch
+                rows = gpu.gemv_tile_rows(kind) * (gpu.GEMV_WARPS // plan.split)
+                niter = -(-k // (32 * gpu._gemv_shape(fmt, kind)[1]))
+                units, blocks = -(-n // rows) * niter, plan.grid[0]
+                starts = [units * b // blocks for b in range(blocks + 1)]
+                whole = [g for g in range(-(-n // rows)) if any(
+                    starts[b] <= g * niter and (g + 1) * niter <= starts[b + 1] for b in range(blocks))]
+                for g in whole:
+                    assert torch.equal(outs[0][:, g * rows:(g + 1) * rows].view(torch.int16),
+                                       y_split[:, g * rows:(g + 1) * rows].view(torch.int16)), f"{what}: group {g}"
+            if x.data_ptr() % 16 == 0 and kind == gpu.gemv_kernel(weight, x_dtype, batch).kind:
+                y_plan = torch.full((batch, n), float("nan"), dtype=x.dtype, device="cuda")
+                plan = gpu.gemv_plan(x, weight, y_plan, balanced=True)
+                plan()
+                launch = gpu.GemvLaunch(weight, x_dtype, batch, overlap=True, balanced=True)
+                assert launch.kernel == plan.kernel and launch.work_bytes >= plan._balance_work[0].nbytes
+                y = torch.full((batch, n), float("nan"), dtype=x.dtype, device="cuda")
+                for _ in range(2):
+                    call_gemv(launch, x.data_ptr(), y.data_ptr(), x.device, torch.cuda.current_stream().cuda_stream)
+                    assert torch.equal(y_plan.view(torch.int16), y.view(torch.int16)), f"{name} {launch.kernel.name}"
+
+
 @pytest.mark.parametrize("define,kind,batches", [
     ("GEMV_PP=1", None, (1, 2)), ("GEMV_PP=1", "nt1", (2, 9)), ("GEMV_PP=1", "nt2", (9, 17)),
 ])
