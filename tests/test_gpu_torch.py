@@ -106,6 +106,33 @@ def test_cuda_graph_capture_of_the_layer(rng):
             assert torch.equal(static_y, layer(static_x))
 
 
+def test_cupy_view_of_torchs_stream():
+    """gpu.cupy_stream: CuPy's view of a torch stream is that stream (same handle; a CuPy kernel queued on
+    it runs after the torch work queued before it), made without a deprecation warning (CuPy 14
+    deprecates ExternalStream; Stream.from_external takes the CUDA stream protocol)."""
+    import warnings
+
+    import cupy
+    import torch
+
+    from exmyconv.cuda import gpu
+
+    side = torch.cuda.Stream()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DeprecationWarning)
+        view = gpu.cupy_stream(side.cuda_stream)
+    assert view.ptr == side.cuda_stream
+    a = torch.zeros(1 << 24, device="cuda")
+    torch.cuda.synchronize()
+    with torch.cuda.stream(side):
+        torch.cuda._sleep(20_000_000)  # ~10 ms on the GPU before the fill
+        a.fill_(1.0)
+    with view:
+        b = cupy.asarray(a) + 1  # queued on the same stream: sees the fill
+    view.synchronize()
+    assert float(b.min()) == 2.0
+
+
 def test_more_rows_run_on_torchs_stream_and_in_a_graph(rng):
     """More than 16 rows (dequantize + F.linear): the dequantization runs on torch's current stream, so
     a forward on a side stream and a CUDA-graph capture (which refuses launches on other streams)

@@ -254,13 +254,14 @@ class LlamaOps:
         self._attend_work = {}  # rope_attend: (row x KV heads, g, hd, max_len) -> (chunk, splits, work, count)
 
     def _stream(self):
-        import cupy
         import torch
+
+        from ..cuda import gpu
 
         handle = torch.cuda.current_stream(self.device).cuda_stream
         s = self._streams.get(handle)
         if s is None:
-            s = self._streams[handle] = cupy.cuda.ExternalStream(handle)
+            s = self._streams[handle] = gpu.cupy_stream(handle)
         return s
 
     @staticmethod

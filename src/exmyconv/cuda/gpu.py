@@ -414,13 +414,33 @@ def upload(qtensor=None, *, payload=None, scales=None, scale_dtype=None, fmt=Non
     return GpuWeight(fmt, shape, g, scale_dtype, pay, bits)
 
 
-def _stream_of(x):
+class _StreamHandle:
+    """A raw CUDA stream handle under the CUDA stream protocol (``__cuda_stream__``: version 0, handle)."""
+
+    def __init__(self, handle: int):
+        self.handle = handle
+
+    def __cuda_stream__(self) -> tuple[int, int]:
+        return 0, self.handle
+
+
+def cupy_stream(handle: int):
+    """CuPy's view of a CUDA stream it did not create (torch's, by its ``cuda_stream`` handle): through
+    ``Stream.from_external`` and the CUDA stream protocol where CuPy has it (CuPy 14 deprecates
+    ``ExternalStream``), else ``ExternalStream``."""
     cupy = _cupy()
+    from_external = getattr(cupy.cuda.Stream, "from_external", None)
+    if from_external is None:
+        return cupy.cuda.ExternalStream(handle)
+    return from_external(_StreamHandle(handle))
+
+
+def _stream_of(x):
     if _is_torch(x):
         import torch
 
-        return cupy.cuda.ExternalStream(torch.cuda.current_stream(x.device).cuda_stream)
-    return cupy.cuda.get_current_stream()
+        return cupy_stream(torch.cuda.current_stream(x.device).cuda_stream)
+    return _cupy().cuda.get_current_stream()
 
 
 XS_LIMIT = 32 * 1024  # largest x staging buffer (bytes) of the b1 kernels (K <= ~13 000); else b1r
