@@ -65,8 +65,7 @@ using namespace exmy;
 #define GEMV_XWIN 1  // 0: b1r reads x straight from global memory (the GPU tests compare both)
 #endif
 #ifndef GEMV_DIAG
-#define GEMV_DIAG 0  // timing only, results wrong: main-loop stages left out (1 x loads, 2 decode, 4 mma);
-                     // balanced launches: 8 parts written to y (no exchange), 16 one run per block
+#define GEMV_DIAG 0  // timing only, results wrong: main-loop stages left out (1 x loads, 2 decode, 4 mma)
 #endif
 #ifndef GEMV_CPT
 #define GEMV_CPT 0  // 0: 2 chunks per lane and iteration for batch <= 8 and codes <= 6 bits, else 1
@@ -724,172 +723,6 @@ __device__ __forceinline__ void gemv_warp(const u8* __restrict__ payload, const 
     }
 }
 
-// y's element (row, col) from a float32 sum: rounded once to x's type.
-template <bool XF16>
-__device__ __forceinline__ void store_y(u16* __restrict__ y, u32 n, u32 row, u32 col, float sum) {
-    u16 out;
-    if (XF16) asm("cvt.rn.f16.f32 %0, %1;" : "=h"(out) : "f"(sum));
-    else asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(out) : "f"(sum));
-    y[(size_t)col * n + row] = out;
-}
-
-// The block's cross-slice sums: every warp's fragments into shared memory, then thread by thread
-// output o (tile in block, fragment register, lane) = the sum over the tile's `split` slices, in slice
-// order, handed to out(o, sum). A lane holds (row 16m + gr, cols 8j + 2t, +1) in acc[m][j][0..1], row
-// 16m + gr + 8 in [2..3].
-template <int KIND, int BLOCKS, class Out>
-__device__ __forceinline__ void slice_sums(const float (&acc)[Cfg<KIND, BLOCKS>::MT][Cfg<KIND, BLOCKS>::NT][4],
-                                           u32 split, Out&& out) {
-    constexpr int NT = Cfg<KIND, BLOCKS>::NT, MT = Cfg<KIND, BLOCKS>::MT;
-    constexpr int FR = MT * NT * 4;  // fragment registers per lane
-    const u32 lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const u32 tiles_per_block = WARPS / split;
-    __shared__ float red[WARPS][FR][32];
-#pragma unroll
-    for (int m = 0; m < MT; ++m)
-#pragma unroll
-        for (int j = 0; j < NT; ++j)
-#pragma unroll
-            for (int r = 0; r < 4; ++r) red[warp][(m * NT + j) * 4 + r][lane] = acc[m][j][r];
-    __syncthreads();
-    for (u32 o = threadIdx.x; o < tiles_per_block * FR * 32; o += WARPS * 32) {
-        const u32 tb = o / (FR * 32), rem = o % (FR * 32);
-        const u32 idx = rem >> 5, ln = rem & 31;
-        float sum = 0.f;
-        for (u32 w = 0; w < split; ++w) sum += red[tb * split + w][idx][ln];
-        out(o, sum);
-    }
-}
-
-// Output o of slice_sums for the tiles of block-unit `unit` (WARPS / split tiles from tile unit *
-// WARPS / split) into y, where it is a real row and batch column.
-template <bool XF16, int KIND, int BLOCKS>
-__device__ __forceinline__ void store_out(u16* __restrict__ y, u32 n, u32 batch, u32 split, u32 unit, u32 o,
-                                          float sum) {
-    constexpr int NT = Cfg<KIND, BLOCKS>::NT, MT = Cfg<KIND, BLOCKS>::MT;
-    constexpr int FR = MT * NT * 4;
-    const u32 tb = o / (FR * 32), rem = o % (FR * 32);
-    const u32 idx = rem >> 5, ln = rem & 31;
-    const u32 m = idx / (NT * 4), j = (idx >> 2) % NT, r = idx & 3;
-    const u32 tiles_per_block = WARPS / split;
-    const u32 row = (unit * tiles_per_block + tb) * 16 * MT + 16 * m + (ln >> 2) + (r >= 2 ? 8 : 0);
-    const u32 col = 8 * j + 2 * (ln & 3) + (r & 1);
-    if (row < n && col < batch) store_y<XF16>(y, n, row, col, sum);
-}
-
-// The balanced launch (exmy_gemv_balanced; the kinds without block barriers in gemv_warp). The blocks
-// are those of the split kernel below (WARPS / split tiles x `split` K slices of each), but a launch
-// is one wave, SMs x blocks per SM, and the (block tile group, iteration) units, group-major, are
-// dealt evenly to its blocks, so no SM idles where the groups do not divide into waves (8192->28672
-// at batch 16: 112 groups of four four-tile warps x 2 slices, one block per SM on 132 SMs). A block
-// runs its units group by group, its warps splitting each run of iterations as the split kernel
-// does, and adds its slices in shared memory. A group it covers whole goes straight to y; a part of
-// a group goes to the block's slot in `parts` (slot 2b: block b's first group, 2b + 1: its last).
-// Only when its work is done does the block count its parts in (one fence per block: a fence after
-// each part stalled the warps behind the stores of the whole GPU, twice as slow on an H100), and the
-// block that arrives last at a group's counter adds the group's parts in block order (y does not
-// depend on which block finishes last) and resets the counter for the next launch. The host
-// guarantees units >= blocks: every block has work, and the blocks owning a group's units are
-// consecutive. Parts are written after the PDL wait (in gemv_warp), so a launch never touches `parts`
-// or `counts` while the launch before it on the stream still runs.
-template <int KIND, int MODE, bool XF16, int GM, int BLOCKS>
-__device__ __forceinline__ void gemv_balanced(const u8* __restrict__ payload, const void* __restrict__ ks,
-                                            const u16* __restrict__ x, u16* __restrict__ y, u32 n, u32 k,
-                                            u32 stride, u32 ngroups, u32 g, int gshift, u32 batch, u32 split,
-                                            u32 interleave, float* __restrict__ parts, u32* __restrict__ counts) {
-    constexpr int NT = Cfg<KIND, BLOCKS>::NT, KSTEP = Cfg<KIND, BLOCKS>::KSTEP, MT = Cfg<KIND, BLOCKS>::MT;
-    constexpr int FR = MT * NT * 4;  // fragment registers per lane
-    typedef unsigned long long u64;
-    const u32 warp = threadIdx.x >> 5;
-    const u32 tiles_per_block = WARPS / split, slice = warp % split;
-    const u32 niter = ((k + 31) / 32 + KSTEP - 1) / KSTEP;
-    const u32 group_rows = tiles_per_block * 16 * MT;
-    const u32 units = (n + group_rows - 1) / group_rows * niter, blocks = gridDim.x;
-    const u32 outs = tiles_per_block * FR * 32;  // a group's sums (slice_sums' order)
-    auto start = [&](u32 b) { return (u32)((u64)units * b / blocks); };                // block b's first unit
-    auto owner = [&](u32 u) { return (u32)(((u64)(u + 1) * blocks - 1) / units); };  // the block of unit u
-    auto slot = [&](u32 b, u32 group) { return parts + (size_t)(2 * b + (group != start(b) / niter)) * outs; };
-    u32 u = start(blockIdx.x);
-    u32 uend = start(blockIdx.x + 1);
-    if (GEMV_DIAG & 16) {  // DIAG: one run of the block's length within one group, no parts
-        const u32 len = uend - u < niter ? uend - u : niter;
-        u = (blockIdx.x % (units / niter)) * niter;
-        uend = u + len;
-    }
-    u32 pending0 = ~0u, pending1 = ~0u;  // the groups of the block's first and last parts (~0u: none)
-    while (u < uend) {
-        const u32 group = u / niter, i0 = u - group * niter;
-        const u32 i1 = i0 + (uend - u) < niter ? i0 + (uend - u) : niter;
-        u += i1 - i0;
-        u32 it0, it1, istep;
-        if (interleave) {
-            it0 = i0 + slice; it1 = i1; istep = split;
-        } else {
-            const u32 per = (i1 - i0 + split - 1) / split;
-            it0 = i0 + slice * per < i1 ? i0 + slice * per : i1;
-            it1 = it0 + per < i1 ? it0 + per : i1;
-            istep = 1;
-        }
-        const u32 row0 = group * group_rows + (warp / split) * 16 * MT;
-        float acc[MT][NT][4];
-#pragma unroll
-        for (int m = 0; m < MT; ++m)
-#pragma unroll
-            for (int j = 0; j < NT; ++j) acc[m][j][0] = acc[m][j][1] = acc[m][j][2] = acc[m][j][3] = 0.f;
-        gemv_warp<KIND, MODE, XF16, GM, BLOCKS>(payload, ks, x, nullptr, n, k, stride, ngroups, g, gshift, batch,
-                                                row0 < n ? row0 : n - 1, it0, row0 < n ? it1 : it0, istep, acc);
-        __syncthreads();  // the previous run's sums are read
-        const bool whole = (i0 == 0 && i1 == niter) || (GEMV_DIAG & 8);
-        const bool later = group != start(blockIdx.x) / niter;  // not the block's first group: slot 2b + 1
-        float* const mine = slot(blockIdx.x, group);
-        slice_sums<KIND, BLOCKS>(acc, split, [&](u32 o, float sum) {
-            if (whole) store_out<XF16, KIND, BLOCKS>(y, n, batch, split, group, o, sum);
-            else __stcg(mine + o, sum);
-        });
-        if (!whole) (later ? pending1 : pending0) = group;
-    }
-    if (pending0 == ~0u && pending1 == ~0u) return;
-    __shared__ bool last[2];
-    __syncthreads();  // every part of the block is written
-    if (threadIdx.x == 0) {
-#pragma unroll
-        for (int p = 0; p < 2; ++p) {
-            const u32 group = p ? pending1 : pending0;
-            last[p] = false;
-            if (group == ~0u) continue;
-            const u32 b0 = owner(group * niter), b1 = owner(group * niter + niter - 1);
-            u32 arrived;  // release: the block's parts before the count; acquire: the others' after it
-            asm volatile("atom.acq_rel.gpu.global.add.u32 %0, [%1], 1;" : "=r"(arrived) : "l"(counts + group) : "memory");
-            last[p] = arrived == b1 - b0;
-            if (last[p]) counts[group] = 0;
-        }
-    }
-    __syncthreads();
-    // The group's parts, own included, added in block order. A thread's outputs are o = threadIdx.x +
-    // 256 i (at most FR of them): all its loads of one part are issued before any is added.
-#pragma unroll
-    for (int p = 0; p < 2; ++p) {
-        if (!last[p]) continue;
-        const u32 group = p ? pending1 : pending0, b0 = owner(group * niter), b1 = owner(group * niter + niter - 1);
-        float sum[FR];
-#pragma unroll
-        for (int i = 0; i < FR; ++i) sum[i] = 0.f;
-        for (u32 b = b0; b <= b1; ++b) {
-            const float* const part = slot(b, group);
-#pragma unroll
-            for (int i = 0; i < FR; ++i) {
-                const u32 o = threadIdx.x + i * WARPS * 32;
-                if (o < outs) sum[i] += __ldcg(part + o);
-            }
-        }
-#pragma unroll
-        for (int i = 0; i < FR; ++i) {
-            const u32 o = threadIdx.x + i * WARPS * 32;
-            if (o < outs) store_out<XF16, KIND, BLOCKS>(y, n, batch, split, group, o, sum[i]);
-        }
-    }
-}
-
 // Block = WARPS warps = (WARPS / split) warp tiles of 16*MT rows x `split` K slices (split in 1,2,4,8).
 // interleave = 0: slice s takes a contiguous run of iterations; 1: iterations s, s+split, ...
 // (the split warps of a tile then read neighbouring bytes of the same rows at the same time).
@@ -899,7 +732,7 @@ __device__ __forceinline__ void gemv(const u8* __restrict__ payload, const void*
                                      u32 stride, u32 ngroups, u32 g, int gshift, u32 batch, u32 split,
                                      u32 interleave) {
     constexpr int NT = Cfg<KIND, BLOCKS>::NT, KSTEP = Cfg<KIND, BLOCKS>::KSTEP, MT = Cfg<KIND, BLOCKS>::MT;
-    const u32 warp = threadIdx.x >> 5;
+    const u32 lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const u32 tiles_per_block = WARPS / split;
     const u32 tile = blockIdx.x * tiles_per_block + warp / split;
     const u32 slice = warp % split;
@@ -926,8 +759,33 @@ __device__ __forceinline__ void gemv(const u8* __restrict__ payload, const void*
     gemv_warp<KIND, MODE, XF16, GM, BLOCKS>(payload, ks, x, (u32*)xs_dyn, n, k, stride, ngroups, g, gshift,
                                             batch, row0 < n ? row0 : n - 1, it0, row0 < n ? it1 : it0, istep, acc);
 
-    slice_sums<KIND, BLOCKS>(acc, split,
-                             [&](u32 o, float sum) { store_out<XF16, KIND, BLOCKS>(y, n, batch, split, blockIdx.x, o, sum); });
+    // Cross-slice reduction: lane holds (row 16m + gr, cols 8j + 2t, +1) in acc[m][j][0..1], row
+    // 16m + gr + 8 in [2..3].
+    constexpr int FR = MT * NT * 4;  // fragment registers per lane
+    __shared__ float red[WARPS][FR][32];
+#pragma unroll
+    for (int m = 0; m < MT; ++m)
+#pragma unroll
+        for (int j = 0; j < NT; ++j)
+#pragma unroll
+            for (int r = 0; r < 4; ++r) red[warp][(m * NT + j) * 4 + r][lane] = acc[m][j][r];
+    __syncthreads();
+    // thread -> (tile in block, fragment register idx, lane)
+    for (u32 o = threadIdx.x; o < tiles_per_block * FR * 32; o += WARPS * 32) {
+        const u32 tb = o / (FR * 32), rem = o % (FR * 32);
+        const u32 idx = rem >> 5, ln = rem & 31;
+        float sum = 0.f;
+        for (u32 w = 0; w < split; ++w) sum += red[tb * split + w][idx][ln];
+        const u32 m = idx / (NT * 4), j = (idx >> 2) % NT, r = idx & 3;
+        const u32 row = (blockIdx.x * tiles_per_block + tb) * 16 * MT + 16 * m + (ln >> 2) + (r >= 2 ? 8 : 0);
+        const u32 col = 8 * j + 2 * (ln & 3) + (r & 1);
+        if (row < n && col < batch) {
+            u16 out;
+            if (XF16) asm("cvt.rn.f16.f32 %0, %1;" : "=h"(out) : "f"(sum));
+            else asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(out) : "f"(sum));
+            y[(size_t)col * n + row] = out;
+        }
+    }
 }
 
 }  // namespace
@@ -953,23 +811,6 @@ exmy_gemv(const u8* __restrict__ payload, const void* __restrict__ ks, const u16
     static_assert(MODE < 4 || F16_OK, "fp16 operands (MODE 4, 5) need E <= 4");
     gemv<KIND, MODE, XF16, GM, BLOCKS>(payload, ks, x, y, n, k, stride, ngroups, g, gshift, batch, split,
                                        interleave);
-}
-
-// The GEMV launched balanced (gemv_balanced): a kernel of its own, so that the split kernels'
-// code and registers stay as they are. KIND: the batch 1..16 kinds without block barriers (nt1, nt2,
-// nt2w, nt1w, nt2q). parts: the slots, 2 x blocks x (a block's outputs: WARPS / split tiles x
-// FR x 32) floats, any contents; counts: one counter per group of WARPS / split tiles, zero before the
-// first launch (each launch leaves them zero).
-template <int KIND, int MODE, bool XF16, int GM, int BLOCKS>
-__global__ void __launch_bounds__(GEMV_WARPS * 32, BLOCKS)
-exmy_gemv_balanced(const u8* __restrict__ payload, const void* __restrict__ ks, const u16* __restrict__ x,
-                 u16* __restrict__ y, u32 n, u32 k, u32 stride, u32 ngroups, u32 g, int gshift, u32 batch,
-                 u32 split, u32 interleave, float* __restrict__ parts, u32* __restrict__ counts) {
-    static_assert(KIND == 1 || KIND == 2 || KIND >= 4, "balanced launches are for the kinds without block barriers");
-    static_assert(MODE >= 2 || (F16_OK && XF16), "fp16 operands (MODE 0, 1) need E <= 4 and fp16 x");
-    static_assert(MODE == 5 ? F16_OK : MODE != 4, "MODE 4 is for b1 / b1r; MODE 5 needs E <= 4");
-    gemv_balanced<KIND, MODE, XF16, GM, BLOCKS>(payload, ks, x, y, n, k, stride, ngroups, g, gshift, batch, split,
-                                                interleave, parts, counts);
 }
 
 // The routed GEMV of a mixture-of-experts projection (torch/experts.py): the weights of all
@@ -1068,7 +909,4 @@ exmy_x16_rows(const u16* __restrict__ x, u16* __restrict__ xh, u32 k, u32 batch)
     template __global__ void __VA_ARGS__(const u8*, const void*, const u16*, u16*, u32, u32, u32, u32, u32, \
                                          int, u32, u32, u32, const long long*, u32, unsigned long long,  \
                                          unsigned long long, u32);
-#define EXMY_GEMV_BALANCED_INSTANCE(...)                                                          \
-    template __global__ void __VA_ARGS__(const u8*, const void*, const u16*, u16*, u32, u32, u32, u32, u32, \
-                                         int, u32, u32, u32, float*, u32*);
 #define EXMY_X16_ROWS_INSTANCE(...) template __global__ void __VA_ARGS__(const u16*, u16*, u32, u32);

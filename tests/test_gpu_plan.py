@@ -168,21 +168,6 @@ def test_gemv_grid_covers_the_units():
     assert gpu._gemv_grid(1536, 16, 8, pairs=12) == (96, 12)   # routed: a grid row per pair
 
 
-def test_balanced_launch_is_one_wave_with_a_unit_per_block():
-    """A balanced launch (kernels/gemv.cu gemv_balanced) has the split's blocks, one wave of them (SMs x
-    blocks per SM), fewer where the launch has fewer (group of 8 / split tiles, iteration) units than
-    that; its parts are two slots of a block's sums per block (nt2q at split 2: 4 tiles x 4 x 2 x 4
-    floats per lane); a counter per group."""
-    fmt = get_format("e2m2")
-    nt2q, nt1 = GemvKernel("nt2q", 0, "F16", 0, 1, balanced=True), GemvKernel("nt1", 0, "F16", 0, 2, balanced=True)
-    assert nt2q.expression == "exmy_gemv_balanced<6, 0, true, 0, 1>" and nt2q.name.endswith("_nt2q_balanced")
-    # 8192 -> 28672 at split 2: 112 groups of 4 four-tile warps x 64 iterations, one block per SM
-    assert gpu.gemv_balanced_grid(28672, 8192, fmt, nt2q, 2, H100_SMS) == (132, 112, 2 * 132 * 4 * 32 * 32 * 4)
-    assert gpu.gemv_balanced_grid(28672, 8192, fmt, nt1, 8, H100_SMS) == (264, 1792, 2 * 264 * 1 * 4 * 32 * 4)
-    assert gpu.gemv_balanced_grid(16, 4096, fmt, nt1, 8, H100_SMS)[:2] == (32, 1)      # 32 iterations: 32 blocks
-    assert gpu.gemv_balanced_grid(100, 4096, fmt, nt1, 2, H100_SMS)[:2] == (64, 2)     # 2 groups of 64 rows
-
-
 def test_kernel_scales_are_complete_before_any_launch_reads_them(monkeypatch):
     """The derived scales are computed on CuPy's stream, which is waited for once per mode: a GEMV
     on torch's stream, or one launched early by programmatic dependent launch (it loads its scales

@@ -92,8 +92,7 @@ def gemv_builds() -> list[tuple[ExMy, list[GemvKernel]]]:
     with one scale per row for codes of other than 6 bits; the GPU tests force the others): fold,
     two, fold with aligned groups, bf16 operands, unaligned groups. For the named formats, also the
     routed copies (exmy_gemv_routed, MoE experts) of their batch-1 kernels with one scale per row or
-    aligned groups, and the balanced copies (exmy_gemv_balanced) of their batch 1..16 kernels with one
-    scale per row. Every gemv.cu build also has exmy_x16_rows (mode 5's conversion of x)."""
+    aligned groups. Every gemv.cu build also has exmy_x16_rows (mode 5's conversion of x)."""
     builds = []
     for fmt in all_formats() + [get_format(name) for name in GEMV_SHARED]:
         if fmt.name in NAMED or fmt.name == "e5m2":
@@ -109,9 +108,6 @@ def gemv_builds() -> list[tuple[ExMy, list[GemvKernel]]]:
         if fmt.name in NAMED + GEMV_SHARED:
             kernels += [replace(k, routed=True) for k in kernels if k.groups != 2 and k.mode != 3 and (
                 k.kind == "b1" or (k.kind == "b1r" and k.blocks == 2))]  # (routed b1r: 2 blocks per SM only)
-        if fmt.name in NAMED:
-            kernels += [replace(k, balanced=True, blocks=min(k.blocks, 2)) for k in gemv_instances(fmt)
-                        if k.kind in gpu.BALANCED_KINDS and k.groups == 0]
         builds.append((fmt, kernels))
     return builds
 
@@ -119,8 +115,7 @@ def gemv_builds() -> list[tuple[ExMy, list[GemvKernel]]]:
 def gemv_source(kernels: list[GemvKernel], path: Path) -> Path:
     """A source that builds `kernels` from kernels/gemv.cu (what NVRTC's name expressions do)."""
     lines = [f'#include "{KERNELS / "gemv.cu"}"'] + [
-        f"EXMY_GEMV_{'ROUTED_' if k.routed else 'BALANCED_' if k.balanced else ''}INSTANCE({k.expression})"
-        for k in kernels] + [
+        f"EXMY_GEMV_{'ROUTED_' if k.routed else ''}INSTANCE({k.expression})" for k in kernels] + [
         f"EXMY_X16_ROWS_INSTANCE(exmy_x16_rows<{gpu.X16_THREADS}>)"]
     path.write_text("\n".join(lines) + "\n")
     return path
@@ -147,7 +142,7 @@ def _jobs_for(tmp_path) -> list[tuple[Path, ExMy, Path, list[GemvKernel]]]:
 
 # ptxas --resource-usage of one exmy_gemv (or exmy_gemv_routed) instantiation (mangled:
 # exmy_gemvILi3ELi0ELb1ELi0ELi2E...)
-GEMV_USAGE = re.compile(r"Function properties for _Z\d+exmy_gemv(_routed|_balanced)?ILi(\d)ELi(\d)ELb([01])ELi(\d)ELi(\d)E\w*\n"
+GEMV_USAGE = re.compile(r"Function properties for _Z\d+exmy_gemv(_routed)?ILi(\d)ELi(\d)ELb([01])ELi(\d)ELi(\d)E\w*\n"
                         r"\s+\d+ bytes stack frame, (\d+) bytes spill stores.*\n.*Used (\d+) registers")
 
 
@@ -170,8 +165,6 @@ def spill_limit(fmt: ExMy, kernel: GemvKernel) -> int | None:
     (e3m2 spills 60 there); at most 8 for the routed kernels
     (exmy_gemv_routed keeps x, y and the scales at per-pair addresses in registers: 4 bytes for
     e3m2 b1r with groups); the others may spill a little."""
-    if kernel.balanced:  # (an experiment: measured, not tuned)
-        return None
     if kernel.routed:
         return 8 if fmt.name in NAMED + GEMV_SHARED and kernel.mode != 2 and kernel.groups != 2 else None
     if kernel.kind in ("nt1w", "nt2w"):

@@ -534,13 +534,12 @@ class GemvKernel:
     groups: int   # 0 one scale per row, 1 groups aligned to 32-element chunks, 2 unaligned
     blocks: int   # blocks per SM its registers are sized for: 1 (<= 255 registers), 2 (<= 128) or 3 (<= 80)
     routed: bool = False  # exmy_gemv_routed: batch-1 GEMVs of routed (token, expert) pairs (RoutedGemvLaunch)
-    balanced: bool = False  # exmy_gemv_balanced: the split's blocks dealt the work of the launch in one wave (gemv_balanced_grid)
 
     @property
     def expression(self) -> str:
         """The instantiation's C++ name, e.g. "exmy_gemv<3, 0, true, 0, 2>" (NVRTC name expression)."""
         xf16 = "true" if self.x_dtype == "F16" else "false"
-        entry = "exmy_gemv_routed" if self.routed else "exmy_gemv_balanced" if self.balanced else "exmy_gemv"
+        entry = "exmy_gemv_routed" if self.routed else "exmy_gemv"
         return f"{entry}<{GEMV_KINDS.index(self.kind)}, {self.mode}, {xf16}, {self.groups}, {self.blocks}>"
 
     @property
@@ -552,7 +551,7 @@ class GemvKernel:
         x = "x16" if self.x_dtype == "F16" else "xbf"
         groups = ("", "_g", "_ga")[self.groups]
         three = "_3blocks" if self.kind == "b1r" and self.blocks == 3 else ""
-        routed = "_routed" if self.routed else "_balanced" if self.balanced else ""
+        routed = "_routed" if self.routed else ""
         return f"exmy_gemv_{mode}_{x}_{self.kind}{groups}{three}{routed}"
 
 
@@ -660,22 +659,6 @@ def gemv_b1r_blocks(kernel: GemvKernel, grid: int, fmt: ExMy, sms: int) -> int:
     return 3 if fill(3) > fill(2) else 2
 
 
-BALANCED_KINDS = ("nt1", "nt2", "nt2w", "nt1w", "nt2q")  # the kinds a balanced launch is built for (no block barriers)
-
-
-def gemv_balanced_grid(n: int, k: int, fmt: ExMy, kernel: GemvKernel, split: int, sms: int) -> tuple[int, int, int]:
-    """(blocks, groups, bytes of parts) of a balanced launch (kernels/gemv.cu gemv_balanced) at `split`: one wave,
-    SMs x the blocks per SM of its build, fewer where the launch has fewer work units (group of GEMV_WARPS /
-    split tiles, iteration) than that (every block needs one); the parts: two slots of a block's sums
-    (its tiles' MT x NT x 4 floats per lane) per block."""
-    tile_rows, tiles = gemv_tile_rows(kernel.kind), GEMV_WARPS // split  # a warp's rows, a group's tiles
-    _, kstep = _gemv_shape(fmt, kernel.kind)
-    groups = -(-n // (tile_rows * tiles))
-    blocks = min(sms * kernel.blocks, groups * -(-k // (32 * kstep)))
-    fragment = (tile_rows // GEMV_ROWS) * (2 if kernel.kind in ("nt2", "nt2w", "nt2q") else 1) * 4 * 32  # floats
-    return blocks, groups, 2 * blocks * tiles * fragment * 4
-
-
 GEMV_INTERLEAVE = 1  # K slices of a tile take alternate iterations (1) or contiguous runs (0)
 
 
@@ -728,23 +711,19 @@ class _GemvLaunchShape:
     split: int
     interleave: int
     x16: object = None  # mode 5: exmy_x16_rows (cupy RawKernel), launched first with grid (batch,)
-    parts_bytes: int = 0  # balanced launches: their parts (workspace), and a counter per group of tiles
-    groups: int = 0
 
-    def args(self, weight: "GpuWeight", x, y, batch: int, scales=None, parts=0, counts=0) -> tuple:
-        """exmy_gemv's arguments (scales: the kernel scales, default the weight's own); for a balanced launch
-        exmy_gemv_balanced's, which end in the parts and the counters."""
+    def args(self, weight: "GpuWeight", x, y, batch: int, scales=None) -> tuple:
+        """exmy_gemv's arguments (scales: the kernel scales, default the weight's own)."""
         scales = weight.kernel_scales(self.kernel.mode) if scales is None else scales
-        head = (weight.payload, scales, x, y, np.uint32(weight.n),
+        return (weight.payload, scales, x, y, np.uint32(weight.n),
                 np.uint32(weight.k), np.uint32(weight.payload.strides[0]), np.uint32(weight.ngroups),
-                np.uint32(weight.group_size), np.int32(_gshift(weight)), np.uint32(batch))
-        tail = (np.uint32(self.split), np.uint32(self.interleave))
-        return head + tail + ((parts, counts) if self.kernel.balanced else ())
+                np.uint32(weight.group_size), np.int32(_gshift(weight)), np.uint32(batch),
+                np.uint32(self.split), np.uint32(self.interleave))
 
 
 def _gemv_launch_shape(weight: "GpuWeight", x_dtype: str, batch: int, split: int | None = None,
                        interleave: int | None = None, defines: tuple = (), blocks: int | None = None,
-                       kind: str | None = None, pairs: int = 0, mode: int | None = None, balanced: bool = False):
+                       kind: str | None = None, pairs: int = 0, mode: int | None = None):
     """pairs > 0: the routed kernel for that many (token, expert) pairs of batch 1, one grid row each;
     its kernel and split are the single GEMV's, so that each pair's row is the same computation bit for bit."""
     if not 1 <= batch <= MAX_BATCH:
@@ -765,15 +744,7 @@ def _gemv_launch_shape(weight: "GpuWeight", x_dtype: str, batch: int, split: int
     rows = gemv_tile_rows(kernel.kind)
     split = split or gemv_split(weight.n, weight.k, weight.fmt, kernel.kind, rows, kernel.mode)
     interleave = GEMV_INTERLEAVE if interleave is None else int(interleave)
-    grid, parts_bytes, groups = _gemv_grid(weight.n, rows, split, pairs), 0, 0
-    if balanced:
-        if kernel.kind not in BALANCED_KINDS or pairs:
-            raise ExmyError(f"balanced launches are for the kinds {', '.join(BALANCED_KINDS)}, not {kernel.name}")
-        # (built for <= 2 blocks per SM: at 80 registers the bookkeeping spills)
-        kernel = replace(kernel, balanced=True, blocks=int(blocks or min(kernel.blocks, 2)))
-        sms = sm_count(_cupy().cuda.Device().id)
-        wave, groups, parts_bytes = gemv_balanced_grid(weight.n, weight.k, weight.fmt, kernel, split, sms)
-        grid = (wave,)
+    grid = _gemv_grid(weight.n, rows, split, pairs)
     if kernel.kind == "b1r":  # (routed: the 128-register build; at 80 the per-pair addresses spill)
         sms = sm_count(_cupy().cuda.Device().id)
         blocks = blocks or (2 if pairs else gemv_b1r_blocks(kernel, grid[0], weight.fmt, sms))
@@ -789,7 +760,7 @@ def _gemv_launch_shape(weight: "GpuWeight", x_dtype: str, batch: int, split: int
     if smem + fn.shared_size_bytes > 48 * 1024 and fn.max_dynamic_shared_size_bytes < smem:
         fn.max_dynamic_shared_size_bytes = smem
     x16 = x16_rows_function(weight.fmt) if kernel.mode == 5 else None
-    return _GemvLaunchShape(kernel, fn, grid, smem, split, interleave, x16, parts_bytes, groups)
+    return _GemvLaunchShape(kernel, fn, grid, smem, split, interleave, x16)
 
 
 class GemvPlan:
@@ -797,24 +768,19 @@ class GemvPlan:
 
     def __init__(self, xc, x_dtype: str, weight: GpuWeight, y, stream, split: int | None = None,
                  interleave: int | None = None, defines: tuple = (), overlap: bool = False,
-                 blocks: int | None = None, kind: str | None = None, mode: int | None = None, balanced: bool = False):
+                 blocks: int | None = None, kind: str | None = None, mode: int | None = None):
         batch = int(xc.shape[0])
         if xc.shape[1] != weight.k:
             raise ExmyError(f"x has {xc.shape[1]} columns; the weight needs {weight.k}")
-        shape = _gemv_launch_shape(weight, x_dtype, batch, split, interleave, defines, blocks, kind, mode=mode,
-                                   balanced=balanced)
+        shape = _gemv_launch_shape(weight, x_dtype, batch, split, interleave, defines, blocks, kind, mode=mode)
         self.kernel, self.fn, self.grid, self.smem = shape.kernel, shape.fn, shape.grid, shape.smem
         self.split, self.interleave = shape.split, shape.interleave
         self.x16 = None  # mode 5: (exmy_x16_rows, its grid, its arguments), launched first
-        cupy = _cupy()
         if shape.x16 is not None:
-            work = cupy.empty(x16_work_bytes(batch, weight.k), dtype=np.uint8)
+            work = _cupy().empty(x16_work_bytes(batch, weight.k), dtype=np.uint8)
             self.x16 = (shape.x16, (batch,), (xc, work, np.uint32(weight.k), np.uint32(batch)))
             xc = work
-        # balanced launch: the parts and the group counters (zero once; every launch leaves them zero)
-        self._balance_work = (cupy.empty(shape.parts_bytes, dtype=np.uint8), cupy.zeros(shape.groups, dtype=np.uint32)) \
-            if shape.kernel.balanced else (0, 0)
-        self.args = shape.args(weight, xc, y, batch, None, *self._balance_work)
+        self.args = shape.args(weight, xc, y, batch)
         self.stream = stream
         # overlap: programmatic dependent launch (exmyconv.cuda.launch): the weight loads start while
         # the kernel before is still running; x and y are touched only after it has finished
@@ -853,24 +819,19 @@ class GemvLaunch:
     >= 9.0) the launch uses programmatic dependent launch (exmyconv.cuda.launch), which is also valid
     inside CUDA-graph capture."""
 
-    PAYLOAD_ARG, SCALES_ARG, X_ARG, Y_ARG, PARTS_ARG = 0, 1, 2, 3, 13  # positions among the kernel's arguments
+    PAYLOAD_ARG, SCALES_ARG, X_ARG, Y_ARG = 0, 1, 2, 3  # positions among the kernel's arguments
 
-    def __init__(self, weight: GpuWeight, x_dtype: str, batch: int, overlap: bool = False, balanced: bool = False):
+    def __init__(self, weight: GpuWeight, x_dtype: str, batch: int, overlap: bool = False):
         from .launch import Launch
 
-        shape = _gemv_launch_shape(weight, x_dtype, batch, balanced=balanced)
+        shape = _gemv_launch_shape(weight, x_dtype, batch)
         self.kernel = shape.kernel
         self._weight = weight  # keeps the payload and the kernel's scales alive
-        # balanced launch: the group counters are this object's (so one launch of it runs at a time, as on
-        # one stream), the parts come from the caller's workspace after mode 5's x
-        self._counts = _cupy().zeros(shape.groups, dtype=np.uint32) if shape.kernel.balanced else None
-        counts = 0 if self._counts is None else self._counts.data.ptr
-        self._launch = Launch(shape.fn, shape.grid, (GEMV_WARPS * 32,), shape.args(weight, 0, 0, batch, None, 0, counts),
+        self._launch = Launch(shape.fn, shape.grid, (GEMV_WARPS * 32,), shape.args(weight, 0, 0, batch),
                               shape.smem, pdl=overlap)
         self._x16 = None if shape.x16 is None else Launch(
             shape.x16, (batch,), (X16_THREADS,), (0, 0, np.uint32(weight.k), np.uint32(batch)), pdl=overlap)
-        self._parts_at = 0 if shape.x16 is None else x16_work_bytes(batch, weight.k)
-        self.work_bytes = self._parts_at + shape.parts_bytes
+        self.work_bytes = 0 if shape.x16 is None else x16_work_bytes(batch, weight.k)
 
     def move_weight(self, payload_ptr: int, scales_ptr: int) -> None:
         """Point the launch at another weight of the same shape, format and kernel (e.g. another
@@ -882,11 +843,9 @@ class GemvLaunch:
     def __call__(self, x_ptr: int, y_ptr: int, stream_handle: int, work_ptr: int = 0) -> None:
         if x_ptr % 16 or work_ptr % 16:
             raise ExmyError("the GEMV reads x in 16-byte words: its address (and the workspace's) must be 16-byte aligned")
-        if self.work_bytes and not work_ptr:
-            raise ExmyError(f"this GEMV launch ({self.kernel.name}) needs a workspace of {self.work_bytes} bytes")
-        if self._counts is not None:
-            self._launch.set_pointer(self.PARTS_ARG, work_ptr + self._parts_at)
         if self._x16 is not None:
+            if not work_ptr:
+                raise ExmyError(f"this GEMV launch ({self.kernel.name}) needs a workspace of {self.work_bytes} bytes")
             self._x16.set_pointer(0, x_ptr)
             self._x16.set_pointer(1, work_ptr)
             self._x16(stream_handle)
@@ -946,7 +905,6 @@ def gemv_plan(x, weight: GpuWeight, out, x_dtype: str | None = None, **tuning) -
     build's registers are sized for, instead of gemv_blocks / gemv_b1r_blocks),
     defines=("GEMV_CPT=4", ...; b1 sizes its staged x by GEMV_CPT), kind="nt1"|"nt1w"
     (batch 1..8) or "nt2"|"nt2w"|"nt2q" (batch 9..16), instead of the host's choice (gemv_kernel),
-    balanced=True (the balanced launch of those kinds, gemv_balanced_grid),
     mode=3|4|5 (bf16 x and one scale per row: mode 3 instead of the host's mode 4 (b1, b1r) or 5, or back).
     overlap=True launches with programmatic dependent launch (exmyconv.cuda.launch): only where the
     weights are not written by the kernel just before (always so for model weights)."""
