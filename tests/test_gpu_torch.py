@@ -133,6 +133,28 @@ def test_cupy_view_of_torchs_stream():
     assert float(b.min()) == 2.0
 
 
+def test_torch_stream_is_torchs_current_stream():
+    """cuda.launch.torch_stream (the raw handle every layer call launches on) is torch's current stream:
+    the default one, a side stream under ``torch.cuda.stream``, the capturing stream of a CUDA graph,
+    for a device given with and without its index."""
+    import torch
+
+    from exmyconv.cuda.launch import torch_stream
+
+    dev = torch.device("cuda", torch.cuda.current_device())
+    for device in (dev, torch.device("cuda"), None):
+        assert torch_stream(device) == torch.cuda.current_stream(dev).cuda_stream
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        assert torch_stream(dev) == side.cuda_stream != torch.cuda.default_stream(dev).cuda_stream
+    graph, seen = torch.cuda.CUDAGraph(), []
+    x = torch.zeros(8, device="cuda")
+    with torch.cuda.graph(graph):
+        seen.append((torch_stream(dev), torch.cuda.current_stream(dev).cuda_stream))
+        x += 1
+    assert seen[0][0] == seen[0][1]
+
+
 def test_more_rows_run_on_torchs_stream_and_in_a_graph(rng):
     """More than 16 rows (dequantize + F.linear): the dequantization runs on torch's current stream, so
     a forward on a side stream and a CUDA-graph capture (which refuses launches on other streams)

@@ -193,6 +193,7 @@ class _Linear:
         if self.fmt == FP16:
             return F.linear(x, self.w) if out is None else torch.mm(x, self.w.t(), out=out)
         from ..cuda import gpu
+        from ..cuda.launch import torch_stream
         from ..torch.linear import call_gemv
 
         if out is None:
@@ -204,7 +205,7 @@ class _Linear:
         if launch is None:  # prepared once per batch: a call passes only x, out and the stream
             launch = self._launches[key] = gpu.GemvLaunch(
                 self.w, "F16" if x.dtype == torch.float16 else "BF16", x.shape[0], overlap=self.overlap)
-        call_gemv(launch, x.data_ptr(), out.data_ptr(), x.device, torch.cuda.current_stream(x.device).cuda_stream)
+        call_gemv(launch, x.data_ptr(), out.data_ptr(), x.device, torch_stream(x.device))
         return out
 
 
@@ -254,11 +255,10 @@ class LlamaOps:
         self._attend_work = {}  # rope_attend: (row x KV heads, g, hd, max_len) -> (chunk, splits, work, count)
 
     def _stream(self):
-        import torch
-
         from ..cuda import gpu
+        from ..cuda.launch import torch_stream
 
-        handle = torch.cuda.current_stream(self.device).cuda_stream
+        handle = torch_stream(self.device)
         s = self._streams.get(handle)
         if s is None:
             s = self._streams[handle] = gpu.cupy_stream(handle)

@@ -437,9 +437,9 @@ def cupy_stream(handle: int):
 
 def _stream_of(x):
     if _is_torch(x):
-        import torch
+        from .launch import torch_stream
 
-        return cupy_stream(torch.cuda.current_stream(x.device).cuda_stream)
+        return cupy_stream(torch_stream(x.device))
     return _cupy().cuda.get_current_stream()
 
 

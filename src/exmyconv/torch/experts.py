@@ -54,6 +54,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import cuda
+from ..cuda.launch import torch_stream
 from ..errors import ExmyError
 from ..format.exmy import ExMy, get_format
 from ..format.pack import row_bytes
@@ -237,7 +238,7 @@ class ExmyExperts(nn.Module):
         if first is None or second is None:
             return None
         ids = top_k_index.reshape(-1).to(torch.int64).contiguous()
-        stream = torch.cuda.current_stream(x.device).cuda_stream
+        stream = torch_stream(x.device)
         h2 = torch.empty((pairs, 2 * self.intermediate_dim), dtype=dtype, device=x.device)
         first(ids.data_ptr(), x.data_ptr(), h2.data_ptr(), stream)
         gate, up = h2.chunk(2, dim=-1)
@@ -269,7 +270,7 @@ class ExmyExperts(nn.Module):
         packed, scale = self._buffers[name + "_packed"], self._kernel_scale(name)
         x = x.contiguous()
         y = torch.empty((x.shape[0], w.n), dtype=x.dtype, device=x.device)
-        stream = torch.cuda.current_stream(x.device).cuda_stream
+        stream = torch_stream(x.device)
         gemv = self._stacked_gemv(name)
         x_row, y_row = x.shape[1] * x.element_size(), w.n * y.element_size()
         for expert, start, end in segments:

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import cuda
-from ..cuda.launch import PDL_CAPABILITY
+from ..cuda.launch import PDL_CAPABILITY, torch_stream
 from ..errors import ExmyError
 from ..format.exmy import ExMy, get_format
 from ..format.pack import row_bytes
@@ -323,7 +323,7 @@ def run_gemv(launch, x: torch.Tensor, n: int) -> torch.Tensor:
     if not x.is_contiguous() or x.data_ptr() % 16:
         x = x.clone(memory_format=torch.contiguous_format)
     y = torch.empty((*x.shape[:-1], n), dtype=x.dtype, device=x.device)
-    call_gemv(launch, x.data_ptr(), y.data_ptr(), x.device, torch.cuda.current_stream(x.device).cuda_stream)
+    call_gemv(launch, x.data_ptr(), y.data_ptr(), x.device, torch_stream(x.device))
     return y
 
 

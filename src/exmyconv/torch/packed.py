@@ -44,6 +44,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import cuda
+from ..cuda.launch import torch_stream
 from ..errors import ExmyError
 from ..format.exmy import ExMy, get_format
 from ..format.pack import pack_codes, row_bytes
@@ -168,7 +169,7 @@ class _CudaState:
         """The weight dequantized into the shared scratch buffer, on torch's current stream."""
         n, k = self.spec.n, self.spec.k
         w = _scratch(self.device, dtype, n * k)[: n * k].view(n, k)
-        stream = _stream(self.device)
+        stream = torch_stream(self.device)
         key = (dtype, w.data_ptr(), stream)
         plan = self.dequant.get(key)
         if plan is None:
@@ -186,10 +187,6 @@ class _CudaState:
 
 _SCRATCH: dict = {}  # (device index, dtype) -> 1-D tensor
 _LOCK = threading.Lock()
-
-
-def _stream(device: torch.device) -> int:
-    return torch.cuda.current_stream(device).cuda_stream
 
 
 def _scratch(device: torch.device, dtype: torch.dtype, numel: int) -> torch.Tensor:
