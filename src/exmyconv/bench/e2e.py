@@ -333,7 +333,7 @@ class LlamaOps:
             sms = torch.cuda.get_device_properties(self.device).multi_processor_count
             most = max(1, 2 * sms // (b * hkv))
             # (at most 128 positions in one block: merging splits cost more than it saved there)
-            chunk = max(128, -(-(-(-max_len // most)) // 16) * 16)
+            chunk = max(128, -(-max_len // (16 * most)) * 16)  # ceil(max_len / most), up to a multiple of 16
             splits = -(-max_len // chunk)
             work = torch.empty(b * hkv * splits * (hq // hkv) * (hd + 2), device=self.device, dtype=torch.float32)
             count = torch.zeros(b * hkv, device=self.device, dtype=torch.int32)
