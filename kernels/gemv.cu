@@ -39,9 +39,9 @@
 //                        (it rounds in fp16; a contribution far below y's bf16 rounding). The host takes it
 //                        for bf16 x and E <= 4 at batch 1.
 //   MODE 5 (bf16 x, fp16 operands; one scale per row): MODE 4 with the conversion done before the
-//                        GEMV, once per launch, by exmy_x16_rows: x arrives as fp16 numbers x * 2^s_b,
-//                        s_b chosen from row b's largest |x|, and after the rows (at byte
-//                        x16_factors_offset) the float 2^-s_b of each row. The weights take the free fp16
+//                        GEMV, once per launch, by exmy_x_tiles: x arrives as x tiles of fp16 numbers
+//                        x * 2^s_b, s_b chosen from row b's largest |x|, and after the tiles (at byte
+//                        x_tile_factors) the float 2^-s_b of each row. The weights take the free fp16
 //                        decode, and the sums of column b are multiplied by scale * 2^(15-bias) * 2^-s_b:
 //                        MODE 3's bits under MODE 4's condition, per row. The host takes it for bf16 x and
 //                        E <= 4 at batch 2..16 on large layers (cuda/gpu.py X16_MIN_WEIGHTS: the second
@@ -49,7 +49,7 @@
 //                        than it saved.
 // x of the other 16-bit type is converted once per load (MODE 2 with fp16 x: x rounded to bf16).
 //
-// One kernel template, exmy_gemv<KIND, MODE, XF16, GM, BLOCKS> (at the end); the host picks the
+// One kernel template, exmy_gemv<KIND, MODE, XF16, GM, BLOCKS, XT> (at the end); the host picks the
 // instantiation and compiles it alone (cuda/gpu.py GemvKernel). Compile with -DEXMY_E, -DEXMY_M
 // (and optionally -DEXMY_SHARE, -DGEMV_WARPS, -DGEMV_XWIN, -DGEMV_CPT, -DGEMV_PP; -DGEMV_DIAG builds
 // knock-outs for timing where there are no hardware counters: scripts/sweep-gemv-kinds --variants
@@ -250,8 +250,18 @@ __device__ __forceinline__ float pow2f(int s) { return __uint_as_float((u32)(127
 __device__ __forceinline__ float unpow2f(int s) {
     return s == 127 ? __uint_as_float(0x00400000u) : __uint_as_float((u32)(127 - s) << 23);
 }
-// MODE 5: where exmy_x16_rows puts the rows' factors 2^-s_b, in bytes after x (16-byte aligned)
-__device__ __forceinline__ size_t x16_factors_offset(u32 batch, u32 k) { return ((size_t)batch * k * 2 + 15) / 16 * 16; }
+// x tiles (XT; written by exmy_x_tiles): x of batch rows 0 .. 8*nt-1 in the order the batch 2..16 kinds
+// take it, so that each 16-byte x load of a warp reads 512 consecutive bytes (4 cache lines; from x's
+// rows it touches 16). Per iteration of 4 chunks (128 elements) and per 8 batch rows (an mma column
+// tile j) a 2 KB block; in it, lane (g, t)'s 16 pair words of chunk 4i + t, batch row 8j + g, in the
+// mma's pair order (pair p = elements pair_elem(p, 0), pair_elem(p, 1)), as four 16-byte words v =
+// 0..3 (pairs 4v .. 4v+3) 512 bytes apart. Rows past the batch and elements past K are zeros.
+// x_tile_word: the 32-bit word of chunk q, batch row b where its pairs 0..3 start.
+__device__ __forceinline__ size_t x_tile_word(u32 q, u32 b, u32 nt) {
+    return ((size_t)(q >> 2) * nt + (b >> 3)) * 512 + ((b & 7) * 4 + (q & 3)) * 4;
+}
+// MODE 5: where exmy_x_tiles puts the rows' factors 2^-s_b (a float per batch row), in bytes after the tiles
+__device__ __forceinline__ size_t x_tile_factors(u32 k, u32 nt) { return (size_t)((k + 127) / 128) * nt * 2048; }
 
 __device__ __forceinline__ float f16_to_f32(u32 bits) {
     float f;
@@ -301,7 +311,7 @@ __device__ __forceinline__ void park_x(uint4 v, u32 lane, u32* win, u32* raw, fl
 // GM: 0 = one scale per row, 1 = scale groups aligned to chunks, 2 = not aligned (per element).
 // With fp16 operands and one scale per row the mma multiplies the raw decoded values
 // (v * 2^(bias-15), exact in fp16) and the float32 result is scaled once at the end (EPI).
-template <int KIND, int MODE, bool XF16, int GM, int BLOCKS>
+template <int KIND, int MODE, bool XF16, int GM, int BLOCKS, bool XT>
 __device__ __forceinline__ void gemv_warp(const u8* __restrict__ payload, const void* __restrict__ ks,
                                           const u16* __restrict__ x, const u32* __restrict__ xs, u32 n, u32 k,
                                           u32 stride, u32 ngroups, u32 g, int gshift, u32 batch,
@@ -320,6 +330,9 @@ __device__ __forceinline__ void gemv_warp(const u8* __restrict__ payload, const 
     static_assert(MODE != 5 || (GM == 0 && !XF16), "MODE 5 is for bf16 models (x given as scaled fp16) and one scale per row");
     static_assert(MODE != 4 || (GM == 0 && (KIND == 0 || KIND == 3) && !XF16),
                   "MODE 4 is b1 / b1r with bf16 x and one scale per row");
+    static_assert(!XT || (KIND != 0 && KIND != 3 && KSTEP == 4 && (MODE <= 1 || MODE == 5)),
+                  "x tiles: the batch 2..16 kinds with fp16 operands (x fp16, or MODE 5's scaled bf16)");
+    static_assert(MODE != 5 || XT, "MODE 5 takes x from exmy_x_tiles");
     typedef typename ScaleT<MODE>::type S;
     const u32 lane = threadIdx.x & 31;
     const u32 gr = lane >> 2, t = lane & 3;     // mma groupID / thread-in-group
@@ -364,6 +377,16 @@ __device__ __forceinline__ void gemv_warp(const u8* __restrict__ payload, const 
         // xs[q * XS_STRIDE + p], zeros past K) or, in the b1r main loop, the warp's window
         if (XS || (XWIN && !checked)) {
             lds_chunk(xw[0], XS ? xs + q * XS_STRIDE : xwin + (q - xbase) * XS_STRIDE);
+            return;
+        }
+        if (XT) {  // x tiles: pair words in order, zeros past K and the batch (no checks, no clamps)
+#pragma unroll
+            for (int j = 0; j < NT; ++j)
+#pragma unroll
+                for (int v = 0; v < 4; ++v) {
+                    const uint4 r = ld_x16((const u16*)((const u32*)x + x_tile_word(q, gr + 8 * j, NT) + 128 * v));
+                    xw[j][4 * v] = r.x; xw[j][4 * v + 1] = r.y; xw[j][4 * v + 2] = r.z; xw[j][4 * v + 3] = r.w;
+                }
             return;
         }
         const u32 qx = q < nq ? q : nq - 1;  // past K the weights are zero: any finite x will do
@@ -460,7 +483,7 @@ __device__ __forceinline__ void gemv_warp(const u8* __restrict__ payload, const 
                 constexpr u32 SEL[2] = {0x5410u, 0x7632u};  // lane 0 of both words / lane 1 of both
                 const int p0 = pair_elem(2 * e, 0), q0 = pair_elem(2 * e, 1);
                 const int p1 = pair_elem(2 * e + 1, 0), q1 = pair_elem(2 * e + 1, 1);
-                const bool paired = XS || (XWIN && !checked);  // x from a staging: pair words in order
+                const bool paired = XS || XT || (XWIN && !checked);  // x staged or tiled: pair words in order
                 const u32 b0 = paired ? xw[j][2 * e] : prmt(xw[j][p0 >> 1], xw[j][q0 >> 1], SEL[p0 & 1]);
                 const u32 b1 = paired ? xw[j][2 * e + 1] : prmt(xw[j][p1 >> 1], xw[j][q1 >> 1], SEL[p1 & 1]);
 #pragma unroll
@@ -685,15 +708,15 @@ __device__ __forceinline__ void gemv_warp(const u8* __restrict__ payload, const 
         }
     }
 
-    if constexpr (MODE == 5) {  // float row scales times 2^(15-bias) times the column's 2^-s_b (exmy_x16_rows)
+    if constexpr (MODE == 5) {  // float row scales times 2^(15-bias) times the column's 2^-s_b (exmy_x_tiles)
         const float p15 = __uint_as_float(POW2_15_BITS);
-        const float* un = (const float*)((const char*)x + x16_factors_offset(batch, k));
+        const float* un = (const float*)((const char*)x + x_tile_factors(k, NT));
 #pragma unroll
         for (int j = 0; j < NT; ++j)
 #pragma unroll
             for (int c = 0; c < 2; ++c) {  // acc[.][j][c] and [2 + c]: column 8j + 2t + c
                 const u32 col = 8 * j + 2 * t + c;
-                const float f = un[col < batch ? col : batch - 1];
+                const float f = un[col];  // (columns past the batch: their sums are zeros, never written)
 #pragma unroll
                 for (int m = 0; m < MT; ++m) {  // exact: powers of two (fmul_rn keeps a subnormal 2^-127)
                     acc[m][j][c] = fmul_rn(acc[m][j][c], fmul_rn(fmul_rn(rsa[m], p15), f));
@@ -726,7 +749,7 @@ __device__ __forceinline__ void gemv_warp(const u8* __restrict__ payload, const 
 // Block = WARPS warps = (WARPS / split) warp tiles of 16*MT rows x `split` K slices (split in 1,2,4,8).
 // interleave = 0: slice s takes a contiguous run of iterations; 1: iterations s, s+split, ...
 // (the split warps of a tile then read neighbouring bytes of the same rows at the same time).
-template <int KIND, int MODE, bool XF16, int GM, int BLOCKS>
+template <int KIND, int MODE, bool XF16, int GM, int BLOCKS, bool XT>
 __device__ __forceinline__ void gemv(const u8* __restrict__ payload, const void* __restrict__ ks,
                                      const u16* __restrict__ x, u16* __restrict__ y, u32 n, u32 k,
                                      u32 stride, u32 ngroups, u32 g, int gshift, u32 batch, u32 split,
@@ -756,7 +779,7 @@ __device__ __forceinline__ void gemv(const u8* __restrict__ payload, const void*
         for (int j = 0; j < NT; ++j) acc[m][j][0] = acc[m][j][1] = acc[m][j][2] = acc[m][j][3] = 0.f;
     extern __shared__ uint4 xs_dyn[];  // batch-1 kernels: x staged by the block (see gemv_warp)
     // every warp takes part (the x staging has a block barrier); warps past the last row do no work
-    gemv_warp<KIND, MODE, XF16, GM, BLOCKS>(payload, ks, x, (u32*)xs_dyn, n, k, stride, ngroups, g, gshift,
+    gemv_warp<KIND, MODE, XF16, GM, BLOCKS, XT>(payload, ks, x, (u32*)xs_dyn, n, k, stride, ngroups, g, gshift,
                                             batch, row0 < n ? row0 : n - 1, it0, row0 < n ? it1 : it0, istep, acc);
 
     // Cross-slice reduction: lane holds (row 16m + gr, cols 8j + 2t, +1) in acc[m][j][0..1], row
@@ -793,15 +816,17 @@ __device__ __forceinline__ void gemv(const u8* __restrict__ payload, const void*
 // The GEMV kernel. KIND: 0 b1, 1 nt1, 2 nt2, 3 b1r, 4 nt2w, 5 nt1w, 6 nt2q (Cfg). MODE: 0 fp16 operands with the scale
 // folded, 1 fp16 operands in two steps, 2 bf16 operands, 3 bf16 operands with the row scale after
 // the mma (one scale per row), 4 bf16 x as scaled fp16 (b1, b1r; see the top), 5 x given as scaled fp16
-// by exmy_x16_rows (y bf16; see the top). XF16: x and y are fp16, else
+// by exmy_x_tiles (y bf16; see the top). XF16: x and y are fp16, else
 // bf16. GM: 0 one scale per row, 1 scale groups aligned to 32-element chunks, 2 not aligned (a
 // scale per element, slower). BLOCKS: blocks per SM the register budget is sized for, 3 (<= 80
 // registers) or 2 (<= 128); the host takes 3 for the b1 and nt1 fp16-operand kernels with one scale
 // per row and codes of <= 5 bits (no spills), and for b1r where that fills the last wave of blocks
-// better (cuda/gpu.py gemv_blocks, gemv_b1r_blocks).
+// better (cuda/gpu.py gemv_blocks, gemv_b1r_blocks). XT: x comes as x tiles written by exmy_x_tiles
+// just before (x_tile_word; any batch 2..16 kind with fp16 operands; the host takes them at batch
+// 9..16 and always in MODE 5: cuda/gpu.py gemv_tiled).
 // The host instantiates the one kernel it launches by name through NVRTC (cuda/gpu.py GemvKernel:
-// e.g. exmy_gemv<3, 0, true, 0, 2>), so every compilation builds a single kernel (less NVRTC time).
-template <int KIND, int MODE, bool XF16, int GM, int BLOCKS>
+// e.g. exmy_gemv<3, 0, true, 0, 2, false>), so every compilation builds a single kernel (less NVRTC time).
+template <int KIND, int MODE, bool XF16, int GM, int BLOCKS, bool XT>
 __global__ void __launch_bounds__(GEMV_WARPS * 32, BLOCKS)
 exmy_gemv(const u8* __restrict__ payload, const void* __restrict__ ks, const u16* __restrict__ x,
           u16* __restrict__ y, u32 n, u32 k, u32 stride, u32 ngroups, u32 g, int gshift, u32 batch,
@@ -809,8 +834,8 @@ exmy_gemv(const u8* __restrict__ payload, const void* __restrict__ ks, const u16
     // fp16 operands hold the raw code values as fp16 numbers: E = 5 would fill the fp16 exponent field
     static_assert(MODE >= 2 || (F16_OK && XF16), "fp16 operands (MODE 0, 1) need E <= 4 and fp16 x");
     static_assert(MODE < 4 || F16_OK, "fp16 operands (MODE 4, 5) need E <= 4");
-    gemv<KIND, MODE, XF16, GM, BLOCKS>(payload, ks, x, y, n, k, stride, ngroups, g, gshift, batch, split,
-                                       interleave);
+    gemv<KIND, MODE, XF16, GM, BLOCKS, XT>(payload, ks, x, y, n, k, stride, ngroups, g, gshift, batch, split,
+                                           interleave);
 }
 
 // The routed GEMV of a mixture-of-experts projection (torch/experts.py): the weights of all
@@ -843,65 +868,107 @@ exmy_gemv_routed(const u8* __restrict__ payload, const void* __restrict__ ks, co
         for (u32 r = r0 + threadIdx.x; r < r0 + rows && r < n; r += WARPS * 32) y[r] = 0;  // +0 in fp16 and bf16
         return;
     }
-    gemv<KIND, MODE, XF16, GM, BLOCKS>(payload + (size_t)e * expert_bytes,
+    gemv<KIND, MODE, XF16, GM, BLOCKS, false>(payload + (size_t)e * expert_bytes,
                                        (const char*)ks + (size_t)e * expert_scale_bytes, x + (size_t)(p / x_div) * k,
                                        y, n, k, stride, ngroups, g, gshift, 1, split, interleave);
 }
 
-// MODE 5's x: row b of bf16 x [batch, k] (block b) as fp16 x * 2^s_b into xh [batch, k], s_b =
-// x16_shift of the row's largest |x|, and 2^-s_b as a float at byte x16_factors_offset(batch, k) of xh.
-// Rows of up to 8 * THREADS * HELD elements (16-byte aligned) are read once, every load issued before
-// the block's reduction, and converted from registers: one memory round trip, which is the kernel's
-// whole cost at these sizes. Longer or unaligned rows take a second pass (from cache). A template only
-// so that the host builds it by name alone, like exmy_gemv (THREADS: the block size it is launched with).
-template <int THREADS>
+// x tiles (see x_tile_word) for the batch 2..16 kinds: block b writes batch row b of the tiles (zeros
+// for b >= batch; the grid is 8 * nt blocks, nt = 1 for batch <= 8, else 2). A thread takes whole
+// chunks, loads x's 64 bytes of each, puts their elements in pair order (one PRMT per pair word) and
+// stores them where the GEMV's lanes load them. SCALED (MODE 5, bf16 x): the words are bf16, and
+// converted to fp16 x * 2^s_b, s_b = x16_shift of the row's largest |x|; 2^-s_b goes as a float to byte
+// x_tile_factors(k, nt) + 4b. Rows of up to HELD * THREADS chunks are read once, every load issued
+// before the block's reduction (one memory round trip: the kernel's whole cost at these sizes); longer
+// rows take a second pass (from cache). A template only so that the host builds it by name alone,
+// like exmy_gemv (THREADS: the block size it is launched with).
+template <int THREADS, bool SCALED>
 __global__ void __launch_bounds__(THREADS)
-exmy_x16_rows(const u16* __restrict__ x, u16* __restrict__ xh, u32 k, u32 batch) {
-    constexpr int HELD = 8;  // 16-byte words of x per thread kept in registers
+exmy_x_tiles(const u16* __restrict__ x, u32* __restrict__ xt, u32 k, u32 batch) {
+    constexpr int HELD = 2;  // chunks per thread kept in registers
     pdl_wait();     // x may be the previous kernel's output
-    pdl_release();  // the GEMV may start its weight loads; it waits for this grid before it reads xh
-    const u16* xb = x + (size_t)blockIdx.x * k;
-    u16* hb = xh + (size_t)blockIdx.x * k;
-    const bool held = (k % 8) == 0 && k <= 8u * THREADS * HELD;  // (k % 8: rows 16-byte aligned)
-    constexpr u32 MAG = 0x7FFF7FFFu;  // magnitude bits of a bf16 pair (sign bits cleared)
-    u32 m2 = 0;
-    uint4 r[HELD];
-    if (held) {
+    pdl_release();  // the GEMV may start its weight loads; it waits for this grid before it reads the tiles
+    const u32 b = blockIdx.x, nt = gridDim.x / 8;
+    const u32 nq = (k + 127) / 128 * 4;  // chunks, whole iterations of 4
+    const bool real = b < batch, vec = (k % 8) == 0;
+    const u16* xb = x + (size_t)(real ? b : 0) * k;
+    auto load = [&](u32 q, u32 (&w)[16]) {  // w[i] = (x[32q + 2i], x[32q + 2i + 1]) of row b, zeros past K
+        if (real && vec && 32 * q + 32 <= k) {
+#pragma unroll
+            for (int v = 0; v < 4; ++v) {
+                const uint4 r = ld_x16(xb + 32 * (size_t)q + 8 * v);
+                w[4 * v] = r.x; w[4 * v + 1] = r.y; w[4 * v + 2] = r.z; w[4 * v + 3] = r.w;
+            }
+        } else {
+#pragma unroll
+            for (int i = 0; i < 16; ++i) {
+                const u32 e0 = 32 * q + 2 * i;
+                w[i] = real ? (e0 < k ? (u32)xb[e0] : 0u) | ((e0 + 1 < k ? (u32)xb[e0 + 1] : 0u) << 16) : 0u;
+            }
+        }
+    };
+    auto store = [&](u32 q, const u32 (&w)[16], float xpow) {  // chunk q's pair words into the tiles
+        u32 p[16];
+#pragma unroll
+        for (int i = 0; i < 16; ++i) {
+            const int e0 = pair_elem(i, 0), e1 = pair_elem(i, 1);
+            p[i] = prmt(w[e0 >> 1], w[e1 >> 1], (e0 & 1) ? 0x7632u : 0x5410u);
+            if (SCALED) p[i] = bf16x2_to_f16x2_times(p[i], xpow);
+        }
+        u32* dst = xt + x_tile_word(q, b, nt);
+#pragma unroll
+        for (int v = 0; v < 4; ++v) *(uint4*)(dst + 128 * v) = make_uint4(p[4 * v], p[4 * v + 1], p[4 * v + 2], p[4 * v + 3]);
+    };
+    float xpow = 1.f;
+    const bool held = nq <= (u32)HELD * THREADS;
+    u32 w[HELD][16];
+    if (SCALED) {  // the row's largest |x| as bf16 magnitude bits (integer order = the numbers' order)
+        constexpr u32 MAG = 0x7FFF7FFFu;
+        u32 m2 = 0;
+        if (held) {
+#pragma unroll
+            for (int h = 0; h < HELD; ++h) {
+                const u32 q = threadIdx.x + h * THREADS;
+                if (q < nq) load(q, w[h]);
+#pragma unroll
+                for (int i = 0; i < 16; ++i) m2 = __vmaxu2(m2, q < nq ? w[h][i] & MAG : 0u);
+            }
+        } else {
+            for (u32 q = threadIdx.x; q < nq; q += THREADS) {
+                u32 v[16];
+                load(q, v);
+#pragma unroll
+                for (int i = 0; i < 16; ++i) m2 = __vmaxu2(m2, v[i] & MAG);
+            }
+        }
+        __shared__ u32 wmax[THREADS / 32];
+        u32 m = __reduce_max_sync(0xFFFFFFFFu, max(m2 & 0xFFFFu, m2 >> 16));
+        if ((threadIdx.x & 31) == 0) wmax[threadIdx.x >> 5] = m;
+        __syncthreads();
+        m = wmax[0];
+#pragma unroll
+        for (int i = 1; i < THREADS / 32; ++i) m = max(m, wmax[i]);
+        const int sh = x16_shift(m);
+        xpow = pow2f(sh);
+        if (threadIdx.x == 0) ((float*)((char*)xt + x_tile_factors(k, nt)))[b] = unpow2f(sh);
+    }
+    if (SCALED && held) {
 #pragma unroll
         for (int h = 0; h < HELD; ++h) {
-            const u32 e = 8 * (threadIdx.x + h * THREADS);
-            r[h] = e < k ? ld_x16(xb + e) : make_uint4(0, 0, 0, 0);
-            m2 = __vmaxu2(m2, __vmaxu2(__vmaxu2(r[h].x & MAG, r[h].y & MAG), __vmaxu2(r[h].z & MAG, r[h].w & MAG)));
+            const u32 q = threadIdx.x + h * THREADS;
+            if (q < nq) store(q, w[h], xpow);
         }
     } else {
-        for (u32 i = threadIdx.x; i < k; i += THREADS) m2 = __vmaxu2(m2, (u32)xb[i] & 0x7FFFu);
-    }
-    __shared__ u32 wmax[THREADS / 32];
-    const u32 lane = threadIdx.x & 31;
-    u32 m = __reduce_max_sync(0xFFFFFFFFu, max(m2 & 0xFFFFu, m2 >> 16));
-    if (lane == 0) wmax[threadIdx.x >> 5] = m;
-    __syncthreads();
-    m = wmax[0];
-#pragma unroll
-    for (int w = 1; w < THREADS / 32; ++w) m = max(m, wmax[w]);
-    const int sh = x16_shift(m);
-    const float xpow = pow2f(sh);
-    if (held) {
-#pragma unroll
-        for (int h = 0; h < HELD; ++h) {
-            const u32 e = 8 * (threadIdx.x + h * THREADS);
-            if (e < k)
-                *(uint4*)(hb + e) = make_uint4(bf16x2_to_f16x2_times(r[h].x, xpow), bf16x2_to_f16x2_times(r[h].y, xpow),
-                                               bf16x2_to_f16x2_times(r[h].z, xpow), bf16x2_to_f16x2_times(r[h].w, xpow));
+        for (u32 q = threadIdx.x; q < nq; q += THREADS) {
+            u32 v[16];
+            load(q, v);
+            store(q, v, xpow);
         }
-    } else {
-        for (u32 i = threadIdx.x; i < k; i += THREADS) hb[i] = (u16)bf16x2_to_f16x2_times(xb[i], xpow);
     }
-    if (threadIdx.x == 0) ((float*)((char*)xh + x16_factors_offset(batch, k)))[blockIdx.x] = unpow2f(sh);
 }
 
 // nvcc builds (no NVRTC name expressions: tests/test_kernel_build.py, scripts/compare-sass) include
-// this file and then name their instantiations, e.g. EXMY_GEMV_INSTANCE(exmy_gemv<3, 0, true, 0, 2>).
+// this file and then name their instantiations, e.g. EXMY_GEMV_INSTANCE(exmy_gemv<3, 0, true, 0, 2, false>).
 #define EXMY_GEMV_INSTANCE(...)                                                                   \
     template __global__ void __VA_ARGS__(const u8*, const void*, const u16*, u16*, u32, u32, u32, u32, u32, \
                                          int, u32, u32, u32);
@@ -909,4 +976,4 @@ exmy_x16_rows(const u16* __restrict__ x, u16* __restrict__ xh, u32 k, u32 batch)
     template __global__ void __VA_ARGS__(const u8*, const void*, const u16*, u16*, u32, u32, u32, u32, u32, \
                                          int, u32, u32, u32, const long long*, u32, unsigned long long,  \
                                          unsigned long long, u32);
-#define EXMY_X16_ROWS_INSTANCE(...) template __global__ void __VA_ARGS__(const u16*, u16*, u32, u32);
+#define EXMY_X_TILES_INSTANCE(...) template __global__ void __VA_ARGS__(const u16*, u32*, u32, u32);

@@ -65,5 +65,5 @@ class FakeGpu:
             x = tensor_at(x_ptr, rows, weight.k, dtype)
             tensor_at(y_ptr, rows, weight.n, dtype).copy_(torch.nn.functional.linear(x, weight.values(x_dtype)))
 
-        launch.work_bytes = 0  # (no workspace: gpu.GemvLaunch's mode 5 is not faked)
+        launch.work_bytes = 0  # (no workspace: gpu.GemvLaunch's x tiles are not faked)
         return launch

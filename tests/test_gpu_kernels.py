@@ -430,7 +430,7 @@ def test_gemv_bf16_x_as_scaled_fp16_gives_mode_3_bits(cp, rng, name):
 @pytest.mark.parametrize("name", ["e2m2", "e3m2", "e2m2s4"])  # (1-bit plane, E = 3, shared bits: 11 builds each)
 def test_gemv_bf16_x_prescaled_gives_mode_3_bits(cp, rng, name, monkeypatch):
     """Mode 5 (the host's choice at batch 2..16 for large layers: each row of bf16 x converted by
-    exmy_x16_rows to fp16 times its own 2^s, fp16 operands) gives mode 3's bits for x of ordinary range, also when the rows are
+    exmy_x_tiles to fp16 times its own 2^s into x tiles, fp16 operands) gives mode 3's bits for x of ordinary range, also when the rows are
     2^+-60 apart: every batch kind, fresh K (multiples of 8 and not), F16 and BF16 scales, NaN-poisoned
     outputs, through gemv_plan and through a GemvLaunch with a torch workspace (programmatic dependent
     launch where the GPU has it). Rows of any range (beyond fp16's 65504, zeros, subnormals) stay finite
@@ -561,6 +561,83 @@ def test_gemv_wide_tiles(cp, rng, name, narrow, wide, batches):
             for split in (1, 8):
                 assert torch.equal(outs[narrow, split].view(torch.int16), outs[wide, split].view(torch.int16)), \
                     f"{name} {n}x{k} B={batch} {x_dtype} group {group} split {split}: {wide} differs from {narrow}"
+
+
+def x_tiles_reference(x: np.ndarray, fmt: ExMy) -> np.ndarray:
+    """The x tiles of docs/kernels.md as uint16 words, from the definition: per 128 elements of K and 8
+    rows of the batch (padded to 8 or 16 with zeros, K to 128) a block of 1024 halves; lane 4g + t's
+    16 pair words of chunk 4i + t, batch row 8j + g, as four 16-byte words 512 bytes apart; pair p
+    = elements pair_elem(p, 0), pair_elem(p, 1) of the chunk (the 4-bit-only formats pair elements
+    differently from the others)."""
+    batch, k = x.shape
+    rows, kp = 8 if batch <= 8 else 16, -(-k // 128) * 128
+    xp = np.zeros((rows, kp), dtype=np.uint16)
+    xp[:batch, :k] = x
+    nib = fmt.own_bits == 4
+
+    def pair_elem(p, half):
+        return 8 * (p >> 2) + 4 * (p & 1) + 2 * half + ((p >> 1) & 1) if nib else (p >> 1) + 16 * (p & 1) + 8 * half
+
+    out = np.zeros(rows * kp, dtype=np.uint16)
+    for q in range(kp // 32):
+        for b in range(rows):
+            for p in range(16):
+                word = ((q // 4) * (rows // 8) + b // 8) * 512 + ((b % 8) * 4 + q % 4) * 4 + (p // 4) * 128 + p % 4
+                out[2 * word] = xp[b, 32 * q + pair_elem(p, 0)]
+                out[2 * word + 1] = xp[b, 32 * q + pair_elem(p, 1)]
+    return out
+
+
+@pytest.mark.parametrize("name", ["e2m2", "e2m1", "e2m2s4", "e3m2", "e4m3"])
+def test_gemv_x_tiles(cp, rng, name):
+    """The batch 9..16 kinds with fp16 operands read x as x tiles (gpu.gemv_tiled), written just before
+    by exmy_x_tiles: its words equal the layout's definition (x_tiles_reference) in a workspace
+    poisoned with 0xFF, and the GEMV gives the bits of the same kernel reading x from its rows (the same
+    x values meet the same weights in the same order), through gemv_plan (plain and PDL launches) and
+    a GemvLaunch. Every kind of the batch, the host's split and splits 1 and 8, random batches, row
+    counts that end inside a tile, K tails and unaligned x rows, scale groups aligned and not."""
+    import torch
+
+    fmt = get_format(name)
+    overlap = torch.cuda.get_device_capability() >= (9, 0)
+    for group in (None, 128, 100):
+        batch = int(rng.integers(9, 17))
+        n = int(rng.choice([int(rng.integers(1, 40)), 32 * int(rng.integers(1, 40)) + int(rng.integers(0, 32))]))
+        k = int(rng.choice([int(rng.integers(1, 700)), 4096, 1000 + 8 * int(rng.integers(0, 400)), 2001, 20000]))
+        _, _, weight, x, _, _ = gemv_check(cp, rng, fmt, n, k, batch, "F16", group=group)
+        if not gpu.gemv_kernel(weight, "F16", batch).tiled:
+            continue  # (bf16 operands: e3m2 with unaligned groups)
+        for kind in ("nt2", "nt2w", "nt2q"):
+            what = f"{name} {n}x{k} B={batch} group {group} {kind}"
+            for split in (None, 1, 8):
+                outs = []
+                for tiled, pdl in ((False, False), (None, False), (None, overlap)):
+                    y = torch.full((batch, n), float("nan"), dtype=x.dtype, device="cuda")
+                    plan = gpu.gemv_plan(x, weight, y, kind=kind, split=split, tiled=tiled, overlap=pdl)
+                    assert plan.kernel.tiled == (tiled is None) and (plan.tiles is not None) == (tiled is None), plan.kernel
+                    if tiled is None and split is None and not pdl:  # the tiles alone, against the definition
+                        fn, grid, (xc, work, *rest) = plan.tiles
+                        work.fill(0xFF)
+                        fn(grid, (gpu.X_TILES_THREADS,), (xc, work, *rest))
+                        got = cp.asnumpy(work.view(cp.uint16))[: work.size // 2 - (2 * grid[0])]
+                        want = x_tiles_reference(x.view(torch.int16).cpu().numpy().view(np.uint16), fmt)
+                        assert np.array_equal(got, want), f"{what}: x tiles differ from their definition"
+                    plan()
+                    torch.cuda.synchronize()
+                    assert torch.isfinite(y.float()).all(), f"{what} split {split} tiled {tiled}: unwritten outputs"
+                    outs.append(y)
+                for y in outs[1:]:
+                    assert torch.equal(outs[0].view(torch.int16), y.view(torch.int16)), \
+                        f"{what} split {split} ({plan.kernel.name}): x tiles give other bits than x rows"
+        launch = gpu.GemvLaunch(weight, "F16", batch, overlap=overlap)  # the host's kind, with a workspace
+        assert launch.kernel.tiled and launch.work_bytes == gpu.x_tiles_bytes(batch, k), launch.kernel
+        work = torch.full((launch.work_bytes,), 0xFF, dtype=torch.uint8, device="cuda")
+        y = torch.full((batch, n), float("nan"), dtype=x.dtype, device="cuda")
+        launch(x.data_ptr(), y.data_ptr(), torch.cuda.current_stream().cuda_stream, work.data_ptr())
+        want = torch.full_like(y, float("nan"))
+        gpu.gemv_plan(x, weight, want, tiled=False)()
+        torch.cuda.synchronize()
+        assert torch.equal(y.view(torch.int16), want.view(torch.int16)), f"{name} {n}x{k} B={batch}: the GemvLaunch differs"
 
 
 @pytest.mark.parametrize("define,kind,batches", [

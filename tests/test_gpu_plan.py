@@ -54,15 +54,18 @@ def test_register_budget_of_the_other_kinds():
 
 
 def test_kernel_record_names_the_instantiation_and_keeps_report_names():
-    assert GemvKernel("b1r", 0, "F16", 1, 2).expression == "exmy_gemv<3, 0, true, 1, 2>"
-    assert GemvKernel("b1", 2, "BF16", 0, 2).expression == "exmy_gemv<0, 2, false, 0, 2>"
-    assert GemvKernel("nt1", 1, "F16", 0, 3).expression == "exmy_gemv<1, 1, true, 0, 3>"
+    assert GemvKernel("b1r", 0, "F16", 1, 2).expression == "exmy_gemv<3, 0, true, 1, 2, false>"
+    assert GemvKernel("b1", 2, "BF16", 0, 2).expression == "exmy_gemv<0, 2, false, 0, 2, false>"
+    assert GemvKernel("nt1", 1, "F16", 0, 3, tiled=True).expression == "exmy_gemv<1, 1, true, 0, 3, true>"
+    assert GemvKernel("b1", 0, "F16", 0, 3, routed=True).expression == "exmy_gemv_routed<0, 0, true, 0, 3>"
     # the names of the kernels before the template (benchmark rows stay comparable)
     assert GemvKernel("b1", 0, "F16", 0, 3).name == "exmy_gemv_fold_x16_b1"
     assert GemvKernel("nt1", 1, "F16", 1, 2).name == "exmy_gemv_two_x16_nt1_g"
     assert GemvKernel("nt2", 2, "F16", 2, 2).name == "exmy_gemv_bf_x16_nt2_ga"
     assert GemvKernel("b1r", 2, "BF16", 0, 2).name == "exmy_gemv_bf_xbf_b1r"
     assert GemvKernel("b1r", 0, "F16", 0, 3).name == "exmy_gemv_fold_x16_b1r_3blocks"
+    assert GemvKernel("nt2w", 0, "F16", 0, 2, tiled=True).name == "exmy_gemv_fold_x16_nt2w_xt"
+    assert GemvKernel("nt2w", 5, "BF16", 0, 2, tiled=True).name == "exmy_gemv_bfx16p_xbf_nt2w"
 
 
 class _OneDevice:  # what gemv_wide / gemv_split ask CuPy for: the current device's id (sm_count is patched)
@@ -77,24 +80,30 @@ def sms_132(monkeypatch):
     monkeypatch.setattr(gpu, "sm_count", lambda device: 132)
 
 
-@pytest.mark.parametrize("k, n, fmt, ngroups, batch, kind, split", [
-    # batch 9-16, one scale per row, <= 5 bits: nt2q from 6336 rows, K slices for about one wave of
-    # one block per SM (the fastest split measured on the H200, docs/benchmarks.md 2026-12-05)
-    (4096, 14336, "e2m2", 1, 16, "nt2q", 4),
-    (8192, 28672, "e2m1", 1, 12, "nt2q", 2),
-    (28672, 8192, "e2m2", 1, 9, "nt2q", 8),
-    (14336, 4096, "e2m2", 1, 16, "nt2", 8),   # 4096 rows: four-tile warps would fill half the GPU
-    (4096, 4096, "e2m2", 1, 16, "nt2", 8),
-    (4096, 14336, "e2m2", 128, 16, "nt2w", 4),  # aligned scale groups keep two tiles
-    (4096, 14336, "e3m2", 1, 16, "nt2", 2),   # 6-bit codes: one tile
-    (4096, 14336, "e2m2", 1, 8, "nt1w", 4),
-    (14336, 4096, "e2m2", 1, 4, "nt1", 8),
+@pytest.mark.parametrize("k, n, fmt, ngroups, batch, tiled, kind, split", [
+    # batch 9-16, x tiles: two row tiles per warp from 6336 rows (four were slower: H100,
+    # docs/benchmarks.md 2026-12-06 fourteenth session), K slices for about one wave at two blocks per SM
+    (4096, 14336, "e2m2", 1, 16, True, "nt2w", 4),
+    (8192, 28672, "e2m1", 1, 12, True, "nt2w", 2),
+    (28672, 8192, "e2m2", 1, 9, True, "nt2w", 8),
+    # x from its rows (bf16 operands), one scale per row, <= 5 bits: nt2q from 6336 rows, K slices for
+    # about one wave of one block per SM (the fastest split measured on the H200, docs/benchmarks.md 2026-12-05)
+    (4096, 14336, "e2m2", 1, 16, False, "nt2q", 4),
+    (8192, 28672, "e2m1", 1, 12, False, "nt2q", 2),
+    (28672, 8192, "e2m2", 1, 9, False, "nt2q", 8),
+    (14336, 4096, "e2m2", 1, 16, False, "nt2", 8),   # 4096 rows: four-tile warps would fill half the GPU
+    (14336, 4096, "e2m2", 1, 16, True, "nt2", 8),
+    (4096, 4096, "e2m2", 1, 16, True, "nt2", 8),
+    (4096, 14336, "e2m2", 128, 16, False, "nt2w", 4),  # aligned scale groups keep two tiles
+    (4096, 14336, "e3m2", 1, 16, False, "nt2", 2),   # 6-bit codes: one tile
+    (4096, 14336, "e2m2", 1, 8, True, "nt1w", 4),
+    (14336, 4096, "e2m2", 1, 4, True, "nt1", 8),
 ])
-def test_batch_kernel_and_split_on_132_sms(sms_132, k, n, fmt, ngroups, batch, kind, split):
+def test_batch_kernel_and_split_on_132_sms(sms_132, k, n, fmt, ngroups, batch, tiled, kind, split):
     from types import SimpleNamespace
 
     weight = SimpleNamespace(n=n, k=k, fmt=get_format(fmt), ngroups=ngroups)
-    assert gpu._gemv_kind(weight, batch) == kind
+    assert gpu._gemv_kind(weight, batch, tiled) == kind
     assert gpu.gemv_split(n, k, weight.fmt, kind, gpu.gemv_tile_rows(kind)) == split
 
 

@@ -79,8 +79,8 @@ def gemv_instances(fmt: ExMy) -> list[GemvKernel]:
     for mode, x_dtype in operands:
         for kind in gpu.GEMV_KINDS:
             m = gpu.x16_mode(kind) if mode == "x16" else mode
-            kernels += [GemvKernel(kind, m, x_dtype, groups, gpu.gemv_blocks(fmt, kind, m, groups))
-                        for groups in ((0,) if m >= 3 else (0, 1, 2))]
+            kernels += [GemvKernel(kind, m, x_dtype, groups, gpu.gemv_blocks(fmt, kind, m, groups),
+                                   tiled=gpu.gemv_tiled(kind, m)) for groups in ((0,) if m >= 3 else (0, 1, 2))]
     return kernels
 
 
@@ -92,7 +92,7 @@ def gemv_builds() -> list[tuple[ExMy, list[GemvKernel]]]:
     with one scale per row for codes of other than 6 bits; the GPU tests force the others): fold,
     two, fold with aligned groups, bf16 operands, unaligned groups. For the named formats, also the
     routed copies (exmy_gemv_routed, MoE experts) of their batch-1 kernels with one scale per row or
-    aligned groups. Every gemv.cu build also has exmy_x16_rows (mode 5's conversion of x)."""
+    aligned groups. Every gemv.cu build also has exmy_x_tiles (x tiles, plain and scaled for mode 5)."""
     builds = []
     for fmt in all_formats() + [get_format(name) for name in GEMV_SHARED]:
         if fmt.name in NAMED or fmt.name == "e5m2":
@@ -116,7 +116,7 @@ def gemv_source(kernels: list[GemvKernel], path: Path) -> Path:
     """A source that builds `kernels` from kernels/gemv.cu (what NVRTC's name expressions do)."""
     lines = [f'#include "{KERNELS / "gemv.cu"}"'] + [
         f"EXMY_GEMV_{'ROUTED_' if k.routed else ''}INSTANCE({k.expression})" for k in kernels] + [
-        f"EXMY_X16_ROWS_INSTANCE(exmy_x16_rows<{gpu.X16_THREADS}>)"]
+        f"EXMY_X_TILES_INSTANCE(exmy_x_tiles<{gpu.X_TILES_THREADS}, {scaled}>)" for scaled in ("false", "true")]
     path.write_text("\n".join(lines) + "\n")
     return path
 
@@ -142,16 +142,17 @@ def _jobs_for(tmp_path) -> list[tuple[Path, ExMy, Path, list[GemvKernel]]]:
 
 # ptxas --resource-usage of one exmy_gemv (or exmy_gemv_routed) instantiation (mangled:
 # exmy_gemvILi3ELi0ELb1ELi0ELi2E...)
-GEMV_USAGE = re.compile(r"Function properties for _Z\d+exmy_gemv(_routed)?ILi(\d)ELi(\d)ELb([01])ELi(\d)ELi(\d)E\w*\n"
+GEMV_USAGE = re.compile(r"Function properties for _Z\d+exmy_gemv(_routed)?ILi(\d)ELi(\d)ELb([01])ELi(\d)ELi(\d)E(?:Lb([01])E)?\w*\n"
                         r"\s+\d+ bytes stack frame, (\d+) bytes spill stores.*\n.*Used (\d+) registers")
 
 
 def gemv_usage(log: str) -> dict[str, tuple[int, int]]:
     """{C++ name of an instantiation: (registers, bytes spilled)} from an nvcc --resource-usage log."""
     found = {}
-    for routed, kind, mode, xf16, groups, blocks, spill, regs in GEMV_USAGE.findall(log):
+    for routed, kind, mode, xf16, groups, blocks, tiled, spill, regs in GEMV_USAGE.findall(log):
         xf16 = "true" if xf16 == "1" else "false"
-        found[f"exmy_gemv{routed}<{kind}, {mode}, {xf16}, {groups}, {blocks}>"] = (int(regs), int(spill))
+        tiled = "" if routed else f", {'true' if tiled == '1' else 'false'}"  # (XT: exmy_gemv only)
+        found[f"exmy_gemv{routed}<{kind}, {mode}, {xf16}, {groups}, {blocks}{tiled}>"] = (int(regs), int(spill))
     return found
 
 

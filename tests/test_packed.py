@@ -179,9 +179,10 @@ def test_cuda_path_with_a_fake_backend(rng, monkeypatch):
 
 
 def test_a_launch_asking_for_a_workspace_gets_one_per_call():
-    """torch.linear.call_gemv: a launch with work_bytes (gpu.GemvLaunch in mode 5) is given a fresh,
+    """torch.linear.call_gemv: a launch with work_bytes (gpu.GemvLaunch with x tiles) is given a fresh,
     16-byte aligned buffer of that size from torch's allocator at each call; one without gets none.
-    gpu.x16_work_bytes covers x as fp16 and, from the next 16-byte boundary, a float per row."""
+    gpu.x_tiles_bytes covers x's rows padded to 8 or 16 and K padded to 128 as fp16, then a float per
+    padded row."""
     import torch
 
     from exmyconv.cuda import gpu
@@ -204,6 +205,5 @@ def test_a_launch_asking_for_a_workspace_gets_one_per_call():
         assert (x_ptr, y_ptr, stream) == (16, 32, 7) and work and work % 16 == 0
     for batch in (1, 2, 3, 7, 16):
         for k in (1, 7, 8, 100, 4096, 14336):
-            size = gpu.x16_work_bytes(batch, k)
-            factors = -(-batch * k * 2 // 16) * 16
-            assert size % 16 == 0 and factors + 4 * batch <= size < factors + 4 * batch + 16, (batch, k)
+            size, rows, kp = gpu.x_tiles_bytes(batch, k), 8 if batch <= 8 else 16, -(-k // 128) * 128
+            assert size % 16 == 0 and size == rows * kp * 2 + 4 * rows, (batch, k)

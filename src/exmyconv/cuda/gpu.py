@@ -70,7 +70,7 @@ def kernel_source(name: str) -> str:
 @functools.lru_cache(maxsize=None)
 def _module(source: str, e: int, m: int, defines: tuple = (), share: int = 1, instance: str | None = None):
     """kernels/`source` compiled for one format; `instance`: the one template instantiation to build
-    (a C++ name such as "exmy_gemv<3, 0, true, 0, 2>"), else the source's extern "C" kernels."""
+    (a C++ name such as "exmy_gemv<3, 0, true, 0, 2, false>"), else the source's extern "C" kernels."""
     cupy = _cupy()
     options = ("--std=c++17", f"-DEXMY_E={e}", f"-DEXMY_M={m}", *(f"-D{d}" for d in defines))
     if share > 1:  # shared format eXmYsk (kernels/exmy_decode.cuh)
@@ -499,7 +499,7 @@ def _xs_bytes(fmt: ExMy, k: int, defines: tuple = ()) -> int:
 
 GEMV_KINDS = ("b1", "nt1", "nt2", "b1r", "nt2w", "nt1w", "nt2q")  # kernels/gemv.cu KIND 0 .. 6
 MODE4_KINDS = ("b1", "b1r")  # the kinds that take bf16 x as scaled fp16 themselves (mode 4; the others: mode 5)
-X16_THREADS = 512  # block size of exmy_x16_rows (mode 5's conversion of x, one block per row)
+X_TILES_THREADS = 512  # block size of exmy_x_tiles (x tiles for the batch 2..16 kinds, one block per batch row)
 # Mode 5 costs a fixed 1.5-2 us (a second kernel, and the GEMV waits for it) and saves decode work in
 # proportion to the weights: layers of at least this many weights take it, per batch > 8 (measured on
 # an H100, e2m2, with programmatic dependent launch: 4096->28672 and 8192->28672 12-19 % faster at
@@ -510,15 +510,16 @@ X16_MIN_WEIGHTS = {False: 1 << 26, True: 1 << 25}
 
 def x16_mode(kind: str) -> int:
     """How a kernel of `kind` takes bf16 x as scaled fp16 (gemv_kernel): 4, converting it itself (the
-    batch-1 kinds, which stage x per block anyway), or 5, given it converted by exmy_x16_rows."""
+    batch-1 kinds, which stage x per block anyway), or 5, given it converted by exmy_x_tiles."""
     return 4 if kind in MODE4_KINDS else 5
 
 
-def x16_work_bytes(batch: int, k: int) -> int:
-    """Device memory mode 5 needs per launch (the caller's workspace, 16-byte aligned): x as fp16
-    [batch, k], then from byte x16_factors_offset (kernels/gemv.cu) a float 2^-s per row."""
-    factors = -(-batch * k * 2 // 16) * 16
-    return -(-(factors + 4 * batch) // 16) * 16
+def x_tiles_bytes(batch: int, k: int) -> int:
+    """Device memory a launch with x tiles needs (the caller's workspace, 16-byte aligned): 2 KB per 128
+    elements of K and 8 batch rows (rows of x padded to 8 or 16, K to 128: kernels/gemv.cu x_tile_word),
+    then (x_tile_factors) a float per padded row (mode 5's 2^-s)."""
+    rows = 8 if batch <= 8 else 16
+    return -(-k // 128) * rows * 256 + 4 * rows
 
 
 @dataclass(frozen=True)
@@ -529,18 +530,21 @@ class GemvKernel:
     mode: int     # 0 fp16 operands, scale folded; 1 fp16 operands, two steps; 2 bf16 operands;
                   # 3 bf16 operands, one scale per row applied to the sums; 4 bf16 x used as
                   # fp16 times a power of two (MODE4_KINDS, one scale per row: gemv_kernel); 5 the same
-                  # with x converted before the launch (exmy_x16_rows; the other kinds)
+                  # with x converted before the launch (exmy_x_tiles; the other kinds)
     x_dtype: str  # "F16" or "BF16": x and y
     groups: int   # 0 one scale per row, 1 groups aligned to 32-element chunks, 2 unaligned
     blocks: int   # blocks per SM its registers are sized for: 1 (<= 255 registers), 2 (<= 128) or 3 (<= 80)
     routed: bool = False  # exmy_gemv_routed: batch-1 GEMVs of routed (token, expert) pairs (RoutedGemvLaunch)
+    tiled: bool = False   # x given as x tiles by exmy_x_tiles (gemv_tiled)
 
     @property
     def expression(self) -> str:
-        """The instantiation's C++ name, e.g. "exmy_gemv<3, 0, true, 0, 2>" (NVRTC name expression)."""
+        """The instantiation's C++ name, e.g. "exmy_gemv<3, 0, true, 0, 2, false>" (NVRTC name expression)."""
         xf16 = "true" if self.x_dtype == "F16" else "false"
-        entry = "exmy_gemv_routed" if self.routed else "exmy_gemv"
-        return f"{entry}<{GEMV_KINDS.index(self.kind)}, {self.mode}, {xf16}, {self.groups}, {self.blocks}>"
+        params = f"{GEMV_KINDS.index(self.kind)}, {self.mode}, {xf16}, {self.groups}, {self.blocks}"
+        if self.routed:
+            return f"exmy_gemv_routed<{params}>"
+        return f"exmy_gemv<{params}, {'true' if self.tiled else 'false'}>"
 
     @property
     def name(self) -> str:
@@ -552,18 +556,21 @@ class GemvKernel:
         groups = ("", "_g", "_ga")[self.groups]
         three = "_3blocks" if self.kind == "b1r" and self.blocks == 3 else ""
         routed = "_routed" if self.routed else ""
-        return f"exmy_gemv_{mode}_{x}_{self.kind}{groups}{three}{routed}"
+        tiled = "_xt" if self.tiled and self.mode != 5 else ""  # (mode 5 always takes x tiles)
+        return f"exmy_gemv_{mode}_{x}_{self.kind}{groups}{three}{routed}{tiled}"
 
 
-def _gemv_kind(weight: "GpuWeight", batch: int) -> str:
+def _gemv_kind(weight: "GpuWeight", batch: int, tiled: bool) -> str:
     if batch == 1:
         return "b1" if _xs_bytes(weight.fmt, weight.k) <= XS_LIMIT else "b1r"
     if batch <= 8:
         return "nt1w" if gemv_wide(weight.n, weight.fmt) else "nt1"
     if not gemv_wide(weight.n, weight.fmt):
         return "nt2"
-    # four row tiles where the layer has one scale per row (measured there; aligned groups keep two)
-    return "nt2q" if weight.ngroups == 1 else "nt2w"
+    # x from its rows: four row tiles where the layer has one scale per row (measured there; aligned
+    # groups keep two). With x tiles, four were slower than two on every layer measured (H100,
+    # docs/benchmarks.md): the x traffic they save is small there, and they hold half as many warps.
+    return "nt2q" if weight.ngroups == 1 and not tiled else "nt2w"
 
 
 def gemv_blocks(fmt: ExMy, kind: str, mode: int, groups: int) -> int:
@@ -577,7 +584,18 @@ def gemv_blocks(fmt: ExMy, kind: str, mode: int, groups: int) -> int:
     return 3 if kind in ("b1", "nt1") and mode != 2 and groups == 0 and fmt.bits <= 5 else 2
 
 
-def gemv_kernel(weight: GpuWeight, x_dtype: str, batch: int, kind: str | None = None) -> GemvKernel:
+def gemv_tiled(kind: str, mode: int) -> bool:
+    """Whether a kernel takes x as x tiles (kernels/gemv.cu x_tile_word), written by exmy_x_tiles just
+    before it: the batch 9..16 kinds with fp16 operands, and mode 5, which converts x in a kernel before
+    the GEMV anyway. From x's rows each 16-byte x load of a warp touches 16 cache lines, from the tiles
+    4, and the pairs come in the mma's order (no PRMT): at batch 9..16 with fp16 x 3-22 % faster on an
+    H100 (e2m2 8192->28672 batch 16: 73.7 -> 68.2 us); at batch 2..8, where x is half as much per
+    weight, the second kernel cost more than it saved (docs/benchmarks.md, fourteenth session)."""
+    return mode == 5 or (kind in ("nt2", "nt2w", "nt2q") and mode in (0, 1))
+
+
+def gemv_kernel(weight: GpuWeight, x_dtype: str, batch: int, kind: str | None = None,
+                tiled: bool | None = None) -> GemvKernel:
     """The kernel gemv uses for this weight, x dtype ("F16"/"BF16") and batch (<= 16): fp16
     operands where exact (E <= 4, F16 scales, fp16 x), with the scale folded into the weights where
     that stays finite in fp16; else bf16 operands: for bf16 x, E <= 4 and one scale per row, the
@@ -585,12 +603,14 @@ def gemv_kernel(weight: GpuWeight, x_dtype: str, batch: int, kind: str | None = 
     each weight (mode 2). Instead of mode 3, x is taken as fp16 times a power of two per row, so that
     the weights take the fp16 decode with mode 3's bits (x16_mode): b1 and b1r convert x themselves
     (mode 4: never slower than mode 3, up to 18 % faster, on an H100), the batch 2..16 kinds take it
-    converted once per launch by exmy_x16_rows (mode 5: a pass over x in each of their blocks cost
+    converted once per launch by exmy_x_tiles (mode 5: a pass over x in each of their blocks cost
     more than it saved), for layers of X16_MIN_WEIGHTS or more. kind (tests and benchmarks):
     "nt1" or "nt1w" for batch 1..8 (batch 1: instead of b1 / b1r, x read per chunk rather than
-    staged), "nt2", "nt2w" or "nt2q" for batch 9..16."""
+    staged), "nt2", "nt2w" or "nt2q" for batch 9..16; tiled=False (tests and benchmarks): x read from
+    its rows where gemv_tiled would take x tiles (not in mode 5)."""
+    chosen = kind
     if kind is None:
-        kind = _gemv_kind(weight, batch)
+        kind = _gemv_kind(weight, batch, tiled=False)
     elif kind not in (("nt1", "nt1w") if batch <= 8 else ("nt2", "nt2w", "nt2q")):
         raise ExmyError(f"kind {kind!r}: only nt1 or nt1w (batch 1..8), nt2, nt2w or nt2q (batch 9..16) can be chosen")
     groups = 0 if weight.ngroups == 1 else 2 if _gshift(weight) < 0 else 1
@@ -600,7 +620,15 @@ def gemv_kernel(weight: GpuWeight, x_dtype: str, batch: int, kind: str | None = 
         mode = 3 if groups == 0 and x_dtype == "BF16" and weight.fmt.e <= 4 else 2
         if mode == 3 and (kind in MODE4_KINDS or weight.n * weight.k >= X16_MIN_WEIGHTS[batch > 8]):
             mode = x16_mode(kind)
-    return GemvKernel(kind, mode, x_dtype, groups, gemv_blocks(weight.fmt, kind, mode, groups))
+    use_tiles = gemv_tiled(kind, mode)
+    if tiled is not None and tiled != use_tiles:
+        if tiled or mode == 5:
+            raise ExmyError(f"{kind} in mode {mode}: x tiles are for the batch 9..16 kinds with fp16 operands, "
+                             "and mode 5 always takes them")
+        use_tiles = False
+    if chosen is None:
+        kind = _gemv_kind(weight, batch, use_tiles)
+    return GemvKernel(kind, mode, x_dtype, groups, gemv_blocks(weight.fmt, kind, mode, groups), tiled=use_tiles)
 
 
 def gemv_function(kernel: GemvKernel, fmt: ExMy, defines: tuple = ()):
@@ -609,9 +637,10 @@ def gemv_function(kernel: GemvKernel, fmt: ExMy, defines: tuple = ()):
         kernel.expression)
 
 
-def x16_rows_function(fmt: ExMy):
-    """exmy_x16_rows, the conversion of x before a mode-5 GEMV (built with the GEMV's format)."""
-    name = f"exmy_x16_rows<{X16_THREADS}>"
+def x_tiles_function(fmt: ExMy, scaled: bool):
+    """exmy_x_tiles, x tiles for a GEMV with kernel.tiled (built with the GEMV's format, which sets the
+    pair order); scaled: bf16 x converted to fp16 times 2^s per row (mode 5)."""
+    name = f"exmy_x_tiles<{X_TILES_THREADS}, {'true' if scaled else 'false'}>"
     return _module("gemv.cu", fmt.e, fmt.m, (), fmt.share, name).get_function(name)
 
 
@@ -710,7 +739,7 @@ class _GemvLaunchShape:
     smem: int
     split: int
     interleave: int
-    x16: object = None  # mode 5: exmy_x16_rows (cupy RawKernel), launched first with grid (batch,)
+    tiles: object = None  # kernel.tiled: exmy_x_tiles (cupy RawKernel), launched first (x_tiles_grid)
 
     def args(self, weight: "GpuWeight", x, y, batch: int, scales=None) -> tuple:
         """exmy_gemv's arguments (scales: the kernel scales, default the weight's own)."""
@@ -721,9 +750,15 @@ class _GemvLaunchShape:
                 np.uint32(self.split), np.uint32(self.interleave))
 
 
+def x_tiles_grid(batch: int) -> tuple:
+    """exmy_x_tiles' grid: a block per row of the padded batch (8 or 16 rows: one or two mma column tiles)."""
+    return (8 if batch <= 8 else 16,)
+
+
 def _gemv_launch_shape(weight: "GpuWeight", x_dtype: str, batch: int, split: int | None = None,
                        interleave: int | None = None, defines: tuple = (), blocks: int | None = None,
-                       kind: str | None = None, pairs: int = 0, mode: int | None = None):
+                       kind: str | None = None, pairs: int = 0, mode: int | None = None,
+                       tiled: bool | None = None):
     """pairs > 0: the routed kernel for that many (token, expert) pairs of batch 1, one grid row each;
     its kernel and split are the single GEMV's, so that each pair's row is the same computation bit for bit."""
     if not 1 <= batch <= MAX_BATCH:
@@ -732,13 +767,13 @@ def _gemv_launch_shape(weight: "GpuWeight", x_dtype: str, batch: int, split: int
         raise ExmyError(f"the fused GEMV does not handle {weight.fmt.name} yet (gpu.supports)")
     if pairs and (batch != 1 or kind is not None or not 1 <= pairs <= MAX_PAIRS):
         raise ExmyError(f"a routed GEMV takes 1..{MAX_PAIRS} pairs of one row each, not {pairs} of {batch}")
-    kernel = gemv_kernel(weight, x_dtype, batch, kind)
+    kernel = gemv_kernel(weight, x_dtype, batch, kind, tiled)
     if mode is not None and mode != kernel.mode:
         pair = (3, x16_mode(kernel.kind))
         if not (mode in pair and kernel.mode in pair and not pairs):
             raise ExmyError(f"mode {mode}: only launches of bf16 x with E <= 4 and one scale per row switch "
                             f"between mode 3 and mode {pair[1]}; this one is {kernel.name}")
-        kernel = replace(kernel, mode=mode)
+        kernel = replace(kernel, mode=mode, tiled=mode == 5)
     if pairs:
         kernel = replace(kernel, routed=True)
     rows = gemv_tile_rows(kernel.kind)
@@ -759,8 +794,8 @@ def _gemv_launch_shape(weight: "GpuWeight", x_dtype: str, batch: int, split: int
     # beyond 48 KB of static + dynamic shared memory a launch needs the function's opt-in attribute
     if smem + fn.shared_size_bytes > 48 * 1024 and fn.max_dynamic_shared_size_bytes < smem:
         fn.max_dynamic_shared_size_bytes = smem
-    x16 = x16_rows_function(weight.fmt) if kernel.mode == 5 else None
-    return _GemvLaunchShape(kernel, fn, grid, smem, split, interleave, x16)
+    tiles = x_tiles_function(weight.fmt, kernel.mode == 5) if kernel.tiled else None
+    return _GemvLaunchShape(kernel, fn, grid, smem, split, interleave, tiles)
 
 
 class GemvPlan:
@@ -768,17 +803,19 @@ class GemvPlan:
 
     def __init__(self, xc, x_dtype: str, weight: GpuWeight, y, stream, split: int | None = None,
                  interleave: int | None = None, defines: tuple = (), overlap: bool = False,
-                 blocks: int | None = None, kind: str | None = None, mode: int | None = None):
+                 blocks: int | None = None, kind: str | None = None, mode: int | None = None,
+                 tiled: bool | None = None):
         batch = int(xc.shape[0])
         if xc.shape[1] != weight.k:
             raise ExmyError(f"x has {xc.shape[1]} columns; the weight needs {weight.k}")
-        shape = _gemv_launch_shape(weight, x_dtype, batch, split, interleave, defines, blocks, kind, mode=mode)
+        shape = _gemv_launch_shape(weight, x_dtype, batch, split, interleave, defines, blocks, kind, mode=mode,
+                                   tiled=tiled)
         self.kernel, self.fn, self.grid, self.smem = shape.kernel, shape.fn, shape.grid, shape.smem
         self.split, self.interleave = shape.split, shape.interleave
-        self.x16 = None  # mode 5: (exmy_x16_rows, its grid, its arguments), launched first
-        if shape.x16 is not None:
-            work = _cupy().empty(x16_work_bytes(batch, weight.k), dtype=np.uint8)
-            self.x16 = (shape.x16, (batch,), (xc, work, np.uint32(weight.k), np.uint32(batch)))
+        self.tiles = None  # kernel.tiled: (exmy_x_tiles, its grid, its arguments), launched first
+        if shape.tiles is not None:
+            work = _cupy().empty(x_tiles_bytes(batch, weight.k), dtype=np.uint8)
+            self.tiles = (shape.tiles, x_tiles_grid(batch), (xc, work, np.uint32(weight.k), np.uint32(batch)))
             xc = work
         self.args = shape.args(weight, xc, y, batch)
         self.stream = stream
@@ -788,7 +825,7 @@ class GemvPlan:
         if overlap:
             from .launch import Launch
 
-            self._pdl = [Launch(self.x16[0], self.x16[1], (X16_THREADS,), self.x16[2])] if self.x16 else []
+            self._pdl = [Launch(self.tiles[0], self.tiles[1], (X_TILES_THREADS,), self.tiles[2])] if self.tiles else []
             self._pdl.append(Launch(self.fn, self.grid, (GEMV_WARPS * 32,), self.args, self.smem))
 
     @property
@@ -801,9 +838,9 @@ class GemvPlan:
                 launch(self.stream.ptr)
             return
         with self.stream:
-            if self.x16 is not None:
-                fn, grid, args = self.x16
-                fn(grid, (X16_THREADS,), args)
+            if self.tiles is not None:
+                fn, grid, args = self.tiles
+                fn(grid, (X_TILES_THREADS,), args)
             self.fn(self.grid, (GEMV_WARPS * 32,), self.args, shared_mem=self.smem)
 
 
@@ -813,7 +850,7 @@ class GemvLaunch:
     model layer calls per token (its Python cost is a few microseconds, like F.linear's dispatch).
 
     x: contiguous [batch, K] fp16/bf16 at a 16-byte aligned address; y: contiguous [batch, N] of
-    x's dtype. ``work_bytes`` > 0 (mode 5): each call also needs that many bytes of device memory, 16-byte
+    x's dtype. ``work_bytes`` > 0 (x tiles: kernel.tiled): each call also needs that many bytes of device memory, 16-byte
     aligned, that nothing else uses until the launch has run (the caller allocates it, e.g. from torch's
     allocator: safe inside CUDA-graph capture and on any stream). With ``overlap`` (compute capability
     >= 9.0) the launch uses programmatic dependent launch (exmyconv.cuda.launch), which is also valid
@@ -829,9 +866,10 @@ class GemvLaunch:
         self._weight = weight  # keeps the payload and the kernel's scales alive
         self._launch = Launch(shape.fn, shape.grid, (GEMV_WARPS * 32,), shape.args(weight, 0, 0, batch),
                               shape.smem, pdl=overlap)
-        self._x16 = None if shape.x16 is None else Launch(
-            shape.x16, (batch,), (X16_THREADS,), (0, 0, np.uint32(weight.k), np.uint32(batch)), pdl=overlap)
-        self.work_bytes = 0 if shape.x16 is None else x16_work_bytes(batch, weight.k)
+        self._tiles = None if shape.tiles is None else Launch(
+            shape.tiles, x_tiles_grid(batch), (X_TILES_THREADS,), (0, 0, np.uint32(weight.k), np.uint32(batch)),
+            pdl=overlap)
+        self.work_bytes = 0 if shape.tiles is None else x_tiles_bytes(batch, weight.k)
 
     def move_weight(self, payload_ptr: int, scales_ptr: int) -> None:
         """Point the launch at another weight of the same shape, format and kernel (e.g. another
@@ -843,12 +881,12 @@ class GemvLaunch:
     def __call__(self, x_ptr: int, y_ptr: int, stream_handle: int, work_ptr: int = 0) -> None:
         if x_ptr % 16 or work_ptr % 16:
             raise ExmyError("the GEMV reads x in 16-byte words: its address (and the workspace's) must be 16-byte aligned")
-        if self._x16 is not None:
+        if self._tiles is not None:
             if not work_ptr:
                 raise ExmyError(f"this GEMV launch ({self.kernel.name}) needs a workspace of {self.work_bytes} bytes")
-            self._x16.set_pointer(0, x_ptr)
-            self._x16.set_pointer(1, work_ptr)
-            self._x16(stream_handle)
+            self._tiles.set_pointer(0, x_ptr)
+            self._tiles.set_pointer(1, work_ptr)
+            self._tiles(stream_handle)
             x_ptr = work_ptr
         self._launch.set_pointer(self.X_ARG, x_ptr)
         self._launch.set_pointer(self.Y_ARG, y_ptr)
@@ -905,7 +943,8 @@ def gemv_plan(x, weight: GpuWeight, out, x_dtype: str | None = None, **tuning) -
     build's registers are sized for, instead of gemv_blocks / gemv_b1r_blocks),
     defines=("GEMV_CPT=4", ...; b1 sizes its staged x by GEMV_CPT), kind="nt1"|"nt1w"
     (batch 1..8) or "nt2"|"nt2w"|"nt2q" (batch 9..16), instead of the host's choice (gemv_kernel),
-    mode=3|4|5 (bf16 x and one scale per row: mode 3 instead of the host's mode 4 (b1, b1r) or 5, or back).
+    mode=3|4|5 (bf16 x and one scale per row: mode 3 instead of the host's mode 4 (b1, b1r) or 5, or back),
+    tiled=False (x read from its rows where the host takes x tiles, gemv_tiled; not in mode 5).
     overlap=True launches with programmatic dependent launch (exmyconv.cuda.launch): only where the
     weights are not written by the kernel just before (always so for model weights)."""
     cupy = _cupy()

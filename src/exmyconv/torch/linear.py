@@ -329,7 +329,7 @@ def run_gemv(launch, x: torch.Tensor, n: int) -> torch.Tensor:
 
 def call_gemv(launch, x_ptr: int, y_ptr: int, device: torch.device, stream: int) -> None:
     """``launch`` (a ``gpu.GemvLaunch``) of x into y on ``stream`` (torch's current stream of ``device``),
-    with the workspace it may need (``work_bytes``: bf16 x converted before the GEMV) taken from torch's
+    with the workspace it may need (``work_bytes``: x tiles, written by a kernel before the GEMV) taken from torch's
     allocator for this call: stream-ordered, so it is safe on any stream and inside CUDA-graph capture."""
     if launch.work_bytes:
         work = torch.empty(launch.work_bytes, dtype=torch.uint8, device=device)
