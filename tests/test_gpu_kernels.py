@@ -641,13 +641,14 @@ def test_gemv_x_tiles(cp, rng, name):
 
 
 @pytest.mark.parametrize("define,kind,batches", [
-    ("GEMV_PP=1", None, (1, 2)), ("GEMV_PP=1", "nt1", (2, 9)), ("GEMV_PP=1", "nt2", (9, 17)),
+    ("GEMV_PP=1", None, (1, 2)), ("GEMV_PP=-1", "nt1", (2, 9)), ("GEMV_PP=-1", "nt2", (9, 17)),
+    ("GEMV_PP=1", "nt1w", (2, 9)), ("GEMV_PP=-1", "nt2w", (9, 17)),
 ])
 @pytest.mark.parametrize("name", ["e2m2", "e2m1"])
 def test_gemv_option_build_equals_default(cp, rng, name, define, kind, batches):
-    """Build options that only move data differently give the default build's bits: GEMV_PP=1 (two
-    alternating register sets for the prefetched weights; kind None: the host's batch-1 kind, b1 or
-    b1r by K). The same x values meet the same weights in the same order (both pairings of x: e2m2's
+    """Build options that only move data differently give the default build's bits: GEMV_PP=1 / -1
+    (two alternating register sets for the prefetched weights, or one; kind None: the host's batch-1
+    kind, b1 or b1r by K). The same x values meet the same weights in the same order (both pairings of x: e2m2's
     and the 4-bit-plane formats'). Row counts and batches that end inside a tile, K tails and unaligned x rows (the tail
     path), scale groups, fp16 and bf16 x (mode 4 or 5 where the host takes them), the host's split and
     splits 1, 2 and 8 (8 also with contiguous slices), plain launches and PDL."""

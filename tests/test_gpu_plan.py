@@ -95,7 +95,9 @@ def sms_132(monkeypatch):
     (14336, 4096, "e2m2", 1, 16, True, "nt2", 8),
     (4096, 4096, "e2m2", 1, 16, True, "nt2", 8),
     (4096, 14336, "e2m2", 128, 16, False, "nt2w", 4),  # aligned scale groups keep two tiles
-    (4096, 14336, "e3m2", 1, 16, False, "nt2", 2),   # 6-bit codes: one tile
+    (4096, 14336, "e3m2", 1, 16, False, "nt2", 2),   # 6-bit codes: one tile from x's rows
+    (4096, 14336, "e3m2", 1, 16, True, "nt2w", 4),   # and two with x tiles
+    (8192, 28672, "e4m3", 1, 16, True, "nt2", 8),    # (8-bit codes: one, not measured with two)
     (4096, 14336, "e2m2", 1, 8, True, "nt1w", 4),
     (14336, 4096, "e2m2", 1, 4, True, "nt1", 8),
 ])

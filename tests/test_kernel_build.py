@@ -210,9 +210,10 @@ def check_usage(what: str, fmt: ExMy, kernels: list[GemvKernel], log: str, spill
 @pytest.mark.parametrize("define, kernels", [  # (kind, mode, x dtype, groups)
     # timing-only knock-outs (x loads, decode and mma left out, all three here)
     ("GEMV_DIAG=7", [("b1", 4, "BF16", 0), ("nt2q", 0, "F16", 0), ("b1r", 2, "BF16", 1)]),
-    # two alternating register sets where the tuned build has one (5-bit codes in b1, the batch 2..16 kinds;
-    # b1 in mode 4 spills 28 bytes at 3 blocks per SM with them)
-    ("GEMV_PP=1", [("b1", 0, "F16", 0), ("nt1", 0, "F16", 0), ("nt2", 0, "F16", 0), ("b1r", 0, "F16", 0)]),
+    # two alternating register sets where the tuned build has one (5-bit codes in b1, the two-tile kinds;
+    # b1 in mode 4 spills 28 bytes at 3 blocks per SM with them), and one where it has two (nt1, nt2)
+    ("GEMV_PP=1", [("b1", 0, "F16", 0), ("b1r", 0, "F16", 0)]),
+    ("GEMV_PP=-1", [("nt1", 0, "F16", 0), ("nt2", 0, "F16", 0)]),
 ])
 def test_gemv_option_builds_compile(tmp_path, define, kernels):
     """gemv.cu's build options that no default build uses compile for e2m2 and e3m2 without warnings,

@@ -472,16 +472,17 @@ def gemv_tile_rows(kind: str) -> int:
     return 4 * GEMV_ROWS if kind == "nt2q" else 2 * GEMV_ROWS if kind in ("nt1w", "nt2w") else GEMV_ROWS
 
 
-def gemv_wide(n: int, fmt: ExMy) -> bool:
+def gemv_wide(n: int, fmt: ExMy, tiled: bool = False) -> bool:
     """Batch 2..16: the kernels with several 16-row tiles per warp (each x fragment shared by the
     tiles: a half (nt1w, nt2w) or a quarter (nt2q) of the L1 traffic of nt1 / nt2) when their warps
     still fill the GPU: at 8 K slices, >= 3/4 of two blocks per SM of two-tile warps, or of one block
     of four-tile warps (gemv_split's wave), i.e. N >= 48 rows per SM (N >= 6336 on 132 SMs); and
     codes of <= 5 bits, the formats they were measured faster for on an H200 (docs/benchmarks.md:
     the batch 9-16 kernels, and nt1w at batch 2-8, which loses on 4096-row layers and wins from 8192
-    rows)."""
+    rows), or of 6 bits with x tiles (nt2w 2-10 % faster than nt2 for e3m2 and e2m3 on an H100,
+    docs/benchmarks.md fourteenth session)."""
     sms = sm_count(_cupy().cuda.Device().id)
-    return fmt.bits <= 5 and -(-n // (2 * GEMV_ROWS)) * GEMV_WARPS >= 0.75 * sms * GEMV_WARPS * 2
+    return fmt.bits <= (6 if tiled else 5) and -(-n // (2 * GEMV_ROWS)) * GEMV_WARPS >= 0.75 * sms * GEMV_WARPS * 2
 
 
 def _gemv_grid(n: int, rows: int, split: int, pairs: int = 0) -> tuple:
@@ -565,7 +566,7 @@ def _gemv_kind(weight: "GpuWeight", batch: int, tiled: bool) -> str:
         return "b1" if _xs_bytes(weight.fmt, weight.k) <= XS_LIMIT else "b1r"
     if batch <= 8:
         return "nt1w" if gemv_wide(weight.n, weight.fmt) else "nt1"
-    if not gemv_wide(weight.n, weight.fmt):
+    if not gemv_wide(weight.n, weight.fmt, tiled):
         return "nt2"
     # x from its rows: four row tiles where the layer has one scale per row (measured there; aligned
     # groups keep two). With x tiles, four were slower than two on every layer measured (H100,
