@@ -112,7 +112,7 @@ def test_batch_kernel_and_split_on_132_sms(sms_132, k, n, fmt, ngroups, batch, t
 def test_bf16_x_takes_x_as_scaled_fp16(sms_132):
     """bf16 x with E <= 4 and one scale per row: b1 and b1r take x as scaled fp16 themselves (mode 4),
     the batch 2..16 kinds (and a forced nt1 at batch 1) take it converted before the launch (mode 5,
-    with a workspace) for layers of >= 2^26 weights, from batch 9 on >= 2^25, else mode 3; scale groups
+    with a workspace) for layers of >= 2^26 weights, from batch 9 on >= 2^24, else mode 3; scale groups
     and 5-bit exponents mode 2, fp16 x modes 0 / 1. b1 in mode 4 splits large layers in 4 (staging x per
     two tiles), where mode 3 and fp16 x take 8."""
     from types import SimpleNamespace
@@ -128,7 +128,8 @@ def test_bf16_x_takes_x_as_scaled_fp16(sms_132):
         assert gpu.gemv_kernel(weight(name, 4096, 4096), "BF16", 1, "nt1").mode == 3, name
         assert gpu.gemv_kernel(weight(name, 28672, 4096), "BF16", 1, "nt1").mode == 5, name
         for batch in (2, 8, 16):
-            assert gpu.gemv_kernel(weight(name, 4096, 4096), "BF16", batch).mode == 3, (name, batch)
+            assert gpu.gemv_kernel(weight(name, 4096, 4096), "BF16", batch).mode == (5 if batch > 8 else 3), name
+            assert gpu.gemv_kernel(weight(name, 1024, 4096), "BF16", batch).mode == 3, (name, batch)
             assert gpu.gemv_kernel(weight(name, 28672, 4096), "BF16", batch).mode == 5, (name, batch)
             assert gpu.gemv_kernel(weight(name, 4096, 14336), "BF16", batch).mode == (5 if batch > 8 else 3), name
             assert gpu.gemv_kernel(weight(name, 28672, 4096, 32), "BF16", batch).mode == 2, (name, batch)

@@ -505,8 +505,10 @@ X_TILES_THREADS = 512  # block size of exmy_x_tiles (x tiles for the batch 2..16
 # proportion to the weights: layers of at least this many weights take it, per batch > 8 (measured on
 # an H100, e2m2, with programmatic dependent launch: 4096->28672 and 8192->28672 12-19 % faster at
 # every batch 2..16, 14336->4096 12-14 % faster at batch 16 and up to 16 % slower at batch 8,
-# 4096->4096 up to 20 % slower; docs/benchmarks.md, 2026-12-05 sixth session)
-X16_MIN_WEIGHTS = {False: 1 << 26, True: 1 << 25}
+# 4096->4096 up to 20 % slower; docs/benchmarks.md, 2026-12-05 sixth session). Since mode 5 writes
+# x tiles, batch 9..16 takes it from 2^24 (H100, e2m2: 4096->4096 12.1 -> 11.5 us at batch 16, 11.6
+# -> 11.4 at 9; 4096->1024 8.5 -> 9.5, so not below; benchmarks.md, fourteenth session)
+X16_MIN_WEIGHTS = {False: 1 << 26, True: 1 << 24}
 
 
 def x16_mode(kind: str) -> int:
