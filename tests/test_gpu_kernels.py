@@ -563,6 +563,18 @@ def test_gemv_wide_tiles(cp, rng, name, narrow, wide, batches):
                     f"{name} {n}x{k} B={batch} {x_dtype} group {group} split {split}: {wide} differs from {narrow}"
 
 
+def poisoned_plan(x, weight, what: str, **tuning):
+    """(plan, y): a gemv_plan(**tuning) launched once into a NaN-poisoned y, every output checked written."""
+    import torch
+
+    y = torch.full((x.shape[0], weight.n), float("nan"), dtype=x.dtype, device="cuda")
+    plan = gpu.gemv_plan(x, weight, y, **tuning)
+    plan()
+    torch.cuda.synchronize()
+    assert torch.isfinite(y.float()).all(), f"{what} {plan.kernel.name}: unwritten outputs"
+    return plan, y
+
+
 def x_tiles_reference(x: np.ndarray, fmt: ExMy) -> np.ndarray:
     """The x tiles of docs/kernels.md as uint16 words, from the definition: per 128 elements of K and 8
     rows of the batch (padded to 8 or 16 with zeros, K to 128) a block of 1024 halves; lane 4g + t's
@@ -612,8 +624,8 @@ def test_gemv_x_tiles(cp, rng, name):
             for split in (None, 1, 8):
                 outs = []
                 for tiled, pdl in ((False, False), (None, False), (None, overlap)):
-                    y = torch.full((batch, n), float("nan"), dtype=x.dtype, device="cuda")
-                    plan = gpu.gemv_plan(x, weight, y, kind=kind, split=split, tiled=tiled, overlap=pdl)
+                    plan, y = poisoned_plan(x, weight, f"{what} split {split}", kind=kind, split=split, tiled=tiled,
+                                            overlap=pdl)
                     assert plan.kernel.tiled == (tiled is None) and (plan.tiles is not None) == (tiled is None), plan.kernel
                     if tiled is None and split is None and not pdl:  # the tiles alone, against the definition
                         fn, grid, (xc, work, *rest) = plan.tiles
@@ -622,9 +634,6 @@ def test_gemv_x_tiles(cp, rng, name):
                         got = cp.asnumpy(work.view(cp.uint16))[: work.size // 2 - (2 * grid[0])]
                         want = x_tiles_reference(x.view(torch.int16).cpu().numpy().view(np.uint16), fmt)
                         assert np.array_equal(got, want), f"{what}: x tiles differ from their definition"
-                    plan()
-                    torch.cuda.synchronize()
-                    assert torch.isfinite(y.float()).all(), f"{what} split {split} tiled {tiled}: unwritten outputs"
                     outs.append(y)
                 for y in outs[1:]:
                     assert torch.equal(outs[0].view(torch.int16), y.view(torch.int16)), \
@@ -664,12 +673,8 @@ def test_gemv_option_build_equals_default(cp, rng, name, define, kind, batches):
             for split, interleave in ((None, None), (1, None), (2, None), (8, None), (8, 0)):
                 outs = []
                 for defines, overlap in (((), False), ((define,), False), ((define,), True)):
-                    y = torch.full((batch, n), float("nan"), dtype=x.dtype, device="cuda")
-                    plan = gpu.gemv_plan(x, weight, y, kind=kind, defines=defines, overlap=overlap, split=split,
-                                         interleave=interleave)
-                    plan()
-                    torch.cuda.synchronize()
-                    assert torch.isfinite(y.float()).all(), f"{name} {kind} {defines}: unwritten outputs"
+                    plan, y = poisoned_plan(x, weight, f"{name} {kind} {defines}", kind=kind, defines=defines,
+                                            overlap=overlap, split=split, interleave=interleave)
                     outs.append(y)
                 for y in outs[1:]:
                     assert torch.equal(outs[0].view(torch.int16), y.view(torch.int16)), \
