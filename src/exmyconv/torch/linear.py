@@ -250,8 +250,9 @@ class ExmyLinear(nn.Module):
         - rows of x (leading dims flattened) <= ``gpu.MAX_BATCH`` (16): the fused GEMV through a
           ``gpu.GemvLaunch`` prepared once per (rows, dtype) and kept by the layer, so a call costs
           one output allocation and one driver launch (no planning; programmatic dependent launch on
-          compute capability >= 9.0; bf16 x at 2..16 rows: a second launch converting x, and its
-          workspace, :func:`call_gemv`), then the bias is added;
+          compute capability >= 9.0; bf16 x at 2..16 rows on large layers and fp16 x at 9..16 rows: a
+          second launch laying x out as x tiles, and its workspace, :func:`call_gemv`), then the bias
+          is added;
         - more rows: ``weight.dequantize("F16"|"BF16", out=w)`` (bit-exact) into a torch buffer, on
           torch's current stream (a side stream, a CUDA-graph capture), then ``F.linear``: the same
           result as the plain model.

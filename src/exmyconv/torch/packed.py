@@ -18,8 +18,8 @@ Compute:
 - CUDA, fp16/bf16 ``x`` with at most ``gpu.MAX_BATCH`` (16) rows and a format the fused GEMV handles
   (``exmyconv.cuda.gpu.gemv_applies``, the rule ExmyLinear follows too): ``exmyconv.cuda.gpu``'s GEMV,
   through a ``gpu.GemvLaunch`` prepared once per (rows, dtype), as ExmyLinear keeps them: a call
-  passes the addresses of ``x`` and of an output torch allocates (and of a workspace, for bf16 ``x``
-  on large layers: ``linear.call_gemv``), and the stream (no planning, no CuPy objects; programmatic
+  passes the addresses of ``x`` and of an output torch allocates (and of a workspace where x goes
+  through x tiles: ``linear.call_gemv``), and the stream (no planning, no CuPy objects; programmatic
   dependent launch on compute capability >= 9.0).
 - CUDA, more rows: the weight is dequantized bit-exactly into one scratch buffer shared by every
   layer on that device and dtype (the largest layer's size; layers run one after another on a stream),
