@@ -517,11 +517,16 @@ def x16_mode(kind: str) -> int:
     return 4 if kind in MODE4_KINDS else 5
 
 
+def x_tile_rows(batch: int) -> int:
+    """Rows of x in its tiles: the batch padded to the mma column tiles of its kernels, 8 or 16."""
+    return 8 if batch <= 8 else 16
+
+
 def x_tiles_bytes(batch: int, k: int) -> int:
     """Device memory a launch with x tiles needs (the caller's workspace, 16-byte aligned): 2 KB per 128
-    elements of K and 8 batch rows (rows of x padded to 8 or 16, K to 128: kernels/gemv.cu x_tile_word),
-    then (x_tile_factors) a float per padded row (mode 5's 2^-s)."""
-    rows = 8 if batch <= 8 else 16
+    elements of K and 8 batch rows (x_tile_rows; K padded to 128: kernels/gemv.cu x_tile_word), then
+    (x_tile_factors) a float per padded row (mode 5's 2^-s)."""
+    rows = x_tile_rows(batch)
     return -(-k // 128) * rows * 256 + 4 * rows
 
 
@@ -754,8 +759,8 @@ class _GemvLaunchShape:
 
 
 def x_tiles_grid(batch: int) -> tuple:
-    """exmy_x_tiles' grid: a block per row of the padded batch (8 or 16 rows: one or two mma column tiles)."""
-    return (8 if batch <= 8 else 16,)
+    """exmy_x_tiles' grid: a block per row of the padded batch (x_tile_rows)."""
+    return (x_tile_rows(batch),)
 
 
 def _gemv_launch_shape(weight: "GpuWeight", x_dtype: str, batch: int, split: int | None = None,
