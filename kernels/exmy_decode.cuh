@@ -87,9 +87,10 @@ constexpr int LO2 = (OWN & 1) + SH;   // 2-bit plane: the two bits just above th
 constexpr int LO1 = SH;               // 1-bit plane: code bit 0 (shared: bit 1, above m0)
 // (8-bit plane: bits 7..0, never in a shared format since OWN <= 7; shared m0: code bit 0.)
 
-// fp16 fast path: the whole fp16 value lives in its high byte [s e4..e0 m9 m8] when M <= 2.
+// fp16 fast path: the whole fp16 value lives in its high byte [s e4..e0 m9 m8] when M <= 2; for
+// M = 3 all but the lowest mantissa bit does, which goes to bit 7 of the low byte (f16_low_bytes).
 constexpr bool F16_OK = E <= 4;
-constexpr bool BYTE_PATH = F16_OK && M <= 2 && !HAS8;
+constexpr bool BYTE_PATH = F16_OK && !HAS8 && (M <= 2 || (M == 3 && !(OWN == 4 && SHARED)));  // (OWN = 4: NIB)
 // Nibble-only formats (OWN = 4: e2m1, e1m2, e3m0 and the 5-bit shared ones such as e2m2s4) group
 // the elements of one 4-bit plane word instead of transposing four words (see pair_elem).
 constexpr bool NIB = OWN == 4;
@@ -460,11 +461,15 @@ EXMY_HD u32 code_word(const Chunk& ch, const Pre& pre, int e) {
     return cw;
 }
 
-// Byte path (fp16 field, M <= 2, no 8-bit plane): group e straight into fp16 HIGH bytes
+// Byte path (fp16 field, M <= 3, no 8-bit plane): group e straight into fp16 HIGH bytes
 // [s | e4 e3 e2 e1 e0 | m9 m8]: sign (code bit BITS-1) -> byte bit 7, every other code bit j ->
-// byte bit j + 2 - M (f lands in the low E exponent bits, the M mantissa bits at m9..).
+// byte bit j + 2 - M (f lands in the low E exponent bits, the M mantissa bits at m9..; for M = 3
+// code bit 0 would land at bit -1: it is f16_low_bytes' bit 7).
 EXMY_HD u32 f16_high_bytes(const Chunk& ch, const Pre& pre, int e) {
     constexpr int D = BYTE_PATH ? 2 - M : 0;  // code bit j (below the sign) -> byte bit j + D
+    // where the 2-bit field, the 1-bit plane and the shared m0 go (0 where M = 3 puts them at -1:
+    // the field's bit 0, the 1-bit plane and m0 are then code bit 0, f16_low_bytes' business)
+    constexpr int D2 = LO2 + D > 0 ? LO2 + D : 0, D1 = LO1 + D > 0 ? LO1 + D : 0, DS = D > 0 ? D : 0;
     u32 f = 0;
     if (HAS4) {
         u32 t = nibble_src(ch, pre, e);
@@ -477,18 +482,26 @@ EXMY_HD u32 f16_high_bytes(const Chunk& ch, const Pre& pre, int e) {
             f |= shl(t, 7 - (o + 3)) & SIGN;                          // nibble bit 3 = sign -> bit 7
             f |= shl(t, LO4 + D - o) & MAG;                           // nibble bits 2..0 -> LO4+D+2..LO4+D
         }
-        if (HAS2) f |= place(pre.p2[HAS2 ? (e >> 2) : 0], 2 * (e & 3), LO2 + D, 2);  // 2-bit field
-        if (HAS1) f |= place(ch.w1, e, LO1 + D, 1);                                  // 1-bit field -> bit LO1+D
-        if (SHARED && !NIB) f |= shared_bits(ch, pre, e, D);                         // shared m0 -> bit D
+        if (HAS2 && LO2 + D >= 0) f |= place(pre.p2[HAS2 ? (e >> 2) : 0], 2 * (e & 3), D2, 2);  // 2-bit field
+        if (HAS2 && LO2 + D < 0) f |= place(pre.p2[HAS2 ? (e >> 2) : 0], 2 * (e & 3) + 1, 0, 1);  // its bit 1 -> 0
+        if (HAS1 && LO1 + D >= 0) f |= place(ch.w1, e, D1, 1);                                  // 1-bit field -> bit LO1+D
+        if (SHARED && !NIB && D >= 0) f |= shared_bits(ch, pre, e, DS);                         // shared m0 -> bit D
     } else if (HAS2) {  // BITS 2 or 3: the 2-bit plane holds the sign
         u32 t = pre.p2[HAS2 ? (e >> 2) : 0];
         int o = 2 * (e & 3);
-        f |= shl(t, 7 - (o + 1)) & 0x80808080u;                         // field bit 1 = sign -> bit 7
-        f |= shl(t, LO2 + D - o) & ((0x1u << (LO2 + D)) * 0x01010101u);  // field bit 0 (code bit LO2) -> LO2+D
-        if (HAS1) f |= place(ch.w1, e, LO1 + D, 1);                                    // 1-bit field -> bit LO1+D
-        if (SHARED) f |= shared_bits(ch, pre, e, D);                                   // shared m0 -> bit D
+        f |= shl(t, 7 - (o + 1)) & 0x80808080u;                   // field bit 1 = sign -> bit 7
+        f |= shl(t, D2 - o) & ((0x1u << D2) * 0x01010101u);        // field bit 0 (code bit LO2) -> LO2+D
+        if (HAS1) f |= place(ch.w1, e, D1, 1);                    // 1-bit field -> bit LO1+D
+        if (SHARED) f |= shared_bits(ch, pre, e, DS);             // shared m0 -> bit D
     }
     return f;
+}
+
+// Byte path with M = 3: code bit 0 of group e's elements at bit 7 of each byte, the fp16 LOW bytes
+// (mantissa bit m7): the shared m0, the 1-bit plane (LO1 = 0) or bit 0 of the 2-bit field (LO2 = 0).
+EXMY_HD u32 f16_low_bytes(const Chunk& ch, const Pre& pre, int e) {
+    if (SHARED) return shared_bits(ch, pre, e, 7) & 0x80808080u;
+    return HAS1 ? place(ch.w1, e, 7, 1) : place(pre.p2[HAS2 ? (e >> 2) : 0], 2 * (e & 3), 7, 1);
 }
 
 // Pair p = 2e+s as a "lane word": each 16-bit lane holds its element's code in its HIGH byte
@@ -521,9 +534,10 @@ EXMY_HD u32 to_field(u32 l) {
 template <bool BF16>
 EXMY_HD void decode_group(const Chunk& ch, const Pre& pre, int e, u32& h0, u32& h1) {
     if (!BF16 && BYTE_PATH) {
-        u32 f = f16_high_bytes(ch, pre, e);
-        h0 = prmt(f, 0u, 0x1404u);  // lanes = (byte0 << 8, byte1 << 8): low bytes from the zero word
-        h1 = prmt(f, 0u, 0x3424u);  // lanes = (byte2 << 8, byte3 << 8)
+        const u32 f = f16_high_bytes(ch, pre, e);
+        const u32 l = M == 3 ? f16_low_bytes(ch, pre, e) : 0u;  // M <= 2: low bytes zero
+        h0 = prmt(f, l, M == 3 ? 0x1504u : 0x1404u);  // lanes = (byte0 << 8 | low0, byte1 << 8 | low1)
+        h1 = prmt(f, l, M == 3 ? 0x3726u : 0x3424u);  // lanes = (byte2 << 8 | low2, byte3 << 8 | low3)
     } else {
         h0 = to_field<BF16>(lane_word(ch, pre, e, 0));
         h1 = to_field<BF16>(lane_word(ch, pre, e, 1));
