@@ -86,15 +86,13 @@ def sms_132(monkeypatch):
     (4096, 14336, "e2m2", 1, 16, True, "nt2w", 4),
     (8192, 28672, "e2m1", 1, 12, True, "nt2w", 2),
     (28672, 8192, "e2m2", 1, 9, True, "nt2w", 8),
-    # x from its rows (bf16 operands), one scale per row, <= 5 bits: nt2q from 6336 rows, K slices for
-    # about one wave of one block per SM (the fastest split measured on the H200, docs/benchmarks.md 2026-12-05)
-    (4096, 14336, "e2m2", 1, 16, False, "nt2q", 4),
-    (8192, 28672, "e2m1", 1, 12, False, "nt2q", 2),
-    (28672, 8192, "e2m2", 1, 9, False, "nt2q", 8),
+    # x from its rows (tests and benchmarks only): the same kinds for codes of <= 5 bits
+    (4096, 14336, "e2m2", 1, 16, False, "nt2w", 4),
+    (28672, 8192, "e2m2", 1, 9, False, "nt2w", 8),
     (14336, 4096, "e2m2", 1, 16, False, "nt2", 8),   # 4096 rows: four-tile warps would fill half the GPU
     (14336, 4096, "e2m2", 1, 16, True, "nt2", 8),
     (4096, 4096, "e2m2", 1, 16, True, "nt2", 8),
-    (4096, 14336, "e2m2", 128, 16, False, "nt2w", 4),  # aligned scale groups keep two tiles
+    (4096, 14336, "e2m2", 128, 16, True, "nt2w", 4),  # aligned scale groups alike
     (4096, 14336, "e3m2", 1, 16, False, "nt2", 2),   # 6-bit codes: one tile from x's rows
     (4096, 14336, "e3m2", 1, 16, True, "nt2w", 4),   # and two with x tiles
     (8192, 28672, "e4m3", 1, 16, True, "nt2", 8),    # (8-bit codes: one, not measured with two)
@@ -146,7 +144,7 @@ def test_bf16_x_takes_x_as_scaled_fp16(sms_132):
 
 def test_kind_override_fits_the_batch():
     """Tests and benchmarks may force nt1 / nt1w at batch 1..8 (at batch 1 instead of b1 / b1r) and
-    nt2 / nt2w / nt2q at 9..16; nothing else."""
+    nt2 / nt2w at 9..16; nothing else (nt2q, four row tiles per warp, is gone)."""
     from types import SimpleNamespace
 
     from exmyconv.errors import ExmyError
@@ -176,7 +174,7 @@ def test_gemv_grid_covers_the_units():
     assert gpu._gemv_grid(28672, 16, 8) == (1792,)             # b1 on 8192 -> 28672: a tile per block
     assert gpu._gemv_grid(28672, 16, 4) == (896,)              # two tiles per block
     assert gpu._gemv_grid(28672 + 1, 16, 8) == (1793,)         # a last tile of one row
-    assert gpu._gemv_grid(8192, 64, 2) == (32,)                # nt2q: 4 tiles of 64 rows per block
+    assert gpu._gemv_grid(8192, 32, 2) == (64,)                # nt2w: 4 tiles of 32 rows per block
     assert gpu._gemv_grid(1536, 16, 8, pairs=12) == (96, 12)   # routed: a grid row per pair
 
 

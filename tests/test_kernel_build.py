@@ -161,19 +161,13 @@ def spill_limit(fmt: ExMy, kernel: GemvKernel) -> int | None:
     with one scale per row or aligned groups (fast paths); at most 32 for the 80-register b1r builds
     gpu uses (fp16 operands, one scale per row); at most 128 for nt2w where gpu takes it (codes of
     <= 5 bits, gpu.gemv_wide: two row tiles per warp; 5-bit codes with a 1-bit plane spill there, and
-    it still ran faster than nt2 on an H200, docs/benchmarks.md); for nt2q with codes of <= 5 bits
-    (one block of 255 registers per SM) at most 4 with one scale per row and 64 with aligned groups
-    (e3m2 spills 60 there); at most 8 for the routed kernels
+    it still ran faster than nt2 on an H200, docs/benchmarks.md); at most 8 for the routed kernels
     (exmy_gemv_routed keeps x, y and the scales at per-pair addresses in registers: 4 bytes for
     e3m2 b1r with groups); the others may spill a little."""
     if kernel.routed:
         return 8 if fmt.name in NAMED + GEMV_SHARED and kernel.mode != 2 and kernel.groups != 2 else None
     if kernel.kind in ("nt1w", "nt2w"):
         return 128 if fmt.name in NAMED and fmt.bits <= 5 and kernel.mode != 2 and kernel.groups != 2 else None
-    if kernel.kind == "nt2q":  # one block of 255 registers per SM
-        if fmt.name not in NAMED or fmt.bits > 5 or kernel.mode == 2 or kernel.groups == 2:
-            return None
-        return 4 if kernel.groups == 0 else 64
     if kernel.kind == "b1r" and kernel.blocks == 3:
         return 32 if kernel.mode != 2 and kernel.groups == 0 else None
     return 0 if fmt.name in NAMED and kernel.mode != 2 and kernel.groups != 2 else None
@@ -209,7 +203,7 @@ def check_usage(what: str, fmt: ExMy, kernels: list[GemvKernel], log: str, spill
 @needs_nvcc
 @pytest.mark.parametrize("define, kernels", [  # (kind, mode, x dtype, groups)
     # timing-only knock-outs (x loads, decode and mma left out, all three here)
-    ("GEMV_DIAG=7", [("b1", 4, "BF16", 0), ("nt2q", 0, "F16", 0), ("b1r", 2, "BF16", 1)]),
+    ("GEMV_DIAG=7", [("b1", 4, "BF16", 0), ("nt2w", 0, "F16", 0), ("b1r", 2, "BF16", 1)]),
     # two alternating register sets where the tuned build has one (5-bit codes in b1, the two-tile kinds;
     # b1 in mode 4 spills 28 bytes at 3 blocks per SM with them), and one where it has two (nt1, nt2)
     ("GEMV_PP=1", [("b1", 0, "F16", 0), ("b1r", 0, "F16", 0)]),
