@@ -92,7 +92,7 @@ def gemv_builds() -> list[tuple[ExMy, list[GemvKernel]]]:
     with one scale per row for codes of other than 6 bits; the GPU tests force the others): fold,
     two, fold with aligned groups, bf16 operands, unaligned groups. For the named formats, also the
     routed copies (exmy_gemv_routed, MoE experts) of their batch-1 kernels with one scale per row or
-    aligned groups. Every gemv.cu build also has exmy_x_tiles (x tiles, plain and scaled for mode 5)."""
+    aligned groups. Every gemv.cu build also has exmy_x_tiles (x tiles in each conversion, gpu.x_tiles_conv)."""
     builds = []
     for fmt in all_formats() + [get_format(name) for name in GEMV_SHARED]:
         if fmt.name in NAMED or fmt.name == "e5m2":
@@ -116,7 +116,7 @@ def gemv_source(kernels: list[GemvKernel], path: Path) -> Path:
     """A source that builds `kernels` from kernels/gemv.cu (what NVRTC's name expressions do)."""
     lines = [f'#include "{KERNELS / "gemv.cu"}"'] + [
         f"EXMY_GEMV_{'ROUTED_' if k.routed else ''}INSTANCE({k.expression})" for k in kernels] + [
-        f"EXMY_X_TILES_INSTANCE(exmy_x_tiles<{gpu.X_TILES_THREADS}, {scaled}>)" for scaled in ("false", "true")]
+        f"EXMY_X_TILES_INSTANCE(exmy_x_tiles<{gpu.X_TILES_THREADS}, {conv}>)" for conv in (0, 1, 2)]
     path.write_text("\n".join(lines) + "\n")
     return path
 
