@@ -643,7 +643,7 @@ def x_tiles_conv(kernel: GemvKernel) -> int:
     times 2^s per row in mode 5 (2); fp16 x rounded to bf16 for bf16 operands, mode 2 (1); else as it is."""
     if kernel.mode == 5:
         return 2
-    return 1 if kernel.mode in (2, 3) and kernel.x_dtype == "F16" else 0
+    return 1 if kernel.mode == 2 and kernel.x_dtype == "F16" else 0
 
 
 def x_tiles_function(fmt: ExMy, conv: int):
