@@ -528,7 +528,7 @@ def test_gemv_b1r_x_window(cp, rng, name):
 
 
 @pytest.mark.parametrize("narrow,wide,batches", [("nt2", "nt2w", (9, 17)), ("nt1", "nt1w", (1, 9))])
-@pytest.mark.parametrize("name", ["e2m2", "e2m1", "e2m2s4", "e3m2", "e4m3"])
+@pytest.mark.parametrize("name", ["e2m2", "e2m1", "e2m2s4", "e3m2", "e2m3", "e4m3"])
 def test_gemv_wide_tiles(cp, rng, name, narrow, wide, batches):
     """Batch 9..16 (1..8) with two 16-row tiles per warp (nt2w, chosen by gpu.gemv_wide for large
     layers; nt1w) on small random shapes: against float64 (gemv_check's bound) and, bit for bit, against nt2 (nt1) with
@@ -601,11 +601,12 @@ def x_tiles_reference(x: np.ndarray, fmt: ExMy) -> np.ndarray:
 
 @pytest.mark.parametrize("name", ["e2m2", "e2m1", "e2m2s4", "e3m2", "e4m3", "e5m2"])
 def test_gemv_x_tiles(cp, rng, name):
-    """The batch 9..16 kinds read x as x tiles (gpu.gemv_tiled), written just before by exmy_x_tiles in
-    the operand type: its words equal the layout's definition (x_tiles_reference; fp16 x for bf16
-    operands rounded to bf16, gpu.x_tiles_conv) in a workspace poisoned with 0xFF, and the GEMV gives the
-    bits of the same kernel reading x from its rows (the same x values meet the same weights in the same
-    order), through gemv_plan (plain and PDL launches) and a GemvLaunch. Every kind of the batch, the
+    """The batch 9..16 kinds read x as x tiles (gpu.gemv_tiled: fp16 operands always, bf16 operands from
+    2^24 weights), written just before by exmy_x_tiles in the operand type: its words equal the layout's
+    definition (x_tiles_reference; fp16 x for bf16 operands rounded to bf16, gpu.x_tiles_conv) in a
+    workspace poisoned with 0xFF, and the GEMV gives the bits of the same kernel reading x from its rows
+    (the same x values meet the same weights in the same order), through gemv_plan (plain and PDL
+    launches) and a GemvLaunch. Every kind of the batch, the
     host's split and splits 1 and 8, fp16 and bf16 x (modes 0 to 3: e5m2 takes bf16 operands for fp16 x;
     mode 5 reads no rows), random batches, row counts that end inside a tile, K tails and unaligned x
     rows, scale groups aligned and not."""
@@ -620,18 +621,18 @@ def test_gemv_x_tiles(cp, rng, name):
             k = int(rng.choice([int(rng.integers(1, 700)), 4096, 1000 + 8 * int(rng.integers(0, 400)), 2001, 20000]))
             _, _, weight, x, _, _ = gemv_check(cp, rng, fmt, n, k, batch, x_dtype, group=group)
             host = gpu.gemv_kernel(weight, x_dtype, batch)
-            assert host.tiled, host
+            assert host.tiled == (host.mode in (0, 1, 5) or n * k >= 1 << 24), host
             if host.mode == 5:
                 continue  # (bf16 x on a large layer: no rows to compare with)
             for kind in ("nt2", "nt2w"):
                 what = f"{name} {n}x{k} B={batch} group {group} x {x_dtype} {kind}"
                 for split in (None, 1, 8):
                     outs = []
-                    for tiled, pdl in ((False, False), (None, False), (None, overlap)):
+                    for tiled, pdl in ((False, False), (True, False), (True, overlap)):
                         plan, y = poisoned_plan(x, weight, f"{what} split {split}", kind=kind, split=split,
                                                 tiled=tiled, overlap=pdl)
-                        assert plan.kernel.tiled == (tiled is None) and (plan.tiles is not None) == (tiled is None)
-                        if tiled is None and split is None and not pdl:  # the tiles alone, against the definition
+                        assert plan.kernel.tiled == tiled and (plan.tiles is not None) == tiled
+                        if tiled and split is None and not pdl:  # the tiles alone, against the definition
                             fn, grid, (xc, work, *rest) = plan.tiles
                             work.fill(0xFF)
                             fn(grid, (gpu.X_TILES_THREADS,), (xc, work, *rest))
@@ -646,7 +647,8 @@ def test_gemv_x_tiles(cp, rng, name):
                         assert torch.equal(outs[0].view(torch.int16), y.view(torch.int16)), \
                             f"{what} split {split} ({plan.kernel.name}): x tiles give other bits than x rows"
             launch = gpu.GemvLaunch(weight, x_dtype, batch, overlap=overlap)  # the host's kind, with a workspace
-            assert launch.kernel.tiled and launch.work_bytes == gpu.x_tiles_bytes(batch, k), launch.kernel
+            assert launch.kernel == host and launch.work_bytes == (gpu.x_tiles_bytes(batch, k) if host.tiled else 0), \
+                launch.kernel
             work = torch.full((launch.work_bytes,), 0xFF, dtype=torch.uint8, device="cuda")
             y = torch.full((batch, n), float("nan"), dtype=x.dtype, device="cuda")
             launch(x.data_ptr(), y.data_ptr(), torch.cuda.current_stream().cuda_stream, work.data_ptr())

@@ -71,7 +71,8 @@ def _compile(src: Path, fmt: ExMy, out: Path, extra: tuple = ()) -> tuple[int, s
 
 def gemv_instances(fmt: ExMy) -> list[GemvKernel]:
     """Every exmy_gemv instantiation the host may pick for `fmt`, with its register budget
-    (gpu.gemv_blocks; b1r at 2 blocks per SM): 48, or 24 for E = 5 (no fp16 operands). For bf16 x with
+    (gpu.gemv_blocks; b1r at 2 blocks per SM), with x tiles and without where gpu.gemv_tiled takes either
+    by the layer's size (batch 9..16 with bf16 operands); no fp16 operands for E = 5. For bf16 x with
     one scale per row that is mode 4 or 5 (gpu.x16_mode), with mode 3 in its place for tuning (modes
     3, 4, 5: one scale per row only)."""
     operands = ([(0, "F16"), (1, "F16"), ("x16", "BF16"), (3, "BF16")] if fmt.e <= 4 else []) + [(2, "F16"), (2, "BF16")]
@@ -79,8 +80,9 @@ def gemv_instances(fmt: ExMy) -> list[GemvKernel]:
     for mode, x_dtype in operands:
         for kind in gpu.GEMV_KINDS:
             m = gpu.x16_mode(kind) if mode == "x16" else mode
-            kernels += [GemvKernel(kind, m, x_dtype, groups, gpu.gemv_blocks(fmt, kind, m, groups),
-                                   tiled=gpu.gemv_tiled(kind, m)) for groups in ((0,) if m >= 3 else (0, 1, 2))]
+            kernels += [GemvKernel(kind, m, x_dtype, groups, gpu.gemv_blocks(fmt, kind, m, groups), tiled=tiled)
+                        for groups in ((0,) if m >= 3 else (0, 1, 2))
+                        for tiled in sorted({gpu.gemv_tiled(kind, m, weights) for weights in (1, 1 << 30)})]
     return kernels
 
 
@@ -159,15 +161,15 @@ def gemv_usage(log: str) -> dict[str, tuple[int, int]]:
 def spill_limit(fmt: ExMy, kernel: GemvKernel) -> int | None:
     """Bytes a GEMV instantiation may spill: none for the fp16-operand kernels of the named formats
     with one scale per row or aligned groups (fast paths); at most 32 for the 80-register b1r builds
-    gpu uses (fp16 operands, one scale per row); at most 128 for nt2w where gpu takes it (codes of
-    <= 5 bits, gpu.gemv_wide: two row tiles per warp; 5-bit codes with a 1-bit plane spill there, and
+    gpu uses (fp16 operands, one scale per row); at most 128 for nt1w and nt2w where gpu takes them (codes
+    of <= 6 bits, gpu.gemv_wide: two row tiles per warp; 5-bit codes with a 1-bit plane spill there, and
     it still ran faster than nt2 on an H200, docs/benchmarks.md); at most 8 for the routed kernels
     (exmy_gemv_routed keeps x, y and the scales at per-pair addresses in registers: 4 bytes for
     e3m2 b1r with groups); the others may spill a little."""
     if kernel.routed:
         return 8 if fmt.name in NAMED + GEMV_SHARED and kernel.mode != 2 and kernel.groups != 2 else None
     if kernel.kind in ("nt1w", "nt2w"):
-        return 128 if fmt.name in NAMED and fmt.bits <= 5 and kernel.mode != 2 and kernel.groups != 2 else None
+        return 128 if fmt.name in NAMED and fmt.bits <= 6 and kernel.mode != 2 and kernel.groups != 2 else None
     if kernel.kind == "b1r" and kernel.blocks == 3:
         return 32 if kernel.mode != 2 and kernel.groups == 0 else None
     return 0 if fmt.name in NAMED and kernel.mode != 2 and kernel.groups != 2 else None

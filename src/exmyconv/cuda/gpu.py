@@ -472,16 +472,15 @@ def gemv_tile_rows(kind: str) -> int:
     return 2 * GEMV_ROWS if kind in ("nt1w", "nt2w") else GEMV_ROWS
 
 
-def gemv_wide(n: int, fmt: ExMy, tiled: bool = False) -> bool:
+def gemv_wide(n: int, fmt: ExMy) -> bool:
     """Batch 2..16: the kernels with two 16-row tiles per warp (each x fragment shared by the tiles:
     half the L1 traffic of nt1 / nt2) when their warps still fill the GPU: at 8 K slices, >= 3/4 of
     two blocks per SM (gemv_split's wave), i.e. N >= 48 rows per SM (N >= 6336 on 132 SMs); and
-    codes of <= 5 bits, the formats they were measured faster for on an H200 (docs/benchmarks.md:
-    the batch 9-16 kernels, and nt1w at batch 2-8, which loses on 4096-row layers and wins from 8192
-    rows), or of 6 bits with x tiles (nt2w 2-10 % faster than nt2 for e3m2 and e2m3 on an H100,
-    docs/benchmarks.md fourteenth session)."""
+    codes of <= 6 bits, the formats they were measured faster for (H200: the batch 9-16 kernels, and
+    nt1w at batch 2-8, which loses on 4096-row layers and wins from 8192 rows, e3m2 8192->28672 batch 8
+    69.0 -> 60.9 us; docs/benchmarks.md, sixteenth session)."""
     sms = sm_count(_cupy().cuda.Device().id)
-    return fmt.bits <= (6 if tiled else 5) and -(-n // (2 * GEMV_ROWS)) * GEMV_WARPS >= 0.75 * sms * GEMV_WARPS * 2
+    return fmt.bits <= 6 and -(-n // (2 * GEMV_ROWS)) * GEMV_WARPS >= 0.75 * sms * GEMV_WARPS * 2
 
 
 def _gemv_grid(n: int, rows: int, split: int, pairs: int = 0) -> tuple:
@@ -567,12 +566,12 @@ class GemvKernel:
         return f"exmy_gemv_{mode}_{x}_{self.kind}{groups}{three}{routed}{tiled}"
 
 
-def _gemv_kind(weight: "GpuWeight", batch: int, tiled: bool) -> str:
+def _gemv_kind(weight: "GpuWeight", batch: int) -> str:
     if batch == 1:
         return "b1" if _xs_bytes(weight.fmt, weight.k) <= XS_LIMIT else "b1r"
     if batch <= 8:
         return "nt1w" if gemv_wide(weight.n, weight.fmt) else "nt1"
-    return "nt2w" if gemv_wide(weight.n, weight.fmt, tiled) else "nt2"
+    return "nt2w" if gemv_wide(weight.n, weight.fmt) else "nt2"
 
 
 def gemv_blocks(fmt: ExMy, kind: str, mode: int, groups: int) -> int:
@@ -584,15 +583,18 @@ def gemv_blocks(fmt: ExMy, kind: str, mode: int, groups: int) -> int:
     return 3 if kind in ("b1", "nt1") and mode != 2 and groups == 0 and fmt.bits <= 5 else 2
 
 
-def gemv_tiled(kind: str, mode: int) -> bool:
+def gemv_tiled(kind: str, mode: int, weights: int) -> bool:
     """Whether a kernel takes x as x tiles (kernels/gemv.cu x_tile_word), written by exmy_x_tiles just
-    before it in the operand type (x_tiles_conv): the batch 9..16 kinds, and mode 5, which converts x in
-    a kernel before the GEMV anyway. From x's rows each 16-byte x load of a warp touches 16 cache lines,
-    from the tiles 4, and the pairs come in the mma's order (no PRMT; mode 2 with fp16 x: no conversion
-    per load): at batch 9..16 with fp16 x 3-22 % faster on an H100 (e2m2 8192->28672 batch 16: 73.7 ->
-    68.2 us); at batch 2..8, where x is half as much per weight, the second kernel cost more than it
-    saved (docs/benchmarks.md, fourteenth session)."""
-    return mode == 5 or kind in ("nt2", "nt2w")
+    before it in the operand type (x_tiles_conv): mode 5, which converts x in a kernel before the GEMV
+    anyway, and the batch 9..16 kinds, with bf16 operands (modes 2, 3) on layers of X16_MIN_WEIGHTS[True]
+    weights or more. From x's rows each 16-byte x load of a warp touches 16 cache lines, from the tiles
+    4, and the pairs come in the mma's order (no PRMT; mode 2 with fp16 x: no conversion per load): at
+    batch 9..16 with fp16 x 3-22 % faster on an H100 (e2m2 8192->28672 batch 16: 73.7 -> 68.2 us), with
+    bf16 x and scale groups up to 21 % on an H200 (e2m2 g128 8192->28672: 161.1 -> 126.9 us); but the
+    second kernel's fixed cost outweighed that on the small layers of bf16 operands (4096->1024 e2m2 g128:
+    10.2 -> 12.5 us; in mode 3 with PDL 8.5 -> 9.1) and at batch 2..8, where x is half as much per
+    weight (docs/benchmarks.md, fourteenth and sixteenth sessions)."""
+    return mode == 5 or (kind in ("nt2", "nt2w") and (mode < 2 or weights >= X16_MIN_WEIGHTS[True]))
 
 
 def gemv_kernel(weight: GpuWeight, x_dtype: str, batch: int, kind: str | None = None,
@@ -607,11 +609,10 @@ def gemv_kernel(weight: GpuWeight, x_dtype: str, batch: int, kind: str | None = 
     converted once per launch by exmy_x_tiles (mode 5: a pass over x in each of their blocks cost
     more than it saved), for layers of X16_MIN_WEIGHTS or more. kind (tests and benchmarks):
     "nt1" or "nt1w" for batch 1..8 (batch 1: instead of b1 / b1r, x read per chunk rather than
-    staged), "nt2" or "nt2w" for batch 9..16; tiled=False (tests and benchmarks): x read from its rows
-    where gemv_tiled would take x tiles (not in mode 5)."""
-    chosen = kind
+    staged), "nt2" or "nt2w" for batch 9..16; tiled (tests and benchmarks): the batch 9..16 kinds with
+    x tiles (True) or x from its rows (False) where gemv_tiled would take the other (not in mode 5)."""
     if kind is None:
-        kind = _gemv_kind(weight, batch, tiled=False)
+        kind = _gemv_kind(weight, batch)
     elif kind not in (("nt1", "nt1w") if batch <= 8 else ("nt2", "nt2w")):
         raise ExmyError(f"kind {kind!r}: only nt1 or nt1w (batch 1..8), nt2 or nt2w (batch 9..16) can be chosen")
     groups = 0 if weight.ngroups == 1 else 2 if _gshift(weight) < 0 else 1
@@ -621,14 +622,12 @@ def gemv_kernel(weight: GpuWeight, x_dtype: str, batch: int, kind: str | None = 
         mode = 3 if groups == 0 and x_dtype == "BF16" and weight.fmt.e <= 4 else 2
         if mode == 3 and (kind in MODE4_KINDS or weight.n * weight.k >= X16_MIN_WEIGHTS[batch > 8]):
             mode = x16_mode(kind)
-    use_tiles = gemv_tiled(kind, mode)
+    use_tiles = gemv_tiled(kind, mode, weight.n * weight.k)
     if tiled is not None and tiled != use_tiles:
-        if tiled or mode == 5:
+        if mode == 5 or kind not in ("nt2", "nt2w"):
             raise ExmyError(f"{kind} in mode {mode}: x tiles are for the batch 9..16 kinds, and mode 5 always "
                              "takes them")
-        use_tiles = False
-    if chosen is None:
-        kind = _gemv_kind(weight, batch, use_tiles)
+        use_tiles = tiled
     return GemvKernel(kind, mode, x_dtype, groups, gemv_blocks(weight.fmt, kind, mode, groups), tiled=use_tiles)
 
 
@@ -782,7 +781,7 @@ def _gemv_launch_shape(weight: "GpuWeight", x_dtype: str, batch: int, split: int
         if not (mode in pair and kernel.mode in pair and not pairs):
             raise ExmyError(f"mode {mode}: only launches of bf16 x with E <= 4 and one scale per row switch "
                             f"between mode 3 and mode {pair[1]}; this one is {kernel.name}")
-        kernel = replace(kernel, mode=mode, tiled=gemv_tiled(kernel.kind, mode))
+        kernel = replace(kernel, mode=mode, tiled=gemv_tiled(kernel.kind, mode, weight.n * weight.k))
     if pairs:
         kernel = replace(kernel, routed=True)
     rows = gemv_tile_rows(kernel.kind)
@@ -953,7 +952,7 @@ def gemv_plan(x, weight: GpuWeight, out, x_dtype: str | None = None, **tuning) -
     defines=("GEMV_CPT=4", ...; b1 sizes its staged x by GEMV_CPT), kind="nt1"|"nt1w"
     (batch 1..8) or "nt2"|"nt2w" (batch 9..16), instead of the host's choice (gemv_kernel),
     mode=3|4|5 (bf16 x and one scale per row: mode 3 instead of the host's mode 4 (b1, b1r) or 5, or back),
-    tiled=False (x read from its rows where the host takes x tiles, gemv_tiled; not in mode 5).
+    tiled=True|False (batch 9..16: x tiles or x from its rows, against the host's gemv_tiled; not in mode 5).
     overlap=True launches with programmatic dependent launch (exmyconv.cuda.launch): only where the
     weights are not written by the kernel just before (always so for model weights)."""
     cupy = _cupy()
