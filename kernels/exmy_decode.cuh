@@ -182,7 +182,16 @@ EXMY_HD u32 expand_shared(u32 lo, u32 hi, u32 c) {
         x = (x | (x << 14)) & 0x00030003u;             // bits 2..3 -> 16..17
         x = (x | (x << 7)) & 0x01010101u;              // bit t at 8t
         return x * 0xFFu;                              // 8t -> 8t..8t+7 (no carries)
-    } else {  // k = 3, 5, 6, 7: bit t to bit k*t of a 64-bit word, * (2^k - 1), drop the r
+    } else if (SHARE == 3) {  // 12 bits -> each bit 3 times from bit -r: bits 0..9 spread to 3t in a
+                              // 32-bit word (bits 0..29 after * 7), bits 10..11 to 30..35 apart
+        u32 x = win & 0x3FFu;
+        x = (x | (x << 16)) & 0x030000FFu;             // bits 8..9 -> 24..25
+        x = (x | (x << 8)) & 0x0300F00Fu;
+        x = (x | (x << 4)) & 0x030C30C3u;
+        x = (x | (x << 2)) & 0x09249249u;              // bit t at 3t
+        const u32 h = (win >> 10) & 1u | ((win >> 8) & 8u);  // bits 10, 11 -> 0, 3
+        return ((x * 7u) >> r) | ((h * 7u) << (30 - r));  // 3t -> 3t..3t+2 (no carries: gaps of 2)
+    } else {  // k = 5, 6, 7: bit t to bit k*t of a 64-bit word, * (2^k - 1), drop the r
               // elements of group j0 that precede the chunk
         constexpr int NT = (32 + SHARE - 1 + SHARE - 1) / SHARE;  // groups touching the chunk (r <= k-1)
         u64 x = 0;

@@ -80,21 +80,19 @@ constexpr int WARPS = GEMV_WARPS;
 // Kernel kinds: 0 = "b1" (batch 1, x staged once per block in shared memory, already permuted;
 // for K up to ~13 000), 3 = "b1r" (batch 1, larger K: x from global memory, more registers),
 // 1 = "nt1" (batch 1..8), 2 = "nt2" (batch 9..16, two 8-column mma tiles), 4 = "nt2w" / 5 = "nt1w" (nt2 / nt1 with
-// two 16-row tiles per warp), 6 = "nt2q" (nt2 with four 16-row tiles per warp). NT: mma column tiles; MT: mma row tiles per warp; XS: x staged in shared memory; CPT: consecutive chunks per lane per
+// two 16-row tiles per warp). NT: mma column tiles; MT: mma row tiles per warp; XS: x staged in shared memory; CPT: consecutive chunks per lane per
 // iteration (2 for batch 1 with codes <= 6 bits: more weights in flight; elsewhere the registers
 // go to x); KSTEP: chunks per warp iteration (the 4 lanes t = 0..3 of a row). BLOCKS: blocks per
 // SM the kernel's registers are sized for (2: 128 registers, 3: 80).
 template <int KIND, int BLOCKS>
 struct Cfg {
-    static constexpr int NT = KIND == 2 || KIND == 4 || KIND == 6 ? 2 : 1;
+    static constexpr int NT = KIND == 2 || KIND == 4 ? 2 : 1;
     // MT: 16-row tiles per warp, sharing each x fragment (nt2w). With one tile, batch 16 moves x
     // through L1 at 3.2 bytes per byte of e2m2 weights, and L1 was the busiest unit (88 %, ncu on an
     // H200); two tiles halve that, at the price of half as many warps (the host takes nt2w only for
     // layers with rows enough to fill the GPU: cuda/gpu.py gemv_wide).
     // nt1w: the same for batch 2..8 (one column tile, x re-read per row tile just as often).
-    // nt2q: four tiles (a quarter of nt2's x traffic; twice nt2w's weight registers, so one block
-    // of 255 registers per SM).
-    static constexpr int MT = KIND == 6 ? 4 : KIND == 4 || KIND == 5 ? 2 : 1;
+    static constexpr int MT = KIND == 4 || KIND == 5 ? 2 : 1;
     static constexpr bool XS = KIND == 0;
     static constexpr int CPT = GEMV_CPT > 0 ? GEMV_CPT : (((KIND == 0 || KIND == 3) && BITS <= 6) ? 2 : 1);
     static constexpr int KSTEP = 4 * CPT;
@@ -335,8 +333,8 @@ __device__ __forceinline__ void gemv_warp(const u8* __restrict__ payload, const 
     static_assert(MODE != 5 || (GM == 0 && !XF16), "MODE 5 is for bf16 models (x given as scaled fp16) and one scale per row");
     static_assert(MODE != 4 || (GM == 0 && (KIND == 0 || KIND == 3) && !XF16),
                   "MODE 4 is b1 / b1r with bf16 x and one scale per row");
-    static_assert(!XT || (KIND != 0 && KIND != 3 && KSTEP == 4 && (MODE <= 1 || MODE == 5)),
-                  "x tiles: the batch 2..16 kinds with fp16 operands (x fp16, or MODE 5's scaled bf16)");
+    static_assert(!XT || (KIND != 0 && KIND != 3 && KSTEP == 4 && MODE != 4),
+                  "x tiles: the batch 2..16 kinds (MODE 4 is batch 1's)");
     static_assert(MODE != 5 || XT, "MODE 5 takes x from exmy_x_tiles");
     typedef typename ScaleT<MODE>::type S;
     const u32 lane = threadIdx.x & 31;
@@ -818,7 +816,7 @@ __device__ __forceinline__ void gemv(const u8* __restrict__ payload, const void*
 
 }  // namespace
 
-// The GEMV kernel. KIND: 0 b1, 1 nt1, 2 nt2, 3 b1r, 4 nt2w, 5 nt1w, 6 nt2q (Cfg). MODE: 0 fp16 operands with the scale
+// The GEMV kernel. KIND: 0 b1, 1 nt1, 2 nt2, 3 b1r, 4 nt2w, 5 nt1w (Cfg). MODE: 0 fp16 operands with the scale
 // folded, 1 fp16 operands in two steps, 2 bf16 operands, 3 bf16 operands with the row scale after
 // the mma (one scale per row), 4 bf16 x as scaled fp16 (b1, b1r; see the top), 5 x given as scaled fp16
 // by exmy_x_tiles (y bf16; see the top). XF16: x and y are fp16, else
@@ -827,8 +825,8 @@ __device__ __forceinline__ void gemv(const u8* __restrict__ payload, const void*
 // registers) or 2 (<= 128); the host takes 3 for the b1 and nt1 fp16-operand kernels with one scale
 // per row and codes of <= 5 bits (no spills), and for b1r where that fills the last wave of blocks
 // better (cuda/gpu.py gemv_blocks, gemv_b1r_blocks). XT: x comes as x tiles written by exmy_x_tiles
-// just before (x_tile_word; any batch 2..16 kind with fp16 operands; the host takes them at batch
-// 9..16 and always in MODE 5: cuda/gpu.py gemv_tiled).
+// just before, already in the operand type (x_tile_word; any batch 2..16 kind in any MODE but 4; the
+// host takes them at batch 9..16 and always in MODE 5: cuda/gpu.py gemv_tiled).
 // The host instantiates the one kernel it launches by name through NVRTC (cuda/gpu.py GemvKernel:
 // e.g. exmy_gemv<3, 0, true, 0, 2, false>), so every compilation builds a single kernel (less NVRTC time).
 template <int KIND, int MODE, bool XF16, int GM, int BLOCKS, bool XT>
@@ -881,16 +879,19 @@ exmy_gemv_routed(const u8* __restrict__ payload, const void* __restrict__ ks, co
 // x tiles (see x_tile_word) for the batch 2..16 kinds: block b writes batch row b of the tiles (zeros
 // for b >= batch; the grid is 8 * nt blocks, nt = 1 for batch <= 8, else 2). A thread takes whole
 // chunks, loads x's 64 bytes of each, puts their elements in pair order (one PRMT per pair word) and
-// stores them where the GEMV's lanes load them. SCALED (MODE 5, bf16 x): the words are bf16, and
-// converted to fp16 x * 2^s_b, s_b = x16_shift of the row's largest |x|; 2^-s_b goes as a float to byte
-// x_tile_factors(k, nt) + 4b. Rows of up to HELD * THREADS chunks are read once, every load issued
+// stores them where the GEMV's lanes load them, in the GEMV's operand type. CONV: X_COPY (x's type
+// is the operands'), X_BF16 (fp16 x for bf16 operands, MODE 2: rounded to bf16 once here instead of
+// at every load), X_SCALED (MODE 5, bf16 x): converted to fp16 x * 2^s_b, s_b = x16_shift of the row's
+// largest |x|; 2^-s_b goes as a float to byte x_tile_factors(k, nt) + 4b. Rows of up to HELD * THREADS chunks are read once, every load issued
 // before the block's reduction (one memory round trip: the kernel's whole cost at these sizes); longer
 // rows take a second pass (from cache). A template only so that the host builds it by name alone,
 // like exmy_gemv (THREADS: the block size it is launched with).
-template <int THREADS, bool SCALED>
+constexpr int X_COPY = 0, X_BF16 = 1, X_SCALED = 2;  // exmy_x_tiles' conversions (cuda/gpu.py x_tiles_conv)
+template <int THREADS, int CONV>
 __global__ void __launch_bounds__(THREADS)
 exmy_x_tiles(const u16* __restrict__ x, u32* __restrict__ xt, u32 k, u32 batch) {
     constexpr int HELD = 2;  // chunks per thread kept in registers
+    constexpr bool SCALED = CONV == X_SCALED;
     pdl_wait();     // x may be the previous kernel's output
     pdl_release();  // the GEMV may start its weight loads; it waits for this grid before it reads the tiles
     const u32 b = blockIdx.x, nt = gridDim.x / 8;
@@ -919,6 +920,7 @@ exmy_x_tiles(const u16* __restrict__ x, u32* __restrict__ xt, u32 k, u32 batch) 
             const int e0 = pair_elem(i, 0), e1 = pair_elem(i, 1);
             p[i] = prmt(w[e0 >> 1], w[e1 >> 1], (e0 & 1) ? 0x7632u : 0x5410u);
             if (SCALED) p[i] = bf16x2_to_f16x2_times(p[i], xpow);
+            if (CONV == X_BF16) p[i] = f16x2_to_bf16x2(p[i]);
         }
         u32* dst = xt + x_tile_word(q, b, nt);
 #pragma unroll

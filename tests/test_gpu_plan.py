@@ -80,33 +80,42 @@ def sms_132(monkeypatch):
     monkeypatch.setattr(gpu, "sm_count", lambda device: 132)
 
 
-@pytest.mark.parametrize("k, n, fmt, ngroups, batch, tiled, kind, split", [
-    # batch 9-16, x tiles: two row tiles per warp from 6336 rows (four were slower: H100,
+@pytest.mark.parametrize("k, n, fmt, ngroups, batch, kind, split", [
+    # batch 9-16: two row tiles per warp from 6336 rows (four were slower with x tiles: H100,
     # docs/benchmarks.md 2026-12-06 fourteenth session), K slices for about one wave at two blocks per SM
-    (4096, 14336, "e2m2", 1, 16, True, "nt2w", 4),
-    (8192, 28672, "e2m1", 1, 12, True, "nt2w", 2),
-    (28672, 8192, "e2m2", 1, 9, True, "nt2w", 8),
-    # x from its rows (bf16 operands), one scale per row, <= 5 bits: nt2q from 6336 rows, K slices for
-    # about one wave of one block per SM (the fastest split measured on the H200, docs/benchmarks.md 2026-12-05)
-    (4096, 14336, "e2m2", 1, 16, False, "nt2q", 4),
-    (8192, 28672, "e2m1", 1, 12, False, "nt2q", 2),
-    (28672, 8192, "e2m2", 1, 9, False, "nt2q", 8),
-    (14336, 4096, "e2m2", 1, 16, False, "nt2", 8),   # 4096 rows: four-tile warps would fill half the GPU
-    (14336, 4096, "e2m2", 1, 16, True, "nt2", 8),
-    (4096, 4096, "e2m2", 1, 16, True, "nt2", 8),
-    (4096, 14336, "e2m2", 128, 16, False, "nt2w", 4),  # aligned scale groups keep two tiles
-    (4096, 14336, "e3m2", 1, 16, False, "nt2", 2),   # 6-bit codes: one tile from x's rows
-    (4096, 14336, "e3m2", 1, 16, True, "nt2w", 4),   # and two with x tiles
-    (8192, 28672, "e4m3", 1, 16, True, "nt2", 8),    # (8-bit codes: one, not measured with two)
-    (4096, 14336, "e2m2", 1, 8, True, "nt1w", 4),
-    (14336, 4096, "e2m2", 1, 4, True, "nt1", 8),
+    (4096, 14336, "e2m2", 1, 16, "nt2w", 4),
+    (8192, 28672, "e2m1", 1, 12, "nt2w", 2),
+    (28672, 8192, "e2m2", 1, 9, "nt2w", 8),
+    (14336, 4096, "e2m2", 1, 16, "nt2", 8),   # 4096 rows: two-tile warps would fill too little of the GPU
+    (4096, 4096, "e2m2", 1, 16, "nt2", 8),
+    (4096, 14336, "e2m2", 128, 16, "nt2w", 4),  # aligned scale groups alike
+    (4096, 14336, "e3m2", 1, 16, "nt2w", 4),    # 6-bit codes alike
+    (8192, 28672, "e4m3", 1, 16, "nt2", 8),     # (8-bit codes: one, not measured with two)
+    # batch 2-8 by the same rule (6-bit codes too: H200, sixteenth session)
+    (4096, 14336, "e2m2", 1, 8, "nt1w", 4),
+    (8192, 28672, "e2m3", 1, 2, "nt1w", 8),
+    (14336, 4096, "e2m2", 1, 4, "nt1", 8),
+    (14336, 4096, "e3m2", 1, 4, "nt1", 8),
 ])
-def test_batch_kernel_and_split_on_132_sms(sms_132, k, n, fmt, ngroups, batch, tiled, kind, split):
+def test_batch_kernel_and_split_on_132_sms(sms_132, k, n, fmt, ngroups, batch, kind, split):
     from types import SimpleNamespace
 
     weight = SimpleNamespace(n=n, k=k, fmt=get_format(fmt), ngroups=ngroups)
-    assert gpu._gemv_kind(weight, batch, tiled) == kind
+    assert gpu._gemv_kind(weight, batch) == kind
     assert gpu.gemv_split(n, k, weight.fmt, kind, gpu.gemv_tile_rows(kind)) == split
+
+
+def test_x_tiles_rule():
+    """x tiles for mode 5 and for batch 9..16: always with fp16 operands (modes 0, 1), from 2^24 weights
+    with bf16 operands (modes 2, 3); never for the batch 1..8 kinds outside mode 5."""
+    big, small = 1 << 24, (1 << 24) - 1
+    for kind in ("nt2", "nt2w"):
+        assert all(gpu.gemv_tiled(kind, mode, small) for mode in (0, 1, 5))
+        assert not any(gpu.gemv_tiled(kind, mode, small) for mode in (2, 3))
+        assert all(gpu.gemv_tiled(kind, mode, big) for mode in (0, 1, 2, 3, 5))
+    for kind in ("b1", "b1r", "nt1", "nt1w"):
+        assert not any(gpu.gemv_tiled(kind, mode, big) for mode in (0, 1, 2, 3, 4))
+    assert all(gpu.gemv_tiled(kind, 5, 1) for kind in ("nt1", "nt1w", "nt2", "nt2w"))
 
 
 def test_bf16_x_takes_x_as_scaled_fp16(sms_132):
@@ -146,7 +155,7 @@ def test_bf16_x_takes_x_as_scaled_fp16(sms_132):
 
 def test_kind_override_fits_the_batch():
     """Tests and benchmarks may force nt1 / nt1w at batch 1..8 (at batch 1 instead of b1 / b1r) and
-    nt2 / nt2w / nt2q at 9..16; nothing else."""
+    nt2 / nt2w at 9..16; nothing else (nt2q, four row tiles per warp, is gone)."""
     from types import SimpleNamespace
 
     from exmyconv.errors import ExmyError
@@ -176,7 +185,7 @@ def test_gemv_grid_covers_the_units():
     assert gpu._gemv_grid(28672, 16, 8) == (1792,)             # b1 on 8192 -> 28672: a tile per block
     assert gpu._gemv_grid(28672, 16, 4) == (896,)              # two tiles per block
     assert gpu._gemv_grid(28672 + 1, 16, 8) == (1793,)         # a last tile of one row
-    assert gpu._gemv_grid(8192, 64, 2) == (32,)                # nt2q: 4 tiles of 64 rows per block
+    assert gpu._gemv_grid(8192, 32, 2) == (64,)                # nt2w: 4 tiles of 32 rows per block
     assert gpu._gemv_grid(1536, 16, 8, pairs=12) == (96, 12)   # routed: a grid row per pair
 
 

@@ -71,7 +71,8 @@ def _compile(src: Path, fmt: ExMy, out: Path, extra: tuple = ()) -> tuple[int, s
 
 def gemv_instances(fmt: ExMy) -> list[GemvKernel]:
     """Every exmy_gemv instantiation the host may pick for `fmt`, with its register budget
-    (gpu.gemv_blocks; b1r at 2 blocks per SM): 48, or 24 for E = 5 (no fp16 operands). For bf16 x with
+    (gpu.gemv_blocks; b1r at 2 blocks per SM), with x tiles and without where gpu.gemv_tiled takes either
+    by the layer's size (batch 9..16 with bf16 operands); no fp16 operands for E = 5. For bf16 x with
     one scale per row that is mode 4 or 5 (gpu.x16_mode), with mode 3 in its place for tuning (modes
     3, 4, 5: one scale per row only)."""
     operands = ([(0, "F16"), (1, "F16"), ("x16", "BF16"), (3, "BF16")] if fmt.e <= 4 else []) + [(2, "F16"), (2, "BF16")]
@@ -79,8 +80,9 @@ def gemv_instances(fmt: ExMy) -> list[GemvKernel]:
     for mode, x_dtype in operands:
         for kind in gpu.GEMV_KINDS:
             m = gpu.x16_mode(kind) if mode == "x16" else mode
-            kernels += [GemvKernel(kind, m, x_dtype, groups, gpu.gemv_blocks(fmt, kind, m, groups),
-                                   tiled=gpu.gemv_tiled(kind, m)) for groups in ((0,) if m >= 3 else (0, 1, 2))]
+            kernels += [GemvKernel(kind, m, x_dtype, groups, gpu.gemv_blocks(fmt, kind, m, groups), tiled=tiled)
+                        for groups in ((0,) if m >= 3 else (0, 1, 2))
+                        for tiled in sorted({gpu.gemv_tiled(kind, m, weights) for weights in (1, 1 << 30)})]
     return kernels
 
 
@@ -92,7 +94,7 @@ def gemv_builds() -> list[tuple[ExMy, list[GemvKernel]]]:
     with one scale per row for codes of other than 6 bits; the GPU tests force the others): fold,
     two, fold with aligned groups, bf16 operands, unaligned groups. For the named formats, also the
     routed copies (exmy_gemv_routed, MoE experts) of their batch-1 kernels with one scale per row or
-    aligned groups. Every gemv.cu build also has exmy_x_tiles (x tiles, plain and scaled for mode 5)."""
+    aligned groups. Every gemv.cu build also has exmy_x_tiles (x tiles in each conversion, gpu.x_tiles_conv)."""
     builds = []
     for fmt in all_formats() + [get_format(name) for name in GEMV_SHARED]:
         if fmt.name in NAMED or fmt.name == "e5m2":
@@ -116,7 +118,7 @@ def gemv_source(kernels: list[GemvKernel], path: Path) -> Path:
     """A source that builds `kernels` from kernels/gemv.cu (what NVRTC's name expressions do)."""
     lines = [f'#include "{KERNELS / "gemv.cu"}"'] + [
         f"EXMY_GEMV_{'ROUTED_' if k.routed else ''}INSTANCE({k.expression})" for k in kernels] + [
-        f"EXMY_X_TILES_INSTANCE(exmy_x_tiles<{gpu.X_TILES_THREADS}, {scaled}>)" for scaled in ("false", "true")]
+        f"EXMY_X_TILES_INSTANCE(exmy_x_tiles<{gpu.X_TILES_THREADS}, {conv}>)" for conv in (0, 1, 2)]
     path.write_text("\n".join(lines) + "\n")
     return path
 
@@ -159,21 +161,15 @@ def gemv_usage(log: str) -> dict[str, tuple[int, int]]:
 def spill_limit(fmt: ExMy, kernel: GemvKernel) -> int | None:
     """Bytes a GEMV instantiation may spill: none for the fp16-operand kernels of the named formats
     with one scale per row or aligned groups (fast paths); at most 32 for the 80-register b1r builds
-    gpu uses (fp16 operands, one scale per row); at most 128 for nt2w where gpu takes it (codes of
-    <= 5 bits, gpu.gemv_wide: two row tiles per warp; 5-bit codes with a 1-bit plane spill there, and
-    it still ran faster than nt2 on an H200, docs/benchmarks.md); for nt2q with codes of <= 5 bits
-    (one block of 255 registers per SM) at most 4 with one scale per row and 64 with aligned groups
-    (e3m2 spills 60 there); at most 8 for the routed kernels
+    gpu uses (fp16 operands, one scale per row); at most 128 for nt1w and nt2w where gpu takes them (codes
+    of <= 6 bits, gpu.gemv_wide: two row tiles per warp; 5-bit codes with a 1-bit plane spill there, and
+    it still ran faster than nt2 on an H200, docs/benchmarks.md); at most 8 for the routed kernels
     (exmy_gemv_routed keeps x, y and the scales at per-pair addresses in registers: 4 bytes for
     e3m2 b1r with groups); the others may spill a little."""
     if kernel.routed:
         return 8 if fmt.name in NAMED + GEMV_SHARED and kernel.mode != 2 and kernel.groups != 2 else None
     if kernel.kind in ("nt1w", "nt2w"):
-        return 128 if fmt.name in NAMED and fmt.bits <= 5 and kernel.mode != 2 and kernel.groups != 2 else None
-    if kernel.kind == "nt2q":  # one block of 255 registers per SM
-        if fmt.name not in NAMED or fmt.bits > 5 or kernel.mode == 2 or kernel.groups == 2:
-            return None
-        return 4 if kernel.groups == 0 else 64
+        return 128 if fmt.name in NAMED and fmt.bits <= 6 and kernel.mode != 2 and kernel.groups != 2 else None
     if kernel.kind == "b1r" and kernel.blocks == 3:
         return 32 if kernel.mode != 2 and kernel.groups == 0 else None
     return 0 if fmt.name in NAMED and kernel.mode != 2 and kernel.groups != 2 else None
@@ -209,7 +205,7 @@ def check_usage(what: str, fmt: ExMy, kernels: list[GemvKernel], log: str, spill
 @needs_nvcc
 @pytest.mark.parametrize("define, kernels", [  # (kind, mode, x dtype, groups)
     # timing-only knock-outs (x loads, decode and mma left out, all three here)
-    ("GEMV_DIAG=7", [("b1", 4, "BF16", 0), ("nt2q", 0, "F16", 0), ("b1r", 2, "BF16", 1)]),
+    ("GEMV_DIAG=7", [("b1", 4, "BF16", 0), ("nt2w", 0, "F16", 0), ("b1r", 2, "BF16", 1)]),
     # two alternating register sets where the tuned build has one (5-bit codes in b1, the two-tile kinds;
     # b1 in mode 4 spills 28 bytes at 3 blocks per SM with them), and one where it has two (nt1, nt2)
     ("GEMV_PP=1", [("b1", 0, "F16", 0), ("b1r", 0, "F16", 0)]),

@@ -468,21 +468,19 @@ def _gemv_shape(fmt: ExMy, kind: str, defines: tuple = ()) -> tuple[int, int]:
 
 
 def gemv_tile_rows(kind: str) -> int:
-    """Weight rows per warp (gemv.cu Cfg::MT tiles of GEMV_ROWS): two tiles for nt2w and nt1w, four for nt2q."""
-    return 4 * GEMV_ROWS if kind == "nt2q" else 2 * GEMV_ROWS if kind in ("nt1w", "nt2w") else GEMV_ROWS
+    """Weight rows per warp (gemv.cu Cfg::MT tiles of GEMV_ROWS): two tiles for nt2w and nt1w."""
+    return 2 * GEMV_ROWS if kind in ("nt1w", "nt2w") else GEMV_ROWS
 
 
-def gemv_wide(n: int, fmt: ExMy, tiled: bool = False) -> bool:
-    """Batch 2..16: the kernels with several 16-row tiles per warp (each x fragment shared by the
-    tiles: a half (nt1w, nt2w) or a quarter (nt2q) of the L1 traffic of nt1 / nt2) when their warps
-    still fill the GPU: at 8 K slices, >= 3/4 of two blocks per SM of two-tile warps, or of one block
-    of four-tile warps (gemv_split's wave), i.e. N >= 48 rows per SM (N >= 6336 on 132 SMs); and
-    codes of <= 5 bits, the formats they were measured faster for on an H200 (docs/benchmarks.md:
-    the batch 9-16 kernels, and nt1w at batch 2-8, which loses on 4096-row layers and wins from 8192
-    rows), or of 6 bits with x tiles (nt2w 2-10 % faster than nt2 for e3m2 and e2m3 on an H100,
-    docs/benchmarks.md fourteenth session)."""
+def gemv_wide(n: int, fmt: ExMy) -> bool:
+    """Batch 2..16: the kernels with two 16-row tiles per warp (each x fragment shared by the tiles:
+    half the L1 traffic of nt1 / nt2) when their warps still fill the GPU: at 8 K slices, >= 3/4 of
+    two blocks per SM (gemv_split's wave), i.e. N >= 48 rows per SM (N >= 6336 on 132 SMs); and
+    codes of <= 6 bits, the formats they were measured faster for (H200: the batch 9-16 kernels, and
+    nt1w at batch 2-8, which loses on 4096-row layers and wins from 8192 rows, e3m2 8192->28672 batch 8
+    69.0 -> 60.9 us; docs/benchmarks.md, sixteenth session)."""
     sms = sm_count(_cupy().cuda.Device().id)
-    return fmt.bits <= (6 if tiled else 5) and -(-n // (2 * GEMV_ROWS)) * GEMV_WARPS >= 0.75 * sms * GEMV_WARPS * 2
+    return fmt.bits <= 6 and -(-n // (2 * GEMV_ROWS)) * GEMV_WARPS >= 0.75 * sms * GEMV_WARPS * 2
 
 
 def _gemv_grid(n: int, rows: int, split: int, pairs: int = 0) -> tuple:
@@ -498,7 +496,7 @@ def _xs_bytes(fmt: ExMy, k: int, defines: tuple = ()) -> int:
     return -(-nq // kstep) * kstep * 80
 
 
-GEMV_KINDS = ("b1", "nt1", "nt2", "b1r", "nt2w", "nt1w", "nt2q")  # kernels/gemv.cu KIND 0 .. 6
+GEMV_KINDS = ("b1", "nt1", "nt2", "b1r", "nt2w", "nt1w")  # kernels/gemv.cu KIND 0 .. 5
 MODE4_KINDS = ("b1", "b1r")  # the kinds that take bf16 x as scaled fp16 themselves (mode 4; the others: mode 5)
 X_TILES_THREADS = 512  # block size of exmy_x_tiles (x tiles for the batch 2..16 kinds, one block per batch row)
 # Mode 5 costs a fixed 1.5-2 us (a second kernel, and the GEMV waits for it) and saves decode work in
@@ -541,7 +539,7 @@ class GemvKernel:
                   # with x converted before the launch (exmy_x_tiles; the other kinds)
     x_dtype: str  # "F16" or "BF16": x and y
     groups: int   # 0 one scale per row, 1 groups aligned to 32-element chunks, 2 unaligned
-    blocks: int   # blocks per SM its registers are sized for: 1 (<= 255 registers), 2 (<= 128) or 3 (<= 80)
+    blocks: int   # blocks per SM its registers are sized for: 2 (<= 128 registers) or 3 (<= 80); tuning: 1 (<= 255)
     routed: bool = False  # exmy_gemv_routed: batch-1 GEMVs of routed (token, expert) pairs (RoutedGemvLaunch)
     tiled: bool = False   # x given as x tiles by exmy_x_tiles (gemv_tiled)
 
@@ -568,38 +566,35 @@ class GemvKernel:
         return f"exmy_gemv_{mode}_{x}_{self.kind}{groups}{three}{routed}{tiled}"
 
 
-def _gemv_kind(weight: "GpuWeight", batch: int, tiled: bool) -> str:
+def _gemv_kind(weight: "GpuWeight", batch: int) -> str:
     if batch == 1:
         return "b1" if _xs_bytes(weight.fmt, weight.k) <= XS_LIMIT else "b1r"
     if batch <= 8:
         return "nt1w" if gemv_wide(weight.n, weight.fmt) else "nt1"
-    if not gemv_wide(weight.n, weight.fmt, tiled):
-        return "nt2"
-    # x from its rows: four row tiles where the layer has one scale per row (measured there; aligned
-    # groups keep two). With x tiles, four were slower than two on every layer measured (H100,
-    # docs/benchmarks.md): the x traffic they save is small there, and they hold half as many warps.
-    return "nt2q" if weight.ngroups == 1 and not tiled else "nt2w"
+    return "nt2w" if gemv_wide(weight.n, weight.fmt) else "nt2"
 
 
 def gemv_blocks(fmt: ExMy, kind: str, mode: int, groups: int) -> int:
     """Blocks per SM the registers of a kernel are sized for (gemv.cu __launch_bounds__): 3 (<= 80
     registers) for b1 and nt1 with one scale per row applied to the sums (modes 0, 1, 3: fp16
     operands, or bf16 operands holding the codes' values) and codes of <= 5 bits, whose loops fit
-    there without spills; 1 (<= 255) for nt2q, whose four row tiles hold four times nt2's weights in
-    registers; 2 (<= 128) for the others (b1r: GemvPlan may take 3 for its launch, gemv_b1r_blocks)."""
-    if kind == "nt2q":
-        return 1
+    there without spills; 2 (<= 128) for the others (b1r: GemvPlan may take 3 for its launch,
+    gemv_b1r_blocks)."""
     return 3 if kind in ("b1", "nt1") and mode != 2 and groups == 0 and fmt.bits <= 5 else 2
 
 
-def gemv_tiled(kind: str, mode: int) -> bool:
+def gemv_tiled(kind: str, mode: int, weights: int) -> bool:
     """Whether a kernel takes x as x tiles (kernels/gemv.cu x_tile_word), written by exmy_x_tiles just
-    before it: the batch 9..16 kinds with fp16 operands, and mode 5, which converts x in a kernel before
-    the GEMV anyway. From x's rows each 16-byte x load of a warp touches 16 cache lines, from the tiles
-    4, and the pairs come in the mma's order (no PRMT): at batch 9..16 with fp16 x 3-22 % faster on an
-    H100 (e2m2 8192->28672 batch 16: 73.7 -> 68.2 us); at batch 2..8, where x is half as much per
-    weight, the second kernel cost more than it saved (docs/benchmarks.md, fourteenth session)."""
-    return mode == 5 or (kind in ("nt2", "nt2w", "nt2q") and mode in (0, 1))
+    before it in the operand type (x_tiles_conv): mode 5, which converts x in a kernel before the GEMV
+    anyway, and the batch 9..16 kinds, with bf16 operands (modes 2, 3) on layers of X16_MIN_WEIGHTS[True]
+    weights or more. From x's rows each 16-byte x load of a warp touches 16 cache lines, from the tiles
+    4, and the pairs come in the mma's order (no PRMT; mode 2 with fp16 x: no conversion per load): at
+    batch 9..16 with fp16 x 3-22 % faster on an H100 (e2m2 8192->28672 batch 16: 73.7 -> 68.2 us), with
+    bf16 x and scale groups up to 21 % on an H200 (e2m2 g128 8192->28672: 161.1 -> 126.9 us); but the
+    second kernel's fixed cost outweighed that on the small layers of bf16 operands (4096->1024 e2m2 g128:
+    10.2 -> 12.5 us; in mode 3 with PDL 8.5 -> 9.1) and at batch 2..8, where x is half as much per
+    weight (docs/benchmarks.md, fourteenth and sixteenth sessions)."""
+    return mode == 5 or (kind in ("nt2", "nt2w") and (mode < 2 or weights >= X16_MIN_WEIGHTS[True]))
 
 
 def gemv_kernel(weight: GpuWeight, x_dtype: str, batch: int, kind: str | None = None,
@@ -614,13 +609,12 @@ def gemv_kernel(weight: GpuWeight, x_dtype: str, batch: int, kind: str | None = 
     converted once per launch by exmy_x_tiles (mode 5: a pass over x in each of their blocks cost
     more than it saved), for layers of X16_MIN_WEIGHTS or more. kind (tests and benchmarks):
     "nt1" or "nt1w" for batch 1..8 (batch 1: instead of b1 / b1r, x read per chunk rather than
-    staged), "nt2", "nt2w" or "nt2q" for batch 9..16; tiled=False (tests and benchmarks): x read from
-    its rows where gemv_tiled would take x tiles (not in mode 5)."""
-    chosen = kind
+    staged), "nt2" or "nt2w" for batch 9..16; tiled (tests and benchmarks): the batch 9..16 kinds with
+    x tiles (True) or x from its rows (False) where gemv_tiled would take the other (not in mode 5)."""
     if kind is None:
-        kind = _gemv_kind(weight, batch, tiled=False)
-    elif kind not in (("nt1", "nt1w") if batch <= 8 else ("nt2", "nt2w", "nt2q")):
-        raise ExmyError(f"kind {kind!r}: only nt1 or nt1w (batch 1..8), nt2, nt2w or nt2q (batch 9..16) can be chosen")
+        kind = _gemv_kind(weight, batch)
+    elif kind not in (("nt1", "nt1w") if batch <= 8 else ("nt2", "nt2w")):
+        raise ExmyError(f"kind {kind!r}: only nt1 or nt1w (batch 1..8), nt2 or nt2w (batch 9..16) can be chosen")
     groups = 0 if weight.ngroups == 1 else 2 if _gshift(weight) < 0 else 1
     if x_dtype == "F16" and weight.fp16_compute:
         mode = 0 if weight.fold_ok() else 1
@@ -628,14 +622,12 @@ def gemv_kernel(weight: GpuWeight, x_dtype: str, batch: int, kind: str | None = 
         mode = 3 if groups == 0 and x_dtype == "BF16" and weight.fmt.e <= 4 else 2
         if mode == 3 and (kind in MODE4_KINDS or weight.n * weight.k >= X16_MIN_WEIGHTS[batch > 8]):
             mode = x16_mode(kind)
-    use_tiles = gemv_tiled(kind, mode)
+    use_tiles = gemv_tiled(kind, mode, weight.n * weight.k)
     if tiled is not None and tiled != use_tiles:
-        if tiled or mode == 5:
-            raise ExmyError(f"{kind} in mode {mode}: x tiles are for the batch 9..16 kinds with fp16 operands, "
-                             "and mode 5 always takes them")
-        use_tiles = False
-    if chosen is None:
-        kind = _gemv_kind(weight, batch, use_tiles)
+        if mode == 5 or kind not in ("nt2", "nt2w"):
+            raise ExmyError(f"{kind} in mode {mode}: x tiles are for the batch 9..16 kinds, and mode 5 always "
+                             "takes them")
+        use_tiles = tiled
     return GemvKernel(kind, mode, x_dtype, groups, gemv_blocks(weight.fmt, kind, mode, groups), tiled=use_tiles)
 
 
@@ -645,10 +637,18 @@ def gemv_function(kernel: GemvKernel, fmt: ExMy, defines: tuple = ()):
         kernel.expression)
 
 
-def x_tiles_function(fmt: ExMy, scaled: bool):
+def x_tiles_conv(kernel: GemvKernel) -> int:
+    """How exmy_x_tiles writes x for a tiled `kernel` (gemv.cu X_COPY, X_BF16, X_SCALED): bf16 x as fp16
+    times 2^s per row in mode 5 (2); fp16 x rounded to bf16 for bf16 operands, mode 2 (1); else as it is."""
+    if kernel.mode == 5:
+        return 2
+    return 1 if kernel.mode == 2 and kernel.x_dtype == "F16" else 0
+
+
+def x_tiles_function(fmt: ExMy, conv: int):
     """exmy_x_tiles, x tiles for a GEMV with kernel.tiled (built with the GEMV's format, which sets the
-    pair order); scaled: bf16 x converted to fp16 times 2^s per row (mode 5)."""
-    name = f"exmy_x_tiles<{X_TILES_THREADS}, {'true' if scaled else 'false'}>"
+    pair order), converting x as x_tiles_conv says."""
+    name = f"exmy_x_tiles<{X_TILES_THREADS}, {conv}>"
     return _module("gemv.cu", fmt.e, fmt.m, (), fmt.share, name).get_function(name)
 
 
@@ -658,11 +658,11 @@ def gemv_split(n: int, k: int, fmt: ExMy, kind: str, rows: int = GEMV_ROWS, mode
     neighbouring bytes of the same rows), but 4 for b1 in mode 4 (each block stages all of x, which mode 4
     also converts in place after a barrier: with two tiles per block that costs half as much per weight
     byte; 4096->28672 and 8192->28672 e2m2 13 % and 4 % faster than with 8); otherwise the fewest slices that give about one wave of
-    warps at the blocks per SM of its build (one for nt2q, else two), doubled for b1r kernels of unshared formats with a 1-bit plane
+    warps at two blocks per SM, doubled for b1r kernels of unshared formats with a 1-bit plane
     (e2m2, e3m1: their longer decode favours more, shorter slices); always >= 2 iterations per
     slice."""
     tiles = -(-n // rows)  # warp tiles
-    target = sm_count(_cupy().cuda.Device().id) * GEMV_WARPS * (1 if kind == "nt2q" else 2)
+    target = sm_count(_cupy().cuda.Device().id) * GEMV_WARPS * 2
     split = 1
     # nt1w: counted in 16-row tiles, as nt1 (8 slices on 28672-row layers: 56 against 60-65 us at
     # batch 8, e2m2 and bf16 x; H200, docs/benchmarks.md)
@@ -781,7 +781,7 @@ def _gemv_launch_shape(weight: "GpuWeight", x_dtype: str, batch: int, split: int
         if not (mode in pair and kernel.mode in pair and not pairs):
             raise ExmyError(f"mode {mode}: only launches of bf16 x with E <= 4 and one scale per row switch "
                             f"between mode 3 and mode {pair[1]}; this one is {kernel.name}")
-        kernel = replace(kernel, mode=mode, tiled=mode == 5)
+        kernel = replace(kernel, mode=mode, tiled=gemv_tiled(kernel.kind, mode, weight.n * weight.k))
     if pairs:
         kernel = replace(kernel, routed=True)
     rows = gemv_tile_rows(kernel.kind)
@@ -802,7 +802,7 @@ def _gemv_launch_shape(weight: "GpuWeight", x_dtype: str, batch: int, split: int
     # beyond 48 KB of static + dynamic shared memory a launch needs the function's opt-in attribute
     if smem + fn.shared_size_bytes > 48 * 1024 and fn.max_dynamic_shared_size_bytes < smem:
         fn.max_dynamic_shared_size_bytes = smem
-    tiles = x_tiles_function(weight.fmt, kernel.mode == 5) if kernel.tiled else None
+    tiles = x_tiles_function(weight.fmt, x_tiles_conv(kernel)) if kernel.tiled else None
     return _GemvLaunchShape(kernel, fn, grid, smem, split, interleave, tiles)
 
 
@@ -950,9 +950,9 @@ def gemv_plan(x, weight: GpuWeight, out, x_dtype: str | None = None, **tuning) -
     tuning (benchmarks and tests): split=1|2|4|8, interleave=0|1, blocks=1|2|3 (blocks per SM the
     build's registers are sized for, instead of gemv_blocks / gemv_b1r_blocks),
     defines=("GEMV_CPT=4", ...; b1 sizes its staged x by GEMV_CPT), kind="nt1"|"nt1w"
-    (batch 1..8) or "nt2"|"nt2w"|"nt2q" (batch 9..16), instead of the host's choice (gemv_kernel),
+    (batch 1..8) or "nt2"|"nt2w" (batch 9..16), instead of the host's choice (gemv_kernel),
     mode=3|4|5 (bf16 x and one scale per row: mode 3 instead of the host's mode 4 (b1, b1r) or 5, or back),
-    tiled=False (x read from its rows where the host takes x tiles, gemv_tiled; not in mode 5).
+    tiled=True|False (batch 9..16: x tiles or x from its rows, against the host's gemv_tiled; not in mode 5).
     overlap=True launches with programmatic dependent launch (exmyconv.cuda.launch): only where the
     weights are not written by the kernel just before (always so for model weights)."""
     cupy = _cupy()
