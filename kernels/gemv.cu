@@ -826,7 +826,8 @@ __device__ __forceinline__ void gemv(const u8* __restrict__ payload, const void*
 // per row and codes of <= 5 bits (no spills), and for b1r where that fills the last wave of blocks
 // better (cuda/gpu.py gemv_blocks, gemv_b1r_blocks). XT: x comes as x tiles written by exmy_x_tiles
 // just before, already in the operand type (x_tile_word; any batch 2..16 kind in any MODE but 4; the
-// host takes them at batch 9..16 and always in MODE 5: cuda/gpu.py gemv_tiled).
+// host takes them at batch 9..16, with bf16 operands only on large layers, and always in MODE 5:
+// cuda/gpu.py gemv_tiled).
 // The host instantiates the one kernel it launches by name through NVRTC (cuda/gpu.py GemvKernel:
 // e.g. exmy_gemv<3, 0, true, 0, 2, false>), so every compilation builds a single kernel (less NVRTC time).
 template <int KIND, int MODE, bool XF16, int GM, int BLOCKS, bool XT>

@@ -606,10 +606,9 @@ def test_gemv_x_tiles(cp, rng, name):
     definition (x_tiles_reference; fp16 x for bf16 operands rounded to bf16, gpu.x_tiles_conv) in a
     workspace poisoned with 0xFF, and the GEMV gives the bits of the same kernel reading x from its rows
     (the same x values meet the same weights in the same order), through gemv_plan (plain and PDL
-    launches) and a GemvLaunch. Every kind of the batch, the
-    host's split and splits 1 and 8, fp16 and bf16 x (modes 0 to 3: e5m2 takes bf16 operands for fp16 x;
-    mode 5 reads no rows), random batches, row counts that end inside a tile, K tails and unaligned x
-    rows, scale groups aligned and not."""
+    launches) and a GemvLaunch. Every kind of the batch, the host's split and splits 1 and 8, fp16 and
+    bf16 x (modes 0 to 3: e5m2 takes bf16 operands for fp16 x; mode 5 reads no rows), random batches,
+    row counts that end inside a tile, K tails and unaligned x rows, scale groups aligned and not."""
     import torch
 
     fmt = get_format(name)
