@@ -99,3 +99,50 @@ def test_moe_preset_builds_a_qwen3_moe_config():
     assert g._preset_config("qwen3-moe", None).num_hidden_layers == 48
     with pytest.raises(ExmyError, match="--generate. only"):  # the e2e engine builds Llama-shaped decoders
         e2e.build_config("qwen3-moe")
+
+
+def test_measure_times_the_variants_in_turns(tmp_path, monkeypatch):
+    """measure() on the CPU, eager mode: each round times every variant once, in turn; bf16's ratio is 1;
+    the ExMy variant's tokens are compared with its exact path (on the CPU both are dequantize + F.linear:
+    every sequence equal)."""
+    import torch
+    import transformers
+
+    from exmyconv.integrations.transformers import register
+    from exmyconv.torch.linear import ExmyLinear
+
+    (tmp_path / "cfg").mkdir()
+    (tmp_path / "cfg" / "config.json").write_text(json.dumps(TINY))
+    work = tmp_path / "work"
+    work.mkdir()
+    folders = g.prepare(str(tmp_path / "cfg"), ["bf16", "e2m2"], 1, work, log=lambda m: None)
+    register()
+    models = {}
+    for name, folder in folders.items():
+        model = transformers.AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.bfloat16).eval()
+        layers = sum(isinstance(m, ExmyLinear) for m in model.modules())
+        models[name] = (model, {"variant": name, "exmy_layers": layers, "exmy_experts": 0})
+    assert models["e2m2"][1]["exmy_layers"] > 0
+    calls = []
+    plain = g._generate
+
+    def recorded(model, ids, tokens, compiled, logits=False):
+        calls.append((next(n for n, (m, _) in models.items() if m is model), logits))
+        return plain(model, ids, tokens, compiled, logits)
+
+    monkeypatch.setattr(g, "_generate", recorded)
+    rows = g.measure(models, [1, 2], tokens=3, runs=2, vocab=TINY["vocab_size"], log=lambda m: None,
+                     modes=("eager",), device="cpu")
+    assert [(r["batch"], r["variant"]) for r in rows] == [(1, "bf16"), (1, "e2m2"), (2, "bf16"), (2, "e2m2")]
+    timed = [name for name, logits in calls if not logits]
+    # per batch: one warm-up each, then two rounds of (bf16, e2m2)
+    assert timed == ["bf16", "e2m2", "bf16", "e2m2", "bf16", "e2m2"] * 2
+    for r in rows:
+        assert r["tokens_per_s"] > 0 and r["range_s"][0] <= r["seconds"] <= r["range_s"][1]
+        if r["variant"] == "bf16":
+            assert r["vs_bf16"] == 1.0 and "tokens" not in r
+        else:
+            assert r["vs_bf16"] > 0 and r["tokens"]["equal"] == r["batch"] and not r["tokens"]["mismatches"]
+    table = g.table({"variants": [dict(models[n][1], memory_gb=0.0, rows=[r for r in rows if r["variant"] == n])
+                                  for n in models]})
+    assert table.count("\n") == 1 + len(rows) and "| e2m2 | 0.00 GB | eager | 2 |" in table

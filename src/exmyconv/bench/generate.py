@@ -16,9 +16,13 @@ the same pipeline as ``exmyconv quantize`` (default options). SPEC may also be a
 weights (used as the bf16 source) or a converted exmy folder (its ``exmyconv dequantize`` output in
 bf16 is then the reference).
 
-Per variant: GPU memory allocated after loading; per mode and batch the median of ``runs`` timed
-``generate()`` calls after warm-up (two for compiled: compilation, then graph recording), as tokens
-per second counting every sequence (batch x tokens / seconds; prompt processing included). Every
+Every variant is loaded at once (the GPU memory each load added is reported); per batch and mode
+each is warmed up (compiled: twice, compilation then graph recording), then ``runs`` rounds time one
+``generate()`` of each variant in turn (a machine whose speed drifts slows them alike): tokens per
+second from the median over the rounds, counting every sequence (batch x tokens / seconds; prompt
+processing included), and the speedup over bf16 as the median of the per-round ratios. What
+torch.compile did during the timed calls is recorded with them (all zero: every compiled call was
+replayed from the graph recorded in warm-up). Every
 variant loads with ``use_kernels=False`` (transformers >= 5.2x would otherwise fetch Hub kernels for
 some layers, which needs the network and would change the bf16 baseline, not the ExMy layers).
 
@@ -185,17 +189,16 @@ def _generate(model, ids, tokens: int, compiled: bool, logits: bool = False):
     return model.generate(ids, attention_mask=ids.new_ones(ids.shape), **kwargs)
 
 
-def _timed(fn, runs: int) -> tuple[float, object]:
+def _seconds(fn, device: str = "cuda") -> float:
+    """Wall time of one call of ``fn``, the GPU's queue drained before and after."""
     import torch
 
-    times, out = [], None
-    for _ in range(runs):
-        torch.cuda.synchronize()
-        began = time.perf_counter()
-        out = fn()
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - began)
-    return statistics.median(times), out
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    sync()
+    began = time.perf_counter()
+    fn()
+    sync()
+    return time.perf_counter() - began
 
 
 def compare_tokens(fast, reference, prompt: int) -> dict:
@@ -219,50 +222,94 @@ def compare_tokens(fast, reference, prompt: int) -> dict:
     return result
 
 
-def measure(folder: Path, variant: str, batches: list[int], tokens: int, runs: int, vocab: int,
-            log=print) -> dict:
+def load_all(folders: dict[str, Path], log=print) -> dict[str, tuple]:
+    """{variant: (model, facts)}, every variant loaded at once (so that they can be timed in turns);
+    facts: load time, the GPU memory the load added, the ExMy modules it made."""
     import torch
 
     from ..torch.experts import ExmyExperts
     from ..torch.linear import ExmyLinear
 
-    _free()
-    torch.cuda.reset_peak_memory_stats()
-    began = time.perf_counter()
-    model = _load(folder)
-    out = {"variant": variant, "load_s": round(time.perf_counter() - began, 1),
-           "memory_gb": round(torch.cuda.memory_allocated() / 1e9, 3),
-           "exmy_layers": sum(isinstance(m, ExmyLinear) for m in model.modules()),
-           "exmy_experts": sum(isinstance(m, ExmyExperts) for m in model.modules()), "rows": []}
+    models = {}
+    for variant, folder in folders.items():
+        _free()
+        before, began = torch.cuda.memory_allocated(), time.perf_counter()
+        model = _load(folder)
+        models[variant] = (model, {
+            "variant": variant, "load_s": round(time.perf_counter() - began, 1),
+            "memory_gb": round((torch.cuda.memory_allocated() - before) / 1e9, 3),
+            "exmy_layers": sum(isinstance(m, ExmyLinear) for m in model.modules()),
+            "exmy_experts": sum(isinstance(m, ExmyExperts) for m in model.modules())})
+        log(f"loaded {variant}: {models[variant][1]['memory_gb']:.2f} GB in {models[variant][1]['load_s']} s")
+    return models
+
+
+def _reference(model, facts: dict, ids, tokens: int):
+    """The bit-exact path's generate() with its logits (ExMy variants only; None for bf16)."""
+    from ..torch.experts import ExmyExperts
+    from ..torch.linear import ExmyLinear
+
+    if not (facts["exmy_layers"] or facts["exmy_experts"]):
+        return None
+    ExmyLinear.gpu_kernels = ExmyExperts.gpu_kernels = False
+    try:
+        return _generate(model, ids, tokens, compiled=False, logits=True)
+    finally:
+        ExmyLinear.gpu_kernels = ExmyExperts.gpu_kernels = True
+
+
+def compile_activity() -> dict:
+    """What torch.compile did since its counters were cleared: all zero when every compiled call was
+    replayed from the CUDA graph recorded in warm-up (what the compiled figures must be)."""
+    import torch
+
+    c = torch._dynamo.utils.counters
+    return {"graphs": c["stats"].get("unique_graphs", 0), "breaks": sum(c["graph_break"].values()),
+            "recompiles": sum(c["recompiles"].values()),
+            "cudagraph_recordings": c["inductor"].get("cudagraph_recorded_non_static_inputs", 0)}
+
+
+def measure(models: dict[str, tuple], batches: list[int], tokens: int, runs: int, vocab: int, log=print,
+            modes=MODES, device: str = "cuda") -> list[dict]:
+    """Rows per (mode, batch, variant). Per batch and mode every model is warmed up (compiled: twice,
+    compilation then graph recording), then ``runs`` rounds time one generate() of each model in
+    turn, so that a machine whose speed drifts slows every variant alike: ``seconds`` is the median
+    over the rounds and ``vs_bf16`` the median of the per-round ratios (bf16's time / the variant's)."""
+    import torch
+
     gen = torch.Generator(device="cpu").manual_seed(1)
+    rows = []
     with torch.no_grad():
         for batch in batches:
-            ids = torch.randint(0, vocab, (batch, PROMPT), generator=gen).cuda()
-            reference = None
-            if out["exmy_layers"] or out["exmy_experts"]:
-                ExmyLinear.gpu_kernels = ExmyExperts.gpu_kernels = False
-                try:
-                    reference = _generate(model, ids, tokens, compiled=False, logits=True)
-                finally:
-                    ExmyLinear.gpu_kernels = ExmyExperts.gpu_kernels = True
-            for mode in MODES:
+            torch._dynamo.reset()  # a fresh compile per batch: dynamo's recompile limit counts (model, batch) pairs
+            ids = torch.randint(0, vocab, (batch, PROMPT), generator=gen).to(device)
+            refs = {name: _reference(model, facts, ids, tokens) for name, (model, facts) in models.items()}
+            for mode in modes:
                 compiled = mode == "compiled"
-                for _ in range(2 if compiled else 1):
-                    _generate(model, ids, tokens, compiled)
-                seconds, _ = _timed(lambda: _generate(model, ids, tokens, compiled), runs)
-                row = {"mode": mode, "batch": batch, "seconds": round(seconds, 4),
-                       "tokens_per_s": round(batch * tokens / seconds, 1)}
-                if reference is not None:
-                    row["tokens"] = compare_tokens(_generate(model, ids, tokens, compiled, logits=True), reference,
-                                                   PROMPT)
-                out["rows"].append(row)
-                log(f"{variant:>7} {mode:>8} batch {batch:>2}: {row['tokens_per_s']:8.1f} tokens/s"
-                    + (f"  tokens {row['tokens']}" if "tokens" in row else ""))
-    out["peak_memory_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 3)
-    model = None  # freed before the next variant loads
-    torch._dynamo.reset()
-    _free()
-    return out
+                for model, _ in models.values():
+                    for _ in range(2 if compiled else 1):
+                        _generate(model, ids, tokens, compiled)
+                torch._dynamo.utils.counters.clear()
+                rounds = [{name: _seconds(lambda: _generate(model, ids, tokens, compiled), device)
+                           for name, (model, _) in models.items()} for _ in range(runs)]
+                activity = compile_activity()
+                for name, (model, _) in models.items():
+                    times = [r[name] for r in rounds]
+                    seconds = statistics.median(times)
+                    row = {"variant": name, "mode": mode, "batch": batch, "seconds": round(seconds, 4),
+                           "range_s": [round(min(times), 4), round(max(times), 4)],
+                           "tokens_per_s": round(batch * tokens / seconds, 1), "compile_activity": activity}
+                    if BF16 in models:
+                        row["vs_bf16"] = round(statistics.median(r[BF16] / r[name] for r in rounds), 3)
+                    if refs[name] is not None:
+                        row["tokens"] = compare_tokens(_generate(model, ids, tokens, compiled, logits=True),
+                                                       refs[name], PROMPT)
+                    rows.append(row)
+                    log(f"{name:>7} {mode:>8} batch {batch:>2}: {row['tokens_per_s']:8.1f} tokens/s"
+                        + (f" ({row['vs_bf16']:.2f}x bf16)" if "vs_bf16" in row and name != BF16 else "")
+                        + (f"  tokens {row['tokens']}" if "tokens" in row else ""))
+                log(f"batch {batch:>2} {mode}: torch.compile during the timed calls: {activity}")
+    return rows
 
 
 def run(spec: str, variants: list[str], batches: list[int], layers: int | None = None,
@@ -274,25 +321,32 @@ def run(spec: str, variants: list[str], batches: list[int], layers: int | None =
     with tempfile.TemporaryDirectory(prefix="exmyconv-generate-", dir=work) as tmp:
         folders = prepare(spec, variants, layers, Path(tmp), log=log)
         vocab = int(read_json(folders[BF16] / CONFIG_FILE).get("vocab_size") or 32000)
-        results = [measure(folders[v], v, batches, tokens, runs, vocab, log=log) for v in folders]
+        torch.cuda.reset_peak_memory_stats()
+        models = load_all(folders, log=log)
+        rows = measure(models, batches, tokens, runs, vocab, log=log)
+        results = [dict(facts, rows=[r for r in rows if r["variant"] == name]) for name, (_, facts) in models.items()]
+        peak = round(torch.cuda.max_memory_allocated() / 1e9, 3)
+        models = None
+        torch._dynamo.reset()
+        _free()
     transformers = _transformers()
     return {"spec": spec, "layers": layers, "tokens": tokens, "prompt": PROMPT, "runs": runs,
             "device": device_info(), "torch": torch.__version__, "transformers": transformers.__version__,
-            "variants": results}
+            "peak_memory_gb": peak, "variants": results}
 
 
 def table(result: dict) -> str:
-    """A markdown table: tokens/s and the speedup over bf16 per mode and batch, memory after load."""
-    base = {(r["mode"], r["batch"]): r["tokens_per_s"] for r in result["variants"][0]["rows"]}
+    """A markdown table: tokens/s and the speedup over bf16 (median of the per-round ratios) per mode
+    and batch, memory after load."""
     lines = ["| weights | GPU memory after load | mode | batch | tokens/s | vs bf16 | tokens vs exact path |",
              "|---|---|---|---|---|---|---|"]
     for v in result["variants"]:
         for r in v["rows"]:
             t = r.get("tokens")
             tok = "" if t is None else f"{t['equal']} equal, {t['ties']} ties, {t['mismatches']} mismatches"
-            speed = r["tokens_per_s"] / base[(r["mode"], r["batch"])]
+            speed = f"{r['vs_bf16']:.2f}x" if "vs_bf16" in r else "-"
             lines.append(f"| {v['variant']} | {v['memory_gb']:.2f} GB | {r['mode']} | {r['batch']} | "
-                         f"{r['tokens_per_s']:.1f} | {speed:.2f}x | {tok} |")
+                         f"{r['tokens_per_s']:.1f} | {speed} | {tok} |")
     return "\n".join(lines)
 
 
