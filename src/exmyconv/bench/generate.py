@@ -54,6 +54,7 @@ BF16 = "bf16"
 DEFAULT_FORMATS = ("e2m2",)
 DEFAULT_BATCHES = (1, 4, 16)
 DEFAULT_TOKENS = 64
+ROUNDS = 5  # timed generate() calls per variant, mode and batch (in turns)
 PROMPT = 16
 MODES = ("eager", "compiled")
 
@@ -313,7 +314,7 @@ def measure(models: dict[str, tuple], batches: list[int], tokens: int, runs: int
 
 
 def run(spec: str, variants: list[str], batches: list[int], layers: int | None = None,
-        tokens: int = DEFAULT_TOKENS, runs: int = 3, work: str | None = None, log=print) -> dict:
+        tokens: int = DEFAULT_TOKENS, runs: int = ROUNDS, work: str | None = None, log=print) -> dict:
     import torch
 
     from ..cuda.device import device_info
