@@ -146,3 +146,53 @@ def test_measure_times_the_variants_in_turns(tmp_path, monkeypatch):
     table = g.table({"variants": [dict(models[n][1], memory_gb=0.0, rows=[r for r in rows if r["variant"] == n])
                                   for n in models]})
     assert table.count("\n") == 1 + len(rows) and "| e2m2 | 0.00 GB | eager | 2 |" in table
+
+
+def test_variants_that_do_not_fit_together_load_one_at_a_time(tmp_path):
+    folders = {}
+    for name, size in (("bf16", 1000), ("e2m2", 400)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "model.safetensors").write_bytes(b"\0" * size)
+        (tmp_path / name / "config.json").write_text("{}")  # not weights: not counted
+        folders[name] = tmp_path / name
+    need = 1400 * g.HEADROOM
+    assert g.load_groups(folders, int(need) + 1) == [folders]
+    assert g.load_groups(folders, int(need) - 1) == [{"bf16": folders["bf16"]}, {"e2m2": folders["e2m2"]}]
+    rows = [{"variant": "bf16", "mode": "eager", "batch": 1, "seconds": 2.0, "vs_bf16": 1.0},
+            {"variant": "bf16", "mode": "compiled", "batch": 1, "seconds": 1.0, "vs_bf16": 1.0},
+            {"variant": "e2m2", "mode": "eager", "batch": 1, "seconds": 1.6},
+            {"variant": "e2m2", "mode": "compiled", "batch": 1, "seconds": 0.8, "vs_bf16": 1.3}]
+    out = g.with_ratios(rows)
+    assert [r["vs_bf16"] for r in out] == [1.0, 1.0, 1.25, 1.3]  # measured in turns: kept as it is
+
+
+@pytest.mark.parametrize("free,in_turns", [(10 ** 12, True), (1, False)])
+def test_run_measures_in_turns_or_alone(tmp_path, monkeypatch, free, in_turns):
+    """run()'s bookkeeping (the timing itself needs a GPU): one group in turns when the variants fit,
+    else one per variant; every variant's facts and rows in the result, speedups filled in."""
+    import torch
+
+    (tmp_path / "cfg").mkdir()
+    (tmp_path / "cfg" / "config.json").write_text(json.dumps(TINY))
+    groups = []
+
+    def fake_load_all(group, log=print):
+        groups.append(list(group))
+        return {name: (None, {"variant": name, "memory_gb": 0.0}) for name in group}
+
+    def fake_measure(models, batches, tokens, runs, vocab, log=print):
+        return [{"variant": name, "mode": "eager", "batch": b, "seconds": 1.0 if name == "bf16" else 0.5,
+                 **({"vs_bf16": 1.0} if name == "bf16" else {})} for name in models for b in batches]
+
+    monkeypatch.setattr(g, "load_all", fake_load_all)
+    monkeypatch.setattr(g, "measure", fake_measure)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda: None)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda: (free, free))
+    monkeypatch.setattr(device, "device_info", lambda: {"name": "stub"})
+    result = g.run(str(tmp_path / "cfg"), ["bf16", "e2m2"], [1, 4], layers=1, tokens=2, work=str(tmp_path),
+                   log=lambda m: None)
+    assert groups == ([["bf16", "e2m2"]] if in_turns else [["bf16"], ["e2m2"]])
+    assert result["in_turns"] is in_turns and [v["variant"] for v in result["variants"]] == ["bf16", "e2m2"]
+    e2m2 = result["variants"][1]["rows"]
+    assert [r["batch"] for r in e2m2] == [1, 4] and all(r["vs_bf16"] == 2.0 for r in e2m2)

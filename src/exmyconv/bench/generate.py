@@ -16,7 +16,8 @@ the same pipeline as ``exmyconv quantize`` (default options). SPEC may also be a
 weights (used as the bf16 source) or a converted exmy folder (its ``exmyconv dequantize`` output in
 bf16 is then the reference).
 
-Every variant is loaded at once (the GPU memory each load added is reported); per batch and mode
+Every variant is loaded at once (the GPU memory each load added is reported; where they do not fit
+together, one at a time, each timed alone, the speedup then from the medians); per batch and mode
 each is warmed up (compiled: twice, compilation then graph recording), then ``runs`` rounds time one
 ``generate()`` of each variant in turn (a machine whose speed drifts slows them alike): tokens per
 second from the median over the rounds, counting every sequence (batch x tokens / seconds; prompt
@@ -55,6 +56,7 @@ DEFAULT_FORMATS = ("e2m2",)
 DEFAULT_BATCHES = (1, 4, 16)
 DEFAULT_TOKENS = 64
 ROUNDS = 5  # timed generate() calls per variant, mode and batch (in turns)
+HEADROOM = 1.3  # GPU memory to hold loaded weights, per byte of them (caches, graphs: load_groups)
 PROMPT = 16
 MODES = ("eager", "compiled")
 
@@ -313,6 +315,23 @@ def measure(models: dict[str, tuple], batches: list[int], tokens: int, runs: int
     return rows
 
 
+def load_groups(folders: dict[str, Path], free_bytes: int) -> list[dict[str, Path]]:
+    """The variants loaded together: all of them when their weights (the folders' safetensors bytes,
+    with room for caches and compiled graphs: x HEADROOM) fit in ``free_bytes`` of GPU memory, so that
+    they are timed in turns; else one at a time (each measured alone, the speedup from the medians)."""
+    need = sum(f.stat().st_size for folder in folders.values() for f in folder.glob("*.safetensors"))
+    return [folders] if need * HEADROOM <= free_bytes else [{name: folder} for name, folder in folders.items()]
+
+
+def with_ratios(rows: list[dict]) -> list[dict]:
+    """Rows measured alone get ``vs_bf16`` from the medians: bf16's seconds / the variant's."""
+    base = {(r["mode"], r["batch"]): r["seconds"] for r in rows if r["variant"] == BF16}
+    for r in rows:
+        if "vs_bf16" not in r and (r["mode"], r["batch"]) in base:
+            r["vs_bf16"] = round(base[(r["mode"], r["batch"])] / r["seconds"], 3)
+    return rows
+
+
 def run(spec: str, variants: list[str], batches: list[int], layers: int | None = None,
         tokens: int = DEFAULT_TOKENS, runs: int = ROUNDS, work: str | None = None, log=print) -> dict:
     import torch
@@ -323,17 +342,24 @@ def run(spec: str, variants: list[str], batches: list[int], layers: int | None =
         folders = prepare(spec, variants, layers, Path(tmp), log=log)
         vocab = int(read_json(folders[BF16] / CONFIG_FILE).get("vocab_size") or 32000)
         torch.cuda.reset_peak_memory_stats()
-        models = load_all(folders, log=log)
-        rows = measure(models, batches, tokens, runs, vocab, log=log)
-        results = [dict(facts, rows=[r for r in rows if r["variant"] == name]) for name, (_, facts) in models.items()]
+        groups = load_groups(folders, torch.cuda.mem_get_info()[0])
+        if len(groups) > 1:
+            log("the variants do not fit in GPU memory together: each is measured alone, not in turns")
+        rows, facts = [], {}
+        for group in groups:
+            models = load_all(group, log=log)
+            rows += measure(models, batches, tokens, runs, vocab, log=log)
+            facts.update((name, f) for name, (_, f) in models.items())
+            models = None
+            torch._dynamo.reset()
+            _free()
+        rows = with_ratios(rows)
         peak = round(torch.cuda.max_memory_allocated() / 1e9, 3)
-        models = None
-        torch._dynamo.reset()
-        _free()
     transformers = _transformers()
     return {"spec": spec, "layers": layers, "tokens": tokens, "prompt": PROMPT, "runs": runs,
-            "device": device_info(), "torch": torch.__version__, "transformers": transformers.__version__,
-            "peak_memory_gb": peak, "variants": results}
+            "in_turns": len(groups) == 1, "device": device_info(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "peak_memory_gb": peak,
+            "variants": [dict(f, rows=[r for r in rows if r["variant"] == name]) for name, f in facts.items()]}
 
 
 def table(result: dict) -> str:
