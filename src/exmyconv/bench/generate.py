@@ -363,8 +363,9 @@ def run(spec: str, variants: list[str], batches: list[int], layers: int | None =
 
 
 def table(result: dict) -> str:
-    """A markdown table: tokens/s and the speedup over bf16 (median of the per-round ratios) per mode
-    and batch, memory after load."""
+    """A markdown table: tokens/s and the speedup over bf16 (``vs_bf16``: the median of the per-round
+    ratios, or from the medians where the variants were measured alone) per mode and batch, memory
+    after load."""
     lines = ["| weights | GPU memory after load | mode | batch | tokens/s | vs bf16 | tokens vs exact path |",
              "|---|---|---|---|---|---|---|"]
     for v in result["variants"]:
