@@ -121,7 +121,8 @@ def test_x_tiles_rule():
 def test_bf16_x_takes_x_as_scaled_fp16(sms_132):
     """bf16 x with E <= 4 and one scale per row: b1 and b1r take x as scaled fp16 themselves (mode 4),
     the batch 2..16 kinds (and a forced nt1 at batch 1) take it converted before the launch (mode 5,
-    with a workspace) for layers of >= 2^26 weights, from batch 9 on >= 2^24, else mode 3; scale groups
+    with a workspace) for layers of >= 2^26 weights, from batch 9 on >= 2^24, and always in nt1w (two row
+    tiles per warp), else mode 3; scale groups
     and 5-bit exponents mode 2, fp16 x modes 0 / 1. b1 in mode 4 splits large layers in 4 (staging x per
     two tiles), where mode 3 and fp16 x take 8."""
     from types import SimpleNamespace
@@ -141,6 +142,14 @@ def test_bf16_x_takes_x_as_scaled_fp16(sms_132):
             assert gpu.gemv_kernel(weight(name, 1024, 4096), "BF16", batch).mode == 3, (name, batch)
             assert gpu.gemv_kernel(weight(name, 28672, 4096), "BF16", batch).mode == 5, (name, batch)
             assert gpu.gemv_kernel(weight(name, 4096, 14336), "BF16", batch).mode == (5 if batch > 8 else 3), name
+            # 4096 -> 14336 (under 2^26 weights): two row tiles per warp (nt1w / nt2w, codes of <= 6 bits): mode 5 at
+            # batch 2..8 in nt1w, and from 2^24 weights at 9..16
+            wide = get_format(name).bits <= 6
+            assert gpu.gemv_kernel(weight(name, 14336, 4096), "BF16", batch).kind in (
+                ("nt1w", "nt2w") if wide else ("nt1", "nt2")), name
+            assert gpu.gemv_kernel(weight(name, 14336, 4096), "BF16", batch).mode == (5 if wide or batch > 8 else 3), name
+            assert gpu.gemv_kernel(weight(name, 14336, 4096), "BF16", batch, "nt1" if batch <= 8 else "nt2").mode == (
+                5 if batch > 8 else 3), (name, batch)
             assert gpu.gemv_kernel(weight(name, 28672, 4096, 32), "BF16", batch).mode == 2, (name, batch)
         assert gpu.gemv_kernel(weight(name, 4096, 4096, 32), "BF16", 1).mode == 2, name
         assert gpu.gemv_kernel(weight(name, 4096, 4096), "F16", 1).mode == 0, name

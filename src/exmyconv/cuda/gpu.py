@@ -509,6 +509,14 @@ X_TILES_THREADS = 512  # block size of exmy_x_tiles (x tiles for the batch 2..16
 X16_MIN_WEIGHTS = {False: 1 << 26, True: 1 << 24}
 
 
+def takes_x16(kind: str, weights: int, batch: int) -> bool:
+    """Whether bf16 x (E <= 4, one scale per row) is taken as scaled fp16 (x16_mode) rather than in mode 3:
+    by the batch-1 kinds, by nt1w (two row tiles per warp; mode 5 was 10-16 % faster than mode 3 at every
+    batch 2..8 on the layers that take it, level or slower on those that take nt1; H100, docs/benchmarks.md,
+    sixth session), else from X16_MIN_WEIGHTS weights."""
+    return kind in MODE4_KINDS + ("nt1w",) or weights >= X16_MIN_WEIGHTS[batch > 8]
+
+
 def x16_mode(kind: str) -> int:
     """How a kernel of `kind` takes bf16 x as scaled fp16 (gemv_kernel): 4, converting it itself (the
     batch-1 kinds, which stage x per block anyway), or 5, given it converted by exmy_x_tiles."""
@@ -607,7 +615,7 @@ def gemv_kernel(weight: GpuWeight, x_dtype: str, batch: int, kind: str | None = 
     the weights take the fp16 decode with mode 3's bits (x16_mode): b1 and b1r convert x themselves
     (mode 4: never slower than mode 3, up to 18 % faster, on an H100), the batch 2..16 kinds take it
     converted once per launch by exmy_x_tiles (mode 5: a pass over x in each of their blocks cost
-    more than it saved), for layers of X16_MIN_WEIGHTS or more. kind (tests and benchmarks):
+    more than it saved) where takes_x16 says. kind (tests and benchmarks):
     "nt1" or "nt1w" for batch 1..8 (batch 1: instead of b1 / b1r, x read per chunk rather than
     staged), "nt2" or "nt2w" for batch 9..16; tiled (tests and benchmarks): the batch 9..16 kinds with
     x tiles (True) or x from its rows (False) where gemv_tiled would take the other (not in mode 5)."""
@@ -620,7 +628,7 @@ def gemv_kernel(weight: GpuWeight, x_dtype: str, batch: int, kind: str | None = 
         mode = 0 if weight.fold_ok() else 1
     else:  # mode 3 where the GPU test proved it exact (bf16 x, E <= 4; fp16 x failed for 8-bit codes)
         mode = 3 if groups == 0 and x_dtype == "BF16" and weight.fmt.e <= 4 else 2
-        if mode == 3 and (kind in MODE4_KINDS or weight.n * weight.k >= X16_MIN_WEIGHTS[batch > 8]):
+        if mode == 3 and takes_x16(kind, weight.n * weight.k, batch):
             mode = x16_mode(kind)
     use_tiles = gemv_tiled(kind, mode, weight.n * weight.k)
     if tiled is not None and tiled != use_tiles:
