@@ -73,6 +73,9 @@ using namespace exmy;
 #ifndef GEMV_PP
 #define GEMV_PP 0  // 0: the tuned choice of two alternating register sets (Cfg::PP); 1 always, -1 never
 #endif
+#ifndef GEMV_WTILE
+#define GEMV_WTILE 0  // 1: weights in tile order (below; gpu.tile_order), for timing against the row layout
+#endif
 
 namespace {
 
@@ -101,7 +104,7 @@ struct Cfg {
     // of the 4-bit plane then covers whole 32-byte sectors: faster for b1r when there is no 2- or
     // 8-bit plane on most layer shapes measured on an H100; slower for b1, whose x comes from
     // shared memory; docs/benchmarks.md, H100 tuning).
-    static constexpr bool SPREAD = KIND == 3 && CPT > 1 && !HAS2 && !HAS8;
+    static constexpr bool SPREAD = !GEMV_WTILE && KIND == 3 && CPT > 1 && !HAS2 && !HAS8;
     // PP: the main loop alternates two register sets (ping-pong) instead of copying the prefetched
     // set each iteration: b1r in its 128-register build, b1 and nt1 for unshared codes of other than
     // 5 bits (5-bit nt1 gained little, and spills in its 80-register bf16 build), nt2 for unshared
@@ -118,6 +121,52 @@ struct Cfg {
                                              ((KIND == 4 || KIND == 5) && NIB && !SHARED);
     static constexpr bool XWIN = KIND == 3 && GEMV_XWIN && CPT == 2 && (HAS1 || SHARED);
 };
+// Tile order (GEMV_WTILE, unshared formats, Kp a multiple of 128, N of 16): the 16 rows of tile
+// T = rows 16T .. 16T+15 lie together at byte 16 * stride * T, cut into blocks of 4 chunks (128
+// elements): block s holds, plane by plane (widest first), the 16 rows' 4 chunks of that plane, row
+// after row. A warp iteration then reads one contiguous block per row tile (two at batch 1) instead
+// of 64- or 128-byte runs of 16 rows. Same bytes, another order: a layout the GPU copy could take.
+constexpr bool WTILE = GEMV_WTILE != 0;
+static_assert(!WTILE || !SHARED, "tile order: unshared formats");
+constexpr u32 TB8 = HAS8 ? 64 * 32 : 0, TB4 = HAS4 ? 64 * 16 : 0, TB2 = HAS2 ? 64 * 8 : 0, TB1 = HAS1 ? 64 * 4 : 0;
+constexpr u32 TBLK = TB8 + TB4 + TB2 + TB1;  // bytes of one block: 256 x bits
+
+// Chunk c of row `rin` of the tile at `tile` (tile order).
+__device__ __forceinline__ ChunkPtr chunk_ptr_tiled(const u8* __restrict__ tile, u32 rin, u32 c) {
+    const u8* blk = tile + (size_t)(c >> 2) * TBLK;
+    const u32 ci = c & 3;
+    ChunkPtr p;
+    p.ps = nullptr;
+    p.c = c;
+    p.p8 = blk + rin * 128 + ci * 32;
+    p.p4 = blk + TB8 + rin * 64 + ci * 16;
+    p.p2 = blk + TB8 + TB4 + rin * 32 + ci * 8;
+    p.p1 = blk + TB8 + TB4 + TB2 + rin * 16 + ci * 4;
+    return p;
+}
+
+// The warp's rows: the start of a row (row order) or of its tile (tile order, with the row in it).
+struct RowRef {
+    const u8* base;
+    u32 rin;
+};
+__device__ __forceinline__ RowRef row_ref(const u8* payload, u32 r, u32 stride) {
+    if (WTILE) return {payload + (size_t)(r >> 4) * 16 * stride, r & 15};
+    return {payload + (size_t)r * stride, 0};
+}
+__device__ __forceinline__ ChunkPtr chunk_at(const RowRef& r, u32 kp, u32 c) {
+    return WTILE ? chunk_ptr_tiled(r.base, r.rin, c) : chunk_ptr(r.base, kp, c);
+}
+// Move p on by `chunks` chunks (tile order: a multiple of 4, whole blocks).
+__device__ __forceinline__ void advance_by(ChunkPtr& p, u32 chunks) {
+    if (WTILE) {
+        const size_t d = (size_t)(chunks >> 2) * TBLK;
+        p.p8 += d; p.p4 += d; p.p2 += d; p.p1 += d; p.c += chunks;
+    } else {
+        advance(p, chunks);
+    }
+}
+
 constexpr int XS_STRIDE = 20;  // words per chunk of staged x: 16 pairs + 4 padding (conflict-free LDS.128)
 
 // Programmatic dependent launch (src/exmyconv/cuda/launch.py; no-ops for a plain launch). pdl_wait:
@@ -342,15 +391,14 @@ __device__ __forceinline__ void gemv_warp(const u8* __restrict__ payload, const 
     // rows gr and gr + 8 of tile m (rows row0 + 16m ..); clamped: tail rows re-read row n-1 (their
     // outputs are not written)
     u32 ra[MT], rb[MT];
-    const u8* rowa[MT];
-    const u8* rowb[MT];
+    RowRef rowa[MT], rowb[MT];
 #pragma unroll
     for (int m = 0; m < MT; ++m) {
         const u32 r = row0 + 16 * m + gr;
         ra[m] = r < n ? r : n - 1;
         rb[m] = r + 8 < n ? r + 8 : n - 1;
-        rowa[m] = payload + (size_t)ra[m] * stride;
-        rowb[m] = payload + (size_t)rb[m] * stride;
+        rowa[m] = row_ref(payload, ra[m], stride);
+        rowb[m] = row_ref(payload, rb[m], stride);
     }
     const u32 kp = padded_k(k);  // padded row length; stride: bytes between rows, a multiple of 16
     const u32 nq = (k + 31) / 32;               // chunks holding real elements
@@ -599,8 +647,8 @@ __device__ __forceinline__ void gemv_warp(const u8* __restrict__ payload, const 
         ChunkPtr pa[MT], pb[MT];
 #pragma unroll
         for (int m = 0; m < MT; ++m) {
-            pa[m] = chunk_ptr(rowa[m], kp, q0);
-            pb[m] = chunk_ptr(rowb[m], kp, q0);
+            pa[m] = chunk_at(rowa[m], kp, q0);
+            pb[m] = chunk_at(rowb[m], kp, q0);
         }
         // Two register sets: with PP iteration n computes from set n % 2 while the next one's
         // weights (and x, XWIN) load into the other; without, set 1 is copied to set 0 first.
@@ -651,8 +699,8 @@ __device__ __forceinline__ void gemv_warp(const u8* __restrict__ payload, const 
             const u32 q = q0;
 #pragma unroll
             for (int m = 0; m < MT; ++m) {
-                advance(pa[m], qstep);
-                advance(pb[m], qstep);
+                advance_by(pa[m], qstep);
+                advance_by(pb[m], qstep);
             }
             q0 += qstep;
             const bool more = it + istep < main_end;
@@ -695,8 +743,8 @@ __device__ __forceinline__ void gemv_warp(const u8* __restrict__ payload, const 
 #pragma unroll
             for (int m = 0; m < MT; ++m) {
                 if (q < nq) {
-                    ca[i][m] = load_chunk(rowa[m], kp, q);
-                    cb[i][m] = load_chunk(rowb[m], kp, q);
+                    ca[i][m] = load_chunk_at(chunk_at(rowa[m], kp, q), 0);
+                    cb[i][m] = load_chunk_at(chunk_at(rowb[m], kp, q), 0);
                     if (GM == 1) {
                         const u32 gi = q >> gshift;
                         sa[i][m] = load_scale<MODE>(ks, (size_t)ra[m] * ngroups + gi);

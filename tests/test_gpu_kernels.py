@@ -689,6 +689,39 @@ def test_gemv_option_build_equals_default(cp, rng, name, define, kind, batches):
                         f"{name} {n}x{k} B={batch} {x_dtype} group {group} {plan.kernel.name} split {split}: {define} differs"
 
 
+@pytest.mark.parametrize("kind,batches", [(None, (1, 2)), ("nt1", (2, 9)), ("nt1w", (2, 9)), ("nt2", (9, 17)),
+                                          ("nt2w", (9, 17))])
+@pytest.mark.parametrize("name", ["e2m2", "e3m2", "e2m1", "e4m3"])
+def test_gemv_tile_order_equals_row_order(cp, rng, name, kind, batches):
+    """The GEMV_WTILE build on the weights in tile order (gpu.tile_order) gives the default build's bits
+    on the weights in row order: every plane combination (4+1, 4+2, 4, 8 bits), batch 1 in b1 and b1r
+    (K below and above b1's), the batch 2..16 kinds, K with and without a tail iteration, scale groups,
+    fp16 and bf16 x, the host's split and splits 1, 2, 8 (8 also with contiguous slices), PDL."""
+    fmt = get_format(name)
+    for group in (None, 128):
+        for x_dtype in ("F16", "BF16"):
+            batch = int(rng.integers(*batches))
+            n = 16 * int(rng.integers(1, 80))
+            k = 128 * int(rng.choice([int(rng.integers(1, 40)), 4096 // 128, 20096 // 128]))
+            _, _, weight, x, _, _ = gemv_check(cp, rng, fmt, n, k, batch, x_dtype, group=group)
+            tiled = gpu.tile_order(weight)
+            assert not cp.array_equal(tiled.payload, weight.payload) or n == 16 and k == 128
+            for split, interleave in ((None, None), (1, None), (2, None), (8, None), (8, 0)):
+                ref, y_ref = poisoned_plan(x, weight, f"{name} {kind}", kind=kind, split=split, interleave=interleave)
+                for overlap in (False, True):
+                    plan, y = poisoned_plan(x, tiled, f"{name} {kind} tile order", kind=kind, split=split,
+                                            interleave=interleave, defines=("GEMV_WTILE=1",), overlap=overlap)
+                    assert plan.kernel.name == ref.kernel.name and plan.split == ref.split
+                    assert torch_equal_bits(y_ref, y), \
+                        f"{name} {n}x{k} B={batch} {x_dtype} group {group} {plan.kernel.name} split {split}: tile order differs"
+
+
+def torch_equal_bits(a, b) -> bool:
+    import torch
+
+    return torch.equal(a.view(torch.int16), b.view(torch.int16))
+
+
 @pytest.mark.parametrize("group", [32, 64, 128, 96, 100])
 def test_gemv_group_sizes(cp, rng, group):
     for name in ("e2m2", "e3m2", "e4m3"):

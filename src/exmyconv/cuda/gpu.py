@@ -29,7 +29,7 @@ import numpy as np
 
 from ..errors import ExmyError
 from ..format.exmy import ExMy, get_format
-from ..format.pack import row_bytes
+from ..format.pack import padded_k, row_bytes
 from ..format.quant import FP16_MAX, groups_of
 from .device import _cupy, available, device_info, sm_count, unavailable_reason  # noqa: F401 (API)
 
@@ -412,6 +412,24 @@ def upload(qtensor=None, *, payload=None, scales=None, scale_dtype=None, fmt=Non
     bits = scale_bits(scales, scale_dtype)
     pay, bits, _, rows, g, _ = _check_layout(pay, bits, fmt, k, group_size)
     return GpuWeight(fmt, shape, g, scale_dtype, pay, bits)
+
+
+def tile_order(weight: GpuWeight) -> GpuWeight:
+    """The same weight with its payload in tile order (gemv.cu GEMV_WTILE: each 16-row tile's bytes
+    together, in blocks of 128 elements, plane by plane), for builds with -DGEMV_WTILE=1 (timing)."""
+    fmt, k, n = weight.fmt, weight.k, weight.n
+    kp, rb = padded_k(k), row_bytes(fmt, k)
+    if fmt.share != 1 or kp % 128 or n % 16 or weight.payload.strides[0] != rb:
+        raise ExmyError(f"tile order takes unshared formats, K a multiple of 128, N of 16 and unpadded rows "
+                        f"(not {fmt.name} {n}x{k})")
+    cupy = _cupy()
+    parts, offset = [], 0
+    for w in fmt.planes:  # plane w: per row kp*w/8 bytes = kp/128 blocks of 16*w bytes
+        plane = weight.payload[:, offset:offset + kp * w // 8].reshape(n // 16, 16, kp // 128, 16 * w)
+        parts.append(plane.transpose(0, 2, 1, 3).reshape(n // 16, kp // 128, 256 * w))
+        offset += kp * w // 8
+    tiled = cupy.ascontiguousarray(cupy.concatenate(parts, axis=2)).reshape(n, rb)
+    return GpuWeight(fmt, weight.shape, weight.group_size, weight.scale_dtype, tiled, weight.scales)
 
 
 class _StreamHandle:
