@@ -104,7 +104,7 @@ struct Cfg {
     // of the 4-bit plane then covers whole 32-byte sectors: faster for b1r when there is no 2- or
     // 8-bit plane on most layer shapes measured on an H100; slower for b1, whose x comes from
     // shared memory; docs/benchmarks.md, H100 tuning).
-    static constexpr bool SPREAD = !GEMV_WTILE && KIND == 3 && CPT > 1 && !HAS2 && !HAS8;
+    static constexpr bool SPREAD = KIND == 3 && CPT > 1 && !HAS2 && !HAS8;
     // PP: the main loop alternates two register sets (ping-pong) instead of copying the prefetched
     // set each iteration: b1r in its 128-register build, b1 and nt1 for unshared codes of other than
     // 5 bits (5-bit nt1 gained little, and spills in its 80-register bf16 build), nt2 for unshared
@@ -165,6 +165,15 @@ __device__ __forceinline__ void advance_by(ChunkPtr& p, u32 chunks) {
     } else {
         advance(p, chunks);
     }
+}
+
+// Chunk p.c + d of the same row (d a compile-time constant; tile order: d < 4 - p.c % 4, or d = 4
+// with p.c % 4 = 0..3: the same place in the next block).
+__device__ __forceinline__ Chunk load_chunk_plus(const ChunkPtr& p, int d) {
+    if (!WTILE || d < 4) return load_chunk_at(p, d);
+    ChunkPtr q = p;
+    advance_by(q, 4);
+    return load_chunk_at(q, 0);
 }
 
 constexpr int XS_STRIDE = 20;  // words per chunk of staged x: 16 pairs + 4 padding (conflict-free LDS.128)
@@ -670,8 +679,8 @@ __device__ __forceinline__ void gemv_warp(const u8* __restrict__ payload, const 
 #pragma unroll
                 for (int i = 0; i < CPT; ++i) {
                     if (CPT != 2 || (SPREAD && !SPREAD_PAIR)) {
-                        wa[P][i][m] = load_chunk_at(pa[m], CSTEP * i);
-                        wb[P][i][m] = load_chunk_at(pb[m], CSTEP * i);
+                        wa[P][i][m] = load_chunk_plus(pa[m], CSTEP * i);
+                        wb[P][i][m] = load_chunk_plus(pb[m], CSTEP * i);
                     }
                     swa[P][i][m] = swb[P][i][m] = S{};
                     if (GM == 1) {

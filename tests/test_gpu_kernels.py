@@ -705,7 +705,7 @@ def test_gemv_tile_order_equals_row_order(cp, rng, name, kind, batches):
             k = 128 * int(rng.choice([int(rng.integers(1, 40)), 4096 // 128, 20096 // 128]))
             _, _, weight, x, _, _ = gemv_check(cp, rng, fmt, n, k, batch, x_dtype, group=group)
             tiled = gpu.tile_order(weight)
-            assert not cp.array_equal(tiled.payload, weight.payload) or n == 16 and k == 128
+            assert k == 128 or not cp.array_equal(tiled.payload, weight.payload)  # (one block per row: e2m1's orders agree)
             for split, interleave in ((None, None), (1, None), (2, None), (8, None), (8, 0)):
                 ref, y_ref = poisoned_plan(x, weight, f"{name} {kind}", kind=kind, split=split, interleave=interleave)
                 for overlap in (False, True):
