@@ -59,6 +59,9 @@ typedef unsigned long long u64;
 #ifndef EXMY_M
 #define EXMY_M 2
 #endif
+#ifndef EXMY_TILE
+#define EXMY_TILE 0  // 1: the payload in tile order (below)
+#endif
 #ifndef EXMY_SHARE
 #define EXMY_SHARE 1
 #endif
@@ -342,6 +345,62 @@ __device__ __forceinline__ void load_chunk_pair(const ChunkPtr& p, Chunk& c0, Ch
 // Plane words of chunk c of the row starting at `row`.
 __device__ __forceinline__ Chunk load_chunk(const u8* __restrict__ row, u32 kp, u32 c) {
     return load_chunk_at(chunk_ptr(row, kp, c), 0);
+}
+
+// ------------------------------------------------------------------------- tile order (GPU copy)
+// EXMY_TILE=1: the payload in tile order (cuda/gpu.py tile_order; unshared formats, Kp a multiple
+// of 128, N of 16; not a file layout). The 16 rows of tile T = rows 16T .. 16T+15 lie together at
+// byte 16 * stride * T, cut into blocks of 4 chunks (128 elements): block s holds, plane by plane
+// (widest first), the 16 rows' 4 chunks of that plane, row after row. A GEMV warp's iteration then
+// reads one contiguous block per 16-row tile (two at batch 1) instead of 64- or 128-byte runs of 16
+// rows: faster on an H200 (docs/benchmarks.md). Same bytes, another order.
+constexpr bool TILED = EXMY_TILE != 0;
+static_assert(!TILED || !SHARED, "tile order: unshared formats");
+constexpr u32 TB8 = HAS8 ? 64 * 32 : 0, TB4 = HAS4 ? 64 * 16 : 0, TB2 = HAS2 ? 64 * 8 : 0, TB1 = HAS1 ? 64 * 4 : 0;
+constexpr u32 TBLK = TB8 + TB4 + TB2 + TB1;  // bytes of one block: 256 x bits
+
+// Chunk c of row `rin` of the tile at `tile` (tile order).
+__device__ __forceinline__ ChunkPtr chunk_ptr_tiled(const u8* __restrict__ tile, u32 rin, u32 c) {
+    const u8* blk = tile + (size_t)(c >> 2) * TBLK;
+    const u32 ci = c & 3;
+    ChunkPtr p;
+    p.ps = nullptr;
+    p.c = c;
+    p.p8 = blk + rin * 128 + ci * 32;
+    p.p4 = blk + TB8 + rin * 64 + ci * 16;
+    p.p2 = blk + TB8 + TB4 + rin * 32 + ci * 8;
+    p.p1 = blk + TB8 + TB4 + TB2 + rin * 16 + ci * 4;
+    return p;
+}
+
+// A row: its start (row order) or its tile's start and its place in the tile (tile order).
+struct RowRef {
+    const u8* base;
+    u32 rin;
+};
+__device__ __forceinline__ RowRef row_ref(const u8* payload, u32 r, u32 stride) {
+    if (TILED) return {payload + (size_t)(r >> 4) * 16 * stride, r & 15};
+    return {payload + (size_t)r * stride, 0};
+}
+__device__ __forceinline__ ChunkPtr chunk_at(const RowRef& r, u32 kp, u32 c) {
+    return TILED ? chunk_ptr_tiled(r.base, r.rin, c) : chunk_ptr(r.base, kp, c);
+}
+// Move p on by `chunks` chunks of its row (tile order: a multiple of 4, whole blocks).
+__device__ __forceinline__ void advance_by(ChunkPtr& p, u32 chunks) {
+    if (TILED) {
+        const size_t d = (size_t)(chunks >> 2) * TBLK;
+        p.p8 += d; p.p4 += d; p.p2 += d; p.p1 += d; p.c += chunks;
+    } else {
+        advance(p, chunks);
+    }
+}
+// Chunk p.c + d of the same row (d a compile-time constant; tile order: d < 4 - p.c % 4, or d = 4:
+// the same place in the next block).
+__device__ __forceinline__ Chunk load_chunk_plus(const ChunkPtr& p, int d) {
+    if (!TILED || d < 4) return load_chunk_at(p, d);
+    ChunkPtr q = p;
+    advance_by(q, 4);
+    return load_chunk_at(q, 0);
 }
 #endif
 

@@ -73,9 +73,6 @@ using namespace exmy;
 #ifndef GEMV_PP
 #define GEMV_PP 0  // 0: the tuned choice of two alternating register sets (Cfg::PP); 1 always, -1 never
 #endif
-#ifndef GEMV_WTILE
-#define GEMV_WTILE 0  // 1: weights in tile order (below; gpu.tile_order), for timing against the row layout
-#endif
 
 namespace {
 
@@ -121,61 +118,6 @@ struct Cfg {
                                              ((KIND == 4 || KIND == 5) && NIB && !SHARED);
     static constexpr bool XWIN = KIND == 3 && GEMV_XWIN && CPT == 2 && (HAS1 || SHARED);
 };
-// Tile order (GEMV_WTILE, unshared formats, Kp a multiple of 128, N of 16): the 16 rows of tile
-// T = rows 16T .. 16T+15 lie together at byte 16 * stride * T, cut into blocks of 4 chunks (128
-// elements): block s holds, plane by plane (widest first), the 16 rows' 4 chunks of that plane, row
-// after row. A warp iteration then reads one contiguous block per row tile (two at batch 1) instead
-// of 64- or 128-byte runs of 16 rows. Same bytes, another order: a layout the GPU copy could take.
-constexpr bool WTILE = GEMV_WTILE != 0;
-static_assert(!WTILE || !SHARED, "tile order: unshared formats");
-constexpr u32 TB8 = HAS8 ? 64 * 32 : 0, TB4 = HAS4 ? 64 * 16 : 0, TB2 = HAS2 ? 64 * 8 : 0, TB1 = HAS1 ? 64 * 4 : 0;
-constexpr u32 TBLK = TB8 + TB4 + TB2 + TB1;  // bytes of one block: 256 x bits
-
-// Chunk c of row `rin` of the tile at `tile` (tile order).
-__device__ __forceinline__ ChunkPtr chunk_ptr_tiled(const u8* __restrict__ tile, u32 rin, u32 c) {
-    const u8* blk = tile + (size_t)(c >> 2) * TBLK;
-    const u32 ci = c & 3;
-    ChunkPtr p;
-    p.ps = nullptr;
-    p.c = c;
-    p.p8 = blk + rin * 128 + ci * 32;
-    p.p4 = blk + TB8 + rin * 64 + ci * 16;
-    p.p2 = blk + TB8 + TB4 + rin * 32 + ci * 8;
-    p.p1 = blk + TB8 + TB4 + TB2 + rin * 16 + ci * 4;
-    return p;
-}
-
-// The warp's rows: the start of a row (row order) or of its tile (tile order, with the row in it).
-struct RowRef {
-    const u8* base;
-    u32 rin;
-};
-__device__ __forceinline__ RowRef row_ref(const u8* payload, u32 r, u32 stride) {
-    if (WTILE) return {payload + (size_t)(r >> 4) * 16 * stride, r & 15};
-    return {payload + (size_t)r * stride, 0};
-}
-__device__ __forceinline__ ChunkPtr chunk_at(const RowRef& r, u32 kp, u32 c) {
-    return WTILE ? chunk_ptr_tiled(r.base, r.rin, c) : chunk_ptr(r.base, kp, c);
-}
-// Move p on by `chunks` chunks (tile order: a multiple of 4, whole blocks).
-__device__ __forceinline__ void advance_by(ChunkPtr& p, u32 chunks) {
-    if (WTILE) {
-        const size_t d = (size_t)(chunks >> 2) * TBLK;
-        p.p8 += d; p.p4 += d; p.p2 += d; p.p1 += d; p.c += chunks;
-    } else {
-        advance(p, chunks);
-    }
-}
-
-// Chunk p.c + d of the same row (d a compile-time constant; tile order: d < 4 - p.c % 4, or d = 4
-// with p.c % 4 = 0..3: the same place in the next block).
-__device__ __forceinline__ Chunk load_chunk_plus(const ChunkPtr& p, int d) {
-    if (!WTILE || d < 4) return load_chunk_at(p, d);
-    ChunkPtr q = p;
-    advance_by(q, 4);
-    return load_chunk_at(q, 0);
-}
-
 constexpr int XS_STRIDE = 20;  // words per chunk of staged x: 16 pairs + 4 padding (conflict-free LDS.128)
 
 // Programmatic dependent launch (src/exmyconv/cuda/launch.py; no-ops for a plain launch). pdl_wait:

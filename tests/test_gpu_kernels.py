@@ -8,6 +8,7 @@ patterns first so that an element the kernel did not write shows up.
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -693,8 +694,8 @@ def test_gemv_option_build_equals_default(cp, rng, name, define, kind, batches):
                                           ("nt2w", (9, 17))])
 @pytest.mark.parametrize("name", ["e2m2", "e3m2", "e2m1", "e4m3"])
 def test_gemv_tile_order_equals_row_order(cp, rng, name, kind, batches):
-    """The GEMV_WTILE build on the weights in tile order (gpu.tile_order) gives the default build's bits
-    on the weights in row order: every plane combination (4+1, 4+2, 4, 8 bits), batch 1 in b1 and b1r
+    """The GEMV on the weights in tile order (gpu.tile_order; its EXMY_TILE build) gives the bits of the
+    same weights in row order: every plane combination (4+1, 4+2, 4, 8 bits), batch 1 in b1 and b1r
     (K below and above b1's), the batch 2..16 kinds, K with and without a tail iteration, scale groups,
     fp16 and bf16 x, the host's split and splits 1, 2, 8 (8 also with contiguous slices), PDL."""
     fmt = get_format(name)
@@ -710,10 +711,27 @@ def test_gemv_tile_order_equals_row_order(cp, rng, name, kind, batches):
                 ref, y_ref = poisoned_plan(x, weight, f"{name} {kind}", kind=kind, split=split, interleave=interleave)
                 for overlap in (False, True):
                     plan, y = poisoned_plan(x, tiled, f"{name} {kind} tile order", kind=kind, split=split,
-                                            interleave=interleave, defines=("GEMV_WTILE=1",), overlap=overlap)
-                    assert plan.kernel.name == ref.kernel.name and plan.split == ref.split
+                                            interleave=interleave, overlap=overlap)
+                    assert plan.kernel == replace(ref.kernel, order="tile") and plan.split == ref.split
                     assert torch_equal_bits(y_ref, y), \
                         f"{name} {n}x{k} B={batch} {x_dtype} group {group} {plan.kernel.name} split {split}: tile order differs"
+
+
+@pytest.mark.parametrize("name", ["e2m2", "e3m2", "e2m1", "e4m3", "e3m3", "e1m1"])
+def test_dequant_tile_order_equals_row_order(cp, rng, name):
+    """Dequantization of a weight in tile order (its EXMY_TILE build) gives the bits of the same weight in
+    row order (which other tests hold to the CPU reference): every plane combination, every output
+    dtype, scale groups."""
+    fmt = get_format(name)
+    for group in (None, 64):
+        n, k = 16 * int(rng.integers(1, 60)), 128 * int(rng.integers(1, 40))
+        qt = quantize((rng.standard_normal((n, k)) * 0.05).astype(np.float32), fmt, group)
+        weight = gpu.upload(qt)
+        tiled = gpu.tile_order(weight)
+        for out_dtype in ("F16", "BF16", "F32"):
+            ref = cp.asnumpy(weight.dequantize(out_dtype))
+            got = cp.asnumpy(tiled.dequantize(out_dtype))
+            assert np.array_equal(ref.view(np.uint8), got.view(np.uint8)), f"{name} {n}x{k} g{group} {out_dtype}"
 
 
 def torch_equal_bits(a, b) -> bool:

@@ -100,7 +100,7 @@ def sms_132(monkeypatch):
 def test_batch_kernel_and_split_on_132_sms(sms_132, k, n, fmt, ngroups, batch, kind, split):
     from types import SimpleNamespace
 
-    weight = SimpleNamespace(n=n, k=k, fmt=get_format(fmt), ngroups=ngroups)
+    weight = SimpleNamespace(n=n, k=k, fmt=get_format(fmt), ngroups=ngroups, order="row")
     assert gpu._gemv_kind(weight, batch) == kind
     assert gpu.gemv_split(n, k, weight.fmt, kind, gpu.gemv_tile_rows(kind)) == split
 
@@ -128,7 +128,7 @@ def test_bf16_x_takes_x_as_scaled_fp16(sms_132):
     from types import SimpleNamespace
 
     def weight(name, n, k, ngroups=1):
-        return SimpleNamespace(n=n, k=k, fmt=get_format(name), ngroups=ngroups, group_size=k // ngroups,
+        return SimpleNamespace(n=n, k=k, fmt=get_format(name), ngroups=ngroups, group_size=k // ngroups, order="row",
                                fp16_compute=get_format(name).e <= 4, fold_ok=lambda: True)
 
     for name in ("e2m2", "e2m1", "e3m2", "e4m3", "e2m2s4"):
@@ -169,7 +169,7 @@ def test_kind_override_fits_the_batch():
 
     from exmyconv.errors import ExmyError
 
-    weight = SimpleNamespace(n=64, k=256, fmt=get_format("e2m2"), ngroups=1)
+    weight = SimpleNamespace(n=64, k=256, fmt=get_format("e2m2"), ngroups=1, order="row")
     for batch, kind in ((1, "nt2"), (1, "b1"), (8, "nt2q"), (9, "nt1"), (16, "b1r")):
         with pytest.raises(ExmyError, match="can be chosen"):
             gpu.gemv_kernel(weight, "F16", batch, kind)

@@ -85,6 +85,13 @@ def kernel(source: str, name: str, fmt: ExMy, defines: tuple = ()):
     return _module(source, fmt.e, fmt.m, tuple(defines), fmt.share).get_function(name)
 
 
+def order_defines(order: str) -> tuple:
+    """The kernel defines that read a payload in `order` ("row": none; "tile": EXMY_TILE)."""
+    if order not in ("row", "tile"):
+        raise ExmyError(f"payload order {order!r}: 'row' or 'tile'")
+    return ("EXMY_TILE=1",) if order == "tile" else ()
+
+
 def supports_dequant(fmt) -> bool:
     """True when dequantize handles `fmt` bit-exactly on the GPU (every ExMy and every eXmYsk)."""
     fmt = _fmt(fmt)
@@ -240,7 +247,7 @@ _OUT_NAME = {"F16": "o16", "BF16": "obf", "F32": "o32"}
 
 
 def dequantize(payload, scales, scale_dtype: str, fmt, k: int, group_size: int | None,
-               out_dtype: str = "F16", out=None):
+               out_dtype: str = "F16", out=None, order: str = "row"):
     """Packed payload [..., row_bytes] + scales [..., ceil(K/G)] -> cupy array [..., K].
 
     Bit-exact with the CPU reference (QTensor.dequantize). payload: uint8 (numpy, cupy or torch);
@@ -249,6 +256,7 @@ def dequantize(payload, scales, scale_dtype: str, fmt, k: int, group_size: int |
     array of that dtype and shape, or a torch CUDA tensor of the matching 16/32-bit dtype, to write
     into (tests poison it first); into a torch tensor the launch runs on torch's current stream (a
     side stream, a CUDA-graph capture), as every launch for torch buffers does (_stream_of).
+    order: the payload's byte order, "row" (the file's) or "tile" (tile_order).
     """
     cupy = _cupy()
     fmt = _fmt(fmt)
@@ -267,7 +275,7 @@ def dequantize(payload, scales, scale_dtype: str, fmt, k: int, group_size: int |
         stream, out = _stream_of(out), _torch_as_cupy(out)
     if out.dtype != np_out or tuple(out.shape) != shape or not out.flags.c_contiguous:
         raise ExmyError(f"out must be a contiguous {np.dtype(np_out)} array of shape {shape}")
-    plan = DequantPlan(pay, bits, scale_dtype, fmt, int(k), rows, g, ngroups, out_dtype, out, stream)
+    plan = DequantPlan(pay, bits, scale_dtype, fmt, int(k), rows, g, ngroups, out_dtype, out, stream, order)
     plan()
     return out
 
@@ -275,14 +283,14 @@ def dequantize(payload, scales, scale_dtype: str, fmt, k: int, group_size: int |
 class DequantPlan:
     """One dequantization launch with its arguments prepared (call it to launch; for benchmarks)."""
 
-    def __init__(self, pay, bits, scale_dtype, fmt, k, rows, g, ngroups, out_dtype, out, stream=None):
+    def __init__(self, pay, bits, scale_dtype, fmt, k, rows, g, ngroups, out_dtype, out, stream=None, order="row"):
         self.stream = stream  # None: cupy's current stream at each call
         cpr = -(-k // 32)
         self.units = rows * cpr
         if self.units >= 2**32 - BLOCK * DEQUANT_UNITS:
             raise ExmyError("tensor too large for one launch")  # > 137 G weights
         self.name = f"exmy_dequant_s{'bf' if scale_dtype == 'BF16' else '16'}_{_OUT_NAME[out_dtype]}"
-        self.fn = kernel("dequant.cu", self.name, fmt) if self.units else None
+        self.fn = kernel("dequant.cu", self.name, fmt, order_defines(order)) if self.units else None
         self.args = (pay, bits, out, np.uint32(rows), np.uint32(k), np.uint32(pay.strides[0]),
                      np.uint32(ngroups), np.uint32(g))
         self.out = out
@@ -321,6 +329,7 @@ class GpuWeight:
     scale_dtype: str
     payload: object           # cupy uint8 [N, row_bytes], rows ROW_ALIGN-aligned (strides[0]: the kernels' stride)
     scales: object            # cupy uint16 [N, ngroups] raw scale bits
+    order: str = "row"        # the payload's byte order: "row" (the file's, SPEC 3) or "tile" (tile_order)
     _cache: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -346,7 +355,7 @@ class GpuWeight:
 
     def dequantize(self, out_dtype: str = "F16", out=None):
         out = dequantize(self.payload, self.scales, self.scale_dtype, self.fmt, self.k, self.group_size,
-                         out_dtype, out)
+                         out_dtype, out, order=self.order)
         return out.reshape(*self.shape[:-1], self.k) if out.ndim == 2 else out
 
     def dequant_plan(self, out, out_dtype: str = "F16") -> "DequantPlan":
@@ -360,7 +369,7 @@ class GpuWeight:
                 raise ExmyError("out must be a contiguous tensor")
             stream, out = _stream_of(out), _torch_as_cupy(out)
         return DequantPlan(self.payload, self.scales, self.scale_dtype, self.fmt, self.k, self.n,
-                           self.group_size, self.ngroups, out_dtype, out, stream)
+                           self.group_size, self.ngroups, out_dtype, out, stream, self.order)
 
     def kernel_scales(self, mode: int):
         """Scales in the form the GEMV kernel of `mode` multiplies by (computed once, on CuPy's current
@@ -386,8 +395,10 @@ class GpuWeight:
         """Rows start .. stop-1 over the same device memory. Its kernel mode is this whole weight's
         (fold_ok of all its scales), so one launch prepared for the view serves every slice of that
         shape (the experts of a stacked MoE projection, through GemvLaunch.move_weight)."""
+        if self.order == "tile" and (start % 16 or stop % 16):
+            raise ExmyError(f"rows {start}..{stop} of a weight in tile order: whole 16-row tiles only")
         view = GpuWeight(self.fmt, (stop - start, self.k), self.group_size, self.scale_dtype,
-                         self.payload[start:stop], self.scales[start:stop])
+                         self.payload[start:stop], self.scales[start:stop], self.order)
         view._cache["fold_ok"] = self.fold_ok()
         return view
 
@@ -415,11 +426,12 @@ def upload(qtensor=None, *, payload=None, scales=None, scale_dtype=None, fmt=Non
 
 
 def tile_order(weight: GpuWeight) -> GpuWeight:
-    """The same weight with its payload in tile order (gemv.cu GEMV_WTILE: each 16-row tile's bytes
-    together, in blocks of 128 elements, plane by plane), for builds with -DGEMV_WTILE=1 (timing)."""
+    """A copy of a weight in row order with its payload in tile order (kernels/exmy_decode.cuh EXMY_TILE:
+    each 16-row tile's bytes together, in blocks of 128 elements, plane by plane); the kernels read
+    it with their tile-order builds (GemvKernel.order, DequantPlan)."""
     fmt, k, n = weight.fmt, weight.k, weight.n
     kp, rb = padded_k(k), row_bytes(fmt, k)
-    if fmt.share != 1 or kp % 128 or n % 16 or weight.payload.strides[0] != rb:
+    if weight.order != "row" or not tile_order_applies(fmt, n, k) or weight.payload.strides[0] != rb:
         raise ExmyError(f"tile order takes unshared formats, K a multiple of 128, N of 16 and unpadded rows "
                         f"(not {fmt.name} {n}x{k})")
     cupy = _cupy()
@@ -429,7 +441,13 @@ def tile_order(weight: GpuWeight) -> GpuWeight:
         parts.append(plane.transpose(0, 2, 1, 3).reshape(n // 16, kp // 128, 256 * w))
         offset += kp * w // 8
     tiled = cupy.ascontiguousarray(cupy.concatenate(parts, axis=2)).reshape(n, rb)
-    return GpuWeight(fmt, weight.shape, weight.group_size, weight.scale_dtype, tiled, weight.scales)
+    return GpuWeight(fmt, weight.shape, weight.group_size, weight.scale_dtype, tiled, weight.scales, "tile")
+
+
+def tile_order_applies(fmt: ExMy, n: int, k: int) -> bool:
+    """Whether a weight [n, k] of `fmt` can take tile order: unshared formats, whole 16-row tiles and
+    128-element blocks (Kp a multiple of 128; the rows then also need no padding to ROW_ALIGN)."""
+    return fmt.share == 1 and n % 16 == 0 and padded_k(k) % 128 == 0
 
 
 class _StreamHandle:
@@ -568,6 +586,7 @@ class GemvKernel:
     blocks: int   # blocks per SM its registers are sized for: 2 (<= 128 registers) or 3 (<= 80); tuning: 1 (<= 255)
     routed: bool = False  # exmy_gemv_routed: batch-1 GEMVs of routed (token, expert) pairs (RoutedGemvLaunch)
     tiled: bool = False   # x given as x tiles by exmy_x_tiles (gemv_tiled)
+    order: str = "row"    # the weight payload's byte order (GpuWeight.order): "tile" builds with EXMY_TILE
 
     @property
     def expression(self) -> str:
@@ -589,7 +608,8 @@ class GemvKernel:
         three = "_3blocks" if self.kind == "b1r" and self.blocks == 3 else ""
         routed = "_routed" if self.routed else ""
         tiled = "_xt" if self.tiled and self.mode != 5 else ""  # (mode 5 always takes x tiles)
-        return f"exmy_gemv_{mode}_{x}_{self.kind}{groups}{three}{routed}{tiled}"
+        order = "_to" if self.order == "tile" else ""
+        return f"exmy_gemv_{mode}_{x}_{self.kind}{groups}{three}{routed}{tiled}{order}"
 
 
 def _gemv_kind(weight: "GpuWeight", batch: int) -> str:
@@ -654,13 +674,14 @@ def gemv_kernel(weight: GpuWeight, x_dtype: str, batch: int, kind: str | None = 
             raise ExmyError(f"{kind} in mode {mode}: x tiles are for the batch 9..16 kinds, and mode 5 always "
                              "takes them")
         use_tiles = tiled
-    return GemvKernel(kind, mode, x_dtype, groups, gemv_blocks(weight.fmt, kind, mode, groups), tiled=use_tiles)
+    return GemvKernel(kind, mode, x_dtype, groups, gemv_blocks(weight.fmt, kind, mode, groups), tiled=use_tiles,
+                      order=weight.order)
 
 
 def gemv_function(kernel: GemvKernel, fmt: ExMy, defines: tuple = ()):
     """The compiled `kernel` for `fmt` (a cupy RawKernel); each NVRTC compilation builds one kernel."""
-    return _module("gemv.cu", fmt.e, fmt.m, tuple(defines), fmt.share, kernel.expression).get_function(
-        kernel.expression)
+    return _module("gemv.cu", fmt.e, fmt.m, tuple(defines) + order_defines(kernel.order), fmt.share,
+                   kernel.expression).get_function(kernel.expression)
 
 
 def x_tiles_conv(kernel: GemvKernel) -> int:
