@@ -394,14 +394,6 @@ __device__ __forceinline__ void advance_by(ChunkPtr& p, u32 chunks) {
         advance(p, chunks);
     }
 }
-// Chunk p.c + d of the same row (d a compile-time constant; tile order: d < 4 - p.c % 4, or d = 4:
-// the same place in the next block).
-__device__ __forceinline__ Chunk load_chunk_plus(const ChunkPtr& p, int d) {
-    if (!TILED || d < 4) return load_chunk_at(p, d);
-    ChunkPtr q = p;
-    advance_by(q, 4);
-    return load_chunk_at(q, 0);
-}
 #endif
 
 // Host/test helper: chunk c from a plain byte row (no alignment assumptions).

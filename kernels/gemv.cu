@@ -100,8 +100,9 @@ struct Cfg {
     // a chunk pair in one load), or with SPREAD chunks t, t+4, ... (each 16-byte load instruction
     // of the 4-bit plane then covers whole 32-byte sectors: faster for b1r when there is no 2- or
     // 8-bit plane on most layer shapes measured on an H100; slower for b1, whose x comes from
-    // shared memory; docs/benchmarks.md, H100 tuning).
-    static constexpr bool SPREAD = KIND == 3 && CPT > 1 && !HAS2 && !HAS8;
+    // shared memory; docs/benchmarks.md, H100 tuning). Not in tile order, where a lane's two chunks
+    // are 32 contiguous bytes anyway (spread, they lie in two blocks: e2m1 28672->8192 11 % slower, H200).
+    static constexpr bool SPREAD = !TILED && KIND == 3 && CPT > 1 && !HAS2 && !HAS8;
     // PP: the main loop alternates two register sets (ping-pong) instead of copying the prefetched
     // set each iteration: b1r in its 128-register build, b1 and nt1 for unshared codes of other than
     // 5 bits (5-bit nt1 gained little, and spills in its 80-register bf16 build), nt2 for unshared
@@ -621,8 +622,8 @@ __device__ __forceinline__ void gemv_warp(const u8* __restrict__ payload, const 
 #pragma unroll
                 for (int i = 0; i < CPT; ++i) {
                     if (CPT != 2 || (SPREAD && !SPREAD_PAIR)) {
-                        wa[P][i][m] = load_chunk_plus(pa[m], CSTEP * i);
-                        wb[P][i][m] = load_chunk_plus(pb[m], CSTEP * i);
+                        wa[P][i][m] = load_chunk_at(pa[m], CSTEP * i);
+                        wb[P][i][m] = load_chunk_at(pb[m], CSTEP * i);
                     }
                     swa[P][i][m] = swb[P][i][m] = S{};
                     if (GM == 1) {

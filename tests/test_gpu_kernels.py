@@ -266,13 +266,13 @@ TOL = {"F16": 2e-3, "BF16": 1e-2}
 
 
 def gemv_check(cp, rng, fmt: ExMy, n: int, k: int, batch: int, x_dtype: str, group=None, qt=None,
-               use_torch=True, scale=0.05, x_scale=1.0):
+               use_torch=True, scale=0.05, x_scale=1.0, order=None):
     import torch
 
     if qt is None:
         w = (rng.standard_normal((n, k)) * scale).astype(np.float32)
         qt = quantize(w, fmt, group)
-    weight = gpu.upload(qt)
+    weight = gpu.upload(qt, order=order)
     tdt = torch.float16 if x_dtype == "F16" else torch.bfloat16
     x = torch.from_numpy((rng.standard_normal((batch, k)) * x_scale).astype(np.float32)).to("cuda", tdt)
     x64 = x.double().cpu().numpy()
@@ -695,7 +695,9 @@ def test_gemv_option_build_equals_default(cp, rng, name, define, kind, batches):
 @pytest.mark.parametrize("name", ["e2m2", "e3m2", "e2m1", "e4m3"])
 def test_gemv_tile_order_equals_row_order(cp, rng, name, kind, batches):
     """The GEMV on the weights in tile order (gpu.tile_order; its EXMY_TILE build) gives the bits of the
-    same weights in row order: every plane combination (4+1, 4+2, 4, 8 bits), batch 1 in b1 and b1r
+    same weights in row order, but for b1r with a 4-bit plane only (e2m1), whose row order takes a
+    lane's chunks spread (gemv.cu Cfg::SPREAD) and so sums in another order: there both are held to
+    the float64 reference within the GEMV's tolerance. Cases: every plane combination (4+1, 4+2, 4, 8 bits), batch 1 in b1 and b1r
     (K below and above b1's), the batch 2..16 kinds, K with and without a tail iteration, scale groups,
     fp16 and bf16 x, the host's split and splits 1, 2, 8 (8 also with contiguous slices), PDL."""
     fmt = get_format(name)
@@ -704,8 +706,9 @@ def test_gemv_tile_order_equals_row_order(cp, rng, name, kind, batches):
             batch = int(rng.integers(*batches))
             n = 16 * int(rng.integers(1, 80))
             k = 128 * int(rng.choice([int(rng.integers(1, 40)), 4096 // 128, 20096 // 128]))
-            _, _, weight, x, _, _ = gemv_check(cp, rng, fmt, n, k, batch, x_dtype, group=group)
+            _, _, weight, x, _, x64 = gemv_check(cp, rng, fmt, n, k, batch, x_dtype, group=group, order="row")
             tiled = gpu.tile_order(weight)
+            ref64 = x64 @ cp.asnumpy(weight.dequantize("F32")).astype(np.float64).T
             assert k == 128 or not cp.array_equal(tiled.payload, weight.payload)  # (one block per row: e2m1's orders agree)
             for split, interleave in ((None, None), (1, None), (2, None), (8, None), (8, 0)):
                 ref, y_ref = poisoned_plan(x, weight, f"{name} {kind}", kind=kind, split=split, interleave=interleave)
@@ -713,8 +716,14 @@ def test_gemv_tile_order_equals_row_order(cp, rng, name, kind, batches):
                     plan, y = poisoned_plan(x, tiled, f"{name} {kind} tile order", kind=kind, split=split,
                                             interleave=interleave, overlap=overlap)
                     assert plan.kernel == replace(ref.kernel, order="tile") and plan.split == ref.split
-                    assert torch_equal_bits(y_ref, y), \
-                        f"{name} {n}x{k} B={batch} {x_dtype} group {group} {plan.kernel.name} split {split}: tile order differs"
+                    what = f"{name} {n}x{k} B={batch} {x_dtype} group {group} {plan.kernel.name} split {split}"
+                    if plan.kernel.kind == "b1r" and fmt.planes == (4,):
+                        for out in (y_ref, y):
+                            y64 = out.double().cpu().numpy()
+                            err = np.linalg.norm(y64 - ref64) / max(np.linalg.norm(ref64), 1e-30)
+                            assert err <= TOL["BF16" if plan.kernel.mode >= 2 else "F16"], f"{what}: rel error {err:.2e}"
+                    else:
+                        assert torch_equal_bits(y_ref, y), f"{what}: tile order differs"
 
 
 @pytest.mark.parametrize("name", ["e2m2", "e3m2", "e2m1", "e4m3", "e3m3", "e1m1"])
@@ -726,7 +735,7 @@ def test_dequant_tile_order_equals_row_order(cp, rng, name):
     for group in (None, 64):
         n, k = 16 * int(rng.integers(1, 60)), 128 * int(rng.integers(1, 40))
         qt = quantize((rng.standard_normal((n, k)) * 0.05).astype(np.float32), fmt, group)
-        weight = gpu.upload(qt)
+        weight = gpu.upload(qt, order="row")
         tiled = gpu.tile_order(weight)
         for out_dtype in ("F16", "BF16", "F32"):
             ref = cp.asnumpy(weight.dequantize(out_dtype))

@@ -411,8 +411,12 @@ class GpuWeight:
 
 
 def upload(qtensor=None, *, payload=None, scales=None, scale_dtype=None, fmt=None, shape=None,
-           group_size=None) -> GpuWeight:
-    """Put a quantized weight on the GPU: upload(qtensor) or upload(payload=..., scales=..., ...)."""
+           group_size=None, order: str | None = None) -> GpuWeight:
+    """Put a quantized weight on the GPU: upload(qtensor) or upload(payload=..., scales=..., ...).
+
+    order: the payload's byte order on the GPU, "row" (the file's; a CUDA torch or cupy payload whose
+    rows the kernels can read is then used in place, not copied) or "tile" (tile_order: a reordered
+    copy); None: "tile" where tile_order_applies, else "row"."""
     if qtensor is not None:
         payload, scales, scale_dtype = qtensor.payload, qtensor.scales, qtensor.scale_dtype
         fmt, shape, group_size = qtensor.fmt, qtensor.shape, qtensor.group_size
@@ -422,7 +426,11 @@ def upload(qtensor=None, *, payload=None, scales=None, scale_dtype=None, fmt=Non
     pay = _payload_rows(payload, fmt, k)
     bits = scale_bits(scales, scale_dtype)
     pay, bits, _, rows, g, _ = _check_layout(pay, bits, fmt, k, group_size)
-    return GpuWeight(fmt, shape, g, scale_dtype, pay, bits)
+    weight = GpuWeight(fmt, shape, g, scale_dtype, pay, bits)
+    if order is None:
+        order = "tile" if tile_order_applies(fmt, rows, k) else "row"
+    order_defines(order)  # (checks the name)
+    return tile_order(weight) if order == "tile" else weight
 
 
 def tile_order(weight: GpuWeight) -> GpuWeight:
@@ -431,11 +439,11 @@ def tile_order(weight: GpuWeight) -> GpuWeight:
     it with their tile-order builds (GemvKernel.order, DequantPlan)."""
     fmt, k, n = weight.fmt, weight.k, weight.n
     kp, rb = padded_k(k), row_bytes(fmt, k)
-    if weight.order != "row" or not tile_order_applies(fmt, n, k) or weight.payload.strides[0] != rb:
+    if weight.order != "row" or not tile_order_applies(fmt, n, k):
         raise ExmyError(f"tile order takes unshared formats, K a multiple of 128, N of 16 and unpadded rows "
                         f"(not {fmt.name} {n}x{k})")
     cupy = _cupy()
-    parts, offset = [], 0
+    parts, offset = [], 0  # (rows of rb bytes: Kp * bits / 8, a multiple of 16 bytes, so no padding)
     for w in fmt.planes:  # plane w: per row kp*w/8 bytes = kp/128 blocks of 16*w bytes
         plane = weight.payload[:, offset:offset + kp * w // 8].reshape(n // 16, 16, kp // 128, 16 * w)
         parts.append(plane.transpose(0, 2, 1, 3).reshape(n // 16, kp // 128, 256 * w))

@@ -64,7 +64,7 @@ def gpu_view(gpu, packed: torch.Tensor, scale: torch.Tensor, fmt: ExMy, k: int, 
     if scale_exp is not None:
         scale = wide = widened_scales(scale, scale_exp, fmt)
     weight = gpu.upload(payload=packed, scales=scale, scale_dtype=SCALE_NAME[scale.dtype], fmt=fmt,
-                        shape=(packed.shape[0], k), group_size=group_size)
+                        shape=(packed.shape[0], k), group_size=group_size, order="row")
     if wide is not None:
         weight._cache["widened_scales"] = wide  # the GPU view reads this tensor's memory
     return weight
