@@ -130,8 +130,9 @@ def copy_bandwidth(timer: Timer, nbytes: int = 2**30) -> dict:
 
 # ----------------------------------------------------------------------------- data
 
-def random_weight(fmt, k: int, n: int, group_size: int | None, seed: int) -> gpu.GpuWeight:
-    """A GpuWeight with uniformly random codes and random fp16 scales in [0.002, 0.02)."""
+def random_weight(fmt, k: int, n: int, group_size: int | None, seed: int, order: str | None = None) -> gpu.GpuWeight:
+    """A GpuWeight with uniformly random codes and random fp16 scales in [0.002, 0.02), in `order`
+    (gpu.upload's; None: as upload chooses)."""
     import cupy
     import torch
 
@@ -142,7 +143,7 @@ def random_weight(fmt, k: int, n: int, group_size: int | None, seed: int) -> gpu
     g, ngroups = groups_of(k, group_size)
     scales = (0.002 + 0.018 * torch.rand((n, ngroups), device="cuda", generator=gen)).to(torch.float16)
     return gpu.upload(payload=cupy.asarray(payload), scales=cupy.asarray(scales), scale_dtype="F16",
-                      fmt=fmt, shape=(n, k), group_size=g)
+                      fmt=fmt, shape=(n, k), group_size=g, order=order)
 
 
 def copies_for(nbytes: int) -> int:
