@@ -439,7 +439,7 @@ def tile_order(weight: GpuWeight) -> GpuWeight:
     it with their tile-order builds (GemvKernel.order, DequantPlan)."""
     fmt, k, n = weight.fmt, weight.k, weight.n
     kp, rb = padded_k(k), row_bytes(fmt, k)
-    if weight.order != "row" or not tile_order_applies(fmt, n, k):
+    if weight.order != "row" or not _tileable(fmt, n, k):
         raise ExmyError(f"tile order takes unshared formats, K a multiple of 128, N of 16 and unpadded rows "
                         f"(not {fmt.name} {n}x{k})")
     cupy = _cupy()
@@ -453,8 +453,17 @@ def tile_order(weight: GpuWeight) -> GpuWeight:
 
 
 def tile_order_applies(fmt: ExMy, n: int, k: int) -> bool:
-    """Whether a weight [n, k] of `fmt` can take tile order: unshared formats, whole 16-row tiles and
-    128-element blocks (Kp a multiple of 128; the rows then also need no padding to ROW_ALIGN)."""
+    """Whether upload puts a weight [n, k] of `fmt` in tile order: unshared formats, whole 16-row tiles
+    and 128-element blocks (Kp a multiple of 128; the rows then need no padding to ROW_ALIGN), except
+    codes held in the 4-bit plane alone where batch 1 runs b1r (K past b1's staging, XS_LIMIT). In tile
+    order every warp iteration reads contiguous blocks: on an H200 and an H100, batch 2..16 1-20 %
+    faster on every Llama shape and format timed, batch 1 level to 7 % faster but for e2m1's b1r (4-13 %
+    slower on both GPUs, hence the exception) and, on the H100 only, 3-5 % slower on three b1r / bf16
+    cases (docs/benchmarks.md, nineteenth session)."""
+    return _tileable(fmt, n, k) and (fmt.planes != (4,) or _xs_bytes(fmt, k) <= XS_LIMIT)
+
+
+def _tileable(fmt: ExMy, n: int, k: int) -> bool:
     return fmt.share == 1 and n % 16 == 0 and padded_k(k) % 128 == 0
 
 
