@@ -123,21 +123,27 @@ def gemv_source(kernels: list[GemvKernel], path: Path) -> Path:
     return path
 
 
-def _jobs_for(tmp_path) -> list[tuple[Path, ExMy, Path, list[GemvKernel]]]:
-    """(source, format, cubin, GEMV instantiations): gemv.cu as gemv_builds says, one compilation
-    per format (first: the longest jobs), and every other source for every format."""
+def _jobs_for(tmp_path) -> list[tuple[Path, ExMy, Path, list[GemvKernel], tuple]]:
+    """(source, format, cubin, GEMV instantiations, defines): gemv.cu as gemv_builds says, one compilation
+    per format (first: the longest jobs), again in tile order (EXMY_TILE, gpu.tile_order) for the
+    unshared formats, and every other source for every format (dequant.cu in tile order too)."""
     jobs = []
     for f, kernels in gemv_builds():
         src = gemv_source(kernels, tmp_path / f"gemv_{f.name}.cu")
-        jobs.append((src, f, src.with_suffix(".cubin"), kernels))
+        jobs.append((src, f, src.with_suffix(".cubin"), kernels, ()))
+        if f.share == 1:
+            tiled = [replace(k, order="tile") for k in kernels]
+            jobs.append((src, f, tmp_path / f"gemv_{f.name}_tile.cubin", tiled, gpu.order_defines("tile")))
     for src in DECODE_SOURCES:
         if src.name != "gemv.cu":
-            jobs += [(src, f, tmp_path / f"{src.stem}_{f.name}.cubin", []) for f in all_formats()]
+            jobs += [(src, f, tmp_path / f"{src.stem}_{f.name}.cubin", [], ()) for f in all_formats()]
+    jobs += [(KERNELS / "dequant.cu", f, tmp_path / f"dequant_{f.name}_tile.cubin", [], gpu.order_defines("tile"))
+             for f in all_formats()]
     # shared formats: every source but gemv.cu for a few formats of every k (every shared-bit
     # expansion path: k = 2, 4, 8 bit spreads, k = 3, 5, 6, 7 the general one) and the named ones
     for f in all_formats(shared=True):
         if f.name in GEMV_SHARED or (f.e, f.m) in ((2, 2), (2, 3), (1, 1), (4, 3), (5, 2)):
-            jobs += [(src, f, tmp_path / f"{src.stem}_{f.name}.cubin", []) for src in DECODE_SOURCES
+            jobs += [(src, f, tmp_path / f"{src.stem}_{f.name}.cubin", [], ()) for src in DECODE_SOURCES
                      if src.name != "gemv.cu"]
     return jobs
 
@@ -179,14 +185,14 @@ def spill_limit(fmt: ExMy, kernel: GemvKernel) -> int | None:
 def test_every_kernel_compiles_for_sm90(tmp_path):
     jobs = _jobs_for(tmp_path)
     with ThreadPoolExecutor(_jobs()) as pool:
-        results = list(pool.map(lambda job: _compile(*job[:3]), jobs))
-    what = [f"{src.name} {f.name}" for src, f, _, _ in jobs]
+        results = list(pool.map(lambda job: _compile(*job[:3], job[4]), jobs))
+    what = [f"{src.name} {f.name}{' tile order' if defines else ''}" for src, f, _, _, defines in jobs]
     failed = [(w, log) for w, (rc, log) in zip(what, results) if rc != 0]
     assert not failed, "\n\n".join(f"{w}:\n{log[-3000:]}" for w, log in failed[:3])
     for w, (_, log) in zip(what, results):
         assert "warning" not in log.lower(), f"{w}:\n{log[-2000:]}"
     # every GEMV instantiation: within the registers of its blocks per SM, and the spill limits
-    for w, (_, f, _, kernels), (_, log) in zip(what, jobs, results):
+    for w, (_, f, _, kernels, _), (_, log) in zip(what, jobs, results):
         check_usage(w, f, kernels, log)
 
 
