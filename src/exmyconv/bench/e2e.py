@@ -182,8 +182,9 @@ class _Linear:
             payload = torch.randint(0, 256, (n, row_bytes(f, k)), device="cuda", dtype=torch.uint8, generator=gen)
             rms = float((f.table.astype("float64") ** 2).mean() ** 0.5)
             scales = ((torch.rand((n, 1), device="cuda", generator=gen) * 0.5 + 0.75) * (0.02 / rms)).half()
-            self._keep = (payload, scales)  # the GpuWeight views these buffers
             self.w = gpu.upload(payload=payload, scales=scales, scale_dtype="F16", fmt=f, shape=(n, k))
+            # the GpuWeight views these buffers (in tile order it holds a reordered copy of the payload)
+            self._keep = (payload, scales) if self.w.order == "row" else (scales,)
             self.nbytes = self.w.nbytes
 
     def __call__(self, x, out=None):

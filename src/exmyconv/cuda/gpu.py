@@ -440,8 +440,8 @@ def tile_order(weight: GpuWeight) -> GpuWeight:
     fmt, k, n = weight.fmt, weight.k, weight.n
     kp, rb = padded_k(k), row_bytes(fmt, k)
     if weight.order != "row" or not _tileable(fmt, n, k):
-        raise ExmyError(f"tile order takes unshared formats, K a multiple of 128, N of 16 and unpadded rows "
-                        f"(not {fmt.name} {n}x{k})")
+        raise ExmyError(f"tile order takes a weight in row order of an unshared format with N a multiple of 16 "
+                        f"and K padded to a multiple of 128 (not {fmt.name} {n}x{k} in {weight.order} order)")
     cupy = _cupy()
     parts, offset = [], 0  # (rows of rb bytes: Kp * bits / 8, a multiple of 16 bytes, so no padding)
     for w in fmt.planes:  # plane w: per row kp*w/8 bytes = kp/128 blocks of 16*w bytes
