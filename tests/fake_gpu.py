@@ -32,7 +32,8 @@ class FakeGpu:
     def gemv_applies(self, fmt, x_dtype, rows):  # the rule of exmyconv.cuda.gpu.gemv_applies
         return 1 <= rows <= self.MAX_BATCH and x_dtype in DTYPES and self.supports(fmt)
 
-    def upload(self, *, payload, scales, scale_dtype, fmt, shape, group_size):
+    def upload(self, *, payload, scales, scale_dtype, fmt, shape, group_size, order=None):
+        assert order == "row", "the torch layers view their own buffers, in the file's row order"
         if self.upload_check is not None:
             self.upload_check(scale_dtype=scale_dtype, shape=tuple(shape), group_size=group_size)
         self.calls.append("upload")
