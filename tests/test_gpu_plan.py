@@ -234,3 +234,31 @@ def test_tile_order_applies_where_it_was_measured_faster():
     assert not gpu.tile_order_applies(e2m2, 4100, 4096)      # a partial tile
     assert not gpu.tile_order_applies(e2m2, 4096, 4000)      # Kp = 4000 is not whole blocks
     assert not gpu.tile_order_applies(get_format("e2m2s4"), 4096, 4096)  # shared bits: row order only
+
+
+@pytest.mark.parametrize("name", ["e2m2", "e3m2", "e2m1", "e4m3", "e3m3", "e1m1"])
+def test_tile_permuted_puts_each_chunk_where_the_docs_say(name):
+    """gpu.tile_permuted (numpy here; the GPU copy runs the same code on cupy) against the placement
+    docs/kernels.md gives, element by element: chunk c of row r in the w-bit plane starts at
+    16 * rb * (r // 16) + 256 * bits * (c // 4) + 64 * (chunk bytes of the wider planes) + (r % 16) * 16w
+    + (c % 4) * 4w, where row order has it at r * rb + (Kp * bits of the wider planes) / 8 + c * 4w."""
+    import numpy as np
+
+    from exmyconv.format.pack import row_bytes
+
+    rng = np.random.default_rng(5)
+    fmt = get_format(name)
+    for n, k in ((16, 128), (48, 384), (32, 100)):  # (K = 100: Kp = 128)
+        kp, rb = -(-k // 32) * 32, row_bytes(fmt, k)
+        rows = rng.integers(0, 256, (n, rb), dtype=np.uint8)
+        tiled = gpu.tile_permuted(rows, fmt, k)
+        assert tiled.shape == (n, rb) and tiled.flags.c_contiguous
+        flat, wider = tiled.reshape(-1), 0
+        for w in fmt.planes:
+            for r in range(n):
+                for c in range(kp // 32):
+                    src = rows[r, kp * wider // 8 + c * 4 * w:][:4 * w]
+                    at = 16 * rb * (r // 16) + 256 * fmt.bits * (c // 4) + 64 * 4 * wider + (r % 16) * 16 * w + (c % 4) * 4 * w
+                    assert np.array_equal(flat[at:at + 4 * w], src), (name, n, k, w, r, c)
+            wider += w
+        assert sorted(flat.tolist()) == sorted(rows.reshape(-1).tolist())  # a permutation of the bytes

@@ -438,18 +438,24 @@ def tile_order(weight: GpuWeight) -> GpuWeight:
     each 16-row tile's bytes together, in blocks of 128 elements, plane by plane); the kernels read
     it with their tile-order builds (GemvKernel.order, DequantPlan)."""
     fmt, k, n = weight.fmt, weight.k, weight.n
-    kp, rb = padded_k(k), row_bytes(fmt, k)
     if weight.order != "row" or not _tileable(fmt, n, k):
         raise ExmyError(f"tile order takes a weight in row order of an unshared format with N a multiple of 16 "
                         f"and K padded to a multiple of 128 (not {fmt.name} {n}x{k} in {weight.order} order)")
-    cupy = _cupy()
-    parts, offset = [], 0  # (rows of rb bytes: Kp * bits / 8, a multiple of 16 bytes, so no padding)
+    tiled = tile_permuted(weight.payload, fmt, k, _cupy())
+    return GpuWeight(fmt, weight.shape, weight.group_size, weight.scale_dtype, tiled, weight.scales, "tile")
+
+
+def tile_permuted(rows, fmt: ExMy, k: int, xp=np):
+    """Payload rows [n, row_bytes] in row order (numpy, or cupy with xp=cupy; any row stride) -> a new
+    contiguous [n, row_bytes] array of the same bytes in tile order (docs/kernels.md; n a multiple of 16,
+    padded K of 128, an unshared format)."""
+    n, kp = rows.shape[0], padded_k(k)
+    parts, offset = [], 0  # (rows of Kp * bits / 8 bytes, a multiple of 16: no padding)
     for w in fmt.planes:  # plane w: per row kp*w/8 bytes = kp/128 blocks of 16*w bytes
-        plane = weight.payload[:, offset:offset + kp * w // 8].reshape(n // 16, 16, kp // 128, 16 * w)
+        plane = rows[:, offset:offset + kp * w // 8].reshape(n // 16, 16, kp // 128, 16 * w)
         parts.append(plane.transpose(0, 2, 1, 3).reshape(n // 16, kp // 128, 256 * w))
         offset += kp * w // 8
-    tiled = cupy.ascontiguousarray(cupy.concatenate(parts, axis=2)).reshape(n, rb)
-    return GpuWeight(fmt, weight.shape, weight.group_size, weight.scale_dtype, tiled, weight.scales, "tile")
+    return xp.ascontiguousarray(xp.concatenate(parts, axis=2)).reshape(n, row_bytes(fmt, k))
 
 
 def tile_order_applies(fmt: ExMy, n: int, k: int) -> bool:
