@@ -64,7 +64,7 @@ __device__ __forceinline__ void st_stream16(uint4* p, uint4 v) {
 // Unit u = chunk u % cpr of row u / cpr.
 __device__ __forceinline__ Chunk load_unit(const u8* __restrict__ payload, u32 u, u32 cpr, u32 k, u32 stride) {
     const u32 row = u / cpr;
-    return load_chunk_at(chunk_at(row_ref(payload, row, stride), padded_k(k), u - row * cpr), 0);
+    return load_chunk(row_ref(payload, row, stride), padded_k(k), u - row * cpr);
 }
 
 template <bool SCALE_BF16, int OUT>

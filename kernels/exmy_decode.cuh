@@ -342,10 +342,6 @@ __device__ __forceinline__ void load_chunk_pair(const ChunkPtr& p, Chunk& c0, Ch
     load_shared_pair(p, c0, c1);
 }
 
-// Plane words of chunk c of the row starting at `row`.
-__device__ __forceinline__ Chunk load_chunk(const u8* __restrict__ row, u32 kp, u32 c) {
-    return load_chunk_at(chunk_ptr(row, kp, c), 0);
-}
 
 // ------------------------------------------------------------------------- tile order (GPU copy)
 // EXMY_TILE=1: the payload in tile order (cuda/gpu.py tile_order; unshared formats, Kp a multiple
@@ -384,6 +380,10 @@ __device__ __forceinline__ RowRef row_ref(const u8* payload, u32 r, u32 stride) 
 }
 __device__ __forceinline__ ChunkPtr chunk_at(const RowRef& r, u32 kp, u32 c) {
     return TILED ? chunk_ptr_tiled(r.base, r.rin, c) : chunk_ptr(r.base, kp, c);
+}
+// Plane words of chunk c of row r.
+__device__ __forceinline__ Chunk load_chunk(const RowRef& r, u32 kp, u32 c) {
+    return load_chunk_at(chunk_at(r, kp, c), 0);
 }
 // Move p on by `chunks` chunks of its row (tile order: a multiple of 4, whole blocks).
 __device__ __forceinline__ void advance_by(ChunkPtr& p, u32 chunks) {

@@ -695,8 +695,8 @@ __device__ __forceinline__ void gemv_warp(const u8* __restrict__ payload, const 
 #pragma unroll
             for (int m = 0; m < MT; ++m) {
                 if (q < nq) {
-                    ca[i][m] = load_chunk_at(chunk_at(rowa[m], kp, q), 0);
-                    cb[i][m] = load_chunk_at(chunk_at(rowb[m], kp, q), 0);
+                    ca[i][m] = load_chunk(rowa[m], kp, q);
+                    cb[i][m] = load_chunk(rowb[m], kp, q);
                     if (GM == 1) {
                         const u32 gi = q >> gshift;
                         sa[i][m] = load_scale<MODE>(ks, (size_t)ra[m] * ngroups + gi);
