@@ -238,11 +238,13 @@ def test_tile_order_applies_where_it_was_measured_faster():
 
 @pytest.mark.parametrize("name", ["e2m2", "e3m2", "e2m1", "e4m3", "e3m3", "e1m1"])
 def test_tile_permuted_puts_each_chunk_where_the_docs_say(name):
-    """gpu.tile_permuted (numpy here; the GPU copy runs the same code on cupy) against the placement
+    """gpu.tile_permuted (numpy here; the GPU copy runs the same code on cupy, the torch layers on torch
+    tensors) against the placement
     docs/kernels.md gives, element by element: chunk c of row r in the w-bit plane starts at
     16 * rb * (r // 16) + 256 * bits * (c // 4) + 64 * (chunk bytes of the wider planes) + (r % 16) * 16w
     + (c % 4) * 4w, where row order has it at r * rb + (Kp * bits of the wider planes) / 8 + c * 4w."""
     import numpy as np
+    import torch
 
     from exmyconv.format.pack import row_bytes
 
@@ -262,3 +264,9 @@ def test_tile_permuted_puts_each_chunk_where_the_docs_say(name):
                     assert np.array_equal(flat[at:at + 4 * w], src), (name, n, k, w, r, c)
             wider += w
         assert sorted(flat.tolist()) == sorted(rows.reshape(-1).tolist())  # a permutation of the bytes
+        # the same on torch tensors (the layers reorder their own buffers), and row_permuted undoes it
+        t = gpu.tile_permuted(torch.from_numpy(rows), fmt, k, torch)
+        assert t.is_contiguous() and np.array_equal(t.numpy(), tiled)
+        back = gpu.row_permuted(t, fmt, k, torch)
+        assert back.is_contiguous() and np.array_equal(back.numpy(), rows)
+        assert np.array_equal(gpu.row_permuted(tiled, fmt, k), rows)

@@ -411,12 +411,14 @@ class GpuWeight:
 
 
 def upload(qtensor=None, *, payload=None, scales=None, scale_dtype=None, fmt=None, shape=None,
-           group_size=None, order: str | None = None) -> GpuWeight:
+           group_size=None, order: str | None = None, payload_order: str = "row") -> GpuWeight:
     """Put a quantized weight on the GPU: upload(qtensor) or upload(payload=..., scales=..., ...).
 
     order: the payload's byte order on the GPU, "row" (the file's; a CUDA torch or cupy payload whose
     rows the kernels can read is then used in place, not copied) or "tile" (tile_order: a reordered
-    copy); None: "tile" where tile_order_applies, else "row"."""
+    copy); None: "tile" where tile_order_applies, else "row". payload_order: the order of the payload
+    given; "tile" for a CUDA payload a module keeps in tile order itself (tile_permuted), viewed in place
+    (order None or "tile")."""
     if qtensor is not None:
         payload, scales, scale_dtype = qtensor.payload, qtensor.scales, qtensor.scale_dtype
         fmt, shape, group_size = qtensor.fmt, qtensor.shape, qtensor.group_size
@@ -426,10 +428,16 @@ def upload(qtensor=None, *, payload=None, scales=None, scale_dtype=None, fmt=Non
     pay = _payload_rows(payload, fmt, k)
     bits = scale_bits(scales, scale_dtype)
     pay, bits, _, rows, g, _ = _check_layout(pay, bits, fmt, k, group_size)
+    for name in (order or "row", payload_order):
+        order_defines(name)  # (checks the names)
+    if payload_order == "tile":
+        if order == "row" or not _tileable(fmt, rows, k) or pay.strides[0] != pay.shape[1]:
+            raise ExmyError(f"a payload in tile order is viewed in tile order, {fmt.name} with N a multiple of 16, K "
+                            f"padded to a multiple of 128 and contiguous rows (not {rows}x{k}, order {order})")
+        return GpuWeight(fmt, shape, g, scale_dtype, pay, bits, "tile")
     weight = GpuWeight(fmt, shape, g, scale_dtype, pay, bits)
     if order is None:
         order = "tile" if tile_order_applies(fmt, rows, k) else "row"
-    order_defines(order)  # (checks the name)
     return tile_order(weight) if order == "tile" else weight
 
 
@@ -446,16 +454,29 @@ def tile_order(weight: GpuWeight) -> GpuWeight:
 
 
 def tile_permuted(rows, fmt: ExMy, k: int, xp=np):
-    """Payload rows [n, row_bytes] in row order (numpy, or cupy with xp=cupy; any row stride) -> a new
-    contiguous [n, row_bytes] array of the same bytes in tile order (docs/kernels.md; n a multiple of 16,
-    padded K of 128, an unshared format)."""
+    """Payload rows [n, row_bytes] in row order (numpy; cupy with xp=cupy; torch with xp=torch; any row
+    stride) -> a new contiguous [n, row_bytes] array of the same bytes in tile order (docs/kernels.md;
+    n a multiple of 16, padded K of 128, an unshared format). row_permuted undoes it."""
     n, kp = rows.shape[0], padded_k(k)
     parts, offset = [], 0  # (rows of Kp * bits / 8 bytes, a multiple of 16: no padding)
     for w in fmt.planes:  # plane w: per row kp*w/8 bytes = kp/128 blocks of 16*w bytes
         plane = rows[:, offset:offset + kp * w // 8].reshape(n // 16, 16, kp // 128, 16 * w)
-        parts.append(plane.transpose(0, 2, 1, 3).reshape(n // 16, kp // 128, 256 * w))
+        parts.append(plane.swapaxes(1, 2).reshape(n // 16, kp // 128, 256 * w))
         offset += kp * w // 8
-    return xp.ascontiguousarray(xp.concatenate(parts, axis=2)).reshape(n, row_bytes(fmt, k))
+    return xp.concatenate(parts, axis=2).reshape(n, row_bytes(fmt, k))
+
+
+def row_permuted(tiled, fmt: ExMy, k: int, xp=np):
+    """The inverse of tile_permuted: payload rows [n, row_bytes] in tile order (contiguous) -> a new
+    contiguous array of the same bytes in row order (the file's, SPEC section 3)."""
+    n, kp = tiled.shape[0], padded_k(k)
+    blocks = tiled.reshape(n // 16, kp // 128, row_bytes(fmt, k) * 16 // (kp // 128))
+    parts, offset = [], 0
+    for w in fmt.planes:  # plane w: 256*w bytes per block, 16 rows of 16*w
+        plane = blocks[:, :, offset:offset + 256 * w].reshape(n // 16, kp // 128, 16, 16 * w)
+        parts.append(plane.swapaxes(1, 2).reshape(n, kp * w // 8))
+        offset += 256 * w
+    return xp.concatenate(parts, axis=1)
 
 
 def tile_order_applies(fmt: ExMy, n: int, k: int) -> bool:
