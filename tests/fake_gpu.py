@@ -1,13 +1,14 @@
 """A stand-in for exmyconv.cuda.gpu on the CPU, for the CUDA paths of the packed layers (ExmyLinear,
 PackedLinear): the same call signatures, computing with the torch codec. Its prepared GEMV reads x
 and writes y at the addresses it is given, as the kernel does, so a layer that hands it the wrong
-memory gets wrong values. ``calls`` records what ran: "upload", "gemv:ROWS", "dequantize:F16|BF16"."""
+memory gets wrong values. ``calls`` records what ran: "upload:row|tile", "gemv:ROWS", "dequantize:F16|BF16"."""
 from __future__ import annotations
 
 import ctypes
 
 import torch
 
+from exmyconv.cuda import gpu
 from exmyconv.torch.codec import dequantize
 
 DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16}
@@ -29,14 +30,18 @@ class FakeGpu:
     def supports(self, fmt):
         return fmt.share == 1
 
+    tile_order_applies = staticmethod(gpu.tile_order_applies)  # the layers reorder their buffers by the real rule
+
     def gemv_applies(self, fmt, x_dtype, rows):  # the rule of exmyconv.cuda.gpu.gemv_applies
         return 1 <= rows <= self.MAX_BATCH and x_dtype in DTYPES and self.supports(fmt)
 
-    def upload(self, *, payload, scales, scale_dtype, fmt, shape, group_size, order=None):
-        assert order == "row", "the torch layers view their own buffers, in the file's row order"
+    def upload(self, *, payload, scales, scale_dtype, fmt, shape, group_size, order=None, payload_order="row"):
+        assert order == payload_order, "the torch layers view their own buffers in the order they hold them"
         if self.upload_check is not None:
             self.upload_check(scale_dtype=scale_dtype, shape=tuple(shape), group_size=group_size)
-        self.calls.append("upload")
+        self.calls.append(f"upload:{order}")
+        if order == "tile":  # (the kernels read tile order; the stand-in decodes the bytes put back in row order)
+            payload = gpu.row_permuted(payload, fmt, shape[-1], torch)
         fake = self
 
         class Weight:

@@ -53,6 +53,42 @@ def test_eager_cuda_forward_matches_the_dequantized_weight(rng, dtype_name, rows
     assert err < (4e-3 if dtype == torch.float16 else 2e-2), err
 
 
+@pytest.mark.parametrize("fmt", ["e2m2", "e3m2", "e4m3", "e2m1"])
+def test_the_layer_in_tile_order_equals_row_order(rng, fmt):
+    """On CUDA the layer holds its buffer in tile order (ExmyLinear.align_rows, linear.tile_ordered): its
+    outputs equal bit for bit those of the same layer kept in row order, at GEMV batches and past them,
+    fp16 and bf16 x; state_dict, dequantize_weight and .cpu() give the file's bytes back."""
+    import copy
+
+    import torch
+
+    from exmyconv.format.exmy import get_format
+    from exmyconv.format.quant import quantize
+    from exmyconv.torch.linear import ExmyLinear
+
+    k, n = 4096, 1024
+    q = quantize((rng.standard_normal((n, k)) * 0.02).astype(np.float32), get_format(fmt), 128)
+    layer = ExmyLinear(k, n, fmt, 128, bias=False, scale_dtype=torch.float16)
+    layer.weight_packed.copy_(torch.from_numpy(q.payload))
+    layer.weight_scale.copy_(torch.from_numpy(q.scales))
+    row = copy.deepcopy(layer)
+    row._may_tile = False
+    layer, row = layer.cuda(), row.cuda()
+    assert layer._tiled is layer.weight_packed and row._tiled is None
+    assert not torch.equal(layer.weight_packed.cpu(), row.weight_packed.cpu())
+    with torch.no_grad():
+        for dtype in (torch.float16, torch.bfloat16):
+            for rows in (1, 2, 5, 8, 9, 16, 40):
+                x = torch.randn(rows, k, device="cuda", dtype=dtype)
+                y = layer(x)
+                assert not torch.isnan(y).any() and torch.equal(y, row(x)), (dtype, rows)
+    assert layer._gpu_weight_cache[1].order == "tile" and row._gpu_weight_cache[1].order == "row"
+    assert np.array_equal(layer.state_dict()["weight_packed"].cpu().numpy(), q.payload)
+    assert torch.equal(layer.dequantize_weight(torch.float32), row.dequantize_weight(torch.float32))
+    layer.cpu()
+    assert layer._tiled is None and np.array_equal(layer.weight_packed.numpy(), q.payload)
+
+
 def test_eager_cuda_input_gradient(rng):
     """Adapters trained on a packed model: with x requiring its gradient, the eager CUDA forward at a
     fused-GEMV batch (4 rows) gives x and the bias the gradients of F.linear with the dequantized

@@ -650,7 +650,7 @@ def test_gpu_hook_dispatch_with_a_fake_backend(monkeypatch):
     y = layer._gpu_compute(gpu, big)
     assert gpu.calls[-1] == "dequantize:BF16" and not any(c == "gemv:17" for c in gpu.calls)
     assert torch.equal(y, torch.nn.functional.linear(big, w, layer.bias))
-    assert gpu.calls.count("upload") == 1  # the uploaded view is kept while the buffers stay put
+    assert gpu.calls.count("upload:row") == 1  # the uploaded view is kept while the buffers stay put (N = 24: rows)
     # x as the kernel cannot read it in place (a transposed view, an odd address), or 1-d: the same values
     base = torch.randn(2 * 200 + 1, dtype=torch.bfloat16)
     for x in (torch.randn(200, 3, dtype=torch.bfloat16).t(), base[1:201], base[1:401].view(2, 200)):
@@ -661,7 +661,7 @@ def test_gpu_hook_dispatch_with_a_fake_backend(monkeypatch):
         layer._gpu_compute(gpu, torch.randn(2, 100, dtype=torch.bfloat16))
     layer.to(torch.float16)  # buffers re-created: upload again
     layer._gpu_compute(gpu, small.half())
-    assert gpu.calls.count("upload") == 2
+    assert gpu.calls.count("upload:row") == 2
 
 
 def test_gpu_forward_declines_what_it_cannot_run(monkeypatch):

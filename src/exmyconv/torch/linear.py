@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import cuda
+from ..cuda.gpu import row_permuted, tile_permuted
 from ..cuda.launch import PDL_CAPABILITY, torch_stream
 from ..errors import ExmyError
 from ..format.exmy import ExMy, get_format
@@ -55,16 +56,17 @@ def _gpu_backend():
 
 
 def gpu_view(gpu, packed: torch.Tensor, scale: torch.Tensor, fmt: ExMy, k: int, group_size: int,
-             scale_exp: int | None = None):
-    """``gpu.upload`` of packed CUDA tensors (uint8 [N, row_bytes], fp16/bf16 scales [N, ngroups]) that a
-    module or an engine holds: a zero-copy view (plus the small scale arrays the GEMV derives).
+             scale_exp: int | None = None, order: str = "row"):
+    """``gpu.upload`` of packed CUDA tensors (uint8 [N, row_bytes] in ``order``: "row", the file's, or
+    "tile", see :func:`tile_ordered`; fp16/bf16 scales [N, ngroups]) that a module or an engine holds:
+    a zero-copy view (plus the small scale arrays the GEMV derives).
     ExmyLinear and :class:`exmyconv.torch.packed.PackedLinear` both call it. 8-bit scales
     (float8_e4m3fn with ``scale_exp``) are widened exactly to 16 bits (a copy of the scales only)."""
     wide = None
     if scale_exp is not None:
         scale = wide = widened_scales(scale, scale_exp, fmt)
     weight = gpu.upload(payload=packed, scales=scale, scale_dtype=SCALE_NAME[scale.dtype], fmt=fmt,
-                        shape=(packed.shape[0], k), group_size=group_size, order="row")
+                        shape=(packed.shape[0], k), group_size=group_size, order=order, payload_order=order)
     if wide is not None:
         weight._cache["widened_scales"] = wide  # the GPU view reads this tensor's memory
     return weight
@@ -123,6 +125,17 @@ def kernel_rows(packed: torch.Tensor) -> torch.Tensor:
     return wide[..., :rb]
 
 
+def tile_ordered(gpu, packed: torch.Tensor, fmt: ExMy, k: int) -> torch.Tensor | None:
+    """A module's packed buffer [N, row_bytes] as a new tensor of the same bytes in tile order
+    (``gpu.tile_permuted``: each 16-row tile's bytes together, the order the GEMV reads fastest;
+    docs/kernels.md), where the GPU backend ``gpu`` runs and ``gpu.tile_order_applies``; else None.
+    Never while a CUDA graph is being captured (the copy would be replayed)."""
+    if gpu is None or not gpu.supports(fmt) or packed.dim() != 2 or not gpu.tile_order_applies(fmt, packed.shape[0], k) \
+            or (packed.is_cuda and torch.cuda.is_current_stream_capturing()):
+        return None
+    return tile_permuted(packed, fmt, k, torch)
+
+
 class ExmyLinear(nn.Module):
     """A Linear layer whose weight stays packed ExMy (formats/SPEC.md) and is decoded per call.
 
@@ -142,9 +155,15 @@ class ExmyLinear(nn.Module):
     device, shape — e.g. T5's feed-forward): each access dequantizes a fresh copy in
     ``weight_dtype`` (the dtype the model was loaded in; follows ``.to(dtype)``). Writing into
     it changes nothing.
+
+    On the GPU, where the fused kernels run, :meth:`align_rows` replaces ``weight_packed`` by its bytes in
+    tile order (:func:`tile_ordered`), the order the GEMV reads fastest; the layer keeps track, and
+    ``state_dict()``, :meth:`dequantize_weight` and ``.to()`` give the file's row order back. Write new
+    weights through ``load_state_dict``, not into the buffer itself.
     """
 
     gpu_kernels: bool = os.environ.get("EXMYCONV_GPU_KERNELS", "1") != "0"
+    _may_tile: bool = True  # align_rows may reorder the buffer into tile order (a sibling group decides for its own)
     _siblings = None  # (SiblingGroup, index) while the layer is computed with its siblings (torch.siblings)
 
     def __init__(self, in_features: int, out_features: int, fmt: ExMy | str, group_size: int | None = None,
@@ -171,6 +190,7 @@ class ExmyLinear(nn.Module):
             self.register_parameter("bias", None)
         self._gpu_weight_cache = None
         self._launches = {}
+        self._tiled = None  # weight_packed while its bytes are in tile order (tile_ordered), else None
         self._register()
 
     def _register(self) -> None:
@@ -179,6 +199,7 @@ class ExmyLinear(nn.Module):
 
     def __setstate__(self, state):
         super().__setstate__(state)
+        self.__dict__.setdefault("_tiled", None)  # (pickled before tile order)
         self._gpu_weight_cache = None
         self._launches = {}
         self._register()
@@ -199,8 +220,16 @@ class ExmyLinear(nn.Module):
 
     def dequantize_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The weight [out_features, in_features] as ``dtype`` (default ``weight_dtype``), a new tensor."""
-        return dequantize(self.weight_packed, scale_values(self.weight_scale, self.scale_exp), self.fmt,
-                          self.in_features, self.group_size, dtype or self.weight_dtype)
+        return dequantize(self.in_row_order(self.weight_packed), scale_values(self.weight_scale, self.scale_exp),
+                          self.fmt, self.in_features, self.group_size, dtype or self.weight_dtype)
+
+    def in_row_order(self, packed: torch.Tensor) -> torch.Tensor:
+        """``packed`` in the file's row order: a row-order copy where it is this layer's buffer held in
+        tile order, else ``packed`` itself (what the op's other paths decode with the torch codec)."""
+        tiled = self._tiled
+        if tiled is None or packed.data_ptr() != tiled.data_ptr() or packed.shape != tiled.shape:
+            return packed
+        return row_permuted(packed, self.fmt, self.in_features, torch)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -286,27 +315,68 @@ class ExmyLinear(nn.Module):
         cache = self._gpu_weight_cache
         key = (buffers["weight_packed"].data_ptr(), buffers["weight_scale"].data_ptr(), buffers["weight_scale"].dtype)
         if cache is None or cache[0] != key:  # new or moved buffers (aligned once here)
-            self.align_rows()
-            key = (self.weight_packed.data_ptr(), self.weight_scale.data_ptr(), self.weight_scale.dtype)
-            weight = gpu_view(gpu, self.weight_packed, self.weight_scale, self.fmt, self.in_features, self.group_size,
-                              self.scale_exp)
+            self.align_rows(gpu)
+            packed = self.weight_packed
+            key = (packed.data_ptr(), self.weight_scale.data_ptr(), self.weight_scale.dtype)
+            weight = gpu_view(gpu, packed, self.weight_scale, self.fmt, self.in_features, self.group_size,
+                              self.scale_exp, "tile" if self._tiled is packed else "row")
             cache = self._gpu_weight_cache = (key, weight)
             self._launches = {}  # prepared launches hold the old buffers' addresses
         return cache[1]
 
-    def align_rows(self) -> None:
-        """On the GPU, lay ``weight_packed`` out with 16-byte aligned rows (:func:`kernel_rows`); the
-        loaders call it once the weights are in place, before any compiled graph captures them."""
+    def align_rows(self, gpu=None) -> None:
+        """On the GPU, lay ``weight_packed`` out as the kernels read it: 16-byte aligned rows
+        (:func:`kernel_rows`) and, where ``gpu`` (default: the GPU backend, if it runs here) takes it, tile
+        order (:func:`tile_ordered`). The loaders call it once the weights are in place, before any
+        compiled graph captures them; the first CUDA call does otherwise."""
         packed = kernel_rows(self.weight_packed)
         if packed is not self.weight_packed:
             self.weight_packed = packed
+        if self._tiled is not packed and self._may_tile:  # (a new buffer: in row order)
+            self._tiled = None
+            if gpu is None and packed.is_cuda and self.gpu_kernels:
+                gpu = _gpu_backend()
+            tiled = tile_ordered(gpu, packed, self.fmt, self.in_features)
+            if tiled is not None:
+                self.weight_packed = self._tiled = tiled
+
+    def _to_row_order(self) -> None:
+        """The buffer back in the file's row order (before it moves)."""
+        packed = self._buffers["weight_packed"]
+        if self._tiled is packed:
+            self._buffers["weight_packed"] = row_permuted(packed, self.fmt, self.in_features, torch)
+        self._tiled = None
+        self._gpu_weight_cache = None
+        self._launches = {}
+
+    # -- state dicts: the file's row order in and out ---------------------------------------
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        key = prefix + "weight_packed"
+        if self._tiled is not None and key in destination:
+            destination[key] = self.in_row_order(destination[key])
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        """Row order in: where the buffer in tile order (the layer's own tensor) was loaded into in place, its
+        new bytes are laid out in tile order again, in place (a sibling group's member too: its rows are a
+        view of the group's buffer)."""
+        tiled = self._tiled
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        packed, given = self._buffers["weight_packed"], state_dict.get(prefix + "weight_packed")
+        if packed is not tiled:  # (assign=True: a new tensor, in row order)
+            self._tiled = None
+        elif given is not None and given.shape == packed.shape:
+            packed.copy_(tile_permuted(packed, self.fmt, self.in_features, torch))
+        self._gpu_weight_cache = None
+        self._launches = {}
 
     # -- dtype safety ------------------------------------------------------------------------
     def _apply(self, fn, recurse=True):
-        """``.to(...)``: :func:`apply_keeping_scales`; then the GPU layout and caches are redone (and
-        the layer leaves its sibling group: its buffers may move apart)."""
+        """``.to(...)``: :func:`apply_keeping_scales` over the buffer in row order; then the GPU layout and
+        caches are redone (and the layer leaves its sibling group: its buffers may move apart)."""
         if self._siblings is not None:
             self._siblings[0].dissolve()
+        self._to_row_order()
         try:
             return apply_keeping_scales(self, fn, recurse, super()._apply)
         finally:
@@ -358,8 +428,8 @@ def linear_op(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, bias: 
     if module.weight_packed.data_ptr() == packed.data_ptr() and module.weight_scale.data_ptr() == scale.data_ptr() \
             and module.bias is bias:
         return module._forward(x)
-    w = dequantize(packed, scale_values(scale, module.scale_exp), module.fmt, module.in_features, module.group_size,
-                   x.dtype)
+    w = dequantize(module.in_row_order(packed), scale_values(scale, module.scale_exp), module.fmt, module.in_features,
+                   module.group_size, x.dtype)
     return F.linear(x, w, bias)
 
 
@@ -378,8 +448,8 @@ def _setup_context(ctx, inputs, output):
 def dequantize_op(packed: torch.Tensor, scale: torch.Tensor, handle: int, dtype: torch.dtype) -> torch.Tensor:
     """The weight of ``ExmyLinear`` number ``handle`` as ``dtype`` (an op, so that backward traces)."""
     module = live_module(handle, "dequantize")
-    return dequantize(packed, scale_values(scale, module.scale_exp), module.fmt, module.in_features,
-                      module.group_size, dtype)
+    return dequantize(module.in_row_order(packed), scale_values(scale, module.scale_exp), module.fmt,
+                      module.in_features, module.group_size, dtype)
 
 
 @dequantize_op.register_fake

@@ -81,15 +81,22 @@ class SiblingGroup:
                                 scale_dtype=scale.dtype, device="meta", dtype=first.weight_dtype,
                                 scale_exp=first.scale_exp)
         self.fused._buffers.update(weight_packed=packed, weight_scale=scale)
+        # Tile order (ExmyLinear.align_rows) where every member has it: each member's rows are whole tiles,
+        # so the buffer is the members' tiles one after another, in tile order as a whole. Else row order
+        # for good: the layer of all the rows must not reorder the members' views.
+        tiled = all(m._tiled is m.weight_packed for m in members)
+        self.fused._may_tile = tiled
         self.members, self.bounds, lo = list(members), [], 0
         for i, m in enumerate(members):
             hi = lo + m.out_features
-            packed[lo:hi].copy_(m.weight_packed)
+            packed[lo:hi].copy_(m.weight_packed if tiled else m.in_row_order(m.weight_packed))
             scale[lo:hi].copy_(m.weight_scale)
             m._buffers.update(weight_packed=packed[lo:hi], weight_scale=scale[lo:hi])
             m._gpu_weight_cache, m._launches, m._siblings = None, {}, (self, i)
+            m._tiled, m._may_tile = m._buffers["weight_packed"] if tiled else None, tiled
             self.bounds.append((lo, hi))
             lo = hi
+        self.fused._tiled = packed if tiled else None
         self.everyone = (1 << len(members)) - 1
         self.pending = None  # (x, y, members served, x._version) between the first and the last call
         self._handle = register_handle(self)
@@ -140,8 +147,8 @@ def siblings_op(x: torch.Tensor, packed: List[torch.Tensor], scale: List[torch.T
     if group.holds(packed, scale):
         return group.fused._forward(x)
     f = group.fused
-    return torch.cat([F.linear(x, dequantize(p, scale_values(s, f.scale_exp), f.fmt, f.in_features, f.group_size,
-                                             x.dtype)) for p, s in zip(packed, scale)], -1)
+    return torch.cat([F.linear(x, dequantize(m.in_row_order(p), scale_values(s, f.scale_exp), f.fmt, f.in_features,
+                                             f.group_size, x.dtype)) for p, s, m in zip(packed, scale, group.members)], -1)
 
 
 @siblings_op.register_fake
