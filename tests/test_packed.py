@@ -178,6 +178,40 @@ def test_cuda_path_with_a_fake_backend(rng, monkeypatch):
         state.forward(torch.randn(2, 100, dtype=torch.bfloat16), None)
 
 
+def test_tile_order_with_a_fake_backend(rng, monkeypatch):
+    """PackedLinear.tile_ordered (what the vLLM layers take after loading): a new tensor of the same bytes
+    in tile order where the backend takes the shape (whole 16-row tiles and 128-element blocks), after
+    which calls read ``packed`` in tile order: the GEMV views it so (the stand-in decodes what it is told),
+    the torch codec and the dequantized path decode it as the row-order weight; in_row_order (a reload)
+    goes back. Shapes tile order does not take stay in row order."""
+    from types import SimpleNamespace
+
+    from exmyconv.cuda import gpu as real_gpu
+    from exmyconv.torch import packed as packed_mod
+
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: SimpleNamespace(cuda_stream=0))
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    monkeypatch.setattr(packed_mod, "_SCRATCH", {})
+    n, k = 32, 256
+    packed, scale = random_weight(rng, "e3m2", n, k, 64, torch.float16)
+    spec, gpu = PackedLinear("e3m2", k, n, 64), FakeGpu()
+    w = spec.dequantize(packed, scale, torch.float16)
+    tiled = spec.tile_ordered(packed, gpu)
+    assert spec.order == "tile" and torch.equal(tiled, real_gpu.tile_permuted(packed, spec.fmt, k, torch))
+    assert not torch.equal(tiled, packed) and spec.tile_ordered(tiled, gpu) is None  # (once)
+    assert torch.equal(spec.dequantize(tiled, scale, torch.float16), w)
+    state = packed_mod._CudaState(gpu, spec, tiled, scale, key=None)
+    for rows in (3, 17):  # the GEMV, then the dequantized weight and F.linear
+        x = torch.randn(rows, k, dtype=torch.float16)
+        assert torch.equal(state.forward(x, None), torch.nn.functional.linear(x, w))
+    assert gpu.calls[0] == "upload:tile" and gpu.calls[-1] == "dequantize:F16"
+    spec.in_row_order()
+    assert spec.order == "row" and torch.equal(spec.dequantize(packed, scale, torch.float16), w)
+    other = PackedLinear("e3m2", k, 24, 64)
+    assert other.tile_ordered(packed[:24], gpu) is None and other.order == "row"
+
+
 def test_a_launch_asking_for_a_workspace_gets_one_per_call():
     """torch.linear.call_gemv: a launch with work_bytes (gpu.GemvLaunch with x tiles) is given a fresh,
     16-byte aligned buffer of that size from torch's allocator at each call; one without gets none.

@@ -244,15 +244,18 @@ class ExmyLinearMethod(LinearMethodBase):
         packed = Parameter(torch.empty(spec.n, spec.row_bytes, dtype=torch.uint8), requires_grad=False)
         scale = Parameter(torch.empty(spec.n, spec.ngroups, dtype=self.scale_dtype), requires_grad=False)
         for name, param in (("weight_packed", packed), ("weight_scale", scale)):
-            set_weight_attrs(param, {"output_dim": 0, "weight_loader": self._loader(loader, name, start, k)})
+            set_weight_attrs(param, {"output_dim": 0, "weight_loader": self._loader(loader, name, start, k, spec)})
             set_weight_attrs(param, extra_weight_attrs)
             layer.register_parameter(name, param)
         layer.exmy = spec
 
-    def _loader(self, base, name: str, start: int, k: int):
+    def _loader(self, base, name: str, start: int, k: int, spec: PackedLinear):
         """vLLM's loader of the layer (rows of fused shards, column-parallel slices), after cutting
-        this rank's K range out of the checkpoint tensor for a row-parallel layer."""
+        this rank's K range out of the checkpoint tensor for a row-parallel layer. Packed rows are written
+        in row order (a reload too: process_weights_after_loading lays them out again)."""
         def load(param, loaded_weight, *args, **kwargs):
+            if name == "weight_packed":
+                spec.in_row_order()
             if name == "weight_scale":
                 shard = args[0] if args else kwargs.get("loaded_shard_id")
                 loaded_weight = scale_values(loaded_weight, self.scale_exps.get(shard, self.record.scale_exp))
@@ -276,9 +279,15 @@ class ExmyLinearMethod(LinearMethodBase):
                 layer.weight_scale = Parameter(narrow, requires_grad=False)
         if layer.weight_packed.is_cuda:  # kernels, scales and launch plans ready before any CUDA-graph capture
             aligned = kernel_rows(layer.weight_packed.data)  # rows the kernels read in place (16-byte aligned)
-            if aligned is not layer.weight_packed.data:
-                layer.weight_packed = Parameter(aligned, requires_grad=False)
+            tiled = layer.exmy.tile_ordered(aligned) if self.tiles(layer) else None  # the GEMV's fastest order
+            if tiled is not None or aligned is not layer.weight_packed.data:
+                layer.weight_packed = Parameter(aligned if tiled is None else tiled, requires_grad=False)
             layer.exmy.prepare(layer.weight_packed, layer.weight_scale, layer.params_dtype)
+
+    def tiles(self, layer) -> bool:
+        """Whether the layer's packed weight is laid out in tile order on the GPU (PackedLinear.tile_ordered):
+        wherever only the linear op reads it."""
+        return True
 
     def apply(self, layer, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         return torch.ops.exmyconv.packed_linear(x, layer.weight_packed, layer.weight_scale, bias, layer.exmy.handle)
@@ -291,6 +300,9 @@ class ExmyPackedEmbeddingMethod(ExmyLinearMethod):
     """An untied embedding table or lm_head kept packed: the packed linear method's parameters, filled by
     vLLM's vocab-parallel loader (this rank's rows, padding rows zero: they decode to 0); the lm_head
     runs the packed linear op, a lookup decodes only the rows it returns (codec.dequantize_rows)."""
+
+    def tiles(self, layer) -> bool:
+        return isinstance(layer, ParallelLMHead)  # (an input table is read by rows: dequantize_rows)
 
     def embedding(self, layer, input_: torch.Tensor) -> torch.Tensor:
         return dequantize_rows(layer.weight_packed, layer.weight_scale, input_, self.fmt, self.k, self.group_size,

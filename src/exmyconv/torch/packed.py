@@ -50,7 +50,8 @@ from ..format.exmy import ExMy, get_format
 from ..format.pack import pack_codes, row_bytes
 from ..format.quant import groups_of
 from .codec import SCALE_NAME, dequantize, unpack_codes
-from .linear import gpu_view, live_module, pdl_ok, register_handle, run_gemv
+from ..cuda.gpu import row_permuted
+from .linear import gpu_view, live_module, pdl_ok, register_handle, run_gemv, tile_ordered
 
 
 class PackedLinear:
@@ -60,7 +61,8 @@ class PackedLinear:
     the tensors passed to each call: ``packed`` uint8 [N, row_bytes(fmt, K)] and ``scale`` [N, ngroups]
     (float16 or bfloat16 as stored; float32 holds either exactly, but then the CUDA path decodes with the
     torch codec instead of the kernels). The object must stay alive while the op may be called with its
-    handle (an engine keeps it on the layer).
+    handle (an engine keeps it on the layer). ``order``: the byte order of ``packed``, "row" (the file's)
+    or, once the engine has taken :meth:`tile_ordered`'s tensor instead, "tile".
     """
 
     def __init__(self, fmt: ExMy | str, k: int, n: int, group_size: int | None = None):
@@ -69,6 +71,7 @@ class PackedLinear:
         self.group_size, self.ngroups = groups_of(self.k, group_size)
         self.row_bytes = row_bytes(self.fmt, self.k)
         self.handle = register_handle(self)
+        self.order = "row"
         self._cuda: Optional[_CudaState] = None
 
     def __repr__(self):
@@ -92,7 +95,25 @@ class PackedLinear:
 
     def dequantize(self, packed: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """The weight [N, K] decoded into ``dtype`` by the torch codec (a new tensor on packed's device)."""
+        if self.order == "tile":
+            packed = row_permuted(packed, self.fmt, self.k, torch)
         return dequantize(packed, scale, self.fmt, self.k, self.group_size, dtype)
+
+    def tile_ordered(self, packed: torch.Tensor, gpu=None) -> torch.Tensor | None:
+        """``packed`` (row order) as a new tensor in tile order, the order the GEMV reads fastest
+        (:func:`exmyconv.torch.linear.tile_ordered`), where the GPU backend (``gpu``; default: this
+        machine's, for a CUDA tensor) takes it; else None. From then on every call's ``packed`` is taken
+        to be in tile order: the engine replaces its tensor by this one, once, after loading."""
+        if gpu is None and packed.is_cuda:
+            gpu = cuda.backend()
+        tiled = tile_ordered(gpu, packed, self.fmt, self.k) if self.order == "row" else None
+        if tiled is not None:
+            self.order, self._cuda = "tile", None
+        return tiled
+
+    def in_row_order(self) -> None:
+        """Calls pass ``packed`` in row order again (the engine writes the file's rows into it: a reload)."""
+        self.order, self._cuda = "row", None
 
     def forward(self, x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor,
                 bias: torch.Tensor | None) -> torch.Tensor:
@@ -135,7 +156,7 @@ class _CudaState:
 
     def __init__(self, gpu, spec: PackedLinear, packed: torch.Tensor, scale: torch.Tensor, key):
         self.gpu, self.spec, self.key, self.device = gpu, spec, key, packed.device
-        self.weight = gpu_view(gpu, packed, scale, spec.fmt, spec.k, spec.group_size)
+        self.weight = gpu_view(gpu, packed, scale, spec.fmt, spec.k, spec.group_size, order=spec.order)
         self._keep = (packed, scale)  # the GPU view reads these tensors' memory
         self.launches: dict = {}  # (rows, dtype) -> gpu.GemvLaunch
         self.dequant: dict = {}  # (dtype, scratch address, stream) -> dequantization plan
