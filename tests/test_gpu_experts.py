@@ -96,6 +96,40 @@ def test_cuda_experts_match_the_dequantized_reference(rng, monkeypatch, dtype_na
 
 # --------------------------------------------------------------------------- routed GEMV (graph-safe)
 
+@pytest.mark.parametrize("fmt,group", [("e2m2", None), ("e3m2", 128), ("e2m1", 32)])
+@pytest.mark.parametrize("path", ["routed", "grouped"])
+def test_experts_in_tile_order_equal_row_order(rng, monkeypatch, fmt, group, path):
+    """On CUDA the experts' packed buffers go to tile order at the first call (ExmyExperts.align_rows): the
+    routed GEMV and the grouped path (GEMVs of each expert's rows, dequantize + matmul past 16) give the
+    bits of the same experts kept in row order; state_dict gives the file's bytes back."""
+    import copy
+
+    import torch
+
+    from exmyconv.torch import experts as module
+
+    monkeypatch.setattr(module.ExmyExperts, "routed_pairs", lambda self, k: 10**9 if path == "routed" else -1)
+    dtype = torch.bfloat16
+    experts = _experts(rng, fmt, group, dtype)
+    row = copy.deepcopy(experts)
+    cases = []
+    for tokens in (1, 5, 40):
+        x = torch.from_numpy(rng.standard_normal((tokens, H)).astype(np.float32)).to("cuda", dtype)
+        logits = torch.from_numpy(rng.standard_normal((tokens, E)).astype(np.float32)).cuda()
+        weights, index = torch.softmax(logits, -1).topk(4, dim=-1)
+        cases.append((x, index, weights.to(dtype)))
+    with torch.no_grad():
+        with monkeypatch.context() as m:  # the twin never reorders its buffers
+            m.setattr(module, "tile_ordered", lambda *args: None)
+            want = [row(*case) for case in cases]
+        got = [experts(*case) for case in cases]
+    assert all(experts.order(name) == "tile" and row.order(name) == "row" for name in module.PROJECTIONS)
+    for (x, _, _), g, w in zip(cases, got, want):
+        assert not torch.isnan(g).any() and torch.equal(g, w), (fmt, group, path, x.shape[0])
+    own, plain = experts.state_dict(), row.state_dict()
+    assert all(torch.equal(own[k], v) for k, v in plain.items())
+
+
 @pytest.mark.parametrize("tokens", [1, 40])
 def test_cuda_experts_pass_gradients(rng, tokens):
     """With the hidden states and the routing weights requiring gradients (adapters, a trainable

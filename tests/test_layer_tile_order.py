@@ -182,3 +182,55 @@ def test_a_sibling_group_with_a_member_off_whole_tiles_stays_in_row_order():
             m.align_rows(gpu)
             assert m._tiled is None
             assert torch.equal(m._gpu_compute(FakeGpu(), x), reference(plain[name], x))
+
+
+def experts(seed: int, h: int = 128, i: int = 64, e: int = 3):
+    """Packed experts whose gate_up (K = h = 128) takes tile order and whose down (K = i = 64) does not."""
+    from exmyconv.torch.experts import ExmyExperts, ExpertWeights
+
+    rng = np.random.default_rng(seed)
+    specs, data = {}, {}
+    for leaf, (n, k) in {"gate_up_proj": (2 * i, h), "down_proj": (h, i)}.items():
+        q = quantize(rng.standard_normal((e, n, k)).astype(np.float32) * 0.1, get_format("e3m2"), 32)
+        specs[leaf] = ExpertWeights("e3m2", k, n, 32, torch.float16)
+        data[leaf] = (torch.from_numpy(q.payload), torch.from_numpy(q.scales))
+    module = ExmyExperts(e, specs["gate_up_proj"], specs["down_proj"], torch.nn.SiLU(), dtype=torch.float32)
+    for leaf, (packed, scale) in data.items():
+        getattr(module, leaf + "_packed").copy_(packed)
+        getattr(module, leaf + "_scale").copy_(scale)
+    return module
+
+
+def test_experts_in_tile_order_give_row_order_back():
+    """ExmyExperts.align_rows: each projection whose experts' rows are whole tiles and whose K takes tile
+    order is replaced by its bytes in tile order (expert by expert: the stack of their tiles); outputs,
+    decoded weights and state dicts are the row-order module's; loading and .to() as for ExmyLinear."""
+    m, plain = experts(1), experts(1)
+    rb = m.gate_up_proj_packed.shape[-1]
+    m.align_rows(FakeGpu())
+    assert m.order("gate_up_proj") == "tile" and m.order("down_proj") == "row"
+    assert torch.equal(m.gate_up_proj_packed.view(-1, rb),
+                       real_gpu.tile_permuted(plain.gate_up_proj_packed.view(-1, rb), m.weights["gate_up_proj"].fmt,
+                                              128, torch))
+    assert torch.equal(m.down_proj_packed, plain.down_proj_packed)
+    for name in ("gate_up_proj", "down_proj"):
+        assert torch.equal(m.dequantize_weight(name), plain.dequantize_weight(name))
+        assert torch.equal(m.dequantize_weight(name, 2), plain.dequantize_weight(name, 2))
+    sd = m.state_dict()
+    assert all(torch.equal(sd[k], v) for k, v in plain.state_dict().items())
+    x = torch.randn(5, 128)
+    weights, index = torch.softmax(torch.randn(5, 3), -1).topk(2)
+    want = plain(x, index, weights)
+    assert torch.equal(m(x, index, weights), want) and not want.isnan().any()
+    # the op given the row-order tensors of another module computes with those, as such
+    op = torch.ops.exmyconv.experts
+    assert torch.equal(op(x, index, weights, *plain._packed_buffers(), m._handle), want)
+    c = copy.deepcopy(m)
+    assert c.order("gate_up_proj") == "tile" and torch.equal(c(x, index, weights), want)
+    # loading lays the new bytes out again; .to() goes back to row order
+    other = experts(2)
+    m.load_state_dict(other.state_dict())
+    assert m.order("gate_up_proj") == "tile" and torch.equal(m(x, index, weights), other(x, index, weights))
+    assert torch.equal(m.state_dict()["gate_up_proj_packed"], other.gate_up_proj_packed)
+    m.to(torch.float64)
+    assert m.order("gate_up_proj") == "row" and torch.equal(m.gate_up_proj_packed, other.gate_up_proj_packed)

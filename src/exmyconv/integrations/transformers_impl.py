@@ -512,7 +512,7 @@ class ExmyHfQuantizer(HfQuantizer):
         missing = [b for b in buffers if not getattr(model.get_buffer(b), "_is_hf_initialized", False)]
         if missing:
             raise ExmyError(f"exmy: {len(missing)} quantized tensors did not load, e.g. {missing[0]}")
-        for path in self._linear:  # on the GPU: rows the kernels read in place, before anything compiles
+        for path in [*self._linear, *self._experts]:  # on the GPU: the layout the kernels read, before anything compiles
             model.get_submodule(path).align_rows()
         fuse_siblings(model)  # q/k/v and gate/up as one GEMV each on CUDA (torch.siblings)
         return model

@@ -524,6 +524,11 @@ class ExmyPackedMoEMethod(FusedMoEMethodBase):
             tensors[name + "_packed"], tensors[name + "_scale"] = packed.data, scale.data
         self.module = ExmyExperts.over(weights["gate_up_proj"], weights["down_proj"], torch.nn.SiLU(), tensors,
                                        self.params_dtype)
+        self.module.align_rows()  # on the GPU: tile order, in tensors of the module's own; the layer takes them
+        for stem, name in (("w13", "gate_up_proj"), ("w2", "down_proj")):
+            if self.module.order(name) == "tile":
+                setattr(layer, f"{stem}_weight_packed", Parameter(self.module._buffers[name + "_packed"],
+                                                                  requires_grad=False))
 
     def get_fused_moe_quant_config(self, layer):
         return None  # (no modular kernel: apply computes the experts itself)

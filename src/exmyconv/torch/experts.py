@@ -11,7 +11,10 @@ checkpoint's packed tensors unchanged (formats/SPEC.md: a 3-D tensor's rows are 
 
 (scales fp16/bf16, or e4m3 with one power of two per projection, as stored). Each projection has its
 own format and group size. Only these stay
-resident: an expert's weights are decoded per call, for the experts the tokens were routed to.
+resident: an expert's weights are decoded per call, for the experts the tokens were routed to. On the
+GPU a projection's packed buffer is replaced by the same bytes in tile order (:meth:`ExmyExperts.align_rows`,
+``linear.tile_ordered``; each expert's rows whole 16-row tiles), as ExmyLinear does; ``state_dict()``,
+``dequantize_weight()`` and ``.to()`` give the file's row order back.
 
 forward, per routed expert, on just the tokens routed to it:
 
@@ -59,8 +62,10 @@ from ..errors import ExmyError
 from ..format.exmy import ExMy, get_format
 from ..format.pack import row_bytes
 from ..format.quant import groups_of
+from ..cuda.gpu import row_permuted, tile_permuted
 from .codec import SCALE_NAME, dequantize, scale_values, widened_scales
-from .linear import apply_keeping_scales, call_gemv, gpu_view, kernel_rows, live_module, pdl_ok, register_handle
+from .linear import (apply_keeping_scales, call_gemv, gpu_view, kernel_rows, live_module, pdl_ok, register_handle,
+                     tile_ordered)
 from .packed import PackedLinear
 
 PROJECTIONS = ("gate_up_proj", "down_proj")
@@ -115,6 +120,7 @@ class ExmyExperts(nn.Module):
                 (self.num_experts, w.n, row_bytes(w.fmt, w.k)), dtype=torch.uint8, device=device))
             self.register_buffer(name + "_scale", torch.empty((self.num_experts, w.n, w.ngroups),
                                                               dtype=w.scale_dtype, device=device))
+        self._tiled: dict = {}  # projection -> its packed buffer while in tile order (align_rows)
         self._reset_cuda()
         self._handle = register_handle(self)  # for the compiled op
 
@@ -139,6 +145,7 @@ class ExmyExperts(nn.Module):
 
     def __setstate__(self, state):
         super().__setstate__(state)
+        self.__dict__.setdefault("_tiled", {})  # (pickled before tile order)
         self._reset_cuda()
         self._handle = register_handle(self)  # copies and unpickled modules get their own
 
@@ -149,11 +156,71 @@ class ExmyExperts(nn.Module):
     def dequantize_weight(self, name: str, expert: int | None = None, dtype: torch.dtype | None = None):
         """Projection ``name``'s weight of one expert [N, K] (or of all, [E, N, K]) as ``dtype``, a new tensor."""
         w = self.weights[name]
-        packed, scale = self._buffers[name + "_packed"], self._buffers[name + "_scale"]
+        packed, scale = self._row_order(name), self._buffers[name + "_scale"]
         if expert is not None:
             packed, scale = packed[expert], scale[expert]
         return dequantize(packed, scale_values(scale, w.scale_exp), w.fmt, w.k, w.group_size,
                           dtype or self.weight_dtype)
+
+    # -- the GPU layout: tile order -----------------------------------------------------------------
+    def order(self, name: str) -> str:
+        """The byte order projection ``name``'s packed buffer is in: "tile" (align_rows) or "row"."""
+        return "tile" if self._tiled.get(name) is self._buffers[name + "_packed"] else "row"
+
+    def _row_order(self, name: str) -> torch.Tensor:
+        """Projection ``name``'s packed buffer in row order: itself, or a row-order copy."""
+        packed, w = self._buffers[name + "_packed"], self.weights[name]
+        if self.order(name) == "row":
+            return packed
+        return row_permuted(packed.reshape(-1, packed.shape[-1]), w.fmt, w.k, torch).view(packed.shape)
+
+    def align_rows(self, gpu=None) -> None:
+        """On the GPU, lay each projection's packed buffer out as the kernels read it: 16-byte aligned rows
+        (``linear.kernel_rows``) and, where ``gpu`` (default: the GPU backend, if it runs here) takes it and
+        each expert's rows are whole 16-row tiles, tile order (``linear.tile_ordered``). The transformers
+        loader calls it once the weights are in place; the first CUDA call does otherwise."""
+        if gpu is None and self.gate_up_proj_packed.is_cuda and self.gpu_kernels:
+            gpu = cuda.backend()
+        for name, w in self.weights.items():
+            packed = kernel_rows(self._buffers[name + "_packed"])  # (a view of wider rows where it must)
+            if packed is not self._buffers[name + "_packed"]:
+                self._buffers[name + "_packed"] = packed
+                self._gemvs, self._specs = {}, {}
+            if self._tiled.get(name) is packed:
+                continue
+            self._tiled.pop(name, None)
+            tiled = tile_ordered(gpu, packed.view(-1, packed.shape[-1]), w.fmt, w.k) \
+                if w.n % 16 == 0 and packed.is_contiguous() else None
+            if tiled is not None:
+                self._buffers[name + "_packed"] = self._tiled[name] = tiled.view(packed.shape)
+                self._gemvs, self._specs = {}, {}  # (what was prepared for the buffer in row order)
+
+    def _to_row_order(self) -> None:
+        for name in list(self._tiled):
+            if self.order(name) == "tile":
+                self._buffers[name + "_packed"] = self._row_order(name)
+        self._tiled = {}
+        self._reset_cuda()
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        for name in self._tiled:
+            if self.order(name) == "tile" and prefix + name + "_packed" in destination:
+                destination[prefix + name + "_packed"] = self._row_order(name)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        """Row order in: a buffer in tile order loaded into in place is laid out in tile order again."""
+        tiled = dict(self._tiled)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        for name, t in tiled.items():
+            packed, given = self._buffers[name + "_packed"], state_dict.get(prefix + name + "_packed")
+            if packed is not t:
+                self._tiled.pop(name, None)
+            elif given is not None and given.shape == packed.shape:
+                w = self.weights[name]
+                flat = packed.view(-1, packed.shape[-1])
+                flat.copy_(tile_permuted(flat, w.fmt, w.k, torch))
+        self._reset_cuda()
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                 top_k_weights: torch.Tensor) -> torch.Tensor:
@@ -267,11 +334,11 @@ class ExmyExperts(nn.Module):
     def _project(self, name: str, x: torch.Tensor, segments) -> torch.Tensor:
         """y[rows of expert e] = x[those rows] @ W_e^T for each (e, start, end) of ``segments``."""
         w = self.weights[name]
+        gemv = self._stacked_gemv(name)  # (first: it lays the buffer out)
         packed, scale = self._buffers[name + "_packed"], self._kernel_scale(name)
         x = x.contiguous()
         y = torch.empty((x.shape[0], w.n), dtype=x.dtype, device=x.device)
         stream = torch_stream(x.device)
-        gemv = self._stacked_gemv(name)
         x_row, y_row = x.shape[1] * x.element_size(), w.n * y.element_size()
         for expert, start, end in segments:
             if expert >= self.num_experts:  # (expert-parallel sentinel: no contribution)
@@ -284,6 +351,7 @@ class ExmyExperts(nn.Module):
             spec = self._specs.get((name, expert))
             if spec is None:
                 spec = self._specs[(name, expert)] = PackedLinear(w.fmt, w.k, w.n, w.group_size)
+                spec.order = self.order(name)  # (its rows are whole tiles of the buffer)
             state = spec._cuda_state(packed[expert], scale[expert])
             xs = x[start:end]
             if state is not None and state._gemv(rows, x.dtype):
@@ -308,20 +376,21 @@ class ExmyExperts(nn.Module):
 
     def _stacked_gemv(self, name: str) -> "_StackedGemv | None":
         packed, scale = self._buffers[name + "_packed"], self._kernel_scale(name)
-        aligned = kernel_rows(packed)  # (once: the buffer is replaced by its row-aligned layout)
-        if aligned is not packed:
-            self._buffers[name + "_packed"] = packed = aligned
         key = (name, packed.data_ptr(), scale.data_ptr())
         if key not in self._gemvs:
             gpu = cuda.backend()
+            self.align_rows(gpu)  # (once per buffer: a buffer it replaces gets a new key)
+            packed = self._buffers[name + "_packed"]
+            key = (name, packed.data_ptr(), scale.data_ptr())
             w = self.weights[name]
             ok = gpu is not None and gpu.supports(w.fmt) and packed.is_cuda and scale.is_contiguous()
-            self._gemvs[key] = _StackedGemv(gpu, w, packed, scale) if ok else None
+            self._gemvs[key] = _StackedGemv(gpu, w, packed, scale, self.order(name)) if ok else None
         return self._gemvs[key]
 
     # -- dtype safety ------------------------------------------------------------------------------
     def _apply(self, fn, recurse=True):
         """``.to(...)``: :func:`exmyconv.torch.linear.apply_keeping_scales` over every projection's scales."""
+        self._to_row_order()
         try:
             return apply_keeping_scales(self, fn, recurse, super()._apply, [name + "_scale" for name in PROJECTIONS])
         finally:
@@ -336,10 +405,11 @@ class _StackedGemv:
     whole stack's ``fold_ok``), and its scale argument is the stack's kernel scales, so every expert
     gets what its own launch would be given."""
 
-    def __init__(self, gpu, w: ExpertWeights, packed: torch.Tensor, scale: torch.Tensor):
+    def __init__(self, gpu, w: ExpertWeights, packed: torch.Tensor, scale: torch.Tensor, order: str = "row"):
         e, n = packed.shape[:2]
         self.gpu, self.w, self.device = gpu, w, packed.device
-        self.stack = gpu_view(gpu, packed.view(e * n, -1), scale.view(e * n, -1), w.fmt, w.k, w.group_size)
+        self.stack = gpu_view(gpu, packed.view(e * n, -1), scale.view(e * n, -1), w.fmt, w.k, w.group_size,
+                              order=order)
         self.first = self.stack.rows(0, n)  # launches prepared for expert 0, with the whole stack's kernel mode
         self.payload, self.payload_step = self.stack.payload.data.ptr, n * self.stack.payload.strides[0]
         self._keep = (packed, scale)
