@@ -145,11 +145,10 @@ def test_entry_point_is_declared():
     assert any(r.startswith("vllm") for r in meta["optional-dependencies"]["vllm"])
 
 
-def test_cuda_path_with_a_fake_backend(rng, monkeypatch):
-    """The CUDA path of the vLLM layers (PackedLinear's per-weight state) on the CPU with a stand-in for
-    exmyconv.cuda.gpu: N-d x keeps its shape; rows the kernel cannot read in place (a transposed view,
-    an odd address) are copied first; more than MAX_BATCH rows are dequantized and go to F.linear; a
-    wrong last dimension gets F.linear's error. Values equal the torch codec's + F.linear."""
+@pytest.fixture
+def cpu_as_cuda(monkeypatch):
+    """torch's CUDA stream and device queries answered on the CPU, and an empty dequantization scratch,
+    for PackedLinear's CUDA path with the stand-in backend (tests/fake_gpu.py)."""
     from types import SimpleNamespace
 
     from exmyconv.torch import packed as packed_mod
@@ -158,6 +157,15 @@ def test_cuda_path_with_a_fake_backend(rng, monkeypatch):
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
     monkeypatch.setattr(packed_mod, "_SCRATCH", {})
+
+
+def test_cuda_path_with_a_fake_backend(rng, cpu_as_cuda):
+    """The CUDA path of the vLLM layers (PackedLinear's per-weight state) on the CPU with a stand-in for
+    exmyconv.cuda.gpu: N-d x keeps its shape; rows the kernel cannot read in place (a transposed view,
+    an odd address) are copied first; more than MAX_BATCH rows are dequantized and go to F.linear; a
+    wrong last dimension gets F.linear's error. Values equal the torch codec's + F.linear."""
+    from exmyconv.torch import packed as packed_mod
+
     n, k = 24, 200
     packed, scale = random_weight(rng, "e2m2", n, k, 64, torch.bfloat16)
     spec = PackedLinear("e2m2", k, n, 64)
@@ -178,21 +186,15 @@ def test_cuda_path_with_a_fake_backend(rng, monkeypatch):
         state.forward(torch.randn(2, 100, dtype=torch.bfloat16), None)
 
 
-def test_tile_order_with_a_fake_backend(rng, monkeypatch):
+def test_tile_order_with_a_fake_backend(rng, cpu_as_cuda):
     """PackedLinear.tile_ordered (what the vLLM layers take after loading): a new tensor of the same bytes
     in tile order where the backend takes the shape (whole 16-row tiles and 128-element blocks), after
     which calls read ``packed`` in tile order: the GEMV views it so (the stand-in decodes what it is told),
     the torch codec and the dequantized path decode it as the row-order weight; in_row_order (a reload)
     goes back. Shapes tile order does not take stay in row order."""
-    from types import SimpleNamespace
-
     from exmyconv.cuda import gpu as real_gpu
     from exmyconv.torch import packed as packed_mod
 
-    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: SimpleNamespace(cuda_stream=0))
-    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
-    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
-    monkeypatch.setattr(packed_mod, "_SCRATCH", {})
     n, k = 32, 256
     packed, scale = random_weight(rng, "e3m2", n, k, 64, torch.float16)
     spec, gpu = PackedLinear("e3m2", k, n, 64), FakeGpu()
