@@ -62,10 +62,10 @@ from ..errors import ExmyError
 from ..format.exmy import ExMy, get_format
 from ..format.pack import row_bytes
 from ..format.quant import groups_of
-from ..cuda.gpu import row_permuted, tile_permuted
+from ..cuda.gpu import row_permuted
 from .codec import SCALE_NAME, dequantize, scale_values, widened_scales
 from .linear import (apply_keeping_scales, call_gemv, gpu_view, kernel_rows, live_module, pdl_ok, register_handle,
-                     tile_ordered)
+                     tile_ordered, tiled_after_load)
 from .packed import PackedLinear
 
 PROJECTIONS = ("gate_up_proj", "down_proj")
@@ -209,17 +209,13 @@ class ExmyExperts(nn.Module):
                 destination[prefix + name + "_packed"] = self._row_order(name)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        """Row order in: a buffer in tile order loaded into in place is laid out in tile order again."""
+        """Row order in, laid out again (``linear.tiled_after_load``)."""
         tiled = dict(self._tiled)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         for name, t in tiled.items():
-            packed, given = self._buffers[name + "_packed"], state_dict.get(prefix + name + "_packed")
-            if packed is not t:
+            w, key = self.weights[name], prefix + name + "_packed"
+            if not tiled_after_load(self._buffers[name + "_packed"], t, state_dict.get(key), w.fmt, w.k):
                 self._tiled.pop(name, None)
-            elif given is not None and given.shape == packed.shape:
-                w = self.weights[name]
-                flat = packed.view(-1, packed.shape[-1])
-                flat.copy_(tile_permuted(flat, w.fmt, w.k, torch))
         self._reset_cuda()
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,

@@ -136,6 +136,21 @@ def tile_ordered(gpu, packed: torch.Tensor, fmt: ExMy, k: int) -> torch.Tensor |
     return tile_permuted(packed, fmt, k, torch)
 
 
+def tiled_after_load(packed: torch.Tensor, tiled: torch.Tensor | None, given: torch.Tensor | None, fmt: ExMy,
+                     k: int) -> bool:
+    """After ``load_state_dict``: whether a module's packed buffer ``packed`` (rows [..., row_bytes]) is still in
+    tile order. ``tiled``: the buffer that was in tile order before the load, or None; ``given``: the state
+    dict's tensor for it. A load into that buffer in place (row order, the file's) is laid out in tile order
+    again, in place (a sibling group's member: its rows are a view of the group's buffer); a new tensor
+    (``assign=True``) is in row order."""
+    if tiled is None or packed is not tiled:
+        return False
+    if given is not None and given.shape == packed.shape:
+        rows = packed.view(-1, packed.shape[-1])
+        rows.copy_(tile_permuted(rows, fmt, k, torch))
+    return True
+
+
 class ExmyLinear(nn.Module):
     """A Linear layer whose weight stays packed ExMy (formats/SPEC.md) and is decoded per call.
 
@@ -357,16 +372,12 @@ class ExmyLinear(nn.Module):
             destination[key] = self.in_row_order(destination[key])
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        """Row order in: where the buffer in tile order (the layer's own tensor) was loaded into in place, its
-        new bytes are laid out in tile order again, in place (a sibling group's member too: its rows are a
-        view of the group's buffer)."""
+        """Row order in, laid out again (:func:`tiled_after_load`)."""
         tiled = self._tiled
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        packed, given = self._buffers["weight_packed"], state_dict.get(prefix + "weight_packed")
-        if packed is not tiled:  # (assign=True: a new tensor, in row order)
+        if not tiled_after_load(self._buffers["weight_packed"], tiled, state_dict.get(prefix + "weight_packed"),
+                                self.fmt, self.in_features):
             self._tiled = None
-        elif given is not None and given.shape == packed.shape:
-            packed.copy_(tile_permuted(packed, self.fmt, self.in_features, torch))
         self._gpu_weight_cache = None
         self._launches = {}
 
