@@ -1,7 +1,8 @@
 // dequant.cu - packed .exmy payload + scales -> fp16 / bf16 / fp32, bit-exact with the CPU reference.
 //
 // A unit is one (row, 32-element chunk); a thread loads its DEQUANT_UNITS units, then decodes
-// each. Codes are decoded in registers by exmy_decode.cuh into the bf16 field placement (works for
+// each. Units are numbered in the payload's byte order (unit_at), so a warp's loads are contiguous in
+// both: 32 chunks of one row in row order, 8 rows x one 4-chunk block in tile order. Codes are decoded in registers by exmy_decode.cuh into the bf16 field placement (works for
 // every E, including E = 5), turned into the exact float32 code value v by one exact multiply by
 // 2^(127 - bias), multiplied by the float32 value of the fp16/bf16 scale (exact: SPEC section 2,
 // and the same IEEE product numpy computes), and rounded once to the output type with cvt.rn
@@ -60,19 +61,35 @@ __device__ __forceinline__ void st_stream16(uint4* p, uint4 v) {
     asm volatile("st.global.cs.v4.u32 [%0], {%1,%2,%3,%4};" ::"l"(p), "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w) : "memory");
 }
 
-// OUT: 0 = fp16 bits, 1 = bf16 bits, 2 = float32.
-// Unit u = chunk u % cpr of row u / cpr.
-__device__ __forceinline__ Chunk load_unit(const u8* __restrict__ payload, u32 u, u32 cpr, u32 k, u32 stride) {
+struct Unit {
+    u32 row, c;  // chunk c of row `row`
+};
+
+// Unit u in the payload's byte order. Row order: chunk u % cpr of row u / cpr. Tile order (cpr a
+// multiple of 4, rows of 16): u = ((tile * cpr/4 + block) * 16 + row in tile) * 4 + chunk in block,
+// the order of the bytes of each plane; a warp reads 8 rows' 4 chunks of one block, 32 x (chunk bytes)
+// contiguous per plane, where the row's 32 chunks would be 8 runs of 4 chunks.
+__device__ __forceinline__ Unit unit_at(u32 u, u32 cpr) {
+    if (TILED) {
+        const u32 q = u >> 6, nb = cpr >> 2, tile = q / nb;
+        return {16 * tile + ((u >> 2) & 15), 4 * (q - tile * nb) + (u & 3)};
+    }
     const u32 row = u / cpr;
-    return load_chunk(row_ref(payload, row, stride), padded_k(k), u - row * cpr);
+    return {row, u - row * cpr};
 }
 
+__device__ __forceinline__ Chunk load_unit(const u8* __restrict__ payload, u32 u, u32 cpr, u32 k, u32 stride) {
+    const Unit un = unit_at(u, cpr);
+    return load_chunk(row_ref(payload, un.row, stride), padded_k(k), un.c);
+}
+
+// OUT: 0 = fp16 bits, 1 = bf16 bits, 2 = float32.
 template <bool SCALE_BF16, int OUT>
 __device__ __forceinline__ void dequant_unit(const Chunk& ch, u32 u, const u16* __restrict__ scales,
                                              void* __restrict__ out, u32 rows, u32 k, u32 ngroups, u32 g) {
-    const u32 cpr = (k + 31) / 32;  // chunks per row holding real elements (padding chunks skipped)
-    const u32 row = u / cpr;
-    const u32 c = u - row * cpr;
+    const u32 cpr = (k + 31) / 32;  // chunks per row holding real elements (= Kp / 32)
+    const Unit un = unit_at(u, cpr);
+    const u32 row = un.row, c = un.c;
     const u32 base = 32 * c;  // first element of this chunk in the row
 
     const Pre pre = prepare(ch, c);
@@ -127,22 +144,26 @@ __device__ __forceinline__ void dequant_unit(const Chunk& ch, u32 u, const u16* 
             w[i].w = pack2<OUT>(v[8 * i + 6], v[8 * i + 7]);
         }
         u16* dst = (u16*)out + o;
-        const u32 lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-        const u32 warp_u0 = u - lane;  // the warp's first chunk
-        if (k % 32 == 0 && warp_u0 + 32 <= rows * cpr) {
-            // The warp's 32 chunks are 32 consecutive chunks of the output (rows are whole chunks):
-            // stage them in shared memory (5 words per lane: conflict-free writes) and store each
-            // 16-byte word j = lane + 32*s of the warp's 2 KB to consecutive addresses.
+        const u32 lane = threadIdx.x & 31;
+        if (k % 32 == 0 && u - lane + 32 <= rows * cpr) {  // the warp's 32 units all real
+            // Stage the warp's 32 chunks in shared memory (5 words per lane: conflict-free writes),
+            // then store its 16-byte words j = lane + 32*s (lane j/4's word j%4) so that each store
+            // instruction writes whole runs: row order, the warp's 32 chunks are 2 KB of the output
+            // in a row (rows are whole chunks); tile order, lanes 4r..4r+3 hold 128 elements of one
+            // row, 256 contiguous bytes.
             __shared__ uint4 stage[DEQUANT_BLOCK / 32][32 * 5];
-            uint4* st = stage[warp];
+            uint4* st = stage[threadIdx.x >> 5];
 #pragma unroll
             for (int i = 0; i < 4; ++i) st[5 * lane + i] = w[i];
             __syncwarp();
-            uint4* wdst = (uint4*)((u16*)out + (size_t)warp_u0 * 32);  // warp_u0 * 32 elements = row * k + base of lane 0
+            // lane 0's first output element: row order, (u - lane) * 32 = row * k + base of lane 0;
+            // tile order, lane 4r's is r rows on from lane 0's
+            u16* o0 = (u16*)out + (TILED ? o - (size_t)(lane >> 2) * k - 32 * (lane & 3) : (size_t)(u - lane) * 32);
 #pragma unroll
             for (int s = 0; s < 4; ++s) {
-                const u32 j = lane + 32 * s;  // 16-byte word j of the warp: lane j/4's word j%4
-                st_stream16(wdst + j, st[5 * (j >> 2) + (j & 3)]);
+                const u32 j = lane + 32 * s;
+                uint4* wdst = TILED ? (uint4*)(o0 + (size_t)(j >> 4) * k) + (j & 15) : (uint4*)o0 + j;
+                st_stream16(wdst, st[5 * (j >> 2) + (j & 3)]);
             }
         } else if (full && k % 8 == 0) {  // 16-byte aligned stores of 8 values
 #pragma unroll

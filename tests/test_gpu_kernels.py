@@ -728,19 +728,24 @@ def test_gemv_tile_order_equals_row_order(cp, rng, name, kind, batches):
 
 @pytest.mark.parametrize("name", ["e2m2", "e3m2", "e2m1", "e4m3", "e3m3", "e1m1"])
 def test_dequant_tile_order_equals_row_order(cp, rng, name):
-    """Dequantization of a weight in tile order (its EXMY_TILE build) gives the bits of the same weight in
-    row order (which other tests hold to the CPU reference): every plane combination, every output
-    dtype, scale groups."""
+    """Dequantization of a weight in tile order (its EXMY_TILE build, which numbers its units block by
+    block) gives the bits of the same weight in row order (which other tests hold to the CPU reference),
+    into every element of a poisoned output: every plane combination, every output dtype, scale groups
+    aligned to chunks and not, K whole blocks or ending inside the last chunk."""
     fmt = get_format(name)
-    for group in (None, 64):
-        n, k = 16 * int(rng.integers(1, 60)), 128 * int(rng.integers(1, 40))
+    for group, tail in ((None, 0), (64, 0), (None, int(rng.integers(1, 32))), (100, int(rng.integers(1, 32)))):
+        n, k = 16 * int(rng.integers(1, 60)), 128 * int(rng.integers(1, 40)) - tail
         qt = quantize((rng.standard_normal((n, k)) * 0.05).astype(np.float32), fmt, group)
         weight = gpu.upload(qt, order="row")
         tiled = gpu.tile_order(weight)
         for out_dtype in ("F16", "BF16", "F32"):
             ref = cp.asnumpy(weight.dequantize(out_dtype))
-            got = cp.asnumpy(tiled.dequantize(out_dtype))
-            assert np.array_equal(ref.view(np.uint8), got.view(np.uint8)), f"{name} {n}x{k} g{group} {out_dtype}"
+            out = cp.full((n, k), 0xFF, dtype=cp.uint8).view({"F16": cp.float16, "BF16": cp.uint16, "F32": cp.float32}[out_dtype])
+            got = cp.asnumpy(tiled.dequantize(out_dtype, out=out))
+            what = f"{name} {n}x{k} g{group} {out_dtype}"
+            nan = (got & 0x7FFF) > 0x7F80 if out_dtype == "BF16" else np.isnan(got)  # the poison is NaN
+            assert not nan.any(), f"{what}: NaN (an element not written?)"
+            assert np.array_equal(ref.view(np.uint8), got.view(np.uint8)), what
 
 
 def torch_equal_bits(a, b) -> bool:
