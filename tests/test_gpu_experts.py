@@ -249,8 +249,9 @@ def test_reduce_overhead_compile_of_the_experts(rng):
 @pytest.mark.parametrize("tokens", [1, 40])
 def test_experts_over_engine_tensors_on_cuda(rng, tokens):
     """ExmyExperts.over (what vLLM's packed MoE method builds) on CUDA tensors an engine owns, rows aligned
-    first as the method does: the same output as the module holding them itself, bit for bit, and the
-    engine's tensors stay the ones used (no copy)."""
+    first and then align_rows, as the method does: the same output as the module holding them itself, bit
+    for bit; the engine's tensors stay the ones used (no copy) but for the packed ones in tile order, which
+    align_rows laid out in new tensors (the method makes those its parameters) and left as they were."""
     import torch
 
     from exmyconv.torch.experts import PACKED_BUFFERS, ExmyExperts
@@ -261,10 +262,15 @@ def test_experts_over_engine_tensors_on_cuda(rng, tokens):
     tensors = {name: kernel_rows(t) if name.endswith("_packed") else t for name, t in tensors.items()}
     engine = ExmyExperts.over(own.weights["gate_up_proj"], own.weights["down_proj"], torch.nn.SiLU(), tensors,
                               torch.bfloat16)
+    before = {name: t.clone() for name, t in tensors.items()}
+    engine.align_rows()
+    tiled = {name for name in PACKED_BUFFERS if name.endswith("_packed") and engine.order(name[:-len("_packed")]) == "tile"}
+    assert tiled == {"gate_up_proj_packed", "down_proj_packed"}  # (e2m2, whole tiles: the test's point)
     x = torch.from_numpy(rng.standard_normal((tokens, H)).astype(np.float32)).to("cuda", torch.bfloat16)
     weights, index = _routing(rng, tokens, 2, torch.bfloat16)
     with torch.no_grad():
         got = engine(x, index, weights)
         want = own(x, index, weights)
     assert not torch.isnan(got).any() and torch.equal(got, want)
-    assert all(engine._buffers[name] is tensors[name] for name in PACKED_BUFFERS)
+    assert all((engine._buffers[name] is tensors[name]) == (name not in tiled) for name in PACKED_BUFFERS)
+    assert all(torch.equal(tensors[name], before[name]) for name in PACKED_BUFFERS)

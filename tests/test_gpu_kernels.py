@@ -740,7 +740,8 @@ def test_dequant_tile_order_equals_row_order(cp, rng, name):
         tiled = gpu.tile_order(weight)
         for out_dtype in ("F16", "BF16", "F32"):
             ref = cp.asnumpy(weight.dequantize(out_dtype))
-            out = cp.full((n, k), 0xFF, dtype=cp.uint8).view({"F16": cp.float16, "BF16": cp.uint16, "F32": cp.float32}[out_dtype])
+            out = cp.empty((n, k), dtype={"F16": cp.float16, "BF16": cp.uint16, "F32": cp.float32}[out_dtype])
+            out.view(cp.uint8).fill(0xFF)  # NaN in every output dtype
             got = cp.asnumpy(tiled.dequantize(out_dtype, out=out))
             what = f"{name} {n}x{k} g{group} {out_dtype}"
             nan = (got & 0x7FFF) > 0x7F80 if out_dtype == "BF16" else np.isnan(got)  # the poison is NaN

@@ -385,12 +385,15 @@ class ExmyExperts(nn.Module):
 
     # -- dtype safety ------------------------------------------------------------------------------
     def _apply(self, fn, recurse=True):
-        """``.to(...)``: :func:`exmyconv.torch.linear.apply_keeping_scales` over every projection's scales."""
+        """``.to(...)``: :func:`exmyconv.torch.linear.apply_keeping_scales` over every projection's scales in
+        row order; then the GPU layout (``align_rows``: here, not at a first call that a compiled graph's
+        warm-up may make, whose allocations must not outlive it)."""
         self._to_row_order()
         try:
             return apply_keeping_scales(self, fn, recurse, super()._apply, [name + "_scale" for name in PROJECTIONS])
         finally:
             self._reset_cuda()
+            self.align_rows()
 
 
 class _StackedGemv:
