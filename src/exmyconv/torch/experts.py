@@ -178,7 +178,7 @@ class ExmyExperts(nn.Module):
         """On the GPU, lay each projection's packed buffer out as the kernels read it: 16-byte aligned rows
         (``linear.kernel_rows``) and, where ``gpu`` (default: the GPU backend, if it runs here) takes it and
         each expert's rows are whole 16-row tiles, tile order (``linear.tile_ordered``). The transformers
-        loader calls it once the weights are in place; the first CUDA call does otherwise."""
+        loader calls it once the weights are in place, and so does ``.to()``; the first CUDA call does otherwise."""
         if gpu is None and self.gate_up_proj_packed.is_cuda and self.gpu_kernels:
             gpu = cuda.backend()
         for name, w in self.weights.items():
