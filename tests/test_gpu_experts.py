@@ -22,6 +22,11 @@ E, H, I = 8, 1024, 512
 
 
 def _experts(rng, fmt, group, dtype, scales8=False):
+    """Random experts on CUDA (``.to`` lays their packed buffers out: tile order where it applies)."""
+    return _cpu_experts(rng, fmt, group, scales8).to(device="cuda", dtype=dtype)
+
+
+def _cpu_experts(rng, fmt, group, scales8=False):
     import torch
 
     from exmyconv.format.exmy import get_format
@@ -41,7 +46,7 @@ def _experts(rng, fmt, group, dtype, scales8=False):
     for name, (packed, scale) in tensors.items():
         getattr(experts, name + "_packed").copy_(packed)
         getattr(experts, name + "_scale").copy_(scale)
-    return experts.to(device="cuda", dtype=dtype)
+    return experts
 
 
 def _reference(experts, x, index, weights):
@@ -99,7 +104,7 @@ def test_cuda_experts_match_the_dequantized_reference(rng, monkeypatch, dtype_na
 @pytest.mark.parametrize("fmt,group", [("e2m2", None), ("e3m2", 128), ("e2m1", 32)])
 @pytest.mark.parametrize("path", ["routed", "grouped"])
 def test_experts_in_tile_order_equal_row_order(rng, monkeypatch, fmt, group, path):
-    """On CUDA the experts' packed buffers go to tile order at the first call (ExmyExperts.align_rows): the
+    """On CUDA the experts' packed buffers go to tile order at ``.to()`` (ExmyExperts.align_rows): the
     routed GEMV and the grouped path (GEMVs of each expert's rows, dequantize + matmul past 16) give the
     bits of the same experts kept in row order; state_dict gives the file's bytes back."""
     import copy
@@ -110,8 +115,7 @@ def test_experts_in_tile_order_equal_row_order(rng, monkeypatch, fmt, group, pat
 
     monkeypatch.setattr(module.ExmyExperts, "routed_pairs", lambda self, k: 10**9 if path == "routed" else -1)
     dtype = torch.bfloat16
-    experts = _experts(rng, fmt, group, dtype)
-    row = copy.deepcopy(experts)
+    cpu = _cpu_experts(rng, fmt, group)
     cases = []
     for tokens in (1, 5, 40):
         x = torch.from_numpy(rng.standard_normal((tokens, H)).astype(np.float32)).to("cuda", dtype)
@@ -121,7 +125,9 @@ def test_experts_in_tile_order_equal_row_order(rng, monkeypatch, fmt, group, pat
     with torch.no_grad():
         with monkeypatch.context() as m:  # the twin never reorders its buffers
             m.setattr(module, "tile_ordered", lambda *args: None)
+            row = copy.deepcopy(cpu).to(device="cuda", dtype=dtype)
             want = [row(*case) for case in cases]
+        experts = cpu.to(device="cuda", dtype=dtype)
         got = [experts(*case) for case in cases]
     assert all(experts.order(name) == "tile" and row.order(name) == "row" for name in module.PROJECTIONS)
     for (x, _, _), g, w in zip(cases, got, want):
@@ -258,7 +264,7 @@ def test_experts_over_engine_tensors_on_cuda(rng, tokens):
     from exmyconv.torch.linear import kernel_rows
 
     own = _experts(rng, "e2m2", 128, torch.bfloat16)
-    tensors = {name: own._buffers[name].clone() for name in PACKED_BUFFERS}
+    tensors = {name: t.clone() for name, t in own.state_dict().items() if name in PACKED_BUFFERS}  # (row order)
     tensors = {name: kernel_rows(t) if name.endswith("_packed") else t for name, t in tensors.items()}
     engine = ExmyExperts.over(own.weights["gate_up_proj"], own.weights["down_proj"], torch.nn.SiLU(), tensors,
                               torch.bfloat16)
