@@ -695,9 +695,10 @@ def test_gemv_option_build_equals_default(cp, rng, name, define, kind, batches):
 @pytest.mark.parametrize("name", ["e2m2", "e3m2", "e2m1", "e4m3"])
 def test_gemv_tile_order_equals_row_order(cp, rng, name, kind, batches):
     """The GEMV on the weights in tile order (gpu.tile_order; its EXMY_TILE build) gives the bits of the
-    same weights in row order, but for b1r with a 4-bit plane only (e2m1), whose row order takes a
-    lane's chunks spread (gemv.cu Cfg::SPREAD) and so sums in another order: there both are held to
-    the float64 reference within the GEMV's tolerance. Cases: every plane combination (4+1, 4+2, 4, 8 bits), batch 1 in b1 and b1r
+    same weights in row order, but for b1r without a 2- or 8-bit plane (e2m1, e2m2), whose row order
+    takes a lane's chunks spread (gemv.cu Cfg::SPREAD) and so sums in another order (e2m2: a last bit
+    of 1-3 outputs in 600 on K = 20096): there both are held to the float64 reference within the
+    GEMV's tolerance. Cases: every plane combination (4+1, 4+2, 4, 8 bits), batch 1 in b1 and b1r
     (K below and above b1's), the batch 2..16 kinds, K with and without a tail iteration, scale groups,
     fp16 and bf16 x, the host's split and splits 1, 2, 8 (8 also with contiguous slices), PDL."""
     fmt = get_format(name)
@@ -717,7 +718,7 @@ def test_gemv_tile_order_equals_row_order(cp, rng, name, kind, batches):
                                             interleave=interleave, overlap=overlap)
                     assert plan.kernel == replace(ref.kernel, order="tile") and plan.split == ref.split
                     what = f"{name} {n}x{k} B={batch} {x_dtype} group {group} {plan.kernel.name} split {split}"
-                    if plan.kernel.kind == "b1r" and fmt.planes == (4,):
+                    if plan.kernel.kind == "b1r" and not {2, 8} & set(fmt.planes):  # (Cfg::SPREAD in row order)
                         for out in (y_ref, y):
                             y64 = out.double().cpu().numpy()
                             err = np.linalg.norm(y64 - ref64) / max(np.linalg.norm(ref64), 1e-30)
