@@ -690,14 +690,38 @@ def test_gemv_option_build_equals_default(cp, rng, name, define, kind, batches):
                         f"{name} {n}x{k} B={batch} {x_dtype} group {group} {plan.kernel.name} split {split}: {define} differs"
 
 
+@pytest.mark.parametrize("kind,batches", [(None, (1, 2)), ("nt1w", (2, 9)), ("nt2w", (9, 17))])
+@pytest.mark.parametrize("name", ["e2m2", "e3m2", "e2m1"])
+def test_gemv_l2_prefetch_build_equals_default(cp, rng, name, kind, batches):
+    """GEMV_L2PF=2 (bulk L2 prefetches of the weights in tile order, two iterations ahead) only warms L2:
+    the default build's bits, for b1 and b1r (K below and above b1's), the two-tile kinds, K tails, scale
+    groups, fp16 and bf16 x, the host's split and splits 1 and 8 (also contiguous), plain launches and PDL."""
+    fmt = get_format(name)
+    for group in (None, 128):
+        for x_dtype in ("F16", "BF16"):
+            batch = int(rng.integers(*batches))
+            n = 16 * int(rng.integers(1, 80))
+            k = 128 * int(rng.choice([int(rng.integers(1, 40)), 4096 // 128, 20096 // 128]))
+            k -= 8 * int(rng.integers(0, 2))  # (a K tail inside the last chunk)
+            _, _, weight, x, _, _ = gemv_check(cp, rng, fmt, n, k, batch, x_dtype, group=group, order="tile")
+            assert weight.order == "tile"
+            for split, interleave in ((None, None), (1, None), (8, None), (8, 0)):
+                _, y_ref = poisoned_plan(x, weight, f"{name} {kind}", kind=kind, split=split, interleave=interleave)
+                for overlap in (False, True):
+                    plan, y = poisoned_plan(x, weight, f"{name} {kind} L2PF", kind=kind, split=split, interleave=interleave,
+                                            overlap=overlap, defines=("GEMV_L2PF=2",))
+                    assert torch_equal_bits(y_ref, y), \
+                        f"{name} {n}x{k} B={batch} {x_dtype} group {group} {plan.kernel.name} split {split}: L2PF differs"
+
+
 @pytest.mark.parametrize("kind,batches", [(None, (1, 2)), ("nt1", (2, 9)), ("nt1w", (2, 9)), ("nt2", (9, 17)),
                                           ("nt2w", (9, 17))])
 @pytest.mark.parametrize("name", ["e2m2", "e3m2", "e2m1", "e4m3"])
 def test_gemv_tile_order_equals_row_order(cp, rng, name, kind, batches):
     """The GEMV on the weights in tile order (gpu.tile_order; its EXMY_TILE build) gives the bits of the
     same weights in row order, but for b1r without a 2- or 8-bit plane (e2m1, e2m2), whose row order
-    takes a lane's chunks spread (gemv.cu Cfg::SPREAD) and so sums in another order (e2m2: a last bit
-    of 1-3 outputs in 600 on K = 20096): there both are held to the float64 reference within the
+    takes a lane's chunks spread (gemv.cu Cfg::SPREAD) and so sums in another order (e2m2: the last bit
+    of 0-3 of 48-1024 outputs on K = 20096): there both are held to the float64 reference within the
     GEMV's tolerance. Cases: every plane combination (4+1, 4+2, 4, 8 bits), batch 1 in b1 and b1r
     (K below and above b1's), the batch 2..16 kinds, K with and without a tail iteration, scale groups,
     fp16 and bf16 x, the host's split and splits 1, 2, 8 (8 also with contiguous slices), PDL."""

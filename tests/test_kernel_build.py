@@ -216,15 +216,18 @@ def check_usage(what: str, fmt: ExMy, kernels: list[GemvKernel], log: str, spill
     # b1 in mode 4 spills 28 bytes at 3 blocks per SM with them), and one where it has two (nt1, nt2)
     ("GEMV_PP=1", [("b1", 0, "F16", 0), ("b1r", 0, "F16", 0)]),
     ("GEMV_PP=-1", [("nt1", 0, "F16", 0), ("nt2", 0, "F16", 0)]),
+    # L2 bulk prefetch of the weights in tile order, two iterations beyond the register prefetch
+    ("GEMV_L2PF=2;EXMY_TILE=1", [("b1", 0, "F16", 0), ("b1r", 0, "F16", 0), ("nt1w", 0, "F16", 0),
+                                 ("nt2w", 0, "F16", 0)]),
 ])
 def test_gemv_option_builds_compile(tmp_path, define, kernels):
-    """gemv.cu's build options that no default build uses compile for e2m2 and e3m2 without warnings,
-    within their registers (and but for GEMV_DIAG within the spill limits of the default builds)."""
+    """gemv.cu's build options that no default build uses (``;`` joins two) compile for e2m2 and e3m2 without
+    warnings, within their registers (and but for GEMV_DIAG within the spill limits of the default builds)."""
     for fmt in (get_format("e2m2"), get_format("e3m2")):
         built = [GemvKernel(kind, mode, x, groups, gpu.gemv_blocks(fmt, kind, mode, groups))
                  for kind, mode, x, groups in kernels]
         src = gemv_source(built, tmp_path / f"opt_{fmt.name}.cu")
-        rc, log = _compile(src, fmt, src.with_suffix(".cubin"), (define,))
+        rc, log = _compile(src, fmt, src.with_suffix(".cubin"), tuple(define.split(";")))
         assert rc == 0 and "warning" not in log.lower(), log[-3000:]
         check_usage(f"{define} {fmt.name}", fmt, built, log, spills=not define.startswith("GEMV_DIAG"))
 
