@@ -690,6 +690,17 @@ def test_gemv_option_build_equals_default(cp, rng, name, define, kind, batches):
                         f"{name} {n}x{k} B={batch} {x_dtype} group {group} {plan.kernel.name} split {split}: {define} differs"
 
 
+def tileable_cases(rng, batches):
+    """(scale group, x dtype, batch, n, k) for the tile-order tests: one scale per row and groups of 128,
+    fp16 and bf16 x; N whole 16-row tiles; K whole 128-element blocks below, at and above b1's limit,
+    or 8 short of them (a K tail inside the last chunk, padded K still whole blocks)."""
+    for group in (None, 128):
+        for x_dtype in ("F16", "BF16"):
+            n = 16 * int(rng.integers(1, 80))
+            k = 128 * int(rng.choice([int(rng.integers(1, 40)), 4096 // 128, 20096 // 128])) - 8 * int(rng.integers(0, 2))
+            yield group, x_dtype, int(rng.integers(*batches)), n, k
+
+
 @pytest.mark.parametrize("kind,batches", [(None, (1, 2)), ("nt1w", (2, 9)), ("nt2w", (9, 17))])
 @pytest.mark.parametrize("name", ["e2m2", "e3m2", "e2m1"])
 def test_gemv_l2_prefetch_build_equals_default(cp, rng, name, kind, batches):
@@ -697,21 +708,16 @@ def test_gemv_l2_prefetch_build_equals_default(cp, rng, name, kind, batches):
     the default build's bits, for b1 and b1r (K below and above b1's), the two-tile kinds, K tails, scale
     groups, fp16 and bf16 x, the host's split and splits 1 and 8 (also contiguous), plain launches and PDL."""
     fmt = get_format(name)
-    for group in (None, 128):
-        for x_dtype in ("F16", "BF16"):
-            batch = int(rng.integers(*batches))
-            n = 16 * int(rng.integers(1, 80))
-            k = 128 * int(rng.choice([int(rng.integers(1, 40)), 4096 // 128, 20096 // 128]))
-            k -= 8 * int(rng.integers(0, 2))  # (a K tail inside the last chunk)
-            _, _, weight, x, _, _ = gemv_check(cp, rng, fmt, n, k, batch, x_dtype, group=group, order="tile")
-            assert weight.order == "tile"
-            for split, interleave in ((None, None), (1, None), (8, None), (8, 0)):
-                _, y_ref = poisoned_plan(x, weight, f"{name} {kind}", kind=kind, split=split, interleave=interleave)
-                for overlap in (False, True):
-                    plan, y = poisoned_plan(x, weight, f"{name} {kind} L2PF", kind=kind, split=split, interleave=interleave,
-                                            overlap=overlap, defines=("GEMV_L2PF=2",))
-                    assert torch_equal_bits(y_ref, y), \
-                        f"{name} {n}x{k} B={batch} {x_dtype} group {group} {plan.kernel.name} split {split}: L2PF differs"
+    for group, x_dtype, batch, n, k in tileable_cases(rng, batches):
+        _, _, weight, x, _, _ = gemv_check(cp, rng, fmt, n, k, batch, x_dtype, group=group, order="tile")
+        assert weight.order == "tile"
+        for split, interleave in ((None, None), (1, None), (8, None), (8, 0)):
+            _, y_ref = poisoned_plan(x, weight, f"{name} {kind}", kind=kind, split=split, interleave=interleave)
+            for overlap in (False, True):
+                plan, y = poisoned_plan(x, weight, f"{name} {kind} L2PF", kind=kind, split=split, interleave=interleave,
+                                        overlap=overlap, defines=("GEMV_L2PF=2",))
+                assert torch_equal_bits(y_ref, y), \
+                    f"{name} {n}x{k} B={batch} {x_dtype} group {group} {plan.kernel.name} split {split}: L2PF differs"
 
 
 @pytest.mark.parametrize("kind,batches", [(None, (1, 2)), ("nt1", (2, 9)), ("nt1w", (2, 9)), ("nt2", (9, 17)),
@@ -723,32 +729,28 @@ def test_gemv_tile_order_equals_row_order(cp, rng, name, kind, batches):
     takes a lane's chunks spread (gemv.cu Cfg::SPREAD) and so sums in another order (e2m2: the last bit
     of 0-3 of 48-1024 outputs on K = 20096): there both are held to the float64 reference within the
     GEMV's tolerance. Cases: every plane combination (4+1, 4+2, 4, 8 bits), batch 1 in b1 and b1r
-    (K below and above b1's), the batch 2..16 kinds, K with and without a tail iteration, scale groups,
+    (K below and above b1's), the batch 2..16 kinds, K with and without a tail iteration (tileable_cases), scale groups,
     fp16 and bf16 x, the host's split and splits 1, 2, 8 (8 also with contiguous slices), PDL."""
     fmt = get_format(name)
-    for group in (None, 128):
-        for x_dtype in ("F16", "BF16"):
-            batch = int(rng.integers(*batches))
-            n = 16 * int(rng.integers(1, 80))
-            k = 128 * int(rng.choice([int(rng.integers(1, 40)), 4096 // 128, 20096 // 128]))
-            _, _, weight, x, _, x64 = gemv_check(cp, rng, fmt, n, k, batch, x_dtype, group=group, order="row")
-            tiled = gpu.tile_order(weight)
-            ref64 = x64 @ cp.asnumpy(weight.dequantize("F32")).astype(np.float64).T
-            assert k == 128 or not cp.array_equal(tiled.payload, weight.payload)  # (one block per row: e2m1's orders agree)
-            for split, interleave in ((None, None), (1, None), (2, None), (8, None), (8, 0)):
-                ref, y_ref = poisoned_plan(x, weight, f"{name} {kind}", kind=kind, split=split, interleave=interleave)
-                for overlap in (False, True):
-                    plan, y = poisoned_plan(x, tiled, f"{name} {kind} tile order", kind=kind, split=split,
-                                            interleave=interleave, overlap=overlap)
-                    assert plan.kernel == replace(ref.kernel, order="tile") and plan.split == ref.split
-                    what = f"{name} {n}x{k} B={batch} {x_dtype} group {group} {plan.kernel.name} split {split}"
-                    if plan.kernel.kind == "b1r" and not {2, 8} & set(fmt.planes):  # (Cfg::SPREAD in row order)
-                        for out in (y_ref, y):
-                            y64 = out.double().cpu().numpy()
-                            err = np.linalg.norm(y64 - ref64) / max(np.linalg.norm(ref64), 1e-30)
-                            assert err <= TOL["BF16" if plan.kernel.mode >= 2 else "F16"], f"{what}: rel error {err:.2e}"
-                    else:
-                        assert torch_equal_bits(y_ref, y), f"{what}: tile order differs"
+    for group, x_dtype, batch, n, k in tileable_cases(rng, batches):
+        _, _, weight, x, _, x64 = gemv_check(cp, rng, fmt, n, k, batch, x_dtype, group=group, order="row")
+        tiled = gpu.tile_order(weight)
+        ref64 = x64 @ cp.asnumpy(weight.dequantize("F32")).astype(np.float64).T
+        assert k <= 128 or not cp.array_equal(tiled.payload, weight.payload)  # (one block per row: e2m1's orders agree)
+        for split, interleave in ((None, None), (1, None), (2, None), (8, None), (8, 0)):
+            ref, y_ref = poisoned_plan(x, weight, f"{name} {kind}", kind=kind, split=split, interleave=interleave)
+            for overlap in (False, True):
+                plan, y = poisoned_plan(x, tiled, f"{name} {kind} tile order", kind=kind, split=split,
+                                        interleave=interleave, overlap=overlap)
+                assert plan.kernel == replace(ref.kernel, order="tile") and plan.split == ref.split
+                what = f"{name} {n}x{k} B={batch} {x_dtype} group {group} {plan.kernel.name} split {split}"
+                if plan.kernel.kind == "b1r" and not {2, 8} & set(fmt.planes):  # (Cfg::SPREAD in row order)
+                    for out in (y_ref, y):
+                        y64 = out.double().cpu().numpy()
+                        err = np.linalg.norm(y64 - ref64) / max(np.linalg.norm(ref64), 1e-30)
+                        assert err <= TOL["BF16" if plan.kernel.mode >= 2 else "F16"], f"{what}: rel error {err:.2e}"
+                else:
+                    assert torch_equal_bits(y_ref, y), f"{what}: tile order differs"
 
 
 @pytest.mark.parametrize("name", ["e2m2", "e3m2", "e2m1", "e4m3", "e3m3", "e1m1"])
