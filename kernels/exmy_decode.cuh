@@ -369,6 +369,14 @@ __device__ __forceinline__ ChunkPtr chunk_ptr_tiled(const u8* __restrict__ tile,
     return p;
 }
 
+// The same chunk 8 rows further down its tile (tile order): fixed offsets from p, so a warp keeps no
+// pointers of its own for rows g + 8 and their loads take immediate offsets.
+__device__ __forceinline__ ChunkPtr rows_below(const ChunkPtr& p) {
+    ChunkPtr q = p;
+    q.p8 += 8 * 128; q.p4 += 8 * 64; q.p2 += 8 * 32; q.p1 += 8 * 16;
+    return q;
+}
+
 // A row: its start (row order) or its tile's start and its place in the tile (tile order).
 struct RowRef {
     const u8* base;

@@ -345,14 +345,20 @@ __device__ __forceinline__ void gemv_warp(const u8* __restrict__ payload, const 
     const u32 lane = threadIdx.x & 31;
     const u32 gr = lane >> 2, t = lane & 3;     // mma groupID / thread-in-group
     // rows gr and gr + 8 of tile m (rows row0 + 16m ..); clamped: tail rows re-read row n-1 (their
-    // outputs are not written)
+    // outputs are not written). Tile order (N a multiple of 16): a tile past N re-reads the last
+    // tile, so that rows gr + 8 are always 8 rows below rows gr in the same tile (rows_below).
     u32 ra[MT], rb[MT];
     RowRef rowa[MT], rowb[MT];
 #pragma unroll
     for (int m = 0; m < MT; ++m) {
         const u32 r = row0 + 16 * m + gr;
-        ra[m] = r < n ? r : n - 1;
-        rb[m] = r + 8 < n ? r + 8 : n - 1;
+        if (TILED) {
+            ra[m] = (row0 + 16 * m < n ? row0 + 16 * m : n - 16) + gr;
+            rb[m] = ra[m] + 8;
+        } else {
+            ra[m] = r < n ? r : n - 1;
+            rb[m] = r + 8 < n ? r + 8 : n - 1;
+        }
         rowa[m] = row_ref(payload, ra[m], stride);
         rowb[m] = row_ref(payload, rb[m], stride);
     }
@@ -616,18 +622,19 @@ __device__ __forceinline__ void gemv_warp(const u8* __restrict__ payload, const 
             constexpr int P = decltype(set)::value;
 #pragma unroll
             for (int m = 0; m < MT; ++m) {
+                const ChunkPtr pbm = TILED ? rows_below(pa[m]) : pb[m];  // (tile order: pb is not kept)
                 if (CPT == 2 && !SPREAD) {  // chunk q0 is even: the two chunks' small planes in one load each
                     load_chunk_pair(pa[m], wa[P][0][m], wa[P][CPT - 1][m]);
-                    load_chunk_pair(pb[m], wb[P][0][m], wb[P][CPT - 1][m]);
+                    load_chunk_pair(pbm, wb[P][0][m], wb[P][CPT - 1][m]);
                 } else if (SPREAD_PAIR) {   // chunks q0, q0 + 4 (q0 % 8 = t < 4)
                     load_chunk_spread(pa[m], wa[P][0][m], wa[P][CPT - 1][m]);
-                    load_chunk_spread(pb[m], wb[P][0][m], wb[P][CPT - 1][m]);
+                    load_chunk_spread(pbm, wb[P][0][m], wb[P][CPT - 1][m]);
                 }
 #pragma unroll
                 for (int i = 0; i < CPT; ++i) {
                     if (CPT != 2 || (SPREAD && !SPREAD_PAIR)) {
                         wa[P][i][m] = load_chunk_at(pa[m], CSTEP * i);
-                        wb[P][i][m] = load_chunk_at(pb[m], CSTEP * i);
+                        wb[P][i][m] = load_chunk_at(pbm, CSTEP * i);
                     }
                     swa[P][i][m] = swb[P][i][m] = S{};
                     if (GM == 1) {
