@@ -377,6 +377,13 @@ __device__ __forceinline__ ChunkPtr rows_below(const ChunkPtr& p) {
     return q;
 }
 
+// p moved on by `bytes` in every plane (tile order: the same place in another tile).
+__device__ __forceinline__ ChunkPtr offset_by(const ChunkPtr& p, u32 bytes) {
+    ChunkPtr q = p;
+    q.p8 += bytes; q.p4 += bytes; q.p2 += bytes; q.p1 += bytes;
+    return q;
+}
+
 // A row: its start (row order) or its tile's start and its place in the tile (tile order).
 struct RowRef {
     const u8* base;

@@ -607,10 +607,12 @@ __device__ __forceinline__ void gemv_warp(const u8* __restrict__ payload, const 
         u32 q0 = it * KSTEP + t * (SPREAD ? 1 : CPT);  // this lane's first chunk of iteration `it`
         const u32 qstep = istep * KSTEP;
         ChunkPtr pa[MT], pb[MT];
+        u32 dtile[MT];  // tile order: bytes from tile 0's rows to tile m's
 #pragma unroll
         for (int m = 0; m < MT; ++m) {
             pa[m] = chunk_at(rowa[m], kp, q0);
             pb[m] = chunk_at(rowb[m], kp, q0);
+            dtile[m] = (u32)(rowa[m].base - rowa[0].base);
         }
         // Two register sets: with PP iteration n computes from set n % 2 while the next one's
         // weights (and x, XWIN) load into the other; without, set 1 is copied to set 0 first.
@@ -622,18 +624,20 @@ __device__ __forceinline__ void gemv_warp(const u8* __restrict__ payload, const 
             constexpr int P = decltype(set)::value;
 #pragma unroll
             for (int m = 0; m < MT; ++m) {
-                const ChunkPtr pbm = TILED ? rows_below(pa[m]) : pb[m];  // (tile order: pb is not kept)
+                // (tile order: only pa[0] is kept; the other tiles lie dtile[m] bytes further, rows g + 8 below)
+                const ChunkPtr pam = TILED && m > 0 ? offset_by(pa[0], dtile[m]) : pa[m];
+                const ChunkPtr pbm = TILED ? rows_below(pam) : pb[m];
                 if (CPT == 2 && !SPREAD) {  // chunk q0 is even: the two chunks' small planes in one load each
-                    load_chunk_pair(pa[m], wa[P][0][m], wa[P][CPT - 1][m]);
+                    load_chunk_pair(pam, wa[P][0][m], wa[P][CPT - 1][m]);
                     load_chunk_pair(pbm, wb[P][0][m], wb[P][CPT - 1][m]);
                 } else if (SPREAD_PAIR) {   // chunks q0, q0 + 4 (q0 % 8 = t < 4)
-                    load_chunk_spread(pa[m], wa[P][0][m], wa[P][CPT - 1][m]);
+                    load_chunk_spread(pam, wa[P][0][m], wa[P][CPT - 1][m]);
                     load_chunk_spread(pbm, wb[P][0][m], wb[P][CPT - 1][m]);
                 }
 #pragma unroll
                 for (int i = 0; i < CPT; ++i) {
                     if (CPT != 2 || (SPREAD && !SPREAD_PAIR)) {
-                        wa[P][i][m] = load_chunk_at(pa[m], CSTEP * i);
+                        wa[P][i][m] = load_chunk_at(pam, CSTEP * i);
                         wb[P][i][m] = load_chunk_at(pbm, CSTEP * i);
                     }
                     swa[P][i][m] = swb[P][i][m] = S{};
