@@ -110,17 +110,20 @@ struct Cfg {
     // PP: the main loop alternates two register sets (ping-pong) instead of copying the prefetched
     // set each iteration: b1r in its 128-register build, b1 and nt1 for unshared codes of other than
     // 5 bits (5-bit nt1 gained little, and spills in its 80-register bf16 build), nt2 for unshared
-    // codes, and nt1w / nt2w for unshared 4-bit codes (the two row tiles' second set fits there; 5-
-    // and 6-bit codes spill). XWIN: the x of the next iteration is loaded with its weights (16 bytes
-    // per lane) and parked in the warp's window in shared memory as pair words (park_x), so an
-    // iteration reads x like b1 does: b1r with a 1-bit plane or shared bits. Where they are off they
-    // were slower on an H100 (docs/benchmarks.md, H100 tuning and fourteenth session). With one set, ptxas may issue the prefetch late, into registers the
-    // iteration's first chunk is still decoded from (docs/kernels.md); -DGEMV_PP=1 gives every kind
-    // two sets, -DGEMV_PP=-1 none, for timing.
+    // codes, nt1w / nt2w for unshared 4-bit codes (the two row tiles' second set fits there), and
+    // nt2w for unshared 5-bit codes in tile order (rows_below freed the registers: 4-5 % faster at
+    // batch 16 on an H100; row order spills, and 6-bit codes were level or 5 % slower). XWIN: the x
+    // of the next iteration is loaded with its weights (16 bytes per lane) and parked in the warp's
+    // window in shared memory as pair words (park_x), so an iteration reads x like b1 does: b1r with
+    // a 1-bit plane or shared bits. Where they are off they were slower on an H100
+    // (docs/benchmarks.md, H100 tuning and fourteenth session). With one set, ptxas may issue the
+    // prefetch late, into registers the iteration's first chunk is still decoded from
+    // (docs/kernels.md); -DGEMV_PP=1 gives every kind two sets, -DGEMV_PP=-1 none, for timing.
     static constexpr bool PP = GEMV_PP ? GEMV_PP > 0
                                        : (KIND == 3 && BLOCKS == 2) || (KIND == 0 && !SHARED && BITS != 5) ||
                                              (KIND == 2 && !SHARED) || (KIND == 1 && !SHARED && BITS != 5) ||
-                                             ((KIND == 4 || KIND == 5) && NIB && !SHARED);
+                                             ((KIND == 4 || KIND == 5) && NIB && !SHARED) ||
+                                             (KIND == 4 && TILED && BITS == 5 && !SHARED);
     static constexpr bool XWIN = KIND == 3 && GEMV_XWIN && CPT == 2 && (HAS1 || SHARED);
 };
 constexpr int XS_STRIDE = 20;  // words per chunk of staged x: 16 pairs + 4 padding (conflict-free LDS.128)
