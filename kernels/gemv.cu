@@ -913,16 +913,18 @@ exmy_gemv_routed(const u8* __restrict__ payload, const void* __restrict__ ks, co
                                        y, n, k, stride, ngroups, g, gshift, 1, split, interleave);
 }
 
-// x tiles (see x_tile_word) for the batch 2..16 kinds: block b writes batch row b of the tiles (zeros
-// for b >= batch; the grid is 8 * nt blocks, nt = 1 for batch <= 8, else 2). A thread takes whole
+// x tiles (see x_tile_word) for the batch 2..16 kinds: blocks (b, y) write batch row b of the tiles (zeros
+// for b >= batch; gridDim.x is 8 * nt, nt = 1 for batch <= 8, else 2), block y the y-th of gridDim.y runs
+// of its chunks: spread over many SMs, the pass ends sooner (the GEMV waits for it). A thread takes whole
 // chunks, loads x's 64 bytes of each, puts their elements in pair order (one PRMT per pair word) and
-// stores them where the GEMV's lanes load them, in the GEMV's operand type. CONV: X_COPY (x's type
-// is the operands'), X_BF16 (fp16 x for bf16 operands, MODE 2: rounded to bf16 once here instead of
-// at every load), X_SCALED (MODE 5, bf16 x): converted to fp16 x * 2^s_b, s_b = x16_shift of the row's
-// largest |x|; 2^-s_b goes as a float to byte x_tile_factors(k, nt) + 4b. Rows of up to HELD * THREADS chunks are read once, every load issued
-// before the block's reduction (one memory round trip: the kernel's whole cost at these sizes); longer
-// rows take a second pass (from cache). A template only so that the host builds it by name alone,
-// like exmy_gemv (THREADS: the block size it is launched with).
+// stores them where the GEMV's lanes load them, in the GEMV's operand type. CONV: X_COPY (x's type is the
+// operands'), X_BF16 (fp16 x for bf16 operands, MODE 2: rounded to bf16 once here instead of at every
+// load), X_SCALED (MODE 5, bf16 x): converted to fp16 x * 2^s_b, s_b = x16_shift of the row's largest |x|;
+// 2^-s_b goes as a float to byte x_tile_factors(k, nt) + 4b. X_SCALED: every block of a row reads the
+// whole row for its largest |x| (the same in each), rows of up to HELD * THREADS chunks once, every load
+// issued before the block's reduction (one memory round trip); longer rows take a second pass (from
+// cache). A template only so that the host builds it by name alone, like exmy_gemv (THREADS: the block
+// size it is launched with).
 constexpr int X_COPY = 0, X_BF16 = 1, X_SCALED = 2;  // exmy_x_tiles' conversions (cuda/gpu.py x_tiles_conv)
 template <int THREADS, int CONV>
 __global__ void __launch_bounds__(THREADS)
@@ -933,6 +935,7 @@ exmy_x_tiles(const u16* __restrict__ x, u32* __restrict__ xt, u32 k, u32 batch) 
     pdl_release();  // the GEMV may start its weight loads; it waits for this grid before it reads the tiles
     const u32 b = blockIdx.x, nt = gridDim.x / 8;
     const u32 nq = (k + 127) / 128 * 4;  // chunks, whole iterations of 4
+    const u32 per = (nq + gridDim.y - 1) / gridDim.y, q_lo = blockIdx.y * per, q_hi = min(nq, q_lo + per);
     const bool real = b < batch, vec = (k % 8) == 0;
     const u16* xb = x + (size_t)(real ? b : 0) * k;
     auto load = [&](u32 q, u32 (&w)[16]) {  // w[i] = (x[32q + 2i], x[32q + 2i + 1]) of row b, zeros past K
@@ -1000,10 +1003,10 @@ exmy_x_tiles(const u16* __restrict__ x, u32* __restrict__ xt, u32 k, u32 batch) 
 #pragma unroll
         for (int h = 0; h < HELD; ++h) {
             const u32 q = threadIdx.x + h * THREADS;
-            if (q < nq) store(q, w[h], xpow);
+            if (q >= q_lo && q < q_hi) store(q, w[h], xpow);
         }
     } else {
-        for (u32 q = threadIdx.x; q < nq; q += THREADS) {
+        for (u32 q = q_lo + threadIdx.x; q < q_hi; q += THREADS) {
             u32 v[16];
             load(q, v);
             store(q, v, xpow);

@@ -633,9 +633,10 @@ def test_gemv_x_tiles(cp, rng, name):
                                                 tiled=tiled, overlap=pdl)
                         assert plan.kernel.tiled == tiled and (plan.tiles is not None) == tiled
                         if tiled and split is None and not pdl:  # the tiles alone, against the definition
-                            fn, grid, (xc, work, *rest) = plan.tiles
+                            fn, grid, block, (xc, work, *rest) = plan.tiles
+                            assert grid == gpu.x_tiles_grid(batch, k, gpu.x_tiles_conv(plan.kernel)), grid
                             work.fill(0xFF)
-                            fn(grid, (gpu.X_TILES_THREADS,), (xc, work, *rest))
+                            fn(grid, block, (xc, work, *rest))
                             got = cp.asnumpy(work.view(cp.uint16))[: work.size // 2 - (2 * grid[0])]
                             conv = gpu.x_tiles_conv(plan.kernel)
                             assert conv == (1 if plan.kernel.mode == 2 and x_dtype == "F16" else 0), plan.kernel

@@ -118,7 +118,8 @@ def gemv_source(kernels: list[GemvKernel], path: Path) -> Path:
     """A source that builds `kernels` from kernels/gemv.cu (what NVRTC's name expressions do)."""
     lines = [f'#include "{KERNELS / "gemv.cu"}"'] + [
         f"EXMY_GEMV_{'ROUTED_' if k.routed else ''}INSTANCE({k.expression})" for k in kernels] + [
-        f"EXMY_X_TILES_INSTANCE(exmy_x_tiles<{gpu.X_TILES_THREADS}, {conv}>)" for conv in (0, 1, 2)]
+        f"EXMY_X_TILES_INSTANCE(exmy_x_tiles<{gpu.x_tiles_threads(conv)}, {conv}>)"
+        for conv in (gpu.X_COPY, gpu.X_BF16, gpu.X_SCALED)]
     path.write_text("\n".join(lines) + "\n")
     return path
 

@@ -578,7 +578,7 @@ def _xs_bytes(fmt: ExMy, k: int, defines: tuple = ()) -> int:
 
 GEMV_KINDS = ("b1", "nt1", "nt2", "b1r", "nt2w", "nt1w")  # kernels/gemv.cu KIND 0 .. 5
 MODE4_KINDS = ("b1", "b1r")  # the kinds that take bf16 x as scaled fp16 themselves (mode 4; the others: mode 5)
-X_TILES_THREADS = 512  # block size of exmy_x_tiles (x tiles for the batch 2..16 kinds, one block per batch row)
+X_COPY, X_BF16, X_SCALED = 0, 1, 2  # exmy_x_tiles' conversions of x (kernels/gemv.cu; x_tiles_conv)
 # Mode 5 costs a fixed 1.5-2 us (a second kernel, and the GEMV waits for it) and saves decode work in
 # proportion to the weights: layers of at least this many weights take it, per batch > 8 (measured on
 # an H100, e2m2, with programmatic dependent launch: 4096->28672 and 8192->28672 12-19 % faster at
@@ -729,17 +729,33 @@ def gemv_function(kernel: GemvKernel, fmt: ExMy, defines: tuple = ()):
 
 
 def x_tiles_conv(kernel: GemvKernel) -> int:
-    """How exmy_x_tiles writes x for a tiled `kernel` (gemv.cu X_COPY, X_BF16, X_SCALED): bf16 x as fp16
-    times 2^s per row in mode 5 (2); fp16 x rounded to bf16 for bf16 operands, mode 2 (1); else as it is."""
+    """How exmy_x_tiles writes x for a tiled `kernel`: bf16 x as fp16 times 2^s per row in mode 5
+    (X_SCALED); fp16 x rounded to bf16 for bf16 operands, mode 2 (X_BF16); else as it is (X_COPY)."""
     if kernel.mode == 5:
-        return 2
-    return 1 if kernel.mode == 2 and kernel.x_dtype == "F16" else 0
+        return X_SCALED
+    return X_BF16 if kernel.mode == 2 and kernel.x_dtype == "F16" else X_COPY
+
+
+def x_tiles_threads(conv: int) -> int:
+    """exmy_x_tiles' block size (a template parameter): 128 threads, a 32-element chunk each; X_SCALED 512,
+    since each of its blocks first reads the whole row (up to 1024 chunks held in registers)."""
+    return 512 if conv == X_SCALED else 128
+
+
+def x_tiles_grid(batch: int, k: int, conv: int) -> tuple:
+    """exmy_x_tiles' grid: per row of the padded batch (x_tile_rows), blocks that share the row's chunks
+    (gridDim.y): a chunk per thread, or for X_SCALED 4 (each finds the row's largest |x| alone). One block
+    per row left the GEMV waiting on 16 SMs: at batch 12-16 with fp16 x, the x tiles cost 3.0 us of an
+    H100 call on 28672->8192 and 1.5 us spread (e2m2 57.6 -> 56.1 us, e3m2 68.5 -> 67.0), 2.0 -> 1.2 us on
+    14336->4096, and mode 5 gained 0.3-0.8 us from K = 14336 (docs/benchmarks.md, twenty-fourth session)."""
+    slices = 4 if conv == X_SCALED else -(-(-(-k // 128) * 4) // x_tiles_threads(conv))
+    return (x_tile_rows(batch), slices)
 
 
 def x_tiles_function(fmt: ExMy, conv: int):
     """exmy_x_tiles, x tiles for a GEMV with kernel.tiled (built with the GEMV's format, which sets the
-    pair order), converting x as x_tiles_conv says."""
-    name = f"exmy_x_tiles<{X_TILES_THREADS}, {conv}>"
+    pair order), converting x as `conv` (x_tiles_conv) says."""
+    name = f"exmy_x_tiles<{x_tiles_threads(conv)}, {conv}>"
     return _module("gemv.cu", fmt.e, fmt.m, (), fmt.share, name).get_function(name)
 
 
@@ -838,7 +854,7 @@ class _GemvLaunchShape:
     smem: int
     split: int
     interleave: int
-    tiles: object = None  # kernel.tiled: exmy_x_tiles (cupy RawKernel), launched first (x_tiles_grid)
+    tiles: tuple | None = None  # kernel.tiled: exmy_x_tiles (cupy RawKernel), its grid and block, launched first
 
     def args(self, weight: "GpuWeight", x, y, batch: int, scales=None) -> tuple:
         """exmy_gemv's arguments (scales: the kernel scales, default the weight's own)."""
@@ -847,11 +863,6 @@ class _GemvLaunchShape:
                 np.uint32(weight.k), np.uint32(weight.payload.strides[0]), np.uint32(weight.ngroups),
                 np.uint32(weight.group_size), np.int32(_gshift(weight)), np.uint32(batch),
                 np.uint32(self.split), np.uint32(self.interleave))
-
-
-def x_tiles_grid(batch: int) -> tuple:
-    """exmy_x_tiles' grid: a block per row of the padded batch (x_tile_rows)."""
-    return (x_tile_rows(batch),)
 
 
 def _gemv_launch_shape(weight: "GpuWeight", x_dtype: str, batch: int, split: int | None = None,
@@ -893,7 +904,10 @@ def _gemv_launch_shape(weight: "GpuWeight", x_dtype: str, batch: int, split: int
     # beyond 48 KB of static + dynamic shared memory a launch needs the function's opt-in attribute
     if smem + fn.shared_size_bytes > 48 * 1024 and fn.max_dynamic_shared_size_bytes < smem:
         fn.max_dynamic_shared_size_bytes = smem
-    tiles = x_tiles_function(weight.fmt, x_tiles_conv(kernel)) if kernel.tiled else None
+    tiles = None
+    if kernel.tiled:
+        conv = x_tiles_conv(kernel)
+        tiles = (x_tiles_function(weight.fmt, conv), x_tiles_grid(batch, weight.k, conv), (x_tiles_threads(conv),))
     return _GemvLaunchShape(kernel, fn, grid, smem, split, interleave, tiles)
 
 
@@ -911,10 +925,10 @@ class GemvPlan:
                                    tiled=tiled)
         self.kernel, self.fn, self.grid, self.smem = shape.kernel, shape.fn, shape.grid, shape.smem
         self.split, self.interleave = shape.split, shape.interleave
-        self.tiles = None  # kernel.tiled: (exmy_x_tiles, its grid, its arguments), launched first
+        self.tiles = None  # kernel.tiled: (exmy_x_tiles, its grid, block and arguments), launched first
         if shape.tiles is not None:
             work = _cupy().empty(x_tiles_bytes(batch, weight.k), dtype=np.uint8)
-            self.tiles = (shape.tiles, x_tiles_grid(batch), (xc, work, np.uint32(weight.k), np.uint32(batch)))
+            self.tiles = shape.tiles + ((xc, work, np.uint32(weight.k), np.uint32(batch)),)
             xc = work
         self.args = shape.args(weight, xc, y, batch)
         self.stream = stream
@@ -924,7 +938,7 @@ class GemvPlan:
         if overlap:
             from .launch import Launch
 
-            self._pdl = [Launch(self.tiles[0], self.tiles[1], (X_TILES_THREADS,), self.tiles[2])] if self.tiles else []
+            self._pdl = [Launch(*self.tiles)] if self.tiles else []
             self._pdl.append(Launch(self.fn, self.grid, (GEMV_WARPS * 32,), self.args, self.smem))
 
     @property
@@ -938,8 +952,8 @@ class GemvPlan:
             return
         with self.stream:
             if self.tiles is not None:
-                fn, grid, args = self.tiles
-                fn(grid, (X_TILES_THREADS,), args)
+                fn, grid, block, args = self.tiles
+                fn(grid, block, args)
             self.fn(self.grid, (GEMV_WARPS * 32,), self.args, shared_mem=self.smem)
 
 
@@ -966,8 +980,7 @@ class GemvLaunch:
         self._launch = Launch(shape.fn, shape.grid, (GEMV_WARPS * 32,), shape.args(weight, 0, 0, batch),
                               shape.smem, pdl=overlap)
         self._tiles = None if shape.tiles is None else Launch(
-            shape.tiles, x_tiles_grid(batch), (X_TILES_THREADS,), (0, 0, np.uint32(weight.k), np.uint32(batch)),
-            pdl=overlap)
+            *shape.tiles, (0, 0, np.uint32(weight.k), np.uint32(batch)), pdl=overlap)
         self.work_bytes = 0 if shape.tiles is None else x_tiles_bytes(batch, weight.k)
 
     def move_weight(self, payload_ptr: int, scales_ptr: int) -> None:
