@@ -659,6 +659,40 @@ def test_gemv_x_tiles(cp, rng, name):
             assert torch.equal(y.view(torch.int16), want.view(torch.int16)), f"{name} {n}x{k} B={batch}: the GemvLaunch differs"
 
 
+@pytest.mark.parametrize("name", ["e2m2", "e2m1", "e3m2", "e2m2s4"])
+def test_gemv_batch_1_host_kind_on_wide_layers(cp, rng, monkeypatch, name):
+    """Batch 1 on wide layers past b1's staging (gpu._gemv_kind; here made so on small layers by patching the
+    staging limit and gemv_wide) takes nt1w for unshared formats, with bf16 x in mode 5 (x tiles in a poisoned
+    workspace), b1r for the shared ones and for routed pairs. Through gemv_plan and a GemvLaunch: every output
+    written, within gemv_check's bound of float64, and the two bit for bit equal; fp16 and bf16 x."""
+    import torch
+
+    fmt = get_format(name)
+    monkeypatch.setattr(gpu, "XS_LIMIT", 0)
+    monkeypatch.setattr(gpu, "gemv_wide", lambda n, fmt: fmt.bits <= 6)
+    want = "nt1w" if fmt.share == 1 else "b1r"
+    for x_dtype in ("F16", "BF16"):
+        n = 16 * int(rng.integers(1, 40)) + int(rng.integers(0, 16))
+        k = int(rng.choice([int(rng.integers(1, 700)), 1000 + 8 * int(rng.integers(0, 400))]))
+        _, _, weight, x, _, x64 = gemv_check(cp, rng, fmt, n, k, 1, x_dtype)
+        assert gpu.gemv_kernel(weight, x_dtype, 1, routed=True).kind == "b1r"
+        what = f"{name} {n}x{k} x {x_dtype}"
+        plan, y = poisoned_plan(x, weight, what)
+        assert plan.kernel.kind == want, plan.kernel
+        if x_dtype == "BF16":  # bf16 x as scaled fp16: converted by exmy_x_tiles (mode 5) or by b1r itself (4)
+            assert plan.kernel.mode == (5 if want == "nt1w" else 4), plan.kernel
+        ref = x64 @ cp.asnumpy(weight.dequantize("F32")).astype(np.float64).reshape(-1, k).T
+        err = np.linalg.norm(y.double().cpu().numpy() - ref) / max(np.linalg.norm(ref), 1e-30)
+        assert err <= (TOL["BF16"] if plan.kernel.mode >= 2 else TOL["F16"]), f"{what}: rel error {err:.2e}"
+        launch = gpu.GemvLaunch(weight, x_dtype, 1, overlap=torch.cuda.get_device_capability() >= (9, 0))
+        assert launch.kernel == plan.kernel, launch.kernel
+        work = torch.full((max(launch.work_bytes, 16),), 0xFF, dtype=torch.uint8, device="cuda")
+        got = torch.full_like(y, float("nan"))
+        launch(x.data_ptr(), got.data_ptr(), torch.cuda.current_stream().cuda_stream, work.data_ptr())
+        torch.cuda.synchronize()
+        assert torch.equal(got.view(torch.int16), y.view(torch.int16)), f"{what}: the GemvLaunch differs"
+
+
 @pytest.mark.parametrize("define,kind,batches", [
     ("GEMV_PP=1", None, (1, 2)), ("GEMV_PP=-1", "nt1", (2, 9)), ("GEMV_PP=-1", "nt2", (9, 17)),
     ("GEMV_PP=1", "nt1w", (2, 9)), ("GEMV_PP=-1", "nt2w", (9, 17)),

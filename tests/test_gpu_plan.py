@@ -96,6 +96,15 @@ def sms_132(monkeypatch):
     (8192, 28672, "e2m3", 1, 2, "nt1w", 8),
     (14336, 4096, "e2m2", 1, 4, "nt1", 8),
     (14336, 4096, "e3m2", 1, 4, "nt1", 8),
+    # batch 1: nt1w instead of b1r on wide layers of unshared formats (H100 and H200, twenty-fourth and
+    # nineteenth sessions); b1 where x fits its staging; b1r on narrow layers and for the shared formats
+    (28672, 8192, "e2m2", 1, 1, "nt1w", 8),
+    (28672, 8192, "e3m2", 1, 1, "nt1w", 8),
+    (28672, 8192, "e2m1", 1, 1, "nt1w", 8),
+    (28672, 8192, "e2m2s4", 1, 1, "b1r", 4),
+    (14336, 4096, "e2m2", 1, 1, "b1r", 8),
+    (8192, 28672, "e2m2", 1, 1, "b1", 8),
+    (4096, 14336, "e3m2", 1, 1, "b1", 2),
 ])
 def test_batch_kernel_and_split_on_132_sms(sms_132, k, n, fmt, ngroups, batch, kind, split):
     from types import SimpleNamespace
@@ -103,6 +112,8 @@ def test_batch_kernel_and_split_on_132_sms(sms_132, k, n, fmt, ngroups, batch, k
     weight = SimpleNamespace(n=n, k=k, fmt=get_format(fmt), ngroups=ngroups, order="row")
     assert gpu._gemv_kind(weight, batch) == kind
     assert gpu.gemv_split(n, k, weight.fmt, kind, gpu.gemv_tile_rows(kind)) == split
+    if batch == 1:  # a routed pair's GEMV is always the batch-1 kernel b1 / b1r (exmy_gemv_routed)
+        assert gpu._gemv_kind(weight, 1, routed=True) == ("b1" if kind == "b1" else "b1r")
 
 
 def test_x_tiles_rule():
@@ -163,14 +174,14 @@ def test_bf16_x_takes_x_as_scaled_fp16(sms_132):
 
 
 def test_kind_override_fits_the_batch():
-    """Tests and benchmarks may force nt1 / nt1w at batch 1..8 (at batch 1 instead of b1 / b1r) and
-    nt2 / nt2w at 9..16; nothing else (nt2q, four row tiles per warp, is gone)."""
+    """Tests and benchmarks may force nt1 / nt1w at batch 1..8 and nt2 / nt2w at 9..16, and at batch 1 the
+    staged kind (b1 where x fits its staging, else b1r); nothing else (nt2q, four row tiles per warp, is gone)."""
     from types import SimpleNamespace
 
     from exmyconv.errors import ExmyError
 
     weight = SimpleNamespace(n=64, k=256, fmt=get_format("e2m2"), ngroups=1, order="row")
-    for batch, kind in ((1, "nt2"), (1, "b1"), (8, "nt2q"), (9, "nt1"), (16, "b1r")):
+    for batch, kind in ((1, "nt2"), (1, "b1r"), (2, "b1"), (8, "nt2q"), (9, "nt1"), (16, "b1r")):
         with pytest.raises(ExmyError, match="can be chosen"):
             gpu.gemv_kernel(weight, "F16", batch, kind)
 

@@ -482,7 +482,8 @@ def row_permuted(tiled, fmt: ExMy, k: int, xp=np):
 def tile_order_applies(fmt: ExMy, n: int, k: int) -> bool:
     """Whether upload puts a weight [n, k] of `fmt` in tile order: unshared formats, whole 16-row tiles
     and 128-element blocks (Kp a multiple of 128; the rows then need no padding to ROW_ALIGN), except
-    codes held in the 4-bit plane alone where batch 1 runs b1r (K past b1's staging, XS_LIMIT). In tile
+    codes held in the 4-bit plane alone with K past b1's staging (XS_LIMIT), where batch 1 runs b1r (on
+    narrow layers and for routed pairs; nt1w in row order beat it on wide ones: _gemv_kind). In tile
     order every warp iteration reads contiguous blocks: on an H200 and an H100, batch 2..16 1-20 %
     faster on every Llama shape and format timed, batch 1 level to 7 % faster but for e2m1's b1r (4-13 %
     slower on both GPUs, hence the exception) and, on the H100 only, 3-5 % slower on three b1r / bf16
@@ -656,9 +657,24 @@ class GemvKernel:
         return f"exmy_gemv_{mode}_{x}_{self.kind}{groups}{three}{routed}{tiled}{order}"
 
 
-def _gemv_kind(weight: "GpuWeight", batch: int) -> str:
+def staged_kind(weight: "GpuWeight") -> str:
+    """The batch-1 kind: b1, x staged per block, where its buffer fits (XS_LIMIT), else b1r."""
+    return "b1" if _xs_bytes(weight.fmt, weight.k) <= XS_LIMIT else "b1r"
+
+
+def _gemv_kind(weight: "GpuWeight", batch: int, routed: bool = False) -> str:
+    """The host's kind. Batch 1 takes nt1w instead of b1r on wide layers (gemv_wide) of unshared formats:
+    two row tiles per warp keep more weight bytes in flight, and b1r's x window costs more than x read per
+    chunk there. 28672->8192 at batch 1, H100 (twenty-fourth session): e2m2 55.6 -> 52.6 us, e3m2 62.4 ->
+    61.5, e2m2 bf16 60.5 -> 56.5; on an H200 (nineteenth session) nt1w at batch 2 beat b1r at batch 1 in
+    every format: e2m2 47.0 -> 46.2, e3m2 53.3 -> 47.0, e2m3 56.1 -> 51.4, e2m1 38.2 -> 35.5, bf16 53.3 ->
+    48.3. Not for e2m2s4 (batch 2 48.7 -> 51.9 on the H100), not for routed pairs (their kernel is b1 /
+    b1r), and not yet where b1 runs: 8192->28672 lost 3 % on the H100 (53.9 -> 55.5) and gained 6 % on the
+    H200 (51.6 -> 48.5, at batch 2): docs/benchmarks.md."""
     if batch == 1:
-        return "b1" if _xs_bytes(weight.fmt, weight.k) <= XS_LIMIT else "b1r"
+        kind = staged_kind(weight)
+        wide = kind == "b1r" and not routed and weight.fmt.share == 1 and gemv_wide(weight.n, weight.fmt)
+        return "nt1w" if wide else kind
     if batch <= 8:
         return "nt1w" if gemv_wide(weight.n, weight.fmt) else "nt1"
     return "nt2w" if gemv_wide(weight.n, weight.fmt) else "nt2"
@@ -688,7 +704,7 @@ def gemv_tiled(kind: str, mode: int, weights: int) -> bool:
 
 
 def gemv_kernel(weight: GpuWeight, x_dtype: str, batch: int, kind: str | None = None,
-                tiled: bool | None = None) -> GemvKernel:
+                tiled: bool | None = None, routed: bool = False) -> GemvKernel:
     """The kernel gemv uses for this weight, x dtype ("F16"/"BF16") and batch (<= 16): fp16
     operands where exact (E <= 4, F16 scales, fp16 x), with the scale folded into the weights where
     that stays finite in fp16; else bf16 operands: for bf16 x, E <= 4 and one scale per row, the
@@ -698,13 +714,16 @@ def gemv_kernel(weight: GpuWeight, x_dtype: str, batch: int, kind: str | None = 
     (mode 4: never slower than mode 3, up to 18 % faster, on an H100), the batch 2..16 kinds take it
     converted once per launch by exmy_x_tiles (mode 5: a pass over x in each of their blocks cost
     more than it saved) where takes_x16 says. kind (tests and benchmarks):
-    "nt1" or "nt1w" for batch 1..8 (batch 1: instead of b1 / b1r, x read per chunk rather than
-    staged), "nt2" or "nt2w" for batch 9..16; tiled (tests and benchmarks): the batch 9..16 kinds with
-    x tiles (True) or x from its rows (False) where gemv_tiled would take the other (not in mode 5)."""
+    "nt1" or "nt1w" for batch 1..8 (batch 1: x read per chunk rather than staged), "nt2" or "nt2w" for
+    batch 9..16, and at batch 1 also b1 where x fits its staging, else b1r; tiled (tests and benchmarks): the
+    batch 9..16 kinds with x tiles (True) or x from its rows (False) where gemv_tiled would take the other
+    (not in mode 5). routed: the kind of a routed pair's GEMV (b1 / b1r, at batch 1)."""
     if kind is None:
-        kind = _gemv_kind(weight, batch)
-    elif kind not in (("nt1", "nt1w") if batch <= 8 else ("nt2", "nt2w")):
-        raise ExmyError(f"kind {kind!r}: only nt1 or nt1w (batch 1..8), nt2 or nt2w (batch 9..16) can be chosen")
+        kind = _gemv_kind(weight, batch, routed)
+    elif kind not in (("nt1", "nt1w") if batch <= 8 else ("nt2", "nt2w")) + (
+            (staged_kind(weight),) if batch == 1 else ()):
+        raise ExmyError(f"kind {kind!r}: only nt1 or nt1w (batch 1..8), nt2 or nt2w (batch 9..16), and at batch 1 "
+                        "b1 where x fits its staging, else b1r, can be chosen")
     groups = 0 if weight.ngroups == 1 else 2 if _gshift(weight) < 0 else 1
     if x_dtype == "F16" and weight.fp16_compute:
         mode = 0 if weight.fold_ok() else 1
@@ -877,7 +896,7 @@ def _gemv_launch_shape(weight: "GpuWeight", x_dtype: str, batch: int, split: int
         raise ExmyError(f"the fused GEMV does not handle {weight.fmt.name} yet (gpu.supports)")
     if pairs and (batch != 1 or kind is not None or not 1 <= pairs <= MAX_PAIRS):
         raise ExmyError(f"a routed GEMV takes 1..{MAX_PAIRS} pairs of one row each, not {pairs} of {batch}")
-    kernel = gemv_kernel(weight, x_dtype, batch, kind, tiled)
+    kernel = gemv_kernel(weight, x_dtype, batch, kind, tiled, routed=bool(pairs))
     if mode is not None and mode != kernel.mode:
         pair = (3, x16_mode(kernel.kind))
         if not (mode in pair and kernel.mode in pair and not pairs):
