@@ -111,7 +111,7 @@ struct Cfg {
     // set each iteration: b1r in its 128-register build, b1 and nt1 for unshared codes of other than
     // 5 bits (5-bit nt1 gained little, and spills in its 80-register bf16 build), nt2 for unshared
     // codes, nt1w / nt2w for unshared 4-bit codes (the two row tiles' second set fits there), and
-    // nt2w for unshared 5-bit codes in tile order (rows_below freed the registers: 4-5 % faster at
+    // nt2w for unshared 5-bit codes in tile order (rows_below freed the registers: 5-7.5 % faster at
     // batch 16 on an H100; row order spills, and 6-bit codes were level or 5 % slower). XWIN: the x
     // of the next iteration is loaded with its weights (16 bytes per lane) and parked in the warp's
     // window in shared memory as pair words (park_x), so an iteration reads x like b1 does: b1r with

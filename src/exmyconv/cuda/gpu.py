@@ -764,9 +764,9 @@ def x_tiles_threads(conv: int) -> int:
 def x_tiles_grid(batch: int, k: int, conv: int) -> tuple:
     """exmy_x_tiles' grid: per row of the padded batch (x_tile_rows), blocks that share the row's chunks
     (gridDim.y): a chunk per thread, or for X_SCALED 4 (each finds the row's largest |x| alone). One block
-    per row left the GEMV waiting on 16 SMs: at batch 12-16 with fp16 x, the x tiles cost 3.0 us of an
-    H100 call on 28672->8192 and 1.5 us spread (e2m2 57.6 -> 56.1 us, e3m2 68.5 -> 67.0), 2.0 -> 1.2 us on
-    14336->4096, and mode 5 gained 0.3-0.8 us from K = 14336 (docs/benchmarks.md, twenty-fourth session)."""
+    per row left the GEMV waiting on 16 SMs: at batch 16 with fp16 x, the x tiles cost 2.7-3.2 us of an
+    H100 call on 28672->8192 and 1.4-1.6 us spread (e2m2 57.3 -> 56.0 us, e3m2 68.5 -> 66.9), 1.9 -> 1.1 us
+    on 14336->4096; mode 5 gained 0.3-0.8 us from K = 14336 (docs/benchmarks.md, twenty-fourth session)."""
     slices = 4 if conv == X_SCALED else -(-(-(-k // 128) * 4) // x_tiles_threads(conv))
     return (x_tile_rows(batch), slices)
 
