@@ -7,6 +7,7 @@ text requests.
 """
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import os
@@ -80,8 +81,29 @@ def convert(src: Path, variant: str, **options) -> tuple[Path, Path]:
     return out, plain
 
 
+@contextlib.contextmanager
+def plain_gemm_on_onednn():
+    """vLLM's CPU GEMM for plain weights pinned to oneDNN, which gives F.linear's bits
+    (test_cpu_gemm_matches_vllms), the GEMM of the packed layers' CPU path. On a CPU with AMX, vLLM 0.32
+    runs plain bf16 weights of at most 1 MiB (every weight of these small models) through sgl's
+    weight_packed_linear instead (``vllm.model_executor.layers.utils.check_cpu_sgl_kernel``), whose sums
+    round differently: greedy tokens of the exmy and the dequantized checkpoint then part at near ties
+    (Mixtral, untied auto 4.5, on a Xeon with AMX, 2026-12-07) though both compute on the same weights.
+    The token comparisons hold the GEMM fixed so that they compare the weights. An AttributeError here
+    means vLLM renamed the switch: the pin would silently do nothing."""
+    from vllm.model_executor.layers import utils
+
+    chooser = utils.check_cpu_sgl_kernel
+    utils.check_cpu_sgl_kernel = lambda *args, **kwargs: False
+    try:
+        yield
+    finally:
+        utils.check_cpu_sgl_kernel = chooser
+
+
 def generate(path: Path, compiled: bool = False, prompts=PROMPTS, max_tokens: int = MAX_TOKENS) -> dict:
-    """Greedy tokens of an in-process vLLM engine on ``path`` (bfloat16); the engine is torn down after.
+    """Greedy tokens of an in-process vLLM engine on ``path`` (bfloat16, plain weights on oneDNN:
+    plain_gemm_on_onednn); the engine is torn down after.
 
     ``compiled``: vLLM's CPU compilation (Dynamo traces the model once; the graph runs on Dynamo's eager
     backend instead of Inductor, which would cost minutes per engine here) instead of plain eager mode."""
@@ -91,8 +113,9 @@ def generate(path: Path, compiled: bool = False, prompts=PROMPTS, max_tokens: in
 
     os.environ["VLLM_CPU_CI_ENV"] = "1" if compiled else "0"
     began = time.perf_counter()
-    llm = LLM(model=str(path), dtype="bfloat16", max_model_len=256, max_num_seqs=4, max_num_batched_tokens=256,
-              enforce_eager=not compiled, seed=0)
+    with plain_gemm_on_onednn():
+        llm = LLM(model=str(path), dtype="bfloat16", max_model_len=256, max_num_seqs=4, max_num_batched_tokens=256,
+                  enforce_eager=not compiled, seed=0)
     loaded = time.perf_counter()
     try:
         outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts],

@@ -134,9 +134,12 @@ def test_compiled_model_equals_the_dequantized_checkpoint(work, model, variant, 
 
 
 def test_cpu_gemm_matches_vllms():
-    """The premise of token equality: F.linear in bf16 gives what vLLM's CPU path for plain weights gives."""
+    """The premise of token equality: F.linear in bf16 gives what vLLM's CPU path for plain weights gives,
+    oneDNN, and with engines.plain_gemm_on_onednn vLLM's own dispatch of a plain layer takes it (on a CPU
+    with AMX it would take sgl's small-weight kernel, which rounds otherwise)."""
     import torch
     from vllm import _custom_ops as ops
+    from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
 
     if not ops._supports_onednn:
         pytest.skip("this vLLM build has no oneDNN GEMM")
@@ -144,9 +147,15 @@ def test_cpu_gemm_matches_vllms():
     for n, k in ((768, 256), (256, 256), (1024, 256), (256, 512), (8, 256)):
         w = (torch.randn(n, k) * 0.05).bfloat16()
         handler = ops.create_onednn_mm(w.t(), 32)
+        layer = torch.nn.Module()
+        layer.weight = torch.nn.Parameter(w.clone(), requires_grad=False)
+        with engines.plain_gemm_on_onednn():
+            dispatch_cpu_unquantized_gemm(layer, remove_weight=False)
         for rows in (1, 6, 40):
             x = torch.randn(rows, k).bfloat16()
-            assert torch.equal(torch.nn.functional.linear(x, w), ops.onednn_mm(handler, x, None)), (n, k, rows)
+            want = torch.nn.functional.linear(x, w)
+            assert torch.equal(want, ops.onednn_mm(handler, x, None)), (n, k, rows)
+            assert torch.equal(want, layer.cpu_linear(x, layer.weight, None)), (n, k, rows)
 
 
 # ----------------------------------------------------------------------------- damaged checkpoints
