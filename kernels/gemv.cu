@@ -51,7 +51,7 @@
 //
 // One kernel template, exmy_gemv<KIND, MODE, XF16, GM, BLOCKS, XT> (at the end); the host picks the
 // instantiation and compiles it alone (cuda/gpu.py GemvKernel). Compile with -DEXMY_E, -DEXMY_M
-// (and optionally -DEXMY_SHARE, -DGEMV_WARPS, -DGEMV_XWIN, -DGEMV_CPT, -DGEMV_PP, -DGEMV_L2PF; -DGEMV_DIAG builds
+// (and optionally -DEXMY_SHARE, -DGEMV_WARPS, -DGEMV_XWIN, -DGEMV_CPT, -DGEMV_PP, -DGEMV_L2PF, -DGEMV_WARM; -DGEMV_DIAG builds
 // knock-outs for timing where there are no hardware counters: scripts/sweep-gemv-kinds --variants
 // nox:GEMV_DIAG=1).
 #include "exmy_decode.cuh"
@@ -76,6 +76,10 @@ using namespace exmy;
 #ifndef GEMV_L2PF
 #define GEMV_L2PF 0  // tile order: D > 0 prefetches each warp's weights D iterations beyond the register
                      // prefetch into L2 (one bulk prefetch per 16-row tile and iteration); 0 off (timing)
+#endif
+#ifndef GEMV_WARM
+#define GEMV_WARM 0  // tile order: W > 0 prefetches each warp's iterations 2 .. W+1 into L2 once, before the
+                     // PDL wait (the x tiles' kernel or the layer before is still running then); 0 off (timing)
 #endif
 
 namespace {
@@ -656,7 +660,7 @@ __device__ __forceinline__ void gemv_warp(const u8* __restrict__ payload, const 
         // bytes, contiguous) into L2 by one bulk prefetch each, no registers held: bytes in flight
         // beyond the register sets, for devices whose memory needs more of them than two sets hold.
         auto l2_prefetch = [&](u32 itp) {
-            if constexpr (GEMV_L2PF > 0 && TILED) {
+            if constexpr ((GEMV_L2PF > 0 || GEMV_WARM > 0) && TILED) {
                 if (lane == 0 && itp < main_end) {
 #pragma unroll
                     for (int m = 0; m < MT; ++m) {
@@ -692,7 +696,7 @@ __device__ __forceinline__ void gemv_warp(const u8* __restrict__ payload, const 
             if (more) {  // prefetch the next iteration into the other set
                 load_main(Int<N>{});
                 if (XWIN) xq[N] = ld_x16(x + 32 * (size_t)((it + istep) * KSTEP) + 8 * lane);
-                l2_prefetch(it + (1 + GEMV_L2PF) * istep);
+                if (GEMV_L2PF > 0) l2_prefetch(it + (1 + GEMV_L2PF) * istep);
             }
             if (XWIN) {  // this iteration's x into the window
                 park_x<BF, XF16, MODE == 4>(xq[P], lane, xwin, xwin + KSTEP * XS_STRIDE, xpow);
@@ -706,6 +710,8 @@ __device__ __forceinline__ void gemv_warp(const u8* __restrict__ payload, const 
         load_main(Int<PP ? 0 : 1>{});
 #pragma unroll
         for (int d = 2; d <= GEMV_L2PF; ++d) l2_prefetch(it + d * istep);  // (the first step prefetches it + D + 1)
+#pragma unroll
+        for (int d = 1; d <= GEMV_WARM; ++d) l2_prefetch(it + d * istep);  // the wait's time streams weights too
         stage_x();  // after this warp's first weight loads are in flight
         // XWIN: lane l carries x elements 8l .. 8l+7 of an iteration's KSTEP chunks (16 bytes)
         if (XWIN) xq[PP ? 0 : 1] = ld_x16(x + 32 * (size_t)(it * KSTEP) + 8 * lane);

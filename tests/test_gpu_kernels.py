@@ -738,21 +738,22 @@ def tileable_cases(rng, batches):
 
 @pytest.mark.parametrize("kind,batches", [(None, (1, 2)), ("nt1w", (2, 9)), ("nt2w", (9, 17))])
 @pytest.mark.parametrize("name", ["e2m2", "e3m2", "e2m1"])
-def test_gemv_l2_prefetch_build_equals_default(cp, rng, name, kind, batches):
-    """GEMV_L2PF=2 (bulk L2 prefetches of the weights in tile order, two iterations ahead) only warms L2:
-    the default build's bits, for b1 and b1r (K below and above b1's), the two-tile kinds, K tails, scale
-    groups, fp16 and bf16 x, the host's split and splits 1 and 8 (also contiguous), plain launches and PDL."""
+def test_gemv_l2_prefetch_builds_equal_default(cp, rng, name, kind, batches):
+    """GEMV_L2PF=2 (bulk L2 prefetches of the weights in tile order, two iterations ahead) and GEMV_WARM=2 (two
+    iterations into L2 before the PDL wait) only warm L2: the default build's bits, for b1 and b1r (K below and
+    above b1's), the two-tile kinds, K tails, scale groups, fp16 and bf16 x, the host's split and splits 1 and 8
+    (also contiguous), plain launches and PDL."""
     fmt = get_format(name)
     for group, x_dtype, batch, n, k in tileable_cases(rng, batches):
         _, _, weight, x, _, _ = gemv_check(cp, rng, fmt, n, k, batch, x_dtype, group=group, order="tile")
         assert weight.order == "tile"
         for split, interleave in ((None, None), (1, None), (8, None), (8, 0)):
             _, y_ref = poisoned_plan(x, weight, f"{name} {kind}", kind=kind, split=split, interleave=interleave)
-            for overlap in (False, True):
-                plan, y = poisoned_plan(x, weight, f"{name} {kind} L2PF", kind=kind, split=split, interleave=interleave,
-                                        overlap=overlap, defines=("GEMV_L2PF=2",))
+            for define, overlap in (("GEMV_L2PF=2", False), ("GEMV_L2PF=2", True), ("GEMV_WARM=2", True)):
+                plan, y = poisoned_plan(x, weight, f"{name} {kind} {define}", kind=kind, split=split,
+                                        interleave=interleave, overlap=overlap, defines=(define,))
                 assert torch_equal_bits(y_ref, y), \
-                    f"{name} {n}x{k} B={batch} {x_dtype} group {group} {plan.kernel.name} split {split}: L2PF differs"
+                    f"{name} {n}x{k} B={batch} {x_dtype} group {group} {plan.kernel.name} split {split}: {define} differs"
 
 
 @pytest.mark.parametrize("kind,batches", [(None, (1, 2)), ("nt1", (2, 9)), ("nt1w", (2, 9)), ("nt2", (9, 17)),

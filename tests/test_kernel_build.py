@@ -220,6 +220,8 @@ def check_usage(what: str, fmt: ExMy, kernels: list[GemvKernel], log: str, spill
     # L2 bulk prefetch of the weights in tile order, two iterations beyond the register prefetch
     ("GEMV_L2PF=2;EXMY_TILE=1", [("b1", 0, "F16", 0), ("b1r", 0, "F16", 0), ("nt1w", 0, "F16", 0),
                                  ("nt2w", 0, "F16", 0)]),
+    # the same, once for the first iterations before the PDL wait
+    ("GEMV_WARM=2;EXMY_TILE=1", [("b1", 0, "F16", 0), ("nt2w", 0, "F16", 0)]),
 ])
 def test_gemv_option_builds_compile(tmp_path, define, kernels):
     """gemv.cu's build options that no default build uses (``;`` joins two) compile for e2m2 and e3m2 without

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import functools
 
+from .launch import PDL_CAPABILITY
+
 
 def _cupy():
     import cupy  # noqa: PLC0415 - optional dependency
@@ -56,6 +58,11 @@ def device_info() -> dict:
             "cuda_runtime": int(cupy.cuda.runtime.runtimeGetVersion()),
             "driver": int(cupy.cuda.runtime.driverGetVersion()), "cupy": cupy.__version__}
 
+
+
+def pdl_available() -> bool:
+    """Whether the current device has programmatic dependent launch (exmyconv.cuda.launch)."""
+    return _capability() >= PDL_CAPABILITY
 
 
 @functools.lru_cache(maxsize=8)

@@ -31,7 +31,7 @@ from ..errors import ExmyError
 from ..format.exmy import ExMy, get_format
 from ..format.pack import padded_k, row_bytes
 from ..format.quant import FP16_MAX, groups_of
-from .device import _cupy, available, device_info, sm_count, unavailable_reason  # noqa: F401 (API)
+from .device import _cupy, available, device_info, pdl_available, sm_count, unavailable_reason  # noqa: F401 (API)
 
 OUT_DTYPES = ("F16", "BF16", "F32")
 BLOCK = 256           # dequant threads per block
@@ -951,14 +951,17 @@ class GemvPlan:
             xc = work
         self.args = shape.args(weight, xc, y, batch)
         self.stream = stream
-        # overlap: programmatic dependent launch (exmyconv.cuda.launch): the weight loads start while
-        # the kernel before is still running; x and y are touched only after it has finished
+        # overlap: programmatic dependent launch (exmyconv.cuda.launch) for the call's first kernel: the
+        # weight loads start while the kernel before is still running; x and y are touched only after it
+        # has finished. After its x tiles the GEMV always takes it where the device has it, as the layers'
+        # launches do (GemvLaunch): the tiles never write the weights, so a call is timed as a layer runs it.
         self._pdl = None
-        if overlap:
+        if overlap or (self.tiles is not None and pdl_available()):
             from .launch import Launch
 
-            self._pdl = [Launch(*self.tiles)] if self.tiles else []
-            self._pdl.append(Launch(self.fn, self.grid, (GEMV_WARPS * 32,), self.args, self.smem))
+            self._pdl = [Launch(*self.tiles, pdl=overlap)] if self.tiles else []
+            self._pdl.append(Launch(self.fn, self.grid, (GEMV_WARPS * 32,), self.args, self.smem,
+                                    pdl=overlap or self.tiles is not None))
 
     @property
     def name(self) -> str:
