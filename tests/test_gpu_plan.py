@@ -233,14 +233,18 @@ def test_kernel_scales_are_complete_before_any_launch_reads_them(monkeypatch):
     assert np.array_equal(weight.kernel_scales(2), scales.astype(np.float32)) and len(waits) == 2
 
 
-def test_tile_order_applies_where_it_was_measured_faster():
+def test_tile_order_applies_where_it_was_measured_faster(sms_132):
     """upload's order (gpu.tile_order_applies): tile order for unshared formats on whole 16-row tiles and
     128-element blocks, but row order for 4-bit-only codes where batch 1 runs b1r (slower in tile order
-    on both GPUs measured); the structural conditions alone (_tileable) decide what tile_order accepts."""
+    on both GPUs measured: narrow layers with K past b1's staging, routed pairs); the structural conditions alone (_tileable) decide what tile_order accepts."""
     e2m1, e2m2, e3m2, e4m3 = (get_format(n) for n in ("e2m1", "e2m2", "e3m2", "e4m3"))
     for fmt in (e2m2, e3m2, e4m3):
         assert all(gpu.tile_order_applies(fmt, n, k) for n, k in ((4096, 4096), (28672, 8192), (8192, 28672), (16, 100)))
     assert gpu.tile_order_applies(e2m1, 14336, 4096) and not gpu.tile_order_applies(e2m1, 4096, 14336)
+    # K past b1's staging on a wide layer: batch 1 runs nt1w, not b1r, but for routed pairs (stacked experts)
+    assert gpu.gemv_wide(8192, e2m1) and not gpu.gemv_wide(4096, e2m1)
+    assert gpu.tile_order_applies(e2m1, 8192, 28672) and not gpu.tile_order_applies(e2m1, 8192, 28672, routed=True)
+    assert gpu.tile_order_applies(e2m2, 8192, 28672, routed=True)
     assert gpu._tileable(e2m1, 4096, 14336)
     assert not gpu.tile_order_applies(e2m2, 4100, 4096)      # a partial tile
     assert not gpu.tile_order_applies(e2m2, 4096, 4000)      # Kp = 4000 is not whole blocks

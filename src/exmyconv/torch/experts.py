@@ -189,7 +189,7 @@ class ExmyExperts(nn.Module):
             if self._tiled.get(name) is packed:
                 continue
             self._tiled.pop(name, None)
-            tiled = tile_ordered(gpu, packed.view(-1, packed.shape[-1]), w.fmt, w.k) \
+            tiled = tile_ordered(gpu, packed.view(-1, packed.shape[-1]), w.fmt, w.k, routed=True) \
                 if w.n % 16 == 0 and packed.is_contiguous() else None
             if tiled is not None:
                 self._buffers[name + "_packed"] = self._tiled[name] = tiled.view(packed.shape)

@@ -125,12 +125,13 @@ def kernel_rows(packed: torch.Tensor) -> torch.Tensor:
     return wide[..., :rb]
 
 
-def tile_ordered(gpu, packed: torch.Tensor, fmt: ExMy, k: int) -> torch.Tensor | None:
+def tile_ordered(gpu, packed: torch.Tensor, fmt: ExMy, k: int, routed: bool = False) -> torch.Tensor | None:
     """A module's packed buffer [N, row_bytes] as a new tensor of the same bytes in tile order
     (``gpu.tile_permuted``: each 16-row tile's bytes together, the order the GEMV reads fastest;
-    docs/kernels.md), where the GPU backend ``gpu`` runs and ``gpu.tile_order_applies``; else None.
-    Never while a CUDA graph is being captured (the copy would be replayed)."""
-    if gpu is None or not gpu.supports(fmt) or packed.dim() != 2 or not gpu.tile_order_applies(fmt, packed.shape[0], k) \
+    docs/kernels.md), where the GPU backend ``gpu`` runs and ``gpu.tile_order_applies`` (``routed``:
+    stacked experts); else None. Never while a CUDA graph is being captured (the copy would be replayed)."""
+    if gpu is None or not gpu.supports(fmt) or packed.dim() != 2 \
+            or not gpu.tile_order_applies(fmt, packed.shape[0], k, routed) \
             or (packed.is_cuda and torch.cuda.is_current_stream_capturing()):
         return None
     return tile_permuted(packed, fmt, k, torch)
