@@ -51,7 +51,7 @@
 //
 // One kernel template, exmy_gemv<KIND, MODE, XF16, GM, BLOCKS, XT> (at the end); the host picks the
 // instantiation and compiles it alone (cuda/gpu.py GemvKernel). Compile with -DEXMY_E, -DEXMY_M
-// (and optionally -DEXMY_SHARE, -DGEMV_WARPS, -DGEMV_XWIN, -DGEMV_CPT, -DGEMV_PP, -DGEMV_L2PF; -DGEMV_DIAG builds
+// (and optionally -DEXMY_SHARE, -DGEMV_WARPS, -DGEMV_XWIN, -DGEMV_CPT, -DGEMV_PP, -DGEMV_L2PF, -DGEMV_WARM; -DGEMV_DIAG builds
 // knock-outs for timing where there are no hardware counters: scripts/sweep-gemv-kinds --variants
 // nox:GEMV_DIAG=1).
 #include "exmy_decode.cuh"
@@ -76,6 +76,14 @@ using namespace exmy;
 #ifndef GEMV_L2PF
 #define GEMV_L2PF 0  // tile order: D > 0 prefetches each warp's weights D iterations beyond the register
                      // prefetch into L2 (one bulk prefetch per 16-row tile and iteration); 0 off (timing)
+#endif
+#ifndef GEMV_WARM
+#define GEMV_WARM -1  // tile order: W > 0 puts each warp's main-loop iterations 2 .. W+1 into L2 first thing (Cfg::WARM);
+                      // 0 never; -1 the tuned choice
+#endif
+#ifndef GEMV_WARM
+#define GEMV_WARM 0  // tile order: W > 0 prefetches each warp's iterations 2 .. W+1 into L2 once, before the
+                     // PDL wait (the x tiles' kernel or the layer before is still running then); 0 off (timing)
 #endif
 
 namespace {
@@ -125,6 +133,11 @@ struct Cfg {
                                              ((KIND == 4 || KIND == 5) && NIB && !SHARED) ||
                                              (KIND == 4 && TILED && BITS == 5 && !SHARED);
     static constexpr bool XWIN = KIND == 3 && GEMV_XWIN && CPT == 2 && (HAS1 || SHARED);
+    // WARM: iterations a warp puts into L2 (bulk prefetches, no registers) before anything else, in tile order.
+    // A kind with x tiles waits for their kernel before its loop with one iteration's weights in flight; the
+    // warm-up streams more through that wait. Not for the two-tile kinds with two register sets, whose loop
+    // took more instructions with it (ptxas at 128 registers).
+    static constexpr int WARM = !TILED ? 0 : GEMV_WARM >= 0 ? GEMV_WARM : (MT == 1 || !PP) ? 1 : 0;
 };
 constexpr int XS_STRIDE = 20;  // words per chunk of staged x: 16 pairs + 4 padding (conflict-free LDS.128)
 
@@ -365,6 +378,21 @@ __device__ __forceinline__ void gemv_warp(const u8* __restrict__ payload, const 
         rowa[m] = row_ref(payload, ra[m], stride);
         rowb[m] = row_ref(payload, rb[m], stride);
     }
+#if __CUDA_ARCH__ >= 900
+    if constexpr (C::WARM > 0 && XT) {  // (Cfg::WARM; the main loop's bound, main_end below)
+        const u32 wend = (k % 8) == 0 ? min(it1, (k / 32) / KSTEP) : 0;
+        if (lane == 0) {
+#pragma unroll
+            for (int d = 1; d <= C::WARM; ++d) {
+#pragma unroll
+                for (int m = 0; m < MT; ++m)
+                    if (it0 + d * istep < wend)
+                        asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;"
+                                     ::"l"(rowa[m].base + (size_t)(it0 + d * istep) * CPT * TBLK), "r"((u32)(CPT * TBLK)) : "memory");
+            }
+        }
+    }
+#endif
     const u32 kp = padded_k(k);  // padded row length; stride: bytes between rows, a multiple of 16
     const u32 nq = (k + 31) / 32;               // chunks holding real elements
     const bool xvec = (k % 8) == 0;             // x rows 16-byte aligned
@@ -656,7 +684,7 @@ __device__ __forceinline__ void gemv_warp(const u8* __restrict__ payload, const 
         // bytes, contiguous) into L2 by one bulk prefetch each, no registers held: bytes in flight
         // beyond the register sets, for devices whose memory needs more of them than two sets hold.
         auto l2_prefetch = [&](u32 itp) {
-            if constexpr (GEMV_L2PF > 0 && TILED) {
+            if constexpr ((GEMV_L2PF > 0 || GEMV_WARM > 0) && TILED) {
                 if (lane == 0 && itp < main_end) {
 #pragma unroll
                     for (int m = 0; m < MT; ++m) {
@@ -692,7 +720,7 @@ __device__ __forceinline__ void gemv_warp(const u8* __restrict__ payload, const 
             if (more) {  // prefetch the next iteration into the other set
                 load_main(Int<N>{});
                 if (XWIN) xq[N] = ld_x16(x + 32 * (size_t)((it + istep) * KSTEP) + 8 * lane);
-                l2_prefetch(it + (1 + GEMV_L2PF) * istep);
+                if (GEMV_L2PF > 0) l2_prefetch(it + (1 + GEMV_L2PF) * istep);
             }
             if (XWIN) {  // this iteration's x into the window
                 park_x<BF, XF16, MODE == 4>(xq[P], lane, xwin, xwin + KSTEP * XS_STRIDE, xpow);
@@ -706,6 +734,8 @@ __device__ __forceinline__ void gemv_warp(const u8* __restrict__ payload, const 
         load_main(Int<PP ? 0 : 1>{});
 #pragma unroll
         for (int d = 2; d <= GEMV_L2PF; ++d) l2_prefetch(it + d * istep);  // (the first step prefetches it + D + 1)
+#pragma unroll
+        for (int d = 1; d <= GEMV_WARM; ++d) l2_prefetch(it + d * istep);  // the wait's time streams weights too
         stage_x();  // after this warp's first weight loads are in flight
         // XWIN: lane l carries x elements 8l .. 8l+7 of an iteration's KSTEP chunks (16 bytes)
         if (XWIN) xq[PP ? 0 : 1] = ld_x16(x + 32 * (size_t)(it * KSTEP) + 8 * lane);
@@ -925,26 +955,12 @@ exmy_gemv_routed(const u8* __restrict__ payload, const void* __restrict__ ks, co
 // issued before the block's reduction (one memory round trip); longer rows take a second pass (from
 // cache). A template only so that the host builds it by name alone, like exmy_gemv (THREADS: the block
 // size it is launched with).
-// Warm-up: the GEMV after this kernel waits for it before it reads the tiles, with only its first
-// iteration's weights in flight. So first the grid's threads put `runs` runs of `run_bytes` bytes,
-// `run_stride` apart, into L2 (one bulk prefetch each, no registers held): the host's choice is the
-// GEMV's next iterations of every 16-row tile (cuda/gpu.py x_tiles_warm; runs = 0: none). A prefetch is
-// a hint: the GEMV's results do not depend on it.
 constexpr int X_COPY = 0, X_BF16 = 1, X_SCALED = 2;  // exmy_x_tiles' conversions (cuda/gpu.py x_tiles_conv)
 template <int THREADS, int CONV>
 __global__ void __launch_bounds__(THREADS)
-exmy_x_tiles(const u16* __restrict__ x, u32* __restrict__ xt, u32 k, u32 batch, const u8* __restrict__ warm,
-             u32 runs, unsigned long long run_stride, u32 run_bytes) {
+exmy_x_tiles(const u16* __restrict__ x, u32* __restrict__ xt, u32 k, u32 batch) {
     constexpr int HELD = 2;  // chunks per thread kept in registers
     constexpr bool SCALED = CONV == X_SCALED;
-#if __CUDA_ARCH__ >= 900
-    {  // (the weights are never the previous kernel's output: before the wait)
-        const u32 threads = gridDim.x * gridDim.y * THREADS;
-        for (u32 r = (blockIdx.x * gridDim.y + blockIdx.y) * THREADS + threadIdx.x; r < runs; r += threads)
-            asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(warm + (size_t)r * run_stride), "r"(run_bytes)
-                         : "memory");
-    }
-#endif
     pdl_wait();     // x may be the previous kernel's output
     pdl_release();  // the GEMV may start its weight loads; it waits for this grid before it reads the tiles
     const u32 b = blockIdx.x, nt = gridDim.x / 8;
@@ -1037,4 +1053,4 @@ exmy_x_tiles(const u16* __restrict__ x, u32* __restrict__ xt, u32 k, u32 batch, 
     template __global__ void __VA_ARGS__(const u8*, const void*, const u16*, u16*, u32, u32, u32, u32, u32, \
                                          int, u32, u32, u32, const long long*, u32, unsigned long long,  \
                                          unsigned long long, u32);
-#define EXMY_X_TILES_INSTANCE(...) template __global__ void __VA_ARGS__(const u16*, u32*, u32, u32, const u8*, u32, unsigned long long, u32);
+#define EXMY_X_TILES_INSTANCE(...) template __global__ void __VA_ARGS__(const u16*, u32*, u32, u32);

@@ -739,8 +739,8 @@ def tileable_cases(rng, batches):
 @pytest.mark.parametrize("kind,batches", [(None, (1, 2)), ("nt1w", (2, 9)), ("nt2w", (9, 17))])
 @pytest.mark.parametrize("name", ["e2m2", "e3m2", "e2m1"])
 def test_gemv_l2_prefetch_builds_equal_default(cp, rng, name, kind, batches):
-    """GEMV_L2PF=2 (bulk L2 prefetches of the weights in tile order, two iterations ahead) and GEMV_WARM=2 (two
-    iterations into L2 before the PDL wait) only warm L2: the default build's bits, for b1 and b1r (K below and
+    """GEMV_L2PF=2 (bulk L2 prefetches of the weights in tile order, two iterations ahead) and GEMV_WARM (the kinds
+    with x tiles put their first iterations into L2 first thing: never with 0, two with 2) only warm L2: the default build's bits, for b1 and b1r (K below and
     above b1's), the two-tile kinds, K tails, scale groups, fp16 and bf16 x, the host's split and splits 1 and 8
     (also contiguous), plain launches and PDL."""
     fmt = get_format(name)
@@ -749,43 +749,12 @@ def test_gemv_l2_prefetch_builds_equal_default(cp, rng, name, kind, batches):
         assert weight.order == "tile"
         for split, interleave in ((None, None), (1, None), (8, None), (8, 0)):
             _, y_ref = poisoned_plan(x, weight, f"{name} {kind}", kind=kind, split=split, interleave=interleave)
-            for define, overlap in (("GEMV_L2PF=2", False), ("GEMV_L2PF=2", True), ("GEMV_WARM=2", True)):
+            for define, overlap in (("GEMV_L2PF=2", False), ("GEMV_L2PF=2", True), ("GEMV_WARM=0", True),
+                                    ("GEMV_WARM=2", True)):
                 plan, y = poisoned_plan(x, weight, f"{name} {kind} {define}", kind=kind, split=split,
                                         interleave=interleave, overlap=overlap, defines=(define,))
                 assert torch_equal_bits(y_ref, y), \
                     f"{name} {n}x{k} B={batch} {x_dtype} group {group} {plan.kernel.name} split {split}: {define} differs"
-
-
-@pytest.mark.parametrize("name", ["e2m2", "e3m2", "e2m1"])
-def test_x_tiles_warm_up_stays_in_the_payload_and_changes_no_bits(cp, rng, monkeypatch, name):
-    """exmy_x_tiles first puts the GEMV's first iterations of every tile into L2 (gpu.x_tiles_warm): runs of
-    16-byte multiples inside the payload, none for row order or contiguous slices; and the GEMV's bits are those
-    of launches without the warm-up (X_TILES_WARM = 0), for the batch 9..16 kinds and mode 5 at batch 2..8, the
-    host's split and splits 1 and 8, plain launches and PDL."""
-    fmt = get_format(name)
-    for group, x_dtype, batch, n, k in tileable_cases(rng, (2, 17)):
-        if batch <= 8 and x_dtype == "F16":
-            batch += 8  # (fp16 x takes x tiles at batch 9..16 only)
-        _, _, weight, x, _, _ = gemv_check(cp, rng, fmt, n, k, batch, x_dtype, group=group, order="tile")
-        mode = {"mode": 5} if x_dtype == "BF16" and group is None else {}  # (bf16 x: mode 5 on any layer)
-        for split, interleave in ((None, None), (1, None), (8, None), (8, 0)):
-            what = f"{name} {n}x{k} B={batch} {x_dtype} group {group} split {split} interleave {interleave}"
-            monkeypatch.setattr(gpu, "X_TILES_WARM", 0)
-            _, y_ref = poisoned_plan(x, weight, what, split=split, interleave=interleave, **mode)
-            monkeypatch.undo()
-            for overlap in (False, True):
-                plan, y = poisoned_plan(x, weight, what, split=split, interleave=interleave, overlap=overlap, **mode)
-                if plan.tiles is None:
-                    continue
-                runs, stride, nbytes = (int(v) for v in plan.tiles[3][5:8])
-                assert (runs > 0) == (interleave is None and weight.order == "tile"), what
-                assert stride % 16 == 0 and nbytes % 16 == 0 and 0 < nbytes <= stride or runs == 0, what
-                assert (runs - 1) * stride + nbytes <= weight.payload.nbytes or runs == 0, what
-                assert torch_equal_bits(y_ref, y), f"{what} {plan.kernel.name}: the warm-up changed the result"
-        rows = gpu.row_permuted(weight.payload, fmt, k, cp)  # the same weight in row order: no warm-up
-        row_weight = gpu.GpuWeight(fmt, weight.shape, weight.group_size, weight.scale_dtype, rows, weight.scales)
-        plan, _ = poisoned_plan(x, row_weight, f"{name} {n}x{k} row order")
-        assert plan.tiles is None or int(plan.tiles[3][5]) == 0
 
 
 @pytest.mark.parametrize("kind,batches", [(None, (1, 2)), ("nt1", (2, 9)), ("nt1w", (2, 9)), ("nt2", (9, 17)),

@@ -210,7 +210,7 @@ def check_usage(what: str, fmt: ExMy, kernels: list[GemvKernel], log: str, spill
 
 
 @needs_nvcc
-@pytest.mark.parametrize("define, kernels", [  # (kind, mode, x dtype, groups)
+@pytest.mark.parametrize("define, kernels", [  # (kind, mode, x dtype, groups[, x tiles])
     # timing-only knock-outs (x loads, decode and mma left out, all three here)
     ("GEMV_DIAG=7", [("b1", 4, "BF16", 0), ("nt2w", 0, "F16", 0), ("b1r", 2, "BF16", 1)]),
     # two alternating register sets where the tuned build has one (5-bit codes in b1, the two-tile kinds;
@@ -220,15 +220,16 @@ def check_usage(what: str, fmt: ExMy, kernels: list[GemvKernel], log: str, spill
     # L2 bulk prefetch of the weights in tile order, two iterations beyond the register prefetch
     ("GEMV_L2PF=2;EXMY_TILE=1", [("b1", 0, "F16", 0), ("b1r", 0, "F16", 0), ("nt1w", 0, "F16", 0),
                                  ("nt2w", 0, "F16", 0)]),
-    # the same, once for the first iterations before the PDL wait
-    ("GEMV_WARM=2;EXMY_TILE=1", [("b1", 0, "F16", 0), ("nt2w", 0, "F16", 0)]),
+    # the kinds with x tiles: their first iterations into L2 first thing, two of them, or none
+    ("GEMV_WARM=2;EXMY_TILE=1", [("nt2", 0, "F16", 0, True), ("nt2w", 0, "F16", 0, True), ("nt1w", 5, "BF16", 0, True)]),
+    ("GEMV_WARM=0;EXMY_TILE=1", [("nt2", 0, "F16", 0, True), ("nt2w", 0, "F16", 0, True)]),
 ])
 def test_gemv_option_builds_compile(tmp_path, define, kernels):
     """gemv.cu's build options that no default build uses (``;`` joins two) compile for e2m2 and e3m2 without
     warnings, within their registers (and but for GEMV_DIAG within the spill limits of the default builds)."""
     for fmt in (get_format("e2m2"), get_format("e3m2")):
-        built = [GemvKernel(kind, mode, x, groups, gpu.gemv_blocks(fmt, kind, mode, groups))
-                 for kind, mode, x, groups in kernels]
+        built = [GemvKernel(kind, mode, x, groups, gpu.gemv_blocks(fmt, kind, mode, groups), tiled=bool(tiled))
+                 for kind, mode, x, groups, *tiled in kernels]
         src = gemv_source(built, tmp_path / f"opt_{fmt.name}.cu")
         rc, log = _compile(src, fmt, src.with_suffix(".cubin"), tuple(define.split(";")))
         assert rc == 0 and "warning" not in log.lower(), log[-3000:]

@@ -774,23 +774,6 @@ def x_tiles_grid(batch: int, k: int, conv: int) -> tuple:
     return (x_tile_rows(batch), slices)
 
 
-X_TILES_WARM = 2  # iterations of every slice that exmy_x_tiles puts into L2 for the GEMV (x_tiles_warm)
-
-
-def x_tiles_warm(weight: "GpuWeight", kernel: GemvKernel, split: int, interleave: int) -> tuple[int, int, int]:
-    """(runs, bytes between runs, bytes per run) that exmy_x_tiles puts into L2 before its wait, for the GEMV
-    that waits for it: in tile order with interleaved slices (a tile's first iterations are its first blocks),
-    the first X_TILES_WARM iterations of every slice of every 16-row tile, the GEMV's first register loads and
-    the next. The GEMV starts with one iteration in flight and waits for the tiles; the warm-up streams
-    weights through that wait (a hint: never changes a result). Else (0, 0, 0)."""
-    if weight.order != "tile" or not interleave:
-        return 0, 0, 0
-    tile_bytes = GEMV_ROWS * int(weight.payload.strides[0])
-    block_bytes = 256 * weight.fmt.bits  # 16 rows x 128 elements (kernels/exmy_decode.cuh TBLK)
-    cpt = _gemv_shape(weight.fmt, kernel.kind)[0]
-    return -(-weight.n // GEMV_ROWS), tile_bytes, min(tile_bytes, X_TILES_WARM * split * cpt * block_bytes)
-
-
 def x_tiles_function(fmt: ExMy, conv: int):
     """exmy_x_tiles, x tiles for a GEMV with kernel.tiled (built with the GEMV's format, which sets the
     pair order), converting x as `conv` (x_tiles_conv) says."""
@@ -895,12 +878,6 @@ class _GemvLaunchShape:
     interleave: int
     tiles: tuple | None = None  # kernel.tiled: exmy_x_tiles (cupy RawKernel), its grid and block, launched first
 
-    def tiles_args(self, weight: "GpuWeight", x, work, batch: int) -> tuple:
-        """exmy_x_tiles' arguments: x, the workspace the tiles go to, and the warm-up runs (x_tiles_warm)."""
-        runs, run_stride, run_bytes = x_tiles_warm(weight, self.kernel, self.split, self.interleave)
-        return (x, work, np.uint32(weight.k), np.uint32(batch), weight.payload, np.uint32(runs),
-                np.uint64(run_stride), np.uint32(run_bytes))
-
     def args(self, weight: "GpuWeight", x, y, batch: int, scales=None) -> tuple:
         """exmy_gemv's arguments (scales: the kernel scales, default the weight's own)."""
         scales = weight.kernel_scales(self.kernel.mode) if scales is None else scales
@@ -973,7 +950,7 @@ class GemvPlan:
         self.tiles = None  # kernel.tiled: (exmy_x_tiles, its grid, block and arguments), launched first
         if shape.tiles is not None:
             work = _cupy().empty(x_tiles_bytes(batch, weight.k), dtype=np.uint8)
-            self.tiles = shape.tiles + (shape.tiles_args(weight, xc, work, batch),)
+            self.tiles = shape.tiles + ((xc, work, np.uint32(weight.k), np.uint32(batch)),)
             xc = work
         self.args = shape.args(weight, xc, y, batch)
         self.stream = stream
@@ -1018,7 +995,6 @@ class GemvLaunch:
     inside CUDA-graph capture."""
 
     PAYLOAD_ARG, SCALES_ARG, X_ARG, Y_ARG = 0, 1, 2, 3  # positions among the kernel's arguments
-    TILES_WARM_ARG = 4  # exmy_x_tiles' weight address (_GemvLaunchShape.tiles_args)
 
     def __init__(self, weight: GpuWeight, x_dtype: str, batch: int, overlap: bool = False):
         from .launch import Launch
@@ -1028,8 +1004,8 @@ class GemvLaunch:
         self._weight = weight  # keeps the payload and the kernel's scales alive
         self._launch = Launch(shape.fn, shape.grid, (GEMV_WARPS * 32,), shape.args(weight, 0, 0, batch),
                               shape.smem, pdl=overlap)
-        self._tiles = None if shape.tiles is None else Launch(*shape.tiles, shape.tiles_args(weight, 0, 0, batch),
-                                                               pdl=overlap)
+        self._tiles = None if shape.tiles is None else Launch(
+            *shape.tiles, (0, 0, np.uint32(weight.k), np.uint32(batch)), pdl=overlap)
         self.work_bytes = 0 if shape.tiles is None else x_tiles_bytes(batch, weight.k)
 
     def move_weight(self, payload_ptr: int, scales_ptr: int) -> None:
@@ -1038,8 +1014,6 @@ class GemvLaunch:
         (``GpuWeight.kernel_scales(self.kernel.mode)``'s layout). The caller keeps both alive."""
         self._launch.set_pointer(self.PAYLOAD_ARG, payload_ptr)
         self._launch.set_pointer(self.SCALES_ARG, scales_ptr)
-        if self._tiles is not None:
-            self._tiles.set_pointer(self.TILES_WARM_ARG, payload_ptr)
 
     def __call__(self, x_ptr: int, y_ptr: int, stream_handle: int, work_ptr: int = 0) -> None:
         if x_ptr % 16 or work_ptr % 16:
