@@ -78,12 +78,8 @@ using namespace exmy;
                      // prefetch into L2 (one bulk prefetch per 16-row tile and iteration); 0 off (timing)
 #endif
 #ifndef GEMV_WARM
-#define GEMV_WARM -1  // tile order: W > 0 puts each warp's main-loop iterations 2 .. W+1 into L2 first thing (Cfg::WARM);
+#define GEMV_WARM -1  // tile order, x tiles: W > 0 puts each warp's main-loop iterations 2 .. W+1 into L2 first thing;
                       // 0 never; -1 the tuned choice
-#endif
-#ifndef GEMV_WARM
-#define GEMV_WARM 0  // tile order: W > 0 prefetches each warp's iterations 2 .. W+1 into L2 once, before the
-                     // PDL wait (the x tiles' kernel or the layer before is still running then); 0 off (timing)
 #endif
 
 namespace {
@@ -133,11 +129,6 @@ struct Cfg {
                                              ((KIND == 4 || KIND == 5) && NIB && !SHARED) ||
                                              (KIND == 4 && TILED && BITS == 5 && !SHARED);
     static constexpr bool XWIN = KIND == 3 && GEMV_XWIN && CPT == 2 && (HAS1 || SHARED);
-    // WARM: iterations a warp puts into L2 (bulk prefetches, no registers) before anything else, in tile order.
-    // A kind with x tiles waits for their kernel before its loop with one iteration's weights in flight; the
-    // warm-up streams more through that wait. Not for the two-tile kinds with two register sets, whose loop
-    // took more instructions with it (ptxas at 128 registers).
-    static constexpr int WARM = !TILED ? 0 : GEMV_WARM >= 0 ? GEMV_WARM : (MT == 1 || !PP) ? 1 : 0;
 };
 constexpr int XS_STRIDE = 20;  // words per chunk of staged x: 16 pairs + 4 padding (conflict-free LDS.128)
 
@@ -379,11 +370,18 @@ __device__ __forceinline__ void gemv_warp(const u8* __restrict__ payload, const 
         rowb[m] = row_ref(payload, rb[m], stride);
     }
 #if __CUDA_ARCH__ >= 900
-    if constexpr (C::WARM > 0 && XT) {  // (Cfg::WARM; the main loop's bound, main_end below)
+    // WARM: iterations a warp puts into L2 (bulk prefetches, no registers) before anything else, in tile order,
+    // for a kind with x tiles: it waits for their kernel before its loop with one iteration's weights in
+    // flight, and the warm-up streams more through that wait. Taken in MODE 5, whose tiles kernel takes
+    // longest (each block reads its whole row of bf16 x first): 1-2.5 % faster at batch 4-16 on an H100;
+    // with fp16 x level to 3 % slower, and the two-tile kinds with two register sets took more instructions
+    // per loop with it (ptxas at 128 registers; docs/benchmarks.md, twenty-fifth session).
+    constexpr int WARM = !TILED ? 0 : GEMV_WARM >= 0 ? GEMV_WARM : (MODE == 5 && (MT == 1 || !C::PP)) ? 1 : 0;
+    if constexpr (WARM > 0 && XT) {  // (the main loop's bound: main_end below)
         const u32 wend = (k % 8) == 0 ? min(it1, (k / 32) / KSTEP) : 0;
         if (lane == 0) {
 #pragma unroll
-            for (int d = 1; d <= C::WARM; ++d) {
+            for (int d = 1; d <= WARM; ++d) {
 #pragma unroll
                 for (int m = 0; m < MT; ++m)
                     if (it0 + d * istep < wend)
@@ -684,7 +682,7 @@ __device__ __forceinline__ void gemv_warp(const u8* __restrict__ payload, const 
         // bytes, contiguous) into L2 by one bulk prefetch each, no registers held: bytes in flight
         // beyond the register sets, for devices whose memory needs more of them than two sets hold.
         auto l2_prefetch = [&](u32 itp) {
-            if constexpr ((GEMV_L2PF > 0 || GEMV_WARM > 0) && TILED) {
+            if constexpr (GEMV_L2PF > 0 && TILED) {
                 if (lane == 0 && itp < main_end) {
 #pragma unroll
                     for (int m = 0; m < MT; ++m) {
@@ -720,7 +718,7 @@ __device__ __forceinline__ void gemv_warp(const u8* __restrict__ payload, const 
             if (more) {  // prefetch the next iteration into the other set
                 load_main(Int<N>{});
                 if (XWIN) xq[N] = ld_x16(x + 32 * (size_t)((it + istep) * KSTEP) + 8 * lane);
-                if (GEMV_L2PF > 0) l2_prefetch(it + (1 + GEMV_L2PF) * istep);
+                l2_prefetch(it + (1 + GEMV_L2PF) * istep);
             }
             if (XWIN) {  // this iteration's x into the window
                 park_x<BF, XF16, MODE == 4>(xq[P], lane, xwin, xwin + KSTEP * XS_STRIDE, xpow);
@@ -734,8 +732,6 @@ __device__ __forceinline__ void gemv_warp(const u8* __restrict__ payload, const 
         load_main(Int<PP ? 0 : 1>{});
 #pragma unroll
         for (int d = 2; d <= GEMV_L2PF; ++d) l2_prefetch(it + d * istep);  // (the first step prefetches it + D + 1)
-#pragma unroll
-        for (int d = 1; d <= GEMV_WARM; ++d) l2_prefetch(it + d * istep);  // the wait's time streams weights too
         stage_x();  // after this warp's first weight loads are in flight
         // XWIN: lane l carries x elements 8l .. 8l+7 of an iteration's KSTEP chunks (16 bytes)
         if (XWIN) xq[PP ? 0 : 1] = ld_x16(x + 32 * (size_t)(it * KSTEP) + 8 * lane);
