@@ -739,10 +739,10 @@ def tileable_cases(rng, batches):
 @pytest.mark.parametrize("kind,batches", [(None, (1, 2)), ("nt1w", (2, 9)), ("nt2w", (9, 17))])
 @pytest.mark.parametrize("name", ["e2m2", "e3m2", "e2m1"])
 def test_gemv_l2_prefetch_builds_equal_default(cp, rng, name, kind, batches):
-    """GEMV_L2PF=2 (bulk L2 prefetches of the weights in tile order, two iterations ahead) and GEMV_WARM (the kinds
-    with x tiles put their first iterations into L2 first thing: never with 0, two with 2) only warm L2: the default build's bits, for b1 and b1r (K below and
-    above b1's), the two-tile kinds, K tails, scale groups, fp16 and bf16 x, the host's split and splits 1 and 8
-    (also contiguous), plain launches and PDL."""
+    """GEMV_L2PF=2 (bulk L2 prefetches of the weights in tile order, two iterations ahead) and GEMV_WARM (the
+    kinds with x tiles put their first iterations into L2 first thing: never with 0, two with 2) only warm L2:
+    the default build's bits, for b1 and b1r (K below and above b1's), the two-tile kinds, K tails, scale
+    groups, fp16 and bf16 x, the host's split and splits 1 and 8 (also contiguous), plain launches and PDL."""
     fmt = get_format(name)
     for group, x_dtype, batch, n, k in tileable_cases(rng, batches):
         _, _, weight, x, _, _ = gemv_check(cp, rng, fmt, n, k, batch, x_dtype, group=group, order="tile")
